@@ -307,8 +307,11 @@ class Config:
     """The whole validated configuration."""
 
     def __init__(self, path: str, bind: str, port: int, loglevel: str, calllog: str,
-                 ami: AmiConfig, users: Dict[str, UserConfig]):
+                 ami: AmiConfig, users: Dict[str, UserConfig],
+                 login_timeout: float = CLIENT_AUTH_TIMEOUT_S):
         self.path = path
+        #: Seconds a client may stay connected without logging in.
+        self.login_timeout = login_timeout
         self.bind = bind
         self.port = port
         self.loglevel = loglevel
@@ -320,7 +323,8 @@ class Config:
         """The effective configuration as INI, secrets masked."""
         lines = ["; effective configuration of %s" % self.path,
                  "[general]", "bind = %s" % self.bind, "port = %d" % self.port,
-                 "loglevel = %s" % self.loglevel, "calllog = %s" % self.calllog, "",
+                 "loglevel = %s" % self.loglevel, "calllog = %s" % self.calllog,
+                 "login_timeout = %g" % self.login_timeout, "",
                  "[ami]"]
         ami = self.ami
         lines += ["host = %s" % ami.host, "port = %d" % ami.port,
@@ -344,7 +348,7 @@ _USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
 _EXTENSION = re.compile(r"^[0-9A-Za-z*#+_.-]{1,40}(@[A-Za-z0-9_.-]{1,80})?$")
 _LOGLEVELS = ("debug", "info", "warning", "error")
 
-GENERAL_KEYS = ("bind", "port", "loglevel", "calllog")
+GENERAL_KEYS = ("bind", "port", "loglevel", "calllog", "login_timeout")
 AMI_KEYS = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max")
 USER_KEYS = ("secret", "host", "devices", "extensions", "events")
 
@@ -481,9 +485,11 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     except ValueError:
         reader.problem(general, general.get("bind"),
                        "%r is not an IP address, expected e.g. 0.0.0.0, 127.0.0.1 or ::" % bind)
-    port = int(reader.number(general, "port", DEFAULT_CLIENT_PORT, 1, 65535, integer=True))
+    # Port 0 asks the kernel for a free port (the tests use it).
+    port = int(reader.number(general, "port", DEFAULT_CLIENT_PORT, 0, 65535, integer=True))
     loglevel = reader.choice(general, "loglevel", "info", _LOGLEVELS)
     calllog = reader.text(general, "calllog", "")
+    login_timeout = reader.number(general, "login_timeout", CLIENT_AUTH_TIMEOUT_S, 1, 3600)
 
     ami_section = by_name.get("ami")
     if ami_section is None:
@@ -508,8 +514,14 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
             continue
         users[section.name] = reader.read_user(section)
     if reader.problems:
-        raise ConfigError(reader.problems)
-    return Config(filename, bind, port, loglevel, calllog, ami, users)
+        raise ConfigError(sorted(reader.problems, key=_problem_line))
+    return Config(filename, bind, port, loglevel, calllog, ami, users, login_timeout)
+
+
+def _problem_line(problem: str) -> int:
+    """Sort key: the LINE of ``FILE:LINE: ...``."""
+    match = re.search(r":(\d+): ", problem)
+    return int(match.group(1)) if match else 0
 
 
 def load_config(path: str, require_ami: bool = True) -> Config:
@@ -748,11 +760,10 @@ def encode_action(action: str, fields: Iterable[Tuple[str, str]] = ()) -> bytes:
     further headers or actions, so they are refused outright."""
     lines = ["Action: " + action]
     for key, value in fields:
+        if "\r" in key or "\n" in key or "\r" in value or "\n" in value:
+            raise ValueError("CR or LF inside AMI action field %r" % key[:40])
         lines.append("%s: %s" % (key, value))
-    text = "\r\n".join(lines)
-    if "\n" in text.replace("\r\n", "") or "\r" in text.replace("\r\n", ""):
-        raise ValueError("CR or LF inside an AMI action field")
-    return (text + "\r\n\r\n").encode("utf-8")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
 
 
 # ---------------------------------------------------------------------------
@@ -938,6 +949,10 @@ _SPECIAL_EXTENS = frozenset(("", "s", "h", "i", "t", "T", "o", "a", "e", "fax", 
 _UNKNOWN_CALLERID = frozenset(("", "<unknown>", "<Unknown>", "unknown"))
 #: Local channel chains are short; this bounds a walk through a broken one.
 MAX_LINEAGE_HOPS = 16
+#: Uniqueids of channels that hung up, remembered so that a late event
+#: (Asterisk 13 sometimes sends NewConnectedLine after Hangup, see
+#: cacofonisk/queue__queue_simple.ami) cannot bring a channel back to life.
+MAX_RECENT_HANGUPS = 4096
 
 
 class Party(collections.namedtuple("Party", "num name")):
@@ -1121,6 +1136,8 @@ class CallEngine:
         self.calls: Dict[str, List[UserCall]] = {}
         #: Local channel ;1 halves waiting for their ;2 (by name without ";1").
         self._unpaired_locals: Dict[str, Channel] = {}
+        self._recent_hangups: Set[str] = set()
+        self._recent_hangup_order: "collections.deque[str]" = collections.deque()
         self._out: List[Notification] = []
         self._now = 0.0
         self._handlers = {
@@ -1170,6 +1187,8 @@ class CallEngine:
         self.user_calls.clear()
         self.calls.clear()
         self._unpaired_locals.clear()
+        self._recent_hangups.clear()
+        self._recent_hangup_order.clear()
         out, self._out = self._out, []
         return out
 
@@ -1246,7 +1265,7 @@ class CallEngine:
         chan = self.channels.get(uniqueid)
         if chan is None:
             name = msg.get(prefix + "Channel")
-            if not name:
+            if not name or uniqueid in self._recent_hangups:
                 return None
             # A channel that existed before we connected, or whose
             # Newchannel was lost: adopt it, dated by its Uniqueid.
@@ -1483,6 +1502,10 @@ class CallEngine:
 
     def _hangup(self, chan: Channel, cause: int, cause_txt: str) -> None:
         self.channels.pop(chan.uniqueid, None)
+        self._recent_hangups.add(chan.uniqueid)
+        self._recent_hangup_order.append(chan.uniqueid)
+        if len(self._recent_hangup_order) > MAX_RECENT_HANGUPS:
+            self._recent_hangups.discard(self._recent_hangup_order.popleft())
         if chan.local_half:
             self._unpaired_locals.pop(chan.name[:-2], None)
         for uc in list(chan.user_calls):
@@ -1560,6 +1583,7 @@ class CallEngine:
     def _announce(self, uc: UserCall, kind: str) -> None:
         if not uc.announced:
             uc.announced = True
+            uc.started = self._now  # not when routing began: an IVR may come first
             self._emit(uc, kind, dialed=uc.dialed)
 
     def _announce_incoming(self, uc: UserCall, caller: Party, dialed: str) -> None:
@@ -1722,13 +1746,16 @@ class ClientSession:
             "LOGIN": self._login, "EVENTS": self._events, "FORMAT": self._format,
             "PING": self._ping, "HELP": self._help, "QUIT": self._quit,
         }.get(command)
-        if handler is None:
-            return ["ERR 400 unknown command, try HELP"]
-        return handler(argument, users)
+        try:
+            if handler is None:
+                raise ClientProtocolError("400", "unknown command, try HELP")
+            return handler(argument, users)
+        except ClientProtocolError as e:
+            return ["ERR %s %s" % (e.code, e.text)]
 
     def _login(self, argument: str, users: Dict[str, UserConfig]) -> List[str]:
         if self.user is not None:
-            return ["ERR 409 already logged in as %s" % self.user.name]
+            raise ClientProtocolError("409", "already logged in as %s" % self.user.name)
         name, _, secret = argument.partition(" ")
         account = users.get(name)
         # Compare even for unknown users, so timing does not tell them apart.
@@ -1739,7 +1766,7 @@ class ClientSession:
             why = ("unknown user" if account is None else
                    "wrong secret" if not secret_ok else "address not allowed by host=")
             log.warning("%s: login as %r refused: %s", self.tag, name[:64], why)
-            return ["ERR 401 login failed"]
+            raise ClientProtocolError("401", "login failed")
         self.user = account
         self.kinds = frozenset(account.events)
         self.tag = "client %s@%s" % (account.name, self.tag.partition(" ")[2] or self.peer_host)
@@ -1748,25 +1775,26 @@ class ClientSession:
 
     def _events(self, argument: str, users: Dict[str, UserConfig]) -> List[str]:
         if self.user is None:
-            return ["ERR 403 login first"]
+            raise ClientProtocolError("403", "login first")
         wanted = [k.strip().lower() for k in re.split(r"[\s,]+", argument) if k.strip()]
         if not wanted:
-            return ["ERR 400 usage: EVENTS <kind>[,<kind>...] or EVENTS ALL"]
+            raise ClientProtocolError("400", "usage: EVENTS <kind>[,<kind>...] or EVENTS ALL")
         if wanted == ["all"]:
             self.kinds = frozenset(self.user.events)
         else:
             for kind in wanted:
                 if kind not in EVENT_KINDS:
-                    return ["ERR 400 unknown event kind %s" % quote_value(kind[:40])]
+                    raise ClientProtocolError("400", "unknown event kind %s" % quote_value(kind[:40]))
                 if kind not in self.user.events:
-                    return ["ERR 403 event kind %s not allowed for %s" % (kind, self.user.name)]
+                    raise ClientProtocolError("403", "event kind %s not allowed for %s"
+                                              % (kind, self.user.name))
             self.kinds = frozenset(wanted)
         return ["OK events=%s" % ",".join(k for k in EVENT_KINDS if k in self.kinds)]
 
     def _format(self, argument: str, users: Dict[str, UserConfig]) -> List[str]:
         fmt = argument.strip().lower()
         if fmt not in ("text", "json"):
-            return ["ERR 400 usage: FORMAT text|json"]
+            raise ClientProtocolError("400", "usage: FORMAT text|json")
         self.fmt = fmt
         return ["OK format=%s" % fmt]
 
@@ -1792,7 +1820,7 @@ class ClientConnection:
     __slots__ = ("sock", "session", "peer", "inbuf", "outbuf", "writing",
                  "closed", "close_after_flush", "overflowed", "auth_deadline")
 
-    def __init__(self, sock: socket.socket, peer: Tuple, now: float):
+    def __init__(self, sock: socket.socket, peer: Tuple, login_deadline: float):
         self.sock = sock
         self.peer = peer
         host = peer[0] if peer else "?"
@@ -1803,7 +1831,7 @@ class ClientConnection:
         self.closed = False
         self.close_after_flush: Optional[str] = None
         self.overflowed = False
-        self.auth_deadline = now + CLIENT_AUTH_TIMEOUT_S
+        self.auth_deadline = login_deadline
 
     @property
     def tag(self) -> str:
@@ -2039,7 +2067,7 @@ class Daemon:
             if not conn.closed and conn.session.user is None:
                 self._queue(conn, b"ERR 408 login timeout\r\n")
                 self._send(conn)
-                self._close(conn, "no login within %g s" % CLIENT_AUTH_TIMEOUT_S)
+                self._close(conn, "no login within %g s" % self.config.login_timeout)
 
     # -- the AMI link --------------------------------------------------------
 
@@ -2240,7 +2268,7 @@ class Daemon:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-            conn = ClientConnection(client, peer, time.monotonic())
+            conn = ClientConnection(client, peer, time.monotonic() + self.config.login_timeout)
             self.clients.add(conn)
             self.selector.register(client, selectors.EVENT_READ,
                                    functools.partial(self._on_client, conn))
