@@ -1053,3 +1053,64 @@ def test_record_writes_the_received_bytes_and_redacts_the_secret(fake, tmp_path)
     replayed = run_cli("replay", str(out), "-c", OFFICE_CONF)
     assert [json.loads(l)["event"] for l in replayed.stdout.splitlines()] == \
         ["incoming", "pickup", "hangup"]
+
+
+# ---------------------------------------------------------------------------
+# The README's examples are run, so they cannot drift from the code
+# ---------------------------------------------------------------------------
+
+def readme_block(marker):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    after = text.split("<!-- %s -->" % marker, 1)[1]
+    return after.split("```", 2)[1].split("\n", 1)[1].rstrip("\n").split("\n")
+
+
+def normalize(line):
+    """Wall-clock values differ between a recording and a live run."""
+    line = re.sub(r"\btime=\S+", "time=T", line)
+    line = re.sub(r"duration=\d+ talk_time=\d+", "duration=D talk_time=D", line)
+    return line.replace("ctinotify %s ready" % ctinotify.__version__, "ctinotify V ready")
+
+
+def test_readme_example_session_is_what_the_daemon_says(fake, daemon_factory):
+    block = readme_block("example-session: a_inbound_answered")
+    assert block[0] == "$ nc 127.0.0.1 5039"
+    daemon = daemon_factory()
+    client = Client.__new__(Client)
+    client.sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    client.buffer = b""
+    trace_sent = False
+    try:
+        for expected in block[1:]:
+            if expected.startswith("> "):
+                client.send(expected[2:])
+                continue
+            if expected.startswith("EVENT") and not trace_sent:
+                fake.send_trace(trace_path("a_inbound_answered"))
+                trace_sent = True
+            assert normalize(client.line()) == normalize(expected)
+        assert client.closed()
+    finally:
+        client.close()
+
+
+def test_readme_json_example_is_the_golden_event():
+    (line,) = readme_block("example-json: a_inbound_answered")
+    golden = dict(load_golden("a_inbound_answered")[0])
+    golden.pop("client")
+    assert json.loads(line) == golden
+    assert ctinotify.encode_notification(golden, "json").decode().rstrip("\r\n") == line
+
+
+def test_readme_commands_exist():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    with open(os.path.join(HERE, "Makefile"), encoding="utf-8") as f:
+        makefile = f.read()
+    for target in re.findall(r"^make (\w+)", text, re.M):
+        assert re.search(r"^%s:" % target, makefile, re.M), target
+    for path in re.findall(r"(tests/[\w/.-]+\.(?:ami|conf|py))", text):
+        assert os.path.exists(os.path.join(HERE, path)), path
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        assert "make test" in f.read()
