@@ -1114,3 +1114,14 @@ def test_readme_commands_exist():
         assert os.path.exists(os.path.join(HERE, path)), path
     with open(os.path.join(HERE, ".ci", "run")) as f:
         assert "make test" in f.read()
+
+
+def test_e2e_asterisk_shutdown_event_means_reconnect(fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send(b"Event: Shutdown\r\nPrivilege: system,all\r\nShutdown: Cleanly\r\n"
+              b"Restart: True\r\n\r\n")
+    assert alice.line().startswith("STATUS pbx=down")
+    daemon.wait_log(r"Asterisk is shutting down \(Cleanly\); reconnecting in 1 s")
+    fake.wait_for_logins(2)
+    assert alice.line().startswith("STATUS pbx=up")
