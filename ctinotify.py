@@ -1711,6 +1711,24 @@ CLIENT_HELP = ("commands: LOGIN <user> <secret> | EVENTS <kind>[,<kind>...]|ALL 
                "FORMAT text|json | PING | HELP | QUIT")
 
 
+class ServerView:
+    """What a client session may ask of the server it is connected to.
+
+    The daemon implements these for real; tests and replay use this class.
+    """
+
+    def __init__(self, users: Dict[str, UserConfig]):
+        self.users = users
+
+    def calls(self, user: str) -> List[Dict[str, object]]:
+        """The user's calls in progress, as event fields."""
+        return []
+
+    def history(self, user: str, count: int) -> List[Dict[str, object]]:
+        """The user's last ``count`` finished calls, newest last."""
+        return []
+
+
 class ClientSession:
     """One desktop connection's protocol state, without the socket.
 
@@ -1736,7 +1754,7 @@ class ClientSession:
     def wants(self, kind: str) -> bool:
         return kind in self.kinds
 
-    def handle_line(self, line: str, users: Dict[str, UserConfig]) -> List[str]:
+    def handle_line(self, line: str, server: "ServerView") -> List[str]:
         words = line.strip().split(None, 1)
         if not words:
             return []  # an empty line: telnet users press Enter
@@ -1749,15 +1767,15 @@ class ClientSession:
         try:
             if handler is None:
                 raise ClientProtocolError("400", "unknown command, try HELP")
-            return handler(argument, users)
+            return handler(argument, server)
         except ClientProtocolError as e:
             return ["ERR %s %s" % (e.code, e.text)]
 
-    def _login(self, argument: str, users: Dict[str, UserConfig]) -> List[str]:
+    def _login(self, argument: str, server: ServerView) -> List[str]:
         if self.user is not None:
             raise ClientProtocolError("409", "already logged in as %s" % self.user.name)
         name, _, secret = argument.partition(" ")
-        account = users.get(name)
+        account = server.users.get(name)
         # Compare even for unknown users, so timing does not tell them apart.
         expected = account.secret if account is not None else "\0unknown user"
         secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
@@ -1773,7 +1791,7 @@ class ClientSession:
         log.info("%s: logged in", self.tag)
         return ["OK logged in as %s; events=%s" % (account.name, ",".join(account.events))]
 
-    def _events(self, argument: str, users: Dict[str, UserConfig]) -> List[str]:
+    def _events(self, argument: str, server: ServerView) -> List[str]:
         if self.user is None:
             raise ClientProtocolError("403", "login first")
         wanted = [k.strip().lower() for k in re.split(r"[\s,]+", argument) if k.strip()]
@@ -1791,20 +1809,20 @@ class ClientSession:
             self.kinds = frozenset(wanted)
         return ["OK events=%s" % ",".join(k for k in EVENT_KINDS if k in self.kinds)]
 
-    def _format(self, argument: str, users: Dict[str, UserConfig]) -> List[str]:
+    def _format(self, argument: str, server: ServerView) -> List[str]:
         fmt = argument.strip().lower()
         if fmt not in ("text", "json"):
             raise ClientProtocolError("400", "usage: FORMAT text|json")
         self.fmt = fmt
         return ["OK format=%s" % fmt]
 
-    def _ping(self, argument: str, users: Dict[str, UserConfig]) -> List[str]:
+    def _ping(self, argument: str, server: ServerView) -> List[str]:
         return ["OK PONG"]
 
-    def _help(self, argument: str, users: Dict[str, UserConfig]) -> List[str]:
+    def _help(self, argument: str, server: ServerView) -> List[str]:
         return ["OK " + CLIENT_HELP]
 
-    def _quit(self, argument: str, users: Dict[str, UserConfig]) -> List[str]:
+    def _quit(self, argument: str, server: ServerView) -> List[str]:
         self.closing = True
         return ["OK bye"]
 
@@ -1873,7 +1891,6 @@ class Daemon:
 
     def __init__(self, config: Config):
         self.config = config
-        self.users = config.users
         self.engine = CallEngine(Directory(config.users.values()))
         self.selector = selectors.DefaultSelector()
         self.listeners: List[socket.socket] = []
@@ -1888,6 +1905,7 @@ class Daemon:
         self._pending_signals: List[int] = []
         self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
         self.calllog = None
+        self.view = ServerView(config.users)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -1992,7 +2010,7 @@ class Daemon:
             return
         old = self.config
         self.config = new
-        self.users = new.users
+        self.view.users = new.users
         self.engine.set_directory(Directory(new.users.values()))
         logging.getLogger("ctinotify").setLevel(new.loglevel.upper())
         if (new.bind, new.port) != (old.bind, old.port):
@@ -2313,7 +2331,7 @@ class Daemon:
         session = conn.session
         was_user = session.user
         text = raw.rstrip(b"\r").decode("utf-8", "replace")
-        for reply in session.handle_line(text, self.users):
+        for reply in session.handle_line(text, self.view):
             self._queue(conn, (reply.replace("\r", " ").replace("\n", " ") + "\r\n")
                         .encode("utf-8"))
         if session.user is not None and was_user is None:

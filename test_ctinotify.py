@@ -632,7 +632,7 @@ def test_json_lines_stay_on_one_line_and_are_valid(value):
 
 
 def session_users():
-    return office().users
+    return ctinotify.ServerView(office().users)
 
 
 def test_client_session_login_and_commands():
@@ -663,8 +663,8 @@ def test_client_session_login_and_commands():
 
 
 def test_client_session_events_limited_to_the_users_kinds():
-    users = parse_config("[u]\nsecret=x\ndevices=SIP/1\nevents=incoming, hangup\n", "f",
-                         require_ami=False).users
+    users = ctinotify.ServerView(parse_config(
+        "[u]\nsecret=x\ndevices=SIP/1\nevents=incoming, hangup\n", "f", require_ami=False).users)
     session = ctinotify.ClientSession("10.0.0.1")
     session.handle_line("LOGIN u x", users)
     assert session.handle_line("EVENTS pickup", users) == \
@@ -673,8 +673,8 @@ def test_client_session_events_limited_to_the_users_kinds():
 
 
 def test_client_session_refuses_a_host_not_allowed_and_a_secret_with_spaces_works():
-    users = parse_config("[u]\nsecret=two words\nhost=192.168.0.0/16\ndevices=SIP/1\n", "f",
-                         require_ami=False).users
+    users = ctinotify.ServerView(parse_config(
+        "[u]\nsecret=two words\nhost=192.168.0.0/16\ndevices=SIP/1\n", "f", require_ami=False).users)
     outside = ctinotify.ClientSession("10.1.1.1")
     assert outside.handle_line("LOGIN u two words", users) == ["ERR 401 login failed"]
     inside = ctinotify.ClientSession("192.168.4.4")
