@@ -75,6 +75,9 @@ AMI_PING_TIMEOUT_S = 10.0
 AMI_RECONNECT_MIN_S = 1.0
 AMI_RECONNECT_MAX_S = 30.0
 AMI_RECV_BYTES = 256 * 1024
+#: Calls in progress outlive a lost AMI link this long: a quick reconnect
+#: resynchronises them from CoreShowChannels instead of ending them.
+AMI_RESYNC_GRACE_S = 60.0
 
 #: A client command is one short line.
 MAX_CLIENT_LINE_BYTES = 1024
@@ -953,6 +956,8 @@ MAX_LINEAGE_HOPS = 16
 #: (Asterisk 13 sometimes sends NewConnectedLine after Hangup, see
 #: cacofonisk/queue__queue_simple.ami) cannot bring a channel back to life.
 MAX_RECENT_HANGUPS = 4096
+#: The applications that pick up another phone's ringing call.
+_PICKUP_APPS = frozenset(("pickup", "pickupchan"))
 
 
 class Party(collections.namedtuple("Party", "num name")):
@@ -967,6 +972,9 @@ class Party(collections.namedtuple("Party", "num name")):
 
     def as_dict(self) -> Dict[str, str]:
         return {"num": self.num, "name": self.name}
+
+    def __bool__(self) -> bool:
+        return bool(self.num or self.name)
 
 
 NOBODY = Party("", "")
@@ -987,6 +995,11 @@ def uniqueid_epoch(uniqueid: str) -> Optional[float]:
     return epoch if epoch > 0 else None
 
 
+def local_exten(device: str) -> str:
+    """``Local/101@from-internal`` -> ``101``: the number a Local channel runs."""
+    return device.partition("/")[2].partition("@")[0]
+
+
 class Directory:
     """Which configured users a device or a dialed extension belongs to."""
 
@@ -1004,11 +1017,23 @@ class Directory:
     def device_users(self, device: str) -> Tuple[str, ...]:
         return self._by_device.get(device, ())
 
-    def extension_users(self, exten: str, context: str) -> Tuple[str, ...]:
+    def extension_users(self, exten: str, context: str = "") -> Tuple[str, ...]:
+        """Users with this number; ``context=""`` matches any context."""
         entries = self._by_extension.get(exten)
         if not entries:
             return ()
-        return tuple(user for ctx, user in entries if not ctx or ctx == context)
+        return tuple(user for ctx, user in entries if not ctx or not context or ctx == context)
+
+    def interface_users(self, interface: str) -> Tuple[str, ...]:
+        """Users behind a queue member interface: a device, or a Local
+        channel to a user's number (FreePBX ``Local/100@from-queue/n``)."""
+        if not interface or "/" not in interface:
+            return ()
+        device = device_of_channel(interface.partition(",")[0].rsplit("/n", 1)[0]
+                                   if interface.endswith("/n") else interface)
+        if device.startswith("Local/"):
+            return self.extension_users(local_exten(device))
+        return self.device_users(device)
 
 
 class Channel:
@@ -1016,8 +1041,10 @@ class Channel:
 
     __slots__ = ("uniqueid", "name", "device", "is_local", "local_half", "local_peer",
                  "linkedid", "state", "caller", "connected", "context", "exten",
-                 "first_exten", "created", "answered_at", "bridge", "dialer",
-                 "dial_targets", "originated", "user_calls")
+                 "first_exten", "app", "appdata", "created", "answered_at", "bridge",
+                 "dialer", "dial_targets", "originated", "user_calls", "diverted_from",
+                 "transferred_by", "queue", "queue_join", "queue_told", "on_hold", "parked",
+                 "callback")
 
     def __init__(self, uniqueid: str, name: str, now: float):
         self.uniqueid = uniqueid
@@ -1035,6 +1062,9 @@ class Channel:
         self.exten = ""
         #: The extension the channel was created at: what a caller dialed.
         self.first_exten: Optional[str] = None
+        #: The dialplan application it runs (Newexten, CoreShowChannel).
+        self.app = ""
+        self.appdata = ""
         self.created = now
         self.answered_at: Optional[float] = None
         self.bridge: Optional[str] = None
@@ -1046,6 +1076,20 @@ class Channel:
         self.originated = False
         #: The user calls this channel keeps alive.
         self.user_calls: List[UserCall] = []
+        #: The number this channel's call was meant for before a divert.
+        self.diverted_from: Optional[Party] = None
+        #: (transferer, kind) once a blind transfer sent this channel on.
+        self.transferred_by: Optional[Tuple[Party, str]] = None
+        #: The queue this (caller) channel waits in, and the members told so.
+        self.queue: Optional[str] = None
+        self.queue_join: Tuple[str, str] = ("", "")  # position, count at join
+        self.queue_told: Set[str] = set()
+        self.on_hold = False
+        #: (space, lot, parked by) while parked.
+        self.parked: Optional[Tuple[str, str, Party]] = None
+        #: For an originated Local channel (click-to-dial through the
+        #: dialplan): the user's phone it rang first, the real caller.
+        self.callback: Optional[Channel] = None
 
     def __repr__(self) -> str:
         return "<Channel %s %s>" % (self.name, self.uniqueid)
@@ -1061,7 +1105,8 @@ class UserCall:
 
     __slots__ = ("user", "call_id", "direction", "device", "me", "peer", "dialed",
                  "started", "answered_at", "announced", "channels", "anchor",
-                 "outcome", "answered_by", "cause", "cause_txt")
+                 "outcome", "answered_by", "cause", "cause_txt", "diverted_to",
+                 "path", "queue", "transferred")
 
     def __init__(self, user: str, call_id: str, direction: str, me: Party, peer: Party,
                  dialed: str, now: float):
@@ -1083,15 +1128,26 @@ class UserCall:
         #: while the call rings elsewhere (a forward to a mobile).
         self.anchor: Optional[Channel] = None
         #: Why it was not answered, once known: noanswer, busy, cancelled,
-        #: failed, answered_elsewhere.
+        #: failed, answered_elsewhere, unknown.
         self.outcome: Optional[str] = None
         self.answered_by: Optional[Party] = None
         self.cause = 0
         self.cause_txt = ""
+        #: Numbers the user was told the call was diverted to.
+        self.diverted_to: List[str] = []
+        #: Diverts, transfers and parking, for the call log.
+        self.path: List[Dict[str, object]] = []
+        self.queue = ""
+        #: The user transferred this call away (hangup reason "transferred").
+        self.transferred = False
 
     @property
     def key(self) -> Tuple[str, str, str]:
         return (self.call_id, self.user, self.direction)
+
+    @property
+    def role(self) -> str:
+        return "callee" if self.direction == "in" else "caller"
 
     @property
     def parties(self) -> Tuple[Party, Party]:
@@ -1125,6 +1181,13 @@ class CallEngine:
     ``handle(message, now)`` takes one AMI message and returns the
     notifications it causes.  The engine reads no clock and does no I/O;
     messages it has no handler for cost one dictionary lookup.
+
+    The model: a ``Channel`` per Asterisk channel, linked by who dialed whom
+    (``dialer``) and by Local channel pairs (``local_peer``), so that any
+    channel's *lineage* leads back to the caller.  A ``UserCall`` per user
+    and call holds what that user was told; it lives as long as the user's
+    own channels in the call, or, for a call to the user's number that rings
+    elsewhere, as long as the caller's channel (its *anchor*).
     """
 
     def __init__(self, directory: Optional[Directory] = None):
@@ -1134,10 +1197,18 @@ class CallEngine:
         self.user_calls: Dict[Tuple[str, str, str], UserCall] = {}
         #: call id -> its user calls, to tell the others when one answers.
         self.calls: Dict[str, List[UserCall]] = {}
+        #: bridge id -> the channels in it.
+        self.bridges: Dict[str, List[Channel]] = {}
+        #: queue name -> the users among its members.
+        self.queue_members: Dict[str, Set[str]] = {}
+        #: conference name -> the channels in it.
+        self.conferences: Dict[str, List[Channel]] = {}
         #: Local channel ;1 halves waiting for their ;2 (by name without ";1").
         self._unpaired_locals: Dict[str, Channel] = {}
         self._recent_hangups: Set[str] = set()
         self._recent_hangup_order: "collections.deque[str]" = collections.deque()
+        #: Uniqueids seen since a resync began (None: no resync running).
+        self._resync_seen: Optional[Set[str]] = None
         self._out: List[Notification] = []
         self._now = 0.0
         self._handlers = {
@@ -1148,7 +1219,7 @@ class CallEngine:
             "Newstate": self.on_snapshot,
             "NewCallerid": self.on_snapshot,
             "NewConnectedLine": self.on_snapshot,
-            "Newexten": self.on_snapshot,
+            "Newexten": self.on_newexten,
             # dialing
             "DialBegin": self.on_dialbegin,
             "DialState": self.on_dialstate,
@@ -1157,6 +1228,32 @@ class CallEngine:
             "BridgeEnter": self.on_bridgeenter,
             "BridgeLeave": self.on_bridgeleave,
             "LocalBridge": self.on_localbridge,
+            # moving calls: transfer, pickup, parking
+            "BlindTransfer": self.on_blindtransfer,
+            "AttendedTransfer": self.on_attendedtransfer,
+            "Pickup": self.on_pickup,
+            "ParkedCall": self.on_parkedcall,
+            "UnParkedCall": self.on_unparkedcall,
+            "ParkedCallTimeOut": self.on_parkedcall_end,
+            "ParkedCallGiveUp": self.on_parkedcall_end,
+            # queues (read class "agent")
+            "QueueCallerJoin": self.on_queuecallerjoin,
+            "QueueCallerLeave": self.on_queuecallerleave,
+            "QueueCallerAbandon": self.on_queuecallerleave,
+            "QueueMemberStatus": self.on_queuemember,
+            "QueueMemberAdded": self.on_queuemember,
+            "QueueMember": self.on_queuemember,
+            "AgentCalled": self.on_queuemember,
+            "QueueMemberRemoved": self.on_queuememberremoved,
+            # conferences, hold
+            "ConfbridgeJoin": self.on_confbridgejoin,
+            "ConfbridgeLeave": self.on_confbridgeleave,
+            "ConfbridgeEnd": self.on_confbridgeend,
+            "Hold": self.on_hold,
+            "Unhold": self.on_hold,
+            # resync after (re)connecting: the CoreShowChannels list
+            "CoreShowChannel": self.on_coreshowchannel,
+            "CoreShowChannelsComplete": self.on_coreshowchannelscomplete,
         }
 
     # -- entry points --------------------------------------------------------
@@ -1176,26 +1273,48 @@ class CallEngine:
         """New users and devices apply to calls that start from now on."""
         self.directory = directory
 
+    def begin_resync(self) -> None:
+        """A CoreShowChannels list is coming: channels it does not name (and
+        no other event touches meanwhile) are gone when it completes."""
+        self._resync_seen = set()
+
     def link_lost(self, now: float) -> List[Notification]:
-        """The AMI link is gone: no call may stay 'ringing' at a client.
-        Every announced call ends with ``reason=unknown``; all state is dropped."""
+        """The AMI link is gone for good: no call may stay 'ringing' at a
+        client.  Every announced call ends with ``reason=unknown``."""
         self._now = now
         for uc in list(self.user_calls.values()):
-            uc.outcome = "unknown"
             self._end(uc, reason="unknown")
         self.channels.clear()
         self.user_calls.clear()
         self.calls.clear()
+        self.bridges.clear()
+        self.conferences.clear()
         self._unpaired_locals.clear()
         self._recent_hangups.clear()
         self._recent_hangup_order.clear()
+        self._resync_seen = None
         out, self._out = self._out, []
         return out
 
     def active_calls(self, user: str) -> List[UserCall]:
-        return [uc for uc in self.user_calls.values() if uc.user == user and uc.announced]
+        """The user's announced calls in progress, oldest first."""
+        calls = [uc for uc in self.user_calls.values() if uc.user == user and uc.announced]
+        return sorted(calls, key=lambda uc: uc.started)
 
-    # -- handlers ------------------------------------------------------------
+    def call_fields(self, uc: UserCall) -> Dict[str, object]:
+        """A call in progress as event fields, for the CALLS command."""
+        frm, to = uc.parties
+        fields: Dict[str, object] = {
+            "event": "call", "call": uc.call_id, "time": iso_time(uc.started),
+            "role": uc.role, "device": uc.device, "from": frm.as_dict(), "to": to.as_dict(),
+            "state": "up" if uc.answered_at is not None else "ringing",
+            "dialed": uc.dialed,
+        }
+        if uc.answered_at is not None:
+            fields["answered"] = iso_time(uc.answered_at)
+        return fields
+
+    # -- handlers: channels ----------------------------------------------------
 
     def on_newchannel(self, msg: AmiMessage) -> None:
         uniqueid = msg.get("Uniqueid")
@@ -1204,6 +1323,8 @@ class CallEngine:
             return
         chan = Channel(uniqueid, name, self._now)
         self.channels[uniqueid] = chan
+        if self._resync_seen is not None:
+            self._resync_seen.add(uniqueid)
         if chan.local_half:
             self._pair_local(chan)
         self._update(chan, msg, "")
@@ -1212,37 +1333,17 @@ class CallEngine:
     def on_snapshot(self, msg: AmiMessage) -> None:
         self._snapshot(msg, "")
 
+    def on_newexten(self, msg: AmiMessage) -> None:
+        chan = self._snapshot(msg, "")
+        if chan is not None:
+            chan.app = msg.get("Application", chan.app)
+            chan.appdata = msg.get("AppData", chan.appdata)
+
     def on_localbridge(self, msg: AmiMessage) -> None:
         one = self._snapshot(msg, "LocalOne")
         two = self._snapshot(msg, "LocalTwo")
         if one is not None and two is not None:
             one.local_peer, two.local_peer = two, one
-
-    def on_dialbegin(self, msg: AmiMessage) -> None:
-        src = self._snapshot(msg, "")
-        dest = self._snapshot(msg, "Dest")
-        if dest is not None:
-            self._dial_begin(src, dest, msg.get("DialString", ""))
-
-    def on_dialstate(self, msg: AmiMessage) -> None:
-        self._snapshot(msg, "")
-        self._snapshot(msg, "Dest")
-
-    def on_dialend(self, msg: AmiMessage) -> None:
-        src = self._snapshot(msg, "")
-        dest = self._snapshot(msg, "Dest")
-        if dest is not None:
-            self._dial_end(src, dest, msg.get("DialStatus", ""))
-
-    def on_bridgeenter(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
-        if chan is not None:
-            chan.bridge = msg.get("BridgeUniqueid")
-
-    def on_bridgeleave(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
-        if chan is not None:
-            chan.bridge = None
 
     def on_hangup(self, msg: AmiMessage) -> None:
         chan = self._snapshot(msg, "")
@@ -1254,7 +1355,53 @@ class CallEngine:
             cause = 0
         self._hangup(chan, cause, msg.get("Cause-txt") or Q850_CAUSES.get(cause, ""))
 
-    # -- channel bookkeeping -------------------------------------------------
+    # -- handlers: dialing ---------------------------------------------------
+
+    def on_dialbegin(self, msg: AmiMessage) -> None:
+        src = self._snapshot(msg, "")
+        dest = self._snapshot(msg, "Dest")
+        if dest is not None:
+            self._dial_begin(src, dest, msg.get("DialString", ""))
+
+    def on_dialstate(self, msg: AmiMessage) -> None:
+        src = self._snapshot(msg, "")
+        dest = self._snapshot(msg, "Dest")
+        if dest is not None and msg.get("DialStatus") == "FORWARD":
+            self._forwarded(src, dest, msg.get("Forward", ""))
+
+    def on_dialend(self, msg: AmiMessage) -> None:
+        src = self._snapshot(msg, "")
+        dest = self._snapshot(msg, "Dest")
+        if dest is None:
+            return
+        status = msg.get("DialStatus", "")
+        if status == "FORWARD" or msg.get("Forward"):
+            # SIP 302 or a phone's own call forward (app_dial.c): the call
+            # goes on to another number, dialed next by the same caller.
+            self._forwarded(src, dest, msg.get("Forward", ""))
+            if src is not None:
+                src.dial_targets.discard(dest)
+            return
+        self._dial_end(src, dest, status)
+
+    # -- handlers: bridges ---------------------------------------------------
+
+    def on_bridgeenter(self, msg: AmiMessage) -> None:
+        chan = self._snapshot(msg, "")
+        bridge_id = msg.get("BridgeUniqueid")
+        if chan is None or not bridge_id:
+            return
+        self._enter_bridge(chan, bridge_id)
+        swapped = self.channels.get(msg.get("SwapUniqueid") or "")
+        if swapped is not None:
+            self._swap(swapped, chan)
+
+    def on_bridgeleave(self, msg: AmiMessage) -> None:
+        chan = self._snapshot(msg, "")
+        if chan is not None:
+            self._leave_bridge(chan)
+
+    # -- bookkeeping -----------------------------------------------------------
 
     def _snapshot(self, msg: AmiMessage, prefix: str) -> Optional[Channel]:
         """The channel an event is about, updated from the event's snapshot
@@ -1262,6 +1409,8 @@ class CallEngine:
         uniqueid = msg.get(prefix + "Uniqueid")
         if not uniqueid:
             return None
+        if self._resync_seen is not None:
+            self._resync_seen.add(uniqueid)
         chan = self.channels.get(uniqueid)
         if chan is None:
             name = msg.get(prefix + "Channel")
@@ -1315,6 +1464,38 @@ class CallEngine:
         else:
             chan.local_peer, other.local_peer = other, chan
 
+    def _enter_bridge(self, chan: Channel, bridge_id: str) -> None:
+        if chan.bridge == bridge_id:
+            return
+        self._leave_bridge(chan)
+        chan.bridge = bridge_id
+        self.bridges.setdefault(bridge_id, []).append(chan)
+
+    def _leave_bridge(self, chan: Channel) -> None:
+        members = self.bridges.get(chan.bridge or "")
+        if members is not None:
+            if chan in members:
+                members.remove(chan)
+            if not members:
+                del self.bridges[chan.bridge]  # type: ignore[arg-type]
+        chan.bridge = None
+
+    def _bridged_with(self, chan: Channel) -> List[Channel]:
+        return [c for c in self.bridges.get(chan.bridge or "", ()) if c is not chan]
+
+    def _swap(self, old: Channel, new: Channel) -> None:
+        """``new`` took ``old``'s place in a bridge (a Local channel pair
+        optimized away, Asterisk 12+): calls anchored on the vanishing Local
+        channel follow the channel that replaced it."""
+        for half in (old, old.local_peer):
+            if half is None:
+                continue
+            for uc in list(half.user_calls):
+                if uc.anchor is half and new not in uc.channels:
+                    half.user_calls.remove(uc)
+                    uc.anchor = new
+                    new.user_calls.append(uc)
+
     def _lineage(self, chan: Optional[Channel]) -> Iterable[Channel]:
         """The channel, then the ones that caused it: a Local ;2 half leads to
         its ;1 half, a dialed channel to the channel that dialed it."""
@@ -1338,9 +1519,16 @@ class CallEngine:
         for candidate in (caller.first_exten, caller.exten):
             if candidate and candidate not in _SPECIAL_EXTENS:
                 return candidate
+        return self._dialstring_number(dialstring)
+
+    @staticmethod
+    def _dialstring_number(dialstring: str) -> str:
         # Dial(PJSIP/+1555@trunk) -> "+1555@trunk"; Local -> "101@ctx/n".
         number = dialstring.partition("@")[0].rpartition("/")[2]
         return number[4:] if number.startswith("sip:") else number
+
+    def _users_of(self, chan: Channel) -> Tuple[str, ...]:
+        return () if chan.is_local else self.directory.device_users(chan.device)
 
     # -- calls as the users see them -------------------------------------------
 
@@ -1360,6 +1548,24 @@ class CallEngine:
         if uc not in chan.user_calls:
             chan.user_calls.append(uc)
 
+    def _set_anchor(self, uc: UserCall, chan: Channel) -> None:
+        if uc.anchor is chan:
+            return
+        self._release_anchor(uc)
+        uc.anchor = chan
+        if uc not in chan.user_calls:
+            chan.user_calls.append(uc)
+
+    def _release_anchor(self, uc: UserCall) -> None:
+        """Answered on the user's own phone: from now on the user call lives
+        as long as the user's channels, not as long as the caller's."""
+        anchor = uc.anchor
+        if anchor is not None:
+            uc.anchor = None
+            if uc in anchor.user_calls and uc not in anchor.user_calls[:0] \
+                    and anchor not in uc.channels:
+                anchor.user_calls.remove(uc)
+
     def _visit_exten(self, chan: Channel) -> None:
         """A channel runs dialplan at an extension: if that is a user's
         number, the call is for that user, wherever it rings next."""
@@ -1369,16 +1575,32 @@ class CallEngine:
         if not users:
             return
         root = self._root(chan)
-        callers = self.directory.device_users(root.device)
+        callers = self._users_of(root)
         for user in users:
             if user in callers:
                 continue  # the user's own phone dialing through their own number
             uc = self._user_call(root.linkedid, user, "in", Party(chan.exten, ""),
                                  root.caller, self._dialed_number(root, ""))
             if uc.anchor is None and uc.answered_at is None:
-                uc.anchor = chan
-                if uc not in chan.user_calls:
-                    chan.user_calls.append(uc)
+                self._set_anchor(uc, chan)
+
+    def _caller_call(self, chan: Channel) -> List[UserCall]:
+        """The outgoing user calls of a user's own phone that is calling:
+        created and announced on first need (a dial, a conference, a queue)."""
+        if chan.is_local or chan.dialer is not None:
+            return []
+        calls = [uc for uc in chan.user_calls if uc.direction == "out"]
+        if calls or (chan.originated and chan.answered_at is None):
+            return calls
+        for user in self._users_of(chan):
+            dialed = self._dialed_number(chan, "")
+            uc = self._user_call(chan.linkedid, user, "out", chan.caller, Party(dialed, ""),
+                                 dialed)
+            uc.device = uc.device or chan.device
+            self._attach(uc, chan)
+            self._announce(uc, "outgoing")
+            calls.append(uc)
+        return calls
 
     def _dial_begin(self, src: Optional[Channel], dest: Channel, dialstring: str) -> None:
         dest.dialer = src
@@ -1389,32 +1611,133 @@ class CallEngine:
             return
         src.dial_targets.add(dest)
         root = self._root(src)
+        if root.originated and root.is_local and root.callback is None \
+                and self._users_of(dest):
+            # Click-to-dial through a Local channel (cacofonisk ctd_*): the
+            # first phone it rings is the user who asked for the call.
+            root.callback = dest
+            dest.originated = True
+            return
         dialed = self._dialed_number(root, dialstring)
-        if root.dialer is None and not root.is_local:
-            peer = Party(dest.caller.num or dialed, dest.caller.name) if not dest.is_local \
+        caller_chan = root.callback if root.callback is not None else root
+        if root.callback is not None:
+            # The number the click-to-dial user asked for, not the
+            # originate's internal routing extension.
+            dialed = (dest.caller.num if not dest.is_local else local_exten(dest.device)) \
+                or dialed
+        if (caller_chan is root.callback or caller_chan.dialer is None) \
+                and not caller_chan.is_local and caller_chan.transferred_by is None:
+            peer = self._remote_party(dest, caller_chan.caller) if not dest.is_local \
                 else Party(dialed, "")
-            for user in self.directory.device_users(root.device):
-                uc = self._user_call(root.linkedid, user, "out", root.caller, peer, dialed)
+            for user in self._users_of(caller_chan):
+                uc = self._user_call(caller_chan.linkedid, user, "out", caller_chan.caller,
+                                     peer, dialed)
                 if not uc.device:
-                    uc.device = root.device
-                self._attach(uc, root)
+                    uc.device = caller_chan.device
+                self._attach(uc, caller_chan)
                 self._announce(uc, "outgoing")
-        caller = root.caller
+        caller = caller_chan.caller
         if not dest.is_local:
-            if dest.connected.num or dest.connected.name:
+            if dest.connected:
                 caller = dest.connected  # what the ringing phone displays
-            for user in self.directory.device_users(dest.device):
+            for user in self._users_of(dest):
                 uc = self._user_call(root.linkedid, user, "in", dest.caller, caller, dialed)
                 if not uc.announced:
                     uc.device = dest.device
                     uc.me = dest.caller
                 self._attach(uc, dest)
-                self._announce_incoming(uc, caller, dialed)
-        # A call that reached a user's extension rings somewhere now.
+                self._announce_incoming(uc, caller, dialed, dest)
+        # Calls that reached a user's number ring somewhere now: at one of
+        # the user's phones (announced above), or elsewhere: diverted.
         for chan in self._lineage(src):
-            for uc in chan.user_calls:
-                if uc.direction == "in":
-                    self._announce_incoming(uc, caller, dialed)
+            for uc in list(chan.user_calls):
+                if uc.direction == "in" and uc.anchor is chan:
+                    self._announce_incoming(uc, caller, dialed, chan)
+                    if chan is src:  # deeper Local hops are routing, not diverts
+                        self._divert_if_elsewhere(uc, chan, dest, dialstring)
+
+    def _remote_party(self, chan: Channel, me: Party) -> Party:
+        """The party on a channel, as the user sees it.  An outbound trunk
+        channel may carry our own caller's name (Originate's CallerID,
+        o_click_to_dial.ami): a name equal to the user's own is dropped."""
+        name = chan.caller.name
+        if not self._users_of(chan) and name == me.name:
+            name = ""
+        return Party(chan.caller.num, name)
+
+    def _divert_if_elsewhere(self, uc: UserCall, anchor: Channel, dest: Channel,
+                             dialstring: str) -> None:
+        """The channel running a user's number dials something that is not
+        one of that user's phones: the user's call is diverted there."""
+        if uc.user in self._users_of(dest) or uc.answered_at is not None:
+            return
+        if dest.is_local:
+            number = local_exten(dest.device)
+            if uc.user in self.directory.extension_users(number):
+                return  # the user's own number, through a Local channel
+            target = Party(number, "")
+            inside = bool(self.directory.extension_users(number))
+        else:
+            target = Party(dest.caller.num or self._dialstring_number(dialstring),
+                           dest.caller.name if self._users_of(dest) else "")
+            inside = bool(self._users_of(dest))
+        self._divert(uc, anchor, target, inside)
+
+    def _divert(self, uc: UserCall, carrier: Channel, target: Party, inside: bool) -> None:
+        if target.num in uc.diverted_to:
+            return
+        uc.diverted_to.append(target.num)
+        original = Party(uc.me.num or uc.dialed, uc.me.name)
+        carrier.diverted_from = original
+        uc.path.append({"divert": target.num})
+        self._emit(uc, "divert", direction="to", original=original.as_dict(),
+                   target=target.as_dict(), external=not inside)
+
+    def _forwarded(self, src: Optional[Channel], dest: Channel, number: str) -> None:
+        """The rung phone forwarded the call (SIP 302): its user follows the
+        call to the new number, as with a dialplan forward."""
+        if src is None:
+            return
+        target = Party(number, "")
+        inside = bool(self.directory.extension_users(number))
+        for uc in list(dest.user_calls):
+            if uc.direction == "in" and uc.answered_at is None:
+                if uc.anchor is None:
+                    self._set_anchor(uc, src)
+                self._divert(uc, src, target, inside)
+                src.diverted_from = uc.me
+
+    def _announce_incoming(self, uc: UserCall, caller: Party, dialed: str,
+                           rung: Channel) -> None:
+        """The caller is known best when the call rings, not when it was
+        routed: a Local channel learns its caller only once dialed."""
+        if uc.announced:
+            return
+        uc.peer = caller
+        uc.dialed = dialed
+        extra: Dict[str, object] = {}
+        for chan in self._lineage(rung):
+            if chan.queue:
+                uc.queue = chan.queue
+                extra["queue"] = chan.queue
+                break
+        self._announce(uc, "incoming", **extra)
+        # Told after the incoming: where it came from before it was diverted
+        # or transferred to this user.
+        for chan in self._lineage(rung):
+            if chan.transferred_by is not None:
+                by, kind = chan.transferred_by
+                uc.path.append({"transfer": kind, "by": by.num})
+                self._emit(uc, "transfer", kind=kind, direction="from", by=by.as_dict(),
+                           target=uc.me.as_dict())
+                break
+            original = chan.diverted_from
+            if original is not None and original.num != uc.me.num and \
+                    uc.user not in self.directory.extension_users(original.num):
+                uc.path.append({"diverted_from": original.num})
+                self._emit(uc, "divert", direction="from", original=original.as_dict(),
+                           target=uc.me.as_dict(), external=False)
+                break
 
     def _dial_end(self, src: Optional[Channel], dest: Channel, status: str) -> None:
         if src is not None:
@@ -1453,54 +1776,73 @@ class CallEngine:
         elif outcome == "busy":
             self._emit(uc, "busy")
 
-    def _answered(self, src: Optional[Channel], answerer: Channel) -> None:
+    def _answered(self, src: Optional[Channel], answerer: Channel,
+                  method: str = "") -> None:
         if answerer.is_local:
             return  # the endpoint behind the Local channel reports the answer
         lineage = set(self._lineage(answerer))
+        root = self._root(answerer)
+        if root.callback is not None:
+            lineage.add(root.callback)  # click-to-dial: the user who asked for it
         call_ids = {answerer.linkedid}
         if src is not None:
             call_ids.add(self._root(src).linkedid)
-        outside = not self.directory.device_users(answerer.device)
+        outside = not self._users_of(answerer)
+        # An outside number answering belongs to the nearest forward above
+        # it: with 100 -> 101 -> 101's mobile, the mobile is 101's, not 100's.
+        forwarder = None
+        if outside:
+            for chan in self._lineage(answerer):
+                forwarder = next((uc for uc in chan.user_calls
+                                  if uc.anchor is chan and uc.direction == "in"), None)
+                if forwarder is not None:
+                    break
+        caller = root.callback if root.callback is not None else root
+        answered_by = self._remote_party(answerer, caller.caller)
+        extra: Dict[str, object] = {"answered_by": dict(answered_by.as_dict(),
+                                                        device=answerer.device)}
+        if method:
+            extra["method"] = method
         for call_id in call_ids:
             for uc in list(self.calls.get(call_id, ())):
-                if uc.answered_at is not None or not uc.announced:
+                if not uc.announced:
+                    continue
+                if uc.answered_at is not None:
+                    if answerer not in uc.channels and \
+                            any(chan in lineage for chan in uc.channels):
+                        # Talking already, now to someone new: the party a
+                        # blind transfer sent this user's call to.
+                        uc.peer = self._remote_party(answerer, uc.me)
                     continue
                 if uc.direction == "out":
                     if not any(chan in lineage for chan in uc.channels):
                         continue
-                    uc.peer = Party(answerer.caller.num or uc.peer.num,
-                                    answerer.caller.name or uc.peer.name)
-                    self._answer(uc, answerer)
-                elif answerer in uc.channels or (outside and uc.anchor in lineage):
+                    remote = self._remote_party(answerer, uc.me)
+                    uc.peer = Party(remote.num or uc.peer.num, remote.name or uc.peer.name)
+                    self._answer(uc, answerer, extra)
+                elif answerer in uc.channels or uc is forwarder:
                     # Answered on the user's phone, or on the outside number
                     # the user's calls are forwarded to (a mobile).
                     if answerer in uc.channels:
                         self._release_anchor(uc)
-                    self._answer(uc, answerer)
-                elif uc.outcome is None:
+                    self._answer(uc, answerer, extra)
+                elif uc.outcome in (None, "cancelled") and uc.channels + [uc.anchor] != [None]:
+                    # Someone else's call now: it lasts for this user only
+                    # as long as the user's own phone still rings down.
                     uc.outcome = "answered_elsewhere"
-                    uc.answered_by = answerer.caller
-                    self._emit(uc, "pickup", answered_by=self._answerer_fields(answerer))
+                    uc.answered_by = answered_by
+                    self._emit(uc, "pickup", **extra)
+                    self._release_anchor(uc)
+                    if not uc.channels:
+                        self._end(uc)
 
-    def _release_anchor(self, uc: UserCall) -> None:
-        """Answered on the user's own phone: from now on the user call lives
-        as long as the user's channels, not as long as the caller's."""
-        if uc.anchor is not None:
-            if uc in uc.anchor.user_calls:
-                uc.anchor.user_calls.remove(uc)
-            uc.anchor = None
-
-    def _answer(self, uc: UserCall, answerer: Channel) -> None:
+    def _answer(self, uc: UserCall, answerer: Channel, extra: Dict[str, object]) -> None:
         uc.answered_at = self._now
-        uc.answered_by = answerer.caller
-        self._emit(uc, "pickup", answered_by=self._answerer_fields(answerer))
+        uc.answered_by = self._remote_party(answerer, uc.me)
+        self._emit(uc, "pickup", **extra)
 
-    @staticmethod
-    def _answerer_fields(answerer: Channel) -> Dict[str, str]:
-        return {"num": answerer.caller.num, "name": answerer.caller.name,
-                "device": answerer.device}
-
-    def _hangup(self, chan: Channel, cause: int, cause_txt: str) -> None:
+    def _hangup(self, chan: Channel, cause: int, cause_txt: str,
+                reason: Optional[str] = None) -> None:
         self.channels.pop(chan.uniqueid, None)
         self._recent_hangups.add(chan.uniqueid)
         self._recent_hangup_order.append(chan.uniqueid)
@@ -1508,27 +1850,418 @@ class CallEngine:
             self._recent_hangups.discard(self._recent_hangup_order.popleft())
         if chan.local_half:
             self._unpaired_locals.pop(chan.name[:-2], None)
+        self._leave_bridge(chan)
+        for room in [r for r, members in self.conferences.items() if chan in members]:
+            self._leave_conference(chan, room)
+        if chan.answered_at is None and not chan.user_calls and chan.dialer is None \
+                and not chan.is_local:
+            pass
+        elif chan.answered_at is not None and not chan.user_calls:
+            # A user's phone that called an application (voicemail, an
+            # IVR) and hung up: that was an outgoing call too.
+            self._caller_call(chan)
         for uc in list(chan.user_calls):
             if chan in uc.channels:
                 uc.channels.remove(chan)
             if uc.anchor is chan:
-                self._release_anchor(uc)
+                uc.anchor = None
             if cause:
                 uc.cause, uc.cause_txt = cause, cause_txt
             if not uc.channels and uc.anchor is None:
-                self._end(uc)
+                self._end(uc, reason)
         chan.user_calls = []
         chan.dial_targets.clear()
+
+    # -- handlers: transfers, pickup, parking ------------------------------------
+
+    def on_blindtransfer(self, msg: AmiMessage) -> None:
+        if msg.get("Result") != "Success":
+            return
+        transferer = self._snapshot(msg, "Transferer")
+        transferee = self._snapshot(msg, "Transferee")
+        if transferer is None:
+            return
+        target = Party(msg.get("Extension", ""), "")
+        by = transferer.caller
+        if transferee is not None:
+            # The transferee goes on in the dialplan on its own: whatever it
+            # dials next is a call transferred by ``by``, not by its dialer.
+            transferee.transferred_by = (by, "blind")
+            transferee.dialer = None
+        for uc in list(transferer.user_calls):
+            uc.transferred = True
+            uc.path.append({"transfer": "blind", "to": target.num})
+            self._emit(uc, "transfer", kind="blind", direction="to", by=by.as_dict(),
+                       target=target.as_dict())
+
+    def on_attendedtransfer(self, msg: AmiMessage) -> None:
+        """The transferer joins two calls: the transferee (on hold) and the
+        target (consulted, or still ringing: "blonde").  Asterisk 13 names
+        only the transferer channels (cacofonisk xfer_attended_*), so the
+        other parties are found from bridges and dial lineage."""
+        if msg.get("Result") != "Success":
+            return
+        first = self._snapshot(msg, "OrigTransferer")
+        second = self._snapshot(msg, "SecondTransferer")
+        if first is None:
+            return
+        transferers = [c for c in (first, second) if c is not None]
+        named = self._snapshot(msg, "TransferTarget")
+        targets = self._endpoints(named, transferers) if named is not None \
+            else self._parties_of(second, transferers) if second is not None else []
+        named = self._snapshot(msg, "Transferee")
+        transferees = self._endpoints(named, transferers) if named is not None \
+            else self._parties_of(first, transferers)
+        transferees = [t for t in transferees if t not in targets]
+        kind = "attended" if targets and all(t.state == "Up" for t in targets) else "blonde"
+        consult = [uc for uc in (second.user_calls if second is not None else ())
+                   if uc not in first.user_calls]
+        if len(targets) == 1 and targets[0].caller:
+            target_party = self._remote_party(targets[0], first.caller)
+        elif consult:
+            target_party = consult[0].peer
+        else:
+            target_party = Party(second.exten if second is not None else "", "")
+        by = first.caller
+        customer = transferees[0].caller if transferees else NOBODY
+        told: List[UserCall] = []
+        for uc in list(first.user_calls) + consult:
+            told.append(uc)
+            uc.transferred = True
+            uc.path.append({"transfer": kind, "to": target_party.num})
+            self._emit(uc, "transfer", kind=kind, direction="to", by=by.as_dict(),
+                       target=target_party.as_dict())
+        for chan in targets:
+            for uc in list(chan.user_calls):
+                if uc in told:
+                    continue
+                told.append(uc)
+                uc.peer = customer  # their screen shows the customer now
+                uc.path.append({"transfer": kind, "by": by.num})
+                self._emit(uc, "transfer", kind=kind, direction="from", by=by.as_dict(),
+                           target=uc.me.as_dict())
+        for chan in transferees:
+            for uc in chan.user_calls:
+                if uc not in told and targets:
+                    uc.peer = self._remote_party(targets[0], uc.me)
+
+    def _endpoints(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
+        """The real phones or trunks a channel stands for: itself, or for a
+        Local channel those on the far side of its pair (k_attended_transfer:
+        the target is ``Local/101@from-internal;1``, the phone is PJSIP/101)."""
+        if not chan.is_local:
+            return [chan] if chan not in exclude else []
+        far = chan.local_peer
+        if far is None:
+            return self._parties_of(chan, exclude)
+        found: List[Channel] = []
+        candidates = self._bridged_with(far) + list(self._lineage(far))[1:] + \
+            [c for c in self.channels.values() if c is not far and far in set(self._lineage(c))]
+        for c in candidates:
+            if not c.is_local and c not in exclude and c not in found:
+                found.append(c)
+        return found or self._parties_of(chan, exclude)
+
+    def _parties_of(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
+        """The non-Local channels on the other end of ``chan``'s call: in
+        its bridge, or anywhere in the dial tree it belongs to (the caller
+        that started it, and whoever that caller's dials reached)."""
+        found: List[Channel] = []
+        root = self._root(chan)
+        candidates = self._bridged_with(chan) + [root] + \
+            [c for c in self.channels.values() if c is not chan and root in set(self._lineage(c))]
+        for c in candidates:
+            if not c.is_local and c not in exclude and c not in found:
+                found.append(c)
+        return found
+
+    def on_pickup(self, msg: AmiMessage) -> None:
+        """Another phone took a ringing call (features pickupexten, the
+        Pickup or PickupChan application)."""
+        picker = self._snapshot(msg, "")
+        target = self._snapshot(msg, "Target")
+        if picker is None or target is None:
+            return
+        directed = (picker.app.lower() in _PICKUP_APPS and bool(picker.appdata)) or \
+            picker.exten.startswith("**")
+        method = "directed" if directed else "group"
+        root = self._root(target) if target.dialer is not None else target
+        caller = target.connected or root.caller
+        dialed = self._dialed_number(root, "")
+        for user in self._users_of(picker):
+            uc = self._user_call(root.linkedid, user, "in", picker.caller, caller, dialed)
+            uc.device = uc.device or picker.device
+            self._attach(uc, picker)
+            for out in [u for u in picker.user_calls if u.direction == "out"]:
+                self._end(out)  # the pickup code was no call of its own
+            self._announce_incoming(uc, caller, dialed, target)
+        picker.dialer = target.dialer
+        self._answered(target.dialer, picker, method)
+
+    def on_parkedcall(self, msg: AmiMessage) -> None:
+        parkee = self._snapshot(msg, "Parkee")
+        if parkee is None:
+            return
+        space, lot = msg.get("ParkingSpace", ""), msg.get("Parkinglot", "")
+        parker_device = device_of_channel(msg.get("ParkerDialString", "")) \
+            if msg.get("ParkerDialString") else ""
+        parker = self._snapshot(msg, "Parker")
+        by = parker.caller if parker is not None else NOBODY
+        parkers = set(self._users_of(parker)) if parker is not None else set()
+        parkers.update(self.directory.device_users(parker_device))
+        ucs = [uc for uc in self._calls_around(parkee) if uc.user in parkers]
+        if not by:
+            by = next((uc.me for uc in ucs), NOBODY)
+        parkee.parked = (space, lot, by)
+        for uc in ucs:
+            uc.path.append({"park": space})
+            self._emit(uc, "park", space=space, lot=lot, by=by.as_dict(),
+                       timeout=msg.get("ParkingTimeout", ""))
+
+    def on_unparkedcall(self, msg: AmiMessage) -> None:
+        parkee = self._snapshot(msg, "Parkee")
+        retriever = self._snapshot(msg, "Retriever")
+        if parkee is None or retriever is None:
+            return
+        space, lot, by = parkee.parked or (msg.get("ParkingSpace", ""),
+                                           msg.get("Parkinglot", ""), NOBODY)
+        parkee.parked = None
+        caller = parkee.caller
+        for user in self._users_of(retriever):
+            uc = self._user_call(parkee.linkedid, user, "in", retriever.caller, caller,
+                                 retriever.exten)
+            uc.device = uc.device or retriever.device
+            self._attach(uc, retriever)
+            self._announce_incoming(uc, caller, retriever.exten, retriever)
+            uc.answered_at = self._now
+            uc.answered_by = retriever.caller
+            uc.path.append({"unpark": space})
+            self._emit(uc, "unpark", space=space, lot=lot, result="retrieved",
+                       parked_by=by.as_dict(), retrieved_by=retriever.caller.as_dict())
+
+    def on_parkedcall_end(self, msg: AmiMessage) -> None:
+        """The parked call came back (timeout) or its caller hung up (give up):
+        the parker's users are told, since nobody took the call."""
+        parkee = self._snapshot(msg, "Parkee")
+        if parkee is None or parkee.parked is None:
+            return
+        space, lot, by = parkee.parked
+        parkee.parked = None
+        result = "timeout" if msg.get("Event") == "ParkedCallTimeOut" else "abandoned"
+        parker_device = device_of_channel(msg.get("ParkerDialString", "")) \
+            if msg.get("ParkerDialString") else ""
+        fields: Dict[str, object] = {
+            "event": "unpark", "call": parkee.linkedid, "time": iso_time(self._now),
+            "role": "callee", "device": parker_device, "from": parkee.caller.as_dict(),
+            "to": by.as_dict(), "space": space, "lot": lot, "result": result,
+            "parked_by": by.as_dict(), "retrieved_by": NOBODY.as_dict(),
+        }
+        for user in self.directory.device_users(parker_device):
+            self._out.append(Notification(user, "unpark", dict(fields)))
+
+    def _calls_around(self, chan: Channel) -> List[UserCall]:
+        """User calls of this channel's call: its own, and those of the
+        channels bridged with it now or before (same call id)."""
+        seen: List[UserCall] = []
+        for uc in list(chan.user_calls) + list(self.calls.get(chan.linkedid, ())):
+            if uc not in seen:
+                seen.append(uc)
+        return seen
+
+    # -- handlers: queues --------------------------------------------------------
+
+    def on_queuemember(self, msg: AmiMessage) -> None:
+        queue = msg.get("Queue")
+        if not queue:
+            return
+        users = set(self.directory.interface_users(msg.get("Interface", "")))
+        users.update(self.directory.interface_users(msg.get("StateInterface", "")))
+        if users:
+            self.queue_members.setdefault(queue, set()).update(users)
+        if msg.get("Event") == "AgentCalled":
+            # A member learned of only now (no QueueStatus, no member event
+            # yet, n_queue.ami) still hears of the caller before it rings.
+            caller = self._snapshot(msg, "")
+            if caller is not None and caller.queue == queue:
+                self._tell_queue(caller, queue, "join", msg)
+
+    def on_queuememberremoved(self, msg: AmiMessage) -> None:
+        members = self.queue_members.get(msg.get("Queue", ""))
+        if members is not None:
+            members.difference_update(self.directory.interface_users(msg.get("Interface", "")))
+
+    def on_queuecallerjoin(self, msg: AmiMessage) -> None:
+        chan = self._snapshot(msg, "")
+        if chan is None:
+            return
+        queue = msg.get("Queue", "")
+        chan.queue = queue
+        chan.queue_join = (msg.get("Position", ""), msg.get("Count", ""))
+        self._caller_call(chan)  # a user calling a queue: an outgoing call
+        self._tell_queue(chan, queue, "join", msg)
+
+    def on_queuecallerleave(self, msg: AmiMessage) -> None:
+        chan = self._snapshot(msg, "")
+        if chan is None:
+            return
+        queue = msg.get("Queue", "")
+        action = "abandon" if msg.get("Event") == "QueueCallerAbandon" else "leave"
+        if action == "leave" and chan.queue is None:
+            return  # the abandon was told already
+        chan.queue = None
+        self._tell_queue(chan, queue, action, msg)
+        chan.queue_told = set()
+
+    def _tell_queue(self, chan: Channel, queue: str, action: str, msg: AmiMessage) -> None:
+        """Queue members hear of callers joining and leaving their queue,
+        whether or not their phone rings for them."""
+        members = self.queue_members.get(queue)
+        if action == "join":
+            members = members and members - chan.queue_told
+            if members:
+                chan.queue_told.update(members)
+        if not members:
+            return
+        fields: Dict[str, object] = {
+            "event": "queue", "call": chan.linkedid, "time": iso_time(self._now),
+            "role": "callee", "device": "", "from": chan.caller.as_dict(),
+            "to": Party(chan.exten if chan.exten not in _SPECIAL_EXTENS else "",
+                        queue).as_dict(),
+            "action": action, "queue": queue,
+            "position": msg.get("Position") or chan.queue_join[0],
+            "count": msg.get("Count") or chan.queue_join[1],
+        }
+        if action == "leave":
+            answered = [c for c in self._bridged_with(chan) + list(chan.dial_targets)
+                        if c.answered_at is not None and self._users_of(c)]
+            if chan.connected:
+                fields["answered_by"] = chan.connected.as_dict()
+            elif answered:
+                fields["answered_by"] = answered[0].caller.as_dict()
+        for user in sorted(members):
+            self._out.append(Notification(user, "queue", dict(fields)))
+
+    # -- handlers: conferences and hold ---------------------------------------
+
+    def on_confbridgejoin(self, msg: AmiMessage) -> None:
+        chan = self._snapshot(msg, "")
+        room = msg.get("Conference", "")
+        if chan is None or not room:
+            return
+        self._caller_call(chan)
+        members = self.conferences.setdefault(room, [])
+        if chan not in members:
+            members.append(chan)
+        self._tell_conference(room, chan, "join")
+
+    def on_confbridgeleave(self, msg: AmiMessage) -> None:
+        chan = self._snapshot(msg, "")
+        room = msg.get("Conference", "")
+        if chan is not None and room:
+            self._leave_conference(chan, room)
+
+    def on_confbridgeend(self, msg: AmiMessage) -> None:
+        self.conferences.pop(msg.get("Conference", ""), None)
+
+    def _leave_conference(self, chan: Channel, room: str) -> None:
+        members = self.conferences.get(room)
+        if members is None or chan not in members:
+            return
+        members.remove(chan)
+        self._tell_conference(room, chan, "leave")
+        if not members:
+            del self.conferences[room]
+
+    def _tell_conference(self, room: str, who: Channel, action: str) -> None:
+        """Everyone of ours in the room hears who joined or left."""
+        count = len(self.conferences.get(room, ()))
+        listeners = list(self.conferences.get(room, ()))
+        if who not in listeners:
+            listeners.append(who)
+        for chan in listeners:
+            for uc in chan.user_calls:
+                self._emit(uc, "conference", action=action, room=room, members=count,
+                           who=who.caller.as_dict())
+
+    def on_hold(self, msg: AmiMessage) -> None:
+        chan = self._snapshot(msg, "")
+        if chan is None:
+            return
+        held = msg.get("Event") == "Hold"
+        if chan.on_hold == held:
+            return  # PJSIP re-INVITEs repeat Unhold (j_blind_transfer.ami)
+        chan.on_hold = held
+        kind = "hold" if held else "unhold"
+        for other in [chan] + self._bridged_with(chan):
+            for uc in other.user_calls:
+                self._emit(uc, kind, by=chan.caller.as_dict())
+
+    # -- handlers: resync ------------------------------------------------------
+
+    def on_coreshowchannel(self, msg: AmiMessage) -> None:
+        if self._resync_seen is None:
+            self.begin_resync()
+        chan = self._snapshot(msg, "")
+        if chan is None:
+            return
+        chan.app = msg.get("Application", chan.app)
+        chan.appdata = msg.get("ApplicationData", chan.appdata)
+        bridge_id = msg.get("BridgeId")
+        if bridge_id:
+            self._enter_bridge(chan, bridge_id)
+
+    def on_coreshowchannelscomplete(self, msg: AmiMessage) -> None:
+        told = self.end_resync(self._now)  # swaps self._out: extend afterwards
+        self._out.extend(told)
+
+    def end_resync(self, now: float) -> List[Notification]:
+        """The channel list is complete (or unavailable: then every channel
+        no event has touched since the resync began counts as gone)."""
+        self._now = now
+        seen = self._resync_seen
+        self._resync_seen = None
+        if seen is None:
+            seen = set()
+        for chan in [c for c in self.channels.values() if c.uniqueid not in seen]:
+            # Hung up while we were not listening: how is unknowable.
+            self._hangup(chan, 0, "", reason="unknown")
+        for chan in list(self.channels.values()):
+            if not chan.user_calls and self._users_of(chan):
+                self._adopt(chan)
+        out, self._out = self._out, []
+        return out
+
+    def _adopt(self, chan: Channel) -> None:
+        """A user's phone in a call that began while we were not connected:
+        known from now on, so CALLS shows it and its hangup is told.  Only a
+        call still ringing is announced; one already answered is old news."""
+        callee = chan.app == "AppDial" or chan.dialer is not None
+        for user in self._users_of(chan):
+            uc = self._user_call(chan.linkedid, user, "in" if callee else "out", chan.caller,
+                                 chan.connected, "")
+            uc.device = chan.device
+            uc.started = chan.created
+            self._attach(uc, chan)
+            if chan.state == "Up":
+                uc.answered_at = chan.answered_at or self._now
+                uc.announced = True
+            elif callee:
+                self._announce_incoming(uc, chan.connected, "", chan)
+                uc.started = self._now
+            else:
+                self._announce(uc, "outgoing")
 
     # -- the end of a user call ------------------------------------------------
 
     def _reason(self, uc: UserCall) -> str:
+        if uc.transferred:
+            return "transferred"
         if uc.answered_at is not None:
             return "completed"
+        if uc.cause == 26 and uc.outcome in (None, "cancelled"):
+            return "answered_elsewhere"
         if uc.outcome is not None:
             return uc.outcome
-        if uc.cause == 26:
-            return "answered_elsewhere"
         if uc.cause == 17:
             return "busy"
         if uc.cause in (18, 19):
@@ -1576,33 +2309,26 @@ class CallEngine:
             "end": fields["time"], "answered": uc.answered_at is not None,
             "answered_by": uc.answered_by.as_dict() if uc.answered_by else None,
             "reason": reason, "cause": cause, "duration": duration, "talk_time": talk_time,
+            "queue": uc.queue, "path": uc.path,
         }
 
     # -- output ----------------------------------------------------------------
 
-    def _announce(self, uc: UserCall, kind: str) -> None:
+    def _announce(self, uc: UserCall, kind: str, **extra: object) -> None:
         if not uc.announced:
             uc.announced = True
             uc.started = self._now  # not when routing began: an IVR may come first
-            self._emit(uc, kind, dialed=uc.dialed)
+            self._emit(uc, kind, dialed=uc.dialed, **extra)
 
-    def _announce_incoming(self, uc: UserCall, caller: Party, dialed: str) -> None:
-        """The caller is known best when the call rings, not when it was
-        routed: a Local channel learns its caller only once dialed."""
-        if not uc.announced:
-            uc.peer = caller
-            uc.dialed = dialed
-            self._announce(uc, "incoming")
-
-    def _emit(self, uc: UserCall, kind: str, **extra: object) -> Dict[str, object]:
+    def _emit(self, uc: UserCall, event: str, **extra: object) -> Dict[str, object]:
         frm, to = uc.parties
         fields: Dict[str, object] = {
-            "event": kind, "call": uc.call_id, "time": iso_time(self._now),
-            "direction": uc.direction, "device": uc.device,
+            "event": event, "call": uc.call_id, "time": iso_time(self._now),
+            "role": uc.role, "device": uc.device,
             "from": frm.as_dict(), "to": to.as_dict(),
         }
         fields.update(extra)
-        self._out.append(Notification(uc.user, kind, fields))
+        self._out.append(Notification(uc.user, event, fields))
         return fields
 
 
@@ -1708,7 +2434,7 @@ def encode_status(fields: Dict[str, object], fmt: str) -> bytes:
 
 
 CLIENT_HELP = ("commands: LOGIN <user> <secret> | EVENTS <kind>[,<kind>...]|ALL | "
-               "FORMAT text|json | PING | HELP | QUIT")
+               "FORMAT text|json | CALLS | PING | HELP | QUIT")
 
 
 class ServerView:
@@ -1717,12 +2443,15 @@ class ServerView:
     The daemon implements these for real; tests and replay use this class.
     """
 
-    def __init__(self, users: Dict[str, UserConfig]):
+    def __init__(self, users: Dict[str, UserConfig], engine: Optional[CallEngine] = None):
         self.users = users
+        self.engine = engine
 
     def calls(self, user: str) -> List[Dict[str, object]]:
         """The user's calls in progress, as event fields."""
-        return []
+        if self.engine is None:
+            return []
+        return [self.engine.call_fields(uc) for uc in self.engine.active_calls(user)]
 
     def history(self, user: str, count: int) -> List[Dict[str, object]]:
         """The user's last ``count`` finished calls, newest last."""
@@ -1762,7 +2491,7 @@ class ClientSession:
         argument = words[1] if len(words) > 1 else ""
         handler = {
             "LOGIN": self._login, "EVENTS": self._events, "FORMAT": self._format,
-            "PING": self._ping, "HELP": self._help, "QUIT": self._quit,
+            "CALLS": self._calls, "PING": self._ping, "HELP": self._help, "QUIT": self._quit,
         }.get(command)
         try:
             if handler is None:
@@ -1815,6 +2544,21 @@ class ClientSession:
             raise ClientProtocolError("400", "usage: FORMAT text|json")
         self.fmt = fmt
         return ["OK format=%s" % fmt]
+
+    def _calls(self, argument: str, server: ServerView) -> List[str]:
+        """The user's calls in progress, so a desktop that (re)connects can
+        draw them: one ``CALL`` line (or JSON object) each, then ``OK``."""
+        if self.user is None:
+            raise ClientProtocolError("403", "login first")
+        items = server.calls(self.user.name)
+        return [self.encode_item("CALL", fields) for fields in items] + \
+            ["OK calls=%d" % len(items)]
+
+    def encode_item(self, tag: str, fields: Dict[str, object]) -> str:
+        """A list item in the session's format: ``TAG key=value ...`` or JSON."""
+        if self.fmt == "json":
+            return encode_json_line(fields)
+        return encode_text_line(tag, {k: v for k, v in fields.items() if k != "event"})
 
     def _ping(self, argument: str, server: ServerView) -> List[str]:
         return ["OK PONG"]
@@ -1898,6 +2642,10 @@ class Daemon:
         self.sessions_by_user: Dict[str, Set[ClientConnection]] = {}
         self.ami = AmiLink(config.ami)
         self.pbx_up = False
+        #: When calls kept across a lost link are given up (monotonic).
+        self._stale_deadline: Optional[float] = None
+        #: ActionID of the CoreShowChannels request of the current resync.
+        self._resync_id: Optional[str] = None
         self.running = False
         self._dirty: Set[ClientConnection] = set()
         self._auth_deadlines: List[Tuple[float, int, ClientConnection]] = []
@@ -1905,7 +2653,7 @@ class Daemon:
         self._pending_signals: List[int] = []
         self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
         self.calllog = None
-        self.view = ServerView(config.users)
+        self.view = ServerView(config.users, self.engine)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -2063,6 +2811,8 @@ class Daemon:
                 deadlines.append(deadline)
         if self._auth_deadlines:
             deadlines.append(self._auth_deadlines[0][0])
+        if self._stale_deadline is not None:
+            deadlines.append(self._stale_deadline)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -2079,6 +2829,11 @@ class Daemon:
                 self._ami_lost(reason)
             else:
                 self._ami_write()
+        if self._stale_deadline is not None and now >= self._stale_deadline:
+            self._stale_deadline = None
+            log.warning("ami: no link for %g s: ending the calls it had in progress",
+                        AMI_RESYNC_GRACE_S)
+            self._deliver(self.engine.link_lost(time.time()))
         heap = self._auth_deadlines
         while heap and heap[0][0] <= now:
             _deadline, _seq, conn = heapq.heappop(heap)
@@ -2167,16 +2922,39 @@ class Daemon:
                 if item.get("Event") == "Shutdown":
                     self._ami_lost("Asterisk is shutting down (%s)" % item.get("Shutdown", "?"))
                     return
+                if self._resync_id is not None and item.get("ActionID") == self._resync_id:
+                    self._resync_reply(item)
                 self._feed_engine(item)
             elif isinstance(item, AmiLoggedIn):
                 link.backoff = AMI_RECONNECT_MIN_S
                 log.info("ami: logged in as %s (%s)", link.config.username, item.banner)
                 self._set_pbx_status(True, "")
+                self._start_resync(session)
             elif isinstance(item, AmiLoginFailed):
                 self._ami_lost("login as %s refused by Asterisk: %s"
                                % (link.config.username, item.reason))
                 return
         self._ami_write()
+
+    def _start_resync(self, session: AmiSession) -> None:
+        """Calls may have started or ended while we were away: ask for every
+        channel, and for queue members (queue events need membership)."""
+        self._stale_deadline = None
+        self.engine.begin_resync()
+        self._resync_id = session.send_action("CoreShowChannels")
+        session.send_action("QueueStatus")
+
+    def _resync_reply(self, msg: AmiMessage) -> None:
+        if msg.get("Response") not in (None, "Success"):
+            # No "reporting" or "system" write permission (manager.conf).
+            log.warning("ami: cannot list channels to resync (%s); grant the AMI user "
+                        "write = reporting. Calls from before the reconnect end now.",
+                        msg.get("Message", "refused"))
+            self._resync_id = None
+            self._deliver(self.engine.end_resync(time.time()))
+        elif msg.get("Event") == "CoreShowChannelsComplete":
+            self._resync_id = None
+            log.info("ami: resynchronised: %s channels in progress", msg.get("ListItems", "?"))
 
     def _feed_engine(self, msg: AmiMessage) -> None:
         try:
@@ -2226,9 +3004,11 @@ class Daemon:
         if not immediate:
             link.backoff = min(link.backoff * 2, link.config.reconnect_max)
         log.warning("ami: %s; reconnecting in %g s", reason, delay)
+        self._resync_id = None
         if self.pbx_up:
             self._set_pbx_status(False, reason)
-            self._deliver(self.engine.link_lost(time.time()))
+            if self._stale_deadline is None:
+                self._stale_deadline = time.monotonic() + AMI_RESYNC_GRACE_S
 
     def _set_pbx_status(self, up: bool, reason: str) -> None:
         self.pbx_up = up

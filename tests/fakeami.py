@@ -47,6 +47,17 @@ def trace_events(data):
     return events
 
 
+def channel_list(data):
+    """The CoreShowChannel events of a trace (s_connect_midcall.ami has
+    them), without their ActionID: what the fake lists as channels."""
+    events = []
+    for block in trace_events(data):
+        if block.startswith(b"Event: CoreShowChannel\r\n"):
+            lines = [l for l in block.split(b"\r\n") if l and not l.startswith(b"ActionID:")]
+            events.append(lines)
+    return events
+
+
 class AmiPeer:
     """One connection from the daemon under test."""
 
@@ -84,6 +95,8 @@ class FakeAsterisk:
         self.logins = 0
         self.failed_logins = 0
         self.actions = []
+        #: Channels CoreShowChannels lists: lists of header lines (channel_list).
+        self.channels = []
         self._commands = []
         self._running = False
         self._thread = None
@@ -233,9 +246,17 @@ class FakeAsterisk:
                 self._reply(peer, "Response: Success\r\n%sPing: Pong\r\nTimestamp: %.6f\r\n\r\n"
                             % (head, time.time()))
         elif action == "coreshowchannels":
+            items = "".join("%s\r\n%s%s\r\n\r\n" % (
+                lines[0].decode(), head, "\r\n".join(l.decode() for l in lines[1:]))
+                for lines in self.channels)
             self._reply(peer, "Response: Success\r\n%sEventList: start\r\n"
-                        "Message: Channels will follow\r\n\r\n"
+                        "Message: Channels will follow\r\n\r\n%s"
                         "Event: CoreShowChannelsComplete\r\n%sEventList: Complete\r\n"
+                        "ListItems: %d\r\n\r\n" % (head, items, head, len(self.channels)))
+        elif action == "queuestatus":
+            self._reply(peer, "Response: Success\r\n%sEventList: start\r\n"
+                        "Message: Queue status will follow\r\n\r\n"
+                        "Event: QueueStatusComplete\r\n%sEventList: Complete\r\n"
                         "ListItems: 0\r\n\r\n" % (head, head))
         elif action == "events":
             self._reply(peer, "Response: Success\r\n%sEvents: On\r\n\r\n" % head)
