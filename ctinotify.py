@@ -303,15 +303,30 @@ class AmiConfig:
         return tuple(getattr(self, name) for name in self.__slots__)
 
 
+#: Where ``run`` may log (``log =`` in [general]).
+LOG_TARGETS = ("auto", "stderr", "syslog")
+#: Where syslog(3) listens on Linux and the BSDs.
+DEFAULT_SYSLOG_SOCKET = "/dev/log"
+SYSLOG_FACILITIES = ("daemon",) + tuple("local%d" % n for n in range(8))
+
+
 class Config:
     """The whole validated configuration."""
 
     def __init__(self, path: str, bind: str, port: int, loglevel: str, calllog: str,
                  ami: AmiConfig, users: Dict[str, UserConfig],
-                 login_timeout: float = CLIENT_AUTH_TIMEOUT_S):
+                 login_timeout: float = CLIENT_AUTH_TIMEOUT_S, log: str = "auto",
+                 syslog_facility: str = "daemon", syslog_socket: str = DEFAULT_SYSLOG_SOCKET):
         self.path = path
         #: Seconds a client may stay connected without logging in.
         self.login_timeout = login_timeout
+        #: Where ``run`` logs: ``auto`` (syslog with --daemon, else stderr),
+        #: ``stderr`` or ``syslog``.  Read at start only, not on reload.
+        self.log = log
+        #: The syslog facility name (``daemon``, ``local0`` ... ``local7``).
+        self.syslog_facility = syslog_facility
+        #: The Unix socket syslog listens on.
+        self.syslog_socket = syslog_socket
         self.bind = bind
         self.port = port
         self.loglevel = loglevel
@@ -324,7 +339,9 @@ class Config:
         lines = ["; effective configuration of %s" % self.path,
                  "[general]", "bind = %s" % self.bind, "port = %d" % self.port,
                  "loglevel = %s" % self.loglevel, "calllog = %s" % self.calllog,
-                 "login_timeout = %g" % self.login_timeout, "",
+                 "login_timeout = %g" % self.login_timeout, "log = %s" % self.log,
+                 "syslog_facility = %s" % self.syslog_facility,
+                 "syslog_socket = %s" % self.syslog_socket, "",
                  "[ami]"]
         ami = self.ami
         lines += ["host = %s" % ami.host, "port = %d" % ami.port,
@@ -348,7 +365,8 @@ _USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
 _EXTENSION = re.compile(r"^[0-9A-Za-z*#+_.-]{1,40}(@[A-Za-z0-9_.-]{1,80})?$")
 _LOGLEVELS = ("debug", "info", "warning", "error")
 
-GENERAL_KEYS = ("bind", "port", "loglevel", "calllog", "login_timeout")
+GENERAL_KEYS = ("bind", "port", "loglevel", "calllog", "login_timeout", "log",
+                "syslog_facility", "syslog_socket")
 AMI_KEYS = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max")
 USER_KEYS = ("secret", "host", "devices", "extensions", "events")
 
@@ -490,6 +508,12 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     loglevel = reader.choice(general, "loglevel", "info", _LOGLEVELS)
     calllog = reader.text(general, "calllog", "")
     login_timeout = reader.number(general, "login_timeout", CLIENT_AUTH_TIMEOUT_S, 1, 3600)
+    log_target = reader.choice(general, "log", "auto", LOG_TARGETS)
+    facility = reader.choice(general, "syslog_facility", "daemon", SYSLOG_FACILITIES)
+    syslog_socket = reader.text(general, "syslog_socket", DEFAULT_SYSLOG_SOCKET)
+    if not syslog_socket.startswith("/"):
+        reader.problem(general, general.get("syslog_socket"), "%r is not an absolute path, "
+                       "expected the syslog socket such as /dev/log" % syslog_socket)
 
     ami_section = by_name.get("ami")
     if ami_section is None:
@@ -515,7 +539,8 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
         users[section.name] = reader.read_user(section)
     if reader.problems:
         raise ConfigError(sorted(reader.problems, key=_problem_line))
-    return Config(filename, bind, port, loglevel, calllog, ami, users, login_timeout)
+    return Config(filename, bind, port, loglevel, calllog, ami, users, login_timeout,
+                  log_target, facility, syslog_socket)
 
 
 def _problem_line(problem: str) -> int:

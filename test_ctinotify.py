@@ -1125,3 +1125,42 @@ def test_e2e_asterisk_shutdown_event_means_reconnect(fake, daemon_factory, clien
     daemon.wait_log(r"Asterisk is shutting down \(Cleanly\); reconnecting in 1 s")
     fake.wait_for_logins(2)
     assert alice.line().startswith("STATUS pbx=up")
+
+
+# ---------------------------------------------------------------------------
+# Deployment (issue 6): daemon mode, pidfile, syslog, service files, install
+# ---------------------------------------------------------------------------
+
+def test_log_keys_default_to_auto_daemon_and_dev_log():
+    config = parse_config("[ami]\nusername=u\nsecret=s\n", "f")
+    assert (config.log, config.syslog_facility, config.syslog_socket) == \
+        ("auto", "daemon", "/dev/log")
+    config = parse_config("[general]\nlog = SYSLOG\nsyslog_facility = local7\n"
+                          "syslog_socket = /run/log.sock\n[ami]\nusername=u\nsecret=s\n", "f")
+    assert (config.log, config.syslog_facility, config.syslog_socket) == \
+        ("syslog", "local7", "/run/log.sock")
+    assert "log = syslog\nsyslog_facility = local7\n" in config.describe()
+
+
+@pytest.mark.parametrize("line, message", [
+    ("log = file", "f:2: [general] log: 'file' is not allowed, expected one of: auto, stderr, syslog"),
+    ("syslog_facility = local8", "f:2: [general] syslog_facility: 'local8' is not allowed, "
+                                 "expected one of: daemon, local0, local1"),
+    ("syslog_facility = user", "f:2: [general] syslog_facility: 'user' is not allowed"),
+    ("syslog_socket = dev/log", "f:2: [general] syslog_socket: 'dev/log' is not an absolute "
+                                "path, expected the syslog socket such as /dev/log"),
+])
+def test_log_key_errors_name_file_line_key_and_what_was_expected(line, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config("[general]\n%s\n[ami]\nusername=u\nsecret=s\n" % line, "f")
+    assert any(p.startswith(message) for p in info.value.problems), info.value.problems
+
+
+def test_every_general_key_is_in_the_example_config_and_the_readme():
+    with open(os.path.join(HERE, "ctinotify.conf"), encoding="utf-8") as f:
+        example = f.read()
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for key in ctinotify.GENERAL_KEYS:
+        assert re.search(r"^;?%s =" % key, example, re.M), key
+        assert re.search(r"^\|[^|\n]*\| `%s` \|" % key, readme, re.M), key
