@@ -1131,6 +1131,14 @@ def test_e2e_asterisk_shutdown_event_means_reconnect(fake, daemon_factory, clien
 # Deployment (issue 6): daemon mode, pidfile, syslog, service files, install
 # ---------------------------------------------------------------------------
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+#: A manager.conf user whose name and secret differ, so a log line that
+#: names the user cannot hide a leaked secret.
+AMI_USER, AMI_SECRET = "ctiuser", "s3cret-ami-Xq7"
+
+
 def test_log_keys_default_to_auto_daemon_and_dev_log():
     config = parse_config("[ami]\nusername=u\nsecret=s\n", "f")
     assert (config.log, config.syslog_facility, config.syslog_socket) == \
@@ -1164,3 +1172,224 @@ def test_every_general_key_is_in_the_example_config_and_the_readme():
     for key in ctinotify.GENERAL_KEYS:
         assert re.search(r"^;?%s =" % key, example, re.M), key
         assert re.search(r"^\|[^|\n]*\| `%s` \|" % key, readme, re.M), key
+
+
+class FakeSyslog:
+    """A syslog datagram socket in a short temporary directory (sun_path is
+    about 100 bytes, too short for some pytest tmp_path names)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="ctisl")
+        self.path = os.path.join(self.dir, "log")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages = []
+
+    def wait_for(self, pattern, timeout=10.0):
+        for message in self.messages:
+            if re.search(pattern, message):
+                return message
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise AssertionError("no syslog message matching %r in:\n%s"
+                                     % (pattern, "\n".join(self.messages)))
+            self.messages.append(data.rstrip(b"\0").decode("utf-8", "replace"))
+            if re.search(pattern, self.messages[-1]):
+                return self.messages[-1]
+
+    def close(self):
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def syslog():
+    server = FakeSyslog()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def ami():
+    server = FakeAsterisk(username=AMI_USER, secret=AMI_SECRET).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def reaper():
+    """Pids of detached daemons: killed at the end if a test left one running."""
+    pids = []
+    yield pids
+    for pid in pids:
+        if not process_gone(pid, timeout=0):
+            os.kill(pid, signal.SIGKILL)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deploy_config(path, ami_port, port, general=""):
+    path.write_text(
+        "[general]\nbind = 127.0.0.1\nport = %d\n%s\n"
+        "[ami]\nhost = 127.0.0.1\nport = %d\nusername = %s\nsecret = %s\nreconnect_max = 2\n"
+        "[alice]\nsecret = alice-secret\ndevices = PJSIP/100\nextensions = 100\n"
+        % (port, general, ami_port, AMI_USER, AMI_SECRET))
+    os.chmod(str(path), 0o600)
+    return str(path)
+
+
+def process_gone(pid, timeout=10.0):
+    """Wait for pid to exit (a zombie counts: it is not our child to reap)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+            with open("/proc/%d/stat" % pid) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass  # no /proc: kill -0 said it is alive
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def wait_for_file(path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, "%s did not appear" % path
+        time.sleep(0.05)
+    with open(path) as f:
+        return f.read()
+
+
+def run_daemonized(*args):
+    """``ctinotify.py run ARGS``; returns (returncode, stdout, stderr) of the
+    process started, which for --daemon exits once the daemon serves."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ctinotify.py"), "run"]
+                            + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    out, err = proc.communicate(timeout=60)
+    return proc, out, err
+
+
+def test_run_daemon_detaches_serves_logs_to_syslog_and_cleans_up(ami, syslog, reaper, tmp_path):
+    port = free_port()
+    config = deploy_config(tmp_path / "c.conf", ami.port, port,
+                           "syslog_facility = local5\nsyslog_socket = %s" % syslog.path)
+    pidfile = str(tmp_path / "ctinotify.pid")
+    proc, out, err = run_daemonized("--daemon", "--pidfile", pidfile, "-c", config)
+    assert proc.returncode == 0, err
+    assert out == "" and err == ""
+    pid = int(wait_for_file(pidfile))
+    reaper.append(pid)
+    assert pid != proc.pid and not process_gone(pid, timeout=0)
+    # Double fork: a new session, and not its leader, so no terminal ever again.
+    assert os.getsid(pid) != os.getsid(0) and os.getsid(pid) != pid
+    if os.path.isdir("/proc/%d" % pid):
+        assert os.readlink("/proc/%d/cwd" % pid) == "/"
+        for fd in (0, 1, 2):
+            assert os.readlink("/proc/%d/fd/%d" % (pid, fd)) == "/dev/null"
+        with open("/proc/%d/status" % pid) as f:
+            umask = re.search(r"^Umask:\s*(\d+)", f.read(), re.M)
+        assert umask is None or umask.group(1) == "0027"
+    # It serves as soon as the parent has returned; local5.info = 21 * 8 + 6.
+    client = Client(port, "alice alice-secret")
+    client.close()
+    syslog.wait_for(r"^<174>ctinotify\[%d\]: ctinotify \S+ listening for clients on "
+                    r"127\.0\.0\.1 port %d$" % (pid, port))
+    syslog.wait_for(r"^<174>ctinotify\[%d\]: ami: logged in as %s" % (pid, AMI_USER))
+    os.kill(pid, signal.SIGHUP)
+    syslog.wait_for(r"configuration reloaded from %s" % re.escape(config))
+    os.kill(pid, signal.SIGTERM)
+    syslog.wait_for(r"^<174>ctinotify\[%d\]: stopped$" % pid)
+    assert process_gone(pid)
+    assert not os.path.exists(pidfile)
+    assert not any(AMI_SECRET in m or "alice-secret" in m for m in syslog.messages)
+
+
+def test_run_daemon_says_why_on_stderr_when_the_port_is_taken(tmp_path):
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        config = deploy_config(tmp_path / "c.conf", 1, port, "log = syslog")
+        pidfile = str(tmp_path / "ctinotify.pid")
+        proc, out, err = run_daemonized("--daemon", "--pidfile", pidfile, "-c", config)
+    finally:
+        busy.close()
+    assert proc.returncode == 1
+    assert "cannot listen on 127.0.0.1 port %d" % port in err
+    assert "the daemon exited during startup" in err
+    assert not os.path.exists(pidfile)
+
+
+def test_run_daemon_reports_config_errors_before_detaching(tmp_path):
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[general]\nlog = journal\n[ami]\nusername = u\nsecret = s\n")
+    proc, out, err = run_daemonized("--daemon", "-c", str(bad))
+    assert proc.returncode == 1
+    assert "%s:2: [general] log: 'journal' is not allowed" % bad in err
+
+
+def test_run_daemon_refuses_a_relative_calllog(tmp_path):
+    config = deploy_config(tmp_path / "c.conf", 1, 0, "calllog = calls.jsonl")
+    proc, out, err = run_daemonized("--daemon", "-c", config)
+    assert proc.returncode == 1
+    assert "[general] calllog: 'calls.jsonl' is a relative path, expected an absolute" in err
+
+
+def test_run_refuses_a_pidfile_that_names_a_running_process(tmp_path):
+    config = deploy_config(tmp_path / "c.conf", 1, 0)
+    pidfile = tmp_path / "ctinotify.pid"
+    pidfile.write_text("%d\n" % os.getpid())
+    for mode in ("--foreground", "--daemon"):
+        proc, out, err = run_daemonized(mode, "--pidfile", str(pidfile), "-c", config)
+        assert proc.returncode == 1
+        assert "%s names process %d, which is running" % (pidfile, os.getpid()) in err
+        assert pidfile.read_text() == "%d\n" % os.getpid()
+
+
+def test_run_foreground_replaces_a_stale_pidfile_and_removes_it_at_exit(ami, tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    pidfile = tmp_path / "ctinotify.pid"
+    pidfile.write_text("%d\n" % finished.pid)
+    config = deploy_config(tmp_path / "c.conf", ami.port, 0)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ctinotify.py"), "run",
+                             "--foreground", "--pidfile", str(pidfile), "-c", config],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while pidfile.read_text() != "%d\n" % proc.pid:
+            assert time.monotonic() < deadline, pidfile.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not pidfile.exists()
+
+
+def test_run_foreground_falls_back_to_stderr_without_a_syslog_socket(fake, tmp_path):
+    daemon = Daemon(tmp_path, fake.port,
+                    general="log = syslog\nsyslog_socket = /nonexistent/ctinotify/log")
+    try:
+        daemon.wait_log(r"WARNING log = syslog: no syslog at /nonexistent/ctinotify/log "
+                        r"\(No such file or directory\); logging to stderr$")
+        daemon.wait_log("ami: logged in as ctitest")
+    finally:
+        assert daemon.stop() == 0
