@@ -1134,6 +1134,8 @@ def test_e2e_asterisk_shutdown_event_means_reconnect(fake, daemon_factory, clien
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
+CONTRIB = os.path.join(HERE, "contrib")
+UNIT = os.path.join(CONTRIB, "ctinotify.service")
 #: A manager.conf user whose name and secret differ, so a log line that
 #: names the user cannot hide a leaked secret.
 AMI_USER, AMI_SECRET = "ctiuser", "s3cret-ami-Xq7"
@@ -1393,3 +1395,62 @@ def test_run_foreground_falls_back_to_stderr_without_a_syslog_socket(fake, tmp_p
         daemon.wait_log("ami: logged in as ctitest")
     finally:
         assert daemon.stop() == 0
+
+
+# -- the systemd unit --------------------------------------------------------
+
+def read_unit(path):
+    """A systemd unit as {section: [(key, value), ...]}: keys may repeat."""
+    sections = {}
+    current = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            if line.startswith("["):
+                current = sections.setdefault(line.strip("[]"), [])
+            else:
+                key, _, value = line.partition("=")
+                current.append((key.strip(), value.strip()))
+    return sections
+
+
+def test_systemd_unit_runs_unprivileged_in_the_foreground_and_is_hardened():
+    unit = read_unit(UNIT)
+    service = dict(unit["Service"])
+    assert service["User"] == "asterisk"
+    assert service["ExecStart"] == \
+        "/usr/local/sbin/ctinotify run --foreground -c /etc/asterisk/ctinotify.conf"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["Restart"] == "on-failure"
+    assert service["Type"] == "simple"  # --foreground: the main process is the daemon
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices",
+                "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups"):
+        assert service[key] == "yes", key
+    assert service["ProtectSystem"] == "strict"
+    assert "/var/log/asterisk" in service["ReadWritePaths"]
+    assert set(service["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    assert dict(unit["Install"])["WantedBy"] == "multi-user.target"
+    usage = run_cli("run", "--help").stdout
+    for option in service["ExecStart"].split()[2:]:
+        if option.startswith("-"):
+            assert option in usage, option
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
+    # verify also checks that ExecStart exists and is executable: point it
+    # at a stand-in for the installed program.
+    program = tmp_path / "ctinotify"
+    program.write_text("#!/bin/sh\nexec %s %s \"$@\"\n"
+                       % (sys.executable, os.path.join(HERE, "ctinotify.py")))
+    program.chmod(0o755)
+    with open(UNIT, encoding="utf-8") as f:
+        text = f.read().replace("/usr/local/sbin/ctinotify", str(program))
+    unit = tmp_path / "ctinotify.service"
+    unit.write_text(text)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+    assert "ctinotify.service:" not in result.stdout, result.stdout
