@@ -1131,11 +1131,14 @@ def test_e2e_asterisk_shutdown_event_means_reconnect(fake, daemon_factory, clien
 # Deployment (issue 6): daemon mode, pidfile, syslog, service files, install
 # ---------------------------------------------------------------------------
 
+import pathlib  # noqa: E402
+import pwd  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 CONTRIB = os.path.join(HERE, "contrib")
 UNIT = os.path.join(CONTRIB, "ctinotify.service")
+INIT_SCRIPT = os.path.join(CONTRIB, "ctinotify.init")
 #: A manager.conf user whose name and secret differ, so a log line that
 #: names the user cannot hide a leaked secret.
 AMI_USER, AMI_SECRET = "ctiuser", "s3cret-ami-Xq7"
@@ -1454,3 +1457,148 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
     assert result.returncode == 0, result.stdout
     assert "ctinotify.service:" not in result.stdout, result.stdout
+
+
+# -- the SysV init script ----------------------------------------------------
+
+def test_init_script_has_an_lsb_header_and_every_action():
+    with open(INIT_SCRIPT, encoding="utf-8") as f:
+        text = f.read()
+    header = text.split("### BEGIN INIT INFO\n", 1)[1].split("### END INIT INFO", 1)[0]
+    fields = dict(re.findall(r"^# ([A-Za-z-]+):\s*(.*)$", header, re.M))
+    assert fields["Provides"] == "ctinotify"
+    assert fields["Default-Start"].split() == ["2", "3", "4", "5"]
+    assert "$network" in fields["Required-Start"] and fields["Short-Description"]
+    for action in ("start", "stop", "restart", "reload", "force-reload", "status"):
+        assert re.search(r"^    (\S+\|)*%s(\|\S+)*\)$" % re.escape(action), text, re.M), action
+    assert "run --daemon --pidfile" in text
+    assert os.access(INIT_SCRIPT, os.X_OK)
+    assert subprocess.run(["sh", "-n", INIT_SCRIPT]).returncode == 0
+
+
+def init_variants():
+    debian = shutil.which("start-stop-daemon") and os.path.exists("/lib/lsb/init-functions")
+    return [pytest.param("debian", marks=pytest.mark.skipif(
+                not debian, reason="no start-stop-daemon or /lib/lsb/init-functions")),
+            "plain"]
+
+
+@pytest.mark.parametrize("helpers", init_variants())
+def test_init_script_start_status_reload_stop(helpers, ami, syslog, reaper, tmp_path):
+    port = free_port()
+    config = deploy_config(tmp_path / "c.conf", ami.port, port,
+                           "log = syslog\nsyslog_socket = %s" % syslog.path)
+    program = tmp_path / "ctinotify"
+    program.write_text("#!/bin/sh\nexec %s %s \"$@\"\n"
+                       % (sys.executable, os.path.join(HERE, "ctinotify.py")))
+    program.chmod(0o755)
+    pidfile = tmp_path / "run" / "ctinotify.pid"
+    # PIDFILE and DAEMON_USER from the defaults file, the rest from the environment.
+    defaults = tmp_path / "default"
+    defaults.write_text("PIDFILE=%s\nDAEMON_USER=%s\n"
+                        % (pidfile, pwd.getpwuid(os.getuid()).pw_name))
+    env = dict(os.environ, DAEMON=str(program), CONFIG=config, CTINOTIFY_DEFAULTS=str(defaults),
+               SYSTEMCTL_SKIP_REDIRECT="1", _SYSTEMCTL_SKIP_REDIRECT="1")
+    if helpers == "plain":
+        env.update(START_STOP_DAEMON="", LSB_FUNCTIONS=str(tmp_path / "no-init-functions"))
+
+    def init(action):
+        return subprocess.run([INIT_SCRIPT, action], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=60)
+
+    result = init("status")
+    assert result.returncode == 3, result.stdout
+    result = init("start")
+    assert result.returncode == 0, result.stdout
+    pid = int(pidfile.read_text())
+    reaper.append(pid)
+    client = Client(port)
+    assert client.greeting.startswith("CTINOTIFY/1 ")
+    client.close()
+    syslog.wait_for(r"^<30>ctinotify\[%d\]: ctinotify \S+ listening for clients" % pid)
+    result = init("status")
+    assert result.returncode == 0 and "running (pid %d)" % pid in result.stdout, result.stdout
+    assert init("start").returncode == 0  # already running: LSB says success
+    assert int(pidfile.read_text()) == pid
+
+    result = init("reload")
+    assert result.returncode == 0, result.stdout
+    syslog.wait_for(r"^<30>ctinotify\[%d\]: configuration reloaded" % pid)
+    assert not process_gone(pid, timeout=0)
+    assert init("status").returncode == 0
+
+    result = init("stop")
+    assert result.returncode == 0, result.stdout
+    assert process_gone(pid)
+    assert not pidfile.exists()
+    assert init("status").returncode == 3
+    assert init("stop").returncode == 0  # stopped already: LSB says success
+    assert init("reload").returncode == 7  # LSB: program is not running
+
+    pidfile.write_text("%d\n" % pid)  # what a crash leaves behind
+    result = init("status")
+    assert result.returncode == 1 and "not running" in result.stdout, result.stdout
+
+
+def python_anyone_can_run():
+    """An interpreter every user may execute (the test's own may live in /root)."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        path = os.path.realpath(candidate)
+        parts = [path] + [os.path.dirname(path)]
+        while parts[-1] != "/":
+            parts.append(os.path.dirname(parts[-1]))
+        if os.path.exists(path) and all(os.stat(p).st_mode & 0o001 for p in parts):
+            return path
+    return None
+
+
+def nobody():
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or nobody() is None or python_anyone_can_run() is None
+                    or not os.path.isdir("/proc/self"),
+                    reason="needs root, a user nobody, a python3 that user may run, /proc")
+@pytest.mark.parametrize("helpers", init_variants())
+def test_init_script_as_root_runs_the_daemon_as_daemon_user(helpers, reaper):
+    user = nobody()
+    work = tempfile.mkdtemp(prefix="ctiinit")
+    try:
+        os.chmod(work, 0o755)
+        shutil.copy(os.path.join(HERE, "ctinotify.py"), work)
+        program = os.path.join(work, "ctinotify")
+        with open(program, "w") as f:
+            f.write("#!/bin/sh\nexec %s %s/ctinotify.py \"$@\"\n" % (python_anyone_can_run(), work))
+        os.chmod(program, 0o755)
+        config = deploy_config(pathlib.Path(work, "c.conf"), 1, 0, "log = stderr")
+        os.chown(config, 0, user.pw_gid)
+        os.chmod(config, 0o640)  # as make install leaves it, after chgrp
+        pidfile = os.path.join(work, "run", "ctinotify.pid")
+        env = dict(os.environ, DAEMON=program, CONFIG=config, PIDFILE=pidfile,
+                   DAEMON_USER="nobody", CTINOTIFY_DEFAULTS=os.path.join(work, "none"),
+                   SYSTEMCTL_SKIP_REDIRECT="1", _SYSTEMCTL_SKIP_REDIRECT="1")
+        if helpers == "plain":
+            env.update(START_STOP_DAEMON="", LSB_FUNCTIONS=os.path.join(work, "none"))
+
+        def init(action):
+            return subprocess.run([INIT_SCRIPT, action], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  universal_newlines=True, timeout=60)
+
+        result = init("start")
+        assert result.returncode == 0, result.stdout
+        with open(pidfile) as f:
+            pid = int(f.read())
+        reaper.append(pid)
+        assert os.stat("/proc/%d" % pid).st_uid == user.pw_uid
+        assert os.stat(os.path.dirname(pidfile)).st_uid == user.pw_uid
+        assert init("status").returncode == 0
+        result = init("stop")
+        assert result.returncode == 0, result.stdout
+        assert process_gone(pid) and not os.path.exists(pidfile)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
