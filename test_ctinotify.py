@@ -1602,3 +1602,52 @@ def test_init_script_as_root_runs_the_daemon_as_daemon_user(helpers, reaper):
         assert process_gone(pid) and not os.path.exists(pidfile)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# -- make install ------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_install_and_uninstall_with_destdir_never_touch_a_users_config(tmp_path):
+    root = tmp_path / "root"
+
+    def make(*args):
+        result = subprocess.run(["make", "-s", "-C", HERE, "DESTDIR=%s" % root] + list(args),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                universal_newlines=True, timeout=60)
+        assert result.returncode == 0, result.stdout
+        return result.stdout
+
+    def mode(path):
+        return oct(os.stat(str(root / path)).st_mode & 0o7777)
+
+    out = make("install", "PREFIX=/usr")
+    assert mode("usr/sbin/ctinotify") == "0o755"
+    assert mode("etc/asterisk/ctinotify.conf") == "0o640"
+    assert mode("lib/systemd/system/ctinotify.service") == "0o644"
+    assert mode("etc/init.d/ctinotify") == "0o755"
+    assert "installed the example" in out
+    with open(os.path.join(HERE, "ctinotify.py"), "rb") as f:
+        assert (root / "usr/sbin/ctinotify").read_bytes() == f.read()
+    with open(os.path.join(HERE, "ctinotify.conf"), "rb") as f:
+        assert (root / "etc/asterisk/ctinotify.conf").read_bytes() == f.read()
+    # The service files name the installed program.
+    unit = dict(read_unit(str(root / "lib/systemd/system/ctinotify.service"))["Service"])
+    assert unit["ExecStart"].startswith("/usr/sbin/ctinotify run --foreground ")
+    assert "DAEMON=${DAEMON:-/usr/sbin/ctinotify}" in (root / "etc/init.d/ctinotify").read_text()
+
+    mine = root / "etc/asterisk/ctinotify.conf"
+    mine.write_text("; my own configuration\n")
+    mine.chmod(0o600)
+    out = make("install")  # PREFIX defaults to /usr/local
+    assert mode("usr/local/sbin/ctinotify") == "0o755"
+    assert "kept %s" % mine in out and "never overwritten" in out
+    assert mine.read_text() == "; my own configuration\n" and mode(mine) == "0o600"
+
+    out = make("uninstall")
+    assert not (root / "usr/local/sbin/ctinotify").exists()
+    assert not (root / "lib/systemd/system/ctinotify.service").exists()
+    assert not (root / "etc/init.d/ctinotify").exists()
+    assert mine.read_text() == "; my own configuration\n"
+    assert "kept %s" % mine in out
+    make("uninstall", "PREFIX=/usr")
+    assert not (root / "usr/sbin/ctinotify").exists()
