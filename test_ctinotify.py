@@ -1651,3 +1651,30 @@ def test_make_install_and_uninstall_with_destdir_never_touch_a_users_config(tmp_
     assert "kept %s" % mine in out
     make("uninstall", "PREFIX=/usr")
     assert not (root / "usr/sbin/ctinotify").exists()
+
+
+# -- the README's deployment section ------------------------------------------
+
+def test_readme_deploy_section_names_what_exists():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("## Deploy on a real PBX", 1)[1].split("\n## ", 1)[0]
+    for path in set(re.findall(r"\bcontrib/[\w.-]+", readme)):
+        assert os.path.exists(os.path.join(HERE, path)), path
+    usage = run_cli("run", "--help").stdout
+    for command in re.findall(r"ctinotify run ([^`\n]*)", section):
+        for option in re.findall(r"(?:^|\s)(--?[a-z-]+)", command):
+            assert option in usage, (option, command)
+    # "these are the defaults" of /etc/default/ctinotify, as the script has them.
+    with open(INIT_SCRIPT, encoding="utf-8") as f:
+        script = f.read().replace("$RUNDIR", "/run")
+    defaults = section.split("`/etc/default/ctinotify`", 1)[1].split("```sh\n", 1)[1]
+    for name, value in re.findall(r"^([A-Z_]+)=(\S+)$", defaults.split("```")[0], re.M):
+        assert "%s=${%s:-%s}" % (name, name, value) in script, name
+    # The manager.conf user: loopback only, the classes the README explains,
+    # and the advanced filter that drops VarSet but not Newexten.
+    block = section.split("```ini\n[ctinotify]\n", 1)[1].split("```", 1)[0]
+    assert "permit = 127.0.0.1/255.255.255.255" in block
+    assert "read = system,call,dialplan,agent" in block and "write = reporting" in block
+    assert "eventfilter(action(exclude),name(VarSet)) =" in block
+    assert "Newexten" not in block.replace("keep Newexten", "")
