@@ -1,15 +1,26 @@
-# ctinotify: make demo | make test | make run | make check | make bench
+# ctinotify: make demo | make test | make run | make check | make bench | make install
 PYTHON ?= python3
 CONFIG ?= ctinotify.conf
 VENV   := .venv
 
-.PHONY: help demo test run check bench clean
+# make install: $(DESTDIR) is prepended to every path (for packaging and the
+# tests); only the program goes under $(PREFIX).
+PREFIX  ?= /usr/local
+DESTDIR ?=
+SBINDIR := $(PREFIX)/sbin
+CONFDIR := /etc/asterisk
+UNITDIR ?= /lib/systemd/system
+INITDIR := /etc/init.d
+
+.PHONY: help demo test run check bench clean install uninstall
 
 help:
 	@echo "make demo   - run the daemon on recorded calls (no Asterisk needed)"
 	@echo "make test   - run the test suite (installs pytest into $(VENV) if missing)"
 	@echo "make run    - run the daemon in the foreground with $(CONFIG)"
 	@echo "make check  - validate $(CONFIG)"
+	@echo "make install   - the program, service files and (if none exists) the config"
+	@echo "make uninstall - remove the program and service files; keeps the config"
 
 demo:
 	$(PYTHON) tests/fakeami.py --demo
@@ -34,3 +45,26 @@ check:
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__
+
+# mkdir -p, not install -d: install -d would chmod an existing /etc/asterisk.
+# The service files name the program's installed path, $(SBINDIR)/ctinotify.
+install:
+	mkdir -p "$(DESTDIR)$(SBINDIR)" "$(DESTDIR)$(CONFDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(INITDIR)"
+	install -m 755 ctinotify.py "$(DESTDIR)$(SBINDIR)/ctinotify"
+	sed 's|/usr/local/sbin/ctinotify|$(SBINDIR)/ctinotify|g' contrib/ctinotify.service \
+		> "$(DESTDIR)$(UNITDIR)/ctinotify.service"
+	chmod 644 "$(DESTDIR)$(UNITDIR)/ctinotify.service"
+	sed 's|/usr/local/sbin/ctinotify|$(SBINDIR)/ctinotify|g' contrib/ctinotify.init \
+		> "$(DESTDIR)$(INITDIR)/ctinotify"
+	chmod 755 "$(DESTDIR)$(INITDIR)/ctinotify"
+	@if [ -e "$(DESTDIR)$(CONFDIR)/ctinotify.conf" ]; then \
+		echo "kept $(DESTDIR)$(CONFDIR)/ctinotify.conf: an existing configuration is never overwritten"; \
+	else \
+		install -m 640 ctinotify.conf "$(DESTDIR)$(CONFDIR)/ctinotify.conf" && \
+		echo "installed the example $(DESTDIR)$(CONFDIR)/ctinotify.conf (mode 640): edit it, then chgrp asterisk it"; \
+	fi
+
+uninstall:
+	rm -f "$(DESTDIR)$(SBINDIR)/ctinotify" "$(DESTDIR)$(UNITDIR)/ctinotify.service" \
+		"$(DESTDIR)$(INITDIR)/ctinotify"
+	@echo "kept $(DESTDIR)$(CONFDIR)/ctinotify.conf: it is your configuration; remove it by hand if you mean to"

@@ -41,6 +41,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import logging.handlers
 import os
 import re
 import selectors
@@ -306,15 +307,30 @@ class AmiConfig:
         return tuple(getattr(self, name) for name in self.__slots__)
 
 
+#: Where ``run`` may log (``log =`` in [general]).
+LOG_TARGETS = ("auto", "stderr", "syslog")
+#: Where syslog(3) listens on Linux and the BSDs.
+DEFAULT_SYSLOG_SOCKET = "/dev/log"
+SYSLOG_FACILITIES = ("daemon",) + tuple("local%d" % n for n in range(8))
+
+
 class Config:
     """The whole validated configuration."""
 
     def __init__(self, path: str, bind: str, port: int, loglevel: str, calllog: str,
                  ami: AmiConfig, users: Dict[str, UserConfig],
-                 login_timeout: float = CLIENT_AUTH_TIMEOUT_S):
+                 login_timeout: float = CLIENT_AUTH_TIMEOUT_S, log: str = "auto",
+                 syslog_facility: str = "daemon", syslog_socket: str = DEFAULT_SYSLOG_SOCKET):
         self.path = path
         #: Seconds a client may stay connected without logging in.
         self.login_timeout = login_timeout
+        #: Where ``run`` logs: ``auto`` (syslog with --daemon, else stderr),
+        #: ``stderr`` or ``syslog``.  Read at start only, not on reload.
+        self.log = log
+        #: The syslog facility name (``daemon``, ``local0`` ... ``local7``).
+        self.syslog_facility = syslog_facility
+        #: The Unix socket syslog listens on.
+        self.syslog_socket = syslog_socket
         self.bind = bind
         self.port = port
         self.loglevel = loglevel
@@ -327,7 +343,9 @@ class Config:
         lines = ["; effective configuration of %s" % self.path,
                  "[general]", "bind = %s" % self.bind, "port = %d" % self.port,
                  "loglevel = %s" % self.loglevel, "calllog = %s" % self.calllog,
-                 "login_timeout = %g" % self.login_timeout, "",
+                 "login_timeout = %g" % self.login_timeout, "log = %s" % self.log,
+                 "syslog_facility = %s" % self.syslog_facility,
+                 "syslog_socket = %s" % self.syslog_socket, "",
                  "[ami]"]
         ami = self.ami
         lines += ["host = %s" % ami.host, "port = %d" % ami.port,
@@ -351,7 +369,8 @@ _USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
 _EXTENSION = re.compile(r"^[0-9A-Za-z*#+_.-]{1,40}(@[A-Za-z0-9_.-]{1,80})?$")
 _LOGLEVELS = ("debug", "info", "warning", "error")
 
-GENERAL_KEYS = ("bind", "port", "loglevel", "calllog", "login_timeout")
+GENERAL_KEYS = ("bind", "port", "loglevel", "calllog", "login_timeout", "log",
+                "syslog_facility", "syslog_socket")
 AMI_KEYS = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max")
 USER_KEYS = ("secret", "host", "devices", "extensions", "events")
 
@@ -493,6 +512,12 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     loglevel = reader.choice(general, "loglevel", "info", _LOGLEVELS)
     calllog = reader.text(general, "calllog", "")
     login_timeout = reader.number(general, "login_timeout", CLIENT_AUTH_TIMEOUT_S, 1, 3600)
+    log_target = reader.choice(general, "log", "auto", LOG_TARGETS)
+    facility = reader.choice(general, "syslog_facility", "daemon", SYSLOG_FACILITIES)
+    syslog_socket = reader.text(general, "syslog_socket", DEFAULT_SYSLOG_SOCKET)
+    if not syslog_socket.startswith("/"):
+        reader.problem(general, general.get("syslog_socket"), "%r is not an absolute path, "
+                       "expected the syslog socket such as /dev/log" % syslog_socket)
 
     ami_section = by_name.get("ami")
     if ami_section is None:
@@ -518,7 +543,8 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
         users[section.name] = reader.read_user(section)
     if reader.problems:
         raise ConfigError(sorted(reader.problems, key=_problem_line))
-    return Config(filename, bind, port, loglevel, calllog, ami, users, login_timeout)
+    return Config(filename, bind, port, loglevel, calllog, ami, users, login_timeout,
+                  log_target, facility, syslog_socket)
 
 
 def _problem_line(problem: str) -> int:
@@ -3255,13 +3281,194 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     logging.getLogger("ctinotify").setLevel(config.loglevel.upper())
     _warn_if_world_readable(config.path)
+    pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
+    if pidfile is not None:
+        try:
+            owner = _pidfile_process(pidfile)
+        except OSError as e:
+            log.error("cannot read the pidfile %s: %s", pidfile, e.strerror or e)
+            return 1
+        if owner is not None:
+            log.error("%s names process %d, which is running: is ctinotify running already?",
+                      pidfile, owner)
+            return 1
+    ready_fd = None
+    if args.daemon:
+        # The daemon runs in /, so every path it opens later must be absolute.
+        if config.calllog and not os.path.isabs(config.calllog):
+            log.error("%s: [general] calllog: %r is a relative path, expected an absolute "
+                      "path with --daemon (the daemon runs in /)", config.path, config.calllog)
+            return 1
+        config.path = os.path.abspath(config.path)
+        status, ready_fd = _detach()
+        if ready_fd is None:
+            return status
+    startup_handlers = _log_to(config, args.daemon)
     daemon = Daemon(config)
     try:
         daemon.start()
     except OSError as e:
         log.error("cannot listen on %s port %d: %s", config.bind, config.port, e)
         return 1
-    return daemon.serve_forever()
+    if pidfile is not None:
+        try:
+            _write_pidfile(pidfile)
+        except OSError as e:
+            log.error("cannot write the pidfile %s: %s", pidfile, e.strerror or e)
+            return 1
+    for handler in startup_handlers:
+        logging.getLogger().removeHandler(handler)
+    if ready_fd is not None:
+        _report_ready(ready_fd)
+        log.info("running as a daemon, pid %d", os.getpid())
+    status = daemon.serve_forever()
+    # Only a clean exit removes it: after a crash, "dead with a pidfile" is the truth.
+    if pidfile is not None:
+        _remove_pidfile(pidfile)
+    return status
+
+
+def _detach() -> Tuple[int, Optional[int]]:
+    """Become a daemon: fork, setsid, fork again, chdir /, umask 027.
+
+    Returns ``(0, fd)`` in the daemon, which writes ``ok`` to fd once it
+    serves (`_report_ready`).  The original process waits for that and
+    returns ``(status, None)``: 0 once the daemon serves, 1 if it exited
+    first (it has said why on the stderr the two still share).
+    """
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_fd)
+        os.waitpid(pid, 0)  # the first child exits as soon as it has forked
+        with os.fdopen(read_fd, "rb") as ready:
+            answer = ready.read()  # until every write end is closed
+        if answer == b"ok":
+            return 0, None
+        sys.stderr.write("ctinotify: the daemon exited during startup\n")
+        return 1, None
+    os.close(read_fd)
+    os.setsid()  # a new session without a controlling terminal
+    if os.fork() > 0:
+        os._exit(0)  # not a session leader, so it never gets a terminal again
+    os.chdir("/")
+    os.umask(0o027)
+    return 0, write_fd
+
+
+def _report_ready(ready_fd: int) -> None:
+    """Stdin, stdout and stderr to /dev/null, then tell the waiting parent."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
+    os.write(ready_fd, b"ok")
+    os.close(ready_fd)
+
+
+def _log_to(config: Config, daemonized: bool) -> List[logging.Handler]:
+    """Send the log where ``[general] log`` says.
+
+    Returns the stderr handlers that stay, for WARNING and worse only,
+    until startup is over (so a startup error is seen on the terminal
+    even with syslog); the caller removes them then.
+    """
+    target = config.log
+    if target == "auto":
+        target = "syslog" if daemonized else "stderr"
+    gone = " (with --daemon: nowhere once detached)" if daemonized else ""
+    if target == "stderr":
+        if daemonized:
+            log.warning("log = stderr: the log goes nowhere once detached; "
+                        "use log = syslog or auto")
+        return []
+    problem = _syslog_problem(config.syslog_socket)
+    if problem:
+        log.warning("log = syslog: no syslog at %s (%s); logging to stderr%s",
+                    config.syslog_socket, problem, gone)
+        return []
+    handler = logging.handlers.SysLogHandler(
+        address=config.syslog_socket,
+        facility=logging.handlers.SysLogHandler.facility_names[config.syslog_facility])
+    handler.ident = "ctinotify[%d]: " % os.getpid()  # after the forks: the daemon's pid
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    startup = list(root.handlers)
+    for stderr_handler in startup:
+        stderr_handler.setLevel(logging.WARNING)
+    root.addHandler(handler)
+    return startup
+
+
+def _syslog_problem(path: str) -> Optional[str]:
+    """Why nothing takes syslog messages at path, or None if something does.
+
+    SysLogHandler silently drops every message when the socket is missing
+    at start, so ask the socket first, datagram then stream, as it does.
+    """
+    problem = "nothing listens there"
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        probe = socket.socket(socket.AF_UNIX, kind)
+        try:
+            probe.connect(path)
+            return None
+        except OSError as e:
+            problem = e.strerror or str(e)
+        finally:
+            probe.close()
+    return problem
+
+
+def _pidfile_process(path: str) -> Optional[int]:
+    """The running process a pidfile names; None for no file, no number, or a dead pid."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read(64)
+    except FileNotFoundError:
+        return None
+    try:
+        pid = int(text.strip())
+    except ValueError:
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, and another user's
+    return pid
+
+
+def _write_pidfile(path: str) -> None:
+    """Atomically: a reader sees no file or the whole number."""
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        with open(temporary, "w", encoding="ascii") as f:
+            f.write("%d\n" % os.getpid())
+        os.replace(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def _remove_pidfile(path: str) -> None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            mine = f.read(64).strip() == str(os.getpid())
+        if mine:
+            os.unlink(path)
+    except OSError as e:
+        log.warning("cannot remove the pidfile %s: %s", path, e.strerror or e)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -3353,8 +3560,17 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     config_help = "configuration file (default: %s, else ./%s)" % DEFAULT_CONFIG_PATHS
     cmd = commands.add_parser("check", help="validate the configuration and print it")
     cmd.add_argument("-c", "--config", help=config_help)
-    cmd = commands.add_parser("run", help="run the daemon in the foreground")
+    cmd = commands.add_parser("run", help="run the daemon (in the foreground unless --daemon)")
     cmd.add_argument("-c", "--config", help=config_help)
+    mode = cmd.add_mutually_exclusive_group()
+    mode.add_argument("--foreground", action="store_true",
+                      help="stay in the foreground (the default; for systemd)")
+    mode.add_argument("--daemon", action="store_true",
+                      help="detach once serving: double fork, setsid, chdir /, umask 027, "
+                           "stdio to /dev/null; the exit status says whether it started")
+    cmd.add_argument("--pidfile", metavar="FILE",
+                     help="write the daemon's pid to FILE once it serves and remove it at a "
+                          "clean exit; refuse to start if FILE names a running process")
     cmd = commands.add_parser("replay", help="print what clients would receive for a trace")
     cmd.add_argument("trace", help="a recorded AMI byte stream (.ami)")
     cmd.add_argument("-c", "--config", help=config_help)

@@ -1304,3 +1304,556 @@ def test_e2e_asterisk_shutdown_event_means_reconnect(fake, daemon_factory, clien
     daemon.wait_log(r"Asterisk is shutting down \(Cleanly\); reconnecting in 1 s")
     fake.wait_for_logins(2)
     assert alice.line().startswith("STATUS pbx=up")
+
+
+# ---------------------------------------------------------------------------
+# Deployment (issue 6): daemon mode, pidfile, syslog, service files, install
+# ---------------------------------------------------------------------------
+
+import pathlib  # noqa: E402
+import pwd  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+CONTRIB = os.path.join(HERE, "contrib")
+UNIT = os.path.join(CONTRIB, "ctinotify.service")
+INIT_SCRIPT = os.path.join(CONTRIB, "ctinotify.init")
+#: A manager.conf user whose name and secret differ, so a log line that
+#: names the user cannot hide a leaked secret.
+AMI_USER, AMI_SECRET = "ctiuser", "s3cret-ami-Xq7"
+
+
+def test_log_keys_default_to_auto_daemon_and_dev_log():
+    config = parse_config("[ami]\nusername=u\nsecret=s\n", "f")
+    assert (config.log, config.syslog_facility, config.syslog_socket) == \
+        ("auto", "daemon", "/dev/log")
+    config = parse_config("[general]\nlog = SYSLOG\nsyslog_facility = local7\n"
+                          "syslog_socket = /run/log.sock\n[ami]\nusername=u\nsecret=s\n", "f")
+    assert (config.log, config.syslog_facility, config.syslog_socket) == \
+        ("syslog", "local7", "/run/log.sock")
+    assert "log = syslog\nsyslog_facility = local7\n" in config.describe()
+
+
+@pytest.mark.parametrize("line, message", [
+    ("log = file", "f:2: [general] log: 'file' is not allowed, expected one of: auto, stderr, syslog"),
+    ("syslog_facility = local8", "f:2: [general] syslog_facility: 'local8' is not allowed, "
+                                 "expected one of: daemon, local0, local1"),
+    ("syslog_facility = user", "f:2: [general] syslog_facility: 'user' is not allowed"),
+    ("syslog_socket = dev/log", "f:2: [general] syslog_socket: 'dev/log' is not an absolute "
+                                "path, expected the syslog socket such as /dev/log"),
+])
+def test_log_key_errors_name_file_line_key_and_what_was_expected(line, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config("[general]\n%s\n[ami]\nusername=u\nsecret=s\n" % line, "f")
+    assert any(p.startswith(message) for p in info.value.problems), info.value.problems
+
+
+def test_every_general_key_is_in_the_example_config_and_the_readme():
+    with open(os.path.join(HERE, "ctinotify.conf"), encoding="utf-8") as f:
+        example = f.read()
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for key in ctinotify.GENERAL_KEYS:
+        assert re.search(r"^;?%s =" % key, example, re.M), key
+        assert re.search(r"^\|[^|\n]*\| `%s` \|" % key, readme, re.M), key
+
+
+class FakeSyslog:
+    """A syslog datagram socket in a short temporary directory (sun_path is
+    about 100 bytes, too short for some pytest tmp_path names)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="ctisl")
+        self.path = os.path.join(self.dir, "log")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages = []
+
+    def wait_for(self, pattern, timeout=10.0):
+        for message in self.messages:
+            if re.search(pattern, message):
+                return message
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise AssertionError("no syslog message matching %r in:\n%s"
+                                     % (pattern, "\n".join(self.messages)))
+            self.messages.append(data.rstrip(b"\0").decode("utf-8", "replace"))
+            if re.search(pattern, self.messages[-1]):
+                return self.messages[-1]
+
+    def close(self):
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def syslog():
+    server = FakeSyslog()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def ami():
+    server = FakeAsterisk(username=AMI_USER, secret=AMI_SECRET).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def reaper():
+    """Pids of detached daemons: killed at the end if a test left one running."""
+    pids = []
+    yield pids
+    for pid in pids:
+        if not process_gone(pid, timeout=0):
+            os.kill(pid, signal.SIGKILL)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deploy_config(path, ami_port, port, general=""):
+    path.write_text(
+        "[general]\nbind = 127.0.0.1\nport = %d\n%s\n"
+        "[ami]\nhost = 127.0.0.1\nport = %d\nusername = %s\nsecret = %s\nreconnect_max = 2\n"
+        "[alice]\nsecret = alice-secret\ndevices = PJSIP/100\nextensions = 100\n"
+        % (port, general, ami_port, AMI_USER, AMI_SECRET))
+    os.chmod(str(path), 0o600)
+    return str(path)
+
+
+def process_gone(pid, timeout=10.0):
+    """Wait for pid to exit (a zombie counts: it is not our child to reap)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+            with open("/proc/%d/stat" % pid) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass  # no /proc: kill -0 said it is alive
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def wait_for_file(path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, "%s did not appear" % path
+        time.sleep(0.05)
+    with open(path) as f:
+        return f.read()
+
+
+def run_daemonized(*args):
+    """``ctinotify.py run ARGS``; returns (returncode, stdout, stderr) of the
+    process started, which for --daemon exits once the daemon serves."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ctinotify.py"), "run"]
+                            + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    out, err = proc.communicate(timeout=60)
+    return proc, out, err
+
+
+def test_run_daemon_detaches_serves_logs_to_syslog_and_cleans_up(ami, syslog, reaper, tmp_path):
+    port = free_port()
+    config = deploy_config(tmp_path / "c.conf", ami.port, port,
+                           "syslog_facility = local5\nsyslog_socket = %s" % syslog.path)
+    pidfile = str(tmp_path / "ctinotify.pid")
+    proc, out, err = run_daemonized("--daemon", "--pidfile", pidfile, "-c", config)
+    assert proc.returncode == 0, err
+    assert out == "" and err == ""
+    pid = int(wait_for_file(pidfile))
+    reaper.append(pid)
+    assert pid != proc.pid and not process_gone(pid, timeout=0)
+    # Double fork: a new session, and not its leader, so no terminal ever again.
+    assert os.getsid(pid) != os.getsid(0) and os.getsid(pid) != pid
+    if os.path.isdir("/proc/%d" % pid):
+        assert os.readlink("/proc/%d/cwd" % pid) == "/"
+        for fd in (0, 1, 2):
+            assert os.readlink("/proc/%d/fd/%d" % (pid, fd)) == "/dev/null"
+        with open("/proc/%d/status" % pid) as f:
+            umask = re.search(r"^Umask:\s*(\d+)", f.read(), re.M)
+        assert umask is None or umask.group(1) == "0027"
+    # It serves as soon as the parent has returned; local5.info = 21 * 8 + 6.
+    client = Client(port, "alice alice-secret")
+    client.close()
+    syslog.wait_for(r"^<174>ctinotify\[%d\]: ctinotify \S+ listening for clients on "
+                    r"127\.0\.0\.1 port %d$" % (pid, port))
+    syslog.wait_for(r"^<174>ctinotify\[%d\]: ami: logged in as %s" % (pid, AMI_USER))
+    os.kill(pid, signal.SIGHUP)
+    syslog.wait_for(r"configuration reloaded from %s" % re.escape(config))
+    os.kill(pid, signal.SIGTERM)
+    syslog.wait_for(r"^<174>ctinotify\[%d\]: stopped$" % pid)
+    assert process_gone(pid)
+    assert not os.path.exists(pidfile)
+    assert not any(AMI_SECRET in m or "alice-secret" in m for m in syslog.messages)
+
+
+def test_run_daemon_says_why_on_stderr_when_the_port_is_taken(tmp_path):
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        config = deploy_config(tmp_path / "c.conf", 1, port, "log = syslog")
+        pidfile = str(tmp_path / "ctinotify.pid")
+        proc, out, err = run_daemonized("--daemon", "--pidfile", pidfile, "-c", config)
+    finally:
+        busy.close()
+    assert proc.returncode == 1
+    assert "cannot listen on 127.0.0.1 port %d" % port in err
+    assert "the daemon exited during startup" in err
+    assert not os.path.exists(pidfile)
+
+
+def test_run_daemon_reports_config_errors_before_detaching(tmp_path):
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[general]\nlog = journal\n[ami]\nusername = u\nsecret = s\n")
+    proc, out, err = run_daemonized("--daemon", "-c", str(bad))
+    assert proc.returncode == 1
+    assert "%s:2: [general] log: 'journal' is not allowed" % bad in err
+
+
+def test_run_daemon_refuses_a_relative_calllog(tmp_path):
+    config = deploy_config(tmp_path / "c.conf", 1, 0, "calllog = calls.jsonl")
+    proc, out, err = run_daemonized("--daemon", "-c", config)
+    assert proc.returncode == 1
+    assert "[general] calllog: 'calls.jsonl' is a relative path, expected an absolute" in err
+
+
+def test_run_refuses_a_pidfile_that_names_a_running_process(tmp_path):
+    config = deploy_config(tmp_path / "c.conf", 1, 0)
+    pidfile = tmp_path / "ctinotify.pid"
+    pidfile.write_text("%d\n" % os.getpid())
+    for mode in ("--foreground", "--daemon"):
+        proc, out, err = run_daemonized(mode, "--pidfile", str(pidfile), "-c", config)
+        assert proc.returncode == 1
+        assert "%s names process %d, which is running" % (pidfile, os.getpid()) in err
+        assert pidfile.read_text() == "%d\n" % os.getpid()
+
+
+def test_run_foreground_replaces_a_stale_pidfile_and_removes_it_at_exit(ami, tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    pidfile = tmp_path / "ctinotify.pid"
+    pidfile.write_text("%d\n" % finished.pid)
+    config = deploy_config(tmp_path / "c.conf", ami.port, 0)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ctinotify.py"), "run",
+                             "--foreground", "--pidfile", str(pidfile), "-c", config],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while pidfile.read_text() != "%d\n" % proc.pid:
+            assert time.monotonic() < deadline, pidfile.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not pidfile.exists()
+
+
+def test_run_foreground_falls_back_to_stderr_without_a_syslog_socket(fake, tmp_path):
+    daemon = Daemon(tmp_path, fake.port,
+                    general="log = syslog\nsyslog_socket = /nonexistent/ctinotify/log")
+    try:
+        daemon.wait_log(r"WARNING log = syslog: no syslog at /nonexistent/ctinotify/log "
+                        r"\(No such file or directory\); logging to stderr$")
+        daemon.wait_log("ami: logged in as ctitest")
+    finally:
+        assert daemon.stop() == 0
+
+
+# -- the systemd unit --------------------------------------------------------
+
+def read_unit(path):
+    """A systemd unit as {section: [(key, value), ...]}: keys may repeat."""
+    sections = {}
+    current = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            if line.startswith("["):
+                current = sections.setdefault(line.strip("[]"), [])
+            else:
+                key, _, value = line.partition("=")
+                current.append((key.strip(), value.strip()))
+    return sections
+
+
+def test_systemd_unit_runs_unprivileged_in_the_foreground_and_is_hardened():
+    unit = read_unit(UNIT)
+    service = dict(unit["Service"])
+    assert service["User"] == "asterisk"
+    assert service["ExecStart"] == \
+        "/usr/local/sbin/ctinotify run --foreground -c /etc/asterisk/ctinotify.conf"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["Restart"] == "on-failure"
+    assert service["Type"] == "simple"  # --foreground: the main process is the daemon
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices",
+                "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups"):
+        assert service[key] == "yes", key
+    assert service["ProtectSystem"] == "strict"
+    assert "/var/log/asterisk" in service["ReadWritePaths"]
+    assert set(service["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    assert dict(unit["Install"])["WantedBy"] == "multi-user.target"
+    usage = run_cli("run", "--help").stdout
+    for option in service["ExecStart"].split()[2:]:
+        if option.startswith("-"):
+            assert option in usage, option
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
+    # verify also checks that ExecStart exists and is executable: point it
+    # at a stand-in for the installed program.
+    program = tmp_path / "ctinotify"
+    program.write_text("#!/bin/sh\nexec %s %s \"$@\"\n"
+                       % (sys.executable, os.path.join(HERE, "ctinotify.py")))
+    program.chmod(0o755)
+    with open(UNIT, encoding="utf-8") as f:
+        text = f.read().replace("/usr/local/sbin/ctinotify", str(program))
+    unit = tmp_path / "ctinotify.service"
+    unit.write_text(text)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+    assert "ctinotify.service:" not in result.stdout, result.stdout
+
+
+# -- the SysV init script ----------------------------------------------------
+
+def test_init_script_has_an_lsb_header_and_every_action():
+    with open(INIT_SCRIPT, encoding="utf-8") as f:
+        text = f.read()
+    header = text.split("### BEGIN INIT INFO\n", 1)[1].split("### END INIT INFO", 1)[0]
+    fields = dict(re.findall(r"^# ([A-Za-z-]+):\s*(.*)$", header, re.M))
+    assert fields["Provides"] == "ctinotify"
+    assert fields["Default-Start"].split() == ["2", "3", "4", "5"]
+    assert "$network" in fields["Required-Start"] and fields["Short-Description"]
+    for action in ("start", "stop", "restart", "reload", "force-reload", "status"):
+        assert re.search(r"^    (\S+\|)*%s(\|\S+)*\)$" % re.escape(action), text, re.M), action
+    assert "run --daemon --pidfile" in text
+    assert os.access(INIT_SCRIPT, os.X_OK)
+    assert subprocess.run(["sh", "-n", INIT_SCRIPT]).returncode == 0
+
+
+def init_variants():
+    debian = shutil.which("start-stop-daemon") and os.path.exists("/lib/lsb/init-functions")
+    return [pytest.param("debian", marks=pytest.mark.skipif(
+                not debian, reason="no start-stop-daemon or /lib/lsb/init-functions")),
+            "plain"]
+
+
+@pytest.mark.parametrize("helpers", init_variants())
+def test_init_script_start_status_reload_stop(helpers, ami, syslog, reaper, tmp_path):
+    port = free_port()
+    config = deploy_config(tmp_path / "c.conf", ami.port, port,
+                           "log = syslog\nsyslog_socket = %s" % syslog.path)
+    program = tmp_path / "ctinotify"
+    program.write_text("#!/bin/sh\nexec %s %s \"$@\"\n"
+                       % (sys.executable, os.path.join(HERE, "ctinotify.py")))
+    program.chmod(0o755)
+    pidfile = tmp_path / "run" / "ctinotify.pid"
+    # PIDFILE and DAEMON_USER from the defaults file, the rest from the environment.
+    defaults = tmp_path / "default"
+    defaults.write_text("PIDFILE=%s\nDAEMON_USER=%s\n"
+                        % (pidfile, pwd.getpwuid(os.getuid()).pw_name))
+    env = dict(os.environ, DAEMON=str(program), CONFIG=config, CTINOTIFY_DEFAULTS=str(defaults),
+               SYSTEMCTL_SKIP_REDIRECT="1", _SYSTEMCTL_SKIP_REDIRECT="1")
+    if helpers == "plain":
+        env.update(START_STOP_DAEMON="", LSB_FUNCTIONS=str(tmp_path / "no-init-functions"))
+
+    def init(action):
+        return subprocess.run([INIT_SCRIPT, action], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=60)
+
+    result = init("status")
+    assert result.returncode == 3, result.stdout
+    result = init("start")
+    assert result.returncode == 0, result.stdout
+    pid = int(pidfile.read_text())
+    reaper.append(pid)
+    client = Client(port)
+    assert client.greeting.startswith("CTINOTIFY/1 ")
+    client.close()
+    syslog.wait_for(r"^<30>ctinotify\[%d\]: ctinotify \S+ listening for clients" % pid)
+    result = init("status")
+    assert result.returncode == 0 and "running (pid %d)" % pid in result.stdout, result.stdout
+    assert init("start").returncode == 0  # already running: LSB says success
+    assert int(pidfile.read_text()) == pid
+
+    result = init("reload")
+    assert result.returncode == 0, result.stdout
+    syslog.wait_for(r"^<30>ctinotify\[%d\]: configuration reloaded" % pid)
+    assert not process_gone(pid, timeout=0)
+    assert init("status").returncode == 0
+
+    result = init("stop")
+    assert result.returncode == 0, result.stdout
+    assert process_gone(pid)
+    assert not pidfile.exists()
+    assert init("status").returncode == 3
+    assert init("stop").returncode == 0  # stopped already: LSB says success
+    assert init("reload").returncode == 7  # LSB: program is not running
+
+    pidfile.write_text("%d\n" % pid)  # what a crash leaves behind
+    result = init("status")
+    assert result.returncode == 1 and "not running" in result.stdout, result.stdout
+
+
+def python_anyone_can_run():
+    """An interpreter every user may execute (the test's own may live in /root)."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        path = os.path.realpath(candidate)
+        parts = [path] + [os.path.dirname(path)]
+        while parts[-1] != "/":
+            parts.append(os.path.dirname(parts[-1]))
+        if os.path.exists(path) and all(os.stat(p).st_mode & 0o001 for p in parts):
+            return path
+    return None
+
+
+def nobody():
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or nobody() is None or python_anyone_can_run() is None
+                    or not os.path.isdir("/proc/self"),
+                    reason="needs root, a user nobody, a python3 that user may run, /proc")
+@pytest.mark.parametrize("helpers", init_variants())
+def test_init_script_as_root_runs_the_daemon_as_daemon_user(helpers, reaper):
+    user = nobody()
+    work = tempfile.mkdtemp(prefix="ctiinit")
+    try:
+        os.chmod(work, 0o755)
+        shutil.copy(os.path.join(HERE, "ctinotify.py"), work)
+        program = os.path.join(work, "ctinotify")
+        with open(program, "w") as f:
+            f.write("#!/bin/sh\nexec %s %s/ctinotify.py \"$@\"\n" % (python_anyone_can_run(), work))
+        os.chmod(program, 0o755)
+        config = deploy_config(pathlib.Path(work, "c.conf"), 1, 0, "log = stderr")
+        os.chown(config, 0, user.pw_gid)
+        os.chmod(config, 0o640)  # as make install leaves it, after chgrp
+        pidfile = os.path.join(work, "run", "ctinotify.pid")
+        env = dict(os.environ, DAEMON=program, CONFIG=config, PIDFILE=pidfile,
+                   DAEMON_USER="nobody", CTINOTIFY_DEFAULTS=os.path.join(work, "none"),
+                   SYSTEMCTL_SKIP_REDIRECT="1", _SYSTEMCTL_SKIP_REDIRECT="1")
+        if helpers == "plain":
+            env.update(START_STOP_DAEMON="", LSB_FUNCTIONS=os.path.join(work, "none"))
+
+        def init(action):
+            return subprocess.run([INIT_SCRIPT, action], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  universal_newlines=True, timeout=60)
+
+        result = init("start")
+        assert result.returncode == 0, result.stdout
+        with open(pidfile) as f:
+            pid = int(f.read())
+        reaper.append(pid)
+        assert os.stat("/proc/%d" % pid).st_uid == user.pw_uid
+        assert os.stat(os.path.dirname(pidfile)).st_uid == user.pw_uid
+        assert init("status").returncode == 0
+        result = init("stop")
+        assert result.returncode == 0, result.stdout
+        assert process_gone(pid) and not os.path.exists(pidfile)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# -- make install ------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_install_and_uninstall_with_destdir_never_touch_a_users_config(tmp_path):
+    root = tmp_path / "root"
+
+    def make(*args):
+        result = subprocess.run(["make", "-s", "-C", HERE, "DESTDIR=%s" % root] + list(args),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                universal_newlines=True, timeout=60)
+        assert result.returncode == 0, result.stdout
+        return result.stdout
+
+    def mode(path):
+        return oct(os.stat(str(root / path)).st_mode & 0o7777)
+
+    out = make("install", "PREFIX=/usr")
+    assert mode("usr/sbin/ctinotify") == "0o755"
+    assert mode("etc/asterisk/ctinotify.conf") == "0o640"
+    assert mode("lib/systemd/system/ctinotify.service") == "0o644"
+    assert mode("etc/init.d/ctinotify") == "0o755"
+    assert "installed the example" in out
+    with open(os.path.join(HERE, "ctinotify.py"), "rb") as f:
+        assert (root / "usr/sbin/ctinotify").read_bytes() == f.read()
+    with open(os.path.join(HERE, "ctinotify.conf"), "rb") as f:
+        assert (root / "etc/asterisk/ctinotify.conf").read_bytes() == f.read()
+    # The service files name the installed program.
+    unit = dict(read_unit(str(root / "lib/systemd/system/ctinotify.service"))["Service"])
+    assert unit["ExecStart"].startswith("/usr/sbin/ctinotify run --foreground ")
+    assert "DAEMON=${DAEMON:-/usr/sbin/ctinotify}" in (root / "etc/init.d/ctinotify").read_text()
+
+    mine = root / "etc/asterisk/ctinotify.conf"
+    mine.write_text("; my own configuration\n")
+    mine.chmod(0o600)
+    out = make("install")  # PREFIX defaults to /usr/local
+    assert mode("usr/local/sbin/ctinotify") == "0o755"
+    assert "kept %s" % mine in out and "never overwritten" in out
+    assert mine.read_text() == "; my own configuration\n" and mode(mine) == "0o600"
+
+    out = make("uninstall")
+    assert not (root / "usr/local/sbin/ctinotify").exists()
+    assert not (root / "lib/systemd/system/ctinotify.service").exists()
+    assert not (root / "etc/init.d/ctinotify").exists()
+    assert mine.read_text() == "; my own configuration\n"
+    assert "kept %s" % mine in out
+    make("uninstall", "PREFIX=/usr")
+    assert not (root / "usr/sbin/ctinotify").exists()
+
+
+# -- the README's deployment section ------------------------------------------
+
+def test_readme_deploy_section_names_what_exists():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("## Deploy on a real PBX", 1)[1].split("\n## ", 1)[0]
+    for path in set(re.findall(r"\bcontrib/[\w.-]+", readme)):
+        assert os.path.exists(os.path.join(HERE, path)), path
+    usage = run_cli("run", "--help").stdout
+    for command in re.findall(r"ctinotify run ([^`\n]*)", section):
+        for option in re.findall(r"(?:^|\s)(--?[a-z-]+)", command):
+            assert option in usage, (option, command)
+    # "these are the defaults" of /etc/default/ctinotify, as the script has them.
+    with open(INIT_SCRIPT, encoding="utf-8") as f:
+        script = f.read().replace("$RUNDIR", "/run")
+    defaults = section.split("`/etc/default/ctinotify`", 1)[1].split("```sh\n", 1)[1]
+    for name, value in re.findall(r"^([A-Z_]+)=(\S+)$", defaults.split("```")[0], re.M):
+        assert "%s=${%s:-%s}" % (name, name, value) in script, name
+    # The manager.conf user: loopback only, the classes the README explains,
+    # and the advanced filter that drops VarSet but not Newexten.
+    block = section.split("```ini\n[ctinotify]\n", 1)[1].split("```", 1)[0]
+    assert "permit = 127.0.0.1/255.255.255.255" in block
+    assert "read = system,call,dialplan,agent" in block and "write = reporting" in block
+    assert "eventfilter(action(exclude),name(VarSet)) =" in block
+    assert "Newexten" not in block.replace("keep Newexten", "")
