@@ -1254,6 +1254,8 @@ class CallEngine:
             "BridgeEnter": self.on_bridgeenter,
             "BridgeLeave": self.on_bridgeleave,
             "LocalBridge": self.on_localbridge,
+            # (LocalOptimizationBegin/End need no handler: the BridgeEnter with
+            # SwapUniqueid that completes an optimization says what matters.)
             # moving calls: transfer, pickup, parking
             "BlindTransfer": self.on_blindtransfer,
             "AttendedTransfer": self.on_attendedtransfer,
@@ -1588,8 +1590,7 @@ class CallEngine:
         anchor = uc.anchor
         if anchor is not None:
             uc.anchor = None
-            if uc in anchor.user_calls and uc not in anchor.user_calls[:0] \
-                    and anchor not in uc.channels:
+            if uc in anchor.user_calls and anchor not in uc.channels:
                 anchor.user_calls.remove(uc)
 
     def _visit_exten(self, chan: Channel) -> None:
@@ -1625,6 +1626,8 @@ class CallEngine:
             uc.device = uc.device or chan.device
             self._attach(uc, chan)
             self._announce(uc, "outgoing")
+            # Up already: an application (conference, voicemail) answered.
+            uc.answered_at = chan.answered_at
             calls.append(uc)
         return calls
 
@@ -1879,10 +1882,7 @@ class CallEngine:
         self._leave_bridge(chan)
         for room in [r for r, members in self.conferences.items() if chan in members]:
             self._leave_conference(chan, room)
-        if chan.answered_at is None and not chan.user_calls and chan.dialer is None \
-                and not chan.is_local:
-            pass
-        elif chan.answered_at is not None and not chan.user_calls:
+        if chan.answered_at is not None and not chan.user_calls:
             # A user's phone that called an application (voicemail, an
             # IVR) and hung up: that was an outgoing call too.
             self._caller_call(chan)

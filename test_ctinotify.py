@@ -1857,3 +1857,359 @@ def test_readme_deploy_section_names_what_exists():
     assert "read = system,call,dialplan,agent" in block and "write = reporting" in block
     assert "eventfilter(action(exclude),name(VarSet)) =" in block
     assert "Newexten" not in block.replace("keep Newexten", "")
+
+
+# ---------------------------------------------------------------------------
+# Call engine: synthetic scenarios beyond the recordings
+# ---------------------------------------------------------------------------
+
+class Pbx:
+    """Writes the AMI events of a made-up call flow, as Asterisk 22 would,
+    so general cases the recordings lack can be tested: ``pbx.dial(a, b)``."""
+
+    def __init__(self, users=None):
+        self.engine = CallEngine(Directory((users or office().users).values()))
+        self.seq = 0
+        self.now = 1800000000.0
+        self.told = []
+
+    def feed(self, event, chan=None, dest=None, **fields):
+        lines = ["Event: " + event]
+        for prefix, c in (("", chan), ("Dest", dest)):
+            if c is not None:
+                for key in ("Channel", "ChannelStateDesc", "CallerIDNum", "CallerIDName",
+                            "ConnectedLineNum", "ConnectedLineName", "Context", "Exten",
+                            "Uniqueid", "Linkedid"):
+                    lines.append("%s%s: %s" % (prefix, key, c[key]))
+        lines += ["%s: %s" % (k.replace("_", "-"), v) for k, v in fields.items()]
+        self.now += 1
+        msg = AmiParser(expect_banner=False).feed(("\r\n".join(lines) + "\r\n\r\n").encode())[0]
+        self.told += self.engine.handle(msg, self.now)
+
+    def new(self, name, num, cid_name="", exten="s", context="from-internal", state="Down",
+            linked=None):
+        self.seq += 1
+        uniqueid = "1800000000.%d" % self.seq
+        chan = {"Channel": name, "ChannelStateDesc": state, "CallerIDNum": num,
+                "CallerIDName": cid_name or "<unknown>", "ConnectedLineNum": "<unknown>",
+                "ConnectedLineName": "<unknown>", "Context": context, "Exten": exten,
+                "Uniqueid": uniqueid, "Linkedid": linked["Uniqueid"] if linked else uniqueid}
+        self.feed("Newchannel", chan)
+        return chan
+
+    def local(self, target, linked):
+        self.seq += 1
+        name = "Local/%s-%08x" % (target, self.seq)
+        exten, _, context = target.partition("@")
+        one = self.new(name + ";1", "<unknown>", exten=exten, context=context, linked=linked)
+        two = self.new(name + ";2", "<unknown>", exten=exten, context=context, state="Ring",
+                       linked=linked)
+        return one, two
+
+    def set(self, chan, event="Newstate", **fields):
+        chan.update(fields)
+        self.feed(event, chan)
+
+    def exten(self, chan, exten, context="from-internal"):
+        self.set(chan, "Newexten", Exten=exten, Context=context)
+
+    def dial(self, src, dest):
+        dest["ConnectedLineNum"], dest["ConnectedLineName"] = \
+            src["CallerIDNum"], src["CallerIDName"]
+        self.feed("DialBegin", src, dest, DialString=dest["Exten"])
+
+    def dial_end(self, src, dest, status):
+        self.feed("DialEnd", src, dest, DialStatus=status)
+
+    def hangup(self, chan, cause=16):
+        self.feed("Hangup", chan, Cause=cause)
+
+    def events(self, user):
+        return [(n.kind, n.fields) for n in self.told if n.user == user]
+
+    def kinds(self, user):
+        return [kind for kind, _ in self.events(user)]
+
+
+def inbound(pbx, did="+15557000100"):
+    return pbx.new("PJSIP/trunk-%08x" % (pbx.seq + 1), "+15551230001", "John Customer",
+                   exten=did, context="from-trunk", state="Ring")
+
+
+def test_forward_to_a_mobile_that_does_not_answer():
+    pbx = Pbx()
+    trunk = inbound(pbx)
+    pbx.exten(trunk, "100")
+    one, two = pbx.local("+15559870003@from-internal", trunk)
+    pbx.dial(trunk, one)
+    mobile = pbx.new("PJSIP/trunk-mobile", "+15559870003", linked=trunk)
+    pbx.dial(two, mobile)
+    pbx.set(mobile, ChannelStateDesc="Ringing")
+    pbx.dial_end(two, mobile, "NOANSWER")
+    pbx.hangup(mobile, 19)
+    pbx.dial_end(trunk, one, "NOANSWER")
+    for chan in (two, one, trunk):
+        pbx.hangup(chan, 19)
+    assert pbx.kinds("alice") == ["incoming", "divert", "timeout", "hangup"]
+    divert = pbx.events("alice")[1][1]
+    assert (divert["direction"], divert["target"]["num"], divert["external"]) == \
+        ("to", "+15559870003", True)
+    assert pbx.events("alice")[-1][1]["reason"] == "noanswer"
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_chain_of_forwards_follows_each_user():
+    """100 forwards to 101, 101 forwards to a mobile, which answers."""
+    pbx = Pbx()
+    trunk = inbound(pbx)
+    pbx.exten(trunk, "100")
+    one, two = pbx.local("101@from-internal", trunk)
+    pbx.dial(trunk, one)
+    pbx.exten(two, "101")
+    m_one, m_two = pbx.local("+15559870004@from-internal", trunk)
+    pbx.dial(two, m_one)
+    mobile = pbx.new("PJSIP/trunk-mobile", "+15559870004", linked=trunk)
+    pbx.dial(m_two, mobile)
+    pbx.set(mobile, ChannelStateDesc="Up")
+    pbx.dial_end(m_two, mobile, "ANSWER")
+    pbx.dial_end(two, m_one, "ANSWER")
+    pbx.dial_end(trunk, one, "ANSWER")
+    for chan in (trunk, one, two, m_one, m_two, mobile):
+        pbx.hangup(chan)
+    alice, bob = pbx.events("alice"), pbx.events("bob")
+    assert [k for k, _ in alice] == ["incoming", "divert", "pickup", "hangup"]
+    assert alice[1][1]["target"]["num"] == "101" and not alice[1][1]["external"]
+    assert alice[-1][1]["reason"] == "answered_elsewhere"
+    assert [k for k, _ in bob] == ["incoming", "divert", "divert", "pickup", "hangup"]
+    assert (bob[1][1]["direction"], bob[1][1]["original"]["num"]) == ("from", "100")
+    assert (bob[2][1]["direction"], bob[2][1]["target"]["num"]) == ("to", "+15559870004")
+    assert bob[3][1]["answered_by"]["num"] == "+15559870004"
+    assert bob[-1][1]["reason"] == "completed"
+    assert pbx.kinds("carol") == []
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_caller_who_abandons_a_queue():
+    pbx = Pbx()
+    trunk = inbound(pbx, "+15557000700")
+    pbx.feed("QueueMemberStatus", Queue="support", Interface="PJSIP/100",
+             StateInterface="PJSIP/100", MemberName="Alice Smith")
+    pbx.set(trunk, ChannelStateDesc="Up", Exten="700")
+    pbx.feed("QueueCallerJoin", trunk, Queue="support", Position=1, Count=1)
+    phone = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", linked=trunk)
+    pbx.dial(trunk, phone)
+    pbx.set(phone, ChannelStateDesc="Ringing")
+    pbx.feed("QueueCallerAbandon", trunk, Queue="support", Position=1, OriginalPosition=1,
+             HoldTime=12)
+    pbx.dial_end(trunk, phone, "CANCEL")
+    pbx.hangup(phone)
+    pbx.hangup(trunk)
+    events = pbx.events("alice")
+    assert [k for k, _ in events] == ["queue", "incoming", "queue", "hangup"]
+    assert [e.get("action") for _, e in events] == ["join", None, "abandon", None]
+    assert events[1][1]["queue"] == "support"
+    assert events[-1][1]["reason"] == "cancelled"
+    assert_engine_empty(pbx.engine)
+
+
+def test_two_calls_at_once_are_kept_apart():
+    """Two recorded calls interleaved message by message: each user gets
+    exactly what each call alone gave (call ids keep them apart)."""
+    streams = [AmiParser().feed(read_trace(n)) for n in ("a_inbound_answered",
+                                                          "e_internal_answered")]
+    mixed = []
+    for pair in zip(*streams):
+        mixed.extend(pair)
+    longest = max(streams, key=len)
+    mixed.extend(longest[len(min(streams, key=len)):])
+    engine = CallEngine(Directory(office().users.values()))
+    got = [(n.user, n.fields["call"], n.kind) for msg in mixed for n in engine.handle(msg, 0.0)]
+    alone = [(e["client"], e["call"], e["event"])
+             for n in ("a_inbound_answered", "e_internal_answered") for e in load_golden(n)]
+    for key in {(u, c) for u, c, _ in alone}:
+        assert [k for u, c, k in got if (u, c) == key] == \
+            [k for u, c, k in alone if (u, c) == key]
+    assert_engine_empty(engine)
+
+
+def test_a_phone_that_forwards_with_sip_302():
+    pbx = Pbx()
+    trunk = inbound(pbx)
+    phone = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", linked=trunk)
+    pbx.dial(trunk, phone)
+    pbx.feed("DialEnd", trunk, phone, DialStatus="FORWARD", Forward="+15559870003")
+    pbx.hangup(phone, 0)
+    mobile = pbx.new("PJSIP/trunk-mobile", "+15559870003", linked=trunk)
+    pbx.dial(trunk, mobile)
+    pbx.set(mobile, ChannelStateDesc="Up")
+    pbx.dial_end(trunk, mobile, "ANSWER")
+    pbx.hangup(mobile)
+    pbx.hangup(trunk)
+    events = pbx.events("alice")
+    assert [k for k, _ in events] == ["incoming", "divert", "pickup", "hangup"]
+    assert events[1][1]["target"]["num"] == "+15559870003" and events[1][1]["external"]
+    assert events[-1][1]["reason"] == "completed"
+    assert_engine_empty(pbx.engine)
+
+
+# ---------------------------------------------------------------------------
+# Resync after (re)connecting, and CALLS
+# ---------------------------------------------------------------------------
+
+def feed_until(engine, name, stop_event):
+    clock = ctinotify.TraceClock()
+    messages = AmiParser().feed(read_trace(name))
+    told = []
+    for i, msg in enumerate(messages):
+        told += engine.handle(msg, clock.observe(msg))
+        if msg.get("Event") == stop_event:
+            return told, messages[i + 1:], clock
+    raise AssertionError("no %s in %s" % (stop_event, name))
+
+
+def test_resync_from_the_channel_list_gives_the_calls_in_progress():
+    engine = CallEngine(Directory(office().users.values()))
+    told, rest, clock = feed_until(engine, "s_connect_midcall", "CoreShowChannelsComplete")
+    assert told == []  # answered long ago: no false incoming burst
+    view = ctinotify.ServerView(office().users, engine)
+    calls = {user: view.calls(user) for user in ("alice", "bob", "carol", "dave")}
+    assert [(c["from"]["num"], c["to"]["num"], c["state"], c["role"]) for c in calls["alice"]] \
+        == [("+15551230001", "100", "up", "callee")]
+    assert [c["from"]["name"] for c in calls["bob"]] == ["Maria Garcia"]
+    assert [c["from"]["name"] for c in calls["carol"]] == ["Wei Chen"]
+    assert calls["dave"] == []
+    later = [n for msg in rest for n in engine.handle(msg, clock.observe(msg))]
+    assert sorted((n.user, n.kind, n.fields["reason"]) for n in later) == \
+        [("alice", "hangup", "completed"), ("bob", "hangup", "completed"),
+         ("carol", "hangup", "completed")]
+    assert_engine_empty(engine)
+
+
+def test_resync_ends_calls_that_ended_while_we_were_away():
+    engine = CallEngine(Directory(office().users.values()))
+    told, _, _ = feed_until(engine, "b_inbound_noanswer", "DialState")
+    assert [n.kind for n in told] == ["incoming"]
+    engine.begin_resync()
+    gone = engine.handle(AmiParser(expect_banner=False).feed(
+        b"Event: CoreShowChannelsComplete\r\nEventList: Complete\r\nListItems: 0\r\n\r\n")[0], 99)
+    assert [(n.user, n.kind, n.fields["reason"]) for n in gone] == [("alice", "hangup", "unknown")]
+    assert_engine_empty(engine)
+
+
+def test_resync_keeps_a_ringing_call_that_is_still_listed():
+    engine = CallEngine(Directory(office().users.values()))
+    feed_until(engine, "b_inbound_noanswer", "DialState")
+    listed = [c for c in engine.channels.values()]
+    engine.begin_resync()
+    for chan in listed:
+        text = ("Event: CoreShowChannel\r\nChannel: %s\r\nUniqueid: %s\r\nLinkedid: %s\r\n"
+                "ChannelStateDesc: %s\r\nApplication: Dial\r\n\r\n"
+                % (chan.name, chan.uniqueid, chan.linkedid, chan.state))
+        assert engine.handle(AmiParser(expect_banner=False).feed(text.encode())[0], 50) == []
+    done = AmiParser(expect_banner=False).feed(b"Event: CoreShowChannelsComplete\r\n\r\n")[0]
+    assert engine.handle(done, 51) == []
+    assert [uc.user for uc in engine.active_calls("alice")] == ["alice"]
+
+
+def test_calls_command_lists_only_the_users_own_calls():
+    engine = CallEngine(Directory(office().users.values()))
+    feed_until(engine, "s_connect_midcall", "CoreShowChannelsComplete")
+    view = ctinotify.ServerView(office().users, engine)
+    session = ctinotify.ClientSession("127.0.0.1")
+    assert session.handle_line("CALLS", view) == ["ERR 403 login first"]
+    session.handle_line("LOGIN bob bob-secret", view)
+    lines = session.handle_line("CALLS", view)
+    assert lines[-1] == "OK calls=1" and len(lines) == 2
+    tag, _, values = ctinotify.parse_text_line(lines[0])
+    assert tag == "CALL" and values["from_name"] == "Maria Garcia" and values["state"] == "up"
+    session.handle_line("FORMAT json", view)
+    (item, done) = session.handle_line("CALLS", view)
+    assert json.loads(item)["event"] == "call" and done == "OK calls=1"
+
+
+def test_e2e_a_call_survives_a_reconnect_and_calls_shows_it(fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    alice = clients(daemon.port, "alice alice-secret")
+    events = trace_events(read_trace("a_inbound_answered"))
+    answered = next(i for i, e in enumerate(events) if e.startswith(b"Event: BridgeEnter"))
+    fake.send(b"".join(events[:answered]))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT pickup"))) == \
+        ["incoming", "pickup"]
+    # Asterisk still has the call when the link comes back: list it.
+    fake.channels = [[b"Event: CoreShowChannel"] + [
+        ("%s: %s" % kv).encode() for kv in (
+            ("Channel", name), ("ChannelStateDesc", "Up"), ("Uniqueid", uid),
+            ("Linkedid", "1795727950.0"), ("Application", app))]
+        for name, uid, app in (("PJSIP/trunk-00000000", "1795727950.0", "Dial"),
+                               ("PJSIP/100-00000001", "1795727950.1", "AppDial"))]
+    fake.drop()
+    assert alice.line().startswith("STATUS pbx=down")
+    assert alice.line().startswith("STATUS pbx=up")
+    daemon.wait_log("resynchronised: 2 channels")
+    alice.send("CALLS")
+    (call, done) = alice.lines_until(lambda l: l.startswith("OK calls="))
+    assert done == "OK calls=1" and call.startswith("CALL call=1795727950.0 ")
+    assert ctinotify.parse_text_line(call)[2]["from_name"] == "John Customer"
+    fake.send(b"".join(events[answered:]))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == ["hangup"]
+    bob = clients(daemon.port, "bob bob-secret")
+    bob.send("CALLS")
+    assert bob.line() == "OK calls=0"
+
+
+def conference_scenario():
+    """Alice calls conference room 800; then John Customer joins; then leaves."""
+    pbx = Pbx()
+    alice = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", exten="800", state="Ring")
+    pbx.set(alice, ChannelStateDesc="Up")
+    pbx.feed("ConfbridgeJoin", alice, Conference="800")
+    trunk = inbound(pbx, "+15557000800")
+    pbx.set(trunk, ChannelStateDesc="Up")
+    pbx.feed("ConfbridgeJoin", trunk, Conference="800")
+    pbx.feed("ConfbridgeLeave", trunk, Conference="800")
+    pbx.hangup(trunk)
+    pbx.feed("ConfbridgeLeave", alice, Conference="800")
+    pbx.feed("ConfbridgeEnd", Conference="800")
+    pbx.hangup(alice)
+    return pbx
+
+
+def test_a_conference_call():
+    pbx = conference_scenario()
+    events = pbx.events("alice")
+    assert [k for k, _ in events] == ["outgoing", "conference", "conference", "conference",
+                                      "conference", "hangup"]
+    assert [(e["action"], e["members"], e["who"]["num"]) for k, e in events
+            if k == "conference"] == [("join", 1, "100"), ("join", 2, "+15551230001"),
+                                      ("leave", 1, "+15551230001"), ("leave", 0, "100")]
+    assert events[0][1]["dialed"] == "800" and events[-1][1]["reason"] == "completed"
+    assert_engine_empty(pbx.engine)
+
+
+def test_readme_event_examples_are_real_events():
+    received = set()
+    for name in CALL_TRACES:
+        for event in load_golden(name):
+            event = dict(event)
+            event.pop("client")
+            received.add(ctinotify.encode_notification(event, "text").decode().rstrip("\r\n"))
+    for note in conference_scenario().told:
+        received.add(ctinotify.encode_notification(note.fields, "text").decode().rstrip("\r\n"))
+    lines = readme_block("event-examples")
+    assert len(lines) >= 15
+    kinds = set()
+    for line in lines:
+        assert line in received, line
+        kinds.add(ctinotify.parse_text_line(line)[1])
+    assert kinds == set(ctinotify.EVENT_KINDS) - {"unhold"} | {"hangup"}
+
+
+def test_readme_calls_example_is_what_calls_says():
+    block = readme_block("calls-example")
+    engine = CallEngine(Directory(office().users.values()))
+    feed_until(engine, "a_inbound_answered", "BridgeEnter")
+    session = ctinotify.ClientSession("127.0.0.1")
+    view = ctinotify.ServerView(office().users, engine)
+    session.handle_line("LOGIN alice alice-secret", view)
+    assert block[0] == "> CALLS"
+    assert session.handle_line("CALLS", view) == block[1:]
