@@ -1882,7 +1882,7 @@ class CallEngine:
         self._leave_bridge(chan)
         for room in [r for r, members in self.conferences.items() if chan in members]:
             self._leave_conference(chan, room)
-        if chan.answered_at is not None and not chan.user_calls:
+        if chan.answered_at is not None and not chan.user_calls and reason is None:
             # A user's phone that called an application (voicemail, an
             # IVR) and hung up: that was an outgoing call too.
             self._caller_call(chan)

@@ -312,7 +312,9 @@ class FakeAsterisk:
 # ---------------------------------------------------------------------------
 
 DEMO_TRACES = ("a_inbound_answered", "e_internal_answered", "g_ringgroup", "b_inbound_noanswer",
-               "f_outbound_answered", "c_inbound_busy", "d_inbound_cancel")
+               "i_forward_to_mobile", "j_blind_transfer", "f_outbound_answered",
+               "n_queue", "l_directed_pickup", "k_attended_transfer", "c_inbound_busy",
+               "p_park_retrieve", "r_hold_unhold", "h_forward_to_ext", "d_inbound_cancel")
 #: Events worth a pause in the demo, so a person can watch a call unfold.
 DEMO_PACED = (b"Event: DialBegin", b"Event: DialEnd", b"Event: Hangup", b"Event: BridgeEnter")
 
