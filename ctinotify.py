@@ -1914,10 +1914,15 @@ class CallEngine:
             # dials next is a call transferred by ``by``, not by its dialer.
             transferee.transferred_by = (by, "blind")
             transferee.dialer = None
-        for uc in list(transferer.user_calls):
+        self._tell_transferer(list(transferer.user_calls), "blind", by, target)
+
+    def _tell_transferer(self, calls: List[UserCall], kind: str, by: Party,
+                         target: Party) -> None:
+        """The user who transferred: their call ends with reason=transferred."""
+        for uc in calls:
             uc.transferred = True
-            uc.path.append({"transfer": "blind", "to": target.num})
-            self._emit(uc, "transfer", kind="blind", direction="to", by=by.as_dict(),
+            uc.path.append({"transfer": kind, "to": target.num})
+            self._emit(uc, "transfer", kind=kind, direction="to", by=by.as_dict(),
                        target=target.as_dict())
 
     def on_attendedtransfer(self, msg: AmiMessage) -> None:
@@ -1950,13 +1955,8 @@ class CallEngine:
             target_party = Party(second.exten if second is not None else "", "")
         by = first.caller
         customer = transferees[0].caller if transferees else NOBODY
-        told: List[UserCall] = []
-        for uc in list(first.user_calls) + consult:
-            told.append(uc)
-            uc.transferred = True
-            uc.path.append({"transfer": kind, "to": target_party.num})
-            self._emit(uc, "transfer", kind=kind, direction="to", by=by.as_dict(),
-                       target=target_party.as_dict())
+        told = list(first.user_calls) + consult
+        self._tell_transferer(list(told), kind, by, target_party)
         for chan in targets:
             for uc in list(chan.user_calls):
                 if uc in told:

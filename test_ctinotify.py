@@ -1921,6 +1921,16 @@ class Pbx:
     def dial_end(self, src, dest, status):
         self.feed("DialEnd", src, dest, DialStatus=status)
 
+    def forward(self, src, number, linked):
+        """``src`` dials ``number`` out through a Local channel (FreePBX
+        style): returns the Local halves and the ringing trunk channel."""
+        one, two = self.local(number + "@from-internal", linked)
+        self.dial(src, one)
+        outside = self.new("PJSIP/trunk-out%d" % self.seq, number, linked=linked)
+        self.dial(two, outside)
+        self.set(outside, ChannelStateDesc="Ringing")
+        return one, two, outside
+
     def hangup(self, chan, cause=16):
         self.feed("Hangup", chan, Cause=cause)
 
@@ -1940,11 +1950,7 @@ def test_forward_to_a_mobile_that_does_not_answer():
     pbx = Pbx()
     trunk = inbound(pbx)
     pbx.exten(trunk, "100")
-    one, two = pbx.local("+15559870003@from-internal", trunk)
-    pbx.dial(trunk, one)
-    mobile = pbx.new("PJSIP/trunk-mobile", "+15559870003", linked=trunk)
-    pbx.dial(two, mobile)
-    pbx.set(mobile, ChannelStateDesc="Ringing")
+    one, two, mobile = pbx.forward(trunk, "+15559870003", trunk)
     pbx.dial_end(two, mobile, "NOANSWER")
     pbx.hangup(mobile, 19)
     pbx.dial_end(trunk, one, "NOANSWER")
@@ -1966,10 +1972,7 @@ def test_a_chain_of_forwards_follows_each_user():
     one, two = pbx.local("101@from-internal", trunk)
     pbx.dial(trunk, one)
     pbx.exten(two, "101")
-    m_one, m_two = pbx.local("+15559870004@from-internal", trunk)
-    pbx.dial(two, m_one)
-    mobile = pbx.new("PJSIP/trunk-mobile", "+15559870004", linked=trunk)
-    pbx.dial(m_two, mobile)
+    m_one, m_two, mobile = pbx.forward(two, "+15559870004", trunk)
     pbx.set(mobile, ChannelStateDesc="Up")
     pbx.dial_end(m_two, mobile, "ANSWER")
     pbx.dial_end(two, m_one, "ANSWER")
