@@ -49,6 +49,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.parse
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 __version__ = "0.1.0"
@@ -257,11 +258,12 @@ def device_of_channel(channel_name: str) -> str:
 class UserConfig:
     """One client account: ``[name]`` with its secret and what it may see."""
 
-    __slots__ = ("name", "secret", "hosts", "devices", "extensions", "events", "lineno")
+    __slots__ = ("name", "secret", "hosts", "devices", "extensions", "events", "lineno",
+                 "popup_url")
 
     def __init__(self, name: str, secret: str, hosts: Optional[Tuple[object, ...]],
                  devices: Tuple[str, ...], extensions: Tuple[Tuple[str, str], ...],
-                 events: Tuple[str, ...], lineno: int = 0):
+                 events: Tuple[str, ...], lineno: int = 0, popup_url: str = ""):
         self.name = name
         self.secret = secret
         #: ``None`` means ``host = dynamic`` (any address); else ip_network objects.
@@ -273,6 +275,9 @@ class UserConfig:
         #: The event kinds this user may receive.
         self.events = events
         self.lineno = lineno
+        #: A URL template with ``{from_num}``-style placeholders (empty: none);
+        #: its ``incoming`` events carry it, filled in, as ``url``.
+        self.popup_url = popup_url
 
     def host_allowed(self, address: str) -> bool:
         if self.hosts is None:
@@ -358,6 +363,8 @@ class Config:
             lines += ["", "[%s]" % user.name, "secret = %s" % mask(user.secret),
                       "host = %s" % hosts, "devices = %s" % ",".join(user.devices),
                       "extensions = %s" % exts, "events = %s" % ",".join(user.events)]
+            if user.popup_url:
+                lines.append("popup_url = %s" % user.popup_url)
         return "\n".join(lines) + "\n"
 
 
@@ -372,7 +379,14 @@ _LOGLEVELS = ("debug", "info", "warning", "error")
 GENERAL_KEYS = ("bind", "port", "loglevel", "calllog", "login_timeout", "log",
                 "syslog_facility", "syslog_socket")
 AMI_KEYS = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max")
-USER_KEYS = ("secret", "host", "devices", "extensions", "events")
+USER_KEYS = ("secret", "host", "devices", "extensions", "events", "popup_url")
+
+#: The placeholders of ``popup_url``: the flattened fields of an ``incoming``
+#: event (as in its text line), and the user's login name.
+POPUP_URL_FIELDS = ("from_num", "from_name", "to_num", "to_name", "dialed", "call", "time",
+                    "role", "device", "queue", "user")
+#: ``{name}`` in a URL template.  Any other brace is an error: a URL has none.
+_URL_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
 class _ConfigReader:
@@ -489,8 +503,40 @@ class _ConfigReader:
         if not devices and not extensions:
             self.problem(section, None, "the user has neither devices nor extensions, "
                          "expected devices = PJSIP/100 or extensions = 100")
+        popup_url = self.popup_url(section)
         return UserConfig(section.name, secret, hosts, tuple(devices), tuple(extensions),
-                          events, section.lineno)
+                          events, section.lineno, popup_url)
+
+    def popup_url(self, section: IniSection) -> str:
+        """``popup_url``: an http(s) URL whose placeholders are all known and
+        sit after the host, so a caller ID can never choose the server."""
+        url = self.text(section, "popup_url", "")
+        if not url:
+            return ""
+        option = section.get("popup_url")
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            self.problem(section, option, "%r is not an http or https URL, expected e.g. "
+                         "https://crm.example.com/search?phone={from_num}" % url)
+            return ""
+        problems = len(self.problems)
+        for name in _URL_PLACEHOLDER.findall(url):
+            if name not in POPUP_URL_FIELDS:
+                self.problem(section, option, "unknown placeholder {%s}, expected any of: %s"
+                             % (name, ", ".join("{%s}" % f for f in POPUP_URL_FIELDS)))
+        rest = _URL_PLACEHOLDER.sub("", url)
+        if "{" in rest or "}" in rest:
+            self.problem(section, option, "a brace that is not part of a {placeholder}, "
+                         "expected {name} placeholders only")
+        if "{" in parts.netloc or "}" in parts.netloc:
+            self.problem(section, option, "a placeholder in the host, expected placeholders "
+                         "only in the path, query or fragment")
+        if any(c.isspace() for c in url):
+            self.problem(section, option, "a space in the URL, expected %20 instead")
+        return url if len(self.problems) == problems else ""
 
 
 def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
@@ -2459,6 +2505,29 @@ def encode_status(fields: Dict[str, object], fmt: str) -> bytes:
     return (encode_text_line("STATUS", fields) + "\r\n").encode("utf-8")
 
 
+def fill_popup_url(template: str, fields: Dict[str, object], user: str) -> str:
+    """The ``popup_url`` of a user, its placeholders filled from an event.
+
+    Every value is percent-encoded whole (``safe=""``): a caller ID can add
+    neither a ``&``, ``#`` or ``/`` nor another placeholder to the URL.
+    """
+    values = dict(flatten_fields(fields))
+    values["user"] = user
+
+    def fill(match: "re.Match[str]") -> str:
+        return urllib.parse.quote(values.get(match.group(1), ""), safe="")
+    return _URL_PLACEHOLDER.sub(fill, template)
+
+
+def with_popup_url(fields: Dict[str, object], account: Optional[UserConfig]) -> Dict[str, object]:
+    """An event as this user receives it: ``incoming`` events, and only
+    those, get ``url`` when the user has a ``popup_url``.  Never changes
+    ``fields`` itself: the engine's notification may go to other users."""
+    if account is None or not account.popup_url or fields.get("event") != "incoming":
+        return fields
+    return dict(fields, url=fill_popup_url(account.popup_url, fields, account.name))
+
+
 CLIENT_HELP = ("commands: LOGIN <user> <secret> | EVENTS <kind>[,<kind>...]|ALL | "
                "FORMAT text|json | CALLS | PING | HELP | QUIT")
 
@@ -3058,6 +3127,8 @@ class Daemon:
             conns = self.sessions_by_user.get(note.user)
             if not conns:
                 continue
+            # The same for every session of the user, so encoded once per format.
+            fields = with_popup_url(note.fields, self.config.users.get(note.user))
             encoded: Dict[str, bytes] = {}
             for conn in conns:
                 session = conn.session
@@ -3065,7 +3136,7 @@ class Daemon:
                     continue
                 data = encoded.get(session.fmt)
                 if data is None:
-                    data = encoded[session.fmt] = encode_notification(note.fields, session.fmt)
+                    data = encoded[session.fmt] = encode_notification(fields, session.fmt)
                 self._queue(conn, data)
 
     def _write_calllog(self, record: Dict[str, object]) -> None:
@@ -3260,7 +3331,7 @@ def replay_trace(stream, users: Dict[str, UserConfig], chunk_bytes: int = 1 << 1
             for note in engine.handle(msg, clock.observe(msg)):
                 account = users.get(note.user)
                 if account is not None and note.kind in account.events:
-                    yield note.user, note.fields
+                    yield note.user, with_popup_url(note.fields, account)
         for problem in parser.problems:
             log.warning("replay: %s", problem)
         parser.problems.clear()

@@ -2213,3 +2213,100 @@ def test_readme_calls_example_is_what_calls_says():
     session.handle_line("LOGIN alice alice-secret", view)
     assert block[0] == "> CALLS"
     assert session.handle_line("CALLS", view) == block[1:]
+
+
+# ---------------------------------------------------------------------------
+# Screen pops (issue 6): popup_url
+# ---------------------------------------------------------------------------
+
+#: A caller ID written to hurt: shell syntax, a placeholder, URL syntax,
+#: non-ASCII.  AMI framing allows anything but CR and LF in a header.
+HOSTILE_NAME = ('Zo\u00eb "; rm -rf ~; echo " $(touch pwned1) `touch pwned2` '
+                "{to_num} & | > pwned3 #?/&x=1 %41")
+POPUP_URL = "https://crm.example.com/search?phone={from_num}&name={from_name}&by={user}"
+
+
+def hostile_trace(tmp_path, name=HOSTILE_NAME):
+    """a_inbound_answered.ami with John Customer renamed to ``name``."""
+    data = read_trace("a_inbound_answered")
+    assert data.count(b"John Customer") >= 2
+    path = tmp_path / "hostile.ami"
+    path.write_bytes(data.replace(b"John Customer", name.encode("utf-8")))
+    return str(path)
+
+
+def expected_url(name=HOSTILE_NAME, user="alice"):
+    from urllib.parse import quote
+    return ("https://crm.example.com/search?phone=%2B15551230001&name=" +
+            quote(name, safe="") + "&by=" + user)
+
+
+def popup_users(url=POPUP_URL):
+    return ("[alice]\nsecret = alice-secret\ndevices = PJSIP/100\nextensions = 100\n"
+            "popup_url = %s\n[bob]\nsecret = bob-secret\ndevices = PJSIP/101\n" % url)
+
+
+def test_popup_url_is_read_and_shown_by_check():
+    config = parse_config(popup_users(), "p.conf", require_ami=False)
+    assert config.users["alice"].popup_url == POPUP_URL
+    assert config.users["bob"].popup_url == ""
+    assert "popup_url = %s" % POPUP_URL in config.describe()
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("ftp://crm.example.com/{from_num}", "is not an http or https URL"),
+    ("javascript:alert(1)", "is not an http or https URL"),
+    ("crm.example.com/?p={from_num}", "is not an http or https URL"),
+    ("https://crm.example.com/?p={phone}", "unknown placeholder {phone}, expected any of"),
+    ("https://crm.example.com/?p={from_num", "a brace that is not part of a {placeholder}"),
+    ("https://{from_name}.example.com/", "a placeholder in the host"),
+    ("https://crm.example.com/?q=a b", "a space in the URL"),
+])
+def test_popup_url_errors_name_file_line_section_and_key(url, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_config(popup_users(url), "p.conf", require_ami=False)
+    assert "p.conf:5: [alice] popup_url: " in str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_popup_url_values_are_percent_encoded_and_only_incoming_gets_it():
+    account = parse_config(popup_users(), "p.conf", require_ami=False).users["alice"]
+    fields = {"event": "incoming", "call": "1.2", "from": {"num": "+1 555", "name": HOSTILE_NAME},
+              "to": {"num": "100", "name": "Alice"}}
+    url = ctinotify.with_popup_url(fields, account)["url"]
+    assert url == ("https://crm.example.com/search?phone=%2B1%20555&name="
+                   "Zo%C3%AB%20%22%3B%20rm%20-rf%20~%3B%20echo%20%22%20%24%28touch%20pwned1%29%20"
+                   "%60touch%20pwned2%60%20%7Bto_num%7D%20%26%20%7C%20%3E%20pwned3%20%23%3F%2F"
+                   "%26x%3D1%20%2541&by=alice")
+    assert "url" not in fields  # the engine's notification is left alone
+    assert ctinotify.with_popup_url(dict(fields, event="pickup"), account) == \
+        dict(fields, event="pickup")
+    bob = parse_config(popup_users(), "p.conf", require_ami=False).users["bob"]
+    assert ctinotify.with_popup_url(fields, bob) is fields
+
+
+def test_replay_prints_the_popup_url_of_incoming_events(tmp_path):
+    conf = tmp_path / "p.conf"
+    conf.write_text(popup_users())
+    result = run_cli("replay", hostile_trace(tmp_path), "-c", str(conf))
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(e["event"], "url" in e) for e in events] == \
+        [("incoming", True), ("pickup", False), ("hangup", False)]
+    assert events[0]["url"] == expected_url()
+    assert events[0]["from"]["name"] == HOSTILE_NAME
+
+
+def test_e2e_incoming_events_carry_the_users_popup_url(fake, daemon_factory, clients, tmp_path):
+    daemon = daemon_factory(users=popup_users())
+    alice = clients(daemon.port, "alice alice-secret")
+    alice_json = clients(daemon.port, "alice alice-secret")
+    alice_json.send("FORMAT json")
+    assert alice_json.line() == "OK format=json"
+    fake.send_trace(hostile_trace(tmp_path))
+    text = alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    parsed = [ctinotify.parse_text_line(l)[2] for l in text]
+    assert parsed[0]["url"] == expected_url() and parsed[0]["from_name"] == HOSTILE_NAME
+    assert ["url" in p for p in parsed] == [True, False, False]
+    objects = [json.loads(l) for l in alice_json.lines_until(lambda l: '"hangup"' in l)]
+    assert objects[0]["url"] == expected_url() and "url" not in objects[1]
