@@ -2870,3 +2870,61 @@ def test_e2e_watch_without_history_on_the_server_still_shows_events(watches, tmp
         assert watch.stop() == 0
     finally:
         server.close()
+
+
+def test_readme_watch_example_is_what_watch_prints():
+    """The README's watch lines are the README's example session, rendered."""
+    session = ctinotify.WatchSession("alice", "alice-secret", fmt="text")
+    session.receive_line("CTINOTIFY/1 hi")
+    session.receive_line("OK logged in as alice")
+    shown = []
+    for line in readme_block("example-session: a_inbound_answered"):
+        if line.startswith(("STATUS ", "EVENT ")):
+            (event,) = session.receive_line(line)
+            shown.append(ctinotify.render_event(event))
+    block = readme_block("watch-example")
+    assert len(block) == len(shown) == 4
+    for readme_line, line in zip(block, shown):
+        assert re.match(r"\d\d:\d\d:\d\d  ", readme_line)
+        assert readme_line[8:] == line[8:]
+
+
+def test_readme_popup_example_is_what_replay_gives(tmp_path):
+    (line,) = readme_block("popup-example")
+    conf = tmp_path / "p.conf"
+    conf.write_text(popup_users("https://crm.example.com/search?phone={from_num}"
+                                "&name={from_name}"))
+    with open(trace_path("a_inbound_answered"), "rb") as f:
+        _, fields = next(ctinotify.replay_trace(
+            f, ctinotify.load_config(str(conf), require_ami=False).users))
+    assert ctinotify.encode_notification(fields, "text").decode().rstrip("\r\n") == line
+
+
+def test_readme_watch_section_commands_are_valid():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("## On the desktop: `ctinotify watch`", 1)[1].split("\n## ", 1)[0]
+    usage = run_cli("watch", "--help").stdout
+    commands = re.findall(r"ctinotify\.py watch .*?(?:\n\n|```)", section, re.S)
+    assert len(commands) >= 5
+    hooks = 0
+    for command in commands:
+        words = shlex.split(command.replace("\\\n", " ").split("```")[0])
+        for option in [w for w in words if w.startswith("--")]:
+            assert option in usage, (option, command)
+        for index, word in enumerate(words):
+            if word == "--exec":
+                hook = ctinotify.ExecHook.parse(words[index + 1])
+                hooks += 1
+                assert hook.kind == "incoming"
+                placeholders = re.findall(r"\{(\w+)\}", " ".join(hook.template))
+                assert set(placeholders) <= {"from_name", "from_num"}
+                assert not {"sh", "bash", "cmd", "-Command"} & set(hook.template)
+    assert hooks == 4
+    for line in re.findall(r"^\d{4}-\d\d-\d\d \d\d:\d\d  missed .*$", section, re.M):
+        reason = "answered_elsewhere" if "answered by" in line else "noanswer"
+        record = history_record("2026-11-26T12:00:00Z", reason=reason,
+                                answered_by={"num": "101", "name": "Bob Jones"})
+        flat = dict(ctinotify.flatten_fields(record))
+        rendered = ctinotify.render_event(ctinotify.WatchEvent("missed", flat, ""))
+        assert rendered[16:] == line[16:]
