@@ -2565,13 +2565,20 @@ class Watch:
             command + list(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, universal_newlines=True, encoding="utf-8",
             env=dict(os.environ, TZ="UTC", **(env or {})), cwd=cwd,
-            start_new_session=True)  # no terminal: getpass falls back to stdin
+            start_new_session=True,  # no terminal: getpass falls back to stdin
+            preexec_fn=self._ctrl_c_works)
         self.out, self.err = [], []
         self._queues = {"out": queue.Queue(), "err": queue.Queue()}
         for name, stream, store in (("out", self.proc.stdout, self.out),
                                     ("err", self.proc.stderr, self.err)):
             threading.Thread(target=self._read, args=(stream, store, self._queues[name]),
                              daemon=True).start()
+
+    @staticmethod
+    def _ctrl_c_works():
+        """Tests run as a shell's background job ignore SIGINT, and a child
+        inherits that: give watch its Ctrl-C back."""
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     @staticmethod
     def _read(stream, store, lines):
