@@ -2561,10 +2561,12 @@ class Watch:
             path.write_text(secret + "\n")
             os.chmod(str(path), 0o600)
             command += ["--secret-file", str(path)]
+        environment = dict(os.environ, TZ="UTC")
+        environment.update(env or {})
         self.proc = subprocess.Popen(
             command + list(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, universal_newlines=True, encoding="utf-8",
-            env=dict(os.environ, TZ="UTC", **(env or {})), cwd=cwd,
+            env=environment, cwd=cwd,
             start_new_session=True,  # no terminal: getpass falls back to stdin
             preexec_fn=self._ctrl_c_works)
         self.out, self.err = [], []
