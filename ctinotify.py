@@ -18,6 +18,8 @@ Data flow::
 Everything above the "Event loop" section is sans-I/O: bytes or messages
 in, messages or notifications out.  The same engine is fed from a live
 socket (``run``), from a recorded trace (``replay``) and by the tests.
+The desktop client (``watch``) is split the same way: a WatchSession takes
+the server's lines and says what to send, show, run or open.
 
 Run it::
 
@@ -25,6 +27,7 @@ Run it::
     python3 ctinotify.py run    -c ctinotify.conf     # the daemon
     python3 ctinotify.py replay TRACE.ami -c FILE     # what clients would see
     python3 ctinotify.py record OUT.ami -c FILE       # capture AMI traffic
+    python3 ctinotify.py watch HOST --user NAME       # the desktop client
 
 Test it: ``make test`` (pytest).  Standard library only, Python 3.8+.
 """
@@ -33,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import errno
 import functools
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -45,10 +50,14 @@ import logging.handlers
 import os
 import re
 import selectors
+import shlex
 import signal
 import socket
+import subprocess
 import sys
 import time
+import urllib.parse
+import webbrowser
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 __version__ = "0.1.0"
@@ -257,11 +266,12 @@ def device_of_channel(channel_name: str) -> str:
 class UserConfig:
     """One client account: ``[name]`` with its secret and what it may see."""
 
-    __slots__ = ("name", "secret", "hosts", "devices", "extensions", "events", "lineno")
+    __slots__ = ("name", "secret", "hosts", "devices", "extensions", "events", "lineno",
+                 "popup_url")
 
     def __init__(self, name: str, secret: str, hosts: Optional[Tuple[object, ...]],
                  devices: Tuple[str, ...], extensions: Tuple[Tuple[str, str], ...],
-                 events: Tuple[str, ...], lineno: int = 0):
+                 events: Tuple[str, ...], lineno: int = 0, popup_url: str = ""):
         self.name = name
         self.secret = secret
         #: ``None`` means ``host = dynamic`` (any address); else ip_network objects.
@@ -273,6 +283,9 @@ class UserConfig:
         #: The event kinds this user may receive.
         self.events = events
         self.lineno = lineno
+        #: A URL template with ``{from_num}``-style placeholders (empty: none);
+        #: its ``incoming`` events carry it, filled in, as ``url``.
+        self.popup_url = popup_url
 
     def host_allowed(self, address: str) -> bool:
         if self.hosts is None:
@@ -358,6 +371,8 @@ class Config:
             lines += ["", "[%s]" % user.name, "secret = %s" % mask(user.secret),
                       "host = %s" % hosts, "devices = %s" % ",".join(user.devices),
                       "extensions = %s" % exts, "events = %s" % ",".join(user.events)]
+            if user.popup_url:
+                lines.append("popup_url = %s" % user.popup_url)
         return "\n".join(lines) + "\n"
 
 
@@ -372,7 +387,14 @@ _LOGLEVELS = ("debug", "info", "warning", "error")
 GENERAL_KEYS = ("bind", "port", "loglevel", "calllog", "login_timeout", "log",
                 "syslog_facility", "syslog_socket")
 AMI_KEYS = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max")
-USER_KEYS = ("secret", "host", "devices", "extensions", "events")
+USER_KEYS = ("secret", "host", "devices", "extensions", "events", "popup_url")
+
+#: The placeholders of ``popup_url``: the flattened fields of an ``incoming``
+#: event (as in its text line), and the user's login name.
+POPUP_URL_FIELDS = ("from_num", "from_name", "to_num", "to_name", "dialed", "call", "time",
+                    "role", "device", "queue", "user")
+#: ``{name}`` in a URL template.  Any other brace is an error: a URL has none.
+_URL_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
 class _ConfigReader:
@@ -489,8 +511,40 @@ class _ConfigReader:
         if not devices and not extensions:
             self.problem(section, None, "the user has neither devices nor extensions, "
                          "expected devices = PJSIP/100 or extensions = 100")
+        popup_url = self.popup_url(section)
         return UserConfig(section.name, secret, hosts, tuple(devices), tuple(extensions),
-                          events, section.lineno)
+                          events, section.lineno, popup_url)
+
+    def popup_url(self, section: IniSection) -> str:
+        """``popup_url``: an http(s) URL whose placeholders are all known and
+        sit after the host, so a caller ID can never choose the server."""
+        url = self.text(section, "popup_url", "")
+        if not url:
+            return ""
+        option = section.get("popup_url")
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            self.problem(section, option, "%r is not an http or https URL, expected e.g. "
+                         "https://crm.example.com/search?phone={from_num}" % url)
+            return ""
+        problems = len(self.problems)
+        for name in _URL_PLACEHOLDER.findall(url):
+            if name not in POPUP_URL_FIELDS:
+                self.problem(section, option, "unknown placeholder {%s}, expected any of: %s"
+                             % (name, ", ".join("{%s}" % f for f in POPUP_URL_FIELDS)))
+        rest = _URL_PLACEHOLDER.sub("", url)
+        if "{" in rest or "}" in rest:
+            self.problem(section, option, "a brace that is not part of a {placeholder}, "
+                         "expected {name} placeholders only")
+        if "{" in parts.netloc or "}" in parts.netloc:
+            self.problem(section, option, "a placeholder in the host, expected placeholders "
+                         "only in the path, query or fragment")
+        if any(c.isspace() for c in url):
+            self.problem(section, option, "a space in the URL, expected %20 instead")
+        return url if len(self.problems) == problems else ""
 
 
 def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
@@ -2459,6 +2513,29 @@ def encode_status(fields: Dict[str, object], fmt: str) -> bytes:
     return (encode_text_line("STATUS", fields) + "\r\n").encode("utf-8")
 
 
+def fill_popup_url(template: str, fields: Dict[str, object], user: str) -> str:
+    """The ``popup_url`` of a user, its placeholders filled from an event.
+
+    Every value is percent-encoded whole (``safe=""``): a caller ID can add
+    neither a ``&``, ``#`` or ``/`` nor another placeholder to the URL.
+    """
+    values = dict(flatten_fields(fields))
+    values["user"] = user
+
+    def fill(match: "re.Match[str]") -> str:
+        return urllib.parse.quote(values.get(match.group(1), ""), safe="")
+    return _URL_PLACEHOLDER.sub(fill, template)
+
+
+def with_popup_url(fields: Dict[str, object], account: Optional[UserConfig]) -> Dict[str, object]:
+    """An event as this user receives it: ``incoming`` events, and only
+    those, get ``url`` when the user has a ``popup_url``.  Never changes
+    ``fields`` itself: the engine's notification may go to other users."""
+    if account is None or not account.popup_url or fields.get("event") != "incoming":
+        return fields
+    return dict(fields, url=fill_popup_url(account.popup_url, fields, account.name))
+
+
 CLIENT_HELP = ("commands: LOGIN <user> <secret> | EVENTS <kind>[,<kind>...]|ALL | "
                "FORMAT text|json | CALLS | PING | HELP | QUIT")
 
@@ -3058,6 +3135,8 @@ class Daemon:
             conns = self.sessions_by_user.get(note.user)
             if not conns:
                 continue
+            # The same for every session of the user, so encoded once per format.
+            fields = with_popup_url(note.fields, self.config.users.get(note.user))
             encoded: Dict[str, bytes] = {}
             for conn in conns:
                 session = conn.session
@@ -3065,7 +3144,7 @@ class Daemon:
                     continue
                 data = encoded.get(session.fmt)
                 if data is None:
-                    data = encoded[session.fmt] = encode_notification(note.fields, session.fmt)
+                    data = encoded[session.fmt] = encode_notification(fields, session.fmt)
                 self._queue(conn, data)
 
     def _write_calllog(self, record: Dict[str, object]) -> None:
@@ -3215,6 +3294,743 @@ class Daemon:
 
 
 # ---------------------------------------------------------------------------
+# Desktop client (no I/O): the watch protocol, event lines and hook commands
+# ---------------------------------------------------------------------------
+
+#: ``ctinotify watch`` waits 1, 2, 4 ... s, at most this long, between reconnects.
+WATCH_RECONNECT_MIN_S = 1.0
+WATCH_RECONNECT_MAX_S = 30.0
+WATCH_CONNECT_TIMEOUT_S = 10.0
+#: The longest a blocking read waits, so hooks are reaped and Ctrl-C is
+#: seen (on Windows a blocked recv() does not see it) this often.
+WATCH_TICK_S = 1.0
+#: A server silent this long is sent PING; no answer within the timeout
+#: means a dead connection (a laptop resumed, a NAT forgot the mapping).
+WATCH_PING_INTERVAL_S = 60.0
+WATCH_PONG_TIMEOUT_S = 15.0
+#: ``HISTORY <n>`` after login: the calls searched for missed ones.
+WATCH_HISTORY_CALLS = 20
+#: A server line (HISTORY records with a long path are the longest).
+MAX_WATCH_LINE_BYTES = 256 * 1024
+WATCH_RECV_BYTES = 64 * 1024
+#: Hook processes running at once; beyond it an event's hook is skipped.
+MAX_HOOK_PROCESSES = 8
+DEFAULT_WATCH_STATE = os.path.join("~", ".ctinotify-watch.json")
+#: Hangup reasons of a missed call (``direction = in``).
+MISSED_REASONS = ("noanswer", "cancelled", "busy", "answered_elsewhere")
+
+
+class WatchProtocolError(CtiError):
+    """The server ``watch`` connected to broke the client protocol."""
+
+
+class WatchSend:
+    """A command line for the server."""
+
+    __slots__ = ("line",)
+
+    def __init__(self, line: str):
+        self.line = line
+
+
+class WatchLoggedIn:
+    """The server accepted LOGIN; ``reply`` is its ``OK logged in ...``."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: str):
+        self.reply = reply
+
+
+class WatchRefused:
+    """The server refused LOGIN (``ERR 401``): retrying cannot help."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: str):
+        self.reply = reply
+
+
+class WatchEvent:
+    """A line from the server: an event, a status, a CALLS or HISTORY item.
+
+    ``kind`` is the event kind, ``status``, ``call`` or ``missed``;
+    ``fields`` are flattened as in the text format (``from_num``), all
+    strings; ``raw`` is the line as received.
+    """
+
+    __slots__ = ("kind", "fields", "raw")
+
+    def __init__(self, kind: str, fields: Dict[str, str], raw: str):
+        self.kind = kind
+        self.fields = fields
+        self.raw = raw
+
+
+class WatchMissed:
+    """The reply to HISTORY: the missed calls since ``since``, oldest first.
+    ``supported`` is False for a server without HISTORY."""
+
+    __slots__ = ("calls", "supported")
+
+    def __init__(self, calls: List[WatchEvent], supported: bool):
+        self.calls = calls
+        self.supported = supported
+
+
+class WatchCalls:
+    """The reply to CALLS: the user's calls in progress."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, calls: List[WatchEvent]):
+        self.calls = calls
+
+
+def parse_iso_time(text: Optional[str]) -> Optional[float]:
+    """``2026-11-26T21:19:10Z`` -> epoch seconds; None if it is not one."""
+    try:
+        stamp = datetime.datetime.strptime(text or "", "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+class WatchSession:
+    """One connection of ``ctinotify watch``, without the socket.
+
+    ``receive_line`` takes each line from the server and returns what to
+    do: ``WatchSend`` (a command to send), ``WatchLoggedIn``,
+    ``WatchRefused``, ``WatchEvent``, ``WatchMissed`` and ``WatchCalls``.
+    A server that breaks the protocol raises WatchProtocolError.
+
+    After the greeting it sends ``FORMAT json`` (before LOGIN, so even the
+    STATUS line that follows a login is JSON) and ``LOGIN``; once logged
+    in, ``HISTORY`` and ``CALLS``.  Replies are matched to commands in
+    order; items (HISTORY, CALL lines) are collected until their ``OK``.
+    Lines in either format are understood whatever was asked for.
+    """
+
+    def __init__(self, user: str, secret: str, fmt: str = "json",
+                 since: Optional[float] = None, history: int = WATCH_HISTORY_CALLS):
+        self.user = user
+        self._secret = secret
+        #: The format asked of the server: ``json`` or ``text``.
+        self.fmt = fmt
+        #: Missed calls that ended after this (epoch; None: every one listed).
+        self.since = since
+        self.history = history
+        #: "greeting" -> "login" -> "ready".
+        self.state = "greeting"
+        self._pending: "collections.deque[str]" = collections.deque()
+        self._items: List[WatchEvent] = []
+        self._newest: Optional[float] = None
+        self._history_done = False
+
+    @property
+    def seen_until(self) -> Optional[float]:
+        """The newest server time seen, once the missed calls were listed
+        (before, a crash would skip them next time); None until then."""
+        return self._newest if self._history_done else None
+
+    def _command(self, name: str, line: str) -> WatchSend:
+        self._pending.append(name)
+        return WatchSend(line)
+
+    def ping(self) -> WatchSend:
+        return self._command("ping", "PING")
+
+    def receive_line(self, line: str) -> list:
+        line = line.rstrip("\r")
+        if self.state == "greeting":
+            if not line.startswith("CTINOTIFY/"):
+                raise WatchProtocolError("not a ctinotify server, it said %r" % line[:80])
+            self.state = "login"
+            out = [self._command("format", "FORMAT json")] if self.fmt == "json" else []
+            return out + [self._command("login", "LOGIN %s %s" % (self.user, self._secret))]
+        if line == "OK" or line.startswith(("OK ", "ERR ")):
+            return self._reply(line)
+        if not line:
+            return []
+        item = self._parse_item(line)
+        if item is None:
+            return []  # a line type of a newer server
+        if item.kind in ("call", "history"):
+            if not self._pending or self._pending[0] != ("calls" if item.kind == "call"
+                                                          else "history"):
+                raise WatchProtocolError("a %s item nobody asked for" % item.kind)
+            self._items.append(item)
+            return []
+        self._saw(parse_iso_time(item.fields.get("time")))
+        return [item]
+
+    def _parse_item(self, line: str) -> Optional[WatchEvent]:
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise WatchProtocolError("not a JSON object: %r" % line[:80])
+            if not isinstance(obj, dict):
+                raise WatchProtocolError("not a JSON object: %r" % line[:80])
+            fields = dict(flatten_fields(obj))
+            if not fields.get("event"):
+                return None
+            return WatchEvent(fields["event"], fields, line)
+        try:
+            tag, kind, values = parse_text_line(line)
+        except ValueError as e:
+            raise WatchProtocolError("not a protocol line (%s): %r" % (e, line[:80]))
+        kind = {"EVENT": kind, "STATUS": "status", "CALL": "call",
+                "HISTORY": "history"}.get(tag, "")
+        if not kind:
+            return None
+        fields = dict([("event", kind)] + list(values.items()))
+        return WatchEvent(kind, fields, line)
+
+    def _reply(self, line: str) -> list:
+        if not self._pending:
+            raise WatchProtocolError("a reply to no command: %r" % line[:80])
+        command = self._pending.popleft()
+        ok = not line.startswith("ERR ")
+        items, self._items = self._items, []
+        if command == "login":
+            if line.startswith("ERR 401"):
+                return [WatchRefused(line)]
+            if not ok:
+                raise WatchProtocolError("LOGIN answered %r" % line[:80])
+            self.state = "ready"
+            return [WatchLoggedIn(line),
+                    self._command("history", "HISTORY %d" % self.history),
+                    self._command("calls", "CALLS")]
+        if command == "format" and not ok:
+            raise WatchProtocolError("FORMAT json answered %r" % line[:80])
+        if command == "history":
+            # An older server: ERR 400 unknown command.  Nothing to list then.
+            self._history_done = True
+            return [WatchMissed(self._missed(items) if ok else [], ok)]
+        if command == "calls":
+            return [WatchCalls(items)]
+        return []
+
+    def _missed(self, records: List[WatchEvent]) -> List[WatchEvent]:
+        missed = []
+        for record in records:
+            fields = record.fields
+            if fields.get("direction") != "in" or fields.get("reason") not in MISSED_REASONS:
+                continue
+            end = parse_iso_time(fields.get("end"))
+            if self.since is not None and (end is None or end <= self.since):
+                continue
+            self._saw(end)
+            missed.append(WatchEvent("missed", fields, record.raw))
+        return missed
+
+    def _saw(self, when: Optional[float]) -> None:
+        if when is not None and (self._newest is None or when > self._newest):
+            self._newest = when
+
+
+# -- one line per event ---------------------------------------------------------
+
+#: What a terminal could take for a command: C0 and C1 controls (escape
+#: sequences), line and paragraph separators, and bidi overrides that
+#: reorder what is shown.  A caller ID reaches the screen escaped.
+_DISPLAY_ESCAPES = {code: "\\u%04x" % code for code in
+                    list(range(0x20)) + list(range(0x7f, 0xa0)) +
+                    [0x2028, 0x2029] + list(range(0x202a, 0x202f)) +
+                    list(range(0x2066, 0x206a))}
+
+
+def _caller(fields: Dict[str, str], prefix: str) -> str:
+    """``John Customer <+15551230001>``: a party as a caller is shown."""
+    num, name = fields.get(prefix + "_num", ""), fields.get(prefix + "_name", "")
+    if name and num and name != num:
+        return "%s <%s>" % (name, num)
+    return name or num or "unknown"
+
+
+def _called(fields: Dict[str, str], prefix: str) -> str:
+    """``100 (Alice Smith)``: a party as a called number is shown."""
+    num, name = fields.get(prefix + "_num", ""), fields.get(prefix + "_name", "")
+    if name and num and name != num:
+        return "%s (%s)" % (num, name)
+    return num or name or "unknown"
+
+
+def _seconds(fields: Dict[str, str], key: str) -> str:
+    return "%s s" % (fields.get(key) or "0")
+
+
+def _said_incoming(f: Dict[str, str]) -> str:
+    parts = []
+    if f.get("dialed") and f.get("dialed") != f.get("to_num"):
+        parts.append("dialed " + f["dialed"])
+    if f.get("queue"):
+        parts.append("queue " + f["queue"])
+    return "  ".join(parts)
+
+
+def _said_pickup(f: Dict[str, str]) -> str:
+    method = f.get("method")
+    return "answered by %s%s" % (_caller(f, "answered_by"),
+                                 " (%s pickup)" % method if method else "")
+
+
+def _said_divert(f: Dict[str, str]) -> str:
+    if f.get("direction") == "from":
+        return "forwarded from %s" % _called(f, "original")
+    return "forwarded to %s%s" % (_called(f, "target"),
+                                  " (external)" if f.get("external") == "yes" else "")
+
+
+def _said_transfer(f: Dict[str, str]) -> str:
+    return "%s transfer by %s to %s" % (f.get("kind") or "a", _caller(f, "by"),
+                                        _called(f, "target"))
+
+
+def _said_queue(f: Dict[str, str]) -> str:
+    text = "queue %s: %s" % (f.get("queue", ""), f.get("action", ""))
+    if f.get("action") == "join":
+        text += ", position %s of %s" % (f.get("position", "?"), f.get("count", "?"))
+    elif f.get("answered_by_num") or f.get("answered_by_name"):
+        text += ", answered by %s" % _caller(f, "answered_by")
+    return text
+
+
+def _said_park(f: Dict[str, str]) -> str:
+    return "parked at %s (lot %s) by %s, timeout %s" % (
+        f.get("space", "?"), f.get("lot", "?"), _caller(f, "by"), _seconds(f, "timeout"))
+
+
+def _said_unpark(f: Dict[str, str]) -> str:
+    space = f.get("space", "?")
+    result = f.get("result")
+    if result == "retrieved":
+        return "retrieved from %s by %s" % (space, _caller(f, "retrieved_by"))
+    if result == "timeout":
+        return "parked too long at %s, back to %s" % (space, _caller(f, "parked_by"))
+    return "%s at %s" % (result or "unparked", space)
+
+
+def _said_conference(f: Dict[str, str]) -> str:
+    verb = {"join": "joined", "leave": "left"}.get(f.get("action", ""), f.get("action", ""))
+    return "%s %s room %s, %s members" % (_caller(f, "who"), verb, f.get("room", "?"),
+                                          f.get("members", "?"))
+
+
+#: How a hangup reason reads on the screen.
+_REASON_TEXT = {
+    "completed": "ended", "noanswer": "not answered", "busy": "busy",
+    "cancelled": "caller hung up", "answered_elsewhere": "answered elsewhere",
+    "transferred": "transferred", "failed": "failed",
+    "unknown": "ended while the link to the PBX was down",
+}
+
+
+def _said_hangup(f: Dict[str, str]) -> str:
+    reason = f.get("reason", "")
+    text = "%s after %s" % (_REASON_TEXT.get(reason, reason or "ended"), _seconds(f, "duration"))
+    if f.get("talk_time") not in (None, "", "0"):
+        text += ", talked %s" % _seconds(f, "talk_time")
+    if reason == "failed" and f.get("cause_txt"):
+        text += " (%s)" % f["cause_txt"]
+    return text
+
+
+def _said_call(f: Dict[str, str]) -> str:
+    return "in progress: %s" % (f.get("state") or "?")
+
+
+def _said_missed(f: Dict[str, str]) -> str:
+    reason = f.get("reason", "")
+    if reason == "answered_elsewhere" and (f.get("answered_by_num") or
+                                           f.get("answered_by_name")):
+        return "answered by %s" % _caller(f, "answered_by")
+    return "%s after %s" % (_REASON_TEXT.get(reason, reason), _seconds(f, "duration"))
+
+
+#: The words after "caller -> called" per kind, one small function each.
+_SAID = {
+    "incoming": _said_incoming, "outgoing": _said_incoming, "pickup": _said_pickup,
+    "timeout": lambda f: "not answered", "busy": lambda f: "busy",
+    "divert": _said_divert, "transfer": _said_transfer, "queue": _said_queue,
+    "park": _said_park, "unpark": _said_unpark, "conference": _said_conference,
+    "hold": lambda f: "on hold by %s" % _caller(f, "by"),
+    "unhold": lambda f: "off hold by %s" % _caller(f, "by"),
+    "hangup": _said_hangup, "call": _said_call, "missed": _said_missed,
+}
+
+#: The fields every call event has; an unknown kind shows the others.
+_COMMON_FIELDS = ("event", "call", "time", "role", "device", "from_num", "from_name",
+                  "to_num", "to_name")
+
+
+def _local_time(text: Optional[str], fmt: str) -> str:
+    epoch = parse_iso_time(text)
+    if epoch is None:
+        return "--:--:--"
+    return datetime.datetime.fromtimestamp(epoch).strftime(fmt)
+
+
+def render_event(event: WatchEvent) -> str:
+    """One readable line, the time local::
+
+        14:02:11  incoming  John Customer <+15551230001> -> 100 (Alice Smith)  dialed +15557000100
+
+    Missed calls show the date too.  Control characters in caller IDs are
+    shown escaped: a line never ends early or moves the cursor.
+    """
+    f = event.fields
+    if event.kind == "missed":
+        when = _local_time(f.get("end") or f.get("start"), "%Y-%m-%d %H:%M")
+    else:
+        when = _local_time(f.get("time"), "%H:%M:%S")
+    if event.kind == "status":
+        text = _status_text(f)
+    else:
+        said = _SAID.get(event.kind)
+        if said is not None:
+            detail = said(f)
+        else:
+            detail = encode_text_line("", {k: v for k, v in f.items()
+                                           if k not in _COMMON_FIELDS}).strip()
+        text = "%s -> %s" % (_caller(f, "from"), _called(f, "to"))
+        if detail:
+            text += "  " + detail
+    return ("%s  %-8s  %s" % (when, event.kind, text)).translate(_DISPLAY_ESCAPES)
+
+
+def _status_text(f: Dict[str, str]) -> str:
+    if f.get("server") == "stopping":
+        return "the ctinotify server is stopping"
+    if f.get("pbx") == "up":
+        return "PBX connected"
+    if f.get("pbx") == "down":
+        return "PBX link down" + (": " + f["reason"] if f.get("reason") else "")
+    return encode_text_line("", {k: v for k, v in f.items() if k != "event"}).strip()
+
+
+def is_web_url(url: str) -> bool:
+    """Whether ``watch --open`` may hand url to the browser: http or https
+    with a host, no spaces or control characters, so never a file, a
+    script URL or something a browser could take for an option."""
+    if not url or any(c.isspace() or ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in url):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+# -- hooks ------------------------------------------------------------------------
+
+#: ``{name}`` in a hook argument; ``{{`` and ``}}`` are literal braces.
+_HOOK_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z0-9_]*)\}")
+
+
+def fill_placeholders(template: str, fields: Dict[str, str]) -> str:
+    """Replace each ``{name}`` with ``fields[name]`` (unknown: empty), in one
+    pass: a ``{`` in a value is never read as a placeholder again.  A NUL,
+    which no program argument can hold, becomes U+FFFD."""
+    def fill(match: "re.Match[str]") -> str:
+        if match.group(1) is None:
+            return match.group(0)[0]
+        return fields.get(match.group(1), "").replace("\0", "\ufffd")
+    return _HOOK_PLACEHOLDER.sub(fill, template)
+
+
+class ExecHook:
+    """``--exec KIND=COMMAND``: a program run for each event of a kind.
+
+    COMMAND is split once, like a POSIX shell would (``shlex.split``), into
+    an argument list; placeholders are then filled inside each argument,
+    and the list is run without a shell.  Whatever a caller ID holds
+    (quotes, ``;``, ``$(...)``, newlines), it stays inside its argument.
+    """
+
+    def __init__(self, kind: str, template: List[str]):
+        #: An event kind, or ``all``.
+        self.kind = kind
+        self.template = template
+
+    @classmethod
+    def parse(cls, spec: str) -> "ExecHook":
+        """``incoming=notify-send -- "Call from {from_name}" {from_num}``;
+        ValueError says what is wrong."""
+        kind, sep, command = spec.partition("=")
+        kind = kind.strip().lower()
+        if not sep or kind not in EVENT_KINDS + ("all",):
+            raise ValueError("%r: expected KIND=COMMAND, KIND one of: all, %s"
+                             % (spec[:40], ", ".join(EVENT_KINDS)))
+        try:
+            template = shlex.split(command)
+        except ValueError as e:
+            raise ValueError("%r: the command does not split into arguments: %s"
+                             % (spec[:40], e))
+        if not template:
+            raise ValueError("%r: no command after %s=" % (spec[:40], kind))
+        if any(m.group(1) is not None for m in _HOOK_PLACEHOLDER.finditer(template[0])):
+            # Else a caller ID would choose the program.
+            raise ValueError("%r: a placeholder in the program name, expected them in "
+                             "its arguments only" % spec[:40])
+        return cls(kind, template)
+
+    def wants(self, kind: str) -> bool:
+        return kind == self.kind or (self.kind == "all" and kind in EVENT_KINDS)
+
+    def argv(self, fields: Dict[str, str]) -> List[str]:
+        return [fill_placeholders(arg, fields) for arg in self.template]
+
+
+# ---------------------------------------------------------------------------
+# Desktop client I/O: one blocking socket, reconnects, hooks, the browser
+# ---------------------------------------------------------------------------
+
+
+class WatchState:
+    """The small JSON file that remembers, per user and server, the newest
+    server time ``watch`` has seen, so the next start lists only the calls
+    missed since.  A missing or broken file means: never connected."""
+
+    def __init__(self, path: str, key: str):
+        self.path = os.path.expanduser(path)
+        self.key = key
+        self.last_seen: Optional[float] = None
+        self._saved: Optional[float] = None
+        self._warned = False
+
+    def _read(self) -> Dict[str, object]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("ignoring the state file %s: %s", self.path, e)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def load(self) -> None:
+        seen = self._read().get("last_seen")
+        if isinstance(seen, dict):
+            self.last_seen = self._saved = parse_iso_time(str(seen.get(self.key, "")))
+
+    def advance(self, when: Optional[float]) -> None:
+        """Remember when, if newer, and write the file if it changed."""
+        if when is None or (self.last_seen is not None and when <= self.last_seen):
+            return
+        self.last_seen = when
+        self.save()
+
+    def save(self) -> None:
+        if self.last_seen is None or self.last_seen == self._saved:
+            return
+        data = self._read()
+        seen = data.get("last_seen")
+        if not isinstance(seen, dict):
+            seen = data["last_seen"] = {}
+        seen[self.key] = iso_time(self.last_seen)
+        temporary = "%s.%d.tmp" % (self.path, os.getpid())
+        try:
+            with open(temporary, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.write("\n")
+            os.replace(temporary, self.path)
+            self._saved = self.last_seen
+        except OSError as e:
+            if not self._warned:
+                log.warning("cannot write the state file %s: %s", self.path, e.strerror or e)
+                self._warned = True
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+
+
+class WatchClient:
+    """``ctinotify watch``: a blocking socket with a short timeout, which
+    works the same on Windows, macOS and Linux (no select() on stdin).
+
+    Each connection gets a fresh WatchSession; this class only moves its
+    lines, prints, runs hooks, opens pages and waits between reconnects.
+    """
+
+    def __init__(self, host: str, port: int, user: str, secret: str,
+                 fmt: str = "readable", hooks: Sequence[ExecHook] = (),
+                 open_urls: bool = False, state: Optional[WatchState] = None,
+                 out=None):
+        self.host = host
+        self.port = port
+        self.user = user
+        self._secret = secret
+        #: ``readable`` lines, or the server's raw ``text`` or ``json`` lines.
+        self.fmt = fmt
+        self.hooks = list(hooks)
+        self.open_urls = open_urls
+        self.state = state
+        self.out = out if out is not None else sys.stdout
+        self.children: List[subprocess.Popen] = []
+        self.where = "%s port %d" % (host, port)
+
+    def run(self) -> int:
+        """Until Ctrl-C (0) or a refused login (1)."""
+        backoff = WATCH_RECONNECT_MIN_S
+        try:
+            while True:
+                fatal, logged_in, reason = self._connect_once()
+                if fatal:
+                    return 1
+                if logged_in:
+                    backoff = WATCH_RECONNECT_MIN_S
+                log.warning("%s; reconnecting in %g s", reason, backoff)
+                self._sleep(backoff)
+                backoff = min(backoff * 2, WATCH_RECONNECT_MAX_S)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            if self.state is not None:
+                self.state.save()
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            self._reap()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, WATCH_TICK_S))
+
+    def _connect_once(self) -> Tuple[bool, bool, str]:
+        """One connection: ``(fatal, logged_in, why it ended)``."""
+        since = self.state.last_seen if self.state is not None else None
+        session = WatchSession(self.user, self._secret,
+                               "text" if self.fmt == "text" else "json", since)
+        try:
+            sock = socket.create_connection((self.host, self.port),
+                                            timeout=WATCH_CONNECT_TIMEOUT_S)
+        except OSError as e:
+            return False, False, "cannot connect to %s: %s" % (self.where, e.strerror or e)
+        logged_in = False
+        try:
+            sock.settimeout(WATCH_TICK_S)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            buffer = bytearray()
+            last_heard = time.monotonic()
+            ping_sent: Optional[float] = None
+            while True:
+                self._reap()
+                try:
+                    data: Optional[bytes] = sock.recv(WATCH_RECV_BYTES)
+                except socket.timeout:
+                    data = None
+                now = time.monotonic()
+                if data == b"":
+                    return False, logged_in, "%s closed the connection" % self.where
+                if data:
+                    last_heard, ping_sent = now, None
+                    buffer += data
+                    while True:
+                        newline = buffer.find(b"\n")
+                        if newline < 0:
+                            break
+                        line = bytes(buffer[:newline]).decode("utf-8", "replace")
+                        del buffer[:newline + 1]
+                        for item in session.receive_line(line):
+                            if isinstance(item, WatchRefused):
+                                log.error("%s refused the login as %s (%s): check the user, "
+                                          "the secret, and the host= allowed for the user",
+                                          self.where, self.user, item.reply)
+                                return True, False, "login refused"
+                            if isinstance(item, WatchLoggedIn):
+                                logged_in = True
+                                log.info("connected to %s: %s", self.where, item.reply)
+                            self._act(sock, session, item)
+                    if len(buffer) > MAX_WATCH_LINE_BYTES:
+                        raise WatchProtocolError("a line longer than %d bytes"
+                                                 % MAX_WATCH_LINE_BYTES)
+                elif session.state == "ready":
+                    if ping_sent is None and now - last_heard >= WATCH_PING_INTERVAL_S:
+                        self._send(sock, session.ping())
+                        ping_sent = now
+                    elif ping_sent is not None and now - ping_sent >= WATCH_PONG_TIMEOUT_S:
+                        return False, logged_in, "%s does not answer PING" % self.where
+        except WatchProtocolError as e:
+            return False, logged_in, "%s: %s" % (self.where, e)
+        except OSError as e:
+            return False, logged_in, "connection to %s lost: %s" % (self.where, e.strerror or e)
+        finally:
+            sock.close()
+
+    @staticmethod
+    def _send(sock: socket.socket, command: WatchSend) -> None:
+        # A few short commands on a client's own socket: sendall is fine here.
+        sock.sendall((command.line + "\r\n").encode("utf-8"))
+
+    def _act(self, sock: socket.socket, session: WatchSession, item: object) -> None:
+        if self.state is not None:
+            # Before anything is shown: what the user saw is remembered.
+            self.state.advance(session.seen_until)
+        if isinstance(item, WatchSend):
+            self._send(sock, item)
+        elif isinstance(item, WatchEvent):
+            self._show(item)
+            if item.kind in EVENT_KINDS:
+                self._run_hooks(item)
+                if self.open_urls and item.kind == "incoming":
+                    self._open(item.fields.get("url", ""))
+        elif isinstance(item, WatchMissed):
+            if not item.supported:
+                log.info("%s has no HISTORY command: missed calls are not listed", self.where)
+            for call in item.calls:
+                self._show(call)
+        elif isinstance(item, WatchCalls):
+            for call in item.calls:
+                self._show(call)
+
+    def _show(self, event: WatchEvent) -> None:
+        if self.fmt == "readable":
+            text = render_event(event)
+        else:
+            text = event.raw.translate(_DISPLAY_ESCAPES)
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def _run_hooks(self, event: WatchEvent) -> None:
+        for hook in self.hooks:
+            if not hook.wants(event.kind):
+                continue
+            self._reap()
+            argv = hook.argv(event.fields)
+            if len(self.children) >= MAX_HOOK_PROCESSES:
+                log.warning("--exec %s: %d hooks still running, not starting %s",
+                            hook.kind, len(self.children), argv[0])
+                continue
+            try:
+                # An argument list and no shell: nothing in argv is ever parsed again.
+                self.children.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
+            except (OSError, ValueError) as e:
+                log.warning("--exec %s: cannot run %s: %s", hook.kind, argv[0], e)
+
+    def _reap(self) -> None:
+        """Collect finished hooks (no zombies); never waits for one."""
+        self.children = [child for child in self.children if child.poll() is None]
+
+    def _open(self, url: str) -> None:
+        if not url:
+            return
+        if not is_web_url(url):
+            log.warning("not opening %s: only http and https pages are opened",
+                        url[:200].translate(_DISPLAY_ESCAPES))
+            return
+        try:
+            if not webbrowser.open(url):
+                log.warning("no web browser found to open %s", url)
+        except webbrowser.Error as e:
+            log.warning("cannot open %s: %s", url, e)
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -3260,7 +4076,7 @@ def replay_trace(stream, users: Dict[str, UserConfig], chunk_bytes: int = 1 << 1
             for note in engine.handle(msg, clock.observe(msg)):
                 account = users.get(note.user)
                 if account is not None and note.kind in account.events:
-                    yield note.user, note.fields
+                    yield note.user, with_popup_url(note.fields, account)
         for problem in parser.problems:
             log.warning("replay: %s", problem)
         parser.problems.clear()
@@ -3542,6 +4358,78 @@ def _cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_address(text: str) -> Tuple[str, int]:
+    """``HOST``, ``HOST:PORT``, ``[v6]:PORT`` or a bare IPv6 address (argparse type)."""
+    host, port = text.strip(), str(DEFAULT_CLIENT_PORT)
+    if host.startswith("["):
+        host, _, rest = host[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise argparse.ArgumentTypeError("%r: expected [ADDRESS]:PORT" % text)
+            port = rest[1:]
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError("%r: expected HOST or HOST:PORT, PORT 1 to 65535"
+                                         % text)
+    return host, int(port)
+
+
+def _user_name(text: str) -> str:
+    if not _USER_NAME.match(text):
+        raise argparse.ArgumentTypeError("%r: expected 1-64 of A-Z a-z 0-9 _ . @ + -" % text)
+    return text
+
+
+def _exec_hook(text: str) -> ExecHook:
+    try:
+        return ExecHook.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def _read_secret(args: argparse.Namespace, host: str) -> Optional[str]:
+    """The secret from --secret-file (its first line) or a prompt; never
+    from the command line, where every user of the machine could read it."""
+    if args.secret_file:
+        try:
+            with open(args.secret_file, encoding="utf-8") as f:
+                secret = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            log.error("cannot read the secret file %s: %s", args.secret_file,
+                      getattr(e, "strerror", None) or e)
+            return None
+        if os.name == "posix":
+            _warn_if_world_readable(args.secret_file)
+    else:
+        secret = getpass.getpass("secret for %s on %s: " % (args.user, host)).strip()
+    if not secret:
+        log.error("the secret is empty")
+        return None
+    return secret
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
+    # A caller ID the console cannot encode (Windows) is shown as '?'.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    host, port = args.server
+    try:
+        secret = _read_secret(args, host)
+    except KeyboardInterrupt:
+        return 0
+    if secret is None:
+        return 1
+    state = WatchState(args.state, "%s@%s:%d" % (args.user, host, port))
+    state.load()
+    client = WatchClient(host, port, args.user, secret, args.format, args.hooks,
+                         args.open, state)
+    return client.run()
+
+
 def _warn_if_world_readable(path: str) -> None:
     try:
         mode = os.stat(path).st_mode
@@ -3577,6 +4465,33 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cmd = commands.add_parser("record", help="record AMI traffic to a file")
     cmd.add_argument("output", help="file to write the received bytes to")
     cmd.add_argument("-c", "--config", help=config_help)
+    # allow_abbrev=False: "--secret X" must not pass as --secret-file X.
+    cmd = commands.add_parser(
+        "watch", allow_abbrev=False,
+        help="the desktop client: show your calls, run commands, open pages",
+        description="Connect to a ctinotify server, log in and print each of your calls' "
+                    "events as one line; reconnect when the server goes away.  The secret "
+                    "is read from --secret-file or asked for, never taken as an argument.")
+    cmd.add_argument("server", metavar="HOST[:PORT]", type=_server_address,
+                     help="the ctinotify server (port %d if not given)" % DEFAULT_CLIENT_PORT)
+    cmd.add_argument("-u", "--user", required=True, type=_user_name,
+                     help="your user name ([section] of the server)")
+    cmd.add_argument("--secret-file", metavar="FILE",
+                     help="read the secret from the first line of FILE (chmod 600 it); "
+                          "without it, the secret is asked for")
+    cmd.add_argument("--exec", dest="hooks", action="append", default=[], type=_exec_hook,
+                     metavar="KIND=COMMAND",
+                     help="run COMMAND for each event of KIND (an event kind or all), split "
+                          "into arguments like a shell would, {from_num}, {from_name} ... "
+                          "filled in each argument, never through a shell; repeatable")
+    cmd.add_argument("--open", action="store_true",
+                     help="open the url of incoming calls (the server's popup_url) in the "
+                          "web browser; http and https only")
+    cmd.add_argument("--format", choices=("readable", "text", "json"), default="readable",
+                     help="readable lines (the default), or the server's text or JSON lines")
+    cmd.add_argument("--state", metavar="FILE", default=DEFAULT_WATCH_STATE,
+                     help="where to remember when you were last connected, for the missed "
+                          "calls (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -3584,7 +4499,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s ctinotify[%(process)d] %(levelname)s %(message)s")
     handler = {"check": _cmd_check, "run": _cmd_run, "replay": _cmd_replay,
-               "record": _cmd_record}[args.command]
+               "record": _cmd_record, "watch": _cmd_watch}[args.command]
     try:
         return handler(args)
     except ConfigError as e:

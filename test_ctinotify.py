@@ -2216,3 +2216,727 @@ def test_readme_calls_example_is_what_calls_says():
     session.handle_line("LOGIN alice alice-secret", view)
     assert block[0] == "> CALLS"
     assert session.handle_line("CALLS", view) == block[1:]
+
+
+# ---------------------------------------------------------------------------
+# Screen pops (issue 6): popup_url
+# ---------------------------------------------------------------------------
+
+#: A caller ID written to hurt: shell syntax, a placeholder, URL syntax,
+#: non-ASCII.  AMI framing allows anything but CR and LF in a header.
+HOSTILE_NAME = ('Zo\u00eb "; rm -rf ~; echo " $(touch pwned1) `touch pwned2` '
+                "{to_num} & | > pwned3 #?/&x=1 %41")
+POPUP_URL = "https://crm.example.com/search?phone={from_num}&name={from_name}&by={user}"
+
+
+def hostile_trace(tmp_path, name=HOSTILE_NAME):
+    """a_inbound_answered.ami with John Customer renamed to ``name``."""
+    data = read_trace("a_inbound_answered")
+    assert data.count(b"John Customer") >= 2
+    path = tmp_path / "hostile.ami"
+    path.write_bytes(data.replace(b"John Customer", name.encode("utf-8")))
+    return str(path)
+
+
+def expected_url(name=HOSTILE_NAME, user="alice"):
+    from urllib.parse import quote
+    return ("https://crm.example.com/search?phone=%2B15551230001&name=" +
+            quote(name, safe="") + "&by=" + user)
+
+
+def popup_users(url=POPUP_URL):
+    return ("[alice]\nsecret = alice-secret\ndevices = PJSIP/100\nextensions = 100\n"
+            "popup_url = %s\n[bob]\nsecret = bob-secret\ndevices = PJSIP/101\n" % url)
+
+
+def test_popup_url_is_read_and_shown_by_check():
+    config = parse_config(popup_users(), "p.conf", require_ami=False)
+    assert config.users["alice"].popup_url == POPUP_URL
+    assert config.users["bob"].popup_url == ""
+    assert "popup_url = %s" % POPUP_URL in config.describe()
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("ftp://crm.example.com/{from_num}", "is not an http or https URL"),
+    ("javascript:alert(1)", "is not an http or https URL"),
+    ("crm.example.com/?p={from_num}", "is not an http or https URL"),
+    ("https://crm.example.com/?p={phone}", "unknown placeholder {phone}, expected any of"),
+    ("https://crm.example.com/?p={from_num", "a brace that is not part of a {placeholder}"),
+    ("https://{from_name}.example.com/", "a placeholder in the host"),
+    ("https://crm.example.com/?q=a b", "a space in the URL"),
+])
+def test_popup_url_errors_name_file_line_section_and_key(url, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_config(popup_users(url), "p.conf", require_ami=False)
+    assert "p.conf:5: [alice] popup_url: " in str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_popup_url_values_are_percent_encoded_and_only_incoming_gets_it():
+    account = parse_config(popup_users(), "p.conf", require_ami=False).users["alice"]
+    fields = {"event": "incoming", "call": "1.2", "from": {"num": "+1 555", "name": HOSTILE_NAME},
+              "to": {"num": "100", "name": "Alice"}}
+    url = ctinotify.with_popup_url(fields, account)["url"]
+    assert url == ("https://crm.example.com/search?phone=%2B1%20555&name="
+                   "Zo%C3%AB%20%22%3B%20rm%20-rf%20~%3B%20echo%20%22%20%24%28touch%20pwned1%29%20"
+                   "%60touch%20pwned2%60%20%7Bto_num%7D%20%26%20%7C%20%3E%20pwned3%20%23%3F%2F"
+                   "%26x%3D1%20%2541&by=alice")
+    assert "url" not in fields  # the engine's notification is left alone
+    assert ctinotify.with_popup_url(dict(fields, event="pickup"), account) == \
+        dict(fields, event="pickup")
+    bob = parse_config(popup_users(), "p.conf", require_ami=False).users["bob"]
+    assert ctinotify.with_popup_url(fields, bob) is fields
+
+
+def test_replay_prints_the_popup_url_of_incoming_events(tmp_path):
+    conf = tmp_path / "p.conf"
+    conf.write_text(popup_users())
+    result = run_cli("replay", hostile_trace(tmp_path), "-c", str(conf))
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(e["event"], "url" in e) for e in events] == \
+        [("incoming", True), ("pickup", False), ("hangup", False)]
+    assert events[0]["url"] == expected_url()
+    assert events[0]["from"]["name"] == HOSTILE_NAME
+
+
+def test_e2e_incoming_events_carry_the_users_popup_url(fake, daemon_factory, clients, tmp_path):
+    daemon = daemon_factory(users=popup_users())
+    alice = clients(daemon.port, "alice alice-secret")
+    alice_json = clients(daemon.port, "alice alice-secret")
+    alice_json.send("FORMAT json")
+    assert alice_json.line() == "OK format=json"
+    fake.send_trace(hostile_trace(tmp_path))
+    text = alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    parsed = [ctinotify.parse_text_line(l)[2] for l in text]
+    assert parsed[0]["url"] == expected_url() and parsed[0]["from_name"] == HOSTILE_NAME
+    assert ["url" in p for p in parsed] == [True, False, False]
+    objects = [json.loads(l) for l in alice_json.lines_until(lambda l: '"hangup"' in l)]
+    assert objects[0]["url"] == expected_url() and "url" not in objects[1]
+
+
+# ---------------------------------------------------------------------------
+# On the desktop (issue 6): ctinotify watch
+# ---------------------------------------------------------------------------
+
+import shlex  # noqa: E402
+
+CTINOTIFY = os.path.join(HERE, "ctinotify.py")
+#: A --exec hook that writes the arguments it got, as JSON, to its first.
+ARGV_RECORDER = 'import sys, json; open(sys.argv[1], "w").write(json.dumps(sys.argv[2:]))'
+
+
+def watch_event(line):
+    """What the protocol half of watch makes of one server line."""
+    session = ctinotify.WatchSession("alice", "s")
+    session.receive_line("CTINOTIFY/1 hello")
+    (event,) = session.receive_line(line)
+    return event
+
+
+def render(fields):
+    flat = dict(ctinotify.flatten_fields(fields))
+    return ctinotify.render_event(ctinotify.WatchEvent(flat["event"], flat, ""))
+
+
+def local_hms(iso):
+    return ctinotify._local_time(iso, "%H:%M:%S")
+
+
+def test_the_desktop_client_core_does_no_io():
+    with open(CTINOTIFY, encoding="utf-8") as f:
+        source = f.read()
+    core = source.split("# Desktop client (no I/O)")[1].split("# Desktop client I/O")[0]
+    for forbidden in (r"\bsocket\.[a-z]", r"\bselectors\.", r"\btime\.(time|monotonic|sleep)\(",
+                      r"\bopen\(", r"\bsys\.std", r"\bprint\(", r"\bsubprocess\.",
+                      r"\bwebbrowser\.", r"\bos\.(environ|system|popen)", r"\.now\("):
+        assert not re.search(forbidden, core), forbidden
+
+
+def test_watch_session_logs_in_asks_history_and_calls_then_yields_events():
+    session = ctinotify.WatchSession("alice", "two words", since=None)
+    with pytest.raises(ctinotify.WatchProtocolError):
+        ctinotify.WatchSession("a", "s").receive_line("SSH-2.0-OpenSSH_9.6")
+    sent = session.receive_line("CTINOTIFY/1 ctinotify 0.1.0 ready; LOGIN <user> <secret>\r")
+    assert [s.line for s in sent] == ["FORMAT json", "LOGIN alice two words"]
+    assert session.receive_line("OK format=json") == []
+    out = session.receive_line("OK logged in as alice; events=incoming,hangup")
+    assert isinstance(out[0], ctinotify.WatchLoggedIn)
+    assert [s.line for s in out[1:]] == ["HISTORY 20", "CALLS"]
+    # The STATUS line of an older server may come as text: both are read.
+    (status,) = session.receive_line("STATUS pbx=up time=2026-11-26T21:19:09Z")
+    assert (status.kind, status.fields["pbx"]) == ("status", "up")
+    assert session.seen_until is None  # nothing is remembered before HISTORY is done
+    (missed,) = session.receive_line("ERR 400 unknown command, try HELP")
+    assert isinstance(missed, ctinotify.WatchMissed) and not missed.supported
+    assert session.seen_until == ctinotify.parse_iso_time("2026-11-26T21:19:09Z")
+    assert session.receive_line('{"event":"call","call":"1.1","state":"ringing"}') == []
+    (calls,) = session.receive_line("OK calls=1")
+    assert [c.fields["state"] for c in calls.calls] == ["ringing"]
+    golden = dict(load_golden("a_inbound_answered")[0])
+    golden.pop("client")
+    (event,) = session.receive_line(ctinotify.encode_json_line(golden))
+    assert event.kind == "incoming" and event.fields["from_name"] == "John Customer"
+    assert event.fields["to_num"] == "100" and event.fields["event"] == "incoming"
+    assert session.receive_line("NEWTHING x=1") == []  # a newer server's line type
+    assert session.receive_line('{"what":"no event"}') == []
+    assert [s.line for s in [session.ping()]] == ["PING"]
+    assert session.receive_line("OK PONG") == []
+
+
+def test_watch_session_text_format_and_a_refused_login():
+    session = ctinotify.WatchSession("alice", "wrong", fmt="text")
+    assert [s.line for s in session.receive_line("CTINOTIFY/1 hi")] == ["LOGIN alice wrong"]
+    (refused,) = session.receive_line("ERR 401 login failed")
+    assert isinstance(refused, ctinotify.WatchRefused) and refused.reply == "ERR 401 login failed"
+    event = watch_event('EVENT incoming call=1.2 from_num=+1 from_name="a \\"b\\""')
+    assert event.fields == {"event": "incoming", "call": "1.2", "from_num": "+1",
+                            "from_name": 'a "b"'}
+
+
+def test_watch_session_lists_only_missed_calls_since_it_was_last_connected():
+    def record(end, direction="in", reason="noanswer", call="1"):
+        return ctinotify.encode_json_line({
+            "event": "history", "user": "alice", "call": call, "direction": direction,
+            "from": {"num": "+15551230001", "name": "John Customer"},
+            "to": {"num": "100", "name": "Alice Smith"}, "start": end, "end": end,
+            "answered": False, "answered_by": None, "reason": reason, "duration": 7})
+    since = ctinotify.parse_iso_time("2026-11-26T11:00:00Z")
+    session = ctinotify.WatchSession("alice", "s", since=since)
+    session.receive_line("CTINOTIFY/1 hi")
+    session.receive_line("OK format=json")
+    session.receive_line("OK logged in as alice")
+    lines = [record("2026-11-26T10:00:00Z", call="old"),
+             record("2026-11-26T11:00:00Z", call="same second"),
+             record("2026-11-26T12:00:00Z", call="noanswer"),
+             record("2026-11-26T12:01:00Z", reason="completed", call="completed"),
+             record("2026-11-26T12:02:00Z", direction="out", reason="busy", call="out"),
+             record("2026-11-26T12:03:00Z", reason="answered_elsewhere", call="elsewhere"),
+             record("2026-11-26T12:04:00Z", reason="cancelled", call="cancelled"),
+             record("2026-11-26T12:05:00Z", reason="busy", call="busy"),
+             "HISTORY call=text end=2026-11-26T12:06:00Z direction=in reason=noanswer"]
+    for line in lines:
+        assert session.receive_line(line) == []
+    (missed,) = session.receive_line("OK history=%d" % len(lines))
+    assert missed.supported
+    assert [m.fields["call"] for m in missed.calls] == \
+        ["noanswer", "elsewhere", "cancelled", "busy", "text"]
+    assert all(m.kind == "missed" for m in missed.calls)
+    assert session.seen_until == ctinotify.parse_iso_time("2026-11-26T12:06:00Z")
+    first_run = ctinotify.WatchSession("alice", "s", since=None)
+    for line in ["CTINOTIFY/1 hi", "OK format=json", "OK logged in"] + lines:
+        first_run.receive_line(line)
+    (missed,) = first_run.receive_line("OK history=9")
+    assert [m.fields["call"] for m in missed.calls][:2] == ["old", "same second"]
+
+
+def test_watch_session_garbage_raises_nothing_but_its_own_error():
+    rng = random.Random(6)
+    alphabet = ["OK", "ERR 401 x", "ERR 400 y", "{", "}", '"', "=", " ", "EVENT", "CALL",
+                "HISTORY", "STATUS", "\\", "\x00", "\u00e9", "[1]", "null", "x"]
+    for _ in range(2000):
+        session = ctinotify.WatchSession("a", "s")
+        try:
+            session.receive_line("CTINOTIFY/1 hi")
+            for _ in range(rng.randrange(1, 8)):
+                session.receive_line("".join(rng.choice(alphabet)
+                                             for _ in range(rng.randrange(0, 8))))
+        except ctinotify.WatchProtocolError:
+            pass
+
+
+def test_render_every_kind_of_every_trace_as_one_line():
+    kinds = set()
+    for name in CALL_TRACES:
+        for event in load_golden(name):
+            event = dict(event)
+            event.pop("client")
+            line = render(event)
+            kinds.add(event["event"])
+            assert len(line.splitlines()) == 1 and "unknown" not in line, line
+            assert line.startswith(local_hms(event["time"]) + "  %-8s  " % event["event"])
+    for note in conference_scenario().told:
+        if note.kind == "conference":
+            assert re.search(r"  conference  .* (joined|left) room 800, \d members$",
+                             render(note.fields)), render(note.fields)
+        kinds.add(note.kind)
+    assert kinds >= set(ctinotify.EVENT_KINDS) - {"unhold"}
+
+
+@pytest.mark.parametrize("fields, said", [
+    ({"event": "incoming", "from": {"num": "+15551230001", "name": "John Customer"},
+      "to": {"num": "100", "name": "Alice Smith"}, "dialed": "+15557000100"},
+     "incoming  John Customer <+15551230001> -> 100 (Alice Smith)  dialed +15557000100"),
+    ({"event": "outgoing", "from": {"num": "100", "name": "Alice Smith"},
+      "to": {"num": "+15559870002", "name": ""}, "dialed": "+15559870002"},
+     "outgoing  Alice Smith <100> -> +15559870002"),
+    ({"event": "hangup", "from": {"num": "+1", "name": ""}, "to": {"num": "100", "name": ""},
+      "reason": "completed", "cause": 16, "duration": 5, "talk_time": 3},
+     "hangup    +1 -> 100  ended after 5 s, talked 3 s"),
+    ({"event": "hangup", "from": {"num": "+1", "name": ""}, "to": {"num": "100", "name": ""},
+      "reason": "noanswer", "duration": 20, "talk_time": 0},
+     "hangup    +1 -> 100  not answered after 20 s"),
+    ({"event": "hold", "from": {"num": "+1", "name": ""}, "to": {"num": "100", "name": ""},
+      "by": {"num": "100", "name": "Alice"}}, "hold      +1 -> 100  on hold by Alice <100>"),
+    ({"event": "unhold", "from": {"num": "+1", "name": ""}, "to": {"num": "100", "name": ""},
+      "by": {"num": "+1", "name": ""}}, "unhold    +1 -> 100  off hold by +1"),
+    ({"event": "status", "pbx": "up"}, "status    PBX connected"),
+    ({"event": "status", "pbx": "down", "reason": "connection closed by Asterisk"},
+     "status    PBX link down: connection closed by Asterisk"),
+    ({"event": "status", "server": "stopping"}, "status    the ctinotify server is stopping"),
+    ({"event": "teleport", "from": {"num": "1", "name": ""}, "to": {"num": "2", "name": ""},
+      "where": "mars"}, "teleport  1 -> 2  where=mars"),
+])
+def test_render_reads_like_a_sentence(fields, said):
+    fields = dict(fields, time="2026-11-26T21:19:10Z")
+    assert render(fields) == local_hms("2026-11-26T21:19:10Z") + "  " + said
+
+
+def test_render_escapes_what_could_move_the_cursor_or_end_the_line():
+    name = "\x1b[2J\x1b]0;owned\x07line\r\nnext\u2028\u202egnp.exe\x85"
+    line = render({"event": "incoming", "time": "2026-11-26T21:19:10Z",
+                   "from": {"num": "+1", "name": name}, "to": {"num": "100", "name": ""}})
+    assert len(line.splitlines()) == 1
+    assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e]", line)
+    assert "\\u001b[2J\\u001b]0;owned\\u0007line\\u000d\\u000anext\\u2028\\u202egnp.exe" in line
+
+
+def test_exec_hook_splits_once_and_fills_each_argument():
+    hook = ctinotify.ExecHook.parse(
+        'incoming=notify-send -- "Call from {from_name}" "{from_num}" {{literal}} {nope}')
+    assert hook.kind == "incoming" and hook.wants("incoming") and not hook.wants("hangup")
+    for hostile in (HOSTILE_NAME, '"; rm -rf ~; echo "', "$(touch /tmp/pwned)",
+                    "two\nlines\r\n", "{from_num}{{x}}", "'", "\\", ""):
+        argv = hook.argv({"from_name": hostile, "from_num": "+1 {to_num}", "to_num": "X"})
+        assert argv == ["notify-send", "--", "Call from " + hostile, "+1 {to_num}",
+                        "{literal}", ""]
+    every = ctinotify.ExecHook.parse("ALL=logger {event}")
+    assert every.kind == "all" and every.wants("queue") and not every.wants("status")
+    assert hook.argv({"from_name": "nul\0byte"})[2] == "Call from nul\ufffdbyte"
+    for bad, message in [("incoming", "expected KIND=COMMAND"), ("ringing=x", "KIND one of"),
+                         ("incoming=", "no command"), ('incoming=a "b', "does not split"),
+                         ("incoming={from_name} x", "a placeholder in the program name"),
+                         ("incoming=/usr/bin/{x}", "a placeholder in the program name")]:
+        with pytest.raises(ValueError, match=message):
+            ctinotify.ExecHook.parse(bad)
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("https://crm.example.com/?p=%2B1", True), ("http://10.0.0.1:8080/x", True),
+    ("file:///etc/passwd", False), ("javascript:alert(1)", False), ("-https://x", False),
+    ("https://", False), ("https://crm.example.com/a b", False), ("", False),
+    ("https://crm.example.com/\x1b", False), ("HTTPS://CRM.EXAMPLE.COM/", True),
+])
+def test_only_http_and_https_pages_are_opened(url, ok):
+    assert ctinotify.is_web_url(url) is ok
+
+
+@pytest.mark.parametrize("text, address", [
+    ("pbx.example.com", ("pbx.example.com", 5039)), ("pbx:6000", ("pbx", 6000)),
+    ("[::1]:6000", ("::1", 6000)), ("[::1]", ("::1", 5039)), ("fe80::1", ("fe80::1", 5039)),
+])
+def test_watch_server_address(text, address):
+    assert ctinotify._server_address(text) == address
+
+
+def test_watch_takes_no_secret_on_the_command_line():
+    usage = run_cli("watch", "--help").stdout
+    assert "--secret-file" in usage and not re.search(r"--secret(?!-file)\b", usage)
+    for args in (["--secret", "alice-secret"], ["--secret=alice-secret"], ["--sec", "x"]):
+        result = run_cli("watch", "127.0.0.1:1", "--user", "alice", *args)
+        assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+    result = run_cli("watch", "127.0.0.1:1", "--user", "alice", "--exec", "ring=x")
+    assert result.returncode == 2 and "KIND one of" in result.stderr
+    result = run_cli("watch", "127.0.0.1:1", "--user", "alice x")
+    assert result.returncode == 2 and "expected 1-64 of" in result.stderr
+
+
+class Watch:
+    """ctinotify.py watch as a child process; stdout and stderr collected."""
+
+    def __init__(self, tmp_path, port, *args, secret="alice-secret", user="alice",
+                 env=None, cwd=None, secret_file=True):
+        self.state = tmp_path / "watch-state.json"
+        command = [sys.executable, CTINOTIFY, "watch", "127.0.0.1:%d" % port, "--user", user,
+                   "--state", str(self.state)]
+        if secret_file:
+            path = tmp_path / "watch-secret"
+            path.write_text(secret + "\n")
+            os.chmod(str(path), 0o600)
+            command += ["--secret-file", str(path)]
+        environment = dict(os.environ, TZ="UTC")
+        environment.update(env or {})
+        self.proc = subprocess.Popen(
+            command + list(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, encoding="utf-8",
+            env=environment, cwd=cwd,
+            start_new_session=True,  # no terminal: getpass falls back to stdin
+            preexec_fn=self._ctrl_c_works)
+        self.out, self.err = [], []
+        self._queues = {"out": queue.Queue(), "err": queue.Queue()}
+        for name, stream, store in (("out", self.proc.stdout, self.out),
+                                    ("err", self.proc.stderr, self.err)):
+            threading.Thread(target=self._read, args=(stream, store, self._queues[name]),
+                             daemon=True).start()
+
+    @staticmethod
+    def _ctrl_c_works():
+        """Tests run as a shell's background job ignore SIGINT, and a child
+        inherits that: give watch its Ctrl-C back."""
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    @staticmethod
+    def _read(stream, store, lines):
+        for line in stream:
+            store.append(line.rstrip("\n"))
+            lines.put(store[-1])
+
+    def wait(self, stream, pattern, timeout=20.0, after=0):
+        """The first line of stream ("out" or "err") from index after that matches."""
+        store, lines = (self.out if stream == "out" else self.err), self._queues[stream]
+        deadline = time.monotonic() + timeout
+        while True:
+            for index, line in enumerate(list(store)[after:], after):
+                if re.search(pattern, line):
+                    return index, line
+            try:
+                lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise AssertionError("no %s line matching %r in:\n%s\nstderr:\n%s" % (
+                        stream, pattern, "\n".join(self.out), "\n".join(self.err)))
+
+    def stop(self):
+        """Ctrl-C; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            stream.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def watches():
+    started = []
+
+    def start(*args, **kwargs):
+        watch = Watch(*args, **kwargs)
+        started.append(watch)
+        return watch
+    yield start
+    for watch in started:
+        watch.stop()
+
+
+CALL_LINE = r"^\d\d:\d\d:\d\d  %s"
+
+
+def test_e2e_watch_prints_the_calls_and_reconnects_when_the_server_restarts(
+        fake, daemon_factory, watches, tmp_path):
+    port = free_port()
+    daemon = daemon_factory(general="port = %d" % port)
+    watch = watches(tmp_path, port)
+    watch.wait("err", r"connected to 127\.0\.0\.1 port %d: OK logged in as alice" % port)
+    watch.wait("err", r"has no HISTORY command: missed calls are not listed")
+    watch.wait("out", CALL_LINE % r"status    PBX connected$")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    start, _ = watch.wait("out", CALL_LINE % "incoming")
+    end, _ = watch.wait("out", CALL_LINE % "hangup")
+    assert [line[10:] for line in watch.out[start:end]] == [
+        "incoming  John Customer <+15551230001> -> 100 (Alice Smith)  dialed +15557000100",
+        "pickup    John Customer <+15551230001> -> 100 (Alice Smith)  answered by "
+        "Alice Smith <100>"]
+    assert re.match(r"hangup    John Customer <\+15551230001> -> 100 \(Alice Smith\)  "
+                    r"ended after \d+ s", watch.out[end][10:])
+
+    daemon.stop()
+    watch.wait("out", CALL_LINE % "status    the ctinotify server is stopping", after=end)
+    watch.wait("err", "127.0.0.1 port %d closed the connection; reconnecting in 1 s" % port)
+    daemon_factory(general="port = %d" % port)
+    logins = len(watch.err)
+    watch.wait("err", "connected to 127.0.0.1 port %d: OK logged in" % port, after=logins)
+    again, _ = watch.wait("out", CALL_LINE % "status    PBX connected", after=end)
+    fake.send_trace(trace_path("b_inbound_noanswer"))
+    watch.wait("out", CALL_LINE % "incoming  John Customer", after=again)
+    watch.wait("out", CALL_LINE % "timeout   John Customer .*  not answered$", after=again)
+    assert watch.stop() == 0
+
+
+def test_e2e_watch_format_text_prints_the_servers_lines(fake, daemon_factory, watches, tmp_path):
+    daemon = daemon_factory()
+    watch = watches(tmp_path, daemon.port, "--format", "text")
+    watch.wait("out", "^STATUS pbx=up time=")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    _, line = watch.wait("out", "^EVENT incoming ")
+    assert normalize(line) == normalize(readme_block("event-examples")[0])
+
+
+def test_e2e_watch_exits_1_when_the_login_is_refused(fake, daemon_factory, watches, tmp_path):
+    daemon = daemon_factory()
+    watch = watches(tmp_path, daemon.port, secret="not-the-secret")
+    assert watch.proc.wait(20) == 1
+    watch.wait("err", r"127\.0\.0\.1 port %d refused the login as alice \(ERR 401 login "
+                      r"failed\): check the user, the secret" % daemon.port)
+    assert "not-the-secret" not in "\n".join(watch.err + watch.out)
+
+
+def test_e2e_watch_asks_for_the_secret_when_there_is_no_file(fake, daemon_factory, watches,
+                                                             tmp_path):
+    daemon = daemon_factory()
+    watch = watches(tmp_path, daemon.port, secret_file=False)
+    watch.proc.stdin.write("alice-secret\n")
+    watch.proc.stdin.flush()
+    watch.wait("err", "OK logged in as alice")
+    assert watch.stop() == 0
+
+
+def test_e2e_watch_runs_hooks_with_a_hostile_caller_id_as_one_argument(
+        fake, daemon_factory, watches, tmp_path):
+    daemon = daemon_factory(users=popup_users())
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    incoming_args, every_args = tmp_path / "incoming.json", tmp_path / "all-%s.json"
+    python = shlex.quote(sys.executable)
+    watch = watches(
+        tmp_path, daemon.port,
+        "--exec", "incoming=%s -c %s %s {from_name}" % (
+            python, shlex.quote(ARGV_RECORDER), shlex.quote(str(incoming_args))),
+        "--exec", "all=%s -c %s %s {from_name} {url} {to_num} {nope}" % (
+            python, shlex.quote(ARGV_RECORDER), shlex.quote(str(every_args) % "{event}")),
+        cwd=str(workdir))
+    watch.wait("out", CALL_LINE % "status    PBX connected")
+    fake.send_trace(hostile_trace(tmp_path))
+    watch.wait("out", CALL_LINE % "hangup")
+    for path, expected in ((incoming_args, [HOSTILE_NAME]),
+                           (str(every_args) % "incoming",
+                            [HOSTILE_NAME, expected_url(), "100", ""]),
+                           (str(every_args) % "hangup", [HOSTILE_NAME, "", "100", ""])):
+        assert json.loads(wait_for_hook_output(str(path))) == expected
+    assert os.listdir(str(workdir)) == []  # no "touch pwned" ran anywhere
+    assert not any(name.startswith("pwned") for name in os.listdir(str(tmp_path)))
+    _, line = watch.wait("out", CALL_LINE % "incoming")
+    assert HOSTILE_NAME in line
+
+
+def wait_for_hook_output(path, timeout=20.0):
+    """A hook's file once it holds a whole JSON document (it is written
+    by another process, which may be halfway through)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                text = f.read()
+            json.loads(text)
+            return text
+        except (OSError, ValueError):
+            assert time.monotonic() < deadline, "%s never got its JSON" % path
+            time.sleep(0.05)
+
+
+def test_e2e_watch_open_hands_the_popup_url_to_the_browser(fake, daemon_factory, watches,
+                                                           tmp_path):
+    daemon = daemon_factory(users=popup_users())
+    opened = tmp_path / "opened.json"
+    browser = tmp_path / "browser"
+    browser.write_text("#!%s\nimport sys, json\nopen(%r, 'w').write(json.dumps(sys.argv[1:]))\n"
+                       % (sys.executable, str(opened)))
+    os.chmod(str(browser), 0o755)
+    watch = watches(tmp_path, daemon.port, "--open", env={"BROWSER": str(browser)})
+    watch.wait("out", CALL_LINE % "status    PBX connected")
+    fake.send_trace(hostile_trace(tmp_path))
+    assert json.loads(wait_for_hook_output(str(opened))) == [expected_url()]
+    watch.wait("out", CALL_LINE % "hangup")
+
+
+class FakeCtiServer:
+    """A ctinotify server speaking the HISTORY protocol (not on this branch
+    yet): a scripted peer for watch's missed-call display."""
+
+    def __init__(self, history=None, status_time="2026-11-26T13:00:00Z", events=()):
+        #: JSON history records, or None: answer HISTORY as an old server does.
+        self.history = history
+        self.status_time = status_time
+        self.events = list(events)
+        self.received = []
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.port = self.listener.getsockname()[1]
+        self.connections = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            try:
+                self._talk(conn)
+            except OSError:
+                pass
+
+    def _talk(self, conn):
+        conn.sendall(b"CTINOTIFY/1 fake ready\r\n")
+        for raw in conn.makefile("rb"):
+            line = raw.decode("utf-8").rstrip("\r\n")
+            self.received.append(line)
+            command = line.split(" ", 1)[0].upper()
+            reply = []
+            if command == "FORMAT":
+                reply = ["OK format=json"]
+            elif command == "LOGIN":
+                reply = ["OK logged in as alice; events=all",
+                         json.dumps({"event": "status", "pbx": "up", "time": self.status_time})]
+            elif command == "HISTORY" and self.history is None:
+                reply = ["ERR 400 unknown command, try HELP"]
+            elif command == "HISTORY":
+                reply = [json.dumps(r) for r in self.history] + \
+                    ["OK history=%d" % len(self.history)]
+            elif command == "CALLS":
+                reply = ["OK calls=0"] + [json.dumps(e) for e in self.events]
+            conn.sendall("".join(r + "\r\n" for r in reply).encode("utf-8"))
+
+    def close(self):
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def history_record(end, reason="noanswer", direction="in", name="John Customer", **extra):
+    return dict({"event": "history", "user": "alice", "call": end, "direction": direction,
+                 "device": "PJSIP/100", "from": {"num": "+15551230001", "name": name},
+                 "to": {"num": "100", "name": "Alice Smith"}, "dialed": "+15557000100",
+                 "start": end, "answer": None, "end": end, "answered": False,
+                 "answered_by": None, "reason": reason, "cause": 19, "duration": 7,
+                 "talk_time": 0, "queue": "", "path": []}, **extra)
+
+
+def last_event(name="Last Call"):
+    return {"event": "hangup", "call": "9.9", "time": "2026-11-26T13:00:01Z", "role": "callee",
+            "device": "PJSIP/100", "from": {"num": "+1", "name": name},
+            "to": {"num": "100", "name": ""}, "reason": "completed", "duration": 1,
+            "talk_time": 1}
+
+
+def test_e2e_watch_shows_the_calls_missed_since_it_was_last_connected(watches, tmp_path):
+    history = [
+        history_record("2026-11-26T10:00:00Z"),                      # before: seen
+        history_record("2026-11-26T12:00:00Z"),
+        history_record("2026-11-26T12:01:00Z", reason="completed"),
+        history_record("2026-11-26T12:02:00Z", reason="busy", direction="out"),
+        history_record("2026-11-26T12:03:00Z", reason="answered_elsewhere",
+                       answered_by={"num": "101", "name": "Bob Jones", "device": "PJSIP/101"}),
+        history_record("2026-11-26T12:04:00Z", reason="cancelled", name="Zo\u00eb \x1b[31m"),
+        history_record("2026-11-26T12:05:00Z", reason="busy"),
+    ]
+    server = FakeCtiServer(history, events=[last_event()])
+    try:
+        state = tmp_path / "watch-state.json"
+        state.write_text(json.dumps({"last_seen": {
+            "alice@127.0.0.1:%d" % server.port: "2026-11-26T11:00:00Z",
+            "bob@elsewhere:5039": "2020-01-01T00:00:00Z"}}))
+        watch = watches(tmp_path, server.port)
+        end, _ = watch.wait("out", CALL_LINE % "hangup    Last Call")
+        assert server.received == ["FORMAT json", "LOGIN alice alice-secret", "HISTORY 20",
+                                   "CALLS"]
+        missed = [line for line in watch.out[:end] if "  missed  " in line]
+        assert missed == [
+            "2026-11-26 12:00  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
+            "not answered after 7 s",
+            "2026-11-26 12:03  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
+            "answered by Bob Jones <101>",
+            "2026-11-26 12:04  missed    Zo\u00eb \\u001b[31m <+15551230001> -> 100 "
+            "(Alice Smith)  caller hung up after 7 s",
+            "2026-11-26 12:05  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
+            "busy after 7 s"]
+        assert watch.stop() == 0
+        remembered = json.loads(state.read_text())["last_seen"]
+        assert remembered == {"alice@127.0.0.1:%d" % server.port: "2026-11-26T13:00:01Z",
+                              "bob@elsewhere:5039": "2020-01-01T00:00:00Z"}
+
+        again = watches(tmp_path, server.port)
+        end, _ = again.wait("out", CALL_LINE % "hangup    Last Call")
+        assert [line for line in again.out[:end] if "  missed  " in line] == []
+    finally:
+        server.close()
+
+
+def test_e2e_watch_without_history_on_the_server_still_shows_events(watches, tmp_path):
+    server = FakeCtiServer(history=None, events=[last_event("two\nlines")])
+    try:
+        args_file = tmp_path / "hook.json"
+        watch = watches(tmp_path, server.port, "--exec", "hangup=%s -c %s %s {from_name}" % (
+            shlex.quote(sys.executable), shlex.quote(ARGV_RECORDER),
+            shlex.quote(str(args_file))))
+        watch.wait("err", "has no HISTORY command: missed calls are not listed")
+        _, line = watch.wait("out", CALL_LINE % r"hangup    two\\u000alines <\+1> -> 100")
+        assert json.loads(wait_for_hook_output(str(args_file))) == ["two\nlines"]
+        assert watch.stop() == 0
+    finally:
+        server.close()
+
+
+def test_readme_watch_example_is_what_watch_prints():
+    """The README's watch lines are the README's example session, rendered."""
+    session = ctinotify.WatchSession("alice", "alice-secret", fmt="text")
+    session.receive_line("CTINOTIFY/1 hi")
+    session.receive_line("OK logged in as alice")
+    shown = []
+    for line in readme_block("example-session: a_inbound_answered"):
+        if line.startswith(("STATUS ", "EVENT ")):
+            (event,) = session.receive_line(line)
+            shown.append(ctinotify.render_event(event))
+    block = readme_block("watch-example")
+    assert len(block) == len(shown) == 4
+    for readme_line, line in zip(block, shown):
+        assert re.match(r"\d\d:\d\d:\d\d  ", readme_line)
+        assert readme_line[8:] == line[8:]
+
+
+def test_readme_popup_example_is_what_replay_gives(tmp_path):
+    (line,) = readme_block("popup-example")
+    conf = tmp_path / "p.conf"
+    conf.write_text(popup_users("https://crm.example.com/search?phone={from_num}"
+                                "&name={from_name}"))
+    with open(trace_path("a_inbound_answered"), "rb") as f:
+        _, fields = next(ctinotify.replay_trace(
+            f, ctinotify.load_config(str(conf), require_ami=False).users))
+    assert ctinotify.encode_notification(fields, "text").decode().rstrip("\r\n") == line
+
+
+def test_readme_watch_section_commands_are_valid():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("## On the desktop: `ctinotify watch`", 1)[1].split("\n## ", 1)[0]
+    usage = run_cli("watch", "--help").stdout
+    commands = re.findall(r"ctinotify\.py watch .*?(?:\n\n|```)", section, re.S)
+    assert len(commands) >= 5
+    hooks = 0
+    for command in commands:
+        words = shlex.split(command.replace("\\\n", " ").split("```")[0])
+        for option in [w for w in words if w.startswith("--")]:
+            assert option in usage, (option, command)
+        for index, word in enumerate(words):
+            if word == "--exec":
+                hook = ctinotify.ExecHook.parse(words[index + 1])
+                hooks += 1
+                assert hook.kind == "incoming"
+                placeholders = re.findall(r"\{(\w+)\}", " ".join(hook.template))
+                assert set(placeholders) <= {"from_name", "from_num"}
+                assert not {"sh", "bash", "cmd", "-Command"} & set(hook.template)
+    assert hooks == 4
+    for line in re.findall(r"^\d{4}-\d\d-\d\d \d\d:\d\d  missed .*$", section, re.M):
+        reason = "answered_elsewhere" if "answered by" in line else "noanswer"
+        record = history_record("2026-11-26T12:00:00Z", reason=reason,
+                                answered_by={"num": "101", "name": "Bob Jones"})
+        flat = dict(ctinotify.flatten_fields(record))
+        rendered = ctinotify.render_event(ctinotify.WatchEvent("missed", flat, ""))
+        assert rendered[16:] == line[16:]
