@@ -4301,9 +4301,13 @@ def _cmd_record(args: argparse.Namespace) -> int:
     """Capture what Asterisk sends, as a trace for replay or a bug report.
 
     A plain blocking socket is enough here: nothing else shares this process.
+    Ctrl-C or SIGTERM ends the recording cleanly (with a Logoff).
     """
     config = load_config(find_config(args.config))
     cfg = config.ami
+    # A shell that started us in the background ignores SIGINT; take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     session = AmiSession(cfg.username, cfg.secret, cfg.auth, time.monotonic(),
                          ping_interval=cfg.ping_interval)
     try:

@@ -1221,7 +1221,7 @@ def test_record_writes_the_received_bytes_and_redacts_the_secret(fake, tmp_path)
                                                b"Event: Hangup" not in out.read_bytes()):
             time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         proc.wait(10)
     assert proc.returncode == 0
     captured = out.read_bytes()
