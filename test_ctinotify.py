@@ -1125,3 +1125,158 @@ def test_e2e_asterisk_shutdown_event_means_reconnect(fake, daemon_factory, clien
     daemon.wait_log(r"Asterisk is shutting down \(Cleanly\); reconnecting in 1 s")
     fake.wait_for_logins(2)
     assert alice.line().startswith("STATUS pbx=up")
+
+
+# ---------------------------------------------------------------------------
+# Robustness (issue 4): output buffer limits
+# ---------------------------------------------------------------------------
+
+def uniquify(data, tag):
+    """The same calls with new identities: every Uniqueid and Linkedid
+    (and DestUniqueid, BridgeUniqueid, ...) gets the prefix ``tag-``, which
+    Asterisk's own ``system-epoch.seq`` form allows."""
+    return re.sub(rb"((?:Uniqueid|Linkedid): )", rb"\1" + tag + b"-", data)
+
+
+_BIG_TRACES = {}
+
+
+def big_trace(rounds, names=BASIC_SCENARIOS):
+    """``rounds`` copies of the ordinary-call traces, as events only, each
+    copy's calls distinct from every other's."""
+    key = (rounds, names)
+    if key not in _BIG_TRACES:
+        events = []
+        for i in range(rounds):
+            for name in names:
+                events += trace_events(uniquify(read_trace(name), b"r%d" % i))
+        _BIG_TRACES[key] = b"".join(events)
+    return _BIG_TRACES[key]
+
+
+def expected_events(data, user):
+    """(kind, call) of every notification ``user`` must get for ``data``."""
+    return [(fields["event"], fields["call"])
+            for who, fields in ctinotify.replay_trace(io.BytesIO(data), office().users)
+            if who == user]
+
+
+def raw_client(port, login=None, rcvbuf=None, source=None):
+    """A Client whose socket options are set before it connects."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if source:
+        sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    client = Client.__new__(Client)
+    client.sock = sock
+    client.buffer = b""
+    client.greeting = client.line()
+    if login:
+        client.send("LOGIN %s" % login)
+        reply = client.line()
+        assert reply.startswith("OK logged in"), reply
+        client.status = client.line()
+    return client
+
+
+class Reader(threading.Thread):
+    """Collects a client's EVENT lines in the background until it has ``count``."""
+
+    def __init__(self, client, count):
+        super().__init__(daemon=True)
+        self.client, self.count = client, count
+        self.events, self.error = [], None
+        self.start()
+
+    def run(self):
+        try:
+            while len(self.events) < self.count:
+                line = self.client.line(timeout=60)
+                if line.startswith("EVENT "):
+                    _, kind, fields = ctinotify.parse_text_line(line)
+                    self.events.append((kind, fields["call"]))
+        except Exception as e:  # reported by the test
+            self.error = e
+
+
+def vm_kib(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+#: The daemon's peak resident memory while 20 MB of AMI go through it and a
+#: client stops reading: the interpreter (about 15 MB), the parser's read
+#: buffer and one output buffer at its limit.  Without the limits, the
+#: client's buffer alone would hold every event of the trace.
+RSS_BOUND_KIB = 64 * 1024
+SLOW_CLIENT_ROUNDS = 80
+
+
+def stream_with_a_client_that_never_reads(fake, daemon, clients, reason):
+    data = big_trace(SLOW_CLIENT_ROUNDS)
+    want = expected_events(data, "alice")
+    stuck = raw_client(daemon.port, "alice alice-secret", rcvbuf=4096)
+    readers = [Reader(clients(daemon.port, login), len(want))
+               for login in ("alice alice-secret", "alice alice-secret")]
+    fake.send(data)
+    daemon.wait_log(reason, timeout=60)
+    for reader in readers:
+        reader.join(90)
+        assert reader.error is None and reader.events == want
+    assert stuck.closed(timeout=30)  # what was queued, then the end
+    stuck.close()
+    peak = vm_kib(daemon.proc.pid, "VmHWM")
+    assert peak < RSS_BOUND_KIB, "daemon peak RSS %d KiB" % peak
+    # ... and the others are still served.
+    late = clients(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(late.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+
+
+def test_e2e_hard_output_limit_cuts_off_a_client_that_never_reads(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="client_buffer_hard = 128k\nclient_buffer_soft = 0")
+    fake.wait_for_logins(1)
+    stream_with_a_client_that_never_reads(
+        fake, daemon, clients,
+        r"WARNING client alice@127\.0\.0\.1:\d+: disconnected: output buffer of \d+ bytes "
+        r"over the hard limit of 131072: client not reading")
+
+
+def test_e2e_soft_output_limit_cuts_off_a_client_that_stays_over_it(fake, daemon_factory,
+                                                                     clients):
+    daemon = daemon_factory(general="client_buffer_hard = 64mb\nclient_buffer_soft = 64k\n"
+                                    "client_buffer_soft_seconds = 1")
+    fake.wait_for_logins(1)
+    stream_with_a_client_that_never_reads(
+        fake, daemon, clients,
+        r"WARNING client alice@127\.0\.0\.1:\d+: disconnected: output buffer over the soft "
+        r"limit of 65536 bytes for 1 s: client not reading")
+
+
+def test_config_output_buffer_limits():
+    base = "[ami]\nusername=u\nsecret=s\n[general]\n"
+    config = parse_config(base, "f")
+    assert (config.client_buffer_hard, config.client_buffer_soft,
+            config.client_buffer_soft_seconds) == (4 * 1024 ** 2, 1024 ** 2, 60)
+    config = parse_config(base + "client_buffer_hard = 8mb\nclient_buffer_soft = 512K\n"
+                          "client_buffer_soft_seconds = 5\n", "f")
+    assert (config.client_buffer_hard, config.client_buffer_soft,
+            config.client_buffer_soft_seconds) == (8 * 1024 ** 2, 512 * 1024, 5)
+    assert parse_config(base + "client_buffer_hard = 128k\n", "f").client_buffer_soft == 32768
+    assert parse_config(base + "client_buffer_soft = 0\n", "f").client_buffer_soft == 0
+    for text, fragment in (
+            ("client_buffer_hard = lots", ":5: [general] client_buffer_hard: 'lots' is not a size"),
+            ("client_buffer_hard = 0", "client_buffer_hard: '0' is out of range, expected 65536"),
+            ("client_buffer_hard = 1mb\nclient_buffer_soft = 2mb",
+             ":6: [general] client_buffer_soft: 2097152 bytes is more than client_buffer_hard"),
+            ("client_buffer_soft_seconds = -1", "client_buffer_soft_seconds: '-1' is out of range")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(base + text + "\n", "f")
+        assert fragment in str(info.value)
