@@ -108,12 +108,12 @@ CLIENT_SNDBUF_BYTES = 64 * 1024
 MAX_CLIENTS = 1000
 MAX_CLIENTS_PER_HOST = 50
 #: Failed logins per source address: the ERR reply to the n-th failure is
-#: delayed LOGIN_FAIL_DELAY_S * 2**(n-1), at most LOGIN_FAIL_DELAY_MAX_S;
+#: delayed LOGIN_FAIL_DELAY_S * 2**(n-1), at most LOGIN_FAIL_DELAY_GROWTH times that;
 #: the LOGIN_BLOCK_AFTER-th blocks the address for LOGIN_BLOCK_S.  Failures
 #: older than LOGIN_FAIL_FORGET_S are forgotten; at most
 #: MAX_LOGIN_TRACKED_HOSTS addresses are remembered (least recent dropped).
 LOGIN_FAIL_DELAY_S = 0.5
-LOGIN_FAIL_DELAY_MAX_S = 8.0
+LOGIN_FAIL_DELAY_GROWTH = 16
 LOGIN_BLOCK_AFTER = 10
 LOGIN_BLOCK_S = 300.0
 LOGIN_FAIL_FORGET_S = 900.0
@@ -2051,8 +2051,7 @@ class LoginThrottle:
         entry[0] += 1
         entry[1] = now
         failures = int(entry[0])
-        delay = min(self.delay_s * 2 ** min(failures - 1, 16), LOGIN_FAIL_DELAY_MAX_S) \
-            if self.delay_s else 0.0
+        delay = self.delay_s * min(2 ** min(failures - 1, 16), LOGIN_FAIL_DELAY_GROWTH)
         if self.block_after and failures >= self.block_after and now >= entry[2]:
             entry[2] = now + self.block_s
             entry[0] = 0  # the block is the punishment; afterwards start over
@@ -3207,6 +3206,7 @@ class Daemon:
             if delay > 0:
                 # The reply waits in the loop, never in a sleep: the other
                 # clients are served meanwhile, this one's input waits.
+                log.debug("%s: reply to the failed login delayed %g s", conn.tag, delay)
                 conn.hold_until = now + delay
                 conn.held.extend(replies)
                 self._add_timer(conn.hold_until, "release", conn)

@@ -712,7 +712,7 @@ def test_replay_of_an_unconfigured_device_prints_nothing(tmp_path):
 class Daemon:
     """ctinotify.py run, as a child process, with its log collected."""
 
-    def __init__(self, tmp_path, ami_port, users=None, general="", ami=""):
+    def __init__(self, tmp_path, ami_port, users=None, general="", ami="", preexec_fn=None):
         self.config = tmp_path / "ctinotify.conf"
         with open(OFFICE_CONF) as f:
             office_text = f.read()
@@ -725,7 +725,8 @@ class Daemon:
         os.chmod(str(self.config), 0o600)
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "ctinotify.py"), "run", "-c", str(self.config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+            preexec_fn=preexec_fn)
         self.log = []
         self._lines = queue.Queue()
         threading.Thread(target=self._read_log, daemon=True).start()
@@ -1280,3 +1281,245 @@ def test_config_output_buffer_limits():
         with pytest.raises(ConfigError) as info:
             parse_config(base + text + "\n", "f")
         assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# Robustness: connection limits, keepalive, running out of descriptors
+# ---------------------------------------------------------------------------
+
+def test_config_connection_and_login_limits():
+    base = "[ami]\nusername=u\nsecret=s\n[general]\n"
+    config = parse_config(base, "f")
+    assert (config.max_clients, config.max_clients_per_host) == (1000, 50)
+    assert (config.login_fail_delay, config.login_block_after, config.login_block_seconds) == \
+        (0.5, 10, 300)
+    config = parse_config(base + "max_clients = 5\nmax_clients_per_host = 2\n"
+                          "login_fail_delay = 0\nlogin_block_after = 0\n", "f")
+    assert (config.max_clients, config.max_clients_per_host) == (5, 2)
+    assert (config.login_fail_delay, config.login_block_after) == (0, 0)
+    for text, fragment in (("max_clients = 0", ":5: [general] max_clients: '0' is out of range"),
+                           ("max_clients_per_host = many", "'many' is not a number"),
+                           ("login_block_seconds = 0", "login_block_seconds: '0' is out of range"),
+                           ("login_fail_delay = soon", "login_fail_delay: 'soon' is not a number")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(base + text + "\n", "f")
+        assert fragment in str(info.value)
+
+
+def test_e2e_connections_are_limited_per_address_and_in_total(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="max_clients = 5\nmax_clients_per_host = 3")
+    first = [clients(daemon.port) for _ in range(3)]
+    fourth = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    try:
+        assert fourth.recv(100) == b"ERR 503 too many connections from your address\r\n"
+        assert fourth.recv(100) == b""
+    finally:
+        fourth.close()
+    daemon.wait_log(r"WARNING client 127\.0\.0\.1:\d+: refused: 3 connections from 127\.0\.0\.1 "
+                    r"already \(max_clients_per_host\)")
+    others = [raw_client(daemon.port, source="127.0.0.2") for _ in range(2)]
+    sixth = socket.socket()
+    sixth.bind(("127.0.0.3", 0))
+    sixth.settimeout(10)
+    try:
+        sixth.connect(("127.0.0.1", daemon.port))
+        assert sixth.recv(100) == b"ERR 503 too many connections, try again later\r\n"
+    finally:
+        sixth.close()
+    daemon.wait_log(r"refused: 5 connections already \(max_clients\)")
+    for client in others:
+        client.close()
+    first[0].close()
+    # Slots are given back when connections close.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            again = clients(daemon.port, "alice alice-secret")
+            break
+        except (AssertionError, EOFError, OSError):
+            assert time.monotonic() < deadline, "no slot came free"
+            time.sleep(0.1)
+    assert again.events_until_pong() == []
+
+
+def tcp_timer(local_port, remote_port):
+    """The timer column ``tr:when`` of a socket in /proc/net/tcp."""
+    with open("/proc/net/tcp") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1].endswith(":%04X" % local_port) and \
+                    fields[2].endswith(":%04X" % remote_port):
+                timer, when = fields[5].split(":")
+                return int(timer, 16), int(when, 16)
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="Linux /proc/net/tcp needed")
+def test_e2e_client_sockets_have_tcp_keepalive(fake, daemon_factory, clients):
+    """A desktop that vanishes without a FIN is found by keepalive probes."""
+    daemon = daemon_factory()
+    alice = clients(daemon.port, "alice alice-secret")
+    deadline = time.monotonic() + 10
+    while True:  # 1 (retransmit) while the login reply is not acknowledged yet
+        timer = tcp_timer(daemon.port, alice.sock.getsockname()[1])
+        if timer is not None and timer[0] != 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert timer is not None and timer[0] == 2, timer  # 2: the keepalive timer
+    assert timer[1] <= ctinotify.CLIENT_KEEPALIVE_IDLE_S * 100  # USER_HZ ticks
+
+
+def test_e2e_out_of_descriptors_pauses_accepting_and_recovers(tmp_path, clients):
+    import resource
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    server = FakeAsterisk().start()
+    daemon = Daemon(tmp_path, server.port, general="max_clients = 500\n"
+                    "max_clients_per_host = 500\nlogin_timeout = 60", preexec_fn=few_descriptors)
+    socks = []
+    try:
+        server.wait_for_logins(1)
+        for _ in range(60):
+            socks.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=10))
+        daemon.wait_log(r"ERROR accept failed: Too many open files; not accepting connections "
+                        r"for 1 s")
+        assert daemon.proc.poll() is None
+        for sock in socks:
+            sock.close()
+        socks = []
+        daemon.wait_log("accepting connections again")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                alice = clients(daemon.port, "alice alice-secret")
+                break
+            except (AssertionError, EOFError, OSError):
+                assert time.monotonic() < deadline, "the daemon did not recover"
+                time.sleep(0.2)
+        assert alice.events_until_pong() == []
+        # Paused, not spinning: a handful of log lines, not thousands.
+        assert sum("accept failed" in line for line in daemon.log) < 30
+    finally:
+        for sock in socks:
+            sock.close()
+        daemon.stop()
+        server.stop()
+
+
+# ---------------------------------------------------------------------------
+# Robustness: failed logins are slowed down, then blocked, per address
+# ---------------------------------------------------------------------------
+
+def test_login_throttle_delays_grow_then_block_and_expire():
+    throttle = ctinotify.LoginThrottle(delay_s=0.5, block_after=6, block_s=60, forget_s=900)
+    delays = [throttle.failed("10.0.0.1", 100.0 + i) for i in range(5)]
+    assert delays == [(0.5, False), (1.0, False), (2.0, False), (4.0, False), (8.0, False)]
+    assert throttle.blocked_for("10.0.0.1", 105.0) == 0
+    assert throttle.failed("10.0.0.1", 105.0) == (8.0, True)  # capped; the 6th blocks
+    assert throttle.blocked_for("10.0.0.1", 105.0) == 60
+    assert throttle.blocked_for("10.0.0.1", 164.0) == 1
+    assert throttle.blocked_for("10.0.0.2", 105.0) == 0  # per address
+    assert throttle.blocked_for("10.0.0.1", 165.0) == 0
+    # After the block the count starts over; old failures are forgotten.
+    assert throttle.failed("10.0.0.1", 166.0) == (0.5, False)
+    assert throttle.failed("10.0.0.1", 166.0 + 901) == (0.5, False)
+
+
+def test_login_throttle_state_is_bounded():
+    throttle = ctinotify.LoginThrottle(delay_s=1, block_after=2, block_s=60, max_hosts=100)
+    for i in range(10000):
+        throttle.failed("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1000.0)
+    assert len(throttle) == 100
+    throttle.failed("10.0.39.15", 1000.0)  # the newest are kept: this blocks it
+    assert throttle.blocked_for("10.0.39.15", 1000.0) == 60
+    assert ctinotify.LoginThrottle(delay_s=0).failed("h", 0.0) == (0.0, False)
+
+
+@pytest.mark.parametrize("address, key", [
+    ("192.0.2.7", "192.0.2.7"), ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"), ("fe80::1%eth0", "fe80::/64"),
+    ("not an address", "not an address")])
+def test_address_key(address, key):
+    assert ctinotify.address_key(address) == key
+
+
+def test_client_session_refuses_login_from_a_blocked_address():
+    class Blocked(ctinotify.ServerView):
+        def login_blocked(self, peer_host):
+            return peer_host == "10.0.0.66"
+    view = Blocked(office().users)
+    session = ctinotify.ClientSession("10.0.0.66")
+    assert session.handle_line("LOGIN alice alice-secret", view) == \
+        ["ERR 429 too many failed logins from your address, try again later"]
+    assert session.user is None and session.closing
+    assert ctinotify.ClientSession("10.0.0.1").handle_line(
+        "LOGIN alice alice-secret", view)[0].startswith("OK logged in")
+
+
+def test_e2e_failed_logins_are_delayed_then_the_address_is_blocked(fake, daemon_factory,
+                                                                   clients):
+    daemon = daemon_factory(general="login_fail_delay = 0.2\nlogin_block_after = 4\n"
+                                    "login_block_seconds = 3")
+    first = clients(daemon.port)
+    first.send("LOGIN alice wrong1\r\nLOGIN nobody wrong2\r\nLOGIN alice wrong3")  # pipelined
+    assert [first.line() for _ in range(3)] == ["ERR 401 login failed"] * 3
+    assert first.closed()
+    delays = [float(m) for m in re.findall(r"reply to the failed login delayed ([\d.]+) s",
+                                           "".join(daemon.log))]
+    assert delays == [0.2, 0.4, 0.8]
+    second = clients(daemon.port)
+    second.send("LOGIN alice wrong4")
+    assert second.line() == "ERR 401 login failed"
+    assert second.closed()
+    daemon.wait_log(r"WARNING client 127\.0\.0\.1: logins from 127\.0\.0\.1 blocked for 3 s "
+                    r"after 4 failed logins")
+    blocked = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    try:
+        assert blocked.recv(200) == \
+            b"ERR 429 too many failed logins from your address, try again later\r\n"
+    finally:
+        blocked.close()
+    elsewhere = raw_client(daemon.port, "alice alice-secret", source="127.0.0.2")
+    assert elsewhere.events_until_pong() == []
+    elsewhere.close()
+    # The block ends by itself.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            alice = clients(daemon.port, "alice alice-secret")
+            break
+        except (AssertionError, EOFError, OSError):
+            assert time.monotonic() < deadline, "the block did not end"
+            time.sleep(0.2)
+    assert alice.events_until_pong() == []
+    log = "".join(daemon.log)
+    for secret in ("wrong1", "wrong2", "wrong3", "wrong4", "alice-secret"):
+        assert secret not in log
+
+
+def test_e2e_a_held_login_reply_holds_only_that_client(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="login_fail_delay = 30")
+    fake.wait_for_logins(1)
+    slow = clients(daemon.port)
+    slow.send("LOGIN alice guess")
+    slow.send("PING")
+    daemon.wait_log("reply to the failed login delayed 30 s")
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert slow.buffer == b""  # its reply, and the PING after it, still wait
+
+
+def test_e2e_pending_input_is_bounded_while_a_reply_is_held(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="login_fail_delay = 30")
+    hog = clients(daemon.port)
+    hog.send("LOGIN alice guess")
+    daemon.wait_log("reply to the failed login delayed 30 s")
+    hog.sock.sendall(b"PING\r\n" * (ctinotify.MAX_CLIENT_PENDING_INPUT_BYTES // 6 + 10))
+    assert hog.line() == "ERR 401 login failed"  # what it was owed, then the refusal
+    assert hog.line() == "ERR 413 too much input at once"
+    assert hog.closed()
+    daemon.wait_log(r"disconnected: more than 4096 bytes of input waiting")
