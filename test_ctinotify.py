@@ -16,6 +16,7 @@ import queue
 import random
 import re
 import signal
+import struct
 import socket
 import subprocess
 import sys
@@ -1523,3 +1524,149 @@ def test_e2e_pending_input_is_bounded_while_a_reply_is_held(fake, daemon_factory
     assert hog.line() == "ERR 413 too much input at once"
     assert hog.closed()
     daemon.wait_log(r"disconnected: more than 4096 bytes of input waiting")
+
+
+# ---------------------------------------------------------------------------
+# Robustness: garbage from clients
+# ---------------------------------------------------------------------------
+
+def test_client_session_closes_after_too_many_bad_commands_before_login():
+    view = session_users()
+    session = ctinotify.ClientSession("10.0.0.1")
+    for _ in range(ctinotify.MAX_CLIENT_ERRORS_BEFORE_LOGIN - 1):
+        assert session.handle_line("GET / HTTP/1.1", view) == ["ERR 400 unknown command, try HELP"]
+        assert not session.closing
+    session.handle_line("\x16\x03\x01\x02\x00\x01", view)
+    assert session.closing and "bad commands before login" in session.close_reason
+    logged_in = ctinotify.ClientSession("10.0.0.1")
+    logged_in.handle_line("LOGIN alice alice-secret", view)
+    for _ in range(50):  # a logged-in user's typos cost nothing
+        logged_in.handle_line("TYPO", view)
+    assert not logged_in.closing
+
+
+def assert_still_serving(fake, daemon, clients, trace="a_inbound_answered"):
+    assert daemon.proc.poll() is None
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path(trace))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup")))[0] in \
+        ("incoming", "outgoing")
+    alice.close()
+
+
+def test_e2e_binary_garbage_gets_errors_or_a_close(fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    rng = random.Random(4)
+    for size in (100, 5000, 65536):
+        junk = clients(daemon.port)
+        # Random bytes, then enough junk lines to use up the bad commands
+        # a connection may send before it logs in.
+        data = bytes(rng.getrandbits(8) for _ in range(size)) + b"\r\n\x00\x1b[2J\r\n" * 12
+        try:
+            junk.sock.sendall(data)
+        except OSError:
+            pass  # closed while we were still sending: fine
+        replies = []
+        try:
+            while True:
+                replies.append(junk.line())
+        except (EOFError, OSError):
+            pass
+        assert all(r.startswith("ERR ") for r in replies), replies
+        assert all(r.isprintable() for r in replies)
+    assert_still_serving(fake, daemon, clients)
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", "".join(daemon.log))
+
+
+def test_e2e_a_megabyte_without_a_newline_is_refused_and_others_are_served(
+        fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    watcher = clients(daemon.port, "alice alice-secret")
+    hog = clients(daemon.port)
+
+    def blast():
+        try:
+            hog.sock.sendall(b"x" * (1024 * 1024))
+        except OSError:
+            pass
+    sender = threading.Thread(target=blast, daemon=True)
+    sender.start()
+    assert hog.line() == "ERR 413 line too long"  # the lingering close keeps the reply
+    assert hog.closed(timeout=10)
+    sender.join(10)
+    daemon.wait_log(r"WARNING client 127\.0\.0\.1:\d+: disconnected: more than 1024 bytes "
+                    r"without a newline")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(watcher.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+
+
+def test_e2e_half_open_connections(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="login_timeout = 1")
+    # Half a line, then silence: the login timeout ends it.
+    mute = clients(daemon.port)
+    mute.sock.sendall(b"LOGIN ali")
+    assert mute.line(timeout=10) == "ERR 408 login timeout"
+    assert mute.closed()
+    # Half-closed after its commands: it gets every reply, then the end.
+    done = clients(daemon.port)
+    done.sock.sendall(b"PING\r\nLOGIN alice alice-secret\r\nHISTORY\r\nQUIT\r\nPING\r\n")
+    done.sock.shutdown(socket.SHUT_WR)
+    lines = done.lines_until(lambda l: l == "OK bye")
+    assert lines[0] == "OK PONG" and lines[1].startswith("OK logged in")
+    assert lines[-2:] == ["OK history=0", "OK bye"]
+    assert done.closed()
+    daemon.wait_log(r"client alice@127\.0\.0\.1:\d+: disconnected: quit")
+    # Half-closed right away: closed, nothing left behind.
+    gone = clients(daemon.port)
+    gone.sock.shutdown(socket.SHUT_WR)
+    assert gone.closed()
+    daemon.wait_log(r"client 127\.0\.0\.1:%d: disconnected: closed by the client"
+                    % gone.sock.getsockname()[1])
+    assert_still_serving(fake, daemon, clients)
+
+
+def open_fds(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_e2e_thousands_of_connects_and_disconnects(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="max_clients_per_host = 1000")
+    fake.wait_for_logins(1)
+    watcher = clients(daemon.port, "alice alice-secret")
+    baseline = open_fds(daemon.proc.pid)
+
+    def storm(seed):
+        rng = random.Random(seed)
+        for i in range(500):
+            sock = socket.socket()
+            try:
+                sock.connect(("127.0.0.1", daemon.port))
+                how = rng.randrange(4)
+                if how == 1:
+                    sock.sendall(b"PING\r\nHEL")
+                elif how == 2:  # close with a reset
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                elif how == 3:
+                    sock.sendall(b"\x00\xff" * rng.randrange(1, 700))
+            except OSError:
+                pass
+            finally:
+                sock.close()
+    # Four at a time: 2000 connections, each closed at once, some with a reset.
+    threads = [threading.Thread(target=storm, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    deadline = time.monotonic() + 20
+    while open_fds(daemon.proc.pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_fds(daemon.proc.pid) <= baseline  # nothing leaked
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(watcher.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert_still_serving(fake, daemon, clients)
