@@ -1670,3 +1670,71 @@ def test_e2e_thousands_of_connects_and_disconnects(fake, daemon_factory, clients
     assert event_kinds(watcher.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
         ["incoming", "pickup", "hangup"]
     assert_still_serving(fake, daemon, clients)
+
+
+# ---------------------------------------------------------------------------
+# Robustness: hostile caller ID, through the real daemon
+# ---------------------------------------------------------------------------
+
+#: Caller ID names and numbers an attacker can put on a SIP INVITE.  LF (and
+#: so CRLF) cannot travel inside an AMI value: Asterisk writes values
+#: unescaped, so an LF would end the header line and break AMI framing
+#: itself; a lone CR, which ends no line for the parser, can.
+HOSTILE_CALLER_IDS = [
+    (b'Say "hi" = \\back\\slash\\', b'+1"555=\\'),
+    (b"nul\x00byte \x1b[31mred\ttab", b"+1555\x00123"),
+    (b"caf\xe9 \xff\xfe not UTF-8 \xc3", b"\xff+1555"),
+    (b"line\xe2\x80\xa8sep\xe2\x80\xa9para\xc2\x85nel", b"12\xe2\x80\xa834"),
+    (b"lone\rCR EVENT incoming call=forged", b"555\r1"),
+    (b"  padded  ", b"'; rm -rf / #"),
+    (b"Ab= \\\"" * 1024, b"9" * 4096),  # 4-6 KB
+]
+
+
+def hostile_trace(name, num, tag):
+    """a_inbound_answered with the trunk caller's name and number replaced
+    wherever Asterisk carries them (caller ID and connected line)."""
+    data = read_trace("a_inbound_answered")
+    data = re.sub(rb"(?m)^((?:Dest)?(?:CallerIDName|ConnectedLineName)): John Customer\r$",
+                  lambda m: m.group(1) + b": " + name + b"\r", data)
+    data = re.sub(rb"(?m)^((?:Dest)?(?:CallerIDNum|ConnectedLineNum)): \+15551230001\r$",
+                  lambda m: m.group(1) + b": " + num + b"\r", data)
+    assert b"CallerIDName: John Customer\r" not in data
+    return b"".join(trace_events(uniquify(data, tag)))
+
+
+def test_e2e_hostile_caller_id_stays_one_line_and_parses_back(fake, daemon_factory, clients,
+                                                             tmp_path):
+    daemon = daemon_factory(general="calllog = %s" % (tmp_path / "calls.jsonl"))
+    fake.wait_for_logins(1)
+    text = clients(daemon.port, "alice alice-secret")
+    jsonc = clients(daemon.port, "alice alice-secret")
+    jsonc.send("FORMAT json")
+    assert jsonc.line() == "OK format=json"
+    for i, (name, num) in enumerate(HOSTILE_CALLER_IDS):
+        want_name = name.decode("utf-8", "replace")
+        want_num = num.decode("utf-8", "replace")
+        fake.send(hostile_trace(name, num, b"h%d" % i))
+        lines = text.lines_until(lambda l: l.startswith("EVENT hangup"))
+        assert event_kinds(lines) == ["incoming", "pickup", "hangup"]
+        for line in lines:
+            assert not re.search("[\r\n\x00\x85\u2028\u2029]", line), repr(line)
+            _, _, fields = ctinotify.parse_text_line(line)
+            assert (fields["from_name"], fields["from_num"]) == (want_name, want_num)
+        for line in jsonc.lines_until(lambda l: '"event":"hangup"' in l):
+            assert not re.search("[\r\n\x85\u2028\u2029]", line), repr(line)
+            event = json.loads(line)
+            assert event["from"] == {"num": want_num, "name": want_name}
+        # The same call, as the user's history, parses back too.
+        text.send("HISTORY 1")
+        (item, done) = text.lines_until(lambda l: l.startswith("OK history="))
+        assert done == "OK history=1"
+        tag, _, record = ctinotify.parse_text_line(item)
+        assert tag == "HISTORY"
+        assert (record["from_name"], record["from_num"]) == (want_name, want_num)
+    records = [json.loads(l) for l in (tmp_path / "calls.jsonl").read_text("utf-8").splitlines()]
+    assert [r["from"]["name"] for r in records] == \
+        [n.decode("utf-8", "replace") for n, _ in HOSTILE_CALLER_IDS]
+    log = "".join(daemon.log)
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]", log)
+    assert "forged" not in log and "rm -rf" not in log
