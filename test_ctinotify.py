@@ -1738,3 +1738,266 @@ def test_e2e_hostile_caller_id_stays_one_line_and_parses_back(fake, daemon_facto
     log = "".join(daemon.log)
     assert not re.search("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]", log)
     assert "forged" not in log and "rm -rf" not in log
+
+
+# ---------------------------------------------------------------------------
+# Robustness: AMI faults
+# ---------------------------------------------------------------------------
+
+def test_e2e_malformed_truncated_unknown_and_oversized_ami_messages(fake, daemon_factory,
+                                                                    clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send(b"this line is not a header\r\nneither is this one\r\n\r\n"
+              b"Event: Hangup\r\nUniqueid\r\n\r\n"                        # no channel
+              b"Event: FrobnicateXYZ\r\nFoo: bar\r\n\r\n"                 # unknown event
+              b"Event: \xff\xfe\x00\r\nChannel: \x00\r\n\r\n"             # binary
+              b"Event: Newchannel\r\nChannel: PJSIP/100-00000099\r\nUniq"  # cut short...
+              b"Event: Hangup\r\nChannel: PJSIP/100-00000099\r\n\r\n"      # ...runs into this
+              b"Response: Error\r\nActionID: 77\r\nMessage: Permission denied\r\n\r\n"
+              b"Event: VarSet\r\nValue: " + b"x" * (ctinotify.MAX_AMI_MESSAGE_BYTES + 10) +
+              b"\r\n\r\n")
+    daemon.wait_log(r"WARNING ami: ignored a message that is neither an event nor a response: "
+                    r"\['this line is not a header'")
+    daemon.wait_log(r"WARNING ami: Asterisk refused an action: 'Permission denied'")
+    daemon.wait_log(r"WARNING ami: skipped a message of more than 262144 bytes")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert fake.logins == 1 and daemon.proc.poll() is None  # the link was kept
+    assert "Traceback" not in "".join(daemon.log)
+
+
+def ringing_part(name="a_inbound_answered", tag=None):
+    """The events of a recorded call up to the moment it rings."""
+    data = read_trace(name)
+    events = trace_events(uniquify(data, tag) if tag else data)
+    ringing = [e for e in events if not e.startswith((b"Event: Hangup", b"Event: Bridge"))]
+    cut = next(i for i, e in enumerate(ringing) if e.startswith(b"Event: DialState"))
+    return b"".join(ringing[:cut + 1])
+
+
+def test_e2e_asterisk_restart_ends_calls_and_resumes(fake, daemon_factory, clients, tmp_path):
+    calllog = tmp_path / "calls.jsonl"
+    daemon = daemon_factory(general="calllog = %s" % calllog)
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send(ringing_part(tag=b"before"))
+    assert event_kinds([alice.line()]) == ["incoming"]
+    fake.send(b"Event: Shutdown\r\nPrivilege: system,all\r\nShutdown: Cleanly\r\n"
+              b"Restart: True\r\n\r\n")
+    lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    assert lines[0].startswith("STATUS pbx=down") and "Asterisk is shutting down" in lines[0]
+    assert ctinotify.parse_text_line(lines[-1])[2]["reason"] == "unknown"
+    fake.wait_for_logins(2)  # the fake answers FullyBooted after the login, as Asterisk does
+    assert alice.line().startswith("STATUS pbx=up")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    records = [json.loads(l) for l in calllog.read_text().splitlines()]
+    assert [r["reason"] for r in records] == ["unknown", "completed"]
+
+
+def test_e2e_truncated_message_at_a_dropped_link(fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send(ringing_part(tag=b"cut") + b"Event: DialEnd\r\nChannel: PJSIP/trunk-0000")
+    assert event_kinds([alice.line()]) == ["incoming"]
+    fake.drop()
+    lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    assert ctinotify.parse_text_line(lines[-1])[2]["reason"] == "unknown"
+    fake.wait_for_logins(2)
+    assert alice.line().startswith("STATUS pbx=up")
+    fake.send_trace(trace_path("a_inbound_answered"))  # the half message is gone
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+
+
+def test_e2e_a_stalled_ami_link_is_declared_dead(tmp_path, clients):
+    """No Pong, no close: Asterisk hangs.  The link is dropped after the
+    ping timeout, calls end, and the daemon reconnects."""
+    server = FakeAsterisk(answer_pings=False).start()
+    daemon = Daemon(tmp_path, server.port, ami="ping_interval = 1")
+    try:
+        daemon.wait_log("ami: logged in as ctitest")
+        alice = clients(daemon.port, "alice alice-secret")
+        server.send(ringing_part(tag=b"stall"))
+        assert event_kinds([alice.line()]) == ["incoming"]
+        timeout = ctinotify.AMI_PING_TIMEOUT_S + 15
+        lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"), timeout=timeout)
+        assert lines[0].startswith("STATUS pbx=down") and "no answer to Ping" in lines[0]
+        assert ctinotify.parse_text_line(lines[-1])[2]["reason"] == "unknown"
+        daemon.wait_log(r"WARNING ami: no answer to Ping within 10 s; reconnecting in 1 s")
+        server.wait_for_logins(2)
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.stop()
+        server.stop()
+
+
+def test_e2e_a_peer_that_is_not_asterisk(tmp_path, clients):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(sock)
+            sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    threading.Thread(target=serve, daemon=True).start()
+    daemon = Daemon(tmp_path, listener.getsockname()[1])
+    try:
+        daemon.wait_log(r"WARNING ami: not an Asterisk manager banner: 'HTTP/1\.1 400 Bad "
+                        r"Request'; reconnecting in 1 s")
+        daemon.wait_log(r"not an Asterisk manager banner: .*; reconnecting in 2 s")
+        client = clients(daemon.port, "alice alice-secret")
+        assert client.status.startswith("STATUS pbx=down")
+    finally:
+        daemon.stop()
+        listener.close()
+        for sock in accepted:
+            sock.close()
+
+
+# ---------------------------------------------------------------------------
+# Robustness: seeded fuzzing of parser and engine with mutated traces
+# ---------------------------------------------------------------------------
+
+FUZZ_TRACES = [n for n in all_trace_names() if not n.startswith("cacofonisk/") and
+               n not in ("t_load", "v_login_wrong_secret", "w_login_challenge_md5")]
+
+
+def trace_messages(name):
+    """(banner line, [each message in wire form]) of a recorded trace."""
+    banner, _, rest = read_trace(name).partition(b"\r\n")
+    return banner + b"\r\n", [b + b"\r\n\r\n" for b in rest.split(b"\r\n\r\n") if b.strip()]
+
+
+def mutate_messages(rng, messages, traces):
+    """1-4 random mutations: bit flips, truncation, swaps, shuffled windows,
+    duplicated runs, dropped runs, dropped or doubled header lines, another
+    trace interleaved, a header value moved to another message."""
+    msgs = list(messages)
+    for _ in range(rng.randint(1, 4)):
+        msgs = [m for m in msgs if m]
+        if not msgs:
+            break
+        i = rng.randrange(len(msgs))
+        j = rng.randrange(len(msgs))
+        op = rng.randrange(9)
+        if op == 0:
+            flipped = bytearray(msgs[i])
+            for _ in range(rng.randint(1, 8)):
+                flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            msgs[i] = bytes(flipped)
+        elif op == 1:
+            msgs = msgs[:i] + [msgs[i][:rng.randrange(len(msgs[i]))]]
+        elif op == 2:
+            msgs[i], msgs[j] = msgs[j], msgs[i]
+        elif op == 3:
+            window = msgs[i:i + rng.randint(2, 10)]
+            rng.shuffle(window)
+            msgs[i:i + len(window)] = window
+        elif op == 4:
+            msgs[i:i] = msgs[i:i + rng.randint(1, 20)]
+        elif op == 5:
+            del msgs[i:i + rng.randint(1, 5)]
+        elif op == 6:
+            lines = msgs[i].split(b"\r\n")
+            k = rng.randrange(len(lines))
+            if rng.random() < 0.5:
+                del lines[k]
+            else:
+                lines.insert(k, lines[rng.randrange(len(lines))])
+            msgs[i] = b"\r\n".join(lines)
+        elif op == 7:
+            other = list(traces[rng.choice(sorted(traces))][1])
+            mixed = []
+            while msgs or other:
+                source = msgs if msgs and (not other or rng.random() < 0.5) else other
+                mixed.append(source.pop(0))
+            msgs = mixed
+        else:
+            into, source = msgs[i].split(b"\r\n"), msgs[j].split(b"\r\n")
+            a, b = rng.randrange(len(into)), rng.randrange(len(source))
+            head, sep, _ = into[a].partition(b": ")
+            value = source[b].partition(b": ")[2]
+            if sep and value:
+                into[a] = head + b": " + value
+                msgs[i] = b"\r\n".join(into)
+    return msgs
+
+
+def check_call_invariants(notes):
+    """Every announced user call ends exactly once; nothing is said about a
+    call that is not open; no negative durations.  Returns the problems."""
+    problems, open_calls = [], set()
+    for user, kind, fields in notes:
+        key = (user, fields["call"], fields["direction"])
+        if kind in ("incoming", "outgoing"):
+            if key in open_calls:
+                problems.append("announced twice: %s" % (key,))
+            open_calls.add(key)
+        elif kind == "hangup":
+            if key not in open_calls:
+                problems.append("hangup without an announcement: %s" % (key,))
+            open_calls.discard(key)
+            if fields["duration"] < 0 or fields["talk_time"] < 0:
+                problems.append("negative duration: %s" % (fields,))
+        elif key not in open_calls:
+            problems.append("%s outside an open call: %s" % (kind, key))
+    problems += ["never ended: %s" % (key,) for key in sorted(open_calls)]
+    return problems
+
+
+def fuzz_once(data, expect_banner, rng, users):
+    """Feed ``data`` at random splits through parser and engine, then lose
+    the link.  Only AmiProtocolError may escape the parser."""
+    parser = AmiParser(expect_banner=expect_banner, max_message_bytes=8192)
+    engine = CallEngine(Directory(users.values()))
+    now, notes, pos = 1000.0, [], 0
+    while pos < len(data):
+        step = rng.randint(1, 4096)
+        try:
+            messages = parser.feed(data[pos:pos + step])
+        except AmiProtocolError:
+            break
+        pos += step
+        for msg in messages:
+            # Mostly forward, sometimes back: the wall clock may be set back.
+            now += rng.uniform(-3, 1) if rng.random() < 0.1 else 0.25
+            notes += [(n.user, n.kind, n.fields) for n in engine.handle(msg, now)]
+    notes += [(n.user, n.kind, n.fields) for n in engine.link_lost(now + 1)]
+    problems = check_call_invariants(notes)
+    if engine.channels or engine.user_calls or engine.calls:
+        problems.append("state left after link_lost: %d channels, %d user calls, %d calls"
+                        % (len(engine.channels), len(engine.user_calls), len(engine.calls)))
+    return problems
+
+
+FUZZ_ITERATIONS = 3000
+
+
+def test_fuzz_mutated_traces_through_parser_and_engine():
+    rng = random.Random(20261126)
+    traces = {name: trace_messages(name) for name in FUZZ_TRACES}
+    users = office().users
+    for iteration in range(FUZZ_ITERATIONS):
+        name = rng.choice(FUZZ_TRACES)
+        banner, messages = traces[name]
+        with_banner = rng.random() < 0.2
+        data = (banner if with_banner else b"") + b"".join(mutate_messages(rng, messages, traces))
+        if with_banner and rng.random() < 0.3:
+            flipped = bytearray(data)
+            flipped[rng.randrange(30)] ^= 0x20  # a banner that is not one
+            data = bytes(flipped)
+        problems = fuzz_once(data, with_banner, rng, users)
+        assert not problems, "iteration %d (%s): %s; input: %r" % (
+            iteration, name, problems[:3], data[:2000])
