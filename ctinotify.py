@@ -2288,8 +2288,10 @@ _SSL_WOULD_BLOCK: tuple = ((ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 def _error_text(error: Exception) -> str:
     """A short reason for a socket or TLS error, for the log."""
+    if ssl is not None and isinstance(error, ssl.SSLCertVerificationError):
+        return "certificate verify failed: %s" % error.verify_message
     if ssl is not None and isinstance(error, ssl.SSLError):
-        return getattr(error, "verify_message", None) or error.reason or str(error)
+        return error.reason or str(error)
     return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 

@@ -15,9 +15,11 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import struct
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -2001,3 +2003,188 @@ def test_fuzz_mutated_traces_through_parser_and_engine():
         problems = fuzz_once(data, with_banner, rng, users)
         assert not problems, "iteration %d (%s): %s; input: %r" % (
             iteration, name, problems[:3], data[:2000])
+
+
+# ---------------------------------------------------------------------------
+# TLS: the client listener and the link to Asterisk
+# ---------------------------------------------------------------------------
+
+def make_certificate(directory, name):
+    """A throwaway self-signed certificate for 127.0.0.1, by openssl(1)."""
+    cert, key = str(directory / (name + ".pem")), str(directory / (name + ".key"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=ctinotify-test", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    return {"server": make_certificate(directory, "server"),
+            "other": make_certificate(directory, "other")}
+
+
+class TlsClient(Client):
+    """Client over TLS, verifying the daemon's certificate."""
+
+    def __init__(self, port, cafile, login=None):
+        context = ssl.create_default_context(cafile=cafile)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.buffer = b""
+        self.greeting = self.line()
+        if login:
+            self.send("LOGIN %s" % login)
+            reply = self.line()
+            assert reply.startswith("OK logged in"), reply
+            self.status = self.line()
+
+
+def socket_closed(sock, timeout=10.0):
+    """Read until the peer closes (True) or the timeout (False)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def tls_port_of(daemon):
+    line = daemon.wait_log(r"listening for TLS clients on \S+ port (\d+)")
+    return int(re.search(r"port (\d+)", line).group(1))
+
+
+def test_e2e_tls_clients_and_non_blocking_handshakes(fake, daemon_factory, clients,
+                                                     certificates):
+    cert, key = certificates["server"]
+    daemon = daemon_factory(general="tls_port = 0\ntls_cert = %s\ntls_key = %s\n"
+                                    "login_timeout = 2" % (cert, key))
+    fake.wait_for_logins(1)
+    port = tls_port_of(daemon)
+    # A connection that never starts its handshake must not hold up others.
+    stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+    # Plain text on the TLS port: the handshake fails, the connection closes.
+    plain = socket.create_connection(("127.0.0.1", port), timeout=10)
+    plain.sendall(b"LOGIN alice alice-secret\r\n")
+    try:
+        alice = TlsClient(port, cert, "alice alice-secret")
+        assert alice.greeting.startswith("CTINOTIFY/1 ")
+        assert alice.status.startswith("STATUS pbx=up")
+        alice.send("FORMAT json")
+        assert alice.line() == "OK format=json"
+        # Enough events that TLS records arrive split and several at once.
+        data = big_trace(3)
+        fake.send(data)
+        want = expected_events(data, "alice")
+        got = []
+        while len(got) < len(want):
+            event = json.loads(alice.line())
+            got.append((event["event"], event["call"]))
+        assert got == want
+        assert socket_closed(plain)  # perhaps after a TLS alert
+        daemon.wait_log(r"WARNING client 127\.0\.0\.1:\d+: disconnected: TLS handshake failed")
+        assert socket_closed(stalled)  # by the login timeout
+        daemon.wait_log(r"disconnected: no TLS handshake within 2 s")
+        daemon.wait_log(r"client 127\.0\.0\.1:\d+: TLS established \(TLSv1\.[23]\)")
+        # A client that does not trust the certificate gives up; others go on.
+        with pytest.raises(ssl.SSLError):
+            TlsClient(port, certificates["other"][0])
+        plain_client = clients(daemon.port, "alice alice-secret")
+        assert plain_client.events_until_pong() == []
+        alice.close()
+    finally:
+        stalled.close()
+        plain.close()
+
+
+def server_context(cert, key):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def test_e2e_ami_over_tls(tmp_path, clients, certificates):
+    cert, key = certificates["server"]
+    server = FakeAsterisk(tls_context=server_context(cert, key)).start()
+    daemon = Daemon(tmp_path, server.port, ami="tls = yes\ntls_ca = %s" % cert)
+    try:
+        daemon.wait_log(r"INFO ami: TLS established with 127\.0\.0\.1 \(TLSv1\.[23]\)")
+        daemon.wait_log("ami: logged in as ctitest")
+        alice = clients(daemon.port, "alice alice-secret")
+        data = big_trace(3)  # many TLS records, read in arbitrary pieces
+        want = expected_events(data, "alice")
+        server.send(data)
+        got = []
+        while len(got) < len(want):
+            _, kind, fields = ctinotify.parse_text_line(alice.line())
+            got.append((kind, fields["call"]))
+        assert got == want
+    finally:
+        daemon.stop()
+        server.stop()
+
+
+def test_e2e_ami_over_tls_refuses_a_certificate_it_cannot_verify(tmp_path, certificates):
+    cert, key = certificates["server"]
+    server = FakeAsterisk(tls_context=server_context(cert, key)).start()
+    daemon = Daemon(tmp_path, server.port,
+                    ami="tls = yes\ntls_ca = %s" % certificates["other"][0])
+    try:
+        daemon.wait_log(r"WARNING ami: TLS handshake with 127\.0\.0\.1 failed: certificate "
+                        r"verify failed: self.signed certificate; reconnecting in 1 s")
+        assert server.logins == 0
+    finally:
+        daemon.stop()
+        server.stop()
+    # tls_verify = no: encrypted, but anyone can pose as Asterisk.
+    server = FakeAsterisk(tls_context=server_context(cert, key)).start()
+    daemon = Daemon(tmp_path, server.port, ami="tls = yes\ntls_verify = no")
+    try:
+        daemon.wait_log(r"ami: TLS established with 127\.0\.0\.1")
+        server.wait_for_logins(1)
+    finally:
+        daemon.stop()
+        server.stop()
+
+
+def test_config_tls_keys(tmp_path, certificates):
+    cert, key = certificates["server"]
+    base = "[ami]\nusername=u\nsecret=s\n"
+    config = parse_config(base + "tls = yes\n", "f")
+    assert (config.ami.tls, config.ami.tls_verify, config.ami.port) == (True, True, 5039)
+    assert parse_config(base + "tls = yes\nport = 5040\ntls_verify = no\n", "f").ami.port == 5040
+    config = parse_config("[general]\nport = off\ntls_port = 5040\ntls_cert = c.pem\n" + base,
+                          "f")
+    assert (config.port, config.tls_port, config.tls_cert, config.tls_key) == \
+        (None, 5040, "c.pem", "")
+    for text, fragment in (
+            ("[general]\ntls_port = 5040\n", ":5: [general] tls_port: TLS needs a certificate"),
+            ("[general]\ntls_cert = c.pem\n", ":5: [general] tls_cert: set without tls_port"),
+            ("[general]\nport = off\n", ":5: [general] port: 'off' leaves no client port"),
+            ("[ami]\ntls = maybe\n", "[ami] tls: 'maybe' is not yes or no"),
+            ("[ami]\ntls_ca = /etc/ca.pem\n", "[ami] tls_ca: only used with TLS")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(text.replace("[ami]\n", base) if "[ami]" in text else base + text,
+                         "f")
+        assert fragment in str(info.value)
+    conf = tmp_path / "tls.conf"
+    conf.write_text(base + "[general]\ntls_port = 0\ntls_cert = %s\ntls_key = %s\n"
+                    % (tmp_path / "missing.pem", key))
+    with pytest.raises(ConfigError) as info:
+        ctinotify.load_config(str(conf))
+    assert "%s:6: [general] tls_cert: cannot load the certificate and key:" % conf in \
+        str(info.value)
+    conf.write_text(base + "[general]\ntls_port = 0\ntls_cert = %s\ntls_key = %s\n"
+                    % (cert, key))
+    assert ctinotify.load_config(str(conf)).tls_context is not None
+    result = run_cli("check", "-c", str(conf))
+    assert result.returncode == 0 and "tls_port = 0" in result.stdout
