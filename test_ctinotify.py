@@ -2188,3 +2188,112 @@ def test_config_tls_keys(tmp_path, certificates):
     assert ctinotify.load_config(str(conf)).tls_context is not None
     result = run_cli("check", "-c", str(conf))
     assert result.returncode == 0 and "tls_port = 0" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# Reload (SIGHUP) and shutdown (SIGTERM, SIGINT)
+# ---------------------------------------------------------------------------
+
+def wait_log_count(daemon, pattern, count, timeout=10.0):
+    """Wait until ``pattern`` has matched ``count`` log lines."""
+    deadline = time.monotonic() + timeout
+    while sum(bool(re.search(pattern, l)) for l in list(daemon.log)) < count:
+        assert time.monotonic() < deadline, "fewer than %d log lines matching %r in:\n%s" % (
+            count, pattern, "".join(daemon.log))
+        time.sleep(0.02)
+
+
+def edit_config(daemon, *replacements):
+    text = daemon.config.read_text()
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    daemon.config.write_text(text)
+
+
+def test_e2e_reload_applies_users_and_keeps_the_ami_link(fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    bob = clients(daemon.port, "bob bob-secret")
+    carol = clients(daemon.port, "carol carol-secret")
+    dave = clients(daemon.port, "dave dave-secret")
+    alice.send("FORMAT json")
+    assert alice.line() == "OK format=json"
+    edit_config(daemon, ("secret = alice-secret", "secret = alice-new-secret"),
+                ("[carol]\nsecret = carol-secret\nhost = dynamic\ndevices = PJSIP/102\n"
+                 "extensions = 102\n", ""),
+                ("devices = PJSIP/103", "devices = PJSIP/103, PJSIP/100"),
+                ("[dave]", "[erin]\nsecret = erin-secret\ndevices = PJSIP/104\n[dave]"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log(r"configuration reloaded from \S+ \(4 users\)")
+    closing = json.loads(alice.line())
+    assert (closing["event"], closing["session"], closing["reason"]) == \
+        ("status", "closed", "secret changed by reload")
+    assert alice.closed()
+    assert carol.line().startswith('STATUS session=closed reason="account removed by reload"')
+    assert carol.closed()
+    daemon.wait_log(r"client alice@127\.0\.0\.1:\d+: disconnected: secret changed by reload")
+    daemon.wait_log(r"client carol@127\.0\.0\.1:\d+: disconnected: account removed by reload")
+    erin = clients(daemon.port, "erin erin-secret")
+    again = clients(daemon.port, "alice alice-new-secret")
+    refused = clients(daemon.port)
+    refused.send("LOGIN alice alice-secret")
+    assert refused.line() == "ERR 401 login failed"
+    # Dave's new device applies to his session that was already there.
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(dave.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert event_kinds(again.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert bob.events_until_pong() == [] and erin.events_until_pong() == []
+    assert fake.logins == 1  # [ami] unchanged: the link was kept
+    # A changed [ami] reconnects.
+    edit_config(daemon, ("reconnect_max = 2", "reconnect_max = 3"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log(r"reload: \[ami\] changed, reconnecting")
+    fake.wait_for_logins(2)
+    for secret in ("alice-secret", "alice-new-secret", "erin-secret"):
+        assert secret not in "".join(daemon.log)
+
+
+def test_e2e_reload_rejects_an_invalid_config_and_keeps_the_running_one(fake, daemon_factory,
+                                                                        clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    edit_config(daemon, ("secret = alice-secret", "secret = changed"),
+                ("port = 0", "port = 0\nmax_clients = none"),
+                ("devices = PJSIP/101", "devices = PJSIP101"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log(r"ERROR reload of \S+ rejected, keeping the running configuration:")
+    daemon.wait_log(r"ERROR   \S+:4: \[general\] max_clients: 'none' is not a number")
+    daemon.wait_log(r"ERROR   \S+:\d+: \[bob\] devices: 'PJSIP101' is not a device")
+    assert alice.events_until_pong() == []  # still connected
+    again = clients(daemon.port, "alice alice-secret")  # the old secret still works
+    assert again.events_until_pong() == []
+    assert fake.logins == 1 and daemon.proc.poll() is None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_e2e_shutdown_ends_calls_logs_them_and_exits_0(fake, daemon_factory, clients, tmp_path,
+                                                       signum):
+    calllog = tmp_path / "calls.jsonl"
+    daemon = daemon_factory(general="calllog = %s" % calllog)
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path("e_internal_answered"))
+    alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    fake.send(ringing_part(tag=b"stop"))
+    assert event_kinds([alice.line()]) == ["incoming"]
+    daemon.proc.send_signal(signum)
+    lines = alice.lines_until(lambda l: l.startswith("STATUS server=stopping"))
+    assert event_kinds(lines) == ["hangup"]
+    assert ctinotify.parse_text_line(lines[0])[2]["reason"] == "unknown"
+    assert alice.closed()
+    assert daemon.proc.wait(10) == 0
+    records = [json.loads(l) for l in calllog.read_text().splitlines()]
+    assert [(r["user"], r["reason"]) for r in records] == \
+        [("alice", "completed"), ("bob", "completed"), ("alice", "unknown")] or \
+        [(r["user"], r["reason"]) for r in records] == \
+        [("bob", "completed"), ("alice", "completed"), ("alice", "unknown")]
