@@ -2297,3 +2297,173 @@ def test_e2e_shutdown_ends_calls_logs_them_and_exits_0(fake, daemon_factory, cli
         [("alice", "completed"), ("bob", "completed"), ("alice", "unknown")] or \
         [(r["user"], r["reason"]) for r in records] == \
         [("bob", "completed"), ("alice", "completed"), ("alice", "unknown")]
+
+
+# ---------------------------------------------------------------------------
+# The call log loses nothing; HISTORY
+# ---------------------------------------------------------------------------
+
+def read_records(path):
+    text = path.read_text("utf-8") if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def wait_records(path, count, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text("utf-8") if path.exists() else ""
+        if text.count("\n") >= count:
+            return
+        assert time.monotonic() < deadline, "%d of %d call log lines" % (text.count("\n"), count)
+        time.sleep(0.02)
+
+
+def test_e2e_sigkill_mid_stream_leaves_only_whole_valid_lines(fake, daemon_factory, tmp_path):
+    calllog = tmp_path / "calls.jsonl"
+    daemon = daemon_factory(general="calllog = %s" % calllog)
+    fake.wait_for_logins(1)
+    fake.send(big_trace(SLOW_CLIENT_ROUNDS))
+    wait_records(calllog, 100)
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    data = calllog.read_bytes()
+    assert data.endswith(b"\n")
+    lines = data.decode("utf-8").split("\n")[:-1]
+    assert len(lines) >= 100
+    for line in lines:
+        record = json.loads(line)
+        assert record["user"] in OFFICE_USERS.values() and record["end"]
+
+
+def test_e2e_calllog_is_reopened_on_sighup_for_rotation(fake, daemon_factory, clients, tmp_path):
+    calllog = tmp_path / "calls.jsonl"
+    daemon = daemon_factory(general="calllog = %s" % calllog)
+    fake.wait_for_logins(1)
+    fake.send_trace(trace_path("a_inbound_answered"))
+    wait_records(calllog, 1)
+    rotated = tmp_path / "calls.jsonl.1"
+    os.rename(str(calllog), str(rotated))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("configuration reloaded")
+    fake.send_trace(trace_path("b_inbound_noanswer"))
+    wait_records(calllog, 1)
+    assert [r["reason"] for r in read_records(rotated)] == ["completed"]
+    assert [r["reason"] for r in read_records(calllog)] == ["noanswer"]
+    # Rotation works even when the config has just been broken.
+    os.rename(str(calllog), str(tmp_path / "calls.jsonl.2"))
+    edit_config(daemon, ("port = 0", "port = 0\nbogus = 1"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("reload of .* rejected")
+    fake.send_trace(trace_path("c_inbound_busy"))
+    wait_records(calllog, 1)
+    assert [r["reason"] for r in read_records(calllog)] == ["busy"]
+
+
+def in_process_daemon(tmp_path, calllog):
+    config = parse_config("[general]\ncalllog = %s\n[ami]\nusername=u\nsecret=s\n"
+                          "[alice]\nsecret=a\ndevices=PJSIP/100\n" % calllog, "t.conf")
+    return ctinotify.Daemon(config)
+
+
+def test_calllog_passes_every_record_field_through_and_mends_a_torn_line(tmp_path):
+    calllog = tmp_path / "calls.jsonl"
+    calllog.write_bytes(b'{"user":"alice","call":"torn by a full di')
+    daemon = in_process_daemon(tmp_path, calllog)
+    try:
+        daemon._open_calllog()
+        record = {"user": "alice", "call": "1.1", "reason": "completed",
+                  "path": [{"kind": "divert", "to": "101"}, {"kind": "transfer", "to": "102"}]}
+        daemon._deliver([ctinotify.Notification("alice", "hangup", {"event": "hangup"},
+                                                record=record)])
+        daemon._deliver([ctinotify.Notification("alice", "hangup", {"event": "hangup"},
+                                                record=dict(record, call="1.2"))])
+    finally:
+        daemon._close_calllog()
+        daemon.selector.close()
+    lines = calllog.read_text().split("\n")
+    assert lines[0] == '{"user":"alice","call":"torn by a full di'
+    assert [json.loads(l) for l in lines[1:3]] == [record, dict(record, call="1.2")]
+    assert lines[3:] == [""]
+    assert daemon.history.last("alice", 5) == [record, dict(record, call="1.2")]
+    text = ctinotify.encode_history(record, "text")
+    assert ctinotify.parse_text_line(text)[2]["path"] == json.dumps(record["path"],
+                                                                    separators=(",", ":"))
+
+
+def test_call_history_is_bounded_and_per_user():
+    history = ctinotify.CallHistory(per_user=3)
+    for i in range(10):
+        history.add({"user": "alice", "call": str(i)})
+        history.add({"user": "bob", "call": "b%d" % i})
+    history.add({"call": "nobody's"})
+    assert [r["call"] for r in history.last("alice", 100)] == ["7", "8", "9"]
+    assert [r["call"] for r in history.last("alice", 2)] == ["8", "9"]
+    assert history.last("carol", 5) == [] and history.last("alice", 0) == []
+    history.retain(["bob"])
+    assert history.last("alice", 5) == [] and len(history.last("bob", 5)) == 3
+    seeded = ctinotify.CallHistory()
+    assert seeded.seed(['{"user":"alice","call":"1"}', "not json", "[1]",
+                        '{"user":"mallory","call":"2"}', ""], ["alice"]) == 1
+
+
+def test_client_session_history_command():
+    class View(ctinotify.ServerView):
+        def history(self, user, count):
+            # A server bug must not leak anyone else's calls.
+            return [{"user": "bob", "call": "secret"},
+                    {"user": user, "call": "1.1", "from": {"num": "1", "name": 'A "B"'}}][-count:]
+    view = View(office().users)
+    session = ctinotify.ClientSession("127.0.0.1")
+    assert session.handle_line("HISTORY", view) == ["ERR 403 login first"]
+    session.handle_line("LOGIN alice alice-secret", view)
+    assert session.handle_line("HISTORY", view) == [
+        'HISTORY user=alice call=1.1 from_num=1 from_name="A \\"B\\""', "OK history=1"]
+    assert session.handle_line("history 1", view)[-1] == "OK history=1"
+    for bad in ("0", "101", "ten", "-1", "\u00b2", "1 2"):
+        assert session.handle_line("HISTORY " + bad, view) == \
+            ["ERR 400 usage: HISTORY [n], n from 1 to 100"]
+    session.handle_line("FORMAT json", view)
+    item, done = session.handle_line("HISTORY 5", view)
+    assert json.loads(item) == {"event": "history", "user": "alice", "call": "1.1",
+                                "from": {"num": "1", "name": 'A "B"'}}
+    assert done == "OK history=1"
+
+
+def test_e2e_history_returns_only_the_users_own_calls_and_survives_restarts(
+        fake, daemon_factory, clients, tmp_path):
+    calllog = tmp_path / "calls.jsonl"
+    calllog.write_text(
+        '{"user":"alice","call":"old.1","direction":"in","reason":"noanswer"}\n'
+        '{"user":"mallory","call":"old.2","direction":"in","reason":"completed"}\n'
+        'not json at all\n'
+        '{"user":"bob","call":"old.3","direction":"out","reason":"busy"}\n')
+    daemon = daemon_factory(general="calllog = %s" % calllog)
+    daemon.wait_log(r"INFO history: 2 calls from ")
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    bob = clients(daemon.port, "bob bob-secret")
+    fake.send_trace(trace_path("e_internal_answered"))  # alice calls bob
+    fake.send_trace(trace_path("a_inbound_answered"))   # a caller calls alice
+    alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    bob.lines_until(lambda l: l.startswith("EVENT hangup"))
+    alice.send("HISTORY")
+    lines = alice.lines_until(lambda l: l.startswith("OK history="))
+    assert lines[-1] == "OK history=3"
+    items = [ctinotify.parse_text_line(l) for l in lines[:-1]]
+    assert [tag for tag, _, _ in items] == ["HISTORY"] * 3
+    assert [(f["user"], f["call"], f["direction"]) for _, _, f in items] == \
+        [("alice", "old.1", "in"), ("alice", "1795727994.6", "out"),
+         ("alice", "1795727950.0", "in")]
+    assert items[2][2]["from_name"] == "John Customer" and items[2][2]["answered"] == "yes"
+    bob.send("FORMAT json")
+    bob.line()
+    bob.send("HISTORY 100")
+    lines = bob.lines_until(lambda l: l.startswith("OK history="))
+    assert lines[-1] == "OK history=2"
+    records = [json.loads(l) for l in lines[:-1]]
+    assert [(r["event"], r["user"], r["call"]) for r in records] == \
+        [("history", "bob", "old.3"), ("history", "bob", "1795727994.6")]
+    bob.send("HISTORY 1")
+    assert [json.loads(l)["call"] for l in bob.lines_until(lambda l: l.startswith("OK"))[:-1]] \
+        == ["1795727994.6"]
