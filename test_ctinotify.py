@@ -2467,3 +2467,88 @@ def test_e2e_history_returns_only_the_users_own_calls_and_survives_restarts(
     bob.send("HISTORY 1")
     assert [json.loads(l)["call"] for l in bob.lines_until(lambda l: l.startswith("OK"))[:-1]] \
         == ["1795727994.6"]
+
+
+# ---------------------------------------------------------------------------
+# Secrets: never logged, never echoed
+# ---------------------------------------------------------------------------
+
+def test_e2e_secrets_never_reach_the_log_or_a_client(tmp_path, clients):
+    ami_secret = "ami-S3cret-q7"
+    server = FakeAsterisk(secret=ami_secret).start()
+    users = ("[alice]\nsecret = alice-S3cret-x1\nhost = 127.0.0.1\ndevices = PJSIP/100\n"
+             "[bob]\nsecret = bob-S3cret-y2\ndevices = PJSIP/101\n")
+    daemon = Daemon(tmp_path, server.port, users=users, ami="secret = %s" % ami_secret,
+                    general="login_fail_delay = 0.05")
+    seen = []
+    try:
+        server.wait_for_logins(1)
+        login = [a for a in server.actions if a.get("Action") == "Login"][0]
+        assert login["Secret"] == ami_secret  # plain auth: it did travel, to Asterisk only
+        alice = clients(daemon.port, "alice alice-S3cret-x1")
+        seen += [alice.greeting, alice.status]
+        wrong = clients(daemon.port)
+        for attempt in ("alice guess-S3cret-1", "bob alice-S3cret-x1", "nobody bob-S3cret-y2"):
+            wrong.send("LOGIN " + attempt)
+            seen.append(wrong.line())
+        daemon.config.write_text(daemon.config.read_text().replace("bob-S3cret-y2",
+                                                                   "bob-N3w-S3cret-z3"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log("configuration reloaded")
+        bob = clients(daemon.port, "bob bob-N3w-S3cret-z3")
+        bob.send("HELP")
+        seen += [bob.status, bob.line()]
+        bob.send("LOGIN bob bob-N3w-S3cret-z3")
+        seen.append(bob.line())
+        daemon.config.write_text(daemon.config.read_text().replace("port = 0", "port = x"))
+        daemon.proc.send_signal(signal.SIGHUP)  # rejected: its errors are logged
+        daemon.wait_log("rejected")
+        seen += alice.events_until_pong()
+    finally:
+        daemon.stop()
+        server.stop()
+    log = "".join(daemon.log)
+    assert "login as 'alice' refused: wrong secret" in log
+    for secret in (ami_secret, "alice-S3cret-x1", "bob-S3cret-y2", "bob-N3w-S3cret-z3",
+                   "guess-S3cret-1", "S3cret"):
+        assert secret not in log
+        assert not any(secret in line for line in seen), seen
+
+
+# ---------------------------------------------------------------------------
+# The documentation of issue 4's keys and commands
+# ---------------------------------------------------------------------------
+
+def test_readme_history_example_is_what_the_session_says():
+    block = readme_block("example-history: a_inbound_answered")
+    engine = CallEngine(Directory(office().users.values()))
+    clock = ctinotify.TraceClock()
+    history = ctinotify.CallHistory()
+    for msg in AmiParser().feed(read_trace("a_inbound_answered")):
+        for note in engine.handle(msg, clock.observe(msg)):
+            if note.record is not None:
+                history.add(note.record)
+    session = ctinotify.ClientSession("127.0.0.1")
+    view = ctinotify.ServerView(office().users, history)
+    session.handle_line("LOGIN alice alice-secret", view)
+    assert block[0] == "> HISTORY 1"
+    stamps = re.compile(r"\b(start|answer|end)=\S+|duration=\d+ talk_time=\d+")
+    assert [stamps.sub("T", l) for l in session.handle_line("HISTORY 1", view)] == \
+        [stamps.sub("T", l) for l in block[1:]]
+
+
+def test_every_config_key_is_documented():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    with open(os.path.join(HERE, "ctinotify.conf"), encoding="utf-8") as f:
+        example = f.read()
+    for key in ctinotify.GENERAL_KEYS + ctinotify.AMI_KEYS:
+        assert "`%s`" % key in readme, key
+        assert re.search(r"^;?%s =" % key, example, re.M), key
+
+
+def test_the_example_configs_commented_settings_are_valid():
+    with open(os.path.join(HERE, "ctinotify.conf"), encoding="utf-8") as f:
+        text = f.read()
+    config = parse_config(re.sub(r"(?m)^;(\w+ = )", r"\1", text), "ctinotify.conf")
+    assert config.tls_port == 5040 and config.ami.tls and config.client_buffer_hard == 4 << 20
