@@ -2668,6 +2668,11 @@ class Daemon:
     def _add_timer(self, when: float, what: str, conn: ClientConnection) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (when, self._timer_seq, what, conn))
+        if len(self._timers) > 4 * len(self.clients) + 256:
+            # A flood of short connections leaves a timer each behind; drop
+            # those of closed connections so memory follows the open ones.
+            self._timers = [t for t in self._timers if not t[3].closed]
+            heapq.heapify(self._timers)
 
     def _next_timeout(self, now: float) -> Optional[float]:
         deadlines = []
@@ -2684,8 +2689,8 @@ class Daemon:
             deadlines.append(self._timers[0][0])
         if self._over_soft:
             soft_s = self.config.client_buffer_soft_seconds
-            deadlines.append(min(c.soft_since for c in self._over_soft
-                                 if c.soft_since is not None) + soft_s)
+            deadlines.append(min((c.soft_since for c in self._over_soft
+                                  if c.soft_since is not None), default=now) + soft_s)
         if self._accept_paused_until is not None:
             deadlines.append(self._accept_paused_until)
         if not deadlines:
@@ -2750,6 +2755,8 @@ class Daemon:
         if entry is not None and entry[1]:
             fmt += " (and %d more like it in the last %d s)"
             args += (int(entry[1]), int(now - entry[0]))
+        if len(self._repeats) >= 256:
+            self._repeats.clear()  # kinds are few; this only bounds odd ones
         self._repeats[kind] = [now, 0]
         log.log(level, fmt, *args)
 
@@ -3093,7 +3100,9 @@ class Daemon:
         self.clients_per_host[key] = self.clients_per_host.get(key, 0) + 1
         self.selector.register(sock, selectors.EVENT_READ, conn.callback)
         self._add_timer(conn.auth_deadline, "login", conn)
-        log.info("%s: connected%s", conn.tag, " (TLS)" if tls else "")
+        # DEBUG until it logs in: anyone can connect, so connections must
+        # not be able to flood the log.
+        log.debug("%s: connected%s", conn.tag, " (TLS)" if tls else "")
         if tls:
             self._handshake(conn)
         else:
@@ -3114,7 +3123,7 @@ class Daemon:
             self._close(conn, "TLS handshake failed: %s" % _error_text(e), logging.WARNING)
             return
         conn.handshaking = False
-        log.info("%s: TLS established (%s)", conn.tag,
+        log.debug("%s: TLS established (%s)", conn.tag,
                  conn.sock.version())  # type: ignore[attr-defined]
         self._queue(conn, (ClientSession.greeting() + "\r\n").encode("utf-8"))
         self._watch(conn)
@@ -3351,7 +3360,15 @@ class Daemon:
         if conn.closed:
             return
         conn.closed = True
-        log.log(level, "%s: disconnected: %s", conn.tag, reason)
+        if conn.session.user is not None:
+            log.log(level, "%s: disconnected: %s", conn.tag, reason)
+        elif level >= logging.WARNING:
+            # Misbehaviour before a login: logged, but at most once per
+            # interval for each reason, whoever floods us with it.
+            self._log_repeated("close: " + reason, level, "%s: disconnected: %s",
+                               conn.tag, reason)
+        else:
+            log.debug("%s: disconnected: %s", conn.tag, reason)
         self.clients.discard(conn)
         count = self.clients_per_host.get(conn.host_key, 0) - 1
         if count > 0:

@@ -1668,6 +1668,10 @@ def test_e2e_thousands_of_connects_and_disconnects(fake, daemon_factory, clients
     while open_fds(daemon.proc.pid) > baseline and time.monotonic() < deadline:
         time.sleep(0.1)
     assert open_fds(daemon.proc.pid) <= baseline  # nothing leaked
+    # Nor can a flood of connections flood the log: before a login they are
+    # DEBUG lines, and warnings about their misbehaviour are rate limited.
+    assert not [l for l in daemon.log if re.search(r"INFO client [\d.]+:\d+: ", l)]
+    assert sum(" WARNING " in l for l in daemon.log) < 20
     fake.send_trace(trace_path("a_inbound_answered"))
     assert event_kinds(watcher.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
         ["incoming", "pickup", "hangup"]
@@ -2552,3 +2556,25 @@ def test_the_example_configs_commented_settings_are_valid():
         text = f.read()
     config = parse_config(re.sub(r"(?m)^;(\w+ = )", r"\1", text), "ctinotify.conf")
     assert config.tls_port == 5040 and config.ami.tls and config.client_buffer_hard == 4 << 20
+
+
+def test_check_warns_when_the_config_is_readable_by_everyone(tmp_path):
+    conf = tmp_path / "c.conf"
+    conf.write_text("[ami]\nusername=u\nsecret=s\n[a]\nsecret=x\ndevices=SIP/1\n")
+    os.chmod(str(conf), 0o644)
+    assert "is readable by every user on this machine and holds secrets; chmod 640 it" in \
+        run_cli("check", "-c", str(conf)).stderr
+    os.chmod(str(conf), 0o640)
+    assert "readable by every user" not in run_cli("check", "-c", str(conf)).stderr
+
+
+def test_timers_of_closed_connections_do_not_pile_up(tmp_path):
+    daemon = in_process_daemon(tmp_path, "")
+    try:
+        for i in range(10000):
+            conn = ctinotify.ClientConnection(None, ("10.0.0.1", i), 30.0)
+            conn.closed = True  # a flood: connected and gone again at once
+            daemon._add_timer(30.0, "login", conn)
+        assert len(daemon._timers) <= 4 * len(daemon.clients) + 257
+    finally:
+        daemon.selector.close()
