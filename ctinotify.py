@@ -58,6 +58,10 @@ import sys
 import time
 import urllib.parse
 import webbrowser
+try:
+    import ssl
+except ImportError:  # a Python built without OpenSSL: no TLS, all else works
+    ssl = None  # type: ignore[assignment]
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 __version__ = "0.1.0"
@@ -72,6 +76,9 @@ log = logging.getLogger("ctinotify")
 DEFAULT_CONFIG_PATHS = ("/etc/asterisk/ctinotify.conf", "ctinotify.conf")
 DEFAULT_CLIENT_PORT = 5039
 DEFAULT_AMI_PORT = 5038
+#: Asterisk's TLS manager port (manager.conf ``tlsbindport``).  It is also
+#: ctinotify's default client port: on one box only one of them can have it.
+DEFAULT_AMI_TLS_PORT = 5039
 
 #: Asterisk sends whole events; none of ours comes close to this.  A bigger
 #: message is skipped, never buffered without bound.
@@ -91,10 +98,65 @@ AMI_RESYNC_GRACE_S = 60.0
 
 #: A client command is one short line.
 MAX_CLIENT_LINE_BYTES = 1024
+#: Received bytes a client may have waiting to be processed (complete lines
+#: held back while a failed login's reply is delayed, plus a partial line).
+MAX_CLIENT_PENDING_INPUT_BYTES = 4 * MAX_CLIENT_LINE_BYTES
 CLIENT_AUTH_TIMEOUT_S = 30.0
 CLIENT_RECV_BYTES = 4096
-#: Unsent output a client may have queued before it is disconnected.
+#: Output buffer limits, as Redis' ``client-output-buffer-limit pubsub``:
+#: a client whose unsent output passes the hard limit is disconnected; one
+#: that stays over the soft limit for the soft time, too.  Config keys
+#: ``client_buffer_hard``, ``client_buffer_soft``, ``client_buffer_soft_seconds``.
 CLIENT_OUTPUT_HARD_LIMIT_BYTES = 4 * 1024 * 1024
+CLIENT_OUTPUT_SOFT_LIMIT_BYTES = 1024 * 1024
+CLIENT_OUTPUT_SOFT_S = 60.0
+#: The smallest hard limit the config accepts: a HISTORY reply must fit.
+MIN_CLIENT_OUTPUT_LIMIT_BYTES = 64 * 1024
+#: The kernel send buffer of a client socket.  Without it Linux grows it to
+#: 4 MiB per idle reader (net.ipv4.tcp_wmem), memory the limits above do
+#: not see; events are small, 64 KiB is plenty even across a WAN.
+CLIENT_SNDBUF_BYTES = 64 * 1024
+#: Connections at once, in total and per source address (an IPv6 source
+#: counts per /64).  Config keys ``max_clients``, ``max_clients_per_host``.
+MAX_CLIENTS = 1000
+MAX_CLIENTS_PER_HOST = 50
+#: Failed logins per source address: the ERR reply to the n-th failure is
+#: delayed LOGIN_FAIL_DELAY_S * 2**(n-1), at most LOGIN_FAIL_DELAY_GROWTH times that;
+#: the LOGIN_BLOCK_AFTER-th blocks the address for LOGIN_BLOCK_S.  Failures
+#: older than LOGIN_FAIL_FORGET_S are forgotten; at most
+#: MAX_LOGIN_TRACKED_HOSTS addresses are remembered (least recent dropped).
+LOGIN_FAIL_DELAY_S = 0.5
+LOGIN_FAIL_DELAY_GROWTH = 16
+LOGIN_BLOCK_AFTER = 10
+LOGIN_BLOCK_S = 300.0
+LOGIN_FAIL_FORGET_S = 900.0
+MAX_LOGIN_TRACKED_HOSTS = 4096
+#: Failed logins on one connection before it is closed.
+MAX_LOGIN_ATTEMPTS_PER_CONNECTION = 3
+#: Bad commands a connection may send before logging in (binary junk, a
+#: browser, a TLS client on the plain port) before it is closed.
+MAX_CLIENT_ERRORS_BEFORE_LOGIN = 10
+#: After a connection's last reply: how long to wait for the peer to read
+#: it and close, discarding what it still sends, before closing anyway.
+CLIENT_LINGER_S = 2.0
+#: TCP keepalive on client sockets finds desktops that vanished without a
+#: FIN (a laptop lid, a pulled cable): idle seconds, probe interval, probes.
+CLIENT_KEEPALIVE_IDLE_S = 60
+CLIENT_KEEPALIVE_INTERVAL_S = 10
+CLIENT_KEEPALIVE_PROBES = 6
+#: Out of file descriptors: stop accepting for this long instead of
+#: spinning on a listener that stays readable (as asyncio does).
+ACCEPT_PAUSE_S = 1.0
+#: Connections accepted per readable listener before the others get a turn.
+ACCEPT_BURST = 64
+#: A repeated warning (refused connections, bad AMI messages) is logged at
+#: most once per this interval, with a count of the ones left out.
+LOG_REPEAT_INTERVAL_S = 10.0
+#: HISTORY: finished calls kept per user, and the default and largest n.
+HISTORY_PER_USER = 100
+HISTORY_DEFAULT_COUNT = 10
+#: How much of the call log's tail seeds the history at start.
+HISTORY_SEED_MAX_BYTES = 4 * 1024 * 1024
 #: A listen() backlog for bursts of desktop reconnects.
 LISTEN_BACKLOG = 128
 
@@ -302,12 +364,14 @@ class UserConfig:
 class AmiConfig:
     """The ``[ami]`` section: how to reach and log in to Asterisk."""
 
-    __slots__ = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max")
+    __slots__ = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max",
+                 "tls", "tls_verify", "tls_ca")
 
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_AMI_PORT,
                  username: str = "", secret: str = "", auth: str = "plain",
                  ping_interval: float = AMI_PING_INTERVAL_S,
-                 reconnect_max: float = AMI_RECONNECT_MAX_S):
+                 reconnect_max: float = AMI_RECONNECT_MAX_S,
+                 tls: bool = False, tls_verify: bool = True, tls_ca: str = ""):
         self.host = host
         self.port = port
         self.username = username
@@ -315,6 +379,12 @@ class AmiConfig:
         self.auth = auth
         self.ping_interval = ping_interval
         self.reconnect_max = reconnect_max
+        #: Connect with TLS (Asterisk's manager.conf ``tlsenable``, port 5039).
+        self.tls = tls
+        #: Check Asterisk's certificate and host name (against ``tls_ca``,
+        #: else the system's CAs).
+        self.tls_verify = tls_verify
+        self.tls_ca = tls_ca
 
     def key(self) -> tuple:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -333,9 +403,19 @@ class Config:
     def __init__(self, path: str, bind: str, port: int, loglevel: str, calllog: str,
                  ami: AmiConfig, users: Dict[str, UserConfig],
                  login_timeout: float = CLIENT_AUTH_TIMEOUT_S, log: str = "auto",
-                 syslog_facility: str = "daemon", syslog_socket: str = DEFAULT_SYSLOG_SOCKET):
+                 syslog_facility: str = "daemon", syslog_socket: str = DEFAULT_SYSLOG_SOCKET,
+                 max_clients: int = MAX_CLIENTS,
+                 max_clients_per_host: int = MAX_CLIENTS_PER_HOST,
+                 client_buffer_hard: int = CLIENT_OUTPUT_HARD_LIMIT_BYTES,
+                 client_buffer_soft: int = CLIENT_OUTPUT_SOFT_LIMIT_BYTES,
+                 client_buffer_soft_seconds: float = CLIENT_OUTPUT_SOFT_S,
+                 login_fail_delay: float = LOGIN_FAIL_DELAY_S,
+                 login_block_after: int = LOGIN_BLOCK_AFTER,
+                 login_block_seconds: float = LOGIN_BLOCK_S,
+                 tls_port: Optional[int] = None, tls_cert: str = "", tls_key: str = ""):
         self.path = path
-        #: Seconds a client may stay connected without logging in.
+        #: Seconds a client may stay connected without logging in (and, on
+        #: the TLS port, without finishing the handshake).
         self.login_timeout = login_timeout
         #: Where ``run`` logs: ``auto`` (syslog with --daemon, else stderr),
         #: ``stderr`` or ``syslog``.  Read at start only, not on reload.
@@ -345,26 +425,65 @@ class Config:
         #: The Unix socket syslog listens on.
         self.syslog_socket = syslog_socket
         self.bind = bind
+        #: The plain-text client port; ``None`` (``port = off``): TLS only.
         self.port = port
         self.loglevel = loglevel
         self.calllog = calllog
         self.ami = ami
         self.users = users
+        #: Connections at once, in total and per source address.
+        self.max_clients = max_clients
+        self.max_clients_per_host = max_clients_per_host
+        #: Output buffer limits in bytes (0 = no soft limit) and the time a
+        #: client may stay over the soft one.
+        self.client_buffer_hard = client_buffer_hard
+        self.client_buffer_soft = client_buffer_soft
+        self.client_buffer_soft_seconds = client_buffer_soft_seconds
+        #: The delay before the reply to an address's first failed login
+        #: (doubling per failure); failures until a block (0 = never); its length.
+        self.login_fail_delay = login_fail_delay
+        self.login_block_after = login_block_after
+        self.login_block_seconds = login_block_seconds
+        #: The TLS client port (``None``: no TLS listener) and its PEM files.
+        self.tls_port = tls_port
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+        #: Built by load_config from the files named above (None otherwise).
+        self.tls_context: Optional["ssl.SSLContext"] = None
+        self.ami_tls_context: Optional["ssl.SSLContext"] = None
+        #: ``key -> "FILE:LINE: [section] key"`` for problems found after parsing.
+        self.origins: Dict[str, str] = {}
 
     def describe(self) -> str:
         """The effective configuration as INI, secrets masked."""
         lines = ["; effective configuration of %s" % self.path,
-                 "[general]", "bind = %s" % self.bind, "port = %d" % self.port,
+                 "[general]", "bind = %s" % self.bind,
+                 "port = %s" % ("off" if self.port is None else self.port),
                  "loglevel = %s" % self.loglevel, "calllog = %s" % self.calllog,
                  "login_timeout = %g" % self.login_timeout, "log = %s" % self.log,
                  "syslog_facility = %s" % self.syslog_facility,
-                 "syslog_socket = %s" % self.syslog_socket, "",
-                 "[ami]"]
+                 "syslog_socket = %s" % self.syslog_socket,
+                 "max_clients = %d" % self.max_clients,
+                 "max_clients_per_host = %d" % self.max_clients_per_host,
+                 "client_buffer_hard = %d" % self.client_buffer_hard,
+                 "client_buffer_soft = %d" % self.client_buffer_soft,
+                 "client_buffer_soft_seconds = %g" % self.client_buffer_soft_seconds,
+                 "login_fail_delay = %g" % self.login_fail_delay,
+                 "login_block_after = %d" % self.login_block_after,
+                 "login_block_seconds = %g" % self.login_block_seconds]
+        if self.tls_port is not None:
+            lines += ["tls_port = %d" % self.tls_port, "tls_cert = %s" % self.tls_cert,
+                      "tls_key = %s" % self.tls_key]
+        lines += ["", "[ami]"]
         ami = self.ami
         lines += ["host = %s" % ami.host, "port = %d" % ami.port,
                   "username = %s" % ami.username, "secret = %s" % mask(ami.secret),
                   "auth = %s" % ami.auth, "ping_interval = %g" % ami.ping_interval,
-                  "reconnect_max = %g" % ami.reconnect_max]
+                  "reconnect_max = %g" % ami.reconnect_max,
+                  "tls = %s" % ("yes" if ami.tls else "no")]
+        if ami.tls:
+            lines += ["tls_verify = %s" % ("yes" if ami.tls_verify else "no"),
+                      "tls_ca = %s" % ami.tls_ca]
         for user in self.users.values():
             hosts = "dynamic" if user.hosts is None else ",".join(str(h) for h in user.hosts)
             exts = ",".join(n + ("@" + c if c else "") for n, c in user.extensions)
@@ -385,8 +504,17 @@ _EXTENSION = re.compile(r"^[0-9A-Za-z*#+_.-]{1,40}(@[A-Za-z0-9_.-]{1,80})?$")
 _LOGLEVELS = ("debug", "info", "warning", "error")
 
 GENERAL_KEYS = ("bind", "port", "loglevel", "calllog", "login_timeout", "log",
-                "syslog_facility", "syslog_socket")
-AMI_KEYS = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max")
+                "syslog_facility", "syslog_socket", "max_clients",
+                "max_clients_per_host", "client_buffer_hard", "client_buffer_soft",
+                "client_buffer_soft_seconds", "login_fail_delay", "login_block_after",
+                "login_block_seconds", "tls_port", "tls_cert", "tls_key")
+AMI_KEYS = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max",
+            "tls", "tls_verify", "tls_ca")
+_SIZE = re.compile(r"^\s*([0-9]+)\s*(b|k|kb|m|mb|g|gb)?\s*$", re.I)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
+               "g": 1024 ** 3, "gb": 1024 ** 3}
+_BOOLEANS = {"yes": True, "true": True, "on": True, "1": True,
+             "no": False, "false": False, "off": False, "0": False}
 USER_KEYS = ("secret", "host", "devices", "extensions", "events", "popup_url")
 
 #: The placeholders of ``popup_url``: the flattened fields of an ``incoming``
@@ -454,6 +582,39 @@ class _ConfigReader:
                          % (option.value, ", ".join(choices)))
             return default
         return value
+
+    def size(self, section: IniSection, key: str, default: int, low: int, high: int,
+             allow_zero: bool = False) -> int:
+        """Bytes, Redis style: ``1048576``, ``1024k``, ``1mb``, ``1g``."""
+        option = section.get(key)
+        if option is None:
+            return default
+        match = _SIZE.match(option.value)
+        if match is None:
+            self.problem(section, option, "%r is not a size, expected bytes such as "
+                         "4194304, 4096k or 4mb" % option.value)
+            return default
+        value = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+        if not (low <= value <= high or (allow_zero and value == 0)):
+            self.problem(section, option, "%r is out of range, expected %s%d to %d bytes"
+                         % (option.value, "0 or " if allow_zero else "", low, high))
+            return default
+        return value
+
+    def boolean(self, section: IniSection, key: str, default: bool) -> bool:
+        option = section.get(key)
+        if option is None:
+            return default
+        value = _BOOLEANS.get(option.value.lower())
+        if value is None:
+            self.problem(section, option, "%r is not yes or no" % option.value)
+            return default
+        return value
+
+    def origin(self, section: IniSection, key: str) -> str:
+        option = section.get(key)
+        return "%s:%d: [%s] %s" % (self.filename, option.lineno if option else section.lineno,
+                                   section.name, key)
 
     def items(self, section: IniSection, key: str) -> Tuple[Optional[IniOption], List[str]]:
         option = section.get(key)
@@ -562,7 +723,12 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
         reader.problem(general, general.get("bind"),
                        "%r is not an IP address, expected e.g. 0.0.0.0, 127.0.0.1 or ::" % bind)
     # Port 0 asks the kernel for a free port (the tests use it).
-    port = int(reader.number(general, "port", DEFAULT_CLIENT_PORT, 0, 65535, integer=True))
+    port: Optional[int] = DEFAULT_CLIENT_PORT
+    port_option = general.get("port")
+    if port_option is not None and port_option.value.lower() == "off":
+        port = None
+    else:
+        port = int(reader.number(general, "port", DEFAULT_CLIENT_PORT, 0, 65535, integer=True))
     loglevel = reader.choice(general, "loglevel", "info", _LOGLEVELS)
     calllog = reader.text(general, "calllog", "")
     login_timeout = reader.number(general, "login_timeout", CLIENT_AUTH_TIMEOUT_S, 1, 3600)
@@ -572,6 +738,40 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     if not syslog_socket.startswith("/"):
         reader.problem(general, general.get("syslog_socket"), "%r is not an absolute path, "
                        "expected the syslog socket such as /dev/log" % syslog_socket)
+    max_clients = int(reader.number(general, "max_clients", MAX_CLIENTS, 1, 100000,
+                                    integer=True))
+    max_per_host = int(reader.number(general, "max_clients_per_host", MAX_CLIENTS_PER_HOST,
+                                     1, 100000, integer=True))
+    buffer_hard = reader.size(general, "client_buffer_hard", CLIENT_OUTPUT_HARD_LIMIT_BYTES,
+                              MIN_CLIENT_OUTPUT_LIMIT_BYTES, 1024 ** 3)
+    buffer_soft = reader.size(general, "client_buffer_soft", CLIENT_OUTPUT_SOFT_LIMIT_BYTES,
+                              MIN_CLIENT_OUTPUT_LIMIT_BYTES, 1024 ** 3, allow_zero=True)
+    if general.get("client_buffer_soft") is None and buffer_soft > buffer_hard:
+        buffer_soft = buffer_hard // 4  # a small hard limit brings the default down
+    elif buffer_soft > buffer_hard:
+        reader.problem(general, general.get("client_buffer_soft"),
+                       "%d bytes is more than client_buffer_hard (%d), expected at most that "
+                       "or 0 for no soft limit" % (buffer_soft, buffer_hard))
+    buffer_soft_s = reader.number(general, "client_buffer_soft_seconds", CLIENT_OUTPUT_SOFT_S,
+                                  0, 3600)
+    fail_delay = reader.number(general, "login_fail_delay", LOGIN_FAIL_DELAY_S, 0, 60)
+    block_after = int(reader.number(general, "login_block_after", LOGIN_BLOCK_AFTER, 0, 1000,
+                                    integer=True))
+    block_s = reader.number(general, "login_block_seconds", LOGIN_BLOCK_S, 1, 86400)
+    tls_port: Optional[int] = None
+    if general.get("tls_port") is not None and general.get("tls_port").value != "":
+        tls_port = int(reader.number(general, "tls_port", 0, 0, 65535, integer=True))
+    tls_cert = reader.text(general, "tls_cert", "")
+    tls_key = reader.text(general, "tls_key", "")
+    if tls_port is not None and not tls_cert:
+        reader.problem(general, general.get("tls_port"),
+                       "TLS needs a certificate, expected tls_cert = /path/to/cert.pem")
+    if (tls_cert or tls_key) and tls_port is None:
+        reader.problem(general, general.get("tls_cert") or general.get("tls_key"),
+                       "set without tls_port, expected tls_port = 5040 (or remove it)")
+    if port is None and tls_port is None:
+        reader.problem(general, port_option, "'off' leaves no client port, expected a port "
+                       "number or tls_port")
 
     ami_section = by_name.get("ami")
     if ami_section is None:
@@ -589,7 +789,15 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
             auth=reader.choice(ami_section, "auth", "plain", ("plain", "md5")),
             ping_interval=reader.number(ami_section, "ping_interval", AMI_PING_INTERVAL_S, 1, 3600),
             reconnect_max=reader.number(ami_section, "reconnect_max", AMI_RECONNECT_MAX_S, 1, 3600),
+            tls=reader.boolean(ami_section, "tls", False),
+            tls_verify=reader.boolean(ami_section, "tls_verify", True),
+            tls_ca=reader.text(ami_section, "tls_ca", ""),
         )
+        if ami.tls and ami_section.get("port") is None:
+            ami.port = DEFAULT_AMI_TLS_PORT  # manager.conf tlsbindport
+        if not ami.tls and (ami_section.get("tls_verify") or ami_section.get("tls_ca")):
+            reader.problem(ami_section, ami_section.get("tls_ca") or ami_section.get("tls_verify"),
+                           "only used with TLS, expected tls = yes as well")
     users: Dict[str, UserConfig] = {}
     for section in sections:
         if section.name.lower() in ("general", "ami"):
@@ -597,8 +805,17 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
         users[section.name] = reader.read_user(section)
     if reader.problems:
         raise ConfigError(sorted(reader.problems, key=_problem_line))
-    return Config(filename, bind, port, loglevel, calllog, ami, users, login_timeout,
-                  log_target, facility, syslog_socket)
+    config = Config(filename, bind, port, loglevel, calllog, ami, users, login_timeout,
+                    log_target, facility, syslog_socket,
+                    max_clients=max_clients, max_clients_per_host=max_per_host,
+                    client_buffer_hard=buffer_hard, client_buffer_soft=buffer_soft,
+                    client_buffer_soft_seconds=buffer_soft_s, login_fail_delay=fail_delay,
+                    login_block_after=block_after, login_block_seconds=block_s,
+                    tls_port=tls_port, tls_cert=tls_cert, tls_key=tls_key)
+    config.origins["tls_cert"] = reader.origin(general, "tls_cert")
+    if ami_section is not None:
+        config.origins["tls_ca"] = reader.origin(ami_section, "tls_ca")
+    return config
 
 
 def _problem_line(problem: str) -> int:
@@ -618,7 +835,54 @@ def load_config(path: str, require_ami: bool = True) -> Config:
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(["%s:%d: the file is not UTF-8 text" % (path, line)])
-    return parse_config(text, path, require_ami)
+    config = parse_config(text, path, require_ami)
+    problems = []
+    if config.tls_port is not None:
+        try:
+            config.tls_context = server_tls_context(config.tls_cert, config.tls_key or None)
+        except (OSError, ValueError) as e:
+            problems.append("%s: cannot load the certificate and key: %s, expected PEM files"
+                            % (config.origins["tls_cert"], _ssl_reason(e)))
+    if config.ami.tls:
+        try:
+            config.ami_tls_context = ami_tls_context(config.ami)
+        except (OSError, ValueError) as e:
+            problems.append("%s: cannot load the CA file: %s, expected PEM certificates"
+                            % (config.origins.get("tls_ca", path + ":0: [ami] tls_ca"),
+                               _ssl_reason(e)))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _ssl_reason(error: Exception) -> str:
+    if ssl is not None and isinstance(error, ssl.SSLError):
+        return error.reason or str(error)
+    return getattr(error, "strerror", None) or str(error)
+
+
+def server_tls_context(cert: str, key: Optional[str]) -> "ssl.SSLContext":
+    """The context of the TLS client listener: TLS 1.2 or newer, no client
+    certificates (clients log in with LOGIN, as on the plain port)."""
+    if ssl is None:
+        raise ValueError("this Python has no ssl module")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def ami_tls_context(cfg: AmiConfig) -> "ssl.SSLContext":
+    """The context of the TLS link to Asterisk: verified against ``tls_ca``
+    or the system's CAs unless ``tls_verify = no``."""
+    if ssl is None:
+        raise ValueError("this Python has no ssl module")
+    context = ssl.create_default_context(cafile=cfg.tls_ca or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not cfg.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def find_config(path: Optional[str]) -> str:
@@ -2401,6 +2665,10 @@ class CallEngine:
             self._emit(uc, kind, dialed=uc.dialed, **extra)
 
     def _emit(self, uc: UserCall, event: str, **extra: object) -> Dict[str, object]:
+        if not uc.announced:
+            # A call routed to a user's number that has not rung anywhere yet:
+            # nothing about it is news before its incoming (fuzz, k_attended).
+            return {}
         frm, to = uc.parties
         fields: Dict[str, object] = {
             "event": event, "call": uc.call_id, "time": iso_time(self._now),
@@ -2460,6 +2728,9 @@ def flatten_fields(fields: Dict[str, object]) -> List[Tuple[str, str]]:
                 pairs.append((key + "_" + sub, "" if subvalue is None else str(subvalue)))
         elif isinstance(value, bool):
             pairs.append((key, "yes" if value else "no"))
+        elif isinstance(value, (list, tuple)):
+            # A call log record's ``path`` (diverts, transfers): JSON, quoted.
+            pairs.append((key, json.dumps(value, ensure_ascii=False, separators=(",", ":"))))
         else:
             pairs.append((key, "" if value is None else str(value)))
     return pairs
@@ -2536,8 +2807,136 @@ def with_popup_url(fields: Dict[str, object], account: Optional[UserConfig]) -> 
     return dict(fields, url=fill_popup_url(account.popup_url, fields, account.name))
 
 
+
+
+def encode_history(record: Dict[str, object], fmt: str) -> str:
+    """One HISTORY item: ``HISTORY user=alice call=...`` or a JSON object
+    with ``"event":"history"``."""
+    if fmt == "json":
+        return encode_json_line(dict({"event": "history"}, **record))
+    return encode_text_line("HISTORY", record)
+
+
 CLIENT_HELP = ("commands: LOGIN <user> <secret> | EVENTS <kind>[,<kind>...]|ALL | "
-               "FORMAT text|json | CALLS | PING | HELP | QUIT")
+               "FORMAT text|json | CALLS | HISTORY [n] | PING | HELP | QUIT")
+
+
+def address_key(address: str) -> str:
+    """What limits count per source: the IPv4 address (also when it comes
+    IPv4-mapped), or the /64 of an IPv6 address, which one host usually owns whole."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:  # type: ignore[union-attr]
+            return str(ip.ipv4_mapped)  # type: ignore[union-attr]
+        return str(ipaddress.ip_network((ip, 64), strict=False))
+    return str(ip)
+
+
+class LoginThrottle:
+    """Failed logins per source address: a growing delay, then a block.
+
+    ``failed(key, now)`` records a failure and returns how long to hold the
+    reply back and whether the address is blocked from now on;
+    ``blocked_for(key, now)`` how many seconds a block has left.  Memory is
+    bounded: at most ``max_hosts`` addresses, the least recently failing
+    forgotten first, and failures expire after ``forget_s``.  A success does
+    not reset the count: logging in to one's own account must not buy more
+    guesses at someone else's.
+    """
+
+    def __init__(self, delay_s: float = LOGIN_FAIL_DELAY_S, block_after: int = LOGIN_BLOCK_AFTER,
+                 block_s: float = LOGIN_BLOCK_S, forget_s: float = LOGIN_FAIL_FORGET_S,
+                 max_hosts: int = MAX_LOGIN_TRACKED_HOSTS):
+        self.delay_s = delay_s
+        self.block_after = block_after
+        self.block_s = block_s
+        self.forget_s = forget_s
+        self.max_hosts = max_hosts
+        #: key -> [failures, time of the last failure, blocked until]
+        self._hosts: "collections.OrderedDict[str, List[float]]" = collections.OrderedDict()
+
+    def configure(self, delay_s: float, block_after: int, block_s: float) -> None:
+        self.delay_s, self.block_after, self.block_s = delay_s, block_after, block_s
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+    def _entry(self, key: str, now: float) -> Optional[List[float]]:
+        entry = self._hosts.get(key)
+        if entry is not None and now >= entry[2] and now - entry[1] >= self.forget_s:
+            del self._hosts[key]
+            return None
+        return entry
+
+    def blocked_for(self, key: str, now: float) -> float:
+        entry = self._entry(key, now)
+        return max(0.0, entry[2] - now) if entry is not None else 0.0
+
+    def failed(self, key: str, now: float) -> Tuple[float, bool]:
+        entry = self._entry(key, now)
+        if entry is None:
+            entry = self._hosts[key] = [0, now, 0.0]
+            while len(self._hosts) > self.max_hosts:
+                self._hosts.popitem(last=False)
+        else:
+            self._hosts.move_to_end(key)
+        entry[0] += 1
+        entry[1] = now
+        failures = int(entry[0])
+        delay = self.delay_s * min(2 ** min(failures - 1, 16), LOGIN_FAIL_DELAY_GROWTH)
+        if self.block_after and failures >= self.block_after and now >= entry[2]:
+            entry[2] = now + self.block_s
+            entry[0] = 0  # the block is the punishment; afterwards start over
+            return delay, True
+        return delay, False
+
+
+class CallHistory:
+    """The last finished calls of every user, for HISTORY: bounded per user,
+    and only ever looked up by the user a record names."""
+
+    def __init__(self, per_user: int = HISTORY_PER_USER):
+        self.per_user = per_user
+        self._by_user: Dict[str, "collections.deque[Dict[str, object]]"] = {}
+
+    def add(self, record: Dict[str, object]) -> None:
+        user = record.get("user")
+        if not isinstance(user, str):
+            return
+        calls = self._by_user.get(user)
+        if calls is None:
+            calls = self._by_user[user] = collections.deque(maxlen=self.per_user)
+        calls.append(record)
+
+    def last(self, user: str, count: int) -> List[Dict[str, object]]:
+        """The user's last ``count`` calls, oldest first."""
+        calls = self._by_user.get(user)
+        if not calls or count <= 0:
+            return []
+        return list(calls)[-count:]
+
+    def seed(self, lines: Iterable[str], users: Iterable[str]) -> int:
+        """Load call log lines (oldest first); skip broken ones and other users."""
+        wanted = set(users)
+        loaded = 0
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("user") in wanted:
+                self.add(record)
+                loaded += 1
+        return loaded
+
+    def retain(self, users: Iterable[str]) -> None:
+        """Forget the history of users no longer configured."""
+        keep = set(users)
+        for user in [u for u in self._by_user if u not in keep]:
+            del self._by_user[user]
 
 
 class ServerView:
@@ -2546,9 +2945,11 @@ class ServerView:
     The daemon implements these for real; tests and replay use this class.
     """
 
-    def __init__(self, users: Dict[str, UserConfig], engine: Optional[CallEngine] = None):
+    def __init__(self, users: Dict[str, UserConfig], engine: Optional[CallEngine] = None,
+                 history: Optional[CallHistory] = None):
         self.users = users
         self.engine = engine
+        self.call_history = history if history is not None else CallHistory()
 
     def calls(self, user: str) -> List[Dict[str, object]]:
         """The user's calls in progress, as event fields."""
@@ -2558,7 +2959,11 @@ class ServerView:
 
     def history(self, user: str, count: int) -> List[Dict[str, object]]:
         """The user's last ``count`` finished calls, newest last."""
-        return []
+        return self.call_history.last(user, count)
+
+    def login_blocked(self, peer_host: str) -> bool:
+        """Whether logins from this address are blocked for now."""
+        return False
 
 
 class ClientSession:
@@ -2567,6 +2972,8 @@ class ClientSession:
     ``handle_line`` takes one received line and returns the reply lines.
     Nothing but replies reaches the client before LOGIN succeeds; after it,
     ``wants(kind)`` says whether a notification of that kind is for it.
+    ``closing`` asks the caller to close the connection after the replies,
+    ``close_reason`` says why (for the log).
     """
 
     def __init__(self, peer_host: str, tag: str = "client"):
@@ -2576,7 +2983,9 @@ class ClientSession:
         self.fmt = "text"
         self.kinds: frozenset = frozenset()
         self.closing = False
+        self.close_reason = ""
         self.failed_logins = 0
+        self.errors = 0
 
     @staticmethod
     def greeting() -> str:
@@ -2594,18 +3003,33 @@ class ClientSession:
         argument = words[1] if len(words) > 1 else ""
         handler = {
             "LOGIN": self._login, "EVENTS": self._events, "FORMAT": self._format,
-            "CALLS": self._calls, "PING": self._ping, "HELP": self._help, "QUIT": self._quit,
+            "CALLS": self._calls, "HISTORY": self._history, "PING": self._ping,
+            "HELP": self._help, "QUIT": self._quit,
         }.get(command)
         try:
             if handler is None:
                 raise ClientProtocolError("400", "unknown command, try HELP")
             return handler(argument, server)
         except ClientProtocolError as e:
+            if self.user is None and e.code in ("400", "403"):
+                self.errors += 1
+                if self.errors >= MAX_CLIENT_ERRORS_BEFORE_LOGIN:
+                    self.request_close("%d bad commands before login" % self.errors)
             return ["ERR %s %s" % (e.code, e.text)]
+
+    def request_close(self, reason: str) -> None:
+        """Close the connection after the replies; ``reason`` is for the log."""
+        if not self.closing:
+            self.closing = True
+            self.close_reason = reason
 
     def _login(self, argument: str, server: ServerView) -> List[str]:
         if self.user is not None:
             raise ClientProtocolError("409", "already logged in as %s" % self.user.name)
+        if server.login_blocked(self.peer_host):
+            self.request_close("login while the address is blocked")
+            raise ClientProtocolError("429", "too many failed logins from your address, "
+                                      "try again later")
         name, _, secret = argument.partition(" ")
         account = server.users.get(name)
         # Compare even for unknown users, so timing does not tell them apart.
@@ -2616,6 +3040,8 @@ class ClientSession:
             why = ("unknown user" if account is None else
                    "wrong secret" if not secret_ok else "address not allowed by host=")
             log.warning("%s: login as %r refused: %s", self.tag, name[:64], why)
+            if self.failed_logins >= MAX_LOGIN_ATTEMPTS_PER_CONNECTION:
+                self.request_close("%d failed logins" % self.failed_logins)
             raise ClientProtocolError("401", "login failed")
         self.user = account
         self.kinds = frozenset(account.events)
@@ -2663,6 +3089,23 @@ class ClientSession:
             return encode_json_line(fields)
         return encode_text_line(tag, {k: v for k, v in fields.items() if k != "event"})
 
+    def _history(self, argument: str, server: ServerView) -> List[str]:
+        if self.user is None:
+            raise ClientProtocolError("403", "login first")
+        text = argument.strip()
+        count = HISTORY_DEFAULT_COUNT
+        if text:
+            if not re.match(r"^[0-9]{1,6}$", text) or not 1 <= int(text) <= HISTORY_PER_USER:
+                raise ClientProtocolError("400", "usage: HISTORY [n], n from 1 to %d"
+                                          % HISTORY_PER_USER)
+            count = int(text)
+        # Only ever this session's own user: the history of anyone else is
+        # not reachable from here.
+        records = server.history(self.user.name, count)
+        lines = [encode_history(record, self.fmt) for record in records
+                 if record.get("user") == self.user.name]
+        return lines + ["OK history=%d" % len(lines)]
+
     def _ping(self, argument: str, server: ServerView) -> List[str]:
         return ["OK PONG"]
 
@@ -2670,7 +3113,7 @@ class ClientSession:
         return ["OK " + CLIENT_HELP]
 
     def _quit(self, argument: str, server: ServerView) -> List[str]:
-        self.closing = True
+        self.request_close("quit")
         return ["OK bye"]
 
 
@@ -2679,24 +3122,72 @@ class ClientSession:
 # ---------------------------------------------------------------------------
 
 
+#: Socket options of every accepted client connection (those this
+#: platform has): no Nagle delay for small event lines, TCP keepalive to
+#: find peers that vanished without a FIN, and a bounded kernel send buffer.
+_CLIENT_SOCKOPTS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+                    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                    (socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF_BYTES)]
+for _name, _value in (("TCP_KEEPIDLE", CLIENT_KEEPALIVE_IDLE_S),
+                      ("TCP_KEEPINTVL", CLIENT_KEEPALIVE_INTERVAL_S),
+                      ("TCP_KEEPCNT", CLIENT_KEEPALIVE_PROBES)):
+    if hasattr(socket, _name):
+        _CLIENT_SOCKOPTS.append((socket.IPPROTO_TCP, getattr(socket, _name), _value))
+
+#: A non-blocking TLS socket that needs the peer (or the kernel) first:
+#: like BlockingIOError, not an error.
+_SSL_WOULD_BLOCK: tuple = ((ssl.SSLWantReadError, ssl.SSLWantWriteError)
+                           if ssl is not None else ())
+
+
+def _error_text(error: Exception) -> str:
+    """A short reason for a socket or TLS error, for the log."""
+    if ssl is not None and isinstance(error, ssl.SSLCertVerificationError):
+        return "certificate verify failed: %s" % error.verify_message
+    if ssl is not None and isinstance(error, ssl.SSLError):
+        return error.reason or str(error)
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
 class ClientConnection:
     """A desktop client's socket, its buffers and its ClientSession."""
 
-    __slots__ = ("sock", "session", "peer", "inbuf", "outbuf", "writing",
-                 "closed", "close_after_flush", "overflowed", "auth_deadline")
+    __slots__ = ("sock", "session", "peer", "host_key", "tls", "handshaking", "inbuf", "outbuf",
+                 "events", "callback", "closed", "closing", "close_level", "shut", "peer_eof",
+                 "overflow", "soft_since", "auth_deadline", "hold_until", "held")
 
-    def __init__(self, sock: socket.socket, peer: Tuple, login_deadline: float):
+    def __init__(self, sock: socket.socket, peer: Tuple, login_deadline: float,
+                 tls: bool = False):
         self.sock = sock
         self.peer = peer
         host = peer[0] if peer else "?"
+        #: What per-address limits count this connection under (address_key).
+        self.host_key = address_key(host)
         self.session = ClientSession(host, tag="client %s:%s" % (host, peer[1] if peer else "?"))
+        #: A TLS connection; ``handshaking`` until its handshake is done.
+        self.tls = tls
+        self.handshaking = tls
         self.inbuf = bytearray()
         self.outbuf = bytearray()
-        self.writing = False
+        #: The selector events the socket is registered for, and its callback.
+        self.events = selectors.EVENT_READ
+        self.callback = None
         self.closed = False
-        self.close_after_flush: Optional[str] = None
-        self.overflowed = False
+        #: Set when the last reply is queued: why the connection will close
+        #: (once that reply is out), and the level to log it at.
+        self.closing: Optional[str] = None
+        self.close_level = logging.INFO
+        #: Our side sent its FIN; the peer sent its own.
+        self.shut = False
+        self.peer_eof = False
+        #: Why the output went over a limit: it is closed after the pass.
+        self.overflow: Optional[str] = None
+        #: When the output buffer went over the soft limit (monotonic).
+        self.soft_since: Optional[float] = None
         self.auth_deadline = login_deadline
+        #: The reply to a failed login is held back until then (monotonic).
+        self.hold_until: Optional[float] = None
+        self.held: List[bytes] = []
 
     @property
     def tag(self) -> str:
@@ -2706,10 +3197,11 @@ class ClientConnection:
 class AmiLink:
     """The socket to Asterisk, its AmiSession and its reconnect schedule."""
 
-    def __init__(self, config: AmiConfig):
+    def __init__(self, config: AmiConfig, tls_context: Optional["ssl.SSLContext"] = None):
         self.config = config
         self.sock: Optional[socket.socket] = None
-        #: "idle" (waiting to reconnect), "connecting" or "connected".
+        #: "idle" (waiting to reconnect), "connecting", "handshaking" (TLS)
+        #: or "connected".
         self.state = "idle"
         self.session: Optional[AmiSession] = None
         self.outbuf = bytearray()
@@ -2717,6 +3209,8 @@ class AmiLink:
         self.next_attempt = 0.0
         self.connect_deadline = 0.0
         self.address: Optional[Tuple[int, tuple]] = None
+        #: For ``[ami] tls = yes``: built with the configuration.
+        self.tls_context = tls_context
 
 
 def resolve(host: str, port: int) -> Tuple[int, tuple]:
@@ -2727,23 +3221,41 @@ def resolve(host: str, port: int) -> Tuple[int, tuple]:
     return family, sockaddr
 
 
+class DaemonView(ServerView):
+    """The running daemon as its client sessions see it: the accounts, the
+    call history and login blocks (the clock is read here, not in sessions)."""
+
+    def __init__(self, daemon: "Daemon"):
+        super().__init__(daemon.config.users, daemon.engine, daemon.history)
+        self._daemon = daemon
+
+    def login_blocked(self, peer_host: str) -> bool:
+        return self._daemon.throttle.blocked_for(address_key(peer_host), time.monotonic()) > 0
+
+
 class Daemon:
     """The selectors loop: the AMI link in, client connections out.
 
     Everything protocol-shaped is delegated: bytes from Asterisk go to the
     AmiSession, its messages to the CallEngine, notifications to the
     ClientSessions of their user.  Timers use the monotonic clock; event
-    times the wall clock.
+    times the wall clock.  Output is queued during a pass and written in
+    one flush before the loop sleeps; a client over a limit is only marked
+    during the pass and closed in that flush, never from inside a write.
     """
 
     def __init__(self, config: Config):
         self.config = config
         self.engine = CallEngine(Directory(config.users.values()))
         self.selector = selectors.DefaultSelector()
-        self.listeners: List[socket.socket] = []
+        #: Listening sockets, each with whether it speaks TLS.
+        self.listeners: List[Tuple[socket.socket, bool]] = []
+        self.tls_context = config.tls_context
         self.clients: Set[ClientConnection] = set()
         self.sessions_by_user: Dict[str, Set[ClientConnection]] = {}
-        self.ami = AmiLink(config.ami)
+        #: Open connections per address_key(), for max_clients_per_host.
+        self.clients_per_host: Dict[str, int] = {}
+        self.ami = AmiLink(config.ami, config.ami_tls_context)
         self.pbx_up = False
         #: When calls kept across a lost link are given up (monotonic).
         self._stale_deadline: Optional[float] = None
@@ -2751,35 +3263,70 @@ class Daemon:
         self._resync_id: Optional[str] = None
         self.running = False
         self._dirty: Set[ClientConnection] = set()
-        self._auth_deadlines: List[Tuple[float, int, ClientConnection]] = []
-        self._deadline_seq = 0
+        #: Client timers: (when, sequence, what, connection), what being
+        #: "login" (login_timeout), "release" (a held reply) or "linger".
+        self._timers: List[Tuple[float, int, str, ClientConnection]] = []
+        self._timer_seq = 0
+        #: Connections over the soft output limit: the timer watches them.
+        self._over_soft: Set[ClientConnection] = set()
+        self._accept_paused_until: Optional[float] = None
         self._pending_signals: List[int] = []
         self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
-        self.calllog = None
-        self.view = ServerView(config.users, self.engine)
+        #: The call log: opened O_APPEND, one write(2) per record.
+        self.calllog_fd: Optional[int] = None
+        #: The call log ends in a partial line (after a failed write).
+        self._calllog_torn = False
+        self.history = CallHistory()
+        self.throttle = LoginThrottle(config.login_fail_delay, config.login_block_after,
+                                      config.login_block_seconds)
+        #: Repeated warnings: kind -> [when last logged, how many left out since].
+        self._repeats: Dict[str, List[float]] = {}
+        self.view = DaemonView(self)
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Bind the client port and open the call log (may raise OSError)."""
-        family = socket.AF_INET6 if ":" in self.config.bind else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and self.config.bind == "::":
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((self.config.bind, self.config.port))
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-        self.selector.register(sock, selectors.EVENT_READ, functools.partial(self._on_accept, sock))
-        self.listeners.append(sock)
-        host, port = sock.getsockname()[:2]
-        log.info("ctinotify %s listening for clients on %s port %d", __version__, host, port)
+        """Bind the client ports, open the call log (may raise OSError)."""
+        if self.config.port is not None:
+            self._listen(self.config.port, tls=False)
+        if self.config.tls_port is not None:
+            if self.tls_context is None:
+                self.tls_context = server_tls_context(self.config.tls_cert,
+                                                      self.config.tls_key or None)
+            self._listen(self.config.tls_port, tls=True)
         self._open_calllog()
+        self._seed_history()
         self._resolve_ami()
+
+    def _listen(self, port: int, tls: bool) -> None:
+        bind = self.config.bind
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and bind == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((bind, port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as e:
+            sock.close()
+            log.error("cannot listen on %s port %d: %s", bind, port, _error_text(e))
+            raise
+        sock.setblocking(False)
+        self.selector.register(sock, selectors.EVENT_READ,
+                               functools.partial(self._on_accept, sock, tls))
+        self.listeners.append((sock, tls))
+        host, real_port = sock.getsockname()[:2]
+        log.info("ctinotify %s listening for %sclients on %s port %d",
+                 __version__, "TLS " if tls else "", host, real_port)
 
     @property
     def client_port(self) -> int:
-        return self.listeners[0].getsockname()[1]
+        return next(s for s, tls in self.listeners if not tls).getsockname()[1]
+
+    @property
+    def tls_port(self) -> int:
+        return next(s for s, tls in self.listeners if tls).getsockname()[1]
 
     def serve_forever(self) -> int:
         self._install_signal_handlers()
@@ -2796,6 +3343,9 @@ class Daemon:
 
     def _shutdown(self) -> None:
         log.info("shutting down")
+        # Calls in progress end now, for the desktops and the call log, as
+        # when the link to Asterisk is lost.
+        self._deliver(self.engine.link_lost(time.time()))
         stopping = {"server": "stopping", "time": iso_time(time.time())}
         for conn in list(self.clients):
             if conn.session.user is not None:
@@ -2805,14 +3355,16 @@ class Daemon:
         if self.ami.state == "connected" and self.ami.sock is not None:
             try:
                 self.ami.sock.send(encode_action("Logoff"))
-            except OSError:
+            except (OSError, ValueError):
                 pass
         self._ami_close()
-        for sock in self.listeners:
-            self.selector.unregister(sock)
+        for sock, _tls in self.listeners:
+            try:
+                self.selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass  # accepting was paused
             sock.close()
-        if self.calllog is not None:
-            self.calllog.close()
+        self._close_calllog()
         log.info("stopped")
 
     # -- signals -------------------------------------------------------------
@@ -2850,7 +3402,8 @@ class Daemon:
     # -- reload --------------------------------------------------------------
 
     def reload(self) -> None:
-        """Re-read the config; on any error keep the running one."""
+        """Re-read the config; on any error keep the running one.  The call
+        log is reopened either way: log rotation sends SIGHUP too."""
         try:
             new = load_config(self.config.path)
         except ConfigError as e:
@@ -2858,62 +3411,146 @@ class Daemon:
                       self.config.path)
             for problem in e.problems:
                 log.error("  %s", problem)
+            self._reopen_calllog()
             return
         old = self.config
+        if (new.bind, new.port, new.tls_port) != (old.bind, old.port, old.tls_port):
+            log.warning("reload: bind, port and tls_port changes need a restart; still on "
+                        "%s port %s, TLS port %s", old.bind, old.port, old.tls_port)
+            new.bind, new.port, new.tls_port = old.bind, old.port, old.tls_port
+        if new.tls_context is not None and self.tls_context is not None:
+            self.tls_context = new.tls_context  # a renewed certificate, for new connections
         self.config = new
         self.view.users = new.users
+        self.history.retain(new.users)
+        self.throttle.configure(new.login_fail_delay, new.login_block_after,
+                                new.login_block_seconds)
         self.engine.set_directory(Directory(new.users.values()))
         logging.getLogger("ctinotify").setLevel(new.loglevel.upper())
-        if (new.bind, new.port) != (old.bind, old.port):
-            log.warning("reload: bind/port changes need a restart; still on %s port %d",
-                        old.bind, old.port)
-            new.bind, new.port = old.bind, old.port
         for conn in list(self.clients):
             account = conn.session.user
-            if account is None:
+            if account is None or conn.closing is not None:
                 continue
             fresh = new.users.get(account.name)
-            if fresh is None or fresh.secret != account.secret:
-                self._close(conn, "account removed or secret changed by reload")
+            if fresh is None:
+                self._end_session(conn, "account removed by reload")
+            elif fresh.secret != account.secret:
+                self._end_session(conn, "secret changed by reload")
             elif not fresh.host_allowed(conn.session.peer_host):
-                self._close(conn, "address no longer allowed by host= after reload")
+                self._end_session(conn, "address no longer allowed by host= after reload")
             else:
                 conn.session.user = fresh
                 conn.session.kinds = conn.session.kinds & frozenset(fresh.events)
-        if self.calllog is not None:
-            self.calllog.close()
-            self.calllog = None
-        self._open_calllog()
+        self._reopen_calllog()
         if new.ami.key() != old.ami.key():
             log.info("reload: [ami] changed, reconnecting")
             self.ami.config = new.ami
+            self.ami.tls_context = new.ami_tls_context
             self._resolve_ami()
             self._ami_lost("configuration changed", immediate=True)
         log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
 
+    # -- the call log and the history -----------------------------------------
+
     def _open_calllog(self) -> None:
-        if not self.config.calllog:
+        path = self.config.calllog
+        if not path:
             return
         try:
-            self.calllog = open(self.config.calllog, "a", encoding="utf-8")
+            self.calllog_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                      | getattr(os, "O_CLOEXEC", 0), 0o640)
         except OSError as e:
-            log.error("cannot open call log %s: %s", self.config.calllog, e)
+            log.error("cannot open call log %s: %s", path, _error_text(e))
+            return
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():
+                    f.seek(-1, os.SEEK_END)
+                    self._calllog_torn = f.read(1) != b"\n"
+        except OSError:
+            pass
+
+    def _close_calllog(self) -> None:
+        if self.calllog_fd is not None:
+            try:
+                os.close(self.calllog_fd)
+            except OSError:
+                pass
+            self.calllog_fd = None
+        self._calllog_torn = False
+
+    def _reopen_calllog(self) -> None:
+        self._close_calllog()
+        self._open_calllog()
+
+    def _write_calllog(self, record: Dict[str, object]) -> None:
+        """One record, one line, one write(2) on an O_APPEND descriptor: a
+        daemon killed at any moment leaves only whole lines, and nothing
+        waits in a buffer of ours."""
+        assert self.calllog_fd is not None
+        data = (encode_json_line(record) + "\n").encode("utf-8")
+        if self._calllog_torn:
+            data = b"\n" + data  # end the broken line; keep this one whole
+        written = 0
+        try:
+            while written < len(data):  # a short write: only on a full disk
+                written += os.write(self.calllog_fd, data[written:])
+            self._calllog_torn = False
+        except OSError as e:
+            self._calllog_torn = self._calllog_torn or written > 0
+            self._log_repeated("calllog", logging.ERROR, "cannot write call log %s: %s",
+                               self.config.calllog, _error_text(e))
+
+    def _seed_history(self) -> None:
+        """HISTORY knows the calls before a restart: the call log's tail."""
+        path = self.config.calllog
+        if not path:
+            return
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                start = max(0, f.tell() - HISTORY_SEED_MAX_BYTES)
+                f.seek(start)
+                data = f.read(HISTORY_SEED_MAX_BYTES)
+        except OSError:
+            return
+        lines = data.decode("utf-8", "replace").split("\n")
+        if start > 0:
+            lines = lines[1:]  # cut in the middle
+        loaded = self.history.seed(lines, self.config.users)
+        log.info("history: %d calls from %s", loaded, path)
 
     # -- timers --------------------------------------------------------------
+
+    def _add_timer(self, when: float, what: str, conn: ClientConnection) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, what, conn))
+        if len(self._timers) > 4 * len(self.clients) + 256:
+            # A flood of short connections leaves a timer each behind; drop
+            # those of closed connections so memory follows the open ones.
+            self._timers = [t for t in self._timers if not t[3].closed]
+            heapq.heapify(self._timers)
 
     def _next_timeout(self, now: float) -> Optional[float]:
         deadlines = []
         link = self.ami
         if link.state == "idle":
             deadlines.append(link.next_attempt)
-        elif link.state == "connecting":
+        elif link.state in ("connecting", "handshaking"):
             deadlines.append(link.connect_deadline)
         elif link.session is not None:
             deadline = link.session.next_deadline()
             if deadline is not None:
                 deadlines.append(deadline)
-        if self._auth_deadlines:
-            deadlines.append(self._auth_deadlines[0][0])
+        if self._timers:
+            deadlines.append(self._timers[0][0])
+        if self._over_soft:
+            soft_s = self.config.client_buffer_soft_seconds
+            deadlines.append(min((c.soft_since for c in self._over_soft
+                                  if c.soft_since is not None), default=now) + soft_s)
+        if self._accept_paused_until is not None:
+            deadlines.append(self._accept_paused_until)
         if self._stale_deadline is not None:
             deadlines.append(self._stale_deadline)
         if not deadlines:
@@ -2926,6 +3563,8 @@ class Daemon:
             self._ami_connect(now)
         elif link.state == "connecting" and now >= link.connect_deadline:
             self._ami_lost("no connection within %g s" % AMI_CONNECT_TIMEOUT_S)
+        elif link.state == "handshaking" and now >= link.connect_deadline:
+            self._ami_lost("no TLS handshake within %g s" % AMI_CONNECT_TIMEOUT_S)
         elif link.state == "connected" and link.session is not None:
             reason = link.session.poll(now)
             if reason:
@@ -2937,13 +3576,54 @@ class Daemon:
             log.warning("ami: no link for %g s: ending the calls it had in progress",
                         AMI_RESYNC_GRACE_S)
             self._deliver(self.engine.link_lost(time.time()))
-        heap = self._auth_deadlines
+        heap = self._timers
         while heap and heap[0][0] <= now:
-            _deadline, _seq, conn = heapq.heappop(heap)
-            if not conn.closed and conn.session.user is None:
-                self._queue(conn, b"ERR 408 login timeout\r\n")
-                self._send(conn)
-                self._close(conn, "no login within %g s" % self.config.login_timeout)
+            _when, _seq, what, conn = heapq.heappop(heap)
+            if conn.closed:
+                continue
+            if what == "login":
+                if conn.session.user is None and conn.closing is None:
+                    if conn.handshaking:
+                        self._close(conn, "no TLS handshake within %g s"
+                                    % self.config.login_timeout, logging.WARNING)
+                    else:
+                        self._finish(conn, "no login within %g s" % self.config.login_timeout,
+                                     b"ERR 408 login timeout\r\n")
+            elif what == "release":
+                if conn.hold_until is not None and conn.hold_until <= now:
+                    self._release(conn)
+            elif what == "linger":
+                self._close(conn, conn.closing or "closed", conn.close_level)
+        if self._over_soft:
+            soft, soft_s = self.config.client_buffer_soft, self.config.client_buffer_soft_seconds
+            for conn in list(self._over_soft):
+                if conn.closed or conn.soft_since is None:
+                    self._over_soft.discard(conn)
+                elif now - conn.soft_since >= soft_s:
+                    self._over_limit(conn, "output buffer over the soft limit of %d bytes for "
+                                     "%g s: client not reading" % (soft, soft_s))
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            for sock, tls in self.listeners:
+                self.selector.register(sock, selectors.EVENT_READ,
+                                       functools.partial(self._on_accept, sock, tls))
+            log.info("accepting connections again")
+
+    def _log_repeated(self, kind: str, level: int, fmt: str, *args: object) -> None:
+        """Log at most once per LOG_REPEAT_INTERVAL_S per kind, so a flood
+        (of connections, of bad messages) cannot flood the log as well."""
+        now = time.monotonic()
+        entry = self._repeats.get(kind)
+        if entry is not None and now - entry[0] < LOG_REPEAT_INTERVAL_S:
+            entry[1] += 1
+            return
+        if entry is not None and entry[1]:
+            fmt += " (and %d more like it in the last %d s)"
+            args += (int(entry[1]), int(now - entry[0]))
+        if len(self._repeats) >= 256:
+            self._repeats.clear()  # kinds are few; this only bounds odd ones
+        self._repeats[kind] = [now, 0]
+        log.log(level, fmt, *args)
 
     # -- the AMI link --------------------------------------------------------
 
@@ -2986,47 +3666,123 @@ class Daemon:
                 self._ami_lost("connect to %s port %d failed: %s"
                                % (link.config.host, link.config.port, os.strerror(err)))
                 return
-            link.state = "connected"
-            cfg = link.config
-            link.session = AmiSession(cfg.username, cfg.secret, cfg.auth, time.monotonic(),
-                                      ping_interval=cfg.ping_interval)
-            self.selector.modify(sock, selectors.EVENT_READ, self._on_ami)
-            log.info("ami: connected to %s port %d", cfg.host, cfg.port)
+            if link.config.tls:
+                self._ami_start_tls(sock)
+            else:
+                self._ami_connected()
+            return
+        if link.state == "handshaking":
+            self._ami_handshake()
             return
         if mask & selectors.EVENT_READ:
             self._ami_read(sock)
-        if mask & selectors.EVENT_WRITE and link.state == "connected":
+        if mask & selectors.EVENT_WRITE and link.state == "connected" and link.sock is sock:
             self._ami_write()
+
+    def _ami_start_tls(self, sock: socket.socket) -> None:
+        link = self.ami
+        if link.tls_context is None:
+            self._ami_lost("tls = yes, but no TLS context could be made")
+            return
+        self.selector.unregister(sock)
+        try:
+            # The handshake runs in the loop (do_handshake_on_connect=False),
+            # so a slow or silent Asterisk cannot stall the clients.
+            link.sock = link.tls_context.wrap_socket(sock, server_hostname=link.config.host,
+                                                     do_handshake_on_connect=False)
+        except (OSError, ValueError) as e:
+            link.sock = sock
+            self.selector.register(sock, selectors.EVENT_READ, self._on_ami)
+            self._ami_lost("TLS setup failed: %s" % _error_text(e))
+            return
+        link.state = "handshaking"
+        self.selector.register(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                               self._on_ami)
+        self._ami_handshake()
+
+    def _ami_handshake(self) -> None:
+        link = self.ami
+        sock = link.sock
+        assert sock is not None and ssl is not None
+        try:
+            sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self.selector.modify(sock, selectors.EVENT_READ, self._on_ami)
+            return
+        except ssl.SSLWantWriteError:
+            self.selector.modify(sock, selectors.EVENT_WRITE, self._on_ami)
+            return
+        except (OSError, ValueError) as e:
+            self._ami_lost("TLS handshake with %s failed: %s" % (link.config.host, _error_text(e)))
+            return
+        log.info("ami: TLS established with %s (%s)", link.config.host,
+                 sock.version())  # type: ignore[attr-defined]
+        self._ami_connected()
+
+    def _ami_connected(self) -> None:
+        link = self.ami
+        assert link.sock is not None
+        link.state = "connected"
+        cfg = link.config
+        link.session = AmiSession(cfg.username, cfg.secret, cfg.auth, time.monotonic(),
+                                  ping_interval=cfg.ping_interval)
+        self.selector.modify(link.sock, selectors.EVENT_READ, self._on_ami)
+        log.info("ami: connected to %s port %d", cfg.host, cfg.port)
 
     def _ami_read(self, sock: socket.socket) -> None:
         link = self.ami
-        try:
-            data = sock.recv(AMI_RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._ami_lost("read failed: %s" % (e.strerror or e))
-            return
-        if not data:
-            self._ami_lost("connection closed by Asterisk")
-            return
+        # A TLS socket may hold decrypted bytes the selector cannot see.
+        for _ in range(64):
+            try:
+                data = sock.recv(AMI_RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                break
+            except _SSL_WOULD_BLOCK:
+                break
+            except OSError as e:
+                self._ami_lost("read failed: %s" % _error_text(e))
+                return
+            if not data:
+                self._ami_lost("connection closed by Asterisk")
+                return
+            if not self._ami_receive(data) or link.sock is not sock:
+                return
+            if not (link.config.tls and sock.pending()):  # type: ignore[attr-defined]
+                break
+        self._ami_write()
+
+    def _ami_receive(self, data: bytes) -> bool:
+        """Bytes from Asterisk through the session into the engine; False
+        once the link was dropped."""
+        link = self.ami
         session = link.session
         assert session is not None
         try:
             items = session.receive_data(data, time.monotonic())
         except AmiProtocolError as e:
             self._ami_lost(str(e))
-            return
+            return False
         for problem in session.parser.problems:
             log.warning("ami: %s", problem)
         session.parser.problems.clear()
         for item in items:
             if isinstance(item, AmiMessage):
-                if item.get("Event") == "Shutdown":
+                event = item.get("Event")
+                if event == "Shutdown":
                     self._ami_lost("Asterisk is shutting down (%s)" % item.get("Shutdown", "?"))
-                    return
+                    return False
                 if self._resync_id is not None and item.get("ActionID") == self._resync_id:
                     self._resync_reply(item)
+                elif event is None:
+                    if item.get("Response") == "Error":
+                        self._log_repeated("ami-error", logging.WARNING,
+                                           "ami: Asterisk refused an action: %r",
+                                           item.get("Message", "")[:200])
+                    elif "Response" not in item:
+                        self._log_repeated("ami-junk", logging.WARNING,
+                                           "ami: ignored a message that is neither an event nor "
+                                           "a response: %.200r", dict(item) or item.body)
+                        continue
                 self._feed_engine(item)
             elif isinstance(item, AmiLoggedIn):
                 link.backoff = AMI_RECONNECT_MIN_S
@@ -3036,8 +3792,8 @@ class Daemon:
             elif isinstance(item, AmiLoginFailed):
                 self._ami_lost("login as %s refused by Asterisk: %s"
                                % (link.config.username, item.reason))
-                return
-        self._ami_write()
+                return False
+        return True
 
     def _start_resync(self, session: AmiSession) -> None:
         """Calls may have started or ended while we were away: ask for every
@@ -3064,7 +3820,7 @@ class Daemon:
             notifications = self.engine.handle(msg, time.time())
         except Exception:
             # Our bug, not Asterisk's: skip the message, keep the link.
-            log.exception("engine failed on a %s event; skipped it", msg.get("Event"))
+            log.exception("engine failed on a %.40r event; skipped it", msg.get("Event"))
             return
         if notifications:
             self._deliver(notifications)
@@ -3080,8 +3836,10 @@ class Daemon:
                 del link.outbuf[:sent]
             except (BlockingIOError, InterruptedError):
                 pass
+            except _SSL_WOULD_BLOCK:
+                pass
             except OSError as e:
-                self._ami_lost("write failed: %s" % (e.strerror or e))
+                self._ami_lost("write failed: %s" % _error_text(e))
                 return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.outbuf else 0)
         self.selector.modify(link.sock, events, self._on_ami)
@@ -3130,8 +3888,10 @@ class Daemon:
 
     def _deliver(self, notifications: List[Notification]) -> None:
         for note in notifications:
-            if note.record is not None and self.calllog is not None:
-                self._write_calllog(note.record)
+            if note.record is not None:
+                self.history.add(note.record)
+                if self.calllog_fd is not None:
+                    self._write_calllog(note.record)
             conns = self.sessions_by_user.get(note.user)
             if not conns:
                 continue
@@ -3147,116 +3907,272 @@ class Daemon:
                     data = encoded[session.fmt] = encode_notification(fields, session.fmt)
                 self._queue(conn, data)
 
-    def _write_calllog(self, record: Dict[str, object]) -> None:
-        assert self.calllog is not None
-        try:
-            self.calllog.write(encode_json_line(record) + "\n")
-            self.calllog.flush()
-        except OSError as e:
-            log.error("cannot write call log %s: %s", self.config.calllog, e)
+    # -- clients: accepting --------------------------------------------------
 
-    # -- clients -------------------------------------------------------------
-
-    def _on_accept(self, sock: socket.socket, mask: int) -> None:
-        for _ in range(64):  # a burst, then let the others have the loop
+    def _on_accept(self, listener: socket.socket, tls: bool, mask: int) -> None:
+        for _ in range(ACCEPT_BURST):  # a burst, then let the others have the loop
             try:
-                client, peer = sock.accept()
+                sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("accept failed: %s", e)
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(e)
+                else:
+                    log.warning("accept failed: %s", _error_text(e))
                 return
-            client.setblocking(False)
             try:
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._accept(sock, peer, tls)
+            except Exception:
+                log.exception("accepting a connection from %s failed", peer)
+                sock.close()
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """Out of descriptors: the listener stays readable, so stop watching
+        it for a moment rather than spin (asyncio's selector_events does too)."""
+        log.error("accept failed: %s; not accepting connections for %g s",
+                  _error_text(error), ACCEPT_PAUSE_S)
+        for sock, _tls in self.listeners:
+            try:
+                self.selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
+
+    def _accept(self, sock: socket.socket, peer: Tuple, tls: bool) -> None:
+        cfg = self.config
+        host = peer[0] if peer else "?"
+        key = address_key(host)
+        now = time.monotonic()
+        refusal = None
+        if len(self.clients) >= cfg.max_clients:
+            refusal = ("max_clients", b"ERR 503 too many connections, try again later\r\n",
+                       "%d connections already (max_clients)" % len(self.clients))
+        elif self.clients_per_host.get(key, 0) >= cfg.max_clients_per_host:
+            refusal = ("max_clients_per_host",
+                       b"ERR 503 too many connections from your address\r\n",
+                       "%d connections from %s already (max_clients_per_host)"
+                       % (self.clients_per_host[key], key))
+        else:
+            blocked = self.throttle.blocked_for(key, now)
+            if blocked:
+                refusal = ("blocked", b"ERR 429 too many failed logins from your address, "
+                           b"try again later\r\n",
+                           "logins from %s blocked for %d more s" % (key, int(blocked) + 1))
+        if refusal is not None:
+            kind, reply, why = refusal
+            self._log_repeated(kind, logging.WARNING, "client %s:%s: refused: %s",
+                               host, peer[1] if peer else "?", why)
+            if not tls:  # a fresh socket: one short send cannot block
+                try:
+                    sock.setblocking(False)
+                    sock.send(reply)
+                except OSError:
+                    pass
+            sock.close()
+            return
+        sock.setblocking(False)
+        for level, option, value in _CLIENT_SOCKOPTS:
+            try:
+                sock.setsockopt(level, option, value)
             except OSError:
                 pass
-            conn = ClientConnection(client, peer, time.monotonic() + self.config.login_timeout)
-            self.clients.add(conn)
-            self.selector.register(client, selectors.EVENT_READ,
-                                   functools.partial(self._on_client, conn))
-            self._deadline_seq += 1
-            heapq.heappush(self._auth_deadlines, (conn.auth_deadline, self._deadline_seq, conn))
-            log.info("%s: connected", conn.tag)
+        if tls:
+            assert self.tls_context is not None
+            try:
+                sock = self.tls_context.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
+            except (OSError, ValueError) as e:
+                log.warning("client %s: TLS setup failed: %s", host, _error_text(e))
+                sock.close()
+                return
+        conn = ClientConnection(sock, peer, now + cfg.login_timeout, tls)
+        conn.callback = functools.partial(self._on_client, conn)
+        self.clients.add(conn)
+        self.clients_per_host[key] = self.clients_per_host.get(key, 0) + 1
+        self.selector.register(sock, selectors.EVENT_READ, conn.callback)
+        self._add_timer(conn.auth_deadline, "login", conn)
+        # DEBUG until it logs in: anyone can connect, so connections must
+        # not be able to flood the log.
+        log.debug("%s: connected%s", conn.tag, " (TLS)" if tls else "")
+        if tls:
+            self._handshake(conn)
+        else:
             self._queue(conn, (ClientSession.greeting() + "\r\n").encode("utf-8"))
 
+    def _handshake(self, conn: ClientConnection) -> None:
+        """One step of a server-side TLS handshake, never blocking."""
+        assert ssl is not None
+        try:
+            conn.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self._watch(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch(conn, selectors.EVENT_WRITE)
+            return
+        except (OSError, ValueError) as e:
+            self._close(conn, "TLS handshake failed: %s" % _error_text(e), logging.WARNING)
+            return
+        conn.handshaking = False
+        log.debug("%s: TLS established (%s)", conn.tag,
+                 conn.sock.version())  # type: ignore[attr-defined]
+        self._queue(conn, (ClientSession.greeting() + "\r\n").encode("utf-8"))
+        self._watch(conn)
+
+    # -- clients: reading ------------------------------------------------------
+
     def _on_client(self, conn: ClientConnection, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
-            self._send(conn)
-        if mask & selectors.EVENT_READ and not conn.closed:
-            self._client_read(conn)
+        if conn.closed:
+            return  # closed earlier in this same pass
+        try:
+            if conn.handshaking:
+                self._handshake(conn)
+                return
+            if mask & selectors.EVENT_WRITE:
+                self._send(conn)
+            if mask & selectors.EVENT_READ and not conn.closed:
+                self._client_read(conn)
+        except Exception:
+            # Our bug: close this one connection, keep serving the others.
+            log.exception("%s: internal error, closing the connection", conn.tag)
+            self._close(conn, "internal error", logging.ERROR)
 
     def _client_read(self, conn: ClientConnection) -> None:
-        try:
-            data = conn.sock.recv(CLIENT_RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._close(conn, "read failed: %s" % (e.strerror or e))
-            return
-        if not data:
-            self._close(conn, "closed by the client")
-            return
-        conn.inbuf += data
-        while not conn.closed and conn.close_after_flush is None:
-            newline = conn.inbuf.find(b"\n")
+        # A TLS socket may hold more decrypted bytes than one recv returns.
+        for _ in range(16):
+            try:
+                data = conn.sock.recv(CLIENT_RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except _SSL_WOULD_BLOCK:
+                return
+            except OSError as e:
+                self._close(conn, "read failed: %s" % _error_text(e))
+                return
+            if not data:
+                # The client is done sending: answer what it sent, then close.
+                conn.peer_eof = True
+                if conn.closing is None:
+                    self._finish(conn, "closed by the client")
+                elif conn.shut or not conn.outbuf:
+                    self._close(conn, conn.closing, conn.close_level)
+                else:
+                    self._watch(conn)  # write the rest, then close
+                return
+            if conn.closing is None:
+                conn.inbuf += data
+                self._process_input(conn)
+            if conn.closed or not (conn.tls and conn.sock.pending()):  # type: ignore[attr-defined]
+                return
+
+    def _process_input(self, conn: ClientConnection) -> None:
+        """Run the complete lines received, unless a reply is held back."""
+        inbuf = conn.inbuf
+        while not conn.closed and conn.closing is None and conn.hold_until is None:
+            newline = inbuf.find(b"\n")
             if newline < 0:
                 break
-            line = bytes(conn.inbuf[:newline])
-            del conn.inbuf[:newline + 1]
-            if len(line) > MAX_CLIENT_LINE_BYTES:
-                self._refuse(conn, b"ERR 413 line too long\r\n", "line too long")
+            if newline > MAX_CLIENT_LINE_BYTES:
+                self._finish(conn, "line of more than %d bytes" % MAX_CLIENT_LINE_BYTES,
+                             b"ERR 413 line too long\r\n", logging.WARNING)
                 return
+            line = bytes(inbuf[:newline])
+            del inbuf[:newline + 1]
             self._client_line(conn, line)
-        if len(conn.inbuf) > MAX_CLIENT_LINE_BYTES:
-            self._refuse(conn, b"ERR 413 line too long\r\n",
-                         "more than %d bytes without a newline" % MAX_CLIENT_LINE_BYTES)
+        if conn.closed or conn.closing is not None:
+            return
+        partial = len(inbuf) - (inbuf.rfind(b"\n") + 1)
+        if partial > MAX_CLIENT_LINE_BYTES:
+            self._finish(conn, "more than %d bytes without a newline" % MAX_CLIENT_LINE_BYTES,
+                         b"ERR 413 line too long\r\n", logging.WARNING)
+        elif len(inbuf) > MAX_CLIENT_PENDING_INPUT_BYTES:
+            self._finish(conn, "more than %d bytes of input waiting"
+                         % MAX_CLIENT_PENDING_INPUT_BYTES,
+                         b"ERR 413 too much input at once\r\n", logging.WARNING)
 
     def _client_line(self, conn: ClientConnection, raw: bytes) -> None:
         session = conn.session
         was_user = session.user
+        failures = session.failed_logins
         text = raw.rstrip(b"\r").decode("utf-8", "replace")
-        for reply in session.handle_line(text, self.view):
-            self._queue(conn, (reply.replace("\r", " ").replace("\n", " ") + "\r\n")
-                        .encode("utf-8"))
+        replies = [(reply.replace("\r", " ").replace("\n", " ") + "\r\n").encode("utf-8")
+                   for reply in session.handle_line(text, self.view)]
+        if session.failed_logins > failures:
+            now = time.monotonic()
+            delay, blocked = self.throttle.failed(conn.host_key, now)
+            if blocked:
+                log.warning("client %s: logins from %s blocked for %g s after %d failed logins",
+                            session.peer_host, conn.host_key, self.throttle.block_s,
+                            self.throttle.block_after)
+                session.request_close("logins from the address blocked")
+            if delay > 0:
+                # The reply waits in the loop, never in a sleep: the other
+                # clients are served meanwhile, this one's input waits.
+                log.debug("%s: reply to the failed login delayed %g s", conn.tag, delay)
+                conn.hold_until = now + delay
+                conn.held.extend(replies)
+                self._add_timer(conn.hold_until, "release", conn)
+                return
+        for data in replies:
+            self._queue(conn, data)
         if session.user is not None and was_user is None:
             self.sessions_by_user.setdefault(session.user.name, set()).add(conn)
             status: Dict[str, object] = {"pbx": "up" if self.pbx_up else "down",
                                          "time": iso_time(time.time())}
             self._queue(conn, encode_status(status, session.fmt))
         if session.closing:
-            self._refuse(conn, b"", "quit")
-        elif session.failed_logins >= 3:
-            self._refuse(conn, b"", "too many failed logins")
+            self._finish(conn, session.close_reason)
 
-    def _refuse(self, conn: ClientConnection, reply: bytes, reason: str) -> None:
-        """Send a last reply, then close: never leave a peer hanging."""
-        if reply:
-            self._queue(conn, reply)
-        self._send(conn)
-        self._close(conn, reason)
+    def _release(self, conn: ClientConnection) -> None:
+        """A held failed-login reply is due: send it, go on with the input."""
+        conn.hold_until = None
+        held, conn.held = conn.held, []
+        for data in held:
+            self._queue(conn, data)
+        if conn.session.closing:
+            self._finish(conn, conn.session.close_reason)
+        else:
+            self._process_input(conn)
+
+    # -- clients: writing and closing -----------------------------------------
 
     def _queue(self, conn: ClientConnection, data: bytes) -> None:
-        if conn.closed:
+        if conn.closed or conn.closing is not None or conn.overflow is not None:
             return
-        conn.outbuf += data
+        outbuf = conn.outbuf
+        outbuf += data
         self._dirty.add(conn)
-        if len(conn.outbuf) > CLIENT_OUTPUT_HARD_LIMIT_BYTES:
-            conn.overflowed = True  # closed after this pass, never mid-write
+        size = len(outbuf)
+        cfg = self.config
+        if size > cfg.client_buffer_hard:
+            self._over_limit(conn, "output buffer of %d bytes over the hard limit of %d: "
+                             "client not reading" % (size, cfg.client_buffer_hard))
+        elif cfg.client_buffer_soft and size > cfg.client_buffer_soft and conn.soft_since is None:
+            conn.soft_since = time.monotonic()
+            self._over_soft.add(conn)
+
+    def _over_limit(self, conn: ClientConnection, reason: str) -> None:
+        """Mark a client over an output limit; the flush after this pass
+        closes it.  Marking, not closing, keeps every loop over the clients
+        (a delivery, a status broadcast) safe from a set changing under it."""
+        if conn.overflow is None:
+            conn.overflow = reason
+            conn.outbuf.clear()
+            self._dirty.add(conn)
 
     def _flush_clients(self) -> None:
         dirty, self._dirty = self._dirty, set()
         for conn in dirty:
             if conn.closed:
                 continue
-            if conn.overflowed:
-                self._close(conn, "output buffer over %d bytes: client not reading"
-                            % CLIENT_OUTPUT_HARD_LIMIT_BYTES)
+            if conn.overflow is not None:
+                self._close(conn, conn.overflow, logging.WARNING)
                 continue
             self._send(conn)
 
     def _send(self, conn: ClientConnection) -> None:
-        if conn.closed:
+        if conn.closed or conn.handshaking:
             return
         if conn.outbuf:
             try:
@@ -3264,21 +4180,94 @@ class Daemon:
                 del conn.outbuf[:sent]
             except (BlockingIOError, InterruptedError):
                 pass
+            except _SSL_WOULD_BLOCK:
+                pass
             except OSError as e:
-                self._close(conn, "write failed: %s" % (e.strerror or e))
+                self._close(conn, "write failed: %s" % _error_text(e))
                 return
-        want_write = bool(conn.outbuf)
-        if want_write != conn.writing:
-            conn.writing = want_write
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
-            self.selector.modify(conn.sock, events, functools.partial(self._on_client, conn))
+        if conn.soft_since is not None and len(conn.outbuf) <= self.config.client_buffer_soft:
+            conn.soft_since = None
+            self._over_soft.discard(conn)
+        if conn.closing is not None and not conn.outbuf:
+            self._shut(conn)
+            if conn.closed:
+                return
+        self._watch(conn)
 
-    def _close(self, conn: ClientConnection, reason: str) -> None:
+    def _watch(self, conn: ClientConnection, events: Optional[int] = None) -> None:
+        if events is None:
+            events = (0 if conn.peer_eof else selectors.EVENT_READ) | \
+                (selectors.EVENT_WRITE if conn.outbuf else 0)
+        if events and events != conn.events:
+            conn.events = events
+            self.selector.modify(conn.sock, events, conn.callback)
+
+    def _finish(self, conn: ClientConnection, reason: str, reply: bytes = b"",
+                level: int = logging.INFO) -> None:
+        """Send a last reply, then close: never leave a peer hanging.
+
+        The close waits until the reply is written, sends a FIN and reads
+        (discarding) until the peer's FIN, at most CLIENT_LINGER_S: closing
+        at once with input unread would reset the connection and could
+        destroy the reply before the peer reads it."""
+        if conn.closed or conn.closing is not None:
+            return
+        if conn.handshaking:
+            self._close(conn, reason, level)
+            return
+        held, conn.held, conn.hold_until = conn.held, [], None
+        for data in held:
+            self._queue(conn, data)
+        if reply:
+            self._queue(conn, reply)
+        conn.closing = reason
+        conn.close_level = level
+        conn.inbuf.clear()
+        self._add_timer(time.monotonic() + CLIENT_LINGER_S, "linger", conn)
+        self._dirty.add(conn)
+
+    def _end_session(self, conn: ClientConnection, reason: str) -> None:
+        """Close a logged-in session, telling the client why first."""
+        fields: Dict[str, object] = {"session": "closed", "reason": reason,
+                                     "time": iso_time(time.time())}
+        self._finish(conn, reason, encode_status(fields, conn.session.fmt))
+
+    def _shut(self, conn: ClientConnection) -> None:
+        """The last reply is out: send our FIN, wait for the peer's."""
+        if conn.shut:
+            return
+        conn.shut = True
+        reason = conn.closing or "closed"
+        if conn.peer_eof or conn.tls:
+            # The peer is done already; or TLS, where a half-close would
+            # leave the TLS layer behind: close now.
+            self._close(conn, reason, conn.close_level)
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn, reason, conn.close_level)
+
+    def _close(self, conn: ClientConnection, reason: str, level: int = logging.INFO) -> None:
         if conn.closed:
             return
         conn.closed = True
-        log.info("%s: disconnected: %s", conn.tag, reason)
+        if conn.session.user is not None:
+            log.log(level, "%s: disconnected: %s", conn.tag, reason)
+        elif level >= logging.WARNING:
+            # Misbehaviour before a login: logged, but at most once per
+            # interval for each reason, whoever floods us with it.
+            self._log_repeated("close: " + reason, level, "%s: disconnected: %s",
+                               conn.tag, reason)
+        else:
+            log.debug("%s: disconnected: %s", conn.tag, reason)
         self.clients.discard(conn)
+        count = self.clients_per_host.get(conn.host_key, 0) - 1
+        if count > 0:
+            self.clients_per_host[conn.host_key] = count
+        else:
+            self.clients_per_host.pop(conn.host_key, None)
+        self._over_soft.discard(conn)
         if conn.session.user is not None:
             conns = self.sessions_by_user.get(conn.session.user.name)
             if conns is not None:
@@ -3291,6 +4280,8 @@ class Daemon:
             pass
         conn.sock.close()
         conn.outbuf.clear()
+        conn.inbuf.clear()
+        conn.held.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -4123,8 +5114,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(config)
     try:
         daemon.start()
-    except OSError as e:
-        log.error("cannot listen on %s port %d: %s", config.bind, config.port, e)
+    except (OSError, ValueError) as e:
+        log.error("cannot start: %s", _error_text(e))
         return 1
     if pidfile is not None:
         try:
@@ -4434,6 +5425,20 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return client.run()
 
 
+#: Control characters in a log message are escaped: whatever a peer put in
+#: a value (a caller ID, a user name), one log record stays one line.
+_LOG_ESCAPES = {code: "\\x%02x" % code for code in list(range(0x20)) + list(range(0x7f, 0xa0))}
+_LOG_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+class LogFormatter(logging.Formatter):
+    """Formats like logging.Formatter, with control characters escaped in
+    the message (a traceback after it keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_LOG_ESCAPES)
+
+
 def _warn_if_world_readable(path: str) -> None:
     try:
         mode = os.stat(path).st_mode
@@ -4500,12 +5505,14 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s ctinotify[%(process)d] %(levelname)s %(message)s")
-    handler = {"check": _cmd_check, "run": _cmd_run, "replay": _cmd_replay,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter(
+        "%(asctime)s ctinotify[%(process)d] %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    command = {"check": _cmd_check, "run": _cmd_run, "replay": _cmd_replay,
                "record": _cmd_record, "watch": _cmd_watch}[args.command]
     try:
-        return handler(args)
+        return command(args)
     except ConfigError as e:
         for problem in e.problems:
             sys.stderr.write(problem + "\n")

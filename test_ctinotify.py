@@ -15,8 +15,11 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
+import struct
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -36,6 +39,12 @@ sys.path.insert(0, os.path.join(HERE, "tests"))
 
 from fakeami import FakeAsterisk, trace_events  # noqa: E402
 
+
+
+#: Recorded ordinary calls, for tests that need plenty of simple traffic.
+BASIC_SCENARIOS = ("a_inbound_answered", "b_inbound_noanswer", "c_inbound_busy",
+                   "d_inbound_cancel", "e_internal_answered", "f_outbound_answered",
+                   "g_ringgroup")
 
 
 def trace_path(name):
@@ -890,7 +899,7 @@ def test_replay_of_an_unconfigured_device_prints_nothing(tmp_path):
 class Daemon:
     """ctinotify.py run, as a child process, with its log collected."""
 
-    def __init__(self, tmp_path, ami_port, users=None, general="", ami=""):
+    def __init__(self, tmp_path, ami_port, users=None, general="", ami="", preexec_fn=None):
         self.config = tmp_path / "ctinotify.conf"
         with open(OFFICE_CONF) as f:
             office_text = f.read()
@@ -903,7 +912,8 @@ class Daemon:
         os.chmod(str(self.config), 0o600)
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "ctinotify.py"), "run", "-c", str(self.config)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+            preexec_fn=preexec_fn)
         self.log = []
         self._lines = queue.Queue()
         threading.Thread(target=self._read_log, daemon=True).start()
@@ -2640,9 +2650,15 @@ def test_e2e_watch_prints_the_calls_and_reconnects_when_the_server_restarts(
         fake, daemon_factory, watches, tmp_path):
     port = free_port()
     daemon = daemon_factory(general="port = %d" % port)
+    # A call Alice missed before she started watch: listed from HISTORY.
+    missed = Client(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path("b_inbound_noanswer"))
+    missed.lines_until(lambda l: l.startswith("EVENT hangup"))
+    missed.close()
     watch = watches(tmp_path, port)
     watch.wait("err", r"connected to 127\.0\.0\.1 port %d: OK logged in as alice" % port)
-    watch.wait("err", r"has no HISTORY command: missed calls are not listed")
+    watch.wait("out", r"missed    John Customer <\+15551230001> -> 100 \(Alice Smith\)  "
+                      r"not answered")
     watch.wait("out", CALL_LINE % r"status    PBX connected$")
     fake.send_trace(trace_path("a_inbound_answered"))
     start, _ = watch.wait("out", CALL_LINE % "incoming")
@@ -2940,3 +2956,1462 @@ def test_readme_watch_section_commands_are_valid():
         flat = dict(ctinotify.flatten_fields(record))
         rendered = ctinotify.render_event(ctinotify.WatchEvent("missed", flat, ""))
         assert rendered[16:] == line[16:]
+
+
+# Robustness (issue 4): output buffer limits
+# ---------------------------------------------------------------------------
+
+def uniquify(data, tag):
+    """The same calls with new identities: every Uniqueid and Linkedid
+    (and DestUniqueid, BridgeUniqueid, ...) gets the prefix ``tag-``, which
+    Asterisk's own ``system-epoch.seq`` form allows."""
+    return re.sub(rb"((?:Uniqueid|Linkedid): )", rb"\1" + tag + b"-", data)
+
+
+_BIG_TRACES = {}
+
+
+def big_trace(rounds, names=BASIC_SCENARIOS):
+    """``rounds`` copies of the ordinary-call traces, as events only, each
+    copy's calls distinct from every other's."""
+    key = (rounds, names)
+    if key not in _BIG_TRACES:
+        events = []
+        for i in range(rounds):
+            for name in names:
+                events += trace_events(uniquify(read_trace(name), b"r%d" % i))
+        _BIG_TRACES[key] = b"".join(events)
+    return _BIG_TRACES[key]
+
+
+def expected_events(data, user):
+    """(kind, call) of every notification ``user`` must get for ``data``."""
+    return [(fields["event"], fields["call"])
+            for who, fields in ctinotify.replay_trace(io.BytesIO(data), office().users)
+            if who == user]
+
+
+def raw_client(port, login=None, rcvbuf=None, source=None):
+    """A Client whose socket options are set before it connects."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if source:
+        sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    client = Client.__new__(Client)
+    client.sock = sock
+    client.buffer = b""
+    client.greeting = client.line()
+    if login:
+        client.send("LOGIN %s" % login)
+        reply = client.line()
+        assert reply.startswith("OK logged in"), reply
+        client.status = client.line()
+    return client
+
+
+class Reader(threading.Thread):
+    """Collects a client's EVENT lines in the background until it has ``count``."""
+
+    def __init__(self, client, count):
+        super().__init__(daemon=True)
+        self.client, self.count = client, count
+        self.events, self.error = [], None
+        self.start()
+
+    def run(self):
+        try:
+            while len(self.events) < self.count:
+                line = self.client.line(timeout=60)
+                if line.startswith("EVENT "):
+                    _, kind, fields = ctinotify.parse_text_line(line)
+                    self.events.append((kind, fields["call"]))
+        except Exception as e:  # reported by the test
+            self.error = e
+
+
+def vm_kib(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+#: The daemon's peak resident memory while 20 MB of AMI go through it and a
+#: client stops reading: the interpreter (about 15 MB), the parser's read
+#: buffer and one output buffer at its limit.  Without the limits, the
+#: client's buffer alone would hold every event of the trace.
+RSS_BOUND_KIB = 64 * 1024
+SLOW_CLIENT_ROUNDS = 80
+
+
+def stream_with_a_client_that_never_reads(fake, daemon, clients, reason):
+    data = big_trace(SLOW_CLIENT_ROUNDS)
+    want = expected_events(data, "alice")
+    stuck = raw_client(daemon.port, "alice alice-secret", rcvbuf=4096)
+    readers = [Reader(clients(daemon.port, login), len(want))
+               for login in ("alice alice-secret", "alice alice-secret")]
+    fake.send(data)
+    daemon.wait_log(reason, timeout=60)
+    for reader in readers:
+        reader.join(90)
+        assert reader.error is None and reader.events == want
+    assert stuck.closed(timeout=30)  # what was queued, then the end
+    stuck.close()
+    peak = vm_kib(daemon.proc.pid, "VmHWM")
+    assert peak < RSS_BOUND_KIB, "daemon peak RSS %d KiB" % peak
+    # ... and the others are still served.
+    late = clients(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(late.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+
+
+def test_e2e_hard_output_limit_cuts_off_a_client_that_never_reads(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="client_buffer_hard = 128k\nclient_buffer_soft = 0")
+    fake.wait_for_logins(1)
+    stream_with_a_client_that_never_reads(
+        fake, daemon, clients,
+        r"WARNING client alice@127\.0\.0\.1:\d+: disconnected: output buffer of \d+ bytes "
+        r"over the hard limit of 131072: client not reading")
+
+
+def test_e2e_soft_output_limit_cuts_off_a_client_that_stays_over_it(fake, daemon_factory,
+                                                                     clients):
+    daemon = daemon_factory(general="client_buffer_hard = 64mb\nclient_buffer_soft = 64k\n"
+                                    "client_buffer_soft_seconds = 1")
+    fake.wait_for_logins(1)
+    stream_with_a_client_that_never_reads(
+        fake, daemon, clients,
+        r"WARNING client alice@127\.0\.0\.1:\d+: disconnected: output buffer over the soft "
+        r"limit of 65536 bytes for 1 s: client not reading")
+
+
+def test_config_output_buffer_limits():
+    base = "[ami]\nusername=u\nsecret=s\n[general]\n"
+    config = parse_config(base, "f")
+    assert (config.client_buffer_hard, config.client_buffer_soft,
+            config.client_buffer_soft_seconds) == (4 * 1024 ** 2, 1024 ** 2, 60)
+    config = parse_config(base + "client_buffer_hard = 8mb\nclient_buffer_soft = 512K\n"
+                          "client_buffer_soft_seconds = 5\n", "f")
+    assert (config.client_buffer_hard, config.client_buffer_soft,
+            config.client_buffer_soft_seconds) == (8 * 1024 ** 2, 512 * 1024, 5)
+    assert parse_config(base + "client_buffer_hard = 128k\n", "f").client_buffer_soft == 32768
+    assert parse_config(base + "client_buffer_soft = 0\n", "f").client_buffer_soft == 0
+    for text, fragment in (
+            ("client_buffer_hard = lots", ":5: [general] client_buffer_hard: 'lots' is not a size"),
+            ("client_buffer_hard = 0", "client_buffer_hard: '0' is out of range, expected 65536"),
+            ("client_buffer_hard = 1mb\nclient_buffer_soft = 2mb",
+             ":6: [general] client_buffer_soft: 2097152 bytes is more than client_buffer_hard"),
+            ("client_buffer_soft_seconds = -1", "client_buffer_soft_seconds: '-1' is out of range")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(base + text + "\n", "f")
+        assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# Robustness: connection limits, keepalive, running out of descriptors
+# ---------------------------------------------------------------------------
+
+def test_config_connection_and_login_limits():
+    base = "[ami]\nusername=u\nsecret=s\n[general]\n"
+    config = parse_config(base, "f")
+    assert (config.max_clients, config.max_clients_per_host) == (1000, 50)
+    assert (config.login_fail_delay, config.login_block_after, config.login_block_seconds) == \
+        (0.5, 10, 300)
+    config = parse_config(base + "max_clients = 5\nmax_clients_per_host = 2\n"
+                          "login_fail_delay = 0\nlogin_block_after = 0\n", "f")
+    assert (config.max_clients, config.max_clients_per_host) == (5, 2)
+    assert (config.login_fail_delay, config.login_block_after) == (0, 0)
+    for text, fragment in (("max_clients = 0", ":5: [general] max_clients: '0' is out of range"),
+                           ("max_clients_per_host = many", "'many' is not a number"),
+                           ("login_block_seconds = 0", "login_block_seconds: '0' is out of range"),
+                           ("login_fail_delay = soon", "login_fail_delay: 'soon' is not a number")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(base + text + "\n", "f")
+        assert fragment in str(info.value)
+
+
+def test_e2e_connections_are_limited_per_address_and_in_total(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="max_clients = 5\nmax_clients_per_host = 3")
+    first = [clients(daemon.port) for _ in range(3)]
+    fourth = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    try:
+        assert fourth.recv(100) == b"ERR 503 too many connections from your address\r\n"
+        assert fourth.recv(100) == b""
+    finally:
+        fourth.close()
+    daemon.wait_log(r"WARNING client 127\.0\.0\.1:\d+: refused: 3 connections from 127\.0\.0\.1 "
+                    r"already \(max_clients_per_host\)")
+    others = [raw_client(daemon.port, source="127.0.0.2") for _ in range(2)]
+    sixth = socket.socket()
+    sixth.bind(("127.0.0.3", 0))
+    sixth.settimeout(10)
+    try:
+        sixth.connect(("127.0.0.1", daemon.port))
+        assert sixth.recv(100) == b"ERR 503 too many connections, try again later\r\n"
+    finally:
+        sixth.close()
+    daemon.wait_log(r"refused: 5 connections already \(max_clients\)")
+    for client in others:
+        client.close()
+    first[0].close()
+    # Slots are given back when connections close.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            again = clients(daemon.port, "alice alice-secret")
+            break
+        except (AssertionError, EOFError, OSError):
+            assert time.monotonic() < deadline, "no slot came free"
+            time.sleep(0.1)
+    assert again.events_until_pong() == []
+
+
+def tcp_timer(local_port, remote_port):
+    """The timer column ``tr:when`` of a socket in /proc/net/tcp."""
+    with open("/proc/net/tcp") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1].endswith(":%04X" % local_port) and \
+                    fields[2].endswith(":%04X" % remote_port):
+                timer, when = fields[5].split(":")
+                return int(timer, 16), int(when, 16)
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="Linux /proc/net/tcp needed")
+def test_e2e_client_sockets_have_tcp_keepalive(fake, daemon_factory, clients):
+    """A desktop that vanishes without a FIN is found by keepalive probes."""
+    daemon = daemon_factory()
+    alice = clients(daemon.port, "alice alice-secret")
+    deadline = time.monotonic() + 10
+    while True:  # 1 (retransmit) while the login reply is not acknowledged yet
+        timer = tcp_timer(daemon.port, alice.sock.getsockname()[1])
+        if timer is not None and timer[0] != 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert timer is not None and timer[0] == 2, timer  # 2: the keepalive timer
+    assert timer[1] <= ctinotify.CLIENT_KEEPALIVE_IDLE_S * 100  # USER_HZ ticks
+
+
+def test_e2e_out_of_descriptors_pauses_accepting_and_recovers(tmp_path, clients):
+    import resource
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    server = FakeAsterisk().start()
+    daemon = Daemon(tmp_path, server.port, general="max_clients = 500\n"
+                    "max_clients_per_host = 500\nlogin_timeout = 60", preexec_fn=few_descriptors)
+    socks = []
+    try:
+        server.wait_for_logins(1)
+        for _ in range(60):
+            socks.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=10))
+        daemon.wait_log(r"ERROR accept failed: Too many open files; not accepting connections "
+                        r"for 1 s")
+        assert daemon.proc.poll() is None
+        for sock in socks:
+            sock.close()
+        socks = []
+        daemon.wait_log("accepting connections again")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                alice = clients(daemon.port, "alice alice-secret")
+                break
+            except (AssertionError, EOFError, OSError):
+                assert time.monotonic() < deadline, "the daemon did not recover"
+                time.sleep(0.2)
+        assert alice.events_until_pong() == []
+        # Paused, not spinning: a handful of log lines, not thousands.
+        assert sum("accept failed" in line for line in daemon.log) < 30
+    finally:
+        for sock in socks:
+            sock.close()
+        daemon.stop()
+        server.stop()
+
+
+# ---------------------------------------------------------------------------
+# Robustness: failed logins are slowed down, then blocked, per address
+# ---------------------------------------------------------------------------
+
+def test_login_throttle_delays_grow_then_block_and_expire():
+    throttle = ctinotify.LoginThrottle(delay_s=0.5, block_after=6, block_s=60, forget_s=900)
+    delays = [throttle.failed("10.0.0.1", 100.0 + i) for i in range(5)]
+    assert delays == [(0.5, False), (1.0, False), (2.0, False), (4.0, False), (8.0, False)]
+    assert throttle.blocked_for("10.0.0.1", 105.0) == 0
+    assert throttle.failed("10.0.0.1", 105.0) == (8.0, True)  # capped; the 6th blocks
+    assert throttle.blocked_for("10.0.0.1", 105.0) == 60
+    assert throttle.blocked_for("10.0.0.1", 164.0) == 1
+    assert throttle.blocked_for("10.0.0.2", 105.0) == 0  # per address
+    assert throttle.blocked_for("10.0.0.1", 165.0) == 0
+    # After the block the count starts over; old failures are forgotten.
+    assert throttle.failed("10.0.0.1", 166.0) == (0.5, False)
+    assert throttle.failed("10.0.0.1", 166.0 + 901) == (0.5, False)
+
+
+def test_login_throttle_state_is_bounded():
+    throttle = ctinotify.LoginThrottle(delay_s=1, block_after=2, block_s=60, max_hosts=100)
+    for i in range(10000):
+        throttle.failed("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1000.0)
+    assert len(throttle) == 100
+    throttle.failed("10.0.39.15", 1000.0)  # the newest are kept: this blocks it
+    assert throttle.blocked_for("10.0.39.15", 1000.0) == 60
+    assert ctinotify.LoginThrottle(delay_s=0).failed("h", 0.0) == (0.0, False)
+
+
+@pytest.mark.parametrize("address, key", [
+    ("192.0.2.7", "192.0.2.7"), ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"), ("fe80::1%eth0", "fe80::/64"),
+    ("not an address", "not an address")])
+def test_address_key(address, key):
+    assert ctinotify.address_key(address) == key
+
+
+def test_client_session_refuses_login_from_a_blocked_address():
+    class Blocked(ctinotify.ServerView):
+        def login_blocked(self, peer_host):
+            return peer_host == "10.0.0.66"
+    view = Blocked(office().users)
+    session = ctinotify.ClientSession("10.0.0.66")
+    assert session.handle_line("LOGIN alice alice-secret", view) == \
+        ["ERR 429 too many failed logins from your address, try again later"]
+    assert session.user is None and session.closing
+    assert ctinotify.ClientSession("10.0.0.1").handle_line(
+        "LOGIN alice alice-secret", view)[0].startswith("OK logged in")
+
+
+def test_e2e_failed_logins_are_delayed_then_the_address_is_blocked(fake, daemon_factory,
+                                                                   clients):
+    daemon = daemon_factory(general="login_fail_delay = 0.2\nlogin_block_after = 4\n"
+                                    "login_block_seconds = 3")
+    first = clients(daemon.port)
+    first.send("LOGIN alice wrong1\r\nLOGIN nobody wrong2\r\nLOGIN alice wrong3")  # pipelined
+    assert [first.line() for _ in range(3)] == ["ERR 401 login failed"] * 3
+    assert first.closed()
+    delays = [float(m) for m in re.findall(r"reply to the failed login delayed ([\d.]+) s",
+                                           "".join(daemon.log))]
+    assert delays == [0.2, 0.4, 0.8]
+    second = clients(daemon.port)
+    second.send("LOGIN alice wrong4")
+    assert second.line() == "ERR 401 login failed"
+    assert second.closed()
+    daemon.wait_log(r"WARNING client 127\.0\.0\.1: logins from 127\.0\.0\.1 blocked for 3 s "
+                    r"after 4 failed logins")
+    blocked = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    try:
+        assert blocked.recv(200) == \
+            b"ERR 429 too many failed logins from your address, try again later\r\n"
+    finally:
+        blocked.close()
+    elsewhere = raw_client(daemon.port, "alice alice-secret", source="127.0.0.2")
+    assert elsewhere.events_until_pong() == []
+    elsewhere.close()
+    # The block ends by itself.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            alice = clients(daemon.port, "alice alice-secret")
+            break
+        except (AssertionError, EOFError, OSError):
+            assert time.monotonic() < deadline, "the block did not end"
+            time.sleep(0.2)
+    assert alice.events_until_pong() == []
+    log = "".join(daemon.log)
+    for secret in ("wrong1", "wrong2", "wrong3", "wrong4", "alice-secret"):
+        assert secret not in log
+
+
+def test_e2e_a_held_login_reply_holds_only_that_client(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="login_fail_delay = 30")
+    fake.wait_for_logins(1)
+    slow = clients(daemon.port)
+    slow.send("LOGIN alice guess")
+    slow.send("PING")
+    daemon.wait_log("reply to the failed login delayed 30 s")
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert slow.buffer == b""  # its reply, and the PING after it, still wait
+
+
+def test_e2e_pending_input_is_bounded_while_a_reply_is_held(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="login_fail_delay = 30")
+    hog = clients(daemon.port)
+    hog.send("LOGIN alice guess")
+    daemon.wait_log("reply to the failed login delayed 30 s")
+    hog.sock.sendall(b"PING\r\n" * (ctinotify.MAX_CLIENT_PENDING_INPUT_BYTES // 6 + 10))
+    assert hog.line() == "ERR 401 login failed"  # what it was owed, then the refusal
+    assert hog.line() == "ERR 413 too much input at once"
+    assert hog.closed()
+    daemon.wait_log(r"disconnected: more than 4096 bytes of input waiting")
+
+
+# ---------------------------------------------------------------------------
+# Robustness: garbage from clients
+# ---------------------------------------------------------------------------
+
+def test_client_session_closes_after_too_many_bad_commands_before_login():
+    view = session_users()
+    session = ctinotify.ClientSession("10.0.0.1")
+    for _ in range(ctinotify.MAX_CLIENT_ERRORS_BEFORE_LOGIN - 1):
+        assert session.handle_line("GET / HTTP/1.1", view) == ["ERR 400 unknown command, try HELP"]
+        assert not session.closing
+    session.handle_line("\x16\x03\x01\x02\x00\x01", view)
+    assert session.closing and "bad commands before login" in session.close_reason
+    logged_in = ctinotify.ClientSession("10.0.0.1")
+    logged_in.handle_line("LOGIN alice alice-secret", view)
+    for _ in range(50):  # a logged-in user's typos cost nothing
+        logged_in.handle_line("TYPO", view)
+    assert not logged_in.closing
+
+
+def assert_still_serving(fake, daemon, clients, trace="a_inbound_answered"):
+    assert daemon.proc.poll() is None
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path(trace))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup")))[0] in \
+        ("incoming", "outgoing")
+    alice.close()
+
+
+def test_e2e_binary_garbage_gets_errors_or_a_close(fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    rng = random.Random(4)
+    for size in (100, 5000, 65536):
+        junk = clients(daemon.port)
+        # Random bytes, then enough junk lines to use up the bad commands
+        # a connection may send before it logs in.
+        data = bytes(rng.getrandbits(8) for _ in range(size)) + b"\r\n\x00\x1b[2J\r\n" * 12
+        try:
+            junk.sock.sendall(data)
+        except OSError:
+            pass  # closed while we were still sending: fine
+        replies = []
+        try:
+            while True:
+                replies.append(junk.line())
+        except (EOFError, OSError):
+            pass
+        assert all(r.startswith("ERR ") for r in replies), replies
+        assert all(r.isprintable() for r in replies)
+    assert_still_serving(fake, daemon, clients)
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", "".join(daemon.log))
+
+
+def test_e2e_a_megabyte_without_a_newline_is_refused_and_others_are_served(
+        fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    watcher = clients(daemon.port, "alice alice-secret")
+    hog = clients(daemon.port)
+
+    def blast():
+        try:
+            hog.sock.sendall(b"x" * (1024 * 1024))
+        except OSError:
+            pass
+    sender = threading.Thread(target=blast, daemon=True)
+    sender.start()
+    assert hog.line() == "ERR 413 line too long"  # the lingering close keeps the reply
+    assert hog.closed(timeout=10)
+    sender.join(10)
+    daemon.wait_log(r"WARNING client 127\.0\.0\.1:\d+: disconnected: more than 1024 bytes "
+                    r"without a newline")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(watcher.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+
+
+def test_e2e_half_open_connections(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="login_timeout = 1")
+    # Half a line, then silence: the login timeout ends it.
+    mute = clients(daemon.port)
+    mute.sock.sendall(b"LOGIN ali")
+    assert mute.line(timeout=10) == "ERR 408 login timeout"
+    assert mute.closed()
+    # Half-closed after its commands: it gets every reply, then the end.
+    done = clients(daemon.port)
+    done.sock.sendall(b"PING\r\nLOGIN alice alice-secret\r\nHISTORY\r\nQUIT\r\nPING\r\n")
+    done.sock.shutdown(socket.SHUT_WR)
+    lines = done.lines_until(lambda l: l == "OK bye")
+    assert lines[0] == "OK PONG" and lines[1].startswith("OK logged in")
+    assert lines[-2:] == ["OK history=0", "OK bye"]
+    assert done.closed()
+    daemon.wait_log(r"client alice@127\.0\.0\.1:\d+: disconnected: quit")
+    # Half-closed right away: closed, nothing left behind.
+    gone = clients(daemon.port)
+    gone.sock.shutdown(socket.SHUT_WR)
+    assert gone.closed()
+    daemon.wait_log(r"client 127\.0\.0\.1:%d: disconnected: closed by the client"
+                    % gone.sock.getsockname()[1])
+    assert_still_serving(fake, daemon, clients)
+
+
+def open_fds(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_e2e_thousands_of_connects_and_disconnects(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="max_clients_per_host = 1000")
+    fake.wait_for_logins(1)
+    watcher = clients(daemon.port, "alice alice-secret")
+    baseline = open_fds(daemon.proc.pid)
+
+    def storm(seed):
+        rng = random.Random(seed)
+        for i in range(500):
+            sock = socket.socket()
+            try:
+                sock.connect(("127.0.0.1", daemon.port))
+                how = rng.randrange(4)
+                if how == 1:
+                    sock.sendall(b"PING\r\nHEL")
+                elif how == 2:  # close with a reset
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                elif how == 3:
+                    sock.sendall(b"\x00\xff" * rng.randrange(1, 700))
+            except OSError:
+                pass
+            finally:
+                sock.close()
+    # Four at a time: 2000 connections, each closed at once, some with a reset.
+    threads = [threading.Thread(target=storm, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    deadline = time.monotonic() + 20
+    while open_fds(daemon.proc.pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_fds(daemon.proc.pid) <= baseline  # nothing leaked
+    # Nor can a flood of connections flood the log: before a login they are
+    # DEBUG lines, and warnings about their misbehaviour are rate limited.
+    assert not [l for l in daemon.log if re.search(r"INFO client [\d.]+:\d+: ", l)]
+    assert sum(" WARNING " in l for l in daemon.log) < 20
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(watcher.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert_still_serving(fake, daemon, clients)
+
+
+# ---------------------------------------------------------------------------
+# Robustness: hostile caller ID, through the real daemon
+# ---------------------------------------------------------------------------
+
+#: Caller ID names and numbers an attacker can put on a SIP INVITE.  LF (and
+#: so CRLF) cannot travel inside an AMI value: Asterisk writes values
+#: unescaped, so an LF would end the header line and break AMI framing
+#: itself; a lone CR, which ends no line for the parser, can.
+HOSTILE_CALLER_IDS = [
+    (b'Say "hi" = \\back\\slash\\', b'+1"555=\\'),
+    (b"nul\x00byte \x1b[31mred\ttab", b"+1555\x00123"),
+    (b"caf\xe9 \xff\xfe not UTF-8 \xc3", b"\xff+1555"),
+    (b"line\xe2\x80\xa8sep\xe2\x80\xa9para\xc2\x85nel", b"12\xe2\x80\xa834"),
+    (b"lone\rCR EVENT incoming call=forged", b"555\r1"),
+    (b"  padded  ", b"'; rm -rf / #"),
+    (b"Ab= \\\"" * 1024, b"9" * 4096),  # 4-6 KB
+]
+
+
+def hostile_caller_events(name, num, tag):
+    """a_inbound_answered with the trunk caller's name and number replaced
+    wherever Asterisk carries them (caller ID and connected line)."""
+    data = read_trace("a_inbound_answered")
+    data = re.sub(rb"(?m)^((?:Dest)?(?:CallerIDName|ConnectedLineName)): John Customer\r$",
+                  lambda m: m.group(1) + b": " + name + b"\r", data)
+    data = re.sub(rb"(?m)^((?:Dest)?(?:CallerIDNum|ConnectedLineNum)): \+15551230001\r$",
+                  lambda m: m.group(1) + b": " + num + b"\r", data)
+    assert b"CallerIDName: John Customer\r" not in data
+    return b"".join(trace_events(uniquify(data, tag)))
+
+
+def test_e2e_hostile_caller_id_stays_one_line_and_parses_back(fake, daemon_factory, clients,
+                                                             tmp_path):
+    daemon = daemon_factory(general="calllog = %s" % (tmp_path / "calls.jsonl"))
+    fake.wait_for_logins(1)
+    text = clients(daemon.port, "alice alice-secret")
+    jsonc = clients(daemon.port, "alice alice-secret")
+    jsonc.send("FORMAT json")
+    assert jsonc.line() == "OK format=json"
+    for i, (name, num) in enumerate(HOSTILE_CALLER_IDS):
+        want_name = name.decode("utf-8", "replace")
+        want_num = num.decode("utf-8", "replace")
+        fake.send(hostile_caller_events(name, num, b"h%d" % i))
+        lines = text.lines_until(lambda l: l.startswith("EVENT hangup"))
+        assert event_kinds(lines) == ["incoming", "pickup", "hangup"]
+        for line in lines:
+            assert not re.search("[\r\n\x00\x85\u2028\u2029]", line), repr(line)
+            _, _, fields = ctinotify.parse_text_line(line)
+            assert (fields["from_name"], fields["from_num"]) == (want_name, want_num)
+        for line in jsonc.lines_until(lambda l: '"event":"hangup"' in l):
+            assert not re.search("[\r\n\x85\u2028\u2029]", line), repr(line)
+            event = json.loads(line)
+            assert event["from"] == {"num": want_num, "name": want_name}
+        # The same call, as the user's history, parses back too.
+        text.send("HISTORY 1")
+        (item, done) = text.lines_until(lambda l: l.startswith("OK history="))
+        assert done == "OK history=1"
+        tag, _, record = ctinotify.parse_text_line(item)
+        assert tag == "HISTORY"
+        assert (record["from_name"], record["from_num"]) == (want_name, want_num)
+    records = [json.loads(l) for l in (tmp_path / "calls.jsonl").read_text("utf-8").splitlines()]
+    assert [r["from"]["name"] for r in records] == \
+        [n.decode("utf-8", "replace") for n, _ in HOSTILE_CALLER_IDS]
+    log = "".join(daemon.log)
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]", log)
+    assert "forged" not in log and "rm -rf" not in log
+
+
+# ---------------------------------------------------------------------------
+# Robustness: AMI faults
+# ---------------------------------------------------------------------------
+
+def test_e2e_malformed_truncated_unknown_and_oversized_ami_messages(fake, daemon_factory,
+                                                                    clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send(b"this line is not a header\r\nneither is this one\r\n\r\n"
+              b"Event: Hangup\r\nUniqueid\r\n\r\n"                        # no channel
+              b"Event: FrobnicateXYZ\r\nFoo: bar\r\n\r\n"                 # unknown event
+              b"Event: \xff\xfe\x00\r\nChannel: \x00\r\n\r\n"             # binary
+              b"Event: Newchannel\r\nChannel: PJSIP/100-00000099\r\nUniq"  # cut short...
+              b"Event: Hangup\r\nChannel: PJSIP/100-00000099\r\n\r\n"      # ...runs into this
+              b"Response: Error\r\nActionID: 77\r\nMessage: Permission denied\r\n\r\n"
+              b"Event: VarSet\r\nValue: " + b"x" * (ctinotify.MAX_AMI_MESSAGE_BYTES + 10) +
+              b"\r\n\r\n")
+    daemon.wait_log(r"WARNING ami: ignored a message that is neither an event nor a response: "
+                    r"\['this line is not a header'")
+    daemon.wait_log(r"WARNING ami: Asterisk refused an action: 'Permission denied'")
+    daemon.wait_log(r"WARNING ami: skipped a message of more than 262144 bytes")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert fake.logins == 1 and daemon.proc.poll() is None  # the link was kept
+    assert "Traceback" not in "".join(daemon.log)
+
+
+def ringing_part(name="a_inbound_answered", tag=None):
+    """The events of a recorded call up to the moment it rings."""
+    data = read_trace(name)
+    events = trace_events(uniquify(data, tag) if tag else data)
+    ringing = [e for e in events if not e.startswith((b"Event: Hangup", b"Event: Bridge"))]
+    cut = next(i for i, e in enumerate(ringing) if e.startswith(b"Event: DialState"))
+    return b"".join(ringing[:cut + 1])
+
+
+def test_e2e_asterisk_restart_ends_calls_and_resumes(fake, daemon_factory, clients, tmp_path):
+    calllog = tmp_path / "calls.jsonl"
+    daemon = daemon_factory(general="calllog = %s" % calllog)
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send(ringing_part(tag=b"before"))
+    assert event_kinds([alice.line()]) == ["incoming"]
+    fake.send(b"Event: Shutdown\r\nPrivilege: system,all\r\nShutdown: Cleanly\r\n"
+              b"Restart: True\r\n\r\n")
+    # The call is kept over the restart until the new channel list (empty:
+    # the fake lists none) shows it is gone.
+    lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    assert lines[0].startswith("STATUS pbx=down") and "Asterisk is shutting down" in lines[0]
+    assert lines[1].startswith("STATUS pbx=up")
+    assert ctinotify.parse_text_line(lines[-1])[2]["reason"] == "unknown"
+    fake.wait_for_logins(2)  # the fake answers FullyBooted after the login, as Asterisk does
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    records = [json.loads(l) for l in calllog.read_text().splitlines()]
+    assert [r["reason"] for r in records] == ["unknown", "completed"]
+
+
+def test_e2e_truncated_message_at_a_dropped_link(fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send(ringing_part(tag=b"cut") + b"Event: DialEnd\r\nChannel: PJSIP/trunk-0000")
+    assert event_kinds([alice.line()]) == ["incoming"]
+    fake.drop()
+    lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    assert [l.split()[1] for l in lines[:2]] == ["pbx=down", "pbx=up"]
+    assert ctinotify.parse_text_line(lines[-1])[2]["reason"] == "unknown"
+    fake.wait_for_logins(2)
+    fake.send_trace(trace_path("a_inbound_answered"))  # the half message is gone
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+
+
+def test_e2e_a_stalled_ami_link_is_declared_dead(tmp_path, clients):
+    """No Pong, no close: Asterisk hangs.  The link is dropped after the
+    ping timeout, calls end, and the daemon reconnects."""
+    server = FakeAsterisk(answer_pings=False).start()
+    daemon = Daemon(tmp_path, server.port, ami="ping_interval = 1")
+    try:
+        daemon.wait_log("ami: logged in as ctitest")
+        alice = clients(daemon.port, "alice alice-secret")
+        server.send(ringing_part(tag=b"stall"))
+        assert event_kinds([alice.line()]) == ["incoming"]
+        timeout = ctinotify.AMI_PING_TIMEOUT_S + 15
+        lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"), timeout=timeout)
+        assert lines[0].startswith("STATUS pbx=down") and "no answer to Ping" in lines[0]
+        assert ctinotify.parse_text_line(lines[-1])[2]["reason"] == "unknown"
+        daemon.wait_log(r"WARNING ami: no answer to Ping within 10 s; reconnecting in 1 s")
+        server.wait_for_logins(2)
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.stop()
+        server.stop()
+
+
+def test_e2e_a_peer_that_is_not_asterisk(tmp_path, clients):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(sock)
+            sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    threading.Thread(target=serve, daemon=True).start()
+    daemon = Daemon(tmp_path, listener.getsockname()[1])
+    try:
+        daemon.wait_log(r"WARNING ami: not an Asterisk manager banner: 'HTTP/1\.1 400 Bad "
+                        r"Request'; reconnecting in 1 s")
+        daemon.wait_log(r"not an Asterisk manager banner: .*; reconnecting in 2 s")
+        client = clients(daemon.port, "alice alice-secret")
+        assert client.status.startswith("STATUS pbx=down")
+    finally:
+        daemon.stop()
+        listener.close()
+        for sock in accepted:
+            sock.close()
+
+
+# ---------------------------------------------------------------------------
+# Robustness: seeded fuzzing of parser and engine with mutated traces
+# ---------------------------------------------------------------------------
+
+FUZZ_TRACES = [n for n in all_trace_names() if not n.startswith("cacofonisk/") and
+               n not in ("t_load", "v_login_wrong_secret", "w_login_challenge_md5")]
+
+
+def trace_messages(name):
+    """(banner line, [each message in wire form]) of a recorded trace."""
+    banner, _, rest = read_trace(name).partition(b"\r\n")
+    return banner + b"\r\n", [b + b"\r\n\r\n" for b in rest.split(b"\r\n\r\n") if b.strip()]
+
+
+def mutate_messages(rng, messages, traces):
+    """1-4 random mutations: bit flips, truncation, swaps, shuffled windows,
+    duplicated runs, dropped runs, dropped or doubled header lines, another
+    trace interleaved, a header value moved to another message."""
+    msgs = list(messages)
+    for _ in range(rng.randint(1, 4)):
+        msgs = [m for m in msgs if m]
+        if not msgs:
+            break
+        i = rng.randrange(len(msgs))
+        j = rng.randrange(len(msgs))
+        op = rng.randrange(9)
+        if op == 0:
+            flipped = bytearray(msgs[i])
+            for _ in range(rng.randint(1, 8)):
+                flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            msgs[i] = bytes(flipped)
+        elif op == 1:
+            msgs = msgs[:i] + [msgs[i][:rng.randrange(len(msgs[i]))]]
+        elif op == 2:
+            msgs[i], msgs[j] = msgs[j], msgs[i]
+        elif op == 3:
+            window = msgs[i:i + rng.randint(2, 10)]
+            rng.shuffle(window)
+            msgs[i:i + len(window)] = window
+        elif op == 4:
+            msgs[i:i] = msgs[i:i + rng.randint(1, 20)]
+        elif op == 5:
+            del msgs[i:i + rng.randint(1, 5)]
+        elif op == 6:
+            lines = msgs[i].split(b"\r\n")
+            k = rng.randrange(len(lines))
+            if rng.random() < 0.5:
+                del lines[k]
+            else:
+                lines.insert(k, lines[rng.randrange(len(lines))])
+            msgs[i] = b"\r\n".join(lines)
+        elif op == 7:
+            other = list(traces[rng.choice(sorted(traces))][1])
+            mixed = []
+            while msgs or other:
+                source = msgs if msgs and (not other or rng.random() < 0.5) else other
+                mixed.append(source.pop(0))
+            msgs = mixed
+        else:
+            into, source = msgs[i].split(b"\r\n"), msgs[j].split(b"\r\n")
+            a, b = rng.randrange(len(into)), rng.randrange(len(source))
+            head, sep, _ = into[a].partition(b": ")
+            value = source[b].partition(b": ")[2]
+            if sep and value:
+                into[a] = head + b": " + value
+                msgs[i] = b"\r\n".join(into)
+    return msgs
+
+
+#: Told without a call of the user's own: queue members hear of callers,
+#: a parker of a parked call that came back or was abandoned.
+CALL_LESS_KINDS = ("queue", "unpark")
+
+
+def check_call_invariants(notes, resynced=False):
+    """Every announced user call ends exactly once; nothing is said about a
+    call that is not open; no negative durations.  After a resync a call
+    adopted as already answered may end without an announcement.  Returns
+    the problems."""
+    problems, open_calls, ended = [], set(), set()
+    for user, kind, fields in notes:
+        key = (user, fields["call"], fields["role"])
+        if kind in ("incoming", "outgoing"):
+            if key in open_calls:
+                problems.append("announced twice: %s" % (key,))
+            open_calls.add(key)
+        elif kind in CALL_LESS_KINDS and key not in open_calls:
+            continue
+        elif kind == "hangup":
+            if key not in open_calls and not resynced:
+                problems.append("hangup without an announcement: %s" % (key,))
+            open_calls.discard(key)
+            if fields["duration"] < 0 or fields["talk_time"] < 0:
+                problems.append("negative duration: %s" % (fields,))
+        elif key not in open_calls:
+            problems.append("%s outside an open call: %s" % (kind, key))
+    problems += ["never ended: %s" % (key,) for key in sorted(open_calls)]
+    return problems
+
+
+def fuzz_once(data, expect_banner, rng, users):
+    """Feed ``data`` at random splits through parser and engine, then lose
+    the link.  Only AmiProtocolError may escape the parser."""
+    parser = AmiParser(expect_banner=expect_banner, max_message_bytes=8192)
+    engine = CallEngine(Directory(users.values()))
+    now, notes, pos = 1000.0, [], 0
+    while pos < len(data):
+        step = rng.randint(1, 4096)
+        try:
+            messages = parser.feed(data[pos:pos + step])
+        except AmiProtocolError:
+            break
+        pos += step
+        for msg in messages:
+            # Mostly forward, sometimes back: the wall clock may be set back.
+            now += rng.uniform(-3, 1) if rng.random() < 0.1 else 0.25
+            notes += [(n.user, n.kind, n.fields) for n in engine.handle(msg, now)]
+    notes += [(n.user, n.kind, n.fields) for n in engine.link_lost(now + 1)]
+    problems = check_call_invariants(notes, resynced=b"Event: CoreShowChannel" in data)
+    if engine.channels or engine.user_calls or engine.calls:
+        problems.append("state left after link_lost: %d channels, %d user calls, %d calls"
+                        % (len(engine.channels), len(engine.user_calls), len(engine.calls)))
+    return problems
+
+
+FUZZ_ITERATIONS = 3000
+
+
+def test_fuzz_mutated_traces_through_parser_and_engine():
+    rng = random.Random(20261126)
+    traces = {name: trace_messages(name) for name in FUZZ_TRACES}
+    users = office().users
+    for iteration in range(FUZZ_ITERATIONS):
+        name = rng.choice(FUZZ_TRACES)
+        banner, messages = traces[name]
+        with_banner = rng.random() < 0.2
+        data = (banner if with_banner else b"") + b"".join(mutate_messages(rng, messages, traces))
+        if with_banner and rng.random() < 0.3:
+            flipped = bytearray(data)
+            flipped[rng.randrange(30)] ^= 0x20  # a banner that is not one
+            data = bytes(flipped)
+        problems = fuzz_once(data, with_banner, rng, users)
+        assert not problems, "iteration %d (%s): %s; input: %r" % (
+            iteration, name, problems[:3], data[:2000])
+
+
+# ---------------------------------------------------------------------------
+# TLS: the client listener and the link to Asterisk
+# ---------------------------------------------------------------------------
+
+def make_certificate(directory, name):
+    """A throwaway self-signed certificate for 127.0.0.1, by openssl(1)."""
+    cert, key = str(directory / (name + ".pem")), str(directory / (name + ".key"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=ctinotify-test", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    return {"server": make_certificate(directory, "server"),
+            "other": make_certificate(directory, "other")}
+
+
+class TlsClient(Client):
+    """Client over TLS, verifying the daemon's certificate."""
+
+    def __init__(self, port, cafile, login=None):
+        context = ssl.create_default_context(cafile=cafile)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.buffer = b""
+        self.greeting = self.line()
+        if login:
+            self.send("LOGIN %s" % login)
+            reply = self.line()
+            assert reply.startswith("OK logged in"), reply
+            self.status = self.line()
+
+
+def socket_closed(sock, timeout=10.0):
+    """Read until the peer closes (True) or the timeout (False)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def tls_port_of(daemon):
+    line = daemon.wait_log(r"listening for TLS clients on \S+ port (\d+)")
+    return int(re.search(r"port (\d+)", line).group(1))
+
+
+def test_e2e_tls_clients_and_non_blocking_handshakes(fake, daemon_factory, clients,
+                                                     certificates):
+    cert, key = certificates["server"]
+    daemon = daemon_factory(general="tls_port = 0\ntls_cert = %s\ntls_key = %s\n"
+                                    "login_timeout = 2" % (cert, key))
+    fake.wait_for_logins(1)
+    port = tls_port_of(daemon)
+    # A connection that never starts its handshake must not hold up others.
+    stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+    # Plain text on the TLS port: the handshake fails, the connection closes.
+    plain = socket.create_connection(("127.0.0.1", port), timeout=10)
+    plain.sendall(b"LOGIN alice alice-secret\r\n")
+    try:
+        alice = TlsClient(port, cert, "alice alice-secret")
+        assert alice.greeting.startswith("CTINOTIFY/1 ")
+        assert alice.status.startswith("STATUS pbx=up")
+        alice.send("FORMAT json")
+        assert alice.line() == "OK format=json"
+        # Enough events that TLS records arrive split and several at once.
+        data = big_trace(3)
+        fake.send(data)
+        want = expected_events(data, "alice")
+        got = []
+        while len(got) < len(want):
+            event = json.loads(alice.line())
+            got.append((event["event"], event["call"]))
+        assert got == want
+        assert socket_closed(plain)  # perhaps after a TLS alert
+        daemon.wait_log(r"WARNING client 127\.0\.0\.1:\d+: disconnected: TLS handshake failed")
+        assert socket_closed(stalled)  # by the login timeout
+        daemon.wait_log(r"disconnected: no TLS handshake within 2 s")
+        daemon.wait_log(r"client 127\.0\.0\.1:\d+: TLS established \(TLSv1\.[23]\)")
+        # A client that does not trust the certificate gives up; others go on.
+        with pytest.raises(ssl.SSLError):
+            TlsClient(port, certificates["other"][0])
+        plain_client = clients(daemon.port, "alice alice-secret")
+        assert plain_client.events_until_pong() == []
+        alice.close()
+    finally:
+        stalled.close()
+        plain.close()
+
+
+def server_context(cert, key):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def test_e2e_ami_over_tls(tmp_path, clients, certificates):
+    cert, key = certificates["server"]
+    server = FakeAsterisk(tls_context=server_context(cert, key)).start()
+    daemon = Daemon(tmp_path, server.port, ami="tls = yes\ntls_ca = %s" % cert)
+    try:
+        daemon.wait_log(r"INFO ami: TLS established with 127\.0\.0\.1 \(TLSv1\.[23]\)")
+        daemon.wait_log("ami: logged in as ctitest")
+        alice = clients(daemon.port, "alice alice-secret")
+        data = big_trace(3)  # many TLS records, read in arbitrary pieces
+        want = expected_events(data, "alice")
+        server.send(data)
+        got = []
+        while len(got) < len(want):
+            _, kind, fields = ctinotify.parse_text_line(alice.line())
+            got.append((kind, fields["call"]))
+        assert got == want
+    finally:
+        daemon.stop()
+        server.stop()
+
+
+def test_e2e_ami_over_tls_refuses_a_certificate_it_cannot_verify(tmp_path, certificates):
+    cert, key = certificates["server"]
+    server = FakeAsterisk(tls_context=server_context(cert, key)).start()
+    daemon = Daemon(tmp_path, server.port,
+                    ami="tls = yes\ntls_ca = %s" % certificates["other"][0])
+    try:
+        daemon.wait_log(r"WARNING ami: TLS handshake with 127\.0\.0\.1 failed: certificate "
+                        r"verify failed: self.signed certificate; reconnecting in 1 s")
+        assert server.logins == 0
+    finally:
+        daemon.stop()
+        server.stop()
+    # tls_verify = no: encrypted, but anyone can pose as Asterisk.
+    server = FakeAsterisk(tls_context=server_context(cert, key)).start()
+    daemon = Daemon(tmp_path, server.port, ami="tls = yes\ntls_verify = no")
+    try:
+        daemon.wait_log(r"ami: TLS established with 127\.0\.0\.1")
+        server.wait_for_logins(1)
+    finally:
+        daemon.stop()
+        server.stop()
+
+
+def test_config_tls_keys(tmp_path, certificates):
+    cert, key = certificates["server"]
+    base = "[ami]\nusername=u\nsecret=s\n"
+    config = parse_config(base + "tls = yes\n", "f")
+    assert (config.ami.tls, config.ami.tls_verify, config.ami.port) == (True, True, 5039)
+    assert parse_config(base + "tls = yes\nport = 5040\ntls_verify = no\n", "f").ami.port == 5040
+    config = parse_config("[general]\nport = off\ntls_port = 5040\ntls_cert = c.pem\n" + base,
+                          "f")
+    assert (config.port, config.tls_port, config.tls_cert, config.tls_key) == \
+        (None, 5040, "c.pem", "")
+    for text, fragment in (
+            ("[general]\ntls_port = 5040\n", ":5: [general] tls_port: TLS needs a certificate"),
+            ("[general]\ntls_cert = c.pem\n", ":5: [general] tls_cert: set without tls_port"),
+            ("[general]\nport = off\n", ":5: [general] port: 'off' leaves no client port"),
+            ("[ami]\ntls = maybe\n", "[ami] tls: 'maybe' is not yes or no"),
+            ("[ami]\ntls_ca = /etc/ca.pem\n", "[ami] tls_ca: only used with TLS")):
+        with pytest.raises(ConfigError) as info:
+            parse_config(text.replace("[ami]\n", base) if "[ami]" in text else base + text,
+                         "f")
+        assert fragment in str(info.value)
+    conf = tmp_path / "tls.conf"
+    conf.write_text(base + "[general]\ntls_port = 0\ntls_cert = %s\ntls_key = %s\n"
+                    % (tmp_path / "missing.pem", key))
+    with pytest.raises(ConfigError) as info:
+        ctinotify.load_config(str(conf))
+    assert "%s:6: [general] tls_cert: cannot load the certificate and key:" % conf in \
+        str(info.value)
+    conf.write_text(base + "[general]\ntls_port = 0\ntls_cert = %s\ntls_key = %s\n"
+                    % (cert, key))
+    assert ctinotify.load_config(str(conf)).tls_context is not None
+    result = run_cli("check", "-c", str(conf))
+    assert result.returncode == 0 and "tls_port = 0" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# Reload (SIGHUP) and shutdown (SIGTERM, SIGINT)
+# ---------------------------------------------------------------------------
+
+def wait_log_count(daemon, pattern, count, timeout=10.0):
+    """Wait until ``pattern`` has matched ``count`` log lines."""
+    deadline = time.monotonic() + timeout
+    while sum(bool(re.search(pattern, l)) for l in list(daemon.log)) < count:
+        assert time.monotonic() < deadline, "fewer than %d log lines matching %r in:\n%s" % (
+            count, pattern, "".join(daemon.log))
+        time.sleep(0.02)
+
+
+def edit_config(daemon, *replacements):
+    text = daemon.config.read_text()
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    daemon.config.write_text(text)
+
+
+def test_e2e_reload_applies_users_and_keeps_the_ami_link(fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    bob = clients(daemon.port, "bob bob-secret")
+    carol = clients(daemon.port, "carol carol-secret")
+    dave = clients(daemon.port, "dave dave-secret")
+    alice.send("FORMAT json")
+    assert alice.line() == "OK format=json"
+    edit_config(daemon, ("secret = alice-secret", "secret = alice-new-secret"),
+                ("[carol]\nsecret = carol-secret\nhost = dynamic\ndevices = PJSIP/102\n"
+                 "extensions = 102\n", ""),
+                ("devices = PJSIP/103", "devices = PJSIP/103, PJSIP/100"),
+                ("[dave]", "[erin]\nsecret = erin-secret\ndevices = PJSIP/104\n[dave]"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log(r"configuration reloaded from \S+ \(4 users\)")
+    closing = json.loads(alice.line())
+    assert (closing["event"], closing["session"], closing["reason"]) == \
+        ("status", "closed", "secret changed by reload")
+    assert alice.closed()
+    assert carol.line().startswith('STATUS session=closed reason="account removed by reload"')
+    assert carol.closed()
+    daemon.wait_log(r"client alice@127\.0\.0\.1:\d+: disconnected: secret changed by reload")
+    daemon.wait_log(r"client carol@127\.0\.0\.1:\d+: disconnected: account removed by reload")
+    erin = clients(daemon.port, "erin erin-secret")
+    again = clients(daemon.port, "alice alice-new-secret")
+    refused = clients(daemon.port)
+    refused.send("LOGIN alice alice-secret")
+    assert refused.line() == "ERR 401 login failed"
+    # Dave's new device applies to his session that was already there.
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(dave.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert event_kinds(again.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert bob.events_until_pong() == [] and erin.events_until_pong() == []
+    assert fake.logins == 1  # [ami] unchanged: the link was kept
+    # A changed [ami] reconnects.
+    edit_config(daemon, ("reconnect_max = 2", "reconnect_max = 3"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log(r"reload: \[ami\] changed, reconnecting")
+    fake.wait_for_logins(2)
+    for secret in ("alice-secret", "alice-new-secret", "erin-secret"):
+        assert secret not in "".join(daemon.log)
+
+
+def test_e2e_reload_rejects_an_invalid_config_and_keeps_the_running_one(fake, daemon_factory,
+                                                                        clients):
+    daemon = daemon_factory()
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    edit_config(daemon, ("secret = alice-secret", "secret = changed"),
+                ("port = 0", "port = 0\nmax_clients = none"),
+                ("devices = PJSIP/101", "devices = PJSIP101"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log(r"ERROR reload of \S+ rejected, keeping the running configuration:")
+    daemon.wait_log(r"ERROR   \S+:4: \[general\] max_clients: 'none' is not a number")
+    daemon.wait_log(r"ERROR   \S+:\d+: \[bob\] devices: 'PJSIP101' is not a device")
+    assert alice.events_until_pong() == []  # still connected
+    again = clients(daemon.port, "alice alice-secret")  # the old secret still works
+    assert again.events_until_pong() == []
+    assert fake.logins == 1 and daemon.proc.poll() is None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_e2e_shutdown_ends_calls_logs_them_and_exits_0(fake, daemon_factory, clients, tmp_path,
+                                                       signum):
+    calllog = tmp_path / "calls.jsonl"
+    daemon = daemon_factory(general="calllog = %s" % calllog)
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path("e_internal_answered"))
+    alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    fake.send(ringing_part(tag=b"stop"))
+    assert event_kinds([alice.line()]) == ["incoming"]
+    daemon.proc.send_signal(signum)
+    lines = alice.lines_until(lambda l: l.startswith("STATUS server=stopping"))
+    assert event_kinds(lines) == ["hangup"]
+    assert ctinotify.parse_text_line(lines[0])[2]["reason"] == "unknown"
+    assert alice.closed()
+    assert daemon.proc.wait(10) == 0
+    records = [json.loads(l) for l in calllog.read_text().splitlines()]
+    assert [(r["user"], r["reason"]) for r in records] == \
+        [("alice", "completed"), ("bob", "completed"), ("alice", "unknown")] or \
+        [(r["user"], r["reason"]) for r in records] == \
+        [("bob", "completed"), ("alice", "completed"), ("alice", "unknown")]
+
+
+# ---------------------------------------------------------------------------
+# The call log loses nothing; HISTORY
+# ---------------------------------------------------------------------------
+
+def read_records(path):
+    text = path.read_text("utf-8") if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def wait_records(path, count, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text("utf-8") if path.exists() else ""
+        if text.count("\n") >= count:
+            return
+        assert time.monotonic() < deadline, "%d of %d call log lines" % (text.count("\n"), count)
+        time.sleep(0.02)
+
+
+def test_e2e_sigkill_mid_stream_leaves_only_whole_valid_lines(fake, daemon_factory, tmp_path):
+    calllog = tmp_path / "calls.jsonl"
+    daemon = daemon_factory(general="calllog = %s" % calllog)
+    fake.wait_for_logins(1)
+    fake.send(big_trace(SLOW_CLIENT_ROUNDS))
+    wait_records(calllog, 100)
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    data = calllog.read_bytes()
+    assert data.endswith(b"\n")
+    lines = data.decode("utf-8").split("\n")[:-1]
+    assert len(lines) >= 100
+    for line in lines:
+        record = json.loads(line)
+        assert record["user"] in OFFICE_USERS.values() and record["end"]
+
+
+def test_e2e_calllog_is_reopened_on_sighup_for_rotation(fake, daemon_factory, clients, tmp_path):
+    calllog = tmp_path / "calls.jsonl"
+    daemon = daemon_factory(general="calllog = %s" % calllog)
+    fake.wait_for_logins(1)
+    fake.send_trace(trace_path("a_inbound_answered"))
+    wait_records(calllog, 1)
+    rotated = tmp_path / "calls.jsonl.1"
+    os.rename(str(calllog), str(rotated))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("configuration reloaded")
+    fake.send_trace(trace_path("b_inbound_noanswer"))
+    wait_records(calllog, 1)
+    assert [r["reason"] for r in read_records(rotated)] == ["completed"]
+    assert [r["reason"] for r in read_records(calllog)] == ["noanswer"]
+    # Rotation works even when the config has just been broken.
+    os.rename(str(calllog), str(tmp_path / "calls.jsonl.2"))
+    edit_config(daemon, ("port = 0", "port = 0\nbogus = 1"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("reload of .* rejected")
+    fake.send_trace(trace_path("c_inbound_busy"))
+    wait_records(calllog, 1)
+    assert [r["reason"] for r in read_records(calllog)] == ["busy"]
+
+
+def in_process_daemon(tmp_path, calllog):
+    config = parse_config("[general]\ncalllog = %s\n[ami]\nusername=u\nsecret=s\n"
+                          "[alice]\nsecret=a\ndevices=PJSIP/100\n" % calllog, "t.conf")
+    return ctinotify.Daemon(config)
+
+
+def test_calllog_passes_every_record_field_through_and_mends_a_torn_line(tmp_path):
+    calllog = tmp_path / "calls.jsonl"
+    calllog.write_bytes(b'{"user":"alice","call":"torn by a full di')
+    daemon = in_process_daemon(tmp_path, calllog)
+    try:
+        daemon._open_calllog()
+        record = {"user": "alice", "call": "1.1", "reason": "completed",
+                  "path": [{"kind": "divert", "to": "101"}, {"kind": "transfer", "to": "102"}]}
+        daemon._deliver([ctinotify.Notification("alice", "hangup", {"event": "hangup"},
+                                                record=record)])
+        daemon._deliver([ctinotify.Notification("alice", "hangup", {"event": "hangup"},
+                                                record=dict(record, call="1.2"))])
+    finally:
+        daemon._close_calllog()
+        daemon.selector.close()
+    lines = calllog.read_text().split("\n")
+    assert lines[0] == '{"user":"alice","call":"torn by a full di'
+    assert [json.loads(l) for l in lines[1:3]] == [record, dict(record, call="1.2")]
+    assert lines[3:] == [""]
+    assert daemon.history.last("alice", 5) == [record, dict(record, call="1.2")]
+    text = ctinotify.encode_history(record, "text")
+    assert ctinotify.parse_text_line(text)[2]["path"] == json.dumps(record["path"],
+                                                                    separators=(",", ":"))
+
+
+def test_call_history_is_bounded_and_per_user():
+    history = ctinotify.CallHistory(per_user=3)
+    for i in range(10):
+        history.add({"user": "alice", "call": str(i)})
+        history.add({"user": "bob", "call": "b%d" % i})
+    history.add({"call": "nobody's"})
+    assert [r["call"] for r in history.last("alice", 100)] == ["7", "8", "9"]
+    assert [r["call"] for r in history.last("alice", 2)] == ["8", "9"]
+    assert history.last("carol", 5) == [] and history.last("alice", 0) == []
+    history.retain(["bob"])
+    assert history.last("alice", 5) == [] and len(history.last("bob", 5)) == 3
+    seeded = ctinotify.CallHistory()
+    assert seeded.seed(['{"user":"alice","call":"1"}', "not json", "[1]",
+                        '{"user":"mallory","call":"2"}', ""], ["alice"]) == 1
+
+
+def test_client_session_history_command():
+    class View(ctinotify.ServerView):
+        def history(self, user, count):
+            # A server bug must not leak anyone else's calls.
+            return [{"user": "bob", "call": "secret"},
+                    {"user": user, "call": "1.1", "from": {"num": "1", "name": 'A "B"'}}][-count:]
+    view = View(office().users)
+    session = ctinotify.ClientSession("127.0.0.1")
+    assert session.handle_line("HISTORY", view) == ["ERR 403 login first"]
+    session.handle_line("LOGIN alice alice-secret", view)
+    assert session.handle_line("HISTORY", view) == [
+        'HISTORY user=alice call=1.1 from_num=1 from_name="A \\"B\\""', "OK history=1"]
+    assert session.handle_line("history 1", view)[-1] == "OK history=1"
+    for bad in ("0", "101", "ten", "-1", "\u00b2", "1 2"):
+        assert session.handle_line("HISTORY " + bad, view) == \
+            ["ERR 400 usage: HISTORY [n], n from 1 to 100"]
+    session.handle_line("FORMAT json", view)
+    item, done = session.handle_line("HISTORY 5", view)
+    assert json.loads(item) == {"event": "history", "user": "alice", "call": "1.1",
+                                "from": {"num": "1", "name": 'A "B"'}}
+    assert done == "OK history=1"
+
+
+def test_e2e_history_returns_only_the_users_own_calls_and_survives_restarts(
+        fake, daemon_factory, clients, tmp_path):
+    calllog = tmp_path / "calls.jsonl"
+    calllog.write_text(
+        '{"user":"alice","call":"old.1","direction":"in","reason":"noanswer"}\n'
+        '{"user":"mallory","call":"old.2","direction":"in","reason":"completed"}\n'
+        'not json at all\n'
+        '{"user":"bob","call":"old.3","direction":"out","reason":"busy"}\n')
+    daemon = daemon_factory(general="calllog = %s" % calllog)
+    daemon.wait_log(r"INFO history: 2 calls from ")
+    fake.wait_for_logins(1)
+    alice = clients(daemon.port, "alice alice-secret")
+    bob = clients(daemon.port, "bob bob-secret")
+    fake.send_trace(trace_path("e_internal_answered"))  # alice calls bob
+    fake.send_trace(trace_path("a_inbound_answered"))   # a caller calls alice
+    alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    bob.lines_until(lambda l: l.startswith("EVENT hangup"))
+    alice.send("HISTORY")
+    lines = alice.lines_until(lambda l: l.startswith("OK history="))
+    assert lines[-1] == "OK history=3"
+    items = [ctinotify.parse_text_line(l) for l in lines[:-1]]
+    assert [tag for tag, _, _ in items] == ["HISTORY"] * 3
+    assert [(f["user"], f["call"], f["direction"]) for _, _, f in items] == \
+        [("alice", "old.1", "in"), ("alice", "1795727994.6", "out"),
+         ("alice", "1795727950.0", "in")]
+    assert items[2][2]["from_name"] == "John Customer" and items[2][2]["answered"] == "yes"
+    bob.send("FORMAT json")
+    bob.line()
+    bob.send("HISTORY 100")
+    lines = bob.lines_until(lambda l: l.startswith("OK history="))
+    assert lines[-1] == "OK history=2"
+    records = [json.loads(l) for l in lines[:-1]]
+    assert [(r["event"], r["user"], r["call"]) for r in records] == \
+        [("history", "bob", "old.3"), ("history", "bob", "1795727994.6")]
+    bob.send("HISTORY 1")
+    assert [json.loads(l)["call"] for l in bob.lines_until(lambda l: l.startswith("OK"))[:-1]] \
+        == ["1795727994.6"]
+
+
+# ---------------------------------------------------------------------------
+# Secrets: never logged, never echoed
+# ---------------------------------------------------------------------------
+
+def test_e2e_secrets_never_reach_the_log_or_a_client(tmp_path, clients):
+    ami_secret = "ami-S3cret-q7"
+    server = FakeAsterisk(secret=ami_secret).start()
+    users = ("[alice]\nsecret = alice-S3cret-x1\nhost = 127.0.0.1\ndevices = PJSIP/100\n"
+             "[bob]\nsecret = bob-S3cret-y2\ndevices = PJSIP/101\n")
+    daemon = Daemon(tmp_path, server.port, users=users, ami="secret = %s" % ami_secret,
+                    general="login_fail_delay = 0.05")
+    seen = []
+    try:
+        server.wait_for_logins(1)
+        login = [a for a in server.actions if a.get("Action") == "Login"][0]
+        assert login["Secret"] == ami_secret  # plain auth: it did travel, to Asterisk only
+        alice = clients(daemon.port, "alice alice-S3cret-x1")
+        seen += [alice.greeting, alice.status]
+        wrong = clients(daemon.port)
+        for attempt in ("alice guess-S3cret-1", "bob alice-S3cret-x1", "nobody bob-S3cret-y2"):
+            wrong.send("LOGIN " + attempt)
+            seen.append(wrong.line())
+        daemon.config.write_text(daemon.config.read_text().replace("bob-S3cret-y2",
+                                                                   "bob-N3w-S3cret-z3"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log("configuration reloaded")
+        bob = clients(daemon.port, "bob bob-N3w-S3cret-z3")
+        bob.send("HELP")
+        seen += [bob.status, bob.line()]
+        bob.send("LOGIN bob bob-N3w-S3cret-z3")
+        seen.append(bob.line())
+        daemon.config.write_text(daemon.config.read_text().replace("port = 0", "port = x"))
+        daemon.proc.send_signal(signal.SIGHUP)  # rejected: its errors are logged
+        daemon.wait_log("rejected")
+        seen += alice.events_until_pong()
+    finally:
+        daemon.stop()
+        server.stop()
+    log = "".join(daemon.log)
+    assert "login as 'alice' refused: wrong secret" in log
+    for secret in (ami_secret, "alice-S3cret-x1", "bob-S3cret-y2", "bob-N3w-S3cret-z3",
+                   "guess-S3cret-1", "S3cret"):
+        assert secret not in log
+        assert not any(secret in line for line in seen), seen
+
+
+# ---------------------------------------------------------------------------
+# The documentation of issue 4's keys and commands
+# ---------------------------------------------------------------------------
+
+def test_readme_history_example_is_what_the_session_says():
+    block = readme_block("example-history: a_inbound_answered")
+    engine = CallEngine(Directory(office().users.values()))
+    clock = ctinotify.TraceClock()
+    history = ctinotify.CallHistory()
+    for msg in AmiParser().feed(read_trace("a_inbound_answered")):
+        for note in engine.handle(msg, clock.observe(msg)):
+            if note.record is not None:
+                history.add(note.record)
+    session = ctinotify.ClientSession("127.0.0.1")
+    view = ctinotify.ServerView(office().users, history=history)
+    session.handle_line("LOGIN alice alice-secret", view)
+    assert block[0] == "> HISTORY 1"
+    stamps = re.compile(r"\b(start|answer|end)=\S+|duration=\d+ talk_time=\d+")
+    assert [stamps.sub("T", l) for l in session.handle_line("HISTORY 1", view)] == \
+        [stamps.sub("T", l) for l in block[1:]]
+
+
+def test_every_config_key_is_documented():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    with open(os.path.join(HERE, "ctinotify.conf"), encoding="utf-8") as f:
+        example = f.read()
+    for key in ctinotify.GENERAL_KEYS + ctinotify.AMI_KEYS:
+        assert "`%s`" % key in readme, key
+        assert re.search(r"^;?%s =" % key, example, re.M), key
+
+
+def test_the_example_configs_commented_settings_are_valid():
+    with open(os.path.join(HERE, "ctinotify.conf"), encoding="utf-8") as f:
+        text = f.read()
+    config = parse_config(re.sub(r"(?m)^;(\w+ = )", r"\1", text), "ctinotify.conf")
+    assert config.tls_port == 5040 and config.ami.tls and config.client_buffer_hard == 4 << 20
+
+
+def test_check_warns_when_the_config_is_readable_by_everyone(tmp_path):
+    conf = tmp_path / "c.conf"
+    conf.write_text("[ami]\nusername=u\nsecret=s\n[a]\nsecret=x\ndevices=SIP/1\n")
+    os.chmod(str(conf), 0o644)
+    assert "is readable by every user on this machine and holds secrets; chmod 640 it" in \
+        run_cli("check", "-c", str(conf)).stderr
+    os.chmod(str(conf), 0o640)
+    assert "readable by every user" not in run_cli("check", "-c", str(conf)).stderr
+
+
+def test_timers_of_closed_connections_do_not_pile_up(tmp_path):
+    daemon = in_process_daemon(tmp_path, "")
+    try:
+        for i in range(10000):
+            conn = ctinotify.ClientConnection(None, ("10.0.0.1", i), 30.0)
+            conn.closed = True  # a flood: connected and gone again at once
+            daemon._add_timer(30.0, "login", conn)
+        assert len(daemon._timers) <= 4 * len(daemon.clients) + 257
+    finally:
+        daemon.selector.close()

@@ -8,6 +8,8 @@ and runs the real daemon against them).  Standard library only.
 It speaks just enough of the manager protocol: the banner, ``Login`` (plain
 or MD5 after ``Challenge``), ``Ping``, ``Events``, ``CoreShowChannels``
 (an empty list) and ``Logoff``; everything else gets an error response.
+With ``tls_context`` (a server-side ssl.SSLContext) it speaks TLS, as
+Asterisk's manager does on its ``tlsbindport``.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import random
 import selectors
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -61,8 +64,10 @@ def channel_list(data):
 class AmiPeer:
     """One connection from the daemon under test."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, tls=False):
         self.sock = sock
+        #: A TLS connection whose handshake is not done yet.
+        self.handshaking = tls
         self.parser = AmiParser(expect_banner=False)
         self.outbuf = bytearray(BANNER)
         self.logged_in = False
@@ -74,7 +79,10 @@ class FakeAsterisk:
     """Serves AMI on 127.0.0.1:port; thread-safe control from the tests."""
 
     def __init__(self, username="ctitest", secret="ctitest", port=0, refuse_logins=False,
-                 answer_pings=True):
+                 answer_pings=True, tls_context=None):
+        self.tls_context = tls_context
+        #: Why TLS handshakes failed, for the tests.
+        self.tls_errors = []
         self.username = username
         self.secret = secret
         self.refuse_logins = refuse_logins
@@ -189,15 +197,37 @@ class FakeAsterisk:
         except BlockingIOError:
             return
         sock.setblocking(False)
-        peer = AmiPeer(sock)
+        if self.tls_context is not None:
+            sock = self.tls_context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        peer = AmiPeer(sock, tls=self.tls_context is not None)
         self.peers.append(peer)
         self.selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
 
     def _on_peer(self, peer, mask):
+        if peer.handshaking:
+            try:
+                peer.sock.do_handshake()
+                peer.handshaking = False
+            except ssl.SSLWantReadError:
+                self.selector.modify(peer.sock, selectors.EVENT_READ, peer)
+                return
+            except ssl.SSLWantWriteError:
+                self.selector.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
+                return
+            except OSError as e:
+                with self.lock:
+                    self.tls_errors.append(str(e))
+                    self.lock.notify_all()
+                self._close(peer)
+                return
         if mask & selectors.EVENT_READ:
             try:
                 data = peer.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
+                while getattr(peer.sock, "pending", lambda: 0)():
+                    data += peer.sock.recv(65536)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                    ssl.SSLWantWriteError):
                 data = None
             except OSError:
                 data = b""
@@ -276,13 +306,14 @@ class FakeAsterisk:
                 self._flush(peer)
 
     def _flush(self, peer):
-        if peer.sock.fileno() < 0:
+        if peer.sock.fileno() < 0 or peer.handshaking:
             return
         if peer.outbuf:
             try:
                 sent = peer.sock.send(peer.outbuf)
                 del peer.outbuf[:sent]
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                    ssl.SSLWantWriteError):
                 pass
             except OSError:
                 self._close(peer)
