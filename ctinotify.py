@@ -572,12 +572,12 @@ class AmiMessage(dict):
     body of ``Response: Follows``) are kept in ``body``.
     """
 
-    __slots__ = ("repeated", "body")
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.repeated: Optional[Dict[str, List[str]]] = None
-        self.body: Optional[List[str]] = None
+    # Class-level defaults instead of an __init__: a parser makes one
+    # message per AMI event, and dict's own constructor is much cheaper.
+    #: key -> every value, for keys that occur more than once; else None.
+    repeated: Optional[Dict[str, List[str]]] = None
+    #: Lines that are not ``Key: Value``, in order; else None.
+    body: Optional[List[str]] = None
 
     @property
     def event(self) -> Optional[str]:
@@ -616,14 +616,36 @@ def parse_ami_block(block: bytes) -> AmiMessage:
     Decoding happens here, after framing, so a UTF-8 character split across
     reads is whole again; invalid bytes become U+FFFD, nothing is dropped.
     """
-    text = block.decode("utf-8", "replace")
-    if "\r" in text:
-        # The block ends before the final LF, so its last CR is still there.
-        text = text.replace("\r\n", "\n")
-        if text.endswith("\r"):
-            text = text[:-1]
+    text = str(block, "utf-8", "replace")
+    # The block ends before the final LF, so its last CR is still there.
+    return _message_from_text(text[:-1] if text.endswith("\r") else text)
+
+
+def _message_from_text(text: str) -> AmiMessage:
+    """A decoded message without its final line end.
+
+    Every event Asterisk sends is distinct ``Key: Value`` lines ending in
+    CRLF: that case takes one pass; anything else (bare LF, repeated keys,
+    ``Key:`` with no space, body lines) is redone by the general rules.
+    """
+    lines = text.split("\r\n")
     msg = AmiMessage()
-    for line in text.split("\n"):
+    for line in lines:
+        key, sep, value = line.partition(": ")
+        if not sep:
+            break
+        msg[key] = value
+    else:
+        # Every line was "Key: Value": done, unless a key was repeated or
+        # a bare LF hid a line inside another.
+        if len(msg) == len(lines) and text.count("\n") == len(lines) - 1:
+            return msg
+    return _message_from_lines(text.replace("\r\n", "\n").split("\n"))
+
+
+def _message_from_lines(lines: List[str]) -> AmiMessage:
+    msg = AmiMessage()
+    for line in lines:
         key, sep, value = line.partition(": ")
         if not sep:
             # "Key:" with an empty value and no space is legal too.
@@ -717,12 +739,7 @@ class AmiParser:
             else:
                 found = end_search(buf, max(pos, self._scan_from))
                 if found is not None:
-                    size = found.start() - pos
-                    if size <= self.max_message_bytes:
-                        messages.append(parse_ami_block(bytes(buf[pos:found.start()])))
-                    else:
-                        self._note_oversized(size)
-                    pos = found.end()
+                    pos = self._read_messages(pos, found, messages)
                     self._scan_from = 0
                     continue
             # No complete message left: keep the partial one, bounded.
@@ -735,6 +752,33 @@ class AmiParser:
             # Resume the search where a terminator could still begin.
             self._scan_from = max(0, len(buf) - 32)
             return messages
+
+    def _read_messages(self, pos: int, found: "re.Match[bytes]",
+                       messages: List[AmiMessage]) -> int:
+        """Take the ordinary messages from ``pos`` on, the first one ending
+        at ``found``, while they come back to back; return where the rest
+        starts (a partial message, or ``Response: Follows``)."""
+        buf = self._buffer
+        end_search = _AMI_MESSAGE_END.search
+        with memoryview(buf) as view:
+            while True:
+                end = found.start()
+                if end - pos <= self.max_message_bytes:
+                    # Decode straight from the buffer, without the last CR.
+                    last = end - 1 if buf[end - 1] == 13 else end
+                    messages.append(_message_from_text(str(view[pos:last], "utf-8", "replace")))
+                else:
+                    self._note_oversized(end - pos)
+                pos = found.end()
+                if buf[pos:pos + 1] in (b"\r", b"\n"):
+                    lead = _AMI_LEADING_BLANKS.match(buf, pos)
+                    if lead:
+                        pos = lead.end()
+                if buf.startswith(_FOLLOWS_START, pos):
+                    return pos
+                found = end_search(buf, pos)
+                if found is None:
+                    return pos
 
     def _read_banner(self) -> bool:
         buf = self._buffer

@@ -357,6 +357,44 @@ def test_parser_rejects_a_peer_that_is_not_asterisk():
         AmiParser().feed(b"x" * 1000)
 
 
+def reference_block(block):
+    """The message rules, written plainly: lines end in CRLF or LF, the last
+    CR goes, ``Key: Value`` (first value wins, repeats in ``getall``),
+    ``Key:`` is an empty value, anything else is a body line."""
+    text = block.decode("utf-8", "replace").replace("\r\n", "\n")
+    if text.endswith("\r"):
+        text = text[:-1]
+    pairs, body = [], []
+    for line in text.split("\n"):
+        if ": " in line:
+            pairs.append(tuple(line.split(": ", 1)))
+        elif line.endswith(":") and " " not in line:
+            pairs.append((line[:-1], ""))
+        elif line:
+            body.append(line)
+    first = {}
+    for key, value in pairs:
+        first.setdefault(key, value)
+    return first, {k: [v for kk, v in pairs if kk == k] for k in first}, body or None
+
+
+def test_parser_block_rules_hold_on_every_path():
+    # The parser takes a one-pass path for plain CRLF "Key: Value" blocks
+    # and the general rules for the rest; both must give the same message.
+    rng = random.Random(5)
+    parts = [b"Event: X", b"A: 1", b"A: 2", b"B: x: y", b"C:", b"C :", b": v", b"junk",
+             b"", b"\r", b"\xc3\xa9", b"\xff", b"Key: \rv"]
+    for _ in range(3000):
+        lines = [rng.choice(parts) for _ in range(rng.randint(1, 6))]
+        block = b"".join(line + rng.choice([b"\r\n", b"\r\n", b"\n"]) for line in lines)
+        block = block[:-1]  # the parser's blocks end before the final LF
+        msg = ctinotify.parse_ami_block(block)
+        first, repeated, body = reference_block(block)
+        assert dict(msg) == first, block
+        assert {k: msg.getall(k) for k in msg} == repeated, block
+        assert msg.body == body, block
+
+
 def test_parser_garbage_raises_nothing_but_its_own_error():
     rng = random.Random(1234)
     alphabet = b"\r\n:\x00 \xffEvent: Response: Follows--END COMMAND--ab"
