@@ -883,7 +883,7 @@ def report(settings, mode, traces, through, fanout, scale, rounds, seconds):
     row("events", [format(through[n]["events"], ",") for n in names])
     row("naive reference parser", [format(int(through[n]["naive"]), ",") for n in names])
     row("AmiParser + CallEngine", [format(int(through[n]["ours"]), ",") for n in names])
-    row("ratio to naive", ["%.2f" % (through[n]["ours"] / through[n]["naive"]) for n in names])
+    row("ratio to naive", ["%.3f" % (through[n]["ours"] / through[n]["naive"]) for n in names])
     row("ctinotify.py replay > /dev/null", ["%.1f s = %s ev/s" % (
         through[n]["replay_s"], format(int(through[n]["replay"]), ",")) for n in names])
     add("")
@@ -927,7 +927,7 @@ def report(settings, mode, traces, through, fanout, scale, rounds, seconds):
         add("   %-66s %s" % ("parse + engine >= 110,000 ev/s on %s (%s)"
                              % (name, format(int(figures["ours"]), ",")),
                              verdict(figures["ours"] >= TARGET_RATE, full)))
-        add("   %-66s %s" % ("... and >= half the naive parser (%.2f)"
+        add("   %-66s %s" % ("... and >= half the naive parser (%.3f)"
                              % (figures["ours"] / figures["naive"]),
                              verdict(figures["ours"] >= figures["naive"] / 2, full)))
     add("   %-66s %s" % ("p99 delay < 5 ms at %s ev/s with %s clients (%.2f ms)" % (
