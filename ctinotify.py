@@ -677,6 +677,17 @@ class _DeferredAmiMessage(AmiMessage):
             self._parse()
         return dict.__contains__(self, key)
 
+    def __eq__(self, other: object) -> bool:
+        # dict's comparison reads the other side's storage directly.
+        self._parse()
+        if isinstance(other, _DeferredAmiMessage):
+            other._parse()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
     def __reduce_ex__(self, protocol):  # type: ignore[no-untyped-def]
         # Copies and pickles are plain AmiMessages.
         self._parse()
@@ -721,7 +732,7 @@ def _parsed_first(name: str) -> object:
     return parsed_first
 
 
-for _name in ("__iter__", "__len__", "__reversed__", "__eq__", "__ne__", "__repr__",
+for _name in ("__iter__", "__len__", "__reversed__", "__repr__",
               "__setitem__", "__delitem__", "__or__", "__ror__", "__ior__", "__sizeof__",
               "keys", "values", "items", "copy", "setdefault", "pop", "popitem", "update",
               "clear"):

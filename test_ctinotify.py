@@ -444,6 +444,9 @@ def test_a_deferred_bulk_event_reads_exactly_like_a_parsed_one(block):
     with pytest.raises(KeyError):
         deferred["Missing"]
     assert isinstance(copy.copy(deferred), AmiMessage) and deferred == eager
+    one, two = AmiParser(expect_banner=False).feed(block + b"\r\n\r\n" + block + b"\r\n\r\n")
+    assert one == two and not one != two  # both still unsplit
+    assert eager == AmiParser(expect_banner=False).feed(block + b"\r\n\r\n")[0]
 
 
 def test_deferred_events_are_none_the_engine_reads():
