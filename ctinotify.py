@@ -1798,6 +1798,7 @@ for _code in list(range(0x20)) + list(range(0x7f, 0xa0)) + [0x2028, 0x2029]:
 #: json.dumps escapes C0 controls but not these, which str.splitlines() and
 #: some terminals treat as line ends.
 _JSON_EXTRA_ESCAPES = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+_JSON_EXTRA_LINE_ENDS = re.compile("[\x85\u2028\u2029]")
 _TEXT_PAIR = re.compile(r'\s*([A-Za-z0-9_]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
 _TEXT_UNESCAPE = re.compile(r'\\(u[0-9a-fA-F]{4}|.)')
 
@@ -1846,7 +1847,7 @@ def encode_text_line(tag: str, fields: Dict[str, object]) -> str:
 
 def encode_json_line(fields: Dict[str, object]) -> str:
     text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
-    if any(ord(c) in _JSON_EXTRA_ESCAPES for c in text):
+    if _JSON_EXTRA_LINE_ENDS.search(text):
         text = text.translate(_JSON_EXTRA_ESCAPES)
     return text
 
