@@ -19,6 +19,7 @@ help:
 	@echo "make test   - run the test suite (installs pytest into $(VENV) if missing)"
 	@echo "make run    - run the daemon in the foreground with $(CONFIG)"
 	@echo "make check  - validate $(CONFIG)"
+	@echo "make bench  - measure speed and memory (QUICK=1: a short run; PROFILE=1: cProfile the daemons)"
 	@echo "make install   - the program, service files and (if none exists) the config"
 	@echo "make uninstall - remove the program and service files; keeps the config"
 
@@ -43,8 +44,13 @@ run:
 check:
 	$(PYTHON) ctinotify.py check -c $(CONFIG)
 
+# Builds big traces in bench-data/ (about 200 MB), then about two minutes of
+# measurements; prints a table (README "Performance").  Never part of make test.
+bench:
+	$(PYTHON) tests/bench.py $(if $(QUICK),--quick) $(if $(PROFILE),--profile)
+
 clean:
-	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__
+	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__ bench-data
 
 # mkdir -p, not install -d: install -d would chmod an existing /etc/asterisk.
 # The service files name the program's installed path, $(SBINDIR)/ctinotify.

@@ -919,12 +919,12 @@ class AmiMessage(dict):
     body of ``Response: Follows``) are kept in ``body``.
     """
 
-    __slots__ = ("repeated", "body")
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.repeated: Optional[Dict[str, List[str]]] = None
-        self.body: Optional[List[str]] = None
+    # Class-level defaults instead of an __init__: a parser makes one
+    # message per AMI event, and dict's own constructor is much cheaper.
+    #: key -> every value, for keys that occur more than once; else None.
+    repeated: Optional[Dict[str, List[str]]] = None
+    #: Lines that are not ``Key: Value``, in order; else None.
+    body: Optional[List[str]] = None
 
     @property
     def event(self) -> Optional[str]:
@@ -957,20 +957,178 @@ class AmiMessage(dict):
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
 
 
+#: Events that come with every call, or every few seconds, and that the
+#: call engine does not read: their fields are split out only if something
+#: asks for them.  With ``read = all`` VarSet alone (a Set() in the
+#: dialplan) is 62% of the events in tests/traces/t_load.ami.  A test keeps
+#: this list apart from the engine's handlers.
+DEFERRED_EVENTS = frozenset((
+    "VarSet", "NewAccountCode", "HangupRequest", "SoftHangupRequest",
+    "BridgeCreate", "BridgeDestroy", "DeviceStateChange", "ExtensionStatus",
+    "PresenceStateChange", "RTCPSent", "RTCPReceived", "DTMFBegin", "DTMFEnd",
+    "ContactStatus", "PeerStatus", "Cdr", "CEL",
+))
+
+
+class _DeferredAmiMessage(AmiMessage):
+    """An AmiMessage that holds only ``Event`` until a reader asks for more.
+
+    Asking whether a key is there costs a substring search when the key
+    cannot be (the AMI session asks every event for ``ActionID``); any
+    other access splits the text into fields first, so to every reader this
+    is exactly the message the full parse gives.
+    """
+
+    __slots__ = ("_text",)
+
+    def __init__(self, event: str, text: str):
+        dict.__init__(self, Event=event)
+        self._text: Optional[str] = text
+
+    def _parse(self) -> None:
+        text = self._text
+        if text is not None:
+            self._text = None
+            full = _parse_message(text, defer=False)
+            dict.clear(self)
+            dict.update(self, full)
+            if full.repeated is not None:
+                self.__dict__["repeated"] = full.repeated
+            if full.body is not None:
+                self.__dict__["body"] = full.body
+
+    def _lacks(self, key: object) -> bool:
+        """True if ``key`` is surely not in the message: no line but the
+        first (``Event: ...``) starts with ``key:``, which covers both
+        ``Key: Value`` and ``Key:``."""
+        text = self._text
+        return text is not None and isinstance(key, str) and "\n" + key + ":" not in text
+
+    def __missing__(self, key: str) -> str:
+        if self._text is None or self._lacks(key):
+            raise KeyError(key)
+        self._parse()
+        return dict.__getitem__(self, key)
+
+    def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
+        if self._text is not None and not dict.__contains__(self, key):
+            if self._lacks(key):
+                return default
+            self._parse()
+        return dict.get(self, key, default)
+
+    def __contains__(self, key: object) -> bool:
+        if self._text is not None and not dict.__contains__(self, key):
+            if self._lacks(key):
+                return False
+            self._parse()
+        return dict.__contains__(self, key)
+
+    def __eq__(self, other: object) -> bool:
+        # dict's comparison reads the other side's storage directly.
+        self._parse()
+        if isinstance(other, _DeferredAmiMessage):
+            other._parse()
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    def __reduce_ex__(self, protocol):  # type: ignore[no-untyped-def]
+        # Copies and pickles are plain AmiMessages.
+        self._parse()
+        return (_plain_message, (dict(self), self.repeated, self.body))
+
+    @property  # type: ignore[override]
+    def repeated(self) -> Optional[Dict[str, List[str]]]:
+        self._parse()
+        return self.__dict__.get("repeated")
+
+    @repeated.setter
+    def repeated(self, value: Optional[Dict[str, List[str]]]) -> None:
+        self._parse()
+        self.__dict__["repeated"] = value
+
+    @property  # type: ignore[override]
+    def body(self) -> Optional[List[str]]:
+        self._parse()
+        return self.__dict__.get("body")
+
+    @body.setter
+    def body(self, value: Optional[List[str]]) -> None:
+        self._parse()
+        self.__dict__["body"] = value
+
+
+def _plain_message(fields: Dict[str, str], repeated: Optional[Dict[str, List[str]]],
+                   body: Optional[List[str]]) -> AmiMessage:
+    msg = AmiMessage(fields)
+    msg.repeated, msg.body = repeated, body
+    return msg
+
+
+def _parsed_first(name: str) -> object:
+    """A dict method that splits a deferred message's fields first."""
+    method = getattr(dict, name)
+
+    @functools.wraps(method)
+    def parsed_first(self, *args, **kwargs):
+        self._parse()
+        return method(self, *args, **kwargs)
+    return parsed_first
+
+
+for _name in ("__iter__", "__len__", "__reversed__", "__repr__",
+              "__setitem__", "__delitem__", "__or__", "__ror__", "__ior__", "__sizeof__",
+              "keys", "values", "items", "copy", "setdefault", "pop", "popitem", "update",
+              "clear"):
+    if hasattr(dict, _name):  # __or__ and friends: Python 3.9+
+        setattr(_DeferredAmiMessage, _name, _parsed_first(_name))
+
+
 def parse_ami_block(block: bytes) -> AmiMessage:
     """One framed message (without its terminating blank line) to AmiMessage.
 
     Decoding happens here, after framing, so a UTF-8 character split across
     reads is whole again; invalid bytes become U+FFFD, nothing is dropped.
     """
-    text = block.decode("utf-8", "replace")
-    if "\r" in text:
-        # The block ends before the final LF, so its last CR is still there.
-        text = text.replace("\r\n", "\n")
-        if text.endswith("\r"):
-            text = text[:-1]
+    text = str(block, "utf-8", "replace")
+    # The block ends before the final LF, so its last CR is still there.
+    return _parse_message(text[:-1] if text.endswith("\r") else text)
+
+
+def _parse_message(text: str, defer: bool = True) -> AmiMessage:
+    """A decoded message without its final line end.
+
+    Every event Asterisk sends is distinct ``Key: Value`` lines ending in
+    CRLF: that case takes one pass; anything else (bare LF, repeated keys,
+    ``Key:`` with no space, body lines) is redone by the general rules.
+    With ``defer``, DEFERRED_EVENTS wait unsplit until something reads them.
+    """
+    if defer and text.startswith("Event: "):
+        end = text.find("\r\n")
+        name = text[7:end] if end >= 0 else text[7:]
+        if name in DEFERRED_EVENTS:
+            return _DeferredAmiMessage(name, text)
+    lines = text.split("\r\n")
     msg = AmiMessage()
-    for line in text.split("\n"):
+    for line in lines:
+        key, sep, value = line.partition(": ")
+        if not sep:
+            break
+        msg[key] = value
+    else:
+        # Every line was "Key: Value": done, unless a key was repeated or
+        # a bare LF hid a line inside another.
+        if len(msg) == len(lines) and text.count("\n") == len(lines) - 1:
+            return msg
+    return _message_from_lines(text.replace("\r\n", "\n").split("\n"))
+
+
+def _message_from_lines(lines: List[str]) -> AmiMessage:
+    msg = AmiMessage()
+    for line in lines:
         key, sep, value = line.partition(": ")
         if not sep:
             # "Key:" with an empty value and no space is legal too.
@@ -1064,12 +1222,7 @@ class AmiParser:
             else:
                 found = end_search(buf, max(pos, self._scan_from))
                 if found is not None:
-                    size = found.start() - pos
-                    if size <= self.max_message_bytes:
-                        messages.append(parse_ami_block(bytes(buf[pos:found.start()])))
-                    else:
-                        self._note_oversized(size)
-                    pos = found.end()
+                    pos = self._read_messages(pos, found, messages)
                     self._scan_from = 0
                     continue
             # No complete message left: keep the partial one, bounded.
@@ -1082,6 +1235,30 @@ class AmiParser:
             # Resume the search where a terminator could still begin.
             self._scan_from = max(0, len(buf) - 32)
             return messages
+
+    def _read_messages(self, pos: int, found: "re.Match[bytes]",
+                       messages: List[AmiMessage]) -> int:
+        """Take the ordinary messages from ``pos`` on, the first one ending
+        at ``found``, while they come back to back; return where the rest
+        starts (a partial message, blank lines or ``Response: Follows``:
+        feed() deals with those)."""
+        buf = self._buffer
+        end_search = _AMI_MESSAGE_END.search
+        with memoryview(buf) as view:
+            while True:
+                end = found.start()
+                if end - pos <= self.max_message_bytes:
+                    # Decode straight from the buffer, without the last CR.
+                    last = end - 1 if buf[end - 1] == 13 else end
+                    messages.append(_parse_message(str(view[pos:last], "utf-8", "replace")))
+                else:
+                    self._note_oversized(end - pos)
+                pos = found.end()
+                if buf.startswith((b"\r", b"\n", _FOLLOWS_START), pos):
+                    return pos
+                found = end_search(buf, pos)
+                if found is None:
+                    return pos
 
     def _read_banner(self) -> bool:
         buf = self._buffer
@@ -2695,6 +2872,7 @@ for _code in list(range(0x20)) + list(range(0x7f, 0xa0)) + [0x2028, 0x2029]:
 #: json.dumps escapes C0 controls but not these, which str.splitlines() and
 #: some terminals treat as line ends.
 _JSON_EXTRA_ESCAPES = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+_JSON_EXTRA_LINE_ENDS = re.compile("[\x85\u2028\u2029]")
 _TEXT_PAIR = re.compile(r'\s*([A-Za-z0-9_]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
 _TEXT_UNESCAPE = re.compile(r'\\(u[0-9a-fA-F]{4}|.)')
 
@@ -2746,7 +2924,7 @@ def encode_text_line(tag: str, fields: Dict[str, object]) -> str:
 
 def encode_json_line(fields: Dict[str, object]) -> str:
     text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
-    if any(ord(c) in _JSON_EXTRA_ESCAPES for c in text):
+    if _JSON_EXTRA_LINE_ENDS.search(text):
         text = text.translate(_JSON_EXTRA_ESCAPES)
     return text
 

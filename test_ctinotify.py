@@ -8,10 +8,12 @@ Asterisk of tests/fakeami.py, with real TCP clients on 127.0.0.1.
 """
 
 import ast
+import copy
 import hashlib
 import io
 import json
 import os
+import pickle
 import queue
 import random
 import re
@@ -360,6 +362,100 @@ def test_parser_rejects_a_peer_that_is_not_asterisk():
         AmiParser().feed(b"HTTP/1.1 400 Bad Request\r\n\r\n")
     with pytest.raises(AmiProtocolError):
         AmiParser().feed(b"x" * 1000)
+
+
+def reference_block(block):
+    """The message rules, written plainly: lines end in CRLF or LF, the last
+    CR goes, ``Key: Value`` (first value wins, repeats in ``getall``),
+    ``Key:`` is an empty value, anything else is a body line."""
+    text = block.decode("utf-8", "replace").replace("\r\n", "\n")
+    if text.endswith("\r"):
+        text = text[:-1]
+    pairs, body = [], []
+    for line in text.split("\n"):
+        if ": " in line:
+            pairs.append(tuple(line.split(": ", 1)))
+        elif line.endswith(":") and " " not in line:
+            pairs.append((line[:-1], ""))
+        elif line:
+            body.append(line)
+    first = {}
+    for key, value in pairs:
+        first.setdefault(key, value)
+    return first, {k: [v for kk, v in pairs if kk == k] for k in first}, body or None
+
+
+def test_parser_block_rules_hold_on_every_path():
+    # The parser takes a one-pass path for plain CRLF "Key: Value" blocks
+    # and the general rules for the rest; both must give the same message.
+    rng = random.Random(5)
+    parts = [b"Event: X", b"A: 1", b"A: 2", b"B: x: y", b"C:", b"C :", b": v", b"junk",
+             b"", b"\r", b"\xc3\xa9", b"\xff", b"Key: \rv"]
+    for _ in range(3000):
+        lines = [rng.choice(parts) for _ in range(rng.randint(1, 6))]
+        block = b"".join(line + rng.choice([b"\r\n", b"\r\n", b"\n"]) for line in lines)
+        block = block[:-1]  # the parser's blocks end before the final LF
+        msg = ctinotify.parse_ami_block(block)
+        first, repeated, body = reference_block(block)
+        assert dict(msg) == first, block
+        assert {k: msg.getall(k) for k in msg} == repeated, block
+        assert msg.body == body, block
+
+
+DEFERRED_BLOCKS = [
+    b"Event: VarSet\r\nChannel: PJSIP/100-00000001\r\nVariable: X\r\nValue: a: b",
+    b"Event: VarSet\r\nA: 1\r\nA: 2\r\nEmpty:\r\nbody line\r\nActionID: 9",
+    b"Event: VarSet\r\nBare: lf\nKey: v",
+    b"Event: VarSet",
+    b"Event: RTCPSent\r\nEvent: Other\r\nX: \xc3\xa9",
+]
+
+
+def deferred_and_eager(block):
+    deferred = AmiParser(expect_banner=False).feed(block + b"\r\n\r\n")[0]
+    assert type(deferred) is not AmiMessage  # the bulk event is deferred...
+    return deferred, ctinotify._parse_message(block.decode("utf-8"), defer=False)  # ...this not
+
+
+ACCESSES = [
+    lambda m: m.get("Event"), lambda m: m.get("ActionID"), lambda m: m.get("Missing", "d"),
+    lambda m: m.get("Value"), lambda m: "ActionID" in m, lambda m: "A" in m,
+    lambda m: "Response" in m, lambda m: 5 in m, lambda m: m.event, lambda m: m.response,
+    lambda m: m["Event"], lambda m: m["A"] if "A" in m else m.get("Key"),
+    lambda m: len(m), lambda m: bool(m), lambda m: list(m), lambda m: list(reversed(m)),
+    lambda m: list(m.keys()), lambda m: list(m.values()), lambda m: list(m.items()),
+    lambda m: dict(m), lambda m: {**m}, lambda m: repr(m), lambda m: m.copy(),
+    lambda m: m.getall("A"), lambda m: m.getall("Event"), lambda m: m.repeated,
+    lambda m: m.body, lambda m: m.to_bytes(), lambda m: json.dumps(m),
+    lambda m: dict(copy.copy(m)), lambda m: dict(pickle.loads(pickle.dumps(m))),
+    lambda m: (m == dict(m), m != {}, {} == m),
+    lambda m: (m.setdefault("New", "n"), dict(m)), lambda m: (m.pop("Event"), dict(m)),
+    lambda m: (m.update(Z="z"), dict(m)), lambda m: (m.add("A", "3"), m.getall("A")),
+    lambda m: (m.__setitem__("A", "x"), dict(m)), lambda m: (m.clear(), dict(m)),
+]
+
+
+@pytest.mark.parametrize("block", DEFERRED_BLOCKS)
+def test_a_deferred_bulk_event_reads_exactly_like_a_parsed_one(block):
+    for access in ACCESSES:
+        outcomes = []
+        for msg in deferred_and_eager(block):
+            try:
+                outcomes.append(("ok", access(msg)))
+            except KeyError as e:
+                outcomes.append(("KeyError", e.args))
+        assert outcomes[0] == outcomes[1], (block, outcomes)
+    deferred, eager = deferred_and_eager(block)
+    with pytest.raises(KeyError):
+        deferred["Missing"]
+    assert isinstance(copy.copy(deferred), AmiMessage) and deferred == eager
+    one, two = AmiParser(expect_banner=False).feed(block + b"\r\n\r\n" + block + b"\r\n\r\n")
+    assert one == two and not one != two  # both still unsplit
+    assert eager == AmiParser(expect_banner=False).feed(block + b"\r\n\r\n")[0]
+
+
+def test_deferred_events_are_none_the_engine_reads():
+    assert not ctinotify.DEFERRED_EVENTS & set(CallEngine()._handlers)
 
 
 def test_parser_garbage_raises_nothing_but_its_own_error():
