@@ -1479,6 +1479,11 @@ MAX_LINEAGE_HOPS = 16
 MAX_RECENT_HANGUPS = 4096
 #: The applications that pick up another phone's ringing call.
 _PICKUP_APPS = frozenset(("pickup", "pickupchan"))
+#: The channel snapshot fields every channel event carries, in the order
+#: CallEngine._update reads them; prefixed ("Dest", "Transferee"...) per role.
+_SNAPSHOT_FIELDS = ("ChannelStateDesc", "CallerIDNum", "CallerIDName", "ConnectedLineNum",
+                    "ConnectedLineName", "Linkedid", "Exten", "Context")
+_SNAPSHOT_KEYS: Dict[str, Tuple[str, ...]] = {}
 
 
 class Party(collections.namedtuple("Party", "num name")):
@@ -1565,7 +1570,7 @@ class Channel:
                  "first_exten", "app", "appdata", "created", "answered_at", "bridge",
                  "dialer", "dial_targets", "originated", "user_calls", "diverted_from",
                  "transferred_by", "queue", "queue_join", "queue_told", "on_hold", "parked",
-                 "callback")
+                 "callback", "caller_raw", "connected_raw")
 
     def __init__(self, uniqueid: str, name: str, now: float):
         self.uniqueid = uniqueid
@@ -1579,6 +1584,10 @@ class Channel:
         self.state = ""
         self.caller = NOBODY
         self.connected = NOBODY
+        #: Caller ID as Asterisk last sent it: most events repeat it, and
+        #: comparing the raw pair spares rebuilding ``caller`` every time.
+        self.caller_raw: Tuple[Optional[str], Optional[str]] = (None, None)
+        self.connected_raw: Tuple[Optional[str], Optional[str]] = (None, None)
         self.context = ""
         self.exten = ""
         #: The extension the channel was created at: what a caller dialed.
@@ -1952,28 +1961,35 @@ class CallEngine:
         return chan
 
     def _update(self, chan: Channel, msg: AmiMessage, prefix: str) -> None:
+        """Runs for almost every event (bench: the engine's hottest spot), so
+        the keys are built once per prefix and unchanged values cost a compare."""
+        keys = _SNAPSHOT_KEYS.get(prefix)
+        if keys is None:
+            keys = _SNAPSHOT_KEYS[prefix] = tuple(prefix + key for key in _SNAPSHOT_FIELDS)
         get = msg.get
-        state = get(prefix + "ChannelStateDesc")
+        state = get(keys[0])
         if state is not None and state != chan.state:
             chan.state = state
             if state == "Up" and chan.answered_at is None:
                 chan.answered_at = self._now
-        num = get(prefix + "CallerIDNum")
+        num = get(keys[1])
         if num is not None:
-            name = get(prefix + "CallerIDName")
-            if num != chan.caller.num or name != chan.caller.name:
-                chan.caller = Party.of(num, name)
-        num = get(prefix + "ConnectedLineNum")
+            raw = (num, get(keys[2]))
+            if raw != chan.caller_raw:
+                chan.caller_raw = raw
+                chan.caller = Party.of(*raw)
+        num = get(keys[3])
         if num is not None:
-            name = get(prefix + "ConnectedLineName")
-            if num != chan.connected.num or name != chan.connected.name:
-                chan.connected = Party.of(num, name)
-        linkedid = get(prefix + "Linkedid")
+            raw = (num, get(keys[4]))
+            if raw != chan.connected_raw:
+                chan.connected_raw = raw
+                chan.connected = Party.of(*raw)
+        linkedid = get(keys[5])
         if linkedid:
             chan.linkedid = linkedid
-        exten = get(prefix + "Exten")
+        exten = get(keys[6])
         if exten:
-            context = get(prefix + "Context") or chan.context
+            context = get(keys[7]) or chan.context
             if exten != chan.exten or context != chan.context:
                 chan.exten = exten
                 chan.context = context

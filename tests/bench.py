@@ -335,7 +335,10 @@ class DaemonProcess:
         if self.profile:
             python += ["-m", "cProfile", "-o", os.path.join(DATA_DIR, name + ".prof")]
         with open(self.config, "w") as f:
-            f.write("[general]\nbind = 127.0.0.1\nport = 0\nlogin_timeout = 60\n\n"
+            f.write("[general]\nbind = 127.0.0.1\nport = 0\nlogin_timeout = 60\n"
+                    # Every bench client comes from 127.0.0.1: lift the limits.
+                    "max_clients = 100000\nmax_clients_per_host = 100000\n"
+                    "login_block_after = 0\n\n"
                     "[ami]\nhost = 127.0.0.1\nport = %d\nusername = bench\nsecret = bench\n\n%s"
                     % (ami_port, users_config(users)))
         os.chmod(self.config, 0o600)
