@@ -309,6 +309,15 @@ def normalize_device(text: str) -> str:
     return _TECH_ALIASES.get(tech.lower(), tech) + "/" + resource
 
 
+def split_device(text: str) -> Tuple[str, str]:
+    """``branch:PJSIP/100`` -> ``("branch", "PJSIP/100")``: a device on one
+    PBX only; ``PJSIP/100`` -> ``("", "PJSIP/100")``: on every PBX."""
+    pbx, colon, device = text.partition(":")
+    if not colon or "/" in pbx:
+        return "", text
+    return pbx, device
+
+
 def device_of_channel(channel_name: str) -> str:
     """The device a channel belongs to: ``PJSIP/100-0000001a`` -> ``PJSIP/100``.
 
@@ -361,17 +370,26 @@ class UserConfig:
         return any(ip in net for net in self.hosts)  # type: ignore[operator]
 
 
-class AmiConfig:
-    """The ``[ami]`` section: how to reach and log in to Asterisk."""
+#: The name of the PBX of the ``[ami]`` section; ``[ami:NAME]`` adds others.
+DEFAULT_PBX = "default"
+_PBX_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
-    __slots__ = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max",
-                 "tls", "tls_verify", "tls_ca")
+
+class AmiConfig:
+    """An ``[ami]`` or ``[ami:NAME]`` section: how to reach and log in to one
+    Asterisk."""
+
+    __slots__ = ("name", "host", "port", "username", "secret", "auth", "ping_interval",
+                 "reconnect_max", "tls", "tls_verify", "tls_ca")
 
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_AMI_PORT,
                  username: str = "", secret: str = "", auth: str = "plain",
                  ping_interval: float = AMI_PING_INTERVAL_S,
                  reconnect_max: float = AMI_RECONNECT_MAX_S,
-                 tls: bool = False, tls_verify: bool = True, tls_ca: str = ""):
+                 tls: bool = False, tls_verify: bool = True, tls_ca: str = "",
+                 name: str = DEFAULT_PBX):
+        #: The PBX's name: ``default`` for [ami], NAME for [ami:NAME].
+        self.name = name
         self.host = host
         self.port = port
         self.username = username
@@ -450,7 +468,10 @@ class Config:
         self.tls_key = tls_key
         #: Built by load_config from the files named above (None otherwise).
         self.tls_context: Optional["ssl.SSLContext"] = None
-        self.ami_tls_context: Optional["ssl.SSLContext"] = None
+        #: The PBXes to connect to: [ami] first, then each [ami:NAME].
+        self.pbxes: List[AmiConfig] = [ami]
+        #: TLS contexts of the PBXes with ``tls = yes``, by name.
+        self.ami_tls_contexts: Dict[str, "ssl.SSLContext"] = {}
         #: ``key -> "FILE:LINE: [section] key"`` for problems found after parsing.
         self.origins: Dict[str, str] = {}
 
@@ -474,16 +495,16 @@ class Config:
         if self.tls_port is not None:
             lines += ["tls_port = %d" % self.tls_port, "tls_cert = %s" % self.tls_cert,
                       "tls_key = %s" % self.tls_key]
-        lines += ["", "[ami]"]
-        ami = self.ami
-        lines += ["host = %s" % ami.host, "port = %d" % ami.port,
-                  "username = %s" % ami.username, "secret = %s" % mask(ami.secret),
-                  "auth = %s" % ami.auth, "ping_interval = %g" % ami.ping_interval,
-                  "reconnect_max = %g" % ami.reconnect_max,
-                  "tls = %s" % ("yes" if ami.tls else "no")]
-        if ami.tls:
-            lines += ["tls_verify = %s" % ("yes" if ami.tls_verify else "no"),
-                      "tls_ca = %s" % ami.tls_ca]
+        for ami in self.pbxes:
+            lines += ["", "[ami]" if ami is self.ami else "[ami:%s]" % ami.name]
+            lines += ["host = %s" % ami.host, "port = %d" % ami.port,
+                      "username = %s" % ami.username, "secret = %s" % mask(ami.secret),
+                      "auth = %s" % ami.auth, "ping_interval = %g" % ami.ping_interval,
+                      "reconnect_max = %g" % ami.reconnect_max,
+                      "tls = %s" % ("yes" if ami.tls else "no")]
+            if ami.tls:
+                lines += ["tls_verify = %s" % ("yes" if ami.tls_verify else "no"),
+                          "tls_ca = %s" % ami.tls_ca]
         for user in self.users.values():
             hosts = "dynamic" if user.hosts is None else ",".join(str(h) for h in user.hosts)
             exts = ",".join(n + ("@" + c if c else "") for n, c in user.extensions)
@@ -531,6 +552,8 @@ class _ConfigReader:
     def __init__(self, filename: str):
         self.filename = filename
         self.problems: List[str] = []
+        #: The PBX names a device may be qualified with (NAME:PJSIP/100).
+        self.pbx_names: List[str] = [DEFAULT_PBX]
 
     def problem(self, section: IniSection, option: Optional[IniOption], what: str) -> None:
         lineno = option.lineno if option else section.lineno
@@ -622,6 +645,29 @@ class _ConfigReader:
             return None, []
         return option, [item.strip() for item in option.value.split(",") if item.strip()]
 
+    def read_ami(self, section: IniSection, name: str, required: bool) -> AmiConfig:
+        """[ami] or [ami:NAME]: one Asterisk to connect to."""
+        self.check_keys(section, AMI_KEYS)
+        ami = AmiConfig(
+            host=self.text(section, "host", "127.0.0.1"),
+            port=int(self.number(section, "port", DEFAULT_AMI_PORT, 1, 65535, integer=True)),
+            username=self.text(section, "username", "", required=required),
+            secret=self.text(section, "secret", "", required=required),
+            auth=self.choice(section, "auth", "plain", ("plain", "md5")),
+            ping_interval=self.number(section, "ping_interval", AMI_PING_INTERVAL_S, 1, 3600),
+            reconnect_max=self.number(section, "reconnect_max", AMI_RECONNECT_MAX_S, 1, 3600),
+            tls=self.boolean(section, "tls", False),
+            tls_verify=self.boolean(section, "tls_verify", True),
+            tls_ca=self.text(section, "tls_ca", ""),
+            name=name,
+        )
+        if ami.tls and section.get("port") is None:
+            ami.port = DEFAULT_AMI_TLS_PORT  # manager.conf tlsbindport
+        if not ami.tls and (section.get("tls_verify") or section.get("tls_ca")):
+            self.problem(section, section.get("tls_ca") or section.get("tls_verify"),
+                         "only used with TLS, expected tls = yes as well")
+        return ami
+
     def read_user(self, section: IniSection) -> UserConfig:
         self.check_keys(section, USER_KEYS)
         if not _USER_NAME.match(section.name):
@@ -643,11 +689,16 @@ class _ConfigReader:
         option, device_texts = self.items(section, "devices")
         devices = []
         for item in device_texts:
+            pbx, device = split_device(item)
+            if pbx and pbx not in self.pbx_names:
+                self.problem(section, option, "%r names no PBX, expected one of: %s"
+                             % (item, ", ".join(self.pbx_names)))
+                continue
             try:
-                devices.append(normalize_device(item))
+                devices.append((pbx + ":" if pbx else "") + normalize_device(device))
             except ValueError:
                 self.problem(section, option, "%r is not a device, expected TECH/name such as "
-                             "PJSIP/100, SIP/100, IAX2/100 or DAHDI/1" % item)
+                             "PJSIP/100, SIP/100, IAX2/100, DAHDI/1 or NAME:PJSIP/100" % item)
         option, ext_texts = self.items(section, "extensions")
         extensions = []
         for item in ext_texts:
@@ -780,27 +831,22 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
             reader.problems.append("%s:1: [ami]: section missing, expected [ami] with "
                                    "username and secret of a manager.conf user" % filename)
     else:
-        reader.check_keys(ami_section, AMI_KEYS)
-        ami = AmiConfig(
-            host=reader.text(ami_section, "host", "127.0.0.1"),
-            port=int(reader.number(ami_section, "port", DEFAULT_AMI_PORT, 1, 65535, integer=True)),
-            username=reader.text(ami_section, "username", "", required=require_ami),
-            secret=reader.text(ami_section, "secret", "", required=require_ami),
-            auth=reader.choice(ami_section, "auth", "plain", ("plain", "md5")),
-            ping_interval=reader.number(ami_section, "ping_interval", AMI_PING_INTERVAL_S, 1, 3600),
-            reconnect_max=reader.number(ami_section, "reconnect_max", AMI_RECONNECT_MAX_S, 1, 3600),
-            tls=reader.boolean(ami_section, "tls", False),
-            tls_verify=reader.boolean(ami_section, "tls_verify", True),
-            tls_ca=reader.text(ami_section, "tls_ca", ""),
-        )
-        if ami.tls and ami_section.get("port") is None:
-            ami.port = DEFAULT_AMI_TLS_PORT  # manager.conf tlsbindport
-        if not ami.tls and (ami_section.get("tls_verify") or ami_section.get("tls_ca")):
-            reader.problem(ami_section, ami_section.get("tls_ca") or ami_section.get("tls_verify"),
-                           "only used with TLS, expected tls = yes as well")
+        ami = reader.read_ami(ami_section, DEFAULT_PBX, require_ami)
+    pbxes = [ami]
+    for section in sections:
+        kind, colon, name = section.name.partition(":")
+        if not colon or kind.lower() != "ami":
+            continue
+        if not _PBX_NAME.match(name) or name == DEFAULT_PBX:
+            reader.problem(section, None, "invalid PBX name %r, expected 1-32 of A-Z a-z 0-9 "
+                           "_ . - other than %r" % (name, DEFAULT_PBX))
+            continue
+        pbxes.append(reader.read_ami(section, name, True))
+    reader.pbx_names = [pbx.name for pbx in pbxes]
     users: Dict[str, UserConfig] = {}
     for section in sections:
-        if section.name.lower() in ("general", "ami"):
+        if section.name.lower() in ("general", "ami") or \
+                section.name.lower().startswith("ami:"):
             continue
         users[section.name] = reader.read_user(section)
     if reader.problems:
@@ -812,9 +858,12 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
                     client_buffer_soft_seconds=buffer_soft_s, login_fail_delay=fail_delay,
                     login_block_after=block_after, login_block_seconds=block_s,
                     tls_port=tls_port, tls_cert=tls_cert, tls_key=tls_key)
+    config.pbxes = pbxes
     config.origins["tls_cert"] = reader.origin(general, "tls_cert")
-    if ami_section is not None:
-        config.origins["tls_ca"] = reader.origin(ami_section, "tls_ca")
+    for section in sections:
+        if section.name.lower() == "ami" or section.name.lower().startswith("ami:"):
+            name = DEFAULT_PBX if section.name.lower() == "ami" else section.name[4:]
+            config.origins["tls_ca:" + name] = reader.origin(section, "tls_ca")
     return config
 
 
@@ -843,13 +892,15 @@ def load_config(path: str, require_ami: bool = True) -> Config:
         except (OSError, ValueError) as e:
             problems.append("%s: cannot load the certificate and key: %s, expected PEM files"
                             % (config.origins["tls_cert"], _ssl_reason(e)))
-    if config.ami.tls:
+    for pbx in config.pbxes:
+        if not pbx.tls:
+            continue
         try:
-            config.ami_tls_context = ami_tls_context(config.ami)
+            config.ami_tls_contexts[pbx.name] = ami_tls_context(pbx)
         except (OSError, ValueError) as e:
             problems.append("%s: cannot load the CA file: %s, expected PEM certificates"
-                            % (config.origins.get("tls_ca", path + ":0: [ami] tls_ca"),
-                               _ssl_reason(e)))
+                            % (config.origins.get("tls_ca:" + pbx.name,
+                                                  path + ":0: [ami] tls_ca"), _ssl_reason(e)))
     if problems:
         raise ConfigError(problems)
     return config
@@ -1527,13 +1578,17 @@ def local_exten(device: str) -> str:
 
 
 class Directory:
-    """Which configured users a device or a dialed extension belongs to."""
+    """Which configured users a device or a dialed extension belongs to, on
+    one PBX: a device named ``NAME:PJSIP/100`` counts on PBX NAME only."""
 
-    def __init__(self, users: Iterable[UserConfig] = ()):
+    def __init__(self, users: Iterable[UserConfig] = (), pbx: str = DEFAULT_PBX):
         by_device: Dict[str, List[str]] = {}
         by_extension: Dict[str, List[Tuple[str, str]]] = {}
         for user in users:
-            for device in user.devices:
+            for qualified in user.devices:
+                on, device = split_device(qualified)
+                if on and on != pbx:
+                    continue
                 by_device.setdefault(device, []).append(user.name)
             for number, context in user.extensions:
                 by_extension.setdefault(number, []).append((context, user.name))
@@ -1720,8 +1775,10 @@ class CallEngine:
     elsewhere, as long as the caller's channel (its *anchor*).
     """
 
-    def __init__(self, directory: Optional[Directory] = None):
+    def __init__(self, directory: Optional[Directory] = None, pbx: str = ""):
         self.directory = directory or Directory()
+        #: With several PBXes: the name every notification carries as ``pbx``.
+        self.pbx = pbx
         self.channels: Dict[str, Channel] = {}
         #: (call id, user, direction) -> the user's view of that call.
         self.user_calls: Dict[Tuple[str, str, str], UserCall] = {}
@@ -1842,6 +1899,8 @@ class CallEngine:
             "state": "up" if uc.answered_at is not None else "ringing",
             "dialed": uc.dialed,
         }
+        if self.pbx:
+            fields["pbx"] = self.pbx
         if uc.answered_at is not None:
             fields["answered"] = iso_time(uc.answered_at)
         return fields
@@ -2593,6 +2652,8 @@ class CallEngine:
             "to": by.as_dict(), "space": space, "lot": lot, "result": result,
             "parked_by": by.as_dict(), "retrieved_by": NOBODY.as_dict(),
         }
+        if self.pbx:
+            fields["pbx"] = self.pbx
         for user in self.directory.device_users(parker_device):
             self._out.append(Notification(user, "unpark", dict(fields)))
 
@@ -2668,6 +2729,8 @@ class CallEngine:
             "position": msg.get("Position") or chan.queue_join[0],
             "count": msg.get("Count") or chan.queue_join[1],
         }
+        if self.pbx:
+            fields["pbx"] = self.pbx
         if action == "leave":
             answered = [c for c in self._bridged_with(chan) + list(chan.dial_targets)
                         if c.answered_at is not None and self._users_of(c)]
@@ -2848,6 +2911,8 @@ class CallEngine:
             "reason": reason, "cause": cause, "duration": duration, "talk_time": talk_time,
             "queue": uc.queue, "path": uc.path,
         }
+        if self.pbx:
+            self._out[-1].record["pbx"] = self.pbx  # type: ignore[index]
 
     # -- output ----------------------------------------------------------------
 
@@ -2868,6 +2933,8 @@ class CallEngine:
             "role": uc.role, "device": uc.device,
             "from": frm.as_dict(), "to": to.as_dict(),
         }
+        if self.pbx:
+            fields["pbx"] = self.pbx
         fields.update(extra)
         self._out.append(Notification(uc.user, event, fields))
         return fields
@@ -3145,11 +3212,13 @@ class ServerView:
         self.engine = engine
         self.call_history = history if history is not None else CallHistory()
 
+    def engines(self) -> List[CallEngine]:
+        return [self.engine] if self.engine is not None else []
+
     def calls(self, user: str) -> List[Dict[str, object]]:
-        """The user's calls in progress, as event fields."""
-        if self.engine is None:
-            return []
-        return [self.engine.call_fields(uc) for uc in self.engine.active_calls(user)]
+        """The user's calls in progress (on every PBX), as event fields."""
+        return [engine.call_fields(uc) for engine in self.engines()
+                for uc in engine.active_calls(user)]
 
     def history(self, user: str, count: int) -> List[Dict[str, object]]:
         """The user's last ``count`` finished calls, newest last."""
@@ -3389,10 +3458,19 @@ class ClientConnection:
 
 
 class AmiLink:
-    """The socket to Asterisk, its AmiSession and its reconnect schedule."""
+    """One PBX: the socket to its Asterisk, the AmiSession, the reconnect
+    schedule, and the CallEngine that follows its calls."""
 
-    def __init__(self, config: AmiConfig, tls_context: Optional["ssl.SSLContext"] = None):
+    def __init__(self, config: AmiConfig, tls_context: Optional["ssl.SSLContext"],
+                 engine: CallEngine):
         self.config = config
+        self.engine = engine
+        #: Logged in, as the clients were last told.
+        self.up = False
+        #: When calls kept across a lost link are given up (monotonic).
+        self.stale_deadline: Optional[float] = None
+        #: ActionID of the CoreShowChannels request of the current resync.
+        self.resync_id: Optional[str] = None
         self.sock: Optional[socket.socket] = None
         #: "idle" (waiting to reconnect), "connecting", "handshaking" (TLS)
         #: or "connected".
@@ -3405,6 +3483,11 @@ class AmiLink:
         self.address: Optional[Tuple[int, tuple]] = None
         #: For ``[ami] tls = yes``: built with the configuration.
         self.tls_context = tls_context
+
+    @property
+    def tag(self) -> str:
+        """For log lines: ``ami``, or ``ami:NAME`` for a further PBX."""
+        return "ami" if self.config.name == DEFAULT_PBX else "ami:" + self.config.name
 
 
 def resolve(host: str, port: int) -> Tuple[int, tuple]:
@@ -3420,8 +3503,11 @@ class DaemonView(ServerView):
     call history and login blocks (the clock is read here, not in sessions)."""
 
     def __init__(self, daemon: "Daemon"):
-        super().__init__(daemon.config.users, daemon.engine, daemon.history)
+        super().__init__(daemon.config.users, None, daemon.history)
         self._daemon = daemon
+
+    def engines(self) -> List[CallEngine]:
+        return [link.engine for link in self._daemon.links]
 
     def login_blocked(self, peer_host: str) -> bool:
         return self._daemon.throttle.blocked_for(address_key(peer_host), time.monotonic()) > 0
@@ -3440,7 +3526,6 @@ class Daemon:
 
     def __init__(self, config: Config):
         self.config = config
-        self.engine = CallEngine(Directory(config.users.values()))
         self.selector = selectors.DefaultSelector()
         #: Listening sockets, each with whether it speaks TLS.
         self.listeners: List[Tuple[socket.socket, bool]] = []
@@ -3449,12 +3534,8 @@ class Daemon:
         self.sessions_by_user: Dict[str, Set[ClientConnection]] = {}
         #: Open connections per address_key(), for max_clients_per_host.
         self.clients_per_host: Dict[str, int] = {}
-        self.ami = AmiLink(config.ami, config.ami_tls_context)
-        self.pbx_up = False
-        #: When calls kept across a lost link are given up (monotonic).
-        self._stale_deadline: Optional[float] = None
-        #: ActionID of the CoreShowChannels request of the current resync.
-        self._resync_id: Optional[str] = None
+        #: One link per PBX ([ami], then each [ami:NAME]).
+        self.links = [self._make_link(pbx, config) for pbx in config.pbxes]
         self.running = False
         self._dirty: Set[ClientConnection] = set()
         #: Client timers: (when, sequence, what, connection), what being
@@ -3477,6 +3558,13 @@ class Daemon:
         self._repeats: Dict[str, List[float]] = {}
         self.view = DaemonView(self)
 
+    @staticmethod
+    def _make_link(pbx: AmiConfig, config: Config) -> AmiLink:
+        # With several PBXes every event says which one it came from.
+        engine = CallEngine(Directory(config.users.values(), pbx.name),
+                            pbx.name if len(config.pbxes) > 1 else "")
+        return AmiLink(pbx, config.ami_tls_contexts.get(pbx.name), engine)
+
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
@@ -3490,7 +3578,8 @@ class Daemon:
             self._listen(self.config.tls_port, tls=True)
         self._open_calllog()
         self._seed_history()
-        self._resolve_ami()
+        for link in self.links:
+            self._resolve_ami(link)
 
     def _listen(self, port: int, tls: bool) -> None:
         bind = self.config.bind
@@ -3539,19 +3628,21 @@ class Daemon:
         log.info("shutting down")
         # Calls in progress end now, for the desktops and the call log, as
         # when the link to Asterisk is lost.
-        self._deliver(self.engine.link_lost(time.time()))
+        for link in self.links:
+            self._deliver(link.engine.link_lost(time.time()))
         stopping = {"server": "stopping", "time": iso_time(time.time())}
         for conn in list(self.clients):
             if conn.session.user is not None:
                 self._queue(conn, encode_status(stopping, conn.session.fmt))
             self._send(conn)
             self._close(conn, "server shutting down")
-        if self.ami.state == "connected" and self.ami.sock is not None:
-            try:
-                self.ami.sock.send(encode_action("Logoff"))
-            except (OSError, ValueError):
-                pass
-        self._ami_close()
+        for link in self.links:
+            if link.state == "connected" and link.sock is not None:
+                try:
+                    link.sock.send(encode_action("Logoff"))
+                except (OSError, ValueError):
+                    pass
+            self._ami_close(link)
         for sock, _tls in self.listeners:
             try:
                 self.selector.unregister(sock)
@@ -3619,7 +3710,8 @@ class Daemon:
         self.history.retain(new.users)
         self.throttle.configure(new.login_fail_delay, new.login_block_after,
                                 new.login_block_seconds)
-        self.engine.set_directory(Directory(new.users.values()))
+        for link in self.links:
+            link.engine.set_directory(Directory(new.users.values(), link.config.name))
         logging.getLogger("ctinotify").setLevel(new.loglevel.upper())
         for conn in list(self.clients):
             account = conn.session.user
@@ -3636,13 +3728,36 @@ class Daemon:
                 conn.session.user = fresh
                 conn.session.kinds = conn.session.kinds & frozenset(fresh.events)
         self._reopen_calllog()
-        if new.ami.key() != old.ami.key():
-            log.info("reload: [ami] changed, reconnecting")
-            self.ami.config = new.ami
-            self.ami.tls_context = new.ami_tls_context
-            self._resolve_ami()
-            self._ami_lost("configuration changed", immediate=True)
+        self._reload_links(new)
         log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
+
+    def _reload_links(self, new: Config) -> None:
+        """A PBX whose section changed reconnects; one removed ends its
+        calls; one added connects.  The others keep their link and calls."""
+        fresh = {pbx.name: pbx for pbx in new.pbxes}
+        several = len(new.pbxes) > 1
+        kept: List[AmiLink] = []
+        for link in self.links:
+            pbx = fresh.pop(link.config.name, None)
+            if pbx is None:
+                log.info("reload: [%s] removed, disconnecting", link.tag)
+                self._ami_close(link)
+                self._deliver(link.engine.link_lost(time.time()))
+                continue
+            link.engine.pbx = pbx.name if several else ""
+            if pbx.key() != link.config.key():
+                log.info("reload: [%s] changed, reconnecting", link.tag)
+                link.config = pbx
+                link.tls_context = new.ami_tls_contexts.get(pbx.name)
+                self._resolve_ami(link)
+                self._ami_lost(link, "configuration changed", immediate=True)
+            kept.append(link)
+        for pbx in fresh.values():
+            link = self._make_link(pbx, new)
+            log.info("reload: [%s] added", link.tag)
+            self._resolve_ami(link)
+            kept.append(link)
+        self.links = kept
 
     # -- the call log and the history -----------------------------------------
 
@@ -3728,15 +3843,17 @@ class Daemon:
 
     def _next_timeout(self, now: float) -> Optional[float]:
         deadlines = []
-        link = self.ami
-        if link.state == "idle":
-            deadlines.append(link.next_attempt)
-        elif link.state in ("connecting", "handshaking"):
-            deadlines.append(link.connect_deadline)
-        elif link.session is not None:
-            deadline = link.session.next_deadline()
-            if deadline is not None:
-                deadlines.append(deadline)
+        for link in self.links:
+            if link.state == "idle":
+                deadlines.append(link.next_attempt)
+            elif link.state in ("connecting", "handshaking"):
+                deadlines.append(link.connect_deadline)
+            elif link.session is not None:
+                deadline = link.session.next_deadline()
+                if deadline is not None:
+                    deadlines.append(deadline)
+            if link.stale_deadline is not None:
+                deadlines.append(link.stale_deadline)
         if self._timers:
             deadlines.append(self._timers[0][0])
         if self._over_soft:
@@ -3745,31 +3862,13 @@ class Daemon:
                                   if c.soft_since is not None), default=now) + soft_s)
         if self._accept_paused_until is not None:
             deadlines.append(self._accept_paused_until)
-        if self._stale_deadline is not None:
-            deadlines.append(self._stale_deadline)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
 
     def _run_timers(self, now: float) -> None:
-        link = self.ami
-        if link.state == "idle" and now >= link.next_attempt:
-            self._ami_connect(now)
-        elif link.state == "connecting" and now >= link.connect_deadline:
-            self._ami_lost("no connection within %g s" % AMI_CONNECT_TIMEOUT_S)
-        elif link.state == "handshaking" and now >= link.connect_deadline:
-            self._ami_lost("no TLS handshake within %g s" % AMI_CONNECT_TIMEOUT_S)
-        elif link.state == "connected" and link.session is not None:
-            reason = link.session.poll(now)
-            if reason:
-                self._ami_lost(reason)
-            else:
-                self._ami_write()
-        if self._stale_deadline is not None and now >= self._stale_deadline:
-            self._stale_deadline = None
-            log.warning("ami: no link for %g s: ending the calls it had in progress",
-                        AMI_RESYNC_GRACE_S)
-            self._deliver(self.engine.link_lost(time.time()))
+        for link in list(self.links):
+            self._link_timers(link, now)
         heap = self._timers
         while heap and heap[0][0] <= now:
             _when, _seq, what, conn = heapq.heappop(heap)
@@ -3803,6 +3902,25 @@ class Daemon:
                                        functools.partial(self._on_accept, sock, tls))
             log.info("accepting connections again")
 
+    def _link_timers(self, link: AmiLink, now: float) -> None:
+        if link.state == "idle" and now >= link.next_attempt:
+            self._ami_connect(link, now)
+        elif link.state == "connecting" and now >= link.connect_deadline:
+            self._ami_lost(link, "no connection within %g s" % AMI_CONNECT_TIMEOUT_S)
+        elif link.state == "handshaking" and now >= link.connect_deadline:
+            self._ami_lost(link, "no TLS handshake within %g s" % AMI_CONNECT_TIMEOUT_S)
+        elif link.state == "connected" and link.session is not None:
+            reason = link.session.poll(now)
+            if reason:
+                self._ami_lost(link, reason)
+            else:
+                self._ami_write(link)
+        if link.stale_deadline is not None and now >= link.stale_deadline:
+            link.stale_deadline = None
+            log.warning("%s: no link for %g s: ending the calls it had in progress",
+                        link.tag, AMI_RESYNC_GRACE_S)
+            self._deliver(link.engine.link_lost(time.time()))
+
     def _log_repeated(self, kind: str, level: int, fmt: str, *args: object) -> None:
         """Log at most once per LOG_REPEAT_INTERVAL_S per kind, so a flood
         (of connections, of bad messages) cannot flood the log as well."""
@@ -3821,20 +3939,19 @@ class Daemon:
 
     # -- the AMI link --------------------------------------------------------
 
-    def _resolve_ami(self) -> None:
-        cfg = self.config.ami
+    def _resolve_ami(self, link: AmiLink) -> None:
+        cfg = link.config
         try:
-            self.ami.address = resolve(cfg.host, cfg.port)
+            link.address = resolve(cfg.host, cfg.port)
         except OSError as e:
-            self.ami.address = None
-            log.error("ami: cannot resolve %s: %s", cfg.host, e)
+            link.address = None
+            log.error("%s: cannot resolve %s: %s", link.tag, cfg.host, e)
 
-    def _ami_connect(self, now: float) -> None:
-        link = self.ami
+    def _ami_connect(self, link: AmiLink, now: float) -> None:
         if link.address is None:
-            self._resolve_ami()
+            self._resolve_ami(link)
             if link.address is None:
-                self._ami_lost("cannot resolve %s" % link.config.host)
+                self._ami_lost(link, "cannot resolve %s" % link.config.host)
                 return
         family, sockaddr = link.address
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -3842,41 +3959,39 @@ class Daemon:
         err = sock.connect_ex(sockaddr)
         link.sock = sock
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            self._ami_lost("connect to %s port %d failed: %s"
+            self._ami_lost(link, "connect to %s port %d failed: %s"
                            % (link.config.host, link.config.port, os.strerror(err)))
             return
         link.state = "connecting"
         link.connect_deadline = now + AMI_CONNECT_TIMEOUT_S
-        self.selector.register(sock, selectors.EVENT_WRITE, self._on_ami)
-        log.debug("ami: connecting to %s port %d", link.config.host, link.config.port)
+        self.selector.register(sock, selectors.EVENT_WRITE, functools.partial(self._on_ami, link))
+        log.debug("%s: connecting to %s port %d", link.tag, link.config.host, link.config.port)
 
-    def _on_ami(self, mask: int) -> None:
-        link = self.ami
+    def _on_ami(self, link: AmiLink, mask: int) -> None:
         sock = link.sock
         assert sock is not None
         if link.state == "connecting":
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self._ami_lost("connect to %s port %d failed: %s"
+                self._ami_lost(link, "connect to %s port %d failed: %s"
                                % (link.config.host, link.config.port, os.strerror(err)))
                 return
             if link.config.tls:
-                self._ami_start_tls(sock)
+                self._ami_start_tls(link, sock)
             else:
-                self._ami_connected()
+                self._ami_connected(link)
             return
         if link.state == "handshaking":
-            self._ami_handshake()
+            self._ami_handshake(link)
             return
         if mask & selectors.EVENT_READ:
-            self._ami_read(sock)
+            self._ami_read(link, sock)
         if mask & selectors.EVENT_WRITE and link.state == "connected" and link.sock is sock:
-            self._ami_write()
+            self._ami_write(link)
 
-    def _ami_start_tls(self, sock: socket.socket) -> None:
-        link = self.ami
+    def _ami_start_tls(self, link: AmiLink, sock: socket.socket) -> None:
         if link.tls_context is None:
-            self._ami_lost("tls = yes, but no TLS context could be made")
+            self._ami_lost(link, "tls = yes, but no TLS context could be made")
             return
         self.selector.unregister(sock)
         try:
@@ -3886,45 +4001,42 @@ class Daemon:
                                                      do_handshake_on_connect=False)
         except (OSError, ValueError) as e:
             link.sock = sock
-            self.selector.register(sock, selectors.EVENT_READ, self._on_ami)
-            self._ami_lost("TLS setup failed: %s" % _error_text(e))
+            self.selector.register(sock, selectors.EVENT_READ, functools.partial(self._on_ami, link))
+            self._ami_lost(link, "TLS setup failed: %s" % _error_text(e))
             return
         link.state = "handshaking"
         self.selector.register(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                               self._on_ami)
-        self._ami_handshake()
+                               functools.partial(self._on_ami, link))
+        self._ami_handshake(link)
 
-    def _ami_handshake(self) -> None:
-        link = self.ami
+    def _ami_handshake(self, link: AmiLink) -> None:
         sock = link.sock
         assert sock is not None and ssl is not None
         try:
             sock.do_handshake()  # type: ignore[attr-defined]
         except ssl.SSLWantReadError:
-            self.selector.modify(sock, selectors.EVENT_READ, self._on_ami)
+            self.selector.modify(sock, selectors.EVENT_READ, functools.partial(self._on_ami, link))
             return
         except ssl.SSLWantWriteError:
-            self.selector.modify(sock, selectors.EVENT_WRITE, self._on_ami)
+            self.selector.modify(sock, selectors.EVENT_WRITE, functools.partial(self._on_ami, link))
             return
         except (OSError, ValueError) as e:
-            self._ami_lost("TLS handshake with %s failed: %s" % (link.config.host, _error_text(e)))
+            self._ami_lost(link, "TLS handshake with %s failed: %s" % (link.config.host, _error_text(e)))
             return
-        log.info("ami: TLS established with %s (%s)", link.config.host,
+        log.info("%s: TLS established with %s (%s)", link.tag, link.config.host,
                  sock.version())  # type: ignore[attr-defined]
-        self._ami_connected()
+        self._ami_connected(link)
 
-    def _ami_connected(self) -> None:
-        link = self.ami
+    def _ami_connected(self, link: AmiLink) -> None:
         assert link.sock is not None
         link.state = "connected"
         cfg = link.config
         link.session = AmiSession(cfg.username, cfg.secret, cfg.auth, time.monotonic(),
                                   ping_interval=cfg.ping_interval)
-        self.selector.modify(link.sock, selectors.EVENT_READ, self._on_ami)
-        log.info("ami: connected to %s port %d", cfg.host, cfg.port)
+        self.selector.modify(link.sock, selectors.EVENT_READ, functools.partial(self._on_ami, link))
+        log.info("%s: connected to %s port %d", link.tag, cfg.host, cfg.port)
 
-    def _ami_read(self, sock: socket.socket) -> None:
-        link = self.ami
+    def _ami_read(self, link: AmiLink, sock: socket.socket) -> None:
         # A TLS socket may hold decrypted bytes the selector cannot see.
         for _ in range(64):
             try:
@@ -3934,84 +4046,83 @@ class Daemon:
             except _SSL_WOULD_BLOCK:
                 break
             except OSError as e:
-                self._ami_lost("read failed: %s" % _error_text(e))
+                self._ami_lost(link, "read failed: %s" % _error_text(e))
                 return
             if not data:
-                self._ami_lost("connection closed by Asterisk")
+                self._ami_lost(link, "connection closed by Asterisk")
                 return
-            if not self._ami_receive(data) or link.sock is not sock:
+            if not self._ami_receive(link, data) or link.sock is not sock:
                 return
             if not (link.config.tls and sock.pending()):  # type: ignore[attr-defined]
                 break
-        self._ami_write()
+        self._ami_write(link)
 
-    def _ami_receive(self, data: bytes) -> bool:
+    def _ami_receive(self, link: AmiLink, data: bytes) -> bool:
         """Bytes from Asterisk through the session into the engine; False
         once the link was dropped."""
-        link = self.ami
         session = link.session
         assert session is not None
         try:
             items = session.receive_data(data, time.monotonic())
         except AmiProtocolError as e:
-            self._ami_lost(str(e))
+            self._ami_lost(link, str(e))
             return False
         for problem in session.parser.problems:
-            log.warning("ami: %s", problem)
+            log.warning("%s: %s", link.tag, problem)
         session.parser.problems.clear()
         for item in items:
             if isinstance(item, AmiMessage):
                 event = item.get("Event")
                 if event == "Shutdown":
-                    self._ami_lost("Asterisk is shutting down (%s)" % item.get("Shutdown", "?"))
+                    self._ami_lost(link, "Asterisk is shutting down (%s)" % item.get("Shutdown", "?"))
                     return False
-                if self._resync_id is not None and item.get("ActionID") == self._resync_id:
-                    self._resync_reply(item)
+                if link.resync_id is not None and item.get("ActionID") == link.resync_id:
+                    self._resync_reply(link, item)
                 elif event is None:
                     if item.get("Response") == "Error":
                         self._log_repeated("ami-error", logging.WARNING,
-                                           "ami: Asterisk refused an action: %r",
+                                           "%s: Asterisk refused an action: %r", link.tag,
                                            item.get("Message", "")[:200])
                     elif "Response" not in item:
                         self._log_repeated("ami-junk", logging.WARNING,
-                                           "ami: ignored a message that is neither an event nor "
-                                           "a response: %.200r", dict(item) or item.body)
+                                           "%s: ignored a message that is neither an event "
+                                           "nor a response: %.200r", link.tag, dict(item) or item.body)
                         continue
-                self._feed_engine(item)
+                self._feed_engine(link, item)
             elif isinstance(item, AmiLoggedIn):
                 link.backoff = AMI_RECONNECT_MIN_S
-                log.info("ami: logged in as %s (%s)", link.config.username, item.banner)
-                self._set_pbx_status(True, "")
-                self._start_resync(session)
+                log.info("%s: logged in as %s (%s)", link.tag, link.config.username, item.banner)
+                self._set_pbx_status(link, True, "")
+                self._start_resync(link, session)
             elif isinstance(item, AmiLoginFailed):
-                self._ami_lost("login as %s refused by Asterisk: %s"
+                self._ami_lost(link, "login as %s refused by Asterisk: %s"
                                % (link.config.username, item.reason))
                 return False
         return True
 
-    def _start_resync(self, session: AmiSession) -> None:
+    def _start_resync(self, link: AmiLink, session: AmiSession) -> None:
         """Calls may have started or ended while we were away: ask for every
         channel, and for queue members (queue events need membership)."""
-        self._stale_deadline = None
-        self.engine.begin_resync()
-        self._resync_id = session.send_action("CoreShowChannels")
+        link.stale_deadline = None
+        link.engine.begin_resync()
+        link.resync_id = session.send_action("CoreShowChannels")
         session.send_action("QueueStatus")
 
-    def _resync_reply(self, msg: AmiMessage) -> None:
+    def _resync_reply(self, link: AmiLink, msg: AmiMessage) -> None:
         if msg.get("Response") not in (None, "Success"):
             # No "reporting" or "system" write permission (manager.conf).
-            log.warning("ami: cannot list channels to resync (%s); grant the AMI user "
+            log.warning("%s: cannot list channels to resync (%s); grant the AMI user "
                         "write = reporting. Calls from before the reconnect end now.",
-                        msg.get("Message", "refused"))
-            self._resync_id = None
-            self._deliver(self.engine.end_resync(time.time()))
+                        link.tag, msg.get("Message", "refused"))
+            link.resync_id = None
+            self._deliver(link.engine.end_resync(time.time()))
         elif msg.get("Event") == "CoreShowChannelsComplete":
-            self._resync_id = None
-            log.info("ami: resynchronised: %s channels in progress", msg.get("ListItems", "?"))
+            link.resync_id = None
+            log.info("%s: resynchronised: %s channels in progress", link.tag, msg.get("ListItems", "?"))
 
-    def _feed_engine(self, msg: AmiMessage) -> None:
+    def _feed_engine(self, link: AmiLink, msg: AmiMessage) -> None:
         try:
-            notifications = self.engine.handle(msg, time.time())
+            notifications = link.engine.handle(msg, time.time())
         except Exception:
             # Our bug, not Asterisk's: skip the message, keep the link.
             log.exception("engine failed on a %.40r event; skipped it", msg.get("Event"))
@@ -4019,8 +4130,7 @@ class Daemon:
         if notifications:
             self._deliver(notifications)
 
-    def _ami_write(self) -> None:
-        link = self.ami
+    def _ami_write(self, link: AmiLink) -> None:
         if link.session is None or link.sock is None:
             return
         link.outbuf += link.session.data_to_send()
@@ -4033,13 +4143,12 @@ class Daemon:
             except _SSL_WOULD_BLOCK:
                 pass
             except OSError as e:
-                self._ami_lost("write failed: %s" % _error_text(e))
+                self._ami_lost(link, "write failed: %s" % _error_text(e))
                 return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.outbuf else 0)
-        self.selector.modify(link.sock, events, self._on_ami)
+        self.selector.modify(link.sock, events, functools.partial(self._on_ami, link))
 
-    def _ami_close(self) -> None:
-        link = self.ami
+    def _ami_close(self, link: AmiLink) -> None:
         if link.sock is not None:
             try:
                 self.selector.unregister(link.sock)
@@ -4051,25 +4160,32 @@ class Daemon:
         link.outbuf.clear()
         link.state = "idle"
 
-    def _ami_lost(self, reason: str, immediate: bool = False) -> None:
-        link = self.ami
-        self._ami_close()
+    def _ami_lost(self, link: AmiLink, reason: str, immediate: bool = False) -> None:
+        self._ami_close(link)
         delay = 0.0 if immediate else link.backoff
         link.next_attempt = time.monotonic() + delay
         if not immediate:
             link.backoff = min(link.backoff * 2, link.config.reconnect_max)
-        log.warning("ami: %s; reconnecting in %g s", reason, delay)
-        self._resync_id = None
-        if self.pbx_up:
-            self._set_pbx_status(False, reason)
-            if self._stale_deadline is None:
-                self._stale_deadline = time.monotonic() + AMI_RESYNC_GRACE_S
+        log.warning("%s: %s; reconnecting in %g s", link.tag, reason, delay)
+        link.resync_id = None
+        if link.up:
+            self._set_pbx_status(link, False, reason)
+            if link.stale_deadline is None:
+                link.stale_deadline = time.monotonic() + AMI_RESYNC_GRACE_S
 
-    def _set_pbx_status(self, up: bool, reason: str) -> None:
-        self.pbx_up = up
-        fields: Dict[str, object] = {"pbx": "up" if up else "down", "time": iso_time(time.time())}
+    def _pbx_status(self, link: AmiLink, reason: str = "") -> Dict[str, object]:
+        """``STATUS pbx=up|down``; with several PBXes ``name=`` says which."""
+        fields: Dict[str, object] = {"pbx": "up" if link.up else "down"}
+        if len(self.links) > 1:
+            fields["name"] = link.config.name
+        fields["time"] = iso_time(time.time())
         if reason:
             fields["reason"] = reason
+        return fields
+
+    def _set_pbx_status(self, link: AmiLink, up: bool, reason: str) -> None:
+        link.up = up
+        fields = self._pbx_status(link, reason)
         encoded: Dict[str, bytes] = {}
         for conn in self.clients:
             fmt = conn.session.fmt
@@ -4312,9 +4428,8 @@ class Daemon:
             self._queue(conn, data)
         if session.user is not None and was_user is None:
             self.sessions_by_user.setdefault(session.user.name, set()).add(conn)
-            status: Dict[str, object] = {"pbx": "up" if self.pbx_up else "down",
-                                         "time": iso_time(time.time())}
-            self._queue(conn, encode_status(status, session.fmt))
+            for link in self.links:
+                self._queue(conn, encode_status(self._pbx_status(link), session.fmt))
         if session.closing:
             self._finish(conn, session.close_reason)
 
@@ -5247,11 +5362,14 @@ class TraceClock:
         return self.now
 
 
-def replay_trace(stream, users: Dict[str, UserConfig], chunk_bytes: int = 1 << 16):
+def replay_trace(stream, users: Dict[str, UserConfig], chunk_bytes: int = 1 << 16,
+                 pbx: str = DEFAULT_PBX, tag: str = ""):
     """Feed a recorded AMI byte stream through parser and engine; yield
     ``(user, fields)`` for every notification a client of that user with
-    all its allowed kinds would receive."""
-    engine = CallEngine(Directory(users.values()))
+    all its allowed kinds would receive.  ``pbx`` is the PBX it was
+    recorded on (for devices named ``NAME:...``); ``tag`` the ``pbx`` field
+    events carry when the configuration has several."""
+    engine = CallEngine(Directory(users.values(), pbx), tag)
     clock = TraceClock()
     first = stream.read(chunk_bytes)
     parser = AmiParser(expect_banner=first.startswith(AMI_BANNER_PREFIX.encode()))
@@ -5472,11 +5590,21 @@ def _remove_pidfile(path: str) -> None:
         log.warning("cannot remove the pidfile %s: %s", path, e.strerror or e)
 
 
+def _chosen_pbx(config: Config, name: Optional[str]) -> AmiConfig:
+    for pbx in config.pbxes:
+        if pbx.name == (name or DEFAULT_PBX):
+            return pbx
+    raise ConfigError(["%s: no PBX %r, expected one of: %s"
+                       % (config.path, name, ", ".join(p.name for p in config.pbxes))])
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config), require_ami=False)
+    pbx = _chosen_pbx(config, args.pbx)
+    tag = pbx.name if len(config.pbxes) > 1 else ""
     out = sys.stdout
     with open(args.trace, "rb") as stream:
-        for user, fields in replay_trace(stream, config.users):
+        for user, fields in replay_trace(stream, config.users, pbx=pbx.name, tag=tag):
             out.write(encode_json_line(dict({"client": user}, **fields)) + "\n")
     out.flush()
     return 0
@@ -5489,7 +5617,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
     Ctrl-C or SIGTERM ends the recording cleanly (with a Logoff).
     """
     config = load_config(find_config(args.config))
-    cfg = config.ami
+    cfg = _chosen_pbx(config, args.pbx)
     # A shell that started us in the background ignores SIGINT; take it back.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -5497,8 +5625,10 @@ def _cmd_record(args: argparse.Namespace) -> int:
                          ping_interval=cfg.ping_interval)
     try:
         sock = socket.create_connection((cfg.host, cfg.port), timeout=AMI_CONNECT_TIMEOUT_S)
+        if cfg.tls:
+            sock = config.ami_tls_contexts[cfg.name].wrap_socket(sock, server_hostname=cfg.host)
     except OSError as e:
-        log.error("cannot connect to %s port %d: %s", cfg.host, cfg.port, e)
+        log.error("cannot connect to %s port %d: %s", cfg.host, cfg.port, _error_text(e))
         return 1
     sock.settimeout(1.0)
     received = 0
@@ -5662,12 +5792,15 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cmd.add_argument("--pidfile", metavar="FILE",
                      help="write the daemon's pid to FILE once it serves and remove it at a "
                           "clean exit; refuse to start if FILE names a running process")
+    pbx_help = "the PBX: default ([ami]) or NAME of an [ami:NAME] section"
     cmd = commands.add_parser("replay", help="print what clients would receive for a trace")
     cmd.add_argument("trace", help="a recorded AMI byte stream (.ami)")
     cmd.add_argument("-c", "--config", help=config_help)
+    cmd.add_argument("--pbx", help="the PBX the trace was recorded on; " + pbx_help)
     cmd = commands.add_parser("record", help="record AMI traffic to a file")
     cmd.add_argument("output", help="file to write the received bytes to")
     cmd.add_argument("-c", "--config", help=config_help)
+    cmd.add_argument("--pbx", help="the PBX to record; " + pbx_help)
     # allow_abbrev=False: "--secret X" must not pass as --secret-file X.
     cmd = commands.add_parser(
         "watch", allow_abbrev=False,

@@ -4511,3 +4511,115 @@ def test_timers_of_closed_connections_do_not_pile_up(tmp_path):
         assert len(daemon._timers) <= 4 * len(daemon.clients) + 257
     finally:
         daemon.selector.close()
+
+
+# ---------------------------------------------------------------------------
+# Several PBXes: [ami:NAME], devices named NAME:PJSIP/100, events carry pbx
+# ---------------------------------------------------------------------------
+
+TWO_PBXES = """\
+[ami]
+username = u
+secret = s
+[ami:branch]
+host = 10.0.0.2
+username = u2
+secret = s2
+[alice]
+secret = a
+devices = default:PJSIP/100
+[bob]
+secret = b
+devices = branch:PJSIP/100
+[carol]
+secret = c
+devices = PJSIP/101
+"""
+
+
+def test_config_names_further_pbxes_and_qualifies_devices():
+    config = parse_config(TWO_PBXES, "two.conf")
+    assert [(p.name, p.host, p.username) for p in config.pbxes] == \
+        [("default", "127.0.0.1", "u"), ("branch", "10.0.0.2", "u2")]
+    assert config.users["bob"].devices == ("branch:PJSIP/100",)
+    described = config.describe()
+    assert "[ami:branch]\nhost = 10.0.0.2" in described and "s2" not in described
+    default, branch = (Directory(config.users.values(), name) for name in ("default", "branch"))
+    assert default.device_users("PJSIP/100") == ("alice",)
+    assert branch.device_users("PJSIP/100") == ("bob",)
+    assert default.device_users("PJSIP/101") == branch.device_users("PJSIP/101") == ("carol",)
+    assert parse_config(TWO_PBXES, "two.conf").pbxes[1].key() != config.pbxes[0].key()
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (TWO_PBXES.replace("branch:PJSIP/100", "annex:PJSIP/100"),
+     ":13: [bob] devices: 'annex:PJSIP/100' names no PBX, expected one of: default, branch"),
+    (TWO_PBXES.replace("[ami:branch]", "[ami:no good]"), "invalid PBX name 'no good'"),
+    (TWO_PBXES.replace("[ami:branch]", "[ami:default]"), "invalid PBX name 'default'"),
+    (TWO_PBXES.replace("username = u2\n", ""), "[ami:branch] username: missing"),
+])
+def test_config_errors_of_further_pbxes(text, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "two.conf")
+    assert fragment in str(info.value)
+
+
+def test_replay_on_a_named_pbx(tmp_path):
+    conf = tmp_path / "two.conf"
+    conf.write_text(TWO_PBXES)
+    for pbx, user in (("default", "alice"), ("branch", "bob")):
+        result = run_cli("replay", trace_path("a_inbound_answered"), "-c", str(conf),
+                         "--pbx", pbx)
+        events = [json.loads(l) for l in result.stdout.splitlines()]
+        assert {e["client"] for e in events} == {user}
+        assert {e["pbx"] for e in events} == {pbx}
+    result = run_cli("replay", trace_path("a_inbound_answered"), "-c", str(conf),
+                     "--pbx", "annex")
+    assert result.returncode == 1 and "no PBX 'annex'" in result.stderr
+
+
+def test_e2e_two_pbxes_at_once(fake, daemon_factory, clients):
+    branch = FakeAsterisk().start()
+    try:
+        users = ("[ami:branch]\nhost = 127.0.0.1\nport = %d\nusername = ctitest\n"
+                 "secret = ctitest\nreconnect_max = 2\n" % branch.port +
+                 "[alice]\nsecret = alice-secret\ndevices = default:PJSIP/100\n"
+                 "[bob]\nsecret = bob-secret\ndevices = branch:PJSIP/100\n"
+                 "[carol]\nsecret = carol-secret\ndevices = PJSIP/101\n")
+        daemon = daemon_factory(users=users)
+        branch.wait_for_logins(1)
+        daemon.wait_log(r"ami:branch: logged in as ctitest")
+        alice = clients(daemon.port)
+        alice.send("LOGIN alice alice-secret")
+        assert alice.line().startswith("OK logged in")
+        statuses = [alice.line(), alice.line()]
+        assert [ctinotify.parse_text_line(l)[2]["name"] for l in statuses] == \
+            ["default", "branch"]
+        bob = clients(daemon.port, "bob bob-secret")
+        bob.line()  # the second STATUS line
+        carol = clients(daemon.port, "carol carol-secret")
+        carol.line()
+        # The same phone name on two PBXes is two users' phones.
+        fake.send_trace(trace_path("a_inbound_answered"))
+        lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+        assert {ctinotify.parse_text_line(l)[2]["pbx"] for l in lines} == {"default"}
+        assert bob.events_until_pong() == []
+        branch.send_trace(trace_path("e_internal_answered"))  # 100 calls 101
+        lines = bob.lines_until(lambda l: l.startswith("EVENT hangup"))
+        assert event_kinds(lines) == ["outgoing", "pickup", "hangup"]
+        assert {ctinotify.parse_text_line(l)[2]["pbx"] for l in lines} == {"branch"}
+        lines = carol.lines_until(lambda l: l.startswith("EVENT hangup"))
+        assert event_kinds(lines)[0] == "incoming"
+        assert alice.events_until_pong() == []
+        # One PBX going away leaves the other alone.
+        branch.drop()
+        down = alice.line()
+        assert down.startswith("STATUS pbx=down name=branch ")
+        daemon.wait_log(r"ami:branch: connection closed by Asterisk; reconnecting in 1 s")
+        branch.wait_for_logins(2)
+        assert alice.line().startswith("STATUS pbx=up name=branch ")
+        fake.send_trace(trace_path("b_inbound_noanswer"))
+        assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+            ["incoming", "timeout", "hangup"]
+    finally:
+        branch.stop()
