@@ -3403,6 +3403,34 @@ _SSL_WOULD_BLOCK: tuple = ((ssl.SSLWantReadError, ssl.SSLWantWriteError)
                            if ssl is not None else ())
 
 
+_WOULD_BLOCK = (BlockingIOError, InterruptedError) + _SSL_WOULD_BLOCK
+
+
+def send_some(sock: socket.socket, buf: bytearray) -> Optional[str]:
+    """Write what the socket takes now and drop it from ``buf``; the rest
+    waits for the next writable (CPython selector_events).  Returns why the
+    connection is broken, or None."""
+    try:
+        sent = sock.send(buf)
+    except _WOULD_BLOCK:
+        return None
+    except OSError as e:
+        return "write failed: %s" % _error_text(e)
+    del buf[:sent]
+    return None
+
+
+def recv_some(sock: socket.socket, size: int) -> Tuple[Optional[bytes], str]:
+    """``(data, "")``; ``(None, "")`` when nothing can be read now;
+    ``(b"", "")`` at the peer's end of stream; ``(None, why)`` when broken."""
+    try:
+        return sock.recv(size), ""
+    except _WOULD_BLOCK:
+        return None, ""
+    except OSError as e:
+        return None, "read failed: %s" % _error_text(e)
+
+
 def _error_text(error: Exception) -> str:
     """A short reason for a socket or TLS error, for the log."""
     if ssl is not None and isinstance(error, ssl.SSLCertVerificationError):
@@ -4039,15 +4067,12 @@ class Daemon:
     def _ami_read(self, link: AmiLink, sock: socket.socket) -> None:
         # A TLS socket may hold decrypted bytes the selector cannot see.
         for _ in range(64):
-            try:
-                data = sock.recv(AMI_RECV_BYTES)
-            except (BlockingIOError, InterruptedError):
-                break
-            except _SSL_WOULD_BLOCK:
-                break
-            except OSError as e:
-                self._ami_lost(link, "read failed: %s" % _error_text(e))
+            data, broken = recv_some(sock, AMI_RECV_BYTES)
+            if broken:
+                self._ami_lost(link, broken)
                 return
+            if data is None:
+                break
             if not data:
                 self._ami_lost(link, "connection closed by Asterisk")
                 return
@@ -4135,15 +4160,9 @@ class Daemon:
             return
         link.outbuf += link.session.data_to_send()
         if link.outbuf:
-            try:
-                sent = link.sock.send(link.outbuf)
-                del link.outbuf[:sent]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except _SSL_WOULD_BLOCK:
-                pass
-            except OSError as e:
-                self._ami_lost(link, "write failed: %s" % _error_text(e))
+            broken = send_some(link.sock, link.outbuf)
+            if broken:
+                self._ami_lost(link, broken)
                 return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.outbuf else 0)
         self.selector.modify(link.sock, events, functools.partial(self._on_ami, link))
@@ -4351,14 +4370,11 @@ class Daemon:
     def _client_read(self, conn: ClientConnection) -> None:
         # A TLS socket may hold more decrypted bytes than one recv returns.
         for _ in range(16):
-            try:
-                data = conn.sock.recv(CLIENT_RECV_BYTES)
-            except (BlockingIOError, InterruptedError):
+            data, broken = recv_some(conn.sock, CLIENT_RECV_BYTES)
+            if broken:
+                self._close(conn, broken)
                 return
-            except _SSL_WOULD_BLOCK:
-                return
-            except OSError as e:
-                self._close(conn, "read failed: %s" % _error_text(e))
+            if data is None:
                 return
             if not data:
                 # The client is done sending: answer what it sent, then close.
@@ -4484,15 +4500,9 @@ class Daemon:
         if conn.closed or conn.handshaking:
             return
         if conn.outbuf:
-            try:
-                sent = conn.sock.send(conn.outbuf)
-                del conn.outbuf[:sent]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except _SSL_WOULD_BLOCK:
-                pass
-            except OSError as e:
-                self._close(conn, "write failed: %s" % _error_text(e))
+            broken = send_some(conn.sock, conn.outbuf)
+            if broken:
+                self._close(conn, broken)
                 return
         if conn.soft_since is not None and len(conn.outbuf) <= self.config.client_buffer_soft:
             conn.soft_since = None

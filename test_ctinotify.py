@@ -3256,15 +3256,19 @@ def test_e2e_connections_are_limited_per_address_and_in_total(fake, daemon_facto
         client.close()
     first[0].close()
     # Slots are given back when connections close.
-    deadline = time.monotonic() + 10
+    again = connect_when_possible(clients, daemon.port, "no slot came free")
+    assert again.events_until_pong() == []
+
+
+def connect_when_possible(clients, port, why, timeout=20.0):
+    """Log in as alice, retrying while the daemon still refuses."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            again = clients(daemon.port, "alice alice-secret")
-            break
+            return clients(port, "alice alice-secret")
         except (AssertionError, EOFError, OSError):
-            assert time.monotonic() < deadline, "no slot came free"
+            assert time.monotonic() < deadline, why
             time.sleep(0.1)
-    assert again.events_until_pong() == []
 
 
 def tcp_timer(local_port, remote_port):
@@ -3315,14 +3319,7 @@ def test_e2e_out_of_descriptors_pauses_accepting_and_recovers(tmp_path, clients)
             sock.close()
         socks = []
         daemon.wait_log("accepting connections again")
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                alice = clients(daemon.port, "alice alice-secret")
-                break
-            except (AssertionError, EOFError, OSError):
-                assert time.monotonic() < deadline, "the daemon did not recover"
-                time.sleep(0.2)
+        alice = connect_when_possible(clients, daemon.port, "the daemon did not recover")
         assert alice.events_until_pong() == []
         # Paused, not spinning: a handful of log lines, not thousands.
         assert sum("accept failed" in line for line in daemon.log) < 30
