@@ -1036,14 +1036,19 @@ class Daemon:
                 return line
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, signal.SIGTERM)
+
+
+def stop_process(proc, signum):
+    """Signal a child to stop, kill it if it will not; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 class Client:
@@ -2714,16 +2719,10 @@ class Watch:
 
     def stop(self):
         """Ctrl-C; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        status = stop_process(self.proc, signal.SIGINT)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             stream.close()
-        return self.proc.returncode
+        return status
 
 
 @pytest.fixture
