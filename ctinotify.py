@@ -280,8 +280,10 @@ def parse_ini(text: str, filename: str) -> Tuple[List[IniSection], List[str]]:
         key, sep, value = line.partition("=")
         if not sep:
             where = "[%s] " % current.name if current else ""
+            # Only the first word: the rest may be a secret with a typo.
+            word = re.split(r"[\s:]", line, 1)[0][:40]
             problems.append("%s:%d: %s%s: not a 'key = value' line, expected key = value"
-                            % (filename, lineno, where, line[:40]))
+                            % (filename, lineno, where, word))
             continue
         value = value[1:] if value.startswith(">") else value
         key = key.strip().lower()
@@ -316,6 +318,17 @@ def split_device(text: str) -> Tuple[str, str]:
     if not colon or "/" in pbx:
         return "", text
     return pbx, device
+
+
+def device_of_interface(text: str) -> str:
+    """A device as Asterisk names it in a queue member Interface or a dial
+    string (``PJSIP/al-ice``, ``Local/100@from-queue/n``, ``SIP/1,20``):
+    unlike a channel name it has no ``-<sequence>`` to strip."""
+    device = text.partition(",")[0].partition("&")[0]
+    if device.endswith("/n"):
+        device = device[:-2]
+    tech, sep, resource = device.partition("/")
+    return _TECH_ALIASES.get(tech.lower(), tech) + sep + resource
 
 
 def device_of_channel(channel_name: str) -> str:
@@ -521,7 +534,8 @@ def mask(secret: str) -> str:
 
 
 _USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
-_EXTENSION = re.compile(r"^[0-9A-Za-z*#+_.-]{1,40}(@[A-Za-z0-9_.-]{1,80})?$")
+_EXTENSION = re.compile(r"^([A-Za-z0-9_.-]{1,32}:)?[0-9A-Za-z*#+_.-]{1,40}"
+                        r"(@[A-Za-z0-9_.-]{1,80})?$")
 _LOGLEVELS = ("debug", "info", "warning", "error")
 
 GENERAL_KEYS = ("bind", "port", "loglevel", "calllog", "login_timeout", "log",
@@ -704,9 +718,14 @@ class _ConfigReader:
         for item in ext_texts:
             if not _EXTENSION.match(item):
                 self.problem(section, option, "%r is not an extension, expected a number such "
-                             "as 100, optionally 100@context" % item)
+                             "as 100, optionally 100@context or NAME:100" % item)
                 continue
             number, _, context = item.partition("@")
+            pbx = number.partition(":")[0] if ":" in number else ""
+            if pbx and pbx not in self.pbx_names:
+                self.problem(section, option, "%r names no PBX, expected one of: %s"
+                             % (item, ", ".join(self.pbx_names)))
+                continue
             extensions.append((number, context))
         option, kinds = self.items(section, "events")
         if option is None or [k.lower() for k in kinds] == ["all"]:
@@ -1562,14 +1581,23 @@ def iso_time(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+#: Times from the PBX outside this are not times (a Uniqueid can be set by
+#: Originate's ChannelId; ``inf`` would break every date after it).
+MAX_EPOCH_S = 2 ** 33
+
+
+def sane_epoch(text: str) -> Optional[float]:
+    try:
+        epoch = float(text)
+    except ValueError:
+        return None
+    return epoch if 0 < epoch < MAX_EPOCH_S else None
+
+
 def uniqueid_epoch(uniqueid: str) -> Optional[float]:
     """When Asterisk created a channel: a Uniqueid is ``[system-]epoch.seq``
     (main/channel.c), so a channel seen mid-call still has a start time."""
-    try:
-        epoch = float(uniqueid.rpartition("-")[2].partition(".")[0])
-    except ValueError:
-        return None
-    return epoch if epoch > 0 else None
+    return sane_epoch(uniqueid.rpartition("-")[2].partition(".")[0])
 
 
 def local_exten(device: str) -> str:
@@ -1590,7 +1618,10 @@ class Directory:
                 if on and on != pbx:
                     continue
                 by_device.setdefault(device, []).append(user.name)
-            for number, context in user.extensions:
+            for qualified, context in user.extensions:
+                on, colon, number = qualified.rpartition(":")
+                if on and on != pbx:
+                    continue  # NAME:100 is number 100 on PBX NAME only
                 by_extension.setdefault(number, []).append((context, user.name))
         self._by_device = {k: tuple(v) for k, v in by_device.items()}
         self._by_extension = by_extension
@@ -1610,8 +1641,7 @@ class Directory:
         channel to a user's number (FreePBX ``Local/100@from-queue/n``)."""
         if not interface or "/" not in interface:
             return ()
-        device = device_of_channel(interface.partition(",")[0].rsplit("/n", 1)[0]
-                                   if interface.endswith("/n") else interface)
+        device = device_of_interface(interface)
         if device.startswith("Local/"):
             return self.extension_users(local_exten(device))
         return self.device_users(device)
@@ -1691,7 +1721,7 @@ class UserCall:
     __slots__ = ("user", "call_id", "direction", "device", "me", "peer", "dialed",
                  "started", "answered_at", "announced", "channels", "anchor",
                  "outcome", "answered_by", "cause", "cause_txt", "diverted_to",
-                 "path", "queue", "transferred")
+                 "path", "queue", "transferred", "tried")
 
     def __init__(self, user: str, call_id: str, direction: str, me: Party, peer: Party,
                  dialed: str, now: float):
@@ -1725,6 +1755,9 @@ class UserCall:
         self.queue = ""
         #: The user transferred this call away (hangup reason "transferred").
         self.transferred = False
+        #: A call to the user's number whose dialplan tried to reach the user
+        #: (ran Dial) before it rang anywhere: told even if it never rings.
+        self.tried = False
 
     @property
     def key(self) -> Tuple[str, str, str]:
@@ -1757,7 +1790,7 @@ class Notification:
         return "<Notification %s %s %s>" % (self.user, self.kind, self.fields.get("call"))
 
 
-_NO_NOTIFICATIONS: List[Notification] = []
+_NO_NOTIFICATIONS: Tuple[Notification, ...] = ()
 
 
 class CallEngine:
@@ -1847,7 +1880,7 @@ class CallEngine:
 
     # -- entry points --------------------------------------------------------
 
-    def handle(self, msg: AmiMessage, now: float) -> List[Notification]:
+    def handle(self, msg: AmiMessage, now: float) -> Sequence[Notification]:
         handler = self._handlers.get(msg.get("Event"))  # type: ignore[arg-type]
         if handler is None:
             return _NO_NOTIFICATIONS
@@ -1864,8 +1897,10 @@ class CallEngine:
 
     def begin_resync(self) -> None:
         """A CoreShowChannels list is coming: channels it does not name (and
-        no other event touches meanwhile) are gone when it completes."""
+        no other event touches meanwhile) are gone when it completes.  Queue
+        membership is relearned (QueueStatus follows): it may have changed."""
         self._resync_seen = set()
+        self.queue_members.clear()
 
     def link_lost(self, now: float) -> List[Notification]:
         """The AMI link is gone for good: no call may stay 'ringing' at a
@@ -1912,6 +1947,10 @@ class CallEngine:
         name = msg.get("Channel")
         if not uniqueid or not name:
             return
+        known = self.channels.get(uniqueid)
+        if known is not None:
+            self._update(known, msg, "")  # a repeated Newchannel: nothing new
+            return
         chan = Channel(uniqueid, name, self._now)
         self.channels[uniqueid] = chan
         if self._resync_seen is not None:
@@ -1926,9 +1965,23 @@ class CallEngine:
 
     def on_newexten(self, msg: AmiMessage) -> None:
         chan = self._snapshot(msg, "")
-        if chan is not None:
-            chan.app = msg.get("Application", chan.app)
-            chan.appdata = msg.get("AppData", chan.appdata)
+        if chan is None:
+            return
+        chan.app = msg.get("Application", chan.app)
+        chan.appdata = msg.get("AppData", chan.appdata)
+        app = chan.app.lower()
+        if app not in ("dial", "voicemail"):
+            return
+        for uc in chan.user_calls:
+            if uc.anchor is chan and uc.direction == "in" and not uc.announced:
+                uc.tried = True
+                if app == "voicemail":
+                    # Straight to voicemail: the user's phone could not be
+                    # reached (unavailable, DND); still a call for them.
+                    root = self._root(chan)
+                    self._announce_incoming(uc, root.caller, self._dialed_number(root, ""),
+                                            chan)
+                    uc.outcome = "failed"
 
     def on_localbridge(self, msg: AmiMessage) -> None:
         one = self._snapshot(msg, "LocalOne")
@@ -2196,7 +2249,9 @@ class CallEngine:
             uc.device = uc.device or chan.device
             self._attach(uc, chan)
             self._announce(uc, "outgoing")
-            # Up already: an application (conference, voicemail) answered.
+            # Told only now (at a conference join, or at the hangup of a call
+            # to voicemail): it began when the channel did.
+            uc.started = chan.created
             uc.answered_at = chan.answered_at
             calls.append(uc)
         return calls
@@ -2365,7 +2420,14 @@ class CallEngine:
             hops += 1
 
     def _set_outcome(self, uc: UserCall, outcome: str) -> None:
-        if uc.outcome is not None or uc.answered_at is not None:
+        if uc.answered_at is not None:
+            return
+        if uc.direction == "out":
+            # The caller's dialplan may go on (a hunt list, a forward): the
+            # last attempt's verdict counts, and is told with the hangup.
+            uc.outcome = outcome
+            return
+        if uc.outcome is not None:
             return  # the first verdict stands
         uc.outcome = outcome
         if not uc.announced:
@@ -2425,7 +2487,7 @@ class CallEngine:
                     if answerer in uc.channels:
                         self._release_anchor(uc)
                     self._answer(uc, answerer, extra)
-                elif uc.outcome in (None, "cancelled") and uc.channels + [uc.anchor] != [None]:
+                elif uc.outcome in (None, "cancelled") and (uc.channels or uc.anchor is not None):
                     # Someone else's call now: it lasts for this user only
                     # as long as the user's own phone still rings down.
                     uc.outcome = "answered_elsewhere"
@@ -2452,9 +2514,10 @@ class CallEngine:
         self._leave_bridge(chan)
         for room in [r for r, members in self.conferences.items() if chan in members]:
             self._leave_conference(chan, room)
-        if chan.answered_at is not None and not chan.user_calls and reason is None:
-            # A user's phone that called an application (voicemail, an
-            # IVR) and hung up: that was an outgoing call too.
+        if not chan.user_calls and reason is None:
+            # A user's phone that called an application (voicemail, an IVR)
+            # or a number that failed before anything rang: an outgoing call
+            # too, for the call log.
             self._caller_call(chan)
         for uc in list(chan.user_calls):
             if chan in uc.channels:
@@ -2599,8 +2662,7 @@ class CallEngine:
         if parkee is None:
             return
         space, lot = msg.get("ParkingSpace", ""), msg.get("Parkinglot", "")
-        parker_device = device_of_channel(msg.get("ParkerDialString", "")) \
-            if msg.get("ParkerDialString") else ""
+        parker_device = device_of_interface(msg.get("ParkerDialString", ""))
         parker = self._snapshot(msg, "Parker")
         by = parker.caller if parker is not None else NOBODY
         parkers = set(self._users_of(parker)) if parker is not None else set()
@@ -2644,8 +2706,7 @@ class CallEngine:
         space, lot, by = parkee.parked
         parkee.parked = None
         result = "timeout" if msg.get("Event") == "ParkedCallTimeOut" else "abandoned"
-        parker_device = device_of_channel(msg.get("ParkerDialString", "")) \
-            if msg.get("ParkerDialString") else ""
+        parker_device = device_of_interface(msg.get("ParkerDialString", ""))
         fields: Dict[str, object] = {
             "event": "unpark", "call": parkee.linkedid, "time": iso_time(self._now),
             "role": "callee", "device": parker_device, "from": parkee.caller.as_dict(),
@@ -2825,6 +2886,15 @@ class CallEngine:
         for chan in [c for c in self.channels.values() if c.uniqueid not in seen]:
             # Hung up while we were not listening: how is unknowable.
             self._hangup(chan, 0, "", reason="unknown")
+        for uc in list(self.user_calls.values()):
+            up = [c for c in uc.channels if c.state == "Up"]
+            if uc.announced and uc.answered_at is None and up:
+                # Answered while we were away.
+                peer = next((c for c in self._bridged_with(up[0]) if not c.is_local), up[0])
+                uc.answered_at = up[0].answered_at or now
+                uc.answered_by = self._remote_party(peer, uc.me)
+                self._emit(uc, "pickup", answered_by=dict(uc.answered_by.as_dict(),
+                                                          device=peer.device))
         for chan in list(self.channels.values()):
             if not chan.user_calls and self._users_of(chan):
                 self._adopt(chan)
@@ -2888,8 +2958,14 @@ class CallEngine:
         uc.channels = []
         uc.anchor = None
         if not uc.announced:
-            return
+            if not (uc.tried and uc.direction == "in"):
+                return
+            # It never rang: still the user's call, and it failed.
+            self._announce(uc, "incoming")
+            uc.outcome = uc.outcome or "failed"
         reason = reason or self._reason(uc)
+        if reason == "busy" and uc.direction == "out":
+            self._emit(uc, "busy")
         cause, cause_txt = uc.cause, uc.cause_txt
         if not cause and reason in _OUTCOME_CAUSES:
             cause = _OUTCOME_CAUSES[reason]
@@ -2897,6 +2973,7 @@ class CallEngine:
         now = self._now
         duration = int(round(max(0.0, now - uc.started)))
         talk_time = int(round(max(0.0, now - uc.answered_at))) if uc.answered_at else 0
+        talk_time = min(talk_time, duration)
         fields = self._emit(uc, "hangup", reason=reason, cause=cause,
                             cause_txt=cause_txt or Q850_CAUSES.get(cause, ""),
                             duration=duration, talk_time=talk_time)
@@ -5357,13 +5434,10 @@ class TraceClock:
         self.now = 0.0
 
     def observe(self, msg: AmiMessage) -> float:
-        stamp = msg.get("Timestamp")
-        if stamp:
-            try:
-                self.now = max(self.now, float(stamp))
-                return self.now
-            except ValueError:
-                pass
+        stamp = sane_epoch(msg.get("Timestamp") or "")
+        if stamp is not None:
+            self.now = max(self.now, stamp)
+            return self.now
         uniqueid = msg.get("Uniqueid")
         if uniqueid:
             epoch = uniqueid_epoch(uniqueid)
@@ -5613,7 +5687,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     pbx = _chosen_pbx(config, args.pbx)
     tag = pbx.name if len(config.pbxes) > 1 else ""
     out = sys.stdout
-    with open(args.trace, "rb") as stream:
+    try:
+        stream = open(args.trace, "rb")
+    except OSError as e:
+        log.error("cannot read %s: %s", args.trace, _error_text(e))
+        return 1
+    with stream:
         for user, fields in replay_trace(stream, config.users, pbx=pbx.name, tag=tag):
             out.write(encode_json_line(dict({"client": user}, **fields)) + "\n")
     out.flush()

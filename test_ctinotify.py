@@ -178,7 +178,7 @@ def test_config_errors_name_file_line_section_and_key_all_at_once():
     ("[ami]\nusername=u\nsecret=s\n[a]\nsecret=x\n", "neither devices nor extensions"),
     ("[ami]\nusername=u\nsecret=s\nauth=sha\n", "[ami] auth: 'sha' is not allowed"),
     ("[general]\nbind=localhost\n[ami]\nusername=u\nsecret=s\n", "[general] bind"),
-    ("[ami]\nusername=u\nsecret=s\nthis is not an option\n", ":4: [ami] this is not an opti"),
+    ("[ami]\nusername=u\nsecret=s\nthis is not an option\n", ":4: [ami] this: not a 'key = value'"),
     ("port=1\n", ":1: port: option outside any section"),
     ("[ami]\nusername=u\nsecret=s\n[a b]\nsecret=x\ndevices=SIP/1\n", "invalid user name"),
     ("[ami]\nusername=u\nsecret=s\n[a](tpl)\nsecret=x\n", "unknown template 'tpl'"),
@@ -878,7 +878,7 @@ def test_engine_link_lost_ends_every_call_with_reason_unknown():
 
 def test_engine_ignores_events_it_does_not_need():
     engine = CallEngine()
-    assert feed(engine, "Event: VarSet\r\nChannel: PJSIP/1-1\r\nUniqueid: 1.1\r\n\r\n", 0) == []
+    assert feed(engine, "Event: VarSet\r\nChannel: PJSIP/1-1\r\nUniqueid: 1.1\r\n\r\n", 0) == ()
     assert not engine.channels
 
 
@@ -2018,8 +2018,10 @@ class Pbx:
         return one, two
 
     def set(self, chan, event="Newstate", **fields):
-        chan.update(fields)
-        self.feed(event, chan)
+        """Change the channel's snapshot fields; other fields go with the event."""
+        extra = {k: v for k, v in fields.items() if k not in chan}
+        chan.update({k: v for k, v in fields.items() if k in chan})
+        self.feed(event, chan, **extra)
 
     def exten(self, chan, exten, context="from-internal"):
         self.set(chan, "Newexten", Exten=exten, Context=context)
@@ -2219,9 +2221,9 @@ def test_resync_keeps_a_ringing_call_that_is_still_listed():
         text = ("Event: CoreShowChannel\r\nChannel: %s\r\nUniqueid: %s\r\nLinkedid: %s\r\n"
                 "ChannelStateDesc: %s\r\nApplication: Dial\r\n\r\n"
                 % (chan.name, chan.uniqueid, chan.linkedid, chan.state))
-        assert engine.handle(AmiParser(expect_banner=False).feed(text.encode())[0], 50) == []
+        assert engine.handle(AmiParser(expect_banner=False).feed(text.encode())[0], 50) == ()
     done = AmiParser(expect_banner=False).feed(b"Event: CoreShowChannelsComplete\r\n\r\n")[0]
-    assert engine.handle(done, 51) == []
+    assert engine.handle(done, 51) == ()
     assert [uc.user for uc in engine.active_calls("alice")] == ["alice"]
 
 
@@ -4619,3 +4621,134 @@ def test_e2e_two_pbxes_at_once(fake, daemon_factory, clients):
             ["incoming", "timeout", "hangup"]
     finally:
         branch.stop()
+
+
+# ---------------------------------------------------------------------------
+# Findings of the code review, each pinned by a test
+# ---------------------------------------------------------------------------
+
+def test_extensions_can_be_scoped_to_one_pbx(tmp_path):
+    """The same number on two PBXes is two users' number: no leak."""
+    conf = tmp_path / "two.conf"
+    conf.write_text(TWO_PBXES.replace("devices = default:PJSIP/100",
+                                      "devices = default:PJSIP/100\nextensions = default:100")
+                    .replace("devices = branch:PJSIP/100",
+                             "devices = branch:PJSIP/100\nextensions = branch:100"))
+    result = run_cli("replay", trace_path("a_inbound_answered"), "-c", str(conf), "--pbx", "branch")
+    assert {json.loads(l)["client"] for l in result.stdout.splitlines()} == {"bob"}
+    with pytest.raises(ConfigError) as info:
+        parse_config(TWO_PBXES + "[dan]\nsecret = d\nextensions = annex:100\n", "t.conf")
+    assert "'annex:100' names no PBX" in str(info.value)
+
+
+def test_a_repeated_newchannel_changes_nothing():
+    data = read_trace("a_inbound_answered")
+    first = data.index(b"Event: Newchannel")
+    block = data[first:data.index(b"\r\n\r\n", first) + 4]
+    duplicated = data.replace(block, block + block, 1)
+    engine = CallEngine(Directory(office().users.values()))
+    kinds = [n.kind for msg in AmiParser().feed(duplicated) for n in engine.handle(msg, 0.0)]
+    assert kinds == ["incoming", "pickup", "hangup"]
+    assert_engine_empty(engine)
+
+
+@pytest.mark.parametrize("name, kinds", [("n_queue", {"queue", "incoming"}),
+                                         ("p_park_retrieve", {"park"})])
+def test_device_names_with_a_hyphen(tmp_path, name, kinds):
+    """Queue member interfaces and park dial strings are devices, not
+    channels: nothing after a '-' is a sequence number there."""
+    trace = tmp_path / "hyphen.ami"
+    trace.write_bytes(read_trace(name).replace(b"PJSIP/100", b"PJSIP/al-ice"))
+    conf = tmp_path / "c.conf"
+    conf.write_text("[alice]\nsecret=x\ndevices=PJSIP/al-ice\n")
+    result = run_cli("replay", str(trace), "-c", str(conf))
+    assert kinds <= {json.loads(l)["event"] for l in result.stdout.splitlines()}
+
+
+def test_absurd_times_from_the_pbx_are_ignored(tmp_path):
+    trace = tmp_path / "t.ami"
+    trace.write_bytes(read_trace("a_inbound_answered").replace(
+        b"Event: Newchannel\r\n", b"Event: Newchannel\r\nTimestamp: 1e30\r\n", 1))
+    result = run_cli("replay", str(trace), "-c", OFFICE_CONF)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert [json.loads(l)["event"] for l in result.stdout.splitlines()] == \
+        ["incoming", "pickup", "hangup"]
+    assert ctinotify.uniqueid_epoch("1e300.1") is None
+    missing = run_cli("replay", str(tmp_path / "nope.ami"), "-c", OFFICE_CONF)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+
+
+def test_a_broken_config_line_never_shows_its_value():
+    with pytest.raises(ConfigError) as info:
+        parse_config("[ami]\nusername = u\nsecret: hunter2-ami\n", "c.conf")
+    assert "hunter2" not in str(info.value) and "c.conf:3: [ami] secret" in str(info.value)
+
+
+def test_resync_tells_a_call_answered_while_the_link_was_down():
+    engine = CallEngine(Directory(office().users.values()))
+    feed_until(engine, "b_inbound_noanswer", "DialState")
+    engine.begin_resync()
+    for chan in list(engine.channels.values()):
+        text = ("Event: CoreShowChannel\r\nChannel: %s\r\nUniqueid: %s\r\nLinkedid: %s\r\n"
+                "ChannelStateDesc: Up\r\nBridgeId: b1\r\n\r\n"
+                % (chan.name, chan.uniqueid, chan.linkedid))
+        engine.handle(AmiParser(expect_banner=False).feed(text.encode())[0], 60)
+    done = AmiParser(expect_banner=False).feed(b"Event: CoreShowChannelsComplete\r\n\r\n")[0]
+    told = engine.handle(done, 61)
+    assert [(n.user, n.kind, n.fields["answered_by"]["num"]) for n in told] == \
+        [("alice", "pickup", "+15551230001")]
+    (call,) = ctinotify.ServerView(office().users, engine).calls("alice")
+    assert call["state"] == "up"
+
+
+def test_a_hunt_that_finds_someone_is_not_busy_for_the_caller():
+    """Dave's call tries Alice (busy), then Bob, who answers."""
+    pbx = Pbx()
+    dave = pbx.new("PJSIP/103-00000001", "103", "Dave Brown", exten="610", state="Ring")
+    alice = pbx.new("PJSIP/100-00000002", "100", "Alice Smith", linked=dave)
+    pbx.dial(dave, alice)
+    pbx.dial_end(dave, alice, "BUSY")
+    pbx.hangup(alice, 17)
+    bob = pbx.new("PJSIP/101-00000003", "101", "Bob Jones", linked=dave)
+    pbx.dial(dave, bob)
+    pbx.set(bob, ChannelStateDesc="Up")
+    pbx.dial_end(dave, bob, "ANSWER")
+    pbx.hangup(bob)
+    pbx.hangup(dave)
+    assert pbx.kinds("dave") == ["outgoing", "pickup", "hangup"]
+    assert pbx.events("dave")[-1][1]["reason"] == "completed"
+    assert pbx.kinds("alice") == ["incoming", "busy", "hangup"]
+
+
+def test_a_call_that_goes_to_voicemail_without_ringing_is_still_told():
+    pbx = Pbx()
+    trunk = inbound(pbx)
+    pbx.exten(trunk, "100")
+    pbx.set(trunk, "Newexten", Application="Dial", AppData="PJSIP/100,20")
+    pbx.set(trunk, "Newexten", Application="VoiceMail", AppData="100@default")
+    pbx.hangup(trunk)
+    events = pbx.events("alice")
+    assert [k for k, _ in events] == ["incoming", "hangup"]
+    assert events[0][1]["from"]["num"] == "+15551230001"
+    assert events[-1][1]["reason"] == "failed"
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_users_own_call_that_fails_before_ringing_is_told():
+    pbx = Pbx()
+    phone = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", exten="999", state="Ring")
+    pbx.hangup(phone, 1)
+    events = pbx.events("alice")
+    assert [k for k, _ in events] == ["outgoing", "hangup"]
+    assert events[0][1]["dialed"] == "999" and events[-1][1]["reason"] == "failed"
+
+
+def test_a_call_to_voicemail_counts_its_time_from_the_start():
+    pbx = Pbx()
+    phone = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", exten="*97", state="Ring")
+    pbx.set(phone, ChannelStateDesc="Up")
+    pbx.now += 30
+    pbx.hangup(phone)
+    (kind, hangup) = pbx.events("alice")[-1]
+    assert kind == "hangup" and hangup["reason"] == "completed"
+    assert hangup["duration"] >= hangup["talk_time"] >= 30
