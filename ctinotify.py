@@ -3145,8 +3145,6 @@ def with_popup_url(fields: Dict[str, object], account: Optional[UserConfig]) -> 
     return dict(fields, url=fill_popup_url(account.popup_url, fields, account.name))
 
 
-
-
 def encode_history(record: Dict[str, object], fmt: str) -> str:
     """One HISTORY item: ``HISTORY user=alice call=...`` or a JSON object
     with ``"event":"history"``."""
@@ -3322,6 +3320,9 @@ class ClientSession:
         self.user: Optional[UserConfig] = None
         self.fmt = "text"
         self.kinds: frozenset = frozenset()
+        #: The kinds EVENTS asked for; None: all the account allows (also
+        #: after a reload adds kinds to it).
+        self.chosen_kinds: Optional[frozenset] = None
         self.closing = False
         self.close_reason = ""
         self.failed_logins = 0
@@ -3397,6 +3398,7 @@ class ClientSession:
             raise ClientProtocolError("400", "usage: EVENTS <kind>[,<kind>...] or EVENTS ALL")
         if wanted == ["all"]:
             self.kinds = frozenset(self.user.events)
+            self.chosen_kinds = None
         else:
             for kind in wanted:
                 if kind not in EVENT_KINDS:
@@ -3404,8 +3406,14 @@ class ClientSession:
                 if kind not in self.user.events:
                     raise ClientProtocolError("403", "event kind %s not allowed for %s"
                                               % (kind, self.user.name))
-            self.kinds = frozenset(wanted)
+            self.kinds = self.chosen_kinds = frozenset(wanted)
         return ["OK events=%s" % ",".join(k for k in EVENT_KINDS if k in self.kinds)]
+
+    def account_changed(self, account: UserConfig) -> None:
+        """A reload changed the account (devices, events) but kept its secret."""
+        self.user = account
+        allowed = frozenset(account.events)
+        self.kinds = allowed if self.chosen_kinds is None else self.chosen_kinds & allowed
 
     def _format(self, argument: str, server: ServerView) -> List[str]:
         fmt = argument.strip().lower()
@@ -3595,9 +3603,18 @@ class AmiLink:
         return "ami" if self.config.name == DEFAULT_PBX else "ami:" + self.config.name
 
 
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve(host: str, port: int) -> Tuple[int, tuple]:
-    """(family, sockaddr) of host:port.  Run before the loop starts or on
-    reload, never per connect: a DNS lookup would block every client."""
+    """(family, sockaddr) of host:port.  For a name, run only before the loop
+    starts or on reload, never per connect: a DNS lookup would block every
+    client."""
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     family, _type, _proto, _name, sockaddr = infos[0]
     return family, sockaddr
@@ -3707,14 +3724,6 @@ class Daemon:
         host, real_port = sock.getsockname()[:2]
         log.info("ctinotify %s listening for %sclients on %s port %d",
                  __version__, "TLS " if tls else "", host, real_port)
-
-    @property
-    def client_port(self) -> int:
-        return next(s for s, tls in self.listeners if not tls).getsockname()[1]
-
-    @property
-    def tls_port(self) -> int:
-        return next(s for s, tls in self.listeners if tls).getsockname()[1]
 
     def serve_forever(self) -> int:
         self._install_signal_handlers()
@@ -3830,8 +3839,7 @@ class Daemon:
             elif not fresh.host_allowed(conn.session.peer_host):
                 self._end_session(conn, "address no longer allowed by host= after reload")
             else:
-                conn.session.user = fresh
-                conn.session.kinds = conn.session.kinds & frozenset(fresh.events)
+                conn.session.account_changed(fresh)
         self._reopen_calllog()
         self._reload_links(new)
         log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
@@ -3850,6 +3858,8 @@ class Daemon:
                 self._deliver(link.engine.link_lost(time.time()))
                 continue
             link.engine.pbx = pbx.name if several else ""
+            if link.address is None and pbx.key() == link.config.key():
+                self._resolve_ami(link)  # maybe DNS works now (SIGHUP)
             if pbx.key() != link.config.key():
                 log.info("reload: [%s] changed, reconnecting", link.tag)
                 link.config = pbx
@@ -3973,7 +3983,11 @@ class Daemon:
 
     def _run_timers(self, now: float) -> None:
         for link in list(self.links):
-            self._link_timers(link, now)
+            try:
+                self._link_timers(link, now)
+            except Exception:
+                log.exception("%s: internal error; dropping the link", link.tag)
+                self._ami_lost(link, "internal error")
         heap = self._timers
         while heap and heap[0][0] <= now:
             _when, _seq, what, conn = heapq.heappop(heap)
@@ -4054,12 +4068,22 @@ class Daemon:
 
     def _ami_connect(self, link: AmiLink, now: float) -> None:
         if link.address is None:
-            self._resolve_ami(link)
-            if link.address is None:
-                self._ami_lost(link, "cannot resolve %s" % link.config.host)
+            if not is_ip_address(link.config.host):
+                # A name is looked up at start and on reload only: DNS must
+                # never hold the loop (and every client) up.
+                self._ami_lost(link, "cannot resolve %s; fix DNS and send SIGHUP, or use "
+                               "an IP address" % link.config.host)
                 return
+            self._resolve_ami(link)
+        if link.address is None:
+            self._ami_lost(link, "no address for %s" % link.config.host)
+            return
         family, sockaddr = link.address
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # out of file descriptors, say
+            self._ami_lost(link, "cannot open a socket: %s" % _error_text(e))
+            return
         sock.setblocking(False)
         err = sock.connect_ex(sockaddr)
         link.sock = sock
@@ -4073,6 +4097,14 @@ class Daemon:
         log.debug("%s: connecting to %s port %d", link.tag, link.config.host, link.config.port)
 
     def _on_ami(self, link: AmiLink, mask: int) -> None:
+        try:
+            self._ami_ready(link, mask)
+        except Exception:
+            # Our bug, not Asterisk's: drop this link, keep serving.
+            log.exception("%s: internal error; dropping the link", link.tag)
+            self._ami_lost(link, "internal error")
+
+    def _ami_ready(self, link: AmiLink, mask: int) -> None:
         sock = link.sock
         assert sock is not None
         if link.state == "connecting":
@@ -5819,7 +5851,7 @@ def _read_secret(args: argparse.Namespace, host: str) -> Optional[str]:
 
 def _cmd_watch(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
-        handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
+        handler.setFormatter(LogFormatter("%(asctime)s  %(message)s", "%H:%M:%S"))
     # A caller ID the console cannot encode (Windows) is shown as '?'.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):

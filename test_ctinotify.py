@@ -4752,3 +4752,45 @@ def test_a_call_to_voicemail_counts_its_time_from_the_start():
     (kind, hangup) = pbx.events("alice")[-1]
     assert kind == "hangup" and hangup["reason"] == "completed"
     assert hangup["duration"] >= hangup["talk_time"] >= 30
+
+
+def test_out_of_descriptors_while_reconnecting_to_asterisk_is_survived(caplog):
+    """EMFILE when the AMI link reconnects: logged, retried, no crash
+    (in-process, as the reviewer found it: a Daemon, its timers due)."""
+    import resource
+    config = parse_config("[general]\nbind=127.0.0.1\nport=0\n[ami]\nport=1\nusername=a\n"
+                          "secret=b\n[alice]\nsecret=x\ndevices=PJSIP/100\n", "x.conf")
+    daemon = ctinotify.Daemon(config)
+    daemon.start()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hog = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        with pytest.raises(OSError):
+            while True:
+                hog.append(socket.socket())
+        daemon._run_timers(time.monotonic() + 100)  # the link is due to connect
+    finally:
+        for sock in hog:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for sock, _tls in daemon.listeners:
+            sock.close()
+        daemon.selector.close()
+    (link,) = daemon.links
+    assert link.state == "idle" and "cannot open a socket" in caplog.text
+
+
+def test_a_reload_that_adds_event_kinds_reaches_sessions_on_the_defaults():
+    config = parse_config("[u]\nsecret=x\ndevices=SIP/1\nevents=incoming\n", "f",
+                          require_ami=False)
+    view = ctinotify.ServerView(config.users)
+    default, chosen = ctinotify.ClientSession("h"), ctinotify.ClientSession("h")
+    for session in (default, chosen):
+        session.handle_line("LOGIN u x", view)
+    chosen.handle_line("EVENTS incoming", view)
+    wider = parse_config("[u]\nsecret=x\ndevices=SIP/1\nevents=incoming,hangup\n", "f",
+                         require_ami=False).users["u"]
+    for session in (default, chosen):
+        session.account_changed(wider)
+    assert default.kinds == {"incoming", "hangup"} and chosen.kinds == {"incoming"}
