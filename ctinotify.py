@@ -1928,14 +1928,9 @@ class CallEngine:
     def call_fields(self, uc: UserCall) -> Dict[str, object]:
         """A call in progress as event fields, for the CALLS command."""
         frm, to = uc.parties
-        fields: Dict[str, object] = {
-            "event": "call", "call": uc.call_id, "time": iso_time(uc.started),
-            "role": uc.role, "device": uc.device, "from": frm.as_dict(), "to": to.as_dict(),
-            "state": "up" if uc.answered_at is not None else "ringing",
-            "dialed": uc.dialed,
-        }
-        if self.pbx:
-            fields["pbx"] = self.pbx
+        fields = self._fields("call", uc.call_id, uc.started, uc.role, uc.device, frm, to,
+                              state="up" if uc.answered_at is not None else "ringing",
+                              dialed=uc.dialed)
         if uc.answered_at is not None:
             fields["answered"] = iso_time(uc.answered_at)
         return fields
@@ -2707,14 +2702,9 @@ class CallEngine:
         parkee.parked = None
         result = "timeout" if msg.get("Event") == "ParkedCallTimeOut" else "abandoned"
         parker_device = device_of_interface(msg.get("ParkerDialString", ""))
-        fields: Dict[str, object] = {
-            "event": "unpark", "call": parkee.linkedid, "time": iso_time(self._now),
-            "role": "callee", "device": parker_device, "from": parkee.caller.as_dict(),
-            "to": by.as_dict(), "space": space, "lot": lot, "result": result,
-            "parked_by": by.as_dict(), "retrieved_by": NOBODY.as_dict(),
-        }
-        if self.pbx:
-            fields["pbx"] = self.pbx
+        fields = self._fields("unpark", parkee.linkedid, self._now, "callee", parker_device,
+                              parkee.caller, by, space=space, lot=lot, result=result,
+                              parked_by=by.as_dict(), retrieved_by=NOBODY.as_dict())
         for user in self.directory.device_users(parker_device):
             self._out.append(Notification(user, "unpark", dict(fields)))
 
@@ -2781,17 +2771,11 @@ class CallEngine:
                 chan.queue_told.update(members)
         if not members:
             return
-        fields: Dict[str, object] = {
-            "event": "queue", "call": chan.linkedid, "time": iso_time(self._now),
-            "role": "callee", "device": "", "from": chan.caller.as_dict(),
-            "to": Party(chan.exten if chan.exten not in _SPECIAL_EXTENS else "",
-                        queue).as_dict(),
-            "action": action, "queue": queue,
-            "position": msg.get("Position") or chan.queue_join[0],
-            "count": msg.get("Count") or chan.queue_join[1],
-        }
-        if self.pbx:
-            fields["pbx"] = self.pbx
+        fields = self._fields(
+            "queue", chan.linkedid, self._now, "callee", "", chan.caller,
+            Party(chan.exten if chan.exten not in _SPECIAL_EXTENS else "", queue),
+            action=action, queue=queue, position=msg.get("Position") or chan.queue_join[0],
+            count=msg.get("Count") or chan.queue_join[1])
         if action == "leave":
             answered = [c for c in self._bridged_with(chan) + list(chan.dial_targets)
                         if c.answered_at is not None and self._users_of(c)]
@@ -3005,15 +2989,21 @@ class CallEngine:
             # nothing about it is news before its incoming (fuzz, k_attended).
             return {}
         frm, to = uc.parties
+        fields = self._fields(event, uc.call_id, self._now, uc.role, uc.device, frm, to,
+                              **extra)
+        self._out.append(Notification(uc.user, event, fields))
+        return fields
+
+    def _fields(self, event: str, call_id: str, when: float, role: str, device: str,
+                frm: Party, to: Party, **extra: object) -> Dict[str, object]:
+        """What every event carries, in this order, then its own fields."""
         fields: Dict[str, object] = {
-            "event": event, "call": uc.call_id, "time": iso_time(self._now),
-            "role": uc.role, "device": uc.device,
-            "from": frm.as_dict(), "to": to.as_dict(),
+            "event": event, "call": call_id, "time": iso_time(when), "role": role,
+            "device": device, "from": frm.as_dict(), "to": to.as_dict(),
         }
         if self.pbx:
             fields["pbx"] = self.pbx
         fields.update(extra)
-        self._out.append(Notification(uc.user, event, fields))
         return fields
 
 

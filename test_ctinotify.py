@@ -4794,3 +4794,41 @@ def test_a_reload_that_adds_event_kinds_reaches_sessions_on_the_defaults():
     for session in (default, chosen):
         session.account_changed(wider)
     assert default.kinds == {"incoming", "hangup"} and chosen.kinds == {"incoming"}
+
+
+def park_scenario(end_event):
+    """Alice answers John, parks him on 71; nobody retrieves him."""
+    pbx = Pbx()
+    trunk = inbound(pbx)
+    phone = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", linked=trunk)
+    pbx.dial(trunk, phone)
+    pbx.set(phone, ChannelStateDesc="Up")
+    pbx.dial_end(trunk, phone, "ANSWER")
+    parked = {"Parkee" + k: v for k, v in trunk.items()}
+    pbx.feed("ParkedCall", ParkerDialString="PJSIP/100", Parkinglot="default",
+             ParkingSpace="71", ParkingTimeout="45", **parked)
+    pbx.hangup(phone)
+    pbx.feed(end_event, ParkerDialString="PJSIP/100", Parkinglot="default",
+             ParkingSpace="71", **parked)
+    return pbx
+
+
+@pytest.mark.parametrize("end_event, result", [("ParkedCallTimeOut", "timeout"),
+                                               ("ParkedCallGiveUp", "abandoned")])
+def test_a_parked_call_nobody_retrieves(end_event, result):
+    events = park_scenario(end_event).events("alice")
+    assert [k for k, _ in events] == ["incoming", "pickup", "park", "hangup", "unpark"]
+    unpark = events[-1][1]
+    assert (unpark["space"], unpark["result"], unpark["from"]["num"]) == \
+        ("71", result, "+15551230001")
+    assert unpark["parked_by"]["num"] == "100"
+
+
+def test_a_member_removed_from_a_queue_hears_of_it_no_more():
+    pbx = Pbx()
+    for interface in ("PJSIP/100", "PJSIP/101"):
+        pbx.feed("QueueMemberAdded", Queue="support", Interface=interface)
+    pbx.feed("QueueMemberRemoved", Queue="support", Interface="PJSIP/100")
+    trunk = inbound(pbx, "+15557000700")
+    pbx.feed("QueueCallerJoin", trunk, Queue="support", Position=1, Count=1)
+    assert pbx.kinds("alice") == [] and pbx.kinds("bob") == ["queue"]
