@@ -1772,6 +1772,52 @@ class UserCall:
         """(from, to) as the user sees them."""
         return (self.peer, self.me) if self.direction == "in" else (self.me, self.peer)
 
+    def reason(self) -> str:
+        """Why the call ended for this user: what was seen, else the cause."""
+        if self.transferred:
+            return "transferred"
+        if self.answered_at is not None:
+            return "completed"
+        if self.cause == 26 and self.outcome in (None, "cancelled"):
+            return "answered_elsewhere"
+        if self.outcome is not None:
+            return self.outcome
+        if self.cause == 17:
+            return "busy"
+        if self.cause in (18, 19):
+            return "noanswer"
+        if self.cause in _FAILURE_CAUSES:
+            return "failed"
+        return "cancelled"
+
+    def ending(self, now: float, reason: Optional[str] = None) -> Dict[str, object]:
+        """The fields of this call's ``hangup`` at ``now``."""
+        reason = reason or self.reason()
+        cause, cause_txt = self.cause, self.cause_txt
+        if not cause and reason in _OUTCOME_CAUSES:
+            cause = _OUTCOME_CAUSES[reason]
+            cause_txt = Q850_CAUSES[cause]
+        duration = int(round(max(0.0, now - self.started)))
+        talk_time = int(round(max(0.0, now - self.answered_at))) if self.answered_at else 0
+        return {"reason": reason, "cause": cause,
+                "cause_txt": cause_txt or Q850_CAUSES.get(cause, ""),
+                "duration": duration, "talk_time": min(talk_time, duration)}
+
+    def record(self, end: str, ending: Dict[str, object]) -> Dict[str, object]:
+        """The call log line of this finished call."""
+        frm, to = self.parties
+        return {
+            "user": self.user, "call": self.call_id, "direction": self.direction,
+            "device": self.device, "from": frm.as_dict(), "to": to.as_dict(),
+            "dialed": self.dialed, "start": iso_time(self.started),
+            "answer": iso_time(self.answered_at) if self.answered_at else None,
+            "end": end, "answered": self.answered_at is not None,
+            "answered_by": self.answered_by.as_dict() if self.answered_by else None,
+            "reason": ending["reason"], "cause": ending["cause"],
+            "duration": ending["duration"], "talk_time": ending["talk_time"],
+            "queue": self.queue, "path": self.path,
+        }
+
 
 class Notification:
     """One event for one user: ``fields`` is what the client receives."""
@@ -2907,23 +2953,6 @@ class CallEngine:
 
     # -- the end of a user call ------------------------------------------------
 
-    def _reason(self, uc: UserCall) -> str:
-        if uc.transferred:
-            return "transferred"
-        if uc.answered_at is not None:
-            return "completed"
-        if uc.cause == 26 and uc.outcome in (None, "cancelled"):
-            return "answered_elsewhere"
-        if uc.outcome is not None:
-            return uc.outcome
-        if uc.cause == 17:
-            return "busy"
-        if uc.cause in (18, 19):
-            return "noanswer"
-        if uc.cause in _FAILURE_CAUSES:
-            return "failed"
-        return "cancelled"
-
     def _end(self, uc: UserCall, reason: Optional[str] = None) -> None:
         if self.user_calls.get(uc.key) is not uc:
             return  # already ended
@@ -2947,33 +2976,14 @@ class CallEngine:
             # It never rang: still the user's call, and it failed.
             self._announce(uc, "incoming")
             uc.outcome = uc.outcome or "failed"
-        reason = reason or self._reason(uc)
-        if reason == "busy" and uc.direction == "out":
+        ending = uc.ending(self._now, reason)
+        if ending["reason"] == "busy" and uc.direction == "out":
             self._emit(uc, "busy")
-        cause, cause_txt = uc.cause, uc.cause_txt
-        if not cause and reason in _OUTCOME_CAUSES:
-            cause = _OUTCOME_CAUSES[reason]
-            cause_txt = Q850_CAUSES[cause]
-        now = self._now
-        duration = int(round(max(0.0, now - uc.started)))
-        talk_time = int(round(max(0.0, now - uc.answered_at))) if uc.answered_at else 0
-        talk_time = min(talk_time, duration)
-        fields = self._emit(uc, "hangup", reason=reason, cause=cause,
-                            cause_txt=cause_txt or Q850_CAUSES.get(cause, ""),
-                            duration=duration, talk_time=talk_time)
-        frm, to = uc.parties
-        self._out[-1].record = {
-            "user": uc.user, "call": uc.call_id, "direction": uc.direction,
-            "device": uc.device, "from": frm.as_dict(), "to": to.as_dict(),
-            "dialed": uc.dialed, "start": iso_time(uc.started),
-            "answer": iso_time(uc.answered_at) if uc.answered_at else None,
-            "end": fields["time"], "answered": uc.answered_at is not None,
-            "answered_by": uc.answered_by.as_dict() if uc.answered_by else None,
-            "reason": reason, "cause": cause, "duration": duration, "talk_time": talk_time,
-            "queue": uc.queue, "path": uc.path,
-        }
+        fields = self._emit(uc, "hangup", **ending)
+        record = uc.record(fields["time"], ending)
         if self.pbx:
-            self._out[-1].record["pbx"] = self.pbx  # type: ignore[index]
+            record["pbx"] = self.pbx
+        self._out[-1].record = record
 
     # -- output ----------------------------------------------------------------
 
