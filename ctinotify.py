@@ -62,7 +62,7 @@ try:
     import ssl
 except ImportError:  # a Python built without OpenSSL: no TLS, all else works
     ssl = None  # type: ignore[assignment]
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 __version__ = "0.1.0"
 PROTOCOL_VERSION = 1
@@ -1157,15 +1157,17 @@ for _name in ("__iter__", "__len__", "__reversed__", "__repr__",
         setattr(_DeferredAmiMessage, _name, _parsed_first(_name))
 
 
-def parse_ami_block(block: bytes) -> AmiMessage:
+def parse_ami_block(block: Union[bytes, memoryview]) -> AmiMessage:
     """One framed message (without its terminating blank line) to AmiMessage.
 
     Decoding happens here, after framing, so a UTF-8 character split across
     reads is whole again; invalid bytes become U+FFFD, nothing is dropped.
     """
-    text = str(block, "utf-8", "replace")
-    # The block ends before the final LF, so its last CR is still there.
-    return _parse_message(text[:-1] if text.endswith("\r") else text)
+    # The block ends before the final LF, so its last CR is still there;
+    # cut it before decoding (a memoryview slice copies nothing).
+    if block and block[-1] == 13:
+        block = block[:-1]
+    return _parse_message(str(block, "utf-8", "replace"))
 
 
 def _parse_message(text: str, defer: bool = True) -> AmiMessage:
@@ -1318,9 +1320,7 @@ class AmiParser:
             while True:
                 end = found.start()
                 if end - pos <= self.max_message_bytes:
-                    # Decode straight from the buffer, without the last CR.
-                    last = end - 1 if buf[end - 1] == 13 else end
-                    messages.append(_parse_message(str(view[pos:last], "utf-8", "replace")))
+                    messages.append(parse_ami_block(view[pos:end]))  # no copy
                 else:
                     self._note_oversized(end - pos)
                 pos = found.end()
@@ -2449,16 +2449,12 @@ class CallEngine:
         # Up the chain, as long as no other branch of a dial still rings:
         # a forward that was not answered, the caller's own outgoing call.
         came_from = dest
-        chan = src
-        hops = 0
-        while chan is not None and hops < MAX_LINEAGE_HOPS:
+        for chan in self._lineage(src):
             if any(target is not came_from for target in chan.dial_targets):
                 break
             for uc in chan.user_calls:
                 self._set_outcome(uc, outcome)
             came_from = chan
-            chan = chan.local_peer if chan.local_half == "2" else chan.dialer
-            hops += 1
 
     def _set_outcome(self, uc: UserCall, outcome: str) -> None:
         if uc.answered_at is not None:
@@ -5739,9 +5735,12 @@ def _cmd_record(args: argparse.Namespace) -> int:
     """
     config = load_config(find_config(args.config))
     cfg = _chosen_pbx(config, args.pbx)
-    # A shell that started us in the background ignores SIGINT; take it back.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C and SIGTERM only set a flag the loop checks (recv times out
+    # every second): an exception could land anywhere, even after the try.
+    # Handlers also take SIGINT back from a shell that ignores it.
+    stopping: List[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, frame: stopping.append(number))
     session = AmiSession(cfg.username, cfg.secret, cfg.auth, time.monotonic(),
                          ping_interval=cfg.ping_interval)
     try:
@@ -5756,7 +5755,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
     log.info("recording %s port %d to %s; Ctrl-C stops", cfg.host, cfg.port, args.output)
     with open(args.output, "wb") as out, open(args.output + ".sent", "wb") as sent_log:
         try:
-            while True:
+            while not stopping:
                 outgoing = session.data_to_send()
                 if outgoing:
                     sock.sendall(outgoing)
@@ -5782,13 +5781,13 @@ def _cmd_record(args: argparse.Namespace) -> int:
                 if reason:
                     log.error("%s", reason)
                     break
-        except KeyboardInterrupt:
-            logoff = encode_action("Logoff")
-            try:
-                sock.sendall(logoff)
-                sent_log.write(logoff)
-            except OSError:
-                pass
+            if stopping:
+                logoff = encode_action("Logoff")
+                try:
+                    sock.sendall(logoff)
+                    sent_log.write(logoff)
+                except OSError:
+                    pass
         except AmiProtocolError as e:
             log.error("%s", e)
             return 1

@@ -4832,3 +4832,45 @@ def test_a_member_removed_from_a_queue_hears_of_it_no_more():
     trunk = inbound(pbx, "+15557000700")
     pbx.feed("QueueCallerJoin", trunk, Queue="support", Position=1, Count=1)
     assert pbx.kinds("alice") == [] and pbx.kinds("bob") == ["queue"]
+
+
+def test_record_speaks_tls_to_a_tls_pbx(tmp_path, certificates):
+    cert, key = certificates["server"]
+    server = FakeAsterisk(tls_context=server_context(cert, key)).start()
+    conf = tmp_path / "rec.conf"
+    conf.write_text("[ami]\nhost=127.0.0.1\nport=%d\nusername=ctitest\nsecret=ctitest\n"
+                    "tls=yes\ntls_ca=%s\n[x]\nsecret=y\ndevices=SIP/1\n" % (server.port, cert))
+    out = tmp_path / "capture.ami"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ctinotify.py"), "record",
+                             str(out), "-c", str(conf)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        server.wait_for_logins(1)
+        server.send_trace(trace_path("a_inbound_answered"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not out.exists() or
+                                               b"Event: Hangup" not in out.read_bytes()):
+            time.sleep(0.05)
+    finally:
+        stop_process(proc, signal.SIGTERM)
+        proc.stdout.close()
+        proc.stderr.close()
+        server.stop()
+    assert proc.returncode == 0 and b"Event: Hangup" in out.read_bytes()
+
+
+def test_an_ami_host_name_is_never_looked_up_in_the_loop(monkeypatch, caplog):
+    """Resolving is for start and SIGHUP; a connect attempt only uses what
+    is known, so a dead DNS server cannot stall every client."""
+    config = parse_config("[general]\nbind=127.0.0.1\nport=0\n[ami]\nhost=pbx.invalid\n"
+                          "username=a\nsecret=b\n[alice]\nsecret=x\ndevices=PJSIP/100\n", "x.conf")
+    daemon = ctinotify.Daemon(config)
+    (link,) = daemon.links
+    lookups = []
+    monkeypatch.setattr(ctinotify, "resolve", lambda host, port: lookups.append(host))
+    try:
+        daemon._run_timers(time.monotonic() + 100)  # the link is due to connect
+    finally:
+        daemon.selector.close()
+    assert lookups == [] and link.state == "idle"
+    assert "cannot resolve pbx.invalid; fix DNS and send SIGHUP" in caplog.text
