@@ -1550,9 +1550,9 @@ MAX_RECENT_HANGUPS = 4096
 #: The applications that pick up another phone's ringing call.
 _PICKUP_APPS = frozenset(("pickup", "pickupchan"))
 #: The channel snapshot fields every channel event carries, in the order
-#: CallEngine._update reads them; prefixed ("Dest", "Transferee"...) per role.
-_SNAPSHOT_FIELDS = ("ChannelStateDesc", "CallerIDNum", "CallerIDName", "ConnectedLineNum",
-                    "ConnectedLineName", "Linkedid", "Exten", "Context")
+#: CallEngine._snapshot reads them; prefixed ("Dest", "Transferee"...) per role.
+_SNAPSHOT_FIELDS = ("Uniqueid", "Channel", "ChannelStateDesc", "CallerIDNum", "CallerIDName",
+                    "ConnectedLineNum", "ConnectedLineName", "Linkedid", "Exten", "Context")
 _SNAPSHOT_KEYS: Dict[str, Tuple[str, ...]] = {}
 
 
@@ -1563,8 +1563,10 @@ class Party(collections.namedtuple("Party", "num name")):
 
     @classmethod
     def of(cls, num: Optional[str], name: Optional[str]) -> "Party":
-        return cls("" if num in _UNKNOWN_CALLERID or num is None else num,
-                   "" if name in _UNKNOWN_CALLERID or name is None else name)
+        # tuple.__new__ itself: namedtuple's generated __new__ is one more
+        # Python call, and caller ID changes a few times on every channel.
+        return tuple.__new__(cls, ("" if num in _UNKNOWN_CALLERID or num is None else num,
+                                   "" if name in _UNKNOWN_CALLERID or name is None else name))
 
     def as_dict(self) -> Dict[str, str]:
         return {"num": self.num, "name": self.name}
@@ -1988,18 +1990,9 @@ class CallEngine:
         name = msg.get("Channel")
         if not uniqueid or not name:
             return
-        known = self.channels.get(uniqueid)
-        if known is not None:
-            self._update(known, msg, "")  # a repeated Newchannel: nothing new
-            return
-        chan = Channel(uniqueid, name, self._now)
-        self.channels[uniqueid] = chan
-        if self._resync_seen is not None:
-            self._resync_seen.add(uniqueid)
-        if chan.local_half:
-            self._pair_local(chan)
-        self._update(chan, msg, "")
-        chan.first_exten = chan.exten
+        if uniqueid not in self.channels:  # else a repeated Newchannel: an update
+            self._add_channel(Channel(uniqueid, name, self._now))
+        self._snapshot(msg, "")
 
     def on_snapshot(self, msg: AmiMessage) -> None:
         self._snapshot(msg, "")
@@ -2090,63 +2083,64 @@ class CallEngine:
 
     def _snapshot(self, msg: AmiMessage, prefix: str) -> Optional[Channel]:
         """The channel an event is about, updated from the event's snapshot
-        fields (every channel event carries state, caller ID and position)."""
-        uniqueid = msg.get(prefix + "Uniqueid")
+        fields (every channel event carries state, caller ID and position).
+
+        Runs for almost every event (bench: the engine's hottest spot), so
+        the prefixed keys are built once and an unchanged value costs one
+        compare."""
+        keys = _SNAPSHOT_KEYS.get(prefix)
+        if keys is None:
+            keys = _SNAPSHOT_KEYS[prefix] = tuple(prefix + key for key in _SNAPSHOT_FIELDS)
+        get = msg.get
+        uniqueid = get(keys[0])
         if not uniqueid:
             return None
         if self._resync_seen is not None:
             self._resync_seen.add(uniqueid)
         chan = self.channels.get(uniqueid)
         if chan is None:
-            name = msg.get(prefix + "Channel")
+            name = get(keys[1])
             if not name or uniqueid in self._recent_hangups:
                 return None
             # A channel that existed before we connected, or whose
             # Newchannel was lost: adopt it, dated by its Uniqueid.
             chan = Channel(uniqueid, name, uniqueid_epoch(uniqueid) or self._now)
-            self.channels[uniqueid] = chan
-            if chan.local_half:
-                self._pair_local(chan)
-            self._update(chan, msg, prefix)
-            chan.first_exten = chan.exten
-            return chan
-        self._update(chan, msg, prefix)
-        return chan
-
-    def _update(self, chan: Channel, msg: AmiMessage, prefix: str) -> None:
-        """Runs for almost every event (bench: the engine's hottest spot), so
-        the keys are built once per prefix and unchanged values cost a compare."""
-        keys = _SNAPSHOT_KEYS.get(prefix)
-        if keys is None:
-            keys = _SNAPSHOT_KEYS[prefix] = tuple(prefix + key for key in _SNAPSHOT_FIELDS)
-        get = msg.get
-        state = get(keys[0])
+            self._add_channel(chan)
+        state = get(keys[2])
         if state is not None and state != chan.state:
             chan.state = state
             if state == "Up" and chan.answered_at is None:
                 chan.answered_at = self._now
-        num = get(keys[1])
-        if num is not None:
-            raw = (num, get(keys[2]))
-            if raw != chan.caller_raw:
-                chan.caller_raw = raw
-                chan.caller = Party.of(*raw)
         num = get(keys[3])
         if num is not None:
             raw = (num, get(keys[4]))
+            if raw != chan.caller_raw:
+                chan.caller_raw = raw
+                chan.caller = Party.of(*raw)
+        num = get(keys[5])
+        if num is not None:
+            raw = (num, get(keys[6]))
             if raw != chan.connected_raw:
                 chan.connected_raw = raw
                 chan.connected = Party.of(*raw)
-        linkedid = get(keys[5])
+        linkedid = get(keys[7])
         if linkedid:
             chan.linkedid = linkedid
-        exten = get(keys[6])
+        exten = get(keys[8])
         if exten:
-            context = get(keys[7]) or chan.context
+            context = get(keys[9]) or chan.context
             if exten != chan.exten or context != chan.context:
                 chan.exten = exten
                 chan.context = context
                 self._visit_exten(chan)
+        if chan.first_exten is None:
+            chan.first_exten = chan.exten  # where it was created: what a caller dialed
+        return chan
+
+    def _add_channel(self, chan: Channel) -> None:
+        self.channels[chan.uniqueid] = chan
+        if chan.local_half:
+            self._pair_local(chan)
 
     def _pair_local(self, chan: Channel) -> None:
         base = chan.name[:-2]

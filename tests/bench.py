@@ -50,7 +50,7 @@ CTINOTIFY = os.path.join(ROOT, "ctinotify.py")
 
 #: What a full run measures, and the smaller QUICK=1 run.
 SETTINGS = {
-    "full": {"min_events": 200000, "repeats": 3, "clients": 1000, "few_clients": 100,
+    "full": {"min_events": 200000, "repeats": 5, "clients": 1000, "few_clients": 100,
              "many_clients": 10000, "paced_rate": 2000, "paced_s": 20.0, "rounds": 10},
     "quick": {"min_events": 40000, "repeats": 1, "clients": 200, "few_clients": 100,
               "many_clients": 2000, "paced_rate": 2000, "paced_s": 5.0, "rounds": 3},
