@@ -1708,8 +1708,97 @@ class Channel:
         #: dialplan): the user's phone it rang first, the real caller.
         self.callback: Optional[Channel] = None
 
+    def lineage(self) -> Iterable["Channel"]:
+        """The channel, then the ones that caused it: a Local ;2 half leads to
+        its ;1 half, a dialed channel to the channel that dialed it."""
+        chan: Optional[Channel] = self
+        hops = 0
+        while chan is not None and hops < MAX_LINEAGE_HOPS:
+            yield chan
+            hops += 1
+            if chan.local_half == "2" and chan.local_peer is not None:
+                chan = chan.local_peer
+            else:
+                chan = chan.dialer
+
+    def root(self) -> "Channel":
+        """The channel that started it all: the caller."""
+        root = self
+        for root in self.lineage():
+            pass
+        return root
+
     def __repr__(self) -> str:
         return "<Channel %s %s>" % (self.name, self.uniqueid)
+
+
+class ChannelTable:
+    """Asterisk's side of the calls: the live channels by Uniqueid, Local
+    channel pairs, bridges, and the Uniqueids hung up lately.  It knows no
+    users; CallEngine keeps it up to date and reads it."""
+
+    def __init__(self) -> None:
+        self.channels: Dict[str, Channel] = {}
+        #: bridge id -> the channels in it.
+        self.bridges: Dict[str, List[Channel]] = {}
+        #: Local channel halves waiting for their other half, by the name
+        #: both share (without ";1" / ";2").
+        self._unpaired_locals: Dict[str, Channel] = {}
+        #: Late events of a channel that hung up must not bring it back.
+        self._recent_hangups: Set[str] = set()
+        self._recent_hangup_order: "collections.deque[str]" = collections.deque()
+
+    def add(self, chan: Channel) -> None:
+        self.channels[chan.uniqueid] = chan
+        if chan.local_half:
+            base = chan.name[:-2]
+            other = self._unpaired_locals.pop(base, None)
+            if other is None:
+                self._unpaired_locals[base] = chan
+            else:
+                chan.local_peer, other.local_peer = other, chan
+
+    def remove(self, chan: Channel) -> None:
+        """The channel hung up: out of the table and its bridge, and its
+        Uniqueid remembered for a while (MAX_RECENT_HANGUPS)."""
+        self.channels.pop(chan.uniqueid, None)
+        self._recent_hangups.add(chan.uniqueid)
+        self._recent_hangup_order.append(chan.uniqueid)
+        if len(self._recent_hangup_order) > MAX_RECENT_HANGUPS:
+            self._recent_hangups.discard(self._recent_hangup_order.popleft())
+        if chan.local_half:
+            self._unpaired_locals.pop(chan.name[:-2], None)
+        self.leave_bridge(chan)
+
+    def hung_up_lately(self, uniqueid: str) -> bool:
+        return uniqueid in self._recent_hangups
+
+    def enter_bridge(self, chan: Channel, bridge_id: str) -> None:
+        if chan.bridge == bridge_id:
+            return
+        self.leave_bridge(chan)
+        chan.bridge = bridge_id
+        self.bridges.setdefault(bridge_id, []).append(chan)
+
+    def leave_bridge(self, chan: Channel) -> None:
+        members = self.bridges.get(chan.bridge or "")
+        if members is not None:
+            if chan in members:
+                members.remove(chan)
+            if not members:
+                del self.bridges[chan.bridge]  # type: ignore[arg-type]
+        chan.bridge = None
+
+    def bridged_with(self, chan: Channel) -> List[Channel]:
+        return [c for c in self.bridges.get(chan.bridge or "", ()) if c is not chan]
+
+    def clear(self) -> None:
+        """The AMI link is gone: nothing is known any more."""
+        self.channels.clear()
+        self.bridges.clear()
+        self._unpaired_locals.clear()
+        self._recent_hangups.clear()
+        self._recent_hangup_order.clear()
 
 
 class UserCall:
@@ -1848,7 +1937,8 @@ class CallEngine:
     notifications it causes.  The engine reads no clock and does no I/O;
     messages it has no handler for cost one dictionary lookup.
 
-    The model: a ``Channel`` per Asterisk channel, linked by who dialed whom
+    The model: a ``Channel`` per Asterisk channel (in ``table``, a
+    ``ChannelTable`` with the bridges), linked by who dialed whom
     (``dialer``) and by Local channel pairs (``local_peer``), so that any
     channel's *lineage* leads back to the caller.  A ``UserCall`` per user
     and call holds what that user was told; it lives as long as the user's
@@ -1860,21 +1950,16 @@ class CallEngine:
         self.directory = directory or Directory()
         #: With several PBXes: the name every notification carries as ``pbx``.
         self.pbx = pbx
-        self.channels: Dict[str, Channel] = {}
+        #: What Asterisk has: channels, Local pairs, bridges.
+        self.table = ChannelTable()
         #: (call id, user, direction) -> the user's view of that call.
         self.user_calls: Dict[Tuple[str, str, str], UserCall] = {}
         #: call id -> its user calls, to tell the others when one answers.
         self.calls: Dict[str, List[UserCall]] = {}
-        #: bridge id -> the channels in it.
-        self.bridges: Dict[str, List[Channel]] = {}
         #: queue name -> the users among its members.
         self.queue_members: Dict[str, Set[str]] = {}
         #: conference name -> the channels in it.
         self.conferences: Dict[str, List[Channel]] = {}
-        #: Local channel ;1 halves waiting for their ;2 (by name without ";1").
-        self._unpaired_locals: Dict[str, Channel] = {}
-        self._recent_hangups: Set[str] = set()
-        self._recent_hangup_order: "collections.deque[str]" = collections.deque()
         #: Uniqueids seen since a resync began (None: no resync running).
         self._resync_seen: Optional[Set[str]] = None
         self._out: List[Notification] = []
@@ -1956,14 +2041,10 @@ class CallEngine:
         self._now = now
         for uc in list(self.user_calls.values()):
             self._end(uc, reason="unknown")
-        self.channels.clear()
+        self.table.clear()
         self.user_calls.clear()
         self.calls.clear()
-        self.bridges.clear()
         self.conferences.clear()
-        self._unpaired_locals.clear()
-        self._recent_hangups.clear()
-        self._recent_hangup_order.clear()
         self._resync_seen = None
         out, self._out = self._out, []
         return out
@@ -1990,8 +2071,8 @@ class CallEngine:
         name = msg.get("Channel")
         if not uniqueid or not name:
             return
-        if uniqueid not in self.channels:  # else a repeated Newchannel: an update
-            self._add_channel(Channel(uniqueid, name, self._now))
+        if uniqueid not in self.table.channels:  # else a repeated Newchannel: an update
+            self.table.add(Channel(uniqueid, name, self._now))
         self._snapshot(msg, "")
 
     def on_snapshot(self, msg: AmiMessage) -> None:
@@ -2012,7 +2093,7 @@ class CallEngine:
                 if app == "voicemail":
                     # Straight to voicemail: the user's phone could not be
                     # reached (unavailable, DND); still a call for them.
-                    root = self._root(chan)
+                    root = chan.root()
                     self._announce_incoming(uc, root.caller, self._dialed_number(root, ""),
                                             chan)
                     uc.outcome = "failed"
@@ -2069,15 +2150,15 @@ class CallEngine:
         bridge_id = msg.get("BridgeUniqueid")
         if chan is None or not bridge_id:
             return
-        self._enter_bridge(chan, bridge_id)
-        swapped = self.channels.get(msg.get("SwapUniqueid") or "")
+        self.table.enter_bridge(chan, bridge_id)
+        swapped = self.table.channels.get(msg.get("SwapUniqueid") or "")
         if swapped is not None:
             self._swap(swapped, chan)
 
     def on_bridgeleave(self, msg: AmiMessage) -> None:
         chan = self._snapshot(msg, "")
         if chan is not None:
-            self._leave_bridge(chan)
+            self.table.leave_bridge(chan)
 
     # -- bookkeeping -----------------------------------------------------------
 
@@ -2097,15 +2178,15 @@ class CallEngine:
             return None
         if self._resync_seen is not None:
             self._resync_seen.add(uniqueid)
-        chan = self.channels.get(uniqueid)
+        chan = self.table.channels.get(uniqueid)
         if chan is None:
             name = get(keys[1])
-            if not name or uniqueid in self._recent_hangups:
+            if not name or self.table.hung_up_lately(uniqueid):
                 return None
             # A channel that existed before we connected, or whose
             # Newchannel was lost: adopt it, dated by its Uniqueid.
             chan = Channel(uniqueid, name, uniqueid_epoch(uniqueid) or self._now)
-            self._add_channel(chan)
+            self.table.add(chan)
         state = get(keys[2])
         if state is not None and state != chan.state:
             chan.state = state
@@ -2137,38 +2218,6 @@ class CallEngine:
             chan.first_exten = chan.exten  # where it was created: what a caller dialed
         return chan
 
-    def _add_channel(self, chan: Channel) -> None:
-        self.channels[chan.uniqueid] = chan
-        if chan.local_half:
-            self._pair_local(chan)
-
-    def _pair_local(self, chan: Channel) -> None:
-        base = chan.name[:-2]
-        other = self._unpaired_locals.pop(base, None)
-        if other is None:
-            self._unpaired_locals[base] = chan
-        else:
-            chan.local_peer, other.local_peer = other, chan
-
-    def _enter_bridge(self, chan: Channel, bridge_id: str) -> None:
-        if chan.bridge == bridge_id:
-            return
-        self._leave_bridge(chan)
-        chan.bridge = bridge_id
-        self.bridges.setdefault(bridge_id, []).append(chan)
-
-    def _leave_bridge(self, chan: Channel) -> None:
-        members = self.bridges.get(chan.bridge or "")
-        if members is not None:
-            if chan in members:
-                members.remove(chan)
-            if not members:
-                del self.bridges[chan.bridge]  # type: ignore[arg-type]
-        chan.bridge = None
-
-    def _bridged_with(self, chan: Channel) -> List[Channel]:
-        return [c for c in self.bridges.get(chan.bridge or "", ()) if c is not chan]
-
     def _swap(self, old: Channel, new: Channel) -> None:
         """``new`` took ``old``'s place in a bridge (a Local channel pair
         optimized away, Asterisk 12+): calls anchored on the vanishing Local
@@ -2181,25 +2230,6 @@ class CallEngine:
                     half.user_calls.remove(uc)
                     uc.anchor = new
                     new.user_calls.append(uc)
-
-    def _lineage(self, chan: Optional[Channel]) -> Iterable[Channel]:
-        """The channel, then the ones that caused it: a Local ;2 half leads to
-        its ;1 half, a dialed channel to the channel that dialed it."""
-        hops = 0
-        while chan is not None and hops < MAX_LINEAGE_HOPS:
-            yield chan
-            hops += 1
-            if chan.local_half == "2" and chan.local_peer is not None:
-                chan = chan.local_peer
-            else:
-                chan = chan.dialer
-
-    def _root(self, chan: Channel) -> Channel:
-        """The channel that started it all: the caller."""
-        root = chan
-        for root in self._lineage(chan):
-            pass
-        return root
 
     def _dialed_number(self, caller: Channel, dialstring: str) -> str:
         for candidate in (caller.first_exten, caller.exten):
@@ -2259,7 +2289,7 @@ class CallEngine:
         users = self.directory.extension_users(chan.exten, chan.context)
         if not users:
             return
-        root = self._root(chan)
+        root = chan.root()
         callers = self._users_of(root)
         for user in users:
             if user in callers:
@@ -2299,7 +2329,7 @@ class CallEngine:
             dest.originated = True
             return
         src.dial_targets.add(dest)
-        root = self._root(src)
+        root = src.root()
         if root.originated and root.is_local and root.callback is None \
                 and self._users_of(dest):
             # Click-to-dial through a Local channel (cacofonisk ctd_*): the
@@ -2338,7 +2368,7 @@ class CallEngine:
                 self._announce_incoming(uc, caller, dialed, dest)
         # Calls that reached a user's number ring somewhere now: at one of
         # the user's phones (announced above), or elsewhere: diverted.
-        for chan in self._lineage(src):
+        for chan in src.lineage():
             for uc in list(chan.user_calls):
                 if uc.direction == "in" and uc.anchor is chan:
                     self._announce_incoming(uc, caller, dialed, chan)
@@ -2405,7 +2435,7 @@ class CallEngine:
         uc.peer = caller
         uc.dialed = dialed
         extra: Dict[str, object] = {}
-        for chan in self._lineage(rung):
+        for chan in rung.lineage():
             if chan.queue:
                 uc.queue = chan.queue
                 extra["queue"] = chan.queue
@@ -2413,7 +2443,7 @@ class CallEngine:
         self._announce(uc, "incoming", **extra)
         # Told after the incoming: where it came from before it was diverted
         # or transferred to this user.
-        for chan in self._lineage(rung):
+        for chan in rung.lineage():
             if chan.transferred_by is not None:
                 by, kind = chan.transferred_by
                 uc.path.append({"transfer": kind, "by": by.num})
@@ -2443,7 +2473,7 @@ class CallEngine:
         # Up the chain, as long as no other branch of a dial still rings:
         # a forward that was not answered, the caller's own outgoing call.
         came_from = dest
-        for chan in self._lineage(src):
+        for chan in src.lineage() if src is not None else ():
             if any(target is not came_from for target in chan.dial_targets):
                 break
             for uc in chan.user_calls:
@@ -2472,19 +2502,19 @@ class CallEngine:
                   method: str = "") -> None:
         if answerer.is_local:
             return  # the endpoint behind the Local channel reports the answer
-        lineage = set(self._lineage(answerer))
-        root = self._root(answerer)
+        lineage = set(answerer.lineage())
+        root = answerer.root()
         if root.callback is not None:
             lineage.add(root.callback)  # click-to-dial: the user who asked for it
         call_ids = {answerer.linkedid}
         if src is not None:
-            call_ids.add(self._root(src).linkedid)
+            call_ids.add(src.root().linkedid)
         outside = not self._users_of(answerer)
         # An outside number answering belongs to the nearest forward above
         # it: with 100 -> 101 -> 101's mobile, the mobile is 101's, not 100's.
         forwarder = None
         if outside:
-            for chan in self._lineage(answerer):
+            for chan in answerer.lineage():
                 forwarder = next((uc for uc in chan.user_calls
                                   if uc.anchor is chan and uc.direction == "in"), None)
                 if forwarder is not None:
@@ -2535,14 +2565,7 @@ class CallEngine:
 
     def _hangup(self, chan: Channel, cause: int, cause_txt: str,
                 reason: Optional[str] = None) -> None:
-        self.channels.pop(chan.uniqueid, None)
-        self._recent_hangups.add(chan.uniqueid)
-        self._recent_hangup_order.append(chan.uniqueid)
-        if len(self._recent_hangup_order) > MAX_RECENT_HANGUPS:
-            self._recent_hangups.discard(self._recent_hangup_order.popleft())
-        if chan.local_half:
-            self._unpaired_locals.pop(chan.name[:-2], None)
-        self._leave_bridge(chan)
+        self.table.remove(chan)
         for room in [r for r, members in self.conferences.items() if chan in members]:
             self._leave_conference(chan, room)
         if not chan.user_calls and reason is None:
@@ -2645,8 +2668,8 @@ class CallEngine:
         if far is None:
             return self._parties_of(chan, exclude)
         found: List[Channel] = []
-        candidates = self._bridged_with(far) + list(self._lineage(far))[1:] + \
-            [c for c in self.channels.values() if c is not far and far in set(self._lineage(c))]
+        candidates = self.table.bridged_with(far) + list(far.lineage())[1:] + \
+            [c for c in self.table.channels.values() if c is not far and far in set(c.lineage())]
         for c in candidates:
             if not c.is_local and c not in exclude and c not in found:
                 found.append(c)
@@ -2657,9 +2680,9 @@ class CallEngine:
         its bridge, or anywhere in the dial tree it belongs to (the caller
         that started it, and whoever that caller's dials reached)."""
         found: List[Channel] = []
-        root = self._root(chan)
-        candidates = self._bridged_with(chan) + [root] + \
-            [c for c in self.channels.values() if c is not chan and root in set(self._lineage(c))]
+        root = chan.root()
+        candidates = self.table.bridged_with(chan) + [root] + \
+            [c for c in self.table.channels.values() if c is not chan and root in set(c.lineage())]
         for c in candidates:
             if not c.is_local and c not in exclude and c not in found:
                 found.append(c)
@@ -2675,7 +2698,7 @@ class CallEngine:
         directed = (picker.app.lower() in _PICKUP_APPS and bool(picker.appdata)) or \
             picker.exten.startswith("**")
         method = "directed" if directed else "group"
-        root = self._root(target) if target.dialer is not None else target
+        root = target.root() if target.dialer is not None else target
         caller = target.connected or root.caller
         dialed = self._dialed_number(root, "")
         for user in self._users_of(picker):
@@ -2813,7 +2836,7 @@ class CallEngine:
             action=action, queue=queue, position=msg.get("Position") or chan.queue_join[0],
             count=msg.get("Count") or chan.queue_join[1])
         if action == "leave":
-            answered = [c for c in self._bridged_with(chan) + list(chan.dial_targets)
+            answered = [c for c in self.table.bridged_with(chan) + list(chan.dial_targets)
                         if c.answered_at is not None and self._users_of(c)]
             if chan.connected:
                 fields["answered_by"] = chan.connected.as_dict()
@@ -2873,7 +2896,7 @@ class CallEngine:
             return  # PJSIP re-INVITEs repeat Unhold (j_blind_transfer.ami)
         chan.on_hold = held
         kind = "hold" if held else "unhold"
-        for other in [chan] + self._bridged_with(chan):
+        for other in [chan] + self.table.bridged_with(chan):
             for uc in other.user_calls:
                 self._emit(uc, kind, by=chan.caller.as_dict())
 
@@ -2889,7 +2912,7 @@ class CallEngine:
         chan.appdata = msg.get("ApplicationData", chan.appdata)
         bridge_id = msg.get("BridgeId")
         if bridge_id:
-            self._enter_bridge(chan, bridge_id)
+            self.table.enter_bridge(chan, bridge_id)
 
     def on_coreshowchannelscomplete(self, msg: AmiMessage) -> None:
         told = self.end_resync(self._now)  # swaps self._out: extend afterwards
@@ -2903,19 +2926,19 @@ class CallEngine:
         self._resync_seen = None
         if seen is None:
             seen = set()
-        for chan in [c for c in self.channels.values() if c.uniqueid not in seen]:
+        for chan in [c for c in self.table.channels.values() if c.uniqueid not in seen]:
             # Hung up while we were not listening: how is unknowable.
             self._hangup(chan, 0, "", reason="unknown")
         for uc in list(self.user_calls.values()):
             up = [c for c in uc.channels if c.state == "Up"]
             if uc.announced and uc.answered_at is None and up:
                 # Answered while we were away.
-                peer = next((c for c in self._bridged_with(up[0]) if not c.is_local), up[0])
+                peer = next((c for c in self.table.bridged_with(up[0]) if not c.is_local), up[0])
                 uc.answered_at = up[0].answered_at or now
                 uc.answered_by = self._remote_party(peer, uc.me)
                 self._emit(uc, "pickup", answered_by=dict(uc.answered_by.as_dict(),
                                                           device=peer.device))
-        for chan in list(self.channels.values()):
+        for chan in list(self.table.channels.values()):
             if not chan.user_calls and self._users_of(chan):
                 self._adopt(chan)
         out, self._out = self._out, []

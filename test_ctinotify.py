@@ -821,8 +821,8 @@ def test_every_trace_replays_and_leaves_no_state(name):
 
 
 def assert_engine_empty(engine):
-    assert not engine.channels and not engine.user_calls and not engine.calls
-    assert not engine.bridges and not engine.conferences and not engine._unpaired_locals
+    assert not engine.table.channels and not engine.user_calls and not engine.calls
+    assert not engine.table.bridges and not engine.conferences and not engine.table._unpaired_locals
 
 
 def test_all_traces_back_to_back_leave_nothing_behind():
@@ -833,7 +833,7 @@ def test_all_traces_back_to_back_leave_nothing_behind():
         for msg in AmiParser().feed(read_trace(name)):
             engine.handle(msg, clock.observe(msg))
     assert_engine_empty(engine)
-    assert len(engine._recent_hangups) <= ctinotify.MAX_RECENT_HANGUPS
+    assert len(engine.table._recent_hangups) <= ctinotify.MAX_RECENT_HANGUPS
 
 
 def feed(engine, text, now):
@@ -872,14 +872,14 @@ def test_engine_link_lost_ends_every_call_with_reason_unknown():
     lost = engine.link_lost(25.0)
     assert [(n.user, n.kind, n.fields["reason"], n.fields["duration"]) for n in lost] == \
         [("alice", "hangup", "unknown", 15)]
-    assert not engine.channels and not engine.user_calls
+    assert not engine.table.channels and not engine.user_calls
     assert engine.link_lost(26.0) == []
 
 
 def test_engine_ignores_events_it_does_not_need():
     engine = CallEngine()
     assert feed(engine, "Event: VarSet\r\nChannel: PJSIP/1-1\r\nUniqueid: 1.1\r\n\r\n", 0) == ()
-    assert not engine.channels
+    assert not engine.table.channels
 
 
 # ---------------------------------------------------------------------------
@@ -2215,7 +2215,7 @@ def test_resync_ends_calls_that_ended_while_we_were_away():
 def test_resync_keeps_a_ringing_call_that_is_still_listed():
     engine = CallEngine(Directory(office().users.values()))
     feed_until(engine, "b_inbound_noanswer", "DialState")
-    listed = [c for c in engine.channels.values()]
+    listed = [c for c in engine.table.channels.values()]
     engine.begin_resync()
     for chan in listed:
         text = ("Event: CoreShowChannel\r\nChannel: %s\r\nUniqueid: %s\r\nLinkedid: %s\r\n"
@@ -3913,9 +3913,9 @@ def fuzz_once(data, expect_banner, rng, users):
             notes += [(n.user, n.kind, n.fields) for n in engine.handle(msg, now)]
     notes += [(n.user, n.kind, n.fields) for n in engine.link_lost(now + 1)]
     problems = check_call_invariants(notes, resynced=b"Event: CoreShowChannel" in data)
-    if engine.channels or engine.user_calls or engine.calls:
+    if engine.table.channels or engine.user_calls or engine.calls:
         problems.append("state left after link_lost: %d channels, %d user calls, %d calls"
-                        % (len(engine.channels), len(engine.user_calls), len(engine.calls)))
+                        % (len(engine.table.channels), len(engine.user_calls), len(engine.calls)))
     return problems
 
 
@@ -4688,7 +4688,7 @@ def test_resync_tells_a_call_answered_while_the_link_was_down():
     engine = CallEngine(Directory(office().users.values()))
     feed_until(engine, "b_inbound_noanswer", "DialState")
     engine.begin_resync()
-    for chan in list(engine.channels.values()):
+    for chan in list(engine.table.channels.values()):
         text = ("Event: CoreShowChannel\r\nChannel: %s\r\nUniqueid: %s\r\nLinkedid: %s\r\n"
                 "ChannelStateDesc: Up\r\nBridgeId: b1\r\n\r\n"
                 % (chan.name, chan.uniqueid, chan.linkedid))
