@@ -2596,12 +2596,15 @@ class CallEngine:
             return
         target = Party(msg.get("Extension", ""), "")
         by = transferer.caller
+        told = list(transferer.user_calls)
+        self._tell_transferer(told, "blind", by, target)
         if transferee is not None:
             # The transferee goes on in the dialplan on its own: whatever it
             # dials next is a call transferred by ``by``, not by its dialer.
             transferee.transferred_by = (by, "blind")
             transferee.dialer = None
-        self._tell_transferer(list(transferer.user_calls), "blind", by, target)
+            self._tell_transferees(self._endpoints(transferee, [transferer]), told, "blind",
+                                   by, target)
 
     def _tell_transferer(self, calls: List[UserCall], kind: str, by: Party,
                          target: Party) -> None:
@@ -2611,6 +2614,19 @@ class CallEngine:
             uc.path.append({"transfer": kind, "to": target.num})
             self._emit(uc, "transfer", kind=kind, direction="to", by=by.as_dict(),
                        target=target.as_dict())
+
+    def _tell_transferees(self, parties: List[Channel], told: List[UserCall], kind: str,
+                          by: Party, target: Party) -> None:
+        """The party transferred, when it is a user's phone: told by whom
+        and to whom (a colleague's call handed on), once per user call."""
+        for chan in parties:
+            for uc in list(chan.user_calls):
+                if uc in told:
+                    continue
+                told.append(uc)
+                uc.path.append({"transfer": kind, "by": by.num, "to": target.num})
+                self._emit(uc, "transfer", kind=kind, direction="moved", by=by.as_dict(),
+                           target=target.as_dict())
 
     def on_attendedtransfer(self, msg: AmiMessage) -> None:
         """The transferer joins two calls: the transferee (on hold) and the
@@ -2653,10 +2669,12 @@ class CallEngine:
                 uc.path.append({"transfer": kind, "by": by.num})
                 self._emit(uc, "transfer", kind=kind, direction="from", by=by.as_dict(),
                            target=uc.me.as_dict())
-        for chan in transferees:
-            for uc in chan.user_calls:
-                if uc not in told and targets:
-                    uc.peer = self._remote_party(targets[0], uc.me)
+        if targets:
+            for chan in transferees:
+                for uc in chan.user_calls:
+                    if uc not in told:
+                        uc.peer = self._remote_party(targets[0], uc.me)
+        self._tell_transferees(transferees, told, kind, by, target_party)
 
     def _endpoints(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
         """The real phones or trunks a channel stands for: itself, or for a

@@ -795,6 +795,10 @@ def test_goldens_agree_with_what_cacofonisk_asserts(name):
                     assert (told["kind"], told["direction"]) == (kind, "from")
                     # The receiver sees the customer, not the transferer.
                     assert told["from"]["num"] != told["by"]["num"]
+            if caller:  # cacofonisk's "caller" of a transfer is the party moved
+                (moved,) = events(caller, "transfer")
+                assert (moved["kind"], moved["direction"]) == (kind, "moved")
+                assert moved["by"]["num"] != moved["target"]["num"]
     if not mentioned and any(hook == "on_b_dial" for hook, _ in hooks):
         assert golden == []  # trunk-to-trunk calls: no user is involved
 
