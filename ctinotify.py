@@ -1721,6 +1721,23 @@ class Channel:
             else:
                 chan = chan.dialer
 
+    def rung_through(self) -> List["Channel"]:
+        """The channel, and what a dial of it rings further on: across a
+        Local pair to its ;2 half, and whatever that half dials."""
+        found: List[Channel] = []
+        seen: Set[Channel] = set()
+        todo = [self]
+        while todo:
+            chan = todo.pop()
+            if chan in seen:
+                continue
+            seen.add(chan)
+            found.append(chan)
+            if chan.local_half == "1" and chan.local_peer is not None:
+                todo.append(chan.local_peer)
+            todo.extend(chan.dial_targets)
+        return found
+
     def root(self) -> "Channel":
         """The channel that started it all: the caller."""
         root = self
@@ -1792,6 +1809,22 @@ class ChannelTable:
     def bridged_with(self, chan: Channel) -> List[Channel]:
         return [c for c in self.bridges.get(chan.bridge or "", ()) if c is not chan]
 
+    def talking_with(self, chan: Channel) -> List[Channel]:
+        """The channels in ``chan``'s bridge and, across Local channel pairs
+        in it (a ring group, a queue member, a FreePBX forward), in the
+        bridges beyond: everyone on the other end of the conversation."""
+        found: List[Channel] = []
+        seen = {chan}
+        todo = [chan]
+        while todo:
+            for other in self.bridged_with(todo.pop()):
+                for hop in (other, other.local_peer if other.is_local else None):
+                    if hop is not None and hop not in seen:
+                        seen.add(hop)
+                        found.append(hop)
+                        todo.append(hop)
+        return found
+
     def clear(self) -> None:
         """The AMI link is gone: nothing is known any more."""
         self.channels.clear()
@@ -1812,7 +1845,7 @@ class UserCall:
     __slots__ = ("user", "call_id", "direction", "device", "me", "peer", "dialed",
                  "started", "answered_at", "announced", "channels", "anchor",
                  "outcome", "answered_by", "cause", "cause_txt", "diverted_to",
-                 "path", "queue", "transferred", "tried")
+                 "path", "queue", "queue_caller", "transferred", "tried")
 
     def __init__(self, user: str, call_id: str, direction: str, me: Party, peer: Party,
                  dialed: str, now: float):
@@ -1844,6 +1877,8 @@ class UserCall:
         #: Diverts, transfers and parking, for the call log.
         self.path: List[Dict[str, object]] = []
         self.queue = ""
+        #: The caller waiting in ``queue`` that rang the user (queue calls).
+        self.queue_caller: Optional[Channel] = None
         #: The user transferred this call away (hangup reason "transferred").
         self.transferred = False
         #: A call to the user's number whose dialplan tried to reach the user
@@ -1960,6 +1995,9 @@ class CallEngine:
         self.queue_members: Dict[str, Set[str]] = {}
         #: conference name -> the channels in it.
         self.conferences: Dict[str, List[Channel]] = {}
+        #: Queue caller Uniqueid -> its members' calls that stopped ringing
+        #: while the caller still waits (the queue may ring them again).
+        self._queue_held: Dict[str, List[UserCall]] = {}
         #: Uniqueids seen since a resync began (None: no resync running).
         self._resync_seen: Optional[Set[str]] = None
         self._out: List[Notification] = []
@@ -2045,6 +2083,7 @@ class CallEngine:
         self.user_calls.clear()
         self.calls.clear()
         self.conferences.clear()
+        self._queue_held.clear()
         self._resync_seen = None
         out, self._out = self._out, []
         return out
@@ -2356,24 +2395,26 @@ class CallEngine:
                 self._attach(uc, caller_chan)
                 self._announce(uc, "outgoing")
         caller = caller_chan.caller
-        if not dest.is_local:
-            if dest.connected:
-                caller = dest.connected  # what the ringing phone displays
-            for user in self._users_of(dest):
-                uc = self._user_call(root.linkedid, user, "in", dest.caller, caller, dialed)
-                if not uc.announced:
-                    uc.device = dest.device
-                    uc.me = dest.caller
-                self._attach(uc, dest)
-                self._announce_incoming(uc, caller, dialed, dest)
-        # Calls that reached a user's number ring somewhere now: at one of
-        # the user's phones (announced above), or elsewhere: diverted.
+        if not dest.is_local and dest.connected:
+            caller = dest.connected  # what the ringing phone displays
+        dest_users = () if dest.is_local else self._users_of(dest)
+        # Calls that reached a user's number ring somewhere now.  Elsewhere
+        # than at that user's phones (announced below) is a divert, told
+        # first so that the phone rung next learns where the call came from
+        # (a forward on no answer straight to another phone).
         for chan in src.lineage():
             for uc in list(chan.user_calls):
-                if uc.direction == "in" and uc.anchor is chan:
+                if uc.direction == "in" and uc.anchor is chan and uc.user not in dest_users:
                     self._announce_incoming(uc, caller, dialed, chan)
                     if chan is src:  # deeper Local hops are routing, not diverts
                         self._divert_if_elsewhere(uc, chan, dest, dialstring)
+        for user in dest_users:
+            uc = self._user_call(root.linkedid, user, "in", dest.caller, caller, dialed)
+            if not uc.announced:
+                uc.device = dest.device
+                uc.me = dest.caller
+            self._attach(uc, dest)
+            self._announce_incoming(uc, caller, dialed, dest)
 
     def _remote_party(self, chan: Channel, me: Party) -> Party:
         """The party on a channel, as the user sees it.  An outbound trunk
@@ -2438,6 +2479,7 @@ class CallEngine:
         for chan in rung.lineage():
             if chan.queue:
                 uc.queue = chan.queue
+                uc.queue_caller = chan
                 extra["queue"] = chan.queue
                 break
         self._announce(uc, "incoming", **extra)
@@ -2460,6 +2502,11 @@ class CallEngine:
 
     def _dial_end(self, src: Optional[Channel], dest: Channel, status: str) -> None:
         if src is not None:
+            if dest.dialer is src and dest not in src.dial_targets:
+                # Handed on by a blonde transfer (or a repeated DialEnd): the
+                # transferer's dial "ends" NOANSWER while the target rings on
+                # for the transferee (xfer_blonde_group_a).  Nothing to learn.
+                return
             src.dial_targets.discard(dest)
         if status == "ANSWER":
             self._answered(src, dest)
@@ -2467,9 +2514,13 @@ class CallEngine:
         outcome = _DIAL_OUTCOMES.get(status)
         if outcome is None:
             return
-        for uc in dest.user_calls:
-            if uc.direction == "in":
-                self._set_outcome(uc, outcome)
+        # What rang through ``dest`` shares its verdict: a ring group of
+        # Local channels that times out as a whole is a timeout at every
+        # phone, though each is then hung up with CANCEL (app_dial.c).
+        for chan in dest.rung_through():
+            for uc in chan.user_calls:
+                if uc.direction == "in":
+                    self._set_outcome(uc, outcome)
         # Up the chain, as long as no other branch of a dial still rings:
         # a forward that was not answered, the caller's own outgoing call.
         came_from = dest
@@ -2548,9 +2599,12 @@ class CallEngine:
                     if answerer in uc.channels:
                         self._release_anchor(uc)
                     self._answer(uc, answerer, extra)
-                elif uc.outcome in (None, "cancelled") and (uc.channels or uc.anchor is not None):
-                    # Someone else's call now: it lasts for this user only
-                    # as long as the user's own phone still rings down.
+                elif uc.outcome != "answered_elsewhere" and \
+                        (uc.channels or uc.anchor is not None or uc.queue_caller is not None):
+                    # Someone else's call now, even after it timed out or
+                    # was busy here (a forward on no answer): it lasts for
+                    # this user only as long as the user's own phone still
+                    # rings down.
                     uc.outcome = "answered_elsewhere"
                     uc.answered_by = answered_by
                     self._emit(uc, "pickup", **extra)
@@ -2580,10 +2634,32 @@ class CallEngine:
                 uc.anchor = None
             if cause:
                 uc.cause, uc.cause_txt = cause, cause_txt
-            if not uc.channels and uc.anchor is None:
+            if not uc.channels and uc.anchor is None and \
+                    (reason is not None or not self._hold_for_queue(uc)):
                 self._end(uc, reason)
         chan.user_calls = []
         chan.dial_targets.clear()
+        self._end_queue_held(chan, reason)
+
+    def _hold_for_queue(self, uc: UserCall) -> bool:
+        """A queue stopped ringing the user (a member timeout) while its
+        caller still waits, and may ring them again (the queue's retry):
+        the user's call stays open, one call, until the caller leaves."""
+        caller = uc.queue_caller
+        if caller is None or caller.queue != uc.queue or \
+                self.table.channels.get(caller.uniqueid) is not caller:
+            return False
+        held = self._queue_held.setdefault(caller.uniqueid, [])
+        if uc not in held:
+            held.append(uc)
+        return True
+
+    def _end_queue_held(self, caller: Channel, reason: Optional[str] = None) -> None:
+        """The caller left the queue or hung up: its members' calls that no
+        phone rings any more end."""
+        for uc in self._queue_held.pop(caller.uniqueid, ()):
+            if not uc.channels and uc.anchor is None:
+                self._end(uc, reason)
 
     # -- handlers: transfers, pickup, parking ------------------------------------
 
@@ -2658,6 +2734,8 @@ class CallEngine:
             target_party = Party(second.exten if second is not None else "", "")
         by = first.caller
         customer = transferees[0].caller if transferees else NOBODY
+        if second is not None:
+            second.dial_targets.clear()  # still ringing: the transferee's now
         told = list(first.user_calls) + consult
         self._tell_transferer(list(told), kind, by, target_party)
         for chan in targets:
@@ -2837,6 +2915,7 @@ class CallEngine:
         chan.queue = None
         self._tell_queue(chan, queue, action, msg)
         chan.queue_told = set()
+        self._end_queue_held(chan)
 
     def _tell_queue(self, chan: Channel, queue: str, action: str, msg: AmiMessage) -> None:
         """Queue members hear of callers joining and leaving their queue,
@@ -2914,9 +2993,12 @@ class CallEngine:
             return  # PJSIP re-INVITEs repeat Unhold (j_blind_transfer.ami)
         chan.on_hold = held
         kind = "hold" if held else "unhold"
-        for other in [chan] + self.table.bridged_with(chan):
+        told: Set[UserCall] = set()
+        for other in [chan] + self.table.talking_with(chan):
             for uc in other.user_calls:
-                self._emit(uc, kind, by=chan.caller.as_dict())
+                if uc not in told:
+                    told.add(uc)
+                    self._emit(uc, kind, by=chan.caller.as_dict())
 
     # -- handlers: resync ------------------------------------------------------
 

@@ -827,6 +827,7 @@ def test_every_trace_replays_and_leaves_no_state(name):
 def assert_engine_empty(engine):
     assert not engine.table.channels and not engine.user_calls and not engine.calls
     assert not engine.table.bridges and not engine.conferences and not engine.table._unpaired_locals
+    assert not engine._queue_held
 
 
 def test_all_traces_back_to_back_leave_nothing_behind():
@@ -2129,6 +2130,147 @@ def test_a_caller_who_abandons_a_queue():
     assert [e.get("action") for _, e in events] == ["join", None, "abandon", None]
     assert events[1][1]["queue"] == "support"
     assert events[-1][1]["reason"] == "cancelled"
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_ring_group_that_times_out_is_a_timeout_at_every_phone():
+    """The trunk's Dial of the group's Local channels times out; app_dial
+    then hangs up the phones behind them with CANCEL.  Each user missed it."""
+    pbx = Pbx()
+    trunk = inbound(pbx, "+15557000600")
+    pbx.exten(trunk, "600")
+    phones = []
+    for exten in ("100", "101"):
+        one, two = pbx.local(exten + "@from-internal", trunk)
+        pbx.dial(trunk, one)
+        phone = pbx.new("PJSIP/%s-0000%04d" % (exten, pbx.seq), exten, linked=trunk)
+        pbx.dial(two, phone)
+        pbx.set(phone, ChannelStateDesc="Ringing")
+        phones.append((one, two, phone))
+    for one, _, _ in phones:
+        pbx.dial_end(trunk, one, "NOANSWER")
+    for one, two, phone in phones:
+        pbx.hangup(one)
+        pbx.dial_end(two, phone, "CANCEL")
+        pbx.hangup(phone)
+        pbx.hangup(two)
+    pbx.hangup(trunk)
+    for user in ("alice", "bob"):
+        assert pbx.kinds(user) == ["incoming", "timeout", "hangup"]
+        assert pbx.events(user)[-1][1]["reason"] == "noanswer"
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_forward_on_no_answer_to_another_phone():
+    """100 rings out, then the dialplan dials 101 straight (no Local
+    channel), who answers: Alice's call ends there, Bob learns it was hers."""
+    pbx = Pbx()
+    trunk = inbound(pbx)
+    pbx.exten(trunk, "100")
+    alice = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", linked=trunk)
+    pbx.dial(trunk, alice)
+    pbx.set(alice, ChannelStateDesc="Ringing")
+    pbx.dial_end(trunk, alice, "NOANSWER")
+    pbx.hangup(alice, 19)
+    bob = pbx.new("PJSIP/101-00000002", "101", "Bob Jones", linked=trunk)
+    pbx.dial(trunk, bob)
+    pbx.set(bob, ChannelStateDesc="Up")
+    pbx.dial_end(trunk, bob, "ANSWER")
+    assert pbx.kinds("alice") == ["incoming", "timeout", "divert", "pickup", "hangup"]
+    assert pbx.events("alice")[-1][1]["reason"] == "answered_elsewhere"
+    assert pbx.events("alice")[3][1]["answered_by"]["num"] == "101"
+    assert pbx.kinds("bob") == ["incoming", "divert", "pickup"]
+    divert = pbx.events("bob")[1][1]
+    assert (divert["direction"], divert["original"]["num"]) == ("from", "100")
+    pbx.hangup(bob)
+    pbx.hangup(trunk)
+    assert pbx.kinds("bob")[-1] == "hangup"
+    assert_engine_empty(pbx.engine)
+
+
+def test_hold_is_told_across_local_channels():
+    """John (the trunk) holds a call Bob took through a ring group: the
+    trunk's bridge holds only Local/...;1, Bob's phone is beyond the pair."""
+    pbx = Pbx()
+    trunk = inbound(pbx, "+15557000600")
+    one, two = pbx.local("101@from-internal", trunk)
+    pbx.dial(trunk, one)
+    bob = pbx.new("PJSIP/101-00000001", "101", "Bob Jones", linked=trunk)
+    pbx.dial(two, bob)
+    for chan in (bob, two, one, trunk):
+        pbx.set(chan, ChannelStateDesc="Up")
+    pbx.dial_end(two, bob, "ANSWER")
+    pbx.dial_end(trunk, one, "ANSWER")
+    for chan, bridge in ((trunk, "b1"), (one, "b1"), (two, "b2"), (bob, "b2")):
+        pbx.feed("BridgeEnter", chan, BridgeUniqueid=bridge)
+    pbx.feed("Hold", trunk)
+    pbx.feed("Unhold", trunk)
+    holds = [(k, e["by"]["num"]) for k, e in pbx.events("bob") if k in ("hold", "unhold")]
+    assert holds == [("hold", "+15551230001"), ("unhold", "+15551230001")]
+    for chan in (bob, two, one, trunk):
+        pbx.hangup(chan)
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_queue_that_rings_a_member_again_keeps_one_call():
+    """The queue's member timeout ends the first ring; after its retry
+    delay it rings Alice and Bob again, and Bob answers: still one call per
+    user, with one hangup each (the README's promise)."""
+    pbx = Pbx()
+    for interface in ("PJSIP/100", "PJSIP/101"):
+        pbx.feed("QueueMemberAdded", Queue="support", Interface=interface)
+    trunk = inbound(pbx, "+15557000700")
+    pbx.set(trunk, ChannelStateDesc="Up", Exten="700")
+    pbx.feed("QueueCallerJoin", trunk, Queue="support", Position=1, Count=1)
+
+    def ring():
+        phones = [pbx.new("PJSIP/%s-%08x" % (n, pbx.seq + 1), n, linked=trunk)
+                  for n in ("100", "101")]
+        for phone in phones:
+            pbx.dial(trunk, phone)
+            pbx.set(phone, ChannelStateDesc="Ringing")
+        return phones
+
+    for phone in ring():
+        pbx.dial_end(trunk, phone, "NOANSWER")
+        pbx.hangup(phone, 19)
+    alice, bob = ring()  # the retry
+    pbx.set(bob, ChannelStateDesc="Up")
+    pbx.dial_end(trunk, bob, "ANSWER")
+    pbx.dial_end(trunk, alice, "CANCEL")
+    pbx.hangup(alice, 26)
+    pbx.feed("QueueCallerLeave", trunk, Queue="support", Position=1, Count=0)
+    pbx.hangup(bob)
+    pbx.hangup(trunk)
+    calls = {n.fields["call"] for n in pbx.told if n.user in ("alice", "bob")}
+    assert len(calls) == 1
+    assert [k for k in pbx.kinds("alice") if k != "queue"] == \
+        ["incoming", "timeout", "pickup", "hangup"]
+    assert pbx.events("alice")[-1][1]["reason"] == "answered_elsewhere"
+    assert [k for k in pbx.kinds("bob") if k != "queue"] == \
+        ["incoming", "timeout", "pickup", "hangup"]
+    assert pbx.events("bob")[-1][1]["reason"] == "completed"
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_queue_member_whose_caller_leaves_the_queue_unanswered():
+    """No retry comes: the member's timed-out call ends when the caller
+    leaves the queue (to voicemail, say), not when the caller hangs up."""
+    pbx = Pbx()
+    pbx.feed("QueueMemberAdded", Queue="support", Interface="PJSIP/100")
+    trunk = inbound(pbx, "+15557000700")
+    pbx.set(trunk, ChannelStateDesc="Up", Exten="700")
+    pbx.feed("QueueCallerJoin", trunk, Queue="support", Position=1, Count=1)
+    phone = pbx.new("PJSIP/100-00000001", "100", linked=trunk)
+    pbx.dial(trunk, phone)
+    pbx.dial_end(trunk, phone, "NOANSWER")
+    pbx.hangup(phone, 19)
+    assert pbx.kinds("alice")[-1] == "timeout"
+    pbx.feed("QueueCallerLeave", trunk, Queue="support", Position=1, Count=0)
+    assert pbx.kinds("alice")[-2:] == ["queue", "hangup"]
+    assert pbx.events("alice")[-1][1]["reason"] == "noanswer"
+    pbx.exten(trunk, "*98")
+    pbx.hangup(trunk)
     assert_engine_empty(pbx.engine)
 
 
