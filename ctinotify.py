@@ -675,6 +675,9 @@ class _ConfigReader:
             tls_ca=self.text(section, "tls_ca", ""),
             name=name,
         )
+        if not is_ip_address(ami.host) and not is_host_name(ami.host):
+            self.problem(section, section.get("host"), "%r is neither an IP address nor a "
+                         "host name" % ami.host)
         if ami.tls and section.get("port") is None:
             ami.port = DEFAULT_AMI_TLS_PORT  # manager.conf tlsbindport
         if not ami.tls and (section.get("tls_verify") or section.get("tls_ca")):
@@ -1493,7 +1496,11 @@ class AmiSession:
     # -- timing ------------------------------------------------------------
 
     def next_deadline(self) -> Optional[float]:
-        times = [t for t in (self._login_deadline, self._ping_due, self._pong_deadline)
+        # While a Ping waits for its answer no other is sent, so its due
+        # time is no deadline (with ping_interval under the Ping timeout,
+        # an overdue one would make the loop spin).
+        ping_due = self._ping_due if self._ping_id is None else None
+        times = [t for t in (self._login_deadline, ping_due, self._pong_deadline)
                  if t is not None]
         return min(times) if times else None
 
@@ -3724,6 +3731,21 @@ def is_ip_address(host: str) -> bool:
     return True
 
 
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+
+def is_host_name(host: str) -> bool:
+    """A name getaddrinfo can look up: dot-separated labels of letters,
+    digits, '-' and '_', non-ASCII ones in IDNA form.  ``pbx..example.com``
+    is not (getaddrinfo would raise UnicodeError, not OSError)."""
+    try:
+        ascii_name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_name[:-1].split(".") if ascii_name.endswith(".") else ascii_name.split(".")
+    return len(ascii_name) <= 253 and all(map(_HOST_LABEL.match, labels))
+
+
 def resolve(host: str, port: int) -> Tuple[int, tuple]:
     """(family, sockaddr) of host:port.  For a name, run only before the loop
     starts or on reload, never per connect: a DNS lookup would block every
@@ -3839,7 +3861,8 @@ class Daemon:
                  __version__, "TLS " if tls else "", host, real_port)
 
     def serve_forever(self) -> int:
-        self._install_signal_handlers()
+        if self._wakeup is None:
+            self.install_signal_handlers()
         self.running = True
         while self.running:
             timeout = self._next_timeout(time.monotonic())
@@ -3881,7 +3904,9 @@ class Daemon:
 
     # -- signals -------------------------------------------------------------
 
-    def _install_signal_handlers(self) -> None:
+    def install_signal_handlers(self) -> None:
+        """From here on SIGHUP/SIGTERM/SIGINT are noted and handled by the
+        loop (call before start(): loading a long history takes a while)."""
         reader, writer = socket.socketpair()
         reader.setblocking(False)
         writer.setblocking(False)
@@ -3890,6 +3915,11 @@ class Daemon:
         signal.set_wakeup_fd(writer.fileno())
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+
+    def take_signals(self, signals: List[int]) -> None:
+        """Signals noted before the daemon existed, to handle in the loop."""
+        self._pending_signals.extend(signals)
+        del signals[:]
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Runs between bytecodes: only note it; the loop acts on it.
@@ -3906,7 +3936,10 @@ class Daemon:
         while self._pending_signals:
             signum = self._pending_signals.pop(0)
             if signum == signal.SIGHUP:
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:  # our bug: keep serving with what runs now
+                    log.exception("reload of %s failed", self.config.path)
             else:
                 log.info("signal %d received", signum)
                 self.running = False
@@ -4175,7 +4208,7 @@ class Daemon:
         cfg = link.config
         try:
             link.address = resolve(cfg.host, cfg.port)
-        except OSError as e:
+        except (OSError, UnicodeError, ValueError) as e:  # idna rejects some names
             link.address = None
             log.error("%s: cannot resolve %s: %s", link.tag, cfg.host, e)
 
@@ -4601,7 +4634,9 @@ class Daemon:
             if not data:
                 # The client is done sending: answer what it sent, then close.
                 conn.peer_eof = True
-                if conn.closing is None:
+                if conn.closing is None and conn.hold_until is not None:
+                    self._watch(conn)  # _release answers the rest, then closes
+                elif conn.closing is None:
                     self._finish(conn, "closed by the client")
                 elif conn.shut or not conn.outbuf:
                     self._close(conn, conn.closing, conn.close_level)
@@ -4679,8 +4714,12 @@ class Daemon:
             self._queue(conn, data)
         if conn.session.closing:
             self._finish(conn, conn.session.close_reason)
+            return
+        self._process_input(conn)
+        if conn.peer_eof and conn.hold_until is None:
+            self._finish(conn, "closed by the client")
         else:
-            self._process_input(conn)
+            self._watch(conn)
 
     # -- clients: writing and closing -----------------------------------------
 
@@ -4739,9 +4778,17 @@ class Daemon:
         if events is None:
             events = (0 if conn.peer_eof else selectors.EVENT_READ) | \
                 (selectors.EVENT_WRITE if conn.outbuf else 0)
-        if events and events != conn.events:
-            conn.events = events
+        if events == conn.events:
+            return
+        # Nothing to wait for (the peer closed its side, a failed-login
+        # reply is held back): out of the selector, or EOF would wake it.
+        if not events:
+            self.selector.unregister(conn.sock)
+        elif not conn.events:
+            self.selector.register(conn.sock, events, conn.callback)
+        else:
             self.selector.modify(conn.sock, events, conn.callback)
+        conn.events = events
 
     def _finish(self, conn: ClientConnection, reason: str, reply: bytes = b"",
                 level: int = logging.INFO) -> None:
@@ -5626,6 +5673,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # A SIGHUP (an init script's reload) right after the start must not
+    # kill the process, as its default action would: noted now, handled
+    # once the loop runs.  SIGTERM and SIGINT may stop a start at any time.
+    early_signals: List[int] = []
+    signal.signal(signal.SIGHUP, lambda number, frame: early_signals.append(number))
     config = load_config(find_config(args.config))
     logging.getLogger("ctinotify").setLevel(config.loglevel.upper())
     _warn_if_world_readable(config.path)
@@ -5653,6 +5705,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return status
     startup_handlers = _log_to(config, args.daemon)
     daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    daemon.take_signals(early_signals)
     try:
         daemon.start()
     except (OSError, ValueError) as e:
@@ -5869,6 +5923,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
         return 1
     sock.settimeout(1.0)
     received = 0
+    status = 0  # 1 if the recording ended any other way than by Ctrl-C/SIGTERM
     log.info("recording %s port %d to %s; Ctrl-C stops", cfg.host, cfg.port, args.output)
     with open(args.output, "wb") as out, open(args.output + ".sent", "wb") as sent_log:
         try:
@@ -5882,7 +5937,8 @@ def _cmd_record(args: argparse.Namespace) -> int:
                 except socket.timeout:
                     data = None
                 if data == b"":
-                    log.warning("Asterisk closed the connection")
+                    log.error("Asterisk closed the connection")
+                    status = 1
                     break
                 if data:
                     out.write(data)
@@ -5897,6 +5953,7 @@ def _cmd_record(args: argparse.Namespace) -> int:
                 reason = session.poll(time.monotonic())
                 if reason:
                     log.error("%s", reason)
+                    status = 1
                     break
             if stopping:
                 logoff = encode_action("Logoff")
@@ -5908,10 +5965,13 @@ def _cmd_record(args: argparse.Namespace) -> int:
         except AmiProtocolError as e:
             log.error("%s", e)
             return 1
+        except OSError as e:  # reset, TLS failure: what was received is kept
+            log.error("connection to %s port %d lost: %s", cfg.host, cfg.port, _error_text(e))
+            status = 1
         finally:
             sock.close()
     log.info("recorded %d bytes to %s", received, args.output)
-    return 0
+    return status
 
 
 def _server_address(text: str) -> Tuple[str, int]:

@@ -19,9 +19,9 @@ import random
 import re
 import shutil
 import signal
-import struct
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -185,12 +185,29 @@ def test_config_errors_name_file_line_section_and_key_all_at_once():
     ("#include other.conf\n", ":1: #include: directives are not supported"),
     ("[general]\nport=1\n[general]\nport=2\n", "section defined twice"),
     ("[ami]\nusername=u\nsecret=s\n[a]\nsecret=x\nextensions=10 0\n", "is not an extension"),
+    ("[ami]\nhost=pbx..example.com\nusername=u\nsecret=s\n",
+     ":2: [ami] host: 'pbx..example.com' is neither an IP address nor a host name"),
+    ("[ami]\nhost=pbx example\nusername=u\nsecret=s\n", "is neither an IP address"),
 ])
 def test_config_error_messages(text, fragment):
     with pytest.raises(ConfigError) as info:
         parse_config(text, "c.conf")
     assert fragment in str(info.value)
     assert all(re.match(r"c\.conf:\d+: ", p) for p in info.value.problems)
+
+
+@pytest.mark.parametrize("host, ok", [
+    ("127.0.0.1", True), ("::1", False), ("pbx", True), ("pbx.example.com.", True),
+    ("b\u00fccher.example", True), ("_sip.example.com", True), ("-pbx.example.com", False),
+    ("pbx..example.com", False), ("a" * 64 + ".example.com", False), ("", False),
+    ("pbx.example.com:5038", False),
+])
+def test_is_host_name(host, ok):
+    # Addresses are checked apart (is_ip_address); a name must be one that
+    # getaddrinfo takes without raising UnicodeError.
+    assert ctinotify.is_host_name(host) is ok
+    if ok:
+        host.encode("idna")
 
 
 def test_config_templates_comments_and_arrows():
@@ -536,6 +553,19 @@ def test_session_pings_and_declares_a_silent_link_dead():
     assert session.poll(41.0) is None and session.data_to_send().startswith(b"Action: Ping")
     assert session.poll(50.9) is None
     assert "no answer to Ping" in session.poll(51.0)
+
+
+def test_session_an_unanswered_ping_is_no_deadline_of_its_own():
+    # ping_interval under the Ping timeout: while the first Ping waits, the
+    # next one's due time has passed but must not wake the loop (it spun).
+    session = AmiSession("u", "s", ping_interval=2)
+    session.receive_data(b"Asterisk Call Manager/11.0.0\r\n", 0.0)
+    session.data_to_send()
+    session.receive_data(b"Response: Success\r\nActionID: ctinotify-1\r\n\r\n", 0.0)
+    assert session.poll(2.0) is None and session.data_to_send().startswith(b"Action: Ping")
+    assert session.poll(5.0) is None and session.data_to_send() == b""
+    assert session.next_deadline() == 2.0 + ctinotify.AMI_PING_TIMEOUT_S
+    assert "no answer to Ping" in session.poll(2.0 + ctinotify.AMI_PING_TIMEOUT_S)
 
 
 def test_session_login_timeout():
@@ -3696,6 +3726,24 @@ def test_e2e_half_open_connections(fake, daemon_factory, clients):
     assert_still_serving(fake, daemon, clients)
 
 
+def test_e2e_half_closed_after_a_failed_login_still_waits_and_answers_all(
+        fake, daemon_factory, clients):
+    """The failed-login delay holds for a client that half-closes at once,
+    and every command it sent is still answered."""
+    daemon = daemon_factory(general="login_fail_delay = 0.5")
+    client = clients(daemon.port)
+    started = time.monotonic()
+    client.sock.sendall(b"LOGIN alice wrong\r\nPING\r\n")
+    client.sock.shutdown(socket.SHUT_WR)
+    assert client.line() == "ERR 401 login failed"
+    waited = time.monotonic() - started
+    assert client.line() == "OK PONG"
+    assert client.closed()
+    assert waited >= 0.4  # the delay itself, not a speed
+    daemon.wait_log(r"disconnected: closed by the client")
+    assert_still_serving(fake, daemon, clients)
+
+
 def open_fds(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
@@ -4351,6 +4399,10 @@ def test_e2e_reload_rejects_an_invalid_config_and_keeps_the_running_one(fake, da
     daemon.wait_log(r"ERROR   \S+:4: \[general\] max_clients: 'none' is not a number")
     daemon.wait_log(r"ERROR   \S+:\d+: \[bob\] devices: 'PJSIP101' is not a device")
     assert alice.events_until_pong() == []  # still connected
+    edit_config(daemon, ("max_clients = none", ""), ("devices = PJSIP101", "devices = PJSIP/101"),
+                ("host = 127.0.0.1", "host = pbx..example.com"))
+    daemon.proc.send_signal(signal.SIGHUP)  # idna rejects this name: was a crash
+    daemon.wait_log(r"ERROR   \S+:\d+: \[ami\] host: 'pbx\.\.example\.com' is neither")
     again = clients(daemon.port, "alice alice-secret")  # the old secret still works
     assert again.events_until_pong() == []
     assert fake.logins == 1 and daemon.proc.poll() is None
@@ -4978,6 +5030,69 @@ def test_a_member_removed_from_a_queue_hears_of_it_no_more():
     trunk = inbound(pbx, "+15557000700")
     pbx.feed("QueueCallerJoin", trunk, Queue="support", Position=1, Count=1)
     assert pbx.kinds("alice") == [] and pbx.kinds("bob") == ["queue"]
+
+
+@pytest.mark.parametrize("behaviour, message", [
+    ("reset", "connection to 127.0.0.1 port %d lost"),
+    ("silent", "no login response"),
+    ("close", "Asterisk closed the connection"),
+])
+def test_record_fails_with_a_message_when_the_pbx_does(tmp_path, behaviour, message):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve():
+        peer, _ = listener.accept()
+        peer.sendall(b"Asterisk Call Manager/11.0.0\r\n")
+        peer.recv(1000)  # the login
+        if behaviour == "reset":
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif behaviour == "silent":
+            time.sleep(ctinotify.AMI_LOGIN_TIMEOUT_S + 3)
+        peer.close()
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    conf = tmp_path / "rec.conf"
+    conf.write_text("[ami]\nhost=127.0.0.1\nport=%d\nusername=u\nsecret=s\n"
+                    "[x]\nsecret=y\ndevices=SIP/1\n" % port)
+    try:
+        result = run_cli("record", str(tmp_path / "out.ami"), "-c", str(conf))
+    finally:
+        listener.close()
+    assert result.returncode == 1
+    assert (message % port if "%d" in message else message) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "out.ami").read_bytes().startswith(b"Asterisk Call Manager/")
+
+
+def test_a_sighup_while_starting_is_a_reload_not_death(fake, tmp_path):
+    """An init script's reload right after start (a long history to load):
+    SIGHUP's default action would kill the daemon, and systemd would not
+    restart it (a HUP exit counts as clean)."""
+    conf = tmp_path / "ctinotify.conf"
+    conf.write_text("[general]\nbind = 127.0.0.1\nport = 0\n[ami]\nhost = 127.0.0.1\n"
+                    "port = %d\nusername = ctitest\nsecret = ctitest\n"
+                    "[alice]\nsecret = s\ndevices = PJSIP/100\n" % fake.port)
+    os.chmod(str(conf), 0o600)
+    code = ("import os, signal, sys; sys.path.insert(0, %r); import ctinotify\n"
+            "start = ctinotify.Daemon.start\n"
+            "def slow_start(self):\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)  # while starting\n"
+            "    start(self)\n"
+            "ctinotify.Daemon.start = slow_start\n"
+            "sys.exit(ctinotify.main(['run', '-c', %r]))\n" % (HERE, str(conf)))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True)
+    try:
+        fake.wait_for_logins(1)
+        assert proc.poll() is None
+    finally:
+        stop_process(proc, signal.SIGTERM)
+    output = proc.stdout.read()
+    assert proc.returncode == 0, output
+    assert "configuration reloaded from" in output, output
 
 
 def test_record_speaks_tls_to_a_tls_pbx(tmp_path, certificates):
