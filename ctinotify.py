@@ -918,7 +918,7 @@ def load_config(path: str, require_ami: bool = True) -> Config:
         if not pbx.tls:
             continue
         try:
-            config.ami_tls_contexts[pbx.name] = ami_tls_context(pbx)
+            config.ami_tls_contexts[pbx.name] = client_tls_context(pbx.tls_ca, pbx.tls_verify)
         except (OSError, ValueError) as e:
             problems.append("%s: cannot load the CA file: %s, expected PEM certificates"
                             % (config.origins.get("tls_ca:" + pbx.name,
@@ -945,14 +945,16 @@ def server_tls_context(cert: str, key: Optional[str]) -> "ssl.SSLContext":
     return context
 
 
-def ami_tls_context(cfg: AmiConfig) -> "ssl.SSLContext":
-    """The context of the TLS link to Asterisk: verified against ``tls_ca``
-    or the system's CAs unless ``tls_verify = no``."""
+def client_tls_context(cafile: str = "", verify: bool = True) -> "ssl.SSLContext":
+    """The context of a TLS connection we open (to Asterisk, or ``watch`` to
+    the daemon): TLS 1.2 or newer, the server verified against ``cafile``
+    (a CA, or the server's own certificate) or the system's CAs, unless
+    ``verify`` is off (``[ami] tls_verify = no``)."""
     if ssl is None:
         raise ValueError("this Python has no ssl module")
-    context = ssl.create_default_context(cafile=cfg.tls_ca or None)
+    context = ssl.create_default_context(cafile=cafile or None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not cfg.tls_verify:
+    if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
@@ -5438,9 +5440,11 @@ class WatchClient:
     def __init__(self, host: str, port: int, user: str, secret: str,
                  fmt: str = "readable", hooks: Sequence[ExecHook] = (),
                  open_urls: bool = False, state: Optional[WatchState] = None,
-                 out=None):
+                 out=None, tls_context: Optional["ssl.SSLContext"] = None):
         self.host = host
         self.port = port
+        #: Set: the server's TLS port, its certificate verified.
+        self.tls_context = tls_context
         self.user = user
         self._secret = secret
         #: ``readable`` lines, or the server's raw ``text`` or ``json`` lines.
@@ -5490,6 +5494,17 @@ class WatchClient:
                                             timeout=WATCH_CONNECT_TIMEOUT_S)
         except OSError as e:
             return False, False, "cannot connect to %s: %s" % (self.where, e.strerror or e)
+        if self.tls_context is not None:
+            try:
+                sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
+            except OSError as e:
+                sock.close()
+                if isinstance(e, ssl.SSLCertVerificationError):
+                    # Trying again would not help; somebody may be in between.
+                    log.error("%s: %s; give the server's certificate (or its CA) with "
+                              "--tls-ca", self.where, _error_text(e))
+                    return True, False, "certificate not trusted"
+                return False, False, "TLS with %s failed: %s" % (self.where, _error_text(e))
         logged_in = False
         try:
             sock.settimeout(WATCH_TICK_S)
@@ -6039,10 +6054,18 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         return 0
     if secret is None:
         return 1
+    tls_context = None
+    if args.tls or args.tls_ca:
+        try:
+            tls_context = client_tls_context(args.tls_ca or "")
+        except (OSError, ValueError) as e:
+            log.error("cannot use TLS with %s: %s", args.tls_ca or "the system's CAs",
+                      _ssl_reason(e))
+            return 1
     state = WatchState(args.state, "%s@%s:%d" % (args.user, host, port))
     state.load()
     client = WatchClient(host, port, args.user, secret, args.format, args.hooks,
-                         args.open, state)
+                         args.open, state, tls_context=tls_context)
     return client.run()
 
 
@@ -6120,6 +6143,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cmd.add_argument("--open", action="store_true",
                      help="open the url of incoming calls (the server's popup_url) in the "
                           "web browser; http and https only")
+    cmd.add_argument("--tls", action="store_true",
+                     help="connect to the server's TLS port (its tls_port), verifying its "
+                          "certificate against the system's CAs")
+    cmd.add_argument("--tls-ca", metavar="FILE",
+                     help="verify the server against FILE instead: its CA, or its own "
+                          "certificate if self-signed (implies --tls)")
     cmd.add_argument("--format", choices=("readable", "text", "json"), default="readable",
                      help="readable lines (the default), or the server's text or JSON lines")
     cmd.add_argument("--state", metavar="FILE", default=DEFAULT_WATCH_STATE,

@@ -4235,6 +4235,25 @@ def test_e2e_tls_clients_and_non_blocking_handshakes(fake, daemon_factory, clien
         plain.close()
 
 
+def test_e2e_watch_over_tls_verifies_the_server(fake, daemon_factory, watches, tmp_path,
+                                                certificates):
+    cert, key = certificates["server"]
+    daemon = daemon_factory(general="tls_port = 0\ntls_cert = %s\ntls_key = %s" % (cert, key))
+    port = tls_port_of(daemon)
+    watch = watches(tmp_path, port, "--tls-ca", cert)
+    watch.wait("err", r"connected to 127\.0\.0\.1 port %d: OK logged in as alice" % port)
+    daemon.wait_log(r"client 127\.0\.0\.1:\d+: TLS established")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    watch.wait("out", CALL_LINE % "incoming  John Customer <\\+15551230001>")
+    # Not the certificate it was told to trust: no login, no retry, exit 1.
+    (tmp_path / "other").mkdir()
+    stranger = watches(tmp_path / "other", port, "--tls-ca", certificates["other"][0])
+    assert stranger.proc.wait(20) == 1
+    stranger.wait("err", r"127\.0\.0\.1 port %d: certificate verify failed: .*; give the "
+                         r"server's certificate \(or its CA\) with --tls-ca" % port)
+    assert watch.stop() == 0
+
+
 def server_context(cert, key):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
