@@ -1665,7 +1665,7 @@ class Channel:
                  "linkedid", "state", "caller", "connected", "context", "exten",
                  "first_exten", "app", "appdata", "created", "answered_at", "bridge",
                  "dialer", "dial_targets", "originated", "user_calls", "diverted_from",
-                 "transferred_by", "queue", "queue_join", "queue_told", "on_hold", "parked",
+                 "transferred_by", "queue", "queue_join", "queue_told", "hold_told", "parked",
                  "callback", "caller_raw", "connected_raw")
 
     def __init__(self, uniqueid: str, name: str, now: float):
@@ -1710,7 +1710,8 @@ class Channel:
         self.queue: Optional[str] = None
         self.queue_join: Tuple[str, str] = ("", "")  # position, count at join
         self.queue_told: Set[str] = set()
-        self.on_hold = False
+        #: While this channel holds its call: the user calls told "hold".
+        self.hold_told: Optional[List[UserCall]] = None
         #: (space, lot, parked by) while parked.
         self.parked: Optional[Tuple[str, str, Party]] = None
         #: For an originated Local channel (click-to-dial through the
@@ -2007,8 +2008,10 @@ class CallEngine:
         #: Queue caller Uniqueid -> its members' calls that stopped ringing
         #: while the caller still waits (the queue may ring them again).
         self._queue_held: Dict[str, List[UserCall]] = {}
-        #: Uniqueids seen since a resync began (None: no resync running).
+        #: Uniqueids seen since a resync began (None: no resync running),
+        #: and those of the channels not answered when it began.
         self._resync_seen: Optional[Set[str]] = None
+        self._resync_unanswered: Set[str] = set()
         self._out: List[Notification] = []
         self._now = 0.0
         self._handlers = {
@@ -2080,6 +2083,8 @@ class CallEngine:
         no other event touches meanwhile) are gone when it completes.  Queue
         membership is relearned (QueueStatus follows): it may have changed."""
         self._resync_seen = set()
+        self._resync_unanswered = {uid for uid, chan in self.table.channels.items()
+                                   if chan.answered_at is None}
         self.queue_members.clear()
 
     def link_lost(self, now: float) -> List[Notification]:
@@ -2145,6 +2150,21 @@ class CallEngine:
                     self._announce_incoming(uc, root.caller, self._dialed_number(root, ""),
                                             chan)
                     uc.outcome = "failed"
+        if app == "voicemail":
+            self._to_voicemail(chan)
+
+    def _to_voicemail(self, chan: Channel) -> None:
+        """The caller reached voicemail: for the users whose number it was,
+        and whose phones no longer ring, the call ends now, missed (not when
+        the message is done: CALLS must not show it ringing meanwhile)."""
+        mailbox = chan.appdata.partition(",")[0]
+        for uc in list(chan.user_calls):
+            if uc.anchor is chan and uc.direction == "in" and uc.announced \
+                    and uc.answered_at is None and not uc.channels:
+                uc.path.append({"voicemail": mailbox})
+                uc.outcome = uc.outcome or "noanswer"
+                self._release_anchor(uc)
+                self._end(uc)
 
     def on_localbridge(self, msg: AmiMessage) -> None:
         one = self._snapshot(msg, "LocalOne")
@@ -2628,6 +2648,7 @@ class CallEngine:
 
     def _hangup(self, chan: Channel, cause: int, cause_txt: str,
                 reason: Optional[str] = None) -> None:
+        self._end_hold(chan)
         self.table.remove(chan)
         for room in [r for r, members in self.conferences.items() if chan in members]:
             self._leave_conference(chan, room)
@@ -2843,7 +2864,8 @@ class CallEngine:
         space, lot, by = parkee.parked or (msg.get("ParkingSpace", ""),
                                            msg.get("Parkinglot", ""), NOBODY)
         parkee.parked = None
-        caller = parkee.caller
+        # A click-to-dial's trunk leg carries the parker's own name: dropped.
+        caller = self._remote_party(parkee, by)
         for user in self._users_of(retriever):
             uc = self._user_call(parkee.linkedid, user, "in", retriever.caller, caller,
                                  retriever.exten)
@@ -2867,7 +2889,8 @@ class CallEngine:
         result = "timeout" if msg.get("Event") == "ParkedCallTimeOut" else "abandoned"
         parker_device = device_of_interface(msg.get("ParkerDialString", ""))
         fields = self._fields("unpark", parkee.linkedid, self._now, "callee", parker_device,
-                              parkee.caller, by, space=space, lot=lot, result=result,
+                              self._remote_party(parkee, by), by, space=space, lot=lot,
+                              result=result,
                               parked_by=by.as_dict(), retrieved_by=NOBODY.as_dict())
         for user in self.directory.device_users(parker_device):
             self._out.append(Notification(user, "unpark", dict(fields)))
@@ -2998,16 +3021,33 @@ class CallEngine:
         if chan is None:
             return
         held = msg.get("Event") == "Hold"
-        if chan.on_hold == held:
+        if (chan.hold_told is not None) == held:
             return  # PJSIP re-INVITEs repeat Unhold (j_blind_transfer.ami)
-        chan.on_hold = held
-        kind = "hold" if held else "unhold"
-        told: Set[UserCall] = set()
+        if held:
+            chan.hold_told = self._tell_hold(chan, "hold", [])
+        else:
+            self._end_hold(chan)
+
+    def _end_hold(self, chan: Channel) -> None:
+        """Unhold, or the holder hung up (a completed transfer): Asterisk
+        sends no Unhold then, but the held party hears music on hold no more
+        (k_attended_transfer.ami: MusicOnHoldStop, no Unhold).  Leaving the
+        bridge is no end: an attended transfer's consultation does that."""
+        told, chan.hold_told = chan.hold_told, None
+        if told is not None:
+            self._tell_hold(chan, "unhold", [uc for uc in told
+                                             if self.user_calls.get(uc.key) is uc])
+
+    def _tell_hold(self, chan: Channel, kind: str, also: List[UserCall]) -> List[UserCall]:
+        """Tell ``kind`` by ``chan`` to its call's parties (and ``also``)."""
+        told = list(also)
         for other in [chan] + self.table.talking_with(chan):
             for uc in other.user_calls:
                 if uc not in told:
-                    told.add(uc)
-                    self._emit(uc, kind, by=chan.caller.as_dict())
+                    told.append(uc)
+        for uc in told:
+            self._emit(uc, kind, by=chan.caller.as_dict())
+        return told
 
     # -- handlers: resync ------------------------------------------------------
 
@@ -3022,6 +3062,13 @@ class CallEngine:
         bridge_id = msg.get("BridgeId")
         if bridge_id:
             self.table.enter_bridge(chan, bridge_id)
+        if chan.app.lower() == "confbridge":
+            # In a room since before we connected (ConfBridge(room,...)):
+            # its later joins and leaves are told, and counted right.
+            room = chan.appdata.partition(",")[0]
+            members = self.conferences.setdefault(room, []) if room else []
+            if room and chan not in members:
+                members.append(chan)
 
     def on_coreshowchannelscomplete(self, msg: AmiMessage) -> None:
         told = self.end_resync(self._now)  # swaps self._out: extend afterwards
@@ -3038,15 +3085,21 @@ class CallEngine:
         for chan in [c for c in self.table.channels.values() if c.uniqueid not in seen]:
             # Hung up while we were not listening: how is unknowable.
             self._hangup(chan, 0, "", reason="unknown")
-        for uc in list(self.user_calls.values()):
-            up = [c for c in uc.channels if c.state == "Up"]
-            if uc.announced and uc.answered_at is None and up:
-                # Answered while we were away.
-                peer = next((c for c in self.table.bridged_with(up[0]) if not c.is_local), up[0])
-                uc.answered_at = up[0].answered_at or now
-                uc.answered_by = self._remote_party(peer, uc.me)
-                self._emit(uc, "pickup", answered_by=dict(uc.answered_by.as_dict(),
-                                                          device=peer.device))
+        for chan in list(self.table.channels.values()):
+            if chan.app.lower() == "voicemail":
+                self._to_voicemail(chan)  # got there while we were away
+        unanswered, self._resync_unanswered = self._resync_unanswered, set()
+        for uid in sorted(unanswered):
+            chan = self.table.channels.get(uid)
+            if chan is None or chan.answered_at is None or chan.is_local:
+                continue
+            # Answered while we were away: told as if we had seen it, by the
+            # channel that answered (a callee: what dialed it is known).  A
+            # caller's own channel being Up says nothing: a click-to-dial
+            # phone is Up while the far end still rings.
+            if chan.dialer is not None or any(uc.direction == "in" and chan in uc.channels
+                                              for uc in chan.user_calls):
+                self._answered(chan.dialer, chan)
         for chan in list(self.table.channels.values()):
             if not chan.user_calls and self._users_of(chan):
                 self._adopt(chan)
@@ -3058,14 +3111,24 @@ class CallEngine:
         known from now on, so CALLS shows it and its hangup is told.  Only a
         call still ringing is announced; one already answered is old news."""
         callee = chan.app == "AppDial" or chan.dialer is not None
+        # An outgoing call to an application (a conference room, voicemail)
+        # has no connected party: the number the phone dialed stands in.
+        dialed = "" if callee else self._dialed_number(chan, "")
+        peer = chan.connected or Party(dialed, "")
         for user in self._users_of(chan):
             uc = self._user_call(chan.linkedid, user, "in" if callee else "out", chan.caller,
-                                 chan.connected, "")
+                                 peer, dialed)
             uc.device = chan.device
             uc.started = chan.created
             self._attach(uc, chan)
             if chan.state == "Up":
                 uc.answered_at = chan.answered_at or self._now
+                # Who answered: the user, on a call to them; else whoever
+                # the phone talks with.
+                partner = next((c for c in self.table.talking_with(chan) if not c.is_local),
+                               None)
+                uc.answered_by = uc.me if callee else \
+                    self._remote_party(partner, uc.me) if partner is not None else None
                 uc.announced = True
             elif callee:
                 self._announce_incoming(uc, chan.connected, "", chan)

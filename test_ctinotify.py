@@ -4912,10 +4912,150 @@ def test_resync_tells_a_call_answered_while_the_link_was_down():
         engine.handle(AmiParser(expect_banner=False).feed(text.encode())[0], 60)
     done = AmiParser(expect_banner=False).feed(b"Event: CoreShowChannelsComplete\r\n\r\n")[0]
     told = engine.handle(done, 61)
-    assert [(n.user, n.kind, n.fields["answered_by"]["num"]) for n in told] == \
-        [("alice", "pickup", "+15551230001")]
+    # Answered by Alice's phone, as a pickup seen live would say.
+    assert [(n.user, n.kind, n.fields["answered_by"]["num"], n.fields["answered_by"]["device"])
+            for n in told] == [("alice", "pickup", "100", "PJSIP/100")]
     (call,) = ctinotify.ServerView(office().users, engine).calls("alice")
     assert call["state"] == "up"
+
+
+def prefixed(prefix, chan):
+    return {prefix + key: value for key, value in chan.items()}
+
+
+def test_resync_does_not_call_a_click_to_dial_answered_while_the_far_end_rings():
+    """The user's phone is Up from the moment she accepts the originate:
+    after a reconnect that says nothing about the number she called."""
+    engine = CallEngine(Directory(office().users.values()))
+    clock = ctinotify.TraceClock()
+    for msg in AmiParser().feed(read_trace("o_click_to_dial")):
+        engine.handle(msg, clock.observe(msg))
+        if msg.get("Event") == "DialState" and msg.get("DestChannel", "").startswith("PJSIP/trunk"):
+            break
+    engine.begin_resync()
+    for chan in list(engine.table.channels.values()):
+        text = ("Event: CoreShowChannel\r\nChannel: %s\r\nUniqueid: %s\r\nLinkedid: %s\r\n"
+                "ChannelStateDesc: %s\r\n\r\n" % (chan.name, chan.uniqueid, chan.linkedid,
+                                                    chan.state))
+        assert not engine.handle(AmiParser(expect_banner=False).feed(text.encode())[0], 60)
+    done = AmiParser(expect_banner=False).feed(b"Event: CoreShowChannelsComplete\r\n\r\n")[0]
+    assert not engine.handle(done, 61)
+    (call,) = ctinotify.ServerView(office().users, engine).calls("alice")
+    assert call["state"] == "ringing"
+
+
+def test_resync_tells_a_mobile_that_answered_while_the_link_was_down():
+    pbx = Pbx()
+    trunk = inbound(pbx)
+    pbx.exten(trunk, "100")
+    one, two, mobile = pbx.forward(trunk, "+15559870003", trunk)
+    pbx.engine.begin_resync()
+    for chan in (mobile, two, one, trunk):
+        chan["ChannelStateDesc"] = "Up"
+        pbx.feed("CoreShowChannel", chan, BridgeId="b1" if chan in (trunk, one) else "b2",
+                 Application="AppDial" if chan in (mobile, one) else "Dial")
+    pbx.feed("CoreShowChannelsComplete")
+    assert pbx.kinds("alice") == ["incoming", "divert", "pickup"]
+    assert pbx.events("alice")[-1][1]["answered_by"]["num"] == "+15559870003"
+    for chan in (mobile, two, one, trunk):
+        pbx.hangup(chan)
+    assert pbx.events("alice")[-1][1]["reason"] == "completed"
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_call_ends_for_the_user_when_it_reaches_voicemail():
+    """After the desk phone timed out: missed now, not when the message is
+    done, and CALLS no longer lists it as ringing meanwhile."""
+    pbx = Pbx()
+    trunk = inbound(pbx)
+    pbx.exten(trunk, "100")
+    alice = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", linked=trunk)
+    pbx.dial(trunk, alice)
+    pbx.dial_end(trunk, alice, "NOANSWER")
+    pbx.hangup(alice, 19)
+    pbx.set(trunk, "Newexten", Application="VoiceMail", AppData="100@default,u")
+    assert pbx.kinds("alice") == ["incoming", "timeout", "hangup"]
+    assert pbx.events("alice")[-1][1]["reason"] == "noanswer"
+    assert pbx.told[-1].record["path"] == [{"voicemail": "100@default"}]
+    assert ctinotify.ServerView(office().users, pbx.engine).calls("alice") == []
+    pbx.hangup(trunk)
+    assert_engine_empty(pbx.engine)
+
+
+def test_hold_ends_when_the_holder_transfers_the_call_away():
+    """Asterisk sends no Unhold when the holding phone completes a transfer
+    and hangs up; the party it held is off hold all the same."""
+    pbx = Pbx()
+    dave = pbx.new("PJSIP/103-00000001", "103", "Dave Brown", exten="100", state="Ring")
+    alice = pbx.new("PJSIP/100-00000002", "100", "Alice Smith", linked=dave)
+    pbx.dial(dave, alice)
+    for chan in (alice, dave):
+        pbx.set(chan, ChannelStateDesc="Up")
+    pbx.dial_end(dave, alice, "ANSWER")
+    for chan in (alice, dave):
+        pbx.feed("BridgeEnter", chan, BridgeUniqueid="b1")
+    pbx.feed("Hold", alice)
+    pbx.feed("BlindTransfer", Result="Success", Extension="101", Context="from-internal",
+             **prefixed("Transferer", alice), **prefixed("Transferee", dave))
+    for chan in (alice, dave):
+        pbx.feed("BridgeLeave", chan, BridgeUniqueid="b1")
+    assert pbx.kinds("dave")[-2:] == ["hold", "transfer"]  # leaving a bridge ends nothing
+    pbx.hangup(alice)
+    assert pbx.kinds("dave")[-1] == "unhold"
+    assert pbx.events("dave")[-1][1]["by"]["num"] == "100"
+    pbx.hangup(dave)
+    assert_engine_empty(pbx.engine)
+
+
+def test_resync_relearns_who_is_in_a_conference():
+    pbx = Pbx()
+    alice = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", exten="800", state="Up")
+    pbx.engine.table.clear()  # as if her Newchannel came while the link was down
+    pbx.told.clear()
+    pbx.engine.begin_resync()
+    pbx.feed("CoreShowChannel", alice, Application="ConfBridge",
+             ApplicationData="800,default_bridge,default_user", BridgeId="conf800")
+    pbx.feed("CoreShowChannelsComplete")
+    (call,) = ctinotify.ServerView(office().users, pbx.engine).calls("alice")
+    assert (call["state"], call["to"]["num"], call["dialed"]) == ("up", "800", "800")
+    trunk = inbound(pbx, "+15557000800")
+    pbx.feed("ConfbridgeJoin", trunk, Conference="800")
+    joined = pbx.events("alice")[-1][1]
+    assert (joined["action"], joined["members"], joined["who"]["num"]) == \
+        ("join", 2, "+15551230001")
+    pbx.feed("ConfbridgeLeave", trunk, Conference="800")
+    pbx.hangup(trunk)
+    pbx.feed("ConfbridgeLeave", alice, Conference="800")
+    pbx.hangup(alice)
+    assert pbx.kinds("alice") == ["conference"] * 3 + ["hangup"]
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_parked_click_to_dial_call_does_not_show_the_parkers_name():
+    """The outbound leg of an Originate carries the clicking user's name
+    (o_click_to_dial.ami): whoever retrieves the call must not see it."""
+    pbx = Pbx()
+    alice = pbx.new("PJSIP/100-00000001", "100", "Alice Smith")
+    pbx.feed("DialBegin", None, alice, DialString="100")
+    pbx.set(alice, ChannelStateDesc="Up")
+    pbx.feed("DialEnd", None, alice, DialStatus="ANSWER")
+    pbx.set(alice, "Newexten", Exten="+15559870002", Application="Dial",
+            AppData="PJSIP/+15559870002@trunk")
+    far = pbx.new("PJSIP/trunk-00000002", "+15559870002", "Alice Smith", linked=alice)
+    pbx.dial(alice, far)
+    pbx.set(far, ChannelStateDesc="Up")
+    pbx.dial_end(alice, far, "ANSWER")
+    pbx.feed("ParkedCall", ParkerDialString="PJSIP/100", Parkinglot="default",
+             ParkingSpace="71", ParkingTimeout="45", **prefixed("Parkee", far))
+    pbx.hangup(alice)
+    bob = pbx.new("PJSIP/101-00000003", "101", "Bob Jones", exten="71", state="Up")
+    pbx.feed("UnParkedCall", ParkerDialString="PJSIP/100", Parkinglot="default",
+             ParkingSpace="71", **prefixed("Parkee", far), **prefixed("Retriever", bob))
+    assert [(k, e["from"]["num"], e["from"]["name"]) for k, e in pbx.events("bob")] == \
+        [("incoming", "+15559870002", ""), ("unpark", "+15559870002", "")]
+    pbx.hangup(far)
+    pbx.hangup(bob)
+    assert_engine_empty(pbx.engine)
 
 
 def test_a_hunt_that_finds_someone_is_not_busy_for_the_caller():
