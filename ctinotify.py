@@ -5503,11 +5503,14 @@ class WatchClient:
     def __init__(self, host: str, port: int, user: str, secret: str,
                  fmt: str = "readable", hooks: Sequence[ExecHook] = (),
                  open_urls: bool = False, state: Optional[WatchState] = None,
-                 out=None, tls_context: Optional["ssl.SSLContext"] = None):
+                 out=None, tls_context: Optional["ssl.SSLContext"] = None, tls_ca: str = ""):
         self.host = host
         self.port = port
-        #: Set: the server's TLS port, its certificate verified.
+        #: Set: the server's TLS port, its certificate verified (against
+        #: ``tls_ca``, else the system's CAs).
         self.tls_context = tls_context
+        self.tls_hint = ("is %s the server's certificate, or its CA's?" % tls_ca if tls_ca
+                         else "give the server's certificate (or its CA) with --tls-ca")
         self.user = user
         self._secret = secret
         #: ``readable`` lines, or the server's raw ``text`` or ``json`` lines.
@@ -5564,8 +5567,7 @@ class WatchClient:
                 sock.close()
                 if isinstance(e, ssl.SSLCertVerificationError):
                     # Trying again would not help; somebody may be in between.
-                    log.error("%s: %s; give the server's certificate (or its CA) with "
-                              "--tls-ca", self.where, _error_text(e))
+                    log.error("%s: %s; %s", self.where, _error_text(e), self.tls_hint)
                     return True, False, "certificate not trusted"
                 return False, False, "TLS with %s failed: %s" % (self.where, _error_text(e))
         logged_in = False
@@ -6128,7 +6130,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     state = WatchState(args.state, "%s@%s:%d" % (args.user, host, port))
     state.load()
     client = WatchClient(host, port, args.user, secret, args.format, args.hooks,
-                         args.open, state, tls_context=tls_context)
+                         args.open, state, tls_context=tls_context, tls_ca=args.tls_ca or "")
     return client.run()
 
 

@@ -923,7 +923,7 @@ def report(settings, mode, traces, through, fanout, scale, rounds, seconds):
     if fanout["lost"] or scale["lost"]:
         add("   (clients disconnected by the daemon: %d)" % (fanout["lost"] + scale["lost"]))
     add("")
-    add("Targets (issue 5):")
+    add("Targets (README, Performance):")
     full = mode == "full"
     for name in names:
         figures = through[name]

@@ -17,11 +17,13 @@ import hashlib
 import os
 import random
 import selectors
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -350,8 +352,8 @@ DEMO_TRACES = ("a_inbound_answered", "e_internal_answered", "g_ringgroup", "b_in
 DEMO_PACED = (b"Event: DialBegin", b"Event: DialEnd", b"Event: Hangup", b"Event: BridgeEnter")
 
 
-def run_demo(config, pace):
-    fake = FakeAsterisk(port=15038)
+def run_demo(config, pace, ami_port=15038):
+    fake = FakeAsterisk(port=ami_port)
     events = []
     for name in DEMO_TRACES:
         with open(os.path.join(HERE, "traces", name + ".ami"), "rb") as f:
@@ -373,8 +375,14 @@ def run_demo(config, pace):
         state["event"] = 0
         state["due"] = time.monotonic() + 3 * pace
 
+    # A private copy: a fresh clone's demo.conf is readable by everyone, and
+    # the daemon rightly warns about that for a file that holds secrets.
+    private = tempfile.mkdtemp(prefix="ctinotify-demo-")
+    private_config = os.path.join(private, "demo.conf")
+    shutil.copyfile(config, private_config)
+    os.chmod(private_config, 0o600)
     daemon = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(HERE), "ctinotify.py"),
-                               "run", "-c", config])
+                               "run", "-c", private_config])
     print("=" * 72)
     print(" ctinotify DEMO - recorded Asterisk calls replayed by a fake PBX on")
     print(" 127.0.0.1:15038; no real Asterisk is involved.  In another terminal:")
@@ -394,6 +402,7 @@ def run_demo(config, pace):
     finally:
         daemon.terminate()
         daemon.wait(10)
+        shutil.rmtree(private, ignore_errors=True)
     return 0
 
 
@@ -402,9 +411,11 @@ def main(argv=None):
     parser.add_argument("--demo", action="store_true", help="run the demo (see make demo)")
     parser.add_argument("--config", default=os.path.join(HERE, "demo.conf"))
     parser.add_argument("--pace", type=float, default=0.8, help="seconds between call steps")
+    parser.add_argument("--ami-port", type=int, default=15038,
+                        help="the fake PBX's port (the config's [ami] port)")
     args = parser.parse_args(argv)
     if args.demo:
-        return run_demo(args.config, args.pace)
+        return run_demo(args.config, args.pace, args.ami_port)
     parser.print_help()
     return 2
 
