@@ -1188,19 +1188,43 @@ def _parse_message(text: str, defer: bool = True) -> AmiMessage:
         name = text[7:end] if end >= 0 else text[7:]
         if name in DEFERRED_EVENTS:
             return _DeferredAmiMessage(name, text)
+    msg = _parse_plain(text)
+    if msg is None:
+        msg = _message_from_lines(text.replace("\r\n", "\n").split("\n"))
+    return msg
+
+
+def _parse_plain(text: str) -> Optional[AmiMessage]:
+    """The one pass of the common case, or None where the general rules
+    must redo it."""
     lines = text.split("\r\n")
     msg = AmiMessage()
     for line in lines:
         key, sep, value = line.partition(": ")
         if not sep:
-            break
+            return None
         msg[key] = value
-    else:
-        # Every line was "Key: Value": done, unless a key was repeated or
-        # a bare LF hid a line inside another.
-        if len(msg) == len(lines) and text.count("\n") == len(lines) - 1:
-            return msg
-    return _message_from_lines(text.replace("\r\n", "\n").split("\n"))
+    # Every line was "Key: Value": done, unless a key was repeated or a
+    # bare LF hid a line inside another.
+    if len(msg) == len(lines) and text.count("\n") == len(lines) - 1:
+        return msg
+    return None
+
+
+def _plain_event(text: str) -> Optional[AmiMessage]:
+    """A block cut out at CRLF CRLF, parsed if it is plainly one event of
+    distinct CRLF ``Key: Value`` lines (what Asterisk sends), else None:
+    then the general framing and rules take it from its start."""
+    if not text.startswith("Event: "):
+        return None  # responses and anything odd: the general path
+    end = text.find("\r", 7)
+    name = text[7:end] if end >= 0 else text[7:]
+    if name in DEFERRED_EVENTS:
+        # Left unsplit: this count proves it holds no LF-framed message.
+        if text.count("\n") != text.count("\r\n"):
+            return None
+        return _DeferredAmiMessage(name, text)
+    return _parse_plain(text)
 
 
 def _message_from_lines(lines: List[str]) -> AmiMessage:
@@ -1268,7 +1292,7 @@ class AmiParser:
         buf += data
         if self.banner is None and not self._read_banner():
             return []
-        messages: List[AmiMessage] = []
+        messages = [] if self._skipping else self._plain_events()
         pos = 0
         end_search = _AMI_MESSAGE_END.search
         while True:
@@ -1312,6 +1336,35 @@ class AmiParser:
             # Resume the search where a terminator could still begin.
             self._scan_from = max(0, len(buf) - 32)
             return messages
+
+    def _plain_events(self) -> List[AmiMessage]:
+        """The run of plain events at the start of the buffer, cut out with
+        one split at CRLF CRLF (bench: the general loop below costs 0.4 us a
+        message more).  It stops at the first block that is not one, which
+        the general loop then frames by the full rules, as it does the rest
+        of this read."""
+        buf = self._buffer
+        last = buf.rfind(b"\r\n\r\n")
+        if last < 0:
+            return []
+        region = bytes(buf[:last])
+        if _FOLLOWS_START in region:
+            return []  # a body with blank lines: not cut at CRLF CRLF
+        messages: List[AmiMessage] = []
+        limit = self.max_message_bytes
+        end = 0
+        for block in region.split(b"\r\n\r\n"):
+            if not block or block[0] in (10, 13) or len(block) > limit:
+                break
+            msg = _plain_event(str(block, "utf-8", "replace"))
+            if msg is None:
+                break
+            messages.append(msg)
+            end += len(block) + 4
+        if end:
+            del buf[:end]
+            self._scan_from = 0  # it pointed into the partial message consumed
+        return messages
 
     def _read_messages(self, pos: int, found: "re.Match[bytes]",
                        messages: List[AmiMessage]) -> int:
@@ -2582,13 +2635,15 @@ class CallEngine:
                   method: str = "") -> None:
         if answerer.is_local:
             return  # the endpoint behind the Local channel reports the answer
+        call_ids = {answerer.linkedid}
+        if src is not None:
+            call_ids.add(src.root().linkedid)
+        if not any(call_id in self.calls for call_id in call_ids):
+            return  # a call no user is part of (most calls, on a big PBX)
         lineage = set(answerer.lineage())
         root = answerer.root()
         if root.callback is not None:
             lineage.add(root.callback)  # click-to-dial: the user who asked for it
-        call_ids = {answerer.linkedid}
-        if src is not None:
-            call_ids.add(src.root().linkedid)
         outside = not self._users_of(answerer)
         # An outside number answering belongs to the nearest forward above
         # it: with 100 -> 101 -> 101's mobile, the mobile is 101's, not 100's.
@@ -4415,6 +4470,7 @@ class Daemon:
         for problem in session.parser.problems:
             log.warning("%s: %s", link.tag, problem)
         session.parser.problems.clear()
+        now = time.time()  # the messages of one read arrived together
         for item in items:
             if isinstance(item, AmiMessage):
                 event = item.get("Event")
@@ -4433,7 +4489,7 @@ class Daemon:
                                            "%s: ignored a message that is neither an event "
                                            "nor a response: %.200r", link.tag, dict(item) or item.body)
                         continue
-                self._feed_engine(link, item)
+                self._feed_engine(link, item, now)
             elif isinstance(item, AmiLoggedIn):
                 link.backoff = AMI_RECONNECT_MIN_S
                 log.info("%s: logged in as %s (%s)", link.tag, link.config.username, item.banner)
@@ -4465,9 +4521,9 @@ class Daemon:
             link.resync_id = None
             log.info("%s: resynchronised: %s channels in progress", link.tag, msg.get("ListItems", "?"))
 
-    def _feed_engine(self, link: AmiLink, msg: AmiMessage) -> None:
+    def _feed_engine(self, link: AmiLink, msg: AmiMessage, now: float) -> None:
         try:
-            notifications = link.engine.handle(msg, time.time())
+            notifications = link.engine.handle(msg, now)
         except Exception:
             # Our bug, not Asterisk's: skip the message, keep the link.
             log.exception("engine failed on a %.40r event; skipped it", msg.get("Event"))

@@ -419,6 +419,45 @@ def test_parser_block_rules_hold_on_every_path():
         assert msg.body == body, block
 
 
+def test_parser_fast_path_frames_exactly_like_the_general_rules():
+    """feed() cuts runs of plain events at CRLF CRLF in one split and leaves
+    anything else to the general loop: on any stream, at any split points,
+    the messages (and the problems noted) must be those of the general loop
+    alone."""
+    rng = random.Random(11)
+    blocks = [
+        b"Event: Newstate\r\nChannel: PJSIP/100-1\r\nUniqueid: 1.1",
+        b"Event: VarSet\r\nVariable: X\r\nValue: a: b",
+        b"Event: VarSet\r\nValue: a\nEvent: Hidden\n",          # a bare LF frames a message
+        b"Event: VarSet\r\nValue: x\ry\nEvent: Hidden",          # a lone CR and a bare LF
+        b"Event: Dup\r\nA: 1\r\nA: 2",
+        b"Event: Body\r\nline without separator",
+        b"Event: Empty\r\nKey:",
+        b"Response: Success\r\nActionID: 7\r\nPing: Pong",
+        b"Response: Follows\r\nActionID: 8\r\nName: a\r\n\r\nx: y\r\n--END COMMAND--",
+        b"Event: Lf\nX: 1\n",
+        b"\r\nEvent: AfterBlank",
+        b"\rEvent: LoneCr",
+        b"Event: Caf\xc3\xa9\r\nName: \xff",
+        b"Event: Big\r\nJunk: " + b"x" * 700,
+    ]
+    for _ in range(400):
+        stream = b"".join(rng.choice(blocks) + rng.choice([b"\r\n\r\n"] * 6 + [b"\n\n",
+                                                                            b"\r\n\r\n\r\n"])
+                          for _ in range(rng.randint(1, 12)))
+        fast = AmiParser(expect_banner=False, max_message_bytes=600)
+        general = AmiParser(expect_banner=False, max_message_bytes=600)
+        general._plain_events = lambda: []
+        got, want = [], []
+        cuts = sorted(rng.sample(range(1, len(stream)), min(4, len(stream) - 1)))
+        for start, end in zip([0] + cuts, cuts + [len(stream)]):
+            got += fast.feed(stream[start:end])
+        want += general.feed(stream)
+        assert [(dict(m), m.repeated, m.body) for m in got] == \
+            [(dict(m), m.repeated, m.body) for m in want], stream
+        assert len(fast.problems) == len(general.problems), stream
+
+
 DEFERRED_BLOCKS = [
     b"Event: VarSet\r\nChannel: PJSIP/100-00000001\r\nVariable: X\r\nValue: a: b",
     b"Event: VarSet\r\nA: 1\r\nA: 2\r\nEmpty:\r\nbody line\r\nActionID: 9",

@@ -267,14 +267,16 @@ def naive_parse(chunks):
 
 
 def parse_and_engine(chunks, users):
-    """What the daemon does per AMI message, minus the sockets."""
+    """What the daemon does per AMI read, minus the sockets: the messages
+    of one read share its time."""
     parser = ctinotify.AmiParser()
     engine = ctinotify.CallEngine(ctinotify.Directory(users))
     clock = time.time
     count = 0
     for chunk in chunks:
+        now = clock()
         for msg in parser.feed(chunk):
-            engine.handle(msg, clock())
+            engine.handle(msg, now)
             count += 1
     return count
 
