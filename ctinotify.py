@@ -1183,15 +1183,31 @@ def _parse_message(text: str, defer: bool = True) -> AmiMessage:
     ``Key:`` with no space, body lines) is redone by the general rules.
     With ``defer``, DEFERRED_EVENTS wait unsplit until something reads them.
     """
-    if defer and text.startswith("Event: "):
-        end = text.find("\r\n")
-        name = text[7:end] if end >= 0 else text[7:]
-        if name in DEFERRED_EVENTS:
-            return _DeferredAmiMessage(name, text)
-    msg = _parse_plain(text)
+    msg = _plain_or_deferred(text, framed=True) if defer else _parse_plain(text)
     if msg is None:
         msg = _message_from_lines(text.replace("\r\n", "\n").split("\n"))
     return msg
+
+
+def _plain_or_deferred(text: str, framed: bool) -> Optional[AmiMessage]:
+    """One pass for the common case, shared by both framings: a deferred
+    event left unsplit, or distinct CRLF ``Key: Value`` lines; else None.
+
+    ``framed``: the general framing cut this message out.  Otherwise it is
+    a block cut at CRLF CRLF (AmiParser._plain_events), which must also
+    prove it is one event and nothing else: a response or anything odd is
+    None, and so is a deferred one holding a bare LF (an LF-framed message).
+    """
+    if text.startswith("Event: "):
+        end = text.find("\r\n")
+        name = text[7:end] if end >= 0 else text[7:]
+        if name in DEFERRED_EVENTS:
+            if framed or text.count("\n") == text.count("\r\n"):
+                return _DeferredAmiMessage(name, text)
+            return None
+    elif not framed:
+        return None
+    return _parse_plain(text)
 
 
 def _parse_plain(text: str) -> Optional[AmiMessage]:
@@ -1209,22 +1225,6 @@ def _parse_plain(text: str) -> Optional[AmiMessage]:
     if len(msg) == len(lines) and text.count("\n") == len(lines) - 1:
         return msg
     return None
-
-
-def _plain_event(text: str) -> Optional[AmiMessage]:
-    """A block cut out at CRLF CRLF, parsed if it is plainly one event of
-    distinct CRLF ``Key: Value`` lines (what Asterisk sends), else None:
-    then the general framing and rules take it from its start."""
-    if not text.startswith("Event: "):
-        return None  # responses and anything odd: the general path
-    end = text.find("\r", 7)
-    name = text[7:end] if end >= 0 else text[7:]
-    if name in DEFERRED_EVENTS:
-        # Left unsplit: this count proves it holds no LF-framed message.
-        if text.count("\n") != text.count("\r\n"):
-            return None
-        return _DeferredAmiMessage(name, text)
-    return _parse_plain(text)
 
 
 def _message_from_lines(lines: List[str]) -> AmiMessage:
@@ -1296,10 +1296,9 @@ class AmiParser:
         pos = 0
         end_search = _AMI_MESSAGE_END.search
         while True:
-            lead = _AMI_LEADING_BLANKS.match(buf, pos)
-            if lead:
-                pos = lead.end()
             if self._skipping:
+                # Before any blank-line skipping: the kept tail of the
+                # oversized message may be the start of its own terminator.
                 found = end_search(buf, max(pos, self._scan_from))
                 if found is None:
                     # Keep only what could begin the terminator.
@@ -1310,6 +1309,9 @@ class AmiParser:
                 self._skipping = False
                 self._scan_from = 0
                 continue
+            lead = _AMI_LEADING_BLANKS.match(buf, pos)
+            if lead:
+                pos = lead.end()
             if buf.startswith(_FOLLOWS_START, pos):
                 found = _FOLLOWS_END.search(buf, max(pos, self._scan_from))
                 if found is not None:
@@ -1354,9 +1356,10 @@ class AmiParser:
         limit = self.max_message_bytes
         end = 0
         for block in region.split(b"\r\n\r\n"):
-            if not block or block[0] in (10, 13) or len(block) > limit:
+            # The general loop counts a message's final CR: so does this.
+            if not block or block[0] in (10, 13) or len(block) >= limit:
                 break
-            msg = _plain_event(str(block, "utf-8", "replace"))
+            msg = _plain_or_deferred(str(block, "utf-8", "replace"), framed=False)
             if msg is None:
                 break
             messages.append(msg)
@@ -2135,9 +2138,14 @@ class CallEngine:
         """A CoreShowChannels list is coming: channels it does not name (and
         no other event touches meanwhile) are gone when it completes.  Queue
         membership is relearned (QueueStatus follows): it may have changed."""
+        # A resync cut short by a lost link and begun again keeps the
+        # channels it found unanswered: the snapshots since may have
+        # answered them, and end_resync must still tell those answers.
+        if self._resync_seen is None:
+            self._resync_unanswered = set()
         self._resync_seen = set()
-        self._resync_unanswered = {uid for uid, chan in self.table.channels.items()
-                                   if chan.answered_at is None}
+        self._resync_unanswered |= {uid for uid, chan in self.table.channels.items()
+                                    if chan.answered_at is None}
         self.queue_members.clear()
 
     def link_lost(self, now: float) -> List[Notification]:
@@ -2152,6 +2160,7 @@ class CallEngine:
         self.conferences.clear()
         self._queue_held.clear()
         self._resync_seen = None
+        self._resync_unanswered = set()
         out, self._out = self._out, []
         return out
 
@@ -4026,7 +4035,7 @@ class Daemon:
 
     def install_signal_handlers(self) -> None:
         """From here on SIGHUP/SIGTERM/SIGINT are noted and handled by the
-        loop (call before start(): loading a long history takes a while)."""
+        loop."""
         reader, writer = socket.socketpair()
         reader.setblocking(False)
         writer.setblocking(False)
@@ -5811,7 +5820,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     # A SIGHUP (an init script's reload) right after the start must not
     # kill the process, as its default action would: noted now, handled
-    # once the loop runs.  SIGTERM and SIGINT may stop a start at any time.
+    # once the loop runs.  SIGTERM and SIGINT keep their default action
+    # until start() is done, so they stop a long start (a big call
+    # history to load) at once.
     early_signals: List[int] = []
     signal.signal(signal.SIGHUP, lambda number, frame: early_signals.append(number))
     config = load_config(find_config(args.config))
@@ -5841,13 +5852,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return status
     startup_handlers = _log_to(config, args.daemon)
     daemon = Daemon(config)
-    daemon.install_signal_handlers()
-    daemon.take_signals(early_signals)
     try:
         daemon.start()
     except (OSError, ValueError) as e:
         log.error("cannot start: %s", _error_text(e))
         return 1
+    daemon.install_signal_handlers()
+    daemon.take_signals(early_signals)
     if pidfile is not None:
         try:
             _write_pidfile(pidfile)

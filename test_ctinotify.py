@@ -374,6 +374,17 @@ def test_parser_skips_an_oversized_message_and_stays_usable():
     assert len(parser._buffer) < 2000
 
 
+def test_parser_an_oversized_message_ending_across_reads_loses_nothing_after_it():
+    # The skipped message's terminator arrives split "\r\n\r" | "\n": the
+    # bytes kept of it must end it, not pass for blank lines before the
+    # next message (which then went for the skipped message's end).
+    parser = AmiParser(expect_banner=False, max_message_bytes=100)
+    assert parser.feed(b"Event: Big\r\nJunk: " + b"x" * 200 + b"\r\n\r") == []
+    got = parser.feed(b"\nEvent: Next\r\nA: 1\r\n\r\nEvent: Last\r\n\r\n")
+    assert [dict(m) for m in got] == [{"Event": "Next", "A": "1"}, {"Event": "Last"}]
+    assert len(parser.problems) == 1
+
+
 def test_parser_rejects_a_peer_that_is_not_asterisk():
     with pytest.raises(AmiProtocolError):
         AmiParser().feed(b"HTTP/1.1 400 Bad Request\r\n\r\n")
@@ -439,6 +450,7 @@ def test_parser_fast_path_frames_exactly_like_the_general_rules():
         b"\r\nEvent: AfterBlank",
         b"\rEvent: LoneCr",
         b"Event: Caf\xc3\xa9\r\nName: \xff",
+        b"Event: VarSet\rX\r\nA: 1",                              # a CR inside the name
         b"Event: Big\r\nJunk: " + b"x" * 700,
     ]
     for _ in range(400):
@@ -456,6 +468,19 @@ def test_parser_fast_path_frames_exactly_like_the_general_rules():
         assert [(dict(m), m.repeated, m.body) for m in got] == \
             [(dict(m), m.repeated, m.body) for m in want], stream
         assert len(fast.problems) == len(general.problems), stream
+    # The size limit, at the byte: whole and cut, as the general loop says.
+    for size in range(95, 106):
+        block = b"Event: Big\r\nJunk: " + b"x" * (size - 18)
+        assert len(block) == size
+        for cut in (None, 50):
+            fast = AmiParser(expect_banner=False, max_message_bytes=100)
+            general = AmiParser(expect_banner=False, max_message_bytes=100)
+            general._plain_events = lambda: []
+            data = block + b"\r\n\r\nEvent: Next\r\n\r\n"
+            got = fast.feed(data) if cut is None else fast.feed(data[:cut]) + fast.feed(data[cut:])
+            want = general.feed(data)
+            assert [dict(m) for m in got] == [dict(m) for m in want], (size, cut)
+            assert fast.problems == general.problems, (size, cut)
 
 
 DEFERRED_BLOCKS = [
@@ -5037,6 +5062,25 @@ def test_resync_tells_a_mobile_that_answered_while_the_link_was_down():
         pbx.hangup(chan)
     assert pbx.events("alice")[-1][1]["reason"] == "completed"
     assert_engine_empty(pbx.engine)
+
+
+def test_a_resync_begun_again_still_tells_what_the_cut_one_saw_answered():
+    """The link drops in the middle of the channel list and comes back: the
+    list starts over, and the answer the first half showed is still told."""
+    pbx = Pbx()
+    trunk = inbound(pbx)
+    pbx.exten(trunk, "100")
+    one, two, mobile = pbx.forward(trunk, "+15559870003", trunk)
+    for _ in range(2):
+        pbx.engine.begin_resync()
+        for chan in (mobile, two, one, trunk):
+            chan["ChannelStateDesc"] = "Up"
+            pbx.feed("CoreShowChannel", chan, BridgeId="b1" if chan in (trunk, one) else "b2",
+                     Application="AppDial" if chan in (mobile, one) else "Dial")
+    pbx.feed("CoreShowChannelsComplete")
+    assert pbx.kinds("alice") == ["incoming", "divert", "pickup"]
+    (call,) = ctinotify.ServerView(office().users, pbx.engine).calls("alice")
+    assert call["state"] == "up"
 
 
 def test_a_call_ends_for_the_user_when_it_reaches_voicemail():
