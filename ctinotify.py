@@ -528,6 +528,26 @@ class Config:
                 lines.append("popup_url = %s" % user.popup_url)
         return "\n".join(lines) + "\n"
 
+    def advisories(self) -> List[str]:
+        """Valid but likely unmeant settings, for ``check`` and ``run`` to
+        warn about: with several PBXes, a number without ``NAME:`` counts on
+        every one, though the user's phones are all on some of them (two
+        sites with the same numbering would see each other's calls)."""
+        notes = []
+        if len(self.pbxes) < 2:
+            return notes
+        for user in self.users.values():
+            sites = {split_device(device)[0] for device in user.devices}
+            if not user.devices or "" in sites:
+                continue  # some phone counts on every PBX anyway
+            for number, _context in user.extensions:
+                if ":" not in number:
+                    notes.append("%s:%d: [%s] extensions: %s counts on every PBX, but %s's "
+                                 "phones are on %s only; write %s:%s to keep it there"
+                                 % (self.path, user.lineno, user.name, number, user.name,
+                                    ", ".join(sorted(sites)), sorted(sites)[0], number))
+        return notes
+
 
 def mask(secret: str) -> str:
     return "********" if secret else "(empty)"
@@ -1911,7 +1931,7 @@ class UserCall:
     __slots__ = ("user", "call_id", "direction", "device", "me", "peer", "dialed",
                  "started", "answered_at", "announced", "channels", "anchor",
                  "outcome", "answered_by", "cause", "cause_txt", "diverted_to",
-                 "path", "queue", "queue_caller", "transferred", "tried")
+                 "path", "queue", "queue_caller", "transferred", "tried", "leg_outcome")
 
     def __init__(self, user: str, call_id: str, direction: str, me: Party, peer: Party,
                  dialed: str, now: float):
@@ -1943,6 +1963,9 @@ class UserCall:
         #: Diverts, transfers and parking, for the call log.
         self.path: List[Dict[str, object]] = []
         self.queue = ""
+        #: The verdict of a leg that ended while another of the user's phones
+        #: still rang (a busy desk phone while the softphone rings).
+        self.leg_outcome: Optional[str] = None
         #: The caller waiting in ``queue`` that rang the user (queue calls).
         self.queue_caller: Optional[Channel] = None
         #: The user transferred this call away (hangup reason "transferred").
@@ -2420,6 +2443,10 @@ class CallEngine:
         if not users:
             return
         root = chan.root()
+        if root.originated and root.is_local and root.callback is None:
+            # Click-to-dial through a Local channel (Originate Local/100@...,
+            # FreePBX UCP, CRMs): this first leg rings the clicking user.
+            return
         callers = self._users_of(root)
         for user in users:
             if user in callers:
@@ -2460,13 +2487,19 @@ class CallEngine:
             return
         src.dial_targets.add(dest)
         root = src.root()
-        if root.originated and root.is_local and root.callback is None \
-                and self._users_of(dest):
-            # Click-to-dial through a Local channel (cacofonisk ctd_*): the
-            # first phone it rings is the user who asked for the call.
-            root.callback = dest
-            dest.originated = True
-            return
+        if root.originated and root.is_local and root.callback is None:
+            # Still the first leg of a click-to-dial through Local channels
+            # (Originate Local/..., FreePBX UCP, cacofonisk ctd_*): numbers
+            # it runs on its way to the user's phone are no calls to anyone.
+            on_the_way = list(src.lineage())
+            if dest.is_local and dest.local_peer is not None:
+                on_the_way.append(dest.local_peer)
+            self._drop_unannounced(on_the_way)
+            if self._users_of(dest):
+                # The first phone it rings is the user who asked for the call.
+                root.callback = dest
+                dest.originated = True
+                return
         dialed = self._dialed_number(root, dialstring)
         caller_chan = root.callback if root.callback is not None else root
         if root.callback is not None:
@@ -2506,6 +2539,16 @@ class CallEngine:
                 uc.me = dest.caller
             self._attach(uc, dest)
             self._announce_incoming(uc, caller, dialed, dest)
+
+    def _drop_unannounced(self, chans: List[Channel]) -> None:
+        """Forget, without a word, the calls to users' numbers anchored on
+        these channels that have not been told yet."""
+        for chan in chans:
+            for uc in list(chan.user_calls):
+                if uc.direction == "in" and uc.anchor is chan and not uc.announced:
+                    uc.tried = False  # _end would tell a tried one as failed
+                    self._release_anchor(uc)
+                    self._end(uc)
 
     def _remote_party(self, chan: Channel, me: Party) -> Party:
         """The party on a channel, as the user sees it.  An outbound trunk
@@ -2608,10 +2651,11 @@ class CallEngine:
         # What rang through ``dest`` shares its verdict: a ring group of
         # Local channels that times out as a whole is a timeout at every
         # phone, though each is then hung up with CANCEL (app_dial.c).
-        for chan in dest.rung_through():
+        ending = dest.rung_through()
+        for chan in ending:
             for uc in chan.user_calls:
                 if uc.direction == "in":
-                    self._set_outcome(uc, outcome)
+                    self._leg_outcome(uc, outcome, ending)
         # Up the chain, as long as no other branch of a dial still rings:
         # a forward that was not answered, the caller's own outgoing call.
         came_from = dest
@@ -2621,6 +2665,20 @@ class CallEngine:
             for uc in chan.user_calls:
                 self._set_outcome(uc, outcome)
             came_from = chan
+
+    def _leg_outcome(self, uc: UserCall, outcome: str, ending: List[Channel]) -> None:
+        """One ringing leg of the user's call ended without an answer.  While
+        another of the user's phones still rings (a second device, another
+        contact of the same endpoint) that is no verdict yet: the last leg
+        gives it, unless it only failed (unreachable) and an earlier leg
+        said more (busy, declined)."""
+        if any(chan not in ending and chan.dialer is not None
+               and chan in chan.dialer.dial_targets for chan in uc.channels):
+            uc.leg_outcome = uc.leg_outcome or outcome
+            return
+        if outcome == "failed" and uc.leg_outcome is not None:
+            outcome = uc.leg_outcome
+        self._set_outcome(uc, outcome)
 
     def _set_outcome(self, uc: UserCall, outcome: str) -> None:
         if uc.answered_at is not None:
@@ -2691,6 +2749,7 @@ class CallEngine:
                     # the user's calls are forwarded to (a mobile).
                     if answerer in uc.channels:
                         self._release_anchor(uc)
+                        uc.device = answerer.device  # of several phones, this one
                     self._answer(uc, answerer, extra)
                 elif uc.outcome != "answered_elsewhere" and \
                         (uc.channels or uc.anchor is not None or uc.queue_caller is not None):
@@ -4118,6 +4177,8 @@ class Daemon:
         self._reopen_calllog()
         self._reload_links(new)
         log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
+        for note in new.advisories():
+            log.warning("%s", note)
 
     def _reload_links(self, new: Config) -> None:
         """A PBX whose section changed reconnects; one removed ends its
@@ -5813,6 +5874,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     sys.stdout.write(config.describe())
     if not config.users:
         log.warning("%s defines no client users: nobody can log in", path)
+    for note in config.advisories():
+        log.warning("%s", note)
     _warn_if_world_readable(path)
     return 0
 
@@ -5828,6 +5891,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     logging.getLogger("ctinotify").setLevel(config.loglevel.upper())
     _warn_if_world_readable(config.path)
+    for note in config.advisories():
+        log.warning("%s", note)
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
     if pidfile is not None:
         try:

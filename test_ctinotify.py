@@ -690,6 +690,17 @@ def test_golden_notifications(name):
     assert got == load_golden(name)
 
 
+@pytest.mark.parametrize("name", ["cacofonisk/originate__ctd-account-world",
+                                  "cacofonisk/originate__ctd-account-account"])
+def test_click_to_dial_is_the_same_when_the_user_lists_their_own_number(name):
+    """The Originate's first leg runs the user's number (201) on its way to
+    their phone: with 201 among their extensions nothing more is told."""
+    users = dict(users_for(name))
+    users["a"] = copy.copy(users["a"])
+    users["a"].extensions = (("201", ""),)
+    assert replay(name, users) == load_golden(name)
+
+
 def calls_of(golden):
     """Golden events grouped per (user, call, role), in order."""
     groups = {}
@@ -4867,6 +4878,26 @@ def test_config_names_further_pbxes_and_qualifies_devices():
     assert parse_config(TWO_PBXES, "two.conf").pbxes[1].key() != config.pbxes[0].key()
 
 
+def test_config_warns_of_a_number_that_counts_on_every_pbx(tmp_path):
+    """Two sites with one numbering plan: an unqualified number of a user
+    whose phones are all at one site would see the other site's calls."""
+    text = TWO_PBXES.replace("devices = default:PJSIP/100", "devices = default:PJSIP/100\n"
+                                                          "extensions = 100, default:101")
+    config = parse_config(text, "two.conf")
+    assert config.advisories() == [
+        "two.conf:8: [alice] extensions: 100 counts on every PBX, but alice's phones are on "
+        "default only; write default:100 to keep it there"]
+    assert Directory(config.users.values(), "branch").extension_users("100") == ("alice",)
+    assert Directory(config.users.values(), "branch").extension_users("101") == ()
+    assert parse_config(text.replace("extensions = 100,", "extensions ="), "x").advisories() == []
+    path = tmp_path / "two.conf"
+    path.write_text(text)
+    os.chmod(str(path), 0o600)
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0
+    assert "WARNING %s:8: [alice] extensions: 100 counts on every PBX" % path in result.stderr
+
+
 @pytest.mark.parametrize("text, fragment", [
     (TWO_PBXES.replace("branch:PJSIP/100", "annex:PJSIP/100"),
      ":13: [bob] devices: 'annex:PJSIP/100' names no PBX, expected one of: default, branch"),
@@ -5067,6 +5098,76 @@ def test_resync_tells_a_mobile_that_answered_while_the_link_was_down(passes):
     for chan in (mobile, two, one, trunk):
         pbx.hangup(chan)
     assert pbx.events("alice")[-1][1]["reason"] == "completed"
+    assert_engine_empty(pbx.engine)
+
+
+@pytest.mark.parametrize("first, second, kinds, reason", [
+    # A user's desk phone and softphone ring at once (two devices, or two
+    # contacts of one endpoint); app_dial ends each leg on its own.
+    ("BUSY", "ANSWER", ["incoming", "pickup", "hangup"], "completed"),
+    ("NOANSWER", "ANSWER", ["incoming", "pickup", "hangup"], "completed"),
+    ("BUSY", "NOANSWER", ["incoming", "timeout", "hangup"], "noanswer"),
+    ("CHANUNAVAIL", "NOANSWER", ["incoming", "timeout", "hangup"], "noanswer"),
+    ("BUSY", "CHANUNAVAIL", ["incoming", "busy", "hangup"], "busy"),
+])
+def test_one_users_two_phones_give_one_verdict(first, second, kinds, reason):
+    users = office().users
+    users["alice"] = copy.copy(users["alice"])
+    users["alice"].devices = ("PJSIP/100", "PJSIP/100m")
+    pbx = Pbx(users)
+    trunk = inbound(pbx)
+    desk = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", linked=trunk)
+    soft = pbx.new("PJSIP/100m-00000002", "100", "Alice Smith", linked=trunk)
+    for phone in (desk, soft):
+        pbx.dial(trunk, phone)
+        pbx.set(phone, ChannelStateDesc="Ringing")
+    pbx.dial_end(trunk, desk, first)
+    pbx.hangup(desk, {"BUSY": 17, "NOANSWER": 21, "CHANUNAVAIL": 20}[first])
+    if second == "ANSWER":
+        pbx.set(soft, ChannelStateDesc="Up")
+    pbx.dial_end(trunk, soft, second)
+    pbx.hangup(soft)
+    pbx.hangup(trunk)
+    assert pbx.kinds("alice") == kinds
+    assert pbx.events("alice")[-1][1]["reason"] == reason
+    if second == "ANSWER":  # the phone that answered is the call's device
+        assert pbx.told[-1].record["device"] == "PJSIP/100m"
+    assert_engine_empty(pbx.engine)
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_click_to_dial_through_a_local_channel_is_no_call_to_the_user(answer):
+    """Originate Local/100@from-internal (FreePBX UCP, CRMs) with 100 among
+    the user's extensions: the leg that rings her is her own call's."""
+    pbx = Pbx()
+    pbx.seq += 1
+    name = "Local/100@from-internal-%08x" % pbx.seq
+    one = pbx.new(name + ";1", "<unknown>", exten="100", context="from-internal")
+    two = pbx.new(name + ";2", "<unknown>", exten="100", context="from-internal", state="Ring",
+                  linked=one)
+    pbx.feed("DialBegin", None, one, DialString="100@from-internal")
+    pbx.set(two, "Newexten", Application="Dial", AppData="PJSIP/100,60")
+    alice = pbx.new("PJSIP/100-00000003", "100", "Alice Smith", linked=one)
+    pbx.dial(two, alice)
+    if not answer:
+        pbx.dial_end(two, alice, "BUSY")
+        for chan in (alice, two, one):
+            pbx.hangup(chan, 17)
+        assert pbx.kinds("alice") == []  # she declined her own click
+    else:
+        for chan in (alice, two, one):
+            pbx.set(chan, ChannelStateDesc="Up")
+        pbx.dial_end(two, alice, "ANSWER")
+        pbx.set(one, "Newexten", Exten="+15559870002", Application="Dial",
+                AppData="PJSIP/+15559870002@trunk")
+        far = pbx.new("PJSIP/trunk-00000004", "+15559870002", linked=one)
+        pbx.dial(one, far)
+        pbx.set(far, ChannelStateDesc="Up")
+        pbx.dial_end(one, far, "ANSWER")
+        for chan in (far, one, two, alice):
+            pbx.hangup(chan)
+        assert pbx.kinds("alice") == ["outgoing", "pickup", "hangup"]
+        assert pbx.events("alice")[0][1]["to"]["num"] == "+15559870002"
     assert_engine_empty(pbx.engine)
 
 
