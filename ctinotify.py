@@ -98,6 +98,10 @@ AMI_RESYNC_GRACE_S = 60.0
 
 #: A client command is one short line.
 MAX_CLIENT_LINE_BYTES = 1024
+#: Caller ID and the other PBX text that reaches clients is cut to this many
+#: characters: real names and numbers are far shorter, and a longer one
+#: (attacker text, escaped up to 6 times over) would only strain clients.
+MAX_FIELD_CHARS = 256
 #: Received bytes a client may have waiting to be processed (complete lines
 #: held back while a failed login's reply is delayed, plus a partial line).
 MAX_CLIENT_PENDING_INPUT_BYTES = 4 * MAX_CLIENT_LINE_BYTES
@@ -1646,12 +1650,16 @@ class Party(collections.namedtuple("Party", "num name")):
 
     __slots__ = ()
 
+    def __new__(cls, num: str = "", name: str = "") -> "Party":
+        return tuple.__new__(cls, (num[:MAX_FIELD_CHARS], name[:MAX_FIELD_CHARS]))
+
     @classmethod
     def of(cls, num: Optional[str], name: Optional[str]) -> "Party":
-        # tuple.__new__ itself: namedtuple's generated __new__ is one more
-        # Python call, and caller ID changes a few times on every channel.
-        return tuple.__new__(cls, ("" if num in _UNKNOWN_CALLERID or num is None else num,
-                                   "" if name in _UNKNOWN_CALLERID or name is None else name))
+        # tuple.__new__ itself: one Python call less, and caller ID changes
+        # a few times on every channel.
+        return tuple.__new__(cls, (
+            "" if num in _UNKNOWN_CALLERID or num is None else num[:MAX_FIELD_CHARS],
+            "" if name in _UNKNOWN_CALLERID or name is None else name[:MAX_FIELD_CHARS]))
 
     def as_dict(self) -> Dict[str, str]:
         return {"num": self.num, "name": self.name}
@@ -2024,13 +2032,13 @@ class UserCall:
         return {
             "user": self.user, "call": self.call_id, "direction": self.direction,
             "device": self.device, "from": frm.as_dict(), "to": to.as_dict(),
-            "dialed": self.dialed, "start": iso_time(self.started),
+            "dialed": self.dialed[:MAX_FIELD_CHARS], "start": iso_time(self.started),
             "answer": iso_time(self.answered_at) if self.answered_at else None,
             "end": end, "answered": self.answered_at is not None,
             "answered_by": self.answered_by.as_dict() if self.answered_by else None,
             "reason": ending["reason"], "cause": ending["cause"],
             "duration": ending["duration"], "talk_time": ending["talk_time"],
-            "queue": self.queue, "path": self.path,
+            "queue": self.queue[:MAX_FIELD_CHARS], "path": self.path,
         }
 
 
@@ -2242,7 +2250,7 @@ class CallEngine:
         """The caller reached voicemail: for the users whose number it was,
         and whose phones no longer ring, the call ends now, missed (not when
         the message is done: CALLS must not show it ringing meanwhile)."""
-        mailbox = chan.appdata.partition(",")[0]
+        mailbox = chan.appdata.partition(",")[0][:MAX_FIELD_CHARS]
         for uc in list(chan.user_calls):
             if uc.anchor is chan and uc.direction == "in" and uc.announced \
                     and uc.answered_at is None and not uc.channels:
@@ -3321,7 +3329,8 @@ class CallEngine:
         }
         if self.pbx:
             fields["pbx"] = self.pbx
-        fields.update(extra)
+        for key, value in extra.items():  # dialed, queue, room ...: PBX text too
+            fields[key] = value[:MAX_FIELD_CHARS] if value.__class__ is str else value
         return fields
 
 
@@ -3332,10 +3341,13 @@ class CallEngine:
 #: Characters that force a text value into quotes: anything that could end
 #: a line for some reader (CR, LF, VT, FF, NEL, U+2028...), spaces, quotes,
 #: '=' and backslashes.
-_NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
+_NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]')
 _TEXT_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n",
                  ord("\r"): "\\r", ord("\t"): "\\t"}
-for _code in list(range(0x20)) + list(range(0x7f, 0xa0)) + [0x2028, 0x2029]:
+# Bidi overrides too: they would reorder what a terminal shows (watch
+# escapes them on screen; a script reading text lines gets them back).
+for _code in list(range(0x20)) + list(range(0x7f, 0xa0)) + [0x2028, 0x2029] + \
+        list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a)):
     _TEXT_ESCAPES.setdefault(_code, "\\u%04x" % _code)
 #: json.dumps escapes C0 controls but not these, which str.splitlines() and
 #: some terminals treat as line ends.
@@ -3434,13 +3446,17 @@ def fill_popup_url(template: str, fields: Dict[str, object], user: str) -> str:
     """The ``popup_url`` of a user, its placeholders filled from an event.
 
     Every value is percent-encoded whole (``safe=""``): a caller ID can add
-    neither a ``&``, ``#`` or ``/`` nor another placeholder to the URL.
+    neither a ``&``, ``#`` or ``/`` nor another placeholder to the URL, and
+    a value of ``.`` or ``..`` is left out.
     """
     values = dict(flatten_fields(fields))
     values["user"] = user
 
     def fill(match: "re.Match[str]") -> str:
-        return urllib.parse.quote(values.get(match.group(1), ""), safe="")
+        value = values.get(match.group(1), "")
+        if value in (".", ".."):
+            return ""  # in a path, a step up to another page (%2E%2E too)
+        return urllib.parse.quote(value, safe="")
     return _URL_PLACEHOLDER.sub(fill, template)
 
 
@@ -5600,6 +5616,10 @@ class WatchState:
         seen = data.get("last_seen")
         if not isinstance(seen, dict):
             seen = data["last_seen"] = {}
+        # Another watch of this user may have saved a newer time meanwhile.
+        theirs = parse_iso_time(str(seen.get(self.key, "")))
+        if theirs is not None and theirs > self.last_seen:
+            self.last_seen = theirs
         seen[self.key] = iso_time(self.last_seen)
         temporary = "%s.%d.tmp" % (self.path, os.getpid())
         try:
@@ -5701,6 +5721,7 @@ class WatchClient:
             sock.settimeout(WATCH_TICK_S)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             buffer = bytearray()
+            skipping = False
             last_heard = time.monotonic()
             ping_sent: Optional[float] = None
             while True:
@@ -5719,6 +5740,13 @@ class WatchClient:
                         newline = buffer.find(b"\n")
                         if newline < 0:
                             break
+                        if skipping or newline > MAX_WATCH_LINE_BYTES:
+                            if not skipping:  # it came whole
+                                log.warning("%s: skipped a line longer than %d bytes",
+                                            self.where, MAX_WATCH_LINE_BYTES)
+                            skipping = False  # else: the end of the over-long line
+                            del buffer[:newline + 1]
+                            continue
                         line = bytes(buffer[:newline]).decode("utf-8", "replace")
                         del buffer[:newline + 1]
                         for item in session.receive_line(line):
@@ -5732,8 +5760,13 @@ class WatchClient:
                                 log.info("connected to %s: %s", self.where, item.reply)
                             self._act(sock, session, item)
                     if len(buffer) > MAX_WATCH_LINE_BYTES:
-                        raise WatchProtocolError("a line longer than %d bytes"
-                                                 % MAX_WATCH_LINE_BYTES)
+                        # Skipped, not a reason to reconnect: the same line
+                        # (a HISTORY record) would come again, and again.
+                        if not skipping:
+                            log.warning("%s: skipped a line longer than %d bytes",
+                                        self.where, MAX_WATCH_LINE_BYTES)
+                        skipping = True
+                        buffer.clear()
                 elif session.state == "ready":
                     if ping_sent is None and now - last_heard >= WATCH_PING_INTERVAL_S:
                         self._send(sock, session.ping())

@@ -3270,6 +3270,66 @@ def test_e2e_watch_shows_the_calls_missed_since_it_was_last_connected(watches, t
         server.close()
 
 
+def test_e2e_watch_skips_an_over_long_line_and_stays_connected(watches, tmp_path):
+    """A line over watch's limit (another server's, or escaping blown up)
+    is skipped: reconnecting would only get the same HISTORY again."""
+    huge = history_record("2026-11-26T12:00:00Z", name="x" * ctinotify.MAX_WATCH_LINE_BYTES)
+    server = FakeCtiServer([huge, history_record("2026-11-26T12:05:00Z", reason="busy")],
+                           events=[last_event()])
+    try:
+        watch = watches(tmp_path, server.port)
+        end, _ = watch.wait("out", CALL_LINE % "hangup    Last Call")
+        watch.wait("err", r"127\.0\.0\.1 port %d: skipped a line longer than" % server.port)
+        assert [l for l in watch.out[:end] if "  missed  " in l] == [
+            "2026-11-26 12:05  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
+            "busy after 7 s"]
+        assert server.received.count("LOGIN alice alice-secret") == 1  # no reconnect
+        assert watch.stop() == 0
+    finally:
+        server.close()
+
+
+def test_watch_state_keeps_the_newest_time_another_watch_saved(tmp_path):
+    path = str(tmp_path / "state.json")
+    first, second = (ctinotify.WatchState(path, "alice@pbx:5039") for _ in range(2))
+    first.load()
+    second.load()
+    first.advance(2000.0)
+    second.advance(1000.0)  # an older watch of the same user, saving later
+    assert json.loads(open(path).read())["last_seen"]["alice@pbx:5039"] == \
+        ctinotify.iso_time(2000.0)
+
+
+def test_caller_id_and_pbx_text_reaching_clients_are_capped():
+    pbx = Pbx()
+    trunk = pbx.new("PJSIP/trunk-00000001", "+1" + "5" * 5000, "N" * 100000,
+                    exten="100", context="from-trunk", state="Ring")
+    alice = pbx.new("PJSIP/100-00000002", "100", "Alice Smith", linked=trunk)
+    pbx.dial(trunk, alice)
+    pbx.hangup(alice)
+    pbx.hangup(trunk)
+    limit = ctinotify.MAX_FIELD_CHARS
+    incoming = pbx.events("alice")[0][1]
+    assert (len(incoming["from"]["num"]), len(incoming["from"]["name"])) == (limit, limit)
+    assert incoming["from"]["name"] == "N" * limit
+    record = pbx.told[-1].record
+    assert len(record["from"]["name"]) == limit
+    assert len(ctinotify.encode_text_line("EVENT", incoming)) < 4 * limit * 6
+
+
+def test_popup_url_leaves_out_a_dot_path_step():
+    url = ctinotify.fill_popup_url("https://crm.example.com/customers/{from_num}/card?n={from_name}",
+                                   {"from": {"num": "..", "name": "."}}, "alice")
+    assert url == "https://crm.example.com/customers//card?n="
+
+
+def test_text_lines_escape_bidi_overrides_and_read_back():
+    value = "\u202eexe.doc \u2066x\u2069"
+    line = ctinotify.encode_text_line("EVENT", {"from": {"num": "1", "name": value}})
+    assert "\u202e" not in line and "\u2066" not in line
+    assert ctinotify.parse_text_line(line)[2]["from_name"] == value
+
+
 def test_e2e_watch_without_history_on_the_server_still_shows_events(watches, tmp_path):
     server = FakeCtiServer(history=None, events=[last_event("two\nlines")])
     try:
@@ -3943,9 +4003,10 @@ def test_e2e_hostile_caller_id_stays_one_line_and_parses_back(fake, daemon_facto
     jsonc = clients(daemon.port, "alice alice-secret")
     jsonc.send("FORMAT json")
     assert jsonc.line() == "OK format=json"
+    limit = ctinotify.MAX_FIELD_CHARS  # caller ID is cut to this
     for i, (name, num) in enumerate(HOSTILE_CALLER_IDS):
-        want_name = name.decode("utf-8", "replace")
-        want_num = num.decode("utf-8", "replace")
+        want_name = name.decode("utf-8", "replace")[:limit]
+        want_num = num.decode("utf-8", "replace")[:limit]
         fake.send(hostile_caller_events(name, num, b"h%d" % i))
         lines = text.lines_until(lambda l: l.startswith("EVENT hangup"))
         assert event_kinds(lines) == ["incoming", "pickup", "hangup"]
@@ -3966,7 +4027,7 @@ def test_e2e_hostile_caller_id_stays_one_line_and_parses_back(fake, daemon_facto
         assert (record["from_name"], record["from_num"]) == (want_name, want_num)
     records = [json.loads(l) for l in (tmp_path / "calls.jsonl").read_text("utf-8").splitlines()]
     assert [r["from"]["name"] for r in records] == \
-        [n.decode("utf-8", "replace") for n, _ in HOSTILE_CALLER_IDS]
+        [n.decode("utf-8", "replace")[:limit] for n, _ in HOSTILE_CALLER_IDS]
     log = "".join(daemon.log)
     assert not re.search("[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]", log)
     assert "forged" not in log and "rm -rf" not in log
