@@ -5198,19 +5198,25 @@ class WatchSession:
     """
 
     def __init__(self, user: str, secret: str, fmt: str = "json",
-                 since: Optional[float] = None, history: int = WATCH_HISTORY_CALLS):
+                 since: Optional[float] = None, history: int = WATCH_HISTORY_CALLS,
+                 since_calls: Optional[Iterable[str]] = None):
         self.user = user
         self._secret = secret
         #: The format asked of the server: ``json`` or ``text``.
         self.fmt = fmt
-        #: Missed calls that ended after this (epoch; None: every one listed).
+        #: Missed calls that ended after this (epoch; None: every one listed),
+        #: or in its very second but not among ``since_calls`` (times are
+        #: to the second: a call seen then, and one not, can share it);
+        #: ``since_calls`` None (not known): none of that second is listed.
         self.since = since
+        self.since_calls = None if since_calls is None else frozenset(since_calls)
         self.history = history
         #: "greeting" -> "login" -> "ready".
         self.state = "greeting"
         self._pending: "collections.deque[str]" = collections.deque()
         self._items: List[WatchEvent] = []
         self._newest: Optional[float] = None
+        self._newest_calls: Set[str] = set()
         self._history_done = False
 
     @property
@@ -5218,6 +5224,11 @@ class WatchSession:
         """The newest server time seen, once the missed calls were listed
         (before, a crash would skip them next time); None until then."""
         return self._newest if self._history_done else None
+
+    @property
+    def seen_calls(self) -> Set[str]:
+        """The calls seen in the second of ``seen_until``."""
+        return self._newest_calls
 
     def _command(self, name: str, line: str) -> WatchSend:
         self._pending.append(name)
@@ -5247,7 +5258,7 @@ class WatchSession:
                 raise WatchProtocolError("a %s item nobody asked for" % item.kind)
             self._items.append(item)
             return []
-        self._saw(parse_iso_time(item.fields.get("time")))
+        self._saw(parse_iso_time(item.fields.get("time")), item.fields.get("call"))
         return [item]
 
     def _parse_item(self, line: str) -> Optional[WatchEvent]:
@@ -5305,15 +5316,23 @@ class WatchSession:
             if fields.get("direction") != "in" or fields.get("reason") not in MISSED_REASONS:
                 continue
             end = parse_iso_time(fields.get("end"))
-            if self.since is not None and (end is None or end <= self.since):
+            if self.since is not None and (end is None or end < self.since or
+                                           end == self.since and
+                                           (self.since_calls is None or
+                                            fields.get("call") in self.since_calls)):
                 continue
-            self._saw(end)
+            self._saw(end, fields.get("call"))
             missed.append(WatchEvent("missed", fields, record.raw))
         return missed
 
-    def _saw(self, when: Optional[float]) -> None:
-        if when is not None and (self._newest is None or when > self._newest):
+    def _saw(self, when: Optional[float], call: Optional[str]) -> None:
+        if when is None:
+            return
+        if self._newest is None or when > self._newest:
             self._newest = when
+            self._newest_calls = set()
+        if when == self._newest and call:
+            self._newest_calls.add(str(call))
 
 
 # -- one line per event ---------------------------------------------------------
@@ -5583,7 +5602,10 @@ class WatchState:
         self.path = os.path.expanduser(path)
         self.key = key
         self.last_seen: Optional[float] = None
-        self._saved: Optional[float] = None
+        #: The calls seen in the second of ``last_seen`` (None: not known,
+        #: a file written before they were kept).
+        self.last_calls: Optional[Set[str]] = None
+        self._saved: Optional[Tuple[float, frozenset]] = None
         self._warned = False
 
     def _read(self) -> Dict[str, object]:
@@ -5598,36 +5620,54 @@ class WatchState:
         return data if isinstance(data, dict) else {}
 
     def load(self) -> None:
-        seen = self._read().get("last_seen")
+        data = self._read()
+        seen, calls = data.get("last_seen"), data.get("last_calls")
         if isinstance(seen, dict):
-            self.last_seen = self._saved = parse_iso_time(str(seen.get(self.key, "")))
+            self.last_seen = parse_iso_time(str(seen.get(self.key, "")))
+        if self.last_seen is not None and isinstance(calls, dict) \
+                and isinstance(calls.get(self.key), list):
+            self.last_calls = {str(c) for c in calls[self.key]}
+        if self.last_seen is not None:
+            self._saved = (self.last_seen, frozenset(self.last_calls or ()))
 
-    def advance(self, when: Optional[float]) -> None:
-        """Remember when, if newer, and write the file if it changed."""
-        if when is None or (self.last_seen is not None and when <= self.last_seen):
+    def advance(self, when: Optional[float], calls: Iterable[str] = ()) -> None:
+        """Remember when (and the calls seen in its second), if newer, and
+        write the file if that changed."""
+        if when is None or (self.last_seen is not None and when < self.last_seen):
             return
-        self.last_seen = when
+        if when != self.last_seen:
+            self.last_seen, self.last_calls = when, set()
+        if self.last_calls is not None:
+            self.last_calls.update(calls)
         self.save()
 
     def save(self) -> None:
-        if self.last_seen is None or self.last_seen == self._saved:
+        if self.last_seen is None or \
+                (self.last_seen, frozenset(self.last_calls or ())) == self._saved:
             return
         data = self._read()
         seen = data.get("last_seen")
         if not isinstance(seen, dict):
             seen = data["last_seen"] = {}
+        calls = data.get("last_calls")
+        if not isinstance(calls, dict):
+            calls = data["last_calls"] = {}
         # Another watch of this user may have saved a newer time meanwhile.
         theirs = parse_iso_time(str(seen.get(self.key, "")))
         if theirs is not None and theirs > self.last_seen:
             self.last_seen = theirs
+            self.last_calls = {str(c) for c in calls.get(self.key) or ()
+                               if isinstance(calls.get(self.key), list)}
         seen[self.key] = iso_time(self.last_seen)
+        if self.last_calls is not None:
+            calls[self.key] = sorted(self.last_calls)
         temporary = "%s.%d.tmp" % (self.path, os.getpid())
         try:
             with open(temporary, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
                 f.write("\n")
             os.replace(temporary, self.path)
-            self._saved = self.last_seen
+            self._saved = (self.last_seen, frozenset(self.last_calls or ()))
         except OSError as e:
             if not self._warned:
                 log.warning("cannot write the state file %s: %s", self.path, e.strerror or e)
@@ -5700,7 +5740,8 @@ class WatchClient:
         """One connection: ``(fatal, logged_in, why it ended)``."""
         since = self.state.last_seen if self.state is not None else None
         session = WatchSession(self.user, self._secret,
-                               "text" if self.fmt == "text" else "json", since)
+                               "text" if self.fmt == "text" else "json", since,
+                               since_calls=self.state.last_calls if self.state is not None else ())
         try:
             sock = socket.create_connection((self.host, self.port),
                                             timeout=WATCH_CONNECT_TIMEOUT_S)
@@ -5788,7 +5829,7 @@ class WatchClient:
     def _act(self, sock: socket.socket, session: WatchSession, item: object) -> None:
         if self.state is not None:
             # Before anything is shown: what the user saw is remembered.
-            self.state.advance(session.seen_until)
+            self.state.advance(session.seen_until, session.seen_calls)
         if isinstance(item, WatchSend):
             self._send(sock, item)
         elif isinstance(item, WatchEvent):

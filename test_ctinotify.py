@@ -3289,6 +3289,34 @@ def test_e2e_watch_skips_an_over_long_line_and_stays_connected(watches, tmp_path
         server.close()
 
 
+def test_watch_lists_a_missed_call_that_ended_in_the_second_last_seen(tmp_path):
+    """Times are to the second: call A's hangup was seen at 08:00:05, the
+    link dropped, and call B, missed, also ended at 08:00:05."""
+    path = str(tmp_path / "state.json")
+    state = ctinotify.WatchState(path, "alice@pbx:5039")
+    state.load()
+    live = ctinotify.WatchSession("alice", "s")
+    for line in ("CTINOTIFY/1 hi", "OK format=json", "OK logged in as alice"):
+        live.receive_line(line)
+    live.receive_line("OK history=0")
+    live.receive_line(ctinotify.encode_json_line(dict(last_event(), call="A",
+                                                      time="2026-11-26T08:00:05Z")))
+    state.advance(live.seen_until, live.seen_calls)
+    again = ctinotify.WatchState(path, "alice@pbx:5039")
+    again.load()
+    assert (again.last_seen, again.last_calls) == \
+        (ctinotify.parse_iso_time("2026-11-26T08:00:05Z"), {"A"})
+    session = ctinotify.WatchSession("alice", "s", since=again.last_seen,
+                                     since_calls=again.last_calls)
+    for line in ("CTINOTIFY/1 hi", "OK format=json", "OK logged in as alice"):
+        session.receive_line(line)
+    for call in ("A", "B"):
+        session.receive_line(ctinotify.encode_json_line(dict(
+            history_record("2026-11-26T08:00:05Z"), call=call)))
+    (missed,) = session.receive_line("OK history=2")
+    assert [m.fields["call"] for m in missed.calls] == ["B"]
+
+
 def test_watch_state_keeps_the_newest_time_another_watch_saved(tmp_path):
     path = str(tmp_path / "state.json")
     first, second = (ctinotify.WatchState(path, "alice@pbx:5039") for _ in range(2))
