@@ -5624,11 +5624,18 @@ class WatchState:
         seen, calls = data.get("last_seen"), data.get("last_calls")
         if isinstance(seen, dict):
             self.last_seen = parse_iso_time(str(seen.get(self.key, "")))
-        if self.last_seen is not None and isinstance(calls, dict) \
-                and isinstance(calls.get(self.key), list):
-            self.last_calls = {str(c) for c in calls[self.key]}
         if self.last_seen is not None:
+            self.last_calls = self._calls_at(calls, self.last_seen)
             self._saved = (self.last_seen, frozenset(self.last_calls or ()))
+
+    def _calls_at(self, calls: object, when: float) -> Optional[Set[str]]:
+        """The calls the file says were seen in the second ``when``, or None
+        if it does not say (an older file, another second, odd JSON)."""
+        entry = calls.get(self.key) if isinstance(calls, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("calls"), list) \
+                or parse_iso_time(str(entry.get("time", ""))) != when:
+            return None
+        return {str(call) for call in entry["calls"]}
 
     def advance(self, when: Optional[float], calls: Iterable[str] = ()) -> None:
         """Remember when (and the calls seen in its second), if newer, and
@@ -5656,11 +5663,15 @@ class WatchState:
         theirs = parse_iso_time(str(seen.get(self.key, "")))
         if theirs is not None and theirs > self.last_seen:
             self.last_seen = theirs
-            self.last_calls = {str(c) for c in calls.get(self.key) or ()
-                               if isinstance(calls.get(self.key), list)}
+            self.last_calls = self._calls_at(calls, theirs)
         seen[self.key] = iso_time(self.last_seen)
         if self.last_calls is not None:
-            calls[self.key] = sorted(self.last_calls)
+            # With their second: a watch of an older version may move
+            # last_seen on and leave these behind, then they say nothing.
+            calls[self.key] = {"time": iso_time(self.last_seen),
+                               "calls": sorted(self.last_calls)}
+        else:
+            calls.pop(self.key, None)
         temporary = "%s.%d.tmp" % (self.path, os.getpid())
         try:
             with open(temporary, "w", encoding="utf-8") as f:

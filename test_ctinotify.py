@@ -3317,6 +3317,27 @@ def test_watch_lists_a_missed_call_that_ended_in_the_second_last_seen(tmp_path):
     assert [m.fields["call"] for m in missed.calls] == ["B"]
 
 
+@pytest.mark.parametrize("theirs", [
+    5, True, 1.5, "abc", {"x": 1}, None, ["B"],
+    {"time": "2026-11-26T08:00:05Z", "calls": ["A"]},   # left behind by an older watch
+    {"time": "2026-11-26T09:00:00Z", "calls": ["C"]}])
+def test_watch_state_takes_whatever_another_writer_left(tmp_path, theirs):
+    """Another watch (or an older version, or a hand edit) saved a newer
+    time: its calls count only if they are said to be of that second."""
+    path = tmp_path / "state.json"
+    state = ctinotify.WatchState(str(path), "alice@pbx:5039")
+    state.load()
+    state.advance(ctinotify.parse_iso_time("2026-11-26T08:00:05Z"), ["A"])
+    path.write_text(json.dumps({"last_seen": {"alice@pbx:5039": "2026-11-26T09:00:00Z"},
+                                "last_calls": {"alice@pbx:5039": theirs}}))
+    state.advance(ctinotify.parse_iso_time("2026-11-26T08:30:00Z"), ["B"])
+    again = ctinotify.WatchState(str(path), "alice@pbx:5039")
+    again.load()
+    assert again.last_seen == ctinotify.parse_iso_time("2026-11-26T09:00:00Z")
+    assert again.last_calls == ({"C"} if theirs == {"time": "2026-11-26T09:00:00Z",
+                                                    "calls": ["C"]} else None)
+
+
 def test_watch_state_keeps_the_newest_time_another_watch_saved(tmp_path):
     path = str(tmp_path / "state.json")
     first, second = (ctinotify.WatchState(path, "alice@pbx:5039") for _ in range(2))
