@@ -1426,25 +1426,33 @@ def test_e2e_calllog_gets_one_line_per_user_and_call(fake, daemon_factory, clien
         [("alice", "out", "completed"), ("bob", "in", "completed")]
 
 
-def test_record_writes_the_received_bytes_and_redacts_the_secret(fake, tmp_path):
+def record_a_call(server, tmp_path, ami_extra=""):
+    """``ctinotify.py record`` against ``server`` while it sends one recorded
+    call, stopped with SIGTERM: (exit status, the capture file)."""
     conf = tmp_path / "rec.conf"
-    conf.write_text("[ami]\nhost=127.0.0.1\nport=%d\nusername=ctitest\nsecret=ctitest\n"
-                    "[x]\nsecret=y\ndevices=SIP/1\n" % fake.port)
+    conf.write_text("[ami]\nhost=127.0.0.1\nport=%d\nusername=ctitest\nsecret=ctitest\n%s"
+                    "[x]\nsecret=y\ndevices=SIP/1\n" % (server.port, ami_extra))
     out = tmp_path / "capture.ami"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ctinotify.py"), "record",
                              str(out), "-c", str(conf)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        fake.wait_for_logins(1)
-        fake.send_trace(trace_path("a_inbound_answered"))
+        server.wait_for_logins(1)
+        server.send_trace(trace_path("a_inbound_answered"))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (not out.exists() or
                                                b"Event: Hangup" not in out.read_bytes()):
             time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-    assert proc.returncode == 0
+        stop_process(proc, signal.SIGTERM)
+        proc.stdout.close()
+        proc.stderr.close()
+    return proc.returncode, out
+
+
+def test_record_writes_the_received_bytes_and_redacts_the_secret(fake, tmp_path):
+    status, out = record_a_call(fake, tmp_path)
+    assert status == 0
     captured = out.read_bytes()
     assert captured.startswith(b"Asterisk Call Manager/11.0.0\r\nResponse: Success")
     sent = (tmp_path / "capture.ami.sent").read_bytes()
@@ -5575,26 +5583,11 @@ def test_a_sighup_while_starting_is_a_reload_not_death(fake, tmp_path):
 def test_record_speaks_tls_to_a_tls_pbx(tmp_path, certificates):
     cert, key = certificates["server"]
     server = FakeAsterisk(tls_context=server_context(cert, key)).start()
-    conf = tmp_path / "rec.conf"
-    conf.write_text("[ami]\nhost=127.0.0.1\nport=%d\nusername=ctitest\nsecret=ctitest\n"
-                    "tls=yes\ntls_ca=%s\n[x]\nsecret=y\ndevices=SIP/1\n" % (server.port, cert))
-    out = tmp_path / "capture.ami"
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ctinotify.py"), "record",
-                             str(out), "-c", str(conf)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        server.wait_for_logins(1)
-        server.send_trace(trace_path("a_inbound_answered"))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (not out.exists() or
-                                               b"Event: Hangup" not in out.read_bytes()):
-            time.sleep(0.05)
+        status, out = record_a_call(server, tmp_path, "tls=yes\ntls_ca=%s\n" % cert)
     finally:
-        stop_process(proc, signal.SIGTERM)
-        proc.stdout.close()
-        proc.stderr.close()
         server.stop()
-    assert proc.returncode == 0 and b"Event: Hangup" in out.read_bytes()
+    assert status == 0 and b"Event: Hangup" in out.read_bytes()
 
 
 def test_an_ami_host_name_is_never_looked_up_in_the_loop(monkeypatch, caplog):
