@@ -1928,6 +1928,22 @@ def init_variants():
             "plain"]
 
 
+def init_script(helpers, no_functions, **variables):
+    """A runner of contrib/ctinotify.init with ``variables`` in its
+    environment; ``helpers="plain"``: without start-stop-daemon and the LSB
+    functions (``no_functions`` names a file that is not there)."""
+    env = dict(os.environ, SYSTEMCTL_SKIP_REDIRECT="1", _SYSTEMCTL_SKIP_REDIRECT="1",
+               **variables)
+    if helpers == "plain":
+        env.update(START_STOP_DAEMON="", LSB_FUNCTIONS=no_functions)
+
+    def init(action):
+        return subprocess.run([INIT_SCRIPT, action], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=60)
+    return init
+
+
 @pytest.mark.parametrize("helpers", init_variants())
 def test_init_script_start_status_reload_stop(helpers, ami, syslog, reaper, tmp_path):
     port = free_port()
@@ -1942,15 +1958,8 @@ def test_init_script_start_status_reload_stop(helpers, ami, syslog, reaper, tmp_
     defaults = tmp_path / "default"
     defaults.write_text("PIDFILE=%s\nDAEMON_USER=%s\n"
                         % (pidfile, pwd.getpwuid(os.getuid()).pw_name))
-    env = dict(os.environ, DAEMON=str(program), CONFIG=config, CTINOTIFY_DEFAULTS=str(defaults),
-               SYSTEMCTL_SKIP_REDIRECT="1", _SYSTEMCTL_SKIP_REDIRECT="1")
-    if helpers == "plain":
-        env.update(START_STOP_DAEMON="", LSB_FUNCTIONS=str(tmp_path / "no-init-functions"))
-
-    def init(action):
-        return subprocess.run([INIT_SCRIPT, action], env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              universal_newlines=True, timeout=60)
+    init = init_script(helpers, str(tmp_path / "no-init-functions"), DAEMON=str(program),
+                       CONFIG=config, CTINOTIFY_DEFAULTS=str(defaults))
 
     result = init("status")
     assert result.returncode == 3, result.stdout
@@ -2023,16 +2032,9 @@ def test_init_script_as_root_runs_the_daemon_as_daemon_user(helpers, reaper):
         os.chown(config, 0, user.pw_gid)
         os.chmod(config, 0o640)  # as make install leaves it, after chgrp
         pidfile = os.path.join(work, "run", "ctinotify.pid")
-        env = dict(os.environ, DAEMON=program, CONFIG=config, PIDFILE=pidfile,
-                   DAEMON_USER="nobody", CTINOTIFY_DEFAULTS=os.path.join(work, "none"),
-                   SYSTEMCTL_SKIP_REDIRECT="1", _SYSTEMCTL_SKIP_REDIRECT="1")
-        if helpers == "plain":
-            env.update(START_STOP_DAEMON="", LSB_FUNCTIONS=os.path.join(work, "none"))
-
-        def init(action):
-            return subprocess.run([INIT_SCRIPT, action], env=env, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  universal_newlines=True, timeout=60)
+        init = init_script(helpers, os.path.join(work, "none"), DAEMON=program, CONFIG=config,
+                           PIDFILE=pidfile, DAEMON_USER="nobody",
+                           CTINOTIFY_DEFAULTS=os.path.join(work, "none"))
 
         result = init("start")
         assert result.returncode == 0, result.stdout
