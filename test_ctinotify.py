@@ -1164,8 +1164,9 @@ def stop_process(proc, signum):
 class Client:
     """A line-protocol client, as nc would be."""
 
-    def __init__(self, port, login=None):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port, login=None, sock=None):
+        """``sock``: already connected (socket options set first, TLS)."""
+        self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=10)
         self.buffer = b""
         self.greeting = self.line()
         if login:
@@ -3504,16 +3505,7 @@ def raw_client(port, login=None, rcvbuf=None, source=None):
         sock.bind((source, 0))
     sock.settimeout(10)
     sock.connect(("127.0.0.1", port))
-    client = Client.__new__(Client)
-    client.sock = sock
-    client.buffer = b""
-    client.greeting = client.line()
-    if login:
-        client.send("LOGIN %s" % login)
-        reply = client.line()
-        assert reply.startswith("OK logged in"), reply
-        client.status = client.line()
-    return client
+    return Client(port, login, sock)
 
 
 class Reader(threading.Thread):
@@ -4396,14 +4388,7 @@ class TlsClient(Client):
     def __init__(self, port, cafile, login=None):
         context = ssl.create_default_context(cafile=cafile)
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
-        self.buffer = b""
-        self.greeting = self.line()
-        if login:
-            self.send("LOGIN %s" % login)
-            reply = self.line()
-            assert reply.startswith("OK logged in"), reply
-            self.status = self.line()
+        super().__init__(port, login, context.wrap_socket(raw, server_hostname="127.0.0.1"))
 
 
 def socket_closed(sock, timeout=10.0):
