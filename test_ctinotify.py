@@ -5003,6 +5003,18 @@ def test_config_warns_of_a_number_that_counts_on_every_pbx(tmp_path):
     assert "WARNING %s:8: [alice] extensions: 100 counts on every PBX" % path in result.stderr
 
 
+def test_run_warns_of_a_number_that_counts_on_every_pbx(fake, tmp_path):
+    users = ("[ami:branch]\nhost = 127.0.0.1\nport = %d\nusername = u\nsecret = s\n"
+             "[alice]\nsecret = a\ndevices = default:PJSIP/100\nextensions = 100\n"
+             % free_port())
+    daemon = Daemon(tmp_path, fake.port, users=users)
+    try:
+        daemon.wait_log(r"WARNING \S+:\d+: \[alice\] extensions: 100 counts on every PBX, but "
+                        r"alice's phones are on default only; write default:100")
+    finally:
+        daemon.stop()
+
+
 @pytest.mark.parametrize("text, fragment", [
     (TWO_PBXES.replace("branch:PJSIP/100", "annex:PJSIP/100"),
      ":13: [bob] devices: 'annex:PJSIP/100' names no PBX, expected one of: default, branch"),
