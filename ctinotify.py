@@ -35,6 +35,7 @@ Test it: ``make test`` (pytest).  Standard library only, Python 3.8+.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import datetime
 import errno
@@ -49,6 +50,7 @@ import logging
 import logging.handlers
 import os
 import re
+import secrets
 import selectors
 import shlex
 import signal
@@ -3790,6 +3792,993 @@ class ClientSession:
 
 
 # ---------------------------------------------------------------------------
+# HTTP and the web client protocol (no I/O)
+# ---------------------------------------------------------------------------
+
+#: The web client's own port (``[general] web_port``).  Not the line
+#: protocol's port: that one greets on connect, and a browser opens
+#: connections speculatively and may send its request seconds later, so one
+#: port could not keep the greeting from browsers without delaying it for nc.
+DEFAULT_WEB_PORT = 5041
+#: Request limits, each with the status it answers: the request line (414),
+#: the header lines together and their count (431), a body (413: the login
+#: form is the only body, and it is tiny).
+MAX_HTTP_REQUEST_LINE_BYTES = 8 * 1024
+MAX_HTTP_HEADER_BYTES = 16 * 1024
+MAX_HTTP_HEADERS = 64
+MAX_HTTP_BODY_BYTES = 8 * 1024
+#: Received bytes a connection may have waiting (a pipelined request behind
+#: one whose reply is held back): one whole request at the limits.
+MAX_HTTP_PENDING_INPUT_BYTES = (MAX_HTTP_REQUEST_LINE_BYTES + MAX_HTTP_HEADER_BYTES
+                                + MAX_HTTP_BODY_BYTES)
+#: The loop's deadline for a request's head, from the connection's accept or
+#: the end of the previous response: 408 if a request was begun, else a
+#: silent close (an idle keep-alive or a browser's speculative connection).
+HTTP_HEADER_TIMEOUT_S = 10.0
+#: Server-Sent Events: a comment line this often keeps proxies and NATs
+#: from closing an idle stream; a browser waits ``retry`` before reconnecting.
+SSE_HEARTBEAT_S = 25.0
+SSE_RETRY_MS = 3000
+#: Events kept per user for ``Last-Event-ID`` (a laptop that lost Wi-Fi for
+#: a while): at most this many, and at most this many bytes of frames.
+WEB_EVENT_BUFFER_EVENTS = 100
+WEB_EVENT_BUFFER_BYTES = 64 * 1024
+#: A web login lasts this long (``web_session_hours``); there are at most
+#: this many sessions, and per user (the oldest of the user's ends first).
+WEB_SESSION_HOURS = 12.0
+MAX_WEB_SESSIONS = 10000
+MAX_WEB_SESSIONS_PER_USER = 32
+#: Random bytes in a session token and an anti-CSRF token.
+WEB_TOKEN_BYTES = 32
+WEB_SESSION_COOKIE = "ctinotify_session"
+#: ``GET /history?n=``: the default count (the page's journal).
+WEB_HISTORY_DEFAULT_COUNT = 50
+
+HTTP_REASONS = {
+    100: "Continue", 200: "OK", 204: "No Content", 304: "Not Modified",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+    413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
+    417: "Expectation Failed", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
+}
+#: Methods of RFC 9110 (and PATCH): the router answers 405 to those a path
+#: does not take; any other token is 501, as the RFC asks.
+HTTP_KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT",
+                                "OPTIONS", "TRACE", "PATCH"))
+
+
+class HttpProtocolError(CtiError):
+    """A browser (or anything on the web port) sent what is not a request
+    we take: answer ``status`` with ``text`` and close."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__("%d %s" % (status, text))
+        self.status = status
+        self.text = text
+
+
+class HttpRequest:
+    """One parsed request.  ``headers`` are ``(lower-case name, value)``
+    pairs in order, values decoded as Latin-1 (RFC 9110 obs-text)."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body",
+                 "keep_alive")
+
+    def __init__(self, method: str, target: str, version: str,
+                 headers: List[Tuple[str, str]], body: bytes = b"", keep_alive: bool = True):
+        self.method = method
+        self.target = target
+        path, _, query = target.partition("?")
+        #: The path, still percent-encoded (every route is plain ASCII).
+        self.path = path
+        self.query = query
+        #: ``HTTP/1.0`` or ``HTTP/1.1``.
+        self.version = version
+        self.headers = headers
+        self.body = body
+        #: The connection stays open after the response.
+        self.keep_alive = keep_alive
+
+    def header(self, name: str) -> Optional[str]:
+        """The first value of a header, or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def header_values(self, name: str) -> List[str]:
+        return [value for key, value in self.headers if key == name]
+
+    def params(self) -> Dict[str, str]:
+        """The query string's parameters (the first of a repeated one)."""
+        found: Dict[str, str] = {}
+        for key, value in urllib.parse.parse_qsl(self.query, keep_blank_values=True,
+                                                 max_num_fields=32):
+            found.setdefault(key, value)
+        return found
+
+
+class HttpContinue:
+    """The head of a request with ``Expect: 100-continue`` is in and its
+    body is not: the client waits for ``HTTP_CONTINUE_BYTES`` before sending it."""
+
+    __slots__ = ()
+
+
+HTTP_CONTINUE_BYTES = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HTTP_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_HTTP_VERSION = re.compile(rb"^HTTP/([0-9])\.([0-9])$")
+_HTTP_TARGET = re.compile(rb"^[\x21-\x7e]+$")
+_HTTP_ABSOLUTE = re.compile(r"^https?://[^/?#]*", re.IGNORECASE)
+
+
+class HttpRequestParser:
+    """Requests from one connection, without the socket (h11's shape).
+
+    ``receive_data(data)`` adds received bytes (``b""``: the peer closed its
+    side); ``next_event()`` returns the next ``HttpRequest``, an
+    ``HttpContinue``, or None when more bytes are needed.  Every problem with
+    the input raises ``HttpProtocolError`` carrying the status to answer;
+    the parser is useless afterwards (close the connection).  A request
+    without keep-alive is the last one: bytes after it are ignored.
+
+    The states, each read by one method: ``request_line`` -> ``headers`` ->
+    ``body`` -> back to ``request_line``, or ``done`` after the last request.
+    """
+
+    def __init__(self, max_request_line: int = MAX_HTTP_REQUEST_LINE_BYTES,
+                 max_header_bytes: int = MAX_HTTP_HEADER_BYTES,
+                 max_headers: int = MAX_HTTP_HEADERS, max_body: int = MAX_HTTP_BODY_BYTES):
+        self.max_request_line = max_request_line
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.max_body = max_body
+        self._buf = bytearray()
+        self.state = "request_line"
+        #: The peer closed its sending side.
+        self.eof = False
+        self._line: Tuple[str, str, str] = ("", "", "")
+        self._headers: List[Tuple[str, str]] = []
+        self._header_bytes = 0
+        self._body_length = 0
+        self._continue_due = False
+        self._steps = {"request_line": self._read_request_line, "headers": self._read_headers,
+                       "body": self._read_body, "done": lambda: None}
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet consumed (for the loop's input bound)."""
+        return len(self._buf)
+
+    @property
+    def in_progress(self) -> bool:
+        """A request has begun and is not complete: a timeout is a 408 then."""
+        return self.state in ("headers", "body") or bool(self._buf.strip(b"\r\n"))
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            self.eof = True
+        elif self.state != "done":
+            self._buf += data
+
+    def next_event(self) -> Union[HttpRequest, HttpContinue, None]:
+        event = self._steps[self.state]()
+        if event is None and self.eof and self.in_progress and self.state != "done":
+            raise HttpProtocolError(400, "the connection ended inside a request")
+        return event
+
+    def _take_line(self, limit: int, status: int, what: str) -> Optional[bytes]:
+        """One line without its end (CRLF or a bare LF), or None for now."""
+        end = self._buf.find(b"\n", 0, limit + 1)
+        if end < 0:
+            if len(self._buf) > limit:
+                raise HttpProtocolError(status, "%s longer than %d bytes" % (what, limit))
+            return None
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if b"\r" in line or b"\0" in line:
+            raise HttpProtocolError(400, "a bare CR or a NUL in the %s" % what)
+        return line
+
+    def _read_request_line(self) -> Optional[HttpRequest]:
+        # RFC 9112 2.2: empty lines before a request line are skipped.
+        while True:
+            if self._buf.startswith(b"\r\n"):
+                del self._buf[:2]
+            elif self._buf.startswith(b"\n"):
+                del self._buf[:1]
+            else:
+                break
+        line = self._take_line(self.max_request_line, 414, "request line")
+        if line is None:
+            return None
+        parts = line.split(b" ")
+        if len(parts) != 3 or not all(parts):
+            raise HttpProtocolError(400, "not a request line: METHOD TARGET HTTP/1.1")
+        method, target, version = parts
+        if not _HTTP_TOKEN.match(method):
+            raise HttpProtocolError(400, "the method is not a token")
+        match = _HTTP_VERSION.match(version)
+        if match is None:
+            raise HttpProtocolError(400, "not an HTTP version")
+        if match.group(1) != b"1":
+            raise HttpProtocolError(505, "HTTP/1.0 and HTTP/1.1 only")
+        if not _HTTP_TARGET.match(target):
+            raise HttpProtocolError(400, "the request target has a control character")
+        name = method.decode("ascii")
+        if name not in HTTP_KNOWN_METHODS:
+            raise HttpProtocolError(501, "method %s not implemented" % name[:20])
+        text = target.decode("ascii")
+        absolute = _HTTP_ABSOLUTE.match(text)
+        if absolute is not None:  # RFC 9112 3.2.2: a server must accept it
+            text = text[absolute.end():] or "/"
+        if not (text.startswith("/") or (text == "*" and name == "OPTIONS")):
+            raise HttpProtocolError(400, "the request target is not a path")
+        # A 1.x above 1.1 is served as 1.1 (RFC 9110 2.5).
+        self._line = (name, text.partition("#")[0],
+                      "HTTP/1.0" if match.group(2) == b"0" else "HTTP/1.1")
+        self._headers = []
+        self._header_bytes = 0
+        self.state = "headers"
+        return self._read_headers()
+
+    def _read_headers(self) -> Union[HttpRequest, HttpContinue, None]:
+        while True:
+            room = self.max_header_bytes - self._header_bytes
+            before = len(self._buf)
+            line = self._take_line(max(room, 0), 431, "header section")
+            if line is None:
+                return None
+            self._header_bytes += before - len(self._buf)
+            if self._header_bytes > self.max_header_bytes:
+                raise HttpProtocolError(431, "header section longer than %d bytes"
+                                        % self.max_header_bytes)
+            if not line:
+                return self._headers_done()
+            if line[:1] in (b" ", b"\t"):
+                raise HttpProtocolError(400, "a folded header line (obs-fold)")
+            name, colon, value = line.partition(b":")
+            if not colon or not _HTTP_TOKEN.match(name):
+                raise HttpProtocolError(400, "not a header line: Name: value")
+            if len(self._headers) >= self.max_headers:
+                raise HttpProtocolError(431, "more than %d header lines" % self.max_headers)
+            self._headers.append((name.decode("ascii").lower(),
+                                  value.strip(b" \t").decode("latin-1")))
+
+    def _headers_done(self) -> Union[HttpRequest, HttpContinue, None]:
+        method, target, version = self._line
+        headers = self._headers
+        hosts = [v for k, v in headers if k == "host"]
+        if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
+            raise HttpProtocolError(400, "HTTP/1.1 needs exactly one Host header")
+        codings = [v for k, v in headers if k == "transfer-encoding"]
+        if codings:
+            last = ",".join(codings).split(",")[-1].strip().lower()
+            if last == "chunked":
+                raise HttpProtocolError(411, "a chunked body: send Content-Length instead")
+            raise HttpProtocolError(501, "Transfer-Encoding %s not implemented" % last[:20])
+        lengths = {item.strip() for k, v in headers if k == "content-length"
+                   for item in v.split(",")}
+        if len(lengths) > 1 or any(not n.isdigit() or not n.isascii() for n in lengths):
+            raise HttpProtocolError(400, "a bad Content-Length")
+        self._body_length = int(lengths.pop()) if lengths else 0
+        if self._body_length > self.max_body:
+            raise HttpProtocolError(413, "a body over %d bytes" % self.max_body)
+        expect = ",".join(v for k, v in headers if k == "expect").strip().lower()
+        if expect and expect != "100-continue":
+            raise HttpProtocolError(417, "only Expect: 100-continue is understood")
+        self._continue_due = bool(expect) and self._body_length > 0 and \
+            version == "HTTP/1.1"
+        self.state = "body"
+        return self._read_body()
+
+    def _read_body(self) -> Union[HttpRequest, HttpContinue, None]:
+        if len(self._buf) < self._body_length:
+            if self._continue_due:
+                self._continue_due = False
+                return HttpContinue()
+            return None
+        self._continue_due = False
+        body = bytes(self._buf[:self._body_length])
+        del self._buf[:self._body_length]
+        method, target, version = self._line
+        tokens = {t.strip().lower() for k, v in self._headers if k == "connection"
+                  for t in v.split(",")}
+        keep_alive = "close" not in tokens and (version == "HTTP/1.1" or "keep-alive" in tokens)
+        request = HttpRequest(method, target, version, self._headers, body, keep_alive)
+        self.state = "request_line" if keep_alive else "done"
+        if not keep_alive:
+            self._buf.clear()
+        return request
+
+
+# -- responses -------------------------------------------------------------------
+
+class HttpResponse:
+    """A response to encode: ``status``, ``headers`` (name, value) pairs and
+    ``body``.  ``stream``: the body goes on after this (Server-Sent Events),
+    so it has no Content-Length and the connection closes when it ends."""
+
+    __slots__ = ("status", "headers", "body", "stream")
+
+    def __init__(self, status: int, headers: Optional[List[Tuple[str, str]]] = None,
+                 body: bytes = b"", stream: bool = False):
+        self.status = status
+        self.headers = list(headers or [])
+        self.body = body
+        self.stream = stream
+
+    def header(self, name: str) -> Optional[str]:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+#: Every response: no sniffing a JSON reply into a script, no framing by
+#: another site (clickjacking), no Referer to a screen-popped CRM page.
+HTTP_SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Opener-Policy", "same-origin"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+)
+#: Responses other than the page run nothing at all.
+HTTP_DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
+_HTTP_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_HTTP_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
+                "Nov", "Dec")
+
+
+def http_date(epoch: float) -> str:
+    """RFC 9110 IMF-fixdate, whatever the locale: ``Thu, 26 Nov 2026 21:19:10 GMT``."""
+    t = time.gmtime(epoch)
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+        _HTTP_DAYS[t.tm_wday], t.tm_mday, _HTTP_MONTHS[t.tm_mon - 1], t.tm_year,
+        t.tm_hour, t.tm_min, t.tm_sec)
+
+
+def encode_response(response: HttpResponse, keep_alive: bool, head_only: bool = False,
+                    date: Optional[float] = None) -> bytes:
+    """The response as bytes: status line, headers (ours, then the security
+    headers, unless the response set them), blank line, body.  A header
+    value with CR, LF or NUL raises ValueError: nothing, not even a caller
+    ID, may add a header or a body."""
+    status = response.status
+    keep_alive = keep_alive and not response.stream
+    lines = ["HTTP/1.1 %d %s" % (status, HTTP_REASONS.get(status, "Unknown"))]
+    headers = list(response.headers)
+    names = {name.lower() for name, _ in headers}
+    if date is not None and "date" not in names:
+        headers.append(("Date", http_date(date)))
+    if "content-security-policy" not in names:
+        headers.append(("Content-Security-Policy", HTTP_DEFAULT_CSP))
+    headers += [pair for pair in HTTP_SECURITY_HEADERS if pair[0].lower() not in names]
+    if not response.stream and status not in (204, 304) and status >= 200:
+        headers.append(("Content-Length", str(len(response.body))))
+    if status >= 200:
+        headers.append(("Connection", "keep-alive" if keep_alive else "close"))
+    for name, value in headers:
+        if not _HTTP_TOKEN.match(name.encode("latin-1", "replace")) or \
+                any(c in value for c in "\r\n\0"):
+            raise ValueError("header %r: a line end or NUL in a header" % name)
+        lines.append("%s: %s" % (name, value))
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+    if head_only or status in (204, 304):
+        return head
+    return head + response.body
+
+
+def json_response(status: int, value: object,
+                  headers: Optional[List[Tuple[str, str]]] = None) -> HttpResponse:
+    """A JSON reply; never cached (it holds a user's calls)."""
+    body = (encode_json_line(value) + "\n").encode("utf-8")  # type: ignore[arg-type]
+    return HttpResponse(status, [("Content-Type", "application/json; charset=utf-8"),
+                                 ("Cache-Control", "no-store")] + list(headers or []), body)
+
+
+def json_list_response(items: List[Dict[str, object]]) -> HttpResponse:
+    """A JSON array of line-format objects, one per line."""
+    body = ("[" + ",\n".join(encode_json_line(item) for item in items) + "]\n").encode("utf-8")
+    return HttpResponse(200, [("Content-Type", "application/json; charset=utf-8"),
+                              ("Cache-Control", "no-store")], body)
+
+
+def error_response(status: int, text: str,
+                   headers: Optional[List[Tuple[str, str]]] = None) -> HttpResponse:
+    """``{"error": "..."}`` with the status: what the page shows, what curl prints."""
+    return json_response(status, {"error": text, "status": status}, headers)
+
+
+# -- Server-Sent Events ------------------------------------------------------------
+
+SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"),
+               ("Cache-Control", "no-store"),
+               ("X-Accel-Buffering", "no")]  # nginx in front: do not buffer the stream
+
+
+def encode_sse_event(fields: Dict[str, object], event_id: Optional[str] = None) -> bytes:
+    """One SSE frame: ``id:`` (if any) and one ``data:`` line holding the
+    JSON object of the JSON line format.  encode_json_line escapes CR, LF,
+    NEL, U+2028 and U+2029, so no caller ID can end the line early or
+    start a field; a frame is always exactly these lines."""
+    data = "data: " + encode_json_line(fields) + "\n\n"
+    if event_id is not None:
+        data = "id: " + event_id + "\n" + data
+    return data.encode("utf-8")
+
+
+def encode_sse_comment(text: str = "") -> bytes:
+    """A comment frame (a heartbeat): ignored by every SSE reader."""
+    return (":" + re.sub(r"[\r\n]", " ", text) + "\n\n").encode("utf-8")
+
+
+def encode_sse_retry(milliseconds: int = SSE_RETRY_MS) -> bytes:
+    return b"retry: %d\n\n" % milliseconds
+
+
+# -- cookies, Basic auth, forms ------------------------------------------------------
+
+def parse_cookies(values: Iterable[str]) -> Dict[str, str]:
+    """``Cookie:`` header values -> ``{name: value}``; of a name sent twice
+    the first wins (a browser sends the most specific one first)."""
+    cookies: Dict[str, str] = {}
+    for header in values:
+        for item in header.split(";"):
+            name, eq, value = item.strip().partition("=")
+            if eq and name:
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                cookies.setdefault(name, value)
+    return cookies
+
+
+def parse_basic_auth(value: Optional[str]) -> Optional[Tuple[str, str]]:
+    """``Authorization: Basic base64(user:secret)`` -> ``(user, secret)``,
+    UTF-8 (RFC 7617); anything else None."""
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "basic" or not token.strip():
+        return None
+    try:
+        text = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+        return None
+    user, colon, secret = text.partition(":")
+    return (user, secret) if colon else None
+
+
+def parse_form(body: bytes) -> Dict[str, str]:
+    """An ``application/x-www-form-urlencoded`` body -> ``{name: value}``
+    (the first of a repeated name); HttpProtocolError(400) if it is not one."""
+    try:
+        text = body.decode("ascii")
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, max_num_fields=32,
+                                       encoding="utf-8", errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise HttpProtocolError(400, "not a form (application/x-www-form-urlencoded)")
+    form: Dict[str, str] = {}
+    for key, value in pairs:
+        form.setdefault(key, value)
+    return form
+
+
+def session_cookie(token: str, max_age_s: int, secure: bool) -> str:
+    """The session cookie: unreadable by scripts (HttpOnly), never sent by
+    a request another site starts (SameSite=Strict), for the whole server,
+    only over TLS when it came over TLS (Secure)."""
+    return "%s=%s; Path=/; Max-Age=%d; HttpOnly; SameSite=Strict%s" % (
+        WEB_SESSION_COOKIE, token, max_age_s, "; Secure" if secure else "")
+
+
+# -- web sessions and the event buffer ----------------------------------------------
+
+def new_token() -> str:
+    return secrets.token_urlsafe(WEB_TOKEN_BYTES)
+
+
+class WebSession:
+    """One browser login: the cookie's token, the anti-CSRF token every
+    POST must carry, whose it is and until when (``now`` units)."""
+
+    __slots__ = ("token", "csrf", "account", "expires", "key")
+
+    def __init__(self, token: str, csrf: str, account: UserConfig, expires: float, key: bytes):
+        self.token = token
+        self.csrf = csrf
+        #: The account as it was at login: a reload that changes its secret
+        #: ends the session (WebSessionStore.reconfigure).
+        self.account = account
+        self.expires = expires
+        self.key = key
+
+    @property
+    def user(self) -> str:
+        return self.account.name
+
+
+def _token_key(token: str) -> bytes:
+    """Sessions are found by the token's hash: the lookup's timing says
+    nothing about the tokens that exist."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
+
+
+class WebSessionStore:
+    """Web sessions, without a clock: every call takes ``now``.
+
+    ``create`` after a good login; ``get`` for each request (None: no such
+    session, or it expired); ``end`` on logout; ``end_user`` and
+    ``reconfigure`` when a reload removes a user or changes a secret;
+    ``expire(now)`` when ``next_expiry()`` is due.  Each returns the
+    sessions it ended, so the loop can close their event streams.
+    """
+
+    def __init__(self, lifetime_s: float = WEB_SESSION_HOURS * 3600,
+                 max_sessions: int = MAX_WEB_SESSIONS,
+                 max_per_user: int = MAX_WEB_SESSIONS_PER_USER,
+                 token_factory=new_token):
+        self.lifetime_s = lifetime_s
+        self.max_sessions = max_sessions
+        self.max_per_user = max_per_user
+        self._token_factory = token_factory
+        self._sessions: Dict[bytes, WebSession] = {}
+        self._by_user: Dict[str, "collections.OrderedDict[bytes, WebSession]"] = {}
+        #: (expires, key): the nearest expiry first; ended ones are skipped.
+        self._expiries: List[Tuple[float, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, account: UserConfig, now: float) -> Optional[WebSession]:
+        """A new session; None when the store is full (answer 503)."""
+        mine = self._by_user.get(account.name)
+        if mine is not None and len(mine) >= self.max_per_user:
+            self._remove(next(iter(mine.values())))  # the user's oldest
+        if len(self._sessions) >= self.max_sessions:
+            return None
+        token = self._token_factory()
+        key = _token_key(token)
+        session = WebSession(token, self._token_factory(), account, now + self.lifetime_s, key)
+        self._sessions[key] = session
+        self._by_user.setdefault(account.name, collections.OrderedDict())[key] = session
+        heapq.heappush(self._expiries, (session.expires, key))
+        if len(self._expiries) > 2 * len(self._sessions) + 64:
+            self._expiries = [(s.expires, k) for k, s in self._sessions.items()]
+            heapq.heapify(self._expiries)
+        return session
+
+    def get(self, token: str, now: float) -> Optional[WebSession]:
+        session = self._sessions.get(_token_key(token)) if token else None
+        if session is None or now >= session.expires:
+            return None
+        return session
+
+    def end(self, token: str) -> Optional[WebSession]:
+        session = self._sessions.get(_token_key(token)) if token else None
+        if session is not None:
+            self._remove(session)
+        return session
+
+    def end_user(self, name: str) -> List[WebSession]:
+        ended = list(self._by_user.get(name, {}).values())
+        for session in ended:
+            self._remove(session)
+        return ended
+
+    def reconfigure(self, users: Dict[str, UserConfig],
+                    lifetime_s: Optional[float] = None) -> List[WebSession]:
+        """After a reload: end the sessions of users removed or whose secret
+        changed; later logins get the new lifetime."""
+        if lifetime_s is not None:
+            self.lifetime_s = lifetime_s
+        ended: List[WebSession] = []
+        for name in list(self._by_user):
+            fresh = users.get(name)
+            sessions = list(self._by_user[name].values())
+            if fresh is None or fresh.secret != sessions[0].account.secret:
+                ended += self.end_user(name)
+            else:
+                for session in sessions:
+                    session.account = fresh
+        return ended
+
+    def next_expiry(self) -> Optional[float]:
+        heap = self._expiries
+        while heap and self._sessions.get(heap[0][1]) is None:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def expire(self, now: float) -> List[WebSession]:
+        ended = []
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            _expires, key = heapq.heappop(heap)
+            session = self._sessions.get(key)
+            if session is not None and session.expires <= now:
+                self._remove(session)
+                ended.append(session)
+        return ended
+
+    def _remove(self, session: WebSession) -> None:
+        self._sessions.pop(session.key, None)
+        mine = self._by_user.get(session.user)
+        if mine is not None:
+            mine.pop(session.key, None)
+            if not mine:
+                del self._by_user[session.user]
+
+
+class WebEventBuffer:
+    """Each user's last events as SSE frames, for ``Last-Event-ID``.
+
+    An id is ``EPOCH-SEQ``: EPOCH is random per daemon start, SEQ counts up.
+    A browser that comes back with an id of this start gets the events
+    after it; with an id of an earlier start (the daemon restarted) it gets
+    every event buffered since; with none (a fresh page), none.  Bounded per
+    user in events and bytes; ``replay`` says whether events were lost.
+    """
+
+    def __init__(self, epoch: Optional[str] = None, max_events: int = WEB_EVENT_BUFFER_EVENTS,
+                 max_bytes: int = WEB_EVENT_BUFFER_BYTES):
+        self.epoch = epoch or secrets.token_hex(4)
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._seq = 0
+        #: user -> deque of (seq, frame), bytes held, newest seq dropped.
+        self._frames: Dict[str, "collections.deque[Tuple[int, bytes]]"] = {}
+        self._bytes: Dict[str, int] = {}
+        self._dropped: Dict[str, int] = {}
+
+    def publish(self, user: str, fields: Dict[str, object]) -> bytes:
+        """Give an event for ``user`` the next id, keep it, return its frame."""
+        self._seq += 1
+        frame = encode_sse_event(fields, "%s-%d" % (self.epoch, self._seq))
+        frames = self._frames.get(user)
+        if frames is None:
+            frames = self._frames[user] = collections.deque()
+            self._bytes[user] = 0
+        frames.append((self._seq, frame))
+        self._bytes[user] += len(frame)
+        while frames and (len(frames) > self.max_events or self._bytes[user] > self.max_bytes):
+            seq, old = frames.popleft()
+            self._bytes[user] -= len(old)
+            self._dropped[user] = seq
+        return frame
+
+    def last_id(self) -> str:
+        return "%s-%d" % (self.epoch, self._seq)
+
+    def replay(self, user: str, last_event_id: Optional[str]) -> Tuple[List[bytes], bool]:
+        """The frames a stream resuming after ``last_event_id`` missed, and
+        whether that is all of them (False: some were dropped already)."""
+        if last_event_id is None:
+            return [], True
+        epoch, _, seq_text = last_event_id.strip().rpartition("-")
+        frames = self._frames.get(user, ())
+        if epoch != self.epoch or not seq_text.isdigit() or not seq_text.isascii():
+            after = 0  # an earlier daemon's id: all this one has
+        else:
+            after = int(seq_text)
+        missed = [frame for seq, frame in frames if seq > after]
+        complete = self._dropped.get(user, 0) <= after or epoch != self.epoch
+        return missed, complete and (after <= self._seq)
+
+    def retain(self, users: Iterable[str]) -> None:
+        keep = set(users)
+        for user in [u for u in self._frames if u not in keep]:
+            del self._frames[user]
+            self._bytes.pop(user, None)
+            self._dropped.pop(user, None)
+
+    def held_bytes(self) -> int:
+        return sum(self._bytes.values())
+
+
+# -- routes ------------------------------------------------------------------------
+
+class WebView(ServerView):
+    """What the web routes may ask of the server: ServerView's accounts,
+    calls and history, plus the login throttle (the same one LOGIN uses),
+    the web sessions, the event buffer and the PBX links' status lines.
+
+    The daemon's view shares its throttle and fills ``link_status``; tests
+    make one with a fake engine or none.
+    """
+
+    def __init__(self, users: Dict[str, UserConfig], engine: Optional[CallEngine] = None,
+                 history: Optional[CallHistory] = None,
+                 sessions: Optional[WebSessionStore] = None,
+                 events: Optional[WebEventBuffer] = None,
+                 throttle: Optional[LoginThrottle] = None):
+        super().__init__(users, engine, history)
+        self.sessions = sessions if sessions is not None else WebSessionStore()
+        self.events = events if events is not None else WebEventBuffer()
+        self.throttle = throttle if throttle is not None else LoginThrottle()
+
+    def link_status(self) -> List[Dict[str, object]]:
+        """The ``status`` fields of every PBX link (``pbx=up|down``), sent
+        at the start of each event stream as after a LOGIN."""
+        return []
+
+
+class WebStream:
+    """The reply to ``GET /events``: from now on this connection is an
+    event stream for ``user``.  ``session`` is the web session it belongs
+    to (None: Basic auth), so ending the session can close it."""
+
+    __slots__ = ("user", "session")
+
+    def __init__(self, user: str, session: Optional[WebSession]):
+        self.user = user
+        self.session = session
+
+
+class WebReply:
+    """What to do with a request: send ``response``; with ``stream``, keep
+    the connection as an event stream; ``delay_s``: hold the response back
+    that long (a failed login, as LOGIN's reply); ``close``: close after it;
+    ``ended``: sessions that ended (close their streams); ``failed_login``:
+    the request was a failed login (three on one connection close it)."""
+
+    __slots__ = ("response", "stream", "delay_s", "close", "ended", "failed_login")
+
+    def __init__(self, response: HttpResponse, stream: Optional[WebStream] = None,
+                 delay_s: float = 0.0, close: bool = False,
+                 ended: Optional[List[WebSession]] = None, failed_login: bool = False):
+        self.response = response
+        self.stream = stream
+        self.delay_s = delay_s
+        self.close = close
+        self.ended = ended or []
+        self.failed_login = failed_login
+
+
+class WebRequestContext:
+    """One request as the routes see it: where from, over TLS or not, when."""
+
+    __slots__ = ("request", "view", "peer_host", "tls", "now", "tag")
+
+    def __init__(self, request: HttpRequest, view: WebView, peer_host: str, tls: bool,
+                 now: float, tag: str):
+        self.request = request
+        self.view = view
+        self.peer_host = peer_host
+        self.tls = tls
+        self.now = now
+        self.tag = tag
+
+
+class WebAuthFailed(CtiError):
+    """A route needs a logged-in user and the request has none: ``reply``
+    is the answer (403, 401 with a Basic challenge, 429)."""
+
+    def __init__(self, reply: WebReply):
+        super().__init__(reply.response.status)
+        self.reply = reply
+
+
+def _login_check(ctx: WebRequestContext, name: str, secret: str,
+                 how: str) -> Union[UserConfig, WebReply]:
+    """LOGIN's rules on the web: the same secrets, ``host=`` and throttle;
+    the account, or the reply refusing it."""
+    view, key = ctx.view, address_key(ctx.peer_host)
+    if view.throttle.blocked_for(key, ctx.now) > 0:
+        return WebReply(error_response(429, "too many failed logins from your address, "
+                                            "try again later"), close=True)
+    account = view.users.get(name)
+    # Compare even for unknown users, so timing does not tell them apart.
+    expected = account.secret if account is not None else "\0unknown user"
+    secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
+    if account is not None and secret_ok and account.host_allowed(ctx.peer_host):
+        return account
+    why = ("unknown user" if account is None else
+           "wrong secret" if not secret_ok else "address not allowed by host=")
+    log.warning("%s: %s login as %r refused: %s", ctx.tag, how, name[:64], why)
+    delay, blocked = view.throttle.failed(key, ctx.now)
+    if blocked:
+        log.warning("%s: logins from %s blocked for %g s after %d failed logins",
+                    ctx.tag, key, view.throttle.block_s, view.throttle.block_after)
+    challenge = [("WWW-Authenticate", 'Basic realm="ctinotify", charset="UTF-8"')] \
+        if how == "basic" else []
+    return WebReply(error_response(401, "login failed", challenge), delay_s=delay,
+                    close=blocked, failed_login=True)
+
+
+def _authenticate(ctx: WebRequestContext) -> Tuple[UserConfig, Optional[WebSession]]:
+    """The request's user: by its session cookie, else by Basic auth (for
+    scripts: ``curl -u alice:SECRET``).  Raises WebAuthFailed."""
+    request, view = ctx.request, ctx.view
+    token = parse_cookies(request.header_values("cookie")).get(WEB_SESSION_COOKIE, "")
+    session = view.sessions.get(token, ctx.now)
+    if session is not None:
+        account = view.users.get(session.user)
+        if account is not None and account.host_allowed(ctx.peer_host):
+            return account, session
+    credentials = parse_basic_auth(request.header("authorization"))
+    if credentials is None:
+        # No challenge: a browser would pop up its own password dialog.
+        raise WebAuthFailed(WebReply(error_response(403, "login first")))
+    result = _login_check(ctx, credentials[0], credentials[1], "basic")
+    if isinstance(result, WebReply):
+        raise WebAuthFailed(result)
+    return result, None
+
+
+def _same_origin(ctx: WebRequestContext) -> bool:
+    """A POST must come from the page itself: browsers send Origin (and
+    Sec-Fetch-Site) with every POST, and another site's form cannot fake
+    them.  A client that sends neither (curl) is no browser to trick."""
+    request = ctx.request
+    site = request.header("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    origin = request.header("origin")
+    if origin is None:
+        return True
+    host = request.header("host") or ""
+    return origin == "%s://%s" % ("https" if ctx.tls else "http", host)
+
+
+def _csrf_ok(ctx: WebRequestContext, session: Optional[WebSession]) -> bool:
+    if session is None:
+        return True  # Basic auth: no cookie a forged request could ride on
+    sent = ctx.request.header("x-csrf-token") or ""
+    return hmac.compare_digest(sent.encode("utf-8", "replace"),
+                               session.csrf.encode("utf-8"))
+
+
+def _route_page(ctx: WebRequestContext) -> WebReply:
+    etag = '"%s"' % WEB_PAGE_ETAG
+    if ctx.request.header("if-none-match") == etag:
+        return WebReply(HttpResponse(304, [("ETag", etag)]))
+    return WebReply(HttpResponse(200, [("Content-Type", "text/html; charset=utf-8"),
+                                       ("Cache-Control", "no-cache"), ("ETag", etag),
+                                       ("Content-Security-Policy", WEB_PAGE_CSP)],
+                                 WEB_PAGE_BYTES))
+
+
+def _route_login(ctx: WebRequestContext) -> WebReply:
+    request = ctx.request
+    content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        return WebReply(error_response(415, "expected a form: user=...&secret=..."))
+    form = parse_form(request.body)
+    result = _login_check(ctx, form.get("user", ""), form.get("secret", ""), "web")
+    if isinstance(result, WebReply):
+        return result
+    session = ctx.view.sessions.create(result, ctx.now)
+    if session is None:
+        log.warning("%s: web login as %s refused: %d sessions open", ctx.tag, result.name,
+                    len(ctx.view.sessions))
+        return WebReply(error_response(503, "too many web sessions, try again later"))
+    log.info("%s: web login as %s", ctx.tag, result.name)
+    cookie = session_cookie(session.token, int(ctx.view.sessions.lifetime_s), ctx.tls)
+    return WebReply(json_response(200, _session_fields(session), [("Set-Cookie", cookie)]))
+
+
+def _session_fields(session: WebSession) -> Dict[str, object]:
+    return {"user": session.user, "csrf": session.csrf,
+            "events": list(session.account.events)}
+
+
+def _route_logout(ctx: WebRequestContext) -> WebReply:
+    token = parse_cookies(ctx.request.header_values("cookie")).get(WEB_SESSION_COOKIE, "")
+    session = ctx.view.sessions.get(token, ctx.now)
+    if session is None:
+        return WebReply(error_response(403, "login first"))
+    if not _csrf_ok(ctx, session):
+        return WebReply(error_response(403, "missing or wrong X-CSRF-Token"))
+    ctx.view.sessions.end(token)
+    log.info("%s: web logout of %s", ctx.tag, session.user)
+    return WebReply(HttpResponse(204, [("Set-Cookie", session_cookie("", 0, ctx.tls)),
+                                       ("Cache-Control", "no-store")]), ended=[session])
+
+
+def _route_session(ctx: WebRequestContext) -> WebReply:
+    account, session = _authenticate(ctx)
+    if session is None:
+        return WebReply(json_response(200, {"user": account.name, "csrf": "",
+                                            "events": list(account.events)}))
+    return WebReply(json_response(200, _session_fields(session)))
+
+
+def _route_events(ctx: WebRequestContext) -> WebReply:
+    """``GET /events``: the stream's head, then what the browser missed
+    (``Last-Event-ID``, or ``?last_event_id=`` from a page that had to
+    log in again), then the PBX links' status; the loop sends the rest."""
+    account, session = _authenticate(ctx)
+    request, view = ctx.request, ctx.view
+    last_id = request.header("last-event-id")
+    if last_id is None:
+        last_id = request.params().get("last_event_id") or None
+    missed, complete = view.events.replay(account.name, last_id)
+    body = [encode_sse_retry()] + missed
+    if not complete:
+        body.append(encode_sse_event({"event": "status", "replay": "incomplete"}))
+    body += [encode_sse_event(dict({"event": "status"}, **fields))
+             for fields in view.link_status()]
+    log.info("%s: event stream for %s%s", ctx.tag, account.name,
+             " from %s (%d missed)" % (last_id[:40], len(missed)) if last_id else "")
+    return WebReply(HttpResponse(200, SSE_HEADERS, b"".join(body), stream=True),
+                    stream=WebStream(account.name, session))
+
+
+def _route_calls(ctx: WebRequestContext) -> WebReply:
+    account, _session = _authenticate(ctx)
+    return WebReply(json_list_response(ctx.view.calls(account.name)))
+
+
+def _route_history(ctx: WebRequestContext) -> WebReply:
+    account, _session = _authenticate(ctx)
+    text = ctx.request.params().get("n", "")
+    count = WEB_HISTORY_DEFAULT_COUNT
+    if text:
+        if not re.match(r"^[0-9]{1,6}$", text) or not 1 <= int(text) <= HISTORY_PER_USER:
+            return WebReply(error_response(400, "n from 1 to %d" % HISTORY_PER_USER))
+        count = int(text)
+    # Only ever the user's own calls, as HISTORY.
+    records = [dict({"event": "history"}, **record)
+               for record in ctx.view.history(account.name, count)
+               if record.get("user") == account.name]
+    return WebReply(json_list_response(records))
+
+
+#: path -> {method: route}.  HEAD is answered as GET, without the body.
+WEB_ROUTES = {
+    "/": {"GET": _route_page},
+    "/login": {"POST": _route_login},
+    "/logout": {"POST": _route_logout},
+    "/session": {"GET": _route_session},
+    "/events": {"GET": _route_events},
+    "/calls": {"GET": _route_calls},
+    "/history": {"GET": _route_history},
+}
+
+
+def route_web_request(request: HttpRequest, view: WebView, peer_host: str, now: float,
+                      tls: bool = False, tag: str = "web") -> WebReply:
+    """Answer one request: the page, a login or logout, a JSON list, or the
+    start of an event stream.  ``now`` is the clock of the session store
+    and the throttle (monotonic in the daemon).  Never raises for anything
+    the request holds."""
+    ctx = WebRequestContext(request, view, peer_host, tls, now, tag)
+    methods = WEB_ROUTES.get(request.path)
+    if methods is None:
+        return WebReply(error_response(404, "no such page"))
+    method = "GET" if request.method == "HEAD" else request.method
+    route = methods.get(method)
+    if route is None:
+        allow = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
+        return WebReply(error_response(405, "method not allowed", [("Allow", allow)]))
+    if method == "POST" and not _same_origin(ctx):
+        log.warning("%s: a POST %s from another site refused", tag, request.path)
+        return WebReply(error_response(403, "cross-site request refused"))
+    try:
+        reply = route(ctx)
+    except WebAuthFailed as e:
+        reply = e.reply
+    except HttpProtocolError as e:
+        reply = WebReply(error_response(e.status, e.text), close=True)
+    if request.method == "HEAD":
+        reply.stream = None
+        reply.response.stream = False
+    return reply
+
+
+def http_error_bytes(error: HttpProtocolError, date: Optional[float] = None) -> bytes:
+    """The last reply to a request the parser refused: its status, then close."""
+    return encode_response(error_response(error.status, error.text), keep_alive=False,
+                           date=date)
+
+
+# ---------------------------------------------------------------------------
 # Event loop and I/O: the only place with sockets, clocks and signals
 # ---------------------------------------------------------------------------
 
@@ -5898,6 +6887,617 @@ class WatchClient:
                 log.warning("no web browser found to open %s", url)
         except webbrowser.Error as e:
             log.warning("cannot open %s: %s", url, e)
+
+
+# ---------------------------------------------------------------------------
+# The web page: HTML, CSS and plain JavaScript, served at GET /
+# ---------------------------------------------------------------------------
+
+# Everything that comes from the PBX or a user reaches the page through
+# textContent and attribute setters, never innerHTML (the CSP's Trusted
+# Types rule makes an innerHTML assignment throw); a screen pop opens http
+# and https URLs only.  The script and the style are allowed by their
+# hashes, so the page runs its own script and nothing else.
+
+WEB_PAGE_CSS = """
+:root { --bg: #f6f7f9; --fg: #1d2330; --muted: #667085; --card: #fff; --line: #d9dee7;
+  --ring: #b45309; --talk: #047857; --bad: #b42318; --accent: #1d4ed8; }
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0; font: 16px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  background: var(--bg); color: var(--fg); }
+header { display: flex; flex-wrap: wrap; align-items: center; gap: 8px; padding: 10px 14px;
+  background: var(--card); border-bottom: 1px solid var(--line); }
+header h1 { font-size: 18px; margin: 0 auto 0 0; }
+.pill { font-size: 13px; padding: 2px 10px; border-radius: 999px; background: #e7eaf0; }
+.pill.ok { background: #d1fadf; color: #05603a; }
+.pill.bad { background: #fee4e2; color: var(--bad); font-weight: 600; }
+.banner { position: sticky; top: 0; z-index: 2; padding: 12px 14px; font-weight: 700;
+  background: var(--bad); color: #fff; text-align: center; font-size: 17px; }
+main { max-width: 760px; margin: 0 auto; padding: 12px; }
+button, select, input { font: inherit; }
+button { cursor: pointer; border: 1px solid var(--line); background: var(--card);
+  border-radius: 8px; padding: 6px 12px; min-height: 36px; }
+button.primary { background: var(--accent); color: #fff; border-color: var(--accent); }
+form.login { background: var(--card); border: 1px solid var(--line); border-radius: 12px;
+  padding: 18px; max-width: 380px; margin: 40px auto; display: grid; gap: 12px; }
+form.login label { display: grid; gap: 4px; }
+form.login input { padding: 8px; border: 1px solid var(--line); border-radius: 8px; }
+.error { color: var(--bad); min-height: 1.4em; margin: 0; }
+.tabs { display: flex; gap: 6px; margin-bottom: 10px; }
+.tab.active { background: var(--fg); color: #fff; border-color: var(--fg); }
+.badge { display: inline-block; min-width: 22px; padding: 0 6px; margin-left: 4px;
+  border-radius: 999px; background: var(--bad); color: #fff; font-size: 13px; font-weight: 700; }
+ul.calls, ul.journal, ul.activity { list-style: none; margin: 0; padding: 0; display: grid; gap: 8px; }
+li.call { background: var(--card); border: 1px solid var(--line); border-left: 6px solid var(--muted);
+  border-radius: 10px; padding: 10px 12px; }
+li.call.ringing { border-left-color: var(--ring); }
+li.call.talking { border-left-color: var(--talk); }
+li.call.held, li.call.parked { border-left-color: var(--accent); }
+.row { display: flex; flex-wrap: wrap; align-items: baseline; gap: 8px; }
+.dir { color: var(--muted); font-size: 14px; }
+.state { font-weight: 700; }
+li.call.ringing .state { color: var(--ring); }
+li.call.talking .state { color: var(--talk); }
+.timer { margin-left: auto; font-variant-numeric: tabular-nums; color: var(--muted); }
+.who { font-size: 20px; font-weight: 600; }
+.who, .num, .words { overflow-wrap: anywhere; word-break: break-word; unicode-bidi: isolate; }
+.num { color: var(--muted); }
+.words { color: var(--fg); font-size: 15px; }
+li.entry { background: var(--card); border: 1px solid var(--line); border-radius: 10px;
+  padding: 8px 12px; display: grid; gap: 2px; }
+li.entry.missed { border-left: 6px solid var(--bad); }
+li.entry.missed .words { color: var(--bad); font-weight: 600; }
+.when { color: var(--muted); font-size: 14px; }
+.quiet { color: var(--muted); }
+ul.activity li { color: var(--muted); font-size: 14px; }
+details.settings { margin-top: 18px; background: var(--card); border: 1px solid var(--line);
+  border-radius: 10px; padding: 8px 12px; }
+details.settings label, details.settings p { display: block; margin: 8px 0; }
+a.pop { display: inline-block; margin-top: 4px; }
+@media (max-width: 480px) {
+  body { font-size: 15px; }
+  header h1 { flex-basis: 100%; }
+  .who { font-size: 18px; }
+  main { padding: 8px; }
+}
+"""
+
+WEB_PAGE_JS = r"""
+"use strict";
+(function () {
+  var MISSED = ["noanswer", "cancelled", "busy", "answered_elsewhere"];
+  var POP_DELAY_MS = 250;  // a replayed ring followed by its hangup pops nothing
+  var state = {
+    user: null, csrf: "", es: null, lastId: null, gen: 0, calls: new Map(),
+    ended: new Set(), notes: new Map(), popped: new Set(), links: {}, stopping: false,
+    conn: "idle", history: [], activity: [], view: "now", sessionNote: ""
+  };
+  function $(id) { return document.getElementById(id); }
+  function el(tag, cls, text) {
+    var node = document.createElement(tag);
+    if (cls) { node.className = cls; }
+    if (text !== undefined && text !== null) { node.textContent = String(text); }
+    return node;
+  }
+  function load(key, fallback) {
+    try { var v = window.localStorage.getItem(key); return v === null ? fallback : v; }
+    catch (e) { return fallback; }
+  }
+  function save(key, value) {
+    try { window.localStorage.setItem(key, String(value)); } catch (e) { /* private mode */ }
+  }
+  function webUrl(text) {
+    if (typeof text !== "string" || !text) { return null; }
+    try {
+      var url = new URL(text);
+      return (url.protocol === "http:" || url.protocol === "https:") ? url.href : null;
+    } catch (e) { return null; }
+  }
+  function party(p) {
+    p = p || {};
+    var name = p.name || "", num = p.num || "";
+    return { main: name || num || "unknown", num: (name && num && name !== num) ? num : "" };
+  }
+  function said(p) {
+    var x = party(p);
+    return x.num ? x.main + " (" + x.num + ")" : x.main;
+  }
+  function secs(text) { var t = Date.parse(text || ""); return isNaN(t) ? null : t; }
+  function clock(ms) {
+    var s = Math.max(0, Math.floor(ms / 1000)), h = Math.floor(s / 3600);
+    var m = Math.floor((s % 3600) / 60), r = s % 60;
+    var mm = (h ? String(m).padStart(2, "0") : String(m)) + ":" + String(r).padStart(2, "0");
+    return h ? h + ":" + mm : mm;
+  }
+  function talked(seconds) {
+    var s = Number(seconds) || 0;
+    return s < 60 ? s + " s" : clock(s * 1000);
+  }
+
+  function api(method, path, body) {
+    var headers = {};
+    if (body !== undefined) { headers["Content-Type"] = "application/x-www-form-urlencoded"; }
+    if (method === "POST" && state.csrf) { headers["X-CSRF-Token"] = state.csrf; }
+    return fetch(path, { method: method, headers: headers, body: body,
+                         credentials: "same-origin", cache: "no-store" });
+  }
+
+  // -- connection and PBX link, impossible to miss ---------------------------
+  function showBanner() {
+    var banner = $("banner"), text = "";
+    var down = Object.keys(state.links).filter(function (k) { return state.links[k] === "down"; });
+    if (state.stopping) { text = "The ctinotify server is stopping: no calls are shown until it is back"; }
+    else if (state.user && state.conn !== "connected") {
+      text = "Not connected to the server: reconnecting…";
+    } else if (down.length) {
+      text = "PBX link down" + (down[0] !== "default" ? " (" + down.join(", ") + ")" : "") +
+        ": calls are not shown until it is back";
+    }
+    banner.textContent = text;
+    banner.hidden = !text;
+    var conn = $("conn");
+    conn.textContent = { connected: "connected", connecting: "connecting…",
+                         reconnecting: "reconnecting…", idle: "not connected" }[state.conn] || state.conn;
+    conn.className = "pill " + (state.conn === "connected" ? "ok" : "bad");
+    var pbx = $("pbx"), keys = Object.keys(state.links);
+    pbx.hidden = !keys.length;
+    pbx.textContent = down.length ? "PBX link down" : "PBX connected";
+    pbx.className = "pill " + (down.length ? "bad" : "ok");
+  }
+  function setConn(value) { state.conn = value; showBanner(); }
+
+  // -- login -----------------------------------------------------------------
+  function showLogin(note) {
+    closeStream();
+    state.user = null; state.csrf = "";
+    $("app").hidden = true; $("logout").hidden = true; $("who").textContent = "";
+    $("login").hidden = false;
+    $("login-error").textContent = note || "";
+    state.conn = "idle"; showBanner();
+    var user = document.querySelector("#login-form input[name=user]");
+    if (user && !user.value) { user.focus(); }
+  }
+  function loggedIn(info) {
+    state.user = info.user; state.csrf = info.csrf || "";
+    $("login").hidden = true; $("app").hidden = false; $("logout").hidden = !state.csrf;
+    $("who").textContent = info.user;
+    state.stopping = false;
+    updateMissed();
+    openStream();
+  }
+  function onLoginSubmit(event) {
+    event.preventDefault();
+    var form = event.target, error = $("login-error");
+    var body = new URLSearchParams();
+    body.set("user", form.elements.user.value);
+    body.set("secret", form.elements.secret.value);
+    error.textContent = "Logging in…";
+    $("login-button").disabled = true;
+    api("POST", "/login", body.toString()).then(function (r) {
+      return r.json().catch(function () { return {}; }).then(function (j) {
+        $("login-button").disabled = false;
+        if (r.ok) { form.elements.secret.value = ""; error.textContent = ""; loggedIn(j); return; }
+        error.textContent = r.status === 401 ? "Wrong user name or secret." :
+          r.status === 429 ? "Too many failed logins from this computer: try again in a few minutes." :
+          "The server refused the login (" + r.status + ").";
+      });
+    }, function () {
+      $("login-button").disabled = false;
+      error.textContent = "Cannot reach the server.";
+    });
+  }
+  function logout() {
+    api("POST", "/logout").then(function () { showLogin("Logged out."); },
+                                function () { showLogin("Logged out."); });
+  }
+  function checkSession(note) {
+    api("GET", "/session").then(function (r) {
+      if (r.status === 403 || r.status === 401) { showLogin(note); return null; }
+      if (!r.ok) { throw new Error(String(r.status)); }
+      return r.json().then(function (j) {
+        if (state.user && j.user === state.user) {
+          state.csrf = j.csrf || state.csrf; setTimeout(openStream, 2000);
+        }
+        else { loggedIn(j); }
+      });
+    }).catch(function () { setConn("reconnecting"); setTimeout(function () { checkSession(note); }, 3000); });
+  }
+
+  // -- the event stream --------------------------------------------------------
+  function closeStream() { if (state.es) { state.es.close(); state.es = null; } }
+  function openStream() {
+    closeStream();
+    var url = "/events" + (state.lastId ? "?last_event_id=" + encodeURIComponent(state.lastId) : "");
+    var es = new EventSource(url);
+    state.es = es;
+    setConn(state.conn === "connected" ? "reconnecting" : "connecting");
+    es.onopen = function () { state.stopping = false; setConn("connected"); refresh(); };
+    es.onmessage = function (m) {
+      if (m.lastEventId) { state.lastId = m.lastEventId; }
+      var event;
+      try { event = JSON.parse(m.data); } catch (e) { return; }
+      if (event && typeof event === "object") { handle(event); }
+    };
+    es.onerror = function () {
+      if (es !== state.es) { return; }
+      if (es.readyState === EventSource.CLOSED) {  // refused: the session may be gone
+        state.es = null; setConn("reconnecting");
+        checkSession(state.sessionNote || "Your session ended (the server restarted, or it expired): log in again.");
+      } else { setConn("reconnecting"); }
+    };
+  }
+  function refresh() {
+    var gen = ++state.gen;
+    api("GET", "/calls").then(function (r) { return r.ok ? r.json() : null; }).then(function (list) {
+      if (!Array.isArray(list)) { return; }
+      var seen = new Set();
+      list.forEach(function (f) {
+        var key = keyOf(f);
+        if (state.ended.has(key)) { return; }
+        seen.add(key);
+        var call = state.calls.get(key);
+        if (!call) { call = newCall(f); state.calls.set(key, call); }
+        if (f.state === "up" && call.state === "ringing") {
+          call.state = "talking"; call.answeredAt = secs(f.answered) || call.since;
+        }
+      });
+      state.calls.forEach(function (call, key) {
+        if (!seen.has(key) && call.gen < gen) { state.calls.delete(key); closeNote(call); }
+      });
+      renderCalls();
+    }).catch(function () {});
+    loadHistory();
+  }
+  function loadHistory() {
+    api("GET", "/history?n=50").then(function (r) { return r.ok ? r.json() : null; }).then(function (list) {
+      if (Array.isArray(list)) { state.history = list; renderJournal(); updateMissed(); }
+    }).catch(function () {});
+  }
+
+  // -- calls -------------------------------------------------------------------
+  function keyOf(f) { return String(f.call) + "@" + String(f.pbx || ""); }
+  function newCall(f) {
+    return { key: keyOf(f), dir: f.role === "caller" ? "out" : "in", from: f.from || {}, to: f.to || {},
+             device: f.device || "", state: f.state === "up" ? "talking" : "ringing",
+             since: secs(f.time) || Date.now(), answeredAt: f.state === "up" ? (secs(f.answered) || secs(f.time)) : null,
+             words: "", url: null, gen: state.gen };
+  }
+  function handle(f) {
+    if (f.event === "status") { onStatus(f); return; }
+    if (typeof f.call !== "string" && typeof f.call !== "number") { return; }
+    var key = keyOf(f), call = state.calls.get(key);
+    if (f.event === "queue" || (f.event === "unpark" && !call)) { onActivity(f); return; }
+    if (state.ended.has(key)) { return; }
+    if (!call) { call = newCall(f); state.calls.set(key, call); }
+    call.gen = state.gen + 1;
+    var step = STEPS[f.event];
+    if (step) { step(call, f); }
+    if (f.event === "hangup") {
+      state.calls.delete(key); state.ended.add(key); closeNote(call);
+      setTimeout(loadHistory, 300);
+    }
+    renderCalls();
+  }
+  function mine(f) {
+    var by = f.answered_by || {};
+    return !!(f.device && by.device && by.device === f.device);
+  }
+  var STEPS = {
+    incoming: function (c, f) {
+      c.dir = "in"; c.state = "ringing"; c.from = f.from || {}; c.to = f.to || {};
+      c.since = secs(f.time) || Date.now(); c.url = webUrl(f.url);
+      var extra = [];
+      if (f.dialed && f.dialed !== (f.to || {}).num) { extra.push("dialed " + f.dialed); }
+      if (f.queue) { extra.push("via queue " + f.queue); }
+      c.words = extra.join(" · ");
+      later(c, function () { notify(c); if (popMode() === "ring") { pop(c); } });
+    },
+    outgoing: function (c, f) {
+      c.dir = "out"; c.state = "ringing"; c.from = f.from || {}; c.to = f.to || {};
+      c.since = secs(f.time) || Date.now(); c.words = "";
+    },
+    pickup: function (c, f) {
+      c.state = "talking"; c.answeredAt = secs(f.time) || Date.now();
+      closeNote(c);
+      if (c.dir === "in" && !mine(f)) {
+        c.words = c.external ? "answered on " + c.external : "answered by " + said(f.answered_by);
+      } else { c.words = f.method ? "picked up (" + f.method + " pickup)" : ""; }
+      if (c.dir === "in" && mine(f) && popMode() === "answer") { later(c, function () { pop(c); }); }
+    },
+    timeout: function (c) { c.state = "missed"; c.words = "not answered"; closeNote(c); },
+    busy: function (c) { c.state = "busy"; c.words = "busy"; closeNote(c); },
+    divert: function (c, f) {
+      c.state = "forwarded";
+      if (f.direction === "from") { c.words = "forwarded from " + said(f.original); return; }
+      var external = f.external === true || f.external === "yes";
+      c.external = external ? "mobile " + said(f.target) : "";
+      c.words = "forwarded to " + (external ? "mobile " : "") + said(f.target);
+    },
+    transfer: function (c, f) {
+      c.state = "transferred";
+      c.words = f.direction === "to" ? "transferred to " + said(f.target) :
+        "transferred by " + said(f.by) + (f.direction === "moved" ? " to " + said(f.target) : "");
+    },
+    park: function (c, f) { c.state = "parked"; c.words = "parked at " + (f.space || "?") + " by " + said(f.by); },
+    unpark: function (c, f) {
+      if (f.result === "retrieved") { c.state = "talking"; c.words = "taken from parking by " + said(f.retrieved_by); }
+      else if (f.result === "timeout") { c.state = "ringing"; c.words = "back from parking"; }
+      else { c.words = "the caller hung up while parked"; }
+    },
+    hold: function (c, f) { c.state = "on hold"; c.words = "on hold (" + said(f.by) + ")"; },
+    unhold: function (c) { c.state = "talking"; c.words = ""; },
+    conference: function (c, f) {
+      c.state = "conference";
+      c.words = said(f.who) + (f.action === "leave" ? " left" : " joined") + " room " + (f.room || "?") +
+        ", " + (f.members || "?") + " in it";
+    },
+    hangup: function (c) { c.state = "ended"; }
+  };
+  function later(c, action) {
+    setTimeout(function () { if (state.calls.get(c.key) === c) { action(); } }, POP_DELAY_MS);
+  }
+  function onStatus(f) {
+    if (f.pbx) { state.links[f.name || "default"] = f.pbx; }
+    if (f.server === "stopping") { state.stopping = true; }
+    if (f.session === "closed") {
+      state.sessionNote = "Your session was closed: " + (f.reason || "by the server") + ".";
+    }
+    if (f.replay === "incomplete") { refresh(); }
+    showBanner();
+  }
+  function onActivity(f) {
+    var text = f.event === "queue" ?
+      "Queue " + (f.queue || "?") + ": " + said(f.from) + " " +
+        ({ join: "is waiting (position " + (f.position || "?") + ")", leave: "left the queue",
+           abandon: "hung up while waiting" }[f.action] || f.action || "") :
+      "Parked call at " + (f.space || "?") + ": " + (f.result === "timeout" ? "rang back" : f.result || "");
+    state.activity.unshift({ time: secs(f.time) || Date.now(), text: text });
+    state.activity = state.activity.slice(0, 10);
+    var list = $("activity");
+    list.replaceChildren();
+    state.activity.forEach(function (a) { list.appendChild(el("li", "", new Date(a.time).toLocaleTimeString() + "  " + a.text)); });
+  }
+
+  // -- desktop notifications and the screen pop ----------------------------------
+  function notify(c) {
+    if (!("Notification" in window) || Notification.permission !== "granted" || state.notes.has(c.key)) { return; }
+    var p = party(c.from);
+    try {
+      var note = new Notification("Call from " + p.main, {
+        body: (p.num ? p.num + "\n" : "") + "to " + said(c.to), tag: "ctinotify-" + c.key, requireInteraction: true
+      });
+      note.onclick = function () { window.focus(); note.close(); };
+      state.notes.set(c.key, note);
+    } catch (e) { /* mobile browsers need a service worker for this */ }
+  }
+  function closeNote(c) {
+    var note = state.notes.get(c.key);
+    if (note) { note.close(); state.notes.delete(c.key); }
+  }
+  function popMode() { return load("ctinotify.popmode", "ring"); }
+  function pop(c) {
+    if (!c.url || state.popped.has(c.key)) { return; }
+    state.popped.add(c.key);
+    window.open(c.url, "_blank", "noopener,noreferrer");
+  }
+  function showNotifyState() {
+    var s = !("Notification" in window) ? "not available in this browser" :
+      Notification.permission === "granted" ? "on" :
+      Notification.permission === "denied" ? "blocked: allow them in the browser's site settings" : "off";
+    $("notify-state").textContent = "Desktop notifications: " + s;
+    $("notify-enable").hidden = !("Notification" in window) || Notification.permission !== "default";
+  }
+
+  // -- drawing -------------------------------------------------------------------
+  var STATE_WORDS = { ringing: "Ringing", talking: "Talking", "on hold": "On hold", parked: "Parked",
+    forwarded: "Forwarded", transferred: "Transferred", missed: "Missed", busy: "Busy",
+    conference: "In conference", ended: "Ended" };
+  function renderCalls() {
+    var list = $("calls");
+    list.replaceChildren();
+    state.calls.forEach(function (c) {
+      var item = el("li", "call " + { "on hold": "held", ringing: "ringing", talking: "talking", parked: "parked" }[c.state]);
+      item.dataset.call = c.key;
+      item.dataset.state = c.state;
+      var top = el("div", "row");
+      top.appendChild(el("span", "dir", c.dir === "in" ? "↘ Incoming" : "↗ Outgoing"));
+      top.appendChild(el("span", "state", STATE_WORDS[c.state] || c.state));
+      var timer = el("span", "timer", "");
+      timer.dataset.since = String(c.state === "ringing" || !c.answeredAt ? c.since : c.answeredAt);
+      top.appendChild(timer);
+      item.appendChild(top);
+      var p = party(c.dir === "in" ? c.from : c.to);
+      var who = el("div", "row");
+      who.appendChild(el("bdi", "who", p.main));
+      if (p.num) { who.appendChild(el("bdi", "num", p.num)); }
+      item.appendChild(who);
+      var other = c.dir === "in" ? "to " + said(c.to) : "from " + said(c.from);
+      item.appendChild(el("div", "words", c.words ? c.words + " · " + other : other));
+      if (c.url) {
+        var link = el("a", "pop", "Open the caller's page");
+        link.setAttribute("href", c.url);
+        link.setAttribute("target", "_blank");
+        link.setAttribute("rel", "noopener noreferrer");
+        item.appendChild(link);
+      }
+      list.appendChild(item);
+    });
+    $("no-calls").hidden = state.calls.size > 0;
+    tick();
+  }
+  function tick() {
+    var now = Date.now();
+    document.querySelectorAll(".timer").forEach(function (t) { t.textContent = clock(now - Number(t.dataset.since)); });
+  }
+  function journalWords(r) {
+    var path = Array.isArray(r.path) ? r.path : [], bits = [];
+    path.forEach(function (step) {
+      if (!step || typeof step !== "object") { return; }
+      if (step.divert) { bits.push("forwarded to " + step.divert); }
+      else if (step.transfer && step.by && r.reason !== "transferred") { bits.push("transferred by " + step.by); }
+      else if (step.voicemail) { bits.push("to voicemail"); }
+      else if (step.park) { bits.push("parked at " + step.park); }
+    });
+    var talk = Number(r.talk_time) > 0 ? ", talked " + talked(r.talk_time) : "";
+    var words;
+    if (r.direction === "in") {
+      words = { completed: "answered" + talk, noanswer: "missed: not answered",
+                cancelled: "missed: the caller hung up", busy: "missed: busy",
+                answered_elsewhere: "answered by " + said(r.answered_by),
+                failed: "failed", unknown: "ended while the PBX link was down" }[r.reason];
+      if (r.reason === "transferred") {
+        var moved = path.filter(function (s) { return s && s.transfer && s.to; }).pop();
+        words = "transferred" + (moved ? " to " + moved.to : "") + talk;
+      }
+    } else {
+      words = { completed: "called" + talk, noanswer: "no answer", busy: "busy",
+                cancelled: "hung up before the answer", transferred: "transferred" + talk,
+                failed: "failed", unknown: "ended while the PBX link was down" }[r.reason];
+    }
+    return [words || r.reason || "ended"].concat(bits).join(" · ");
+  }
+  function isMissed(r) { return r.direction === "in" && MISSED.indexOf(r.reason) >= 0; }
+  function renderJournal() {
+    var list = $("journal");
+    list.replaceChildren();
+    state.history.slice().reverse().forEach(function (r) {
+      var item = el("li", "entry" + (isMissed(r) ? " missed" : ""));
+      item.dataset.call = String(r.call);
+      var when = secs(r.start);
+      var head = el("div", "row");
+      head.appendChild(el("span", "when", when ? new Date(when).toLocaleString() : ""));
+      head.appendChild(el("span", "dir", r.direction === "in" ? "↘ in" : "↗ out"));
+      item.appendChild(head);
+      var p = party(r.direction === "in" ? r.from : r.to);
+      var who = el("div", "row");
+      who.appendChild(el("bdi", "who", p.main));
+      if (p.num) { who.appendChild(el("bdi", "num", p.num)); }
+      item.appendChild(who);
+      item.appendChild(el("div", "words", journalWords(r)));
+      list.appendChild(item);
+    });
+    $("no-journal").hidden = state.history.length > 0;
+  }
+  function seenKey() { return "ctinotify.seen." + state.user; }
+  function updateMissed() {
+    if (!state.user) { return; }
+    var seen = Number(load(seenKey(), "0")) || 0;
+    var lookingAt = state.view === "journal" && document.visibilityState === "visible";
+    var newest = seen, count = 0;
+    state.history.forEach(function (r) {
+      if (!isMissed(r)) { return; }
+      var end = secs(r.end) || secs(r.start) || 0;
+      if (end > seen) { count += 1; newest = Math.max(newest, end); }
+    });
+    if (lookingAt && count) { save(seenKey(), newest); count = 0; }
+    var badge = $("missed-count");
+    badge.textContent = String(count);
+    badge.hidden = !count;
+    document.title = (count ? "(" + count + ") " : "") + "ctinotify";
+  }
+  function showView(name) {
+    state.view = name;
+    $("now-view").hidden = name !== "now";
+    $("journal-view").hidden = name !== "journal";
+    $("tab-now").classList.toggle("active", name === "now");
+    $("tab-journal").classList.toggle("active", name === "journal");
+    updateMissed();
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    $("login-form").addEventListener("submit", onLoginSubmit);
+    $("logout").addEventListener("click", logout);
+    $("tab-now").addEventListener("click", function () { showView("now"); });
+    $("tab-journal").addEventListener("click", function () { showView("journal"); });
+    document.addEventListener("visibilitychange", updateMissed);
+    var mode = $("pop-mode");
+    mode.value = popMode();
+    mode.addEventListener("change", function () { save("ctinotify.popmode", mode.value); });
+    $("notify-enable").addEventListener("click", function () {
+      Notification.requestPermission().then(showNotifyState, showNotifyState);
+    });
+    showNotifyState();
+    setInterval(tick, 1000);
+    checkSession("");
+  });
+})();
+"""
+
+WEB_PAGE_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ctinotify</title>
+<link rel="icon" href="data:,">
+<style>@CSS@</style>
+</head>
+<body>
+<div id="banner" class="banner" role="alert" hidden></div>
+<header>
+  <h1>ctinotify</h1>
+  <span id="conn" class="pill">not connected</span>
+  <span id="pbx" class="pill" hidden></span>
+  <span id="who"></span>
+  <button id="logout" type="button" hidden>Log out</button>
+</header>
+<main>
+  <section id="login" hidden>
+    <form id="login-form" class="login" method="post" action="/login">
+      <h2>Log in</h2>
+      <label>User <input name="user" autocomplete="username" autocapitalize="none" required></label>
+      <label>Secret <input name="secret" type="password" autocomplete="current-password" required></label>
+      <button id="login-button" type="submit" class="primary">Log in</button>
+      <p id="login-error" class="error" role="alert"></p>
+    </form>
+  </section>
+  <section id="app" hidden>
+    <nav class="tabs">
+      <button id="tab-now" type="button" class="tab active">Calls now</button>
+      <button id="tab-journal" type="button" class="tab">Journal<span id="missed-count" class="badge" hidden></span></button>
+    </nav>
+    <div id="now-view">
+      <ul id="calls" class="calls"></ul>
+      <p id="no-calls" class="quiet">No calls right now.</p>
+      <ul id="activity" class="activity"></ul>
+    </div>
+    <div id="journal-view" hidden>
+      <ul id="journal" class="journal"></ul>
+      <p id="no-journal" class="quiet">No calls yet.</p>
+    </div>
+    <details class="settings">
+      <summary>Settings</summary>
+      <label>Open the caller's page:
+        <select id="pop-mode">
+          <option value="ring">when the call rings</option>
+          <option value="answer">when I answer</option>
+          <option value="never">never</option>
+        </select>
+      </label>
+      <p><span id="notify-state"></span> <button id="notify-enable" type="button">Turn on</button></p>
+    </details>
+  </section>
+</main>
+<script>@JS@</script>
+</body>
+</html>
+"""
+
+
+def _csp_source(text: str) -> str:
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+
+
+#: Only the page's own script and style run (by their hashes); it talks
+#: only to this server; Trusted Types make an innerHTML assignment throw.
+WEB_PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+                "img-src data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'; "
+                "require-trusted-types-for 'script'; trusted-types 'none'"
+                % (_csp_source(WEB_PAGE_JS), _csp_source(WEB_PAGE_CSS)))
+WEB_PAGE_BYTES = WEB_PAGE_HTML.replace("@CSS@", WEB_PAGE_CSS).replace(
+    "@JS@", WEB_PAGE_JS).encode("utf-8")
+WEB_PAGE_ETAG = hashlib.sha256(WEB_PAGE_BYTES).hexdigest()[:20]
 
 
 # ---------------------------------------------------------------------------
