@@ -3971,15 +3971,17 @@ class HttpRequestParser:
 
     def _take_line(self, limit: int, status: int, what: str) -> Optional[bytes]:
         """One line without its end (CRLF or a bare LF), or None for now."""
-        end = self._buf.find(b"\n", 0, limit + 1)
+        end = self._buf.find(b"\n", 0, limit + 2)
         if end < 0:
-            if len(self._buf) > limit:
+            if len(self._buf) > limit + 1:
                 raise HttpProtocolError(status, "%s longer than %d bytes" % (what, limit))
             return None
         line = bytes(self._buf[:end])
         del self._buf[:end + 1]
         if line.endswith(b"\r"):
             line = line[:-1]
+        if len(line) > limit:
+            raise HttpProtocolError(status, "%s longer than %d bytes" % (what, limit))
         if b"\r" in line or b"\0" in line:
             raise HttpProtocolError(400, "a bare CR or a NUL in the %s" % what)
         return line

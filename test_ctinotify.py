@@ -5605,3 +5605,777 @@ def test_an_ami_host_name_is_never_looked_up_in_the_loop(monkeypatch, caplog):
         daemon.selector.close()
     assert lookups == [] and link.state == "idle"
     assert "cannot resolve pbx.invalid; fix DNS and send SIGHUP" in caplog.text
+
+
+# ---------------------------------------------------------------------------
+# The web client (issue 11): HTTP parser, responses, SSE, sessions, routes
+# ---------------------------------------------------------------------------
+
+import base64  # noqa: E402
+
+from ctinotify import (HttpContinue, HttpProtocolError, HttpRequest,  # noqa: E402
+                       HttpRequestParser, WebEventBuffer, WebSessionStore, WebView)
+
+
+def http_events(data, chunks=None, parser=None, eof=False):
+    """What a parser makes of ``data`` fed in pieces of ``chunks`` sizes
+    (None: whole), as comparable tuples."""
+    parser = parser or HttpRequestParser()
+    out = []
+    pieces = [data] if chunks is None else []
+    if chunks is not None:
+        pos = 0
+        for size in chunks:
+            pieces.append(data[pos:pos + size])
+            pos += size
+        pieces.append(data[pos:])
+    for piece in pieces:
+        parser.receive_data(piece)
+        while True:
+            event = parser.next_event()
+            if event is None:
+                break
+            out.append(event)
+    if eof:
+        parser.receive_data(b"")
+        event = parser.next_event()
+        while event is not None:
+            out.append(event)
+            event = parser.next_event()
+    return [("continue",) if isinstance(e, HttpContinue) else
+            (e.method, e.target, e.version, e.headers, e.body, e.keep_alive) for e in out]
+
+
+HTTP_CASES = {
+    "get": (b"GET / HTTP/1.1\r\nHost: pbx:5041\r\n\r\n",
+            [("GET", "/", "HTTP/1.1", [("host", "pbx:5041")], b"", True)]),
+    "query and odd spacing in values": (
+        b"GET /history?n=5&x=%20 HTTP/1.1\r\nHost: a\r\nX-Thing:   v  a l \t\r\nEmpty:\r\n\r\n",
+        [("GET", "/history?n=5&x=%20", "HTTP/1.1",
+          [("host", "a"), ("x-thing", "v  a l"), ("empty", "")], b"", True)]),
+    "post with a body": (
+        b"POST /login HTTP/1.1\r\nHost: a\r\nContent-Type: application/x-www-form-urlencoded"
+        b"\r\nContent-Length: 11\r\n\r\nuser=a&s=b!",
+        [("POST", "/login", "HTTP/1.1", [("host", "a"), ("content-type",
+          "application/x-www-form-urlencoded"), ("content-length", "11")], b"user=a&s=b!", True)]),
+    "bare LF line ends": (b"GET /calls HTTP/1.1\nHost: a\n\n",
+                          [("GET", "/calls", "HTTP/1.1", [("host", "a")], b"", True)]),
+    "HTTP/1.0 closes, needs no Host": (b"GET / HTTP/1.0\r\n\r\n",
+                                       [("GET", "/", "HTTP/1.0", [], b"", False)]),
+    "HTTP/1.0 keep-alive": (b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
+                            [("GET", "/", "HTTP/1.0", [("connection", "Keep-Alive")], b"", True)]),
+    "HTTP/1.1 close": (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: foo, close\r\n\r\n",
+                       [("GET", "/", "HTTP/1.1", [("host", "a"), ("connection", "foo, close")],
+                         b"", False)]),
+    "HTTP/1.2 is served as 1.1": (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+                                  [("GET", "/", "HTTP/1.1", [("host", "a")], b"", True)]),
+    "absolute form": (b"GET http://pbx:5041/calls?x=1 HTTP/1.1\r\nHost: pbx\r\n\r\n",
+                      [("GET", "/calls?x=1", "HTTP/1.1", [("host", "pbx")], b"", True)]),
+    "empty lines before the request line": (
+        b"\r\n\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        [("GET", "/", "HTTP/1.1", [("host", "a")], b"", True)]),
+    "Latin-1 header value": (b"GET / HTTP/1.1\r\nHost: a\r\nX: caf\xe9\r\n\r\n",
+                             [("GET", "/", "HTTP/1.1", [("host", "a"), ("x", "caf\xe9")], b"",
+                               True)]),
+    "pipelined": (
+        b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nPOST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 2"
+        b"\r\n\r\nokGET /c HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /ignored HTTP/1.1"
+        b"\r\nHost: a\r\n\r\n",
+        [("GET", "/a", "HTTP/1.1", [("host", "a")], b"", True),
+         ("POST", "/b", "HTTP/1.1", [("host", "a"), ("content-length", "2")], b"ok", True),
+         ("GET", "/c", "HTTP/1.1", [("host", "a"), ("connection", "close")], b"", False)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HTTP_CASES))
+def test_http_parser_reads_each_case_whole_byte_by_byte_and_at_random_splits(name):
+    data, expected = HTTP_CASES[name]
+    assert http_events(data) == expected
+    assert http_events(data, [1] * len(data)) == expected
+    rng = random.Random(name)
+    for _ in range(20):
+        sizes = [rng.randint(1, 12) for _ in range(rng.randint(0, 12))]
+        assert http_events(data, sizes) == expected
+
+
+def test_http_parser_keeps_a_trailing_partial_request_until_it_completes():
+    parser = HttpRequestParser()
+    first = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert [e[1] for e in http_events(first + b"GET /b HTTP/1.1\r\nHo", parser=parser)] == ["/a"]
+    assert parser.in_progress and parser.buffered_bytes == 2  # the line is consumed
+    assert http_events(b"st: a\r\n", parser=parser) == []
+    assert [e[1] for e in http_events(b"\r\n", parser=parser)] == ["/b"]
+    assert not parser.in_progress and parser.buffered_bytes == 0
+
+
+def test_http_parser_a_request_ended_by_eof_is_a_400_and_a_clean_eof_is_not():
+    with pytest.raises(HttpProtocolError) as e:
+        http_events(b"GET / HTTP/1.1\r\nHost: a\r\n", eof=True)
+    assert e.value.status == 400
+    with pytest.raises(HttpProtocolError):
+        http_events(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab", eof=True)
+    assert len(http_events(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", eof=True)) == 1
+    parser = HttpRequestParser()
+    assert http_events(b"\r\n", parser=parser, eof=True) == [] and not parser.in_progress
+
+
+def test_http_parser_says_continue_before_waiting_for_a_body():
+    head = (b"POST /login HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3"
+            b"\r\n\r\n")
+    parser = HttpRequestParser()
+    assert http_events(head, parser=parser) == [("continue",)]
+    assert [e[4] for e in http_events(b"abc", parser=parser)] == [b"abc"]
+    # With the body already there, no 100 is due; HTTP/1.0 never gets one.
+    assert [e[0] for e in http_events(head + b"abc")] == ["POST"]
+    assert http_events(head.replace(b"1.1", b"1.0").replace(b"Host: a\r\n", b"")) == []
+
+
+def test_http_parser_ignores_what_follows_the_last_request():
+    parser = HttpRequestParser()
+    http_events(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", parser=parser)
+    assert parser.state == "done"
+    parser.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 1000)
+    assert parser.next_event() is None and parser.buffered_bytes == 0
+
+
+HTTP_BAD = [
+    (b"GET / HTTP/1.1\r\nHost: a\rX: y\r\n\r\n", 400),          # a bare CR
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),    # a NUL
+    (b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),      # obs-fold
+    (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),                 # space before the colon
+    (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),                            # no Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),       # two Hosts
+    (b"GET /\r\n\r\n", 400),                                      # HTTP/0.9
+    (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),                # two spaces
+    (b"GET / FTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),                 # not a token
+    (b"GET calls HTTP/1.1\r\nHost: a\r\n\r\n", 400),             # not a path
+    (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"GET /\x7f HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    (b"GET /\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n", 400),         # raw UTF-8 in the target
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    (b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505),
+    (b"BREW / HTTP/1.1\r\nHost: a\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+     411),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \xc2\xb2\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length:\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", 413),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\nContent-Length: 1\r\n\r\n", 417),
+]
+
+
+@pytest.mark.parametrize("data,status", HTTP_BAD)
+def test_http_parser_refuses_with_the_right_status(data, status):
+    for chunks in (None, [1] * len(data)):
+        with pytest.raises(HttpProtocolError) as e:
+            http_events(data, chunks)
+        assert e.value.status == status, (data, e.value)
+
+
+def test_http_parser_equal_content_lengths_are_one():
+    events = http_events(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
+                         b"Content-Length: 2\r\n\r\nok")
+    assert [e[4] for e in events] == [b"ok"]
+
+
+def limits_parser():
+    return HttpRequestParser(max_request_line=40, max_header_bytes=60, max_headers=3,
+                             max_body=10)
+
+
+def test_http_parser_request_line_limit_is_414_even_before_the_line_ends():
+    fits = b"GET /" + b"x" * 26 + b" HTTP/1.1"   # 40 bytes
+    assert len(fits) == 40
+    assert http_events(fits + b"\r\nHost: a\r\n\r\n", parser=limits_parser())
+    for data in (b"GET /" + b"x" * 27 + b" HTTP/1.1\r\nHost: a\r\n\r\n", b"GET /" + b"x" * 60):
+        with pytest.raises(HttpProtocolError) as e:
+            http_events(data, parser=limits_parser())
+        assert e.value.status == 414
+    with pytest.raises(HttpProtocolError) as e:
+        http_events(b"GET /" + b"x" * (ctinotify.MAX_HTTP_REQUEST_LINE_BYTES + 1))
+    assert e.value.status == 414
+
+
+def test_http_parser_header_limits_are_431():
+    # 60 bytes of header lines fit (line ends and the blank line count).
+    head = b"GET / HTTP/1.1\r\n"
+    fits = b"Host: a\r\n" + b"X: " + b"y" * 44 + b"\r\n" + b"\r\n"
+    assert len(fits) == 60
+    assert http_events(head + fits, parser=limits_parser())
+    over = b"Host: a\r\n" + b"X: " + b"y" * 45 + b"\r\n" + b"\r\n"
+    for data in (head + over, head + b"X: " + b"y" * 100):
+        with pytest.raises(HttpProtocolError) as e:
+            http_events(data, parser=limits_parser())
+        assert e.value.status == 431
+    with pytest.raises(HttpProtocolError) as e:
+        http_events(head + b"Host: a\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n", parser=limits_parser())
+    assert e.value.status == 431
+    many = head + b"Host: a\r\n" + b"".join(b"X%d: 1\r\n" % i for i in range(64)) + b"\r\n"
+    with pytest.raises(HttpProtocolError) as e:
+        http_events(many)
+    assert e.value.status == 431
+
+
+def test_http_parser_body_limit_is_413_before_the_body_is_read():
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+    assert [e[4] for e in http_events(head % 10 + b"0123456789", parser=limits_parser())] == \
+        [b"0123456789"]
+    with pytest.raises(HttpProtocolError) as e:
+        http_events(head % 11, parser=limits_parser())  # no body sent: refused at once
+    assert e.value.status == 413
+    assert ctinotify.MAX_HTTP_PENDING_INPUT_BYTES >= ctinotify.MAX_HTTP_BODY_BYTES
+
+
+def test_http_parser_garbage_raises_nothing_but_its_own_error():
+    rng = random.Random(1111)
+    valid = [case[0] for case in HTTP_CASES.values()]
+    alphabet = b"\r\n: \t\x00\x7f\xff/?=,;GETPOSTHTTP/1.10Host-Length"
+    for _ in range(1500):
+        parser = HttpRequestParser(max_request_line=rng.choice((20, 200, 8192)),
+                                   max_header_bytes=rng.choice((30, 300, 16384)),
+                                   max_headers=rng.choice((1, 5, 64)),
+                                   max_body=rng.choice((0, 5, 100)))
+        if rng.random() < 0.5:
+            data = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 400)))
+        else:  # a valid request, mutated
+            data = bytearray(rng.choice(valid))
+            for _ in range(rng.randint(1, 6)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            data = bytes(data)
+        try:
+            pos = 0
+            while pos < len(data):
+                step = rng.randint(1, 40)
+                parser.receive_data(data[pos:pos + step])
+                pos += step
+                event = parser.next_event()
+                while event is not None:
+                    assert isinstance(event, (HttpRequest, HttpContinue))
+                    event = parser.next_event()
+            parser.receive_data(b"")
+            parser.next_event()
+        except HttpProtocolError as e:
+            assert e.status in ctinotify.HTTP_REASONS and 400 <= e.status < 600
+        assert parser.buffered_bytes <= len(data)
+
+
+# -- responses ---------------------------------------------------------------------
+
+def split_response(data):
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(line.split(": ", 1)) for line in lines[1:]]
+    return lines[0], dict(headers), headers, body
+
+
+def test_responses_carry_length_connection_and_the_security_headers():
+    response = ctinotify.json_response(200, {"a": 1})
+    status, headers, pairs, body = split_response(
+        ctinotify.encode_response(response, keep_alive=True, date=1795727950))
+    assert status == "HTTP/1.1 200 OK" and json.loads(body) == {"a": 1}
+    assert headers["Content-Length"] == str(len(body)) and headers["Connection"] == "keep-alive"
+    assert headers["Date"] == "Thu, 26 Nov 2026 21:19:10 GMT"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["X-Frame-Options"] == "DENY" and headers["Referrer-Policy"] == "no-referrer"
+    assert headers["Cache-Control"] == "no-store"
+    assert headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert len(pairs) == len(headers)  # no header twice
+    status, headers, _, body = split_response(
+        ctinotify.encode_response(response, keep_alive=False, head_only=True))
+    assert body == b"" and headers["Connection"] == "close" and "Date" not in headers
+    status, headers, _, body = split_response(
+        ctinotify.encode_response(ctinotify.HttpResponse(204), keep_alive=True))
+    assert status == "HTTP/1.1 204 No Content" and "Content-Length" not in headers
+
+
+def test_a_stream_response_has_no_length_and_closes():
+    response = ctinotify.HttpResponse(200, ctinotify.SSE_HEADERS, b"retry: 1\n\n", stream=True)
+    status, headers, _, body = split_response(ctinotify.encode_response(response, True))
+    assert "Content-Length" not in headers and headers["Connection"] == "close"
+    assert headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert body == b"retry: 1\n\n"
+
+
+@pytest.mark.parametrize("value", ["a\r\nSet-Cookie: x=1", "a\nb", "a\rb", "a\x00b"])
+def test_no_header_value_can_add_a_header(value):
+    with pytest.raises(ValueError):
+        ctinotify.encode_response(ctinotify.HttpResponse(200, [("X", value)]), True)
+
+
+def test_http_error_bytes_close_the_connection():
+    data = ctinotify.http_error_bytes(HttpProtocolError(431, "too big"))
+    status, headers, _, body = split_response(data)
+    assert status == "HTTP/1.1 431 Request Header Fields Too Large"
+    assert headers["Connection"] == "close" and json.loads(body)["error"] == "too big"
+
+
+# -- Server-Sent Events --------------------------------------------------------------
+
+def parse_sse(data):
+    """Events as the WHATWG EventSource algorithm reads them: (id, data)
+    per dispatched event; lines end in CRLF, LF or CR."""
+    text = data.decode("utf-8")
+    events, ident, lines = [], None, []
+    for line in re.split(r"\r\n|\n|\r", text):
+        if line == "":
+            if lines:
+                events.append((ident, "\n".join(lines)))
+            lines = []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            lines.append(value)
+        elif field == "id":
+            ident = value
+    return events
+
+
+SSE_HOSTILE = HOSTILE_VALUES + ["\r", "\n\ndata: forged", "id: 9\r\ndata: x", "\u2028\u2029\x85",
+                                "\u202e\u2066bidi\u2069", "<img src=x onerror=alert(1)>"]
+
+
+@pytest.mark.parametrize("value", SSE_HOSTILE)
+def test_an_sse_frame_is_one_event_whatever_the_caller_id(value):
+    fields = {"event": "incoming", "call": "1.2", "from": {"num": value, "name": value}}
+    frame = ctinotify.encode_sse_event(fields, "ab12-7")
+    assert frame.endswith(b"\n\n") and frame.count(b"\n") == 3
+    assert b"\r" not in frame and "\u2028".encode() not in frame
+    assert parse_sse(frame) == [("ab12-7", ctinotify.encode_json_line(fields))]
+    assert json.loads(parse_sse(frame)[0][1]) == fields
+    # The same object as the JSON line format sends.
+    assert parse_sse(frame)[0][1].encode() + b"\r\n" == \
+        ctinotify.encode_notification(fields, "json")
+
+
+def test_sse_comments_and_retry_dispatch_nothing():
+    assert parse_sse(ctinotify.encode_sse_comment("heart\r\nbeat") + ctinotify.encode_sse_retry(5)
+                     + ctinotify.encode_sse_event({"event": "status", "pbx": "up"})) == \
+        [(None, '{"event":"status","pbx":"up"}')]
+    assert ctinotify.encode_sse_comment().startswith(b":")
+
+
+# -- cookies, Basic auth, forms ----------------------------------------------------------
+
+def test_cookie_parsing():
+    parse = ctinotify.parse_cookies
+    assert parse(["a=1; ctinotify_session=tok; b=\"q\""]) == \
+        {"a": "1", "ctinotify_session": "tok", "b": "q"}
+    assert parse(["a=1", "a=2; c=3"]) == {"a": "1", "c": "3"}
+    assert parse(["junk; =x; y=; z==="]) == {"y": "", "z": "=="}
+    assert parse([]) == {}
+
+
+def test_basic_auth_parsing():
+    def basic(text):
+        return "Basic " + base64.b64encode(text.encode("utf-8")).decode()
+    parse = ctinotify.parse_basic_auth
+    assert parse(basic("alice:SECRET")) == ("alice", "SECRET")
+    assert parse(basic("alice:with:colons and spaces")) == ("alice", "with:colons and spaces")
+    assert parse(basic("\u00e9l\u00e8ve:caf\u00e9")) == ("\u00e9l\u00e8ve", "caf\u00e9")
+    assert parse("basic " + base64.b64encode(b"a:b").decode()) == ("a", "b")
+    for bad in (None, "", "Basic", "Basic !!!!", "Bearer abc", basic("no colon"),
+                "Basic " + base64.b64encode(b"\xff:x").decode()):
+        assert parse(bad) is None, bad
+
+
+def test_form_parsing():
+    form = ctinotify.parse_form
+    assert form(b"user=alice&secret=a+b%26c%3D&user=second") == {"user": "alice",
+                                                                  "secret": "a b&c="}
+    assert form(b"secret=caf%C3%A9&empty=") == {"secret": "caf\u00e9", "empty": ""}
+    for bad in (b"secret=\xff", b"secret=%ff", b"&".join(b"a%d=1" % i for i in range(40))):
+        with pytest.raises(HttpProtocolError):
+            form(bad)
+
+
+# -- web sessions ---------------------------------------------------------------------
+
+def web_users():
+    return parse_config("[alice]\nsecret=alice-secret\ndevices=PJSIP/100\n"
+                        "[bob]\nsecret=bob-secret\ndevices=PJSIP/101\n"
+                        "[lan]\nsecret=lan-secret\nhost=192.168.0.0/16\ndevices=PJSIP/102\n",
+                        "web.conf", require_ami=False).users
+
+
+def test_session_store_creates_finds_ends_and_expires():
+    users = web_users()
+    store = WebSessionStore(lifetime_s=100)
+    one = store.create(users["alice"], now=10)
+    two = store.create(users["bob"], now=20)
+    assert len(one.token) >= 43 and one.token != one.csrf and one.token != two.token
+    assert store.get(one.token, 50) is one and store.get(two.token, 50) is two
+    assert store.get("nope", 50) is None and store.get("", 50) is None
+    assert store.next_expiry() == 110
+    assert store.get(one.token, 110) is None           # expired, though still held
+    assert store.expire(109) == [] and store.expire(110) == [one] and len(store) == 1
+    assert store.next_expiry() == 120
+    assert store.end(two.token) is two and store.end(two.token) is None
+    assert store.next_expiry() is None and len(store) == 0
+
+
+def test_session_store_ends_a_users_sessions_on_reload_when_removed_or_secret_changed():
+    users = web_users()
+    store = WebSessionStore()
+    a1, a2 = store.create(users["alice"], 0), store.create(users["alice"], 1)
+    b = store.create(users["bob"], 0)
+    lan = store.create(users["lan"], 0)
+    new = parse_config("[alice]\nsecret=changed\ndevices=PJSIP/100\n"
+                       "[lan]\nsecret=lan-secret\ndevices=PJSIP/109\n", "web.conf",
+                       require_ami=False).users
+    ended = store.reconfigure(new, lifetime_s=60)
+    assert set(s.token for s in ended) == {a1.token, a2.token, b.token}
+    assert store.get(lan.token, 5).account.devices == ("PJSIP/109",)  # the fresh account
+    assert store.create(new["lan"], 100).expires == 160
+    assert store.end_user("lan") and store.end_user("lan") == [] and len(store) == 0
+
+
+def test_session_store_is_bounded_per_user_and_in_total():
+    users = web_users()
+    store = WebSessionStore(max_sessions=5, max_per_user=3)
+    alice = [store.create(users["alice"], t) for t in range(5)]
+    assert [store.get(s.token, 9) is not None for s in alice] == [False, False, True, True, True]
+    assert store.create(users["bob"], 9) and store.create(users["bob"], 9)
+    assert store.create(users["lan"], 9) is None  # full: refused, nobody else logged out
+    assert len(store) == 5
+
+
+def test_session_tokens_are_random_and_looked_up_by_hash():
+    users = web_users()
+    store = WebSessionStore()
+    tokens = {store.create(users["alice"], 0).token for _ in range(20)}
+    assert len(tokens) == 20
+    assert all(len(base64.urlsafe_b64decode(t + "=")) == ctinotify.WEB_TOKEN_BYTES for t in tokens)
+    assert not any(t.encode() in key for t in tokens for key in store._sessions)
+
+
+# -- the event buffer --------------------------------------------------------------------
+
+def test_event_buffer_replays_what_a_stream_missed():
+    buf = WebEventBuffer(epoch="e1")
+    frames = [buf.publish("alice", {"event": "incoming", "call": str(i)}) for i in range(3)]
+    bob = buf.publish("bob", {"event": "incoming", "call": "b"})
+    assert parse_sse(frames[0]) == [("e1-1", '{"event":"incoming","call":"0"}')]
+    assert parse_sse(bob)[0][0] == "e1-4" and buf.last_id() == "e1-4"
+    assert buf.replay("alice", None) == ([], True)                # a fresh page
+    assert buf.replay("alice", "e1-1") == (frames[1:], True)
+    assert buf.replay("alice", "e1-3") == ([], True)
+    assert buf.replay("bob", "e1-1") == ([bob], True)            # only bob's own
+    assert buf.replay("alice", "old9-57") == (frames, True)      # a restart: all since
+    assert buf.replay("alice", "e1-x") == (frames, True)
+    assert buf.replay("carol", "e1-2") == ([], True)
+
+
+def test_event_buffer_is_bounded_and_says_when_a_replay_is_incomplete():
+    buf = WebEventBuffer(epoch="e", max_events=3, max_bytes=10000)
+    frames = [buf.publish("alice", {"event": "hold", "call": str(i)}) for i in range(5)]
+    assert buf.replay("alice", "e-0") == (frames[2:], False)
+    assert buf.replay("alice", "e-1") == (frames[2:], False)   # 2 is lost
+    assert buf.replay("alice", "e-2") == (frames[2:], True)
+    assert buf.replay("alice", "e-99") == ([], False)             # not from this buffer
+    small = WebEventBuffer(epoch="e", max_events=100, max_bytes=200)
+    for i in range(50):
+        small.publish("alice", {"event": "hold", "call": str(i), "x": "y" * 40})
+    assert small.held_bytes() <= 200
+    missed, complete = small.replay("alice", "e-1")
+    assert 1 <= len(missed) <= 3 and not complete
+    small.retain(["bob"])
+    assert small.held_bytes() == 0 and small.replay("alice", "e-1") == ([], True)
+
+
+# -- the routes -----------------------------------------------------------------------
+
+class FakeWebView(WebView):
+    """A WebView with the PBX links' status set by the test."""
+
+    def __init__(self, users, **kw):
+        super().__init__(users, **kw)
+        self.links = [{"pbx": "up", "time": "2026-11-26T21:19:09Z"}]
+
+    def link_status(self):
+        return list(self.links)
+
+
+def web_request(method, target, headers=(), body=b"", host="pbx:5041"):
+    head = ["%s %s HTTP/1.1" % (method, target), "Host: " + host]
+    head += ["%s: %s" % pair for pair in headers]
+    if body:
+        head.append("Content-Length: %d" % len(body))
+    parser = HttpRequestParser()
+    parser.receive_data(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+    return parser.next_event()
+
+
+FORM = ("Content-Type", "application/x-www-form-urlencoded")
+
+
+class WebClient:
+    """Requests through the router as one browser would send them: its
+    cookie jar, its address, its clock."""
+
+    def __init__(self, view, peer="10.0.0.5", tls=False):
+        self.view, self.peer, self.tls = view, peer, tls
+        self.cookie = ""
+        self.csrf = ""
+        self.now = 1000.0
+
+    def send(self, method, target, headers=(), body=b""):
+        headers = list(headers)
+        if self.cookie:
+            headers.append(("Cookie", "theme=dark; ctinotify_session=" + self.cookie))
+        reply = ctinotify.route_web_request(web_request(method, target, headers, body),
+                                            self.view, self.peer, self.now, self.tls)
+        set_cookie = reply.response.header("Set-Cookie")
+        if set_cookie:
+            self.cookie = set_cookie.split(";")[0].partition("=")[2]
+        return reply
+
+    def login(self, user, secret, headers=()):
+        body = urllib.parse.urlencode({"user": user, "secret": secret}).encode()
+        reply = self.send("POST", "/login", [FORM] + list(headers), body)
+        if reply.response.status == 200:
+            self.csrf = json.loads(reply.response.body)["csrf"]
+        return reply
+
+
+import urllib.parse  # noqa: E402
+
+
+def basic(user, secret):
+    return ("Authorization", "Basic " + base64.b64encode(("%s:%s" % (user, secret))
+                                                          .encode()).decode())
+
+
+def body_json(reply):
+    return json.loads(reply.response.body)
+
+
+def test_web_page_is_served_with_a_csp_allowing_only_its_own_script():
+    view = FakeWebView(web_users())
+    reply = WebClient(view).send("GET", "/")
+    response = reply.response
+    assert response.status == 200 and response.body == ctinotify.WEB_PAGE_BYTES
+    assert response.header("Content-Type") == "text/html; charset=utf-8"
+    csp = response.header("Content-Security-Policy")
+    digest = base64.b64encode(hashlib.sha256(ctinotify.WEB_PAGE_JS.encode()).digest()).decode()
+    assert "script-src 'sha256-%s';" % digest in csp
+    assert "unsafe" not in csp and "default-src 'none'" in csp
+    assert "frame-ancestors 'none'" in csp and "require-trusted-types-for 'script'" in csp
+    page = ctinotify.WEB_PAGE_BYTES.decode()
+    assert page.count("<script>") == 1 and page.count("<style>") == 1
+    assert "<script>%s</script>" % ctinotify.WEB_PAGE_JS in page  # the hashed text, exactly
+    etag = response.header("ETag")
+    again = WebClient(view).send("GET", "/", [("If-None-Match", etag)]).response
+    assert again.status == 304 and again.body == b""
+    head = ctinotify.encode_response(WebClient(view).send("HEAD", "/").response, True,
+                                     head_only=True)
+    assert head.endswith(b"\r\n\r\n") and b"<html" not in head
+
+
+def test_web_page_script_never_writes_html():
+    """Caller ID goes in with textContent and attribute setters only."""
+    script = ctinotify.WEB_PAGE_JS
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                 "new Function", "srcdoc", "javascript:"):
+        assert sink not in script, sink
+    assert "http:" in script and "https:" in script  # the screen pop's only schemes
+    for external in ("http://", "https://", "//cdn", "@import"):
+        assert external not in ctinotify.WEB_PAGE_HTML + ctinotify.WEB_PAGE_CSS, external
+
+
+def test_web_unknown_paths_and_methods():
+    client = WebClient(FakeWebView(web_users()))
+    assert client.send("GET", "/etc/passwd").response.status == 404
+    reply = client.send("DELETE", "/events")
+    assert reply.response.status == 405 and reply.response.header("Allow") == "GET, HEAD"
+    assert client.send("GET", "/login").response.header("Allow") == "POST"
+    assert client.send("OPTIONS", "*").response.status == 404
+
+
+def test_web_login_sets_a_strict_httponly_cookie_and_the_session_works():
+    view = FakeWebView(web_users())
+    client = WebClient(view)
+    assert client.send("GET", "/session").response.status == 403
+    reply = client.login("alice", "alice-secret")
+    assert reply.response.status == 200 and not reply.failed_login
+    fields = body_json(reply)
+    assert fields["user"] == "alice" and len(fields["csrf"]) >= 43
+    cookie = reply.response.header("Set-Cookie")
+    assert cookie.startswith("ctinotify_session=%s;" % client.cookie)
+    attributes = [a.strip() for a in cookie.split(";")[1:]]
+    assert attributes == ["Path=/", "Max-Age=43200", "HttpOnly", "SameSite=Strict"]
+    assert body_json(client.send("GET", "/session"))["csrf"] == fields["csrf"]
+    assert reply.response.header("Cache-Control") == "no-store"
+    tls = WebClient(view, tls=True).login("alice", "alice-secret").response.header("Set-Cookie")
+    assert tls.endswith("; Secure")
+
+
+def test_web_login_refusals_look_alike_and_are_throttled_like_login():
+    view = FakeWebView(web_users(), throttle=ctinotify.LoginThrottle(block_after=4))
+    client = WebClient(view)
+    replies = [client.login("alice", "wrong"), client.login("nobody", "alice-secret"),
+               client.login("lan", "lan-secret")]  # right secret, address not allowed
+    assert [r.response.status for r in replies] == [401, 401, 401]
+    assert len({r.response.body for r in replies}) == 1
+    assert [r.delay_s for r in replies] == [0.5, 1.0, 2.0]
+    assert all(r.failed_login and not r.close for r in replies)
+    assert replies[0].response.header("WWW-Authenticate") is None  # no browser dialog
+    blocked = client.login("alice", "wrong")
+    assert blocked.response.status == 401 and blocked.close
+    again = client.login("alice", "alice-secret")  # even the right secret, while blocked
+    assert again.response.status == 429 and again.close and not client.cookie
+    other = WebClient(view, peer="10.9.9.9")
+    assert other.login("alice", "alice-secret").response.status == 200
+    client.now += ctinotify.LOGIN_BLOCK_S
+    assert client.login("alice", "alice-secret").response.status == 200
+    inside = WebClient(view, peer="192.168.7.7")
+    assert inside.login("lan", "lan-secret").response.status == 200
+
+
+def test_web_login_and_line_login_share_one_throttle():
+    throttle = ctinotify.LoginThrottle(block_after=2)
+    view = FakeWebView(web_users(), throttle=throttle)
+    delay, blocked = throttle.failed(ctinotify.address_key("10.0.0.5"), 1000.0)  # a LOGIN
+    assert WebClient(view).login("alice", "wrong").close  # the second failure blocks
+    assert WebClient(view).login("alice", "alice-secret").response.status == 429
+
+
+def test_web_login_wants_a_form_from_the_page_itself():
+    client = WebClient(FakeWebView(web_users()))
+    body = b"user=alice&secret=alice-secret"
+    assert client.send("POST", "/login", [("Content-Type", "application/json")],
+                       body).response.status == 415
+    assert client.send("POST", "/login", [FORM], b"secret=\xff").response.status == 400
+    for header in (("Origin", "http://evil.example"), ("Origin", "null"),
+                   ("Origin", "https://pbx:5041"), ("Sec-Fetch-Site", "cross-site"),
+                   ("Sec-Fetch-Site", "same-site")):
+        assert client.send("POST", "/login", [FORM, header], body).response.status == 403, header
+    assert not client.cookie
+    ok = client.send("POST", "/login", [FORM, ("Origin", "http://pbx:5041"),
+                                        ("Sec-Fetch-Site", "same-origin")], body)
+    assert ok.response.status == 200
+    tls = WebClient(FakeWebView(web_users()), tls=True)
+    assert tls.send("POST", "/login", [FORM, ("Origin", "https://pbx:5041")],
+                    body).response.status == 200
+
+
+def test_web_logout_needs_the_csrf_token_and_ends_the_session():
+    view = FakeWebView(web_users())
+    client = WebClient(view)
+    client.login("alice", "alice-secret")
+    token = client.cookie
+    assert client.send("POST", "/logout").response.status == 403
+    assert client.send("POST", "/logout", [("X-CSRF-Token", "x" * 43)]).response.status == 403
+    assert view.sessions.get(token, client.now) is not None
+    reply = client.send("POST", "/logout", [("X-CSRF-Token", client.csrf)])
+    assert reply.response.status == 204 and [s.token for s in reply.ended] == [token]
+    assert reply.response.header("Set-Cookie").startswith("ctinotify_session=; Path=/; Max-Age=0")
+    assert view.sessions.get(token, client.now) is None
+    client.cookie = token
+    assert client.send("GET", "/calls").response.status == 403
+
+
+def test_web_sessions_expire_and_end_when_the_account_changes():
+    view = FakeWebView(web_users(), sessions=WebSessionStore(lifetime_s=3600))
+    client = WebClient(view)
+    client.login("alice", "alice-secret")
+    client.now += 3599
+    assert client.send("GET", "/calls").response.status == 200
+    client.now += 1
+    assert client.send("GET", "/calls").response.status == 403
+    client.login("alice", "alice-secret")
+    view.users = parse_config("[bob]\nsecret=b\ndevices=SIP/1\n", "f", require_ami=False).users
+    assert client.send("GET", "/calls").response.status == 403   # the user is gone
+    lan = WebClient(view, peer="192.168.1.1")
+    view.users = web_users()
+    lan.login("lan", "lan-secret")
+    lan.peer = "10.1.1.1"   # the cookie, used from an address host= does not allow
+    assert lan.send("GET", "/calls").response.status == 403
+
+
+def test_web_basic_auth_for_scripts():
+    view = FakeWebView(web_users())
+    curl = WebClient(view)
+    reply = curl.send("GET", "/session", [basic("alice", "alice-secret")])
+    assert reply.response.status == 200 and body_json(reply)["user"] == "alice"
+    assert not curl.cookie  # Basic auth starts no session
+    wrong = curl.send("GET", "/events", [basic("alice", "nope")])
+    assert wrong.response.status == 401 and wrong.failed_login and wrong.stream is None
+    assert wrong.response.header("WWW-Authenticate") == 'Basic realm="ctinotify", charset="UTF-8"'
+    assert curl.send("GET", "/calls", [("Authorization", "Basic junk")]).response.status == 403
+    stream = curl.send("GET", "/events", [basic("alice", "alice-secret")])
+    assert stream.stream.user == "alice" and stream.stream.session is None
+
+
+def test_web_events_start_a_stream_with_the_missed_events_and_the_link_status():
+    view = FakeWebView(web_users())
+    view.links = [{"pbx": "down", "reason": "connection refused", "time": "T"}]
+    client = WebClient(view)
+    client.login("alice", "alice-secret")
+    reply = client.send("GET", "/events")
+    assert reply.response.status == 200 and reply.response.stream
+    assert reply.stream.user == "alice" and reply.stream.session.token == client.cookie
+    assert reply.response.header("Content-Type") == "text/event-stream; charset=utf-8"
+    assert reply.response.header("Cache-Control") == "no-store"
+    assert reply.response.body.startswith(b"retry: 3000\n\n")
+    assert parse_sse(reply.response.body) == [
+        (None, '{"event":"status","pbx":"down","reason":"connection refused","time":"T"}')]
+    first = view.events.publish("alice", {"event": "incoming", "call": "1"})
+    view.events.publish("bob", {"event": "incoming", "call": "2"})
+    second = view.events.publish("alice", {"event": "hangup", "call": "1"})
+    first_id = parse_sse(first)[0][0]
+    resumed = client.send("GET", "/events", [("Last-Event-ID", first_id)]).response.body
+    assert [e[1] for e in parse_sse(resumed)][:1] == [parse_sse(second)[0][1]]
+    by_query = client.send("GET", "/events?last_event_id=" + first_id).response.body
+    assert by_query == resumed
+    header_wins = client.send("GET", "/events?last_event_id=x-0",
+                              [("Last-Event-ID", first_id)]).response.body
+    assert header_wins == resumed
+    lost = WebEventBuffer(epoch="e", max_events=1)
+    view.events = lost
+    lost.publish("alice", {"event": "hold", "call": "1"})
+    lost.publish("alice", {"event": "unhold", "call": "1"})
+    body = client.send("GET", "/events", [("Last-Event-ID", "e-0")]).response.body
+    assert '{"event":"status","replay":"incomplete"}' in [e[1] for e in parse_sse(body)]
+    head = client.send("HEAD", "/events")
+    assert head.stream is None and not head.response.stream
+
+
+def test_web_calls_and_history_are_the_users_own():
+    users = office().users
+    engine = CallEngine(Directory(users.values()))
+    feed_until(engine, "s_connect_midcall", "CoreShowChannelsComplete")
+    view = FakeWebView(users, engine=engine)
+    for user, call in (("bob", "1"), ("alice", "2"), ("bob", "3")):
+        view.call_history.add({"user": user, "call": call, "direction": "in", "reason": "busy"})
+    bob = WebClient(view)
+    bob.login("bob", "bob-secret")
+    calls = body_json(bob.send("GET", "/calls"))
+    assert len(calls) == 1 and calls[0]["event"] == "call"
+    assert calls[0]["from"]["name"] == "Maria Garcia" and calls[0]["state"] == "up"
+    assert calls[0]["device"] == "PJSIP/101"
+    alice = body_json(WebClient(view).send("GET", "/calls", [basic("alice", "alice-secret")]))
+    assert alice and all(call["device"] == "PJSIP/100" for call in alice)
+    history = body_json(bob.send("GET", "/history"))
+    assert [(r["event"], r["user"], r["call"]) for r in history] == \
+        [("history", "bob", "1"), ("history", "bob", "3")]
+    assert [r["call"] for r in body_json(bob.send("GET", "/history?n=1"))] == ["3"]
+    for bad in ("0", "101", "x", "-1", "1e2"):
+        assert bob.send("GET", "/history?n=" + bad).response.status == 400, bad
+    assert bob.send("GET", "/history?n=100").response.status == 200
+
+
+def test_web_session_store_full_is_a_503():
+    view = FakeWebView(web_users(), sessions=WebSessionStore(max_sessions=1))
+    assert WebClient(view).login("alice", "alice-secret").response.status == 200
+    assert WebClient(view).login("bob", "bob-secret").response.status == 503
