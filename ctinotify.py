@@ -4638,11 +4638,12 @@ def _csrf_ok(ctx: WebRequestContext, session: Optional[WebSession]) -> bool:
 
 def _route_page(ctx: WebRequestContext) -> WebReply:
     etag = '"%s"' % WEB_PAGE_ETAG
+    # A 304's headers replace the cached ones: it needs the page's CSP too.
+    headers = [("Cache-Control", "no-cache"), ("ETag", etag),
+               ("Content-Security-Policy", WEB_PAGE_CSP)]
     if ctx.request.header("if-none-match") == etag:
-        return WebReply(HttpResponse(304, [("ETag", etag)]))
-    return WebReply(HttpResponse(200, [("Content-Type", "text/html; charset=utf-8"),
-                                       ("Cache-Control", "no-cache"), ("ETag", etag),
-                                       ("Content-Security-Policy", WEB_PAGE_CSP)],
+        return WebReply(HttpResponse(304, headers))
+    return WebReply(HttpResponse(200, [("Content-Type", "text/html; charset=utf-8")] + headers,
                                  WEB_PAGE_BYTES))
 
 
@@ -4684,7 +4685,14 @@ def _route_logout(ctx: WebRequestContext) -> WebReply:
 
 
 def _route_session(ctx: WebRequestContext) -> WebReply:
-    account, session = _authenticate(ctx)
+    """Who is logged in: ``{"user": null}`` when nobody is (not an error:
+    it is how the page learns to show its login form)."""
+    try:
+        account, session = _authenticate(ctx)
+    except WebAuthFailed as e:
+        if e.reply.response.status == 403:
+            return WebReply(json_response(200, {"user": None, "csrf": "", "events": []}))
+        raise
     if session is None:
         return WebReply(json_response(200, {"user": account.name, "csrf": "",
                                             "events": list(account.events)}))
@@ -7095,10 +7103,10 @@ WEB_PAGE_JS = r"""
   }
   function checkSession(note) {
     api("GET", "/session").then(function (r) {
-      if (r.status === 403 || r.status === 401) { showLogin(note); return null; }
       if (!r.ok) { throw new Error(String(r.status)); }
       return r.json().then(function (j) {
-        if (state.user && j.user === state.user) {
+        if (!j.user) { showLogin(note); }
+        else if (state.user && j.user === state.user) {
           state.csrf = j.csrf || state.csrf; setTimeout(openStream, 2000);
         }
         else { loggedIn(j); }

@@ -6177,6 +6177,7 @@ def test_web_page_is_served_with_a_csp_allowing_only_its_own_script():
     etag = response.header("ETag")
     again = WebClient(view).send("GET", "/", [("If-None-Match", etag)]).response
     assert again.status == 304 and again.body == b""
+    assert again.header("Content-Security-Policy") == csp  # it replaces the cached one
     head = ctinotify.encode_response(WebClient(view).send("HEAD", "/").response, True,
                                      head_only=True)
     assert head.endswith(b"\r\n\r\n") and b"<html" not in head
@@ -6205,7 +6206,8 @@ def test_web_unknown_paths_and_methods():
 def test_web_login_sets_a_strict_httponly_cookie_and_the_session_works():
     view = FakeWebView(web_users())
     client = WebClient(view)
-    assert client.send("GET", "/session").response.status == 403
+    nobody = client.send("GET", "/session")
+    assert nobody.response.status == 200 and body_json(nobody)["user"] is None
     reply = client.login("alice", "alice-secret")
     assert reply.response.status == 200 and not reply.failed_login
     fields = body_json(reply)
@@ -6379,3 +6381,519 @@ def test_web_session_store_full_is_a_503():
     view = FakeWebView(web_users(), sessions=WebSessionStore(max_sessions=1))
     assert WebClient(view).login("alice", "alice-secret").response.status == 200
     assert WebClient(view).login("bob", "bob-secret").response.status == 503
+
+
+# -- the page in a real browser -----------------------------------------------------------
+#
+# A headless Chromium (tests/cdp.py) opens the page from a test-only server
+# that runs the real parser and router, one thread per connection, with a
+# view the test feeds events into.  The tests speak to it through a "site"
+# (url, publish, status, calls, history, drop_streams); pointing them at the
+# daemon with a fake Asterisk needs another site, not other tests.
+
+import cdp  # noqa: E402
+
+
+class PageView(FakeWebView):
+    """The browser tests' server view: calls in progress set by the test."""
+
+    def __init__(self, users):
+        super().__init__(users)
+        self.active = {}
+
+    def calls(self, user):
+        return list(self.active.get(user, []))
+
+
+class PageSite:
+    """A test-only web server for the page (the daemon's loop does this for
+    real): threads, blocking sockets, the real HttpRequestParser and
+    route_web_request.  Failed-login delays are waited out (they are short)."""
+
+    def __init__(self, users=None):
+        self.view = PageView(users or office().users)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.streams = []          # (socket, WebStream)
+        self.connections = set()
+        self.requests = []         # (method, target, status) of every request
+        self.running = True
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while self.running:
+            try:
+                conn, _peer = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections.add(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn):
+        parser = HttpRequestParser()
+        streaming = False
+        try:
+            while self.running:
+                data = conn.recv(65536)
+                if streaming:
+                    if not data:
+                        break
+                    continue  # a stream's client has nothing more to say
+                parser.receive_data(data)
+                try:
+                    while not streaming:
+                        request = parser.next_event()
+                        if request is None:
+                            break
+                        if isinstance(request, HttpContinue):
+                            conn.sendall(ctinotify.HTTP_CONTINUE_BYTES)
+                            continue
+                        streaming = self._answer(conn, request)
+                except HttpProtocolError as e:
+                    conn.sendall(ctinotify.http_error_bytes(e))
+                    break
+                if not data or parser.state == "done":
+                    break
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.streams = [(c, s) for c, s in self.streams if c is not conn]
+                self.connections.discard(conn)
+            conn.close()
+
+    def _answer(self, conn, request):
+        with self.lock:
+            reply = ctinotify.route_web_request(request, self.view, "127.0.0.1",
+                                                time.monotonic(), tag="page-site")
+            self.requests.append((request.method, request.target, reply.response.status))
+        if reply.delay_s:
+            time.sleep(reply.delay_s)
+        keep = request.keep_alive and not reply.close
+        data = ctinotify.encode_response(reply.response, keep, request.method == "HEAD",
+                                         date=time.time())
+        with self.lock:
+            conn.sendall(data)
+            if reply.stream is not None:
+                self.streams.append((conn, reply.stream))
+            for session in reply.ended:
+                self._close_streams(lambda s: s.session is not None and
+                                    s.session.token == session.token)
+        if not keep and reply.stream is None:
+            raise OSError("closing")
+        return reply.stream is not None
+
+    def _close_streams(self, which):
+        for conn, stream in [(c, s) for c, s in self.streams if which(s)]:
+            self.streams.remove((conn, stream))
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stream_count(self, user=None):
+        with self.lock:
+            return len([s for _c, s in self.streams if user is None or s.user == user])
+
+    def wait_streams(self, count, user=None, timeout=10):
+        deadline = time.monotonic() + timeout
+        while self.stream_count(user) < count:
+            assert time.monotonic() < deadline, "no event stream opened"
+            time.sleep(0.02)
+
+    def publish(self, user, fields):
+        """An event for ``user``, as the daemon's delivery would send it."""
+        with self.lock:
+            frame = self.view.events.publish(user, fields)
+            for conn, stream in list(self.streams):
+                if stream.user == user:
+                    try:
+                        conn.sendall(frame)
+                    except OSError:
+                        pass
+
+    def status(self, fields):
+        """A status line to every stream; a link's status is also what the
+        next stream starts with."""
+        if "pbx" in fields:
+            self.view.links = [fields]
+        frame = ctinotify.encode_sse_event(dict({"event": "status"}, **fields))
+        with self.lock:
+            for conn, _stream in list(self.streams):
+                try:
+                    conn.sendall(frame)
+                except OSError:
+                    pass
+
+    def drop_streams(self):
+        """Cut every event stream, as a lost network would."""
+        with self.lock:
+            self._close_streams(lambda s: True)
+
+    def close(self):
+        self.running = False
+        self.listener.close()
+        with self.lock:
+            for conn in list(self.connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for thread in self.threads:
+            thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    try:
+        browser = cdp.Chromium()
+    except cdp.ChromiumMissing as e:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser tests: %s" % e)
+        pytest.skip(str(e))
+    yield browser
+    browser.close()
+
+
+@pytest.fixture
+def site():
+    server = PageSite()
+    yield server
+    server.close()
+
+
+#: Runs in the page before its script: records notifications and screen
+#: pops where the test can see them (the page cannot tell the difference).
+PAGE_PROBES = """
+window.__opened = [];
+window.open = function (url, target, features) {
+  window.__opened.push([String(url), String(target), String(features)]); return null;
+};
+window.__notes = [];
+(function () {
+  var Real = window.Notification;
+  if (!Real) { return; }
+  function Probe(title, options) {
+    var note = new Real(title, options);
+    var seen = {title: title, body: (options || {}).body || "", closed: false};
+    window.__notes.push(seen);
+    var close = note.close.bind(note);
+    note.close = function () { seen.closed = true; close(); };
+    return note;
+  }
+  Probe.requestPermission = Real.requestPermission.bind(Real);
+  Object.defineProperty(Probe, "permission", {get: function () { return Real.permission; }});
+  window.Notification = Probe;
+})();
+"""
+
+
+@pytest.fixture
+def page(chromium, site):
+    tab = chromium.new_page(width=1000, height=800)
+    tab.grant(site.url)
+    tab.add_init_script(PAGE_PROBES)
+    yield tab
+    tab.close()
+
+
+def golden_events(name, user):
+    with open(os.path.join(GOLDEN, name + ".jsonl"), encoding="utf-8") as f:
+        events = [json.loads(line) for line in f]
+    return [{k: v for k, v in e.items() if k != "client"} for e in events if e["client"] == user]
+
+
+def page_login(page, site, user="alice", secret=None, expect_ok=True):
+    page.navigate(site.url + "/")
+    page.wait_for("!document.getElementById('login').hidden")
+    page.evaluate("(function(){ var f = document.getElementById('login-form');"
+                  "f.elements.user.value = %s; f.elements.secret.value = %s;"
+                  "document.getElementById('login-button').click(); })()"
+                  % (json.dumps(user), json.dumps(secret or user + "-secret")))
+    if expect_ok:
+        page.wait_for("document.getElementById('conn').textContent === 'connected'")
+        site.wait_streams(1, user)
+
+
+def page_calls(page):
+    return page.evaluate("Array.from(document.querySelectorAll('#calls li.call')).map(function (li)"
+                         " { return {state: li.dataset.state, who: li.querySelector('.who')"
+                         ".textContent, num: (li.querySelector('.num') || {}).textContent || '',"
+                         " words: li.querySelector('.words').textContent,"
+                         " timer: li.querySelector('.timer').textContent}; })")
+
+
+def assert_page_clean(page, expected=()):
+    """No errors but the ``expected`` ones (a refused login is a 401)."""
+    assert [e for e in page.console_errors() if not any(x in e for x in expected)] == []
+    assert page.csp_violations() == []
+    assert page.dialogs() == []
+
+
+def test_page_login_refused_then_accepted(page, site):
+    page_login(page, site, "alice", "wrong", expect_ok=False)
+    page.wait_for("document.getElementById('login-error').textContent === "
+                  "'Wrong user name or secret.'")
+    assert page.evaluate("document.getElementById('app').hidden") is True
+    assert site.stream_count() == 0
+    page.evaluate("(function(){ var f = document.getElementById('login-form');"
+                  "f.elements.secret.value = 'alice-secret';"
+                  "document.getElementById('login-button').click(); })()")
+    page.wait_for("document.getElementById('conn').textContent === 'connected'")
+    assert page.evaluate("document.getElementById('who').textContent") == "alice"
+    assert page.evaluate("document.getElementById('login').hidden") is True
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: no script can read it
+    assert ("GET", "/events", 200) in site.requests
+    assert_page_clean(page, ["status of 401 (Unauthorized)"])
+
+
+def test_page_shows_a_call_from_ring_to_hangup_with_a_notification(page, site):
+    page_login(page, site)
+    incoming, pickup, hangup = golden_events("a_inbound_answered", "alice")
+    site.publish("alice", dict(incoming, time=ctinotify.iso_time(time.time())))
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    (call,) = page_calls(page)
+    assert (call["state"], call["who"], call["num"]) == ("ringing", "John Customer", "+15551230001")
+    assert call["words"] == "dialed +15557000100 · to Alice Smith (100)"
+    page.wait_for("window.__notes.length === 1")
+    note = page.evaluate("window.__notes[0]")
+    assert note["title"] == "Call from John Customer" and note["body"].startswith("+15551230001")
+    assert not note["closed"]
+    page.wait_for("/^0:0[0-9]$/.test(document.querySelector('#calls .timer').textContent)")
+    site.publish("alice", pickup)
+    page.wait_for("document.querySelector('#calls li.call').dataset.state === 'talking'")
+    assert page.evaluate("window.__notes[0].closed") is True
+    assert page.evaluate("document.querySelector('#calls .state').textContent") == "Talking"
+    site.view.call_history.add({"user": "alice", "call": incoming["call"], "direction": "in",
+                                "from": incoming["from"], "to": incoming["to"],
+                                "start": incoming["time"], "end": hangup["time"],
+                                "reason": "completed", "talk_time": 3, "path": []})
+    site.publish("alice", hangup)
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 0")
+    page.wait_for("document.querySelectorAll('#journal li.entry').length === 1")
+    assert page.evaluate("document.querySelector('#journal .words').textContent") == \
+        "answered, talked 3 s"
+    assert page.evaluate("window.__notes.length") == 1
+    assert_page_clean(page)
+
+
+def test_page_missed_calls_are_counted_until_looked_at(page, site):
+    def record(call, reason, **extra):
+        return dict({"user": "alice", "call": call, "direction": "in", "reason": reason,
+                     "from": {"num": "+1555000%s" % call, "name": ""},
+                     "to": {"num": "100", "name": "Alice Smith"},
+                     "start": "2026-11-26T21:19:%02dZ" % int(call),
+                     "end": "2026-11-26T21:20:%02dZ" % int(call), "path": []}, **extra)
+    site.view.call_history.add(record("1", "noanswer"))
+    site.view.call_history.add(record("2", "completed"))
+    site.view.call_history.add(record("3", "answered_elsewhere",
+                                      answered_by={"num": "101", "name": "Bob Jones"}))
+    site.view.call_history.add(record("4", "completed", path=[{"divert": "+15559870003"}]))
+    site.view.call_history.add(record("5", "transferred", path=[{"transfer": "blind",
+                                                                 "to": "101"}]))
+    page_login(page, site)
+    page.wait_for("document.getElementById('missed-count').textContent === '2'")
+    assert page.evaluate("document.title") == "(2) ctinotify"
+    words = page.evaluate("Array.from(document.querySelectorAll('#journal li')).map("
+                          "function (li) { return [li.className, li.querySelector('.words')"
+                          ".textContent]; })")
+    assert words == [["entry", "transferred to 101"],
+                     ["entry", "answered · forwarded to +15559870003"],
+                     ["entry missed", "answered by Bob Jones (101)"],
+                     ["entry", "answered"],
+                     ["entry missed", "missed: not answered"]]
+    page.navigate(site.url + "/")  # a reload: still not looked at
+    page.wait_for("document.getElementById('missed-count').textContent === '2'")
+    page.evaluate("document.getElementById('tab-journal').click()")
+    page.wait_for("document.getElementById('missed-count').hidden")
+    page.navigate(site.url + "/")
+    page.wait_for("document.getElementById('conn').textContent === 'connected'")
+    page.wait_for("document.querySelectorAll('#journal li').length === 5")
+    assert page.evaluate("document.getElementById('missed-count').hidden") is True
+    assert_page_clean(page)
+
+
+HOSTILE_NAME = ('<img src=x onerror=alert(1)>"\'><script>alert(2)</script>\u202e\u2066evil'
+                '\u2069 &amp; ' + "A" * 4096)
+
+
+def test_page_shows_a_hostile_caller_id_as_text_and_runs_nothing(page, site):
+    page_login(page, site)
+    before = page.evaluate("document.getElementsByTagName('*').length")
+    site.publish("alice", {"event": "incoming", "call": "666.1", "time": "2026-11-26T21:19:10Z",
+                           "role": "callee", "device": "PJSIP/100",
+                           "from": {"num": '"><svg onload=alert(3)>', "name": HOSTILE_NAME},
+                           "to": {"num": "100", "name": "Alice Smith"},
+                           "dialed": "<b>x</b>", "url": "javascript:alert(4)"})
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    (call,) = page_calls(page)
+    assert call["who"] == HOSTILE_NAME and call["num"] == '"><svg onload=alert(3)>'
+    assert "dialed <b>x</b>" in call["words"]
+    tags = page.evaluate("Array.from(document.querySelectorAll('#calls *')).map("
+                         "function (e) { return e.tagName; })")
+    assert set(tags) <= {"LI", "DIV", "SPAN", "BDI"}  # no IMG, SVG, SCRIPT, B, no link
+    assert page.evaluate("document.querySelectorAll('img, svg, script:not([src]), b').length") == 1
+    assert page.evaluate("document.getElementsByTagName('*').length") == before + len(tags)
+    page.wait_for("window.__notes.length === 1")
+    time.sleep(0.4)  # a screen pop would have happened by now
+    assert page.evaluate("window.__opened") == []   # javascript: is never opened
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 1000  # 4 KB of caller ID wraps instead of widening the page
+    assert_page_clean(page)
+
+
+def test_page_screen_pop_on_ring(page, site):
+    page_login(page, site)
+    incoming, pickup, hangup = golden_events("a_inbound_answered", "alice")
+    url = "https://crm.example.com/search?phone=%2B15551230001"
+    site.publish("alice", dict(incoming, url=url))
+    page.wait_for("window.__opened.length === 1")
+    assert page.evaluate("window.__opened[0]") == [url, "_blank", "noopener,noreferrer"]
+    assert page.evaluate("document.querySelector('#calls a.pop').getAttribute('href')") == url
+    site.publish("alice", pickup)
+    page.wait_for("document.querySelector('#calls li.call').dataset.state === 'talking'")
+    # A ring replayed with its hangup (a reconnect) pops nothing.
+    second = dict(incoming, call="2.2", url=url + "2")
+    site.publish("alice", second)
+    site.publish("alice", dict(hangup, call="2.2", reason="cancelled"))
+    time.sleep(0.6)
+    assert page.evaluate("window.__opened.length") == 1
+    assert_page_clean(page)
+
+
+def test_page_screen_pop_on_answer_only_when_this_user_answers(page, site):
+    page.navigate(site.url + "/")
+    page.evaluate("localStorage.setItem('ctinotify.popmode', 'answer')")
+    page_login(page, site)
+    assert page.evaluate("document.getElementById('pop-mode').value") == "answer"
+    url = "https://crm.example.com/?n=1"
+
+    def ring(call):
+        incoming = golden_events("a_inbound_answered", "alice")[0]
+        site.publish("alice", dict(incoming, call=call, url=url + call))
+        page.wait_for("!!document.querySelector('li.call[data-call=\"%s@\"]')" % call)
+
+    ring("busy")
+    site.publish("alice", dict(golden_events("c_inbound_busy", "alice")[1], call="busy"))
+    ring("cancel")
+    site.publish("alice", {"event": "hangup", "call": "cancel", "reason": "cancelled"})
+    ring("elsewhere")
+    site.publish("alice", dict(golden_events("l_directed_pickup", "alice")[1], call="elsewhere"))
+    page.wait_for("document.querySelector('li.call[data-call=\"elsewhere@\"] .words')"
+                  ".textContent.startsWith('answered by Bob Jones')")
+    time.sleep(0.6)
+    assert page.evaluate("window.__opened") == []
+    ring("mine")
+    time.sleep(0.4)
+    assert page.evaluate("window.__opened") == []   # not on ring
+    site.publish("alice", dict(golden_events("a_inbound_answered", "alice")[1], call="mine"))
+    page.wait_for("window.__opened.length === 1")
+    assert page.evaluate("window.__opened[0][0]") == url + "mine"
+    page.evaluate("(function(){ var s = document.getElementById('pop-mode'); s.value = 'never';"
+                  "s.dispatchEvent(new Event('change')); })()")
+    assert page.evaluate("localStorage.getItem('ctinotify.popmode')") == "never"
+    assert_page_clean(page)
+
+
+def test_page_makes_link_down_and_server_stopping_impossible_to_miss(page, site):
+    site.view.links = [{"pbx": "down", "reason": "connection refused", "time": "T"}]
+    page_login(page, site)
+    page.wait_for("!document.getElementById('banner').hidden")
+    assert page.evaluate("document.getElementById('banner').textContent").startswith(
+        "PBX link down")
+    assert page.evaluate("document.getElementById('pbx').textContent") == "PBX link down"
+    site.status({"pbx": "up", "time": "T"})
+    page.wait_for("document.getElementById('banner').hidden")
+    site.status({"server": "stopping", "time": "T"})
+    page.wait_for("!document.getElementById('banner').hidden")
+    assert "server is stopping" in page.evaluate("document.getElementById('banner').textContent")
+    site.drop_streams()   # the server went away: the page says so, then reconnects
+    page.wait_for("document.getElementById('conn').textContent === 'reconnecting…'")
+    assert "server is stopping" in page.evaluate("document.getElementById('banner').textContent")
+    page.wait_for("document.getElementById('conn').textContent === 'connected'")
+    page.wait_for("document.getElementById('banner').hidden")
+    assert_page_clean(page)
+
+
+def test_page_reconnects_with_last_event_id_and_misses_nothing(page, site):
+    page_login(page, site)
+    incoming, pickup, hangup = golden_events("a_inbound_answered", "alice")
+    site.publish("alice", incoming)
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    site.drop_streams()
+    page.wait_for("document.getElementById('conn').textContent !== 'connected'")
+    site.publish("alice", pickup)   # nobody listening: only the buffer has it
+    page.wait_for("document.getElementById('conn').textContent === 'connected'", timeout=15)
+    page.wait_for("document.querySelector('#calls li.call').dataset.state === 'talking'")
+    resumed = [t for m, t, s in site.requests if t.startswith("/events")]
+    assert len(resumed) == 2
+    site.publish("alice", hangup)
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 0")
+    assert_page_clean(page)
+
+
+def test_page_logout_ends_the_session_and_its_stream(page, site):
+    page_login(page, site)
+    page.evaluate("document.getElementById('logout').click()")
+    page.wait_for("!document.getElementById('login').hidden")
+    assert page.evaluate("document.getElementById('login-error').textContent") == "Logged out."
+    deadline = time.monotonic() + 5
+    while site.stream_count():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert len(site.view.sessions) == 0
+    assert ("POST", "/logout", 204) in site.requests
+    assert_page_clean(page)
+
+
+def test_page_fits_a_phone_screen(chromium, site, tmp_path):
+    phone = chromium.new_page(width=390, height=844, mobile=True)
+    try:
+        phone.add_init_script(PAGE_PROBES)
+        page_login(phone, site)
+        incoming = golden_events("a_inbound_answered", "alice")[0]
+        site.publish("alice", incoming)
+        site.publish("alice", dict(golden_events("r_hold_unhold", "alice")[0], call="9.9"))
+        phone.wait_for("document.querySelectorAll('#calls li.call').length === 2")
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+        shots = os.environ.get("CTINOTIFY_SCREENSHOTS") or str(tmp_path)
+        png = phone.screenshot(os.path.join(shots, "web-phone.png"))
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+        assert_page_clean(phone)
+    finally:
+        phone.close()
+
+
+def test_cdp_driver_leaves_no_process_behind():
+    try:
+        browser = cdp.Chromium()
+    except cdp.ChromiumMissing as e:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser tests: %s" % e)
+        pytest.skip(str(e))
+    pid, profile = browser.process.pid, browser.profile
+    tab = browser.new_page()
+    assert tab.evaluate("1 + 1") == 2
+    with pytest.raises(cdp.CdpError):
+        tab.evaluate("throw new Error('x')")
+    with pytest.raises(cdp.CdpError):
+        tab.wait_for("false", timeout=0.2)
+    browser.close()
+    assert browser.process.returncode is not None and not os.path.exists(profile)
+    alive = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as f:
+                    if profile.encode() in f.read():
+                        with open("/proc/%s/stat" % entry) as s:
+                            if s.read().rpartition(")")[2].split()[0] != "Z":
+                                alive.append(entry)
+            except OSError:
+                pass
+    assert alive == [] and pid

@@ -223,12 +223,19 @@ class Chromium:
 
     # -- the browser -------------------------------------------------------------
 
-    def new_page(self, width=None, height=None, mobile=False):
-        """A new tab, attached, with the domains the tests watch enabled."""
-        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+    def new_page(self, width=None, height=None, mobile=False, isolated=True):
+        """A new tab, attached, with the domains the tests watch enabled.
+        ``isolated``: in a browser context of its own (an incognito-like
+        profile): no cookies, storage or permissions shared with other tabs."""
+        params = {"url": "about:blank"}
+        context = None
+        if isolated:
+            context = self.send("Target.createBrowserContext")["browserContextId"]
+            params["browserContextId"] = context
+        target = self.send("Target.createTarget", params)["targetId"]
         session = self.send("Target.attachToTarget",
                             {"targetId": target, "flatten": True})["sessionId"]
-        page = Page(self, target, session)
+        page = Page(self, target, session, context)
         for domain in ("Page", "Runtime", "Log"):
             page.send(domain + ".enable")
         page.send("Page.addScriptToEvaluateOnNewDocument", {"source": _WATCH_VIOLATIONS})
@@ -236,10 +243,13 @@ class Chromium:
             page.set_viewport(width, height, mobile)
         return page
 
-    def grant_permissions(self, origin, permissions=("notifications",)):
-        """Grant ``origin`` the permissions (as a user clicking Allow would)."""
-        self.send("Browser.grantPermissions", {"origin": origin,
-                                               "permissions": list(permissions)})
+    def grant_permissions(self, origin, permissions=("notifications",), context=None):
+        """Grant ``origin`` the permissions (as a user clicking Allow would),
+        in a page's browser context (``page.context``) or the default one."""
+        params = {"origin": origin, "permissions": list(permissions)}
+        if context is not None:
+            params["browserContextId"] = context
+        self.send("Browser.grantPermissions", params)
 
     def close(self):
         """End the browser and everything it started; remove its profile."""
@@ -300,10 +310,12 @@ class Page:
     ``csp_violations()`` say what went wrong in it so far.
     """
 
-    def __init__(self, browser, target_id, session_id):
+    def __init__(self, browser, target_id, session_id, context=None):
         self.browser = browser
         self.target_id = target_id
         self.session = session_id
+        #: Its browser context (None: the default one).
+        self.context = context
 
     def send(self, method, params=None, timeout=COMMAND_TIMEOUT_S):
         return self.browser.send(method, params, session=self.session, timeout=timeout)
@@ -387,9 +399,15 @@ class Page:
         except CdpError:
             return []
 
+    def grant(self, origin, permissions=("notifications",)):
+        self.browser.grant_permissions(origin, permissions, self.context)
+
     def close(self):
         try:
             self.send("Target.closeTarget", {"targetId": self.target_id},
                       timeout=CLOSE_TIMEOUT_S)
+            if self.context is not None:
+                self.browser.send("Target.disposeBrowserContext",
+                                  {"browserContextId": self.context}, timeout=CLOSE_TIMEOUT_S)
         except CdpError:
             pass
