@@ -7235,8 +7235,15 @@ WEB_PAGE_JS = r"""
       else if (f.result === "timeout") { c.state = "ringing"; c.words = "back from parking"; }
       else { c.words = "the caller hung up while parked"; }
     },
-    hold: function (c, f) { c.state = "on hold"; c.words = "on hold (" + said(f.by) + ")"; },
-    unhold: function (c) { c.state = "talking"; c.words = ""; },
+    hold: function (c, f) {
+      var me = (c.dir === "in" ? c.to : c.from) || {}, by = f.by || {};
+      c.state = "on hold";
+      c.words = by.num && by.num === me.num ? "you put it on hold" : "put on hold by " + said(by);
+    },
+    unhold: function (c) {
+      // Also sent when the holding phone hangs up after a transfer: keep that.
+      if (c.state === "on hold") { c.state = "talking"; c.words = ""; }
+    },
     conference: function (c, f) {
       c.state = "conference";
       c.words = said(f.who) + (f.action === "leave" ? " left" : " joined") + " room " + (f.room || "?") +

@@ -6537,6 +6537,10 @@ class PageSite:
 
     def close(self):
         self.running = False
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (Linux)
+        except OSError:
+            pass
         self.listener.close()
         with self.lock:
             for conn in list(self.connections):
@@ -6747,6 +6751,44 @@ def test_page_shows_a_hostile_caller_id_as_text_and_runs_nothing(page, site):
     assert_page_clean(page)
 
 
+#: Each event of a recorded call, one after the other: the state and the
+#: words the page shows after it (None: the call is gone).
+PAGE_STATES = {
+    ("i_forward_to_mobile", "alice"): [
+        ("ringing", ""), ("forwarded", "forwarded to mobile +15559870003"),
+        ("talking", "answered on mobile +15559870003"), None],
+    ("j_blind_transfer", "alice"): [
+        ("ringing", ""), ("talking", ""), ("transferred", "transferred to 101"), None],
+    ("k_attended_transfer", "alice"): [
+        ("ringing", ""), ("talking", ""), ("on hold", "you put it on hold"),
+        ("transferred", "transferred to Bob Jones (101)"),
+        ("transferred", "transferred to Bob Jones (101)"), None],
+    ("k_attended_transfer", "bob"): [
+        ("ringing", ""), ("talking", ""), ("transferred", "transferred by Alice Smith (100)"), None],
+    ("p_park_retrieve", "alice"): [
+        ("ringing", ""), ("talking", ""), ("parked", "parked at 71 by Alice Smith (100)"), None],
+    ("p_park_retrieve", "bob"): [
+        ("ringing", ""), ("talking", "taken from parking by Bob Jones (101)"), None],
+}
+
+
+@pytest.mark.parametrize("scenario,user", sorted(PAGE_STATES))
+def test_page_follows_a_recorded_call_in_a_receptionists_words(page, site, scenario, user):
+    page_login(page, site, user)
+    events = golden_events(scenario, user)
+    assert len(events) == len(PAGE_STATES[scenario, user])
+    for event, expected in zip(events, PAGE_STATES[scenario, user]):
+        site.publish(user, event)
+        if expected is None:
+            page.wait_for("document.querySelectorAll('#calls li.call').length === 0")
+            continue
+        state, words = expected
+        page.wait_for("(function(){ var li = document.querySelector('#calls li.call');"
+                      "return li && li.dataset.state === %s && li.querySelector('.words')"
+                      ".textContent.startsWith(%s); })()" % (json.dumps(state), json.dumps(words)))
+    assert_page_clean(page)
+
+
 def test_page_screen_pop_on_ring(page, site):
     page_login(page, site)
     incoming, pickup, hangup = golden_events("a_inbound_answered", "alice")
@@ -6858,8 +6900,10 @@ def test_page_fits_a_phone_screen(chromium, site, tmp_path):
         page_login(phone, site)
         incoming = golden_events("a_inbound_answered", "alice")[0]
         site.publish("alice", incoming)
-        site.publish("alice", dict(golden_events("r_hold_unhold", "alice")[0], call="9.9"))
+        for event in golden_events("r_hold_unhold", "alice")[:3]:  # out, answered, held
+            site.publish("alice", event)
         phone.wait_for("document.querySelectorAll('#calls li.call').length === 2")
+        phone.wait_for("document.querySelectorAll('#calls li.held').length === 1")
         assert phone.evaluate("document.documentElement.scrollWidth") <= 390
         shots = os.environ.get("CTINOTIFY_SCREENSHOTS") or str(tmp_path)
         png = phone.screenshot(os.path.join(shots, "web-phone.png"))
