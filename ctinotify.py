@@ -3892,10 +3892,15 @@ class HttpRequest:
         return [value for key, value in self.headers if key == name]
 
     def params(self) -> Dict[str, str]:
-        """The query string's parameters (the first of a repeated one)."""
+        """The query string's parameters (the first of a repeated one);
+        HttpProtocolError(400) for more than 32 of them."""
+        try:
+            pairs = urllib.parse.parse_qsl(self.query, keep_blank_values=True,
+                                           max_num_fields=32)
+        except ValueError:
+            raise HttpProtocolError(400, "too many query parameters")
         found: Dict[str, str] = {}
-        for key, value in urllib.parse.parse_qsl(self.query, keep_blank_values=True,
-                                                 max_num_fields=32):
+        for key, value in pairs:
             found.setdefault(key, value)
         return found
 

@@ -6377,6 +6377,32 @@ def test_web_calls_and_history_are_the_users_own():
     assert bob.send("GET", "/history?n=100").response.status == 200
 
 
+def test_web_router_garbage_gets_a_reply_never_an_exception():
+    rng = random.Random(2222)
+    view = FakeWebView(web_users(), throttle=ctinotify.LoginThrottle(delay_s=0, block_after=0))
+    good = WebClient(view)
+    good.login("alice", "alice-secret")
+    paths = list(ctinotify.WEB_ROUTES) + ["/x", "/events/", "//", "/%00"]
+    values = ["", "x", "\xff\u0100", good.cookie, "ctinotify_session=" + good.cookie,
+              "Basic " + base64.b64encode(b"alice:alice-secret").decode(), "Basic ===", "e1-5",
+              "http://pbx:5041", "same-origin", "a=1&" * 40, "application/x-www-form-urlencoded"]
+    names = ["Cookie", "Authorization", "Origin", "Sec-Fetch-Site", "Last-Event-ID",
+             "Content-Type", "X-CSRF-Token", "If-None-Match"]
+    for _ in range(600):
+        query = rng.choice(["", "?n=5", "?n=" + rng.choice(values), "?last_event_id=x",
+                            "?" + "a=1&" * 40, "?%ff=%ff"])
+        headers = [(rng.choice(names), rng.choice(values)) for _ in range(rng.randint(0, 4))]
+        body = bytes(rng.randrange(256) for _ in range(rng.randint(0, 30))) \
+            if rng.random() < 0.5 else b"user=alice&secret=" + rng.choice(values).encode("utf-8")
+        request = HttpRequest(rng.choice(["GET", "HEAD", "POST", "PUT"]),
+                              rng.choice(paths) + query, "HTTP/1.1",
+                              [(n.lower(), v) for n, v in headers], body)
+        reply = ctinotify.route_web_request(request, view, rng.choice(["10.0.0.5", "::1", "x"]),
+                                            1000.0 + rng.random(), rng.random() < 0.5)
+        assert 200 <= reply.response.status < 600
+        ctinotify.encode_response(reply.response, True)
+
+
 def test_web_session_store_full_is_a_503():
     view = FakeWebView(web_users(), sessions=WebSessionStore(max_sessions=1))
     assert WebClient(view).login("alice", "alice-secret").response.status == 200
@@ -6722,7 +6748,7 @@ def test_page_missed_calls_are_counted_until_looked_at(page, site):
     assert_page_clean(page)
 
 
-HOSTILE_NAME = ('<img src=x onerror=alert(1)>"\'><script>alert(2)</script>\u202e\u2066evil'
+PAGE_HOSTILE_NAME = ('<img src=x onerror=alert(1)>"\'><script>alert(2)</script>\u202e\u2066evil'
                 '\u2069 &amp; ' + "A" * 4096)
 
 
@@ -6731,12 +6757,12 @@ def test_page_shows_a_hostile_caller_id_as_text_and_runs_nothing(page, site):
     before = page.evaluate("document.getElementsByTagName('*').length")
     site.publish("alice", {"event": "incoming", "call": "666.1", "time": "2026-11-26T21:19:10Z",
                            "role": "callee", "device": "PJSIP/100",
-                           "from": {"num": '"><svg onload=alert(3)>', "name": HOSTILE_NAME},
+                           "from": {"num": '"><svg onload=alert(3)>', "name": PAGE_HOSTILE_NAME},
                            "to": {"num": "100", "name": "Alice Smith"},
                            "dialed": "<b>x</b>", "url": "javascript:alert(4)"})
     page.wait_for("document.querySelectorAll('#calls li.call').length === 1")
     (call,) = page_calls(page)
-    assert call["who"] == HOSTILE_NAME and call["num"] == '"><svg onload=alert(3)>'
+    assert call["who"] == PAGE_HOSTILE_NAME and call["num"] == '"><svg onload=alert(3)>'
     assert "dialed <b>x</b>" in call["words"]
     tags = page.evaluate("Array.from(document.querySelectorAll('#calls *')).map("
                          "function (e) { return e.tagName; })")
