@@ -3792,6 +3792,751 @@ class ClientSession:
 
 
 # ---------------------------------------------------------------------------
+# Office board (no I/O): one state per user, and what each viewer may see
+# ---------------------------------------------------------------------------
+#
+# Who is free, ringing, on the phone or away, for the receptionist's board.
+# Two sources, through the two seams: the engine's notifications (the calls
+# each user is in, including a call to their number answered on their
+# mobile: a notification follows the user, not the phone set) and Asterisk's
+# own states of the phones (DeviceStateChange, hints, registrations).  Calls
+# decide first, because they say more (with whom, since when, held or not);
+# a phone's own state speaks only where no call of its user explains it: a
+# phone off the hook for a call ctinotify does not see, do-not-disturb, a
+# phone that is not registered.
+
+#: The states of the board, strongest first: a user is in the strongest
+#: state any of their calls or phones is in (see _BOARD_RANK).  Asterisk
+#: has its own order for several devices of one hint (main/devicestate.c,
+#: ast_devstate_aggregate_add: RINGINUSE > BUSY > INUSE > RINGING > ONHOLD
+#: > NOT_INUSE > UNAVAILABLE); the board differs where it speaks to a
+#: person about a person: a call (talking, then one held, then one ringing)
+#: says more than a phone's flag (busy), and "away" needs every phone gone,
+#: so one reachable phone makes its user free, as in Asterisk's order.
+BOARD_TALKING = "talking"
+BOARD_ON_HOLD = "on_hold"
+BOARD_RINGING = "ringing"
+BOARD_BUSY = "busy"
+BOARD_AWAY = "away"
+BOARD_FREE = "free"
+BOARD_STATES = (BOARD_TALKING, BOARD_ON_HOLD, BOARD_RINGING, BOARD_BUSY, BOARD_AWAY, BOARD_FREE)
+_BOARD_RANK = {state: rank for rank, state in enumerate(BOARD_STATES)}
+#: The states in words, for people (``watch --board``, the page).
+BOARD_STATE_WORDS = {
+    BOARD_TALKING: "on the phone", BOARD_ON_HOLD: "on hold", BOARD_RINGING: "ringing",
+    BOARD_BUSY: "busy", BOARD_AWAY: "away", BOARD_FREE: "free",
+}
+#: A user's calls the board follows at once; more would be a broken
+#: stream (the engine ends every call it announced), and the oldest goes.
+MAX_BOARD_CALLS_PER_USER = 32
+#: PJSIP contacts remembered per endpoint (a few phones share one AOR).
+MAX_BOARD_CONTACTS_PER_DEVICE = 16
+
+# -- what the calls say: one phase per user call, moved by notifications ---------
+
+_PH_RINGING = "ringing"    # rings one of the user's phones, or their mobile
+_PH_DIALING = "dialing"    # the user calls out, not answered yet
+_PH_TALKING = "talking"
+_PH_HELD = "held"          # on hold, or waiting in a parking lot
+_PH_OFF = "off"            # still the user's call for the engine, on none of
+#                            their phones (timed out, forwarded to a colleague,
+#                            answered elsewhere, parked by the user)
+#: The board state of a call in each phase.  Calling out counts as being on
+#: the phone: the phone is off the hook (Asterisk says INUSE) and the user
+#: cannot take another call.
+_PHASE_STATES = {_PH_RINGING: BOARD_RINGING, _PH_DIALING: BOARD_TALKING,
+                 _PH_TALKING: BOARD_TALKING, _PH_HELD: BOARD_ON_HOLD, _PH_OFF: None}
+#: move -> {phase before: phase after}.  A move is a notification kind,
+#: refined where one kind means two things (``_board_move``); the key None
+#: is a call the board has not seen yet (adopted silently at the engine's
+#: resync, or older than the board): a move without a None entry ignores
+#: such a call, one with it starts following it.  A phase not listed stays.
+_CALL_MOVES: Dict[str, Dict[Optional[str], str]] = {
+    "incoming": {None: _PH_RINGING},
+    "outgoing": {None: _PH_DIALING},
+    "answered": {None: _PH_TALKING, _PH_RINGING: _PH_TALKING, _PH_DIALING: _PH_TALKING,
+                 _PH_OFF: _PH_TALKING},
+    "answered_elsewhere": {_PH_RINGING: _PH_OFF},
+    "timeout": {_PH_RINGING: _PH_OFF},
+    "busy": {_PH_RINGING: _PH_OFF, _PH_DIALING: _PH_OFF},
+    "forwarded_away": {_PH_RINGING: _PH_OFF},
+    "forwarded_out": {_PH_OFF: _PH_RINGING},
+    "hold": {None: _PH_HELD, _PH_TALKING: _PH_HELD, _PH_DIALING: _PH_HELD},
+    "unhold": {None: _PH_TALKING, _PH_HELD: _PH_TALKING},
+    "parked": {None: _PH_HELD, _PH_TALKING: _PH_HELD},
+    "parked_away": {_PH_TALKING: _PH_OFF, _PH_HELD: _PH_OFF},
+    "retrieved": {None: _PH_TALKING, _PH_RINGING: _PH_TALKING, _PH_HELD: _PH_TALKING,
+                  _PH_OFF: _PH_TALKING},
+    "transferred_in": {None: _PH_TALKING},
+    "conference": {None: _PH_TALKING, _PH_RINGING: _PH_TALKING, _PH_DIALING: _PH_TALKING},
+    # A CALL item (what the CALLS command shows), fed for the calls the
+    # engine adopted silently at its resync: the board starts following them.
+    "seen_ringing": {None: _PH_RINGING},
+    "seen_dialing": {None: _PH_DIALING},
+    "seen_up": {None: _PH_TALKING},
+}
+
+
+def _party(fields: Dict[str, object], key: str) -> Party:
+    value = fields.get(key)
+    if not isinstance(value, dict):
+        return NOBODY
+    return Party(str(value.get("num") or ""), str(value.get("name") or ""))
+
+
+def _me_and_peer(fields: Dict[str, object]) -> Tuple[Party, Party]:
+    """(the user's side, the other side) of a notification, by its role."""
+    if fields.get("role") == "caller":
+        return _party(fields, "from"), _party(fields, "to")
+    return _party(fields, "to"), _party(fields, "from")
+
+
+class BoardCall:
+    """One call of one user, as the board follows it."""
+
+    __slots__ = ("call_id", "pbx", "tagged", "direction", "phase", "peer", "devices",
+                 "forwarded_out")
+
+    def __init__(self, call_id: str, pbx: str, direction: str, tagged: bool = False):
+        self.call_id = call_id
+        self.pbx = pbx
+        #: Its events carry ``pbx`` (ctinotify watches several): so does its entry.
+        self.tagged = tagged
+        #: "in" or "out", as in the call log.
+        self.direction = direction
+        self.phase: Optional[str] = None
+        #: The other party, as the user's own events name it.
+        self.peer = NOBODY
+        #: The user's phones its events named (none: it reached their number
+        #: and rang elsewhere, e.g. their mobile).
+        self.devices: Set[str] = set()
+        #: Told ``divert`` to a number outside the office: an outside phone
+        #: answering is the user (their mobile), not a colleague.
+        self.forwarded_out = False
+
+
+# -- what the phones say: device states, hints, registrations ------------------
+
+#: DeviceStateChange ``State`` (main/devicestate.c, ast_devstate_str) ->
+#: (what the phone is doing, whether it is reachable).  None: nothing said.
+#: RINGINUSE is a second call ringing at a phone in use: on the phone.
+_DEVICE_STATES: Dict[str, Tuple[Optional[str], Optional[bool]]] = {
+    "NOT_INUSE": (None, True), "INUSE": (BOARD_TALKING, True), "BUSY": (BOARD_BUSY, True),
+    "INVALID": (None, False), "UNAVAILABLE": (None, False), "RINGING": (BOARD_RINGING, True),
+    "RINGINUSE": (BOARD_TALKING, True), "ONHOLD": (BOARD_ON_HOLD, True),
+    "UNKNOWN": (None, None),
+}
+#: ExtensionStatus ``Status`` of a hint (include/asterisk/pbx.h,
+#: ast_extension_states): the same, for all the devices of the hint.  A
+#: hint with a Custom:DND device (FreePBX) is Busy while DND is on.
+_HINT_STATES: Dict[int, Tuple[Optional[str], Optional[bool]]] = {
+    0: (None, True), 1: (BOARD_TALKING, True), 2: (BOARD_BUSY, True), 4: (None, False),
+    8: (BOARD_RINGING, True), 9: (BOARD_TALKING, True), 16: (BOARD_ON_HOLD, True),
+    17: (BOARD_TALKING, True),
+}
+#: ExtensionStatus -1 and -2: the hint or the extension left the dialplan.
+_HINT_REMOVED = (-1, -2)
+#: ContactStatus ``ContactStatus`` (res_pjsip, ast_sip_get_contact_status_label):
+#: whether the contact can take calls.  Unknown: registered, not qualified yet.
+_CONTACT_UP = {"created": True, "reachable": True, "nonqualified": True,
+               "unqualified": True, "updated": True, "unknown": True,
+               "removed": False, "unreachable": False}
+#: PeerStatus ``PeerStatus`` (chan_sip, chan_iax2): one registration per peer.
+_PEER_UP = {"registered": True, "reachable": True, "lagged": True,
+            "unregistered": False, "unreachable": False, "rejected": False}
+#: States of a phone that a call of its user explains, and that the hangup
+#: of that call makes old news (Asterisk reports the phone idle a moment
+#: after the Hangup, e.g. tests/traces/a_inbound_answered.ami).
+_CALL_ACTIVITIES = frozenset((BOARD_TALKING, BOARD_ON_HOLD, BOARD_RINGING))
+
+
+class BoardSource:
+    """One phone (``("dev", pbx, device)``) or hint (``("hint", pbx, exten,
+    context)``) of a user, as Asterisk last reported it."""
+
+    __slots__ = ("activity", "available", "has_devstate", "contacts")
+
+    def __init__(self) -> None:
+        #: talking, on_hold, ringing or busy; None: idle or not known.
+        self.activity: Optional[str] = None
+        #: Reachable (True), not (False), not known (None).
+        self.available: Optional[bool] = None
+        #: Asterisk has reported a device or hint state for it.
+        self.has_devstate = False
+        #: PJSIP contact URI -> up, since the link came up.
+        self.contacts: Dict[str, bool] = {}
+
+    def device_state(self, activity: Optional[str], available: Optional[bool]) -> None:
+        self.activity = activity
+        if available is not None:
+            self.available = available
+            self.has_devstate = True
+
+    def registration(self, up: bool) -> None:
+        """chan_sip or IAX2 peer status: the peer's one registration."""
+        self.available = up
+
+    def contact(self, uri: str, up: bool) -> None:
+        """A PJSIP contact of the endpoint came or went."""
+        self.contacts.pop(uri, None)
+        self.contacts[uri] = up
+        while len(self.contacts) > MAX_BOARD_CONTACTS_PER_DEVICE:
+            del self.contacts[next(iter(self.contacts))]
+        if up:
+            self.available = True  # registration back: before its DeviceStateChange
+        elif not self.has_devstate and not any(self.contacts.values()):
+            # Without device states, contacts are all there is.  With them, a
+            # contact going is no verdict: another one, registered before we
+            # connected and never reported since, may still be there, and
+            # Asterisk sends UNAVAILABLE itself when the endpoint goes offline.
+            self.available = False
+
+
+# -- one user ---------------------------------------------------------------------
+
+
+class BoardEntry:
+    """One user's line on the board at one moment (immutable).
+
+    ``peer``, ``direction``, ``call`` and ``pbx`` are the details (the other
+    party of the call that makes the state; only for ringing, talking and
+    on hold); everything else is for every viewer.
+    """
+
+    __slots__ = ("user", "name", "numbers", "state", "since", "peer", "direction", "call",
+                 "pbx", "_fields", "_lines")
+
+    def __init__(self, user: str, name: str, numbers: str, state: str, since: float,
+                 call: Optional[BoardCall] = None):
+        self.user = user
+        self.name = name
+        #: The user's numbers, comma-separated (numbers hold no comma).
+        self.numbers = numbers
+        self.state = state
+        #: When the state began (epoch seconds).
+        self.since = since
+        self.peer = call.peer if call is not None else NOBODY
+        self.direction = call.direction if call is not None else ""
+        self.call = call.call_id if call is not None else ""
+        self.pbx = call.pbx if call is not None and call.tagged else ""
+        self._fields: Dict[bool, Dict[str, object]] = {}
+        self._lines: Dict[Tuple[bool, str], bytes] = {}
+
+    def same_details(self, other: "BoardEntry") -> bool:
+        return (self.peer, self.direction, self.call, self.pbx) == \
+            (other.peer, other.direction, other.call, other.pbx)
+
+    def fields(self, details: bool) -> Dict[str, object]:
+        """The ``state`` event: the same dict for every viewer with the same
+        ``details`` (callers must not change it)."""
+        fields = self._fields.get(details)
+        if fields is None:
+            fields = {"event": "state", "user": self.user, "name": self.name,
+                      "numbers": self.numbers, "state": self.state,
+                      "since": iso_time(self.since)}
+            if details and self.call:
+                fields["with"] = self.peer.as_dict()
+                fields["direction"] = self.direction
+                fields["call"] = self.call
+                if self.pbx:
+                    fields["pbx"] = self.pbx
+            self._fields[details] = fields
+        return fields
+
+    def event_bytes(self, details: bool, fmt: str) -> bytes:
+        """The pushed line (``EVENT state ...`` or JSON), encoded once per
+        kind of viewer however many watch."""
+        line = self._lines.get((details, fmt))
+        if line is None:
+            line = self._lines[(details, fmt)] = encode_notification(self.fields(details), fmt)
+        return line
+
+    def __repr__(self) -> str:
+        return "<BoardEntry %s %s %s>" % (self.user, self.state, self.call)
+
+
+#: What changed in a BoardChange, strongest first: a viewer without details
+#: sees only "state" and "name" changes.
+BOARD_CHANGE_STATE = "state"
+BOARD_CHANGE_NAME = "name"
+BOARD_CHANGE_DETAILS = "details"
+
+
+class BoardChange:
+    """A user's board entry changed: ``entry`` is the new one, ``kind``
+    says what changed (state, name, or only the details)."""
+
+    __slots__ = ("entry", "kind")
+
+    def __init__(self, entry: BoardEntry, kind: str):
+        self.entry = entry
+        self.kind = kind
+
+    @property
+    def user(self) -> str:
+        return self.entry.user
+
+    def __repr__(self) -> str:
+        return "<BoardChange %s %s %s>" % (self.kind, self.entry.user, self.entry.state)
+
+
+def _plain_number(qualified: str) -> str:
+    """``branch:100`` -> ``100``: the number as people dial it."""
+    return qualified.rpartition(":")[2]
+
+
+class BoardUser:
+    """One user's calls and phones, and the entry last published."""
+
+    __slots__ = ("name", "devices", "numbers", "own_ids", "fullname", "learned_name",
+                 "calls", "sources", "entry")
+
+    def __init__(self, config: UserConfig, fullname: str, now: float):
+        self.name = config.name
+        #: (pbx qualifier or "", device) of each configured phone.
+        self.devices = frozenset(split_device(d) for d in config.devices)
+        numbers: List[str] = []
+        for qualified, _context in config.extensions:
+            number = _plain_number(qualified)
+            if number not in numbers:
+                numbers.append(number)
+        self.numbers = ",".join(numbers)
+        #: The numbers the user's own phones may call themselves: their
+        #: extensions and their phones' names (PJSIP/100 -> 100).
+        self.own_ids = frozenset(numbers) | {d.partition("/")[2] for _, d in self.devices}
+        self.fullname = fullname
+        self.learned_name = ""
+        #: (pbx, call id, direction) -> the call, oldest first.
+        self.calls: Dict[Tuple[str, str, str], BoardCall] = {}
+        self.sources: Dict[tuple, BoardSource] = {}
+        self.entry = BoardEntry(self.name, self.display_name(), self.numbers, BOARD_FREE, now)
+
+    def has_device(self, pbx: str, device: str) -> bool:
+        return ("", device) in self.devices or (pbx, device) in self.devices
+
+    def display_name(self) -> str:
+        return self.fullname or self.learned_name or self.name
+
+    def learn_name(self, fields: Dict[str, object], pbx: str) -> None:
+        """The caller ID name of the user's own phone, from an event of a
+        call on it.  Never a caller's name: the phone must be the user's,
+        the number one of their own, and a name the other side shows too (a
+        PBX that copies the caller's ID onto the called phone) proves nothing."""
+        device = fields.get("device")
+        if not device or not self.has_device(pbx, str(device)):
+            return
+        me, peer = _me_and_peer(fields)
+        if me.name and me.num in self.own_ids and me.name != peer.name:
+            self.learned_name = me.name
+
+    def state_now(self) -> Tuple[str, Optional[BoardCall]]:
+        """The user's state from what is known now, and the call it is about."""
+        best, about = len(BOARD_STATES), None
+        explained = set()
+        for call in self.calls.values():
+            explained.update(("dev", call.pbx, device) for device in call.devices)
+            state = _PHASE_STATES[call.phase] if call.phase else None
+            if state is not None and _BOARD_RANK[state] <= best:  # ties: the latest call
+                best, about = _BOARD_RANK[state], call
+        up = down = False
+        for key, source in self.sources.items():
+            activity = source.activity
+            # A phone's call state speaks where no call explains it (a hint
+            # sums up all the user's phones: any call of theirs explains it);
+            # busy is the phone's own flag, and a call outranks it anyway.
+            if activity in _CALL_ACTIVITIES and \
+                    (key in explained or (key[0] == "hint" and self.calls)):
+                activity = None
+            if activity is not None and _BOARD_RANK[activity] < best:
+                best, about = _BOARD_RANK[activity], None
+            if source.available:
+                up = True
+            elif source.available is False:
+                down = True
+        if best < len(BOARD_STATES):
+            return BOARD_STATES[best], about
+        return (BOARD_AWAY if down and not up else BOARD_FREE), None
+
+    def forget_call(self, call: BoardCall) -> None:
+        """The call ended: what its phones said about it is old news until
+        Asterisk reports them again."""
+        self.calls.pop((call.pbx, call.call_id, call.direction), None)
+        for key, source in self.sources.items():
+            if source.activity in _CALL_ACTIVITIES and (key[0] == "hint" or (
+                    key[1] == call.pbx and key[2] in call.devices)):
+                source.activity = None
+
+
+# -- the board ----------------------------------------------------------------------
+
+
+class Board:
+    """Every configured user's state: ``free``, ``ringing``, ``talking``,
+    ``on_hold``, ``busy`` or ``away``, since when, and with whom.
+
+    Feed it what the engine tells users (``on_notifications``) and every
+    AMI message (``on_ami``; those it has no handler for cost one lookup);
+    after each login to a PBX call ``begin_resync`` and send DeviceStateList
+    and ExtensionStateList.  Each feeding returns the BoardChanges it caused:
+    at most one per user, with the state it ends in (what a batch does in
+    one instant is no change to show), in the order the users were touched.
+    It reads no clock and does no I/O; who may see what is BoardScope's.
+    """
+
+    def __init__(self, users: Iterable[UserConfig], now: float = 0.0,
+                 fullnames: Optional[Dict[str, str]] = None):
+        fullnames = fullnames or {}
+        self.users: Dict[str, BoardUser] = {}
+        #: device -> (pbx qualifier, user) of everyone with that phone.
+        self._by_device: Dict[str, List[Tuple[str, BoardUser]]] = {}
+        #: number -> (pbx qualifier, context, user) of everyone with it.
+        self._by_number: Dict[str, List[Tuple[str, str, BoardUser]]] = {}
+        for config in users:
+            user = BoardUser(config, fullnames.get(config.name, ""), now)
+            self.users[user.name] = user
+            for on, device in user.devices:
+                self._by_device.setdefault(device, []).append((on, user))
+            for qualified, context in config.extensions:
+                on, _, number = qualified.rpartition(":")
+                self._by_number.setdefault(number, []).append((on, context, user))
+        #: (pbx, "dev" or "hint") -> the sources a resync list has named so
+        #: far; only while that list runs.
+        self._resync: Dict[Tuple[str, str], Set[tuple]] = {}
+        self._touched: Dict[str, BoardUser] = {}
+        self._ami_handlers = {
+            "DeviceStateChange": self.on_devicestatechange,
+            "DeviceStateListComplete": self.on_devicestatelistcomplete,
+            "ExtensionStatus": self.on_extensionstatus,
+            "ExtensionStateListComplete": self.on_extensionstatelistcomplete,
+            "ContactStatus": self.on_contactstatus,
+            "PeerStatus": self.on_peerstatus,
+        }
+
+    def entries(self) -> List[BoardEntry]:
+        """The board now, in the order of the configuration."""
+        return [user.entry for user in self.users.values()]
+
+    # -- feeding: the engine's notifications --------------------------------------
+
+    def on_notifications(self, notes: Iterable[Notification], now: float,
+                         pbx: str = DEFAULT_PBX) -> List[BoardChange]:
+        """``pbx``: the PBX of the engine that made them, for notifications
+        without a ``pbx`` field (a single PBX).  Besides the engine's own
+        kinds it takes ``call`` items (``CallEngine.call_fields``, what CALLS
+        shows): after the engine's resync, the calls it adopted without a
+        word (already answered when we connected) are news to the board."""
+        for note in notes:
+            user = self.users.get(note.user)
+            if user is None or note.kind == "queue":
+                continue  # queue events are about the queue, not a call of the user's
+            fields = note.fields
+            on = str(fields.get("pbx") or pbx)
+            user.learn_name(fields, on)
+            self._follow_call(user, note.kind, fields, on)
+            self._touched[user.name] = user
+        return self._publish(now)
+
+    def _follow_call(self, user: BoardUser, kind: str, fields: Dict[str, object],
+                     pbx: str) -> None:
+        direction = "out" if fields.get("role") == "caller" else "in"
+        key = (pbx, str(fields.get("call", "")), direction)
+        call = user.calls.get(key)
+        if kind == "hangup":
+            if call is not None:
+                user.forget_call(call)
+            return
+        move = self._board_move(user, kind, fields, call, pbx)
+        after = _CALL_MOVES.get(move, {}).get(call.phase if call is not None else None) \
+            if move else None
+        if call is None:
+            if after is None:
+                return  # about a call the board does not follow, and no reason to
+            call = user.calls[key] = BoardCall(key[1], pbx, direction, "pbx" in fields)
+            while len(user.calls) > MAX_BOARD_CALLS_PER_USER:
+                del user.calls[next(iter(user.calls))]
+        if after is not None:
+            call.phase = after
+        if move == "forwarded_out":
+            call.forwarded_out = True
+        call.peer = _me_and_peer(fields)[1]
+        if fields.get("device"):
+            call.devices.add(str(fields["device"]))
+
+    def _board_move(self, user: BoardUser, kind: str, fields: Dict[str, object],
+                    call: Optional[BoardCall], pbx: str) -> Optional[str]:
+        """The notification kind, refined where one kind means two things."""
+        if kind == "pickup":
+            return "answered" if self._answered_by_user(user, fields, call, pbx) \
+                else "answered_elsewhere"
+        if kind == "divert":
+            if fields.get("direction") != "to":
+                return None  # forwarded *to* the user: it rings here as before
+            return "forwarded_out" if fields.get("external") is True else "forwarded_away"
+        if kind == "park":
+            # The engine tells the users who parked the call (it leaves their
+            # phone); a user parked by someone else waits in the lot.
+            return "parked_away" if _party(fields, "by") == _me_and_peer(fields)[0] \
+                else "parked"
+        if kind == "unpark":
+            return "retrieved" if fields.get("result") == "retrieved" else None
+        if kind == "transfer":
+            return "transferred_in" if fields.get("direction") in ("from", "moved") else None
+        if kind == "call":
+            if fields.get("state") == "up":
+                return "seen_up"
+            return "seen_dialing" if fields.get("role") == "caller" else "seen_ringing"
+        return kind
+
+    def _answered_by_user(self, user: BoardUser, fields: Dict[str, object],
+                          call: Optional[BoardCall], pbx: str) -> bool:
+        """Whether a ``pickup`` is this user answering: always for their own
+        outgoing call; for a call to them, when one of their phones answered,
+        or an outside phone after a forward outside (their mobile)."""
+        if fields.get("role") == "caller":
+            return True
+        answered_by = fields.get("answered_by")
+        device = str(answered_by.get("device") or "") if isinstance(answered_by, dict) else ""
+        if user.has_device(pbx, device):
+            return True
+        return call is not None and call.forwarded_out and not any(
+            on in ("", pbx) for on, _ in self._by_device.get(device, ()))
+
+    # -- feeding: Asterisk's device, hint and registration states ------------------
+
+    def on_ami(self, msg: AmiMessage, pbx: str, now: float) -> List[BoardChange]:
+        """One AMI message from PBX ``pbx``, live or part of a resync list."""
+        handler = self._ami_handlers.get(msg.get("Event"))  # type: ignore[arg-type]
+        if handler is None:
+            return []
+        handler(msg, pbx)
+        return self._publish(now)
+
+    def begin_resync(self, pbx: str) -> None:
+        """The link to ``pbx`` is (back) up and DeviceStateList and
+        ExtensionStateList are on their way: when a list completes, what it
+        did not name is no longer known.  A list that never completes (an
+        Asterisk without it, a link lost again) forgets nothing."""
+        self._resync[(pbx, "dev")] = set()
+        self._resync[(pbx, "hint")] = set()
+
+    def _sources_of(self, kind: str, pbx: str, name: str, context: str = "") \
+            -> Iterable[Tuple[BoardUser, tuple]]:
+        if kind == "dev":
+            for on, user in self._by_device.get(name, ()):
+                if on in ("", pbx):
+                    yield user, ("dev", pbx, name)
+        else:
+            for on, ctx, user in self._by_number.get(name, ()):
+                if on in ("", pbx) and (not ctx or ctx == context):
+                    yield user, ("hint", pbx, name, context)
+
+    def _report(self, kind: str, pbx: str, name: str, context: str = "") \
+            -> List[BoardSource]:
+        """The sources Asterisk just reported, created as needed, their
+        users touched and the resync told they were named."""
+        found = []
+        seen = self._resync.get((pbx, kind))
+        for user, key in self._sources_of(kind, pbx, name, context):
+            source = user.sources.get(key)
+            if source is None:
+                source = user.sources[key] = BoardSource()
+            if seen is not None:
+                seen.add(key)
+            self._touched[user.name] = user
+            found.append(source)
+        return found
+
+    def on_devicestatechange(self, msg: AmiMessage, pbx: str) -> None:
+        tech, sep, resource = (msg.get("Device") or "").partition("/")
+        device = _TECH_ALIASES.get(tech.lower(), tech) + sep + resource
+        activity, available = _DEVICE_STATES.get((msg.get("State") or "").upper(),
+                                                 (None, None))
+        for source in self._report("dev", pbx, device):
+            source.device_state(activity, available)
+
+    def on_extensionstatus(self, msg: AmiMessage, pbx: str) -> None:
+        exten, context = msg.get("Exten") or "", msg.get("Context") or ""
+        try:
+            status = int(msg.get("Status") or "")
+        except ValueError:
+            return
+        if status in _HINT_REMOVED:
+            for user, key in self._sources_of("hint", pbx, exten, context):
+                if user.sources.pop(key, None) is not None:
+                    self._touched[user.name] = user
+            return
+        activity, available = _HINT_STATES.get(status, (None, None))
+        for source in self._report("hint", pbx, exten, context):
+            source.device_state(activity, available)
+
+    def on_contactstatus(self, msg: AmiMessage, pbx: str) -> None:
+        up = _CONTACT_UP.get((msg.get("ContactStatus") or "").lower())
+        # EndpointName came after the event itself (Asterisk 13.x); before
+        # it, the AOR, which FreePBX names after the endpoint.
+        endpoint = msg.get("EndpointName") or msg.get("AOR") or ""
+        if up is None or not endpoint:
+            return
+        for source in self._report("dev", pbx, "PJSIP/" + endpoint):
+            source.contact(msg.get("URI") or "", up)
+
+    def on_peerstatus(self, msg: AmiMessage, pbx: str) -> None:
+        up = _PEER_UP.get((msg.get("PeerStatus") or "").lower())
+        tech, sep, resource = (msg.get("Peer") or "").partition("/")
+        if up is None or not sep:
+            return
+        for source in self._report("dev", pbx, _TECH_ALIASES.get(tech.lower(), tech) + "/"
+                                   + resource):
+            source.registration(up)
+
+    def on_devicestatelistcomplete(self, msg: AmiMessage, pbx: str) -> None:
+        self._end_list(pbx, "dev")
+
+    def on_extensionstatelistcomplete(self, msg: AmiMessage, pbx: str) -> None:
+        self._end_list(pbx, "hint")
+
+    def _end_list(self, pbx: str, kind: str) -> None:
+        seen = self._resync.pop((pbx, kind), None)
+        if seen is None:
+            return  # a list nobody asked for since the last login: no verdict
+        for user in self.users.values():
+            gone = [key for key in user.sources
+                    if key[0] == kind and key[1] == pbx and key not in seen]
+            for key in gone:
+                del user.sources[key]
+            if gone:
+                self._touched[user.name] = user
+
+    # -- changes ---------------------------------------------------------------------
+
+    def _publish(self, now: float) -> List[BoardChange]:
+        changes: List[BoardChange] = []
+        for user in self._touched.values():
+            state, call = user.state_now()
+            old = user.entry
+            name = user.display_name()
+            since = now if state != old.state else old.since
+            entry = BoardEntry(user.name, name, user.numbers, state, since, call)
+            if state != old.state:
+                kind = BOARD_CHANGE_STATE
+            elif name != old.name:
+                kind = BOARD_CHANGE_NAME
+            elif not entry.same_details(old):
+                kind = BOARD_CHANGE_DETAILS
+            else:
+                continue
+            user.entry = entry
+            changes.append(BoardChange(entry, kind))
+        self._touched.clear()
+        return changes
+
+
+# -- who sees what -------------------------------------------------------------------
+
+
+def resolve_board_setting(value: str, user_names: Iterable[str],
+                          templates: Optional[Dict[str, Iterable[str]]] = None) \
+        -> Optional[frozenset]:
+    """A user's ``board`` setting -> the users they may see: None for
+    ``all``, an empty set for ``none`` (and an empty value), else the users
+    named and every user whose section inherits a template named
+    ``@template`` (``templates``: template -> its users).  A name that is no
+    user or template raises ValueError saying which."""
+    words = [word.strip() for word in value.split(",") if word.strip()]
+    lowered = [word.lower() for word in words]
+    if lowered in ([], ["none"]):
+        return frozenset()
+    if lowered == ["all"]:
+        return None
+    if "all" in lowered or "none" in lowered:
+        raise ValueError("'all' and 'none' stand alone, expected all, none or a list")
+    known = set(user_names)
+    templates = templates or {}
+    names: Set[str] = set()
+    for word in words:
+        if word.startswith("@"):
+            if word[1:] not in templates:
+                raise ValueError("unknown template %r" % word[1:])
+            names.update(templates[word[1:]])
+        elif word in known:
+            names.add(word)
+        else:
+            raise ValueError("unknown user %r" % word)
+    return frozenset(names)
+
+
+class BoardScope:
+    """What one viewer may receive of the board: the colleagues of their
+    ``board`` setting (``users``: None for all, empty for none) and, with
+    ``board_details``, the other party and call id of their calls.
+
+    A viewer whose board is not ``none`` sees their own line too: it is
+    their own phone, and a receptionist looks for herself on the board as
+    well.  Their own details follow ``board_details`` like everyone's.
+    """
+
+    __slots__ = ("viewer", "users", "details")
+
+    def __init__(self, viewer: str, users: Optional[Iterable[str]], details: bool = False):
+        self.viewer = viewer
+        self.users = None if users is None else frozenset(users)
+        self.details = details
+
+    @property
+    def is_empty(self) -> bool:
+        """``board = none``: nothing of the board, ever."""
+        return self.users is not None and not self.users
+
+    def sees(self, user: str) -> bool:
+        if self.users is None:
+            return True
+        return bool(self.users) and (user in self.users or user == self.viewer)
+
+
+def view_entry(entry: BoardEntry, scope: BoardScope) -> Optional[Dict[str, object]]:
+    """The ``state`` fields of one entry for this viewer, or None if the
+    viewer may not see that user."""
+    return entry.fields(scope.details) if scope.sees(entry.user) else None
+
+
+def view_board(board: Board, scope: BoardScope) -> List[Dict[str, object]]:
+    """What the BOARD command shows this viewer, in configuration order."""
+    return [entry.fields(scope.details) for entry in board.entries() if scope.sees(entry.user)]
+
+
+def view_change(change: BoardChange, scope: BoardScope) -> Optional[Dict[str, object]]:
+    """The ``state`` event this change is for this viewer, or None: a
+    colleague outside their board, or only details changed and they see none."""
+    if not scope.sees(change.entry.user):
+        return None
+    if change.kind == BOARD_CHANGE_DETAILS and not scope.details:
+        return None
+    return change.entry.fields(scope.details)
+
+
+def change_bytes(change: BoardChange, scope: BoardScope, fmt: str) -> Optional[bytes]:
+    """``view_change`` encoded as this viewer's line, or None.  The line is
+    encoded once per change and kind of viewer, however many watch."""
+    if view_change(change, scope) is None:
+        return None
+    return change.entry.event_bytes(scope.details, fmt)
+
+
+def encode_board_item(fields: Dict[str, object], fmt: str) -> str:
+    """One line of a BOARD reply: ``STATE user=bob ...`` or the JSON object
+    of the ``state`` event."""
+    if fmt == "json":
+        return encode_json_line(fields)
+    return encode_text_line("STATE", {k: v for k, v in fields.items() if k != "event"})
+
+
+def board_reply(board: Board, scope: BoardScope, fmt: str) -> List[str]:
+    """The BOARD command's reply lines: one per visible user, then
+    ``OK board=<n>``."""
+    lines = [encode_board_item(fields, fmt) for fields in view_board(board, scope)]
+    return lines + ["OK board=%d" % len(lines)]
+
+
+# ---------------------------------------------------------------------------
 # HTTP and the web client protocol (no I/O)
 # ---------------------------------------------------------------------------
 

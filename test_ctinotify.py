@@ -6967,3 +6967,733 @@ def test_cdp_driver_leaves_no_process_behind():
             except OSError:
                 pass
     assert alive == [] and pid
+
+
+# ---------------------------------------------------------------------------
+# The office board (issue 13 part A): states from calls and phones, scopes
+# ---------------------------------------------------------------------------
+
+from ctinotify import (Board, BoardScope, Notification, board_reply,  # noqa: E402
+                       change_bytes, resolve_board_setting, view_board, view_change)
+
+BOARD_GOLDEN = os.path.join(GOLDEN, "board")
+#: The office traces with calls: each has a golden board and a manifest.
+BOARD_TRACES = MANIFEST_TRACES
+
+
+def replay_board(name, users=None, start=None):
+    """A recording through parser, engine and board as the daemon will run
+    them: every AMI message to the board, every notification too, and after
+    the engine's resync the calls it adopted silently (as CALL items).
+    Yields (change, message) pairs.  The board starts at the first time the
+    recording has (a channel's creation), or at ``start``."""
+    users = users if users is not None else office().users
+    engine = CallEngine(Directory(users.values()))
+    clock = ctinotify.TraceClock()
+    board = None
+    for msg in AmiParser().feed(read_trace(name)):
+        now = clock.observe(msg)
+        if board is None:
+            if not now and start is None:
+                continue  # before any time: the banner, the login response
+            board = Board(users.values(), start if start is not None else now)
+        notes = list(engine.handle(msg, now))
+        if msg.get("Event") == "CoreShowChannelsComplete":
+            notes += [Notification(user, "call", engine.call_fields(uc))
+                      for user in users for uc in engine.active_calls(user)]
+        for change in board.on_notifications(notes, now) + board.on_ami(msg, "default", now):
+            yield change, msg
+
+
+def board_golden_lines(name):
+    return [dict({"change": change.kind}, **change.entry.fields(True))
+            for change, _ in replay_board(name)]
+
+
+def load_board_golden(name):
+    with open(os.path.join(BOARD_GOLDEN, name + ".jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("name", BOARD_TRACES)
+def test_board_golden(name):
+    """Every recorded scenario moves the board exactly as its golden file
+    says: each change, with its state, since, name and (in full) with whom."""
+    got = board_golden_lines(name)
+    if os.environ.get("CTINOTIFY_WRITE_GOLDEN"):
+        os.makedirs(BOARD_GOLDEN, exist_ok=True)
+        with open(os.path.join(BOARD_GOLDEN, name + ".jsonl"), "w", encoding="utf-8") as f:
+            for item in got:
+                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    assert got == load_board_golden(name)
+
+
+#: Each user's board states over each recording, read by hand from its
+#: manifest (tests/traces/NAME.json: rang, answered_by, outcome, hold,
+#: park, transfer), consecutive repeats left out.  Where the board says
+#: more or less than the manifest, the comment says why.
+BOARD_BY_HAND = {
+    "a_inbound_answered": {"alice": ["ringing", "talking", "free"]},
+    "b_inbound_noanswer": {"alice": ["ringing", "free"]},
+    # "100 is busy": the phone refused the INVITE (486) the moment it got it;
+    # the board knows only at DialEnd, so 100 rang for those milliseconds.
+    "c_inbound_busy": {"alice": ["ringing", "free"]},
+    "d_inbound_cancel": {"alice": ["ringing", "free"]},
+    # 100 calls 101: 100 is on the phone from dialing on.
+    "e_internal_answered": {"alice": ["talking", "free"],
+                            "bob": ["ringing", "talking", "free"]},
+    "f_outbound_answered": {"alice": ["talking", "free"]},
+    "g_ringgroup": {"alice": ["ringing", "free"], "bob": ["ringing", "talking", "free"]},
+    # "100: diverted (not rung)".
+    "h_forward_to_ext": {"bob": ["ringing", "talking", "free"]},
+    # "answered on mobile (diverted)": the call follows Alice to her mobile.
+    "i_forward_to_mobile": {"alice": ["ringing", "talking", "free"]},
+    "j_blind_transfer": {"alice": ["ringing", "talking", "free"],
+                         "bob": ["ringing", "talking", "free"]},
+    # John is on hold while Alice consults Bob (the consultation is no call
+    # of Alice's own for the engine: her held call is what she is in).
+    "k_attended_transfer": {"alice": ["ringing", "talking", "on_hold", "free"],
+                            "bob": ["ringing", "talking", "free"]},
+    # Bob dials **100 (his phone is in use: talking) and gets the call.
+    "l_directed_pickup": {"alice": ["ringing", "free"], "bob": ["talking", "free"]},
+    "m_group_pickup": {"alice": ["ringing", "free"], "bob": ["talking", "free"]},
+    "n_queue": {"alice": ["ringing", "free"], "bob": ["ringing", "talking", "free"]},
+    # The Originate rings Alice's phone first, she answers, then it dials out.
+    "o_click_to_dial": {"alice": ["ringing", "talking", "free"]},
+    # Alice parks John (her leg hangs up); Bob dials 71 and retrieves him.
+    "p_park_retrieve": {"alice": ["ringing", "talking", "free"],
+                        "bob": ["talking", "free"]},
+    "q_confbridge": {},
+    "r_hold_unhold": {"alice": ["talking", "on_hold", "talking", "free"]},
+    # Three calls up before the connection: known from the engine's resync.
+    "s_connect_midcall": {"alice": ["talking", "free"], "bob": ["talking", "free"],
+                          "carol": ["talking", "free"]},
+    "u_events_toggle": {"alice": ["ringing", "talking", "free"]},
+}
+
+
+def board_states(golden):
+    """user -> the states a golden board went through, repeats left out."""
+    states = {}
+    for line in golden:
+        seen = states.setdefault(line["user"], [])
+        if not seen or seen[-1] != line["state"]:
+            seen.append(line["state"])
+    return states
+
+
+@pytest.mark.parametrize("name", sorted(BOARD_BY_HAND))
+def test_board_goldens_agree_with_the_manifest(name):
+    assert board_states(load_board_golden(name)) == BOARD_BY_HAND[name]
+
+
+def test_board_golden_of_the_load_trace_is_sane():
+    """t_load (200 calls, up to 20 at once, no hand reading possible): every
+    phone rings and talks, every user ends free, and 'with' is always one of
+    the callers the user's own events named."""
+    golden = load_board_golden("t_load")
+    states = board_states(golden)
+    assert sorted(states) == ["alice", "bob", "carol", "dave"]
+    callers = {(e["client"], e["from"]["num"]) for e in load_golden("t_load")}
+    for user, seen in states.items():
+        assert seen[-1] == "free" and "talking" in seen
+        assert set(seen) <= {"ringing", "talking", "free"}
+    for line in golden:
+        if "with" in line:
+            assert (line["user"], line["with"]["num"]) in callers
+
+
+def test_board_goldens_name_only_callers_the_users_own_events_name():
+    """'with' of every golden line is the other party of one of that user's
+    own calls (the same call id), never anybody else's."""
+    for name in BOARD_TRACES:
+        parties = {}
+        for event in load_golden(name):
+            other = event["from"] if event["role"] == "callee" else event["to"]
+            parties.setdefault((event["client"], event["call"]), set()).add(other["num"])
+        for line in load_board_golden(name):
+            if "with" in line:
+                assert line["with"]["num"] in parties[(line["user"], line["call"])], (name, line)
+
+
+# -- synthetic calls and phones ---------------------------------------------------
+
+BOARD_CONF = """\
+[ami]
+username = u
+secret = s
+[alice]
+secret = a
+devices = PJSIP/100, PJSIP/200
+extensions = 100
+[bob]
+secret = b
+devices = PJSIP/101
+extensions = 101
+[carol]
+secret = c
+devices = SIP/102
+extensions = 102
+[dave]
+secret = d
+extensions = 103
+"""
+
+
+def board_users():
+    return parse_config(BOARD_CONF, "board.conf").users
+
+
+def call_note(user, kind, call="c1", role="callee", device="PJSIP/100",
+              frm=("+15551230001", "John Customer"), to=("100", "Alice Smith"), **extra):
+    fields = {"event": kind, "call": call, "time": "2026-01-01T00:00:00Z", "role": role,
+              "device": device, "from": {"num": frm[0], "name": frm[1]},
+              "to": {"num": to[0], "name": to[1]}}
+    fields.update(extra)
+    return Notification(user, kind, fields)
+
+
+def ami(text):
+    return AmiParser(expect_banner=False).feed(text.encode())[0]
+
+
+def devstate(device, state):
+    return ami("Event: DeviceStateChange\r\nDevice: %s\r\nState: %s\r\n\r\n" % (device, state))
+
+
+def hint(exten, status, context="ext-local"):
+    return ami("Event: ExtensionStatus\r\nExten: %s\r\nContext: %s\r\nHint: PJSIP/%s\r\n"
+               "Status: %d\r\nStatusText: x\r\n\r\n" % (exten, context, exten, status))
+
+
+def state_of(board, user):
+    return board.users[user].entry.state
+
+
+def test_board_starts_free_and_a_change_is_one_per_user_with_its_final_state():
+    board = Board(board_users().values(), 100.0)
+    assert [(e.user, e.state, e.since) for e in board.entries()] == \
+        [(u, "free", 100.0) for u in ("alice", "bob", "carol", "dave")]
+    # One batch: rang and was answered at once -> one change, talking.
+    changes = board.on_notifications([
+        call_note("bob", "incoming", device="PJSIP/101", to=("101", "Bob Jones")),
+        call_note("alice", "outgoing", call="c2", role="caller", frm=("100", "Alice Smith"),
+                  to=("+15559870002", "")),
+        call_note("bob", "pickup", device="PJSIP/101", to=("101", "Bob Jones"),
+                  answered_by={"num": "101", "name": "Bob Jones", "device": "PJSIP/101"})],
+        110.0)
+    assert [(c.user, c.kind, c.entry.state, c.entry.since) for c in changes] == \
+        [("bob", "state", "talking", 110.0), ("alice", "state", "talking", 110.0)]
+    assert board.on_notifications([], 111.0) == []
+
+
+def test_board_since_is_when_the_state_began_not_the_last_change():
+    board = Board(board_users().values(), 0.0)
+    board.on_notifications([call_note("alice", "incoming")], 10.0)
+    board.on_notifications([call_note("alice", "pickup", answered_by={
+        "num": "100", "name": "Alice Smith", "device": "PJSIP/100"})], 12.0)
+    # A second call rings while she talks: still talking since 12, and the
+    # entry keeps the call she talks in.
+    changes = board.on_notifications([call_note("alice", "incoming", call="c2",
+                                                 frm=("+15550000002", "Second"))], 15.0)
+    assert changes == []
+    entry = board.users["alice"].entry
+    assert (entry.state, entry.since, entry.call, entry.peer.num) == \
+        ("talking", 12.0, "c1", "+15551230001")
+    # The first call ends: the second is still ringing, a new state since 20.
+    (change,) = board.on_notifications([call_note("alice", "hangup", reason="completed")], 20.0)
+    assert (change.kind, change.entry.state, change.entry.since, change.entry.call) == \
+        ("state", "ringing", 20.0, "c2")
+    assert change.entry.fields(False)["since"] == ctinotify.iso_time(20.0)
+
+
+def test_board_a_user_with_several_phones_rings_if_one_rings_talks_if_one_talks():
+    board = Board(board_users().values(), 0.0)
+    board.on_ami(devstate("PJSIP/100", "UNAVAILABLE"), "default", 1.0)
+    board.on_ami(devstate("PJSIP/200", "NOT_INUSE"), "default", 1.0)
+    assert state_of(board, "alice") == "free"  # one phone is there: not away
+    board.on_ami(devstate("PJSIP/200", "RINGING"), "default", 2.0)
+    assert state_of(board, "alice") == "ringing"
+    board.on_ami(devstate("PJSIP/100", "INUSE"), "default", 3.0)
+    assert state_of(board, "alice") == "talking"
+    board.on_ami(devstate("PJSIP/100", "NOT_INUSE"), "default", 4.0)
+    board.on_ami(devstate("PJSIP/200", "NOT_INUSE"), "default", 4.0)
+    assert state_of(board, "alice") == "free"
+    # Both ring for one call (the engine's incoming names the first): the
+    # call decides, and the second phone's ringing agrees.
+    board.on_notifications([call_note("alice", "incoming")], 5.0)
+    board.on_ami(devstate("PJSIP/100", "RINGING"), "default", 5.0)
+    board.on_ami(devstate("PJSIP/200", "RINGING"), "default", 5.0)
+    assert state_of(board, "alice") == "ringing"
+    # Answered on the second phone: talking.
+    board.on_notifications([call_note("alice", "pickup", device="PJSIP/200", answered_by={
+        "num": "100", "name": "Alice Smith", "device": "PJSIP/200"})], 6.0)
+    assert state_of(board, "alice") == "talking"
+
+
+def test_board_a_call_forwarded_to_the_mobile_and_answered_there_is_talking():
+    board = Board(board_users().values(), 0.0)
+    board.on_ami(devstate("PJSIP/100", "UNAVAILABLE"), "default", 0.0)
+    board.on_ami(devstate("PJSIP/200", "UNAVAILABLE"), "default", 0.0)
+    assert state_of(board, "alice") == "away"
+    mobile = dict(device="", to=("100", ""))
+    board.on_notifications([call_note("alice", "incoming", **mobile),
+                            call_note("alice", "divert", direction="to",
+                                      original={"num": "100", "name": ""},
+                                      target={"num": "+15559870003", "name": ""},
+                                      external=True, **mobile)], 1.0)
+    assert state_of(board, "alice") == "ringing"  # her mobile rings
+    board.on_notifications([call_note("alice", "pickup", answered_by={
+        "num": "+15559870003", "name": "", "device": "PJSIP/trunk"}, **mobile)], 2.0)
+    # Talking on the mobile while both desk phones are unregistered.
+    entry = board.users["alice"].entry
+    assert (entry.state, entry.peer.num, entry.direction) == ("talking", "+15551230001", "in")
+    board.on_notifications([call_note("alice", "hangup", reason="completed", **mobile)], 9.0)
+    assert state_of(board, "alice") == "away"
+
+
+def test_board_a_call_forwarded_to_a_colleague_is_not_the_forwarders():
+    board = Board(board_users().values(), 0.0)
+    board.on_notifications([
+        call_note("alice", "incoming", device="", to=("100", "")),
+        call_note("alice", "divert", device="", to=("100", ""), direction="to",
+                  target={"num": "101", "name": "Bob Jones"}, external=False)], 1.0)
+    assert state_of(board, "alice") == "free"
+    # An outside phone answering after an internal forward (101's own mobile)
+    # is not Alice either.
+    board.on_notifications([call_note("alice", "pickup", device="", to=("100", ""),
+                                      answered_by={"num": "+1555999", "name": "",
+                                                   "device": "PJSIP/trunk"})], 2.0)
+    assert state_of(board, "alice") == "free"
+
+
+def test_board_answered_elsewhere_frees_the_phone_that_rang():
+    board = Board(board_users().values(), 0.0)
+    board.on_notifications([call_note("alice", "incoming")], 1.0)
+    board.on_ami(devstate("PJSIP/100", "RINGING"), "default", 1.0)
+    board.on_notifications([call_note("alice", "pickup", answered_by={
+        "num": "101", "name": "Bob Jones", "device": "PJSIP/101"}, method="directed")], 2.0)
+    assert state_of(board, "alice") == "free"  # her phone may still ring down
+    board.on_notifications([call_note("alice", "hangup", reason="answered_elsewhere")], 3.0)
+    assert state_of(board, "alice") == "free"
+
+
+def test_board_hold_and_a_hangup_while_held():
+    board = Board(board_users().values(), 0.0)
+    out = dict(role="caller", frm=("100", "Alice Smith"), to=("+15559870004", ""))
+    board.on_notifications([call_note("alice", "outgoing", **out)], 1.0)
+    board.on_ami(devstate("PJSIP/100", "INUSE"), "default", 1.0)
+    board.on_notifications([call_note("alice", "pickup", answered_by={
+        "num": "+15559870004", "name": "", "device": "PJSIP/trunk"}, **out)], 2.0)
+    # Held by Alice: her phone stays INUSE, the call says on hold.
+    board.on_notifications([call_note("alice", "hold", by={"num": "100", "name": "Alice Smith"},
+                                      **out)], 3.0)
+    assert state_of(board, "alice") == "on_hold"
+    board.on_notifications([call_note("alice", "unhold", by={"num": "100", "name": "x"},
+                                      **out)], 4.0)
+    assert state_of(board, "alice") == "talking"
+    # Held by the other side: she waits, on hold too.
+    board.on_notifications([call_note("alice", "hold", by={"num": "+15559870004", "name": ""},
+                                      **out)], 5.0)
+    assert state_of(board, "alice") == "on_hold"
+    # Hung up while held: free at once, although Asterisk reports the phone
+    # idle only a moment later (no flash of 'talking' in between).
+    (change,) = board.on_notifications([call_note("alice", "hangup", **out)], 6.0)
+    assert change.entry.state == "free"
+    assert board.on_ami(devstate("PJSIP/100", "NOT_INUSE"), "default", 6.1) == []
+
+
+def test_board_park_frees_the_parker_and_holds_a_parked_user():
+    board = Board(board_users().values(), 0.0)
+    answered = {"num": "100", "name": "Alice Smith", "device": "PJSIP/100"}
+    board.on_notifications([call_note("alice", "incoming"),
+                            call_note("alice", "pickup", answered_by=answered)], 1.0)
+    board.on_notifications([call_note("alice", "park", space="71", lot="default",
+                                      by={"num": "100", "name": "Alice Smith"})], 2.0)
+    assert state_of(board, "alice") == "free"
+    # Bob's own call parked by a colleague: he waits in the lot.
+    bob = dict(device="PJSIP/101", role="caller", frm=("101", "Bob Jones"), to=("100", "Alice"))
+    board.on_notifications([call_note("bob", "outgoing", call="c9", **bob),
+                            call_note("bob", "pickup", call="c9", answered_by=answered, **bob)],
+                           3.0)
+    board.on_notifications([call_note("bob", "park", call="c9", space="72", lot="default",
+                                      by={"num": "100", "name": "Alice Smith"}, **bob)], 4.0)
+    assert state_of(board, "bob") == "on_hold"
+    # Carol retrieves the call Alice parked: talking.
+    carol = dict(device="SIP/102", to=("102", "Carol White"))
+    board.on_notifications([call_note("carol", "incoming", dialed="71", **carol),
+                            call_note("carol", "unpark", space="71", result="retrieved",
+                                      **carol)], 5.0)
+    assert state_of(board, "carol") == "talking"
+
+
+def test_board_busy_from_dnd_hint_and_from_a_busy_phone():
+    board = Board(board_users().values(), 0.0)
+    board.on_ami(hint("100", 2), "default", 1.0)  # FreePBX DND: hint Busy
+    assert state_of(board, "alice") == "busy"
+    board.on_notifications([call_note("alice", "outgoing", role="caller",
+                                      frm=("100", "Alice Smith"), to=("102", "Carol"))], 2.0)
+    assert state_of(board, "alice") == "talking"
+    board.on_notifications([call_note("alice", "hangup", role="caller",
+                                      frm=("100", "Alice Smith"), to=("102", "Carol"))], 3.0)
+    assert state_of(board, "alice") == "busy"  # DND outlives the call
+    board.on_ami(hint("100", 0), "default", 4.0)
+    assert state_of(board, "alice") == "free"
+    # A busy phone no call explains (chan_sip at its call-limit, a phone's own DND).
+    board.on_ami(devstate("SIP/102", "BUSY"), "default", 5.0)
+    assert state_of(board, "carol") == "busy"
+    # A call that rings there and gets 'busy' keeps no phone of hers
+    # ringing; the phone's own flag stays until Asterisk changes it.
+    carol = dict(device="SIP/102", to=("102", "Carol White"))
+    board.on_notifications([call_note("carol", "incoming", **carol)], 6.0)
+    assert state_of(board, "carol") == "ringing"
+    board.on_notifications([call_note("carol", "busy", **carol)], 6.5)
+    assert state_of(board, "carol") == "busy"
+    board.on_notifications([call_note("carol", "hangup", reason="busy", **carol)], 7.0)
+    board.on_ami(devstate("SIP/102", "NOT_INUSE"), "default", 8.0)
+    assert state_of(board, "carol") == "free"
+    # A hint for a number in another context than the user's is not theirs.
+    users = parse_config(BOARD_CONF.replace("extensions = 101", "extensions = 101@office"),
+                         "b.conf").users
+    board = Board(users.values(), 0.0)
+    board.on_ami(hint("101", 2, context="ext-local"), "default", 1.0)
+    assert state_of(board, "bob") == "free"
+    board.on_ami(hint("101", 2, context="office"), "default", 1.0)
+    assert state_of(board, "bob") == "busy"
+    board.on_ami(hint("101", -1, context="office"), "default", 2.0)  # hint removed
+    assert state_of(board, "bob") == "free"
+
+
+def contact(endpoint, status, uri="sip:x@10.0.0.1:5060"):
+    return ami("Event: ContactStatus\r\nURI: %s\r\nContactStatus: %s\r\nAOR: %s\r\n"
+               "EndpointName: %s\r\nRoundtripUsec: 0\r\n\r\n" % (uri, status, endpoint, endpoint))
+
+
+def peer(name, status):
+    return ami("Event: PeerStatus\r\nChannelType: SIP\r\nPeer: %s\r\nPeerStatus: %s\r\n\r\n"
+               % (name, status))
+
+
+def test_board_away_when_every_phone_is_gone_and_back_when_one_registers():
+    board = Board(board_users().values(), 0.0)
+    board.on_ami(devstate("PJSIP/100", "UNAVAILABLE"), "default", 1.0)
+    assert state_of(board, "alice") == "away"  # the other phone: never reported
+    board.on_ami(devstate("PJSIP/200", "INVALID"), "default", 2.0)
+    assert state_of(board, "alice") == "away"
+    (change,) = board.on_ami(contact("200", "Reachable"), "default", 3.0)
+    assert (change.entry.state, change.entry.since) == ("free", 3.0)
+    # chan_sip: the peer's one registration decides both ways.
+    board.on_ami(peer("SIP/102", "Unregistered"), "default", 4.0)
+    assert state_of(board, "carol") == "away"
+    board.on_ami(peer("SIP/102", "Registered"), "default", 5.0)
+    assert state_of(board, "carol") == "free"
+    # Dave has a number and no phone: a hint is all there is.
+    board.on_ami(hint("103", 4), "default", 6.0)
+    assert state_of(board, "dave") == "away"
+
+
+def test_board_pjsip_contacts_decide_only_without_device_states():
+    board = Board(board_users().values(), 0.0)
+    # No device state ever (res_manager_devicestate not loaded): the contacts.
+    board.on_ami(contact("101", "Reachable", "sip:a"), "default", 1.0)
+    board.on_ami(contact("101", "Reachable", "sip:b"), "default", 1.0)
+    board.on_ami(contact("101", "Removed", "sip:a"), "default", 2.0)
+    assert state_of(board, "bob") == "free"
+    board.on_ami(contact("101", "Unreachable", "sip:b"), "default", 3.0)
+    assert state_of(board, "bob") == "away"
+    board.on_ami(contact("101", "Reachable", "sip:b"), "default", 4.0)
+    assert state_of(board, "bob") == "free"
+    # With device states, a contact going is no verdict: another contact,
+    # registered before we connected, may still be there (Asterisk sends
+    # UNAVAILABLE itself when the endpoint goes offline).
+    board.on_ami(devstate("PJSIP/101", "NOT_INUSE"), "default", 5.0)
+    board.on_ami(contact("101", "Reachable", "sip:c"), "default", 6.0)
+    board.on_ami(contact("101", "Removed", "sip:c"), "default", 7.0)
+    board.on_ami(contact("101", "Removed", "sip:b"), "default", 7.0)
+    assert state_of(board, "bob") == "free"
+    board.on_ami(devstate("PJSIP/101", "UNAVAILABLE"), "default", 8.0)
+    assert state_of(board, "bob") == "away"
+
+
+def test_board_device_states_count_on_the_pbx_a_phone_is_on():
+    users = parse_config(BOARD_CONF.replace("devices = PJSIP/101",
+                                            "devices = branch:PJSIP/101")
+                         + "[ami:branch]\nusername = u\nsecret = s\n", "b.conf").users
+    board = Board(users.values(), 0.0)
+    board.on_ami(devstate("PJSIP/101", "INUSE"), "default", 1.0)
+    assert state_of(board, "bob") == "free"
+    board.on_ami(devstate("PJSIP/101", "INUSE"), "branch", 1.0)
+    assert state_of(board, "bob") == "talking"
+    # A call on the branch explains the branch phone: held, not talking.
+    branch = dict(device="PJSIP/101", to=("101", "Bob Jones"), pbx="branch")
+    board.on_notifications([call_note("bob", "incoming", **branch),
+                            call_note("bob", "pickup", answered_by={
+                                "num": "101", "name": "", "device": "PJSIP/101"}, **branch),
+                            call_note("bob", "hold", by={"num": "1", "name": ""}, **branch)],
+                           2.0)
+    assert state_of(board, "bob") == "on_hold"
+
+
+def test_board_resync_after_calls_are_up_and_a_list_that_does_not_complete():
+    """At login the engine's resync adopts answered calls silently; the
+    device state list and the adopted calls tell the board."""
+    board = Board(board_users().values(), 0.0)
+    board.on_ami(devstate("PJSIP/100", "UNAVAILABLE"), "default", 1.0)
+    board.on_ami(devstate("PJSIP/200", "UNAVAILABLE"), "default", 1.0)
+    board.on_ami(hint("102", 2), "default", 1.0)
+    assert [state_of(board, u) for u in ("alice", "carol")] == ["away", "busy"]
+    # The link comes back: Bob and Carol are in calls since before.  The
+    # list names Bob's phone (in use) and Alice's softphone, not her desk
+    # phone; the hint list says nothing about Carol's DND any more.
+    board.begin_resync("default")
+    item = "Event: DeviceStateChange\r\nActionID: ctinotify-3\r\nDevice: %s\r\nState: %s\r\n\r\n"
+    changes = board.on_ami(ami(item % ("PJSIP/101", "INUSE")), "default", 2.0)
+    assert [(c.user, c.entry.state, c.entry.call) for c in changes] == [("bob", "talking", "")]
+    board.on_ami(ami(item % ("PJSIP/200", "NOT_INUSE")), "default", 2.0)
+    assert state_of(board, "alice") == "free"
+    complete = "Event: %s\r\nActionID: ctinotify-%d\r\nEventList: Complete\r\nListItems: 2\r\n\r\n"
+    board.on_ami(ami(complete % ("DeviceStateListComplete", 3)), "default", 2.0)
+    assert "dev" not in [k[0] for k in board.users["carol"].sources]
+    # ExtensionStateList never completes (the link drops again): Carol's
+    # DND is not forgotten on a list that was cut short.
+    assert state_of(board, "carol") == "busy"
+    # The engine's resync adopted Bob's call: the CALL item gives whom with
+    # (and his name, from his own phone); talking since the list said so.
+    (change,) = board.on_notifications([call_note(
+        "bob", "call", call="c7", device="PJSIP/101", to=("101", "Bob Jones"), state="up",
+        answered="2026-01-01T00:00:00Z")], 2.5)
+    assert (change.kind, change.entry.state, change.entry.since, change.entry.call) == \
+        ("name", "talking", 2.0, "c7")
+    # Next login: this time the hint list completes without Carol.
+    board.begin_resync("default")
+    changes = board.on_ami(ami(complete % ("ExtensionStateListComplete", 5)), "default", 3.0)
+    assert [(c.user, c.entry.state) for c in changes] == [("carol", "free")]
+    # A complete event nobody asked for (no resync running) forgets nothing.
+    board.on_ami(hint("102", 2), "default", 4.0)
+    assert board.on_ami(ami(complete % ("ExtensionStateListComplete", 9)), "default", 4.0) == []
+    assert state_of(board, "carol") == "busy"
+
+
+def test_board_resync_lists_arrive_through_the_ami_session_as_asterisk_sends_them():
+    """The bytes of Asterisk's answers (res_manager_devicestate.c,
+    main/pbx.c action_extensionstatelist) through AmiSession to the board."""
+    session = AmiSession("u", "s")
+    session.receive_data(b"Asterisk Call Manager/11.0.0\r\n", 0.0)
+    session.receive_data(b"Response: Success\r\nActionID: ctinotify-1\r\n"
+                         b"Message: Authentication accepted\r\n\r\n", 0.0)
+    dev_id = session.send_action("DeviceStateList")
+    hint_id = session.send_action("ExtensionStateList")
+    data = (
+        "Response: Success\r\nActionID: {d}\r\nEventList: start\r\n"
+        "Message: Device State Changes will follow\r\n\r\n"
+        "Event: DeviceStateChange\r\nActionID: {d}\r\nDevice: PJSIP/101\r\nState: INUSE\r\n\r\n"
+        "Event: DeviceStateChange\r\nActionID: {d}\r\nDevice: Queue:support_avail\r\n"
+        "State: NOT_INUSE\r\n\r\n"
+        "Event: DeviceStateListComplete\r\nActionID: {d}\r\nEventList: Complete\r\n"
+        "ListItems: 2\r\n\r\n"
+        "Response: Success\r\nActionID: {h}\r\nEventList: start\r\n"
+        "Message: Extension Statuses will follow\r\n\r\n"
+        "Event: ExtensionStatus\r\nActionID: {h}\r\nExten: 102\r\nContext: ext-local\r\n"
+        "Hint: SIP/102&Custom:DND102\r\nStatus: 2\r\nStatusText: Busy\r\n\r\n"
+        "Event: ExtensionStateListComplete\r\nActionID: {h}\r\nEventList: Complete\r\n"
+        "ListItems: 1\r\n\r\n").format(d=dev_id, h=hint_id).encode()
+    board = Board(board_users().values(), 0.0)
+    board.begin_resync("default")
+    changes = []
+    for msg in session.receive_data(data, 1.0):
+        changes += board.on_ami(msg, "default", 1.0)
+    assert [(c.user, c.entry.state) for c in changes] == [("bob", "talking"), ("carol", "busy")]
+
+
+def test_board_feeding_is_bounded_by_the_configuration():
+    board = Board(board_users().values(), 0.0)
+    for i in range(1000):
+        board.on_ami(devstate("PJSIP/9%03d" % i, "INUSE"), "default", 1.0)
+        board.on_ami(contact("101", "Reachable", "sip:%d" % i), "default", 1.0)
+        board.on_notifications([call_note("nobody", "incoming", call="x%d" % i),
+                                call_note("bob", "hold", call="h%d" % i, device="PJSIP/101",
+                                          to=("101", "Bob"))], 1.0)
+    bob = board.users["bob"]
+    assert len(bob.calls) == ctinotify.MAX_BOARD_CALLS_PER_USER
+    assert len(bob.sources) == 1
+    assert len(bob.sources[("dev", "default", "PJSIP/101")].contacts) == \
+        ctinotify.MAX_BOARD_CONTACTS_PER_DEVICE
+    assert sum(len(u.sources) for u in board.users.values()) == 1
+    assert board.on_ami(ami("Event: Newchannel\r\nChannel: PJSIP/101-1\r\n\r\n"),
+                        "default", 2.0) == []
+
+
+# -- names: the colleague's own, never a caller's -------------------------------------
+
+def test_board_learns_a_users_name_from_their_own_phone_only():
+    board = Board(board_users().values(), 0.0)
+    assert board.users["alice"].entry.name == "alice"
+    (change,) = board.on_notifications([call_note("alice", "incoming")], 1.0)
+    assert change.entry.name == "Alice Smith"
+    # The call went to her number, rang no phone of hers: nothing learned.
+    board.on_notifications([call_note("bob", "incoming", device="", to=("101", "Impostor"))],
+                           2.0)
+    assert board.users["bob"].entry.name == "bob"
+    # A PBX that copies the caller's ID onto the called phone: the caller's
+    # name (and number) is no evidence, even claiming the user's own number.
+    board.on_notifications([call_note("bob", "incoming", call="c3", device="PJSIP/101",
+                                      frm=("101", HOSTILE_NAME), to=("101", HOSTILE_NAME))], 3.0)
+    board.on_notifications([call_note("bob", "incoming", call="c4", device="PJSIP/101",
+                                      frm=("+1555", HOSTILE_NAME), to=("+1555", "Evil"))], 3.0)
+    assert board.users["bob"].entry.name == "bob"
+    # A configured full name wins over everything.
+    board = Board(board_users().values(), 0.0, fullnames={"alice": "Alice S."})
+    board.on_notifications([call_note("alice", "incoming")], 1.0)
+    assert board.users["alice"].entry.name == "Alice S."
+
+
+def test_board_a_hostile_caller_never_becomes_a_name_and_never_leaves_without_details():
+    """A recording with the caller's ID made hostile: a viewer without
+    details gets it in no format, not even through the name fallback."""
+    hostile_num = "+15550006666"
+    data = read_trace("a_inbound_answered").replace(
+        b"John Customer", HOSTILE_NAME.encode()).replace(b"+15551230001", hostile_num.encode())
+    users = office().users
+    engine = CallEngine(Directory(users.values()))
+    board = Board(users.values(), 0.0)
+    clock = ctinotify.TraceClock()
+    changes = []
+    for msg in AmiParser().feed(data):
+        now = clock.observe(msg)
+        changes += board.on_notifications(engine.handle(msg, now), now)
+    assert [c.entry.state for c in changes] == ["ringing", "talking", "free"]
+    plain, full = BoardScope("bob", None, False), BoardScope("bob", None, True)
+    leaked = []
+    for scope in (plain, full):
+        lines = [change_bytes(c, scope, fmt) for c in changes for fmt in ("text", "json")]
+        lines += [line.encode() for fmt in ("text", "json")
+                  for line in board_reply(board, scope, fmt)]
+        text = b"".join(line for line in lines if line).decode()
+        leaked.append(any(s in text for s in (HOSTILE_NAME[:10], hostile_num, "1795727950")))
+        assert "Alice Smith" in text
+    assert leaked == [False, True]
+
+
+# -- who sees what ----------------------------------------------------------------------
+
+def test_resolve_board_setting():
+    names = ["alice", "bob", "carol"]
+    templates = {"sales": ["bob", "carol"]}
+    assert resolve_board_setting("all", names) is None
+    assert resolve_board_setting(" ALL ", names) is None
+    assert resolve_board_setting("none", names) == frozenset()
+    assert resolve_board_setting("", names) == frozenset()
+    assert resolve_board_setting("alice, @sales", names, templates) == \
+        frozenset(["alice", "bob", "carol"])
+    for bad, why in (("alice, all", "stand alone"), ("mallory", "unknown user"),
+                     ("@support", "unknown template"), ("none, bob", "stand alone")):
+        with pytest.raises(ValueError, match=why):
+            resolve_board_setting(bad, names, templates)
+
+
+def board_of(changes):
+    """The office board after these changes (started when the first one came)."""
+    board = Board(office().users.values(), changes[0].entry.since if changes else 0.0)
+    for change in changes:
+        board.users[change.user].entry = change.entry
+    return board
+
+
+def test_board_none_gets_nothing_and_a_list_gets_its_colleagues_and_self():
+    changes = list(c for c, _ in replay_board("g_ringgroup"))
+    board = board_of(changes)
+    nobody = BoardScope("alice", resolve_board_setting("none", office().users))
+    assert nobody.is_empty and view_board(board, nobody) == []
+    assert board_reply(board, nobody, "text") == ["OK board=0"]
+    assert all(view_change(c, nobody) is None and change_bytes(c, nobody, "json") is None
+               for c in changes)
+    some = BoardScope("alice", ["carol"])
+    assert [f["user"] for f in view_board(board, some)] == ["alice", "carol"]
+    assert ctinotify.view_entry(board.users["bob"].entry, some) is None
+    assert ctinotify.view_entry(board.users["carol"].entry, some)["state"] == "free"
+    assert {c.user for c in changes if view_change(c, some)} == {"alice"}
+    everyone = BoardScope("dave", None)
+    assert [f["user"] for f in view_board(board, everyone)] == ["alice", "bob", "carol", "dave"]
+    assert board_reply(board, everyone, "text")[-1] == "OK board=4"
+
+
+def test_board_details_only_for_viewers_with_board_details():
+    changes = [c for c, _ in replay_board("k_attended_transfer")]
+    details_only = [c for c in changes if c.kind == "details"]
+    assert details_only  # the transfer: Bob now talks with John
+    plain, full = BoardScope("carol", None, False), BoardScope("carol", None, True)
+    assert all(view_change(c, plain) is None for c in details_only)
+    assert all(view_change(c, full)["with"]["num"] == "+15551230001" for c in details_only)
+    allowed = {"event", "user", "name", "numbers", "state", "since"}
+    for change in changes:
+        fields = view_change(change, plain)
+        if fields is not None:
+            assert set(fields) == allowed
+
+
+@pytest.mark.parametrize("name", BOARD_TRACES)
+def test_board_without_details_never_carries_a_caller_number_or_call_id(name):
+    """Every change of every recording, as a viewer without board_details
+    gets it, in text and JSON, pushed or in a BOARD reply: no caller ID, no
+    number but the colleagues' own, no call id."""
+    users = office().users
+    own = {num for u in users.values() for num, _ in u.extensions}
+    secrets = set()
+    for event in load_golden(name):
+        for key in ("from", "to"):
+            if event[key]["num"] not in own:
+                secrets.add(event[key]["num"])
+            if event[key]["name"] and event[key]["name"] not in (
+                    "Alice Smith", "Bob Jones", "Carol White", "Dave Brown"):
+                secrets.add(event[key]["name"])
+        secrets.add(event["call"])
+    secrets.discard("")
+    scope = BoardScope("dave", None, False)
+    changes = [c for c, _ in replay_board(name)]
+    lines = [change_bytes(c, scope, fmt) for c in changes for fmt in ("text", "json")]
+    board = board_of(changes)
+    lines += [l.encode() for fmt in ("text", "json") for l in board_reply(board, scope, fmt)]
+    text = b"\n".join(line for line in lines if line).decode()
+    assert not [s for s in secrets if s in text]
+    for line in text.splitlines():
+        if line.startswith(("EVENT", "STATE")):
+            assert set(ctinotify.parse_text_line(line)[2]) <= \
+                {"user", "name", "numbers", "state", "since"}
+        elif line.startswith("{"):
+            assert set(json.loads(line)) <= {"event", "user", "name", "numbers", "state", "since"}
+
+
+def test_board_lines_in_text_and_json():
+    changes = [c for c, _ in replay_board("a_inbound_answered")]
+    talking = changes[1].entry
+    full = BoardScope("bob", None, True)
+    text = change_bytes(changes[1], full, "text").decode()
+    assert text == ("EVENT state user=alice name=\"Alice Smith\" numbers=100 state=talking "
+                    "since=2026-11-26T21:19:10Z with_num=+15551230001 "
+                    "with_name=\"John Customer\" direction=in call=1795727950.0\r\n")
+    assert json.loads(change_bytes(changes[1], full, "json")) == dict(
+        talking.fields(True), event="state")
+    board = board_of(changes[:2])
+    reply = board_reply(board, BoardScope("bob", ["alice"], False), "text")
+    assert reply == ["STATE user=alice name=\"Alice Smith\" numbers=100 state=talking "
+                     "since=2026-11-26T21:19:10Z",
+                     "STATE user=bob name=bob numbers=101 state=free "
+                     "since=2026-11-26T21:19:10Z", "OK board=2"]
+    tag, kind, values = ctinotify.parse_text_line(reply[0])
+    assert (tag, kind, values["name"]) == ("STATE", "", "Alice Smith")
+    (item, ok) = board_reply(board, BoardScope("bob", ["alice"], True), "json")[::2]
+    assert json.loads(item)["with"] == {"num": "+15551230001", "name": "John Customer"}
+    assert ok == "OK board=2"
+    # One encoding per change and kind of viewer, however many watch.
+    assert change_bytes(changes[1], full, "text") is change_bytes(
+        changes[1], BoardScope("carol", None, True), "text")
+
+
+def test_board_bench_counts_every_watchers_line():
+    """``make bench`` section 5 at a tiny size: of 8 watchers, the 6 who see
+    everyone get each of u000's three changes; the two with a list of
+    colleagues from u003 and u007 on do not."""
+    import bench
+    figures = bench.measure_board(3, users=10, watchers=8)
+    assert (figures["changes"], figures["lines"]) == (3, 18)
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]

@@ -51,9 +51,11 @@ CTINOTIFY = os.path.join(ROOT, "ctinotify.py")
 #: What a full run measures, and the smaller QUICK=1 run.
 SETTINGS = {
     "full": {"min_events": 200000, "repeats": 5, "clients": 1000, "few_clients": 100,
-             "many_clients": 10000, "paced_rate": 2000, "paced_s": 20.0, "rounds": 10},
+             "many_clients": 10000, "paced_rate": 2000, "paced_s": 20.0, "rounds": 10,
+             "board_changes": 30000},
     "quick": {"min_events": 40000, "repeats": 1, "clients": 200, "few_clients": 100,
-              "many_clients": 2000, "paced_rate": 2000, "paced_s": 5.0, "rounds": 3},
+              "many_clients": 2000, "paced_rate": 2000, "paced_s": 5.0, "rounds": 3,
+              "board_changes": 3000},
 }
 #: Feed size for the in-process parsers: what ``replay`` reads at a time.
 CHUNK_BYTES = 1 << 16
@@ -857,6 +859,69 @@ def measure_rounds(loop, feeder, template, settings):
 
 
 # ---------------------------------------------------------------------------
+# Office board fan-out, in process (issue 13 part A; part B adds the sockets)
+# ---------------------------------------------------------------------------
+
+BOARD_USERS = 500
+BOARD_WATCHERS = 100
+
+
+def board_office(users):
+    """``users`` users, one phone and one number each."""
+    text = "[ami]\nusername = u\nsecret = s\n" + "".join(
+        "[u%03d]\nsecret = s\ndevices = PJSIP/%d\nextensions = %d\n" % (i, 1000 + i, 1000 + i)
+        for i in range(users))
+    return ctinotify.parse_config(text, "board-bench.conf").users
+
+
+def board_watchers(names, watchers):
+    """(scope, format) of each watcher: half see everyone with details, a
+    quarter everyone without, a quarter a list of 50 colleagues; text and
+    JSON alternate."""
+    out = []
+    for i in range(watchers):
+        viewer = names[i % len(names)]
+        if i % 4 == 3:
+            scope = ctinotify.BoardScope(viewer, names[i:i + 50], False)
+        else:
+            scope = ctinotify.BoardScope(viewer, None, i % 4 != 2)
+        out.append((scope, "json" if i % 2 else "text"))
+    return out
+
+
+def measure_board(changes, users=BOARD_USERS, watchers=BOARD_WATCHERS):
+    """The in-process cost of one board change reaching every watcher: the
+    board taking the notification that causes it, then each watcher's line
+    (view and encoding).  {"p50_ms", "p99_ms", "max_ms", "changes", "lines"}."""
+    config = board_office(users)
+    names = list(config)
+    board = ctinotify.Board(config.values(), 0.0)
+    audience = board_watchers(names, watchers)
+    cycle = ("incoming", "pickup", "hangup")
+    times, lines = [], 0
+    gc.collect()
+    for n in range(changes):
+        i, kind = (n // 3) % users, cycle[n % 3]
+        fields = {"event": kind, "call": "c%d" % (n // 3), "time": "", "role": "callee",
+                  "device": "PJSIP/%d" % (1000 + i),
+                  "from": {"num": "+1555%07d" % n, "name": "Caller %d" % n},
+                  "to": {"num": str(1000 + i), "name": "User %d" % i},
+                  "answered_by": {"num": str(1000 + i), "name": "",
+                                  "device": "PJSIP/%d" % (1000 + i)}}
+        note = ctinotify.Notification(names[i], kind, fields)
+        start = time.perf_counter()
+        for change in board.on_notifications([note], float(n)):
+            for scope, fmt in audience:
+                if ctinotify.change_bytes(change, scope, fmt) is not None:
+                    lines += 1
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"p50_ms": 1e3 * times[len(times) // 2], "p99_ms": 1e3 * times[int(len(times) * 0.99)],
+            "max_ms": 1e3 * times[-1], "changes": changes, "lines": lines,
+            "users": users, "watchers": watchers}
+
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
 
@@ -870,7 +935,7 @@ def verdict(ok, full_size=True):
     return "met" if ok else "NOT met"
 
 
-def report(settings, mode, traces, through, fanout, scale, rounds, seconds):
+def report(settings, mode, traces, through, fanout, scale, rounds, seconds, board=None):
     lines = []
     add = lines.append
     add("ctinotify %s benchmark (%s run, %.0f s): Python %s (%s), %s, %d CPUs"
@@ -924,6 +989,13 @@ def report(settings, mode, traces, through, fanout, scale, rounds, seconds):
         % (len(rss), 100.0 * (rss[-1] - rss[0]) / rss[0]))
     if fanout["lost"] or scale["lost"]:
         add("   (clients disconnected by the daemon: %d)" % (fanout["lost"] + scale["lost"]))
+    if board is not None:
+        add("")
+        add("5. Office board in process: %s users, a change reaches %d watchers (%s changes)"
+            % (format(board["users"], ","), board["watchers"], format(board["changes"], ",")))
+        add("   %-56s %.3f ms / %.3f ms / %.3f ms" % (
+            "board update + every watcher's line: median / p99 / max",
+            board["p50_ms"], board["p99_ms"], board["max_ms"]))
     add("")
     add("Targets (README, Performance):")
     full = mode == "full"
@@ -948,6 +1020,10 @@ def report(settings, mode, traces, through, fanout, scale, rounds, seconds):
     add("   %-66s %s" % ("no RSS growth across %d rounds (%+.1f%%, margin 5%%)"
                          % (len(rss), 100.0 * (rss[-1] - rss[0]) / rss[0]),
                          verdict(rss[-1] <= rss[0] * 1.05, len(rss) >= 10)))
+    if board is not None:
+        add("   %-66s %s" % ("board change to %d watchers, p99 < 5 ms in process (%.3f ms)"
+                             % (board["watchers"], board["p99_ms"]),
+                             verdict(board["p99_ms"] < 5.0, full)))
     return "\n".join(lines)
 
 
@@ -998,8 +1074,11 @@ def main(argv=None):
     step("4/4 bounded memory: %d rounds" % settings["rounds"])
     rounds = measure_rounds(loop, feeder, tload, settings)
     feeder.close()
+    step("+ office board in process: %d users, %d watchers"
+         % (BOARD_USERS, BOARD_WATCHERS))
+    board = measure_board(settings["board_changes"])
     text = report(settings, mode, traces, through, fanout, scale, rounds,
-                  time.monotonic() - started)
+                  time.monotonic() - started, board)
     print(text)
     with open(os.path.join(DATA_DIR, "last-%s-run.txt" % mode), "w") as f:
         f.write(text + "\n")
