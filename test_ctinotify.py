@@ -7153,16 +7153,16 @@ def call_note(user, kind, call="c1", role="callee", device="PJSIP/100",
     return Notification(user, kind, fields)
 
 
-def ami(text):
+def ami_msg(text):
     return AmiParser(expect_banner=False).feed(text.encode())[0]
 
 
 def devstate(device, state):
-    return ami("Event: DeviceStateChange\r\nDevice: %s\r\nState: %s\r\n\r\n" % (device, state))
+    return ami_msg("Event: DeviceStateChange\r\nDevice: %s\r\nState: %s\r\n\r\n" % (device, state))
 
 
 def hint(exten, status, context="ext-local"):
-    return ami("Event: ExtensionStatus\r\nExten: %s\r\nContext: %s\r\nHint: PJSIP/%s\r\n"
+    return ami_msg("Event: ExtensionStatus\r\nExten: %s\r\nContext: %s\r\nHint: PJSIP/%s\r\n"
                "Status: %d\r\nStatusText: x\r\n\r\n" % (exten, context, exten, status))
 
 
@@ -7365,12 +7365,12 @@ def test_board_busy_from_dnd_hint_and_from_a_busy_phone():
 
 
 def contact(endpoint, status, uri="sip:x@10.0.0.1:5060"):
-    return ami("Event: ContactStatus\r\nURI: %s\r\nContactStatus: %s\r\nAOR: %s\r\n"
+    return ami_msg("Event: ContactStatus\r\nURI: %s\r\nContactStatus: %s\r\nAOR: %s\r\n"
                "EndpointName: %s\r\nRoundtripUsec: 0\r\n\r\n" % (uri, status, endpoint, endpoint))
 
 
 def peer(name, status):
-    return ami("Event: PeerStatus\r\nChannelType: SIP\r\nPeer: %s\r\nPeerStatus: %s\r\n\r\n"
+    return ami_msg("Event: PeerStatus\r\nChannelType: SIP\r\nPeer: %s\r\nPeerStatus: %s\r\n\r\n"
                % (name, status))
 
 
@@ -7447,12 +7447,12 @@ def test_board_resync_after_calls_are_up_and_a_list_that_does_not_complete():
     # phone; the hint list says nothing about Carol's DND any more.
     board.begin_resync("default")
     item = "Event: DeviceStateChange\r\nActionID: ctinotify-3\r\nDevice: %s\r\nState: %s\r\n\r\n"
-    changes = board.on_ami(ami(item % ("PJSIP/101", "INUSE")), "default", 2.0)
+    changes = board.on_ami(ami_msg(item % ("PJSIP/101", "INUSE")), "default", 2.0)
     assert [(c.user, c.entry.state, c.entry.call) for c in changes] == [("bob", "talking", "")]
-    board.on_ami(ami(item % ("PJSIP/200", "NOT_INUSE")), "default", 2.0)
+    board.on_ami(ami_msg(item % ("PJSIP/200", "NOT_INUSE")), "default", 2.0)
     assert state_of(board, "alice") == "free"
     complete = "Event: %s\r\nActionID: ctinotify-%d\r\nEventList: Complete\r\nListItems: 2\r\n\r\n"
-    board.on_ami(ami(complete % ("DeviceStateListComplete", 3)), "default", 2.0)
+    board.on_ami(ami_msg(complete % ("DeviceStateListComplete", 3)), "default", 2.0)
     assert "dev" not in [k[0] for k in board.users["carol"].sources]
     # ExtensionStateList never completes (the link drops again): Carol's
     # DND is not forgotten on a list that was cut short.
@@ -7466,11 +7466,11 @@ def test_board_resync_after_calls_are_up_and_a_list_that_does_not_complete():
         ("name", "talking", 2.0, "c7")
     # Next login: this time the hint list completes without Carol.
     board.begin_resync("default")
-    changes = board.on_ami(ami(complete % ("ExtensionStateListComplete", 5)), "default", 3.0)
+    changes = board.on_ami(ami_msg(complete % ("ExtensionStateListComplete", 5)), "default", 3.0)
     assert [(c.user, c.entry.state) for c in changes] == [("carol", "free")]
     # A complete event nobody asked for (no resync running) forgets nothing.
     board.on_ami(hint("102", 2), "default", 4.0)
-    assert board.on_ami(ami(complete % ("ExtensionStateListComplete", 9)), "default", 4.0) == []
+    assert board.on_ami(ami_msg(complete % ("ExtensionStateListComplete", 9)), "default", 4.0) == []
     assert state_of(board, "carol") == "busy"
 
 
@@ -7519,7 +7519,7 @@ def test_board_feeding_is_bounded_by_the_configuration():
     assert len(bob.sources[("dev", "default", "PJSIP/101")].contacts) == \
         ctinotify.MAX_BOARD_CONTACTS_PER_DEVICE
     assert sum(len(u.sources) for u in board.users.values()) == 1
-    assert board.on_ami(ami("Event: Newchannel\r\nChannel: PJSIP/101-1\r\n\r\n"),
+    assert board.on_ami(ami_msg("Event: Newchannel\r\nChannel: PJSIP/101-1\r\n\r\n"),
                         "default", 2.0) == []
 
 
@@ -7697,3 +7697,26 @@ def test_board_bench_counts_every_watchers_line():
     figures = bench.measure_board(3, users=10, watchers=8)
     assert (figures["changes"], figures["lines"]) == (3, 18)
     assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+
+
+def test_board_readme_draft_examples_are_what_the_board_sends():
+    """Every STATE, state-event and JSON line of BOARD-README-DRAFT.md is one
+    the board gives for its recording, to some viewer, in some format."""
+    with open(os.path.join(HERE, "BOARD-README-DRAFT.md"), encoding="utf-8") as f:
+        text = f.read()
+    blocks = re.findall(r"<!-- board-example: (\w+) -->\n```\w+\n(.*?)```", text, re.S)
+    assert len(blocks) == 3
+    for name, block in blocks:
+        changes = [c for c, _ in replay_board(name)]
+        sent = set()
+        for details in (False, True):
+            for viewer in (["alice"], None):
+                scope = BoardScope("bob", viewer, details)
+                for fmt in ("text", "json"):
+                    sent.update(change_bytes(c, scope, fmt).decode().rstrip("\r\n")
+                                for c in changes)
+                    for n in range(1, len(changes) + 1):
+                        sent.update(board_reply(board_of(changes[:n]), scope, fmt))
+        for line in block.splitlines():
+            if not line.startswith("> "):
+                assert line in sent, line
