@@ -3806,13 +3806,22 @@ class ClientSession:
 # phone that is not registered.
 
 #: The states of the board, strongest first: a user is in the strongest
-#: state any of their calls or phones is in (see _BOARD_RANK).  Asterisk
-#: has its own order for several devices of one hint (main/devicestate.c,
-#: ast_devstate_aggregate_add: RINGINUSE > BUSY > INUSE > RINGING > ONHOLD
-#: > NOT_INUSE > UNAVAILABLE); the board differs where it speaks to a
-#: person about a person: a call (talking, then one held, then one ringing)
-#: says more than a phone's flag (busy), and "away" needs every phone gone,
-#: so one reachable phone makes its user free, as in Asterisk's order.
+#: state any of their calls or phones is in.  Why this order:
+#:   talking > on_hold    a user talking while another call of theirs is
+#:                        held is in a conversation (the held call waits);
+#:   on_hold > ringing    a user with a call on hold is in the middle of it:
+#:                        a call ringing meanwhile does not make them free;
+#:   ringing > busy       do-not-disturb, and a queue rings the phone anyway;
+#:   busy > away          a phone set to DND is there, just not taking calls;
+#:   away > free          only when *every* phone Asterisk reported is gone:
+#:                        one reachable phone makes its user free.
+#: Calls come first because they say more than a phone's flag (with whom,
+#: held or not): a user talking on their mobile whose desk phone is
+#: unplugged is talking.  Asterisk sums up the devices of one hint in
+#: another order (main/devicestate.c, ast_devstate_aggregate_add: RINGINUSE
+#: > BUSY > INUSE > RINGING > ONHOLD > NOT_INUSE > UNAVAILABLE): BUSY over
+#: INUSE there because chan_sip reports a phone at its call-limit, in a
+#: call, as BUSY; the board speaks about people, and a call explains that.
 BOARD_TALKING = "talking"
 BOARD_ON_HOLD = "on_hold"
 BOARD_RINGING = "ringing"
@@ -3834,6 +3843,9 @@ MAX_BOARD_CONTACTS_PER_DEVICE = 16
 
 # -- what the calls say: one phase per user call, moved by notifications ---------
 
+# XXX: between a queue's member timeout and its retry the engine keeps the
+# member's call open without a word (CallEngine._hold_for_queue), so the
+# board shows that member ringing through the pause as well.
 _PH_RINGING = "ringing"    # rings one of the user's phones, or their mobile
 _PH_DIALING = "dialing"    # the user calls out, not answered yet
 _PH_TALKING = "talking"
@@ -4371,9 +4383,7 @@ class Board:
 
     def on_contactstatus(self, msg: AmiMessage, pbx: str) -> None:
         up = _CONTACT_UP.get((msg.get("ContactStatus") or "").lower())
-        # EndpointName came after the event itself (Asterisk 13.x); before
-        # it, the AOR, which FreePBX names after the endpoint.
-        endpoint = msg.get("EndpointName") or msg.get("AOR") or ""
+        endpoint = msg.get("EndpointName") or ""
         if up is None or not endpoint:
             return
         for source in self._report("dev", pbx, "PJSIP/" + endpoint):
