@@ -1102,7 +1102,7 @@ def test_replay_of_an_unconfigured_device_prints_nothing(tmp_path):
 # End to end: the daemon as a process, a fake Asterisk, real TCP clients
 # ---------------------------------------------------------------------------
 
-class Daemon:
+class DaemonProcess:
     """ctinotify.py run, as a child process, with its log collected."""
 
     def __init__(self, tmp_path, ami_port, users=None, general="", ami="", preexec_fn=None):
@@ -1227,7 +1227,7 @@ def daemon_factory(tmp_path, fake):
     started = []
 
     def start(**kwargs):
-        daemon = Daemon(tmp_path, fake.port, **kwargs)
+        daemon = DaemonProcess(tmp_path, fake.port, **kwargs)
         started.append(daemon)
         daemon.wait_log("ami: logged in as ctitest")
         return daemon
@@ -1365,7 +1365,7 @@ def test_e2e_ami_drop_reconnects_and_tells_clients(fake, daemon_factory, clients
 
 def test_e2e_refused_ami_login_is_retried_with_backoff(tmp_path, clients):
     server = FakeAsterisk(refuse_logins=True).start()
-    daemon = Daemon(tmp_path, server.port)
+    daemon = DaemonProcess(tmp_path, server.port)
     try:
         daemon.wait_log("login as ctitest refused by Asterisk: Authentication failed; "
                         "reconnecting in 1 s")
@@ -1380,7 +1380,7 @@ def test_e2e_refused_ami_login_is_retried_with_backoff(tmp_path, clients):
 
 def test_e2e_md5_login(tmp_path, clients):
     server = FakeAsterisk().start()
-    daemon = Daemon(tmp_path, server.port, users="", ami="auth = md5")
+    daemon = DaemonProcess(tmp_path, server.port, users="", ami="auth = md5")
     try:
         server.wait_for_logins(1)
         login = [a for a in server.actions if a.get("Action") == "Login"][0]
@@ -1836,7 +1836,7 @@ def test_run_foreground_replaces_a_stale_pidfile_and_removes_it_at_exit(ami, tmp
 
 
 def test_run_foreground_falls_back_to_stderr_without_a_syslog_socket(fake, tmp_path):
-    daemon = Daemon(tmp_path, fake.port,
+    daemon = DaemonProcess(tmp_path, fake.port,
                     general="log = syslog\nsyslog_socket = /nonexistent/ctinotify/log")
     try:
         daemon.wait_log(r"WARNING log = syslog: no syslog at /nonexistent/ctinotify/log "
@@ -3705,7 +3705,7 @@ def test_e2e_out_of_descriptors_pauses_accepting_and_recovers(tmp_path, clients)
         resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
 
     server = FakeAsterisk().start()
-    daemon = Daemon(tmp_path, server.port, general="max_clients = 500\n"
+    daemon = DaemonProcess(tmp_path, server.port, general="max_clients = 500\n"
                     "max_clients_per_host = 500\nlogin_timeout = 60", preexec_fn=few_descriptors)
     socks = []
     try:
@@ -4165,7 +4165,7 @@ def test_e2e_a_stalled_ami_link_is_declared_dead(tmp_path, clients):
     """No Pong, no close: Asterisk hangs.  The link is dropped after the
     ping timeout, calls end, and the daemon reconnects."""
     server = FakeAsterisk(answer_pings=False).start()
-    daemon = Daemon(tmp_path, server.port, ami="ping_interval = 1")
+    daemon = DaemonProcess(tmp_path, server.port, ami="ping_interval = 1")
     try:
         daemon.wait_log("ami: logged in as ctitest")
         alice = clients(daemon.port, "alice alice-secret")
@@ -4198,7 +4198,7 @@ def test_e2e_a_peer_that_is_not_asterisk(tmp_path, clients):
             accepted.append(sock)
             sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
     threading.Thread(target=serve, daemon=True).start()
-    daemon = Daemon(tmp_path, listener.getsockname()[1])
+    daemon = DaemonProcess(tmp_path, listener.getsockname()[1])
     try:
         daemon.wait_log(r"WARNING ami: not an Asterisk manager banner: 'HTTP/1\.1 400 Bad "
                         r"Request'; reconnecting in 1 s")
@@ -4480,7 +4480,7 @@ def server_context(cert, key):
 def test_e2e_ami_over_tls(tmp_path, clients, certificates):
     cert, key = certificates["server"]
     server = FakeAsterisk(tls_context=server_context(cert, key)).start()
-    daemon = Daemon(tmp_path, server.port, ami="tls = yes\ntls_ca = %s" % cert)
+    daemon = DaemonProcess(tmp_path, server.port, ami="tls = yes\ntls_ca = %s" % cert)
     try:
         daemon.wait_log(r"INFO ami: TLS established with 127\.0\.0\.1 \(TLSv1\.[23]\)")
         daemon.wait_log("ami: logged in as ctitest")
@@ -4501,7 +4501,7 @@ def test_e2e_ami_over_tls(tmp_path, clients, certificates):
 def test_e2e_ami_over_tls_refuses_a_certificate_it_cannot_verify(tmp_path, certificates):
     cert, key = certificates["server"]
     server = FakeAsterisk(tls_context=server_context(cert, key)).start()
-    daemon = Daemon(tmp_path, server.port,
+    daemon = DaemonProcess(tmp_path, server.port,
                     ami="tls = yes\ntls_ca = %s" % certificates["other"][0])
     try:
         daemon.wait_log(r"WARNING ami: TLS handshake with 127\.0\.0\.1 failed: certificate "
@@ -4512,7 +4512,7 @@ def test_e2e_ami_over_tls_refuses_a_certificate_it_cannot_verify(tmp_path, certi
         server.stop()
     # tls_verify = no: encrypted, but anyone can pose as Asterisk.
     server = FakeAsterisk(tls_context=server_context(cert, key)).start()
-    daemon = Daemon(tmp_path, server.port, ami="tls = yes\ntls_verify = no")
+    daemon = DaemonProcess(tmp_path, server.port, ami="tls = yes\ntls_verify = no")
     try:
         daemon.wait_log(r"ami: TLS established with 127\.0\.0\.1")
         server.wait_for_logins(1)
@@ -4847,7 +4847,7 @@ def test_e2e_secrets_never_reach_the_log_or_a_client(tmp_path, clients):
     server = FakeAsterisk(secret=ami_secret).start()
     users = ("[alice]\nsecret = alice-S3cret-x1\nhost = 127.0.0.1\ndevices = PJSIP/100\n"
              "[bob]\nsecret = bob-S3cret-y2\ndevices = PJSIP/101\n")
-    daemon = Daemon(tmp_path, server.port, users=users, ami="secret = %s" % ami_secret,
+    daemon = DaemonProcess(tmp_path, server.port, users=users, ami="secret = %s" % ami_secret,
                     general="login_fail_delay = 0.05")
     seen = []
     try:
@@ -5007,7 +5007,7 @@ def test_run_warns_of_a_number_that_counts_on_every_pbx(fake, tmp_path):
     users = ("[ami:branch]\nhost = 127.0.0.1\nport = %d\nusername = u\nsecret = s\n"
              "[alice]\nsecret = a\ndevices = default:PJSIP/100\nextensions = 100\n"
              % free_port())
-    daemon = Daemon(tmp_path, fake.port, users=users)
+    daemon = DaemonProcess(tmp_path, fake.port, users=users)
     try:
         daemon.wait_log(r"WARNING \S+:\d+: \[alice\] extensions: 100 counts on every PBX, but "
                         r"alice's phones are on default only; write default:100")
