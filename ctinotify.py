@@ -164,6 +164,29 @@ HISTORY_SEED_MAX_BYTES = 4 * 1024 * 1024
 #: A listen() backlog for bursts of desktop reconnects.
 LISTEN_BACKLOG = 128
 
+#: ``ctinotify watch`` waits 1, 2, 4 ... s, at most this long, between reconnects.
+WATCH_RECONNECT_MIN_S = 1.0
+WATCH_RECONNECT_MAX_S = 30.0
+WATCH_CONNECT_TIMEOUT_S = 10.0
+#: The longest a blocking read waits, so hooks are reaped and Ctrl-C is
+#: seen (on Windows a blocked recv() does not see it) this often.
+WATCH_TICK_S = 1.0
+#: A server silent this long is sent PING; no answer within the timeout
+#: means a dead connection (a laptop resumed, a NAT forgot the mapping).
+WATCH_PING_INTERVAL_S = 60.0
+WATCH_PONG_TIMEOUT_S = 15.0
+#: ``HISTORY <n>`` after login: the calls searched for missed ones.
+WATCH_HISTORY_CALLS = 20
+#: A server line (HISTORY records with a long path are the longest).
+MAX_WATCH_LINE_BYTES = 256 * 1024
+WATCH_RECV_BYTES = 64 * 1024
+#: Hook processes running at once; beyond it an event's hook is skipped.
+MAX_HOOK_PROCESSES = 8
+DEFAULT_WATCH_STATE = os.path.join("~", ".ctinotify-watch.json")
+#: Hangup reasons of a missed call (``direction = in``).
+MISSED_REASONS = ("noanswer", "cancelled", "busy", "answered_elsewhere")
+
+
 #: Every kind of event a client can subscribe to with ``events=``.
 EVENT_KINDS = (
     "incoming", "outgoing", "pickup", "hangup", "timeout", "busy",
@@ -200,6 +223,10 @@ class ClientProtocolError(CtiError):
         super().__init__("%s %s" % (code, text))
         self.code = code
         self.text = text
+
+
+class WatchProtocolError(CtiError):
+    """The server ``watch`` connected to broke the client protocol."""
 
 
 # ---------------------------------------------------------------------------
@@ -390,6 +417,29 @@ class UserConfig:
 #: The name of the PBX of the ``[ami]`` section; ``[ami:NAME]`` adds others.
 DEFAULT_PBX = "default"
 _PBX_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+
+def is_host_name(host: str) -> bool:
+    """A name getaddrinfo can look up: dot-separated labels of letters,
+    digits, '-' and '_', non-ASCII ones in IDNA form.  ``pbx..example.com``
+    is not (getaddrinfo would raise UnicodeError, not OSError)."""
+    try:
+        ascii_name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_name[:-1].split(".") if ascii_name.endswith(".") else ascii_name.split(".")
+    return len(ascii_name) <= 253 and all(map(_HOST_LABEL.match, labels))
 
 
 class AmiConfig:
@@ -3790,6 +3840,541 @@ class ClientSession:
 
 
 # ---------------------------------------------------------------------------
+# Desktop client (no I/O): the watch protocol, event lines and hook commands
+# ---------------------------------------------------------------------------
+
+class WatchSend:
+    """A command line for the server."""
+
+    __slots__ = ("line",)
+
+    def __init__(self, line: str):
+        self.line = line
+
+
+class WatchLoggedIn:
+    """The server accepted LOGIN; ``reply`` is its ``OK logged in ...``."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: str):
+        self.reply = reply
+
+
+class WatchRefused:
+    """The server refused LOGIN (``ERR 401``): retrying cannot help."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: str):
+        self.reply = reply
+
+
+class WatchEvent:
+    """A line from the server: an event, a status, a CALLS or HISTORY item.
+
+    ``kind`` is the event kind, ``status``, ``call`` or ``missed``;
+    ``fields`` are flattened as in the text format (``from_num``), all
+    strings; ``raw`` is the line as received.
+    """
+
+    __slots__ = ("kind", "fields", "raw")
+
+    def __init__(self, kind: str, fields: Dict[str, str], raw: str):
+        self.kind = kind
+        self.fields = fields
+        self.raw = raw
+
+
+class WatchMissed:
+    """The reply to HISTORY: the missed calls since ``since``, oldest first.
+    ``supported`` is False for a server without HISTORY."""
+
+    __slots__ = ("calls", "supported")
+
+    def __init__(self, calls: List[WatchEvent], supported: bool):
+        self.calls = calls
+        self.supported = supported
+
+
+class WatchCalls:
+    """The reply to CALLS: the user's calls in progress."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, calls: List[WatchEvent]):
+        self.calls = calls
+
+
+def parse_iso_time(text: Optional[str]) -> Optional[float]:
+    """``2026-11-26T21:19:10Z`` -> epoch seconds; None if it is not one."""
+    try:
+        stamp = datetime.datetime.strptime(text or "", "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+    return stamp.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+class WatchSession:
+    """One connection of ``ctinotify watch``, without the socket.
+
+    ``receive_line`` takes each line from the server and returns what to
+    do: ``WatchSend`` (a command to send), ``WatchLoggedIn``,
+    ``WatchRefused``, ``WatchEvent``, ``WatchMissed`` and ``WatchCalls``.
+    A server that breaks the protocol raises WatchProtocolError.
+
+    After the greeting it sends ``FORMAT json`` (before LOGIN, so even the
+    STATUS line that follows a login is JSON) and ``LOGIN``; once logged
+    in, ``HISTORY`` and ``CALLS``.  Replies are matched to commands in
+    order; items (HISTORY, CALL lines) are collected until their ``OK``.
+    Lines in either format are understood whatever was asked for.
+    """
+
+    def __init__(self, user: str, secret: str, fmt: str = "json",
+                 since: Optional[float] = None, history: int = WATCH_HISTORY_CALLS,
+                 since_calls: Optional[Iterable[str]] = None):
+        self.user = user
+        self._secret = secret
+        #: The format asked of the server: ``json`` or ``text``.
+        self.fmt = fmt
+        #: Missed calls that ended after this (epoch; None: every one listed),
+        #: or in its very second but not among ``since_calls`` (times are
+        #: to the second: a call seen then, and one not, can share it);
+        #: ``since_calls`` None (not known): none of that second is listed.
+        self.since = since
+        self.since_calls = None if since_calls is None else frozenset(since_calls)
+        self.history = history
+        #: "greeting" -> "login" -> "ready".
+        self.state = "greeting"
+        self._pending: "collections.deque[str]" = collections.deque()
+        self._items: List[WatchEvent] = []
+        self._newest: Optional[float] = None
+        self._newest_calls: Set[str] = set()
+        self._history_done = False
+
+    @property
+    def seen_until(self) -> Optional[float]:
+        """The newest server time seen, once the missed calls were listed
+        (before, a crash would skip them next time); None until then."""
+        return self._newest if self._history_done else None
+
+    @property
+    def seen_calls(self) -> Set[str]:
+        """The calls seen in the second of ``seen_until``."""
+        return self._newest_calls
+
+    def _command(self, name: str, line: str) -> WatchSend:
+        self._pending.append(name)
+        return WatchSend(line)
+
+    def ping(self) -> WatchSend:
+        return self._command("ping", "PING")
+
+    def receive_line(self, line: str) -> list:
+        line = line.rstrip("\r")
+        if self.state == "greeting":
+            if not line.startswith("CTINOTIFY/"):
+                raise WatchProtocolError("not a ctinotify server, it said %r" % line[:80])
+            self.state = "login"
+            out = [self._command("format", "FORMAT json")] if self.fmt == "json" else []
+            return out + [self._command("login", "LOGIN %s %s" % (self.user, self._secret))]
+        if line == "OK" or line.startswith(("OK ", "ERR ")):
+            return self._reply(line)
+        if not line:
+            return []
+        item = self._parse_item(line)
+        if item is None:
+            return []  # a line type of a newer server
+        if item.kind in ("call", "history"):
+            if not self._pending or self._pending[0] != ("calls" if item.kind == "call"
+                                                          else "history"):
+                raise WatchProtocolError("a %s item nobody asked for" % item.kind)
+            self._items.append(item)
+            return []
+        self._saw(parse_iso_time(item.fields.get("time")), item.fields.get("call"))
+        return [item]
+
+    def _parse_item(self, line: str) -> Optional[WatchEvent]:
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise WatchProtocolError("not a JSON object: %r" % line[:80])
+            if not isinstance(obj, dict):
+                raise WatchProtocolError("not a JSON object: %r" % line[:80])
+            fields = dict(flatten_fields(obj))
+            if not fields.get("event"):
+                return None
+            return WatchEvent(fields["event"], fields, line)
+        try:
+            tag, kind, values = parse_text_line(line)
+        except ValueError as e:
+            raise WatchProtocolError("not a protocol line (%s): %r" % (e, line[:80]))
+        kind = {"EVENT": kind, "STATUS": "status", "CALL": "call",
+                "HISTORY": "history"}.get(tag, "")
+        if not kind:
+            return None
+        fields = dict([("event", kind)] + list(values.items()))
+        return WatchEvent(kind, fields, line)
+
+    def _reply(self, line: str) -> list:
+        if not self._pending:
+            raise WatchProtocolError("a reply to no command: %r" % line[:80])
+        command = self._pending.popleft()
+        ok = not line.startswith("ERR ")
+        items, self._items = self._items, []
+        if command == "login":
+            if line.startswith("ERR 401"):
+                return [WatchRefused(line)]
+            if not ok:
+                raise WatchProtocolError("LOGIN answered %r" % line[:80])
+            self.state = "ready"
+            return [WatchLoggedIn(line),
+                    self._command("history", "HISTORY %d" % self.history),
+                    self._command("calls", "CALLS")]
+        if command == "format" and not ok:
+            raise WatchProtocolError("FORMAT json answered %r" % line[:80])
+        if command == "history":
+            # An older server: ERR 400 unknown command.  Nothing to list then.
+            self._history_done = True
+            return [WatchMissed(self._missed(items) if ok else [], ok)]
+        if command == "calls":
+            return [WatchCalls(items)]
+        return []
+
+    def _missed(self, records: List[WatchEvent]) -> List[WatchEvent]:
+        missed = []
+        for record in records:
+            fields = record.fields
+            if fields.get("direction") != "in" or fields.get("reason") not in MISSED_REASONS:
+                continue
+            end = parse_iso_time(fields.get("end"))
+            if self.since is not None and (end is None or end < self.since or
+                                           end == self.since and
+                                           (self.since_calls is None or
+                                            fields.get("call") in self.since_calls)):
+                continue
+            self._saw(end, fields.get("call"))
+            missed.append(WatchEvent("missed", fields, record.raw))
+        return missed
+
+    def _saw(self, when: Optional[float], call: Optional[str]) -> None:
+        if when is None:
+            return
+        if self._newest is None or when > self._newest:
+            self._newest = when
+            self._newest_calls = set()
+        if when == self._newest and call:
+            self._newest_calls.add(str(call))
+
+
+# -- one line per event ---------------------------------------------------------
+
+#: What a terminal could take for a command: C0 and C1 controls (escape
+#: sequences), line and paragraph separators, and bidi overrides that
+#: reorder what is shown.  A caller ID reaches the screen escaped.
+_DISPLAY_ESCAPES = {code: "\\u%04x" % code for code in
+                    list(range(0x20)) + list(range(0x7f, 0xa0)) +
+                    [0x2028, 0x2029] + list(range(0x202a, 0x202f)) +
+                    list(range(0x2066, 0x206a))}
+
+
+def _caller(fields: Dict[str, str], prefix: str) -> str:
+    """``John Customer <+15551230001>``: a party as a caller is shown."""
+    num, name = fields.get(prefix + "_num", ""), fields.get(prefix + "_name", "")
+    if name and num and name != num:
+        return "%s <%s>" % (name, num)
+    return name or num or "unknown"
+
+
+def _called(fields: Dict[str, str], prefix: str) -> str:
+    """``100 (Alice Smith)``: a party as a called number is shown."""
+    num, name = fields.get(prefix + "_num", ""), fields.get(prefix + "_name", "")
+    if name and num and name != num:
+        return "%s (%s)" % (num, name)
+    return num or name or "unknown"
+
+
+def _seconds(fields: Dict[str, str], key: str) -> str:
+    return "%s s" % (fields.get(key) or "0")
+
+
+def _said_incoming(f: Dict[str, str]) -> str:
+    parts = []
+    if f.get("dialed") and f.get("dialed") != f.get("to_num"):
+        parts.append("dialed " + f["dialed"])
+    if f.get("queue"):
+        parts.append("queue " + f["queue"])
+    return "  ".join(parts)
+
+
+def _said_pickup(f: Dict[str, str]) -> str:
+    method = f.get("method")
+    return "answered by %s%s" % (_caller(f, "answered_by"),
+                                 " (%s pickup)" % method if method else "")
+
+
+def _said_divert(f: Dict[str, str]) -> str:
+    if f.get("direction") == "from":
+        return "forwarded from %s" % _called(f, "original")
+    return "forwarded to %s%s" % (_called(f, "target"),
+                                  " (external)" if f.get("external") == "yes" else "")
+
+
+def _said_transfer(f: Dict[str, str]) -> str:
+    return "%s transfer by %s to %s" % (f.get("kind") or "a", _caller(f, "by"),
+                                        _called(f, "target"))
+
+
+def _said_queue(f: Dict[str, str]) -> str:
+    text = "queue %s: %s" % (f.get("queue", ""), f.get("action", ""))
+    if f.get("action") == "join":
+        text += ", position %s of %s" % (f.get("position", "?"), f.get("count", "?"))
+    elif f.get("answered_by_num") or f.get("answered_by_name"):
+        text += ", answered by %s" % _caller(f, "answered_by")
+    return text
+
+
+def _said_park(f: Dict[str, str]) -> str:
+    return "parked at %s (lot %s) by %s, timeout %s" % (
+        f.get("space", "?"), f.get("lot", "?"), _caller(f, "by"), _seconds(f, "timeout"))
+
+
+def _said_unpark(f: Dict[str, str]) -> str:
+    space = f.get("space", "?")
+    result = f.get("result")
+    if result == "retrieved":
+        return "retrieved from %s by %s" % (space, _caller(f, "retrieved_by"))
+    if result == "timeout":
+        return "parked too long at %s, back to %s" % (space, _caller(f, "parked_by"))
+    return "%s at %s" % (result or "unparked", space)
+
+
+def _said_conference(f: Dict[str, str]) -> str:
+    verb = {"join": "joined", "leave": "left"}.get(f.get("action", ""), f.get("action", ""))
+    return "%s %s room %s, %s members" % (_caller(f, "who"), verb, f.get("room", "?"),
+                                          f.get("members", "?"))
+
+
+#: How a hangup reason reads on the screen.
+_REASON_TEXT = {
+    "completed": "ended", "noanswer": "not answered", "busy": "busy",
+    "cancelled": "caller hung up", "answered_elsewhere": "answered elsewhere",
+    "transferred": "transferred", "failed": "failed",
+    "unknown": "ended while the link to the PBX was down",
+}
+
+
+def _said_hangup(f: Dict[str, str]) -> str:
+    reason = f.get("reason", "")
+    text = "%s after %s" % (_REASON_TEXT.get(reason, reason or "ended"), _seconds(f, "duration"))
+    if f.get("talk_time") not in (None, "", "0"):
+        text += ", talked %s" % _seconds(f, "talk_time")
+    if reason == "failed" and f.get("cause_txt"):
+        text += " (%s)" % f["cause_txt"]
+    return text
+
+
+def _said_call(f: Dict[str, str]) -> str:
+    return "in progress: %s" % (f.get("state") or "?")
+
+
+def _said_missed(f: Dict[str, str]) -> str:
+    reason = f.get("reason", "")
+    if reason == "answered_elsewhere" and (f.get("answered_by_num") or
+                                           f.get("answered_by_name")):
+        return "answered by %s" % _caller(f, "answered_by")
+    return "%s after %s" % (_REASON_TEXT.get(reason, reason), _seconds(f, "duration"))
+
+
+#: The words after "caller -> called" per kind, one small function each.
+_SAID = {
+    "incoming": _said_incoming, "outgoing": _said_incoming, "pickup": _said_pickup,
+    "timeout": lambda f: "not answered", "busy": lambda f: "busy",
+    "divert": _said_divert, "transfer": _said_transfer, "queue": _said_queue,
+    "park": _said_park, "unpark": _said_unpark, "conference": _said_conference,
+    "hold": lambda f: "on hold by %s" % _caller(f, "by"),
+    "unhold": lambda f: "off hold by %s" % _caller(f, "by"),
+    "hangup": _said_hangup, "call": _said_call, "missed": _said_missed,
+}
+
+#: The fields every call event has; an unknown kind shows the others.
+_COMMON_FIELDS = ("event", "call", "time", "role", "device", "from_num", "from_name",
+                  "to_num", "to_name")
+
+
+def _local_time(text: Optional[str], fmt: str) -> str:
+    epoch = parse_iso_time(text)
+    if epoch is None:
+        return "--:--:--"
+    return datetime.datetime.fromtimestamp(epoch).strftime(fmt)
+
+
+def render_event(event: WatchEvent) -> str:
+    """One readable line, the time local::
+
+        14:02:11  incoming  John Customer <+15551230001> -> 100 (Alice Smith)  dialed +15557000100
+
+    Missed calls show the date too.  Control characters in caller IDs are
+    shown escaped: a line never ends early or moves the cursor.
+    """
+    f = event.fields
+    if event.kind == "missed":
+        when = _local_time(f.get("end") or f.get("start"), "%Y-%m-%d %H:%M")
+    else:
+        when = _local_time(f.get("time"), "%H:%M:%S")
+    if event.kind == "status":
+        text = _status_text(f)
+    else:
+        said = _SAID.get(event.kind)
+        if said is not None:
+            detail = said(f)
+        else:
+            detail = encode_text_line("", {k: v for k, v in f.items()
+                                           if k not in _COMMON_FIELDS}).strip()
+        text = "%s -> %s" % (_caller(f, "from"), _called(f, "to"))
+        if detail:
+            text += "  " + detail
+    return ("%s  %-8s  %s" % (when, event.kind, text)).translate(_DISPLAY_ESCAPES)
+
+
+def _status_text(f: Dict[str, str]) -> str:
+    if f.get("server") == "stopping":
+        return "the ctinotify server is stopping"
+    if f.get("pbx") == "up":
+        return "PBX connected"
+    if f.get("pbx") == "down":
+        return "PBX link down" + (": " + f["reason"] if f.get("reason") else "")
+    return encode_text_line("", {k: v for k, v in f.items() if k != "event"}).strip()
+
+
+def is_web_url(url: str) -> bool:
+    """Whether ``watch --open`` may hand url to the browser: http or https
+    with a host, no spaces or control characters, so never a file, a
+    script URL or something a browser could take for an option."""
+    if not url or any(c.isspace() or ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in url):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+# -- hooks ------------------------------------------------------------------------
+
+#: ``{name}`` in a hook argument; ``{{`` and ``}}`` are literal braces.
+_HOOK_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z0-9_]*)\}")
+
+
+def fill_placeholders(template: str, fields: Dict[str, str]) -> str:
+    """Replace each ``{name}`` with ``fields[name]`` (unknown: empty), in one
+    pass: a ``{`` in a value is never read as a placeholder again.  A NUL,
+    which no program argument can hold, becomes U+FFFD."""
+    def fill(match: "re.Match[str]") -> str:
+        if match.group(1) is None:
+            return match.group(0)[0]
+        return fields.get(match.group(1), "").replace("\0", "\ufffd")
+    return _HOOK_PLACEHOLDER.sub(fill, template)
+
+
+class ExecHook:
+    """``--exec KIND=COMMAND``: a program run for each event of a kind.
+
+    COMMAND is split once, like a POSIX shell would (``shlex.split``), into
+    an argument list; placeholders are then filled inside each argument,
+    and the list is run without a shell.  Whatever a caller ID holds
+    (quotes, ``;``, ``$(...)``, newlines), it stays inside its argument.
+    """
+
+    def __init__(self, kind: str, template: List[str]):
+        #: An event kind, or ``all``.
+        self.kind = kind
+        self.template = template
+
+    @classmethod
+    def parse(cls, spec: str) -> "ExecHook":
+        """``incoming=notify-send -- "Call from {from_name}" {from_num}``;
+        ValueError says what is wrong."""
+        kind, sep, command = spec.partition("=")
+        kind = kind.strip().lower()
+        if not sep or kind not in EVENT_KINDS + ("all",):
+            raise ValueError("%r: expected KIND=COMMAND, KIND one of: all, %s"
+                             % (spec[:40], ", ".join(EVENT_KINDS)))
+        try:
+            template = shlex.split(command)
+        except ValueError as e:
+            raise ValueError("%r: the command does not split into arguments: %s"
+                             % (spec[:40], e))
+        if not template:
+            raise ValueError("%r: no command after %s=" % (spec[:40], kind))
+        if any(m.group(1) is not None for m in _HOOK_PLACEHOLDER.finditer(template[0])):
+            # Else a caller ID would choose the program.
+            raise ValueError("%r: a placeholder in the program name, expected them in "
+                             "its arguments only" % spec[:40])
+        return cls(kind, template)
+
+    def wants(self, kind: str) -> bool:
+        return kind == self.kind or (self.kind == "all" and kind in EVENT_KINDS)
+
+    def argv(self, fields: Dict[str, str]) -> List[str]:
+        return [fill_placeholders(arg, fields) for arg in self.template]
+
+
+# ---------------------------------------------------------------------------
+# Replay (no I/O): a recorded trace through parser and engine
+# ---------------------------------------------------------------------------
+
+
+class TraceClock:
+    """The time of a recorded message, for replay.
+
+    With ``timestampevents = yes`` in manager.conf every event carries
+    ``Timestamp: <epoch>``; without it, the newest channel creation time
+    (a Uniqueid is ``epoch.seq``) is the best clock a recording has.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def observe(self, msg: AmiMessage) -> float:
+        stamp = sane_epoch(msg.get("Timestamp") or "")
+        if stamp is not None:
+            self.now = max(self.now, stamp)
+            return self.now
+        uniqueid = msg.get("Uniqueid")
+        if uniqueid:
+            epoch = uniqueid_epoch(uniqueid)
+            if epoch is not None and epoch > self.now:
+                self.now = epoch
+        return self.now
+
+
+def replay_trace(stream, users: Dict[str, UserConfig], chunk_bytes: int = 1 << 16,
+                 pbx: str = DEFAULT_PBX, tag: str = ""):
+    """Feed a recorded AMI byte stream through parser and engine; yield
+    ``(user, fields)`` for every notification a client of that user with
+    all its allowed kinds would receive.  ``pbx`` is the PBX it was
+    recorded on (for devices named ``NAME:...``); ``tag`` the ``pbx`` field
+    events carry when the configuration has several."""
+    engine = CallEngine(Directory(users.values(), pbx), tag)
+    clock = TraceClock()
+    first = stream.read(chunk_bytes)
+    parser = AmiParser(expect_banner=first.startswith(AMI_BANNER_PREFIX.encode()))
+    data = first
+    while data:
+        for msg in parser.feed(data):
+            for note in engine.handle(msg, clock.observe(msg)):
+                account = users.get(note.user)
+                if account is not None and note.kind in account.events:
+                    yield note.user, with_popup_url(note.fields, account)
+        for problem in parser.problems:
+            log.warning("replay: %s", problem)
+        parser.problems.clear()
+        data = stream.read(chunk_bytes)
+
+
+# ---------------------------------------------------------------------------
 # Event loop and I/O: the only place with sockets, clocks and signals
 # ---------------------------------------------------------------------------
 
@@ -3925,29 +4510,6 @@ class AmiLink:
     def tag(self) -> str:
         """For log lines: ``ami``, or ``ami:NAME`` for a further PBX."""
         return "ami" if self.config.name == DEFAULT_PBX else "ami:" + self.config.name
-
-
-def is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
-
-
-def is_host_name(host: str) -> bool:
-    """A name getaddrinfo can look up: dot-separated labels of letters,
-    digits, '-' and '_', non-ASCII ones in IDNA form.  ``pbx..example.com``
-    is not (getaddrinfo would raise UnicodeError, not OSError)."""
-    try:
-        ascii_name = host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    labels = ascii_name[:-1].split(".") if ascii_name.endswith(".") else ascii_name.split(".")
-    return len(ascii_name) <= 253 and all(map(_HOST_LABEL.match, labels))
 
 
 def resolve(host: str, port: int) -> Tuple[int, tuple]:
@@ -5080,515 +5642,6 @@ class Daemon:
 
 
 # ---------------------------------------------------------------------------
-# Desktop client (no I/O): the watch protocol, event lines and hook commands
-# ---------------------------------------------------------------------------
-
-#: ``ctinotify watch`` waits 1, 2, 4 ... s, at most this long, between reconnects.
-WATCH_RECONNECT_MIN_S = 1.0
-WATCH_RECONNECT_MAX_S = 30.0
-WATCH_CONNECT_TIMEOUT_S = 10.0
-#: The longest a blocking read waits, so hooks are reaped and Ctrl-C is
-#: seen (on Windows a blocked recv() does not see it) this often.
-WATCH_TICK_S = 1.0
-#: A server silent this long is sent PING; no answer within the timeout
-#: means a dead connection (a laptop resumed, a NAT forgot the mapping).
-WATCH_PING_INTERVAL_S = 60.0
-WATCH_PONG_TIMEOUT_S = 15.0
-#: ``HISTORY <n>`` after login: the calls searched for missed ones.
-WATCH_HISTORY_CALLS = 20
-#: A server line (HISTORY records with a long path are the longest).
-MAX_WATCH_LINE_BYTES = 256 * 1024
-WATCH_RECV_BYTES = 64 * 1024
-#: Hook processes running at once; beyond it an event's hook is skipped.
-MAX_HOOK_PROCESSES = 8
-DEFAULT_WATCH_STATE = os.path.join("~", ".ctinotify-watch.json")
-#: Hangup reasons of a missed call (``direction = in``).
-MISSED_REASONS = ("noanswer", "cancelled", "busy", "answered_elsewhere")
-
-
-class WatchProtocolError(CtiError):
-    """The server ``watch`` connected to broke the client protocol."""
-
-
-class WatchSend:
-    """A command line for the server."""
-
-    __slots__ = ("line",)
-
-    def __init__(self, line: str):
-        self.line = line
-
-
-class WatchLoggedIn:
-    """The server accepted LOGIN; ``reply`` is its ``OK logged in ...``."""
-
-    __slots__ = ("reply",)
-
-    def __init__(self, reply: str):
-        self.reply = reply
-
-
-class WatchRefused:
-    """The server refused LOGIN (``ERR 401``): retrying cannot help."""
-
-    __slots__ = ("reply",)
-
-    def __init__(self, reply: str):
-        self.reply = reply
-
-
-class WatchEvent:
-    """A line from the server: an event, a status, a CALLS or HISTORY item.
-
-    ``kind`` is the event kind, ``status``, ``call`` or ``missed``;
-    ``fields`` are flattened as in the text format (``from_num``), all
-    strings; ``raw`` is the line as received.
-    """
-
-    __slots__ = ("kind", "fields", "raw")
-
-    def __init__(self, kind: str, fields: Dict[str, str], raw: str):
-        self.kind = kind
-        self.fields = fields
-        self.raw = raw
-
-
-class WatchMissed:
-    """The reply to HISTORY: the missed calls since ``since``, oldest first.
-    ``supported`` is False for a server without HISTORY."""
-
-    __slots__ = ("calls", "supported")
-
-    def __init__(self, calls: List[WatchEvent], supported: bool):
-        self.calls = calls
-        self.supported = supported
-
-
-class WatchCalls:
-    """The reply to CALLS: the user's calls in progress."""
-
-    __slots__ = ("calls",)
-
-    def __init__(self, calls: List[WatchEvent]):
-        self.calls = calls
-
-
-def parse_iso_time(text: Optional[str]) -> Optional[float]:
-    """``2026-11-26T21:19:10Z`` -> epoch seconds; None if it is not one."""
-    try:
-        stamp = datetime.datetime.strptime(text or "", "%Y-%m-%dT%H:%M:%SZ")
-    except ValueError:
-        return None
-    return stamp.replace(tzinfo=datetime.timezone.utc).timestamp()
-
-
-class WatchSession:
-    """One connection of ``ctinotify watch``, without the socket.
-
-    ``receive_line`` takes each line from the server and returns what to
-    do: ``WatchSend`` (a command to send), ``WatchLoggedIn``,
-    ``WatchRefused``, ``WatchEvent``, ``WatchMissed`` and ``WatchCalls``.
-    A server that breaks the protocol raises WatchProtocolError.
-
-    After the greeting it sends ``FORMAT json`` (before LOGIN, so even the
-    STATUS line that follows a login is JSON) and ``LOGIN``; once logged
-    in, ``HISTORY`` and ``CALLS``.  Replies are matched to commands in
-    order; items (HISTORY, CALL lines) are collected until their ``OK``.
-    Lines in either format are understood whatever was asked for.
-    """
-
-    def __init__(self, user: str, secret: str, fmt: str = "json",
-                 since: Optional[float] = None, history: int = WATCH_HISTORY_CALLS,
-                 since_calls: Optional[Iterable[str]] = None):
-        self.user = user
-        self._secret = secret
-        #: The format asked of the server: ``json`` or ``text``.
-        self.fmt = fmt
-        #: Missed calls that ended after this (epoch; None: every one listed),
-        #: or in its very second but not among ``since_calls`` (times are
-        #: to the second: a call seen then, and one not, can share it);
-        #: ``since_calls`` None (not known): none of that second is listed.
-        self.since = since
-        self.since_calls = None if since_calls is None else frozenset(since_calls)
-        self.history = history
-        #: "greeting" -> "login" -> "ready".
-        self.state = "greeting"
-        self._pending: "collections.deque[str]" = collections.deque()
-        self._items: List[WatchEvent] = []
-        self._newest: Optional[float] = None
-        self._newest_calls: Set[str] = set()
-        self._history_done = False
-
-    @property
-    def seen_until(self) -> Optional[float]:
-        """The newest server time seen, once the missed calls were listed
-        (before, a crash would skip them next time); None until then."""
-        return self._newest if self._history_done else None
-
-    @property
-    def seen_calls(self) -> Set[str]:
-        """The calls seen in the second of ``seen_until``."""
-        return self._newest_calls
-
-    def _command(self, name: str, line: str) -> WatchSend:
-        self._pending.append(name)
-        return WatchSend(line)
-
-    def ping(self) -> WatchSend:
-        return self._command("ping", "PING")
-
-    def receive_line(self, line: str) -> list:
-        line = line.rstrip("\r")
-        if self.state == "greeting":
-            if not line.startswith("CTINOTIFY/"):
-                raise WatchProtocolError("not a ctinotify server, it said %r" % line[:80])
-            self.state = "login"
-            out = [self._command("format", "FORMAT json")] if self.fmt == "json" else []
-            return out + [self._command("login", "LOGIN %s %s" % (self.user, self._secret))]
-        if line == "OK" or line.startswith(("OK ", "ERR ")):
-            return self._reply(line)
-        if not line:
-            return []
-        item = self._parse_item(line)
-        if item is None:
-            return []  # a line type of a newer server
-        if item.kind in ("call", "history"):
-            if not self._pending or self._pending[0] != ("calls" if item.kind == "call"
-                                                          else "history"):
-                raise WatchProtocolError("a %s item nobody asked for" % item.kind)
-            self._items.append(item)
-            return []
-        self._saw(parse_iso_time(item.fields.get("time")), item.fields.get("call"))
-        return [item]
-
-    def _parse_item(self, line: str) -> Optional[WatchEvent]:
-        if line.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                raise WatchProtocolError("not a JSON object: %r" % line[:80])
-            if not isinstance(obj, dict):
-                raise WatchProtocolError("not a JSON object: %r" % line[:80])
-            fields = dict(flatten_fields(obj))
-            if not fields.get("event"):
-                return None
-            return WatchEvent(fields["event"], fields, line)
-        try:
-            tag, kind, values = parse_text_line(line)
-        except ValueError as e:
-            raise WatchProtocolError("not a protocol line (%s): %r" % (e, line[:80]))
-        kind = {"EVENT": kind, "STATUS": "status", "CALL": "call",
-                "HISTORY": "history"}.get(tag, "")
-        if not kind:
-            return None
-        fields = dict([("event", kind)] + list(values.items()))
-        return WatchEvent(kind, fields, line)
-
-    def _reply(self, line: str) -> list:
-        if not self._pending:
-            raise WatchProtocolError("a reply to no command: %r" % line[:80])
-        command = self._pending.popleft()
-        ok = not line.startswith("ERR ")
-        items, self._items = self._items, []
-        if command == "login":
-            if line.startswith("ERR 401"):
-                return [WatchRefused(line)]
-            if not ok:
-                raise WatchProtocolError("LOGIN answered %r" % line[:80])
-            self.state = "ready"
-            return [WatchLoggedIn(line),
-                    self._command("history", "HISTORY %d" % self.history),
-                    self._command("calls", "CALLS")]
-        if command == "format" and not ok:
-            raise WatchProtocolError("FORMAT json answered %r" % line[:80])
-        if command == "history":
-            # An older server: ERR 400 unknown command.  Nothing to list then.
-            self._history_done = True
-            return [WatchMissed(self._missed(items) if ok else [], ok)]
-        if command == "calls":
-            return [WatchCalls(items)]
-        return []
-
-    def _missed(self, records: List[WatchEvent]) -> List[WatchEvent]:
-        missed = []
-        for record in records:
-            fields = record.fields
-            if fields.get("direction") != "in" or fields.get("reason") not in MISSED_REASONS:
-                continue
-            end = parse_iso_time(fields.get("end"))
-            if self.since is not None and (end is None or end < self.since or
-                                           end == self.since and
-                                           (self.since_calls is None or
-                                            fields.get("call") in self.since_calls)):
-                continue
-            self._saw(end, fields.get("call"))
-            missed.append(WatchEvent("missed", fields, record.raw))
-        return missed
-
-    def _saw(self, when: Optional[float], call: Optional[str]) -> None:
-        if when is None:
-            return
-        if self._newest is None or when > self._newest:
-            self._newest = when
-            self._newest_calls = set()
-        if when == self._newest and call:
-            self._newest_calls.add(str(call))
-
-
-# -- one line per event ---------------------------------------------------------
-
-#: What a terminal could take for a command: C0 and C1 controls (escape
-#: sequences), line and paragraph separators, and bidi overrides that
-#: reorder what is shown.  A caller ID reaches the screen escaped.
-_DISPLAY_ESCAPES = {code: "\\u%04x" % code for code in
-                    list(range(0x20)) + list(range(0x7f, 0xa0)) +
-                    [0x2028, 0x2029] + list(range(0x202a, 0x202f)) +
-                    list(range(0x2066, 0x206a))}
-
-
-def _caller(fields: Dict[str, str], prefix: str) -> str:
-    """``John Customer <+15551230001>``: a party as a caller is shown."""
-    num, name = fields.get(prefix + "_num", ""), fields.get(prefix + "_name", "")
-    if name and num and name != num:
-        return "%s <%s>" % (name, num)
-    return name or num or "unknown"
-
-
-def _called(fields: Dict[str, str], prefix: str) -> str:
-    """``100 (Alice Smith)``: a party as a called number is shown."""
-    num, name = fields.get(prefix + "_num", ""), fields.get(prefix + "_name", "")
-    if name and num and name != num:
-        return "%s (%s)" % (num, name)
-    return num or name or "unknown"
-
-
-def _seconds(fields: Dict[str, str], key: str) -> str:
-    return "%s s" % (fields.get(key) or "0")
-
-
-def _said_incoming(f: Dict[str, str]) -> str:
-    parts = []
-    if f.get("dialed") and f.get("dialed") != f.get("to_num"):
-        parts.append("dialed " + f["dialed"])
-    if f.get("queue"):
-        parts.append("queue " + f["queue"])
-    return "  ".join(parts)
-
-
-def _said_pickup(f: Dict[str, str]) -> str:
-    method = f.get("method")
-    return "answered by %s%s" % (_caller(f, "answered_by"),
-                                 " (%s pickup)" % method if method else "")
-
-
-def _said_divert(f: Dict[str, str]) -> str:
-    if f.get("direction") == "from":
-        return "forwarded from %s" % _called(f, "original")
-    return "forwarded to %s%s" % (_called(f, "target"),
-                                  " (external)" if f.get("external") == "yes" else "")
-
-
-def _said_transfer(f: Dict[str, str]) -> str:
-    return "%s transfer by %s to %s" % (f.get("kind") or "a", _caller(f, "by"),
-                                        _called(f, "target"))
-
-
-def _said_queue(f: Dict[str, str]) -> str:
-    text = "queue %s: %s" % (f.get("queue", ""), f.get("action", ""))
-    if f.get("action") == "join":
-        text += ", position %s of %s" % (f.get("position", "?"), f.get("count", "?"))
-    elif f.get("answered_by_num") or f.get("answered_by_name"):
-        text += ", answered by %s" % _caller(f, "answered_by")
-    return text
-
-
-def _said_park(f: Dict[str, str]) -> str:
-    return "parked at %s (lot %s) by %s, timeout %s" % (
-        f.get("space", "?"), f.get("lot", "?"), _caller(f, "by"), _seconds(f, "timeout"))
-
-
-def _said_unpark(f: Dict[str, str]) -> str:
-    space = f.get("space", "?")
-    result = f.get("result")
-    if result == "retrieved":
-        return "retrieved from %s by %s" % (space, _caller(f, "retrieved_by"))
-    if result == "timeout":
-        return "parked too long at %s, back to %s" % (space, _caller(f, "parked_by"))
-    return "%s at %s" % (result or "unparked", space)
-
-
-def _said_conference(f: Dict[str, str]) -> str:
-    verb = {"join": "joined", "leave": "left"}.get(f.get("action", ""), f.get("action", ""))
-    return "%s %s room %s, %s members" % (_caller(f, "who"), verb, f.get("room", "?"),
-                                          f.get("members", "?"))
-
-
-#: How a hangup reason reads on the screen.
-_REASON_TEXT = {
-    "completed": "ended", "noanswer": "not answered", "busy": "busy",
-    "cancelled": "caller hung up", "answered_elsewhere": "answered elsewhere",
-    "transferred": "transferred", "failed": "failed",
-    "unknown": "ended while the link to the PBX was down",
-}
-
-
-def _said_hangup(f: Dict[str, str]) -> str:
-    reason = f.get("reason", "")
-    text = "%s after %s" % (_REASON_TEXT.get(reason, reason or "ended"), _seconds(f, "duration"))
-    if f.get("talk_time") not in (None, "", "0"):
-        text += ", talked %s" % _seconds(f, "talk_time")
-    if reason == "failed" and f.get("cause_txt"):
-        text += " (%s)" % f["cause_txt"]
-    return text
-
-
-def _said_call(f: Dict[str, str]) -> str:
-    return "in progress: %s" % (f.get("state") or "?")
-
-
-def _said_missed(f: Dict[str, str]) -> str:
-    reason = f.get("reason", "")
-    if reason == "answered_elsewhere" and (f.get("answered_by_num") or
-                                           f.get("answered_by_name")):
-        return "answered by %s" % _caller(f, "answered_by")
-    return "%s after %s" % (_REASON_TEXT.get(reason, reason), _seconds(f, "duration"))
-
-
-#: The words after "caller -> called" per kind, one small function each.
-_SAID = {
-    "incoming": _said_incoming, "outgoing": _said_incoming, "pickup": _said_pickup,
-    "timeout": lambda f: "not answered", "busy": lambda f: "busy",
-    "divert": _said_divert, "transfer": _said_transfer, "queue": _said_queue,
-    "park": _said_park, "unpark": _said_unpark, "conference": _said_conference,
-    "hold": lambda f: "on hold by %s" % _caller(f, "by"),
-    "unhold": lambda f: "off hold by %s" % _caller(f, "by"),
-    "hangup": _said_hangup, "call": _said_call, "missed": _said_missed,
-}
-
-#: The fields every call event has; an unknown kind shows the others.
-_COMMON_FIELDS = ("event", "call", "time", "role", "device", "from_num", "from_name",
-                  "to_num", "to_name")
-
-
-def _local_time(text: Optional[str], fmt: str) -> str:
-    epoch = parse_iso_time(text)
-    if epoch is None:
-        return "--:--:--"
-    return datetime.datetime.fromtimestamp(epoch).strftime(fmt)
-
-
-def render_event(event: WatchEvent) -> str:
-    """One readable line, the time local::
-
-        14:02:11  incoming  John Customer <+15551230001> -> 100 (Alice Smith)  dialed +15557000100
-
-    Missed calls show the date too.  Control characters in caller IDs are
-    shown escaped: a line never ends early or moves the cursor.
-    """
-    f = event.fields
-    if event.kind == "missed":
-        when = _local_time(f.get("end") or f.get("start"), "%Y-%m-%d %H:%M")
-    else:
-        when = _local_time(f.get("time"), "%H:%M:%S")
-    if event.kind == "status":
-        text = _status_text(f)
-    else:
-        said = _SAID.get(event.kind)
-        if said is not None:
-            detail = said(f)
-        else:
-            detail = encode_text_line("", {k: v for k, v in f.items()
-                                           if k not in _COMMON_FIELDS}).strip()
-        text = "%s -> %s" % (_caller(f, "from"), _called(f, "to"))
-        if detail:
-            text += "  " + detail
-    return ("%s  %-8s  %s" % (when, event.kind, text)).translate(_DISPLAY_ESCAPES)
-
-
-def _status_text(f: Dict[str, str]) -> str:
-    if f.get("server") == "stopping":
-        return "the ctinotify server is stopping"
-    if f.get("pbx") == "up":
-        return "PBX connected"
-    if f.get("pbx") == "down":
-        return "PBX link down" + (": " + f["reason"] if f.get("reason") else "")
-    return encode_text_line("", {k: v for k, v in f.items() if k != "event"}).strip()
-
-
-def is_web_url(url: str) -> bool:
-    """Whether ``watch --open`` may hand url to the browser: http or https
-    with a host, no spaces or control characters, so never a file, a
-    script URL or something a browser could take for an option."""
-    if not url or any(c.isspace() or ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in url):
-        return False
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return False
-    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-
-
-# -- hooks ------------------------------------------------------------------------
-
-#: ``{name}`` in a hook argument; ``{{`` and ``}}`` are literal braces.
-_HOOK_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z0-9_]*)\}")
-
-
-def fill_placeholders(template: str, fields: Dict[str, str]) -> str:
-    """Replace each ``{name}`` with ``fields[name]`` (unknown: empty), in one
-    pass: a ``{`` in a value is never read as a placeholder again.  A NUL,
-    which no program argument can hold, becomes U+FFFD."""
-    def fill(match: "re.Match[str]") -> str:
-        if match.group(1) is None:
-            return match.group(0)[0]
-        return fields.get(match.group(1), "").replace("\0", "\ufffd")
-    return _HOOK_PLACEHOLDER.sub(fill, template)
-
-
-class ExecHook:
-    """``--exec KIND=COMMAND``: a program run for each event of a kind.
-
-    COMMAND is split once, like a POSIX shell would (``shlex.split``), into
-    an argument list; placeholders are then filled inside each argument,
-    and the list is run without a shell.  Whatever a caller ID holds
-    (quotes, ``;``, ``$(...)``, newlines), it stays inside its argument.
-    """
-
-    def __init__(self, kind: str, template: List[str]):
-        #: An event kind, or ``all``.
-        self.kind = kind
-        self.template = template
-
-    @classmethod
-    def parse(cls, spec: str) -> "ExecHook":
-        """``incoming=notify-send -- "Call from {from_name}" {from_num}``;
-        ValueError says what is wrong."""
-        kind, sep, command = spec.partition("=")
-        kind = kind.strip().lower()
-        if not sep or kind not in EVENT_KINDS + ("all",):
-            raise ValueError("%r: expected KIND=COMMAND, KIND one of: all, %s"
-                             % (spec[:40], ", ".join(EVENT_KINDS)))
-        try:
-            template = shlex.split(command)
-        except ValueError as e:
-            raise ValueError("%r: the command does not split into arguments: %s"
-                             % (spec[:40], e))
-        if not template:
-            raise ValueError("%r: no command after %s=" % (spec[:40], kind))
-        if any(m.group(1) is not None for m in _HOOK_PLACEHOLDER.finditer(template[0])):
-            # Else a caller ID would choose the program.
-            raise ValueError("%r: a placeholder in the program name, expected them in "
-                             "its arguments only" % spec[:40])
-        return cls(kind, template)
-
-    def wants(self, kind: str) -> bool:
-        return kind == self.kind or (self.kind == "all" and kind in EVENT_KINDS)
-
-    def argv(self, fields: Dict[str, str]) -> List[str]:
-        return [fill_placeholders(arg, fields) for arg in self.template]
-
-
-# ---------------------------------------------------------------------------
 # Desktop client I/O: one blocking socket, reconnects, hooks, the browser
 # ---------------------------------------------------------------------------
 
@@ -5903,54 +5956,6 @@ class WatchClient:
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-
-
-class TraceClock:
-    """The time of a recorded message, for replay.
-
-    With ``timestampevents = yes`` in manager.conf every event carries
-    ``Timestamp: <epoch>``; without it, the newest channel creation time
-    (a Uniqueid is ``epoch.seq``) is the best clock a recording has.
-    """
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def observe(self, msg: AmiMessage) -> float:
-        stamp = sane_epoch(msg.get("Timestamp") or "")
-        if stamp is not None:
-            self.now = max(self.now, stamp)
-            return self.now
-        uniqueid = msg.get("Uniqueid")
-        if uniqueid:
-            epoch = uniqueid_epoch(uniqueid)
-            if epoch is not None and epoch > self.now:
-                self.now = epoch
-        return self.now
-
-
-def replay_trace(stream, users: Dict[str, UserConfig], chunk_bytes: int = 1 << 16,
-                 pbx: str = DEFAULT_PBX, tag: str = ""):
-    """Feed a recorded AMI byte stream through parser and engine; yield
-    ``(user, fields)`` for every notification a client of that user with
-    all its allowed kinds would receive.  ``pbx`` is the PBX it was
-    recorded on (for devices named ``NAME:...``); ``tag`` the ``pbx`` field
-    events carry when the configuration has several."""
-    engine = CallEngine(Directory(users.values(), pbx), tag)
-    clock = TraceClock()
-    first = stream.read(chunk_bytes)
-    parser = AmiParser(expect_banner=first.startswith(AMI_BANNER_PREFIX.encode()))
-    data = first
-    while data:
-        for msg in parser.feed(data):
-            for note in engine.handle(msg, clock.observe(msg)):
-                account = users.get(note.user)
-                if account is not None and note.kind in account.events:
-                    yield note.user, with_popup_url(note.fields, account)
-        for problem in parser.problems:
-            log.warning("replay: %s", problem)
-        parser.problems.clear()
-        data = stream.read(chunk_bytes)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -2758,7 +2758,7 @@ def local_hms(iso):
 def test_the_desktop_client_core_does_no_io():
     with open(CTINOTIFY, encoding="utf-8") as f:
         source = f.read()
-    core = source.split("# Desktop client (no I/O)")[1].split("# Desktop client I/O")[0]
+    core = source.split("# Desktop client (no I/O)")[1].split("# Replay (no I/O)")[0]
     for forbidden in (r"\bsocket\.[a-z]", r"\bselectors\.", r"\btime\.(time|monotonic|sleep)\(",
                       r"\bopen\(", r"\bsys\.std", r"\bprint\(", r"\bsubprocess\.",
                       r"\bwebbrowser\.", r"\bos\.(environ|system|popen)", r"\.now\("):
