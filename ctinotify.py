@@ -217,12 +217,14 @@ class AmiProtocolError(CtiError):
 
 
 class ClientProtocolError(CtiError):
-    """A desktop client broke the line protocol; ``code`` is stable."""
+    """A desktop client broke the line protocol; ``code`` and ``text`` are
+    its ``ERR`` reply, ``reason`` says more, for the log."""
 
-    def __init__(self, code: str, text: str):
+    def __init__(self, code: str, text: str, reason: str = ""):
         super().__init__("%s %s" % (code, text))
         self.code = code
         self.text = text
+        self.reason = reason or text
 
 
 class WatchProtocolError(CtiError):
@@ -3840,6 +3842,99 @@ class ClientSession:
 
 
 # ---------------------------------------------------------------------------
+# Line framing (no I/O): bytes in, bounded lines out
+# ---------------------------------------------------------------------------
+
+
+class LineFramer:
+    """Cuts a byte stream into lines, within limits (h11's receive buffer).
+
+    ``receive_data(data)`` takes bytes split anywhere; ``next_line()``
+    returns the next complete line, or None until one is complete.  A line
+    ends in LF or CRLF and is returned without it, decoded as UTF-8 after
+    framing (a character split across reads is whole again; invalid bytes
+    become U+FFFD).  Both line protocols frame here: the client commands
+    the daemon reads and the server lines ``watch`` reads.
+
+    ``max_line_bytes`` counts a line's bytes without its line end.  A longer
+    line is refused (ClientProtocolError 413, at once for a complete one,
+    by ``check()`` for an unfinished one), or with ``skip_long`` dropped and
+    counted in ``skipped``, framing going on after its end.  ``check()`` also
+    refuses more than ``max_pending_bytes`` received and not yet taken.
+    """
+
+    def __init__(self, max_line_bytes: int, max_pending_bytes: Optional[int] = None,
+                 skip_long: bool = False):
+        self.max_line_bytes = max_line_bytes
+        self.max_pending_bytes = max_pending_bytes
+        self.skip_long = skip_long
+        #: Lines dropped for their length (``skip_long``).
+        self.skipped = 0
+        self._buffer = bytearray()
+        #: No LF before this offset: the next search starts here.
+        self._scan_from = 0
+        #: Dropping the rest of an over-long line, up to its LF.
+        self._skipping = False
+
+    def receive_data(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet taken as lines."""
+        return len(self._buffer)
+
+    def clear(self) -> None:
+        self._buffer.clear()
+        self._scan_from = 0
+
+    def next_line(self) -> Optional[str]:
+        buf = self._buffer
+        while True:
+            newline = buf.find(b"\n", self._scan_from)
+            if newline < 0:
+                self._scan_from = len(buf)
+                if self.skip_long and (self._skipping or self._too_long(len(buf), buf)):
+                    # Kept neither way: what follows, up to the LF, is the same line.
+                    if not self._skipping:
+                        self.skipped += 1
+                        self._skipping = True
+                    self.clear()
+                return None
+            self._scan_from = 0
+            end = newline - 1 if newline and buf[newline - 1] == 13 else newline
+            if self._skipping:
+                self._skipping = False
+            elif end <= self.max_line_bytes:
+                line = buf[:end].decode("utf-8", "replace")
+                del buf[:newline + 1]
+                return line
+            elif not self.skip_long:
+                raise ClientProtocolError("413", "line too long", "line of more than %d bytes"
+                                          % self.max_line_bytes)
+            else:
+                self.skipped += 1
+            del buf[:newline + 1]
+
+    def _too_long(self, size: int, tail: bytearray) -> bool:
+        """Whether an unfinished line of ``size`` bytes is over the limit
+        already (a final CR may yet turn out to be part of its line end)."""
+        return size - (1 if tail.endswith(b"\r") else 0) > self.max_line_bytes
+
+    def check(self) -> None:
+        """Raise ClientProtocolError 413 if the unfinished line is too long
+        already, or too much input waits to be taken."""
+        buf = self._buffer
+        tail = len(buf) - (buf.rfind(b"\n") + 1)
+        if tail and self._too_long(tail, buf):
+            raise ClientProtocolError("413", "line too long", "more than %d bytes without "
+                                      "a newline" % self.max_line_bytes)
+        if self.max_pending_bytes is not None and len(buf) > self.max_pending_bytes:
+            raise ClientProtocolError("413", "too much input at once", "more than %d bytes of "
+                                      "input waiting" % self.max_pending_bytes)
+
+
+# ---------------------------------------------------------------------------
 # Desktop client (no I/O): the watch protocol, event lines and hook commands
 # ---------------------------------------------------------------------------
 
@@ -4437,7 +4532,7 @@ def _error_text(error: Exception) -> str:
 class ClientConnection:
     """A desktop client's socket, its buffers and its ClientSession."""
 
-    __slots__ = ("sock", "session", "peer", "host_key", "tls", "handshaking", "inbuf", "outbuf",
+    __slots__ = ("sock", "session", "peer", "host_key", "tls", "handshaking", "framer", "outbuf",
                  "events", "callback", "closed", "closing", "close_level", "shut", "peer_eof",
                  "overflow", "soft_since", "auth_deadline", "hold_until", "held")
 
@@ -4452,7 +4547,7 @@ class ClientConnection:
         #: A TLS connection; ``handshaking`` until its handshake is done.
         self.tls = tls
         self.handshaking = tls
-        self.inbuf = bytearray()
+        self.framer = LineFramer(MAX_CLIENT_LINE_BYTES, MAX_CLIENT_PENDING_INPUT_BYTES)
         self.outbuf = bytearray()
         #: The selector events the socket is registered for, and its callback.
         self.events = selectors.EVENT_READ
@@ -5413,41 +5508,30 @@ class Daemon:
                     self._watch(conn)  # write the rest, then close
                 return
             if conn.closing is None:
-                conn.inbuf += data
+                conn.framer.receive_data(data)
                 self._process_input(conn)
             if conn.closed or not (conn.tls and conn.sock.pending()):  # type: ignore[attr-defined]
                 return
 
     def _process_input(self, conn: ClientConnection) -> None:
         """Run the complete lines received, unless a reply is held back."""
-        inbuf = conn.inbuf
-        while not conn.closed and conn.closing is None and conn.hold_until is None:
-            newline = inbuf.find(b"\n")
-            if newline < 0:
-                break
-            if newline > MAX_CLIENT_LINE_BYTES:
-                self._finish(conn, "line of more than %d bytes" % MAX_CLIENT_LINE_BYTES,
-                             b"ERR 413 line too long\r\n", logging.WARNING)
-                return
-            line = bytes(inbuf[:newline])
-            del inbuf[:newline + 1]
-            self._client_line(conn, line)
-        if conn.closed or conn.closing is not None:
-            return
-        partial = len(inbuf) - (inbuf.rfind(b"\n") + 1)
-        if partial > MAX_CLIENT_LINE_BYTES:
-            self._finish(conn, "more than %d bytes without a newline" % MAX_CLIENT_LINE_BYTES,
-                         b"ERR 413 line too long\r\n", logging.WARNING)
-        elif len(inbuf) > MAX_CLIENT_PENDING_INPUT_BYTES:
-            self._finish(conn, "more than %d bytes of input waiting"
-                         % MAX_CLIENT_PENDING_INPUT_BYTES,
-                         b"ERR 413 too much input at once\r\n", logging.WARNING)
+        framer = conn.framer
+        try:
+            while not conn.closed and conn.closing is None and conn.hold_until is None:
+                line = framer.next_line()
+                if line is None:
+                    break
+                self._client_line(conn, line)
+            if not conn.closed and conn.closing is None:
+                framer.check()
+        except ClientProtocolError as e:
+            self._finish(conn, e.reason, ("ERR %s %s\r\n" % (e.code, e.text)).encode("utf-8"),
+                         logging.WARNING)
 
-    def _client_line(self, conn: ClientConnection, raw: bytes) -> None:
+    def _client_line(self, conn: ClientConnection, text: str) -> None:
         session = conn.session
         was_user = session.user
         failures = session.failed_logins
-        text = raw.rstrip(b"\r").decode("utf-8", "replace")
         replies = [(reply.replace("\r", " ").replace("\n", " ") + "\r\n").encode("utf-8")
                    for reply in session.handle_line(text, self.view)]
         if session.failed_logins > failures:
@@ -5579,7 +5663,7 @@ class Daemon:
             self._queue(conn, reply)
         conn.closing = reason
         conn.close_level = level
-        conn.inbuf.clear()
+        conn.framer.clear()
         self._add_timer(time.monotonic() + CLIENT_LINGER_S, "linger", conn)
         self._dirty.add(conn)
 
@@ -5637,7 +5721,7 @@ class Daemon:
             pass
         conn.sock.close()
         conn.outbuf.clear()
-        conn.inbuf.clear()
+        conn.framer.clear()
         conn.held.clear()
 
 
@@ -5771,6 +5855,11 @@ class WatchClient:
         self.out = out if out is not None else sys.stdout
         self.children: List[subprocess.Popen] = []
         self.where = "%s port %d" % (host, port)
+        #: The connection of the moment: logged in; when the server was
+        #: last heard and a PING sent (monotonic).
+        self._logged_in = False
+        self._last_heard = 0.0
+        self._ping_sent: Optional[float] = None
 
     def run(self) -> int:
         """Until Ctrl-C (0) or a refused login (1)."""
@@ -5802,15 +5891,33 @@ class WatchClient:
 
     def _connect_once(self) -> Tuple[bool, bool, str]:
         """One connection: ``(fatal, logged_in, why it ended)``."""
+        sock, failure = self._dial()
+        if sock is None:
+            return failure
         since = self.state.last_seen if self.state is not None else None
         session = WatchSession(self.user, self._secret,
                                "text" if self.fmt == "text" else "json", since,
                                since_calls=self.state.last_calls if self.state is not None else ())
+        self._logged_in = False
+        try:
+            return self._serve(sock, session)
+        except WatchProtocolError as e:
+            return False, self._logged_in, "%s: %s" % (self.where, e)
+        except OSError as e:
+            return False, self._logged_in, "connection to %s lost: %s" % (self.where,
+                                                                           e.strerror or e)
+        finally:
+            sock.close()
+
+    def _dial(self) -> Tuple[Optional[socket.socket], Tuple[bool, bool, str]]:
+        """Connect, with TLS if asked: ``(socket, _)``, or ``(None, (fatal,
+        False, why not))``."""
         try:
             sock = socket.create_connection((self.host, self.port),
                                             timeout=WATCH_CONNECT_TIMEOUT_S)
         except OSError as e:
-            return False, False, "cannot connect to %s: %s" % (self.where, e.strerror or e)
+            return None, (False, False, "cannot connect to %s: %s" % (self.where,
+                                                                      e.strerror or e))
         if self.tls_context is not None:
             try:
                 sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
@@ -5819,71 +5926,67 @@ class WatchClient:
                 if isinstance(e, ssl.SSLCertVerificationError):
                     # Trying again would not help; somebody may be in between.
                     log.error("%s: %s; %s", self.where, _error_text(e), self.tls_hint)
-                    return True, False, "certificate not trusted"
-                return False, False, "TLS with %s failed: %s" % (self.where, _error_text(e))
-        logged_in = False
-        try:
-            sock.settimeout(WATCH_TICK_S)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            buffer = bytearray()
-            skipping = False
-            last_heard = time.monotonic()
-            ping_sent: Optional[float] = None
-            while True:
-                self._reap()
-                try:
-                    data: Optional[bytes] = sock.recv(WATCH_RECV_BYTES)
-                except socket.timeout:
-                    data = None
-                now = time.monotonic()
-                if data == b"":
-                    return False, logged_in, "%s closed the connection" % self.where
-                if data:
-                    last_heard, ping_sent = now, None
-                    buffer += data
-                    while True:
-                        newline = buffer.find(b"\n")
-                        if newline < 0:
-                            break
-                        if skipping or newline > MAX_WATCH_LINE_BYTES:
-                            if not skipping:  # it came whole
-                                log.warning("%s: skipped a line longer than %d bytes",
-                                            self.where, MAX_WATCH_LINE_BYTES)
-                            skipping = False  # else: the end of the over-long line
-                            del buffer[:newline + 1]
-                            continue
-                        line = bytes(buffer[:newline]).decode("utf-8", "replace")
-                        del buffer[:newline + 1]
-                        for item in session.receive_line(line):
-                            if isinstance(item, WatchRefused):
-                                log.error("%s refused the login as %s (%s): check the user, "
-                                          "the secret, and the host= allowed for the user",
-                                          self.where, self.user, item.reply)
-                                return True, False, "login refused"
-                            if isinstance(item, WatchLoggedIn):
-                                logged_in = True
-                                log.info("connected to %s: %s", self.where, item.reply)
-                            self._act(sock, session, item)
-                    if len(buffer) > MAX_WATCH_LINE_BYTES:
-                        # Skipped, not a reason to reconnect: the same line
-                        # (a HISTORY record) would come again, and again.
-                        if not skipping:
-                            log.warning("%s: skipped a line longer than %d bytes",
-                                        self.where, MAX_WATCH_LINE_BYTES)
-                        skipping = True
-                        buffer.clear()
-                elif session.state == "ready":
-                    if ping_sent is None and now - last_heard >= WATCH_PING_INTERVAL_S:
-                        self._send(sock, session.ping())
-                        ping_sent = now
-                    elif ping_sent is not None and now - ping_sent >= WATCH_PONG_TIMEOUT_S:
-                        return False, logged_in, "%s does not answer PING" % self.where
-        except WatchProtocolError as e:
-            return False, logged_in, "%s: %s" % (self.where, e)
-        except OSError as e:
-            return False, logged_in, "connection to %s lost: %s" % (self.where, e.strerror or e)
-        finally:
-            sock.close()
+                    return None, (True, False, "certificate not trusted")
+                return None, (False, False, "TLS with %s failed: %s" % (self.where,
+                                                                        _error_text(e)))
+        return sock, (False, False, "")
+
+    def _serve(self, sock: socket.socket, session: WatchSession) -> Tuple[bool, bool, str]:
+        """Read, frame and act on the server's lines until the connection ends."""
+        sock.settimeout(WATCH_TICK_S)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # An over-long line is skipped, not a reason to reconnect: the same
+        # line (a HISTORY record) would come again, and again.
+        framer = LineFramer(MAX_WATCH_LINE_BYTES, skip_long=True)
+        self._last_heard, self._ping_sent = time.monotonic(), None
+        while True:
+            self._reap()
+            try:
+                data: Optional[bytes] = sock.recv(WATCH_RECV_BYTES)
+            except socket.timeout:
+                data = None
+            now = time.monotonic()
+            if data == b"":
+                return False, self._logged_in, "%s closed the connection" % self.where
+            if data:
+                self._last_heard, self._ping_sent = now, None
+                framer.receive_data(data)
+                if self._dispatch(sock, session, framer):
+                    return True, False, "login refused"
+            elif session.state == "ready" and not self._keepalive(sock, session, now):
+                return False, self._logged_in, "%s does not answer PING" % self.where
+
+    def _dispatch(self, sock: socket.socket, session: WatchSession,
+                  framer: LineFramer) -> bool:
+        """Act on every complete line; True if the login was refused."""
+        skipped = framer.skipped
+        while True:
+            line = framer.next_line()
+            if framer.skipped > skipped:
+                log.warning("%s: skipped a line longer than %d bytes",
+                            self.where, MAX_WATCH_LINE_BYTES)
+                skipped = framer.skipped
+            if line is None:
+                return False
+            for item in session.receive_line(line):
+                if isinstance(item, WatchRefused):
+                    log.error("%s refused the login as %s (%s): check the user, "
+                              "the secret, and the host= allowed for the user",
+                              self.where, self.user, item.reply)
+                    return True
+                if isinstance(item, WatchLoggedIn):
+                    self._logged_in = True
+                    log.info("connected to %s: %s", self.where, item.reply)
+                self._act(sock, session, item)
+
+    def _keepalive(self, sock: socket.socket, session: WatchSession, now: float) -> bool:
+        """PING a server silent for a while; False once it failed to answer."""
+        if self._ping_sent is None and now - self._last_heard >= WATCH_PING_INTERVAL_S:
+            self._send(sock, session.ping())
+            self._ping_sent = now
+        elif self._ping_sent is not None and now - self._ping_sent >= WATCH_PONG_TIMEOUT_S:
+            return False
+        return True
 
     @staticmethod
     def _send(sock: socket.socket, command: WatchSend) -> None:

@@ -1074,6 +1074,81 @@ def test_client_session_refuses_a_host_not_allowed_and_a_secret_with_spaces_work
     assert inside.handle_line("LOGIN u two words", users)[0].startswith("OK")
 
 
+# -- line framing --------------------------------------------------------------
+
+FRAMED = ("LOGIN alice s\u00e9cret\r\n\r\nPING\nEVENTS incoming, hangup\r\n"
+          "caf\u00e9 \u2603 \U0001f600\r\n" + "x" * 1024 + "\r\n" + "y" * 1024 + "\n").encode()
+FRAMED_LINES = ["LOGIN alice s\u00e9cret", "", "PING", "EVENTS incoming, hangup",
+                "caf\u00e9 \u2603 \U0001f600", "x" * 1024, "y" * 1024]
+
+
+def frame_all(data, sizes, **limits):
+    """Feed ``data`` cut into ``sizes`` (the rest last); every line out, and
+    the framer (with what it still holds)."""
+    framer = ctinotify.LineFramer(limits.pop("max_line_bytes", 1024), **limits)
+    lines, pos = [], 0
+    for size in list(sizes) + [len(data)]:
+        framer.receive_data(data[pos:pos + size])
+        pos += size
+        while True:
+            line = framer.next_line()
+            if line is None:
+                break
+            lines.append(line)
+        framer.check()
+    return framer, lines
+
+
+@pytest.mark.parametrize("how", ["whole", "byte by byte", "random splits"])
+def test_line_framer_gives_the_same_lines_however_the_bytes_are_cut(how):
+    partial = "LOGIN b\u00f6b".encode()  # a trailing partial line, cut inside a character
+    data = FRAMED + partial[:-1]
+    sizes = {"whole": [], "byte by byte": [1] * len(data),
+             "random splits": [random.Random(7).randint(1, 40) for _ in range(len(data) // 20)]}
+    framer, lines = frame_all(data, sizes[how])
+    assert lines == FRAMED_LINES
+    assert framer.pending == len(partial) - 1  # kept until it ends
+    framer.receive_data(partial[-1:] + b"\r")
+    assert framer.next_line() is None
+    framer.receive_data(b"\n")
+    assert framer.next_line() == "LOGIN b\u00f6b" and framer.pending == 0
+
+
+def test_line_framer_limit_counts_the_line_and_not_its_end():
+    # 1,024 bytes pass with CRLF, with LF, and while the CR waits for its LF.
+    framer, lines = frame_all(b"a" * 1024 + b"\r", [1024])
+    assert lines == [] and framer.pending == 1025
+    for data in (b"a" * 1025 + b"\r\n", b"a" * 1025 + b"\n"):
+        with pytest.raises(ctinotify.ClientProtocolError) as info:
+            frame_all(data, [])
+        assert (info.value.code, info.value.text) == ("413", "line too long")
+        assert info.value.reason == "line of more than 1024 bytes"
+    with pytest.raises(ctinotify.ClientProtocolError) as info:
+        frame_all(b"a" * 1025, [1])  # not ended yet, and too long already
+    assert info.value.reason == "more than 1024 bytes without a newline"
+
+
+def test_line_framer_bounds_the_input_waiting_to_be_taken():
+    framer = ctinotify.LineFramer(1024, max_pending_bytes=4096)
+    framer.receive_data(b"PING\r\n" * 682)  # 4,092 bytes: lines not taken yet (a held reply)
+    framer.check()
+    framer.receive_data(b"PING\r\n")
+    with pytest.raises(ctinotify.ClientProtocolError) as info:
+        framer.check()
+    assert (info.value.text, info.value.reason) == \
+        ("too much input at once", "more than 4096 bytes of input waiting")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_line_framer_skips_over_long_lines_at_any_split(seed):
+    rng = random.Random(seed)
+    data = b"one\r\n" + b"z" * 5000 + b"\r\ntwo\n" + b"w" * 101 + b"\nthree\r\n" + b"v" * 100
+    sizes = [rng.randint(1, 300) for _ in range(len(data) // 100)]
+    framer, lines = frame_all(data, sizes, max_line_bytes=100, skip_long=True)
+    assert lines == ["one", "two", "three"] and framer.skipped == 2
+    assert framer.pending == 100
+
+
 # ---------------------------------------------------------------------------
 # Command line: replay and record
 # ---------------------------------------------------------------------------
@@ -1402,6 +1477,9 @@ def test_e2e_sigterm_sends_a_closing_line_and_exits_0(fake, daemon_factory, clie
 def test_e2e_a_client_that_sends_a_huge_line_is_cut_off(fake, daemon_factory, clients):
     daemon = daemon_factory()
     hog = clients(daemon.port)
+    # A command of exactly the limit passes: its CRLF does not count.
+    hog.send("PING".ljust(ctinotify.MAX_CLIENT_LINE_BYTES))
+    assert hog.line() == "OK PONG"
     hog.sock.sendall(b"A" * (ctinotify.MAX_CLIENT_LINE_BYTES + 10))
     assert hog.line() == "ERR 413 line too long"
     assert hog.closed()
