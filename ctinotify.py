@@ -444,136 +444,221 @@ def is_host_name(host: str) -> bool:
     return len(ascii_name) <= 253 and all(map(_HOST_LABEL.match, labels))
 
 
-class AmiConfig:
-    """An ``[ami]`` or ``[ami:NAME]`` section: how to reach and log in to one
-    Asterisk."""
+class Setting:
+    """One key of a section: its type, default, bounds and meaning.  The
+    tables below drive key checks, parsing, the objects built and
+    ``check``'s output (the README's configuration reference says the same).
 
-    __slots__ = ("name", "host", "port", "username", "secret", "auth", "ping_interval",
-                 "reconnect_max", "tls", "tls_verify", "tls_ca")
+    ``kind``: ``text``; ``address`` (an IP address); ``host`` (an IP address
+    or a host name); ``number`` (seconds, say) or ``integer`` from ``low``
+    to ``high``; ``size`` (bytes: ``4mb``; ``allow_zero``: 0 too);
+    ``choice`` (one of ``choices``); ``boolean``; ``port`` (``allow_off``:
+    ``off`` gives None; a default of None: no value means no such port).
+    ``advanced`` keys are for tests and odd networks: ``check`` shows them
+    only when set.  ``needs``: shown only while that key is on.
+    """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_AMI_PORT,
-                 username: str = "", secret: str = "", auth: str = "plain",
-                 ping_interval: float = AMI_PING_INTERVAL_S,
-                 reconnect_max: float = AMI_RECONNECT_MAX_S,
-                 tls: bool = False, tls_verify: bool = True, tls_ca: str = "",
-                 name: str = DEFAULT_PBX):
-        #: The PBX's name: ``default`` for [ami], NAME for [ami:NAME].
-        self.name = name
-        self.host = host
-        self.port = port
-        self.username = username
+    __slots__ = ("key", "kind", "default", "low", "high", "choices", "help", "advanced",
+                 "needs", "secret", "required", "allow_zero", "allow_off")
+
+    def __init__(self, key: str, kind: str, default: object, help: str, low: float = 0,
+                 high: float = 0, choices: Sequence[str] = (), advanced: bool = False,
+                 needs: str = "", secret: bool = False, required: bool = False,
+                 allow_zero: bool = False, allow_off: bool = False):
+        self.key = key
+        self.kind = kind
+        self.default = default
+        self.help = help
+        self.low = low
+        self.high = high
+        self.choices = tuple(choices)
+        self.advanced = advanced
+        self.needs = needs
         self.secret = secret
-        self.auth = auth
-        self.ping_interval = ping_interval
-        self.reconnect_max = reconnect_max
-        #: Connect with TLS (Asterisk's manager.conf ``tlsenable``, port 5039).
-        self.tls = tls
-        #: Check Asterisk's certificate and host name (against ``tls_ca``,
-        #: else the system's CAs).
-        self.tls_verify = tls_verify
-        self.tls_ca = tls_ca
+        self.required = required
+        self.allow_zero = allow_zero
+        self.allow_off = allow_off
 
-    def key(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.__slots__)
+    def shown(self, value: object) -> str:
+        """The value as ``check`` prints it (a secret masked)."""
+        if value is None:
+            return "off"
+        if self.secret:
+            return mask(str(value))
+        if self.kind == "boolean":
+            return "yes" if value else "no"
+        if self.kind == "number":
+            return "%g" % value  # type: ignore[str-format]
+        return str(value)
+
+    def describe(self, values: Dict[str, object]) -> List[str]:
+        """``key = value`` for ``check``, or nothing if it goes unsaid."""
+        value = values[self.key]
+        if self.needs and (values[self.needs] is None or values[self.needs] is False) or \
+                value is None and not self.allow_off or \
+                self.advanced and value == self.default:
+            return []
+        return ["%s = %s" % (self.key, self.shown(value))]
 
 
+_LOGLEVELS = ("debug", "info", "warning", "error")
 #: Where ``run`` may log (``log =`` in [general]).
 LOG_TARGETS = ("auto", "stderr", "syslog")
 #: Where syslog(3) listens on Linux and the BSDs.
 DEFAULT_SYSLOG_SOCKET = "/dev/log"
 SYSLOG_FACILITIES = ("daemon",) + tuple("local%d" % n for n in range(8))
 
+#: ``[general]``: the client ports and the daemon itself.
+GENERAL_SETTINGS = (
+    Setting("bind", "address", "0.0.0.0", "address for clients; :: for IPv4 and IPv6"),
+    # Port 0 asks the kernel for a free port (the tests use it).
+    Setting("port", "port", DEFAULT_CLIENT_PORT, "the plain-text client port; off: TLS only",
+            0, 65535, allow_off=True),
+    Setting("loglevel", "choice", "info", "how much run logs", choices=_LOGLEVELS),
+    Setting("calllog", "text", "", "file to append every finished call to (JSON lines)"),
+    Setting("login_timeout", "number", CLIENT_AUTH_TIMEOUT_S, "seconds a client may stay "
+            "connected without logging in (TLS port: also without its handshake)", 1, 3600),
+    Setting("log", "choice", "auto", "where run logs: auto (syslog with --daemon, else "
+            "stderr), stderr or syslog; read at start only", choices=LOG_TARGETS),
+    Setting("syslog_facility", "choice", "daemon", "the syslog facility",
+            choices=SYSLOG_FACILITIES),
+    Setting("syslog_socket", "text", DEFAULT_SYSLOG_SOCKET, "the Unix socket syslog listens on"),
+    Setting("max_clients", "integer", MAX_CLIENTS, "connections at once", 1, 100000),
+    Setting("max_clients_per_host", "integer", MAX_CLIENTS_PER_HOST,
+            "connections at once from one address (IPv6: one /64)", 1, 100000),
+    Setting("client_buffer_hard", "size", CLIENT_OUTPUT_HARD_LIMIT_BYTES, "unsent output a "
+            "client may have before it is disconnected", MIN_CLIENT_OUTPUT_LIMIT_BYTES,
+            1024 ** 3),
+    Setting("client_buffer_soft", "size", CLIENT_OUTPUT_SOFT_LIMIT_BYTES, "unsent output a "
+            "client may have for client_buffer_soft_seconds (0: no soft limit)",
+            MIN_CLIENT_OUTPUT_LIMIT_BYTES, 1024 ** 3, allow_zero=True),
+    Setting("client_buffer_soft_seconds", "number", CLIENT_OUTPUT_SOFT_S,
+            "how long a client may stay over the soft limit", 0, 3600),
+    Setting("login_fail_delay", "number", LOGIN_FAIL_DELAY_S, "seconds the reply to an "
+            "address's first failed login waits (doubling per failure)", 0, 60),
+    Setting("login_block_after", "integer", LOGIN_BLOCK_AFTER, "failed logins from an "
+            "address that block it (0: never)", 0, 1000),
+    Setting("login_block_seconds", "number", LOGIN_BLOCK_S, "how long such a block lasts",
+            1, 86400),
+    Setting("tls_port", "port", None, "the TLS client port (empty: none)", 0, 65535),
+    Setting("tls_cert", "text", "", "PEM certificate (chain) of the TLS port",
+            needs="tls_port"),
+    Setting("tls_key", "text", "", "its PEM key (empty: in tls_cert)", needs="tls_port"),
+    Setting("linger_timeout", "number", CLIENT_LINGER_S, "seconds a closing connection "
+            "waits for the client to read its last reply and close", 0.01, 60,
+            advanced=True),
+)
 
-class Config:
-    """The whole validated configuration."""
+#: ``[ami]`` and ``[ami:NAME]``: one Asterisk to connect to.
+AMI_SETTINGS = (
+    Setting("host", "host", "127.0.0.1", "where Asterisk's manager listens"),
+    Setting("port", "port", DEFAULT_AMI_PORT, "its port (%d with tls = yes)"
+            % DEFAULT_AMI_TLS_PORT, 1, 65535),
+    Setting("username", "text", "", "the manager.conf user", required=True),
+    Setting("secret", "text", "", "its secret", secret=True, required=True),
+    Setting("auth", "choice", "plain", "md5: log in with a challenge, never sending the "
+            "secret", choices=("plain", "md5")),
+    Setting("ping_interval", "number", AMI_PING_INTERVAL_S, "seconds between keep-alive "
+            "Pings", 1, 3600),
+    Setting("reconnect_max", "number", AMI_RECONNECT_MAX_S, "longest wait between "
+            "reconnects", 1, 3600),
+    Setting("tls", "boolean", False, "connect with TLS (manager.conf tlsenable)"),
+    Setting("tls_verify", "boolean", True, "check Asterisk's certificate and host name",
+            needs="tls"),
+    Setting("tls_ca", "text", "", "the CAs to check it against (empty: the system's)",
+            needs="tls"),
+    Setting("connect_timeout", "number", AMI_CONNECT_TIMEOUT_S, "seconds to connect (and "
+            "finish TLS) before trying again", 0.01, 3600, advanced=True),
+    Setting("login_timeout", "number", AMI_LOGIN_TIMEOUT_S, "seconds Asterisk may take to "
+            "greet and answer the login", 0.01, 3600, advanced=True),
+    Setting("ping_timeout", "number", AMI_PING_TIMEOUT_S, "seconds a Ping may go "
+            "unanswered before the link counts as lost", 0.01, 3600, advanced=True),
+)
 
-    def __init__(self, path: str, bind: str, port: int, loglevel: str, calllog: str,
-                 ami: AmiConfig, users: Dict[str, UserConfig],
-                 login_timeout: float = CLIENT_AUTH_TIMEOUT_S, log: str = "auto",
-                 syslog_facility: str = "daemon", syslog_socket: str = DEFAULT_SYSLOG_SOCKET,
-                 max_clients: int = MAX_CLIENTS,
-                 max_clients_per_host: int = MAX_CLIENTS_PER_HOST,
-                 client_buffer_hard: int = CLIENT_OUTPUT_HARD_LIMIT_BYTES,
-                 client_buffer_soft: int = CLIENT_OUTPUT_SOFT_LIMIT_BYTES,
-                 client_buffer_soft_seconds: float = CLIENT_OUTPUT_SOFT_S,
-                 login_fail_delay: float = LOGIN_FAIL_DELAY_S,
-                 login_block_after: int = LOGIN_BLOCK_AFTER,
-                 login_block_seconds: float = LOGIN_BLOCK_S,
-                 tls_port: Optional[int] = None, tls_cert: str = "", tls_key: str = ""):
-        self.path = path
-        #: Seconds a client may stay connected without logging in (and, on
-        #: the TLS port, without finishing the handshake).
-        self.login_timeout = login_timeout
-        #: Where ``run`` logs: ``auto`` (syslog with --daemon, else stderr),
-        #: ``stderr`` or ``syslog``.  Read at start only, not on reload.
-        self.log = log
-        #: The syslog facility name (``daemon``, ``local0`` ... ``local7``).
-        self.syslog_facility = syslog_facility
-        #: The Unix socket syslog listens on.
-        self.syslog_socket = syslog_socket
-        self.bind = bind
-        #: The plain-text client port; ``None`` (``port = off``): TLS only.
-        self.port = port
-        self.loglevel = loglevel
-        self.calllog = calllog
-        self.ami = ami
-        self.users = users
-        #: Connections at once, in total and per source address.
-        self.max_clients = max_clients
-        self.max_clients_per_host = max_clients_per_host
-        #: Output buffer limits in bytes (0 = no soft limit) and the time a
-        #: client may stay over the soft one.
-        self.client_buffer_hard = client_buffer_hard
-        self.client_buffer_soft = client_buffer_soft
-        self.client_buffer_soft_seconds = client_buffer_soft_seconds
-        #: The delay before the reply to an address's first failed login
-        #: (doubling per failure); failures until a block (0 = never); its length.
-        self.login_fail_delay = login_fail_delay
-        self.login_block_after = login_block_after
-        self.login_block_seconds = login_block_seconds
-        #: The TLS client port (``None``: no TLS listener) and its PEM files.
-        self.tls_port = tls_port
-        self.tls_cert = tls_cert
-        self.tls_key = tls_key
-        #: Built by load_config from the files named above (None otherwise).
-        self.tls_context: Optional["ssl.SSLContext"] = None
+GENERAL_KEYS = tuple(setting.key for setting in GENERAL_SETTINGS)
+AMI_KEYS = tuple(setting.key for setting in AMI_SETTINGS)
+
+
+class _Immutable:
+    """Set in ``__init__``, never changed after: a reload builds new ones."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("%s is immutable: build a new one" % type(self).__name__)
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+
+
+class AmiConfig(_Immutable):
+    """An ``[ami]`` or ``[ami:NAME]`` section: how to reach and log in to one
+    Asterisk.  Every key of AMI_SETTINGS is an attribute of the same name."""
+
+    __slots__ = ("name", "_values") + AMI_KEYS
+
+    def __init__(self, name: str = DEFAULT_PBX, **values: object):
+        #: The PBX's name: ``default`` for [ami], NAME for [ami:NAME].
+        self._set("name", name)
+        self._set("_values", {s.key: values.pop(s.key, s.default) for s in AMI_SETTINGS})
+        if values:
+            raise TypeError("not [ami] keys: %s" % ", ".join(values))
+        for key, value in self._values.items():
+            self._set(key, value)
+
+    def key(self) -> tuple:
+        """What a reload compares: another key is another link."""
+        return (self.name,) + tuple(self._values.values())
+
+    def describe(self) -> List[str]:
+        lines = ["[ami]" if self.name == DEFAULT_PBX else "[ami:%s]" % self.name]
+        for setting in AMI_SETTINGS:
+            lines += setting.describe(self._values)
+        return lines
+
+
+class Config(_Immutable):
+    """The whole validated configuration, built once: a reload builds a new
+    one.  Every key of GENERAL_SETTINGS is an attribute of the same name."""
+
+    __slots__ = ("path", "pbxes", "ami", "users", "origins", "tls_context",
+                 "ami_tls_contexts", "_values") + GENERAL_KEYS
+
+    def __init__(self, path: str, general: Dict[str, object], pbxes: Sequence[AmiConfig],
+                 users: Dict[str, UserConfig], origins: Optional[Dict[str, str]] = None,
+                 tls_context: Optional["ssl.SSLContext"] = None,
+                 ami_tls_contexts: Optional[Dict[str, "ssl.SSLContext"]] = None):
+        self._set("path", path)
+        self._set("_values", {s.key: general.get(s.key, s.default) for s in GENERAL_SETTINGS})
+        for key, value in self._values.items():
+            self._set(key, value)
         #: The PBXes to connect to: [ami] first, then each [ami:NAME].
-        self.pbxes: List[AmiConfig] = [ami]
-        #: TLS contexts of the PBXes with ``tls = yes``, by name.
-        self.ami_tls_contexts: Dict[str, "ssl.SSLContext"] = {}
+        self._set("pbxes", tuple(pbxes))
+        self._set("ami", self.pbxes[0])
+        self._set("users", users)
         #: ``key -> "FILE:LINE: [section] key"`` for problems found after parsing.
-        self.origins: Dict[str, str] = {}
+        self._set("origins", dict(origins or {}))
+        #: Built by load_config from the files named (None otherwise).
+        self._set("tls_context", tls_context)
+        #: TLS contexts of the PBXes with ``tls = yes``, by name.
+        self._set("ami_tls_contexts", dict(ami_tls_contexts or {}))
+
+    def replace(self, **changes: object) -> "Config":
+        """A new Config, this one with ``changes`` (path, TLS contexts)."""
+        fields: Dict[str, object] = dict(
+            path=self.path, general=self._values, pbxes=self.pbxes, users=self.users,
+            origins=self.origins, tls_context=self.tls_context,
+            ami_tls_contexts=self.ami_tls_contexts)
+        fields.update(changes)
+        return Config(**fields)  # type: ignore[arg-type]
 
     def describe(self) -> str:
         """The effective configuration as INI, secrets masked."""
-        lines = ["; effective configuration of %s" % self.path,
-                 "[general]", "bind = %s" % self.bind,
-                 "port = %s" % ("off" if self.port is None else self.port),
-                 "loglevel = %s" % self.loglevel, "calllog = %s" % self.calllog,
-                 "login_timeout = %g" % self.login_timeout, "log = %s" % self.log,
-                 "syslog_facility = %s" % self.syslog_facility,
-                 "syslog_socket = %s" % self.syslog_socket,
-                 "max_clients = %d" % self.max_clients,
-                 "max_clients_per_host = %d" % self.max_clients_per_host,
-                 "client_buffer_hard = %d" % self.client_buffer_hard,
-                 "client_buffer_soft = %d" % self.client_buffer_soft,
-                 "client_buffer_soft_seconds = %g" % self.client_buffer_soft_seconds,
-                 "login_fail_delay = %g" % self.login_fail_delay,
-                 "login_block_after = %d" % self.login_block_after,
-                 "login_block_seconds = %g" % self.login_block_seconds]
-        if self.tls_port is not None:
-            lines += ["tls_port = %d" % self.tls_port, "tls_cert = %s" % self.tls_cert,
-                      "tls_key = %s" % self.tls_key]
+        lines = ["; effective configuration of %s" % self.path, "[general]"]
+        for setting in GENERAL_SETTINGS:
+            lines += setting.describe(self._values)
         for ami in self.pbxes:
-            lines += ["", "[ami]" if ami is self.ami else "[ami:%s]" % ami.name]
-            lines += ["host = %s" % ami.host, "port = %d" % ami.port,
-                      "username = %s" % ami.username, "secret = %s" % mask(ami.secret),
-                      "auth = %s" % ami.auth, "ping_interval = %g" % ami.ping_interval,
-                      "reconnect_max = %g" % ami.reconnect_max,
-                      "tls = %s" % ("yes" if ami.tls else "no")]
-            if ami.tls:
-                lines += ["tls_verify = %s" % ("yes" if ami.tls_verify else "no"),
-                          "tls_ca = %s" % ami.tls_ca]
+            lines += [""] + ami.describe()
         for user in self.users.values():
             hosts = "dynamic" if user.hosts is None else ",".join(str(h) for h in user.hosts)
             exts = ",".join(n + ("@" + c if c else "") for n, c in user.extensions)
@@ -612,15 +697,6 @@ def mask(secret: str) -> str:
 _USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
 _EXTENSION = re.compile(r"^([A-Za-z0-9_.-]{1,32}:)?[0-9A-Za-z*#+_.-]{1,40}"
                         r"(@[A-Za-z0-9_.-]{1,80})?$")
-_LOGLEVELS = ("debug", "info", "warning", "error")
-
-GENERAL_KEYS = ("bind", "port", "loglevel", "calllog", "login_timeout", "log",
-                "syslog_facility", "syslog_socket", "max_clients",
-                "max_clients_per_host", "client_buffer_hard", "client_buffer_soft",
-                "client_buffer_soft_seconds", "login_fail_delay", "login_block_after",
-                "login_block_seconds", "tls_port", "tls_cert", "tls_key")
-AMI_KEYS = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max",
-            "tls", "tls_verify", "tls_ca")
 _SIZE = re.compile(r"^\s*([0-9]+)\s*(b|k|kb|m|mb|g|gb)?\s*$", re.I)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
                "g": 1024 ** 3, "gb": 1024 ** 3}
@@ -735,31 +811,98 @@ class _ConfigReader:
             return None, []
         return option, [item.strip() for item in option.value.split(",") if item.strip()]
 
+    def read_settings(self, section: IniSection, settings: Sequence[Setting],
+                      require: bool = True) -> Dict[str, object]:
+        """Every key of a schema table, checked against its type and bounds
+        (a wrong one gets its default, and a problem)."""
+        self.check_keys(section, [setting.key for setting in settings])
+        return {setting.key: self.setting(section, setting, require) for setting in settings}
+
+    def setting(self, section: IniSection, setting: Setting, require: bool) -> object:
+        kind, key, default = setting.kind, setting.key, setting.default
+        if kind in ("text", "address", "host"):
+            value = self.text(section, key, str(default), required=setting.required and require)
+            if kind == "address" and not is_ip_address(value):
+                self.problem(section, section.get(key), "%r is not an IP address, expected "
+                             "e.g. 0.0.0.0, 127.0.0.1 or ::" % value)
+            elif kind == "host" and not is_ip_address(value) and not is_host_name(value):
+                self.problem(section, section.get(key), "%r is neither an IP address nor a "
+                             "host name" % value)
+            return value
+        if kind == "port":
+            option = section.get(key)
+            if option is not None and setting.allow_off and option.value.lower() == "off":
+                return None
+            if option is None or default is None and option.value == "":
+                return default
+            kind = "integer"
+        if kind in ("number", "integer"):
+            number = self.number(section, key, default, setting.low, setting.high,  # type: ignore[arg-type]
+                                 integer=kind == "integer")
+            return int(number) if kind == "integer" and number is not None else number
+        if kind == "size":
+            return self.size(section, key, default, int(setting.low), int(setting.high),  # type: ignore[arg-type]
+                             allow_zero=setting.allow_zero)
+        if kind == "choice":
+            return self.choice(section, key, str(default), setting.choices)
+        return self.boolean(section, key, bool(default))
+
+    def read_general(self, general: IniSection) -> Dict[str, object]:
+        """[general], and what its keys say about each other."""
+        values = self.read_settings(general, GENERAL_SETTINGS)
+        if not str(values["syslog_socket"]).startswith("/"):
+            self.problem(general, general.get("syslog_socket"), "%r is not an absolute path, "
+                         "expected the syslog socket such as /dev/log" % values["syslog_socket"])
+        hard, soft = values["client_buffer_hard"], values["client_buffer_soft"]
+        if general.get("client_buffer_soft") is None and soft > hard:  # type: ignore[operator]
+            values["client_buffer_soft"] = hard // 4  # type: ignore[operator]
+        elif soft > hard:  # type: ignore[operator]
+            self.problem(general, general.get("client_buffer_soft"),
+                         "%d bytes is more than client_buffer_hard (%d), expected at most that "
+                         "or 0 for no soft limit" % (soft, hard))  # type: ignore[str-format]
+        if values["tls_port"] is not None and not values["tls_cert"]:
+            self.problem(general, general.get("tls_port"),
+                         "TLS needs a certificate, expected tls_cert = /path/to/cert.pem")
+        if (values["tls_cert"] or values["tls_key"]) and values["tls_port"] is None:
+            self.problem(general, general.get("tls_cert") or general.get("tls_key"),
+                         "set without tls_port, expected tls_port = 5040 (or remove it)")
+        if values["port"] is None and values["tls_port"] is None:
+            self.problem(general, general.get("port"), "'off' leaves no client port, expected "
+                         "a port number or tls_port")
+        return values
+
     def read_ami(self, section: IniSection, name: str, required: bool) -> AmiConfig:
         """[ami] or [ami:NAME]: one Asterisk to connect to."""
-        self.check_keys(section, AMI_KEYS)
-        ami = AmiConfig(
-            host=self.text(section, "host", "127.0.0.1"),
-            port=int(self.number(section, "port", DEFAULT_AMI_PORT, 1, 65535, integer=True)),
-            username=self.text(section, "username", "", required=required),
-            secret=self.text(section, "secret", "", required=required),
-            auth=self.choice(section, "auth", "plain", ("plain", "md5")),
-            ping_interval=self.number(section, "ping_interval", AMI_PING_INTERVAL_S, 1, 3600),
-            reconnect_max=self.number(section, "reconnect_max", AMI_RECONNECT_MAX_S, 1, 3600),
-            tls=self.boolean(section, "tls", False),
-            tls_verify=self.boolean(section, "tls_verify", True),
-            tls_ca=self.text(section, "tls_ca", ""),
-            name=name,
-        )
-        if not is_ip_address(ami.host) and not is_host_name(ami.host):
-            self.problem(section, section.get("host"), "%r is neither an IP address nor a "
-                         "host name" % ami.host)
-        if ami.tls and section.get("port") is None:
-            ami.port = DEFAULT_AMI_TLS_PORT  # manager.conf tlsbindport
-        if not ami.tls and (section.get("tls_verify") or section.get("tls_ca")):
+        values = self.read_settings(section, AMI_SETTINGS, required)
+        if values["tls"] and section.get("port") is None:
+            values["port"] = DEFAULT_AMI_TLS_PORT  # manager.conf tlsbindport
+        if not values["tls"] and (section.get("tls_verify") or section.get("tls_ca")):
             self.problem(section, section.get("tls_ca") or section.get("tls_verify"),
                          "only used with TLS, expected tls = yes as well")
-        return ami
+        return AmiConfig(name, **values)
+
+    def read_pbxes(self, sections: Sequence[IniSection], require_ami: bool) -> List[AmiConfig]:
+        """[ami] first, then each [ami:NAME]."""
+        ami_section = next((s for s in sections if s.name.lower() == "ami"), None)
+        if ami_section is None:
+            ami = AmiConfig()
+            if require_ami:
+                self.problems.append("%s:1: [ami]: section missing, expected [ami] with "
+                                     "username and secret of a manager.conf user" % self.filename)
+        else:
+            ami = self.read_ami(ami_section, DEFAULT_PBX, require_ami)
+        pbxes = [ami]
+        for section in sections:
+            kind, colon, name = section.name.partition(":")
+            if not colon or kind.lower() != "ami":
+                continue
+            if not _PBX_NAME.match(name) or name == DEFAULT_PBX:
+                self.problem(section, None, "invalid PBX name %r, expected 1-32 of A-Z a-z 0-9 "
+                             "_ . - other than %r" % (name, DEFAULT_PBX))
+                continue
+            pbxes.append(self.read_ami(section, name, True))
+        self.pbx_names = [pbx.name for pbx in pbxes]
+        return pbxes
 
     def read_user(self, section: IniSection) -> UserConfig:
         self.check_keys(section, USER_KEYS)
@@ -857,112 +1000,32 @@ class _ConfigReader:
         return url if len(self.problems) == problems else ""
 
 
+def _is_ami_section(section: IniSection) -> bool:
+    name = section.name.lower()
+    return name == "ami" or name.startswith("ami:")
+
+
 def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     """Validate INI text; raise ConfigError listing every problem found."""
     sections, problems = parse_ini(text, filename)
     reader = _ConfigReader(filename)
     reader.problems.extend(problems)
-    by_name = {s.name.lower(): s for s in sections}
-    general = by_name.get("general") or IniSection("general", 0)
-    reader.check_keys(general, GENERAL_KEYS)
-    bind = reader.text(general, "bind", "0.0.0.0")
-    try:
-        ipaddress.ip_address(bind)
-    except ValueError:
-        reader.problem(general, general.get("bind"),
-                       "%r is not an IP address, expected e.g. 0.0.0.0, 127.0.0.1 or ::" % bind)
-    # Port 0 asks the kernel for a free port (the tests use it).
-    port: Optional[int] = DEFAULT_CLIENT_PORT
-    port_option = general.get("port")
-    if port_option is not None and port_option.value.lower() == "off":
-        port = None
-    else:
-        port = int(reader.number(general, "port", DEFAULT_CLIENT_PORT, 0, 65535, integer=True))
-    loglevel = reader.choice(general, "loglevel", "info", _LOGLEVELS)
-    calllog = reader.text(general, "calllog", "")
-    login_timeout = reader.number(general, "login_timeout", CLIENT_AUTH_TIMEOUT_S, 1, 3600)
-    log_target = reader.choice(general, "log", "auto", LOG_TARGETS)
-    facility = reader.choice(general, "syslog_facility", "daemon", SYSLOG_FACILITIES)
-    syslog_socket = reader.text(general, "syslog_socket", DEFAULT_SYSLOG_SOCKET)
-    if not syslog_socket.startswith("/"):
-        reader.problem(general, general.get("syslog_socket"), "%r is not an absolute path, "
-                       "expected the syslog socket such as /dev/log" % syslog_socket)
-    max_clients = int(reader.number(general, "max_clients", MAX_CLIENTS, 1, 100000,
-                                    integer=True))
-    max_per_host = int(reader.number(general, "max_clients_per_host", MAX_CLIENTS_PER_HOST,
-                                     1, 100000, integer=True))
-    buffer_hard = reader.size(general, "client_buffer_hard", CLIENT_OUTPUT_HARD_LIMIT_BYTES,
-                              MIN_CLIENT_OUTPUT_LIMIT_BYTES, 1024 ** 3)
-    buffer_soft = reader.size(general, "client_buffer_soft", CLIENT_OUTPUT_SOFT_LIMIT_BYTES,
-                              MIN_CLIENT_OUTPUT_LIMIT_BYTES, 1024 ** 3, allow_zero=True)
-    if general.get("client_buffer_soft") is None and buffer_soft > buffer_hard:
-        buffer_soft = buffer_hard // 4  # a small hard limit brings the default down
-    elif buffer_soft > buffer_hard:
-        reader.problem(general, general.get("client_buffer_soft"),
-                       "%d bytes is more than client_buffer_hard (%d), expected at most that "
-                       "or 0 for no soft limit" % (buffer_soft, buffer_hard))
-    buffer_soft_s = reader.number(general, "client_buffer_soft_seconds", CLIENT_OUTPUT_SOFT_S,
-                                  0, 3600)
-    fail_delay = reader.number(general, "login_fail_delay", LOGIN_FAIL_DELAY_S, 0, 60)
-    block_after = int(reader.number(general, "login_block_after", LOGIN_BLOCK_AFTER, 0, 1000,
-                                    integer=True))
-    block_s = reader.number(general, "login_block_seconds", LOGIN_BLOCK_S, 1, 86400)
-    tls_port: Optional[int] = None
-    if general.get("tls_port") is not None and general.get("tls_port").value != "":
-        tls_port = int(reader.number(general, "tls_port", 0, 0, 65535, integer=True))
-    tls_cert = reader.text(general, "tls_cert", "")
-    tls_key = reader.text(general, "tls_key", "")
-    if tls_port is not None and not tls_cert:
-        reader.problem(general, general.get("tls_port"),
-                       "TLS needs a certificate, expected tls_cert = /path/to/cert.pem")
-    if (tls_cert or tls_key) and tls_port is None:
-        reader.problem(general, general.get("tls_cert") or general.get("tls_key"),
-                       "set without tls_port, expected tls_port = 5040 (or remove it)")
-    if port is None and tls_port is None:
-        reader.problem(general, port_option, "'off' leaves no client port, expected a port "
-                       "number or tls_port")
-
-    ami_section = by_name.get("ami")
-    if ami_section is None:
-        ami = AmiConfig()
-        if require_ami:
-            reader.problems.append("%s:1: [ami]: section missing, expected [ami] with "
-                                   "username and secret of a manager.conf user" % filename)
-    else:
-        ami = reader.read_ami(ami_section, DEFAULT_PBX, require_ami)
-    pbxes = [ami]
-    for section in sections:
-        kind, colon, name = section.name.partition(":")
-        if not colon or kind.lower() != "ami":
-            continue
-        if not _PBX_NAME.match(name) or name == DEFAULT_PBX:
-            reader.problem(section, None, "invalid PBX name %r, expected 1-32 of A-Z a-z 0-9 "
-                           "_ . - other than %r" % (name, DEFAULT_PBX))
-            continue
-        pbxes.append(reader.read_ami(section, name, True))
-    reader.pbx_names = [pbx.name for pbx in pbxes]
+    general = next((s for s in sections if s.name.lower() == "general"),
+                   IniSection("general", 0))
+    values = reader.read_general(general)
+    pbxes = reader.read_pbxes(sections, require_ami)
     users: Dict[str, UserConfig] = {}
     for section in sections:
-        if section.name.lower() in ("general", "ami") or \
-                section.name.lower().startswith("ami:"):
-            continue
-        users[section.name] = reader.read_user(section)
+        if section is not general and not _is_ami_section(section):
+            users[section.name] = reader.read_user(section)
     if reader.problems:
         raise ConfigError(sorted(reader.problems, key=_problem_line))
-    config = Config(filename, bind, port, loglevel, calllog, ami, users, login_timeout,
-                    log_target, facility, syslog_socket,
-                    max_clients=max_clients, max_clients_per_host=max_per_host,
-                    client_buffer_hard=buffer_hard, client_buffer_soft=buffer_soft,
-                    client_buffer_soft_seconds=buffer_soft_s, login_fail_delay=fail_delay,
-                    login_block_after=block_after, login_block_seconds=block_s,
-                    tls_port=tls_port, tls_cert=tls_cert, tls_key=tls_key)
-    config.pbxes = pbxes
-    config.origins["tls_cert"] = reader.origin(general, "tls_cert")
+    origins = {"tls_cert": reader.origin(general, "tls_cert")}
     for section in sections:
-        if section.name.lower() == "ami" or section.name.lower().startswith("ami:"):
+        if _is_ami_section(section):
             name = DEFAULT_PBX if section.name.lower() == "ami" else section.name[4:]
-            config.origins["tls_ca:" + name] = reader.origin(section, "tls_ca")
-    return config
+            origins["tls_ca:" + name] = reader.origin(section, "tls_ca")
+    return Config(filename, values, pbxes, users, origins)
 
 
 def _problem_line(problem: str) -> int:
@@ -984,24 +1047,26 @@ def load_config(path: str, require_ami: bool = True) -> Config:
         raise ConfigError(["%s:%d: the file is not UTF-8 text" % (path, line)])
     config = parse_config(text, path, require_ami)
     problems = []
+    tls_context = None
     if config.tls_port is not None:
         try:
-            config.tls_context = server_tls_context(config.tls_cert, config.tls_key or None)
+            tls_context = server_tls_context(config.tls_cert, config.tls_key or None)
         except (OSError, ValueError) as e:
             problems.append("%s: cannot load the certificate and key: %s, expected PEM files"
                             % (config.origins["tls_cert"], _ssl_reason(e)))
+    ami_contexts = {}
     for pbx in config.pbxes:
         if not pbx.tls:
             continue
         try:
-            config.ami_tls_contexts[pbx.name] = client_tls_context(pbx.tls_ca, pbx.tls_verify)
+            ami_contexts[pbx.name] = client_tls_context(pbx.tls_ca, pbx.tls_verify)
         except (OSError, ValueError) as e:
             problems.append("%s: cannot load the CA file: %s, expected PEM certificates"
                             % (config.origins.get("tls_ca:" + pbx.name,
                                                   path + ":0: [ami] tls_ca"), _ssl_reason(e)))
     if problems:
         raise ConfigError(problems)
-    return config
+    return config.replace(tls_context=tls_context, ami_tls_contexts=ami_contexts)
 
 
 def _ssl_reason(error: Exception) -> str:
@@ -1527,12 +1592,16 @@ class AmiSession:
     """
 
     def __init__(self, username: str, secret: str, auth: str = "plain", now: float = 0.0,
-                 ping_interval: float = AMI_PING_INTERVAL_S, events: str = "on"):
+                 ping_interval: float = AMI_PING_INTERVAL_S, events: str = "on",
+                 login_timeout: float = AMI_LOGIN_TIMEOUT_S,
+                 ping_timeout: float = AMI_PING_TIMEOUT_S):
         self.username = username
         self._secret = secret
         self.auth = auth
         self.events = events
         self.ping_interval = ping_interval
+        self.login_timeout = login_timeout
+        self.ping_timeout = ping_timeout
         self.parser = AmiParser()
         self.logged_in = False
         self._outgoing = bytearray()
@@ -1540,7 +1609,7 @@ class AmiSession:
         self._pending: Dict[str, str] = {}  # ActionID -> action name
         self._login_id: Optional[str] = None
         self._challenge_id: Optional[str] = None
-        self._login_deadline: Optional[float] = now + AMI_LOGIN_TIMEOUT_S
+        self._login_deadline: Optional[float] = now + login_timeout
         self._ping_due: Optional[float] = None
         self._pong_deadline: Optional[float] = None
         self._ping_id: Optional[str] = None
@@ -1641,12 +1710,12 @@ class AmiSession:
     def poll(self, now: float) -> Optional[str]:
         """Queue a due Ping; return why the link is dead, or None."""
         if self._login_deadline is not None and now >= self._login_deadline:
-            return "no login response within %g s" % AMI_LOGIN_TIMEOUT_S
+            return "no login response within %g s" % self.login_timeout
         if self._pong_deadline is not None and now >= self._pong_deadline:
-            return "no answer to Ping within %g s" % AMI_PING_TIMEOUT_S
+            return "no answer to Ping within %g s" % self.ping_timeout
         if self._ping_due is not None and now >= self._ping_due and self._ping_id is None:
             self._ping_id = self.send_action("Ping")
-            self._pong_deadline = now + AMI_PING_TIMEOUT_S
+            self._pong_deadline = now + self.ping_timeout
             self._ping_due = now + self.ping_interval
         return None
 
@@ -4607,6 +4676,13 @@ class AmiLink:
         return "ami" if self.config.name == DEFAULT_PBX else "ami:" + self.config.name
 
 
+def ami_session(config: AmiConfig, now: float) -> AmiSession:
+    """A fresh AmiSession for a new connection to this PBX."""
+    return AmiSession(config.username, config.secret, config.auth, now,
+                      ping_interval=config.ping_interval, login_timeout=config.login_timeout,
+                      ping_timeout=config.ping_timeout)
+
+
 def resolve(host: str, port: int) -> Tuple[int, tuple]:
     """(family, sockaddr) of host:port.  For a name, run only before the loop
     starts or on reload, never per connect: a DNS lookup would block every
@@ -4675,6 +4751,8 @@ class Daemon:
         #: Repeated warnings: kind -> [when last logged, how many left out since].
         self._repeats: Dict[str, List[float]] = {}
         self.view = DaemonView(self)
+        #: bind, port and tls_port as started: a reload cannot change them.
+        self._listening = (config.bind, config.port, config.tls_port)
 
     @staticmethod
     def _make_link(pbx: AmiConfig, config: Config) -> AmiLink:
@@ -4819,11 +4897,10 @@ class Daemon:
                 log.error("  %s", problem)
             self._reopen_calllog()
             return
-        old = self.config
-        if (new.bind, new.port, new.tls_port) != (old.bind, old.port, old.tls_port):
+        listening = self._listening
+        if (new.bind, new.port, new.tls_port) != listening:
             log.warning("reload: bind, port and tls_port changes need a restart; still on "
-                        "%s port %s, TLS port %s", old.bind, old.port, old.tls_port)
-            new.bind, new.port, new.tls_port = old.bind, old.port, old.tls_port
+                        "%s port %s, TLS port %s", *listening)
         if new.tls_context is not None and self.tls_context is not None:
             self.tls_context = new.tls_context  # a renewed certificate, for new connections
         self.config = new
@@ -5034,9 +5111,9 @@ class Daemon:
         if link.state == "idle" and now >= link.next_attempt:
             self._ami_connect(link, now)
         elif link.state == "connecting" and now >= link.connect_deadline:
-            self._ami_lost(link, "no connection within %g s" % AMI_CONNECT_TIMEOUT_S)
+            self._ami_lost(link, "no connection within %g s" % link.config.connect_timeout)
         elif link.state == "handshaking" and now >= link.connect_deadline:
-            self._ami_lost(link, "no TLS handshake within %g s" % AMI_CONNECT_TIMEOUT_S)
+            self._ami_lost(link, "no TLS handshake within %g s" % link.config.connect_timeout)
         elif link.state == "connected" and link.session is not None:
             reason = link.session.poll(now)
             if reason:
@@ -5101,7 +5178,7 @@ class Daemon:
                            % (link.config.host, link.config.port, os.strerror(err)))
             return
         link.state = "connecting"
-        link.connect_deadline = now + AMI_CONNECT_TIMEOUT_S
+        link.connect_deadline = now + link.config.connect_timeout
         self.selector.register(sock, selectors.EVENT_WRITE, functools.partial(self._on_ami, link))
         log.debug("%s: connecting to %s port %d", link.tag, link.config.host, link.config.port)
 
@@ -5177,8 +5254,7 @@ class Daemon:
         assert link.sock is not None
         link.state = "connected"
         cfg = link.config
-        link.session = AmiSession(cfg.username, cfg.secret, cfg.auth, time.monotonic(),
-                                  ping_interval=cfg.ping_interval)
+        link.session = ami_session(cfg, time.monotonic())
         self.selector.modify(link.sock, selectors.EVENT_READ, functools.partial(self._on_ami, link))
         log.info("%s: connected to %s port %d", link.tag, cfg.host, cfg.port)
 
@@ -5648,7 +5724,7 @@ class Daemon:
         """Send a last reply, then close: never leave a peer hanging.
 
         The close waits until the reply is written, sends a FIN and reads
-        (discarding) until the peer's FIN, at most CLIENT_LINGER_S: closing
+        (discarding) until the peer's FIN, at most ``linger_timeout``: closing
         at once with input unread would reset the connection and could
         destroy the reply before the peer reads it."""
         if conn.closed or conn.closing is not None:
@@ -5664,7 +5740,7 @@ class Daemon:
         conn.closing = reason
         conn.close_level = level
         conn.framer.clear()
-        self._add_timer(time.monotonic() + CLIENT_LINGER_S, "linger", conn)
+        self._add_timer(time.monotonic() + self.config.linger_timeout, "linger", conn)
         self._dirty.add(conn)
 
     def _end_session(self, conn: ClientConnection, reason: str) -> None:
@@ -6104,7 +6180,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             log.error("%s: [general] calllog: %r is a relative path, expected an absolute "
                       "path with --daemon (the daemon runs in /)", config.path, config.calllog)
             return 1
-        config.path = os.path.abspath(config.path)
+        config = config.replace(path=os.path.abspath(config.path))
         status, ready_fd = _detach()
         if ready_fd is None:
             return status
@@ -6317,10 +6393,9 @@ def _cmd_record(args: argparse.Namespace) -> int:
     stopping: List[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda number, frame: stopping.append(number))
-    session = AmiSession(cfg.username, cfg.secret, cfg.auth, time.monotonic(),
-                         ping_interval=cfg.ping_interval)
+    session = ami_session(cfg, time.monotonic())
     try:
-        sock = socket.create_connection((cfg.host, cfg.port), timeout=AMI_CONNECT_TIMEOUT_S)
+        sock = socket.create_connection((cfg.host, cfg.port), timeout=cfg.connect_timeout)
         if cfg.tls:
             sock = config.ami_tls_contexts[cfg.name].wrap_socket(sock, server_hostname=cfg.host)
     except OSError as e:

@@ -196,6 +196,52 @@ def test_config_error_messages(text, fragment):
     assert all(re.match(r"c\.conf:\d+: ", p) for p in info.value.problems)
 
 
+#: A value of the wrong kind for every kind of setting in the schema.
+WRONG_VALUES = {"text": "a\0b", "address": "nowhere", "host": "pbx..example", "choice": "bogus",
+                "boolean": "maybe", "number": "9e9", "integer": "9999999", "size": "9g",
+                "port": "99999"}
+
+
+@pytest.mark.parametrize("section, setting", [("general", s) for s in ctinotify.GENERAL_SETTINGS]
+                         + [("ami", s) for s in ctinotify.AMI_SETTINGS],
+                         ids=lambda v: v if isinstance(v, str) else v.key)
+def test_every_setting_of_the_schema_names_file_line_section_and_key(section, setting):
+    text = "[ami]\nusername=u\nsecret=s\n[%s]\n%s = %s\n" % (section, setting.key,
+                                                          WRONG_VALUES[setting.kind])
+    if section == "ami":
+        text = "[ami]\nusername=u\nsecret=s\n%s = %s\n" % (setting.key, WRONG_VALUES[setting.kind])
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "f")
+    line = 5 if section == "general" else 4
+    assert any(p.startswith("f:%d: [%s] %s: " % (line, section, setting.key))
+               for p in info.value.problems), info.value.problems
+
+
+def test_config_is_built_once_and_never_changed():
+    config = parse_config("[ami]\nusername=u\nsecret=s\n", "f")
+    for obj, name in ((config, "bind"), (config, "pbxes"), (config.ami, "port")):
+        with pytest.raises(AttributeError):
+            setattr(obj, name, None)
+    moved = config.replace(path="/etc/f")
+    assert (moved.path, config.path) == ("/etc/f", "f") and moved.ami is config.ami
+    assert moved.describe().replace("/etc/f", "f") == config.describe()
+
+
+def test_check_shows_advanced_keys_only_when_set_and_reads_back_the_same():
+    plain = parse_config("[ami]\nusername=u\nsecret=s\n", "f").describe()
+    assert "linger_timeout" not in plain and "ping_timeout" not in plain
+    config = parse_config("[general]\nlinger_timeout = 0.5\ntls_port = 0\ntls_cert = c.pem\n"
+                          "[ami]\nusername=u\nsecret=s\nping_timeout = 2\ntls = yes\n"
+                          "[ami:b]\nhost = pbx.example.com\nusername=u\nsecret=s\n"
+                          "[a]\nsecret=x\nhost=10.0.0.0/8\ndevices=b:PJSIP/1\nextensions=100@c\n",
+                          "f")
+    described = config.describe()
+    for line in ("linger_timeout = 0.5", "ping_timeout = 2", "tls_key = ", "tls_verify = yes"):
+        assert "\n%s\n" % line in described
+    again = parse_config(described.replace("********", "s"), "f")
+    assert again.describe() == described
+
+
 @pytest.mark.parametrize("host, ok", [
     ("127.0.0.1", True), ("::1", False), ("pbx", True), ("pbx.example.com.", True),
     ("b\u00fccher.example", True), ("_sip.example.com", True), ("-pbx.example.com", False),
@@ -1398,7 +1444,7 @@ def test_e2e_wrong_secret_wrong_host_and_no_login(fake, daemon_factory, clients)
 
 
 def test_e2e_three_failed_logins_disconnect(fake, daemon_factory, clients):
-    daemon = daemon_factory()
+    daemon = daemon_factory(general="login_fail_delay = 0.05")
     client = clients(daemon.port)
     for _ in range(3):
         client.send("LOGIN alice nope")
@@ -4243,17 +4289,16 @@ def test_e2e_a_stalled_ami_link_is_declared_dead(tmp_path, clients):
     """No Pong, no close: Asterisk hangs.  The link is dropped after the
     ping timeout, calls end, and the daemon reconnects."""
     server = FakeAsterisk(answer_pings=False).start()
-    daemon = DaemonProcess(tmp_path, server.port, ami="ping_interval = 1")
+    daemon = DaemonProcess(tmp_path, server.port, ami="ping_interval = 1\nping_timeout = 0.5")
     try:
         daemon.wait_log("ami: logged in as ctitest")
         alice = clients(daemon.port, "alice alice-secret")
         server.send(ringing_part(tag=b"stall"))
         assert event_kinds([alice.line()]) == ["incoming"]
-        timeout = ctinotify.AMI_PING_TIMEOUT_S + 15
-        lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"), timeout=timeout)
+        lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"))
         assert lines[0].startswith("STATUS pbx=down") and "no answer to Ping" in lines[0]
         assert ctinotify.parse_text_line(lines[-1])[2]["reason"] == "unknown"
-        daemon.wait_log(r"WARNING ami: no answer to Ping within 10 s; reconnecting in 1 s")
+        daemon.wait_log(r"WARNING ami: no answer to Ping within 0.5 s; reconnecting in 1 s")
         server.wait_for_logins(2)
         assert daemon.proc.poll() is None
     finally:
@@ -5596,7 +5641,7 @@ def test_a_member_removed_from_a_queue_hears_of_it_no_more():
 
 @pytest.mark.parametrize("behaviour, message", [
     ("reset", "connection to 127.0.0.1 port %d lost"),
-    ("silent", "no login response"),
+    ("silent", "no login response within 0.5 s"),
     ("close", "Asterisk closed the connection"),
 ])
 def test_record_fails_with_a_message_when_the_pbx_does(tmp_path, behaviour, message):
@@ -5612,12 +5657,13 @@ def test_record_fails_with_a_message_when_the_pbx_does(tmp_path, behaviour, mess
         if behaviour == "reset":
             peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif behaviour == "silent":
-            time.sleep(ctinotify.AMI_LOGIN_TIMEOUT_S + 3)
+            peer.settimeout(30)
+            peer.recv(1000)  # nothing more: until record gives up and closes
         peer.close()
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     conf = tmp_path / "rec.conf"
-    conf.write_text("[ami]\nhost=127.0.0.1\nport=%d\nusername=u\nsecret=s\n"
+    conf.write_text("[ami]\nhost=127.0.0.1\nport=%d\nusername=u\nsecret=s\nlogin_timeout=0.5\n"
                     "[x]\nsecret=y\ndevices=SIP/1\n" % port)
     try:
         result = run_cli("record", str(tmp_path / "out.ami"), "-c", str(conf))
