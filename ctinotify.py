@@ -4598,84 +4598,6 @@ def _error_text(error: Exception) -> str:
     return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
-class ClientConnection:
-    """A desktop client's socket, its buffers and its ClientSession."""
-
-    __slots__ = ("sock", "session", "peer", "host_key", "tls", "handshaking", "framer", "outbuf",
-                 "events", "callback", "closed", "closing", "close_level", "shut", "peer_eof",
-                 "overflow", "soft_since", "auth_deadline", "hold_until", "held")
-
-    def __init__(self, sock: socket.socket, peer: Tuple, login_deadline: float,
-                 tls: bool = False):
-        self.sock = sock
-        self.peer = peer
-        host = peer[0] if peer else "?"
-        #: What per-address limits count this connection under (address_key).
-        self.host_key = address_key(host)
-        self.session = ClientSession(host, tag="client %s:%s" % (host, peer[1] if peer else "?"))
-        #: A TLS connection; ``handshaking`` until its handshake is done.
-        self.tls = tls
-        self.handshaking = tls
-        self.framer = LineFramer(MAX_CLIENT_LINE_BYTES, MAX_CLIENT_PENDING_INPUT_BYTES)
-        self.outbuf = bytearray()
-        #: The selector events the socket is registered for, and its callback.
-        self.events = selectors.EVENT_READ
-        self.callback = None
-        self.closed = False
-        #: Set when the last reply is queued: why the connection will close
-        #: (once that reply is out), and the level to log it at.
-        self.closing: Optional[str] = None
-        self.close_level = logging.INFO
-        #: Our side sent its FIN; the peer sent its own.
-        self.shut = False
-        self.peer_eof = False
-        #: Why the output went over a limit: it is closed after the pass.
-        self.overflow: Optional[str] = None
-        #: When the output buffer went over the soft limit (monotonic).
-        self.soft_since: Optional[float] = None
-        self.auth_deadline = login_deadline
-        #: The reply to a failed login is held back until then (monotonic).
-        self.hold_until: Optional[float] = None
-        self.held: List[bytes] = []
-
-    @property
-    def tag(self) -> str:
-        return self.session.tag
-
-
-class AmiLink:
-    """One PBX: the socket to its Asterisk, the AmiSession, the reconnect
-    schedule, and the CallEngine that follows its calls."""
-
-    def __init__(self, config: AmiConfig, tls_context: Optional["ssl.SSLContext"],
-                 engine: CallEngine):
-        self.config = config
-        self.engine = engine
-        #: Logged in, as the clients were last told.
-        self.up = False
-        #: When calls kept across a lost link are given up (monotonic).
-        self.stale_deadline: Optional[float] = None
-        #: ActionID of the CoreShowChannels request of the current resync.
-        self.resync_id: Optional[str] = None
-        self.sock: Optional[socket.socket] = None
-        #: "idle" (waiting to reconnect), "connecting", "handshaking" (TLS)
-        #: or "connected".
-        self.state = "idle"
-        self.session: Optional[AmiSession] = None
-        self.outbuf = bytearray()
-        self.backoff = AMI_RECONNECT_MIN_S
-        self.next_attempt = 0.0
-        self.connect_deadline = 0.0
-        self.address: Optional[Tuple[int, tuple]] = None
-        #: For ``[ami] tls = yes``: built with the configuration.
-        self.tls_context = tls_context
-
-    @property
-    def tag(self) -> str:
-        """For log lines: ``ami``, or ``ami:NAME`` for a further PBX."""
-        return "ami" if self.config.name == DEFAULT_PBX else "ami:" + self.config.name
-
-
 def ami_session(config: AmiConfig, now: float) -> AmiSession:
     """A fresh AmiSession for a new connection to this PBX."""
     return AmiSession(config.username, config.secret, config.auth, now,
@@ -4692,92 +4614,705 @@ def resolve(host: str, port: int) -> Tuple[int, tuple]:
     return family, sockaddr
 
 
-class DaemonView(ServerView):
-    """The running daemon as its client sessions see it: the accounts, the
-    call history and login blocks (the clock is read here, not in sessions)."""
+class Timer:
+    """A call Timers will make at ``when`` (monotonic), unless cancelled."""
 
-    def __init__(self, daemon: "Daemon"):
-        super().__init__(daemon.config.users, None, daemon.history)
-        self._daemon = daemon
+    __slots__ = ("when", "callback", "cancelled")
 
-    def engines(self) -> List[CallEngine]:
-        return [link.engine for link in self._daemon.links]
-
-    def login_blocked(self, peer_host: str) -> bool:
-        return self._daemon.throttle.blocked_for(address_key(peer_host), time.monotonic()) > 0
+    def __init__(self, when: float, callback):  # type: ignore[no-untyped-def]
+        self.when = when
+        self.callback = callback
+        #: Cancelled, or made already: either way, it will not be made.
+        self.cancelled = False
 
 
-class Daemon:
-    """The selectors loop: the AMI link in, client connections out.
+class Timers:
+    """Every deadline of the daemon in one heap (Redis' ae.c, asyncio's
+    ``_scheduled``): the nearest is the select timeout.  A cancelled timer
+    stays until it comes up, or until cancelled ones are most of the heap,
+    which is then rebuilt: memory follows the live timers, whatever a flood
+    of short connections leaves behind."""
 
-    Everything protocol-shaped is delegated: bytes from Asterisk go to the
-    AmiSession, its messages to the CallEngine, notifications to the
-    ClientSessions of their user.  Timers use the monotonic clock; event
-    times the wall clock.  Output is queued during a pass and written in
-    one flush before the loop sleeps; a client over a limit is only marked
-    during the pass and closed in that flush, never from inside a write.
-    """
+    #: Below this many cancelled timers the heap is never rebuilt.
+    COMPACT_AFTER = 256
 
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self) -> None:
+        self._heap: List[Tuple[float, int, Timer]] = []
+        self._seq = 0
+        self._cancelled = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def at(self, when: float, callback) -> Timer:  # type: ignore[no-untyped-def]
+        """Call ``callback(now)`` once ``when`` has come."""
+        timer = Timer(when, callback)
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, timer))
+        return timer
+
+    def cancel(self, timer: Optional[Timer]) -> None:
+        if timer is None or timer.cancelled:
+            return
+        timer.cancelled = True
+        self._cancelled += 1
+        if self._cancelled > self.COMPACT_AFTER and 2 * self._cancelled > len(self._heap):
+            self._heap = [entry for entry in self._heap if not entry[2].cancelled]
+            heapq.heapify(self._heap)
+            self._cancelled = 0
+
+    def next_due(self) -> Optional[float]:
+        heap = self._heap
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+            self._cancelled -= 1
+        return heap[0][0] if heap else None
+
+    def run_due(self, now: float) -> None:
+        """Make the calls due by ``now``; those they set for now or earlier
+        wait for the next pass, so no timer can hold the loop."""
+        heap = self._heap
+        due = []
+        while heap and heap[0][0] <= now:
+            timer = heapq.heappop(heap)[2]
+            if timer.cancelled:
+                self._cancelled -= 1
+            else:
+                timer.cancelled = True
+                due.append(timer)
+        for timer in due:
+            timer.callback(now)
+
+
+class Loop:
+    """What every connection and link shares: the selector, the timers, the
+    clock and a rate-limited log.  The clock is read once per pass, after
+    select: ``now`` (monotonic) for deadlines, ``wall`` for the times events
+    carry; everything done in one pass sees the same time."""
+
+    def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
-        #: Listening sockets, each with whether it speaks TLS.
-        self.listeners: List[Tuple[socket.socket, bool]] = []
-        self.tls_context = config.tls_context
-        self.clients: Set[ClientConnection] = set()
-        self.sessions_by_user: Dict[str, Set[ClientConnection]] = {}
-        #: Open connections per address_key(), for max_clients_per_host.
-        self.clients_per_host: Dict[str, int] = {}
-        #: One link per PBX ([ami], then each [ami:NAME]).
-        self.links = [self._make_link(pbx, config) for pbx in config.pbxes]
-        self.running = False
-        self._dirty: Set[ClientConnection] = set()
-        #: Client timers: (when, sequence, what, connection), what being
-        #: "login" (login_timeout), "release" (a held reply) or "linger".
-        self._timers: List[Tuple[float, int, str, ClientConnection]] = []
-        self._timer_seq = 0
-        #: Connections over the soft output limit: the timer watches them.
-        self._over_soft: Set[ClientConnection] = set()
-        self._accept_paused_until: Optional[float] = None
-        self._pending_signals: List[int] = []
-        self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
-        #: The call log: opened O_APPEND, one write(2) per record.
-        self.calllog_fd: Optional[int] = None
-        #: The call log ends in a partial line (after a failed write).
-        self._calllog_torn = False
-        self.history = CallHistory()
-        self.throttle = LoginThrottle(config.login_fail_delay, config.login_block_after,
-                                      config.login_block_seconds)
+        self.timers = Timers()
+        self.now = time.monotonic()
+        self.wall = time.time()
         #: Repeated warnings: kind -> [when last logged, how many left out since].
         self._repeats: Dict[str, List[float]] = {}
-        self.view = DaemonView(self)
-        #: bind, port and tls_port as started: a reload cannot change them.
-        self._listening = (config.bind, config.port, config.tls_port)
 
-    @staticmethod
-    def _make_link(pbx: AmiConfig, config: Config) -> AmiLink:
-        # With several PBXes every event says which one it came from.
-        engine = CallEngine(Directory(config.users.values(), pbx.name),
-                            pbx.name if len(config.pbxes) > 1 else "")
-        return AmiLink(pbx, config.ami_tls_contexts.get(pbx.name), engine)
+    def tick(self) -> None:
+        self.now = time.monotonic()
+        self.wall = time.time()
 
-    # -- lifecycle -----------------------------------------------------------
+    def at(self, when: float, callback) -> Timer:  # type: ignore[no-untyped-def]
+        return self.timers.at(when, callback)
+
+    def run_once(self) -> None:
+        """Wait for sockets until the nearest timer, then serve them."""
+        due = self.timers.next_due()
+        ready = self.selector.select(None if due is None else max(0.0, due - self.now))
+        self.tick()
+        for key, mask in ready:
+            key.data(mask)  # the handler registered with the socket
+
+    def run_timers(self, now: Optional[float] = None) -> None:
+        if now is not None:
+            self.now = now
+        self.timers.run_due(self.now)
+
+    def forget(self, sock: socket.socket) -> None:
+        """Take a socket out of the selector, if it is in."""
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def close(self) -> None:
+        self.selector.close()
+
+    def log_repeated(self, kind: str, level: int, fmt: str, *args: object) -> None:
+        """Log at most once per LOG_REPEAT_INTERVAL_S per kind, so a flood
+        (of connections, of bad messages) cannot flood the log as well."""
+        now = self.now
+        entry = self._repeats.get(kind)
+        if entry is not None and now - entry[0] < LOG_REPEAT_INTERVAL_S:
+            entry[1] += 1
+            return
+        if entry is not None and entry[1]:
+            fmt += " (and %d more like it in the last %d s)"
+            args += (int(entry[1]), int(now - entry[0]))
+        if len(self._repeats) >= 256:
+            self._repeats.clear()  # kinds are few; this only bounds odd ones
+        self._repeats[kind] = [now, 0]
+        log.log(level, fmt, *args)
+
+
+#: The states of a client connection, in the order it goes through them.
+CONN_HANDSHAKING = "handshaking"  # TLS, before anything else
+CONN_OPEN = "open"
+CONN_CLOSING = "closing"          # the last reply queued: write it, FIN, wait for the peer's
+CONN_CLOSED = "closed"
+
+
+class ClientConnection:
+    """One accepted client socket: its TLS handshake, its output buffer with
+    its limits, and a close that never leaves the peer without its last
+    reply (CPython's selector transports).  The protocol spoken on it is a
+    subclass (LineClient), which the listener names.
+
+    Each state has at most one deadline, ``deadline``, and ``_EXPIRED``
+    names what happens when it passes: a TLS handshake and a login must end
+    within ``login_timeout``; a closing connection waits ``linger_timeout``
+    at most.  Output past the hard limit, or over the soft one for too long,
+    marks the connection (``overflow``): the hub closes it in its flush
+    after the pass, never from inside a write or a delivery.
+    """
+
+    __slots__ = ("hub", "sock", "peer", "host", "host_key", "_tag", "tls", "state", "outbuf",
+                 "events", "closing", "close_level", "shut", "peer_eof", "overflow",
+                 "soft_since", "deadline", "_timer")
+
+    #: state -> the method called when its deadline passes.
+    _EXPIRED = {CONN_HANDSHAKING: "_handshake_expired", CONN_OPEN: "open_expired",
+                CONN_CLOSING: "_linger_expired"}
+
+    def __init__(self, hub: "ClientHub", sock: socket.socket, peer: Tuple, tls: bool):
+        self.hub = hub
+        self.sock = sock
+        self.peer = peer
+        self.host = peer[0] if peer else "?"
+        #: What per-address limits count this connection under (address_key).
+        self.host_key = address_key(self.host)
+        self._tag = "client %s:%s" % (self.host, peer[1] if peer else "?")
+        self.tls = tls
+        self.state = CONN_HANDSHAKING if tls else CONN_OPEN
+        self.outbuf = bytearray()
+        #: The selector events the socket is registered for (0: none).
+        self.events = 0
+        #: Once closing: why (for the log), and the level to log it at.
+        self.closing = ""
+        self.close_level = logging.INFO
+        #: Our side sent its FIN; the peer sent its own.
+        self.shut = False
+        self.peer_eof = False
+        #: Why the output went over a limit: it is closed after the pass.
+        self.overflow: Optional[str] = None
+        #: When the output buffer went over the soft limit (monotonic).
+        self.soft_since: Optional[float] = None
+        #: When this state's wait ends (monotonic); None: no limit.
+        self.deadline: Optional[float] = hub.loop.now + hub.config.login_timeout
+        self._timer: Optional[Timer] = None
+
+    @property
+    def tag(self) -> str:
+        """For log lines: ``client HOST:PORT`` (the protocol may say more)."""
+        return self._tag
+
+    @property
+    def closed(self) -> bool:
+        return self.state == CONN_CLOSED
+
+    @property
+    def user(self) -> Optional[UserConfig]:
+        """The account logged in on this connection: its events come here."""
+        return None
+
+    @property
+    def fmt(self) -> str:
+        """The format notifications and STATUS lines are sent in."""
+        return "text"
+
+    def wants(self, kind: str) -> bool:
+        """Whether a notification of this kind is for this connection."""
+        return False
+
+    # -- what a protocol overrides --------------------------------------------
+
+    def connection_made(self) -> None:
+        """The connection is open (after its TLS handshake)."""
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the peer, while open."""
+
+    def eof_received(self) -> None:
+        """The peer will send no more (it may still read): by default, close
+        once the output is written."""
+        self.finish("closed by the client")
+
+    def open_expired(self, now: float) -> None:
+        """The open state's deadline passed."""
+
+    def before_finish(self) -> None:
+        """The connection is about to close: queue what it still owes."""
+
+    def connection_lost(self) -> None:
+        """The socket is closed: drop what the protocol holds."""
+
+    # -- events from the loop -------------------------------------------------
 
     def start(self) -> None:
-        """Bind the client ports, open the call log (may raise OSError)."""
-        if self.config.port is not None:
-            self._listen(self.config.port, tls=False)
-        if self.config.tls_port is not None:
-            if self.tls_context is None:
-                self.tls_context = server_tls_context(self.config.tls_cert,
-                                                      self.config.tls_key or None)
-            self._listen(self.config.tls_port, tls=True)
-        self._open_calllog()
-        self._seed_history()
-        for link in self.links:
-            self._resolve_ami(link)
+        """Registered with the selector: greet, or begin the TLS handshake."""
+        self.set_deadline(self.deadline)
+        if self.state == CONN_HANDSHAKING:
+            self._handshake()
+        else:
+            self.connection_made()
 
-    def _listen(self, port: int, tls: bool) -> None:
+    def on_ready(self, mask: int) -> None:
+        """The selector callback."""
+        if self.state == CONN_CLOSED:
+            return  # closed earlier in this same pass
+        try:
+            if self.state == CONN_HANDSHAKING:
+                self._handshake()
+                return
+            if mask & selectors.EVENT_WRITE:
+                self.send()
+            if mask & selectors.EVENT_READ and self.state != CONN_CLOSED:
+                self._read()
+        except Exception:
+            # Our bug: close this one connection, keep serving the others.
+            log.exception("%s: internal error, closing the connection", self.tag)
+            self.close("internal error", logging.ERROR)
+
+    def _handshake(self) -> None:
+        """One step of a server-side TLS handshake, never blocking."""
+        assert ssl is not None
+        try:
+            self.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self.watch(selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self.watch(selectors.EVENT_WRITE)
+            return
+        except (OSError, ValueError) as e:
+            self.close("TLS handshake failed: %s" % _error_text(e), logging.WARNING)
+            return
+        self.state = CONN_OPEN
+        log.debug("%s: TLS established (%s)", self.tag,
+                  self.sock.version())  # type: ignore[attr-defined]
+        self.connection_made()
+        self.watch()
+
+    def _read(self) -> None:
+        # A TLS socket may hold more decrypted bytes than one recv returns.
+        for _ in range(16):
+            data, broken = recv_some(self.sock, CLIENT_RECV_BYTES)
+            if broken:
+                self.close(broken)
+                return
+            if data is None:
+                return
+            if not data:
+                self.peer_eof = True
+                if self.state == CONN_OPEN:
+                    self.eof_received()  # answer what it sent, then close
+                elif self.shut or not self.outbuf:
+                    self.close(self.closing, self.close_level)
+                else:
+                    self.watch()  # write the rest, then close
+                return
+            if self.state == CONN_OPEN:
+                self.data_received(data)  # closing: discarded
+            if self.state == CONN_CLOSED or \
+                    not (self.tls and self.sock.pending()):  # type: ignore[attr-defined]
+                return
+
+    # -- deadlines -------------------------------------------------------------
+
+    def set_deadline(self, when: Optional[float]) -> None:
+        """This state's deadline (None: none); the timer follows."""
+        self.deadline = when
+        times = [t for t in (when, self._soft_deadline()) if t is not None]
+        due = min(times) if times else None
+        timer = self._timer
+        if timer is not None and not timer.cancelled and timer.when == due:
+            return
+        self.hub.loop.timers.cancel(timer)
+        self._timer = self.hub.loop.at(due, self._on_timer) if due is not None else None
+
+    def _soft_deadline(self) -> Optional[float]:
+        if self.soft_since is None or self.overflow is not None:
+            return None
+        return self.soft_since + self.hub.config.client_buffer_soft_seconds
+
+    def _on_timer(self, now: float) -> None:
+        if self.state == CONN_CLOSED:
+            return
+        try:
+            soft_deadline = self._soft_deadline()
+            if soft_deadline is not None and now >= soft_deadline:
+                cfg = self.hub.config
+                self.over_limit("output buffer over the soft limit of %d bytes for %g s: "
+                                "client not reading" % (cfg.client_buffer_soft,
+                                                        cfg.client_buffer_soft_seconds))
+            if self.deadline is not None and now >= self.deadline:
+                getattr(self, self._EXPIRED[self.state])(now)
+        except Exception:
+            log.exception("%s: internal error, closing the connection", self.tag)
+            self.close("internal error", logging.ERROR)
+        if self.state != CONN_CLOSED:
+            self.set_deadline(self.deadline)
+
+    def _handshake_expired(self, now: float) -> None:
+        self.close("no TLS handshake within %g s" % self.hub.config.login_timeout,
+                   logging.WARNING)
+
+    def _linger_expired(self, now: float) -> None:
+        self.close(self.closing, self.close_level)
+
+    # -- writing ---------------------------------------------------------------
+
+    def queue(self, data: bytes) -> None:
+        """Output for the next flush (nothing once closing or over a limit)."""
+        if self.state != CONN_OPEN or self.overflow is not None:
+            return
+        outbuf = self.outbuf
+        outbuf += data
+        self.hub.dirty.add(self)
+        size = len(outbuf)
+        cfg = self.hub.config
+        if size > cfg.client_buffer_hard:
+            self.over_limit("output buffer of %d bytes over the hard limit of %d: "
+                            "client not reading" % (size, cfg.client_buffer_hard))
+        elif cfg.client_buffer_soft and size > cfg.client_buffer_soft and \
+                self.soft_since is None:
+            self.soft_since = self.hub.loop.now
+            self.set_deadline(self.deadline)
+
+    def over_limit(self, reason: str) -> None:
+        """Mark the connection over an output limit; the flush after this
+        pass closes it.  Marking, not closing, keeps every loop over the
+        clients (a delivery, a status broadcast) safe from a set changing
+        under it."""
+        if self.overflow is None:
+            self.overflow = reason
+            self.outbuf.clear()
+            self.hub.dirty.add(self)
+
+    def flush(self) -> None:
+        """Once per pass, before the loop sleeps: write, or close if over a limit."""
+        if self.state == CONN_CLOSED:
+            return
+        if self.overflow is not None:
+            self.close(self.overflow, logging.WARNING)
+        else:
+            self.send()
+
+    def send(self) -> None:
+        if self.state in (CONN_CLOSED, CONN_HANDSHAKING):
+            return
+        if self.outbuf:
+            broken = send_some(self.sock, self.outbuf)
+            if broken:
+                self.close(broken)
+                return
+        if self.soft_since is not None and len(self.outbuf) <= self.hub.config.client_buffer_soft:
+            self.soft_since = None  # its timer finds nothing to do
+        if self.state == CONN_CLOSING and not self.outbuf:
+            self._shut()
+            if self.state == CONN_CLOSED:
+                return
+        self.watch()
+
+    def watch(self, events: Optional[int] = None) -> None:
+        """Register for what the connection waits for now: reading unless
+        the peer is done, writing while output waits."""
+        if events is None:
+            events = (0 if self.peer_eof else selectors.EVENT_READ) | \
+                (selectors.EVENT_WRITE if self.outbuf else 0)
+        if events == self.events:
+            return
+        selector = self.hub.loop.selector
+        # Nothing to wait for (the peer closed its side, a failed-login
+        # reply is held back): out of the selector, or EOF would wake it.
+        if not events:
+            selector.unregister(self.sock)
+        elif not self.events:
+            selector.register(self.sock, events, self.on_ready)
+        else:
+            selector.modify(self.sock, events, self.on_ready)
+        self.events = events
+
+    # -- closing ----------------------------------------------------------------
+
+    def finish(self, reason: str, reply: bytes = b"", level: int = logging.INFO) -> None:
+        """Send a last reply, then close: never leave a peer hanging.
+
+        The close waits until the reply is written, sends a FIN and reads
+        (discarding) until the peer's FIN, at most ``linger_timeout``:
+        closing at once with input unread would reset the connection and
+        could destroy the reply before the peer reads it."""
+        if self.state == CONN_HANDSHAKING:
+            self.close(reason, level)
+            return
+        if self.state != CONN_OPEN:
+            return
+        self.before_finish()
+        if reply:
+            self.queue(reply)
+        self.state = CONN_CLOSING
+        self.closing = reason
+        self.close_level = level
+        self.set_deadline(self.hub.loop.now + self.hub.config.linger_timeout)
+        self.hub.dirty.add(self)
+
+    def _shut(self) -> None:
+        """The last reply is out: send our FIN, wait for the peer's."""
+        if self.shut:
+            return
+        self.shut = True
+        if self.peer_eof or self.tls:
+            # The peer is done already; or TLS, where a half-close would
+            # leave the TLS layer behind: close now.
+            self.close(self.closing, self.close_level)
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close(self.closing, self.close_level)
+
+    def close(self, reason: str, level: int = logging.INFO) -> None:
+        if self.state == CONN_CLOSED:
+            return
+        self.state = CONN_CLOSED
+        self.log_close(reason, level)
+        self.hub.forget(self)
+        self.hub.loop.timers.cancel(self._timer)
+        self._timer = None
+        self.hub.loop.forget(self.sock)
+        self.sock.close()
+        self.outbuf.clear()
+        self.connection_lost()
+
+    def log_close(self, reason: str, level: int) -> None:
+        if level >= logging.WARNING:
+            # Misbehaviour before a login: logged, but at most once per
+            # interval for each reason, whoever floods us with it.
+            self.hub.loop.log_repeated("close: " + reason, level, "%s: disconnected: %s",
+                                       self.tag, reason)
+        else:
+            log.debug("%s: disconnected: %s", self.tag, reason)
+
+
+class LineClient(ClientConnection):
+    """The line protocol on a client connection: a LineFramer in, the
+    ClientSession's replies out.  The reply to a failed login is held back
+    for the throttle's delay (the connection's further input waits, the
+    other clients do not); once logged in, the user's notifications and
+    STATUS lines follow.  Until then only replies are sent, and a login
+    must come within ``login_timeout``."""
+
+    __slots__ = ("session", "framer", "login_by", "hold_until", "held")
+
+    def __init__(self, hub: "ClientHub", sock: socket.socket, peer: Tuple, tls: bool):
+        super().__init__(hub, sock, peer, tls)
+        self.session = ClientSession(self.host, tag=self._tag)
+        self.framer = LineFramer(MAX_CLIENT_LINE_BYTES, MAX_CLIENT_PENDING_INPUT_BYTES)
+        #: No login by then: ERR 408, closed (monotonic).
+        self.login_by = self.deadline
+        #: The reply to a failed login is held back until then (monotonic).
+        self.hold_until: Optional[float] = None
+        self.held: List[bytes] = []
+
+    @property
+    def tag(self) -> str:
+        return self.session.tag
+
+    @property
+    def user(self) -> Optional[UserConfig]:
+        return self.session.user
+
+    @property
+    def fmt(self) -> str:
+        """The notification format: ``text`` or ``json``."""
+        return self.session.fmt
+
+    def wants(self, kind: str) -> bool:
+        return kind in self.session.kinds
+
+    def connection_made(self) -> None:
+        # DEBUG until it logs in: anyone can connect, so connections must
+        # not be able to flood the log.
+        log.debug("%s: connected%s", self.tag, " (TLS)" if self.tls else "")
+        self.queue((ClientSession.greeting() + "\r\n").encode("utf-8"))
+
+    def data_received(self, data: bytes) -> None:
+        self.framer.receive_data(data)
+        self._process_input()
+
+    def eof_received(self) -> None:
+        if self.hold_until is not None:
+            self.watch()  # _release answers the rest, then closes
+        else:
+            self.finish("closed by the client")
+
+    def _process_input(self) -> None:
+        """Run the complete lines received, unless a reply is held back."""
+        try:
+            while self.state == CONN_OPEN and self.hold_until is None:
+                line = self.framer.next_line()
+                if line is None:
+                    break
+                self._line(line)
+            if self.state == CONN_OPEN:
+                self.framer.check()
+        except ClientProtocolError as e:
+            self.finish(e.reason, ("ERR %s %s\r\n" % (e.code, e.text)).encode("utf-8"),
+                        logging.WARNING)
+
+    def _line(self, text: str) -> None:
+        session = self.session
+        was_user = session.user
+        failures = session.failed_logins
+        replies = [(reply.replace("\r", " ").replace("\n", " ") + "\r\n").encode("utf-8")
+                   for reply in session.handle_line(text, self.hub.view)]
+        if session.failed_logins > failures and self._hold(replies):
+            return
+        for data in replies:
+            self.queue(data)
+        if session.user is not None and was_user is None:
+            self.hub.subscribe(self, session.user.name)
+            for fields in self.hub.view.pbx_statuses():
+                self.queue(encode_status(fields, session.fmt))
+            self._update_deadline()
+        if session.closing:
+            self.finish(session.close_reason)
+
+    def _hold(self, replies: List[bytes]) -> bool:
+        """A failed login: the throttle's verdict.  True if the replies are
+        held back (they wait in the loop, never in a sleep)."""
+        throttle, now = self.hub.throttle, self.hub.loop.now
+        delay, blocked = throttle.failed(self.host_key, now)
+        if blocked:
+            log.warning("client %s: logins from %s blocked for %g s after %d failed logins",
+                        self.host, self.host_key, throttle.block_s, throttle.block_after)
+            self.session.request_close("logins from the address blocked")
+        if delay <= 0:
+            return False
+        log.debug("%s: reply to the failed login delayed %g s", self.tag, delay)
+        self.hold_until = now + delay
+        self.held.extend(replies)
+        self._update_deadline()
+        return True
+
+    def _release(self) -> None:
+        """A held failed-login reply is due: send it, go on with the input."""
+        self.hold_until = None
+        held, self.held = self.held, []
+        for data in held:
+            self.queue(data)
+        if self.session.closing:
+            self.finish(self.session.close_reason)
+            return
+        self._update_deadline()
+        self._process_input()
+        if self.peer_eof and self.hold_until is None:
+            self.finish("closed by the client")
+        else:
+            self.watch()
+
+    def _update_deadline(self) -> None:
+        if self.state != CONN_OPEN:
+            return
+        times = [t for t in (self.login_by if self.session.user is None else None,
+                             self.hold_until) if t is not None]
+        self.set_deadline(min(times) if times else None)
+
+    def open_expired(self, now: float) -> None:
+        if self.hold_until is not None and now >= self.hold_until:
+            self._release()
+        if self.state == CONN_OPEN and self.session.user is None and self.login_by <= now:
+            self.finish("no login within %g s" % self.hub.config.login_timeout,
+                        b"ERR 408 login timeout\r\n")
+
+    def before_finish(self) -> None:
+        held, self.held, self.hold_until = self.held, [], None
+        for data in held:
+            self.queue(data)
+        self.framer.clear()
+
+    def end_session(self, reason: str) -> None:
+        """Close a logged-in session, telling the client why first."""
+        fields: Dict[str, object] = {"session": "closed", "reason": reason,
+                                     "time": iso_time(self.hub.loop.wall)}
+        self.finish(reason, encode_status(fields, self.session.fmt))
+
+    def account_changed(self, users: Dict[str, UserConfig]) -> None:
+        """A reload: the session goes on with its account as it is now, or
+        ends if the account is gone, its secret changed or its address is
+        no longer allowed."""
+        account = self.session.user
+        if account is None or self.state != CONN_OPEN:
+            return
+        fresh = users.get(account.name)
+        if fresh is None:
+            self.end_session("account removed by reload")
+        elif fresh.secret != account.secret:
+            self.end_session("secret changed by reload")
+        elif not fresh.host_allowed(self.host):
+            self.end_session("address no longer allowed by host= after reload")
+        else:
+            self.session.account_changed(fresh)
+
+    def log_close(self, reason: str, level: int) -> None:
+        if self.session.user is not None:
+            log.log(level, "%s: disconnected: %s", self.tag, reason)
+        else:
+            super().log_close(reason, level)
+
+    def connection_lost(self) -> None:
+        self.framer.clear()
+        self.held.clear()
+
+
+class Listener:
+    """A listening socket, and the protocol its connections speak: the
+    ClientConnection subclass made for each, in plain text or TLS."""
+
+    __slots__ = ("sock", "tls", "protocol")
+
+    def __init__(self, sock: socket.socket, tls: bool, protocol: type):
+        self.sock = sock
+        self.tls = tls
+        self.protocol = protocol
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+
+class ClientHub:
+    """Every client connection: the listeners and the limits on accepting
+    (connections in total and per address, blocked addresses), the users'
+    subscriptions, delivery of notifications and STATUS lines, and the one
+    flush per pass that writes all output before the loop sleeps."""
+
+    def __init__(self, loop: Loop, config: Config, view: "DaemonView"):
+        self.loop = loop
+        self.config = config
+        #: What client sessions may ask of the daemon.
+        self.view = view
+        self.tls_context = config.tls_context
+        self.listeners: List[Listener] = []
+        self.clients: Set[ClientConnection] = set()
+        #: Open connections per address_key(), for max_clients_per_host.
+        self.per_host: Dict[str, int] = {}
+        #: The logged-in connections of each user: where their events go.
+        self.subscribers: Dict[str, Set[ClientConnection]] = {}
+        #: Connections with output (or a close) for the flush.
+        self.dirty: Set[ClientConnection] = set()
+        self.throttle = LoginThrottle(config.login_fail_delay, config.login_block_after,
+                                      config.login_block_seconds)
+        self._resume_timer: Optional[Timer] = None
+
+    # -- listening and accepting ------------------------------------------------
+
+    def listen(self, port: int, tls: bool, protocol: type = None) -> Listener:  # type: ignore[assignment]
+        """Bind a client port (may raise OSError); its connections speak
+        ``protocol`` (LineClient unless said otherwise)."""
+        if tls and self.tls_context is None:
+            self.tls_context = server_tls_context(self.config.tls_cert,
+                                                  self.config.tls_key or None)
         bind = self.config.bind
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -4792,54 +5327,832 @@ class Daemon:
             log.error("cannot listen on %s port %d: %s", bind, port, _error_text(e))
             raise
         sock.setblocking(False)
-        self.selector.register(sock, selectors.EVENT_READ,
-                               functools.partial(self._on_accept, sock, tls))
-        self.listeners.append((sock, tls))
-        host, real_port = sock.getsockname()[:2]
+        listener = Listener(sock, tls, protocol or LineClient)
+        self.listeners.append(listener)
+        self._watch_listener(listener)
+        host, real_port = listener.address
         log.info("ctinotify %s listening for %sclients on %s port %d",
                  __version__, "TLS " if tls else "", host, real_port)
+        return listener
+
+    def _watch_listener(self, listener: Listener) -> None:
+        self.loop.selector.register(listener.sock, selectors.EVENT_READ,
+                                    functools.partial(self._on_accept, listener))
+
+    def close_listeners(self) -> None:
+        for listener in self.listeners:
+            self.loop.forget(listener.sock)  # accepting may be paused
+            listener.sock.close()
+        self.listeners = []
+
+    def _on_accept(self, listener: Listener, mask: int) -> None:
+        for _ in range(ACCEPT_BURST):  # a burst, then let the others have the loop
+            try:
+                sock, peer = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(e)
+                else:
+                    log.warning("accept failed: %s", _error_text(e))
+                return
+            try:
+                self._accept(listener, sock, peer)
+            except Exception:
+                log.exception("accepting a connection from %s failed", peer)
+                sock.close()
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """Out of descriptors: the listener stays readable, so stop watching
+        it for a moment rather than spin (asyncio's selector_events does too)."""
+        log.error("accept failed: %s; not accepting connections for %g s",
+                  _error_text(error), ACCEPT_PAUSE_S)
+        for listener in self.listeners:
+            self.loop.forget(listener.sock)
+        self._resume_timer = self.loop.at(self.loop.now + ACCEPT_PAUSE_S, self._resume_accepting)
+
+    def _resume_accepting(self, now: float) -> None:
+        self._resume_timer = None
+        for listener in self.listeners:
+            self._watch_listener(listener)
+        log.info("accepting connections again")
+
+    def _refusal(self, key: str) -> Optional[Tuple[str, bytes, str]]:
+        """Why a new connection from ``key`` is refused: (kind, reply, why)."""
+        cfg = self.config
+        if len(self.clients) >= cfg.max_clients:
+            return ("max_clients", b"ERR 503 too many connections, try again later\r\n",
+                    "%d connections already (max_clients)" % len(self.clients))
+        if self.per_host.get(key, 0) >= cfg.max_clients_per_host:
+            return ("max_clients_per_host", b"ERR 503 too many connections from your address\r\n",
+                    "%d connections from %s already (max_clients_per_host)"
+                    % (self.per_host[key], key))
+        blocked = self.throttle.blocked_for(key, self.loop.now)
+        if blocked:
+            return ("blocked", b"ERR 429 too many failed logins from your address, "
+                    b"try again later\r\n",
+                    "logins from %s blocked for %d more s" % (key, int(blocked) + 1))
+        return None
+
+    def _accept(self, listener: Listener, sock: socket.socket, peer: Tuple) -> None:
+        host = peer[0] if peer else "?"
+        key = address_key(host)
+        refusal = self._refusal(key)
+        if refusal is not None:
+            kind, reply, why = refusal
+            self.loop.log_repeated(kind, logging.WARNING, "client %s:%s: refused: %s",
+                                   host, peer[1] if peer else "?", why)
+            if not listener.tls:  # a fresh socket: one short send cannot block
+                try:
+                    sock.setblocking(False)
+                    sock.send(reply)
+                except OSError:
+                    pass
+            sock.close()
+            return
+        sock.setblocking(False)
+        for level, option, value in _CLIENT_SOCKOPTS:
+            try:
+                sock.setsockopt(level, option, value)
+            except OSError:
+                pass
+        if listener.tls:
+            assert self.tls_context is not None
+            try:
+                sock = self.tls_context.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
+            except (OSError, ValueError) as e:
+                log.warning("client %s: TLS setup failed: %s", host, _error_text(e))
+                sock.close()
+                return
+        conn = listener.protocol(self, sock, peer, listener.tls)
+        self.clients.add(conn)
+        self.per_host[key] = self.per_host.get(key, 0) + 1
+        conn.watch(selectors.EVENT_READ)
+        conn.start()
+
+    # -- who gets what ------------------------------------------------------------
+
+    def subscribe(self, conn: ClientConnection, user: str) -> None:
+        """``conn`` is logged in as ``user``: their notifications go to it."""
+        self.subscribers.setdefault(user, set()).add(conn)
+
+    def forget(self, conn: ClientConnection) -> None:
+        """A closed connection leaves every count and subscription."""
+        self.clients.discard(conn)
+        count = self.per_host.get(conn.host_key, 0) - 1
+        if count > 0:
+            self.per_host[conn.host_key] = count
+        else:
+            self.per_host.pop(conn.host_key, None)
+        user = conn.user
+        if user is not None:
+            conns = self.subscribers.get(user.name)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self.subscribers[user.name]
+
+    def deliver(self, notifications: List[Notification]) -> None:
+        """Each notification to the connections of its user that want its kind."""
+        for note in notifications:
+            conns = self.subscribers.get(note.user)
+            if not conns:
+                continue
+            # The same for every session of the user, so encoded once per format.
+            fields = with_popup_url(note.fields, self.config.users.get(note.user))
+            encoded: Dict[str, bytes] = {}
+            for conn in conns:
+                if not conn.wants(note.kind):
+                    continue
+                fmt = conn.fmt
+                data = encoded.get(fmt)
+                if data is None:
+                    data = encoded[fmt] = encode_notification(fields, fmt)
+                conn.queue(data)
+
+    def broadcast_status(self, fields: Dict[str, object]) -> None:
+        """A STATUS line to every logged-in connection."""
+        encoded: Dict[str, bytes] = {}
+        for conns in self.subscribers.values():
+            for conn in conns:
+                fmt = conn.fmt
+                if fmt not in encoded:
+                    encoded[fmt] = encode_status(fields, fmt)
+                conn.queue(encoded[fmt])
+
+    def flush(self) -> None:
+        """Write every connection's output: once per pass, before the sleep."""
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:
+            conn.flush()
+
+    # -- reload and shutdown --------------------------------------------------
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: new limits for everyone, and every session checked
+        against its account as it is now (bind and ports stay)."""
+        self.config = config
+        if config.tls_context is not None and self.tls_context is not None:
+            self.tls_context = config.tls_context  # a renewed certificate, for new connections
+        self.throttle.configure(config.login_fail_delay, config.login_block_after,
+                                config.login_block_seconds)
+        for conn in list(self.clients):
+            if isinstance(conn, LineClient):
+                conn.account_changed(config.users)
+
+    def close_all(self, reason: str) -> None:
+        """Shutdown: a last STATUS line to the logged-in, then every
+        connection closed."""
+        stopping = {"server": "stopping", "time": iso_time(self.loop.wall)}
+        for conn in list(self.clients):
+            if conn.user is not None:
+                conn.queue(encode_status(stopping, conn.fmt))
+            conn.send()
+            conn.close(reason)
+        self.loop.timers.cancel(self._resume_timer)
+        self.close_listeners()
+
+
+#: The states of an AMI link.
+LINK_IDLE = "idle"                # waiting to (re)connect
+LINK_CONNECTING = "connecting"    # a non-blocking connect() under way
+LINK_HANDSHAKING = "handshaking"  # TLS ([ami] tls = yes)
+LINK_LOGIN = "login"              # connected: banner, Challenge, Login
+LINK_RESYNC = "resync"            # logged in: the channel list is coming
+LINK_UP = "up"                    # following the calls
+
+#: What bounds a state of an AMI link: the [ami] key of its timeout, and
+#: why the link is dropped when it passes.  Idle waits for its reconnect
+#: time instead; from login on, the AmiSession's deadlines (banner and
+#: login, Ping answers) bound the link as well.
+LINK_TIMEOUTS = {
+    LINK_CONNECTING: ("connect_timeout", "no connection within %g s"),
+    LINK_HANDSHAKING: ("connect_timeout", "no TLS handshake within %g s"),
+}
+
+
+class AmiLink:
+    """One PBX: the socket to its Asterisk, the AmiSession on it, the
+    reconnect schedule, and the CallEngine that follows its calls.
+
+    Bytes from Asterisk go through the session into the engine; the
+    engine's notifications, and the link going up and down, go to the
+    daemon (``owner.deliver``, ``owner.link_status``).  ``send_action``
+    sends an action and routes its response (and a list's events) to
+    whoever asked, by ActionID.  After a login the link resynchronises:
+    CoreShowChannels tells the engine which calls went on meanwhile.
+    """
+
+    def __init__(self, loop: Loop, owner: "Daemon", config: AmiConfig,
+                 tls_context: Optional["ssl.SSLContext"], engine: CallEngine):
+        self.loop = loop
+        self.owner = owner
+        self.config = config
+        #: For ``[ami] tls = yes``: built with the configuration.
+        self.tls_context = tls_context
+        self.engine = engine
+        self.state = LINK_IDLE
+        #: When this state's timeout passes (LINK_TIMEOUTS), monotonic.
+        self.state_deadline: Optional[float] = None
+        #: Logged in, as the clients were last told.
+        self.up = False
+        #: When calls kept across a lost link are given up (monotonic).
+        self.stale_deadline: Optional[float] = None
+        self.sock: Optional[socket.socket] = None
+        self.session: Optional[AmiSession] = None
+        self.outbuf = bytearray()
+        self.backoff = AMI_RECONNECT_MIN_S
+        self.next_attempt = loop.now
+        self.address: Optional[Tuple[int, tuple]] = None
+        #: ActionID -> who waits for the response (send_action).
+        self._replies: Dict[str, object] = {}
+        self._timer: Optional[Timer] = None
+        self._rearm()
+
+    @property
+    def tag(self) -> str:
+        """For log lines: ``ami``, or ``ami:NAME`` for a further PBX."""
+        return "ami" if self.config.name == DEFAULT_PBX else "ami:" + self.config.name
+
+    # -- actions ---------------------------------------------------------------
+
+    def send_action(self, action: str, fields: Iterable[Tuple[str, str]] = (),
+                    on_reply=None) -> Optional[str]:  # type: ignore[no-untyped-def]
+        """Send an action to this Asterisk now.  Its response, and for a
+        list action every event of the list up to its end, go to
+        ``on_reply(msg)`` (and to the engine, as all messages do);
+        ``on_reply(None)`` if the link goes down first.  Returns the
+        ActionID, or None when the link is not logged in."""
+        session = self.session
+        if session is None or not session.logged_in:
+            return None
+        action_id = session.send_action(action, fields)
+        if on_reply is not None:
+            self._replies[action_id] = on_reply
+        self._write()
+        return action_id
+
+    @staticmethod
+    def _reply_done(msg: AmiMessage) -> bool:
+        """Whether ``msg`` is the last message of its action's answer."""
+        listing = msg.get("EventList", "").lower()
+        if "Event" in msg:
+            return listing in ("complete", "cancelled")
+        return listing != "start"
+
+    # -- the state and its deadline ----------------------------------------------
+
+    def _enter(self, state: str) -> None:
+        self.state = state
+        timeout = LINK_TIMEOUTS.get(state)
+        self.state_deadline = (self.loop.now + getattr(self.config, timeout[0])
+                               if timeout is not None else None)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """One timer for the nearest of the link's deadlines."""
+        times = [self.stale_deadline]
+        if self.state == LINK_IDLE:
+            times.append(self.next_attempt)
+        times.append(self.state_deadline)
+        if self.session is not None:
+            times.append(self.session.next_deadline())
+        due = min((t for t in times if t is not None), default=None)
+        timer = self._timer
+        if timer is not None and not timer.cancelled and timer.when == due:
+            return
+        self.loop.timers.cancel(timer)
+        self._timer = self.loop.at(due, self._on_timer) if due is not None else None
+
+    def _on_timer(self, now: float) -> None:
+        try:
+            self._deadlines(now)
+        except Exception:
+            log.exception("%s: internal error; dropping the link", self.tag)
+            self.lost("internal error")
+        self._rearm()
+
+    def _deadlines(self, now: float) -> None:
+        if self.state == LINK_IDLE:
+            if now >= self.next_attempt:
+                self._connect(now)
+        elif self.state_deadline is not None and now >= self.state_deadline:
+            key, why = LINK_TIMEOUTS[self.state]
+            self.lost(why % getattr(self.config, key))
+        elif self.session is not None:
+            reason = self.session.poll(now)
+            if reason:
+                self.lost(reason)
+            else:
+                self._write()
+        if self.stale_deadline is not None and now >= self.stale_deadline:
+            self.stale_deadline = None
+            log.warning("%s: no link for %g s: ending the calls it had in progress",
+                        self.tag, AMI_RESYNC_GRACE_S)
+            self.owner.deliver(self.engine.link_lost(self.loop.wall))
+
+    # -- connecting --------------------------------------------------------------
+
+    def resolve(self) -> None:
+        """Look the host up: at start and on reload only, never in the loop."""
+        cfg = self.config
+        try:
+            self.address = resolve(cfg.host, cfg.port)
+        except (OSError, UnicodeError, ValueError) as e:  # idna rejects some names
+            self.address = None
+            log.error("%s: cannot resolve %s: %s", self.tag, cfg.host, e)
+
+    def _connect(self, now: float) -> None:
+        if self.address is None:
+            if not is_ip_address(self.config.host):
+                # A name is looked up at start and on reload only: DNS must
+                # never hold the loop (and every client) up.
+                self.lost("cannot resolve %s; fix DNS and send SIGHUP, or use an IP "
+                          "address" % self.config.host)
+                return
+            self.resolve()
+        if self.address is None:
+            self.lost("no address for %s" % self.config.host)
+            return
+        family, sockaddr = self.address
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # out of file descriptors, say
+            self.lost("cannot open a socket: %s" % _error_text(e))
+            return
+        sock.setblocking(False)
+        err = sock.connect_ex(sockaddr)
+        self.sock = sock
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            self.lost("connect to %s port %d failed: %s"
+                      % (self.config.host, self.config.port, os.strerror(err)))
+            return
+        self.loop.selector.register(sock, selectors.EVENT_WRITE, self.on_ready)
+        self._enter(LINK_CONNECTING)
+        log.debug("%s: connecting to %s port %d", self.tag, self.config.host, self.config.port)
+
+    def on_ready(self, mask: int) -> None:
+        """The selector callback."""
+        try:
+            self._ready(mask)
+        except Exception:
+            # Our bug, not Asterisk's: drop this link, keep serving.
+            log.exception("%s: internal error; dropping the link", self.tag)
+            self.lost("internal error")
+        self._rearm()
+
+    def _ready(self, mask: int) -> None:
+        sock = self.sock
+        assert sock is not None
+        if self.state == LINK_CONNECTING:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.lost("connect to %s port %d failed: %s"
+                          % (self.config.host, self.config.port, os.strerror(err)))
+            elif self.config.tls:
+                self._start_tls(sock)
+            else:
+                self._connected()
+            return
+        if self.state == LINK_HANDSHAKING:
+            self._handshake()
+            return
+        if mask & selectors.EVENT_READ:
+            self._read(sock)
+        if mask & selectors.EVENT_WRITE and self.sock is sock:
+            self._write()
+
+    def _start_tls(self, sock: socket.socket) -> None:
+        if self.tls_context is None:
+            self.lost("tls = yes, but no TLS context could be made")
+            return
+        self.loop.selector.unregister(sock)
+        try:
+            # The handshake runs in the loop (do_handshake_on_connect=False),
+            # so a slow or silent Asterisk cannot stall the clients.
+            self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.config.host,
+                                                     do_handshake_on_connect=False)
+        except (OSError, ValueError) as e:
+            self.sock = sock
+            self.loop.selector.register(sock, selectors.EVENT_READ, self.on_ready)
+            self.lost("TLS setup failed: %s" % _error_text(e))
+            return
+        self.loop.selector.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                    self.on_ready)
+        self._enter(LINK_HANDSHAKING)
+        self._handshake()
+
+    def _handshake(self) -> None:
+        sock = self.sock
+        assert sock is not None and ssl is not None
+        try:
+            sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self.loop.selector.modify(sock, selectors.EVENT_READ, self.on_ready)
+            return
+        except ssl.SSLWantWriteError:
+            self.loop.selector.modify(sock, selectors.EVENT_WRITE, self.on_ready)
+            return
+        except (OSError, ValueError) as e:
+            self.lost("TLS handshake with %s failed: %s" % (self.config.host, _error_text(e)))
+            return
+        log.info("%s: TLS established with %s (%s)", self.tag, self.config.host,
+                 sock.version())  # type: ignore[attr-defined]
+        self._connected()
+
+    def _connected(self) -> None:
+        assert self.sock is not None
+        cfg = self.config
+        self.session = ami_session(cfg, self.loop.now)
+        self.loop.selector.modify(self.sock, selectors.EVENT_READ, self.on_ready)
+        self._enter(LINK_LOGIN)
+        log.info("%s: connected to %s port %d", self.tag, cfg.host, cfg.port)
+
+    # -- reading -------------------------------------------------------------------
+
+    def _read(self, sock: socket.socket) -> None:
+        # A TLS socket may hold decrypted bytes the selector cannot see.
+        for _ in range(64):
+            data, broken = recv_some(sock, AMI_RECV_BYTES)
+            if broken:
+                self.lost(broken)
+                return
+            if data is None:
+                break
+            if not data:
+                self.lost("connection closed by Asterisk")
+                return
+            if not self._receive(data) or self.sock is not sock:
+                return
+            if not (self.config.tls and sock.pending()):  # type: ignore[attr-defined]
+                break
+        self._write()
+
+    def _receive(self, data: bytes) -> bool:
+        """Bytes from Asterisk through the session into the engine; False
+        once the link was dropped."""
+        session = self.session
+        assert session is not None
+        try:
+            items = session.receive_data(data, self.loop.now)
+        except AmiProtocolError as e:
+            self.lost(str(e))
+            return False
+        for problem in session.parser.problems:
+            log.warning("%s: %s", self.tag, problem)
+        session.parser.problems.clear()
+        for item in items:
+            if isinstance(item, AmiMessage):
+                self._message(item)
+            elif isinstance(item, AmiLoggedIn):
+                self.backoff = AMI_RECONNECT_MIN_S
+                log.info("%s: logged in as %s (%s)", self.tag, self.config.username, item.banner)
+                self._set_up(True, "")
+                self._start_resync()
+            elif isinstance(item, AmiLoginFailed):
+                self.lost("login as %s refused by Asterisk: %s"
+                          % (self.config.username, item.reason))
+            if self.session is not session:
+                return False  # dropped meanwhile
+        return True
+
+    def _message(self, msg: AmiMessage) -> None:
+        event = msg.get("Event")
+        if event == "Shutdown":
+            self.lost("Asterisk is shutting down (%s)" % msg.get("Shutdown", "?"))
+            return
+        action_id = msg.get("ActionID") if self._replies else None
+        on_reply = self._replies.get(action_id) if action_id is not None else None
+        if on_reply is not None:
+            if self._reply_done(msg):
+                del self._replies[action_id]  # type: ignore[arg-type]
+            on_reply(msg)  # type: ignore[operator]
+        elif event is None:
+            if msg.get("Response") == "Error":
+                self.loop.log_repeated("ami-error", logging.WARNING,
+                                       "%s: Asterisk refused an action: %r", self.tag,
+                                       msg.get("Message", "")[:200])
+            elif "Response" not in msg:
+                self.loop.log_repeated("ami-junk", logging.WARNING,
+                                       "%s: ignored a message that is neither an event nor a "
+                                       "response: %.200r", self.tag, dict(msg) or msg.body)
+                return
+        try:
+            notifications = self.engine.handle(msg, self.loop.wall)
+        except Exception:
+            # Our bug, not Asterisk's: skip the message, keep the link.
+            log.exception("engine failed on a %.40r event; skipped it", msg.get("Event"))
+            return
+        if notifications:
+            self.owner.deliver(notifications)
+
+    def _start_resync(self) -> None:
+        """Calls may have started or ended while we were away: ask for every
+        channel, and for queue members (queue events need membership)."""
+        self.stale_deadline = None
+        self._enter(LINK_RESYNC)
+        self.engine.begin_resync()
+        self.send_action("CoreShowChannels", on_reply=self._resync_reply)
+        self.send_action("QueueStatus")
+
+    def _resync_reply(self, msg: Optional[AmiMessage]) -> None:
+        if msg is None:
+            return  # the link went down; the next login resyncs again
+        if msg.get("Response") not in (None, "Success"):
+            # No "reporting" or "system" write permission (manager.conf).
+            log.warning("%s: cannot list channels to resync (%s); grant the AMI user "
+                        "write = reporting. Calls from before the reconnect end now.",
+                        self.tag, msg.get("Message", "refused"))
+            self._enter(LINK_UP)
+            self.owner.deliver(self.engine.end_resync(self.loop.wall))
+        elif msg.get("Event") == "CoreShowChannelsComplete":
+            self._enter(LINK_UP)
+            log.info("%s: resynchronised: %s channels in progress", self.tag,
+                     msg.get("ListItems", "?"))
+
+    # -- writing and closing ----------------------------------------------------------
+
+    def _write(self) -> None:
+        if self.session is None or self.sock is None:
+            return
+        self.outbuf += self.session.data_to_send()
+        if self.outbuf:
+            broken = send_some(self.sock, self.outbuf)
+            if broken:
+                self.lost(broken)
+                return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbuf else 0)
+        self.loop.selector.modify(self.sock, events, self.on_ready)
+
+    def close(self) -> None:
+        """Drop the connection (no reconnect is planned here: see lost)."""
+        if self.sock is not None:
+            self.loop.forget(self.sock)
+            self.sock.close()
+        self.sock = None
+        self.session = None
+        self.outbuf.clear()
+        self.state = LINK_IDLE
+        self.state_deadline = None
+        replies, self._replies = self._replies, {}
+        for on_reply in replies.values():
+            on_reply(None)  # type: ignore[operator]
+
+    def lost(self, reason: str, immediate: bool = False) -> None:
+        """The link is broken: close it, reconnect after the backoff (at
+        once if ``immediate``), tell the clients; its calls are kept for
+        AMI_RESYNC_GRACE_S in case a reconnect resynchronises them."""
+        self.close()
+        delay = 0.0 if immediate else self.backoff
+        self.next_attempt = self.loop.now + delay
+        if not immediate:
+            self.backoff = min(self.backoff * 2, self.config.reconnect_max)
+        log.warning("%s: %s; reconnecting in %g s", self.tag, reason, delay)
+        if self.up:
+            self._set_up(False, reason)
+            if self.stale_deadline is None:
+                self.stale_deadline = self.loop.now + AMI_RESYNC_GRACE_S
+        self._rearm()
+
+    def stop(self, logoff: bool = False) -> None:
+        """For good (shutdown, removed by a reload): close, with a Logoff
+        first if asked and logged in (best effort); no reconnect."""
+        if logoff and self.state in (LINK_LOGIN, LINK_RESYNC, LINK_UP) and self.sock is not None:
+            try:
+                self.sock.send(encode_action("Logoff"))
+            except (OSError, ValueError):
+                pass
+        self.close()
+        self.loop.timers.cancel(self._timer)
+        self._timer = None
+
+    def reconfigure(self, config: AmiConfig, tls_context: Optional["ssl.SSLContext"],
+                    several: bool) -> None:
+        """A reload: a changed section reconnects, an unchanged one keeps
+        its link and calls."""
+        self.engine.pbx = config.name if several else ""
+        if config.key() == self.config.key():
+            if self.address is None:
+                self.resolve()  # maybe DNS works now (SIGHUP)
+            return
+        log.info("reload: [%s] changed, reconnecting", self.tag)
+        self.config = config
+        self.tls_context = tls_context
+        self.resolve()
+        self.lost("configuration changed", immediate=True)
+
+    def _set_up(self, up: bool, reason: str) -> None:
+        self.up = up
+        self.owner.link_status(self, reason)
+
+
+class CallLog:
+    """The call log file and the history HISTORY answers from.
+
+    Every finished call's record goes to the history (the last calls of
+    each user, in memory) and, with a ``calllog``, to the file: opened
+    O_APPEND, one write(2) per record.  At start the history is seeded from
+    the file's tail; SIGHUP reopens the file (log rotation)."""
+
+    def __init__(self, loop: Loop, path: str):
+        self.loop = loop
+        self.path = path
+        self.history = CallHistory()
+        self.fd: Optional[int] = None
+        #: The file ends in a partial line (after a failed write).
+        self._torn = False
+
+    def open(self) -> None:
+        if not self.path:
+            return
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                              | getattr(os, "O_CLOEXEC", 0), 0o640)
+        except OSError as e:
+            log.error("cannot open call log %s: %s", self.path, _error_text(e))
+            return
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():
+                    f.seek(-1, os.SEEK_END)
+                    self._torn = f.read(1) != b"\n"
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        self._torn = False
+
+    def reopen(self, path: str) -> None:
+        self.close()
+        self.path = path
+        self.open()
+
+    def add(self, record: Dict[str, object]) -> None:
+        self.history.add(record)
+        if self.fd is not None:
+            self._write(record)
+
+    def _write(self, record: Dict[str, object]) -> None:
+        """One record, one line, one write(2) on an O_APPEND descriptor: a
+        daemon killed at any moment leaves only whole lines, and nothing
+        waits in a buffer of ours."""
+        assert self.fd is not None
+        data = (encode_json_line(record) + "\n").encode("utf-8")
+        if self._torn:
+            data = b"\n" + data  # end the broken line; keep this one whole
+        written = 0
+        try:
+            while written < len(data):  # a short write: only on a full disk
+                written += os.write(self.fd, data[written:])
+            self._torn = False
+        except OSError as e:
+            self._torn = self._torn or written > 0
+            self.loop.log_repeated("calllog", logging.ERROR, "cannot write call log %s: %s",
+                                   self.path, _error_text(e))
+
+    def seed(self, users: Iterable[str]) -> None:
+        """HISTORY knows the calls before a restart: the call log's tail."""
+        if not self.path:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                start = max(0, f.tell() - HISTORY_SEED_MAX_BYTES)
+                f.seek(start)
+                data = f.read(HISTORY_SEED_MAX_BYTES)
+        except OSError:
+            return
+        lines = data.decode("utf-8", "replace").split("\n")
+        if start > 0:
+            lines = lines[1:]  # cut in the middle
+        loaded = self.history.seed(lines, users)
+        log.info("history: %d calls from %s", loaded, self.path)
+
+
+class DaemonView(ServerView):
+    """The running daemon as its client sessions see it: the accounts, the
+    calls in progress on every PBX, the call history, login blocks and the
+    links' status (the clock is read here, not in sessions)."""
+
+    def __init__(self, daemon: "Daemon"):
+        super().__init__(daemon.config.users, None, daemon.calllog.history)
+        self._daemon = daemon
+
+    def engines(self) -> List[CallEngine]:
+        return [link.engine for link in self._daemon.links]
+
+    def login_blocked(self, peer_host: str) -> bool:
+        daemon = self._daemon
+        return daemon.hub.throttle.blocked_for(address_key(peer_host), daemon.loop.now) > 0
+
+    def pbx_statuses(self) -> List[Dict[str, object]]:
+        """A STATUS line's fields per PBX, for a client that just logged in."""
+        return [self._daemon.pbx_status(link) for link in self._daemon.links]
+
+
+class Daemon:
+    """The daemon: one Loop, the AMI links in, the ClientHub out, the call
+    log beside; signals, reload and shutdown.
+
+    Everything protocol-shaped is delegated: each AmiLink feeds its
+    CallEngine, whose notifications come back here (``deliver``) for the
+    call log and the hub, which queues them on the connections of their
+    user.  Timers use the monotonic clock, event times the wall clock, both
+    read once per pass.  Output is written in one flush before the loop
+    sleeps.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.loop = Loop()
+        self.calllog = CallLog(self.loop, config.calllog)
+        self.view = DaemonView(self)
+        self.hub = ClientHub(self.loop, config, self.view)
+        #: One link per PBX ([ami], then each [ami:NAME]).
+        self.links: List[AmiLink] = [self._make_link(pbx, config) for pbx in config.pbxes]
+        #: bind, port and tls_port as started: a reload cannot change them.
+        self._listening = (config.bind, config.port, config.tls_port)
+        self.running = False
+        self._pending_signals: List[int] = []
+        self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
+
+    def _make_link(self, pbx: AmiConfig, config: Config) -> AmiLink:
+        # With several PBXes every event says which one it came from.
+        engine = CallEngine(Directory(config.users.values(), pbx.name),
+                            pbx.name if len(config.pbxes) > 1 else "")
+        return AmiLink(self.loop, self, pbx, config.ami_tls_contexts.get(pbx.name), engine)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the client ports, open the call log (may raise OSError)."""
+        if self.config.port is not None:
+            self.hub.listen(self.config.port, tls=False)
+        if self.config.tls_port is not None:
+            self.hub.listen(self.config.tls_port, tls=True)
+        self.calllog.open()
+        self.calllog.seed(self.config.users)
+        for link in self.links:
+            link.resolve()
 
     def serve_forever(self) -> int:
         if self._wakeup is None:
             self.install_signal_handlers()
         self.running = True
+        loop = self.loop
         while self.running:
-            timeout = self._next_timeout(time.monotonic())
-            for key, mask in self.selector.select(timeout):
-                key.data(mask)  # the handler registered with the socket
+            loop.run_once()
             self._handle_signals()
-            self._run_timers(time.monotonic())
-            self._flush_clients()
+            loop.run_timers()
+            self.hub.flush()
         self._shutdown()
         return 0
 
     def _shutdown(self) -> None:
         log.info("shutting down")
+        self.loop.tick()
         # Calls in progress end now, for the desktops and the call log, as
         # when the link to Asterisk is lost.
         for link in self.links:
-            self._deliver(link.engine.link_lost(time.time()))
-        stopping = {"server": "stopping", "time": iso_time(time.time())}
-        for conn in list(self.clients):
-            if conn.session.user is not None:
-                self._queue(conn, encode_status(stopping, conn.session.fmt))
-            self._send(conn)
-            self._close(conn, "server shutting down")
+            self.deliver(link.engine.link_lost(self.loop.wall))
+        self.hub.close_all("server shutting down")
         for link in self.links:
-            if link.state == "connected" and link.sock is not None:
-                try:
-                    link.sock.send(encode_action("Logoff"))
-                except (OSError, ValueError):
-                    pass
-            self._ami_close(link)
-        for sock, _tls in self.listeners:
-            try:
-                self.selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass  # accepting was paused
-            sock.close()
-        self._close_calllog()
+            link.stop(logoff=True)
+        self.calllog.close()
         log.info("stopped")
+
+    # -- what the links report --------------------------------------------------
+
+    def deliver(self, notifications: List[Notification]) -> None:
+        """The engines' notifications: finished calls to the call log, each
+        one to the connections of its user."""
+        for note in notifications:
+            if note.record is not None:
+                self.calllog.add(note.record)
+        self.hub.deliver(notifications)
+
+    def pbx_status(self, link: AmiLink, reason: str = "") -> Dict[str, object]:
+        """``STATUS pbx=up|down``; with several PBXes ``name=`` says which."""
+        fields: Dict[str, object] = {"pbx": "up" if link.up else "down"}
+        if len(self.links) > 1:
+            fields["name"] = link.config.name
+        fields["time"] = iso_time(self.loop.wall)
+        if reason:
+            fields["reason"] = reason
+        return fields
+
+    def link_status(self, link: AmiLink, reason: str) -> None:
+        """A link went up or down: every logged-in client is told."""
+        self.hub.broadcast_status(self.pbx_status(link, reason))
 
     # -- signals -------------------------------------------------------------
 
@@ -4850,7 +6163,8 @@ class Daemon:
         reader.setblocking(False)
         writer.setblocking(False)
         self._wakeup = (reader, writer)
-        self.selector.register(reader, selectors.EVENT_READ, functools.partial(self._on_wakeup, reader))
+        self.loop.selector.register(reader, selectors.EVENT_READ,
+                                    functools.partial(self._on_wakeup, reader))
         signal.set_wakeup_fd(writer.fileno())
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
@@ -4895,36 +6209,19 @@ class Daemon:
                       self.config.path)
             for problem in e.problems:
                 log.error("  %s", problem)
-            self._reopen_calllog()
+            self.calllog.reopen(self.config.calllog)
             return
-        listening = self._listening
-        if (new.bind, new.port, new.tls_port) != listening:
+        if (new.bind, new.port, new.tls_port) != self._listening:
             log.warning("reload: bind, port and tls_port changes need a restart; still on "
-                        "%s port %s, TLS port %s", *listening)
-        if new.tls_context is not None and self.tls_context is not None:
-            self.tls_context = new.tls_context  # a renewed certificate, for new connections
+                        "%s port %s, TLS port %s", *self._listening)
         self.config = new
         self.view.users = new.users
-        self.history.retain(new.users)
-        self.throttle.configure(new.login_fail_delay, new.login_block_after,
-                                new.login_block_seconds)
+        self.calllog.history.retain(new.users)
         for link in self.links:
             link.engine.set_directory(Directory(new.users.values(), link.config.name))
         logging.getLogger("ctinotify").setLevel(new.loglevel.upper())
-        for conn in list(self.clients):
-            account = conn.session.user
-            if account is None or conn.closing is not None:
-                continue
-            fresh = new.users.get(account.name)
-            if fresh is None:
-                self._end_session(conn, "account removed by reload")
-            elif fresh.secret != account.secret:
-                self._end_session(conn, "secret changed by reload")
-            elif not fresh.host_allowed(conn.session.peer_host):
-                self._end_session(conn, "address no longer allowed by host= after reload")
-            else:
-                conn.session.account_changed(fresh)
-        self._reopen_calllog()
+        self.hub.reconfigure(new)
+        self.calllog.reopen(new.calllog)
         self._reload_links(new)
         log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
         for note in new.advisories():
@@ -4934,871 +6231,22 @@ class Daemon:
         """A PBX whose section changed reconnects; one removed ends its
         calls; one added connects.  The others keep their link and calls."""
         fresh = {pbx.name: pbx for pbx in new.pbxes}
-        several = len(new.pbxes) > 1
         kept: List[AmiLink] = []
         for link in self.links:
             pbx = fresh.pop(link.config.name, None)
             if pbx is None:
                 log.info("reload: [%s] removed, disconnecting", link.tag)
-                self._ami_close(link)
-                self._deliver(link.engine.link_lost(time.time()))
+                link.stop()
+                self.deliver(link.engine.link_lost(self.loop.wall))
                 continue
-            link.engine.pbx = pbx.name if several else ""
-            if link.address is None and pbx.key() == link.config.key():
-                self._resolve_ami(link)  # maybe DNS works now (SIGHUP)
-            if pbx.key() != link.config.key():
-                log.info("reload: [%s] changed, reconnecting", link.tag)
-                link.config = pbx
-                link.tls_context = new.ami_tls_contexts.get(pbx.name)
-                self._resolve_ami(link)
-                self._ami_lost(link, "configuration changed", immediate=True)
+            link.reconfigure(pbx, new.ami_tls_contexts.get(pbx.name), len(new.pbxes) > 1)
             kept.append(link)
         for pbx in fresh.values():
             link = self._make_link(pbx, new)
             log.info("reload: [%s] added", link.tag)
-            self._resolve_ami(link)
+            link.resolve()
             kept.append(link)
         self.links = kept
-
-    # -- the call log and the history -----------------------------------------
-
-    def _open_calllog(self) -> None:
-        path = self.config.calllog
-        if not path:
-            return
-        try:
-            self.calllog_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                                      | getattr(os, "O_CLOEXEC", 0), 0o640)
-        except OSError as e:
-            log.error("cannot open call log %s: %s", path, _error_text(e))
-            return
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                if f.tell():
-                    f.seek(-1, os.SEEK_END)
-                    self._calllog_torn = f.read(1) != b"\n"
-        except OSError:
-            pass
-
-    def _close_calllog(self) -> None:
-        if self.calllog_fd is not None:
-            try:
-                os.close(self.calllog_fd)
-            except OSError:
-                pass
-            self.calllog_fd = None
-        self._calllog_torn = False
-
-    def _reopen_calllog(self) -> None:
-        self._close_calllog()
-        self._open_calllog()
-
-    def _write_calllog(self, record: Dict[str, object]) -> None:
-        """One record, one line, one write(2) on an O_APPEND descriptor: a
-        daemon killed at any moment leaves only whole lines, and nothing
-        waits in a buffer of ours."""
-        assert self.calllog_fd is not None
-        data = (encode_json_line(record) + "\n").encode("utf-8")
-        if self._calllog_torn:
-            data = b"\n" + data  # end the broken line; keep this one whole
-        written = 0
-        try:
-            while written < len(data):  # a short write: only on a full disk
-                written += os.write(self.calllog_fd, data[written:])
-            self._calllog_torn = False
-        except OSError as e:
-            self._calllog_torn = self._calllog_torn or written > 0
-            self._log_repeated("calllog", logging.ERROR, "cannot write call log %s: %s",
-                               self.config.calllog, _error_text(e))
-
-    def _seed_history(self) -> None:
-        """HISTORY knows the calls before a restart: the call log's tail."""
-        path = self.config.calllog
-        if not path:
-            return
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                start = max(0, f.tell() - HISTORY_SEED_MAX_BYTES)
-                f.seek(start)
-                data = f.read(HISTORY_SEED_MAX_BYTES)
-        except OSError:
-            return
-        lines = data.decode("utf-8", "replace").split("\n")
-        if start > 0:
-            lines = lines[1:]  # cut in the middle
-        loaded = self.history.seed(lines, self.config.users)
-        log.info("history: %d calls from %s", loaded, path)
-
-    # -- timers --------------------------------------------------------------
-
-    def _add_timer(self, when: float, what: str, conn: ClientConnection) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, what, conn))
-        if len(self._timers) > 4 * len(self.clients) + 256:
-            # A flood of short connections leaves a timer each behind; drop
-            # those of closed connections so memory follows the open ones.
-            self._timers = [t for t in self._timers if not t[3].closed]
-            heapq.heapify(self._timers)
-
-    def _next_timeout(self, now: float) -> Optional[float]:
-        deadlines = []
-        for link in self.links:
-            if link.state == "idle":
-                deadlines.append(link.next_attempt)
-            elif link.state in ("connecting", "handshaking"):
-                deadlines.append(link.connect_deadline)
-            elif link.session is not None:
-                deadline = link.session.next_deadline()
-                if deadline is not None:
-                    deadlines.append(deadline)
-            if link.stale_deadline is not None:
-                deadlines.append(link.stale_deadline)
-        if self._timers:
-            deadlines.append(self._timers[0][0])
-        if self._over_soft:
-            soft_s = self.config.client_buffer_soft_seconds
-            deadlines.append(min((c.soft_since for c in self._over_soft
-                                  if c.soft_since is not None), default=now) + soft_s)
-        if self._accept_paused_until is not None:
-            deadlines.append(self._accept_paused_until)
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - now)
-
-    def _run_timers(self, now: float) -> None:
-        for link in list(self.links):
-            try:
-                self._link_timers(link, now)
-            except Exception:
-                log.exception("%s: internal error; dropping the link", link.tag)
-                self._ami_lost(link, "internal error")
-        heap = self._timers
-        while heap and heap[0][0] <= now:
-            _when, _seq, what, conn = heapq.heappop(heap)
-            if conn.closed:
-                continue
-            if what == "login":
-                if conn.session.user is None and conn.closing is None:
-                    if conn.handshaking:
-                        self._close(conn, "no TLS handshake within %g s"
-                                    % self.config.login_timeout, logging.WARNING)
-                    else:
-                        self._finish(conn, "no login within %g s" % self.config.login_timeout,
-                                     b"ERR 408 login timeout\r\n")
-            elif what == "release":
-                if conn.hold_until is not None and conn.hold_until <= now:
-                    self._release(conn)
-            elif what == "linger":
-                self._close(conn, conn.closing or "closed", conn.close_level)
-        if self._over_soft:
-            soft, soft_s = self.config.client_buffer_soft, self.config.client_buffer_soft_seconds
-            for conn in list(self._over_soft):
-                if conn.closed or conn.soft_since is None:
-                    self._over_soft.discard(conn)
-                elif now - conn.soft_since >= soft_s:
-                    self._over_limit(conn, "output buffer over the soft limit of %d bytes for "
-                                     "%g s: client not reading" % (soft, soft_s))
-        if self._accept_paused_until is not None and now >= self._accept_paused_until:
-            self._accept_paused_until = None
-            for sock, tls in self.listeners:
-                self.selector.register(sock, selectors.EVENT_READ,
-                                       functools.partial(self._on_accept, sock, tls))
-            log.info("accepting connections again")
-
-    def _link_timers(self, link: AmiLink, now: float) -> None:
-        if link.state == "idle" and now >= link.next_attempt:
-            self._ami_connect(link, now)
-        elif link.state == "connecting" and now >= link.connect_deadline:
-            self._ami_lost(link, "no connection within %g s" % link.config.connect_timeout)
-        elif link.state == "handshaking" and now >= link.connect_deadline:
-            self._ami_lost(link, "no TLS handshake within %g s" % link.config.connect_timeout)
-        elif link.state == "connected" and link.session is not None:
-            reason = link.session.poll(now)
-            if reason:
-                self._ami_lost(link, reason)
-            else:
-                self._ami_write(link)
-        if link.stale_deadline is not None and now >= link.stale_deadline:
-            link.stale_deadline = None
-            log.warning("%s: no link for %g s: ending the calls it had in progress",
-                        link.tag, AMI_RESYNC_GRACE_S)
-            self._deliver(link.engine.link_lost(time.time()))
-
-    def _log_repeated(self, kind: str, level: int, fmt: str, *args: object) -> None:
-        """Log at most once per LOG_REPEAT_INTERVAL_S per kind, so a flood
-        (of connections, of bad messages) cannot flood the log as well."""
-        now = time.monotonic()
-        entry = self._repeats.get(kind)
-        if entry is not None and now - entry[0] < LOG_REPEAT_INTERVAL_S:
-            entry[1] += 1
-            return
-        if entry is not None and entry[1]:
-            fmt += " (and %d more like it in the last %d s)"
-            args += (int(entry[1]), int(now - entry[0]))
-        if len(self._repeats) >= 256:
-            self._repeats.clear()  # kinds are few; this only bounds odd ones
-        self._repeats[kind] = [now, 0]
-        log.log(level, fmt, *args)
-
-    # -- the AMI link --------------------------------------------------------
-
-    def _resolve_ami(self, link: AmiLink) -> None:
-        cfg = link.config
-        try:
-            link.address = resolve(cfg.host, cfg.port)
-        except (OSError, UnicodeError, ValueError) as e:  # idna rejects some names
-            link.address = None
-            log.error("%s: cannot resolve %s: %s", link.tag, cfg.host, e)
-
-    def _ami_connect(self, link: AmiLink, now: float) -> None:
-        if link.address is None:
-            if not is_ip_address(link.config.host):
-                # A name is looked up at start and on reload only: DNS must
-                # never hold the loop (and every client) up.
-                self._ami_lost(link, "cannot resolve %s; fix DNS and send SIGHUP, or use "
-                               "an IP address" % link.config.host)
-                return
-            self._resolve_ami(link)
-        if link.address is None:
-            self._ami_lost(link, "no address for %s" % link.config.host)
-            return
-        family, sockaddr = link.address
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as e:  # out of file descriptors, say
-            self._ami_lost(link, "cannot open a socket: %s" % _error_text(e))
-            return
-        sock.setblocking(False)
-        err = sock.connect_ex(sockaddr)
-        link.sock = sock
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            self._ami_lost(link, "connect to %s port %d failed: %s"
-                           % (link.config.host, link.config.port, os.strerror(err)))
-            return
-        link.state = "connecting"
-        link.connect_deadline = now + link.config.connect_timeout
-        self.selector.register(sock, selectors.EVENT_WRITE, functools.partial(self._on_ami, link))
-        log.debug("%s: connecting to %s port %d", link.tag, link.config.host, link.config.port)
-
-    def _on_ami(self, link: AmiLink, mask: int) -> None:
-        try:
-            self._ami_ready(link, mask)
-        except Exception:
-            # Our bug, not Asterisk's: drop this link, keep serving.
-            log.exception("%s: internal error; dropping the link", link.tag)
-            self._ami_lost(link, "internal error")
-
-    def _ami_ready(self, link: AmiLink, mask: int) -> None:
-        sock = link.sock
-        assert sock is not None
-        if link.state == "connecting":
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._ami_lost(link, "connect to %s port %d failed: %s"
-                               % (link.config.host, link.config.port, os.strerror(err)))
-                return
-            if link.config.tls:
-                self._ami_start_tls(link, sock)
-            else:
-                self._ami_connected(link)
-            return
-        if link.state == "handshaking":
-            self._ami_handshake(link)
-            return
-        if mask & selectors.EVENT_READ:
-            self._ami_read(link, sock)
-        if mask & selectors.EVENT_WRITE and link.state == "connected" and link.sock is sock:
-            self._ami_write(link)
-
-    def _ami_start_tls(self, link: AmiLink, sock: socket.socket) -> None:
-        if link.tls_context is None:
-            self._ami_lost(link, "tls = yes, but no TLS context could be made")
-            return
-        self.selector.unregister(sock)
-        try:
-            # The handshake runs in the loop (do_handshake_on_connect=False),
-            # so a slow or silent Asterisk cannot stall the clients.
-            link.sock = link.tls_context.wrap_socket(sock, server_hostname=link.config.host,
-                                                     do_handshake_on_connect=False)
-        except (OSError, ValueError) as e:
-            link.sock = sock
-            self.selector.register(sock, selectors.EVENT_READ, functools.partial(self._on_ami, link))
-            self._ami_lost(link, "TLS setup failed: %s" % _error_text(e))
-            return
-        link.state = "handshaking"
-        self.selector.register(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                               functools.partial(self._on_ami, link))
-        self._ami_handshake(link)
-
-    def _ami_handshake(self, link: AmiLink) -> None:
-        sock = link.sock
-        assert sock is not None and ssl is not None
-        try:
-            sock.do_handshake()  # type: ignore[attr-defined]
-        except ssl.SSLWantReadError:
-            self.selector.modify(sock, selectors.EVENT_READ, functools.partial(self._on_ami, link))
-            return
-        except ssl.SSLWantWriteError:
-            self.selector.modify(sock, selectors.EVENT_WRITE, functools.partial(self._on_ami, link))
-            return
-        except (OSError, ValueError) as e:
-            self._ami_lost(link, "TLS handshake with %s failed: %s" % (link.config.host, _error_text(e)))
-            return
-        log.info("%s: TLS established with %s (%s)", link.tag, link.config.host,
-                 sock.version())  # type: ignore[attr-defined]
-        self._ami_connected(link)
-
-    def _ami_connected(self, link: AmiLink) -> None:
-        assert link.sock is not None
-        link.state = "connected"
-        cfg = link.config
-        link.session = ami_session(cfg, time.monotonic())
-        self.selector.modify(link.sock, selectors.EVENT_READ, functools.partial(self._on_ami, link))
-        log.info("%s: connected to %s port %d", link.tag, cfg.host, cfg.port)
-
-    def _ami_read(self, link: AmiLink, sock: socket.socket) -> None:
-        # A TLS socket may hold decrypted bytes the selector cannot see.
-        for _ in range(64):
-            data, broken = recv_some(sock, AMI_RECV_BYTES)
-            if broken:
-                self._ami_lost(link, broken)
-                return
-            if data is None:
-                break
-            if not data:
-                self._ami_lost(link, "connection closed by Asterisk")
-                return
-            if not self._ami_receive(link, data) or link.sock is not sock:
-                return
-            if not (link.config.tls and sock.pending()):  # type: ignore[attr-defined]
-                break
-        self._ami_write(link)
-
-    def _ami_receive(self, link: AmiLink, data: bytes) -> bool:
-        """Bytes from Asterisk through the session into the engine; False
-        once the link was dropped."""
-        session = link.session
-        assert session is not None
-        try:
-            items = session.receive_data(data, time.monotonic())
-        except AmiProtocolError as e:
-            self._ami_lost(link, str(e))
-            return False
-        for problem in session.parser.problems:
-            log.warning("%s: %s", link.tag, problem)
-        session.parser.problems.clear()
-        now = time.time()  # the messages of one read arrived together
-        for item in items:
-            if isinstance(item, AmiMessage):
-                event = item.get("Event")
-                if event == "Shutdown":
-                    self._ami_lost(link, "Asterisk is shutting down (%s)" % item.get("Shutdown", "?"))
-                    return False
-                if link.resync_id is not None and item.get("ActionID") == link.resync_id:
-                    self._resync_reply(link, item)
-                elif event is None:
-                    if item.get("Response") == "Error":
-                        self._log_repeated("ami-error", logging.WARNING,
-                                           "%s: Asterisk refused an action: %r", link.tag,
-                                           item.get("Message", "")[:200])
-                    elif "Response" not in item:
-                        self._log_repeated("ami-junk", logging.WARNING,
-                                           "%s: ignored a message that is neither an event "
-                                           "nor a response: %.200r", link.tag, dict(item) or item.body)
-                        continue
-                self._feed_engine(link, item, now)
-            elif isinstance(item, AmiLoggedIn):
-                link.backoff = AMI_RECONNECT_MIN_S
-                log.info("%s: logged in as %s (%s)", link.tag, link.config.username, item.banner)
-                self._set_pbx_status(link, True, "")
-                self._start_resync(link, session)
-            elif isinstance(item, AmiLoginFailed):
-                self._ami_lost(link, "login as %s refused by Asterisk: %s"
-                               % (link.config.username, item.reason))
-                return False
-        return True
-
-    def _start_resync(self, link: AmiLink, session: AmiSession) -> None:
-        """Calls may have started or ended while we were away: ask for every
-        channel, and for queue members (queue events need membership)."""
-        link.stale_deadline = None
-        link.engine.begin_resync()
-        link.resync_id = session.send_action("CoreShowChannels")
-        session.send_action("QueueStatus")
-
-    def _resync_reply(self, link: AmiLink, msg: AmiMessage) -> None:
-        if msg.get("Response") not in (None, "Success"):
-            # No "reporting" or "system" write permission (manager.conf).
-            log.warning("%s: cannot list channels to resync (%s); grant the AMI user "
-                        "write = reporting. Calls from before the reconnect end now.",
-                        link.tag, msg.get("Message", "refused"))
-            link.resync_id = None
-            self._deliver(link.engine.end_resync(time.time()))
-        elif msg.get("Event") == "CoreShowChannelsComplete":
-            link.resync_id = None
-            log.info("%s: resynchronised: %s channels in progress", link.tag, msg.get("ListItems", "?"))
-
-    def _feed_engine(self, link: AmiLink, msg: AmiMessage, now: float) -> None:
-        try:
-            notifications = link.engine.handle(msg, now)
-        except Exception:
-            # Our bug, not Asterisk's: skip the message, keep the link.
-            log.exception("engine failed on a %.40r event; skipped it", msg.get("Event"))
-            return
-        if notifications:
-            self._deliver(notifications)
-
-    def _ami_write(self, link: AmiLink) -> None:
-        if link.session is None or link.sock is None:
-            return
-        link.outbuf += link.session.data_to_send()
-        if link.outbuf:
-            broken = send_some(link.sock, link.outbuf)
-            if broken:
-                self._ami_lost(link, broken)
-                return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.outbuf else 0)
-        self.selector.modify(link.sock, events, functools.partial(self._on_ami, link))
-
-    def _ami_close(self, link: AmiLink) -> None:
-        if link.sock is not None:
-            try:
-                self.selector.unregister(link.sock)
-            except (KeyError, ValueError):
-                pass
-            link.sock.close()
-        link.sock = None
-        link.session = None
-        link.outbuf.clear()
-        link.state = "idle"
-
-    def _ami_lost(self, link: AmiLink, reason: str, immediate: bool = False) -> None:
-        self._ami_close(link)
-        delay = 0.0 if immediate else link.backoff
-        link.next_attempt = time.monotonic() + delay
-        if not immediate:
-            link.backoff = min(link.backoff * 2, link.config.reconnect_max)
-        log.warning("%s: %s; reconnecting in %g s", link.tag, reason, delay)
-        link.resync_id = None
-        if link.up:
-            self._set_pbx_status(link, False, reason)
-            if link.stale_deadline is None:
-                link.stale_deadline = time.monotonic() + AMI_RESYNC_GRACE_S
-
-    def _pbx_status(self, link: AmiLink, reason: str = "") -> Dict[str, object]:
-        """``STATUS pbx=up|down``; with several PBXes ``name=`` says which."""
-        fields: Dict[str, object] = {"pbx": "up" if link.up else "down"}
-        if len(self.links) > 1:
-            fields["name"] = link.config.name
-        fields["time"] = iso_time(time.time())
-        if reason:
-            fields["reason"] = reason
-        return fields
-
-    def _set_pbx_status(self, link: AmiLink, up: bool, reason: str) -> None:
-        link.up = up
-        fields = self._pbx_status(link, reason)
-        encoded: Dict[str, bytes] = {}
-        for conn in self.clients:
-            fmt = conn.session.fmt
-            if conn.session.user is not None:
-                if fmt not in encoded:
-                    encoded[fmt] = encode_status(fields, fmt)
-                self._queue(conn, encoded[fmt])
-
-    # -- notifications out ---------------------------------------------------
-
-    def _deliver(self, notifications: List[Notification]) -> None:
-        for note in notifications:
-            if note.record is not None:
-                self.history.add(note.record)
-                if self.calllog_fd is not None:
-                    self._write_calllog(note.record)
-            conns = self.sessions_by_user.get(note.user)
-            if not conns:
-                continue
-            # The same for every session of the user, so encoded once per format.
-            fields = with_popup_url(note.fields, self.config.users.get(note.user))
-            encoded: Dict[str, bytes] = {}
-            for conn in conns:
-                session = conn.session
-                if note.kind not in session.kinds:
-                    continue
-                data = encoded.get(session.fmt)
-                if data is None:
-                    data = encoded[session.fmt] = encode_notification(fields, session.fmt)
-                self._queue(conn, data)
-
-    # -- clients: accepting --------------------------------------------------
-
-    def _on_accept(self, listener: socket.socket, tls: bool, mask: int) -> None:
-        for _ in range(ACCEPT_BURST):  # a burst, then let the others have the loop
-            try:
-                sock, peer = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_accepting(e)
-                else:
-                    log.warning("accept failed: %s", _error_text(e))
-                return
-            try:
-                self._accept(sock, peer, tls)
-            except Exception:
-                log.exception("accepting a connection from %s failed", peer)
-                sock.close()
-
-    def _pause_accepting(self, error: OSError) -> None:
-        """Out of descriptors: the listener stays readable, so stop watching
-        it for a moment rather than spin (asyncio's selector_events does too)."""
-        log.error("accept failed: %s; not accepting connections for %g s",
-                  _error_text(error), ACCEPT_PAUSE_S)
-        for sock, _tls in self.listeners:
-            try:
-                self.selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass
-        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
-
-    def _accept(self, sock: socket.socket, peer: Tuple, tls: bool) -> None:
-        cfg = self.config
-        host = peer[0] if peer else "?"
-        key = address_key(host)
-        now = time.monotonic()
-        refusal = None
-        if len(self.clients) >= cfg.max_clients:
-            refusal = ("max_clients", b"ERR 503 too many connections, try again later\r\n",
-                       "%d connections already (max_clients)" % len(self.clients))
-        elif self.clients_per_host.get(key, 0) >= cfg.max_clients_per_host:
-            refusal = ("max_clients_per_host",
-                       b"ERR 503 too many connections from your address\r\n",
-                       "%d connections from %s already (max_clients_per_host)"
-                       % (self.clients_per_host[key], key))
-        else:
-            blocked = self.throttle.blocked_for(key, now)
-            if blocked:
-                refusal = ("blocked", b"ERR 429 too many failed logins from your address, "
-                           b"try again later\r\n",
-                           "logins from %s blocked for %d more s" % (key, int(blocked) + 1))
-        if refusal is not None:
-            kind, reply, why = refusal
-            self._log_repeated(kind, logging.WARNING, "client %s:%s: refused: %s",
-                               host, peer[1] if peer else "?", why)
-            if not tls:  # a fresh socket: one short send cannot block
-                try:
-                    sock.setblocking(False)
-                    sock.send(reply)
-                except OSError:
-                    pass
-            sock.close()
-            return
-        sock.setblocking(False)
-        for level, option, value in _CLIENT_SOCKOPTS:
-            try:
-                sock.setsockopt(level, option, value)
-            except OSError:
-                pass
-        if tls:
-            assert self.tls_context is not None
-            try:
-                sock = self.tls_context.wrap_socket(sock, server_side=True,
-                                                    do_handshake_on_connect=False)
-            except (OSError, ValueError) as e:
-                log.warning("client %s: TLS setup failed: %s", host, _error_text(e))
-                sock.close()
-                return
-        conn = ClientConnection(sock, peer, now + cfg.login_timeout, tls)
-        conn.callback = functools.partial(self._on_client, conn)
-        self.clients.add(conn)
-        self.clients_per_host[key] = self.clients_per_host.get(key, 0) + 1
-        self.selector.register(sock, selectors.EVENT_READ, conn.callback)
-        self._add_timer(conn.auth_deadline, "login", conn)
-        # DEBUG until it logs in: anyone can connect, so connections must
-        # not be able to flood the log.
-        log.debug("%s: connected%s", conn.tag, " (TLS)" if tls else "")
-        if tls:
-            self._handshake(conn)
-        else:
-            self._queue(conn, (ClientSession.greeting() + "\r\n").encode("utf-8"))
-
-    def _handshake(self, conn: ClientConnection) -> None:
-        """One step of a server-side TLS handshake, never blocking."""
-        assert ssl is not None
-        try:
-            conn.sock.do_handshake()  # type: ignore[attr-defined]
-        except ssl.SSLWantReadError:
-            self._watch(conn, selectors.EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._watch(conn, selectors.EVENT_WRITE)
-            return
-        except (OSError, ValueError) as e:
-            self._close(conn, "TLS handshake failed: %s" % _error_text(e), logging.WARNING)
-            return
-        conn.handshaking = False
-        log.debug("%s: TLS established (%s)", conn.tag,
-                 conn.sock.version())  # type: ignore[attr-defined]
-        self._queue(conn, (ClientSession.greeting() + "\r\n").encode("utf-8"))
-        self._watch(conn)
-
-    # -- clients: reading ------------------------------------------------------
-
-    def _on_client(self, conn: ClientConnection, mask: int) -> None:
-        if conn.closed:
-            return  # closed earlier in this same pass
-        try:
-            if conn.handshaking:
-                self._handshake(conn)
-                return
-            if mask & selectors.EVENT_WRITE:
-                self._send(conn)
-            if mask & selectors.EVENT_READ and not conn.closed:
-                self._client_read(conn)
-        except Exception:
-            # Our bug: close this one connection, keep serving the others.
-            log.exception("%s: internal error, closing the connection", conn.tag)
-            self._close(conn, "internal error", logging.ERROR)
-
-    def _client_read(self, conn: ClientConnection) -> None:
-        # A TLS socket may hold more decrypted bytes than one recv returns.
-        for _ in range(16):
-            data, broken = recv_some(conn.sock, CLIENT_RECV_BYTES)
-            if broken:
-                self._close(conn, broken)
-                return
-            if data is None:
-                return
-            if not data:
-                # The client is done sending: answer what it sent, then close.
-                conn.peer_eof = True
-                if conn.closing is None and conn.hold_until is not None:
-                    self._watch(conn)  # _release answers the rest, then closes
-                elif conn.closing is None:
-                    self._finish(conn, "closed by the client")
-                elif conn.shut or not conn.outbuf:
-                    self._close(conn, conn.closing, conn.close_level)
-                else:
-                    self._watch(conn)  # write the rest, then close
-                return
-            if conn.closing is None:
-                conn.framer.receive_data(data)
-                self._process_input(conn)
-            if conn.closed or not (conn.tls and conn.sock.pending()):  # type: ignore[attr-defined]
-                return
-
-    def _process_input(self, conn: ClientConnection) -> None:
-        """Run the complete lines received, unless a reply is held back."""
-        framer = conn.framer
-        try:
-            while not conn.closed and conn.closing is None and conn.hold_until is None:
-                line = framer.next_line()
-                if line is None:
-                    break
-                self._client_line(conn, line)
-            if not conn.closed and conn.closing is None:
-                framer.check()
-        except ClientProtocolError as e:
-            self._finish(conn, e.reason, ("ERR %s %s\r\n" % (e.code, e.text)).encode("utf-8"),
-                         logging.WARNING)
-
-    def _client_line(self, conn: ClientConnection, text: str) -> None:
-        session = conn.session
-        was_user = session.user
-        failures = session.failed_logins
-        replies = [(reply.replace("\r", " ").replace("\n", " ") + "\r\n").encode("utf-8")
-                   for reply in session.handle_line(text, self.view)]
-        if session.failed_logins > failures:
-            now = time.monotonic()
-            delay, blocked = self.throttle.failed(conn.host_key, now)
-            if blocked:
-                log.warning("client %s: logins from %s blocked for %g s after %d failed logins",
-                            session.peer_host, conn.host_key, self.throttle.block_s,
-                            self.throttle.block_after)
-                session.request_close("logins from the address blocked")
-            if delay > 0:
-                # The reply waits in the loop, never in a sleep: the other
-                # clients are served meanwhile, this one's input waits.
-                log.debug("%s: reply to the failed login delayed %g s", conn.tag, delay)
-                conn.hold_until = now + delay
-                conn.held.extend(replies)
-                self._add_timer(conn.hold_until, "release", conn)
-                return
-        for data in replies:
-            self._queue(conn, data)
-        if session.user is not None and was_user is None:
-            self.sessions_by_user.setdefault(session.user.name, set()).add(conn)
-            for link in self.links:
-                self._queue(conn, encode_status(self._pbx_status(link), session.fmt))
-        if session.closing:
-            self._finish(conn, session.close_reason)
-
-    def _release(self, conn: ClientConnection) -> None:
-        """A held failed-login reply is due: send it, go on with the input."""
-        conn.hold_until = None
-        held, conn.held = conn.held, []
-        for data in held:
-            self._queue(conn, data)
-        if conn.session.closing:
-            self._finish(conn, conn.session.close_reason)
-            return
-        self._process_input(conn)
-        if conn.peer_eof and conn.hold_until is None:
-            self._finish(conn, "closed by the client")
-        else:
-            self._watch(conn)
-
-    # -- clients: writing and closing -----------------------------------------
-
-    def _queue(self, conn: ClientConnection, data: bytes) -> None:
-        if conn.closed or conn.closing is not None or conn.overflow is not None:
-            return
-        outbuf = conn.outbuf
-        outbuf += data
-        self._dirty.add(conn)
-        size = len(outbuf)
-        cfg = self.config
-        if size > cfg.client_buffer_hard:
-            self._over_limit(conn, "output buffer of %d bytes over the hard limit of %d: "
-                             "client not reading" % (size, cfg.client_buffer_hard))
-        elif cfg.client_buffer_soft and size > cfg.client_buffer_soft and conn.soft_since is None:
-            conn.soft_since = time.monotonic()
-            self._over_soft.add(conn)
-
-    def _over_limit(self, conn: ClientConnection, reason: str) -> None:
-        """Mark a client over an output limit; the flush after this pass
-        closes it.  Marking, not closing, keeps every loop over the clients
-        (a delivery, a status broadcast) safe from a set changing under it."""
-        if conn.overflow is None:
-            conn.overflow = reason
-            conn.outbuf.clear()
-            self._dirty.add(conn)
-
-    def _flush_clients(self) -> None:
-        dirty, self._dirty = self._dirty, set()
-        for conn in dirty:
-            if conn.closed:
-                continue
-            if conn.overflow is not None:
-                self._close(conn, conn.overflow, logging.WARNING)
-                continue
-            self._send(conn)
-
-    def _send(self, conn: ClientConnection) -> None:
-        if conn.closed or conn.handshaking:
-            return
-        if conn.outbuf:
-            broken = send_some(conn.sock, conn.outbuf)
-            if broken:
-                self._close(conn, broken)
-                return
-        if conn.soft_since is not None and len(conn.outbuf) <= self.config.client_buffer_soft:
-            conn.soft_since = None
-            self._over_soft.discard(conn)
-        if conn.closing is not None and not conn.outbuf:
-            self._shut(conn)
-            if conn.closed:
-                return
-        self._watch(conn)
-
-    def _watch(self, conn: ClientConnection, events: Optional[int] = None) -> None:
-        if events is None:
-            events = (0 if conn.peer_eof else selectors.EVENT_READ) | \
-                (selectors.EVENT_WRITE if conn.outbuf else 0)
-        if events == conn.events:
-            return
-        # Nothing to wait for (the peer closed its side, a failed-login
-        # reply is held back): out of the selector, or EOF would wake it.
-        if not events:
-            self.selector.unregister(conn.sock)
-        elif not conn.events:
-            self.selector.register(conn.sock, events, conn.callback)
-        else:
-            self.selector.modify(conn.sock, events, conn.callback)
-        conn.events = events
-
-    def _finish(self, conn: ClientConnection, reason: str, reply: bytes = b"",
-                level: int = logging.INFO) -> None:
-        """Send a last reply, then close: never leave a peer hanging.
-
-        The close waits until the reply is written, sends a FIN and reads
-        (discarding) until the peer's FIN, at most ``linger_timeout``: closing
-        at once with input unread would reset the connection and could
-        destroy the reply before the peer reads it."""
-        if conn.closed or conn.closing is not None:
-            return
-        if conn.handshaking:
-            self._close(conn, reason, level)
-            return
-        held, conn.held, conn.hold_until = conn.held, [], None
-        for data in held:
-            self._queue(conn, data)
-        if reply:
-            self._queue(conn, reply)
-        conn.closing = reason
-        conn.close_level = level
-        conn.framer.clear()
-        self._add_timer(time.monotonic() + self.config.linger_timeout, "linger", conn)
-        self._dirty.add(conn)
-
-    def _end_session(self, conn: ClientConnection, reason: str) -> None:
-        """Close a logged-in session, telling the client why first."""
-        fields: Dict[str, object] = {"session": "closed", "reason": reason,
-                                     "time": iso_time(time.time())}
-        self._finish(conn, reason, encode_status(fields, conn.session.fmt))
-
-    def _shut(self, conn: ClientConnection) -> None:
-        """The last reply is out: send our FIN, wait for the peer's."""
-        if conn.shut:
-            return
-        conn.shut = True
-        reason = conn.closing or "closed"
-        if conn.peer_eof or conn.tls:
-            # The peer is done already; or TLS, where a half-close would
-            # leave the TLS layer behind: close now.
-            self._close(conn, reason, conn.close_level)
-            return
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._close(conn, reason, conn.close_level)
-
-    def _close(self, conn: ClientConnection, reason: str, level: int = logging.INFO) -> None:
-        if conn.closed:
-            return
-        conn.closed = True
-        if conn.session.user is not None:
-            log.log(level, "%s: disconnected: %s", conn.tag, reason)
-        elif level >= logging.WARNING:
-            # Misbehaviour before a login: logged, but at most once per
-            # interval for each reason, whoever floods us with it.
-            self._log_repeated("close: " + reason, level, "%s: disconnected: %s",
-                               conn.tag, reason)
-        else:
-            log.debug("%s: disconnected: %s", conn.tag, reason)
-        self.clients.discard(conn)
-        count = self.clients_per_host.get(conn.host_key, 0) - 1
-        if count > 0:
-            self.clients_per_host[conn.host_key] = count
-        else:
-            self.clients_per_host.pop(conn.host_key, None)
-        self._over_soft.discard(conn)
-        if conn.session.user is not None:
-            conns = self.sessions_by_user.get(conn.session.user.name)
-            if conns is not None:
-                conns.discard(conn)
-                if not conns:
-                    del self.sessions_by_user[conn.session.user.name]
-        try:
-            self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        conn.sock.close()
-        conn.outbuf.clear()
-        conn.framer.clear()
-        conn.held.clear()
 
 
 # ---------------------------------------------------------------------------

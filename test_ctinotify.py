@@ -4851,32 +4851,23 @@ def test_e2e_calllog_is_reopened_on_sighup_for_rotation(fake, daemon_factory, cl
     assert [r["reason"] for r in read_records(calllog)] == ["busy"]
 
 
-def in_process_daemon(tmp_path, calllog):
-    config = parse_config("[general]\ncalllog = %s\n[ami]\nusername=u\nsecret=s\n"
-                          "[alice]\nsecret=a\ndevices=PJSIP/100\n" % calllog, "t.conf")
-    return ctinotify.Daemon(config)
-
-
 def test_calllog_passes_every_record_field_through_and_mends_a_torn_line(tmp_path):
     calllog = tmp_path / "calls.jsonl"
     calllog.write_bytes(b'{"user":"alice","call":"torn by a full di')
-    daemon = in_process_daemon(tmp_path, calllog)
+    log_file = ctinotify.CallLog(ctinotify.Loop(), str(calllog))
     try:
-        daemon._open_calllog()
+        log_file.open()
         record = {"user": "alice", "call": "1.1", "reason": "completed",
                   "path": [{"kind": "divert", "to": "101"}, {"kind": "transfer", "to": "102"}]}
-        daemon._deliver([ctinotify.Notification("alice", "hangup", {"event": "hangup"},
-                                                record=record)])
-        daemon._deliver([ctinotify.Notification("alice", "hangup", {"event": "hangup"},
-                                                record=dict(record, call="1.2"))])
+        log_file.add(record)
+        log_file.add(dict(record, call="1.2"))
     finally:
-        daemon._close_calllog()
-        daemon.selector.close()
+        log_file.close()
     lines = calllog.read_text().split("\n")
     assert lines[0] == '{"user":"alice","call":"torn by a full di'
     assert [json.loads(l) for l in lines[1:3]] == [record, dict(record, call="1.2")]
     assert lines[3:] == [""]
-    assert daemon.history.last("alice", 5) == [record, dict(record, call="1.2")]
+    assert log_file.history.last("alice", 5) == [record, dict(record, call="1.2")]
     text = ctinotify.encode_history(record, "text")
     assert ctinotify.parse_text_line(text)[2]["path"] == json.dumps(record["path"],
                                                                     separators=(",", ":"))
@@ -5056,16 +5047,19 @@ def test_check_warns_when_the_config_is_readable_by_everyone(tmp_path):
     assert "readable by every user" not in run_cli("check", "-c", str(conf)).stderr
 
 
-def test_timers_of_closed_connections_do_not_pile_up(tmp_path):
-    daemon = in_process_daemon(tmp_path, "")
-    try:
-        for i in range(10000):
-            conn = ctinotify.ClientConnection(None, ("10.0.0.1", i), 30.0)
-            conn.closed = True  # a flood: connected and gone again at once
-            daemon._add_timer(30.0, "login", conn)
-        assert len(daemon._timers) <= 4 * len(daemon.clients) + 257
-    finally:
-        daemon.selector.close()
+def test_timers_of_closed_connections_do_not_pile_up():
+    """A flood of connections, each gone at once, leaves its timer behind
+    cancelled: the heap is rebuilt before those are most of it."""
+    timers = ctinotify.Timers()
+    live = [timers.at(30.0, None) for _ in range(100)]
+    for i in range(10000):
+        timers.cancel(timers.at(30.0 + i, None))
+        assert len(timers) <= 2 * (len(live) + ctinotify.Timers.COMPACT_AFTER) + 1
+    fired = []
+    timers.at(10.0, fired.append)
+    timers.at(5.0, lambda now: timers.at(now, fired.append))  # set for now: the next pass
+    timers.run_due(20.0)
+    assert fired == [20.0] and timers.next_due() == 20.0
 
 
 # ---------------------------------------------------------------------------
@@ -5574,16 +5568,15 @@ def test_out_of_descriptors_while_reconnecting_to_asterisk_is_survived(caplog):
         with pytest.raises(OSError):
             while True:
                 hog.append(socket.socket())
-        daemon._run_timers(time.monotonic() + 100)  # the link is due to connect
+        daemon.loop.run_timers(time.monotonic() + 100)  # the link is due to connect
     finally:
         for sock in hog:
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        for sock, _tls in daemon.listeners:
-            sock.close()
-        daemon.selector.close()
+        daemon.hub.close_listeners()
+        daemon.loop.close()
     (link,) = daemon.links
-    assert link.state == "idle" and "cannot open a socket" in caplog.text
+    assert link.state == ctinotify.LINK_IDLE and "cannot open a socket" in caplog.text
 
 
 def test_a_reload_that_adds_event_kinds_reaches_sessions_on_the_defaults():
@@ -5723,8 +5716,8 @@ def test_an_ami_host_name_is_never_looked_up_in_the_loop(monkeypatch, caplog):
     lookups = []
     monkeypatch.setattr(ctinotify, "resolve", lambda host, port: lookups.append(host))
     try:
-        daemon._run_timers(time.monotonic() + 100)  # the link is due to connect
+        daemon.loop.run_timers(time.monotonic() + 100)  # the link is due to connect
     finally:
-        daemon.selector.close()
-    assert lookups == [] and link.state == "idle"
+        daemon.loop.close()
+    assert lookups == [] and link.state == ctinotify.LINK_IDLE
     assert "cannot resolve pbx.invalid; fix DNS and send SIGHUP" in caplog.text
