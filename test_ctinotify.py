@@ -1453,7 +1453,8 @@ def test_e2e_three_failed_logins_disconnect(fake, daemon_factory, clients):
 
 
 def test_e2e_login_timeout_closes_idle_connections(fake, daemon_factory, clients):
-    daemon = daemon_factory(general="login_timeout = 1")
+    # A short linger: the disconnect is logged once the close no longer waits for the peer.
+    daemon = daemon_factory(general="login_timeout = 1\nlinger_timeout = 0.1")
     idle = clients(daemon.port)
     started = time.monotonic()
     assert idle.line(timeout=5) == "ERR 408 login timeout"
@@ -3960,7 +3961,7 @@ def test_e2e_a_held_login_reply_holds_only_that_client(fake, daemon_factory, cli
 
 
 def test_e2e_pending_input_is_bounded_while_a_reply_is_held(fake, daemon_factory, clients):
-    daemon = daemon_factory(general="login_fail_delay = 30")
+    daemon = daemon_factory(general="login_fail_delay = 30\nlinger_timeout = 0.1")
     hog = clients(daemon.port)
     hog.send("LOGIN alice guess")
     daemon.wait_log("reply to the failed login delayed 30 s")
