@@ -93,8 +93,13 @@ AMI_RECONNECT_MIN_S = 1.0
 AMI_RECONNECT_MAX_S = 30.0
 AMI_RECV_BYTES = 256 * 1024
 #: Calls in progress outlive a lost AMI link this long: a quick reconnect
-#: resynchronises them from CoreShowChannels instead of ending them.
+#: resynchronises them from CoreShowChannels instead of ending them.  The
+#: time runs until a resync has finished, not only until a login.
 AMI_RESYNC_GRACE_S = 60.0
+#: A channel list (CoreShowChannels) not finished this long after the
+#: request means a broken link: it is dropped and reconnected.  Asterisk
+#: lists thousands of channels in well under a second.
+AMI_RESYNC_TIMEOUT_S = 30.0
 
 #: A client command is one short line.
 MAX_CLIENT_LINE_BYTES = 1024
@@ -573,6 +578,12 @@ AMI_SETTINGS = (
             "greet and answer the login", 0.01, 3600, advanced=True),
     Setting("ping_timeout", "number", AMI_PING_TIMEOUT_S, "seconds a Ping may go "
             "unanswered before the link counts as lost", 0.01, 3600, advanced=True),
+    Setting("resync_timeout", "number", AMI_RESYNC_TIMEOUT_S, "seconds the channel list "
+            "may take after a login before the link counts as lost", 0.01, 3600,
+            advanced=True),
+    Setting("resync_grace", "number", AMI_RESYNC_GRACE_S, "seconds calls in progress "
+            "outlive a lost link, waiting for a resync to say which went on", 0.01, 3600,
+            advanced=True),
 )
 
 GENERAL_KEYS = tuple(setting.key for setting in GENERAL_SETTINGS)
@@ -5530,6 +5541,7 @@ LINK_UP = "up"                    # following the calls
 LINK_TIMEOUTS = {
     LINK_CONNECTING: ("connect_timeout", "no connection within %g s"),
     LINK_HANDSHAKING: ("connect_timeout", "no TLS handshake within %g s"),
+    LINK_RESYNC: ("resync_timeout", "no end of the channel list within %g s"),
 }
 
 
@@ -5648,9 +5660,13 @@ class AmiLink:
             else:
                 self._write()
         if self.stale_deadline is not None and now >= self.stale_deadline:
+            grace = self.config.resync_grace
+            if self.state == LINK_RESYNC:
+                # The rest of this list would land on calls ended below: start over.
+                self.lost("no resync within %g s of losing the link" % grace)
             self.stale_deadline = None
-            log.warning("%s: no link for %g s: ending the calls it had in progress",
-                        self.tag, AMI_RESYNC_GRACE_S)
+            log.warning("%s: no link and resync for %g s: ending the calls it had in "
+                        "progress", self.tag, grace)
             self.owner.deliver(self.engine.link_lost(self.loop.wall))
 
     # -- connecting --------------------------------------------------------------
@@ -5850,8 +5866,9 @@ class AmiLink:
 
     def _start_resync(self) -> None:
         """Calls may have started or ended while we were away: ask for every
-        channel, and for queue members (queue events need membership)."""
-        self.stale_deadline = None
+        channel, and for queue members (queue events need membership).  The
+        calls kept since the link was lost stay on their grace time until
+        the list has ended: a list that never does must not keep them."""
         self._enter(LINK_RESYNC)
         self.engine.begin_resync()
         self.send_action("CoreShowChannels", on_reply=self._resync_reply)
@@ -5865,12 +5882,16 @@ class AmiLink:
             log.warning("%s: cannot list channels to resync (%s); grant the AMI user "
                         "write = reporting. Calls from before the reconnect end now.",
                         self.tag, msg.get("Message", "refused"))
-            self._enter(LINK_UP)
+            self._resynced()
             self.owner.deliver(self.engine.end_resync(self.loop.wall))
         elif msg.get("Event") == "CoreShowChannelsComplete":
-            self._enter(LINK_UP)
+            self._resynced()
             log.info("%s: resynchronised: %s channels in progress", self.tag,
                      msg.get("ListItems", "?"))
+
+    def _resynced(self) -> None:
+        self.stale_deadline = None
+        self._enter(LINK_UP)
 
     # -- writing and closing ----------------------------------------------------------
 
@@ -5903,7 +5924,7 @@ class AmiLink:
     def lost(self, reason: str, immediate: bool = False) -> None:
         """The link is broken: close it, reconnect after the backoff (at
         once if ``immediate``), tell the clients; its calls are kept for
-        AMI_RESYNC_GRACE_S in case a reconnect resynchronises them."""
+        ``resync_grace`` in case a reconnect resynchronises them."""
         self.close()
         delay = 0.0 if immediate else self.backoff
         self.next_attempt = self.loop.now + delay
@@ -5913,7 +5934,7 @@ class AmiLink:
         if self.up:
             self._set_up(False, reason)
             if self.stale_deadline is None:
-                self.stale_deadline = self.loop.now + AMI_RESYNC_GRACE_S
+                self.stale_deadline = self.loop.now + self.config.resync_grace
         self._rearm()
 
     def stop(self, logoff: bool = False) -> None:

@@ -2697,6 +2697,33 @@ def test_e2e_a_call_survives_a_reconnect_and_calls_shows_it(fake, daemon_factory
     assert bob.line() == "OK calls=0"
 
 
+def test_e2e_a_resync_that_never_ends_drops_the_link_and_the_calls_end(fake, daemon_factory,
+                                                                       clients, tmp_path):
+    """Asterisk starts the channel list after a reconnect and never ends
+    it: the link is dropped at the resync's deadline, and the call kept
+    across the loss ends when its grace time (counted from the loss) is up."""
+    calllog = tmp_path / "calls.jsonl"
+    daemon = daemon_factory(general="calllog = %s" % calllog,
+                            ami="resync_timeout = 0.3\nresync_grace = 2")
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send(ringing_part(tag=b"hang"))
+    assert event_kinds([alice.line()]) == ["incoming"]
+    fake.end_channel_lists = False
+    fake.drop()
+    lost = time.monotonic()
+    # Until the hangup, or (what a link that only ever comes back gives) 10 s.
+    lines = alice.lines_until(lambda l: l.startswith("EVENT hangup") or
+                              time.monotonic() - lost > 10)
+    assert [l.split(" ", 2)[:2] for l in lines[:3]] == \
+        [["STATUS", "pbx=down"], ["STATUS", "pbx=up"], ["STATUS", "pbx=down"]]
+    assert 'reason="no end of the channel list within 0.3 s"' in lines[2]
+    assert lines[-1].startswith("EVENT hangup")
+    assert ctinotify.parse_text_line(lines[-1])[2]["reason"] == "unknown"
+    wait_records(calllog, 1)
+    alice.send("CALLS")
+    assert alice.lines_until(lambda l: l.startswith("OK calls="))[-1] == "OK calls=0"
+
+
 def conference_scenario():
     """Alice calls conference room 800; then John Customer joins; then leaves."""
     pbx = Pbx()
