@@ -3926,6 +3926,10 @@ class ClientSession:
 # ---------------------------------------------------------------------------
 
 
+#: Bytes that no text line holds: C0 controls other than TAB, CR and LF, and DEL.
+_BINARY_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 class LineFramer:
     """Cuts a byte stream into lines, within limits (h11's receive buffer).
 
@@ -3940,7 +3944,9 @@ class LineFramer:
     line is refused (ClientProtocolError 413, at once for a complete one,
     by ``check()`` for an unfinished one), or with ``skip_long`` dropped and
     counted in ``skipped``, framing going on after its end.  ``check()`` also
-    refuses more than ``max_pending_bytes`` received and not yet taken.
+    refuses more than ``max_pending_bytes`` received and not yet taken, and
+    while ``text_only``, input that is not text (binary junk, a TLS hello):
+    it may never end in a newline, and then no line would ever refuse it.
     """
 
     def __init__(self, max_line_bytes: int, max_pending_bytes: Optional[int] = None,
@@ -3948,6 +3954,8 @@ class LineFramer:
         self.max_line_bytes = max_line_bytes
         self.max_pending_bytes = max_pending_bytes
         self.skip_long = skip_long
+        #: check() refuses control bytes (400).
+        self.text_only = False
         #: Lines dropped for their length (``skip_long``).
         self.skipped = 0
         self._buffer = bytearray()
@@ -4012,6 +4020,8 @@ class LineFramer:
         if self.max_pending_bytes is not None and len(buf) > self.max_pending_bytes:
             raise ClientProtocolError("413", "too much input at once", "more than %d bytes of "
                                       "input waiting" % self.max_pending_bytes)
+        if self.text_only and _BINARY_BYTES.search(buf):
+            raise ClientProtocolError("400", "binary data, expected text lines", "binary data")
 
 
 # ---------------------------------------------------------------------------
@@ -5119,6 +5129,8 @@ class LineClient(ClientConnection):
         super().__init__(hub, sock, peer, tls)
         self.session = ClientSession(self.host, tag=self._tag)
         self.framer = LineFramer(MAX_CLIENT_LINE_BYTES, MAX_CLIENT_PENDING_INPUT_BYTES)
+        # Junk before a login closes the connection (README, Security).
+        self.framer.text_only = True
         #: No login by then: ERR 408, closed (monotonic).
         self.login_by = self.deadline
         #: The reply to a failed login is held back until then (monotonic).
@@ -5182,6 +5194,7 @@ class LineClient(ClientConnection):
         for data in replies:
             self.queue(data)
         if session.user is not None and was_user is None:
+            self.framer.text_only = False
             self.hub.subscribe(self, session.user.name)
             for fields in self.hub.view.pbx_statuses():
                 self.queue(encode_status(fields, session.fmt))

@@ -1185,6 +1185,19 @@ def test_line_framer_bounds_the_input_waiting_to_be_taken():
         ("too much input at once", "more than 4096 bytes of input waiting")
 
 
+def test_line_framer_text_only_refuses_binary_input_that_never_ends_a_line():
+    framer = ctinotify.LineFramer(1024)
+    framer.text_only = True
+    framer.receive_data("LOGIN al\u00efce\tx\r".encode())  # text so far, TAB and all
+    framer.check()
+    framer.receive_data(b"\x16\x03\x01\x02\x00")  # a TLS hello on the plain port
+    with pytest.raises(ctinotify.ClientProtocolError) as info:
+        framer.check()
+    assert (info.value.code, info.value.text) == ("400", "binary data, expected text lines")
+    framer.text_only = False
+    framer.check()
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_line_framer_skips_over_long_lines_at_any_split(seed):
     rng = random.Random(seed)
@@ -4050,6 +4063,18 @@ def test_e2e_binary_garbage_gets_errors_or_a_close(fake, daemon_factory, clients
         assert all(r.isprintable() for r in replies)
     assert_still_serving(fake, daemon, clients)
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", "".join(daemon.log))
+
+
+def test_e2e_binary_junk_without_a_newline_closes_before_the_login_timeout(
+        fake, daemon_factory, clients):
+    daemon = daemon_factory(general="login_timeout = 60\nlinger_timeout = 0.1")
+    rng = random.Random(16)
+    junk = clients(daemon.port)
+    junk.sock.sendall(bytes(rng.choice(b"\x00\x01\x1b\x7f\xff\xfe") for _ in range(300)))
+    assert junk.line(timeout=5) == "ERR 400 binary data, expected text lines"
+    assert junk.closed()
+    daemon.wait_log(r"WARNING client 127\.0\.0\.1:\d+: disconnected: binary data")
+    assert_still_serving(fake, daemon, clients)
 
 
 def test_e2e_a_megabyte_without_a_newline_is_refused_and_others_are_served(
