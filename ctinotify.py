@@ -47,6 +47,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import math
 import os
 import re
 import selectors
@@ -133,13 +134,24 @@ MAX_CLIENTS_PER_HOST = 50
 #: delayed LOGIN_FAIL_DELAY_S * 2**(n-1), at most LOGIN_FAIL_DELAY_GROWTH times that;
 #: the LOGIN_BLOCK_AFTER-th blocks the address for LOGIN_BLOCK_S.  Failures
 #: older than LOGIN_FAIL_FORGET_S are forgotten; at most
-#: MAX_LOGIN_TRACKED_HOSTS addresses are remembered (least recent dropped).
+#: MAX_LOGIN_TRACKED_HOSTS addresses are remembered (least recent dropped,
+#: never a blocked one: then further addresses share one count).
 LOGIN_FAIL_DELAY_S = 0.5
 LOGIN_FAIL_DELAY_GROWTH = 16
 LOGIN_BLOCK_AFTER = 10
 LOGIN_BLOCK_S = 300.0
 LOGIN_FAIL_FORGET_S = 900.0
 MAX_LOGIN_TRACKED_HOSTS = 4096
+#: Failed logins per account, from any address: the first LOGIN_ACCOUNT_FREE
+#: (typos) cost nothing; after each further one the account takes no login
+#: for LOGIN_ACCOUNT_DELAY_S, doubling per failure up to
+#: LOGIN_ACCOUNT_DELAY_MAX_S, except from the LOGIN_KNOWN_ADDRESSES it last
+#: logged in from.  At most MAX_LOGIN_TRACKED_ACCOUNTS names are remembered.
+LOGIN_ACCOUNT_FREE = 3
+LOGIN_ACCOUNT_DELAY_S = 1.0
+LOGIN_ACCOUNT_DELAY_MAX_S = 30.0
+LOGIN_KNOWN_ADDRESSES = 8
+MAX_LOGIN_TRACKED_ACCOUNTS = 4096
 #: Failed logins on one connection before it is closed.
 MAX_LOGIN_ATTEMPTS_PER_CONNECTION = 3
 #: Bad commands a connection may send before logging in (binary junk, a
@@ -3627,28 +3639,118 @@ def address_key(address: str) -> str:
     return str(ip)
 
 
-class LoginThrottle:
-    """Failed logins per source address: a growing delay, then a block.
+class _FailureTable:
+    """Failures per key (an address, an account name), in at most ``limit``
+    entries, each ``[failures, time of the last, penalty until]``.  An entry
+    is forgotten ``forget_s`` after its last failure, once its penalty is
+    over.  To make room the least recently failing entry without a penalty
+    goes; a penalised one never does (else a flood of other keys would lift
+    its penalty): while every entry is penalised, new keys share one entry,
+    SHARED."""
 
-    ``failed(key, now)`` records a failure and returns how long to hold the
-    reply back and whether the address is blocked from now on;
-    ``blocked_for(key, now)`` how many seconds a block has left.  Memory is
-    bounded: at most ``max_hosts`` addresses, the least recently failing
-    forgotten first, and failures expire after ``forget_s``.  A success does
-    not reset the count: logging in to one's own account must not buy more
-    guesses at someone else's.
+    SHARED = "*"
+    #: While full of penalties, expired ones are looked for at most this often.
+    PURGE_INTERVAL_S = 1.0
+
+    def __init__(self, limit: int, forget_s: float):
+        self.limit = limit
+        self.forget_s = forget_s
+        #: Entries without a penalty, least recently failing first.
+        self._free: "collections.OrderedDict[str, List[float]]" = collections.OrderedDict()
+        self._penalised: Dict[str, List[float]] = {}
+        self._shared: Optional[List[float]] = None
+        self._purge_at = 0.0
+
+    def __len__(self) -> int:
+        return len(self._free) + len(self._penalised)
+
+    def key_for(self, key: str, now: float) -> str:
+        """``key``, or SHARED while there is no room for it."""
+        if self.get(key, now) is not None or len(self) < self.limit or self._free:
+            return key
+        if now >= self._purge_at:
+            self._purge_at = now + self.PURGE_INTERVAL_S
+            for old in [k for k, e in self._penalised.items() if now >= e[2]]:
+                self._free[old] = self._penalised.pop(old)
+        return key if self._free else self.SHARED
+
+    def get(self, key: str, now: float) -> Optional[List[float]]:
+        if key == self.SHARED:
+            entry = self._shared
+        else:
+            entry = self._penalised.get(key)
+            if entry is not None and now >= entry[2]:
+                self._free[key] = self._penalised.pop(key)  # its penalty is over
+            elif entry is None:
+                entry = self._free.get(key)
+        if entry is None or now < entry[2] or now - entry[1] < self.forget_s:
+            return entry
+        if key == self.SHARED:
+            self._shared = None
+        else:
+            del self._free[key]
+        return None
+
+    def fail(self, key: str, now: float) -> Tuple[str, List[float]]:
+        """Count a failure of ``key`` (or of SHARED, if no room): which, and its entry."""
+        key = self.key_for(key, now)
+        entry = self.get(key, now)
+        if entry is None:
+            entry = [0, now, 0.0]
+            if key == self.SHARED:
+                self._shared = entry
+            else:
+                if len(self) >= self.limit:
+                    self._free.popitem(last=False)
+                self._free[key] = entry
+        elif key in self._free:
+            self._free.move_to_end(key)
+        entry[0] += 1
+        entry[1] = now
+        return key, entry
+
+    def penalise(self, key: str, entry: List[float], until: float) -> None:
+        entry[2] = until
+        if key in self._free:
+            self._penalised[key] = self._free.pop(key)
+
+    def penalty_left(self, key: str, now: float) -> float:
+        entry = self.get(self.key_for(key, now), now)
+        return max(0.0, entry[2] - now) if entry is not None else 0.0
+
+
+class LoginThrottle:
+    """Failed logins: per source address a growing delay, then a block; per
+    account a short cool-down.
+
+    ``failed(address, now)`` records an address's failure and returns how
+    long to hold the reply back and whether the address is blocked from
+    now on; ``blocked_for(address, now)`` how long a block has left.  A
+    success does not reset an address's count: logging in to one's own
+    account must not buy more guesses at someone else's.
+
+    Guesses at one account from many addresses are slowed down apart:
+    ``account_failed(name, now)`` counts them (known names or not, so the
+    answers never tell them apart), and after LOGIN_ACCOUNT_FREE failures
+    the name takes no login for a while (``account_wait``), doubling per
+    failure up to LOGIN_ACCOUNT_DELAY_MAX_S: a guesser gets a try or two a
+    minute, never a lock-out of its owner for long.  An address the account
+    logged in from before (``account_succeeded``) is not held back at all.
+    Memory is bounded (_FailureTable), and penalties outlast any flood.
     """
 
     def __init__(self, delay_s: float = LOGIN_FAIL_DELAY_S, block_after: int = LOGIN_BLOCK_AFTER,
                  block_s: float = LOGIN_BLOCK_S, forget_s: float = LOGIN_FAIL_FORGET_S,
-                 max_hosts: int = MAX_LOGIN_TRACKED_HOSTS):
+                 max_hosts: int = MAX_LOGIN_TRACKED_HOSTS,
+                 max_accounts: int = MAX_LOGIN_TRACKED_ACCOUNTS):
         self.delay_s = delay_s
         self.block_after = block_after
         self.block_s = block_s
         self.forget_s = forget_s
-        self.max_hosts = max_hosts
-        #: key -> [failures, time of the last failure, blocked until]
-        self._hosts: "collections.OrderedDict[str, List[float]]" = collections.OrderedDict()
+        self._hosts = _FailureTable(max_hosts, forget_s)
+        self._accounts = _FailureTable(max_accounts, forget_s)
+        #: account -> the addresses it logged in from lately, newest last.
+        self._owners: Dict[str, "collections.OrderedDict[str, None]"] = {}
 
     def configure(self, delay_s: float, block_after: int, block_s: float) -> None:
         self.delay_s, self.block_after, self.block_s = delay_s, block_after, block_s
@@ -3656,34 +3758,42 @@ class LoginThrottle:
     def __len__(self) -> int:
         return len(self._hosts)
 
-    def _entry(self, key: str, now: float) -> Optional[List[float]]:
-        entry = self._hosts.get(key)
-        if entry is not None and now >= entry[2] and now - entry[1] >= self.forget_s:
-            del self._hosts[key]
-            return None
-        return entry
-
     def blocked_for(self, key: str, now: float) -> float:
-        entry = self._entry(key, now)
-        return max(0.0, entry[2] - now) if entry is not None else 0.0
+        return self._hosts.penalty_left(key, now)
 
     def failed(self, key: str, now: float) -> Tuple[float, bool]:
-        entry = self._entry(key, now)
-        if entry is None:
-            entry = self._hosts[key] = [0, now, 0.0]
-            while len(self._hosts) > self.max_hosts:
-                self._hosts.popitem(last=False)
-        else:
-            self._hosts.move_to_end(key)
-        entry[0] += 1
-        entry[1] = now
+        key, entry = self._hosts.fail(key, now)
         failures = int(entry[0])
         delay = self.delay_s * min(2 ** min(failures - 1, 16), LOGIN_FAIL_DELAY_GROWTH)
         if self.block_after and failures >= self.block_after and now >= entry[2]:
-            entry[2] = now + self.block_s
             entry[0] = 0  # the block is the punishment; afterwards start over
+            self._hosts.penalise(key, entry, now + self.block_s)
             return delay, True
         return delay, False
+
+    def account_wait(self, name: str, address: str, now: float) -> float:
+        """Seconds until ``name`` may be tried from ``address`` (0: now)."""
+        if address in self._owners.get(name, ()):
+            return 0.0
+        return self._accounts.penalty_left(name[:64], now)
+
+    def account_failed(self, name: str, now: float) -> float:
+        """A failed login as ``name``: the cool-down it starts (0: none)."""
+        # A longer name is no account's (at most 64 characters): cut, it counts as one.
+        key, entry = self._accounts.fail(name[:64], now)
+        over = int(entry[0]) - LOGIN_ACCOUNT_FREE
+        if over <= 0:
+            return 0.0
+        pause = min(LOGIN_ACCOUNT_DELAY_S * 2 ** min(over - 1, 16), LOGIN_ACCOUNT_DELAY_MAX_S)
+        self._accounts.penalise(key, entry, now + pause)
+        return pause
+
+    def account_succeeded(self, name: str, address: str) -> None:
+        owners = self._owners.setdefault(name, collections.OrderedDict())
+        owners[address] = None
+        owners.move_to_end(address)
+        while len(owners) > LOGIN_KNOWN_ADDRESSES:
+            owners.popitem(last=False)
 
 
 class CallHistory:
@@ -3759,6 +3869,10 @@ class ServerView:
         """Whether logins from this address are blocked for now."""
         return False
 
+    def account_wait(self, name: str, peer_host: str) -> float:
+        """Seconds until a login as ``name`` from this address is heard (0: now)."""
+        return 0.0
+
 
 class ClientSession:
     """One desktop connection's protocol state, without the socket.
@@ -3782,6 +3896,8 @@ class ClientSession:
         self.closing = False
         self.close_reason = ""
         self.failed_logins = 0
+        #: The name the last failed LOGIN gave (for the throttle).
+        self.failed_as = ""
         self.errors = 0
 
     @staticmethod
@@ -3808,7 +3924,7 @@ class ClientSession:
                 raise ClientProtocolError("400", "unknown command, try HELP")
             return handler(argument, server)
         except ClientProtocolError as e:
-            if self.user is None and e.code in ("400", "403"):
+            if self.user is None and e.code in ("400", "403", "429"):
                 self.errors += 1
                 if self.errors >= MAX_CLIENT_ERRORS_BEFORE_LOGIN:
                     self.request_close("%d bad commands before login" % self.errors)
@@ -3828,12 +3944,19 @@ class ClientSession:
             raise ClientProtocolError("429", "too many failed logins from your address, "
                                       "try again later")
         name, _, secret = argument.partition(" ")
+        wait = server.account_wait(name, self.peer_host)
+        if wait > 0:
+            # Unheard: the secret is not even compared.  Any name, known or
+            # not, is answered the same.
+            raise ClientProtocolError("429", "too many failed logins for this user, try again "
+                                      "in %d s" % math.ceil(wait))
         account = server.users.get(name)
         # Compare even for unknown users, so timing does not tell them apart.
         expected = account.secret if account is not None else "\0unknown user"
         secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
         if account is None or not secret_ok or not account.host_allowed(self.peer_host):
             self.failed_logins += 1
+            self.failed_as = name
             why = ("unknown user" if account is None else
                    "wrong secret" if not secret_ok else "address not allowed by host=")
             log.warning("%s: login as %r refused: %s", self.tag, name[:64], why)
@@ -5195,6 +5318,7 @@ class LineClient(ClientConnection):
             self.queue(data)
         if session.user is not None and was_user is None:
             self.framer.text_only = False
+            self.hub.throttle.account_succeeded(session.user.name, self.host_key)
             self.hub.subscribe(self, session.user.name)
             for fields in self.hub.view.pbx_statuses():
                 self.queue(encode_status(fields, session.fmt))
@@ -5206,6 +5330,13 @@ class LineClient(ClientConnection):
         """A failed login: the throttle's verdict.  True if the replies are
         held back (they wait in the loop, never in a sleep)."""
         throttle, now = self.hub.throttle, self.hub.loop.now
+        name = self.session.failed_as[:64]
+        pause = throttle.account_failed(name, now)
+        if pause:
+            self.hub.loop.log_repeated("account " + name, logging.WARNING,
+                                       "%s: logins as %r held back %g s: more than %d failed "
+                                       "logins as it lately", self.tag, name, pause,
+                                       LOGIN_ACCOUNT_FREE)
         delay, blocked = throttle.failed(self.host_key, now)
         if blocked:
             log.warning("client %s: logins from %s blocked for %g s after %d failed logins",
@@ -6087,6 +6218,10 @@ class DaemonView(ServerView):
     def login_blocked(self, peer_host: str) -> bool:
         daemon = self._daemon
         return daemon.hub.throttle.blocked_for(address_key(peer_host), daemon.loop.now) > 0
+
+    def account_wait(self, name: str, peer_host: str) -> float:
+        daemon = self._daemon
+        return daemon.hub.throttle.account_wait(name, address_key(peer_host), daemon.loop.now)
 
     def pbx_statuses(self) -> List[Dict[str, object]]:
         """A STATUS line's fields per PBX, for a client that just logged in."""

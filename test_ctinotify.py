@@ -81,7 +81,7 @@ def replay(name, users=None):
 # ---------------------------------------------------------------------------
 
 STDLIB_FALLBACK = {
-    "__future__", "argparse", "collections", "errno", "functools", "hashlib", "heapq",
+    "__future__", "argparse", "collections", "errno", "functools", "hashlib", "heapq", "math",
     "hmac", "ipaddress", "json", "logging", "os", "re", "selectors", "signal", "socket",
     "sys", "time", "typing", "ssl", "syslog", "stat", "io", "tempfile", "base64",
     "webbrowser", "urllib", "shlex", "getpass", "resource", "subprocess", "datetime",
@@ -3924,6 +3924,67 @@ def test_login_throttle_state_is_bounded():
     assert ctinotify.LoginThrottle(delay_s=0).failed("h", 0.0) == (0.0, False)
 
 
+@pytest.mark.parametrize("flood", ["ipv4", "ipv6 /56"])
+def test_login_throttle_never_forgets_a_block_to_make_room(flood):
+    """One failed login from each of thousands of other addresses (or /64s
+    of one /56) must not lift a block: when every entry is a block, further
+    addresses share one count, and a block on that refuses them all."""
+    throttle = ctinotify.LoginThrottle(delay_s=0.1, block_after=2, block_s=60, max_hosts=100)
+    now = 1000.0
+    for _ in range(2):
+        throttle.failed("192.0.2.66", now)
+    assert throttle.blocked_for("192.0.2.66", now) == 60
+    if flood == "ipv4":
+        others = ["10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255) for i in range(10000)]
+    else:
+        others = [ctinotify.address_key("2001:db8:0:%x::1" % i) for i in range(256)] * 2
+    for key in others:
+        throttle.failed(key, now)
+    assert throttle.blocked_for("192.0.2.66", now) == 60 and len(throttle) == 100
+    # All blocks: a new address counts in the shared bucket, and is refused with it.
+    full = ctinotify.LoginThrottle(delay_s=0.1, block_after=1, block_s=60, max_hosts=3)
+    for key in ("a", "b", "c"):
+        assert full.failed(key, now) == (0.1, True)
+    assert full.blocked_for("d", now) == 0
+    assert full.failed("d", now) == (0.1, True)  # the shared bucket's first: blocked
+    assert full.blocked_for("e", now) == 60 and full.blocked_for("a", now) == 60
+    # When the blocks are over there is room again: each address its own.
+    assert full.blocked_for("e", now + 61) == 0 and full.failed("e", now + 61) == (0.1, True)
+    assert full.blocked_for("f", now + 61) == 0
+
+
+def test_login_throttle_slows_guesses_at_one_account_but_not_its_owner():
+    throttle = ctinotify.LoginThrottle()
+    now = 1000.0
+    throttle.account_succeeded("alice", "10.0.0.5")  # alice's desk
+    pauses = []
+    for i in range(10):  # from ten addresses, one guess each, as fast as allowed
+        assert throttle.account_wait("alice", "10.9.0.%d" % i, now) == 0
+        pauses.append(throttle.account_failed("alice", now))
+        now += pauses[-1]
+    assert pauses == [0, 0, 0, 1, 2, 4, 8, 16, 30, 30]  # a short, growing pause, capped
+    assert throttle.account_wait("alice", "10.9.1.1", now - 10) == 10  # unheard till then
+    assert throttle.account_wait("alice", "10.0.0.5", now - 10) == 0  # the owner, at once
+    # Any name the same: an unknown one is throttled just like alice.
+    for _ in range(4):
+        throttle.account_failed("nobody", now)
+    assert throttle.account_wait("nobody", "10.9.1.1", now) == 1
+    assert throttle.account_wait("bob", "10.9.1.1", now) == 0
+    assert throttle.account_wait("alice", "10.9.1.1", now + 900) == 0  # forgotten
+
+
+def test_client_session_does_not_hear_a_login_while_its_account_waits():
+    class Waiting(ctinotify.ServerView):
+        def account_wait(self, name, peer_host):
+            return 4.2 if name == "alice" else 0.0
+    view = Waiting(office().users)
+    session = ctinotify.ClientSession("10.0.0.66")
+    assert session.handle_line("LOGIN alice alice-secret", view) == \
+        ["ERR 429 too many failed logins for this user, try again in 5 s"]
+    assert session.user is None and not session.closing and session.failed_logins == 0
+    assert session.handle_line("LOGIN bob bob-secret", view)[0].startswith("OK logged in")
+
+
 @pytest.mark.parametrize("address, key", [
     ("192.0.2.7", "192.0.2.7"), ("::ffff:192.0.2.7", "192.0.2.7"),
     ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"), ("fe80::1%eth0", "fe80::/64"),
@@ -3984,6 +4045,33 @@ def test_e2e_failed_logins_are_delayed_then_the_address_is_blocked(fake, daemon_
     log = "".join(daemon.log)
     for secret in ("wrong1", "wrong2", "wrong3", "wrong4", "alice-secret"):
         assert secret not in log
+
+
+def test_e2e_guesses_at_one_account_from_many_addresses_are_slowed_down(fake, daemon_factory):
+    daemon = daemon_factory(general="login_fail_delay = 0.01")
+    desk = raw_client(daemon.port, "alice alice-secret", source="127.0.0.1")  # her address
+    opened = [desk]
+    try:
+        for i in range(2, 6):  # one guess from each of four addresses
+            guesser = raw_client(daemon.port, source="127.0.0.%d" % i)
+            opened.append(guesser)
+            guesser.send("LOGIN alice guess%d" % i)
+            assert guesser.line() == "ERR 401 login failed"
+        daemon.wait_log(r"WARNING client 127\.0\.0\.5:\d+: logins as 'alice' held back 1 s: "
+                        r"more than 3 failed logins as it lately")
+        later = raw_client(daemon.port, source="127.0.0.9")
+        opened.append(later)
+        later.send("LOGIN alice alice-secret")  # unheard, right secret or not
+        assert later.line() == "ERR 429 too many failed logins for this user, try again in 1 s"
+        again = raw_client(daemon.port, "alice alice-secret", source="127.0.0.1")
+        opened.append(again)
+        assert again.events_until_pong() == []
+        time.sleep(1.1)  # the pause is over: heard again
+        later.send("LOGIN alice alice-secret")
+        assert later.line().startswith("OK logged in as alice")
+    finally:
+        for client in opened:
+            client.close()
 
 
 def test_e2e_a_held_login_reply_holds_only_that_client(fake, daemon_factory, clients):
