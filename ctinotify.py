@@ -932,19 +932,34 @@ class _ConfigReader:
         if not _USER_NAME.match(section.name):
             self.problem(section, None, "invalid user name, expected 1-64 of A-Z a-z 0-9 _ . @ + -")
         secret = self.text(section, "secret", "", required=True)
+        hosts = self.user_hosts(section)
+        devices = self.user_devices(section)
+        extensions = self.user_extensions(section)
+        events = self.user_events(section)
+        if not devices and not extensions:
+            self.problem(section, None, "the user has neither devices nor extensions, "
+                         "expected devices = PJSIP/100 or extensions = 100")
+        popup_url = self.popup_url(section)
+        return UserConfig(section.name, secret, hosts, devices, extensions,
+                          events, section.lineno, popup_url)
+
+    def user_hosts(self, section: IniSection) -> Optional[Tuple[object, ...]]:
+        """``host``: None for ``dynamic`` (anywhere), else the networks."""
         option, hosts_text = self.items(section, "host")
-        hosts: Optional[Tuple[object, ...]] = None
-        if option is not None and [h.lower() for h in hosts_text] != ["dynamic"]:
-            nets = []
-            for item in hosts_text:
-                try:
-                    nets.append(ipaddress.ip_network(item, strict=False))
-                except ValueError:
-                    self.problem(section, option, "%r is not an address or CIDR, expected "
-                                 "'dynamic' or a comma list like 192.168.1.0/24, ::1" % item)
-            hosts = tuple(nets)
-            if not hosts_text:
-                self.problem(section, option, "empty, expected 'dynamic' or addresses")
+        if option is None or [h.lower() for h in hosts_text] == ["dynamic"]:
+            return None
+        nets = []
+        for item in hosts_text:
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.problem(section, option, "%r is not an address or CIDR, expected "
+                             "'dynamic' or a comma list like 192.168.1.0/24, ::1" % item)
+        if not hosts_text:
+            self.problem(section, option, "empty, expected 'dynamic' or addresses")
+        return tuple(nets)
+
+    def user_devices(self, section: IniSection) -> Tuple[str, ...]:
         option, device_texts = self.items(section, "devices")
         devices = []
         for item in device_texts:
@@ -958,6 +973,9 @@ class _ConfigReader:
             except ValueError:
                 self.problem(section, option, "%r is not a device, expected TECH/name such as "
                              "PJSIP/100, SIP/100, IAX2/100, DAHDI/1 or NAME:PJSIP/100" % item)
+        return tuple(devices)
+
+    def user_extensions(self, section: IniSection) -> Tuple[Tuple[str, str], ...]:
         option, ext_texts = self.items(section, "extensions")
         extensions = []
         for item in ext_texts:
@@ -972,24 +990,20 @@ class _ConfigReader:
                              % (item, ", ".join(self.pbx_names)))
                 continue
             extensions.append((number, context))
+        return tuple(extensions)
+
+    def user_events(self, section: IniSection) -> Tuple[str, ...]:
         option, kinds = self.items(section, "events")
         if option is None or [k.lower() for k in kinds] == ["all"]:
-            events = EVENT_KINDS
-        else:
-            events_list = []
-            for kind in kinds:
-                if kind.lower() not in EVENT_KINDS:
-                    self.problem(section, option, "unknown event kind %r, expected 'all' or "
-                                 "any of: %s" % (kind, ", ".join(EVENT_KINDS)))
-                elif kind.lower() not in events_list:
-                    events_list.append(kind.lower())
-            events = tuple(events_list)
-        if not devices and not extensions:
-            self.problem(section, None, "the user has neither devices nor extensions, "
-                         "expected devices = PJSIP/100 or extensions = 100")
-        popup_url = self.popup_url(section)
-        return UserConfig(section.name, secret, hosts, tuple(devices), tuple(extensions),
-                          events, section.lineno, popup_url)
+            return EVENT_KINDS
+        events: List[str] = []
+        for kind in kinds:
+            if kind.lower() not in EVENT_KINDS:
+                self.problem(section, option, "unknown event kind %r, expected 'all' or "
+                             "any of: %s" % (kind, ", ".join(EVENT_KINDS)))
+            elif kind.lower() not in events:
+                events.append(kind.lower())
+        return tuple(events)
 
     def popup_url(self, section: IniSection) -> str:
         """``popup_url``: an http(s) URL whose placeholders are all known and
@@ -7019,46 +7033,11 @@ def _cmd_record(args: argparse.Namespace) -> int:
         log.error("cannot connect to %s port %d: %s", cfg.host, cfg.port, _error_text(e))
         return 1
     sock.settimeout(1.0)
-    received = 0
-    status = 0  # 1 if the recording ended any other way than by Ctrl-C/SIGTERM
     log.info("recording %s port %d to %s; Ctrl-C stops", cfg.host, cfg.port, args.output)
     with open(args.output, "wb") as out, open(args.output + ".sent", "wb") as sent_log:
+        recording = _Recording(cfg, sock, session, out, sent_log)
         try:
-            while not stopping:
-                outgoing = session.data_to_send()
-                if outgoing:
-                    sock.sendall(outgoing)
-                    sent_log.write(session.redacted(outgoing))
-                try:
-                    data = sock.recv(AMI_RECV_BYTES)
-                except socket.timeout:
-                    data = None
-                if data == b"":
-                    log.error("Asterisk closed the connection")
-                    status = 1
-                    break
-                if data:
-                    out.write(data)
-                    out.flush()
-                    received += len(data)
-                    for item in session.receive_data(data, time.monotonic()):
-                        if isinstance(item, AmiLoginFailed):
-                            log.error("login as %s refused: %s", cfg.username, item.reason)
-                            return 1
-                        if isinstance(item, AmiLoggedIn):
-                            log.info("logged in (%s)", item.banner)
-                reason = session.poll(time.monotonic())
-                if reason:
-                    log.error("%s", reason)
-                    status = 1
-                    break
-            if stopping:
-                logoff = encode_action("Logoff")
-                try:
-                    sock.sendall(logoff)
-                    sent_log.write(logoff)
-                except OSError:
-                    pass
+            status = recording.run(stopping)
         except AmiProtocolError as e:
             log.error("%s", e)
             return 1
@@ -7067,8 +7046,67 @@ def _cmd_record(args: argparse.Namespace) -> int:
             status = 1
         finally:
             sock.close()
-    log.info("recorded %d bytes to %s", received, args.output)
+    if status is None:
+        return 1  # the login was refused
+    log.info("recorded %d bytes to %s", recording.received, args.output)
     return status
+
+
+class _Recording:
+    """``record``'s connection: what Asterisk sends goes to ``out`` as it
+    comes, what we send (secrets masked) to ``sent_log``."""
+
+    def __init__(self, cfg: AmiConfig, sock: socket.socket, session: AmiSession,
+                 out, sent_log):  # type: ignore[no-untyped-def]
+        self.cfg = cfg
+        self.sock = sock
+        self.session = session
+        self.out = out
+        self.sent_log = sent_log
+        self.received = 0
+
+    def run(self, stopping: List[int]) -> Optional[int]:
+        """Until a signal (0, after a Logoff) or a failure (1; None: the
+        login was refused)."""
+        session = self.session
+        while not stopping:
+            outgoing = session.data_to_send()
+            if outgoing:
+                self.sock.sendall(outgoing)
+                self.sent_log.write(session.redacted(outgoing))
+            try:
+                data = self.sock.recv(AMI_RECV_BYTES)
+            except socket.timeout:
+                data = None
+            if data == b"":
+                log.error("Asterisk closed the connection")
+                return 1
+            if data and not self._received(data):
+                return None
+            reason = session.poll(time.monotonic())
+            if reason:
+                log.error("%s", reason)
+                return 1
+        logoff = encode_action("Logoff")
+        try:
+            self.sock.sendall(logoff)
+            self.sent_log.write(logoff)
+        except OSError:
+            pass
+        return 0
+
+    def _received(self, data: bytes) -> bool:
+        """Keep the bytes; False if they say the login was refused."""
+        self.out.write(data)
+        self.out.flush()
+        self.received += len(data)
+        for item in self.session.receive_data(data, time.monotonic()):
+            if isinstance(item, AmiLoginFailed):
+                log.error("login as %s refused: %s", self.cfg.username, item.reason)
+                return False
+            if isinstance(item, AmiLoggedIn):
+                log.info("logged in (%s)", item.banner)
+        return True
 
 
 def _server_address(text: str) -> Tuple[str, int]:
@@ -7176,6 +7214,26 @@ def _warn_if_world_readable(path: str) -> None:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
+    parser = _argument_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter(
+        "%(asctime)s ctinotify[%(process)d] %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    command = {"check": _cmd_check, "run": _cmd_run, "replay": _cmd_replay,
+               "record": _cmd_record, "watch": _cmd_watch}[args.command]
+    try:
+        return command(args)
+    except ConfigError as e:
+        for problem in e.problems:
+            sys.stderr.write(problem + "\n")
+        return 1
+
+
+def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctinotify", description="Call notifications from Asterisk AMI for desktop clients.")
     parser.add_argument("--version", action="version", version="ctinotify " + __version__)
@@ -7203,6 +7261,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cmd.add_argument("output", help="file to write the received bytes to")
     cmd.add_argument("-c", "--config", help=config_help)
     cmd.add_argument("--pbx", help="the PBX to record; " + pbx_help)
+    _watch_arguments(commands)
+    return parser
+
+
+def _watch_arguments(commands) -> None:  # type: ignore[no-untyped-def]
     # allow_abbrev=False: "--secret X" must not pass as --secret-file X.
     cmd = commands.add_parser(
         "watch", allow_abbrev=False,
@@ -7236,22 +7299,6 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cmd.add_argument("--state", metavar="FILE", default=DEFAULT_WATCH_STATE,
                      help="where to remember when you were last connected, for the missed "
                           "calls (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogFormatter(
-        "%(asctime)s ctinotify[%(process)d] %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    command = {"check": _cmd_check, "run": _cmd_run, "replay": _cmd_replay,
-               "record": _cmd_record, "watch": _cmd_watch}[args.command]
-    try:
-        return command(args)
-    except ConfigError as e:
-        for problem in e.problems:
-            sys.stderr.write(problem + "\n")
-        return 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
