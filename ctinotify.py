@@ -71,7 +71,7 @@ PROTOCOL_VERSION = 1
 log = logging.getLogger("ctinotify")
 
 # ---------------------------------------------------------------------------
-# Limits and defaults (every limit has its unit in its name)
+# Limits, defaults and vocabulary (every limit has its unit in its name)
 # ---------------------------------------------------------------------------
 
 DEFAULT_CONFIG_PATHS = ("/etc/asterisk/ctinotify.conf", "ctinotify.conf")
@@ -4697,7 +4697,7 @@ def replay_trace(stream, users: Dict[str, UserConfig], chunk_bytes: int = 1 << 1
 
 
 # ---------------------------------------------------------------------------
-# Event loop and I/O: the only place with sockets, clocks and signals
+# Event loop and I/O: from here on, sockets, clocks, files and signals
 # ---------------------------------------------------------------------------
 
 
@@ -4770,6 +4770,11 @@ def resolve(host: str, port: int) -> Tuple[int, tuple]:
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     family, _type, _proto, _name, sockaddr = infos[0]
     return family, sockaddr
+
+
+# ---------------------------------------------------------------------------
+# I/O: the loop (selector, timers, clock)
+# ---------------------------------------------------------------------------
 
 
 class Timer:
@@ -4902,6 +4907,10 @@ class Loop:
         self._repeats[kind] = [now, 0]
         log.log(level, fmt, *args)
 
+
+# ---------------------------------------------------------------------------
+# I/O: client connections, the line protocol on them, the hub of them all
+# ---------------------------------------------------------------------------
 
 #: The states of a client connection, in the order it goes through them.
 CONN_HANDSHAKING = "handshaking"  # TLS, before anything else
@@ -5684,6 +5693,10 @@ class ClientHub:
         self.close_listeners()
 
 
+# ---------------------------------------------------------------------------
+# I/O: the link to each Asterisk
+# ---------------------------------------------------------------------------
+
 #: The states of an AMI link.
 LINK_IDLE = "idle"                # waiting to (re)connect
 LINK_CONNECTING = "connecting"    # a non-blocking connect() under way
@@ -6125,6 +6138,11 @@ class AmiLink:
     def _set_up(self, up: bool, reason: str) -> None:
         self.up = up
         self.owner.link_status(self, reason)
+
+
+# ---------------------------------------------------------------------------
+# I/O: the daemon (call log, signals, reload, shutdown)
+# ---------------------------------------------------------------------------
 
 
 class CallLog:
