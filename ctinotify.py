@@ -4756,22 +4756,6 @@ def _error_text(error: Exception) -> str:
     return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
-def ami_session(config: AmiConfig, now: float) -> AmiSession:
-    """A fresh AmiSession for a new connection to this PBX."""
-    return AmiSession(config.username, config.secret, config.auth, now,
-                      ping_interval=config.ping_interval, login_timeout=config.login_timeout,
-                      ping_timeout=config.ping_timeout)
-
-
-def resolve(host: str, port: int) -> Tuple[int, tuple]:
-    """(family, sockaddr) of host:port.  For a name, run only before the loop
-    starts or on reload, never per connect: a DNS lookup would block every
-    client."""
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    family, _type, _proto, _name, sockaddr = infos[0]
-    return family, sockaddr
-
-
 # ---------------------------------------------------------------------------
 # I/O: the loop (selector, timers, clock)
 # ---------------------------------------------------------------------------
@@ -5696,6 +5680,22 @@ class ClientHub:
 # ---------------------------------------------------------------------------
 # I/O: the link to each Asterisk
 # ---------------------------------------------------------------------------
+
+def ami_session(config: AmiConfig, now: float) -> AmiSession:
+    """A fresh AmiSession for a new connection to this PBX."""
+    return AmiSession(config.username, config.secret, config.auth, now,
+                      ping_interval=config.ping_interval, login_timeout=config.login_timeout,
+                      ping_timeout=config.ping_timeout)
+
+
+def resolve(host: str, port: int) -> Tuple[int, tuple]:
+    """(family, sockaddr) of host:port.  For a name, run only before the loop
+    starts or on reload, never per connect: a DNS lookup would block every
+    client."""
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    family, _type, _proto, _name, sockaddr = infos[0]
+    return family, sockaddr
+
 
 #: The states of an AMI link.
 LINK_IDLE = "idle"                # waiting to (re)connect
