@@ -6,20 +6,50 @@ Manager Interface (AMI), follows every channel, dial and bridge, and tells
 each logged-in desktop client about *its own* calls: incoming (with caller
 ID), outgoing, answered, missed, busy, hung up.
 
-Data flow::
+How it fits together
+--------------------
+The file reads top down in the order the data travels: limits and
+vocabulary, errors, configuration, the AMI codec and session, the call
+engine, the client protocol with its line framing, the desktop client's
+protocol and replay (all of these sans-I/O: bytes or messages in,
+messages or notifications out), then the event loop and I/O, then the
+command line.  One AMI byte's way to a desktop line::
 
-    Asterisk --AMI bytes--> AmiParser --AmiMessage--> AmiSession
-                                                          |
-                                          events          v
-    desktop <--text/JSON lines-- ClientSession <-- CallEngine
-                                 (per user,      (channels -> calls ->
-                                  per kind)       per-user notifications)
+    Asterisk --bytes--> AmiLink            socket, TLS, reconnects     [I/O]
+        AmiSession.receive_data(bytes)     login, Ping, ActionIDs      [AMI session]
+          AmiParser.feed -> AmiMessage     framing, limits, decoding   [AMI codec]
+        CallEngine.handle(msg, now)        -> [Notification]           [engine]
+    Daemon.deliver(notifications)          call log, then the hub      [I/O]
+      ClientHub.deliver                    the connections of the user [I/O]
+        encode_notification(fields, fmt)   one text or JSON line       [client protocol]
+        LineClient.queue(line) ... flush   written before the sleep    [I/O]
+    desktop <--line-- (watch: LineFramer -> WatchSession -> render_event)
 
-Everything above the "Event loop" section is sans-I/O: bytes or messages
-in, messages or notifications out.  The same engine is fed from a live
-socket (``run``), from a recorded trace (``replay``) and by the tests.
-The desktop client (``watch``) is split the same way: a WatchSession takes
-the server's lines and says what to send, show, run or open.
+1. One ``selectors`` Loop, no threads.  A pass waits for sockets until the
+   nearest timer (one heap of Timers), reads the clock once (``now`` for
+   deadlines, ``wall`` for event times), runs the ready sockets' handlers,
+   then the due timers, then one flush that writes every client's output.
+2. An AmiLink per PBX owns its socket and state (idle, connecting,
+   handshaking, login, resync, up; LINK_TIMEOUTS bounds each).  Bytes it
+   reads go to its AmiSession, which frames them with an AmiParser, logs
+   in and pings; messages come out, and the link hands each to its
+   CallEngine (a response or list event first to whoever sent the action:
+   ``send_action``).  After a login it resyncs with CoreShowChannels.
+3. The engine's notifications go to the Daemon, which appends finished
+   calls to the CallLog (and the HISTORY it answers from) and passes them
+   to the ClientHub; the hub encodes each once per format and queues it on
+   every LineClient of its user that wants the kind.
+4. Each connection owns its buffers, state and deadline (handshaking, open,
+   closing, closed): output limits, the lingering close, login timeouts.
+   What a desktop sends goes through a LineFramer (bounded lines) into its
+   ClientSession, whose reply lines go back the same way; LOGIN subscribes
+   the connection to its user.  A Listener names the protocol its
+   connections speak (LineClient; others can sit beside it).
+
+The same engine is fed from a live socket (``run``), from a recorded trace
+(``replay``) and by the tests; ``watch`` is split the same way, a
+WatchSession taking the server's lines and saying what to send, show, run
+or open.
 
 Run it::
 
