@@ -5499,7 +5499,7 @@ class ClientHub:
 
     # -- listening and accepting ------------------------------------------------
 
-    def listen(self, port: int, tls: bool, protocol: type = None) -> Listener:  # type: ignore[assignment]
+    def listen(self, port: int, tls: bool, protocol: Optional[type] = None) -> Listener:
         """Bind a client port (may raise OSError); its connections speak
         ``protocol`` (LineClient unless said otherwise)."""
         if tls and self.tls_context is None:
