@@ -5621,8 +5621,13 @@ class ClientHub:
         conn = listener.protocol(self, sock, peer, listener.tls)
         self.clients.add(conn)
         self.per_host[key] = self.per_host.get(key, 0) + 1
-        conn.watch(selectors.EVENT_READ)
-        conn.start()
+        try:
+            conn.watch(selectors.EVENT_READ)
+            conn.start()
+        except Exception:
+            # Our bug: this connection only, and nothing of it left behind.
+            log.exception("%s: internal error, closing the connection", conn.tag)
+            conn.close("internal error", logging.ERROR)
 
     # -- who gets what ------------------------------------------------------------
 
