@@ -6,20 +6,50 @@ Manager Interface (AMI), follows every channel, dial and bridge, and tells
 each logged-in desktop client about *its own* calls: incoming (with caller
 ID), outgoing, answered, missed, busy, hung up.
 
-Data flow::
+How it fits together
+--------------------
+The file reads top down in the order the data travels: limits and
+vocabulary, errors, configuration, the AMI codec and session, the call
+engine, the client protocol with its line framing, the desktop client's
+protocol and replay (all of these sans-I/O: bytes or messages in,
+messages or notifications out), then the event loop and I/O, then the
+command line.  One AMI byte's way to a desktop line::
 
-    Asterisk --AMI bytes--> AmiParser --AmiMessage--> AmiSession
-                                                          |
-                                          events          v
-    desktop <--text/JSON lines-- ClientSession <-- CallEngine
-                                 (per user,      (channels -> calls ->
-                                  per kind)       per-user notifications)
+    Asterisk --bytes--> AmiLink            socket, TLS, reconnects     [I/O]
+        AmiSession.receive_data(bytes)     login, Ping, ActionIDs      [AMI session]
+          AmiParser.feed -> AmiMessage     framing, limits, decoding   [AMI codec]
+        CallEngine.handle(msg, now)        -> [Notification]           [engine]
+    Daemon.deliver(notifications)          call log, then the hub      [I/O]
+      ClientHub.deliver                    the connections of the user [I/O]
+        encode_notification(fields, fmt)   one text or JSON line       [client protocol]
+        LineClient.queue(line) ... flush   written before the sleep    [I/O]
+    desktop <--line-- (watch: LineFramer -> WatchSession -> render_event)
 
-Everything above the "Event loop" section is sans-I/O: bytes or messages
-in, messages or notifications out.  The same engine is fed from a live
-socket (``run``), from a recorded trace (``replay``) and by the tests.
-The desktop client (``watch``) is split the same way: a WatchSession takes
-the server's lines and says what to send, show, run or open.
+1. One ``selectors`` Loop, no threads.  A pass waits for sockets until the
+   nearest timer (one heap of Timers), reads the clock once (``now`` for
+   deadlines, ``wall`` for event times), runs the ready sockets' handlers,
+   then the due timers, then one flush that writes every client's output.
+2. An AmiLink per PBX owns its socket and state (idle, connecting,
+   handshaking, login, resync, up; LINK_TIMEOUTS bounds each).  Bytes it
+   reads go to its AmiSession, which frames them with an AmiParser, logs
+   in and pings; messages come out, and the link hands each to its
+   CallEngine (a response or list event first to whoever sent the action:
+   ``send_action``).  After a login it resyncs with CoreShowChannels.
+3. The engine's notifications go to the Daemon, which appends finished
+   calls to the CallLog (and the HISTORY it answers from) and passes them
+   to the ClientHub; the hub encodes each once per format and queues it on
+   every LineClient of its user that wants the kind.
+4. Each connection owns its buffers, state and deadline (handshaking, open,
+   closing, closed): output limits, the lingering close, login timeouts.
+   What a desktop sends goes through a LineFramer (bounded lines) into its
+   ClientSession, whose reply lines go back the same way; LOGIN subscribes
+   the connection to its user.  A Listener names the protocol its
+   connections speak (LineClient; others can sit beside it).
+
+The same engine is fed from a live socket (``run``), from a recorded trace
+(``replay``) and by the tests; ``watch`` is split the same way, a
+WatchSession taking the server's lines and saying what to send, show, run
+or open.
 
 Run it::
 
@@ -48,6 +78,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import math
 import os
 import re
 import secrets
@@ -72,7 +103,7 @@ PROTOCOL_VERSION = 1
 log = logging.getLogger("ctinotify")
 
 # ---------------------------------------------------------------------------
-# Limits and defaults (every limit has its unit in its name)
+# Limits, defaults and vocabulary (every limit has its unit in its name)
 # ---------------------------------------------------------------------------
 
 DEFAULT_CONFIG_PATHS = ("/etc/asterisk/ctinotify.conf", "ctinotify.conf")
@@ -95,8 +126,13 @@ AMI_RECONNECT_MIN_S = 1.0
 AMI_RECONNECT_MAX_S = 30.0
 AMI_RECV_BYTES = 256 * 1024
 #: Calls in progress outlive a lost AMI link this long: a quick reconnect
-#: resynchronises them from CoreShowChannels instead of ending them.
+#: resynchronises them from CoreShowChannels instead of ending them.  The
+#: time runs until a resync has finished, not only until a login.
 AMI_RESYNC_GRACE_S = 60.0
+#: A channel list (CoreShowChannels) not finished this long after the
+#: request means a broken link: it is dropped and reconnected.  Asterisk
+#: lists thousands of channels in well under a second.
+AMI_RESYNC_TIMEOUT_S = 30.0
 
 #: A client command is one short line.
 MAX_CLIENT_LINE_BYTES = 1024
@@ -130,13 +166,24 @@ MAX_CLIENTS_PER_HOST = 50
 #: delayed LOGIN_FAIL_DELAY_S * 2**(n-1), at most LOGIN_FAIL_DELAY_GROWTH times that;
 #: the LOGIN_BLOCK_AFTER-th blocks the address for LOGIN_BLOCK_S.  Failures
 #: older than LOGIN_FAIL_FORGET_S are forgotten; at most
-#: MAX_LOGIN_TRACKED_HOSTS addresses are remembered (least recent dropped).
+#: MAX_LOGIN_TRACKED_HOSTS addresses are remembered (least recent dropped,
+#: never a blocked one: then further addresses share one count).
 LOGIN_FAIL_DELAY_S = 0.5
 LOGIN_FAIL_DELAY_GROWTH = 16
 LOGIN_BLOCK_AFTER = 10
 LOGIN_BLOCK_S = 300.0
 LOGIN_FAIL_FORGET_S = 900.0
 MAX_LOGIN_TRACKED_HOSTS = 4096
+#: Failed logins per account, from any address: the first LOGIN_ACCOUNT_FREE
+#: (typos) cost nothing; after each further one the account takes no login
+#: for LOGIN_ACCOUNT_DELAY_S, doubling per failure up to
+#: LOGIN_ACCOUNT_DELAY_MAX_S, except from the LOGIN_KNOWN_ADDRESSES it last
+#: logged in from.  At most MAX_LOGIN_TRACKED_ACCOUNTS names are remembered.
+LOGIN_ACCOUNT_FREE = 3
+LOGIN_ACCOUNT_DELAY_S = 1.0
+LOGIN_ACCOUNT_DELAY_MAX_S = 30.0
+LOGIN_KNOWN_ADDRESSES = 8
+MAX_LOGIN_TRACKED_ACCOUNTS = 4096
 #: Failed logins on one connection before it is closed.
 MAX_LOGIN_ATTEMPTS_PER_CONNECTION = 3
 #: Bad commands a connection may send before logging in (binary junk, a
@@ -165,6 +212,29 @@ HISTORY_DEFAULT_COUNT = 10
 HISTORY_SEED_MAX_BYTES = 4 * 1024 * 1024
 #: A listen() backlog for bursts of desktop reconnects.
 LISTEN_BACKLOG = 128
+
+#: ``ctinotify watch`` waits 1, 2, 4 ... s, at most this long, between reconnects.
+WATCH_RECONNECT_MIN_S = 1.0
+WATCH_RECONNECT_MAX_S = 30.0
+WATCH_CONNECT_TIMEOUT_S = 10.0
+#: The longest a blocking read waits, so hooks are reaped and Ctrl-C is
+#: seen (on Windows a blocked recv() does not see it) this often.
+WATCH_TICK_S = 1.0
+#: A server silent this long is sent PING; no answer within the timeout
+#: means a dead connection (a laptop resumed, a NAT forgot the mapping).
+WATCH_PING_INTERVAL_S = 60.0
+WATCH_PONG_TIMEOUT_S = 15.0
+#: ``HISTORY <n>`` after login: the calls searched for missed ones.
+WATCH_HISTORY_CALLS = 20
+#: A server line (HISTORY records with a long path are the longest).
+MAX_WATCH_LINE_BYTES = 256 * 1024
+WATCH_RECV_BYTES = 64 * 1024
+#: Hook processes running at once; beyond it an event's hook is skipped.
+MAX_HOOK_PROCESSES = 8
+DEFAULT_WATCH_STATE = os.path.join("~", ".ctinotify-watch.json")
+#: Hangup reasons of a missed call (``direction = in``).
+MISSED_REASONS = ("noanswer", "cancelled", "busy", "answered_elsewhere")
+
 
 #: Every kind of event a client can subscribe to with ``events=``.
 EVENT_KINDS = (
@@ -196,12 +266,18 @@ class AmiProtocolError(CtiError):
 
 
 class ClientProtocolError(CtiError):
-    """A desktop client broke the line protocol; ``code`` is stable."""
+    """A desktop client broke the line protocol; ``code`` and ``text`` are
+    its ``ERR`` reply, ``reason`` says more, for the log."""
 
-    def __init__(self, code: str, text: str):
+    def __init__(self, code: str, text: str, reason: str = ""):
         super().__init__("%s %s" % (code, text))
         self.code = code
         self.text = text
+        self.reason = reason or text
+
+
+class WatchProtocolError(CtiError):
+    """The server ``watch`` connected to broke the client protocol."""
 
 
 # ---------------------------------------------------------------------------
@@ -394,136 +470,250 @@ DEFAULT_PBX = "default"
 _PBX_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
 
-class AmiConfig:
-    """An ``[ami]`` or ``[ami:NAME]`` section: how to reach and log in to one
-    Asterisk."""
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
-    __slots__ = ("name", "host", "port", "username", "secret", "auth", "ping_interval",
-                 "reconnect_max", "tls", "tls_verify", "tls_ca")
 
-    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_AMI_PORT,
-                 username: str = "", secret: str = "", auth: str = "plain",
-                 ping_interval: float = AMI_PING_INTERVAL_S,
-                 reconnect_max: float = AMI_RECONNECT_MAX_S,
-                 tls: bool = False, tls_verify: bool = True, tls_ca: str = "",
-                 name: str = DEFAULT_PBX):
-        #: The PBX's name: ``default`` for [ami], NAME for [ami:NAME].
-        self.name = name
-        self.host = host
-        self.port = port
-        self.username = username
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+
+def is_host_name(host: str) -> bool:
+    """A name getaddrinfo can look up: dot-separated labels of letters,
+    digits, '-' and '_', non-ASCII ones in IDNA form.  ``pbx..example.com``
+    is not (getaddrinfo would raise UnicodeError, not OSError)."""
+    try:
+        ascii_name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_name[:-1].split(".") if ascii_name.endswith(".") else ascii_name.split(".")
+    return len(ascii_name) <= 253 and all(map(_HOST_LABEL.match, labels))
+
+
+class Setting:
+    """One key of a section: its type, default, bounds and meaning.  The
+    tables below drive key checks, parsing, the objects built and
+    ``check``'s output (the README's configuration reference says the same).
+
+    ``kind``: ``text``; ``address`` (an IP address); ``host`` (an IP address
+    or a host name); ``number`` (seconds, say) or ``integer`` from ``low``
+    to ``high``; ``size`` (bytes: ``4mb``; ``allow_zero``: 0 too);
+    ``choice`` (one of ``choices``); ``boolean``; ``port`` (``allow_off``:
+    ``off`` gives None; a default of None: no value means no such port).
+    ``advanced`` keys are for tests and odd networks: ``check`` shows them
+    only when set.  ``needs``: shown only while that key is on.
+    """
+
+    __slots__ = ("key", "kind", "default", "low", "high", "choices", "help", "advanced",
+                 "needs", "secret", "required", "allow_zero", "allow_off")
+
+    def __init__(self, key: str, kind: str, default: object, help: str, low: float = 0,
+                 high: float = 0, choices: Sequence[str] = (), advanced: bool = False,
+                 needs: str = "", secret: bool = False, required: bool = False,
+                 allow_zero: bool = False, allow_off: bool = False):
+        self.key = key
+        self.kind = kind
+        self.default = default
+        self.help = help
+        self.low = low
+        self.high = high
+        self.choices = tuple(choices)
+        self.advanced = advanced
+        self.needs = needs
         self.secret = secret
-        self.auth = auth
-        self.ping_interval = ping_interval
-        self.reconnect_max = reconnect_max
-        #: Connect with TLS (Asterisk's manager.conf ``tlsenable``, port 5039).
-        self.tls = tls
-        #: Check Asterisk's certificate and host name (against ``tls_ca``,
-        #: else the system's CAs).
-        self.tls_verify = tls_verify
-        self.tls_ca = tls_ca
+        self.required = required
+        self.allow_zero = allow_zero
+        self.allow_off = allow_off
 
-    def key(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.__slots__)
+    def shown(self, value: object) -> str:
+        """The value as ``check`` prints it (a secret masked)."""
+        if value is None:
+            return "off"
+        if self.secret:
+            return mask(str(value))
+        if self.kind == "boolean":
+            return "yes" if value else "no"
+        if self.kind == "number":
+            return "%g" % value  # type: ignore[str-format]
+        return str(value)
+
+    def describe(self, values: Dict[str, object]) -> List[str]:
+        """``key = value`` for ``check``, or nothing if it goes unsaid."""
+        value = values[self.key]
+        if self.needs and (values[self.needs] is None or values[self.needs] is False) or \
+                value is None and not self.allow_off or \
+                self.advanced and value == self.default:
+            return []
+        return ["%s = %s" % (self.key, self.shown(value))]
 
 
+_LOGLEVELS = ("debug", "info", "warning", "error")
 #: Where ``run`` may log (``log =`` in [general]).
 LOG_TARGETS = ("auto", "stderr", "syslog")
 #: Where syslog(3) listens on Linux and the BSDs.
 DEFAULT_SYSLOG_SOCKET = "/dev/log"
 SYSLOG_FACILITIES = ("daemon",) + tuple("local%d" % n for n in range(8))
 
+#: ``[general]``: the client ports and the daemon itself.
+GENERAL_SETTINGS = (
+    Setting("bind", "address", "0.0.0.0", "address for clients; :: for IPv4 and IPv6"),
+    # Port 0 asks the kernel for a free port (the tests use it).
+    Setting("port", "port", DEFAULT_CLIENT_PORT, "the plain-text client port; off: TLS only",
+            0, 65535, allow_off=True),
+    Setting("loglevel", "choice", "info", "how much run logs", choices=_LOGLEVELS),
+    Setting("calllog", "text", "", "file to append every finished call to (JSON lines)"),
+    Setting("login_timeout", "number", CLIENT_AUTH_TIMEOUT_S, "seconds a client may stay "
+            "connected without logging in (TLS port: also without its handshake)", 1, 3600),
+    Setting("log", "choice", "auto", "where run logs: auto (syslog with --daemon, else "
+            "stderr), stderr or syslog; read at start only", choices=LOG_TARGETS),
+    Setting("syslog_facility", "choice", "daemon", "the syslog facility",
+            choices=SYSLOG_FACILITIES),
+    Setting("syslog_socket", "text", DEFAULT_SYSLOG_SOCKET, "the Unix socket syslog listens on"),
+    Setting("max_clients", "integer", MAX_CLIENTS, "connections at once", 1, 100000),
+    Setting("max_clients_per_host", "integer", MAX_CLIENTS_PER_HOST,
+            "connections at once from one address (IPv6: one /64)", 1, 100000),
+    Setting("client_buffer_hard", "size", CLIENT_OUTPUT_HARD_LIMIT_BYTES, "unsent output a "
+            "client may have before it is disconnected", MIN_CLIENT_OUTPUT_LIMIT_BYTES,
+            1024 ** 3),
+    Setting("client_buffer_soft", "size", CLIENT_OUTPUT_SOFT_LIMIT_BYTES, "unsent output a "
+            "client may have for client_buffer_soft_seconds (0: no soft limit)",
+            MIN_CLIENT_OUTPUT_LIMIT_BYTES, 1024 ** 3, allow_zero=True),
+    Setting("client_buffer_soft_seconds", "number", CLIENT_OUTPUT_SOFT_S,
+            "how long a client may stay over the soft limit", 0, 3600),
+    Setting("login_fail_delay", "number", LOGIN_FAIL_DELAY_S, "seconds the reply to an "
+            "address's first failed login waits (doubling per failure)", 0, 60),
+    Setting("login_block_after", "integer", LOGIN_BLOCK_AFTER, "failed logins from an "
+            "address that block it (0: never)", 0, 1000),
+    Setting("login_block_seconds", "number", LOGIN_BLOCK_S, "how long such a block lasts",
+            1, 86400),
+    Setting("tls_port", "port", None, "the TLS client port (empty: none)", 0, 65535),
+    Setting("tls_cert", "text", "", "PEM certificate (chain) of the TLS port",
+            needs="tls_port"),
+    Setting("tls_key", "text", "", "its PEM key (empty: in tls_cert)", needs="tls_port"),
+    Setting("linger_timeout", "number", CLIENT_LINGER_S, "seconds a closing connection "
+            "waits for the client to read its last reply and close", 0.01, 60,
+            advanced=True),
+)
 
-class Config:
-    """The whole validated configuration."""
+#: ``[ami]`` and ``[ami:NAME]``: one Asterisk to connect to.
+AMI_SETTINGS = (
+    Setting("host", "host", "127.0.0.1", "where Asterisk's manager listens"),
+    Setting("port", "port", DEFAULT_AMI_PORT, "its port (%d with tls = yes)"
+            % DEFAULT_AMI_TLS_PORT, 1, 65535),
+    Setting("username", "text", "", "the manager.conf user", required=True),
+    Setting("secret", "text", "", "its secret", secret=True, required=True),
+    Setting("auth", "choice", "plain", "md5: log in with a challenge, never sending the "
+            "secret", choices=("plain", "md5")),
+    Setting("ping_interval", "number", AMI_PING_INTERVAL_S, "seconds between keep-alive "
+            "Pings", 1, 3600),
+    Setting("reconnect_max", "number", AMI_RECONNECT_MAX_S, "longest wait between "
+            "reconnects", 1, 3600),
+    Setting("tls", "boolean", False, "connect with TLS (manager.conf tlsenable)"),
+    Setting("tls_verify", "boolean", True, "check Asterisk's certificate and host name",
+            needs="tls"),
+    Setting("tls_ca", "text", "", "the CAs to check it against (empty: the system's)",
+            needs="tls"),
+    Setting("connect_timeout", "number", AMI_CONNECT_TIMEOUT_S, "seconds to connect (and "
+            "finish TLS) before trying again", 0.01, 3600, advanced=True),
+    Setting("login_timeout", "number", AMI_LOGIN_TIMEOUT_S, "seconds Asterisk may take to "
+            "greet and answer the login", 0.01, 3600, advanced=True),
+    Setting("ping_timeout", "number", AMI_PING_TIMEOUT_S, "seconds a Ping may go "
+            "unanswered before the link counts as lost", 0.01, 3600, advanced=True),
+    Setting("resync_timeout", "number", AMI_RESYNC_TIMEOUT_S, "seconds the channel list "
+            "may take after a login before the link counts as lost", 0.01, 3600,
+            advanced=True),
+    Setting("resync_grace", "number", AMI_RESYNC_GRACE_S, "seconds calls in progress "
+            "outlive a lost link, waiting for a resync to say which went on", 0.01, 3600,
+            advanced=True),
+)
 
-    def __init__(self, path: str, bind: str, port: int, loglevel: str, calllog: str,
-                 ami: AmiConfig, users: Dict[str, UserConfig],
-                 login_timeout: float = CLIENT_AUTH_TIMEOUT_S, log: str = "auto",
-                 syslog_facility: str = "daemon", syslog_socket: str = DEFAULT_SYSLOG_SOCKET,
-                 max_clients: int = MAX_CLIENTS,
-                 max_clients_per_host: int = MAX_CLIENTS_PER_HOST,
-                 client_buffer_hard: int = CLIENT_OUTPUT_HARD_LIMIT_BYTES,
-                 client_buffer_soft: int = CLIENT_OUTPUT_SOFT_LIMIT_BYTES,
-                 client_buffer_soft_seconds: float = CLIENT_OUTPUT_SOFT_S,
-                 login_fail_delay: float = LOGIN_FAIL_DELAY_S,
-                 login_block_after: int = LOGIN_BLOCK_AFTER,
-                 login_block_seconds: float = LOGIN_BLOCK_S,
-                 tls_port: Optional[int] = None, tls_cert: str = "", tls_key: str = ""):
-        self.path = path
-        #: Seconds a client may stay connected without logging in (and, on
-        #: the TLS port, without finishing the handshake).
-        self.login_timeout = login_timeout
-        #: Where ``run`` logs: ``auto`` (syslog with --daemon, else stderr),
-        #: ``stderr`` or ``syslog``.  Read at start only, not on reload.
-        self.log = log
-        #: The syslog facility name (``daemon``, ``local0`` ... ``local7``).
-        self.syslog_facility = syslog_facility
-        #: The Unix socket syslog listens on.
-        self.syslog_socket = syslog_socket
-        self.bind = bind
-        #: The plain-text client port; ``None`` (``port = off``): TLS only.
-        self.port = port
-        self.loglevel = loglevel
-        self.calllog = calllog
-        self.ami = ami
-        self.users = users
-        #: Connections at once, in total and per source address.
-        self.max_clients = max_clients
-        self.max_clients_per_host = max_clients_per_host
-        #: Output buffer limits in bytes (0 = no soft limit) and the time a
-        #: client may stay over the soft one.
-        self.client_buffer_hard = client_buffer_hard
-        self.client_buffer_soft = client_buffer_soft
-        self.client_buffer_soft_seconds = client_buffer_soft_seconds
-        #: The delay before the reply to an address's first failed login
-        #: (doubling per failure); failures until a block (0 = never); its length.
-        self.login_fail_delay = login_fail_delay
-        self.login_block_after = login_block_after
-        self.login_block_seconds = login_block_seconds
-        #: The TLS client port (``None``: no TLS listener) and its PEM files.
-        self.tls_port = tls_port
-        self.tls_cert = tls_cert
-        self.tls_key = tls_key
-        #: Built by load_config from the files named above (None otherwise).
-        self.tls_context: Optional["ssl.SSLContext"] = None
+GENERAL_KEYS = tuple(setting.key for setting in GENERAL_SETTINGS)
+AMI_KEYS = tuple(setting.key for setting in AMI_SETTINGS)
+
+
+class _Immutable:
+    """Set in ``__init__``, never changed after: a reload builds new ones."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("%s is immutable: build a new one" % type(self).__name__)
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+
+
+class AmiConfig(_Immutable):
+    """An ``[ami]`` or ``[ami:NAME]`` section: how to reach and log in to one
+    Asterisk.  Every key of AMI_SETTINGS is an attribute of the same name."""
+
+    __slots__ = ("name", "_values") + AMI_KEYS
+
+    def __init__(self, name: str = DEFAULT_PBX, **values: object):
+        #: The PBX's name: ``default`` for [ami], NAME for [ami:NAME].
+        self._set("name", name)
+        self._set("_values", {s.key: values.pop(s.key, s.default) for s in AMI_SETTINGS})
+        if values:
+            raise TypeError("not [ami] keys: %s" % ", ".join(values))
+        for key, value in self._values.items():
+            self._set(key, value)
+
+    def key(self) -> tuple:
+        """What a reload compares: another key is another link."""
+        return (self.name,) + tuple(self._values.values())
+
+    def describe(self) -> List[str]:
+        lines = ["[ami]" if self.name == DEFAULT_PBX else "[ami:%s]" % self.name]
+        for setting in AMI_SETTINGS:
+            lines += setting.describe(self._values)
+        return lines
+
+
+class Config(_Immutable):
+    """The whole validated configuration, built once: a reload builds a new
+    one.  Every key of GENERAL_SETTINGS is an attribute of the same name."""
+
+    __slots__ = ("path", "pbxes", "ami", "users", "origins", "tls_context",
+                 "ami_tls_contexts", "_values") + GENERAL_KEYS
+
+    def __init__(self, path: str, general: Dict[str, object], pbxes: Sequence[AmiConfig],
+                 users: Dict[str, UserConfig], origins: Optional[Dict[str, str]] = None,
+                 tls_context: Optional["ssl.SSLContext"] = None,
+                 ami_tls_contexts: Optional[Dict[str, "ssl.SSLContext"]] = None):
+        self._set("path", path)
+        self._set("_values", {s.key: general.get(s.key, s.default) for s in GENERAL_SETTINGS})
+        for key, value in self._values.items():
+            self._set(key, value)
         #: The PBXes to connect to: [ami] first, then each [ami:NAME].
-        self.pbxes: List[AmiConfig] = [ami]
-        #: TLS contexts of the PBXes with ``tls = yes``, by name.
-        self.ami_tls_contexts: Dict[str, "ssl.SSLContext"] = {}
+        self._set("pbxes", tuple(pbxes))
+        self._set("ami", self.pbxes[0])
+        self._set("users", users)
         #: ``key -> "FILE:LINE: [section] key"`` for problems found after parsing.
-        self.origins: Dict[str, str] = {}
+        self._set("origins", dict(origins or {}))
+        #: Built by load_config from the files named (None otherwise).
+        self._set("tls_context", tls_context)
+        #: TLS contexts of the PBXes with ``tls = yes``, by name.
+        self._set("ami_tls_contexts", dict(ami_tls_contexts or {}))
+
+    def replace(self, **changes: object) -> "Config":
+        """A new Config, this one with ``changes`` (path, TLS contexts)."""
+        fields: Dict[str, object] = dict(
+            path=self.path, general=self._values, pbxes=self.pbxes, users=self.users,
+            origins=self.origins, tls_context=self.tls_context,
+            ami_tls_contexts=self.ami_tls_contexts)
+        fields.update(changes)
+        return Config(**fields)  # type: ignore[arg-type]
 
     def describe(self) -> str:
         """The effective configuration as INI, secrets masked."""
-        lines = ["; effective configuration of %s" % self.path,
-                 "[general]", "bind = %s" % self.bind,
-                 "port = %s" % ("off" if self.port is None else self.port),
-                 "loglevel = %s" % self.loglevel, "calllog = %s" % self.calllog,
-                 "login_timeout = %g" % self.login_timeout, "log = %s" % self.log,
-                 "syslog_facility = %s" % self.syslog_facility,
-                 "syslog_socket = %s" % self.syslog_socket,
-                 "max_clients = %d" % self.max_clients,
-                 "max_clients_per_host = %d" % self.max_clients_per_host,
-                 "client_buffer_hard = %d" % self.client_buffer_hard,
-                 "client_buffer_soft = %d" % self.client_buffer_soft,
-                 "client_buffer_soft_seconds = %g" % self.client_buffer_soft_seconds,
-                 "login_fail_delay = %g" % self.login_fail_delay,
-                 "login_block_after = %d" % self.login_block_after,
-                 "login_block_seconds = %g" % self.login_block_seconds]
-        if self.tls_port is not None:
-            lines += ["tls_port = %d" % self.tls_port, "tls_cert = %s" % self.tls_cert,
-                      "tls_key = %s" % self.tls_key]
+        lines = ["; effective configuration of %s" % self.path, "[general]"]
+        for setting in GENERAL_SETTINGS:
+            lines += setting.describe(self._values)
         for ami in self.pbxes:
-            lines += ["", "[ami]" if ami is self.ami else "[ami:%s]" % ami.name]
-            lines += ["host = %s" % ami.host, "port = %d" % ami.port,
-                      "username = %s" % ami.username, "secret = %s" % mask(ami.secret),
-                      "auth = %s" % ami.auth, "ping_interval = %g" % ami.ping_interval,
-                      "reconnect_max = %g" % ami.reconnect_max,
-                      "tls = %s" % ("yes" if ami.tls else "no")]
-            if ami.tls:
-                lines += ["tls_verify = %s" % ("yes" if ami.tls_verify else "no"),
-                          "tls_ca = %s" % ami.tls_ca]
+            lines += [""] + ami.describe()
         for user in self.users.values():
             hosts = "dynamic" if user.hosts is None else ",".join(str(h) for h in user.hosts)
             exts = ",".join(n + ("@" + c if c else "") for n, c in user.extensions)
@@ -562,15 +752,6 @@ def mask(secret: str) -> str:
 _USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
 _EXTENSION = re.compile(r"^([A-Za-z0-9_.-]{1,32}:)?[0-9A-Za-z*#+_.-]{1,40}"
                         r"(@[A-Za-z0-9_.-]{1,80})?$")
-_LOGLEVELS = ("debug", "info", "warning", "error")
-
-GENERAL_KEYS = ("bind", "port", "loglevel", "calllog", "login_timeout", "log",
-                "syslog_facility", "syslog_socket", "max_clients",
-                "max_clients_per_host", "client_buffer_hard", "client_buffer_soft",
-                "client_buffer_soft_seconds", "login_fail_delay", "login_block_after",
-                "login_block_seconds", "tls_port", "tls_cert", "tls_key")
-AMI_KEYS = ("host", "port", "username", "secret", "auth", "ping_interval", "reconnect_max",
-            "tls", "tls_verify", "tls_ca")
 _SIZE = re.compile(r"^\s*([0-9]+)\s*(b|k|kb|m|mb|g|gb)?\s*$", re.I)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
                "g": 1024 ** 3, "gb": 1024 ** 3}
@@ -685,50 +866,132 @@ class _ConfigReader:
             return None, []
         return option, [item.strip() for item in option.value.split(",") if item.strip()]
 
+    def read_settings(self, section: IniSection, settings: Sequence[Setting],
+                      require: bool = True) -> Dict[str, object]:
+        """Every key of a schema table, checked against its type and bounds
+        (a wrong one gets its default, and a problem)."""
+        self.check_keys(section, [setting.key for setting in settings])
+        return {setting.key: self.setting(section, setting, require) for setting in settings}
+
+    def setting(self, section: IniSection, setting: Setting, require: bool) -> object:
+        kind, key, default = setting.kind, setting.key, setting.default
+        if kind in ("text", "address", "host"):
+            value = self.text(section, key, str(default), required=setting.required and require)
+            if kind == "address" and not is_ip_address(value):
+                self.problem(section, section.get(key), "%r is not an IP address, expected "
+                             "e.g. 0.0.0.0, 127.0.0.1 or ::" % value)
+            elif kind == "host" and not is_ip_address(value) and not is_host_name(value):
+                self.problem(section, section.get(key), "%r is neither an IP address nor a "
+                             "host name" % value)
+            return value
+        if kind == "port":
+            option = section.get(key)
+            if option is not None and setting.allow_off and option.value.lower() == "off":
+                return None
+            if option is None or default is None and option.value == "":
+                return default
+            kind = "integer"
+        if kind in ("number", "integer"):
+            number = self.number(section, key, default, setting.low, setting.high,  # type: ignore[arg-type]
+                                 integer=kind == "integer")
+            return int(number) if kind == "integer" and number is not None else number
+        if kind == "size":
+            return self.size(section, key, default, int(setting.low), int(setting.high),  # type: ignore[arg-type]
+                             allow_zero=setting.allow_zero)
+        if kind == "choice":
+            return self.choice(section, key, str(default), setting.choices)
+        return self.boolean(section, key, bool(default))
+
+    def read_general(self, general: IniSection) -> Dict[str, object]:
+        """[general], and what its keys say about each other."""
+        values = self.read_settings(general, GENERAL_SETTINGS)
+        if not str(values["syslog_socket"]).startswith("/"):
+            self.problem(general, general.get("syslog_socket"), "%r is not an absolute path, "
+                         "expected the syslog socket such as /dev/log" % values["syslog_socket"])
+        hard, soft = values["client_buffer_hard"], values["client_buffer_soft"]
+        if general.get("client_buffer_soft") is None and soft > hard:  # type: ignore[operator]
+            values["client_buffer_soft"] = hard // 4  # type: ignore[operator]
+        elif soft > hard:  # type: ignore[operator]
+            self.problem(general, general.get("client_buffer_soft"),
+                         "%d bytes is more than client_buffer_hard (%d), expected at most that "
+                         "or 0 for no soft limit" % (soft, hard))  # type: ignore[str-format]
+        if values["tls_port"] is not None and not values["tls_cert"]:
+            self.problem(general, general.get("tls_port"),
+                         "TLS needs a certificate, expected tls_cert = /path/to/cert.pem")
+        if (values["tls_cert"] or values["tls_key"]) and values["tls_port"] is None:
+            self.problem(general, general.get("tls_cert") or general.get("tls_key"),
+                         "set without tls_port, expected tls_port = 5040 (or remove it)")
+        if values["port"] is None and values["tls_port"] is None:
+            self.problem(general, general.get("port"), "'off' leaves no client port, expected "
+                         "a port number or tls_port")
+        return values
+
     def read_ami(self, section: IniSection, name: str, required: bool) -> AmiConfig:
         """[ami] or [ami:NAME]: one Asterisk to connect to."""
-        self.check_keys(section, AMI_KEYS)
-        ami = AmiConfig(
-            host=self.text(section, "host", "127.0.0.1"),
-            port=int(self.number(section, "port", DEFAULT_AMI_PORT, 1, 65535, integer=True)),
-            username=self.text(section, "username", "", required=required),
-            secret=self.text(section, "secret", "", required=required),
-            auth=self.choice(section, "auth", "plain", ("plain", "md5")),
-            ping_interval=self.number(section, "ping_interval", AMI_PING_INTERVAL_S, 1, 3600),
-            reconnect_max=self.number(section, "reconnect_max", AMI_RECONNECT_MAX_S, 1, 3600),
-            tls=self.boolean(section, "tls", False),
-            tls_verify=self.boolean(section, "tls_verify", True),
-            tls_ca=self.text(section, "tls_ca", ""),
-            name=name,
-        )
-        if not is_ip_address(ami.host) and not is_host_name(ami.host):
-            self.problem(section, section.get("host"), "%r is neither an IP address nor a "
-                         "host name" % ami.host)
-        if ami.tls and section.get("port") is None:
-            ami.port = DEFAULT_AMI_TLS_PORT  # manager.conf tlsbindport
-        if not ami.tls and (section.get("tls_verify") or section.get("tls_ca")):
+        values = self.read_settings(section, AMI_SETTINGS, required)
+        if values["tls"] and section.get("port") is None:
+            values["port"] = DEFAULT_AMI_TLS_PORT  # manager.conf tlsbindport
+        if not values["tls"] and (section.get("tls_verify") or section.get("tls_ca")):
             self.problem(section, section.get("tls_ca") or section.get("tls_verify"),
                          "only used with TLS, expected tls = yes as well")
-        return ami
+        return AmiConfig(name, **values)
+
+    def read_pbxes(self, sections: Sequence[IniSection], require_ami: bool) -> List[AmiConfig]:
+        """[ami] first, then each [ami:NAME]."""
+        ami_section = next((s for s in sections if s.name.lower() == "ami"), None)
+        if ami_section is None:
+            ami = AmiConfig()
+            if require_ami:
+                self.problems.append("%s:1: [ami]: section missing, expected [ami] with "
+                                     "username and secret of a manager.conf user" % self.filename)
+        else:
+            ami = self.read_ami(ami_section, DEFAULT_PBX, require_ami)
+        pbxes = [ami]
+        for section in sections:
+            kind, colon, name = section.name.partition(":")
+            if not colon or kind.lower() != "ami":
+                continue
+            if not _PBX_NAME.match(name) or name == DEFAULT_PBX:
+                self.problem(section, None, "invalid PBX name %r, expected 1-32 of A-Z a-z 0-9 "
+                             "_ . - other than %r" % (name, DEFAULT_PBX))
+                continue
+            pbxes.append(self.read_ami(section, name, True))
+        self.pbx_names = [pbx.name for pbx in pbxes]
+        return pbxes
 
     def read_user(self, section: IniSection) -> UserConfig:
         self.check_keys(section, USER_KEYS)
         if not _USER_NAME.match(section.name):
             self.problem(section, None, "invalid user name, expected 1-64 of A-Z a-z 0-9 _ . @ + -")
         secret = self.text(section, "secret", "", required=True)
+        hosts = self.user_hosts(section)
+        devices = self.user_devices(section)
+        extensions = self.user_extensions(section)
+        events = self.user_events(section)
+        if not devices and not extensions:
+            self.problem(section, None, "the user has neither devices nor extensions, "
+                         "expected devices = PJSIP/100 or extensions = 100")
+        popup_url = self.popup_url(section)
+        return UserConfig(section.name, secret, hosts, devices, extensions,
+                          events, section.lineno, popup_url)
+
+    def user_hosts(self, section: IniSection) -> Optional[Tuple[object, ...]]:
+        """``host``: None for ``dynamic`` (anywhere), else the networks."""
         option, hosts_text = self.items(section, "host")
-        hosts: Optional[Tuple[object, ...]] = None
-        if option is not None and [h.lower() for h in hosts_text] != ["dynamic"]:
-            nets = []
-            for item in hosts_text:
-                try:
-                    nets.append(ipaddress.ip_network(item, strict=False))
-                except ValueError:
-                    self.problem(section, option, "%r is not an address or CIDR, expected "
-                                 "'dynamic' or a comma list like 192.168.1.0/24, ::1" % item)
-            hosts = tuple(nets)
-            if not hosts_text:
-                self.problem(section, option, "empty, expected 'dynamic' or addresses")
+        if option is None or [h.lower() for h in hosts_text] == ["dynamic"]:
+            return None
+        nets = []
+        for item in hosts_text:
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.problem(section, option, "%r is not an address or CIDR, expected "
+                             "'dynamic' or a comma list like 192.168.1.0/24, ::1" % item)
+        if not hosts_text:
+            self.problem(section, option, "empty, expected 'dynamic' or addresses")
+        return tuple(nets)
+
+    def user_devices(self, section: IniSection) -> Tuple[str, ...]:
         option, device_texts = self.items(section, "devices")
         devices = []
         for item in device_texts:
@@ -742,6 +1005,9 @@ class _ConfigReader:
             except ValueError:
                 self.problem(section, option, "%r is not a device, expected TECH/name such as "
                              "PJSIP/100, SIP/100, IAX2/100, DAHDI/1 or NAME:PJSIP/100" % item)
+        return tuple(devices)
+
+    def user_extensions(self, section: IniSection) -> Tuple[Tuple[str, str], ...]:
         option, ext_texts = self.items(section, "extensions")
         extensions = []
         for item in ext_texts:
@@ -756,24 +1022,20 @@ class _ConfigReader:
                              % (item, ", ".join(self.pbx_names)))
                 continue
             extensions.append((number, context))
+        return tuple(extensions)
+
+    def user_events(self, section: IniSection) -> Tuple[str, ...]:
         option, kinds = self.items(section, "events")
         if option is None or [k.lower() for k in kinds] == ["all"]:
-            events = EVENT_KINDS
-        else:
-            events_list = []
-            for kind in kinds:
-                if kind.lower() not in EVENT_KINDS:
-                    self.problem(section, option, "unknown event kind %r, expected 'all' or "
-                                 "any of: %s" % (kind, ", ".join(EVENT_KINDS)))
-                elif kind.lower() not in events_list:
-                    events_list.append(kind.lower())
-            events = tuple(events_list)
-        if not devices and not extensions:
-            self.problem(section, None, "the user has neither devices nor extensions, "
-                         "expected devices = PJSIP/100 or extensions = 100")
-        popup_url = self.popup_url(section)
-        return UserConfig(section.name, secret, hosts, tuple(devices), tuple(extensions),
-                          events, section.lineno, popup_url)
+            return EVENT_KINDS
+        events: List[str] = []
+        for kind in kinds:
+            if kind.lower() not in EVENT_KINDS:
+                self.problem(section, option, "unknown event kind %r, expected 'all' or "
+                             "any of: %s" % (kind, ", ".join(EVENT_KINDS)))
+            elif kind.lower() not in events:
+                events.append(kind.lower())
+        return tuple(events)
 
     def popup_url(self, section: IniSection) -> str:
         """``popup_url``: an http(s) URL whose placeholders are all known and
@@ -807,112 +1069,32 @@ class _ConfigReader:
         return url if len(self.problems) == problems else ""
 
 
+def _is_ami_section(section: IniSection) -> bool:
+    name = section.name.lower()
+    return name == "ami" or name.startswith("ami:")
+
+
 def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     """Validate INI text; raise ConfigError listing every problem found."""
     sections, problems = parse_ini(text, filename)
     reader = _ConfigReader(filename)
     reader.problems.extend(problems)
-    by_name = {s.name.lower(): s for s in sections}
-    general = by_name.get("general") or IniSection("general", 0)
-    reader.check_keys(general, GENERAL_KEYS)
-    bind = reader.text(general, "bind", "0.0.0.0")
-    try:
-        ipaddress.ip_address(bind)
-    except ValueError:
-        reader.problem(general, general.get("bind"),
-                       "%r is not an IP address, expected e.g. 0.0.0.0, 127.0.0.1 or ::" % bind)
-    # Port 0 asks the kernel for a free port (the tests use it).
-    port: Optional[int] = DEFAULT_CLIENT_PORT
-    port_option = general.get("port")
-    if port_option is not None and port_option.value.lower() == "off":
-        port = None
-    else:
-        port = int(reader.number(general, "port", DEFAULT_CLIENT_PORT, 0, 65535, integer=True))
-    loglevel = reader.choice(general, "loglevel", "info", _LOGLEVELS)
-    calllog = reader.text(general, "calllog", "")
-    login_timeout = reader.number(general, "login_timeout", CLIENT_AUTH_TIMEOUT_S, 1, 3600)
-    log_target = reader.choice(general, "log", "auto", LOG_TARGETS)
-    facility = reader.choice(general, "syslog_facility", "daemon", SYSLOG_FACILITIES)
-    syslog_socket = reader.text(general, "syslog_socket", DEFAULT_SYSLOG_SOCKET)
-    if not syslog_socket.startswith("/"):
-        reader.problem(general, general.get("syslog_socket"), "%r is not an absolute path, "
-                       "expected the syslog socket such as /dev/log" % syslog_socket)
-    max_clients = int(reader.number(general, "max_clients", MAX_CLIENTS, 1, 100000,
-                                    integer=True))
-    max_per_host = int(reader.number(general, "max_clients_per_host", MAX_CLIENTS_PER_HOST,
-                                     1, 100000, integer=True))
-    buffer_hard = reader.size(general, "client_buffer_hard", CLIENT_OUTPUT_HARD_LIMIT_BYTES,
-                              MIN_CLIENT_OUTPUT_LIMIT_BYTES, 1024 ** 3)
-    buffer_soft = reader.size(general, "client_buffer_soft", CLIENT_OUTPUT_SOFT_LIMIT_BYTES,
-                              MIN_CLIENT_OUTPUT_LIMIT_BYTES, 1024 ** 3, allow_zero=True)
-    if general.get("client_buffer_soft") is None and buffer_soft > buffer_hard:
-        buffer_soft = buffer_hard // 4  # a small hard limit brings the default down
-    elif buffer_soft > buffer_hard:
-        reader.problem(general, general.get("client_buffer_soft"),
-                       "%d bytes is more than client_buffer_hard (%d), expected at most that "
-                       "or 0 for no soft limit" % (buffer_soft, buffer_hard))
-    buffer_soft_s = reader.number(general, "client_buffer_soft_seconds", CLIENT_OUTPUT_SOFT_S,
-                                  0, 3600)
-    fail_delay = reader.number(general, "login_fail_delay", LOGIN_FAIL_DELAY_S, 0, 60)
-    block_after = int(reader.number(general, "login_block_after", LOGIN_BLOCK_AFTER, 0, 1000,
-                                    integer=True))
-    block_s = reader.number(general, "login_block_seconds", LOGIN_BLOCK_S, 1, 86400)
-    tls_port: Optional[int] = None
-    if general.get("tls_port") is not None and general.get("tls_port").value != "":
-        tls_port = int(reader.number(general, "tls_port", 0, 0, 65535, integer=True))
-    tls_cert = reader.text(general, "tls_cert", "")
-    tls_key = reader.text(general, "tls_key", "")
-    if tls_port is not None and not tls_cert:
-        reader.problem(general, general.get("tls_port"),
-                       "TLS needs a certificate, expected tls_cert = /path/to/cert.pem")
-    if (tls_cert or tls_key) and tls_port is None:
-        reader.problem(general, general.get("tls_cert") or general.get("tls_key"),
-                       "set without tls_port, expected tls_port = 5040 (or remove it)")
-    if port is None and tls_port is None:
-        reader.problem(general, port_option, "'off' leaves no client port, expected a port "
-                       "number or tls_port")
-
-    ami_section = by_name.get("ami")
-    if ami_section is None:
-        ami = AmiConfig()
-        if require_ami:
-            reader.problems.append("%s:1: [ami]: section missing, expected [ami] with "
-                                   "username and secret of a manager.conf user" % filename)
-    else:
-        ami = reader.read_ami(ami_section, DEFAULT_PBX, require_ami)
-    pbxes = [ami]
-    for section in sections:
-        kind, colon, name = section.name.partition(":")
-        if not colon or kind.lower() != "ami":
-            continue
-        if not _PBX_NAME.match(name) or name == DEFAULT_PBX:
-            reader.problem(section, None, "invalid PBX name %r, expected 1-32 of A-Z a-z 0-9 "
-                           "_ . - other than %r" % (name, DEFAULT_PBX))
-            continue
-        pbxes.append(reader.read_ami(section, name, True))
-    reader.pbx_names = [pbx.name for pbx in pbxes]
+    general = next((s for s in sections if s.name.lower() == "general"),
+                   IniSection("general", 0))
+    values = reader.read_general(general)
+    pbxes = reader.read_pbxes(sections, require_ami)
     users: Dict[str, UserConfig] = {}
     for section in sections:
-        if section.name.lower() in ("general", "ami") or \
-                section.name.lower().startswith("ami:"):
-            continue
-        users[section.name] = reader.read_user(section)
+        if section is not general and not _is_ami_section(section):
+            users[section.name] = reader.read_user(section)
     if reader.problems:
         raise ConfigError(sorted(reader.problems, key=_problem_line))
-    config = Config(filename, bind, port, loglevel, calllog, ami, users, login_timeout,
-                    log_target, facility, syslog_socket,
-                    max_clients=max_clients, max_clients_per_host=max_per_host,
-                    client_buffer_hard=buffer_hard, client_buffer_soft=buffer_soft,
-                    client_buffer_soft_seconds=buffer_soft_s, login_fail_delay=fail_delay,
-                    login_block_after=block_after, login_block_seconds=block_s,
-                    tls_port=tls_port, tls_cert=tls_cert, tls_key=tls_key)
-    config.pbxes = pbxes
-    config.origins["tls_cert"] = reader.origin(general, "tls_cert")
+    origins = {"tls_cert": reader.origin(general, "tls_cert")}
     for section in sections:
-        if section.name.lower() == "ami" or section.name.lower().startswith("ami:"):
+        if _is_ami_section(section):
             name = DEFAULT_PBX if section.name.lower() == "ami" else section.name[4:]
-            config.origins["tls_ca:" + name] = reader.origin(section, "tls_ca")
-    return config
+            origins["tls_ca:" + name] = reader.origin(section, "tls_ca")
+    return Config(filename, values, pbxes, users, origins)
 
 
 def _problem_line(problem: str) -> int:
@@ -934,24 +1116,26 @@ def load_config(path: str, require_ami: bool = True) -> Config:
         raise ConfigError(["%s:%d: the file is not UTF-8 text" % (path, line)])
     config = parse_config(text, path, require_ami)
     problems = []
+    tls_context = None
     if config.tls_port is not None:
         try:
-            config.tls_context = server_tls_context(config.tls_cert, config.tls_key or None)
+            tls_context = server_tls_context(config.tls_cert, config.tls_key or None)
         except (OSError, ValueError) as e:
             problems.append("%s: cannot load the certificate and key: %s, expected PEM files"
                             % (config.origins["tls_cert"], _ssl_reason(e)))
+    ami_contexts = {}
     for pbx in config.pbxes:
         if not pbx.tls:
             continue
         try:
-            config.ami_tls_contexts[pbx.name] = client_tls_context(pbx.tls_ca, pbx.tls_verify)
+            ami_contexts[pbx.name] = client_tls_context(pbx.tls_ca, pbx.tls_verify)
         except (OSError, ValueError) as e:
             problems.append("%s: cannot load the CA file: %s, expected PEM certificates"
                             % (config.origins.get("tls_ca:" + pbx.name,
                                                   path + ":0: [ami] tls_ca"), _ssl_reason(e)))
     if problems:
         raise ConfigError(problems)
-    return config
+    return config.replace(tls_context=tls_context, ami_tls_contexts=ami_contexts)
 
 
 def _ssl_reason(error: Exception) -> str:
@@ -1477,12 +1661,16 @@ class AmiSession:
     """
 
     def __init__(self, username: str, secret: str, auth: str = "plain", now: float = 0.0,
-                 ping_interval: float = AMI_PING_INTERVAL_S, events: str = "on"):
+                 ping_interval: float = AMI_PING_INTERVAL_S, events: str = "on",
+                 login_timeout: float = AMI_LOGIN_TIMEOUT_S,
+                 ping_timeout: float = AMI_PING_TIMEOUT_S):
         self.username = username
         self._secret = secret
         self.auth = auth
         self.events = events
         self.ping_interval = ping_interval
+        self.login_timeout = login_timeout
+        self.ping_timeout = ping_timeout
         self.parser = AmiParser()
         self.logged_in = False
         self._outgoing = bytearray()
@@ -1490,7 +1678,7 @@ class AmiSession:
         self._pending: Dict[str, str] = {}  # ActionID -> action name
         self._login_id: Optional[str] = None
         self._challenge_id: Optional[str] = None
-        self._login_deadline: Optional[float] = now + AMI_LOGIN_TIMEOUT_S
+        self._login_deadline: Optional[float] = now + login_timeout
         self._ping_due: Optional[float] = None
         self._pong_deadline: Optional[float] = None
         self._ping_id: Optional[str] = None
@@ -1591,12 +1779,12 @@ class AmiSession:
     def poll(self, now: float) -> Optional[str]:
         """Queue a due Ping; return why the link is dead, or None."""
         if self._login_deadline is not None and now >= self._login_deadline:
-            return "no login response within %g s" % AMI_LOGIN_TIMEOUT_S
+            return "no login response within %g s" % self.login_timeout
         if self._pong_deadline is not None and now >= self._pong_deadline:
-            return "no answer to Ping within %g s" % AMI_PING_TIMEOUT_S
+            return "no answer to Ping within %g s" % self.ping_timeout
         if self._ping_due is not None and now >= self._ping_due and self._ping_id is None:
             self._ping_id = self.send_action("Ping")
-            self._pong_deadline = now + AMI_PING_TIMEOUT_S
+            self._pong_deadline = now + self.ping_timeout
             self._ping_due = now + self.ping_interval
         return None
 
@@ -3497,28 +3685,118 @@ def address_key(address: str) -> str:
     return str(ip)
 
 
-class LoginThrottle:
-    """Failed logins per source address: a growing delay, then a block.
+class _FailureTable:
+    """Failures per key (an address, an account name), in at most ``limit``
+    entries, each ``[failures, time of the last, penalty until]``.  An entry
+    is forgotten ``forget_s`` after its last failure, once its penalty is
+    over.  To make room the least recently failing entry without a penalty
+    goes; a penalised one never does (else a flood of other keys would lift
+    its penalty): while every entry is penalised, new keys share one entry,
+    SHARED."""
 
-    ``failed(key, now)`` records a failure and returns how long to hold the
-    reply back and whether the address is blocked from now on;
-    ``blocked_for(key, now)`` how many seconds a block has left.  Memory is
-    bounded: at most ``max_hosts`` addresses, the least recently failing
-    forgotten first, and failures expire after ``forget_s``.  A success does
-    not reset the count: logging in to one's own account must not buy more
-    guesses at someone else's.
+    SHARED = "*"
+    #: While full of penalties, expired ones are looked for at most this often.
+    PURGE_INTERVAL_S = 1.0
+
+    def __init__(self, limit: int, forget_s: float):
+        self.limit = limit
+        self.forget_s = forget_s
+        #: Entries without a penalty, least recently failing first.
+        self._free: "collections.OrderedDict[str, List[float]]" = collections.OrderedDict()
+        self._penalised: Dict[str, List[float]] = {}
+        self._shared: Optional[List[float]] = None
+        self._purge_at = 0.0
+
+    def __len__(self) -> int:
+        return len(self._free) + len(self._penalised)
+
+    def key_for(self, key: str, now: float) -> str:
+        """``key``, or SHARED while there is no room for it."""
+        if self.get(key, now) is not None or len(self) < self.limit or self._free:
+            return key
+        if now >= self._purge_at:
+            self._purge_at = now + self.PURGE_INTERVAL_S
+            for old in [k for k, e in self._penalised.items() if now >= e[2]]:
+                self._free[old] = self._penalised.pop(old)
+        return key if self._free else self.SHARED
+
+    def get(self, key: str, now: float) -> Optional[List[float]]:
+        if key == self.SHARED:
+            entry = self._shared
+        else:
+            entry = self._penalised.get(key)
+            if entry is not None and now >= entry[2]:
+                self._free[key] = self._penalised.pop(key)  # its penalty is over
+            elif entry is None:
+                entry = self._free.get(key)
+        if entry is None or now < entry[2] or now - entry[1] < self.forget_s:
+            return entry
+        if key == self.SHARED:
+            self._shared = None
+        else:
+            del self._free[key]
+        return None
+
+    def fail(self, key: str, now: float) -> Tuple[str, List[float]]:
+        """Count a failure of ``key`` (or of SHARED, if no room): which, and its entry."""
+        key = self.key_for(key, now)
+        entry = self.get(key, now)
+        if entry is None:
+            entry = [0, now, 0.0]
+            if key == self.SHARED:
+                self._shared = entry
+            else:
+                if len(self) >= self.limit:
+                    self._free.popitem(last=False)
+                self._free[key] = entry
+        elif key in self._free:
+            self._free.move_to_end(key)
+        entry[0] += 1
+        entry[1] = now
+        return key, entry
+
+    def penalise(self, key: str, entry: List[float], until: float) -> None:
+        entry[2] = until
+        if key in self._free:
+            self._penalised[key] = self._free.pop(key)
+
+    def penalty_left(self, key: str, now: float) -> float:
+        entry = self.get(self.key_for(key, now), now)
+        return max(0.0, entry[2] - now) if entry is not None else 0.0
+
+
+class LoginThrottle:
+    """Failed logins: per source address a growing delay, then a block; per
+    account a short cool-down.
+
+    ``failed(address, now)`` records an address's failure and returns how
+    long to hold the reply back and whether the address is blocked from
+    now on; ``blocked_for(address, now)`` how long a block has left.  A
+    success does not reset an address's count: logging in to one's own
+    account must not buy more guesses at someone else's.
+
+    Guesses at one account from many addresses are slowed down apart:
+    ``account_failed(name, now)`` counts them (known names or not, so the
+    answers never tell them apart), and after LOGIN_ACCOUNT_FREE failures
+    the name takes no login for a while (``account_wait``), doubling per
+    failure up to LOGIN_ACCOUNT_DELAY_MAX_S: a guesser gets a try or two a
+    minute, never a lock-out of its owner for long.  An address the account
+    logged in from before (``account_succeeded``) is not held back at all.
+    Memory is bounded (_FailureTable), and penalties outlast any flood.
     """
 
     def __init__(self, delay_s: float = LOGIN_FAIL_DELAY_S, block_after: int = LOGIN_BLOCK_AFTER,
                  block_s: float = LOGIN_BLOCK_S, forget_s: float = LOGIN_FAIL_FORGET_S,
-                 max_hosts: int = MAX_LOGIN_TRACKED_HOSTS):
+                 max_hosts: int = MAX_LOGIN_TRACKED_HOSTS,
+                 max_accounts: int = MAX_LOGIN_TRACKED_ACCOUNTS):
         self.delay_s = delay_s
         self.block_after = block_after
         self.block_s = block_s
         self.forget_s = forget_s
-        self.max_hosts = max_hosts
-        #: key -> [failures, time of the last failure, blocked until]
-        self._hosts: "collections.OrderedDict[str, List[float]]" = collections.OrderedDict()
+        self._hosts = _FailureTable(max_hosts, forget_s)
+        self._accounts = _FailureTable(max_accounts, forget_s)
+        #: account -> the addresses it logged in from lately, newest last.
+        self._owners: Dict[str, "collections.OrderedDict[str, None]"] = {}
 
     def configure(self, delay_s: float, block_after: int, block_s: float) -> None:
         self.delay_s, self.block_after, self.block_s = delay_s, block_after, block_s
@@ -3526,34 +3804,42 @@ class LoginThrottle:
     def __len__(self) -> int:
         return len(self._hosts)
 
-    def _entry(self, key: str, now: float) -> Optional[List[float]]:
-        entry = self._hosts.get(key)
-        if entry is not None and now >= entry[2] and now - entry[1] >= self.forget_s:
-            del self._hosts[key]
-            return None
-        return entry
-
     def blocked_for(self, key: str, now: float) -> float:
-        entry = self._entry(key, now)
-        return max(0.0, entry[2] - now) if entry is not None else 0.0
+        return self._hosts.penalty_left(key, now)
 
     def failed(self, key: str, now: float) -> Tuple[float, bool]:
-        entry = self._entry(key, now)
-        if entry is None:
-            entry = self._hosts[key] = [0, now, 0.0]
-            while len(self._hosts) > self.max_hosts:
-                self._hosts.popitem(last=False)
-        else:
-            self._hosts.move_to_end(key)
-        entry[0] += 1
-        entry[1] = now
+        key, entry = self._hosts.fail(key, now)
         failures = int(entry[0])
         delay = self.delay_s * min(2 ** min(failures - 1, 16), LOGIN_FAIL_DELAY_GROWTH)
         if self.block_after and failures >= self.block_after and now >= entry[2]:
-            entry[2] = now + self.block_s
             entry[0] = 0  # the block is the punishment; afterwards start over
+            self._hosts.penalise(key, entry, now + self.block_s)
             return delay, True
         return delay, False
+
+    def account_wait(self, name: str, address: str, now: float) -> float:
+        """Seconds until ``name`` may be tried from ``address`` (0: now)."""
+        if address in self._owners.get(name, ()):
+            return 0.0
+        return self._accounts.penalty_left(name[:64], now)
+
+    def account_failed(self, name: str, now: float) -> float:
+        """A failed login as ``name``: the cool-down it starts (0: none)."""
+        # A longer name is no account's (at most 64 characters): cut, it counts as one.
+        key, entry = self._accounts.fail(name[:64], now)
+        over = int(entry[0]) - LOGIN_ACCOUNT_FREE
+        if over <= 0:
+            return 0.0
+        pause = min(LOGIN_ACCOUNT_DELAY_S * 2 ** min(over - 1, 16), LOGIN_ACCOUNT_DELAY_MAX_S)
+        self._accounts.penalise(key, entry, now + pause)
+        return pause
+
+    def account_succeeded(self, name: str, address: str) -> None:
+        owners = self._owners.setdefault(name, collections.OrderedDict())
+        owners[address] = None
+        owners.move_to_end(address)
+        while len(owners) > LOGIN_KNOWN_ADDRESSES:
+            owners.popitem(last=False)
 
 
 class CallHistory:
@@ -3629,6 +3915,10 @@ class ServerView:
         """Whether logins from this address are blocked for now."""
         return False
 
+    def account_wait(self, name: str, peer_host: str) -> float:
+        """Seconds until a login as ``name`` from this address is heard (0: now)."""
+        return 0.0
+
 
 class ClientSession:
     """One desktop connection's protocol state, without the socket.
@@ -3652,6 +3942,8 @@ class ClientSession:
         self.closing = False
         self.close_reason = ""
         self.failed_logins = 0
+        #: The name the last failed LOGIN gave (for the throttle).
+        self.failed_as = ""
         self.errors = 0
 
     @staticmethod
@@ -3678,7 +3970,7 @@ class ClientSession:
                 raise ClientProtocolError("400", "unknown command, try HELP")
             return handler(argument, server)
         except ClientProtocolError as e:
-            if self.user is None and e.code in ("400", "403"):
+            if self.user is None and e.code in ("400", "403", "429"):
                 self.errors += 1
                 if self.errors >= MAX_CLIENT_ERRORS_BEFORE_LOGIN:
                     self.request_close("%d bad commands before login" % self.errors)
@@ -3698,12 +3990,19 @@ class ClientSession:
             raise ClientProtocolError("429", "too many failed logins from your address, "
                                       "try again later")
         name, _, secret = argument.partition(" ")
+        wait = server.account_wait(name, self.peer_host)
+        if wait > 0:
+            # Unheard: the secret is not even compared.  Any name, known or
+            # not, is answered the same.
+            raise ClientProtocolError("429", "too many failed logins for this user, try again "
+                                      "in %d s" % math.ceil(wait))
         account = server.users.get(name)
         # Compare even for unknown users, so timing does not tell them apart.
         expected = account.secret if account is not None else "\0unknown user"
         secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
         if account is None or not secret_ok or not account.host_allowed(self.peer_host):
             self.failed_logins += 1
+            self.failed_as = name
             why = ("unknown user" if account is None else
                    "wrong secret" if not secret_ok else "address not allowed by host=")
             log.warning("%s: login as %r refused: %s", self.tag, name[:64], why)
@@ -5549,1325 +5848,111 @@ def http_error_bytes(error: HttpProtocolError, date: Optional[float] = None) -> 
 
 
 # ---------------------------------------------------------------------------
-# Event loop and I/O: the only place with sockets, clocks and signals
+# Line framing (no I/O): bytes in, bounded lines out
 # ---------------------------------------------------------------------------
 
 
-#: Socket options of every accepted client connection (those this
-#: platform has): no Nagle delay for small event lines, TCP keepalive to
-#: find peers that vanished without a FIN, and a bounded kernel send buffer.
-_CLIENT_SOCKOPTS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
-                    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-                    (socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF_BYTES)]
-for _name, _value in (("TCP_KEEPIDLE", CLIENT_KEEPALIVE_IDLE_S),
-                      ("TCP_KEEPINTVL", CLIENT_KEEPALIVE_INTERVAL_S),
-                      ("TCP_KEEPCNT", CLIENT_KEEPALIVE_PROBES)):
-    if hasattr(socket, _name):
-        _CLIENT_SOCKOPTS.append((socket.IPPROTO_TCP, getattr(socket, _name), _value))
-
-#: A non-blocking TLS socket that needs the peer (or the kernel) first:
-#: like BlockingIOError, not an error.
-_SSL_WOULD_BLOCK: tuple = ((ssl.SSLWantReadError, ssl.SSLWantWriteError)
-                           if ssl is not None else ())
+#: Bytes that no text line holds: C0 controls other than TAB, CR and LF, and DEL.
+_BINARY_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-_WOULD_BLOCK = (BlockingIOError, InterruptedError) + _SSL_WOULD_BLOCK
+class LineFramer:
+    """Cuts a byte stream into lines, within limits (h11's receive buffer).
 
+    ``receive_data(data)`` takes bytes split anywhere; ``next_line()``
+    returns the next complete line, or None until one is complete.  A line
+    ends in LF or CRLF and is returned without it, decoded as UTF-8 after
+    framing (a character split across reads is whole again; invalid bytes
+    become U+FFFD).  Both line protocols frame here: the client commands
+    the daemon reads and the server lines ``watch`` reads.
 
-def send_some(sock: socket.socket, buf: bytearray) -> Optional[str]:
-    """Write what the socket takes now and drop it from ``buf``; the rest
-    waits for the next writable (CPython selector_events).  Returns why the
-    connection is broken, or None."""
-    try:
-        sent = sock.send(buf)
-    except _WOULD_BLOCK:
-        return None
-    except OSError as e:
-        return "write failed: %s" % _error_text(e)
-    del buf[:sent]
-    return None
-
-
-def recv_some(sock: socket.socket, size: int) -> Tuple[Optional[bytes], str]:
-    """``(data, "")``; ``(None, "")`` when nothing can be read now;
-    ``(b"", "")`` at the peer's end of stream; ``(None, why)`` when broken."""
-    try:
-        return sock.recv(size), ""
-    except _WOULD_BLOCK:
-        return None, ""
-    except OSError as e:
-        return None, "read failed: %s" % _error_text(e)
-
-
-def _error_text(error: Exception) -> str:
-    """A short reason for a socket or TLS error, for the log."""
-    if ssl is not None and isinstance(error, ssl.SSLCertVerificationError):
-        return "certificate verify failed: %s" % error.verify_message
-    if ssl is not None and isinstance(error, ssl.SSLError):
-        return error.reason or str(error)
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__
-
-
-class ClientConnection:
-    """A desktop client's socket, its buffers and its ClientSession."""
-
-    __slots__ = ("sock", "session", "peer", "host_key", "tls", "handshaking", "inbuf", "outbuf",
-                 "events", "callback", "closed", "closing", "close_level", "shut", "peer_eof",
-                 "overflow", "soft_since", "auth_deadline", "hold_until", "held")
-
-    def __init__(self, sock: socket.socket, peer: Tuple, login_deadline: float,
-                 tls: bool = False):
-        self.sock = sock
-        self.peer = peer
-        host = peer[0] if peer else "?"
-        #: What per-address limits count this connection under (address_key).
-        self.host_key = address_key(host)
-        self.session = ClientSession(host, tag="client %s:%s" % (host, peer[1] if peer else "?"))
-        #: A TLS connection; ``handshaking`` until its handshake is done.
-        self.tls = tls
-        self.handshaking = tls
-        self.inbuf = bytearray()
-        self.outbuf = bytearray()
-        #: The selector events the socket is registered for, and its callback.
-        self.events = selectors.EVENT_READ
-        self.callback = None
-        self.closed = False
-        #: Set when the last reply is queued: why the connection will close
-        #: (once that reply is out), and the level to log it at.
-        self.closing: Optional[str] = None
-        self.close_level = logging.INFO
-        #: Our side sent its FIN; the peer sent its own.
-        self.shut = False
-        self.peer_eof = False
-        #: Why the output went over a limit: it is closed after the pass.
-        self.overflow: Optional[str] = None
-        #: When the output buffer went over the soft limit (monotonic).
-        self.soft_since: Optional[float] = None
-        self.auth_deadline = login_deadline
-        #: The reply to a failed login is held back until then (monotonic).
-        self.hold_until: Optional[float] = None
-        self.held: List[bytes] = []
-
-    @property
-    def tag(self) -> str:
-        return self.session.tag
-
-
-class AmiLink:
-    """One PBX: the socket to its Asterisk, the AmiSession, the reconnect
-    schedule, and the CallEngine that follows its calls."""
-
-    def __init__(self, config: AmiConfig, tls_context: Optional["ssl.SSLContext"],
-                 engine: CallEngine):
-        self.config = config
-        self.engine = engine
-        #: Logged in, as the clients were last told.
-        self.up = False
-        #: When calls kept across a lost link are given up (monotonic).
-        self.stale_deadline: Optional[float] = None
-        #: ActionID of the CoreShowChannels request of the current resync.
-        self.resync_id: Optional[str] = None
-        self.sock: Optional[socket.socket] = None
-        #: "idle" (waiting to reconnect), "connecting", "handshaking" (TLS)
-        #: or "connected".
-        self.state = "idle"
-        self.session: Optional[AmiSession] = None
-        self.outbuf = bytearray()
-        self.backoff = AMI_RECONNECT_MIN_S
-        self.next_attempt = 0.0
-        self.connect_deadline = 0.0
-        self.address: Optional[Tuple[int, tuple]] = None
-        #: For ``[ami] tls = yes``: built with the configuration.
-        self.tls_context = tls_context
-
-    @property
-    def tag(self) -> str:
-        """For log lines: ``ami``, or ``ami:NAME`` for a further PBX."""
-        return "ami" if self.config.name == DEFAULT_PBX else "ami:" + self.config.name
-
-
-def is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
-
-
-def is_host_name(host: str) -> bool:
-    """A name getaddrinfo can look up: dot-separated labels of letters,
-    digits, '-' and '_', non-ASCII ones in IDNA form.  ``pbx..example.com``
-    is not (getaddrinfo would raise UnicodeError, not OSError)."""
-    try:
-        ascii_name = host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    labels = ascii_name[:-1].split(".") if ascii_name.endswith(".") else ascii_name.split(".")
-    return len(ascii_name) <= 253 and all(map(_HOST_LABEL.match, labels))
-
-
-def resolve(host: str, port: int) -> Tuple[int, tuple]:
-    """(family, sockaddr) of host:port.  For a name, run only before the loop
-    starts or on reload, never per connect: a DNS lookup would block every
-    client."""
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-    family, _type, _proto, _name, sockaddr = infos[0]
-    return family, sockaddr
-
-
-class DaemonView(ServerView):
-    """The running daemon as its client sessions see it: the accounts, the
-    call history and login blocks (the clock is read here, not in sessions)."""
-
-    def __init__(self, daemon: "Daemon"):
-        super().__init__(daemon.config.users, None, daemon.history)
-        self._daemon = daemon
-
-    def engines(self) -> List[CallEngine]:
-        return [link.engine for link in self._daemon.links]
-
-    def login_blocked(self, peer_host: str) -> bool:
-        return self._daemon.throttle.blocked_for(address_key(peer_host), time.monotonic()) > 0
-
-
-class Daemon:
-    """The selectors loop: the AMI link in, client connections out.
-
-    Everything protocol-shaped is delegated: bytes from Asterisk go to the
-    AmiSession, its messages to the CallEngine, notifications to the
-    ClientSessions of their user.  Timers use the monotonic clock; event
-    times the wall clock.  Output is queued during a pass and written in
-    one flush before the loop sleeps; a client over a limit is only marked
-    during the pass and closed in that flush, never from inside a write.
+    ``max_line_bytes`` counts a line's bytes without its line end.  A longer
+    line is refused (ClientProtocolError 413, at once for a complete one,
+    by ``check()`` for an unfinished one), or with ``skip_long`` dropped and
+    counted in ``skipped``, framing going on after its end.  ``check()`` also
+    refuses more than ``max_pending_bytes`` received and not yet taken, and
+    while ``text_only``, input that is not text (binary junk, a TLS hello):
+    it may never end in a newline, and then no line would ever refuse it.
     """
 
-    def __init__(self, config: Config):
-        self.config = config
-        self.selector = selectors.DefaultSelector()
-        #: Listening sockets, each with whether it speaks TLS.
-        self.listeners: List[Tuple[socket.socket, bool]] = []
-        self.tls_context = config.tls_context
-        self.clients: Set[ClientConnection] = set()
-        self.sessions_by_user: Dict[str, Set[ClientConnection]] = {}
-        #: Open connections per address_key(), for max_clients_per_host.
-        self.clients_per_host: Dict[str, int] = {}
-        #: One link per PBX ([ami], then each [ami:NAME]).
-        self.links = [self._make_link(pbx, config) for pbx in config.pbxes]
-        self.running = False
-        self._dirty: Set[ClientConnection] = set()
-        #: Client timers: (when, sequence, what, connection), what being
-        #: "login" (login_timeout), "release" (a held reply) or "linger".
-        self._timers: List[Tuple[float, int, str, ClientConnection]] = []
-        self._timer_seq = 0
-        #: Connections over the soft output limit: the timer watches them.
-        self._over_soft: Set[ClientConnection] = set()
-        self._accept_paused_until: Optional[float] = None
-        self._pending_signals: List[int] = []
-        self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
-        #: The call log: opened O_APPEND, one write(2) per record.
-        self.calllog_fd: Optional[int] = None
-        #: The call log ends in a partial line (after a failed write).
-        self._calllog_torn = False
-        self.history = CallHistory()
-        self.throttle = LoginThrottle(config.login_fail_delay, config.login_block_after,
-                                      config.login_block_seconds)
-        #: Repeated warnings: kind -> [when last logged, how many left out since].
-        self._repeats: Dict[str, List[float]] = {}
-        self.view = DaemonView(self)
+    def __init__(self, max_line_bytes: int, max_pending_bytes: Optional[int] = None,
+                 skip_long: bool = False):
+        self.max_line_bytes = max_line_bytes
+        self.max_pending_bytes = max_pending_bytes
+        self.skip_long = skip_long
+        #: check() refuses control bytes (400).
+        self.text_only = False
+        #: Lines dropped for their length (``skip_long``).
+        self.skipped = 0
+        self._buffer = bytearray()
+        #: No LF before this offset: the next search starts here.
+        self._scan_from = 0
+        #: Dropping the rest of an over-long line, up to its LF.
+        self._skipping = False
 
-    @staticmethod
-    def _make_link(pbx: AmiConfig, config: Config) -> AmiLink:
-        # With several PBXes every event says which one it came from.
-        engine = CallEngine(Directory(config.users.values(), pbx.name),
-                            pbx.name if len(config.pbxes) > 1 else "")
-        return AmiLink(pbx, config.ami_tls_contexts.get(pbx.name), engine)
+    def receive_data(self, data: bytes) -> None:
+        self._buffer += data
 
-    # -- lifecycle -----------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet taken as lines."""
+        return len(self._buffer)
 
-    def start(self) -> None:
-        """Bind the client ports, open the call log (may raise OSError)."""
-        if self.config.port is not None:
-            self._listen(self.config.port, tls=False)
-        if self.config.tls_port is not None:
-            if self.tls_context is None:
-                self.tls_context = server_tls_context(self.config.tls_cert,
-                                                      self.config.tls_key or None)
-            self._listen(self.config.tls_port, tls=True)
-        self._open_calllog()
-        self._seed_history()
-        for link in self.links:
-            self._resolve_ami(link)
+    def clear(self) -> None:
+        self._buffer.clear()
+        self._scan_from = 0
 
-    def _listen(self, port: int, tls: bool) -> None:
-        bind = self.config.bind
-        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and bind == "::":
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((bind, port))
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as e:
-            sock.close()
-            log.error("cannot listen on %s port %d: %s", bind, port, _error_text(e))
-            raise
-        sock.setblocking(False)
-        self.selector.register(sock, selectors.EVENT_READ,
-                               functools.partial(self._on_accept, sock, tls))
-        self.listeners.append((sock, tls))
-        host, real_port = sock.getsockname()[:2]
-        log.info("ctinotify %s listening for %sclients on %s port %d",
-                 __version__, "TLS " if tls else "", host, real_port)
-
-    def serve_forever(self) -> int:
-        if self._wakeup is None:
-            self.install_signal_handlers()
-        self.running = True
-        while self.running:
-            timeout = self._next_timeout(time.monotonic())
-            for key, mask in self.selector.select(timeout):
-                key.data(mask)  # the handler registered with the socket
-            self._handle_signals()
-            self._run_timers(time.monotonic())
-            self._flush_clients()
-        self._shutdown()
-        return 0
-
-    def _shutdown(self) -> None:
-        log.info("shutting down")
-        # Calls in progress end now, for the desktops and the call log, as
-        # when the link to Asterisk is lost.
-        for link in self.links:
-            self._deliver(link.engine.link_lost(time.time()))
-        stopping = {"server": "stopping", "time": iso_time(time.time())}
-        for conn in list(self.clients):
-            if conn.session.user is not None:
-                self._queue(conn, encode_status(stopping, conn.session.fmt))
-            self._send(conn)
-            self._close(conn, "server shutting down")
-        for link in self.links:
-            if link.state == "connected" and link.sock is not None:
-                try:
-                    link.sock.send(encode_action("Logoff"))
-                except (OSError, ValueError):
-                    pass
-            self._ami_close(link)
-        for sock, _tls in self.listeners:
-            try:
-                self.selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass  # accepting was paused
-            sock.close()
-        self._close_calllog()
-        log.info("stopped")
-
-    # -- signals -------------------------------------------------------------
-
-    def install_signal_handlers(self) -> None:
-        """From here on SIGHUP/SIGTERM/SIGINT are noted and handled by the
-        loop."""
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
-        writer.setblocking(False)
-        self._wakeup = (reader, writer)
-        self.selector.register(reader, selectors.EVENT_READ, functools.partial(self._on_wakeup, reader))
-        signal.set_wakeup_fd(writer.fileno())
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
-
-    def take_signals(self, signals: List[int]) -> None:
-        """Signals noted before the daemon existed, to handle in the loop."""
-        self._pending_signals.extend(signals)
-        del signals[:]
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        # Runs between bytecodes: only note it; the loop acts on it.
-        self._pending_signals.append(signum)
-
-    def _on_wakeup(self, sock: socket.socket, mask: int) -> None:
-        try:
-            while sock.recv(512):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-
-    def _handle_signals(self) -> None:
-        while self._pending_signals:
-            signum = self._pending_signals.pop(0)
-            if signum == signal.SIGHUP:
-                try:
-                    self.reload()
-                except Exception:  # our bug: keep serving with what runs now
-                    log.exception("reload of %s failed", self.config.path)
-            else:
-                log.info("signal %d received", signum)
-                self.running = False
-
-    # -- reload --------------------------------------------------------------
-
-    def reload(self) -> None:
-        """Re-read the config; on any error keep the running one.  The call
-        log is reopened either way: log rotation sends SIGHUP too."""
-        try:
-            new = load_config(self.config.path)
-        except ConfigError as e:
-            log.error("reload of %s rejected, keeping the running configuration:",
-                      self.config.path)
-            for problem in e.problems:
-                log.error("  %s", problem)
-            self._reopen_calllog()
-            return
-        old = self.config
-        if (new.bind, new.port, new.tls_port) != (old.bind, old.port, old.tls_port):
-            log.warning("reload: bind, port and tls_port changes need a restart; still on "
-                        "%s port %s, TLS port %s", old.bind, old.port, old.tls_port)
-            new.bind, new.port, new.tls_port = old.bind, old.port, old.tls_port
-        if new.tls_context is not None and self.tls_context is not None:
-            self.tls_context = new.tls_context  # a renewed certificate, for new connections
-        self.config = new
-        self.view.users = new.users
-        self.history.retain(new.users)
-        self.throttle.configure(new.login_fail_delay, new.login_block_after,
-                                new.login_block_seconds)
-        for link in self.links:
-            link.engine.set_directory(Directory(new.users.values(), link.config.name))
-        logging.getLogger("ctinotify").setLevel(new.loglevel.upper())
-        for conn in list(self.clients):
-            account = conn.session.user
-            if account is None or conn.closing is not None:
-                continue
-            fresh = new.users.get(account.name)
-            if fresh is None:
-                self._end_session(conn, "account removed by reload")
-            elif fresh.secret != account.secret:
-                self._end_session(conn, "secret changed by reload")
-            elif not fresh.host_allowed(conn.session.peer_host):
-                self._end_session(conn, "address no longer allowed by host= after reload")
-            else:
-                conn.session.account_changed(fresh)
-        self._reopen_calllog()
-        self._reload_links(new)
-        log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
-        for note in new.advisories():
-            log.warning("%s", note)
-
-    def _reload_links(self, new: Config) -> None:
-        """A PBX whose section changed reconnects; one removed ends its
-        calls; one added connects.  The others keep their link and calls."""
-        fresh = {pbx.name: pbx for pbx in new.pbxes}
-        several = len(new.pbxes) > 1
-        kept: List[AmiLink] = []
-        for link in self.links:
-            pbx = fresh.pop(link.config.name, None)
-            if pbx is None:
-                log.info("reload: [%s] removed, disconnecting", link.tag)
-                self._ami_close(link)
-                self._deliver(link.engine.link_lost(time.time()))
-                continue
-            link.engine.pbx = pbx.name if several else ""
-            if link.address is None and pbx.key() == link.config.key():
-                self._resolve_ami(link)  # maybe DNS works now (SIGHUP)
-            if pbx.key() != link.config.key():
-                log.info("reload: [%s] changed, reconnecting", link.tag)
-                link.config = pbx
-                link.tls_context = new.ami_tls_contexts.get(pbx.name)
-                self._resolve_ami(link)
-                self._ami_lost(link, "configuration changed", immediate=True)
-            kept.append(link)
-        for pbx in fresh.values():
-            link = self._make_link(pbx, new)
-            log.info("reload: [%s] added", link.tag)
-            self._resolve_ami(link)
-            kept.append(link)
-        self.links = kept
-
-    # -- the call log and the history -----------------------------------------
-
-    def _open_calllog(self) -> None:
-        path = self.config.calllog
-        if not path:
-            return
-        try:
-            self.calllog_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                                      | getattr(os, "O_CLOEXEC", 0), 0o640)
-        except OSError as e:
-            log.error("cannot open call log %s: %s", path, _error_text(e))
-            return
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                if f.tell():
-                    f.seek(-1, os.SEEK_END)
-                    self._calllog_torn = f.read(1) != b"\n"
-        except OSError:
-            pass
-
-    def _close_calllog(self) -> None:
-        if self.calllog_fd is not None:
-            try:
-                os.close(self.calllog_fd)
-            except OSError:
-                pass
-            self.calllog_fd = None
-        self._calllog_torn = False
-
-    def _reopen_calllog(self) -> None:
-        self._close_calllog()
-        self._open_calllog()
-
-    def _write_calllog(self, record: Dict[str, object]) -> None:
-        """One record, one line, one write(2) on an O_APPEND descriptor: a
-        daemon killed at any moment leaves only whole lines, and nothing
-        waits in a buffer of ours."""
-        assert self.calllog_fd is not None
-        data = (encode_json_line(record) + "\n").encode("utf-8")
-        if self._calllog_torn:
-            data = b"\n" + data  # end the broken line; keep this one whole
-        written = 0
-        try:
-            while written < len(data):  # a short write: only on a full disk
-                written += os.write(self.calllog_fd, data[written:])
-            self._calllog_torn = False
-        except OSError as e:
-            self._calllog_torn = self._calllog_torn or written > 0
-            self._log_repeated("calllog", logging.ERROR, "cannot write call log %s: %s",
-                               self.config.calllog, _error_text(e))
-
-    def _seed_history(self) -> None:
-        """HISTORY knows the calls before a restart: the call log's tail."""
-        path = self.config.calllog
-        if not path:
-            return
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                start = max(0, f.tell() - HISTORY_SEED_MAX_BYTES)
-                f.seek(start)
-                data = f.read(HISTORY_SEED_MAX_BYTES)
-        except OSError:
-            return
-        lines = data.decode("utf-8", "replace").split("\n")
-        if start > 0:
-            lines = lines[1:]  # cut in the middle
-        loaded = self.history.seed(lines, self.config.users)
-        log.info("history: %d calls from %s", loaded, path)
-
-    # -- timers --------------------------------------------------------------
-
-    def _add_timer(self, when: float, what: str, conn: ClientConnection) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, what, conn))
-        if len(self._timers) > 4 * len(self.clients) + 256:
-            # A flood of short connections leaves a timer each behind; drop
-            # those of closed connections so memory follows the open ones.
-            self._timers = [t for t in self._timers if not t[3].closed]
-            heapq.heapify(self._timers)
-
-    def _next_timeout(self, now: float) -> Optional[float]:
-        deadlines = []
-        for link in self.links:
-            if link.state == "idle":
-                deadlines.append(link.next_attempt)
-            elif link.state in ("connecting", "handshaking"):
-                deadlines.append(link.connect_deadline)
-            elif link.session is not None:
-                deadline = link.session.next_deadline()
-                if deadline is not None:
-                    deadlines.append(deadline)
-            if link.stale_deadline is not None:
-                deadlines.append(link.stale_deadline)
-        if self._timers:
-            deadlines.append(self._timers[0][0])
-        if self._over_soft:
-            soft_s = self.config.client_buffer_soft_seconds
-            deadlines.append(min((c.soft_since for c in self._over_soft
-                                  if c.soft_since is not None), default=now) + soft_s)
-        if self._accept_paused_until is not None:
-            deadlines.append(self._accept_paused_until)
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - now)
-
-    def _run_timers(self, now: float) -> None:
-        for link in list(self.links):
-            try:
-                self._link_timers(link, now)
-            except Exception:
-                log.exception("%s: internal error; dropping the link", link.tag)
-                self._ami_lost(link, "internal error")
-        heap = self._timers
-        while heap and heap[0][0] <= now:
-            _when, _seq, what, conn = heapq.heappop(heap)
-            if conn.closed:
-                continue
-            if what == "login":
-                if conn.session.user is None and conn.closing is None:
-                    if conn.handshaking:
-                        self._close(conn, "no TLS handshake within %g s"
-                                    % self.config.login_timeout, logging.WARNING)
-                    else:
-                        self._finish(conn, "no login within %g s" % self.config.login_timeout,
-                                     b"ERR 408 login timeout\r\n")
-            elif what == "release":
-                if conn.hold_until is not None and conn.hold_until <= now:
-                    self._release(conn)
-            elif what == "linger":
-                self._close(conn, conn.closing or "closed", conn.close_level)
-        if self._over_soft:
-            soft, soft_s = self.config.client_buffer_soft, self.config.client_buffer_soft_seconds
-            for conn in list(self._over_soft):
-                if conn.closed or conn.soft_since is None:
-                    self._over_soft.discard(conn)
-                elif now - conn.soft_since >= soft_s:
-                    self._over_limit(conn, "output buffer over the soft limit of %d bytes for "
-                                     "%g s: client not reading" % (soft, soft_s))
-        if self._accept_paused_until is not None and now >= self._accept_paused_until:
-            self._accept_paused_until = None
-            for sock, tls in self.listeners:
-                self.selector.register(sock, selectors.EVENT_READ,
-                                       functools.partial(self._on_accept, sock, tls))
-            log.info("accepting connections again")
-
-    def _link_timers(self, link: AmiLink, now: float) -> None:
-        if link.state == "idle" and now >= link.next_attempt:
-            self._ami_connect(link, now)
-        elif link.state == "connecting" and now >= link.connect_deadline:
-            self._ami_lost(link, "no connection within %g s" % AMI_CONNECT_TIMEOUT_S)
-        elif link.state == "handshaking" and now >= link.connect_deadline:
-            self._ami_lost(link, "no TLS handshake within %g s" % AMI_CONNECT_TIMEOUT_S)
-        elif link.state == "connected" and link.session is not None:
-            reason = link.session.poll(now)
-            if reason:
-                self._ami_lost(link, reason)
-            else:
-                self._ami_write(link)
-        if link.stale_deadline is not None and now >= link.stale_deadline:
-            link.stale_deadline = None
-            log.warning("%s: no link for %g s: ending the calls it had in progress",
-                        link.tag, AMI_RESYNC_GRACE_S)
-            self._deliver(link.engine.link_lost(time.time()))
-
-    def _log_repeated(self, kind: str, level: int, fmt: str, *args: object) -> None:
-        """Log at most once per LOG_REPEAT_INTERVAL_S per kind, so a flood
-        (of connections, of bad messages) cannot flood the log as well."""
-        now = time.monotonic()
-        entry = self._repeats.get(kind)
-        if entry is not None and now - entry[0] < LOG_REPEAT_INTERVAL_S:
-            entry[1] += 1
-            return
-        if entry is not None and entry[1]:
-            fmt += " (and %d more like it in the last %d s)"
-            args += (int(entry[1]), int(now - entry[0]))
-        if len(self._repeats) >= 256:
-            self._repeats.clear()  # kinds are few; this only bounds odd ones
-        self._repeats[kind] = [now, 0]
-        log.log(level, fmt, *args)
-
-    # -- the AMI link --------------------------------------------------------
-
-    def _resolve_ami(self, link: AmiLink) -> None:
-        cfg = link.config
-        try:
-            link.address = resolve(cfg.host, cfg.port)
-        except (OSError, UnicodeError, ValueError) as e:  # idna rejects some names
-            link.address = None
-            log.error("%s: cannot resolve %s: %s", link.tag, cfg.host, e)
-
-    def _ami_connect(self, link: AmiLink, now: float) -> None:
-        if link.address is None:
-            if not is_ip_address(link.config.host):
-                # A name is looked up at start and on reload only: DNS must
-                # never hold the loop (and every client) up.
-                self._ami_lost(link, "cannot resolve %s; fix DNS and send SIGHUP, or use "
-                               "an IP address" % link.config.host)
-                return
-            self._resolve_ami(link)
-        if link.address is None:
-            self._ami_lost(link, "no address for %s" % link.config.host)
-            return
-        family, sockaddr = link.address
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as e:  # out of file descriptors, say
-            self._ami_lost(link, "cannot open a socket: %s" % _error_text(e))
-            return
-        sock.setblocking(False)
-        err = sock.connect_ex(sockaddr)
-        link.sock = sock
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            self._ami_lost(link, "connect to %s port %d failed: %s"
-                           % (link.config.host, link.config.port, os.strerror(err)))
-            return
-        link.state = "connecting"
-        link.connect_deadline = now + AMI_CONNECT_TIMEOUT_S
-        self.selector.register(sock, selectors.EVENT_WRITE, functools.partial(self._on_ami, link))
-        log.debug("%s: connecting to %s port %d", link.tag, link.config.host, link.config.port)
-
-    def _on_ami(self, link: AmiLink, mask: int) -> None:
-        try:
-            self._ami_ready(link, mask)
-        except Exception:
-            # Our bug, not Asterisk's: drop this link, keep serving.
-            log.exception("%s: internal error; dropping the link", link.tag)
-            self._ami_lost(link, "internal error")
-
-    def _ami_ready(self, link: AmiLink, mask: int) -> None:
-        sock = link.sock
-        assert sock is not None
-        if link.state == "connecting":
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._ami_lost(link, "connect to %s port %d failed: %s"
-                               % (link.config.host, link.config.port, os.strerror(err)))
-                return
-            if link.config.tls:
-                self._ami_start_tls(link, sock)
-            else:
-                self._ami_connected(link)
-            return
-        if link.state == "handshaking":
-            self._ami_handshake(link)
-            return
-        if mask & selectors.EVENT_READ:
-            self._ami_read(link, sock)
-        if mask & selectors.EVENT_WRITE and link.state == "connected" and link.sock is sock:
-            self._ami_write(link)
-
-    def _ami_start_tls(self, link: AmiLink, sock: socket.socket) -> None:
-        if link.tls_context is None:
-            self._ami_lost(link, "tls = yes, but no TLS context could be made")
-            return
-        self.selector.unregister(sock)
-        try:
-            # The handshake runs in the loop (do_handshake_on_connect=False),
-            # so a slow or silent Asterisk cannot stall the clients.
-            link.sock = link.tls_context.wrap_socket(sock, server_hostname=link.config.host,
-                                                     do_handshake_on_connect=False)
-        except (OSError, ValueError) as e:
-            link.sock = sock
-            self.selector.register(sock, selectors.EVENT_READ, functools.partial(self._on_ami, link))
-            self._ami_lost(link, "TLS setup failed: %s" % _error_text(e))
-            return
-        link.state = "handshaking"
-        self.selector.register(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                               functools.partial(self._on_ami, link))
-        self._ami_handshake(link)
-
-    def _ami_handshake(self, link: AmiLink) -> None:
-        sock = link.sock
-        assert sock is not None and ssl is not None
-        try:
-            sock.do_handshake()  # type: ignore[attr-defined]
-        except ssl.SSLWantReadError:
-            self.selector.modify(sock, selectors.EVENT_READ, functools.partial(self._on_ami, link))
-            return
-        except ssl.SSLWantWriteError:
-            self.selector.modify(sock, selectors.EVENT_WRITE, functools.partial(self._on_ami, link))
-            return
-        except (OSError, ValueError) as e:
-            self._ami_lost(link, "TLS handshake with %s failed: %s" % (link.config.host, _error_text(e)))
-            return
-        log.info("%s: TLS established with %s (%s)", link.tag, link.config.host,
-                 sock.version())  # type: ignore[attr-defined]
-        self._ami_connected(link)
-
-    def _ami_connected(self, link: AmiLink) -> None:
-        assert link.sock is not None
-        link.state = "connected"
-        cfg = link.config
-        link.session = AmiSession(cfg.username, cfg.secret, cfg.auth, time.monotonic(),
-                                  ping_interval=cfg.ping_interval)
-        self.selector.modify(link.sock, selectors.EVENT_READ, functools.partial(self._on_ami, link))
-        log.info("%s: connected to %s port %d", link.tag, cfg.host, cfg.port)
-
-    def _ami_read(self, link: AmiLink, sock: socket.socket) -> None:
-        # A TLS socket may hold decrypted bytes the selector cannot see.
-        for _ in range(64):
-            data, broken = recv_some(sock, AMI_RECV_BYTES)
-            if broken:
-                self._ami_lost(link, broken)
-                return
-            if data is None:
-                break
-            if not data:
-                self._ami_lost(link, "connection closed by Asterisk")
-                return
-            if not self._ami_receive(link, data) or link.sock is not sock:
-                return
-            if not (link.config.tls and sock.pending()):  # type: ignore[attr-defined]
-                break
-        self._ami_write(link)
-
-    def _ami_receive(self, link: AmiLink, data: bytes) -> bool:
-        """Bytes from Asterisk through the session into the engine; False
-        once the link was dropped."""
-        session = link.session
-        assert session is not None
-        try:
-            items = session.receive_data(data, time.monotonic())
-        except AmiProtocolError as e:
-            self._ami_lost(link, str(e))
-            return False
-        for problem in session.parser.problems:
-            log.warning("%s: %s", link.tag, problem)
-        session.parser.problems.clear()
-        now = time.time()  # the messages of one read arrived together
-        for item in items:
-            if isinstance(item, AmiMessage):
-                event = item.get("Event")
-                if event == "Shutdown":
-                    self._ami_lost(link, "Asterisk is shutting down (%s)" % item.get("Shutdown", "?"))
-                    return False
-                if link.resync_id is not None and item.get("ActionID") == link.resync_id:
-                    self._resync_reply(link, item)
-                elif event is None:
-                    if item.get("Response") == "Error":
-                        self._log_repeated("ami-error", logging.WARNING,
-                                           "%s: Asterisk refused an action: %r", link.tag,
-                                           item.get("Message", "")[:200])
-                    elif "Response" not in item:
-                        self._log_repeated("ami-junk", logging.WARNING,
-                                           "%s: ignored a message that is neither an event "
-                                           "nor a response: %.200r", link.tag, dict(item) or item.body)
-                        continue
-                self._feed_engine(link, item, now)
-            elif isinstance(item, AmiLoggedIn):
-                link.backoff = AMI_RECONNECT_MIN_S
-                log.info("%s: logged in as %s (%s)", link.tag, link.config.username, item.banner)
-                self._set_pbx_status(link, True, "")
-                self._start_resync(link, session)
-            elif isinstance(item, AmiLoginFailed):
-                self._ami_lost(link, "login as %s refused by Asterisk: %s"
-                               % (link.config.username, item.reason))
-                return False
-        return True
-
-    def _start_resync(self, link: AmiLink, session: AmiSession) -> None:
-        """Calls may have started or ended while we were away: ask for every
-        channel, and for queue members (queue events need membership)."""
-        link.stale_deadline = None
-        link.engine.begin_resync()
-        link.resync_id = session.send_action("CoreShowChannels")
-        session.send_action("QueueStatus")
-
-    def _resync_reply(self, link: AmiLink, msg: AmiMessage) -> None:
-        if msg.get("Response") not in (None, "Success"):
-            # No "reporting" or "system" write permission (manager.conf).
-            log.warning("%s: cannot list channels to resync (%s); grant the AMI user "
-                        "write = reporting. Calls from before the reconnect end now.",
-                        link.tag, msg.get("Message", "refused"))
-            link.resync_id = None
-            self._deliver(link.engine.end_resync(time.time()))
-        elif msg.get("Event") == "CoreShowChannelsComplete":
-            link.resync_id = None
-            log.info("%s: resynchronised: %s channels in progress", link.tag, msg.get("ListItems", "?"))
-
-    def _feed_engine(self, link: AmiLink, msg: AmiMessage, now: float) -> None:
-        try:
-            notifications = link.engine.handle(msg, now)
-        except Exception:
-            # Our bug, not Asterisk's: skip the message, keep the link.
-            log.exception("engine failed on a %.40r event; skipped it", msg.get("Event"))
-            return
-        if notifications:
-            self._deliver(notifications)
-
-    def _ami_write(self, link: AmiLink) -> None:
-        if link.session is None or link.sock is None:
-            return
-        link.outbuf += link.session.data_to_send()
-        if link.outbuf:
-            broken = send_some(link.sock, link.outbuf)
-            if broken:
-                self._ami_lost(link, broken)
-                return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.outbuf else 0)
-        self.selector.modify(link.sock, events, functools.partial(self._on_ami, link))
-
-    def _ami_close(self, link: AmiLink) -> None:
-        if link.sock is not None:
-            try:
-                self.selector.unregister(link.sock)
-            except (KeyError, ValueError):
-                pass
-            link.sock.close()
-        link.sock = None
-        link.session = None
-        link.outbuf.clear()
-        link.state = "idle"
-
-    def _ami_lost(self, link: AmiLink, reason: str, immediate: bool = False) -> None:
-        self._ami_close(link)
-        delay = 0.0 if immediate else link.backoff
-        link.next_attempt = time.monotonic() + delay
-        if not immediate:
-            link.backoff = min(link.backoff * 2, link.config.reconnect_max)
-        log.warning("%s: %s; reconnecting in %g s", link.tag, reason, delay)
-        link.resync_id = None
-        if link.up:
-            self._set_pbx_status(link, False, reason)
-            if link.stale_deadline is None:
-                link.stale_deadline = time.monotonic() + AMI_RESYNC_GRACE_S
-
-    def _pbx_status(self, link: AmiLink, reason: str = "") -> Dict[str, object]:
-        """``STATUS pbx=up|down``; with several PBXes ``name=`` says which."""
-        fields: Dict[str, object] = {"pbx": "up" if link.up else "down"}
-        if len(self.links) > 1:
-            fields["name"] = link.config.name
-        fields["time"] = iso_time(time.time())
-        if reason:
-            fields["reason"] = reason
-        return fields
-
-    def _set_pbx_status(self, link: AmiLink, up: bool, reason: str) -> None:
-        link.up = up
-        fields = self._pbx_status(link, reason)
-        encoded: Dict[str, bytes] = {}
-        for conn in self.clients:
-            fmt = conn.session.fmt
-            if conn.session.user is not None:
-                if fmt not in encoded:
-                    encoded[fmt] = encode_status(fields, fmt)
-                self._queue(conn, encoded[fmt])
-
-    # -- notifications out ---------------------------------------------------
-
-    def _deliver(self, notifications: List[Notification]) -> None:
-        for note in notifications:
-            if note.record is not None:
-                self.history.add(note.record)
-                if self.calllog_fd is not None:
-                    self._write_calllog(note.record)
-            conns = self.sessions_by_user.get(note.user)
-            if not conns:
-                continue
-            # The same for every session of the user, so encoded once per format.
-            fields = with_popup_url(note.fields, self.config.users.get(note.user))
-            encoded: Dict[str, bytes] = {}
-            for conn in conns:
-                session = conn.session
-                if note.kind not in session.kinds:
-                    continue
-                data = encoded.get(session.fmt)
-                if data is None:
-                    data = encoded[session.fmt] = encode_notification(fields, session.fmt)
-                self._queue(conn, data)
-
-    # -- clients: accepting --------------------------------------------------
-
-    def _on_accept(self, listener: socket.socket, tls: bool, mask: int) -> None:
-        for _ in range(ACCEPT_BURST):  # a burst, then let the others have the loop
-            try:
-                sock, peer = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_accepting(e)
-                else:
-                    log.warning("accept failed: %s", _error_text(e))
-                return
-            try:
-                self._accept(sock, peer, tls)
-            except Exception:
-                log.exception("accepting a connection from %s failed", peer)
-                sock.close()
-
-    def _pause_accepting(self, error: OSError) -> None:
-        """Out of descriptors: the listener stays readable, so stop watching
-        it for a moment rather than spin (asyncio's selector_events does too)."""
-        log.error("accept failed: %s; not accepting connections for %g s",
-                  _error_text(error), ACCEPT_PAUSE_S)
-        for sock, _tls in self.listeners:
-            try:
-                self.selector.unregister(sock)
-            except (KeyError, ValueError):
-                pass
-        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
-
-    def _accept(self, sock: socket.socket, peer: Tuple, tls: bool) -> None:
-        cfg = self.config
-        host = peer[0] if peer else "?"
-        key = address_key(host)
-        now = time.monotonic()
-        refusal = None
-        if len(self.clients) >= cfg.max_clients:
-            refusal = ("max_clients", b"ERR 503 too many connections, try again later\r\n",
-                       "%d connections already (max_clients)" % len(self.clients))
-        elif self.clients_per_host.get(key, 0) >= cfg.max_clients_per_host:
-            refusal = ("max_clients_per_host",
-                       b"ERR 503 too many connections from your address\r\n",
-                       "%d connections from %s already (max_clients_per_host)"
-                       % (self.clients_per_host[key], key))
-        else:
-            blocked = self.throttle.blocked_for(key, now)
-            if blocked:
-                refusal = ("blocked", b"ERR 429 too many failed logins from your address, "
-                           b"try again later\r\n",
-                           "logins from %s blocked for %d more s" % (key, int(blocked) + 1))
-        if refusal is not None:
-            kind, reply, why = refusal
-            self._log_repeated(kind, logging.WARNING, "client %s:%s: refused: %s",
-                               host, peer[1] if peer else "?", why)
-            if not tls:  # a fresh socket: one short send cannot block
-                try:
-                    sock.setblocking(False)
-                    sock.send(reply)
-                except OSError:
-                    pass
-            sock.close()
-            return
-        sock.setblocking(False)
-        for level, option, value in _CLIENT_SOCKOPTS:
-            try:
-                sock.setsockopt(level, option, value)
-            except OSError:
-                pass
-        if tls:
-            assert self.tls_context is not None
-            try:
-                sock = self.tls_context.wrap_socket(sock, server_side=True,
-                                                    do_handshake_on_connect=False)
-            except (OSError, ValueError) as e:
-                log.warning("client %s: TLS setup failed: %s", host, _error_text(e))
-                sock.close()
-                return
-        conn = ClientConnection(sock, peer, now + cfg.login_timeout, tls)
-        conn.callback = functools.partial(self._on_client, conn)
-        self.clients.add(conn)
-        self.clients_per_host[key] = self.clients_per_host.get(key, 0) + 1
-        self.selector.register(sock, selectors.EVENT_READ, conn.callback)
-        self._add_timer(conn.auth_deadline, "login", conn)
-        # DEBUG until it logs in: anyone can connect, so connections must
-        # not be able to flood the log.
-        log.debug("%s: connected%s", conn.tag, " (TLS)" if tls else "")
-        if tls:
-            self._handshake(conn)
-        else:
-            self._queue(conn, (ClientSession.greeting() + "\r\n").encode("utf-8"))
-
-    def _handshake(self, conn: ClientConnection) -> None:
-        """One step of a server-side TLS handshake, never blocking."""
-        assert ssl is not None
-        try:
-            conn.sock.do_handshake()  # type: ignore[attr-defined]
-        except ssl.SSLWantReadError:
-            self._watch(conn, selectors.EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._watch(conn, selectors.EVENT_WRITE)
-            return
-        except (OSError, ValueError) as e:
-            self._close(conn, "TLS handshake failed: %s" % _error_text(e), logging.WARNING)
-            return
-        conn.handshaking = False
-        log.debug("%s: TLS established (%s)", conn.tag,
-                 conn.sock.version())  # type: ignore[attr-defined]
-        self._queue(conn, (ClientSession.greeting() + "\r\n").encode("utf-8"))
-        self._watch(conn)
-
-    # -- clients: reading ------------------------------------------------------
-
-    def _on_client(self, conn: ClientConnection, mask: int) -> None:
-        if conn.closed:
-            return  # closed earlier in this same pass
-        try:
-            if conn.handshaking:
-                self._handshake(conn)
-                return
-            if mask & selectors.EVENT_WRITE:
-                self._send(conn)
-            if mask & selectors.EVENT_READ and not conn.closed:
-                self._client_read(conn)
-        except Exception:
-            # Our bug: close this one connection, keep serving the others.
-            log.exception("%s: internal error, closing the connection", conn.tag)
-            self._close(conn, "internal error", logging.ERROR)
-
-    def _client_read(self, conn: ClientConnection) -> None:
-        # A TLS socket may hold more decrypted bytes than one recv returns.
-        for _ in range(16):
-            data, broken = recv_some(conn.sock, CLIENT_RECV_BYTES)
-            if broken:
-                self._close(conn, broken)
-                return
-            if data is None:
-                return
-            if not data:
-                # The client is done sending: answer what it sent, then close.
-                conn.peer_eof = True
-                if conn.closing is None and conn.hold_until is not None:
-                    self._watch(conn)  # _release answers the rest, then closes
-                elif conn.closing is None:
-                    self._finish(conn, "closed by the client")
-                elif conn.shut or not conn.outbuf:
-                    self._close(conn, conn.closing, conn.close_level)
-                else:
-                    self._watch(conn)  # write the rest, then close
-                return
-            if conn.closing is None:
-                conn.inbuf += data
-                self._process_input(conn)
-            if conn.closed or not (conn.tls and conn.sock.pending()):  # type: ignore[attr-defined]
-                return
-
-    def _process_input(self, conn: ClientConnection) -> None:
-        """Run the complete lines received, unless a reply is held back."""
-        inbuf = conn.inbuf
-        while not conn.closed and conn.closing is None and conn.hold_until is None:
-            newline = inbuf.find(b"\n")
+    def next_line(self) -> Optional[str]:
+        buf = self._buffer
+        while True:
+            newline = buf.find(b"\n", self._scan_from)
             if newline < 0:
-                break
-            if newline > MAX_CLIENT_LINE_BYTES:
-                self._finish(conn, "line of more than %d bytes" % MAX_CLIENT_LINE_BYTES,
-                             b"ERR 413 line too long\r\n", logging.WARNING)
-                return
-            line = bytes(inbuf[:newline])
-            del inbuf[:newline + 1]
-            self._client_line(conn, line)
-        if conn.closed or conn.closing is not None:
-            return
-        partial = len(inbuf) - (inbuf.rfind(b"\n") + 1)
-        if partial > MAX_CLIENT_LINE_BYTES:
-            self._finish(conn, "more than %d bytes without a newline" % MAX_CLIENT_LINE_BYTES,
-                         b"ERR 413 line too long\r\n", logging.WARNING)
-        elif len(inbuf) > MAX_CLIENT_PENDING_INPUT_BYTES:
-            self._finish(conn, "more than %d bytes of input waiting"
-                         % MAX_CLIENT_PENDING_INPUT_BYTES,
-                         b"ERR 413 too much input at once\r\n", logging.WARNING)
+                self._scan_from = len(buf)
+                if self.skip_long and (self._skipping or self._too_long(len(buf), buf)):
+                    # Kept neither way: what follows, up to the LF, is the same line.
+                    if not self._skipping:
+                        self.skipped += 1
+                        self._skipping = True
+                    self.clear()
+                return None
+            self._scan_from = 0
+            end = newline - 1 if newline and buf[newline - 1] == 13 else newline
+            if self._skipping:
+                self._skipping = False
+            elif end <= self.max_line_bytes:
+                line = buf[:end].decode("utf-8", "replace")
+                del buf[:newline + 1]
+                return line
+            elif not self.skip_long:
+                raise ClientProtocolError("413", "line too long", "line of more than %d bytes"
+                                          % self.max_line_bytes)
+            else:
+                self.skipped += 1
+            del buf[:newline + 1]
 
-    def _client_line(self, conn: ClientConnection, raw: bytes) -> None:
-        session = conn.session
-        was_user = session.user
-        failures = session.failed_logins
-        text = raw.rstrip(b"\r").decode("utf-8", "replace")
-        replies = [(reply.replace("\r", " ").replace("\n", " ") + "\r\n").encode("utf-8")
-                   for reply in session.handle_line(text, self.view)]
-        if session.failed_logins > failures:
-            now = time.monotonic()
-            delay, blocked = self.throttle.failed(conn.host_key, now)
-            if blocked:
-                log.warning("client %s: logins from %s blocked for %g s after %d failed logins",
-                            session.peer_host, conn.host_key, self.throttle.block_s,
-                            self.throttle.block_after)
-                session.request_close("logins from the address blocked")
-            if delay > 0:
-                # The reply waits in the loop, never in a sleep: the other
-                # clients are served meanwhile, this one's input waits.
-                log.debug("%s: reply to the failed login delayed %g s", conn.tag, delay)
-                conn.hold_until = now + delay
-                conn.held.extend(replies)
-                self._add_timer(conn.hold_until, "release", conn)
-                return
-        for data in replies:
-            self._queue(conn, data)
-        if session.user is not None and was_user is None:
-            self.sessions_by_user.setdefault(session.user.name, set()).add(conn)
-            for link in self.links:
-                self._queue(conn, encode_status(self._pbx_status(link), session.fmt))
-        if session.closing:
-            self._finish(conn, session.close_reason)
+    def _too_long(self, size: int, tail: bytearray) -> bool:
+        """Whether an unfinished line of ``size`` bytes is over the limit
+        already (a final CR may yet turn out to be part of its line end)."""
+        return size - (1 if tail.endswith(b"\r") else 0) > self.max_line_bytes
 
-    def _release(self, conn: ClientConnection) -> None:
-        """A held failed-login reply is due: send it, go on with the input."""
-        conn.hold_until = None
-        held, conn.held = conn.held, []
-        for data in held:
-            self._queue(conn, data)
-        if conn.session.closing:
-            self._finish(conn, conn.session.close_reason)
-            return
-        self._process_input(conn)
-        if conn.peer_eof and conn.hold_until is None:
-            self._finish(conn, "closed by the client")
-        else:
-            self._watch(conn)
-
-    # -- clients: writing and closing -----------------------------------------
-
-    def _queue(self, conn: ClientConnection, data: bytes) -> None:
-        if conn.closed or conn.closing is not None or conn.overflow is not None:
-            return
-        outbuf = conn.outbuf
-        outbuf += data
-        self._dirty.add(conn)
-        size = len(outbuf)
-        cfg = self.config
-        if size > cfg.client_buffer_hard:
-            self._over_limit(conn, "output buffer of %d bytes over the hard limit of %d: "
-                             "client not reading" % (size, cfg.client_buffer_hard))
-        elif cfg.client_buffer_soft and size > cfg.client_buffer_soft and conn.soft_since is None:
-            conn.soft_since = time.monotonic()
-            self._over_soft.add(conn)
-
-    def _over_limit(self, conn: ClientConnection, reason: str) -> None:
-        """Mark a client over an output limit; the flush after this pass
-        closes it.  Marking, not closing, keeps every loop over the clients
-        (a delivery, a status broadcast) safe from a set changing under it."""
-        if conn.overflow is None:
-            conn.overflow = reason
-            conn.outbuf.clear()
-            self._dirty.add(conn)
-
-    def _flush_clients(self) -> None:
-        dirty, self._dirty = self._dirty, set()
-        for conn in dirty:
-            if conn.closed:
-                continue
-            if conn.overflow is not None:
-                self._close(conn, conn.overflow, logging.WARNING)
-                continue
-            self._send(conn)
-
-    def _send(self, conn: ClientConnection) -> None:
-        if conn.closed or conn.handshaking:
-            return
-        if conn.outbuf:
-            broken = send_some(conn.sock, conn.outbuf)
-            if broken:
-                self._close(conn, broken)
-                return
-        if conn.soft_since is not None and len(conn.outbuf) <= self.config.client_buffer_soft:
-            conn.soft_since = None
-            self._over_soft.discard(conn)
-        if conn.closing is not None and not conn.outbuf:
-            self._shut(conn)
-            if conn.closed:
-                return
-        self._watch(conn)
-
-    def _watch(self, conn: ClientConnection, events: Optional[int] = None) -> None:
-        if events is None:
-            events = (0 if conn.peer_eof else selectors.EVENT_READ) | \
-                (selectors.EVENT_WRITE if conn.outbuf else 0)
-        if events == conn.events:
-            return
-        # Nothing to wait for (the peer closed its side, a failed-login
-        # reply is held back): out of the selector, or EOF would wake it.
-        if not events:
-            self.selector.unregister(conn.sock)
-        elif not conn.events:
-            self.selector.register(conn.sock, events, conn.callback)
-        else:
-            self.selector.modify(conn.sock, events, conn.callback)
-        conn.events = events
-
-    def _finish(self, conn: ClientConnection, reason: str, reply: bytes = b"",
-                level: int = logging.INFO) -> None:
-        """Send a last reply, then close: never leave a peer hanging.
-
-        The close waits until the reply is written, sends a FIN and reads
-        (discarding) until the peer's FIN, at most CLIENT_LINGER_S: closing
-        at once with input unread would reset the connection and could
-        destroy the reply before the peer reads it."""
-        if conn.closed or conn.closing is not None:
-            return
-        if conn.handshaking:
-            self._close(conn, reason, level)
-            return
-        held, conn.held, conn.hold_until = conn.held, [], None
-        for data in held:
-            self._queue(conn, data)
-        if reply:
-            self._queue(conn, reply)
-        conn.closing = reason
-        conn.close_level = level
-        conn.inbuf.clear()
-        self._add_timer(time.monotonic() + CLIENT_LINGER_S, "linger", conn)
-        self._dirty.add(conn)
-
-    def _end_session(self, conn: ClientConnection, reason: str) -> None:
-        """Close a logged-in session, telling the client why first."""
-        fields: Dict[str, object] = {"session": "closed", "reason": reason,
-                                     "time": iso_time(time.time())}
-        self._finish(conn, reason, encode_status(fields, conn.session.fmt))
-
-    def _shut(self, conn: ClientConnection) -> None:
-        """The last reply is out: send our FIN, wait for the peer's."""
-        if conn.shut:
-            return
-        conn.shut = True
-        reason = conn.closing or "closed"
-        if conn.peer_eof or conn.tls:
-            # The peer is done already; or TLS, where a half-close would
-            # leave the TLS layer behind: close now.
-            self._close(conn, reason, conn.close_level)
-            return
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._close(conn, reason, conn.close_level)
-
-    def _close(self, conn: ClientConnection, reason: str, level: int = logging.INFO) -> None:
-        if conn.closed:
-            return
-        conn.closed = True
-        if conn.session.user is not None:
-            log.log(level, "%s: disconnected: %s", conn.tag, reason)
-        elif level >= logging.WARNING:
-            # Misbehaviour before a login: logged, but at most once per
-            # interval for each reason, whoever floods us with it.
-            self._log_repeated("close: " + reason, level, "%s: disconnected: %s",
-                               conn.tag, reason)
-        else:
-            log.debug("%s: disconnected: %s", conn.tag, reason)
-        self.clients.discard(conn)
-        count = self.clients_per_host.get(conn.host_key, 0) - 1
-        if count > 0:
-            self.clients_per_host[conn.host_key] = count
-        else:
-            self.clients_per_host.pop(conn.host_key, None)
-        self._over_soft.discard(conn)
-        if conn.session.user is not None:
-            conns = self.sessions_by_user.get(conn.session.user.name)
-            if conns is not None:
-                conns.discard(conn)
-                if not conns:
-                    del self.sessions_by_user[conn.session.user.name]
-        try:
-            self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        conn.sock.close()
-        conn.outbuf.clear()
-        conn.inbuf.clear()
-        conn.held.clear()
+    def check(self) -> None:
+        """Raise ClientProtocolError 413 if the unfinished line is too long
+        already, or too much input waits to be taken."""
+        buf = self._buffer
+        tail = len(buf) - (buf.rfind(b"\n") + 1)
+        if tail and self._too_long(tail, buf):
+            raise ClientProtocolError("413", "line too long", "more than %d bytes without "
+                                      "a newline" % self.max_line_bytes)
+        if self.max_pending_bytes is not None and len(buf) > self.max_pending_bytes:
+            raise ClientProtocolError("413", "too much input at once", "more than %d bytes of "
+                                      "input waiting" % self.max_pending_bytes)
+        if self.text_only and _BINARY_BYTES.search(buf):
+            raise ClientProtocolError("400", "binary data, expected text lines", "binary data")
 
 
 # ---------------------------------------------------------------------------
 # Desktop client (no I/O): the watch protocol, event lines and hook commands
 # ---------------------------------------------------------------------------
-
-#: ``ctinotify watch`` waits 1, 2, 4 ... s, at most this long, between reconnects.
-WATCH_RECONNECT_MIN_S = 1.0
-WATCH_RECONNECT_MAX_S = 30.0
-WATCH_CONNECT_TIMEOUT_S = 10.0
-#: The longest a blocking read waits, so hooks are reaped and Ctrl-C is
-#: seen (on Windows a blocked recv() does not see it) this often.
-WATCH_TICK_S = 1.0
-#: A server silent this long is sent PING; no answer within the timeout
-#: means a dead connection (a laptop resumed, a NAT forgot the mapping).
-WATCH_PING_INTERVAL_S = 60.0
-WATCH_PONG_TIMEOUT_S = 15.0
-#: ``HISTORY <n>`` after login: the calls searched for missed ones.
-WATCH_HISTORY_CALLS = 20
-#: A server line (HISTORY records with a long path are the longest).
-MAX_WATCH_LINE_BYTES = 256 * 1024
-WATCH_RECV_BYTES = 64 * 1024
-#: Hook processes running at once; beyond it an event's hook is skipped.
-MAX_HOOK_PROCESSES = 8
-DEFAULT_WATCH_STATE = os.path.join("~", ".ctinotify-watch.json")
-#: Hangup reasons of a missed call (``direction = in``).
-MISSED_REASONS = ("noanswer", "cancelled", "busy", "answered_elsewhere")
-
-
-class WatchProtocolError(CtiError):
-    """The server ``watch`` connected to broke the client protocol."""
-
 
 class WatchSend:
     """A command line for the server."""
@@ -7348,6 +6433,1818 @@ class ExecHook:
 
 
 # ---------------------------------------------------------------------------
+# Replay (no I/O): a recorded trace through parser and engine
+# ---------------------------------------------------------------------------
+
+
+class TraceClock:
+    """The time of a recorded message, for replay.
+
+    With ``timestampevents = yes`` in manager.conf every event carries
+    ``Timestamp: <epoch>``; without it, the newest channel creation time
+    (a Uniqueid is ``epoch.seq``) is the best clock a recording has.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def observe(self, msg: AmiMessage) -> float:
+        stamp = sane_epoch(msg.get("Timestamp") or "")
+        if stamp is not None:
+            self.now = max(self.now, stamp)
+            return self.now
+        uniqueid = msg.get("Uniqueid")
+        if uniqueid:
+            epoch = uniqueid_epoch(uniqueid)
+            if epoch is not None and epoch > self.now:
+                self.now = epoch
+        return self.now
+
+
+def replay_trace(stream, users: Dict[str, UserConfig], chunk_bytes: int = 1 << 16,
+                 pbx: str = DEFAULT_PBX, tag: str = ""):
+    """Feed a recorded AMI byte stream through parser and engine; yield
+    ``(user, fields)`` for every notification a client of that user with
+    all its allowed kinds would receive.  ``pbx`` is the PBX it was
+    recorded on (for devices named ``NAME:...``); ``tag`` the ``pbx`` field
+    events carry when the configuration has several."""
+    engine = CallEngine(Directory(users.values(), pbx), tag)
+    clock = TraceClock()
+    first = stream.read(chunk_bytes)
+    parser = AmiParser(expect_banner=first.startswith(AMI_BANNER_PREFIX.encode()))
+    data = first
+    while data:
+        for msg in parser.feed(data):
+            for note in engine.handle(msg, clock.observe(msg)):
+                account = users.get(note.user)
+                if account is not None and note.kind in account.events:
+                    yield note.user, with_popup_url(note.fields, account)
+        for problem in parser.problems:
+            log.warning("replay: %s", problem)
+        parser.problems.clear()
+        data = stream.read(chunk_bytes)
+
+
+# ---------------------------------------------------------------------------
+# Event loop and I/O: from here on, sockets, clocks, files and signals
+# ---------------------------------------------------------------------------
+
+
+#: Socket options of every accepted client connection (those this
+#: platform has): no Nagle delay for small event lines, TCP keepalive to
+#: find peers that vanished without a FIN, and a bounded kernel send buffer.
+_CLIENT_SOCKOPTS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+                    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                    (socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF_BYTES)]
+for _name, _value in (("TCP_KEEPIDLE", CLIENT_KEEPALIVE_IDLE_S),
+                      ("TCP_KEEPINTVL", CLIENT_KEEPALIVE_INTERVAL_S),
+                      ("TCP_KEEPCNT", CLIENT_KEEPALIVE_PROBES)):
+    if hasattr(socket, _name):
+        _CLIENT_SOCKOPTS.append((socket.IPPROTO_TCP, getattr(socket, _name), _value))
+
+#: A non-blocking TLS socket that needs the peer (or the kernel) first:
+#: like BlockingIOError, not an error.
+_SSL_WOULD_BLOCK: tuple = ((ssl.SSLWantReadError, ssl.SSLWantWriteError)
+                           if ssl is not None else ())
+
+
+_WOULD_BLOCK = (BlockingIOError, InterruptedError) + _SSL_WOULD_BLOCK
+
+
+def send_some(sock: socket.socket, buf: bytearray) -> Optional[str]:
+    """Write what the socket takes now and drop it from ``buf``; the rest
+    waits for the next writable (CPython selector_events).  Returns why the
+    connection is broken, or None."""
+    try:
+        sent = sock.send(buf)
+    except _WOULD_BLOCK:
+        return None
+    except OSError as e:
+        return "write failed: %s" % _error_text(e)
+    del buf[:sent]
+    return None
+
+
+def recv_some(sock: socket.socket, size: int) -> Tuple[Optional[bytes], str]:
+    """``(data, "")``; ``(None, "")`` when nothing can be read now;
+    ``(b"", "")`` at the peer's end of stream; ``(None, why)`` when broken."""
+    try:
+        return sock.recv(size), ""
+    except _WOULD_BLOCK:
+        return None, ""
+    except OSError as e:
+        return None, "read failed: %s" % _error_text(e)
+
+
+def _error_text(error: Exception) -> str:
+    """A short reason for a socket or TLS error, for the log."""
+    if ssl is not None and isinstance(error, ssl.SSLCertVerificationError):
+        return "certificate verify failed: %s" % error.verify_message
+    if ssl is not None and isinstance(error, ssl.SSLError):
+        return error.reason or str(error)
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+# ---------------------------------------------------------------------------
+# I/O: the loop (selector, timers, clock)
+# ---------------------------------------------------------------------------
+
+
+class Timer:
+    """A call Timers will make at ``when`` (monotonic), unless cancelled."""
+
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback):  # type: ignore[no-untyped-def]
+        self.when = when
+        self.callback = callback
+        #: Cancelled, or made already: either way, it will not be made.
+        self.cancelled = False
+
+
+class Timers:
+    """Every deadline of the daemon in one heap (Redis' ae.c, asyncio's
+    ``_scheduled``): the nearest is the select timeout.  A cancelled timer
+    stays until it comes up, or until cancelled ones are most of the heap,
+    which is then rebuilt: memory follows the live timers, whatever a flood
+    of short connections leaves behind."""
+
+    #: Below this many cancelled timers the heap is never rebuilt.
+    COMPACT_AFTER = 256
+
+    def __init__(self) -> None:
+        self._heap: List[Tuple[float, int, Timer]] = []
+        self._seq = 0
+        self._cancelled = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def at(self, when: float, callback) -> Timer:  # type: ignore[no-untyped-def]
+        """Call ``callback(now)`` once ``when`` has come."""
+        timer = Timer(when, callback)
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, timer))
+        return timer
+
+    def cancel(self, timer: Optional[Timer]) -> None:
+        if timer is None or timer.cancelled:
+            return
+        timer.cancelled = True
+        self._cancelled += 1
+        if self._cancelled > self.COMPACT_AFTER and 2 * self._cancelled > len(self._heap):
+            self._heap = [entry for entry in self._heap if not entry[2].cancelled]
+            heapq.heapify(self._heap)
+            self._cancelled = 0
+
+    def next_due(self) -> Optional[float]:
+        heap = self._heap
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+            self._cancelled -= 1
+        return heap[0][0] if heap else None
+
+    def run_due(self, now: float) -> None:
+        """Make the calls due by ``now``; those they set for now or earlier
+        wait for the next pass, so no timer can hold the loop."""
+        heap = self._heap
+        due = []
+        while heap and heap[0][0] <= now:
+            timer = heapq.heappop(heap)[2]
+            if timer.cancelled:
+                self._cancelled -= 1
+            else:
+                timer.cancelled = True
+                due.append(timer)
+        for timer in due:
+            timer.callback(now)
+
+
+class Loop:
+    """What every connection and link shares: the selector, the timers, the
+    clock and a rate-limited log.  The clock is read once per pass, after
+    select: ``now`` (monotonic) for deadlines, ``wall`` for the times events
+    carry; everything done in one pass sees the same time."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.timers = Timers()
+        self.now = time.monotonic()
+        self.wall = time.time()
+        #: Repeated warnings: kind -> [when last logged, how many left out since].
+        self._repeats: Dict[str, List[float]] = {}
+
+    def tick(self) -> None:
+        self.now = time.monotonic()
+        self.wall = time.time()
+
+    def at(self, when: float, callback) -> Timer:  # type: ignore[no-untyped-def]
+        return self.timers.at(when, callback)
+
+    def run_once(self) -> None:
+        """Wait for sockets until the nearest timer, then serve them."""
+        due = self.timers.next_due()
+        ready = self.selector.select(None if due is None else max(0.0, due - self.now))
+        self.tick()
+        for key, mask in ready:
+            key.data(mask)  # the handler registered with the socket
+
+    def run_timers(self, now: Optional[float] = None) -> None:
+        if now is not None:
+            self.now = now
+        self.timers.run_due(self.now)
+
+    def forget(self, sock: socket.socket) -> None:
+        """Take a socket out of the selector, if it is in."""
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def close(self) -> None:
+        self.selector.close()
+
+    def log_repeated(self, kind: str, level: int, fmt: str, *args: object) -> None:
+        """Log at most once per LOG_REPEAT_INTERVAL_S per kind, so a flood
+        (of connections, of bad messages) cannot flood the log as well."""
+        now = self.now
+        entry = self._repeats.get(kind)
+        if entry is not None and now - entry[0] < LOG_REPEAT_INTERVAL_S:
+            entry[1] += 1
+            return
+        if entry is not None and entry[1]:
+            fmt += " (and %d more like it in the last %d s)"
+            args += (int(entry[1]), int(now - entry[0]))
+        if len(self._repeats) >= 256:
+            self._repeats.clear()  # kinds are few; this only bounds odd ones
+        self._repeats[kind] = [now, 0]
+        log.log(level, fmt, *args)
+
+
+# ---------------------------------------------------------------------------
+# I/O: client connections, the line protocol on them, the hub of them all
+# ---------------------------------------------------------------------------
+
+#: The states of a client connection, in the order it goes through them.
+CONN_HANDSHAKING = "handshaking"  # TLS, before anything else
+CONN_OPEN = "open"
+CONN_CLOSING = "closing"          # the last reply queued: write it, FIN, wait for the peer's
+CONN_CLOSED = "closed"
+
+
+class ClientConnection:
+    """One accepted client socket: its TLS handshake, its output buffer with
+    its limits, and a close that never leaves the peer without its last
+    reply (CPython's selector transports).  The protocol spoken on it is a
+    subclass (LineClient), which the listener names.
+
+    Each state has at most one deadline, ``deadline``, and ``_EXPIRED``
+    names what happens when it passes: a TLS handshake and a login must end
+    within ``login_timeout``; a closing connection waits ``linger_timeout``
+    at most.  Output past the hard limit, or over the soft one for too long,
+    marks the connection (``overflow``): the hub closes it in its flush
+    after the pass, never from inside a write or a delivery.
+    """
+
+    __slots__ = ("hub", "sock", "peer", "host", "host_key", "_tag", "tls", "state", "outbuf",
+                 "events", "closing", "close_level", "shut", "peer_eof", "overflow",
+                 "soft_since", "deadline", "_timer")
+
+    #: state -> the method called when its deadline passes.
+    _EXPIRED = {CONN_HANDSHAKING: "_handshake_expired", CONN_OPEN: "open_expired",
+                CONN_CLOSING: "_linger_expired"}
+
+    def __init__(self, hub: "ClientHub", sock: socket.socket, peer: Tuple, tls: bool):
+        self.hub = hub
+        self.sock = sock
+        self.peer = peer
+        self.host = peer[0] if peer else "?"
+        #: What per-address limits count this connection under (address_key).
+        self.host_key = address_key(self.host)
+        self._tag = "client %s:%s" % (self.host, peer[1] if peer else "?")
+        self.tls = tls
+        self.state = CONN_HANDSHAKING if tls else CONN_OPEN
+        self.outbuf = bytearray()
+        #: The selector events the socket is registered for (0: none).
+        self.events = 0
+        #: Once closing: why (for the log), and the level to log it at.
+        self.closing = ""
+        self.close_level = logging.INFO
+        #: Our side sent its FIN; the peer sent its own.
+        self.shut = False
+        self.peer_eof = False
+        #: Why the output went over a limit: it is closed after the pass.
+        self.overflow: Optional[str] = None
+        #: When the output buffer went over the soft limit (monotonic).
+        self.soft_since: Optional[float] = None
+        #: When this state's wait ends (monotonic); None: no limit.
+        self.deadline: Optional[float] = hub.loop.now + hub.config.login_timeout
+        self._timer: Optional[Timer] = None
+
+    @property
+    def tag(self) -> str:
+        """For log lines: ``client HOST:PORT`` (the protocol may say more)."""
+        return self._tag
+
+    @property
+    def closed(self) -> bool:
+        return self.state == CONN_CLOSED
+
+    @property
+    def user(self) -> Optional[UserConfig]:
+        """The account logged in on this connection: its events come here."""
+        return None
+
+    @property
+    def fmt(self) -> str:
+        """The format notifications and STATUS lines are sent in."""
+        return "text"
+
+    def wants(self, kind: str) -> bool:
+        """Whether a notification of this kind is for this connection."""
+        return False
+
+    # -- what a protocol overrides --------------------------------------------
+
+    def connection_made(self) -> None:
+        """The connection is open (after its TLS handshake)."""
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the peer, while open."""
+
+    def eof_received(self) -> None:
+        """The peer will send no more (it may still read): by default, close
+        once the output is written."""
+        self.finish("closed by the client")
+
+    def open_expired(self, now: float) -> None:
+        """The open state's deadline passed."""
+
+    def before_finish(self) -> None:
+        """The connection is about to close: queue what it still owes."""
+
+    def connection_lost(self) -> None:
+        """The socket is closed: drop what the protocol holds."""
+
+    # -- events from the loop -------------------------------------------------
+
+    def start(self) -> None:
+        """Registered with the selector: greet, or begin the TLS handshake."""
+        self.set_deadline(self.deadline)
+        if self.state == CONN_HANDSHAKING:
+            self._handshake()
+        else:
+            self.connection_made()
+
+    def on_ready(self, mask: int) -> None:
+        """The selector callback."""
+        if self.state == CONN_CLOSED:
+            return  # closed earlier in this same pass
+        try:
+            if self.state == CONN_HANDSHAKING:
+                self._handshake()
+                return
+            if mask & selectors.EVENT_WRITE:
+                self.send()
+            if mask & selectors.EVENT_READ and self.state != CONN_CLOSED:
+                self._read()
+        except Exception:
+            # Our bug: close this one connection, keep serving the others.
+            log.exception("%s: internal error, closing the connection", self.tag)
+            self.close("internal error", logging.ERROR)
+
+    def _handshake(self) -> None:
+        """One step of a server-side TLS handshake, never blocking."""
+        assert ssl is not None
+        try:
+            self.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self.watch(selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self.watch(selectors.EVENT_WRITE)
+            return
+        except (OSError, ValueError) as e:
+            self.close("TLS handshake failed: %s" % _error_text(e), logging.WARNING)
+            return
+        self.state = CONN_OPEN
+        log.debug("%s: TLS established (%s)", self.tag,
+                  self.sock.version())  # type: ignore[attr-defined]
+        self.connection_made()
+        self.watch()
+
+    def _read(self) -> None:
+        # A TLS socket may hold more decrypted bytes than one recv returns.
+        for _ in range(16):
+            data, broken = recv_some(self.sock, CLIENT_RECV_BYTES)
+            if broken:
+                self.close(broken)
+                return
+            if data is None:
+                return
+            if not data:
+                self.peer_eof = True
+                if self.state == CONN_OPEN:
+                    self.eof_received()  # answer what it sent, then close
+                elif self.shut or not self.outbuf:
+                    self.close(self.closing, self.close_level)
+                else:
+                    self.watch()  # write the rest, then close
+                return
+            if self.state == CONN_OPEN:
+                self.data_received(data)  # closing: discarded
+            if self.state == CONN_CLOSED or \
+                    not (self.tls and self.sock.pending()):  # type: ignore[attr-defined]
+                return
+
+    # -- deadlines -------------------------------------------------------------
+
+    def set_deadline(self, when: Optional[float]) -> None:
+        """This state's deadline (None: none); the timer follows."""
+        self.deadline = when
+        times = [t for t in (when, self._soft_deadline()) if t is not None]
+        due = min(times) if times else None
+        timer = self._timer
+        if timer is not None and not timer.cancelled and timer.when == due:
+            return
+        self.hub.loop.timers.cancel(timer)
+        self._timer = self.hub.loop.at(due, self._on_timer) if due is not None else None
+
+    def _soft_deadline(self) -> Optional[float]:
+        if self.soft_since is None or self.overflow is not None:
+            return None
+        return self.soft_since + self.hub.config.client_buffer_soft_seconds
+
+    def _on_timer(self, now: float) -> None:
+        if self.state == CONN_CLOSED:
+            return
+        try:
+            soft_deadline = self._soft_deadline()
+            if soft_deadline is not None and now >= soft_deadline:
+                cfg = self.hub.config
+                self.over_limit("output buffer over the soft limit of %d bytes for %g s: "
+                                "client not reading" % (cfg.client_buffer_soft,
+                                                        cfg.client_buffer_soft_seconds))
+            if self.deadline is not None and now >= self.deadline:
+                getattr(self, self._EXPIRED[self.state])(now)
+        except Exception:
+            log.exception("%s: internal error, closing the connection", self.tag)
+            self.close("internal error", logging.ERROR)
+        if self.state != CONN_CLOSED:
+            self.set_deadline(self.deadline)
+
+    def _handshake_expired(self, now: float) -> None:
+        self.close("no TLS handshake within %g s" % self.hub.config.login_timeout,
+                   logging.WARNING)
+
+    def _linger_expired(self, now: float) -> None:
+        self.close(self.closing, self.close_level)
+
+    # -- writing ---------------------------------------------------------------
+
+    def queue(self, data: bytes) -> None:
+        """Output for the next flush (nothing once closing or over a limit)."""
+        if self.state != CONN_OPEN or self.overflow is not None:
+            return
+        outbuf = self.outbuf
+        outbuf += data
+        self.hub.dirty.add(self)
+        size = len(outbuf)
+        cfg = self.hub.config
+        if size > cfg.client_buffer_hard:
+            self.over_limit("output buffer of %d bytes over the hard limit of %d: "
+                            "client not reading" % (size, cfg.client_buffer_hard))
+        elif cfg.client_buffer_soft and size > cfg.client_buffer_soft and \
+                self.soft_since is None:
+            self.soft_since = self.hub.loop.now
+            self.set_deadline(self.deadline)
+
+    def over_limit(self, reason: str) -> None:
+        """Mark the connection over an output limit; the flush after this
+        pass closes it.  Marking, not closing, keeps every loop over the
+        clients (a delivery, a status broadcast) safe from a set changing
+        under it."""
+        if self.overflow is None:
+            self.overflow = reason
+            self.outbuf.clear()
+            self.hub.dirty.add(self)
+
+    def flush(self) -> None:
+        """Once per pass, before the loop sleeps: write, or close if over a limit."""
+        if self.state == CONN_CLOSED:
+            return
+        if self.overflow is not None:
+            self.close(self.overflow, logging.WARNING)
+        else:
+            self.send()
+
+    def send(self) -> None:
+        if self.state in (CONN_CLOSED, CONN_HANDSHAKING):
+            return
+        if self.outbuf:
+            broken = send_some(self.sock, self.outbuf)
+            if broken:
+                self.close(broken)
+                return
+        if self.soft_since is not None and len(self.outbuf) <= self.hub.config.client_buffer_soft:
+            self.soft_since = None  # its timer finds nothing to do
+        if self.state == CONN_CLOSING and not self.outbuf:
+            self._shut()
+            if self.state == CONN_CLOSED:
+                return
+        self.watch()
+
+    def watch(self, events: Optional[int] = None) -> None:
+        """Register for what the connection waits for now: reading unless
+        the peer is done, writing while output waits."""
+        if events is None:
+            events = (0 if self.peer_eof else selectors.EVENT_READ) | \
+                (selectors.EVENT_WRITE if self.outbuf else 0)
+        if events == self.events:
+            return
+        selector = self.hub.loop.selector
+        # Nothing to wait for (the peer closed its side, a failed-login
+        # reply is held back): out of the selector, or EOF would wake it.
+        if not events:
+            selector.unregister(self.sock)
+        elif not self.events:
+            selector.register(self.sock, events, self.on_ready)
+        else:
+            selector.modify(self.sock, events, self.on_ready)
+        self.events = events
+
+    # -- closing ----------------------------------------------------------------
+
+    def finish(self, reason: str, reply: bytes = b"", level: int = logging.INFO) -> None:
+        """Send a last reply, then close: never leave a peer hanging.
+
+        The close waits until the reply is written, sends a FIN and reads
+        (discarding) until the peer's FIN, at most ``linger_timeout``:
+        closing at once with input unread would reset the connection and
+        could destroy the reply before the peer reads it."""
+        if self.state == CONN_HANDSHAKING:
+            self.close(reason, level)
+            return
+        if self.state != CONN_OPEN:
+            return
+        self.before_finish()
+        if reply:
+            self.queue(reply)
+        self.state = CONN_CLOSING
+        self.closing = reason
+        self.close_level = level
+        self.set_deadline(self.hub.loop.now + self.hub.config.linger_timeout)
+        self.hub.dirty.add(self)
+
+    def _shut(self) -> None:
+        """The last reply is out: send our FIN, wait for the peer's."""
+        if self.shut:
+            return
+        self.shut = True
+        if self.peer_eof or self.tls:
+            # The peer is done already; or TLS, where a half-close would
+            # leave the TLS layer behind: close now.
+            self.close(self.closing, self.close_level)
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close(self.closing, self.close_level)
+
+    def close(self, reason: str, level: int = logging.INFO) -> None:
+        if self.state == CONN_CLOSED:
+            return
+        self.state = CONN_CLOSED
+        self.log_close(reason, level)
+        self.hub.forget(self)
+        self.hub.loop.timers.cancel(self._timer)
+        self._timer = None
+        self.hub.loop.forget(self.sock)
+        self.sock.close()
+        self.outbuf.clear()
+        self.connection_lost()
+
+    def log_close(self, reason: str, level: int) -> None:
+        if level >= logging.WARNING:
+            # Misbehaviour before a login: logged, but at most once per
+            # interval for each reason, whoever floods us with it.
+            self.hub.loop.log_repeated("close: " + reason, level, "%s: disconnected: %s",
+                                       self.tag, reason)
+        else:
+            log.debug("%s: disconnected: %s", self.tag, reason)
+
+
+class LineClient(ClientConnection):
+    """The line protocol on a client connection: a LineFramer in, the
+    ClientSession's replies out.  The reply to a failed login is held back
+    for the throttle's delay (the connection's further input waits, the
+    other clients do not); once logged in, the user's notifications and
+    STATUS lines follow.  Until then only replies are sent, and a login
+    must come within ``login_timeout``."""
+
+    __slots__ = ("session", "framer", "login_by", "hold_until", "held")
+
+    def __init__(self, hub: "ClientHub", sock: socket.socket, peer: Tuple, tls: bool):
+        super().__init__(hub, sock, peer, tls)
+        self.session = ClientSession(self.host, tag=self._tag)
+        self.framer = LineFramer(MAX_CLIENT_LINE_BYTES, MAX_CLIENT_PENDING_INPUT_BYTES)
+        # Junk before a login closes the connection (README, Security).
+        self.framer.text_only = True
+        #: No login by then: ERR 408, closed (monotonic).
+        self.login_by = self.deadline
+        #: The reply to a failed login is held back until then (monotonic).
+        self.hold_until: Optional[float] = None
+        self.held: List[bytes] = []
+
+    @property
+    def tag(self) -> str:
+        return self.session.tag
+
+    @property
+    def user(self) -> Optional[UserConfig]:
+        return self.session.user
+
+    @property
+    def fmt(self) -> str:
+        """The notification format: ``text`` or ``json``."""
+        return self.session.fmt
+
+    def wants(self, kind: str) -> bool:
+        return kind in self.session.kinds
+
+    def connection_made(self) -> None:
+        # DEBUG until it logs in: anyone can connect, so connections must
+        # not be able to flood the log.
+        log.debug("%s: connected%s", self.tag, " (TLS)" if self.tls else "")
+        self.queue((ClientSession.greeting() + "\r\n").encode("utf-8"))
+
+    def data_received(self, data: bytes) -> None:
+        self.framer.receive_data(data)
+        self._process_input()
+
+    def eof_received(self) -> None:
+        if self.hold_until is not None:
+            self.watch()  # _release answers the rest, then closes
+        else:
+            self.finish("closed by the client")
+
+    def _process_input(self) -> None:
+        """Run the complete lines received, unless a reply is held back."""
+        try:
+            while self.state == CONN_OPEN and self.hold_until is None:
+                line = self.framer.next_line()
+                if line is None:
+                    break
+                self._line(line)
+            if self.state == CONN_OPEN:
+                self.framer.check()
+        except ClientProtocolError as e:
+            self.finish(e.reason, ("ERR %s %s\r\n" % (e.code, e.text)).encode("utf-8"),
+                        logging.WARNING)
+
+    def _line(self, text: str) -> None:
+        session = self.session
+        was_user = session.user
+        failures = session.failed_logins
+        replies = [(reply.replace("\r", " ").replace("\n", " ") + "\r\n").encode("utf-8")
+                   for reply in session.handle_line(text, self.hub.view)]
+        if session.failed_logins > failures and self._hold(replies):
+            return
+        for data in replies:
+            self.queue(data)
+        if session.user is not None and was_user is None:
+            self.framer.text_only = False
+            self.hub.throttle.account_succeeded(session.user.name, self.host_key)
+            self.hub.subscribe(self, session.user.name)
+            for fields in self.hub.view.pbx_statuses():
+                self.queue(encode_status(fields, session.fmt))
+            self._update_deadline()
+        if session.closing:
+            self.finish(session.close_reason)
+
+    def _hold(self, replies: List[bytes]) -> bool:
+        """A failed login: the throttle's verdict.  True if the replies are
+        held back (they wait in the loop, never in a sleep)."""
+        throttle, now = self.hub.throttle, self.hub.loop.now
+        name = self.session.failed_as[:64]
+        pause = throttle.account_failed(name, now)
+        if pause:
+            self.hub.loop.log_repeated("account " + name, logging.WARNING,
+                                       "%s: logins as %r held back %g s: more than %d failed "
+                                       "logins as it lately", self.tag, name, pause,
+                                       LOGIN_ACCOUNT_FREE)
+        delay, blocked = throttle.failed(self.host_key, now)
+        if blocked:
+            log.warning("client %s: logins from %s blocked for %g s after %d failed logins",
+                        self.host, self.host_key, throttle.block_s, throttle.block_after)
+            self.session.request_close("logins from the address blocked")
+        if delay <= 0:
+            return False
+        log.debug("%s: reply to the failed login delayed %g s", self.tag, delay)
+        self.hold_until = now + delay
+        self.held.extend(replies)
+        self._update_deadline()
+        return True
+
+    def _release(self) -> None:
+        """A held failed-login reply is due: send it, go on with the input."""
+        self.hold_until = None
+        held, self.held = self.held, []
+        for data in held:
+            self.queue(data)
+        if self.session.closing:
+            self.finish(self.session.close_reason)
+            return
+        self._update_deadline()
+        self._process_input()
+        if self.peer_eof and self.hold_until is None:
+            self.finish("closed by the client")
+        else:
+            self.watch()
+
+    def _update_deadline(self) -> None:
+        if self.state != CONN_OPEN:
+            return
+        times = [t for t in (self.login_by if self.session.user is None else None,
+                             self.hold_until) if t is not None]
+        self.set_deadline(min(times) if times else None)
+
+    def open_expired(self, now: float) -> None:
+        if self.hold_until is not None and now >= self.hold_until:
+            self._release()
+        if self.state == CONN_OPEN and self.session.user is None and self.login_by <= now:
+            self.finish("no login within %g s" % self.hub.config.login_timeout,
+                        b"ERR 408 login timeout\r\n")
+
+    def before_finish(self) -> None:
+        held, self.held, self.hold_until = self.held, [], None
+        for data in held:
+            self.queue(data)
+        self.framer.clear()
+
+    def end_session(self, reason: str) -> None:
+        """Close a logged-in session, telling the client why first."""
+        fields: Dict[str, object] = {"session": "closed", "reason": reason,
+                                     "time": iso_time(self.hub.loop.wall)}
+        self.finish(reason, encode_status(fields, self.session.fmt))
+
+    def account_changed(self, users: Dict[str, UserConfig]) -> None:
+        """A reload: the session goes on with its account as it is now, or
+        ends if the account is gone, its secret changed or its address is
+        no longer allowed."""
+        account = self.session.user
+        if account is None or self.state != CONN_OPEN:
+            return
+        fresh = users.get(account.name)
+        if fresh is None:
+            self.end_session("account removed by reload")
+        elif fresh.secret != account.secret:
+            self.end_session("secret changed by reload")
+        elif not fresh.host_allowed(self.host):
+            self.end_session("address no longer allowed by host= after reload")
+        else:
+            self.session.account_changed(fresh)
+
+    def log_close(self, reason: str, level: int) -> None:
+        if self.session.user is not None:
+            log.log(level, "%s: disconnected: %s", self.tag, reason)
+        else:
+            super().log_close(reason, level)
+
+    def connection_lost(self) -> None:
+        self.framer.clear()
+        self.held.clear()
+
+
+class Listener:
+    """A listening socket, and the protocol its connections speak: the
+    ClientConnection subclass made for each, in plain text or TLS."""
+
+    __slots__ = ("sock", "tls", "protocol")
+
+    def __init__(self, sock: socket.socket, tls: bool, protocol: type):
+        self.sock = sock
+        self.tls = tls
+        self.protocol = protocol
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+
+class ClientHub:
+    """Every client connection: the listeners and the limits on accepting
+    (connections in total and per address, blocked addresses), the users'
+    subscriptions, delivery of notifications and STATUS lines, and the one
+    flush per pass that writes all output before the loop sleeps."""
+
+    def __init__(self, loop: Loop, config: Config, view: "DaemonView"):
+        self.loop = loop
+        self.config = config
+        #: What client sessions may ask of the daemon.
+        self.view = view
+        self.tls_context = config.tls_context
+        self.listeners: List[Listener] = []
+        self.clients: Set[ClientConnection] = set()
+        #: Open connections per address_key(), for max_clients_per_host.
+        self.per_host: Dict[str, int] = {}
+        #: The logged-in connections of each user: where their events go.
+        self.subscribers: Dict[str, Set[ClientConnection]] = {}
+        #: Connections with output (or a close) for the flush.
+        self.dirty: Set[ClientConnection] = set()
+        self.throttle = LoginThrottle(config.login_fail_delay, config.login_block_after,
+                                      config.login_block_seconds)
+        self._resume_timer: Optional[Timer] = None
+
+    # -- listening and accepting ------------------------------------------------
+
+    def listen(self, port: int, tls: bool, protocol: Optional[type] = None) -> Listener:
+        """Bind a client port (may raise OSError); its connections speak
+        ``protocol`` (LineClient unless said otherwise)."""
+        if tls and self.tls_context is None:
+            self.tls_context = server_tls_context(self.config.tls_cert,
+                                                  self.config.tls_key or None)
+        bind = self.config.bind
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and bind == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((bind, port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as e:
+            sock.close()
+            log.error("cannot listen on %s port %d: %s", bind, port, _error_text(e))
+            raise
+        sock.setblocking(False)
+        listener = Listener(sock, tls, protocol or LineClient)
+        self.listeners.append(listener)
+        self._watch_listener(listener)
+        host, real_port = listener.address
+        log.info("ctinotify %s listening for %sclients on %s port %d",
+                 __version__, "TLS " if tls else "", host, real_port)
+        return listener
+
+    def _watch_listener(self, listener: Listener) -> None:
+        self.loop.selector.register(listener.sock, selectors.EVENT_READ,
+                                    functools.partial(self._on_accept, listener))
+
+    def close_listeners(self) -> None:
+        for listener in self.listeners:
+            self.loop.forget(listener.sock)  # accepting may be paused
+            listener.sock.close()
+        self.listeners = []
+
+    def _on_accept(self, listener: Listener, mask: int) -> None:
+        for _ in range(ACCEPT_BURST):  # a burst, then let the others have the loop
+            try:
+                sock, peer = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(e)
+                else:
+                    log.warning("accept failed: %s", _error_text(e))
+                return
+            try:
+                self._accept(listener, sock, peer)
+            except Exception:
+                log.exception("accepting a connection from %s failed", peer)
+                sock.close()
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """Out of descriptors: the listener stays readable, so stop watching
+        it for a moment rather than spin (asyncio's selector_events does too)."""
+        log.error("accept failed: %s; not accepting connections for %g s",
+                  _error_text(error), ACCEPT_PAUSE_S)
+        for listener in self.listeners:
+            self.loop.forget(listener.sock)
+        self._resume_timer = self.loop.at(self.loop.now + ACCEPT_PAUSE_S, self._resume_accepting)
+
+    def _resume_accepting(self, now: float) -> None:
+        self._resume_timer = None
+        for listener in self.listeners:
+            self._watch_listener(listener)
+        log.info("accepting connections again")
+
+    def _refusal(self, key: str) -> Optional[Tuple[str, bytes, str]]:
+        """Why a new connection from ``key`` is refused: (kind, reply, why)."""
+        cfg = self.config
+        if len(self.clients) >= cfg.max_clients:
+            return ("max_clients", b"ERR 503 too many connections, try again later\r\n",
+                    "%d connections already (max_clients)" % len(self.clients))
+        if self.per_host.get(key, 0) >= cfg.max_clients_per_host:
+            return ("max_clients_per_host", b"ERR 503 too many connections from your address\r\n",
+                    "%d connections from %s already (max_clients_per_host)"
+                    % (self.per_host[key], key))
+        blocked = self.throttle.blocked_for(key, self.loop.now)
+        if blocked:
+            return ("blocked", b"ERR 429 too many failed logins from your address, "
+                    b"try again later\r\n",
+                    "logins from %s blocked for %d more s" % (key, int(blocked) + 1))
+        return None
+
+    def _accept(self, listener: Listener, sock: socket.socket, peer: Tuple) -> None:
+        host = peer[0] if peer else "?"
+        key = address_key(host)
+        refusal = self._refusal(key)
+        if refusal is not None:
+            kind, reply, why = refusal
+            self.loop.log_repeated(kind, logging.WARNING, "client %s:%s: refused: %s",
+                                   host, peer[1] if peer else "?", why)
+            if not listener.tls:  # a fresh socket: one short send cannot block
+                try:
+                    sock.setblocking(False)
+                    sock.send(reply)
+                except OSError:
+                    pass
+            sock.close()
+            return
+        sock.setblocking(False)
+        for level, option, value in _CLIENT_SOCKOPTS:
+            try:
+                sock.setsockopt(level, option, value)
+            except OSError:
+                pass
+        if listener.tls:
+            assert self.tls_context is not None
+            try:
+                sock = self.tls_context.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
+            except (OSError, ValueError) as e:
+                log.warning("client %s: TLS setup failed: %s", host, _error_text(e))
+                sock.close()
+                return
+        conn = listener.protocol(self, sock, peer, listener.tls)
+        self.clients.add(conn)
+        self.per_host[key] = self.per_host.get(key, 0) + 1
+        try:
+            conn.watch(selectors.EVENT_READ)
+            conn.start()
+        except Exception:
+            # Our bug: this connection only, and nothing of it left behind.
+            log.exception("%s: internal error, closing the connection", conn.tag)
+            conn.close("internal error", logging.ERROR)
+
+    # -- who gets what ------------------------------------------------------------
+
+    def subscribe(self, conn: ClientConnection, user: str) -> None:
+        """``conn`` is logged in as ``user``: their notifications go to it."""
+        self.subscribers.setdefault(user, set()).add(conn)
+
+    def forget(self, conn: ClientConnection) -> None:
+        """A closed connection leaves every count and subscription."""
+        self.clients.discard(conn)
+        count = self.per_host.get(conn.host_key, 0) - 1
+        if count > 0:
+            self.per_host[conn.host_key] = count
+        else:
+            self.per_host.pop(conn.host_key, None)
+        user = conn.user
+        if user is not None:
+            conns = self.subscribers.get(user.name)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self.subscribers[user.name]
+
+    def deliver(self, notifications: List[Notification]) -> None:
+        """Each notification to the connections of its user that want its kind."""
+        for note in notifications:
+            conns = self.subscribers.get(note.user)
+            if not conns:
+                continue
+            # The same for every session of the user, so encoded once per format.
+            fields = with_popup_url(note.fields, self.config.users.get(note.user))
+            encoded: Dict[str, bytes] = {}
+            for conn in conns:
+                if not conn.wants(note.kind):
+                    continue
+                fmt = conn.fmt
+                data = encoded.get(fmt)
+                if data is None:
+                    data = encoded[fmt] = encode_notification(fields, fmt)
+                conn.queue(data)
+
+    def broadcast_status(self, fields: Dict[str, object]) -> None:
+        """A STATUS line to every logged-in connection."""
+        encoded: Dict[str, bytes] = {}
+        for conns in self.subscribers.values():
+            for conn in conns:
+                fmt = conn.fmt
+                if fmt not in encoded:
+                    encoded[fmt] = encode_status(fields, fmt)
+                conn.queue(encoded[fmt])
+
+    def flush(self) -> None:
+        """Write every connection's output: once per pass, before the sleep."""
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:
+            conn.flush()
+
+    # -- reload and shutdown --------------------------------------------------
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: new limits for everyone, and every session checked
+        against its account as it is now (bind and ports stay)."""
+        self.config = config
+        if config.tls_context is not None and self.tls_context is not None:
+            self.tls_context = config.tls_context  # a renewed certificate, for new connections
+        self.throttle.configure(config.login_fail_delay, config.login_block_after,
+                                config.login_block_seconds)
+        for conn in list(self.clients):
+            if isinstance(conn, LineClient):
+                conn.account_changed(config.users)
+
+    def close_all(self, reason: str) -> None:
+        """Shutdown: a last STATUS line to the logged-in, then every
+        connection closed."""
+        stopping = {"server": "stopping", "time": iso_time(self.loop.wall)}
+        for conn in list(self.clients):
+            if conn.user is not None:
+                conn.queue(encode_status(stopping, conn.fmt))
+            conn.send()
+            conn.close(reason)
+        self.loop.timers.cancel(self._resume_timer)
+        self.close_listeners()
+
+
+# ---------------------------------------------------------------------------
+# I/O: the link to each Asterisk
+# ---------------------------------------------------------------------------
+
+def ami_session(config: AmiConfig, now: float) -> AmiSession:
+    """A fresh AmiSession for a new connection to this PBX."""
+    return AmiSession(config.username, config.secret, config.auth, now,
+                      ping_interval=config.ping_interval, login_timeout=config.login_timeout,
+                      ping_timeout=config.ping_timeout)
+
+
+def resolve(host: str, port: int) -> Tuple[int, tuple]:
+    """(family, sockaddr) of host:port.  For a name, run only before the loop
+    starts or on reload, never per connect: a DNS lookup would block every
+    client."""
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    family, _type, _proto, _name, sockaddr = infos[0]
+    return family, sockaddr
+
+
+#: The states of an AMI link.
+LINK_IDLE = "idle"                # waiting to (re)connect
+LINK_CONNECTING = "connecting"    # a non-blocking connect() under way
+LINK_HANDSHAKING = "handshaking"  # TLS ([ami] tls = yes)
+LINK_LOGIN = "login"              # connected: banner, Challenge, Login
+LINK_RESYNC = "resync"            # logged in: the channel list is coming
+LINK_UP = "up"                    # following the calls
+
+#: What bounds a state of an AMI link: the [ami] key of its timeout, and
+#: why the link is dropped when it passes.  Idle waits for its reconnect
+#: time instead; from login on, the AmiSession's deadlines (banner and
+#: login, Ping answers) bound the link as well.
+LINK_TIMEOUTS = {
+    LINK_CONNECTING: ("connect_timeout", "no connection within %g s"),
+    LINK_HANDSHAKING: ("connect_timeout", "no TLS handshake within %g s"),
+    LINK_RESYNC: ("resync_timeout", "no end of the channel list within %g s"),
+}
+
+
+class AmiLink:
+    """One PBX: the socket to its Asterisk, the AmiSession on it, the
+    reconnect schedule, and the CallEngine that follows its calls.
+
+    Bytes from Asterisk go through the session into the engine; the
+    engine's notifications, and the link going up and down, go to the
+    daemon (``owner.deliver``, ``owner.link_status``).  ``send_action``
+    sends an action and routes its response (and a list's events) to
+    whoever asked, by ActionID.  After a login the link resynchronises:
+    CoreShowChannels tells the engine which calls went on meanwhile.
+    """
+
+    def __init__(self, loop: Loop, owner: "Daemon", config: AmiConfig,
+                 tls_context: Optional["ssl.SSLContext"], engine: CallEngine):
+        self.loop = loop
+        self.owner = owner
+        self.config = config
+        #: For ``[ami] tls = yes``: built with the configuration.
+        self.tls_context = tls_context
+        self.engine = engine
+        self.state = LINK_IDLE
+        #: When this state's timeout passes (LINK_TIMEOUTS), monotonic.
+        self.state_deadline: Optional[float] = None
+        #: Logged in, as the clients were last told.
+        self.up = False
+        #: When calls kept across a lost link are given up (monotonic).
+        self.stale_deadline: Optional[float] = None
+        self.sock: Optional[socket.socket] = None
+        self.session: Optional[AmiSession] = None
+        self.outbuf = bytearray()
+        self.backoff = AMI_RECONNECT_MIN_S
+        self.next_attempt = loop.now
+        self.address: Optional[Tuple[int, tuple]] = None
+        #: ActionID -> who waits for the response (send_action).
+        self._replies: Dict[str, object] = {}
+        self._timer: Optional[Timer] = None
+        self._rearm()
+
+    @property
+    def tag(self) -> str:
+        """For log lines: ``ami``, or ``ami:NAME`` for a further PBX."""
+        return "ami" if self.config.name == DEFAULT_PBX else "ami:" + self.config.name
+
+    # -- actions ---------------------------------------------------------------
+
+    def send_action(self, action: str, fields: Iterable[Tuple[str, str]] = (),
+                    on_reply=None) -> Optional[str]:  # type: ignore[no-untyped-def]
+        """Send an action to this Asterisk now.  Its response, and for a
+        list action every event of the list up to its end, go to
+        ``on_reply(msg)`` (and to the engine, as all messages do);
+        ``on_reply(None)`` if the link goes down first.  Returns the
+        ActionID, or None when the link is not logged in."""
+        session = self.session
+        if session is None or not session.logged_in:
+            return None
+        action_id = session.send_action(action, fields)
+        if on_reply is not None:
+            self._replies[action_id] = on_reply
+        self._write()
+        return action_id
+
+    @staticmethod
+    def _reply_done(msg: AmiMessage) -> bool:
+        """Whether ``msg`` is the last message of its action's answer."""
+        listing = msg.get("EventList", "").lower()
+        if "Event" in msg:
+            return listing in ("complete", "cancelled")
+        return listing != "start"
+
+    # -- the state and its deadline ----------------------------------------------
+
+    def _enter(self, state: str) -> None:
+        self.state = state
+        timeout = LINK_TIMEOUTS.get(state)
+        self.state_deadline = (self.loop.now + getattr(self.config, timeout[0])
+                               if timeout is not None else None)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """One timer for the nearest of the link's deadlines."""
+        times = [self.stale_deadline]
+        if self.state == LINK_IDLE:
+            times.append(self.next_attempt)
+        times.append(self.state_deadline)
+        if self.session is not None:
+            times.append(self.session.next_deadline())
+        due = min((t for t in times if t is not None), default=None)
+        timer = self._timer
+        if timer is not None and not timer.cancelled and timer.when == due:
+            return
+        self.loop.timers.cancel(timer)
+        self._timer = self.loop.at(due, self._on_timer) if due is not None else None
+
+    def _on_timer(self, now: float) -> None:
+        try:
+            self._deadlines(now)
+        except Exception:
+            log.exception("%s: internal error; dropping the link", self.tag)
+            self.lost("internal error")
+        self._rearm()
+
+    def _deadlines(self, now: float) -> None:
+        if self.state == LINK_IDLE:
+            if now >= self.next_attempt:
+                self._connect(now)
+        elif self.state_deadline is not None and now >= self.state_deadline:
+            key, why = LINK_TIMEOUTS[self.state]
+            self.lost(why % getattr(self.config, key))
+        elif self.session is not None:
+            reason = self.session.poll(now)
+            if reason:
+                self.lost(reason)
+            else:
+                self._write()
+        if self.stale_deadline is not None and now >= self.stale_deadline:
+            grace = self.config.resync_grace
+            if self.state == LINK_RESYNC:
+                # The rest of this list would land on calls ended below: start over.
+                self.lost("no resync within %g s of losing the link" % grace)
+            self.stale_deadline = None
+            log.warning("%s: no link and resync for %g s: ending the calls it had in "
+                        "progress", self.tag, grace)
+            self.owner.deliver(self.engine.link_lost(self.loop.wall))
+
+    # -- connecting --------------------------------------------------------------
+
+    def resolve(self) -> None:
+        """Look the host up: at start and on reload only, never in the loop."""
+        cfg = self.config
+        try:
+            self.address = resolve(cfg.host, cfg.port)
+        except (OSError, UnicodeError, ValueError) as e:  # idna rejects some names
+            self.address = None
+            log.error("%s: cannot resolve %s: %s", self.tag, cfg.host, e)
+
+    def _connect(self, now: float) -> None:
+        if self.address is None:
+            if not is_ip_address(self.config.host):
+                # A name is looked up at start and on reload only: DNS must
+                # never hold the loop (and every client) up.
+                self.lost("cannot resolve %s; fix DNS and send SIGHUP, or use an IP "
+                          "address" % self.config.host)
+                return
+            self.resolve()
+        if self.address is None:
+            self.lost("no address for %s" % self.config.host)
+            return
+        family, sockaddr = self.address
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # out of file descriptors, say
+            self.lost("cannot open a socket: %s" % _error_text(e))
+            return
+        sock.setblocking(False)
+        err = sock.connect_ex(sockaddr)
+        self.sock = sock
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            self.lost("connect to %s port %d failed: %s"
+                      % (self.config.host, self.config.port, os.strerror(err)))
+            return
+        self.loop.selector.register(sock, selectors.EVENT_WRITE, self.on_ready)
+        self._enter(LINK_CONNECTING)
+        log.debug("%s: connecting to %s port %d", self.tag, self.config.host, self.config.port)
+
+    def on_ready(self, mask: int) -> None:
+        """The selector callback."""
+        try:
+            self._ready(mask)
+        except Exception:
+            # Our bug, not Asterisk's: drop this link, keep serving.
+            log.exception("%s: internal error; dropping the link", self.tag)
+            self.lost("internal error")
+        self._rearm()
+
+    def _ready(self, mask: int) -> None:
+        sock = self.sock
+        assert sock is not None
+        if self.state == LINK_CONNECTING:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.lost("connect to %s port %d failed: %s"
+                          % (self.config.host, self.config.port, os.strerror(err)))
+            elif self.config.tls:
+                self._start_tls(sock)
+            else:
+                self._connected()
+            return
+        if self.state == LINK_HANDSHAKING:
+            self._handshake()
+            return
+        if mask & selectors.EVENT_READ:
+            self._read(sock)
+        if mask & selectors.EVENT_WRITE and self.sock is sock:
+            self._write()
+
+    def _start_tls(self, sock: socket.socket) -> None:
+        if self.tls_context is None:
+            self.lost("tls = yes, but no TLS context could be made")
+            return
+        self.loop.selector.unregister(sock)
+        try:
+            # The handshake runs in the loop (do_handshake_on_connect=False),
+            # so a slow or silent Asterisk cannot stall the clients.
+            self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.config.host,
+                                                     do_handshake_on_connect=False)
+        except (OSError, ValueError) as e:
+            self.sock = sock
+            self.loop.selector.register(sock, selectors.EVENT_READ, self.on_ready)
+            self.lost("TLS setup failed: %s" % _error_text(e))
+            return
+        self.loop.selector.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                    self.on_ready)
+        self._enter(LINK_HANDSHAKING)
+        self._handshake()
+
+    def _handshake(self) -> None:
+        sock = self.sock
+        assert sock is not None and ssl is not None
+        try:
+            sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self.loop.selector.modify(sock, selectors.EVENT_READ, self.on_ready)
+            return
+        except ssl.SSLWantWriteError:
+            self.loop.selector.modify(sock, selectors.EVENT_WRITE, self.on_ready)
+            return
+        except (OSError, ValueError) as e:
+            self.lost("TLS handshake with %s failed: %s" % (self.config.host, _error_text(e)))
+            return
+        log.info("%s: TLS established with %s (%s)", self.tag, self.config.host,
+                 sock.version())  # type: ignore[attr-defined]
+        self._connected()
+
+    def _connected(self) -> None:
+        assert self.sock is not None
+        cfg = self.config
+        self.session = ami_session(cfg, self.loop.now)
+        self.loop.selector.modify(self.sock, selectors.EVENT_READ, self.on_ready)
+        self._enter(LINK_LOGIN)
+        log.info("%s: connected to %s port %d", self.tag, cfg.host, cfg.port)
+
+    # -- reading -------------------------------------------------------------------
+
+    def _read(self, sock: socket.socket) -> None:
+        # A TLS socket may hold decrypted bytes the selector cannot see.
+        for _ in range(64):
+            data, broken = recv_some(sock, AMI_RECV_BYTES)
+            if broken:
+                self.lost(broken)
+                return
+            if data is None:
+                break
+            if not data:
+                self.lost("connection closed by Asterisk")
+                return
+            if not self._receive(data) or self.sock is not sock:
+                return
+            if not (self.config.tls and sock.pending()):  # type: ignore[attr-defined]
+                break
+        self._write()
+
+    def _receive(self, data: bytes) -> bool:
+        """Bytes from Asterisk through the session into the engine; False
+        once the link was dropped."""
+        session = self.session
+        assert session is not None
+        try:
+            items = session.receive_data(data, self.loop.now)
+        except AmiProtocolError as e:
+            self.lost(str(e))
+            return False
+        for problem in session.parser.problems:
+            log.warning("%s: %s", self.tag, problem)
+        session.parser.problems.clear()
+        for item in items:
+            if isinstance(item, AmiMessage):
+                self._message(item)
+            elif isinstance(item, AmiLoggedIn):
+                self.backoff = AMI_RECONNECT_MIN_S
+                log.info("%s: logged in as %s (%s)", self.tag, self.config.username, item.banner)
+                self._set_up(True, "")
+                self._start_resync()
+            elif isinstance(item, AmiLoginFailed):
+                self.lost("login as %s refused by Asterisk: %s"
+                          % (self.config.username, item.reason))
+            if self.session is not session:
+                return False  # dropped meanwhile
+        return True
+
+    def _message(self, msg: AmiMessage) -> None:
+        event = msg.get("Event")
+        if event == "Shutdown":
+            self.lost("Asterisk is shutting down (%s)" % msg.get("Shutdown", "?"))
+            return
+        action_id = msg.get("ActionID") if self._replies else None
+        on_reply = self._replies.get(action_id) if action_id is not None else None
+        if on_reply is not None:
+            if self._reply_done(msg):
+                del self._replies[action_id]  # type: ignore[arg-type]
+            on_reply(msg)  # type: ignore[operator]
+        elif event is None:
+            if msg.get("Response") == "Error":
+                self.loop.log_repeated("ami-error", logging.WARNING,
+                                       "%s: Asterisk refused an action: %r", self.tag,
+                                       msg.get("Message", "")[:200])
+            elif "Response" not in msg:
+                self.loop.log_repeated("ami-junk", logging.WARNING,
+                                       "%s: ignored a message that is neither an event nor a "
+                                       "response: %.200r", self.tag, dict(msg) or msg.body)
+                return
+        try:
+            notifications = self.engine.handle(msg, self.loop.wall)
+        except Exception:
+            # Our bug, not Asterisk's: skip the message, keep the link.
+            log.exception("engine failed on a %.40r event; skipped it", msg.get("Event"))
+            return
+        if notifications:
+            self.owner.deliver(notifications)
+
+    def _start_resync(self) -> None:
+        """Calls may have started or ended while we were away: ask for every
+        channel, and for queue members (queue events need membership).  The
+        calls kept since the link was lost stay on their grace time until
+        the list has ended: a list that never does must not keep them."""
+        self._enter(LINK_RESYNC)
+        self.engine.begin_resync()
+        self.send_action("CoreShowChannels", on_reply=self._resync_reply)
+        self.send_action("QueueStatus")
+
+    def _resync_reply(self, msg: Optional[AmiMessage]) -> None:
+        if msg is None:
+            return  # the link went down; the next login resyncs again
+        if msg.get("Response") not in (None, "Success"):
+            # No "reporting" or "system" write permission (manager.conf).
+            log.warning("%s: cannot list channels to resync (%s); grant the AMI user "
+                        "write = reporting. Calls from before the reconnect end now.",
+                        self.tag, msg.get("Message", "refused"))
+            self._resynced()
+            self.owner.deliver(self.engine.end_resync(self.loop.wall))
+        elif msg.get("Event") == "CoreShowChannelsComplete":
+            self._resynced()
+            log.info("%s: resynchronised: %s channels in progress", self.tag,
+                     msg.get("ListItems", "?"))
+
+    def _resynced(self) -> None:
+        self.stale_deadline = None
+        self._enter(LINK_UP)
+
+    # -- writing and closing ----------------------------------------------------------
+
+    def _write(self) -> None:
+        if self.session is None or self.sock is None:
+            return
+        self.outbuf += self.session.data_to_send()
+        if self.outbuf:
+            broken = send_some(self.sock, self.outbuf)
+            if broken:
+                self.lost(broken)
+                return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbuf else 0)
+        self.loop.selector.modify(self.sock, events, self.on_ready)
+
+    def close(self) -> None:
+        """Drop the connection (no reconnect is planned here: see lost)."""
+        if self.sock is not None:
+            self.loop.forget(self.sock)
+            self.sock.close()
+        self.sock = None
+        self.session = None
+        self.outbuf.clear()
+        self.state = LINK_IDLE
+        self.state_deadline = None
+        replies, self._replies = self._replies, {}
+        for on_reply in replies.values():
+            on_reply(None)  # type: ignore[operator]
+
+    def lost(self, reason: str, immediate: bool = False) -> None:
+        """The link is broken: close it, reconnect after the backoff (at
+        once if ``immediate``), tell the clients; its calls are kept for
+        ``resync_grace`` in case a reconnect resynchronises them."""
+        self.close()
+        delay = 0.0 if immediate else self.backoff
+        self.next_attempt = self.loop.now + delay
+        if not immediate:
+            self.backoff = min(self.backoff * 2, self.config.reconnect_max)
+        log.warning("%s: %s; reconnecting in %g s", self.tag, reason, delay)
+        if self.up:
+            self._set_up(False, reason)
+            if self.stale_deadline is None:
+                self.stale_deadline = self.loop.now + self.config.resync_grace
+        self._rearm()
+
+    def stop(self, logoff: bool = False) -> None:
+        """For good (shutdown, removed by a reload): close, with a Logoff
+        first if asked and logged in (best effort); no reconnect."""
+        if logoff and self.state in (LINK_LOGIN, LINK_RESYNC, LINK_UP) and self.sock is not None:
+            try:
+                self.sock.send(encode_action("Logoff"))
+            except (OSError, ValueError):
+                pass
+        self.close()
+        self.loop.timers.cancel(self._timer)
+        self._timer = None
+
+    def reconfigure(self, config: AmiConfig, tls_context: Optional["ssl.SSLContext"],
+                    several: bool) -> None:
+        """A reload: a changed section reconnects, an unchanged one keeps
+        its link and calls."""
+        self.engine.pbx = config.name if several else ""
+        if config.key() == self.config.key():
+            if self.address is None:
+                self.resolve()  # maybe DNS works now (SIGHUP)
+            return
+        log.info("reload: [%s] changed, reconnecting", self.tag)
+        self.config = config
+        self.tls_context = tls_context
+        self.resolve()
+        self.lost("configuration changed", immediate=True)
+
+    def _set_up(self, up: bool, reason: str) -> None:
+        self.up = up
+        self.owner.link_status(self, reason)
+
+
+# ---------------------------------------------------------------------------
+# I/O: the daemon (call log, signals, reload, shutdown)
+# ---------------------------------------------------------------------------
+
+
+class CallLog:
+    """The call log file and the history HISTORY answers from.
+
+    Every finished call's record goes to the history (the last calls of
+    each user, in memory) and, with a ``calllog``, to the file: opened
+    O_APPEND, one write(2) per record.  At start the history is seeded from
+    the file's tail; SIGHUP reopens the file (log rotation)."""
+
+    def __init__(self, loop: Loop, path: str):
+        self.loop = loop
+        self.path = path
+        self.history = CallHistory()
+        self.fd: Optional[int] = None
+        #: The file ends in a partial line (after a failed write).
+        self._torn = False
+
+    def open(self) -> None:
+        if not self.path:
+            return
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                              | getattr(os, "O_CLOEXEC", 0), 0o640)
+        except OSError as e:
+            log.error("cannot open call log %s: %s", self.path, _error_text(e))
+            return
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():
+                    f.seek(-1, os.SEEK_END)
+                    self._torn = f.read(1) != b"\n"
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        self._torn = False
+
+    def reopen(self, path: str) -> None:
+        self.close()
+        self.path = path
+        self.open()
+
+    def add(self, record: Dict[str, object]) -> None:
+        self.history.add(record)
+        if self.fd is not None:
+            self._write(record)
+
+    def _write(self, record: Dict[str, object]) -> None:
+        """One record, one line, one write(2) on an O_APPEND descriptor: a
+        daemon killed at any moment leaves only whole lines, and nothing
+        waits in a buffer of ours."""
+        assert self.fd is not None
+        data = (encode_json_line(record) + "\n").encode("utf-8")
+        if self._torn:
+            data = b"\n" + data  # end the broken line; keep this one whole
+        written = 0
+        try:
+            while written < len(data):  # a short write: only on a full disk
+                written += os.write(self.fd, data[written:])
+            self._torn = False
+        except OSError as e:
+            self._torn = self._torn or written > 0
+            self.loop.log_repeated("calllog", logging.ERROR, "cannot write call log %s: %s",
+                                   self.path, _error_text(e))
+
+    def seed(self, users: Iterable[str]) -> None:
+        """HISTORY knows the calls before a restart: the call log's tail."""
+        if not self.path:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                start = max(0, f.tell() - HISTORY_SEED_MAX_BYTES)
+                f.seek(start)
+                data = f.read(HISTORY_SEED_MAX_BYTES)
+        except OSError:
+            return
+        lines = data.decode("utf-8", "replace").split("\n")
+        if start > 0:
+            lines = lines[1:]  # cut in the middle
+        loaded = self.history.seed(lines, users)
+        log.info("history: %d calls from %s", loaded, self.path)
+
+
+class DaemonView(ServerView):
+    """The running daemon as its client sessions see it: the accounts, the
+    calls in progress on every PBX, the call history, login blocks and the
+    links' status (the clock is read here, not in sessions)."""
+
+    def __init__(self, daemon: "Daemon"):
+        super().__init__(daemon.config.users, None, daemon.calllog.history)
+        self._daemon = daemon
+
+    def engines(self) -> List[CallEngine]:
+        return [link.engine for link in self._daemon.links]
+
+    def login_blocked(self, peer_host: str) -> bool:
+        daemon = self._daemon
+        return daemon.hub.throttle.blocked_for(address_key(peer_host), daemon.loop.now) > 0
+
+    def account_wait(self, name: str, peer_host: str) -> float:
+        daemon = self._daemon
+        return daemon.hub.throttle.account_wait(name, address_key(peer_host), daemon.loop.now)
+
+    def pbx_statuses(self) -> List[Dict[str, object]]:
+        """A STATUS line's fields per PBX, for a client that just logged in."""
+        return [self._daemon.pbx_status(link) for link in self._daemon.links]
+
+
+class Daemon:
+    """The daemon: one Loop, the AMI links in, the ClientHub out, the call
+    log beside; signals, reload and shutdown.
+
+    Everything protocol-shaped is delegated: each AmiLink feeds its
+    CallEngine, whose notifications come back here (``deliver``) for the
+    call log and the hub, which queues them on the connections of their
+    user.  Timers use the monotonic clock, event times the wall clock, both
+    read once per pass.  Output is written in one flush before the loop
+    sleeps.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.loop = Loop()
+        self.calllog = CallLog(self.loop, config.calllog)
+        self.view = DaemonView(self)
+        self.hub = ClientHub(self.loop, config, self.view)
+        #: One link per PBX ([ami], then each [ami:NAME]).
+        self.links: List[AmiLink] = [self._make_link(pbx, config) for pbx in config.pbxes]
+        #: bind, port and tls_port as started: a reload cannot change them.
+        self._listening = (config.bind, config.port, config.tls_port)
+        self.running = False
+        self._pending_signals: List[int] = []
+        self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
+
+    def _make_link(self, pbx: AmiConfig, config: Config) -> AmiLink:
+        # With several PBXes every event says which one it came from.
+        engine = CallEngine(Directory(config.users.values(), pbx.name),
+                            pbx.name if len(config.pbxes) > 1 else "")
+        return AmiLink(self.loop, self, pbx, config.ami_tls_contexts.get(pbx.name), engine)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the client ports, open the call log (may raise OSError)."""
+        if self.config.port is not None:
+            self.hub.listen(self.config.port, tls=False)
+        if self.config.tls_port is not None:
+            self.hub.listen(self.config.tls_port, tls=True)
+        self.calllog.open()
+        self.calllog.seed(self.config.users)
+        for link in self.links:
+            link.resolve()
+
+    def serve_forever(self) -> int:
+        if self._wakeup is None:
+            self.install_signal_handlers()
+        self.running = True
+        loop = self.loop
+        while self.running:
+            loop.run_once()
+            self._handle_signals()
+            loop.run_timers()
+            self.hub.flush()
+        self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        log.info("shutting down")
+        self.loop.tick()
+        # Calls in progress end now, for the desktops and the call log, as
+        # when the link to Asterisk is lost.
+        for link in self.links:
+            self.deliver(link.engine.link_lost(self.loop.wall))
+        self.hub.close_all("server shutting down")
+        for link in self.links:
+            link.stop(logoff=True)
+        self.calllog.close()
+        log.info("stopped")
+
+    # -- what the links report --------------------------------------------------
+
+    def deliver(self, notifications: List[Notification]) -> None:
+        """The engines' notifications: finished calls to the call log, each
+        one to the connections of its user."""
+        for note in notifications:
+            if note.record is not None:
+                self.calllog.add(note.record)
+        self.hub.deliver(notifications)
+
+    def pbx_status(self, link: AmiLink, reason: str = "") -> Dict[str, object]:
+        """``STATUS pbx=up|down``; with several PBXes ``name=`` says which."""
+        fields: Dict[str, object] = {"pbx": "up" if link.up else "down"}
+        if len(self.links) > 1:
+            fields["name"] = link.config.name
+        fields["time"] = iso_time(self.loop.wall)
+        if reason:
+            fields["reason"] = reason
+        return fields
+
+    def link_status(self, link: AmiLink, reason: str) -> None:
+        """A link went up or down: every logged-in client is told."""
+        self.hub.broadcast_status(self.pbx_status(link, reason))
+
+    # -- signals -------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """From here on SIGHUP/SIGTERM/SIGINT are noted and handled by the
+        loop."""
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        self._wakeup = (reader, writer)
+        self.loop.selector.register(reader, selectors.EVENT_READ,
+                                    functools.partial(self._on_wakeup, reader))
+        signal.set_wakeup_fd(writer.fileno())
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    def take_signals(self, signals: List[int]) -> None:
+        """Signals noted before the daemon existed, to handle in the loop."""
+        self._pending_signals.extend(signals)
+        del signals[:]
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Runs between bytecodes: only note it; the loop acts on it.
+        self._pending_signals.append(signum)
+
+    def _on_wakeup(self, sock: socket.socket, mask: int) -> None:
+        try:
+            while sock.recv(512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _handle_signals(self) -> None:
+        while self._pending_signals:
+            signum = self._pending_signals.pop(0)
+            if signum == signal.SIGHUP:
+                try:
+                    self.reload()
+                except Exception:  # our bug: keep serving with what runs now
+                    log.exception("reload of %s failed", self.config.path)
+            else:
+                log.info("signal %d received", signum)
+                self.running = False
+
+    # -- reload --------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the config; on any error keep the running one.  The call
+        log is reopened either way: log rotation sends SIGHUP too."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as e:
+            log.error("reload of %s rejected, keeping the running configuration:",
+                      self.config.path)
+            for problem in e.problems:
+                log.error("  %s", problem)
+            self.calllog.reopen(self.config.calllog)
+            return
+        if (new.bind, new.port, new.tls_port) != self._listening:
+            log.warning("reload: bind, port and tls_port changes need a restart; still on "
+                        "%s port %s, TLS port %s", *self._listening)
+        self.config = new
+        self.view.users = new.users
+        self.calllog.history.retain(new.users)
+        for link in self.links:
+            link.engine.set_directory(Directory(new.users.values(), link.config.name))
+        logging.getLogger("ctinotify").setLevel(new.loglevel.upper())
+        self.hub.reconfigure(new)
+        self.calllog.reopen(new.calllog)
+        self._reload_links(new)
+        log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
+        for note in new.advisories():
+            log.warning("%s", note)
+
+    def _reload_links(self, new: Config) -> None:
+        """A PBX whose section changed reconnects; one removed ends its
+        calls; one added connects.  The others keep their link and calls."""
+        fresh = {pbx.name: pbx for pbx in new.pbxes}
+        kept: List[AmiLink] = []
+        for link in self.links:
+            pbx = fresh.pop(link.config.name, None)
+            if pbx is None:
+                log.info("reload: [%s] removed, disconnecting", link.tag)
+                link.stop()
+                self.deliver(link.engine.link_lost(self.loop.wall))
+                continue
+            link.reconfigure(pbx, new.ami_tls_contexts.get(pbx.name), len(new.pbxes) > 1)
+            kept.append(link)
+        for pbx in fresh.values():
+            link = self._make_link(pbx, new)
+            log.info("reload: [%s] added", link.tag)
+            link.resolve()
+            kept.append(link)
+        self.links = kept
+
+
+# ---------------------------------------------------------------------------
 # Desktop client I/O: one blocking socket, reconnects, hooks, the browser
 # ---------------------------------------------------------------------------
 
@@ -7477,6 +8374,11 @@ class WatchClient:
         self.out = out if out is not None else sys.stdout
         self.children: List[subprocess.Popen] = []
         self.where = "%s port %d" % (host, port)
+        #: The connection of the moment: logged in; when the server was
+        #: last heard and a PING sent (monotonic).
+        self._logged_in = False
+        self._last_heard = 0.0
+        self._ping_sent: Optional[float] = None
 
     def run(self) -> int:
         """Until Ctrl-C (0) or a refused login (1)."""
@@ -7508,15 +8410,33 @@ class WatchClient:
 
     def _connect_once(self) -> Tuple[bool, bool, str]:
         """One connection: ``(fatal, logged_in, why it ended)``."""
+        sock, failure = self._dial()
+        if sock is None:
+            return failure
         since = self.state.last_seen if self.state is not None else None
         session = WatchSession(self.user, self._secret,
                                "text" if self.fmt == "text" else "json", since,
                                since_calls=self.state.last_calls if self.state is not None else ())
+        self._logged_in = False
+        try:
+            return self._serve(sock, session)
+        except WatchProtocolError as e:
+            return False, self._logged_in, "%s: %s" % (self.where, e)
+        except OSError as e:
+            return False, self._logged_in, "connection to %s lost: %s" % (self.where,
+                                                                           e.strerror or e)
+        finally:
+            sock.close()
+
+    def _dial(self) -> Tuple[Optional[socket.socket], Tuple[bool, bool, str]]:
+        """Connect, with TLS if asked: ``(socket, _)``, or ``(None, (fatal,
+        False, why not))``."""
         try:
             sock = socket.create_connection((self.host, self.port),
                                             timeout=WATCH_CONNECT_TIMEOUT_S)
         except OSError as e:
-            return False, False, "cannot connect to %s: %s" % (self.where, e.strerror or e)
+            return None, (False, False, "cannot connect to %s: %s" % (self.where,
+                                                                      e.strerror or e))
         if self.tls_context is not None:
             try:
                 sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
@@ -7525,71 +8445,67 @@ class WatchClient:
                 if isinstance(e, ssl.SSLCertVerificationError):
                     # Trying again would not help; somebody may be in between.
                     log.error("%s: %s; %s", self.where, _error_text(e), self.tls_hint)
-                    return True, False, "certificate not trusted"
-                return False, False, "TLS with %s failed: %s" % (self.where, _error_text(e))
-        logged_in = False
-        try:
-            sock.settimeout(WATCH_TICK_S)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            buffer = bytearray()
-            skipping = False
-            last_heard = time.monotonic()
-            ping_sent: Optional[float] = None
-            while True:
-                self._reap()
-                try:
-                    data: Optional[bytes] = sock.recv(WATCH_RECV_BYTES)
-                except socket.timeout:
-                    data = None
-                now = time.monotonic()
-                if data == b"":
-                    return False, logged_in, "%s closed the connection" % self.where
-                if data:
-                    last_heard, ping_sent = now, None
-                    buffer += data
-                    while True:
-                        newline = buffer.find(b"\n")
-                        if newline < 0:
-                            break
-                        if skipping or newline > MAX_WATCH_LINE_BYTES:
-                            if not skipping:  # it came whole
-                                log.warning("%s: skipped a line longer than %d bytes",
-                                            self.where, MAX_WATCH_LINE_BYTES)
-                            skipping = False  # else: the end of the over-long line
-                            del buffer[:newline + 1]
-                            continue
-                        line = bytes(buffer[:newline]).decode("utf-8", "replace")
-                        del buffer[:newline + 1]
-                        for item in session.receive_line(line):
-                            if isinstance(item, WatchRefused):
-                                log.error("%s refused the login as %s (%s): check the user, "
-                                          "the secret, and the host= allowed for the user",
-                                          self.where, self.user, item.reply)
-                                return True, False, "login refused"
-                            if isinstance(item, WatchLoggedIn):
-                                logged_in = True
-                                log.info("connected to %s: %s", self.where, item.reply)
-                            self._act(sock, session, item)
-                    if len(buffer) > MAX_WATCH_LINE_BYTES:
-                        # Skipped, not a reason to reconnect: the same line
-                        # (a HISTORY record) would come again, and again.
-                        if not skipping:
-                            log.warning("%s: skipped a line longer than %d bytes",
-                                        self.where, MAX_WATCH_LINE_BYTES)
-                        skipping = True
-                        buffer.clear()
-                elif session.state == "ready":
-                    if ping_sent is None and now - last_heard >= WATCH_PING_INTERVAL_S:
-                        self._send(sock, session.ping())
-                        ping_sent = now
-                    elif ping_sent is not None and now - ping_sent >= WATCH_PONG_TIMEOUT_S:
-                        return False, logged_in, "%s does not answer PING" % self.where
-        except WatchProtocolError as e:
-            return False, logged_in, "%s: %s" % (self.where, e)
-        except OSError as e:
-            return False, logged_in, "connection to %s lost: %s" % (self.where, e.strerror or e)
-        finally:
-            sock.close()
+                    return None, (True, False, "certificate not trusted")
+                return None, (False, False, "TLS with %s failed: %s" % (self.where,
+                                                                        _error_text(e)))
+        return sock, (False, False, "")
+
+    def _serve(self, sock: socket.socket, session: WatchSession) -> Tuple[bool, bool, str]:
+        """Read, frame and act on the server's lines until the connection ends."""
+        sock.settimeout(WATCH_TICK_S)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # An over-long line is skipped, not a reason to reconnect: the same
+        # line (a HISTORY record) would come again, and again.
+        framer = LineFramer(MAX_WATCH_LINE_BYTES, skip_long=True)
+        self._last_heard, self._ping_sent = time.monotonic(), None
+        while True:
+            self._reap()
+            try:
+                data: Optional[bytes] = sock.recv(WATCH_RECV_BYTES)
+            except socket.timeout:
+                data = None
+            now = time.monotonic()
+            if data == b"":
+                return False, self._logged_in, "%s closed the connection" % self.where
+            if data:
+                self._last_heard, self._ping_sent = now, None
+                framer.receive_data(data)
+                if self._dispatch(sock, session, framer):
+                    return True, False, "login refused"
+            elif session.state == "ready" and not self._keepalive(sock, session, now):
+                return False, self._logged_in, "%s does not answer PING" % self.where
+
+    def _dispatch(self, sock: socket.socket, session: WatchSession,
+                  framer: LineFramer) -> bool:
+        """Act on every complete line; True if the login was refused."""
+        skipped = framer.skipped
+        while True:
+            line = framer.next_line()
+            if framer.skipped > skipped:
+                log.warning("%s: skipped a line longer than %d bytes",
+                            self.where, MAX_WATCH_LINE_BYTES)
+                skipped = framer.skipped
+            if line is None:
+                return False
+            for item in session.receive_line(line):
+                if isinstance(item, WatchRefused):
+                    log.error("%s refused the login as %s (%s): check the user, "
+                              "the secret, and the host= allowed for the user",
+                              self.where, self.user, item.reply)
+                    return True
+                if isinstance(item, WatchLoggedIn):
+                    self._logged_in = True
+                    log.info("connected to %s: %s", self.where, item.reply)
+                self._act(sock, session, item)
+
+    def _keepalive(self, sock: socket.socket, session: WatchSession, now: float) -> bool:
+        """PING a server silent for a while; False once it failed to answer."""
+        if self._ping_sent is None and now - self._last_heard >= WATCH_PING_INTERVAL_S:
+            self._send(sock, session.ping())
+            self._ping_sent = now
+        elif self._ping_sent is not None and now - self._ping_sent >= WATCH_PONG_TIMEOUT_S:
+            return False
+        return True
 
     @staticmethod
     def _send(sock: socket.socket, command: WatchSend) -> None:
@@ -8282,54 +9198,6 @@ WEB_PAGE_ETAG = hashlib.sha256(WEB_PAGE_BYTES).hexdigest()[:20]
 # ---------------------------------------------------------------------------
 
 
-class TraceClock:
-    """The time of a recorded message, for replay.
-
-    With ``timestampevents = yes`` in manager.conf every event carries
-    ``Timestamp: <epoch>``; without it, the newest channel creation time
-    (a Uniqueid is ``epoch.seq``) is the best clock a recording has.
-    """
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def observe(self, msg: AmiMessage) -> float:
-        stamp = sane_epoch(msg.get("Timestamp") or "")
-        if stamp is not None:
-            self.now = max(self.now, stamp)
-            return self.now
-        uniqueid = msg.get("Uniqueid")
-        if uniqueid:
-            epoch = uniqueid_epoch(uniqueid)
-            if epoch is not None and epoch > self.now:
-                self.now = epoch
-        return self.now
-
-
-def replay_trace(stream, users: Dict[str, UserConfig], chunk_bytes: int = 1 << 16,
-                 pbx: str = DEFAULT_PBX, tag: str = ""):
-    """Feed a recorded AMI byte stream through parser and engine; yield
-    ``(user, fields)`` for every notification a client of that user with
-    all its allowed kinds would receive.  ``pbx`` is the PBX it was
-    recorded on (for devices named ``NAME:...``); ``tag`` the ``pbx`` field
-    events carry when the configuration has several."""
-    engine = CallEngine(Directory(users.values(), pbx), tag)
-    clock = TraceClock()
-    first = stream.read(chunk_bytes)
-    parser = AmiParser(expect_banner=first.startswith(AMI_BANNER_PREFIX.encode()))
-    data = first
-    while data:
-        for msg in parser.feed(data):
-            for note in engine.handle(msg, clock.observe(msg)):
-                account = users.get(note.user)
-                if account is not None and note.kind in account.events:
-                    yield note.user, with_popup_url(note.fields, account)
-        for problem in parser.problems:
-            log.warning("replay: %s", problem)
-        parser.problems.clear()
-        data = stream.read(chunk_bytes)
-
-
 def _cmd_check(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     config = load_config(path)
@@ -8373,7 +9241,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             log.error("%s: [general] calllog: %r is a relative path, expected an absolute "
                       "path with --daemon (the daemon runs in /)", config.path, config.calllog)
             return 1
-        config.path = os.path.abspath(config.path)
+        config = config.replace(path=os.path.abspath(config.path))
         status, ready_fd = _detach()
         if ready_fd is None:
             return status
@@ -8586,56 +9454,20 @@ def _cmd_record(args: argparse.Namespace) -> int:
     stopping: List[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda number, frame: stopping.append(number))
-    session = AmiSession(cfg.username, cfg.secret, cfg.auth, time.monotonic(),
-                         ping_interval=cfg.ping_interval)
+    session = ami_session(cfg, time.monotonic())
     try:
-        sock = socket.create_connection((cfg.host, cfg.port), timeout=AMI_CONNECT_TIMEOUT_S)
+        sock = socket.create_connection((cfg.host, cfg.port), timeout=cfg.connect_timeout)
         if cfg.tls:
             sock = config.ami_tls_contexts[cfg.name].wrap_socket(sock, server_hostname=cfg.host)
     except OSError as e:
         log.error("cannot connect to %s port %d: %s", cfg.host, cfg.port, _error_text(e))
         return 1
     sock.settimeout(1.0)
-    received = 0
-    status = 0  # 1 if the recording ended any other way than by Ctrl-C/SIGTERM
     log.info("recording %s port %d to %s; Ctrl-C stops", cfg.host, cfg.port, args.output)
     with open(args.output, "wb") as out, open(args.output + ".sent", "wb") as sent_log:
+        recording = _Recording(cfg, sock, session, out, sent_log)
         try:
-            while not stopping:
-                outgoing = session.data_to_send()
-                if outgoing:
-                    sock.sendall(outgoing)
-                    sent_log.write(session.redacted(outgoing))
-                try:
-                    data = sock.recv(AMI_RECV_BYTES)
-                except socket.timeout:
-                    data = None
-                if data == b"":
-                    log.error("Asterisk closed the connection")
-                    status = 1
-                    break
-                if data:
-                    out.write(data)
-                    out.flush()
-                    received += len(data)
-                    for item in session.receive_data(data, time.monotonic()):
-                        if isinstance(item, AmiLoginFailed):
-                            log.error("login as %s refused: %s", cfg.username, item.reason)
-                            return 1
-                        if isinstance(item, AmiLoggedIn):
-                            log.info("logged in (%s)", item.banner)
-                reason = session.poll(time.monotonic())
-                if reason:
-                    log.error("%s", reason)
-                    status = 1
-                    break
-            if stopping:
-                logoff = encode_action("Logoff")
-                try:
-                    sock.sendall(logoff)
-                    sent_log.write(logoff)
-                except OSError:
-                    pass
+            status = recording.run(stopping)
         except AmiProtocolError as e:
             log.error("%s", e)
             return 1
@@ -8644,8 +9476,67 @@ def _cmd_record(args: argparse.Namespace) -> int:
             status = 1
         finally:
             sock.close()
-    log.info("recorded %d bytes to %s", received, args.output)
+    if status is None:
+        return 1  # the login was refused
+    log.info("recorded %d bytes to %s", recording.received, args.output)
     return status
+
+
+class _Recording:
+    """``record``'s connection: what Asterisk sends goes to ``out`` as it
+    comes, what we send (secrets masked) to ``sent_log``."""
+
+    def __init__(self, cfg: AmiConfig, sock: socket.socket, session: AmiSession,
+                 out, sent_log):  # type: ignore[no-untyped-def]
+        self.cfg = cfg
+        self.sock = sock
+        self.session = session
+        self.out = out
+        self.sent_log = sent_log
+        self.received = 0
+
+    def run(self, stopping: List[int]) -> Optional[int]:
+        """Until a signal (0, after a Logoff) or a failure (1; None: the
+        login was refused)."""
+        session = self.session
+        while not stopping:
+            outgoing = session.data_to_send()
+            if outgoing:
+                self.sock.sendall(outgoing)
+                self.sent_log.write(session.redacted(outgoing))
+            try:
+                data = self.sock.recv(AMI_RECV_BYTES)
+            except socket.timeout:
+                data = None
+            if data == b"":
+                log.error("Asterisk closed the connection")
+                return 1
+            if data and not self._received(data):
+                return None
+            reason = session.poll(time.monotonic())
+            if reason:
+                log.error("%s", reason)
+                return 1
+        logoff = encode_action("Logoff")
+        try:
+            self.sock.sendall(logoff)
+            self.sent_log.write(logoff)
+        except OSError:
+            pass
+        return 0
+
+    def _received(self, data: bytes) -> bool:
+        """Keep the bytes; False if they say the login was refused."""
+        self.out.write(data)
+        self.out.flush()
+        self.received += len(data)
+        for item in self.session.receive_data(data, time.monotonic()):
+            if isinstance(item, AmiLoginFailed):
+                log.error("login as %s refused: %s", self.cfg.username, item.reason)
+                return False
+            if isinstance(item, AmiLoggedIn):
+                log.info("logged in (%s)", item.banner)
+        return True
 
 
 def _server_address(text: str) -> Tuple[str, int]:
@@ -8753,6 +9644,26 @@ def _warn_if_world_readable(path: str) -> None:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
+    parser = _argument_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter(
+        "%(asctime)s ctinotify[%(process)d] %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    command = {"check": _cmd_check, "run": _cmd_run, "replay": _cmd_replay,
+               "record": _cmd_record, "watch": _cmd_watch}[args.command]
+    try:
+        return command(args)
+    except ConfigError as e:
+        for problem in e.problems:
+            sys.stderr.write(problem + "\n")
+        return 1
+
+
+def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctinotify", description="Call notifications from Asterisk AMI for desktop clients.")
     parser.add_argument("--version", action="version", version="ctinotify " + __version__)
@@ -8780,6 +9691,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cmd.add_argument("output", help="file to write the received bytes to")
     cmd.add_argument("-c", "--config", help=config_help)
     cmd.add_argument("--pbx", help="the PBX to record; " + pbx_help)
+    _watch_arguments(commands)
+    return parser
+
+
+def _watch_arguments(commands) -> None:  # type: ignore[no-untyped-def]
     # allow_abbrev=False: "--secret X" must not pass as --secret-file X.
     cmd = commands.add_parser(
         "watch", allow_abbrev=False,
@@ -8813,22 +9729,6 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cmd.add_argument("--state", metavar="FILE", default=DEFAULT_WATCH_STATE,
                      help="where to remember when you were last connected, for the missed "
                           "calls (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogFormatter(
-        "%(asctime)s ctinotify[%(process)d] %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    command = {"check": _cmd_check, "run": _cmd_run, "replay": _cmd_replay,
-               "record": _cmd_record, "watch": _cmd_watch}[args.command]
-    try:
-        return command(args)
-    except ConfigError as e:
-        for problem in e.problems:
-            sys.stderr.write(problem + "\n")
-        return 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -81,7 +81,7 @@ def replay(name, users=None):
 # ---------------------------------------------------------------------------
 
 STDLIB_FALLBACK = {
-    "__future__", "argparse", "collections", "errno", "functools", "hashlib", "heapq",
+    "__future__", "argparse", "collections", "errno", "functools", "hashlib", "heapq", "math",
     "hmac", "ipaddress", "json", "logging", "os", "re", "selectors", "signal", "socket",
     "sys", "time", "typing", "ssl", "syslog", "stat", "io", "tempfile", "base64",
     "webbrowser", "urllib", "shlex", "getpass", "resource", "subprocess", "datetime",
@@ -195,6 +195,52 @@ def test_config_error_messages(text, fragment):
         parse_config(text, "c.conf")
     assert fragment in str(info.value)
     assert all(re.match(r"c\.conf:\d+: ", p) for p in info.value.problems)
+
+
+#: A value of the wrong kind for every kind of setting in the schema.
+WRONG_VALUES = {"text": "a\0b", "address": "nowhere", "host": "pbx..example", "choice": "bogus",
+                "boolean": "maybe", "number": "9e9", "integer": "9999999", "size": "9g",
+                "port": "99999"}
+
+
+@pytest.mark.parametrize("section, setting", [("general", s) for s in ctinotify.GENERAL_SETTINGS]
+                         + [("ami", s) for s in ctinotify.AMI_SETTINGS],
+                         ids=lambda v: v if isinstance(v, str) else v.key)
+def test_every_setting_of_the_schema_names_file_line_section_and_key(section, setting):
+    text = "[ami]\nusername=u\nsecret=s\n[%s]\n%s = %s\n" % (section, setting.key,
+                                                          WRONG_VALUES[setting.kind])
+    if section == "ami":
+        text = "[ami]\nusername=u\nsecret=s\n%s = %s\n" % (setting.key, WRONG_VALUES[setting.kind])
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "f")
+    line = 5 if section == "general" else 4
+    assert any(p.startswith("f:%d: [%s] %s: " % (line, section, setting.key))
+               for p in info.value.problems), info.value.problems
+
+
+def test_config_is_built_once_and_never_changed():
+    config = parse_config("[ami]\nusername=u\nsecret=s\n", "f")
+    for obj, name in ((config, "bind"), (config, "pbxes"), (config.ami, "port")):
+        with pytest.raises(AttributeError):
+            setattr(obj, name, None)
+    moved = config.replace(path="/etc/f")
+    assert (moved.path, config.path) == ("/etc/f", "f") and moved.ami is config.ami
+    assert moved.describe().replace("/etc/f", "f") == config.describe()
+
+
+def test_check_shows_advanced_keys_only_when_set_and_reads_back_the_same():
+    plain = parse_config("[ami]\nusername=u\nsecret=s\n", "f").describe()
+    assert "linger_timeout" not in plain and "ping_timeout" not in plain
+    config = parse_config("[general]\nlinger_timeout = 0.5\ntls_port = 0\ntls_cert = c.pem\n"
+                          "[ami]\nusername=u\nsecret=s\nping_timeout = 2\ntls = yes\n"
+                          "[ami:b]\nhost = pbx.example.com\nusername=u\nsecret=s\n"
+                          "[a]\nsecret=x\nhost=10.0.0.0/8\ndevices=b:PJSIP/1\nextensions=100@c\n",
+                          "f")
+    described = config.describe()
+    for line in ("linger_timeout = 0.5", "ping_timeout = 2", "tls_key = ", "tls_verify = yes"):
+        assert "\n%s\n" % line in described
+    again = parse_config(described.replace("********", "s"), "f")
+    assert again.describe() == described
 
 
 @pytest.mark.parametrize("host, ok", [
@@ -1075,6 +1121,94 @@ def test_client_session_refuses_a_host_not_allowed_and_a_secret_with_spaces_work
     assert inside.handle_line("LOGIN u two words", users)[0].startswith("OK")
 
 
+# -- line framing --------------------------------------------------------------
+
+FRAMED = ("LOGIN alice s\u00e9cret\r\n\r\nPING\nEVENTS incoming, hangup\r\n"
+          "caf\u00e9 \u2603 \U0001f600\r\n" + "x" * 1024 + "\r\n" + "y" * 1024 + "\n").encode()
+FRAMED_LINES = ["LOGIN alice s\u00e9cret", "", "PING", "EVENTS incoming, hangup",
+                "caf\u00e9 \u2603 \U0001f600", "x" * 1024, "y" * 1024]
+
+
+def frame_all(data, sizes, **limits):
+    """Feed ``data`` cut into ``sizes`` (the rest last); every line out, and
+    the framer (with what it still holds)."""
+    framer = ctinotify.LineFramer(limits.pop("max_line_bytes", 1024), **limits)
+    lines, pos = [], 0
+    for size in list(sizes) + [len(data)]:
+        framer.receive_data(data[pos:pos + size])
+        pos += size
+        while True:
+            line = framer.next_line()
+            if line is None:
+                break
+            lines.append(line)
+        framer.check()
+    return framer, lines
+
+
+@pytest.mark.parametrize("how", ["whole", "byte by byte", "random splits"])
+def test_line_framer_gives_the_same_lines_however_the_bytes_are_cut(how):
+    partial = "LOGIN b\u00f6b".encode()  # a trailing partial line, cut inside a character
+    data = FRAMED + partial[:-1]
+    sizes = {"whole": [], "byte by byte": [1] * len(data),
+             "random splits": [random.Random(7).randint(1, 40) for _ in range(len(data) // 20)]}
+    framer, lines = frame_all(data, sizes[how])
+    assert lines == FRAMED_LINES
+    assert framer.pending == len(partial) - 1  # kept until it ends
+    framer.receive_data(partial[-1:] + b"\r")
+    assert framer.next_line() is None
+    framer.receive_data(b"\n")
+    assert framer.next_line() == "LOGIN b\u00f6b" and framer.pending == 0
+
+
+def test_line_framer_limit_counts_the_line_and_not_its_end():
+    # 1,024 bytes pass with CRLF, with LF, and while the CR waits for its LF.
+    framer, lines = frame_all(b"a" * 1024 + b"\r", [1024])
+    assert lines == [] and framer.pending == 1025
+    for data in (b"a" * 1025 + b"\r\n", b"a" * 1025 + b"\n"):
+        with pytest.raises(ctinotify.ClientProtocolError) as info:
+            frame_all(data, [])
+        assert (info.value.code, info.value.text) == ("413", "line too long")
+        assert info.value.reason == "line of more than 1024 bytes"
+    with pytest.raises(ctinotify.ClientProtocolError) as info:
+        frame_all(b"a" * 1025, [1])  # not ended yet, and too long already
+    assert info.value.reason == "more than 1024 bytes without a newline"
+
+
+def test_line_framer_bounds_the_input_waiting_to_be_taken():
+    framer = ctinotify.LineFramer(1024, max_pending_bytes=4096)
+    framer.receive_data(b"PING\r\n" * 682)  # 4,092 bytes: lines not taken yet (a held reply)
+    framer.check()
+    framer.receive_data(b"PING\r\n")
+    with pytest.raises(ctinotify.ClientProtocolError) as info:
+        framer.check()
+    assert (info.value.text, info.value.reason) == \
+        ("too much input at once", "more than 4096 bytes of input waiting")
+
+
+def test_line_framer_text_only_refuses_binary_input_that_never_ends_a_line():
+    framer = ctinotify.LineFramer(1024)
+    framer.text_only = True
+    framer.receive_data("LOGIN al\u00efce\tx\r".encode())  # text so far, TAB and all
+    framer.check()
+    framer.receive_data(b"\x16\x03\x01\x02\x00")  # a TLS hello on the plain port
+    with pytest.raises(ctinotify.ClientProtocolError) as info:
+        framer.check()
+    assert (info.value.code, info.value.text) == ("400", "binary data, expected text lines")
+    framer.text_only = False
+    framer.check()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_line_framer_skips_over_long_lines_at_any_split(seed):
+    rng = random.Random(seed)
+    data = b"one\r\n" + b"z" * 5000 + b"\r\ntwo\n" + b"w" * 101 + b"\nthree\r\n" + b"v" * 100
+    sizes = [rng.randint(1, 300) for _ in range(len(data) // 100)]
+    framer, lines = frame_all(data, sizes, max_line_bytes=100, skip_long=True)
+    assert lines == ["one", "two", "three"] and framer.skipped == 2
+    assert framer.pending == 100
+
+
 # ---------------------------------------------------------------------------
 # Command line: replay and record
 # ---------------------------------------------------------------------------
@@ -1103,7 +1237,7 @@ def test_replay_of_an_unconfigured_device_prints_nothing(tmp_path):
 # End to end: the daemon as a process, a fake Asterisk, real TCP clients
 # ---------------------------------------------------------------------------
 
-class Daemon:
+class DaemonProcess:
     """ctinotify.py run, as a child process, with its log collected."""
 
     def __init__(self, tmp_path, ami_port, users=None, general="", ami="", preexec_fn=None):
@@ -1228,7 +1362,7 @@ def daemon_factory(tmp_path, fake):
     started = []
 
     def start(**kwargs):
-        daemon = Daemon(tmp_path, fake.port, **kwargs)
+        daemon = DaemonProcess(tmp_path, fake.port, **kwargs)
         started.append(daemon)
         daemon.wait_log("ami: logged in as ctitest")
         return daemon
@@ -1324,7 +1458,7 @@ def test_e2e_wrong_secret_wrong_host_and_no_login(fake, daemon_factory, clients)
 
 
 def test_e2e_three_failed_logins_disconnect(fake, daemon_factory, clients):
-    daemon = daemon_factory()
+    daemon = daemon_factory(general="login_fail_delay = 0.05")
     client = clients(daemon.port)
     for _ in range(3):
         client.send("LOGIN alice nope")
@@ -1333,7 +1467,8 @@ def test_e2e_three_failed_logins_disconnect(fake, daemon_factory, clients):
 
 
 def test_e2e_login_timeout_closes_idle_connections(fake, daemon_factory, clients):
-    daemon = daemon_factory(general="login_timeout = 1")
+    # A short linger: the disconnect is logged once the close no longer waits for the peer.
+    daemon = daemon_factory(general="login_timeout = 1\nlinger_timeout = 0.1")
     idle = clients(daemon.port)
     started = time.monotonic()
     assert idle.line(timeout=5) == "ERR 408 login timeout"
@@ -1366,7 +1501,7 @@ def test_e2e_ami_drop_reconnects_and_tells_clients(fake, daemon_factory, clients
 
 def test_e2e_refused_ami_login_is_retried_with_backoff(tmp_path, clients):
     server = FakeAsterisk(refuse_logins=True).start()
-    daemon = Daemon(tmp_path, server.port)
+    daemon = DaemonProcess(tmp_path, server.port)
     try:
         daemon.wait_log("login as ctitest refused by Asterisk: Authentication failed; "
                         "reconnecting in 1 s")
@@ -1381,7 +1516,7 @@ def test_e2e_refused_ami_login_is_retried_with_backoff(tmp_path, clients):
 
 def test_e2e_md5_login(tmp_path, clients):
     server = FakeAsterisk().start()
-    daemon = Daemon(tmp_path, server.port, users="", ami="auth = md5")
+    daemon = DaemonProcess(tmp_path, server.port, users="", ami="auth = md5")
     try:
         server.wait_for_logins(1)
         login = [a for a in server.actions if a.get("Action") == "Login"][0]
@@ -1403,6 +1538,9 @@ def test_e2e_sigterm_sends_a_closing_line_and_exits_0(fake, daemon_factory, clie
 def test_e2e_a_client_that_sends_a_huge_line_is_cut_off(fake, daemon_factory, clients):
     daemon = daemon_factory()
     hog = clients(daemon.port)
+    # A command of exactly the limit passes: its CRLF does not count.
+    hog.send("PING".ljust(ctinotify.MAX_CLIENT_LINE_BYTES))
+    assert hog.line() == "OK PONG"
     hog.sock.sendall(b"A" * (ctinotify.MAX_CLIENT_LINE_BYTES + 10))
     assert hog.line() == "ERR 413 line too long"
     assert hog.closed()
@@ -1837,7 +1975,7 @@ def test_run_foreground_replaces_a_stale_pidfile_and_removes_it_at_exit(ami, tmp
 
 
 def test_run_foreground_falls_back_to_stderr_without_a_syslog_socket(fake, tmp_path):
-    daemon = Daemon(tmp_path, fake.port,
+    daemon = DaemonProcess(tmp_path, fake.port,
                     general="log = syslog\nsyslog_socket = /nonexistent/ctinotify/log")
     try:
         daemon.wait_log(r"WARNING log = syslog: no syslog at /nonexistent/ctinotify/log "
@@ -2573,6 +2711,33 @@ def test_e2e_a_call_survives_a_reconnect_and_calls_shows_it(fake, daemon_factory
     assert bob.line() == "OK calls=0"
 
 
+def test_e2e_a_resync_that_never_ends_drops_the_link_and_the_calls_end(fake, daemon_factory,
+                                                                       clients, tmp_path):
+    """Asterisk starts the channel list after a reconnect and never ends
+    it: the link is dropped at the resync's deadline, and the call kept
+    across the loss ends when its grace time (counted from the loss) is up."""
+    calllog = tmp_path / "calls.jsonl"
+    daemon = daemon_factory(general="calllog = %s" % calllog,
+                            ami="resync_timeout = 0.3\nresync_grace = 2")
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send(ringing_part(tag=b"hang"))
+    assert event_kinds([alice.line()]) == ["incoming"]
+    fake.end_channel_lists = False
+    fake.drop()
+    lost = time.monotonic()
+    # Until the hangup, or (what a link that only ever comes back gives) 10 s.
+    lines = alice.lines_until(lambda l: l.startswith("EVENT hangup") or
+                              time.monotonic() - lost > 10)
+    assert [l.split(" ", 2)[:2] for l in lines[:3]] == \
+        [["STATUS", "pbx=down"], ["STATUS", "pbx=up"], ["STATUS", "pbx=down"]]
+    assert 'reason="no end of the channel list within 0.3 s"' in lines[2]
+    assert lines[-1].startswith("EVENT hangup")
+    assert ctinotify.parse_text_line(lines[-1])[2]["reason"] == "unknown"
+    wait_records(calllog, 1)
+    alice.send("CALLS")
+    assert alice.lines_until(lambda l: l.startswith("OK calls="))[-1] == "OK calls=0"
+
+
 def conference_scenario():
     """Alice calls conference room 800; then John Customer joins; then leaves."""
     pbx = Pbx()
@@ -2759,7 +2924,7 @@ def local_hms(iso):
 def test_the_desktop_client_core_does_no_io():
     with open(CTINOTIFY, encoding="utf-8") as f:
         source = f.read()
-    core = source.split("# Desktop client (no I/O)")[1].split("# Desktop client I/O")[0]
+    core = source.split("# Desktop client (no I/O)")[1].split("# Replay (no I/O)")[0]
     for forbidden in (r"\bsocket\.[a-z]", r"\bselectors\.", r"\btime\.(time|monotonic|sleep)\(",
                       r"\bopen\(", r"\bsys\.std", r"\bprint\(", r"\bsubprocess\.",
                       r"\bwebbrowser\.", r"\bos\.(environ|system|popen)", r"\.now\("):
@@ -3706,7 +3871,7 @@ def test_e2e_out_of_descriptors_pauses_accepting_and_recovers(tmp_path, clients)
         resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
 
     server = FakeAsterisk().start()
-    daemon = Daemon(tmp_path, server.port, general="max_clients = 500\n"
+    daemon = DaemonProcess(tmp_path, server.port, general="max_clients = 500\n"
                     "max_clients_per_host = 500\nlogin_timeout = 60", preexec_fn=few_descriptors)
     socks = []
     try:
@@ -3758,6 +3923,67 @@ def test_login_throttle_state_is_bounded():
     throttle.failed("10.0.39.15", 1000.0)  # the newest are kept: this blocks it
     assert throttle.blocked_for("10.0.39.15", 1000.0) == 60
     assert ctinotify.LoginThrottle(delay_s=0).failed("h", 0.0) == (0.0, False)
+
+
+@pytest.mark.parametrize("flood", ["ipv4", "ipv6 /56"])
+def test_login_throttle_never_forgets_a_block_to_make_room(flood):
+    """One failed login from each of thousands of other addresses (or /64s
+    of one /56) must not lift a block: when every entry is a block, further
+    addresses share one count, and a block on that refuses them all."""
+    throttle = ctinotify.LoginThrottle(delay_s=0.1, block_after=2, block_s=60, max_hosts=100)
+    now = 1000.0
+    for _ in range(2):
+        throttle.failed("192.0.2.66", now)
+    assert throttle.blocked_for("192.0.2.66", now) == 60
+    if flood == "ipv4":
+        others = ["10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255) for i in range(10000)]
+    else:
+        others = [ctinotify.address_key("2001:db8:0:%x::1" % i) for i in range(256)] * 2
+    for key in others:
+        throttle.failed(key, now)
+    assert throttle.blocked_for("192.0.2.66", now) == 60 and len(throttle) == 100
+    # All blocks: a new address counts in the shared bucket, and is refused with it.
+    full = ctinotify.LoginThrottle(delay_s=0.1, block_after=1, block_s=60, max_hosts=3)
+    for key in ("a", "b", "c"):
+        assert full.failed(key, now) == (0.1, True)
+    assert full.blocked_for("d", now) == 0
+    assert full.failed("d", now) == (0.1, True)  # the shared bucket's first: blocked
+    assert full.blocked_for("e", now) == 60 and full.blocked_for("a", now) == 60
+    # When the blocks are over there is room again: each address its own.
+    assert full.blocked_for("e", now + 61) == 0 and full.failed("e", now + 61) == (0.1, True)
+    assert full.blocked_for("f", now + 61) == 0
+
+
+def test_login_throttle_slows_guesses_at_one_account_but_not_its_owner():
+    throttle = ctinotify.LoginThrottle()
+    now = 1000.0
+    throttle.account_succeeded("alice", "10.0.0.5")  # alice's desk
+    pauses = []
+    for i in range(10):  # from ten addresses, one guess each, as fast as allowed
+        assert throttle.account_wait("alice", "10.9.0.%d" % i, now) == 0
+        pauses.append(throttle.account_failed("alice", now))
+        now += pauses[-1]
+    assert pauses == [0, 0, 0, 1, 2, 4, 8, 16, 30, 30]  # a short, growing pause, capped
+    assert throttle.account_wait("alice", "10.9.1.1", now - 10) == 10  # unheard till then
+    assert throttle.account_wait("alice", "10.0.0.5", now - 10) == 0  # the owner, at once
+    # Any name the same: an unknown one is throttled just like alice.
+    for _ in range(4):
+        throttle.account_failed("nobody", now)
+    assert throttle.account_wait("nobody", "10.9.1.1", now) == 1
+    assert throttle.account_wait("bob", "10.9.1.1", now) == 0
+    assert throttle.account_wait("alice", "10.9.1.1", now + 900) == 0  # forgotten
+
+
+def test_client_session_does_not_hear_a_login_while_its_account_waits():
+    class Waiting(ctinotify.ServerView):
+        def account_wait(self, name, peer_host):
+            return 4.2 if name == "alice" else 0.0
+    view = Waiting(office().users)
+    session = ctinotify.ClientSession("10.0.0.66")
+    assert session.handle_line("LOGIN alice alice-secret", view) == \
+        ["ERR 429 too many failed logins for this user, try again in 5 s"]
+    assert session.user is None and not session.closing and session.failed_logins == 0
+    assert session.handle_line("LOGIN bob bob-secret", view)[0].startswith("OK logged in")
 
 
 @pytest.mark.parametrize("address, key", [
@@ -3822,6 +4048,33 @@ def test_e2e_failed_logins_are_delayed_then_the_address_is_blocked(fake, daemon_
         assert secret not in log
 
 
+def test_e2e_guesses_at_one_account_from_many_addresses_are_slowed_down(fake, daemon_factory):
+    daemon = daemon_factory(general="login_fail_delay = 0.01")
+    desk = raw_client(daemon.port, "alice alice-secret", source="127.0.0.1")  # her address
+    opened = [desk]
+    try:
+        for i in range(2, 6):  # one guess from each of four addresses
+            guesser = raw_client(daemon.port, source="127.0.0.%d" % i)
+            opened.append(guesser)
+            guesser.send("LOGIN alice guess%d" % i)
+            assert guesser.line() == "ERR 401 login failed"
+        daemon.wait_log(r"WARNING client 127\.0\.0\.5:\d+: logins as 'alice' held back 1 s: "
+                        r"more than 3 failed logins as it lately")
+        later = raw_client(daemon.port, source="127.0.0.9")
+        opened.append(later)
+        later.send("LOGIN alice alice-secret")  # unheard, right secret or not
+        assert later.line() == "ERR 429 too many failed logins for this user, try again in 1 s"
+        again = raw_client(daemon.port, "alice alice-secret", source="127.0.0.1")
+        opened.append(again)
+        assert again.events_until_pong() == []
+        time.sleep(1.1)  # the pause is over: heard again
+        later.send("LOGIN alice alice-secret")
+        assert later.line().startswith("OK logged in as alice")
+    finally:
+        for client in opened:
+            client.close()
+
+
 def test_e2e_a_held_login_reply_holds_only_that_client(fake, daemon_factory, clients):
     daemon = daemon_factory(general="login_fail_delay = 30")
     fake.wait_for_logins(1)
@@ -3837,7 +4090,7 @@ def test_e2e_a_held_login_reply_holds_only_that_client(fake, daemon_factory, cli
 
 
 def test_e2e_pending_input_is_bounded_while_a_reply_is_held(fake, daemon_factory, clients):
-    daemon = daemon_factory(general="login_fail_delay = 30")
+    daemon = daemon_factory(general="login_fail_delay = 30\nlinger_timeout = 0.1")
     hog = clients(daemon.port)
     hog.send("LOGIN alice guess")
     daemon.wait_log("reply to the failed login delayed 30 s")
@@ -3899,6 +4152,18 @@ def test_e2e_binary_garbage_gets_errors_or_a_close(fake, daemon_factory, clients
         assert all(r.isprintable() for r in replies)
     assert_still_serving(fake, daemon, clients)
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", "".join(daemon.log))
+
+
+def test_e2e_binary_junk_without_a_newline_closes_before_the_login_timeout(
+        fake, daemon_factory, clients):
+    daemon = daemon_factory(general="login_timeout = 60\nlinger_timeout = 0.1")
+    rng = random.Random(16)
+    junk = clients(daemon.port)
+    junk.sock.sendall(bytes(rng.choice(b"\x00\x01\x1b\x7f\xff\xfe") for _ in range(300)))
+    assert junk.line(timeout=5) == "ERR 400 binary data, expected text lines"
+    assert junk.closed()
+    daemon.wait_log(r"WARNING client 127\.0\.0\.1:\d+: disconnected: binary data")
+    assert_still_serving(fake, daemon, clients)
 
 
 def test_e2e_a_megabyte_without_a_newline_is_refused_and_others_are_served(
@@ -4166,17 +4431,16 @@ def test_e2e_a_stalled_ami_link_is_declared_dead(tmp_path, clients):
     """No Pong, no close: Asterisk hangs.  The link is dropped after the
     ping timeout, calls end, and the daemon reconnects."""
     server = FakeAsterisk(answer_pings=False).start()
-    daemon = Daemon(tmp_path, server.port, ami="ping_interval = 1")
+    daemon = DaemonProcess(tmp_path, server.port, ami="ping_interval = 1\nping_timeout = 0.5")
     try:
         daemon.wait_log("ami: logged in as ctitest")
         alice = clients(daemon.port, "alice alice-secret")
         server.send(ringing_part(tag=b"stall"))
         assert event_kinds([alice.line()]) == ["incoming"]
-        timeout = ctinotify.AMI_PING_TIMEOUT_S + 15
-        lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"), timeout=timeout)
+        lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"))
         assert lines[0].startswith("STATUS pbx=down") and "no answer to Ping" in lines[0]
         assert ctinotify.parse_text_line(lines[-1])[2]["reason"] == "unknown"
-        daemon.wait_log(r"WARNING ami: no answer to Ping within 10 s; reconnecting in 1 s")
+        daemon.wait_log(r"WARNING ami: no answer to Ping within 0.5 s; reconnecting in 1 s")
         server.wait_for_logins(2)
         assert daemon.proc.poll() is None
     finally:
@@ -4199,7 +4463,7 @@ def test_e2e_a_peer_that_is_not_asterisk(tmp_path, clients):
             accepted.append(sock)
             sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
     threading.Thread(target=serve, daemon=True).start()
-    daemon = Daemon(tmp_path, listener.getsockname()[1])
+    daemon = DaemonProcess(tmp_path, listener.getsockname()[1])
     try:
         daemon.wait_log(r"WARNING ami: not an Asterisk manager banner: 'HTTP/1\.1 400 Bad "
                         r"Request'; reconnecting in 1 s")
@@ -4481,7 +4745,7 @@ def server_context(cert, key):
 def test_e2e_ami_over_tls(tmp_path, clients, certificates):
     cert, key = certificates["server"]
     server = FakeAsterisk(tls_context=server_context(cert, key)).start()
-    daemon = Daemon(tmp_path, server.port, ami="tls = yes\ntls_ca = %s" % cert)
+    daemon = DaemonProcess(tmp_path, server.port, ami="tls = yes\ntls_ca = %s" % cert)
     try:
         daemon.wait_log(r"INFO ami: TLS established with 127\.0\.0\.1 \(TLSv1\.[23]\)")
         daemon.wait_log("ami: logged in as ctitest")
@@ -4502,7 +4766,7 @@ def test_e2e_ami_over_tls(tmp_path, clients, certificates):
 def test_e2e_ami_over_tls_refuses_a_certificate_it_cannot_verify(tmp_path, certificates):
     cert, key = certificates["server"]
     server = FakeAsterisk(tls_context=server_context(cert, key)).start()
-    daemon = Daemon(tmp_path, server.port,
+    daemon = DaemonProcess(tmp_path, server.port,
                     ami="tls = yes\ntls_ca = %s" % certificates["other"][0])
     try:
         daemon.wait_log(r"WARNING ami: TLS handshake with 127\.0\.0\.1 failed: certificate "
@@ -4513,7 +4777,7 @@ def test_e2e_ami_over_tls_refuses_a_certificate_it_cannot_verify(tmp_path, certi
         server.stop()
     # tls_verify = no: encrypted, but anyone can pose as Asterisk.
     server = FakeAsterisk(tls_context=server_context(cert, key)).start()
-    daemon = Daemon(tmp_path, server.port, ami="tls = yes\ntls_verify = no")
+    daemon = DaemonProcess(tmp_path, server.port, ami="tls = yes\ntls_verify = no")
     try:
         daemon.wait_log(r"ami: TLS established with 127\.0\.0\.1")
         server.wait_for_logins(1)
@@ -4729,32 +4993,23 @@ def test_e2e_calllog_is_reopened_on_sighup_for_rotation(fake, daemon_factory, cl
     assert [r["reason"] for r in read_records(calllog)] == ["busy"]
 
 
-def in_process_daemon(tmp_path, calllog):
-    config = parse_config("[general]\ncalllog = %s\n[ami]\nusername=u\nsecret=s\n"
-                          "[alice]\nsecret=a\ndevices=PJSIP/100\n" % calllog, "t.conf")
-    return ctinotify.Daemon(config)
-
-
 def test_calllog_passes_every_record_field_through_and_mends_a_torn_line(tmp_path):
     calllog = tmp_path / "calls.jsonl"
     calllog.write_bytes(b'{"user":"alice","call":"torn by a full di')
-    daemon = in_process_daemon(tmp_path, calllog)
+    log_file = ctinotify.CallLog(ctinotify.Loop(), str(calllog))
     try:
-        daemon._open_calllog()
+        log_file.open()
         record = {"user": "alice", "call": "1.1", "reason": "completed",
                   "path": [{"kind": "divert", "to": "101"}, {"kind": "transfer", "to": "102"}]}
-        daemon._deliver([ctinotify.Notification("alice", "hangup", {"event": "hangup"},
-                                                record=record)])
-        daemon._deliver([ctinotify.Notification("alice", "hangup", {"event": "hangup"},
-                                                record=dict(record, call="1.2"))])
+        log_file.add(record)
+        log_file.add(dict(record, call="1.2"))
     finally:
-        daemon._close_calllog()
-        daemon.selector.close()
+        log_file.close()
     lines = calllog.read_text().split("\n")
     assert lines[0] == '{"user":"alice","call":"torn by a full di'
     assert [json.loads(l) for l in lines[1:3]] == [record, dict(record, call="1.2")]
     assert lines[3:] == [""]
-    assert daemon.history.last("alice", 5) == [record, dict(record, call="1.2")]
+    assert log_file.history.last("alice", 5) == [record, dict(record, call="1.2")]
     text = ctinotify.encode_history(record, "text")
     assert ctinotify.parse_text_line(text)[2]["path"] == json.dumps(record["path"],
                                                                     separators=(",", ":"))
@@ -4848,7 +5103,7 @@ def test_e2e_secrets_never_reach_the_log_or_a_client(tmp_path, clients):
     server = FakeAsterisk(secret=ami_secret).start()
     users = ("[alice]\nsecret = alice-S3cret-x1\nhost = 127.0.0.1\ndevices = PJSIP/100\n"
              "[bob]\nsecret = bob-S3cret-y2\ndevices = PJSIP/101\n")
-    daemon = Daemon(tmp_path, server.port, users=users, ami="secret = %s" % ami_secret,
+    daemon = DaemonProcess(tmp_path, server.port, users=users, ami="secret = %s" % ami_secret,
                     general="login_fail_delay = 0.05")
     seen = []
     try:
@@ -4934,16 +5189,19 @@ def test_check_warns_when_the_config_is_readable_by_everyone(tmp_path):
     assert "readable by every user" not in run_cli("check", "-c", str(conf)).stderr
 
 
-def test_timers_of_closed_connections_do_not_pile_up(tmp_path):
-    daemon = in_process_daemon(tmp_path, "")
-    try:
-        for i in range(10000):
-            conn = ctinotify.ClientConnection(None, ("10.0.0.1", i), 30.0)
-            conn.closed = True  # a flood: connected and gone again at once
-            daemon._add_timer(30.0, "login", conn)
-        assert len(daemon._timers) <= 4 * len(daemon.clients) + 257
-    finally:
-        daemon.selector.close()
+def test_timers_of_closed_connections_do_not_pile_up():
+    """A flood of connections, each gone at once, leaves its timer behind
+    cancelled: the heap is rebuilt before those are most of it."""
+    timers = ctinotify.Timers()
+    live = [timers.at(30.0, None) for _ in range(100)]
+    for i in range(10000):
+        timers.cancel(timers.at(30.0 + i, None))
+        assert len(timers) <= 2 * (len(live) + ctinotify.Timers.COMPACT_AFTER) + 1
+    fired = []
+    timers.at(10.0, fired.append)
+    timers.at(5.0, lambda now: timers.at(now, fired.append))  # set for now: the next pass
+    timers.run_due(20.0)
+    assert fired == [20.0] and timers.next_due() == 20.0
 
 
 # ---------------------------------------------------------------------------
@@ -5008,7 +5266,7 @@ def test_run_warns_of_a_number_that_counts_on_every_pbx(fake, tmp_path):
     users = ("[ami:branch]\nhost = 127.0.0.1\nport = %d\nusername = u\nsecret = s\n"
              "[alice]\nsecret = a\ndevices = default:PJSIP/100\nextensions = 100\n"
              % free_port())
-    daemon = Daemon(tmp_path, fake.port, users=users)
+    daemon = DaemonProcess(tmp_path, fake.port, users=users)
     try:
         daemon.wait_log(r"WARNING \S+:\d+: \[alice\] extensions: 100 counts on every PBX, but "
                         r"alice's phones are on default only; write default:100")
@@ -5452,16 +5710,15 @@ def test_out_of_descriptors_while_reconnecting_to_asterisk_is_survived(caplog):
         with pytest.raises(OSError):
             while True:
                 hog.append(socket.socket())
-        daemon._run_timers(time.monotonic() + 100)  # the link is due to connect
+        daemon.loop.run_timers(time.monotonic() + 100)  # the link is due to connect
     finally:
         for sock in hog:
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        for sock, _tls in daemon.listeners:
-            sock.close()
-        daemon.selector.close()
+        daemon.hub.close_listeners()
+        daemon.loop.close()
     (link,) = daemon.links
-    assert link.state == "idle" and "cannot open a socket" in caplog.text
+    assert link.state == ctinotify.LINK_IDLE and "cannot open a socket" in caplog.text
 
 
 def test_a_reload_that_adds_event_kinds_reaches_sessions_on_the_defaults():
@@ -5519,7 +5776,7 @@ def test_a_member_removed_from_a_queue_hears_of_it_no_more():
 
 @pytest.mark.parametrize("behaviour, message", [
     ("reset", "connection to 127.0.0.1 port %d lost"),
-    ("silent", "no login response"),
+    ("silent", "no login response within 0.5 s"),
     ("close", "Asterisk closed the connection"),
 ])
 def test_record_fails_with_a_message_when_the_pbx_does(tmp_path, behaviour, message):
@@ -5535,12 +5792,13 @@ def test_record_fails_with_a_message_when_the_pbx_does(tmp_path, behaviour, mess
         if behaviour == "reset":
             peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif behaviour == "silent":
-            time.sleep(ctinotify.AMI_LOGIN_TIMEOUT_S + 3)
+            peer.settimeout(30)
+            peer.recv(1000)  # nothing more: until record gives up and closes
         peer.close()
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     conf = tmp_path / "rec.conf"
-    conf.write_text("[ami]\nhost=127.0.0.1\nport=%d\nusername=u\nsecret=s\n"
+    conf.write_text("[ami]\nhost=127.0.0.1\nport=%d\nusername=u\nsecret=s\nlogin_timeout=0.5\n"
                     "[x]\nsecret=y\ndevices=SIP/1\n" % port)
     try:
         result = run_cli("record", str(tmp_path / "out.ami"), "-c", str(conf))
@@ -5600,10 +5858,10 @@ def test_an_ami_host_name_is_never_looked_up_in_the_loop(monkeypatch, caplog):
     lookups = []
     monkeypatch.setattr(ctinotify, "resolve", lambda host, port: lookups.append(host))
     try:
-        daemon._run_timers(time.monotonic() + 100)  # the link is due to connect
+        daemon.loop.run_timers(time.monotonic() + 100)  # the link is due to connect
     finally:
-        daemon.selector.close()
-    assert lookups == [] and link.state == "idle"
+        daemon.loop.close()
+    assert lookups == [] and link.state == ctinotify.LINK_IDLE
     assert "cannot resolve pbx.invalid; fix DNS and send SIGHUP" in caplog.text
 
 

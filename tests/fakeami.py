@@ -107,6 +107,9 @@ class FakeAsterisk:
         self.actions = []
         #: Channels CoreShowChannels lists: lists of header lines (channel_list).
         self.channels = []
+        #: False: the list never ends (no CoreShowChannelsComplete), as an
+        #: Asterisk that hangs mid-way.
+        self.end_channel_lists = True
         self._commands = []
         self._running = False
         self._thread = None
@@ -281,10 +284,11 @@ class FakeAsterisk:
             items = "".join("%s\r\n%s%s\r\n\r\n" % (
                 lines[0].decode(), head, "\r\n".join(l.decode() for l in lines[1:]))
                 for lines in self.channels)
+            end = ("Event: CoreShowChannelsComplete\r\n%sEventList: Complete\r\n"
+                   "ListItems: %d\r\n\r\n" % (head, len(self.channels))
+                   if self.end_channel_lists else "")
             self._reply(peer, "Response: Success\r\n%sEventList: start\r\n"
-                        "Message: Channels will follow\r\n\r\n%s"
-                        "Event: CoreShowChannelsComplete\r\n%sEventList: Complete\r\n"
-                        "ListItems: %d\r\n\r\n" % (head, items, head, len(self.channels)))
+                        "Message: Channels will follow\r\n\r\n%s%s" % (head, items, end))
         elif action == "queuestatus":
             self._reply(peer, "Response: Success\r\n%sEventList: start\r\n"
                         "Message: Queue status will follow\r\n\r\n"
