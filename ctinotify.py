@@ -164,12 +164,98 @@ HISTORY_SEED_MAX_BYTES = 4 * 1024 * 1024
 #: A listen() backlog for bursts of desktop reconnects.
 LISTEN_BACKLOG = 128
 
-#: Every kind of event a client can subscribe to with ``events=``.
+# -- the vocabulary of events: each value a client can see, named once ------
+
+
+class Kind:
+    """The kinds of event (``event=``) a client can subscribe to."""
+
+    INCOMING = "incoming"
+    OUTGOING = "outgoing"
+    PICKUP = "pickup"
+    HANGUP = "hangup"
+    TIMEOUT = "timeout"
+    BUSY = "busy"
+    DIVERT = "divert"
+    TRANSFER = "transfer"
+    QUEUE = "queue"
+    PARK = "park"
+    UNPARK = "unpark"
+    CONFERENCE = "conference"
+    HOLD = "hold"
+    UNHOLD = "unhold"
+
+
+#: Every kind of event a client can subscribe to with ``events=``, in order.
 EVENT_KINDS = (
-    "incoming", "outgoing", "pickup", "hangup", "timeout", "busy",
-    "divert", "transfer", "queue", "park", "unpark", "conference",
-    "hold", "unhold",
+    Kind.INCOMING, Kind.OUTGOING, Kind.PICKUP, Kind.HANGUP, Kind.TIMEOUT, Kind.BUSY,
+    Kind.DIVERT, Kind.TRANSFER, Kind.QUEUE, Kind.PARK, Kind.UNPARK, Kind.CONFERENCE,
+    Kind.HOLD, Kind.UNHOLD,
 )
+
+
+class Reason:
+    """Why a call ended for its user (``hangup reason=``); all but
+    COMPLETED and TRANSFERRED are also the verdict on a call not answered."""
+
+    COMPLETED = "completed"
+    BUSY = "busy"
+    NOANSWER = "noanswer"
+    CANCELLED = "cancelled"
+    ANSWERED_ELSEWHERE = "answered_elsewhere"
+    TRANSFERRED = "transferred"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+#: A user call's ``direction`` (call log): the user is called, or calls.
+CALL_IN, CALL_OUT = "in", "out"
+
+
+class Direction:
+    """``direction=`` of divert and transfer events, as the user sees it."""
+
+    TO = "to"        # the user's call went elsewhere (the user transferred it)
+    FROM = "from"    # it came to the user from another number (or transferer)
+    MOVED = "moved"  # someone else transferred the user's own call
+
+
+class TransferKind:
+    """``kind=`` of a transfer: BLONDE is attended, completed while ringing."""
+
+    BLIND = "blind"
+    ATTENDED = "attended"
+    BLONDE = "blonde"
+
+
+class Action:
+    """``action=`` of queue and conference events."""
+
+    JOIN = "join"
+    LEAVE = "leave"
+    ABANDON = "abandon"
+
+
+class ParkResult:
+    """``result=`` of an unpark."""
+
+    RETRIEVED = "retrieved"
+    TIMEOUT = "timeout"
+    ABANDONED = "abandoned"
+
+
+class PickupMethod:
+    """``method=`` of a pickup by another extension's pickup code."""
+
+    DIRECTED = "directed"
+    GROUP = "group"
+
+
+class CallState:
+    """``state=`` of a call in progress (the CALLS command)."""
+
+    RINGING = "ringing"
+    UP = "up"
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -1620,13 +1706,13 @@ Q850_CAUSES = {
 _FAILURE_CAUSES = frozenset((1, 3, 20, 22, 27, 28, 29, 34, 38, 41, 42, 58, 88, 102))
 #: The Dial application's DIALSTATUS (apps/app_dial.c) as a call outcome.
 _DIAL_OUTCOMES = {
-    "NOANSWER": "noanswer", "BUSY": "busy", "CANCEL": "cancelled",
-    "CONGESTION": "failed", "CHANUNAVAIL": "failed", "DONTCALL": "failed",
-    "TORTURE": "failed", "INVALIDARGS": "failed",
+    "NOANSWER": Reason.NOANSWER, "BUSY": Reason.BUSY, "CANCEL": Reason.CANCELLED,
+    "CONGESTION": Reason.FAILED, "CHANUNAVAIL": Reason.FAILED, "DONTCALL": Reason.FAILED,
+    "TORTURE": Reason.FAILED, "INVALIDARGS": Reason.FAILED,
 }
 #: The cause reported for an outcome when the channel's own cause was 0.
-_OUTCOME_CAUSES = {"completed": 16, "busy": 17, "noanswer": 19,
-                   "answered_elsewhere": 26, "failed": 34, "cancelled": 16}
+_OUTCOME_CAUSES = {Reason.COMPLETED: 16, Reason.BUSY: 17, Reason.NOANSWER: 19,
+                   Reason.ANSWERED_ELSEWHERE: 26, Reason.FAILED: 34, Reason.CANCELLED: 16}
 #: Dialplan extensions that are not numbers anybody dialed.
 _SPECIAL_EXTENS = frozenset(("", "s", "h", "i", "t", "T", "o", "a", "e", "fax", "talk"))
 _UNKNOWN_CALLERID = frozenset(("", "<unknown>", "<Unknown>", "unknown"))
@@ -1945,7 +2031,7 @@ class UserCall:
                  dialed: str, now: float):
         self.user = user
         self.call_id = call_id
-        #: "in" (the user is called) or "out" (the user calls).
+        #: CALL_IN (the user is called) or CALL_OUT (the user calls).
         self.direction = direction
         self.device = ""
         self.me = me
@@ -1988,30 +2074,30 @@ class UserCall:
 
     @property
     def role(self) -> str:
-        return "callee" if self.direction == "in" else "caller"
+        return "callee" if self.direction == CALL_IN else "caller"
 
     @property
     def parties(self) -> Tuple[Party, Party]:
         """(from, to) as the user sees them."""
-        return (self.peer, self.me) if self.direction == "in" else (self.me, self.peer)
+        return (self.peer, self.me) if self.direction == CALL_IN else (self.me, self.peer)
 
     def reason(self) -> str:
         """Why the call ended for this user: what was seen, else the cause."""
         if self.transferred:
-            return "transferred"
+            return Reason.TRANSFERRED
         if self.answered_at is not None:
-            return "completed"
-        if self.cause == 26 and self.outcome in (None, "cancelled"):
-            return "answered_elsewhere"
+            return Reason.COMPLETED
+        if self.cause == 26 and self.outcome in (None, Reason.CANCELLED):
+            return Reason.ANSWERED_ELSEWHERE
         if self.outcome is not None:
             return self.outcome
         if self.cause == 17:
-            return "busy"
+            return Reason.BUSY
         if self.cause in (18, 19):
-            return "noanswer"
+            return Reason.NOANSWER
         if self.cause in _FAILURE_CAUSES:
-            return "failed"
-        return "cancelled"
+            return Reason.FAILED
+        return Reason.CANCELLED
 
     def ending(self, now: float, reason: Optional[str] = None) -> Dict[str, object]:
         """The fields of this call's ``hangup`` at ``now``."""
@@ -2126,23 +2212,23 @@ class CallEngine:
             "Pickup": self.on_pickup,
             "ParkedCall": self.on_parkedcall,
             "UnParkedCall": self.on_unparkedcall,
-            "ParkedCallTimeOut": self.on_parkedcall_end,
-            "ParkedCallGiveUp": self.on_parkedcall_end,
+            "ParkedCallTimeOut": self.on_parkedcalltimeout,
+            "ParkedCallGiveUp": self.on_parkedcallgiveup,
             # queues (read class "agent")
             "QueueCallerJoin": self.on_queuecallerjoin,
             "QueueCallerLeave": self.on_queuecallerleave,
-            "QueueCallerAbandon": self.on_queuecallerleave,
-            "QueueMemberStatus": self.on_queuemember,
-            "QueueMemberAdded": self.on_queuemember,
+            "QueueCallerAbandon": self.on_queuecallerabandon,
+            "QueueMemberStatus": self.on_queuememberstatus,
+            "QueueMemberAdded": self.on_queuememberadded,
             "QueueMember": self.on_queuemember,
-            "AgentCalled": self.on_queuemember,
+            "AgentCalled": self.on_agentcalled,
             "QueueMemberRemoved": self.on_queuememberremoved,
             # conferences, hold
             "ConfbridgeJoin": self.on_confbridgejoin,
             "ConfbridgeLeave": self.on_confbridgeleave,
             "ConfbridgeEnd": self.on_confbridgeend,
             "Hold": self.on_hold,
-            "Unhold": self.on_hold,
+            "Unhold": self.on_unhold,
             # resync after (re)connecting: the CoreShowChannels list
             "CoreShowChannel": self.on_coreshowchannel,
             "CoreShowChannelsComplete": self.on_coreshowchannelscomplete,
@@ -2184,7 +2270,7 @@ class CallEngine:
         client.  Every announced call ends with ``reason=unknown``."""
         self._now = now
         for uc in list(self.user_calls.values()):
-            self._end(uc, reason="unknown")
+            self._end(uc, reason=Reason.UNKNOWN)
         self.table.clear()
         self.user_calls.clear()
         self.calls.clear()
@@ -2204,7 +2290,7 @@ class CallEngine:
         """A call in progress as event fields, for the CALLS command."""
         frm, to = uc.parties
         fields = self._fields("call", uc.call_id, uc.started, uc.role, uc.device, frm, to,
-                              state="up" if uc.answered_at is not None else "ringing",
+                              state=CallState.UP if uc.answered_at is not None else CallState.RINGING,
                               dialed=uc.dialed)
         if uc.answered_at is not None:
             fields["answered"] = iso_time(uc.answered_at)
@@ -2234,7 +2320,7 @@ class CallEngine:
         if app not in ("dial", "voicemail"):
             return
         for uc in chan.user_calls:
-            if uc.anchor is chan and uc.direction == "in" and not uc.announced:
+            if uc.anchor is chan and uc.direction == CALL_IN and not uc.announced:
                 uc.tried = True
                 if app == "voicemail":
                     # Straight to voicemail: the user's phone could not be
@@ -2242,7 +2328,7 @@ class CallEngine:
                     root = chan.root()
                     self._announce_incoming(uc, root.caller, self._dialed_number(root, ""),
                                             chan)
-                    uc.outcome = "failed"
+                    uc.outcome = Reason.FAILED
         if app == "voicemail":
             self._to_voicemail(chan)
 
@@ -2252,10 +2338,10 @@ class CallEngine:
         the message is done: CALLS must not show it ringing meanwhile)."""
         mailbox = chan.appdata.partition(",")[0][:MAX_FIELD_CHARS]
         for uc in list(chan.user_calls):
-            if uc.anchor is chan and uc.direction == "in" and uc.announced \
+            if uc.anchor is chan and uc.direction == CALL_IN and uc.announced \
                     and uc.answered_at is None and not uc.channels:
                 uc.path.append({"voicemail": mailbox})
-                uc.outcome = uc.outcome or "noanswer"
+                uc.outcome = uc.outcome or Reason.NOANSWER
                 self._release_anchor(uc)
                 self._end(uc)
 
@@ -2459,7 +2545,7 @@ class CallEngine:
         for user in users:
             if user in callers:
                 continue  # the user's own phone dialing through their own number
-            uc = self._user_call(root.linkedid, user, "in", Party(chan.exten, ""),
+            uc = self._user_call(root.linkedid, user, CALL_IN, Party(chan.exten, ""),
                                  root.caller, self._dialed_number(root, ""))
             if uc.anchor is None and uc.answered_at is None:
                 self._set_anchor(uc, chan)
@@ -2469,16 +2555,16 @@ class CallEngine:
         created and announced on first need (a dial, a conference, a queue)."""
         if chan.is_local or chan.dialer is not None:
             return []
-        calls = [uc for uc in chan.user_calls if uc.direction == "out"]
+        calls = [uc for uc in chan.user_calls if uc.direction == CALL_OUT]
         if calls or (chan.originated and chan.answered_at is None):
             return calls
         for user in self._users_of(chan):
             dialed = self._dialed_number(chan, "")
-            uc = self._user_call(chan.linkedid, user, "out", chan.caller, Party(dialed, ""),
+            uc = self._user_call(chan.linkedid, user, CALL_OUT, chan.caller, Party(dialed, ""),
                                  dialed)
             uc.device = uc.device or chan.device
             self._attach(uc, chan)
-            self._announce(uc, "outgoing")
+            self._announce(uc, Kind.OUTGOING)
             # Told only now (at a conference join, or at the hangup of a call
             # to voicemail): it began when the channel did.
             uc.started = chan.created
@@ -2520,12 +2606,12 @@ class CallEngine:
             peer = self._remote_party(dest, caller_chan.caller) if not dest.is_local \
                 else Party(dialed, "")
             for user in self._users_of(caller_chan):
-                uc = self._user_call(caller_chan.linkedid, user, "out", caller_chan.caller,
+                uc = self._user_call(caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
                                      peer, dialed)
                 if not uc.device:
                     uc.device = caller_chan.device
                 self._attach(uc, caller_chan)
-                self._announce(uc, "outgoing")
+                self._announce(uc, Kind.OUTGOING)
         caller = caller_chan.caller
         if not dest.is_local and dest.connected:
             caller = dest.connected  # what the ringing phone displays
@@ -2536,12 +2622,12 @@ class CallEngine:
         # (a forward on no answer straight to another phone).
         for chan in src.lineage():
             for uc in list(chan.user_calls):
-                if uc.direction == "in" and uc.anchor is chan and uc.user not in dest_users:
+                if uc.direction == CALL_IN and uc.anchor is chan and uc.user not in dest_users:
                     self._announce_incoming(uc, caller, dialed, chan)
                     if chan is src:  # deeper Local hops are routing, not diverts
                         self._divert_if_elsewhere(uc, chan, dest, dialstring)
         for user in dest_users:
-            uc = self._user_call(root.linkedid, user, "in", dest.caller, caller, dialed)
+            uc = self._user_call(root.linkedid, user, CALL_IN, dest.caller, caller, dialed)
             if not uc.announced:
                 uc.device = dest.device
                 uc.me = dest.caller
@@ -2553,7 +2639,7 @@ class CallEngine:
         these channels that have not been told yet."""
         for chan in chans:
             for uc in list(chan.user_calls):
-                if uc.direction == "in" and uc.anchor is chan and not uc.announced:
+                if uc.direction == CALL_IN and uc.anchor is chan and not uc.announced:
                     uc.tried = False  # _end would tell a tried one as failed
                     self._release_anchor(uc)
                     self._end(uc)
@@ -2592,7 +2678,7 @@ class CallEngine:
         original = Party(uc.me.num or uc.dialed, uc.me.name)
         carrier.diverted_from = original
         uc.path.append({"divert": target.num})
-        self._emit(uc, "divert", direction="to", original=original.as_dict(),
+        self._emit(uc, Kind.DIVERT, direction=Direction.TO, original=original.as_dict(),
                    target=target.as_dict(), external=not inside)
 
     def _forwarded(self, src: Optional[Channel], dest: Channel, number: str) -> None:
@@ -2603,7 +2689,7 @@ class CallEngine:
         target = Party(number, "")
         inside = bool(self.directory.extension_users(number))
         for uc in list(dest.user_calls):
-            if uc.direction == "in" and uc.answered_at is None:
+            if uc.direction == CALL_IN and uc.answered_at is None:
                 if uc.anchor is None:
                     self._set_anchor(uc, src)
                 self._divert(uc, src, target, inside)
@@ -2624,21 +2710,21 @@ class CallEngine:
                 uc.queue_caller = chan
                 extra["queue"] = chan.queue
                 break
-        self._announce(uc, "incoming", **extra)
+        self._announce(uc, Kind.INCOMING, **extra)
         # Told after the incoming: where it came from before it was diverted
         # or transferred to this user.
         for chan in rung.lineage():
             if chan.transferred_by is not None:
                 by, kind = chan.transferred_by
                 uc.path.append({"transfer": kind, "by": by.num})
-                self._emit(uc, "transfer", kind=kind, direction="from", by=by.as_dict(),
+                self._emit(uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM, by=by.as_dict(),
                            target=uc.me.as_dict())
                 break
             original = chan.diverted_from
             if original is not None and original.num != uc.me.num and \
                     uc.user not in self.directory.extension_users(original.num):
                 uc.path.append({"diverted_from": original.num})
-                self._emit(uc, "divert", direction="from", original=original.as_dict(),
+                self._emit(uc, Kind.DIVERT, direction=Direction.FROM, original=original.as_dict(),
                            target=uc.me.as_dict(), external=False)
                 break
 
@@ -2662,7 +2748,7 @@ class CallEngine:
         ending = dest.rung_through()
         for chan in ending:
             for uc in chan.user_calls:
-                if uc.direction == "in":
+                if uc.direction == CALL_IN:
                     self._leg_outcome(uc, outcome, ending)
         # Up the chain, as long as no other branch of a dial still rings:
         # a forward that was not answered, the caller's own outgoing call.
@@ -2684,14 +2770,14 @@ class CallEngine:
                and chan in chan.dialer.dial_targets for chan in uc.channels):
             uc.leg_outcome = uc.leg_outcome or outcome
             return
-        if outcome == "failed" and uc.leg_outcome is not None:
+        if outcome == Reason.FAILED and uc.leg_outcome is not None:
             outcome = uc.leg_outcome
         self._set_outcome(uc, outcome)
 
     def _set_outcome(self, uc: UserCall, outcome: str) -> None:
         if uc.answered_at is not None:
             return
-        if uc.direction == "out":
+        if uc.direction == CALL_OUT:
             # The caller's dialplan may go on (a hunt list, a forward): the
             # last attempt's verdict counts, and is told with the hangup.
             uc.outcome = outcome
@@ -2701,10 +2787,10 @@ class CallEngine:
         uc.outcome = outcome
         if not uc.announced:
             return
-        if outcome == "noanswer" and uc.direction == "in":
-            self._emit(uc, "timeout")
-        elif outcome == "busy":
-            self._emit(uc, "busy")
+        if outcome == Reason.NOANSWER and uc.direction == CALL_IN:
+            self._emit(uc, Kind.TIMEOUT)
+        elif outcome == Reason.BUSY:
+            self._emit(uc, Kind.BUSY)
 
     def _answered(self, src: Optional[Channel], answerer: Channel,
                   method: str = "") -> None:
@@ -2726,7 +2812,7 @@ class CallEngine:
         if outside:
             for chan in answerer.lineage():
                 forwarder = next((uc for uc in chan.user_calls
-                                  if uc.anchor is chan and uc.direction == "in"), None)
+                                  if uc.anchor is chan and uc.direction == CALL_IN), None)
                 if forwarder is not None:
                     break
         caller = root.callback if root.callback is not None else root
@@ -2746,7 +2832,7 @@ class CallEngine:
                         # blind transfer sent this user's call to.
                         uc.peer = self._remote_party(answerer, uc.me)
                     continue
-                if uc.direction == "out":
+                if uc.direction == CALL_OUT:
                     if not any(chan in lineage for chan in uc.channels):
                         continue
                     remote = self._remote_party(answerer, uc.me)
@@ -2759,15 +2845,15 @@ class CallEngine:
                         self._release_anchor(uc)
                         uc.device = answerer.device  # of several phones, this one
                     self._answer(uc, answerer, extra)
-                elif uc.outcome != "answered_elsewhere" and \
+                elif uc.outcome != Reason.ANSWERED_ELSEWHERE and \
                         (uc.channels or uc.anchor is not None or uc.queue_caller is not None):
                     # Someone else's call now, even after it timed out or
                     # was busy here (a forward on no answer): it lasts for
                     # this user only as long as the user's own phone still
                     # rings down.
-                    uc.outcome = "answered_elsewhere"
+                    uc.outcome = Reason.ANSWERED_ELSEWHERE
                     uc.answered_by = answered_by
-                    self._emit(uc, "pickup", **extra)
+                    self._emit(uc, Kind.PICKUP, **extra)
                     self._release_anchor(uc)
                     if not uc.channels:
                         self._end(uc)
@@ -2775,7 +2861,7 @@ class CallEngine:
     def _answer(self, uc: UserCall, answerer: Channel, extra: Dict[str, object]) -> None:
         uc.answered_at = self._now
         uc.answered_by = self._remote_party(answerer, uc.me)
-        self._emit(uc, "pickup", **extra)
+        self._emit(uc, Kind.PICKUP, **extra)
 
     def _hangup(self, chan: Channel, cause: int, cause_txt: str,
                 reason: Optional[str] = None) -> None:
@@ -2834,13 +2920,13 @@ class CallEngine:
         target = Party(msg.get("Extension", ""), "")
         by = transferer.caller
         told = list(transferer.user_calls)
-        self._tell_transferer(told, "blind", by, target)
+        self._tell_transferer(told, TransferKind.BLIND, by, target)
         if transferee is not None:
             # The transferee goes on in the dialplan on its own: whatever it
             # dials next is a call transferred by ``by``, not by its dialer.
-            transferee.transferred_by = (by, "blind")
+            transferee.transferred_by = (by, TransferKind.BLIND)
             transferee.dialer = None
-            self._tell_transferees(self._endpoints(transferee, [transferer]), told, "blind",
+            self._tell_transferees(self._endpoints(transferee, [transferer]), told, TransferKind.BLIND,
                                    by, target)
 
     def _tell_transferer(self, calls: List[UserCall], kind: str, by: Party,
@@ -2849,7 +2935,7 @@ class CallEngine:
         for uc in calls:
             uc.transferred = True
             uc.path.append({"transfer": kind, "to": target.num})
-            self._emit(uc, "transfer", kind=kind, direction="to", by=by.as_dict(),
+            self._emit(uc, Kind.TRANSFER, kind=kind, direction=Direction.TO, by=by.as_dict(),
                        target=target.as_dict())
 
     def _tell_transferees(self, parties: List[Channel], told: List[UserCall], kind: str,
@@ -2862,7 +2948,7 @@ class CallEngine:
                     continue
                 told.append(uc)
                 uc.path.append({"transfer": kind, "by": by.num, "to": target.num})
-                self._emit(uc, "transfer", kind=kind, direction="moved", by=by.as_dict(),
+                self._emit(uc, Kind.TRANSFER, kind=kind, direction=Direction.MOVED, by=by.as_dict(),
                            target=target.as_dict())
 
     def on_attendedtransfer(self, msg: AmiMessage) -> None:
@@ -2884,7 +2970,8 @@ class CallEngine:
         transferees = self._endpoints(named, transferers) if named is not None \
             else self._parties_of(first, transferers)
         transferees = [t for t in transferees if t not in targets]
-        kind = "attended" if targets and all(t.state == "Up" for t in targets) else "blonde"
+        kind = TransferKind.ATTENDED if targets and all(t.state == "Up" for t in targets) \
+            else TransferKind.BLONDE
         consult = [uc for uc in (second.user_calls if second is not None else ())
                    if uc not in first.user_calls]
         if len(targets) == 1 and targets[0].caller:
@@ -2906,7 +2993,7 @@ class CallEngine:
                 told.append(uc)
                 uc.peer = customer  # their screen shows the customer now
                 uc.path.append({"transfer": kind, "by": by.num})
-                self._emit(uc, "transfer", kind=kind, direction="from", by=by.as_dict(),
+                self._emit(uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM, by=by.as_dict(),
                            target=uc.me.as_dict())
         if targets:
             for chan in transferees:
@@ -2954,15 +3041,15 @@ class CallEngine:
             return
         directed = (picker.app.lower() in _PICKUP_APPS and bool(picker.appdata)) or \
             picker.exten.startswith("**")
-        method = "directed" if directed else "group"
+        method = PickupMethod.DIRECTED if directed else PickupMethod.GROUP
         root = target.root() if target.dialer is not None else target
         caller = target.connected or root.caller
         dialed = self._dialed_number(root, "")
         for user in self._users_of(picker):
-            uc = self._user_call(root.linkedid, user, "in", picker.caller, caller, dialed)
+            uc = self._user_call(root.linkedid, user, CALL_IN, picker.caller, caller, dialed)
             uc.device = uc.device or picker.device
             self._attach(uc, picker)
-            for out in [u for u in picker.user_calls if u.direction == "out"]:
+            for out in [u for u in picker.user_calls if u.direction == CALL_OUT]:
                 self._end(out)  # the pickup code was no call of its own
             self._announce_incoming(uc, caller, dialed, target)
         picker.dialer = target.dialer
@@ -2984,7 +3071,7 @@ class CallEngine:
         parkee.parked = (space, lot, by)
         for uc in ucs:
             uc.path.append({"park": space})
-            self._emit(uc, "park", space=space, lot=lot, by=by.as_dict(),
+            self._emit(uc, Kind.PARK, space=space, lot=lot, by=by.as_dict(),
                        timeout=msg.get("ParkingTimeout", ""))
 
     def on_unparkedcall(self, msg: AmiMessage) -> None:
@@ -2998,7 +3085,7 @@ class CallEngine:
         # A click-to-dial's trunk leg carries the parker's own name: dropped.
         caller = self._remote_party(parkee, by)
         for user in self._users_of(retriever):
-            uc = self._user_call(parkee.linkedid, user, "in", retriever.caller, caller,
+            uc = self._user_call(parkee.linkedid, user, CALL_IN, retriever.caller, caller,
                                  retriever.exten)
             uc.device = uc.device or retriever.device
             self._attach(uc, retriever)
@@ -3006,10 +3093,18 @@ class CallEngine:
             uc.answered_at = self._now
             uc.answered_by = retriever.caller
             uc.path.append({"unpark": space})
-            self._emit(uc, "unpark", space=space, lot=lot, result="retrieved",
+            self._emit(uc, Kind.UNPARK, space=space, lot=lot, result=ParkResult.RETRIEVED,
                        parked_by=by.as_dict(), retrieved_by=retriever.caller.as_dict())
 
-    def on_parkedcall_end(self, msg: AmiMessage) -> None:
+    def on_parkedcalltimeout(self, msg: AmiMessage) -> None:
+        """Nobody retrieved the parked call in time: it comes back."""
+        self._parking_over(msg, ParkResult.TIMEOUT)
+
+    def on_parkedcallgiveup(self, msg: AmiMessage) -> None:
+        """The parked caller hung up."""
+        self._parking_over(msg, ParkResult.ABANDONED)
+
+    def _parking_over(self, msg: AmiMessage, result: str) -> None:
         """The parked call came back (timeout) or its caller hung up (give up):
         the parker's users are told, since nobody took the call."""
         parkee = self._snapshot(msg, "Parkee")
@@ -3017,14 +3112,13 @@ class CallEngine:
             return
         space, lot, by = parkee.parked
         parkee.parked = None
-        result = "timeout" if msg.get("Event") == "ParkedCallTimeOut" else "abandoned"
         parker_device = device_of_interface(msg.get("ParkerDialString", ""))
-        fields = self._fields("unpark", parkee.linkedid, self._now, "callee", parker_device,
+        fields = self._fields(Kind.UNPARK, parkee.linkedid, self._now, "callee", parker_device,
                               self._remote_party(parkee, by), by, space=space, lot=lot,
                               result=result,
                               parked_by=by.as_dict(), retrieved_by=NOBODY.as_dict())
         for user in self.directory.device_users(parker_device):
-            self._out.append(Notification(user, "unpark", dict(fields)))
+            self._out.append(Notification(user, Kind.UNPARK, dict(fields)))
 
     def _calls_around(self, chan: Channel) -> List[UserCall]:
         """User calls of this channel's call: its own, and those of the
@@ -3038,19 +3132,39 @@ class CallEngine:
     # -- handlers: queues --------------------------------------------------------
 
     def on_queuemember(self, msg: AmiMessage) -> None:
-        queue = msg.get("Queue")
+        """A member in the QueueStatus list (after every login)."""
+        self._learn_members(msg)
+
+    def on_queuememberadded(self, msg: AmiMessage) -> None:
+        self._learn_members(msg)
+
+    def on_queuememberstatus(self, msg: AmiMessage) -> None:
+        """A member's device changed state: still a member, maybe one added
+        while the link was down."""
+        self._learn_members(msg)
+
+    def on_agentcalled(self, msg: AmiMessage) -> None:
+        """The queue rings a member.  A member learned of only now (no
+        QueueStatus, no member event yet, n_queue.ami) still hears of the
+        caller before it rings."""
+        queue = self._learn_members(msg)
         if not queue:
             return
+        caller = self._snapshot(msg, "")
+        if caller is not None and caller.queue == queue:
+            self._tell_queue(caller, queue, Action.JOIN, msg)
+
+    def _learn_members(self, msg: AmiMessage) -> str:
+        """The users behind a member event's interfaces are members of its
+        queue; returns the queue ('' if none is named)."""
+        queue = msg.get("Queue")
+        if not queue:
+            return ""
         users = set(self.directory.interface_users(msg.get("Interface", "")))
         users.update(self.directory.interface_users(msg.get("StateInterface", "")))
         if users:
             self.queue_members.setdefault(queue, set()).update(users)
-        if msg.get("Event") == "AgentCalled":
-            # A member learned of only now (no QueueStatus, no member event
-            # yet, n_queue.ami) still hears of the caller before it rings.
-            caller = self._snapshot(msg, "")
-            if caller is not None and caller.queue == queue:
-                self._tell_queue(caller, queue, "join", msg)
+        return queue
 
     def on_queuememberremoved(self, msg: AmiMessage) -> None:
         members = self.queue_members.get(msg.get("Queue", ""))
@@ -3065,18 +3179,22 @@ class CallEngine:
         chan.queue = queue
         chan.queue_join = (msg.get("Position", ""), msg.get("Count", ""))
         self._caller_call(chan)  # a user calling a queue: an outgoing call
-        self._tell_queue(chan, queue, "join", msg)
+        self._tell_queue(chan, queue, Action.JOIN, msg)
+
+    def on_queuecallerabandon(self, msg: AmiMessage) -> None:
+        """The caller hung up while waiting (QueueCallerLeave follows)."""
+        chan = self._snapshot(msg, "")
+        if chan is not None:
+            self._leave_queue(chan, msg, Action.ABANDON)
 
     def on_queuecallerleave(self, msg: AmiMessage) -> None:
         chan = self._snapshot(msg, "")
-        if chan is None:
-            return
-        queue = msg.get("Queue", "")
-        action = "abandon" if msg.get("Event") == "QueueCallerAbandon" else "leave"
-        if action == "leave" and chan.queue is None:
-            return  # the abandon was told already
+        if chan is not None and chan.queue is not None:  # else the abandon was told
+            self._leave_queue(chan, msg, Action.LEAVE)
+
+    def _leave_queue(self, chan: Channel, msg: AmiMessage, action: str) -> None:
         chan.queue = None
-        self._tell_queue(chan, queue, action, msg)
+        self._tell_queue(chan, msg.get("Queue", ""), action, msg)
         chan.queue_told = set()
         self._end_queue_held(chan)
 
@@ -3084,18 +3202,18 @@ class CallEngine:
         """Queue members hear of callers joining and leaving their queue,
         whether or not their phone rings for them."""
         members = self.queue_members.get(queue)
-        if action == "join":
+        if action == Action.JOIN:
             members = members and members - chan.queue_told
             if members:
                 chan.queue_told.update(members)
         if not members:
             return
         fields = self._fields(
-            "queue", chan.linkedid, self._now, "callee", "", chan.caller,
+            Kind.QUEUE, chan.linkedid, self._now, "callee", "", chan.caller,
             Party(chan.exten if chan.exten not in _SPECIAL_EXTENS else "", queue),
             action=action, queue=queue, position=msg.get("Position") or chan.queue_join[0],
             count=msg.get("Count") or chan.queue_join[1])
-        if action == "leave":
+        if action == Action.LEAVE:
             answered = [c for c in self.table.bridged_with(chan) + list(chan.dial_targets)
                         if c.answered_at is not None and self._users_of(c)]
             if chan.connected:
@@ -3103,7 +3221,7 @@ class CallEngine:
             elif answered:
                 fields["answered_by"] = answered[0].caller.as_dict()
         for user in sorted(members):
-            self._out.append(Notification(user, "queue", dict(fields)))
+            self._out.append(Notification(user, Kind.QUEUE, dict(fields)))
 
     # -- handlers: conferences and hold ---------------------------------------
 
@@ -3116,7 +3234,7 @@ class CallEngine:
         members = self.conferences.setdefault(room, [])
         if chan not in members:
             members.append(chan)
-        self._tell_conference(room, chan, "join")
+        self._tell_conference(room, chan, Action.JOIN)
 
     def on_confbridgeleave(self, msg: AmiMessage) -> None:
         chan = self._snapshot(msg, "")
@@ -3132,7 +3250,7 @@ class CallEngine:
         if members is None or chan not in members:
             return
         members.remove(chan)
-        self._tell_conference(room, chan, "leave")
+        self._tell_conference(room, chan, Action.LEAVE)
         if not members:
             del self.conferences[room]
 
@@ -3144,19 +3262,18 @@ class CallEngine:
             listeners.append(who)
         for chan in listeners:
             for uc in chan.user_calls:
-                self._emit(uc, "conference", action=action, room=room, members=count,
+                self._emit(uc, Kind.CONFERENCE, action=action, room=room, members=count,
                            who=who.caller.as_dict())
 
     def on_hold(self, msg: AmiMessage) -> None:
         chan = self._snapshot(msg, "")
-        if chan is None:
-            return
-        held = msg.get("Event") == "Hold"
-        if (chan.hold_told is not None) == held:
-            return  # PJSIP re-INVITEs repeat Unhold (j_blind_transfer.ami)
-        if held:
-            chan.hold_told = self._tell_hold(chan, "hold", [])
-        else:
+        if chan is not None and chan.hold_told is None:
+            chan.hold_told = self._tell_hold(chan, Kind.HOLD, [])
+
+    def on_unhold(self, msg: AmiMessage) -> None:
+        # Only a hold told ends: PJSIP re-INVITEs repeat Unhold (j_blind_transfer.ami).
+        chan = self._snapshot(msg, "")
+        if chan is not None:
             self._end_hold(chan)
 
     def _end_hold(self, chan: Channel) -> None:
@@ -3166,7 +3283,7 @@ class CallEngine:
         bridge is no end: an attended transfer's consultation does that."""
         told, chan.hold_told = chan.hold_told, None
         if told is not None:
-            self._tell_hold(chan, "unhold", [uc for uc in told
+            self._tell_hold(chan, Kind.UNHOLD, [uc for uc in told
                                              if self.user_calls.get(uc.key) is uc])
 
     def _tell_hold(self, chan: Channel, kind: str, also: List[UserCall]) -> List[UserCall]:
@@ -3215,7 +3332,7 @@ class CallEngine:
             seen = set()
         for chan in [c for c in self.table.channels.values() if c.uniqueid not in seen]:
             # Hung up while we were not listening: how is unknowable.
-            self._hangup(chan, 0, "", reason="unknown")
+            self._hangup(chan, 0, "", reason=Reason.UNKNOWN)
         for chan in list(self.table.channels.values()):
             if chan.app.lower() == "voicemail":
                 self._to_voicemail(chan)  # got there while we were away
@@ -3228,7 +3345,7 @@ class CallEngine:
             # channel that answered (a callee: what dialed it is known).  A
             # caller's own channel being Up says nothing: a click-to-dial
             # phone is Up while the far end still rings.
-            if chan.dialer is not None or any(uc.direction == "in" and chan in uc.channels
+            if chan.dialer is not None or any(uc.direction == CALL_IN and chan in uc.channels
                                               for uc in chan.user_calls):
                 self._answered(chan.dialer, chan)
         for chan in list(self.table.channels.values()):
@@ -3247,7 +3364,7 @@ class CallEngine:
         dialed = "" if callee else self._dialed_number(chan, "")
         peer = chan.connected or Party(dialed, "")
         for user in self._users_of(chan):
-            uc = self._user_call(chan.linkedid, user, "in" if callee else "out", chan.caller,
+            uc = self._user_call(chan.linkedid, user, CALL_IN if callee else CALL_OUT, chan.caller,
                                  peer, dialed)
             uc.device = chan.device
             uc.started = chan.created
@@ -3265,7 +3382,7 @@ class CallEngine:
                 self._announce_incoming(uc, chan.connected, "", chan)
                 uc.started = self._now
             else:
-                self._announce(uc, "outgoing")
+                self._announce(uc, Kind.OUTGOING)
 
     # -- the end of a user call ------------------------------------------------
 
@@ -3287,15 +3404,15 @@ class CallEngine:
         uc.channels = []
         uc.anchor = None
         if not uc.announced:
-            if not (uc.tried and uc.direction == "in"):
+            if not (uc.tried and uc.direction == CALL_IN):
                 return
             # It never rang: still the user's call, and it failed.
-            self._announce(uc, "incoming")
-            uc.outcome = uc.outcome or "failed"
+            self._announce(uc, Kind.INCOMING)
+            uc.outcome = uc.outcome or Reason.FAILED
         ending = uc.ending(self._now, reason)
-        if ending["reason"] == "busy" and uc.direction == "out":
-            self._emit(uc, "busy")
-        fields = self._emit(uc, "hangup", **ending)
+        if ending["reason"] == Reason.BUSY and uc.direction == CALL_OUT:
+            self._emit(uc, Kind.BUSY)
+        fields = self._emit(uc, Kind.HANGUP, **ending)
         record = uc.record(fields["time"], ending)
         if self.pbx:
             record["pbx"] = self.pbx
