@@ -2148,6 +2148,18 @@ class Notification:
 _NO_NOTIFICATIONS: Tuple[Notification, ...] = ()
 
 
+class Outbox:
+    """One call into the engine: the time it runs at, and the notifications
+    it causes, in order.  Handed down through the handlers, so that nothing
+    of one message is left on the engine for the next."""
+
+    __slots__ = ("now", "notes")
+
+    def __init__(self, now: float):
+        self.now = now
+        self.notes: List[Notification] = []
+
+
 class CallEngine:
     """Follows channels, dials and bridges; tells each user about their calls.
 
@@ -2185,8 +2197,6 @@ class CallEngine:
         #: and those of the channels not answered when it began.
         self._resync_seen: Optional[Set[str]] = None
         self._resync_unanswered: Set[str] = set()
-        self._out: List[Notification] = []
-        self._now = 0.0
         self._handlers = {
             # channel lifecycle
             "Newchannel": self.on_newchannel,
@@ -2240,12 +2250,9 @@ class CallEngine:
         handler = self._handlers.get(msg.get("Event"))  # type: ignore[arg-type]
         if handler is None:
             return _NO_NOTIFICATIONS
-        self._now = now
-        handler(msg)
-        if not self._out:
-            return _NO_NOTIFICATIONS
-        out, self._out = self._out, []
-        return out
+        out = Outbox(now)
+        handler(msg, out)
+        return out.notes or _NO_NOTIFICATIONS
 
     def set_directory(self, directory: Directory) -> None:
         """New users and devices apply to calls that start from now on."""
@@ -2268,9 +2275,9 @@ class CallEngine:
     def link_lost(self, now: float) -> List[Notification]:
         """The AMI link is gone for good: no call may stay 'ringing' at a
         client.  Every announced call ends with ``reason=unknown``."""
-        self._now = now
+        out = Outbox(now)
         for uc in list(self.user_calls.values()):
-            self._end(uc, reason=Reason.UNKNOWN)
+            self._end(out, uc, reason=Reason.UNKNOWN)
         self.table.clear()
         self.user_calls.clear()
         self.calls.clear()
@@ -2278,8 +2285,7 @@ class CallEngine:
         self._queue_held.clear()
         self._resync_seen = None
         self._resync_unanswered = set()
-        out, self._out = self._out, []
-        return out
+        return out.notes
 
     def active_calls(self, user: str) -> List[UserCall]:
         """The user's announced calls in progress, oldest first."""
@@ -2290,28 +2296,28 @@ class CallEngine:
         """A call in progress as event fields, for the CALLS command."""
         frm, to = uc.parties
         fields = self._fields("call", uc.call_id, uc.started, uc.role, uc.device, frm, to,
-                              state=CallState.UP if uc.answered_at is not None else CallState.RINGING,
-                              dialed=uc.dialed)
+                              state=CallState.RINGING if uc.answered_at is None
+                              else CallState.UP, dialed=uc.dialed)
         if uc.answered_at is not None:
             fields["answered"] = iso_time(uc.answered_at)
         return fields
 
     # -- handlers: channels ----------------------------------------------------
 
-    def on_newchannel(self, msg: AmiMessage) -> None:
+    def on_newchannel(self, msg: AmiMessage, out: Outbox) -> None:
         uniqueid = msg.get("Uniqueid")
         name = msg.get("Channel")
         if not uniqueid or not name:
             return
         if uniqueid not in self.table.channels:  # else a repeated Newchannel: an update
-            self.table.add(Channel(uniqueid, name, self._now))
-        self._snapshot(msg, "")
+            self.table.add(Channel(uniqueid, name, out.now))
+        self._snapshot(out, msg, "")
 
-    def on_snapshot(self, msg: AmiMessage) -> None:
-        self._snapshot(msg, "")
+    def on_snapshot(self, msg: AmiMessage, out: Outbox) -> None:
+        self._snapshot(out, msg, "")
 
-    def on_newexten(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def on_newexten(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         if chan is None:
             return
         chan.app = msg.get("Application", chan.app)
@@ -2326,13 +2332,13 @@ class CallEngine:
                     # Straight to voicemail: the user's phone could not be
                     # reached (unavailable, DND); still a call for them.
                     root = chan.root()
-                    self._announce_incoming(uc, root.caller, self._dialed_number(root, ""),
+                    self._announce_incoming(out, uc, root.caller, self._dialed_number(root, ""),
                                             chan)
                     uc.outcome = Reason.FAILED
         if app == "voicemail":
-            self._to_voicemail(chan)
+            self._to_voicemail(out, chan)
 
-    def _to_voicemail(self, chan: Channel) -> None:
+    def _to_voicemail(self, out: Outbox, chan: Channel) -> None:
         """The caller reached voicemail: for the users whose number it was,
         and whose phones no longer ring, the call ends now, missed (not when
         the message is done: CALLS must not show it ringing meanwhile)."""
@@ -2343,57 +2349,57 @@ class CallEngine:
                 uc.path.append({"voicemail": mailbox})
                 uc.outcome = uc.outcome or Reason.NOANSWER
                 self._release_anchor(uc)
-                self._end(uc)
+                self._end(out, uc)
 
-    def on_localbridge(self, msg: AmiMessage) -> None:
-        one = self._snapshot(msg, "LocalOne")
-        two = self._snapshot(msg, "LocalTwo")
+    def on_localbridge(self, msg: AmiMessage, out: Outbox) -> None:
+        one = self._snapshot(out, msg, "LocalOne")
+        two = self._snapshot(out, msg, "LocalTwo")
         if one is not None and two is not None:
             one.local_peer, two.local_peer = two, one
 
-    def on_hangup(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def on_hangup(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         if chan is None:
             return
         try:
             cause = int(msg.get("Cause", "0"))
         except ValueError:
             cause = 0
-        self._hangup(chan, cause, msg.get("Cause-txt") or Q850_CAUSES.get(cause, ""))
+        self._hangup(out, chan, cause, msg.get("Cause-txt") or Q850_CAUSES.get(cause, ""))
 
     # -- handlers: dialing ---------------------------------------------------
 
-    def on_dialbegin(self, msg: AmiMessage) -> None:
-        src = self._snapshot(msg, "")
-        dest = self._snapshot(msg, "Dest")
+    def on_dialbegin(self, msg: AmiMessage, out: Outbox) -> None:
+        src = self._snapshot(out, msg, "")
+        dest = self._snapshot(out, msg, "Dest")
         if dest is not None:
-            self._dial_begin(src, dest, msg.get("DialString", ""))
+            self._dial_begin(out, src, dest, msg.get("DialString", ""))
 
-    def on_dialstate(self, msg: AmiMessage) -> None:
-        src = self._snapshot(msg, "")
-        dest = self._snapshot(msg, "Dest")
+    def on_dialstate(self, msg: AmiMessage, out: Outbox) -> None:
+        src = self._snapshot(out, msg, "")
+        dest = self._snapshot(out, msg, "Dest")
         if dest is not None and msg.get("DialStatus") == "FORWARD":
-            self._forwarded(src, dest, msg.get("Forward", ""))
+            self._forwarded(out, src, dest, msg.get("Forward", ""))
 
-    def on_dialend(self, msg: AmiMessage) -> None:
-        src = self._snapshot(msg, "")
-        dest = self._snapshot(msg, "Dest")
+    def on_dialend(self, msg: AmiMessage, out: Outbox) -> None:
+        src = self._snapshot(out, msg, "")
+        dest = self._snapshot(out, msg, "Dest")
         if dest is None:
             return
         status = msg.get("DialStatus", "")
         if status == "FORWARD" or msg.get("Forward"):
             # SIP 302 or a phone's own call forward (app_dial.c): the call
             # goes on to another number, dialed next by the same caller.
-            self._forwarded(src, dest, msg.get("Forward", ""))
+            self._forwarded(out, src, dest, msg.get("Forward", ""))
             if src is not None:
                 src.dial_targets.discard(dest)
             return
-        self._dial_end(src, dest, status)
+        self._dial_end(out, src, dest, status)
 
     # -- handlers: bridges ---------------------------------------------------
 
-    def on_bridgeenter(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def on_bridgeenter(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         bridge_id = msg.get("BridgeUniqueid")
         if chan is None or not bridge_id:
             return
@@ -2402,14 +2408,14 @@ class CallEngine:
         if swapped is not None:
             self._swap(swapped, chan)
 
-    def on_bridgeleave(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def on_bridgeleave(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         if chan is not None:
             self.table.leave_bridge(chan)
 
     # -- bookkeeping -----------------------------------------------------------
 
-    def _snapshot(self, msg: AmiMessage, prefix: str) -> Optional[Channel]:
+    def _snapshot(self, out: Outbox, msg: AmiMessage, prefix: str) -> Optional[Channel]:
         """The channel an event is about, updated from the event's snapshot
         fields (every channel event carries state, caller ID and position).
 
@@ -2432,13 +2438,13 @@ class CallEngine:
                 return None
             # A channel that existed before we connected, or whose
             # Newchannel was lost: adopt it, dated by its Uniqueid.
-            chan = Channel(uniqueid, name, uniqueid_epoch(uniqueid) or self._now)
+            chan = Channel(uniqueid, name, uniqueid_epoch(uniqueid) or out.now)
             self.table.add(chan)
         state = get(keys[2])
         if state is not None and state != chan.state:
             chan.state = state
             if state == "Up" and chan.answered_at is None:
-                chan.answered_at = self._now
+                chan.answered_at = out.now
         num = get(keys[3])
         if num is not None:
             raw = (num, get(keys[4]))
@@ -2460,7 +2466,7 @@ class CallEngine:
             if exten != chan.exten or context != chan.context:
                 chan.exten = exten
                 chan.context = context
-                self._visit_exten(chan)
+                self._visit_exten(out, chan)
         if chan.first_exten is None:
             chan.first_exten = chan.exten  # where it was created: what a caller dialed
         return chan
@@ -2495,12 +2501,12 @@ class CallEngine:
 
     # -- calls as the users see them -------------------------------------------
 
-    def _user_call(self, call_id: str, user: str, direction: str, me: Party, peer: Party,
-                   dialed: str) -> UserCall:
+    def _user_call(self, out: Outbox, call_id: str, user: str, direction: str, me: Party,
+                   peer: Party, dialed: str) -> UserCall:
         key = (call_id, user, direction)
         uc = self.user_calls.get(key)
         if uc is None:
-            uc = UserCall(user, call_id, direction, me, peer, dialed, self._now)
+            uc = UserCall(user, call_id, direction, me, peer, dialed, out.now)
             self.user_calls[key] = uc
             self.calls.setdefault(call_id, []).append(uc)
         return uc
@@ -2528,7 +2534,7 @@ class CallEngine:
             if uc in anchor.user_calls and anchor not in uc.channels:
                 anchor.user_calls.remove(uc)
 
-    def _visit_exten(self, chan: Channel) -> None:
+    def _visit_exten(self, out: Outbox, chan: Channel) -> None:
         """A channel runs dialplan at an extension: if that is a user's
         number, the call is for that user, wherever it rings next."""
         if chan.local_half == "1":
@@ -2545,12 +2551,12 @@ class CallEngine:
         for user in users:
             if user in callers:
                 continue  # the user's own phone dialing through their own number
-            uc = self._user_call(root.linkedid, user, CALL_IN, Party(chan.exten, ""),
+            uc = self._user_call(out, root.linkedid, user, CALL_IN, Party(chan.exten, ""),
                                  root.caller, self._dialed_number(root, ""))
             if uc.anchor is None and uc.answered_at is None:
                 self._set_anchor(uc, chan)
 
-    def _caller_call(self, chan: Channel) -> List[UserCall]:
+    def _caller_call(self, out: Outbox, chan: Channel) -> List[UserCall]:
         """The outgoing user calls of a user's own phone that is calling:
         created and announced on first need (a dial, a conference, a queue)."""
         if chan.is_local or chan.dialer is not None:
@@ -2560,11 +2566,11 @@ class CallEngine:
             return calls
         for user in self._users_of(chan):
             dialed = self._dialed_number(chan, "")
-            uc = self._user_call(chan.linkedid, user, CALL_OUT, chan.caller, Party(dialed, ""),
-                                 dialed)
+            uc = self._user_call(out, chan.linkedid, user, CALL_OUT, chan.caller,
+                                 Party(dialed, ""), dialed)
             uc.device = uc.device or chan.device
             self._attach(uc, chan)
-            self._announce(uc, Kind.OUTGOING)
+            self._announce(out, uc, Kind.OUTGOING)
             # Told only now (at a conference join, or at the hangup of a call
             # to voicemail): it began when the channel did.
             uc.started = chan.created
@@ -2572,7 +2578,8 @@ class CallEngine:
             calls.append(uc)
         return calls
 
-    def _dial_begin(self, src: Optional[Channel], dest: Channel, dialstring: str) -> None:
+    def _dial_begin(self, out: Outbox, src: Optional[Channel], dest: Channel,
+                    dialstring: str) -> None:
         dest.dialer = src
         if src is None:
             # Originate (click-to-dial): the phone rings for a call its own
@@ -2588,7 +2595,7 @@ class CallEngine:
             on_the_way = list(src.lineage())
             if dest.is_local and dest.local_peer is not None:
                 on_the_way.append(dest.local_peer)
-            self._drop_unannounced(on_the_way)
+            self._drop_unannounced(out, on_the_way)
             if self._users_of(dest):
                 # The first phone it rings is the user who asked for the call.
                 root.callback = dest
@@ -2606,12 +2613,12 @@ class CallEngine:
             peer = self._remote_party(dest, caller_chan.caller) if not dest.is_local \
                 else Party(dialed, "")
             for user in self._users_of(caller_chan):
-                uc = self._user_call(caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
+                uc = self._user_call(out, caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
                                      peer, dialed)
                 if not uc.device:
                     uc.device = caller_chan.device
                 self._attach(uc, caller_chan)
-                self._announce(uc, Kind.OUTGOING)
+                self._announce(out, uc, Kind.OUTGOING)
         caller = caller_chan.caller
         if not dest.is_local and dest.connected:
             caller = dest.connected  # what the ringing phone displays
@@ -2623,18 +2630,18 @@ class CallEngine:
         for chan in src.lineage():
             for uc in list(chan.user_calls):
                 if uc.direction == CALL_IN and uc.anchor is chan and uc.user not in dest_users:
-                    self._announce_incoming(uc, caller, dialed, chan)
+                    self._announce_incoming(out, uc, caller, dialed, chan)
                     if chan is src:  # deeper Local hops are routing, not diverts
-                        self._divert_if_elsewhere(uc, chan, dest, dialstring)
+                        self._divert_if_elsewhere(out, uc, chan, dest, dialstring)
         for user in dest_users:
-            uc = self._user_call(root.linkedid, user, CALL_IN, dest.caller, caller, dialed)
+            uc = self._user_call(out, root.linkedid, user, CALL_IN, dest.caller, caller, dialed)
             if not uc.announced:
                 uc.device = dest.device
                 uc.me = dest.caller
             self._attach(uc, dest)
-            self._announce_incoming(uc, caller, dialed, dest)
+            self._announce_incoming(out, uc, caller, dialed, dest)
 
-    def _drop_unannounced(self, chans: List[Channel]) -> None:
+    def _drop_unannounced(self, out: Outbox, chans: List[Channel]) -> None:
         """Forget, without a word, the calls to users' numbers anchored on
         these channels that have not been told yet."""
         for chan in chans:
@@ -2642,7 +2649,7 @@ class CallEngine:
                 if uc.direction == CALL_IN and uc.anchor is chan and not uc.announced:
                     uc.tried = False  # _end would tell a tried one as failed
                     self._release_anchor(uc)
-                    self._end(uc)
+                    self._end(out, uc)
 
     def _remote_party(self, chan: Channel, me: Party) -> Party:
         """The party on a channel, as the user sees it.  An outbound trunk
@@ -2653,7 +2660,7 @@ class CallEngine:
             name = ""
         return Party(chan.caller.num, name)
 
-    def _divert_if_elsewhere(self, uc: UserCall, anchor: Channel, dest: Channel,
+    def _divert_if_elsewhere(self, out: Outbox, uc: UserCall, anchor: Channel, dest: Channel,
                              dialstring: str) -> None:
         """The channel running a user's number dials something that is not
         one of that user's phones: the user's call is diverted there."""
@@ -2669,19 +2676,20 @@ class CallEngine:
             target = Party(dest.caller.num or self._dialstring_number(dialstring),
                            dest.caller.name if self._users_of(dest) else "")
             inside = bool(self._users_of(dest))
-        self._divert(uc, anchor, target, inside)
+        self._divert(out, uc, anchor, target, inside)
 
-    def _divert(self, uc: UserCall, carrier: Channel, target: Party, inside: bool) -> None:
+    def _divert(self, out: Outbox, uc: UserCall, carrier: Channel, target: Party,
+                inside: bool) -> None:
         if target.num in uc.diverted_to:
             return
         uc.diverted_to.append(target.num)
         original = Party(uc.me.num or uc.dialed, uc.me.name)
         carrier.diverted_from = original
         uc.path.append({"divert": target.num})
-        self._emit(uc, Kind.DIVERT, direction=Direction.TO, original=original.as_dict(),
+        self._emit(out, uc, Kind.DIVERT, direction=Direction.TO, original=original.as_dict(),
                    target=target.as_dict(), external=not inside)
 
-    def _forwarded(self, src: Optional[Channel], dest: Channel, number: str) -> None:
+    def _forwarded(self, out: Outbox, src: Optional[Channel], dest: Channel, number: str) -> None:
         """The rung phone forwarded the call (SIP 302): its user follows the
         call to the new number, as with a dialplan forward."""
         if src is None:
@@ -2692,10 +2700,10 @@ class CallEngine:
             if uc.direction == CALL_IN and uc.answered_at is None:
                 if uc.anchor is None:
                     self._set_anchor(uc, src)
-                self._divert(uc, src, target, inside)
+                self._divert(out, uc, src, target, inside)
                 src.diverted_from = uc.me
 
-    def _announce_incoming(self, uc: UserCall, caller: Party, dialed: str,
+    def _announce_incoming(self, out: Outbox, uc: UserCall, caller: Party, dialed: str,
                            rung: Channel) -> None:
         """The caller is known best when the call rings, not when it was
         routed: a Local channel learns its caller only once dialed."""
@@ -2710,25 +2718,25 @@ class CallEngine:
                 uc.queue_caller = chan
                 extra["queue"] = chan.queue
                 break
-        self._announce(uc, Kind.INCOMING, **extra)
+        self._announce(out, uc, Kind.INCOMING, **extra)
         # Told after the incoming: where it came from before it was diverted
         # or transferred to this user.
         for chan in rung.lineage():
             if chan.transferred_by is not None:
                 by, kind = chan.transferred_by
                 uc.path.append({"transfer": kind, "by": by.num})
-                self._emit(uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM, by=by.as_dict(),
-                           target=uc.me.as_dict())
+                self._emit(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM,
+                           by=by.as_dict(), target=uc.me.as_dict())
                 break
             original = chan.diverted_from
             if original is not None and original.num != uc.me.num and \
                     uc.user not in self.directory.extension_users(original.num):
                 uc.path.append({"diverted_from": original.num})
-                self._emit(uc, Kind.DIVERT, direction=Direction.FROM, original=original.as_dict(),
-                           target=uc.me.as_dict(), external=False)
+                self._emit(out, uc, Kind.DIVERT, direction=Direction.FROM,
+                           original=original.as_dict(), target=uc.me.as_dict(), external=False)
                 break
 
-    def _dial_end(self, src: Optional[Channel], dest: Channel, status: str) -> None:
+    def _dial_end(self, out: Outbox, src: Optional[Channel], dest: Channel, status: str) -> None:
         if src is not None:
             if dest.dialer is src and dest not in src.dial_targets:
                 # Handed on by a blonde transfer (or a repeated DialEnd): the
@@ -2737,7 +2745,7 @@ class CallEngine:
                 return
             src.dial_targets.discard(dest)
         if status == "ANSWER":
-            self._answered(src, dest)
+            self._answered(out, src, dest)
             return
         outcome = _DIAL_OUTCOMES.get(status)
         if outcome is None:
@@ -2749,7 +2757,7 @@ class CallEngine:
         for chan in ending:
             for uc in chan.user_calls:
                 if uc.direction == CALL_IN:
-                    self._leg_outcome(uc, outcome, ending)
+                    self._leg_outcome(out, uc, outcome, ending)
         # Up the chain, as long as no other branch of a dial still rings:
         # a forward that was not answered, the caller's own outgoing call.
         came_from = dest
@@ -2757,10 +2765,10 @@ class CallEngine:
             if any(target is not came_from for target in chan.dial_targets):
                 break
             for uc in chan.user_calls:
-                self._set_outcome(uc, outcome)
+                self._set_outcome(out, uc, outcome)
             came_from = chan
 
-    def _leg_outcome(self, uc: UserCall, outcome: str, ending: List[Channel]) -> None:
+    def _leg_outcome(self, out: Outbox, uc: UserCall, outcome: str, ending: List[Channel]) -> None:
         """One ringing leg of the user's call ended without an answer.  While
         another of the user's phones still rings (a second device, another
         contact of the same endpoint) that is no verdict yet: the last leg
@@ -2772,9 +2780,9 @@ class CallEngine:
             return
         if outcome == Reason.FAILED and uc.leg_outcome is not None:
             outcome = uc.leg_outcome
-        self._set_outcome(uc, outcome)
+        self._set_outcome(out, uc, outcome)
 
-    def _set_outcome(self, uc: UserCall, outcome: str) -> None:
+    def _set_outcome(self, out: Outbox, uc: UserCall, outcome: str) -> None:
         if uc.answered_at is not None:
             return
         if uc.direction == CALL_OUT:
@@ -2788,11 +2796,11 @@ class CallEngine:
         if not uc.announced:
             return
         if outcome == Reason.NOANSWER and uc.direction == CALL_IN:
-            self._emit(uc, Kind.TIMEOUT)
+            self._emit(out, uc, Kind.TIMEOUT)
         elif outcome == Reason.BUSY:
-            self._emit(uc, Kind.BUSY)
+            self._emit(out, uc, Kind.BUSY)
 
-    def _answered(self, src: Optional[Channel], answerer: Channel,
+    def _answered(self, out: Outbox, src: Optional[Channel], answerer: Channel,
                   method: str = "") -> None:
         if answerer.is_local:
             return  # the endpoint behind the Local channel reports the answer
@@ -2837,14 +2845,14 @@ class CallEngine:
                         continue
                     remote = self._remote_party(answerer, uc.me)
                     uc.peer = Party(remote.num or uc.peer.num, remote.name or uc.peer.name)
-                    self._answer(uc, answerer, extra)
+                    self._answer(out, uc, answerer, extra)
                 elif answerer in uc.channels or uc is forwarder:
                     # Answered on the user's phone, or on the outside number
                     # the user's calls are forwarded to (a mobile).
                     if answerer in uc.channels:
                         self._release_anchor(uc)
                         uc.device = answerer.device  # of several phones, this one
-                    self._answer(uc, answerer, extra)
+                    self._answer(out, uc, answerer, extra)
                 elif uc.outcome != Reason.ANSWERED_ELSEWHERE and \
                         (uc.channels or uc.anchor is not None or uc.queue_caller is not None):
                     # Someone else's call now, even after it timed out or
@@ -2853,27 +2861,28 @@ class CallEngine:
                     # rings down.
                     uc.outcome = Reason.ANSWERED_ELSEWHERE
                     uc.answered_by = answered_by
-                    self._emit(uc, Kind.PICKUP, **extra)
+                    self._emit(out, uc, Kind.PICKUP, **extra)
                     self._release_anchor(uc)
                     if not uc.channels:
-                        self._end(uc)
+                        self._end(out, uc)
 
-    def _answer(self, uc: UserCall, answerer: Channel, extra: Dict[str, object]) -> None:
-        uc.answered_at = self._now
+    def _answer(self, out: Outbox, uc: UserCall, answerer: Channel,
+                extra: Dict[str, object]) -> None:
+        uc.answered_at = out.now
         uc.answered_by = self._remote_party(answerer, uc.me)
-        self._emit(uc, Kind.PICKUP, **extra)
+        self._emit(out, uc, Kind.PICKUP, **extra)
 
-    def _hangup(self, chan: Channel, cause: int, cause_txt: str,
+    def _hangup(self, out: Outbox, chan: Channel, cause: int, cause_txt: str,
                 reason: Optional[str] = None) -> None:
-        self._end_hold(chan)
+        self._end_hold(out, chan)
         self.table.remove(chan)
         for room in [r for r, members in self.conferences.items() if chan in members]:
-            self._leave_conference(chan, room)
+            self._leave_conference(out, chan, room)
         if not chan.user_calls and reason is None:
             # A user's phone that called an application (voicemail, an IVR)
             # or a number that failed before anything rang: an outgoing call
             # too, for the call log.
-            self._caller_call(chan)
+            self._caller_call(out, chan)
         for uc in list(chan.user_calls):
             if chan in uc.channels:
                 uc.channels.remove(chan)
@@ -2883,10 +2892,10 @@ class CallEngine:
                 uc.cause, uc.cause_txt = cause, cause_txt
             if not uc.channels and uc.anchor is None and \
                     (reason is not None or not self._hold_for_queue(uc)):
-                self._end(uc, reason)
+                self._end(out, uc, reason)
         chan.user_calls = []
         chan.dial_targets.clear()
-        self._end_queue_held(chan, reason)
+        self._end_queue_held(out, chan, reason)
 
     def _hold_for_queue(self, uc: UserCall) -> bool:
         """A queue stopped ringing the user (a member timeout) while its
@@ -2901,45 +2910,45 @@ class CallEngine:
             held.append(uc)
         return True
 
-    def _end_queue_held(self, caller: Channel, reason: Optional[str] = None) -> None:
+    def _end_queue_held(self, out: Outbox, caller: Channel, reason: Optional[str] = None) -> None:
         """The caller left the queue or hung up: its members' calls that no
         phone rings any more end."""
         for uc in self._queue_held.pop(caller.uniqueid, ()):
             if not uc.channels and uc.anchor is None:
-                self._end(uc, reason)
+                self._end(out, uc, reason)
 
     # -- handlers: transfers, pickup, parking ------------------------------------
 
-    def on_blindtransfer(self, msg: AmiMessage) -> None:
+    def on_blindtransfer(self, msg: AmiMessage, out: Outbox) -> None:
         if msg.get("Result") != "Success":
             return
-        transferer = self._snapshot(msg, "Transferer")
-        transferee = self._snapshot(msg, "Transferee")
+        transferer = self._snapshot(out, msg, "Transferer")
+        transferee = self._snapshot(out, msg, "Transferee")
         if transferer is None:
             return
         target = Party(msg.get("Extension", ""), "")
         by = transferer.caller
         told = list(transferer.user_calls)
-        self._tell_transferer(told, TransferKind.BLIND, by, target)
+        self._tell_transferer(out, told, TransferKind.BLIND, by, target)
         if transferee is not None:
             # The transferee goes on in the dialplan on its own: whatever it
             # dials next is a call transferred by ``by``, not by its dialer.
             transferee.transferred_by = (by, TransferKind.BLIND)
             transferee.dialer = None
-            self._tell_transferees(self._endpoints(transferee, [transferer]), told, TransferKind.BLIND,
-                                   by, target)
+            self._tell_transferees(out, self._endpoints(transferee, [transferer]), told,
+                                   TransferKind.BLIND, by, target)
 
-    def _tell_transferer(self, calls: List[UserCall], kind: str, by: Party,
+    def _tell_transferer(self, out: Outbox, calls: List[UserCall], kind: str, by: Party,
                          target: Party) -> None:
         """The user who transferred: their call ends with reason=transferred."""
         for uc in calls:
             uc.transferred = True
             uc.path.append({"transfer": kind, "to": target.num})
-            self._emit(uc, Kind.TRANSFER, kind=kind, direction=Direction.TO, by=by.as_dict(),
+            self._emit(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.TO, by=by.as_dict(),
                        target=target.as_dict())
 
-    def _tell_transferees(self, parties: List[Channel], told: List[UserCall], kind: str,
-                          by: Party, target: Party) -> None:
+    def _tell_transferees(self, out: Outbox, parties: List[Channel], told: List[UserCall],
+                          kind: str, by: Party, target: Party) -> None:
         """The party transferred, when it is a user's phone: told by whom
         and to whom (a colleague's call handed on), once per user call."""
         for chan in parties:
@@ -2948,25 +2957,25 @@ class CallEngine:
                     continue
                 told.append(uc)
                 uc.path.append({"transfer": kind, "by": by.num, "to": target.num})
-                self._emit(uc, Kind.TRANSFER, kind=kind, direction=Direction.MOVED, by=by.as_dict(),
-                           target=target.as_dict())
+                self._emit(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.MOVED,
+                           by=by.as_dict(), target=target.as_dict())
 
-    def on_attendedtransfer(self, msg: AmiMessage) -> None:
+    def on_attendedtransfer(self, msg: AmiMessage, out: Outbox) -> None:
         """The transferer joins two calls: the transferee (on hold) and the
         target (consulted, or still ringing: "blonde").  Asterisk 13 names
         only the transferer channels (cacofonisk xfer_attended_*), so the
         other parties are found from bridges and dial lineage."""
         if msg.get("Result") != "Success":
             return
-        first = self._snapshot(msg, "OrigTransferer")
-        second = self._snapshot(msg, "SecondTransferer")
+        first = self._snapshot(out, msg, "OrigTransferer")
+        second = self._snapshot(out, msg, "SecondTransferer")
         if first is None:
             return
         transferers = [c for c in (first, second) if c is not None]
-        named = self._snapshot(msg, "TransferTarget")
+        named = self._snapshot(out, msg, "TransferTarget")
         targets = self._endpoints(named, transferers) if named is not None \
             else self._parties_of(second, transferers) if second is not None else []
-        named = self._snapshot(msg, "Transferee")
+        named = self._snapshot(out, msg, "Transferee")
         transferees = self._endpoints(named, transferers) if named is not None \
             else self._parties_of(first, transferers)
         transferees = [t for t in transferees if t not in targets]
@@ -2985,7 +2994,7 @@ class CallEngine:
         if second is not None:
             second.dial_targets.clear()  # still ringing: the transferee's now
         told = list(first.user_calls) + consult
-        self._tell_transferer(list(told), kind, by, target_party)
+        self._tell_transferer(out, list(told), kind, by, target_party)
         for chan in targets:
             for uc in list(chan.user_calls):
                 if uc in told:
@@ -2993,14 +3002,14 @@ class CallEngine:
                 told.append(uc)
                 uc.peer = customer  # their screen shows the customer now
                 uc.path.append({"transfer": kind, "by": by.num})
-                self._emit(uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM, by=by.as_dict(),
-                           target=uc.me.as_dict())
+                self._emit(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM,
+                           by=by.as_dict(), target=uc.me.as_dict())
         if targets:
             for chan in transferees:
                 for uc in chan.user_calls:
                     if uc not in told:
                         uc.peer = self._remote_party(targets[0], uc.me)
-        self._tell_transferees(transferees, told, kind, by, target_party)
+        self._tell_transferees(out, transferees, told, kind, by, target_party)
 
     def _endpoints(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
         """The real phones or trunks a channel stands for: itself, or for a
@@ -3032,11 +3041,11 @@ class CallEngine:
                 found.append(c)
         return found
 
-    def on_pickup(self, msg: AmiMessage) -> None:
+    def on_pickup(self, msg: AmiMessage, out: Outbox) -> None:
         """Another phone took a ringing call (features pickupexten, the
         Pickup or PickupChan application)."""
-        picker = self._snapshot(msg, "")
-        target = self._snapshot(msg, "Target")
+        picker = self._snapshot(out, msg, "")
+        target = self._snapshot(out, msg, "Target")
         if picker is None or target is None:
             return
         directed = (picker.app.lower() in _PICKUP_APPS and bool(picker.appdata)) or \
@@ -3046,22 +3055,22 @@ class CallEngine:
         caller = target.connected or root.caller
         dialed = self._dialed_number(root, "")
         for user in self._users_of(picker):
-            uc = self._user_call(root.linkedid, user, CALL_IN, picker.caller, caller, dialed)
+            uc = self._user_call(out, root.linkedid, user, CALL_IN, picker.caller, caller, dialed)
             uc.device = uc.device or picker.device
             self._attach(uc, picker)
             for out in [u for u in picker.user_calls if u.direction == CALL_OUT]:
                 self._end(out)  # the pickup code was no call of its own
-            self._announce_incoming(uc, caller, dialed, target)
+            self._announce_incoming(out, uc, caller, dialed, target)
         picker.dialer = target.dialer
-        self._answered(target.dialer, picker, method)
+        self._answered(out, target.dialer, picker, method)
 
-    def on_parkedcall(self, msg: AmiMessage) -> None:
-        parkee = self._snapshot(msg, "Parkee")
+    def on_parkedcall(self, msg: AmiMessage, out: Outbox) -> None:
+        parkee = self._snapshot(out, msg, "Parkee")
         if parkee is None:
             return
         space, lot = msg.get("ParkingSpace", ""), msg.get("Parkinglot", "")
         parker_device = device_of_interface(msg.get("ParkerDialString", ""))
-        parker = self._snapshot(msg, "Parker")
+        parker = self._snapshot(out, msg, "Parker")
         by = parker.caller if parker is not None else NOBODY
         parkers = set(self._users_of(parker)) if parker is not None else set()
         parkers.update(self.directory.device_users(parker_device))
@@ -3071,12 +3080,12 @@ class CallEngine:
         parkee.parked = (space, lot, by)
         for uc in ucs:
             uc.path.append({"park": space})
-            self._emit(uc, Kind.PARK, space=space, lot=lot, by=by.as_dict(),
+            self._emit(out, uc, Kind.PARK, space=space, lot=lot, by=by.as_dict(),
                        timeout=msg.get("ParkingTimeout", ""))
 
-    def on_unparkedcall(self, msg: AmiMessage) -> None:
-        parkee = self._snapshot(msg, "Parkee")
-        retriever = self._snapshot(msg, "Retriever")
+    def on_unparkedcall(self, msg: AmiMessage, out: Outbox) -> None:
+        parkee = self._snapshot(out, msg, "Parkee")
+        retriever = self._snapshot(out, msg, "Retriever")
         if parkee is None or retriever is None:
             return
         space, lot, by = parkee.parked or (msg.get("ParkingSpace", ""),
@@ -3085,40 +3094,40 @@ class CallEngine:
         # A click-to-dial's trunk leg carries the parker's own name: dropped.
         caller = self._remote_party(parkee, by)
         for user in self._users_of(retriever):
-            uc = self._user_call(parkee.linkedid, user, CALL_IN, retriever.caller, caller,
+            uc = self._user_call(out, parkee.linkedid, user, CALL_IN, retriever.caller, caller,
                                  retriever.exten)
             uc.device = uc.device or retriever.device
             self._attach(uc, retriever)
-            self._announce_incoming(uc, caller, retriever.exten, retriever)
-            uc.answered_at = self._now
+            self._announce_incoming(out, uc, caller, retriever.exten, retriever)
+            uc.answered_at = out.now
             uc.answered_by = retriever.caller
             uc.path.append({"unpark": space})
-            self._emit(uc, Kind.UNPARK, space=space, lot=lot, result=ParkResult.RETRIEVED,
+            self._emit(out, uc, Kind.UNPARK, space=space, lot=lot, result=ParkResult.RETRIEVED,
                        parked_by=by.as_dict(), retrieved_by=retriever.caller.as_dict())
 
-    def on_parkedcalltimeout(self, msg: AmiMessage) -> None:
+    def on_parkedcalltimeout(self, msg: AmiMessage, out: Outbox) -> None:
         """Nobody retrieved the parked call in time: it comes back."""
-        self._parking_over(msg, ParkResult.TIMEOUT)
+        self._parking_over(out, msg, ParkResult.TIMEOUT)
 
-    def on_parkedcallgiveup(self, msg: AmiMessage) -> None:
+    def on_parkedcallgiveup(self, msg: AmiMessage, out: Outbox) -> None:
         """The parked caller hung up."""
-        self._parking_over(msg, ParkResult.ABANDONED)
+        self._parking_over(out, msg, ParkResult.ABANDONED)
 
-    def _parking_over(self, msg: AmiMessage, result: str) -> None:
+    def _parking_over(self, out: Outbox, msg: AmiMessage, result: str) -> None:
         """The parked call came back (timeout) or its caller hung up (give up):
         the parker's users are told, since nobody took the call."""
-        parkee = self._snapshot(msg, "Parkee")
+        parkee = self._snapshot(out, msg, "Parkee")
         if parkee is None or parkee.parked is None:
             return
         space, lot, by = parkee.parked
         parkee.parked = None
         parker_device = device_of_interface(msg.get("ParkerDialString", ""))
-        fields = self._fields(Kind.UNPARK, parkee.linkedid, self._now, "callee", parker_device,
+        fields = self._fields(Kind.UNPARK, parkee.linkedid, out.now, "callee", parker_device,
                               self._remote_party(parkee, by), by, space=space, lot=lot,
                               result=result,
                               parked_by=by.as_dict(), retrieved_by=NOBODY.as_dict())
         for user in self.directory.device_users(parker_device):
-            self._out.append(Notification(user, Kind.UNPARK, dict(fields)))
+            out.notes.append(Notification(user, Kind.UNPARK, dict(fields)))
 
     def _calls_around(self, chan: Channel) -> List[UserCall]:
         """User calls of this channel's call: its own, and those of the
@@ -3131,28 +3140,28 @@ class CallEngine:
 
     # -- handlers: queues --------------------------------------------------------
 
-    def on_queuemember(self, msg: AmiMessage) -> None:
+    def on_queuemember(self, msg: AmiMessage, out: Outbox) -> None:
         """A member in the QueueStatus list (after every login)."""
         self._learn_members(msg)
 
-    def on_queuememberadded(self, msg: AmiMessage) -> None:
+    def on_queuememberadded(self, msg: AmiMessage, out: Outbox) -> None:
         self._learn_members(msg)
 
-    def on_queuememberstatus(self, msg: AmiMessage) -> None:
+    def on_queuememberstatus(self, msg: AmiMessage, out: Outbox) -> None:
         """A member's device changed state: still a member, maybe one added
         while the link was down."""
         self._learn_members(msg)
 
-    def on_agentcalled(self, msg: AmiMessage) -> None:
+    def on_agentcalled(self, msg: AmiMessage, out: Outbox) -> None:
         """The queue rings a member.  A member learned of only now (no
         QueueStatus, no member event yet, n_queue.ami) still hears of the
         caller before it rings."""
         queue = self._learn_members(msg)
         if not queue:
             return
-        caller = self._snapshot(msg, "")
+        caller = self._snapshot(out, msg, "")
         if caller is not None and caller.queue == queue:
-            self._tell_queue(caller, queue, Action.JOIN, msg)
+            self._tell_queue(out, caller, queue, Action.JOIN, msg)
 
     def _learn_members(self, msg: AmiMessage) -> str:
         """The users behind a member event's interfaces are members of its
@@ -3166,39 +3175,40 @@ class CallEngine:
             self.queue_members.setdefault(queue, set()).update(users)
         return queue
 
-    def on_queuememberremoved(self, msg: AmiMessage) -> None:
+    def on_queuememberremoved(self, msg: AmiMessage, out: Outbox) -> None:
         members = self.queue_members.get(msg.get("Queue", ""))
         if members is not None:
             members.difference_update(self.directory.interface_users(msg.get("Interface", "")))
 
-    def on_queuecallerjoin(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def on_queuecallerjoin(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         if chan is None:
             return
         queue = msg.get("Queue", "")
         chan.queue = queue
         chan.queue_join = (msg.get("Position", ""), msg.get("Count", ""))
-        self._caller_call(chan)  # a user calling a queue: an outgoing call
-        self._tell_queue(chan, queue, Action.JOIN, msg)
+        self._caller_call(out, chan)  # a user calling a queue: an outgoing call
+        self._tell_queue(out, chan, queue, Action.JOIN, msg)
 
-    def on_queuecallerabandon(self, msg: AmiMessage) -> None:
+    def on_queuecallerabandon(self, msg: AmiMessage, out: Outbox) -> None:
         """The caller hung up while waiting (QueueCallerLeave follows)."""
-        chan = self._snapshot(msg, "")
+        chan = self._snapshot(out, msg, "")
         if chan is not None:
-            self._leave_queue(chan, msg, Action.ABANDON)
+            self._leave_queue(out, chan, msg, Action.ABANDON)
 
-    def on_queuecallerleave(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def on_queuecallerleave(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         if chan is not None and chan.queue is not None:  # else the abandon was told
-            self._leave_queue(chan, msg, Action.LEAVE)
+            self._leave_queue(out, chan, msg, Action.LEAVE)
 
-    def _leave_queue(self, chan: Channel, msg: AmiMessage, action: str) -> None:
+    def _leave_queue(self, out: Outbox, chan: Channel, msg: AmiMessage, action: str) -> None:
         chan.queue = None
-        self._tell_queue(chan, msg.get("Queue", ""), action, msg)
+        self._tell_queue(out, chan, msg.get("Queue", ""), action, msg)
         chan.queue_told = set()
-        self._end_queue_held(chan)
+        self._end_queue_held(out, chan)
 
-    def _tell_queue(self, chan: Channel, queue: str, action: str, msg: AmiMessage) -> None:
+    def _tell_queue(self, out: Outbox, chan: Channel, queue: str, action: str,
+                    msg: AmiMessage) -> None:
         """Queue members hear of callers joining and leaving their queue,
         whether or not their phone rings for them."""
         members = self.queue_members.get(queue)
@@ -3209,7 +3219,7 @@ class CallEngine:
         if not members:
             return
         fields = self._fields(
-            Kind.QUEUE, chan.linkedid, self._now, "callee", "", chan.caller,
+            Kind.QUEUE, chan.linkedid, out.now, "callee", "", chan.caller,
             Party(chan.exten if chan.exten not in _SPECIAL_EXTENS else "", queue),
             action=action, queue=queue, position=msg.get("Position") or chan.queue_join[0],
             count=msg.get("Count") or chan.queue_join[1])
@@ -3221,40 +3231,40 @@ class CallEngine:
             elif answered:
                 fields["answered_by"] = answered[0].caller.as_dict()
         for user in sorted(members):
-            self._out.append(Notification(user, Kind.QUEUE, dict(fields)))
+            out.notes.append(Notification(user, Kind.QUEUE, dict(fields)))
 
     # -- handlers: conferences and hold ---------------------------------------
 
-    def on_confbridgejoin(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def on_confbridgejoin(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         room = msg.get("Conference", "")
         if chan is None or not room:
             return
-        self._caller_call(chan)
+        self._caller_call(out, chan)
         members = self.conferences.setdefault(room, [])
         if chan not in members:
             members.append(chan)
-        self._tell_conference(room, chan, Action.JOIN)
+        self._tell_conference(out, room, chan, Action.JOIN)
 
-    def on_confbridgeleave(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def on_confbridgeleave(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         room = msg.get("Conference", "")
         if chan is not None and room:
-            self._leave_conference(chan, room)
+            self._leave_conference(out, chan, room)
 
-    def on_confbridgeend(self, msg: AmiMessage) -> None:
+    def on_confbridgeend(self, msg: AmiMessage, out: Outbox) -> None:
         self.conferences.pop(msg.get("Conference", ""), None)
 
-    def _leave_conference(self, chan: Channel, room: str) -> None:
+    def _leave_conference(self, out: Outbox, chan: Channel, room: str) -> None:
         members = self.conferences.get(room)
         if members is None or chan not in members:
             return
         members.remove(chan)
-        self._tell_conference(room, chan, Action.LEAVE)
+        self._tell_conference(out, room, chan, Action.LEAVE)
         if not members:
             del self.conferences[room]
 
-    def _tell_conference(self, room: str, who: Channel, action: str) -> None:
+    def _tell_conference(self, out: Outbox, room: str, who: Channel, action: str) -> None:
         """Everyone of ours in the room hears who joined or left."""
         count = len(self.conferences.get(room, ()))
         listeners = list(self.conferences.get(room, ()))
@@ -3262,31 +3272,32 @@ class CallEngine:
             listeners.append(who)
         for chan in listeners:
             for uc in chan.user_calls:
-                self._emit(uc, Kind.CONFERENCE, action=action, room=room, members=count,
+                self._emit(out, uc, Kind.CONFERENCE, action=action, room=room, members=count,
                            who=who.caller.as_dict())
 
-    def on_hold(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def on_hold(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         if chan is not None and chan.hold_told is None:
-            chan.hold_told = self._tell_hold(chan, Kind.HOLD, [])
+            chan.hold_told = self._tell_hold(out, chan, Kind.HOLD, [])
 
-    def on_unhold(self, msg: AmiMessage) -> None:
+    def on_unhold(self, msg: AmiMessage, out: Outbox) -> None:
         # Only a hold told ends: PJSIP re-INVITEs repeat Unhold (j_blind_transfer.ami).
-        chan = self._snapshot(msg, "")
+        chan = self._snapshot(out, msg, "")
         if chan is not None:
-            self._end_hold(chan)
+            self._end_hold(out, chan)
 
-    def _end_hold(self, chan: Channel) -> None:
+    def _end_hold(self, out: Outbox, chan: Channel) -> None:
         """Unhold, or the holder hung up (a completed transfer): Asterisk
         sends no Unhold then, but the held party hears music on hold no more
         (k_attended_transfer.ami: MusicOnHoldStop, no Unhold).  Leaving the
         bridge is no end: an attended transfer's consultation does that."""
         told, chan.hold_told = chan.hold_told, None
         if told is not None:
-            self._tell_hold(chan, Kind.UNHOLD, [uc for uc in told
+            self._tell_hold(out, chan, Kind.UNHOLD, [uc for uc in told
                                              if self.user_calls.get(uc.key) is uc])
 
-    def _tell_hold(self, chan: Channel, kind: str, also: List[UserCall]) -> List[UserCall]:
+    def _tell_hold(self, out: Outbox, chan: Channel, kind: str,
+                   also: List[UserCall]) -> List[UserCall]:
         """Tell ``kind`` by ``chan`` to its call's parties (and ``also``)."""
         told = list(also)
         for other in [chan] + self.table.talking_with(chan):
@@ -3294,15 +3305,15 @@ class CallEngine:
                 if uc not in told:
                     told.append(uc)
         for uc in told:
-            self._emit(uc, kind, by=chan.caller.as_dict())
+            self._emit(out, uc, kind, by=chan.caller.as_dict())
         return told
 
     # -- handlers: resync ------------------------------------------------------
 
-    def on_coreshowchannel(self, msg: AmiMessage) -> None:
+    def on_coreshowchannel(self, msg: AmiMessage, out: Outbox) -> None:
         if self._resync_seen is None:
             self.begin_resync()
-        chan = self._snapshot(msg, "")
+        chan = self._snapshot(out, msg, "")
         if chan is None:
             return
         chan.app = msg.get("Application", chan.app)
@@ -3318,24 +3329,27 @@ class CallEngine:
             if room and chan not in members:
                 members.append(chan)
 
-    def on_coreshowchannelscomplete(self, msg: AmiMessage) -> None:
-        told = self.end_resync(self._now)  # swaps self._out: extend afterwards
-        self._out.extend(told)
+    def on_coreshowchannelscomplete(self, msg: AmiMessage, out: Outbox) -> None:
+        self._end_resync(out)
 
     def end_resync(self, now: float) -> List[Notification]:
         """The channel list is complete (or unavailable: then every channel
         no event has touched since the resync began counts as gone)."""
-        self._now = now
+        out = Outbox(now)
+        self._end_resync(out)
+        return out.notes
+
+    def _end_resync(self, out: Outbox) -> None:
         seen = self._resync_seen
         self._resync_seen = None
         if seen is None:
             seen = set()
         for chan in [c for c in self.table.channels.values() if c.uniqueid not in seen]:
             # Hung up while we were not listening: how is unknowable.
-            self._hangup(chan, 0, "", reason=Reason.UNKNOWN)
+            self._hangup(out, chan, 0, "", reason=Reason.UNKNOWN)
         for chan in list(self.table.channels.values()):
             if chan.app.lower() == "voicemail":
-                self._to_voicemail(chan)  # got there while we were away
+                self._to_voicemail(out, chan)  # got there while we were away
         unanswered, self._resync_unanswered = self._resync_unanswered, set()
         for uid in sorted(unanswered):
             chan = self.table.channels.get(uid)
@@ -3347,14 +3361,12 @@ class CallEngine:
             # phone is Up while the far end still rings.
             if chan.dialer is not None or any(uc.direction == CALL_IN and chan in uc.channels
                                               for uc in chan.user_calls):
-                self._answered(chan.dialer, chan)
+                self._answered(out, chan.dialer, chan)
         for chan in list(self.table.channels.values()):
             if not chan.user_calls and self._users_of(chan):
-                self._adopt(chan)
-        out, self._out = self._out, []
-        return out
+                self._adopt(out, chan)
 
-    def _adopt(self, chan: Channel) -> None:
+    def _adopt(self, out: Outbox, chan: Channel) -> None:
         """A user's phone in a call that began while we were not connected:
         known from now on, so CALLS shows it and its hangup is told.  Only a
         call still ringing is announced; one already answered is old news."""
@@ -3364,13 +3376,13 @@ class CallEngine:
         dialed = "" if callee else self._dialed_number(chan, "")
         peer = chan.connected or Party(dialed, "")
         for user in self._users_of(chan):
-            uc = self._user_call(chan.linkedid, user, CALL_IN if callee else CALL_OUT, chan.caller,
-                                 peer, dialed)
+            uc = self._user_call(out, chan.linkedid, user, CALL_IN if callee else CALL_OUT,
+                                 chan.caller, peer, dialed)
             uc.device = chan.device
             uc.started = chan.created
             self._attach(uc, chan)
             if chan.state == "Up":
-                uc.answered_at = chan.answered_at or self._now
+                uc.answered_at = chan.answered_at or out.now
                 # Who answered: the user, on a call to them; else whoever
                 # the phone talks with.
                 partner = next((c for c in self.table.talking_with(chan) if not c.is_local),
@@ -3379,14 +3391,14 @@ class CallEngine:
                     self._remote_party(partner, uc.me) if partner is not None else None
                 uc.announced = True
             elif callee:
-                self._announce_incoming(uc, chan.connected, "", chan)
-                uc.started = self._now
+                self._announce_incoming(out, uc, chan.connected, "", chan)
+                uc.started = out.now
             else:
-                self._announce(uc, Kind.OUTGOING)
+                self._announce(out, uc, Kind.OUTGOING)
 
     # -- the end of a user call ------------------------------------------------
 
-    def _end(self, uc: UserCall, reason: Optional[str] = None) -> None:
+    def _end(self, out: Outbox, uc: UserCall, reason: Optional[str] = None) -> None:
         if self.user_calls.get(uc.key) is not uc:
             return  # already ended
         del self.user_calls[uc.key]
@@ -3407,34 +3419,34 @@ class CallEngine:
             if not (uc.tried and uc.direction == CALL_IN):
                 return
             # It never rang: still the user's call, and it failed.
-            self._announce(uc, Kind.INCOMING)
+            self._announce(out, uc, Kind.INCOMING)
             uc.outcome = uc.outcome or Reason.FAILED
-        ending = uc.ending(self._now, reason)
+        ending = uc.ending(out.now, reason)
         if ending["reason"] == Reason.BUSY and uc.direction == CALL_OUT:
-            self._emit(uc, Kind.BUSY)
-        fields = self._emit(uc, Kind.HANGUP, **ending)
+            self._emit(out, uc, Kind.BUSY)
+        fields = self._emit(out, uc, Kind.HANGUP, **ending)
         record = uc.record(fields["time"], ending)
         if self.pbx:
             record["pbx"] = self.pbx
-        self._out[-1].record = record
+        out.notes[-1].record = record
 
     # -- output ----------------------------------------------------------------
 
-    def _announce(self, uc: UserCall, kind: str, **extra: object) -> None:
+    def _announce(self, out: Outbox, uc: UserCall, kind: str, **extra: object) -> None:
         if not uc.announced:
             uc.announced = True
-            uc.started = self._now  # not when routing began: an IVR may come first
-            self._emit(uc, kind, dialed=uc.dialed, **extra)
+            uc.started = out.now  # not when routing began: an IVR may come first
+            self._emit(out, uc, kind, dialed=uc.dialed, **extra)
 
-    def _emit(self, uc: UserCall, event: str, **extra: object) -> Dict[str, object]:
+    def _emit(self, out: Outbox, uc: UserCall, event: str, **extra: object) -> Dict[str, object]:
         if not uc.announced:
             # A call routed to a user's number that has not rung anywhere yet:
             # nothing about it is news before its incoming (fuzz, k_attended).
             return {}
         frm, to = uc.parties
-        fields = self._fields(event, uc.call_id, self._now, uc.role, uc.device, frm, to,
+        fields = self._fields(event, uc.call_id, out.now, uc.role, uc.device, frm, to,
                               **extra)
-        self._out.append(Notification(uc.user, event, fields))
+        out.notes.append(Notification(uc.user, event, fields))
         return fields
 
     def _fields(self, event: str, call_id: str, when: float, role: str, device: str,
