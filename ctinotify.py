@@ -3058,8 +3058,8 @@ class CallEngine:
             uc = self._user_call(out, root.linkedid, user, CALL_IN, picker.caller, caller, dialed)
             uc.device = uc.device or picker.device
             self._attach(uc, picker)
-            for out in [u for u in picker.user_calls if u.direction == CALL_OUT]:
-                self._end(out)  # the pickup code was no call of its own
+            for own in [u for u in picker.user_calls if u.direction == CALL_OUT]:
+                self._end(out, own)  # the pickup code was no call of its own
             self._announce_incoming(out, uc, caller, dialed, target)
         picker.dialer = target.dialer
         self._answered(out, target.dialer, picker, method)
