@@ -2013,6 +2013,32 @@ class ChannelTable:
         self._recent_hangups.clear()
         self._recent_hangup_order.clear()
 
+    def is_idle(self) -> bool:
+        """No channel is up: nothing is kept but the hangups of late."""
+        return not self.channels and not self.bridges and not self._unpaired_locals
+
+    def check(self) -> List[str]:
+        """Where bridges or Local halves name channels that are gone, or the
+        memory of hangups outgrew its bound: for the tests; [] when all is
+        well."""
+        problems = []
+        for bridge_id, members in self.bridges.items():
+            for chan in members:
+                if self.channels.get(chan.uniqueid) is not chan or chan.bridge != bridge_id:
+                    problems.append("bridge %s lists %r, gone or elsewhere" % (bridge_id, chan))
+            if not members:
+                problems.append("bridge %s is empty but kept" % bridge_id)
+        for chan in self.channels.values():
+            if chan.bridge is not None and chan not in self.bridges.get(chan.bridge, ()):
+                problems.append("%r is in bridge %s, which does not list it"
+                                % (chan, chan.bridge))
+        problems += ["unpaired Local half %r is gone" % (chan,)
+                     for chan in self._unpaired_locals.values()
+                     if self.channels.get(chan.uniqueid) is not chan]
+        if len(self._recent_hangups) > MAX_RECENT_HANGUPS:
+            problems.append("%d hangups remembered" % len(self._recent_hangups))
+        return problems
+
 
 class UserCall:
     """One user's view of one call: what that user has been told so far.
@@ -2128,6 +2154,194 @@ class UserCall:
         }
 
 
+class CallBook:
+    """The user calls in progress, and their links to channels.
+
+    A user call keeps a list of the user's own channels in it
+    (``UserCall.channels``) and maybe an *anchor* (``UserCall.anchor``:
+    the caller-side channel running the user's number); each of those
+    channels lists the call back in ``Channel.user_calls``.  The book is the
+    only code that changes these links, so they stay two-way: ``check()``
+    says where they do not.  A user call is *open* from ``open()`` to
+    ``close()``; closing unlinks it from everything.
+    """
+
+    def __init__(self) -> None:
+        #: (call id, user, direction) -> the open user call.
+        self._by_key: Dict[Tuple[str, str, str], UserCall] = {}
+        #: call id -> its open user calls, to tell the others when one answers.
+        self._by_call: Dict[str, List[UserCall]] = {}
+        #: Queue caller Uniqueid -> its members' calls that stopped ringing
+        #: while the caller still waits (the queue may ring them again).
+        self._queue_held: Dict[str, List[UserCall]] = {}
+
+    # -- queries ----------------------------------------------------------------
+
+    def is_open(self, uc: UserCall) -> bool:
+        return self._by_key.get(uc.key) is uc
+
+    def has_call(self, call_id: str) -> bool:
+        """Whether any user is part of this call (most calls, on a big PBX,
+        have none)."""
+        return call_id in self._by_call
+
+    def of_call(self, call_id: str) -> List[UserCall]:
+        """The open user calls of one call, a copy (telling may close some)."""
+        return list(self._by_call.get(call_id, ()))
+
+    def of_user(self, user: str) -> List[UserCall]:
+        return [uc for uc in self._by_key.values() if uc.user == user]
+
+    def all(self) -> List[UserCall]:
+        return list(self._by_key.values())
+
+    def is_idle(self) -> bool:
+        """No user call is open."""
+        return not self._by_key and not self._by_call and not self._queue_held
+
+    def check(self, table: "ChannelTable") -> List[str]:
+        """Where the links are not two-way, or name a channel that is gone,
+        or a call that is not open: for the tests; [] when all is well."""
+        problems = []
+        for key, uc in self._by_key.items():
+            if uc.key != key or uc not in self._by_call.get(uc.call_id, ()):
+                problems.append("%r is not booked under its key and call" % (uc,))
+            for chan in uc.channels:
+                if uc not in chan.user_calls:
+                    problems.append("%r does not list %r" % (chan, uc))
+                if table.channels.get(chan.uniqueid) is not chan:
+                    problems.append("%r keeps %r, which is gone" % (uc, chan))
+            anchor = uc.anchor
+            if anchor is not None:
+                if uc not in anchor.user_calls:
+                    problems.append("anchor %r does not list %r" % (anchor, uc))
+                if table.channels.get(anchor.uniqueid) is not anchor:
+                    problems.append("%r is anchored on %r, which is gone" % (uc, anchor))
+        for call_id, ucs in self._by_call.items():
+            if not ucs or any(not self.is_open(uc) or uc.call_id != call_id for uc in ucs):
+                problems.append("call %s lists user calls not open: %r" % (call_id, ucs))
+        for chan in table.channels.values():
+            for uc in chan.user_calls:
+                if not self.is_open(uc):
+                    problems.append("%r lists %r, which is not open" % (chan, uc))
+                elif chan not in uc.channels and uc.anchor is not chan:
+                    problems.append("%r lists %r, which does not keep it" % (chan, uc))
+            if len(set(chan.user_calls)) != len(chan.user_calls):
+                problems.append("%r lists a user call twice" % (chan,))
+        for uid, held in self._queue_held.items():
+            problems += ["queue caller %s holds %r, which is not open" % (uid, uc)
+                         for uc in held if not self.is_open(uc)]
+        return problems
+
+    # -- opening and linking ------------------------------------------------------
+
+    def open(self, call_id: str, user: str, direction: str, me: Party, peer: Party,
+             dialed: str, now: float) -> UserCall:
+        """The user's open call of this call and direction, made if new."""
+        key = (call_id, user, direction)
+        uc = self._by_key.get(key)
+        if uc is None:
+            uc = UserCall(user, call_id, direction, me, peer, dialed, now)
+            self._by_key[key] = uc
+            self._by_call.setdefault(call_id, []).append(uc)
+        return uc
+
+    def attach(self, uc: UserCall, chan: Channel) -> None:
+        """``chan`` is one of the user's own phones in the call."""
+        if chan not in uc.channels:
+            uc.channels.append(chan)
+        if uc not in chan.user_calls:
+            chan.user_calls.append(uc)
+
+    def anchor(self, uc: UserCall, chan: Channel) -> None:
+        """The call lives on while ``chan`` (running the user's number) does."""
+        if uc.anchor is chan:
+            return
+        self.release_anchor(uc)
+        uc.anchor = chan
+        if uc not in chan.user_calls:
+            chan.user_calls.append(uc)
+
+    def release_anchor(self, uc: UserCall) -> None:
+        """Answered on the user's own phone (or gone elsewhere): from now on
+        the user call lives as long as the user's channels, not as long as
+        the caller's."""
+        anchor = uc.anchor
+        if anchor is not None:
+            uc.anchor = None
+            if uc in anchor.user_calls and anchor not in uc.channels:
+                anchor.user_calls.remove(uc)
+
+    def swap(self, old: Channel, new: Channel) -> None:
+        """``new`` took ``old``'s place in a bridge (a Local channel pair
+        optimized away, Asterisk 12+): calls anchored on the vanishing Local
+        channel follow the channel that replaced it."""
+        for half in (old, old.local_peer):
+            if half is None:
+                continue
+            for uc in list(half.user_calls):
+                if uc.anchor is half and new not in uc.channels:
+                    half.user_calls.remove(uc)
+                    uc.anchor = new
+                    new.user_calls.append(uc)
+
+    def detach(self, chan: Channel) -> List[UserCall]:
+        """The channel hung up: no user call keeps it any more.  Returns the
+        user calls it was linked to."""
+        linked, chan.user_calls = chan.user_calls, []
+        for uc in linked:
+            if chan in uc.channels:
+                uc.channels.remove(chan)
+            if uc.anchor is chan:
+                uc.anchor = None
+        return linked
+
+    def hold_for_queue(self, uc: UserCall, caller: Channel) -> None:
+        """Keep ``uc`` open, without a channel, while ``caller`` waits in
+        the queue that rang the user (it may ring them again)."""
+        held = self._queue_held.setdefault(caller.uniqueid, [])
+        if uc not in held:
+            held.append(uc)
+
+    def release_queue_held(self, caller: Channel) -> List[UserCall]:
+        """The caller left the queue: the user calls held for it."""
+        return self._queue_held.pop(caller.uniqueid, [])
+
+    # -- closing ------------------------------------------------------------------
+
+    def close(self, uc: UserCall) -> bool:
+        """Unlink and forget the user call; False if it was not open."""
+        if self._by_key.get(uc.key) is not uc:
+            return False
+        del self._by_key[uc.key]
+        siblings = self._by_call.get(uc.call_id)
+        if siblings is not None:
+            if uc in siblings:
+                siblings.remove(uc)
+            if not siblings:
+                del self._by_call[uc.call_id]
+        for chan in uc.channels:
+            if uc in chan.user_calls:
+                chan.user_calls.remove(uc)
+        if uc.anchor is not None and uc in uc.anchor.user_calls:
+            uc.anchor.user_calls.remove(uc)
+        uc.channels = []
+        uc.anchor = None
+        caller = uc.queue_caller
+        held = self._queue_held.get(caller.uniqueid) if caller is not None else None
+        if held is not None and uc in held:
+            held.remove(uc)
+            if not held:
+                del self._queue_held[caller.uniqueid]  # type: ignore[union-attr]
+        return True
+
+    def clear(self) -> None:
+        """The AMI link is gone: every user call was closed or is forgotten."""
+        self._by_key.clear()
+        self._by_call.clear()
+        self._queue_held.clear()
+
+
 class Notification:
     """One event for one user: ``fields`` is what the client receives."""
 
@@ -2182,17 +2396,12 @@ class CallEngine:
         self.pbx = pbx
         #: What Asterisk has: channels, Local pairs, bridges.
         self.table = ChannelTable()
-        #: (call id, user, direction) -> the user's view of that call.
-        self.user_calls: Dict[Tuple[str, str, str], UserCall] = {}
-        #: call id -> its user calls, to tell the others when one answers.
-        self.calls: Dict[str, List[UserCall]] = {}
+        #: The users' views of the calls, and their links to channels.
+        self.book = CallBook()
         #: queue name -> the users among its members.
         self.queue_members: Dict[str, Set[str]] = {}
         #: conference name -> the channels in it.
         self.conferences: Dict[str, List[Channel]] = {}
-        #: Queue caller Uniqueid -> its members' calls that stopped ringing
-        #: while the caller still waits (the queue may ring them again).
-        self._queue_held: Dict[str, List[UserCall]] = {}
         #: Uniqueids seen since a resync began (None: no resync running),
         #: and those of the channels not answered when it began.
         self._resync_seen: Optional[Set[str]] = None
@@ -2276,20 +2485,37 @@ class CallEngine:
         """The AMI link is gone for good: no call may stay 'ringing' at a
         client.  Every announced call ends with ``reason=unknown``."""
         out = Outbox(now)
-        for uc in list(self.user_calls.values()):
+        for uc in self.book.all():
             self._end(out, uc, reason=Reason.UNKNOWN)
         self.table.clear()
-        self.user_calls.clear()
-        self.calls.clear()
+        self.book.clear()
         self.conferences.clear()
-        self._queue_held.clear()
         self._resync_seen = None
         self._resync_unanswered = set()
         return out.notes
 
+    def is_idle(self) -> bool:
+        """No channel, no user call, no conference is known: what the engine
+        comes back to when every call has ended."""
+        return self.table.is_idle() and self.book.is_idle() and not self.conferences
+
+    def check(self) -> List[str]:
+        """What is inconsistent in the engine's state (links not two-way,
+        channels that are gone but still named): [] when all is well.  For
+        the tests, after every message of a trace."""
+        problems = self.table.check() + self.book.check(self.table)
+        for room, members in self.conferences.items():
+            problems += ["conference %s lists %r, which is gone" % (room, chan)
+                         for chan in members if self.table.channels.get(chan.uniqueid) is not chan]
+        return problems
+
+    def channels(self) -> List[Channel]:
+        """The channels Asterisk has, as last seen."""
+        return list(self.table.channels.values())
+
     def active_calls(self, user: str) -> List[UserCall]:
         """The user's announced calls in progress, oldest first."""
-        calls = [uc for uc in self.user_calls.values() if uc.user == user and uc.announced]
+        calls = [uc for uc in self.book.of_user(user) if uc.announced]
         return sorted(calls, key=lambda uc: uc.started)
 
     def call_fields(self, uc: UserCall) -> Dict[str, object]:
@@ -2348,7 +2574,7 @@ class CallEngine:
                     and uc.answered_at is None and not uc.channels:
                 uc.path.append({"voicemail": mailbox})
                 uc.outcome = uc.outcome or Reason.NOANSWER
-                self._release_anchor(uc)
+                self.book.release_anchor(uc)
                 self._end(out, uc)
 
     def on_localbridge(self, msg: AmiMessage, out: Outbox) -> None:
@@ -2406,7 +2632,7 @@ class CallEngine:
         self.table.enter_bridge(chan, bridge_id)
         swapped = self.table.channels.get(msg.get("SwapUniqueid") or "")
         if swapped is not None:
-            self._swap(swapped, chan)
+            self.book.swap(swapped, chan)
 
     def on_bridgeleave(self, msg: AmiMessage, out: Outbox) -> None:
         chan = self._snapshot(out, msg, "")
@@ -2471,19 +2697,6 @@ class CallEngine:
             chan.first_exten = chan.exten  # where it was created: what a caller dialed
         return chan
 
-    def _swap(self, old: Channel, new: Channel) -> None:
-        """``new`` took ``old``'s place in a bridge (a Local channel pair
-        optimized away, Asterisk 12+): calls anchored on the vanishing Local
-        channel follow the channel that replaced it."""
-        for half in (old, old.local_peer):
-            if half is None:
-                continue
-            for uc in list(half.user_calls):
-                if uc.anchor is half and new not in uc.channels:
-                    half.user_calls.remove(uc)
-                    uc.anchor = new
-                    new.user_calls.append(uc)
-
     def _dialed_number(self, caller: Channel, dialstring: str) -> str:
         for candidate in (caller.first_exten, caller.exten):
             if candidate and candidate not in _SPECIAL_EXTENS:
@@ -2500,39 +2713,6 @@ class CallEngine:
         return () if chan.is_local else self.directory.device_users(chan.device)
 
     # -- calls as the users see them -------------------------------------------
-
-    def _user_call(self, out: Outbox, call_id: str, user: str, direction: str, me: Party,
-                   peer: Party, dialed: str) -> UserCall:
-        key = (call_id, user, direction)
-        uc = self.user_calls.get(key)
-        if uc is None:
-            uc = UserCall(user, call_id, direction, me, peer, dialed, out.now)
-            self.user_calls[key] = uc
-            self.calls.setdefault(call_id, []).append(uc)
-        return uc
-
-    def _attach(self, uc: UserCall, chan: Channel) -> None:
-        if chan not in uc.channels:
-            uc.channels.append(chan)
-        if uc not in chan.user_calls:
-            chan.user_calls.append(uc)
-
-    def _set_anchor(self, uc: UserCall, chan: Channel) -> None:
-        if uc.anchor is chan:
-            return
-        self._release_anchor(uc)
-        uc.anchor = chan
-        if uc not in chan.user_calls:
-            chan.user_calls.append(uc)
-
-    def _release_anchor(self, uc: UserCall) -> None:
-        """Answered on the user's own phone: from now on the user call lives
-        as long as the user's channels, not as long as the caller's."""
-        anchor = uc.anchor
-        if anchor is not None:
-            uc.anchor = None
-            if uc in anchor.user_calls and anchor not in uc.channels:
-                anchor.user_calls.remove(uc)
 
     def _visit_exten(self, out: Outbox, chan: Channel) -> None:
         """A channel runs dialplan at an extension: if that is a user's
@@ -2551,10 +2731,10 @@ class CallEngine:
         for user in users:
             if user in callers:
                 continue  # the user's own phone dialing through their own number
-            uc = self._user_call(out, root.linkedid, user, CALL_IN, Party(chan.exten, ""),
-                                 root.caller, self._dialed_number(root, ""))
+            uc = self.book.open(root.linkedid, user, CALL_IN, Party(chan.exten, ""),
+                                 root.caller, self._dialed_number(root, ""), out.now)
             if uc.anchor is None and uc.answered_at is None:
-                self._set_anchor(uc, chan)
+                self.book.anchor(uc, chan)
 
     def _caller_call(self, out: Outbox, chan: Channel) -> List[UserCall]:
         """The outgoing user calls of a user's own phone that is calling:
@@ -2566,10 +2746,10 @@ class CallEngine:
             return calls
         for user in self._users_of(chan):
             dialed = self._dialed_number(chan, "")
-            uc = self._user_call(out, chan.linkedid, user, CALL_OUT, chan.caller,
-                                 Party(dialed, ""), dialed)
+            uc = self.book.open(chan.linkedid, user, CALL_OUT, chan.caller,
+                                 Party(dialed, ""), dialed, out.now)
             uc.device = uc.device or chan.device
-            self._attach(uc, chan)
+            self.book.attach(uc, chan)
             self._announce(out, uc, Kind.OUTGOING)
             # Told only now (at a conference join, or at the hangup of a call
             # to voicemail): it began when the channel did.
@@ -2613,11 +2793,11 @@ class CallEngine:
             peer = self._remote_party(dest, caller_chan.caller) if not dest.is_local \
                 else Party(dialed, "")
             for user in self._users_of(caller_chan):
-                uc = self._user_call(out, caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
-                                     peer, dialed)
+                uc = self.book.open(caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
+                                     peer, dialed, out.now)
                 if not uc.device:
                     uc.device = caller_chan.device
-                self._attach(uc, caller_chan)
+                self.book.attach(uc, caller_chan)
                 self._announce(out, uc, Kind.OUTGOING)
         caller = caller_chan.caller
         if not dest.is_local and dest.connected:
@@ -2634,11 +2814,11 @@ class CallEngine:
                     if chan is src:  # deeper Local hops are routing, not diverts
                         self._divert_if_elsewhere(out, uc, chan, dest, dialstring)
         for user in dest_users:
-            uc = self._user_call(out, root.linkedid, user, CALL_IN, dest.caller, caller, dialed)
+            uc = self.book.open(root.linkedid, user, CALL_IN, dest.caller, caller, dialed, out.now)
             if not uc.announced:
                 uc.device = dest.device
                 uc.me = dest.caller
-            self._attach(uc, dest)
+            self.book.attach(uc, dest)
             self._announce_incoming(out, uc, caller, dialed, dest)
 
     def _drop_unannounced(self, out: Outbox, chans: List[Channel]) -> None:
@@ -2648,7 +2828,7 @@ class CallEngine:
             for uc in list(chan.user_calls):
                 if uc.direction == CALL_IN and uc.anchor is chan and not uc.announced:
                     uc.tried = False  # _end would tell a tried one as failed
-                    self._release_anchor(uc)
+                    self.book.release_anchor(uc)
                     self._end(out, uc)
 
     def _remote_party(self, chan: Channel, me: Party) -> Party:
@@ -2699,7 +2879,7 @@ class CallEngine:
         for uc in list(dest.user_calls):
             if uc.direction == CALL_IN and uc.answered_at is None:
                 if uc.anchor is None:
-                    self._set_anchor(uc, src)
+                    self.book.anchor(uc, src)
                 self._divert(out, uc, src, target, inside)
                 src.diverted_from = uc.me
 
@@ -2807,7 +2987,7 @@ class CallEngine:
         call_ids = {answerer.linkedid}
         if src is not None:
             call_ids.add(src.root().linkedid)
-        if not any(call_id in self.calls for call_id in call_ids):
+        if not any(self.book.has_call(call_id) for call_id in call_ids):
             return  # a call no user is part of (most calls, on a big PBX)
         lineage = set(answerer.lineage())
         root = answerer.root()
@@ -2830,7 +3010,7 @@ class CallEngine:
         if method:
             extra["method"] = method
         for call_id in call_ids:
-            for uc in list(self.calls.get(call_id, ())):
+            for uc in self.book.of_call(call_id):
                 if not uc.announced:
                     continue
                 if uc.answered_at is not None:
@@ -2850,7 +3030,7 @@ class CallEngine:
                     # Answered on the user's phone, or on the outside number
                     # the user's calls are forwarded to (a mobile).
                     if answerer in uc.channels:
-                        self._release_anchor(uc)
+                        self.book.release_anchor(uc)
                         uc.device = answerer.device  # of several phones, this one
                     self._answer(out, uc, answerer, extra)
                 elif uc.outcome != Reason.ANSWERED_ELSEWHERE and \
@@ -2862,7 +3042,7 @@ class CallEngine:
                     uc.outcome = Reason.ANSWERED_ELSEWHERE
                     uc.answered_by = answered_by
                     self._emit(out, uc, Kind.PICKUP, **extra)
-                    self._release_anchor(uc)
+                    self.book.release_anchor(uc)
                     if not uc.channels:
                         self._end(out, uc)
 
@@ -2883,17 +3063,12 @@ class CallEngine:
             # or a number that failed before anything rang: an outgoing call
             # too, for the call log.
             self._caller_call(out, chan)
-        for uc in list(chan.user_calls):
-            if chan in uc.channels:
-                uc.channels.remove(chan)
-            if uc.anchor is chan:
-                uc.anchor = None
+        for uc in self.book.detach(chan):
             if cause:
                 uc.cause, uc.cause_txt = cause, cause_txt
             if not uc.channels and uc.anchor is None and \
                     (reason is not None or not self._hold_for_queue(uc)):
                 self._end(out, uc, reason)
-        chan.user_calls = []
         chan.dial_targets.clear()
         self._end_queue_held(out, chan, reason)
 
@@ -2905,15 +3080,13 @@ class CallEngine:
         if caller is None or caller.queue != uc.queue or \
                 self.table.channels.get(caller.uniqueid) is not caller:
             return False
-        held = self._queue_held.setdefault(caller.uniqueid, [])
-        if uc not in held:
-            held.append(uc)
+        self.book.hold_for_queue(uc, caller)
         return True
 
     def _end_queue_held(self, out: Outbox, caller: Channel, reason: Optional[str] = None) -> None:
         """The caller left the queue or hung up: its members' calls that no
         phone rings any more end."""
-        for uc in self._queue_held.pop(caller.uniqueid, ()):
+        for uc in self.book.release_queue_held(caller):
             if not uc.channels and uc.anchor is None:
                 self._end(out, uc, reason)
 
@@ -3055,9 +3228,10 @@ class CallEngine:
         caller = target.connected or root.caller
         dialed = self._dialed_number(root, "")
         for user in self._users_of(picker):
-            uc = self._user_call(out, root.linkedid, user, CALL_IN, picker.caller, caller, dialed)
+            uc = self.book.open(root.linkedid, user, CALL_IN, picker.caller, caller, dialed,
+                                out.now)
             uc.device = uc.device or picker.device
-            self._attach(uc, picker)
+            self.book.attach(uc, picker)
             for own in [u for u in picker.user_calls if u.direction == CALL_OUT]:
                 self._end(out, own)  # the pickup code was no call of its own
             self._announce_incoming(out, uc, caller, dialed, target)
@@ -3094,10 +3268,10 @@ class CallEngine:
         # A click-to-dial's trunk leg carries the parker's own name: dropped.
         caller = self._remote_party(parkee, by)
         for user in self._users_of(retriever):
-            uc = self._user_call(out, parkee.linkedid, user, CALL_IN, retriever.caller, caller,
-                                 retriever.exten)
+            uc = self.book.open(parkee.linkedid, user, CALL_IN, retriever.caller, caller,
+                                 retriever.exten, out.now)
             uc.device = uc.device or retriever.device
-            self._attach(uc, retriever)
+            self.book.attach(uc, retriever)
             self._announce_incoming(out, uc, caller, retriever.exten, retriever)
             uc.answered_at = out.now
             uc.answered_by = retriever.caller
@@ -3133,7 +3307,7 @@ class CallEngine:
         """User calls of this channel's call: its own, and those of the
         channels bridged with it now or before (same call id)."""
         seen: List[UserCall] = []
-        for uc in list(chan.user_calls) + list(self.calls.get(chan.linkedid, ())):
+        for uc in list(chan.user_calls) + self.book.of_call(chan.linkedid):
             if uc not in seen:
                 seen.append(uc)
         return seen
@@ -3294,7 +3468,7 @@ class CallEngine:
         told, chan.hold_told = chan.hold_told, None
         if told is not None:
             self._tell_hold(out, chan, Kind.UNHOLD, [uc for uc in told
-                                             if self.user_calls.get(uc.key) is uc])
+                                             if self.book.is_open(uc)])
 
     def _tell_hold(self, out: Outbox, chan: Channel, kind: str,
                    also: List[UserCall]) -> List[UserCall]:
@@ -3376,11 +3550,11 @@ class CallEngine:
         dialed = "" if callee else self._dialed_number(chan, "")
         peer = chan.connected or Party(dialed, "")
         for user in self._users_of(chan):
-            uc = self._user_call(out, chan.linkedid, user, CALL_IN if callee else CALL_OUT,
-                                 chan.caller, peer, dialed)
+            uc = self.book.open(chan.linkedid, user, CALL_IN if callee else CALL_OUT,
+                                 chan.caller, peer, dialed, out.now)
             uc.device = chan.device
             uc.started = chan.created
-            self._attach(uc, chan)
+            self.book.attach(uc, chan)
             if chan.state == "Up":
                 uc.answered_at = chan.answered_at or out.now
                 # Who answered: the user, on a call to them; else whoever
@@ -3399,22 +3573,8 @@ class CallEngine:
     # -- the end of a user call ------------------------------------------------
 
     def _end(self, out: Outbox, uc: UserCall, reason: Optional[str] = None) -> None:
-        if self.user_calls.get(uc.key) is not uc:
+        if not self.book.close(uc):
             return  # already ended
-        del self.user_calls[uc.key]
-        siblings = self.calls.get(uc.call_id)
-        if siblings is not None:
-            if uc in siblings:
-                siblings.remove(uc)
-            if not siblings:
-                del self.calls[uc.call_id]
-        for chan in uc.channels:
-            if uc in chan.user_calls:
-                chan.user_calls.remove(uc)
-        if uc.anchor is not None and uc in uc.anchor.user_calls:
-            uc.anchor.user_calls.remove(uc)
-        uc.channels = []
-        uc.anchor = None
         if not uc.announced:
             if not (uc.tried and uc.direction == CALL_IN):
                 return

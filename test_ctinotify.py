@@ -916,7 +916,9 @@ def test_every_trace_replays_and_leaves_no_state(name):
     clock = ctinotify.TraceClock()
     announced, hangups = {}, {}
     for msg in parser.feed(read_trace(name)):
-        for note in engine.handle(msg, clock.observe(msg)):
+        notes = engine.handle(msg, clock.observe(msg))
+        assert engine.check() == [], msg
+        for note in notes:
             key = (note.user, note.fields["call"], note.fields["role"])
             if note.kind in ("incoming", "outgoing"):
                 announced[key] = announced.get(key, 0) + 1
@@ -930,9 +932,10 @@ def test_every_trace_replays_and_leaves_no_state(name):
 
 
 def assert_engine_empty(engine):
-    assert not engine.table.channels and not engine.user_calls and not engine.calls
-    assert not engine.table.bridges and not engine.conferences and not engine.table._unpaired_locals
-    assert not engine._queue_held
+    """No channel, call or link is left, and what is left of the state is
+    consistent (the bounded memory of hangups)."""
+    assert engine.is_idle(), engine.channels()
+    assert engine.check() == []
 
 
 def test_all_traces_back_to_back_leave_nothing_behind():
@@ -942,8 +945,7 @@ def test_all_traces_back_to_back_leave_nothing_behind():
     for name in MANIFEST_TRACES:
         for msg in AmiParser().feed(read_trace(name)):
             engine.handle(msg, clock.observe(msg))
-    assert_engine_empty(engine)
-    assert len(engine.table._recent_hangups) <= ctinotify.MAX_RECENT_HANGUPS
+    assert_engine_empty(engine)  # with at most MAX_RECENT_HANGUPS hangups remembered
 
 
 def feed(engine, text, now):
@@ -982,14 +984,14 @@ def test_engine_link_lost_ends_every_call_with_reason_unknown():
     lost = engine.link_lost(25.0)
     assert [(n.user, n.kind, n.fields["reason"], n.fields["duration"]) for n in lost] == \
         [("alice", "hangup", "unknown", 15)]
-    assert not engine.table.channels and not engine.user_calls
+    assert_engine_empty(engine)
     assert engine.link_lost(26.0) == []
 
 
 def test_engine_ignores_events_it_does_not_need():
     engine = CallEngine()
     assert feed(engine, "Event: VarSet\r\nChannel: PJSIP/1-1\r\nUniqueid: 1.1\r\n\r\n", 0) == ()
-    assert not engine.table.channels
+    assert engine.channels() == []
 
 
 # ---------------------------------------------------------------------------
@@ -2156,14 +2158,16 @@ class Pbx:
         self.told += self.engine.handle(msg, self.now)
 
     def new(self, name, num, cid_name="", exten="s", context="from-internal", state="Down",
-            linked=None):
+            linked=None, seen=True):
+        """A new channel; ``seen=False``: its Newchannel never reached us."""
         self.seq += 1
         uniqueid = "1800000000.%d" % self.seq
         chan = {"Channel": name, "ChannelStateDesc": state, "CallerIDNum": num,
                 "CallerIDName": cid_name or "<unknown>", "ConnectedLineNum": "<unknown>",
                 "ConnectedLineName": "<unknown>", "Context": context, "Exten": exten,
                 "Uniqueid": uniqueid, "Linkedid": linked["Uniqueid"] if linked else uniqueid}
-        self.feed("Newchannel", chan)
+        if seen:
+            self.feed("Newchannel", chan)
         return chan
 
     def local(self, target, linked):
@@ -2514,7 +2518,7 @@ def test_resync_ends_calls_that_ended_while_we_were_away():
 def test_resync_keeps_a_ringing_call_that_is_still_listed():
     engine = CallEngine(Directory(office().users.values()))
     feed_until(engine, "b_inbound_noanswer", "DialState")
-    listed = [c for c in engine.table.channels.values()]
+    listed = engine.channels()
     engine.begin_resync()
     for chan in listed:
         text = ("Event: CoreShowChannel\r\nChannel: %s\r\nUniqueid: %s\r\nLinkedid: %s\r\n"
@@ -4329,11 +4333,13 @@ def fuzz_once(data, expect_banner, rng, users):
             # Mostly forward, sometimes back: the wall clock may be set back.
             now += rng.uniform(-3, 1) if rng.random() < 0.1 else 0.25
             notes += [(n.user, n.kind, n.fields) for n in engine.handle(msg, now)]
+            inconsistent = engine.check()
+            if inconsistent:
+                return ["after %.60r: %s" % (msg, inconsistent[:3])]
     notes += [(n.user, n.kind, n.fields) for n in engine.link_lost(now + 1)]
     problems = check_call_invariants(notes, resynced=b"Event: CoreShowChannel" in data)
-    if engine.table.channels or engine.user_calls or engine.calls:
-        problems.append("state left after link_lost: %d channels, %d user calls, %d calls"
-                        % (len(engine.table.channels), len(engine.user_calls), len(engine.calls)))
+    if not engine.is_idle():
+        problems.append("state left after link_lost: %r" % engine.channels())
     return problems
 
 
@@ -5154,7 +5160,7 @@ def test_resync_tells_a_call_answered_while_the_link_was_down():
     engine = CallEngine(Directory(office().users.values()))
     feed_until(engine, "b_inbound_noanswer", "DialState")
     engine.begin_resync()
-    for chan in list(engine.table.channels.values()):
+    for chan in engine.channels():
         text = ("Event: CoreShowChannel\r\nChannel: %s\r\nUniqueid: %s\r\nLinkedid: %s\r\n"
                 "ChannelStateDesc: Up\r\nBridgeId: b1\r\n\r\n"
                 % (chan.name, chan.uniqueid, chan.linkedid))
@@ -5182,7 +5188,7 @@ def test_resync_does_not_call_a_click_to_dial_answered_while_the_far_end_rings()
         if msg.get("Event") == "DialState" and msg.get("DestChannel", "").startswith("PJSIP/trunk"):
             break
     engine.begin_resync()
-    for chan in list(engine.table.channels.values()):
+    for chan in engine.channels():
         text = ("Event: CoreShowChannel\r\nChannel: %s\r\nUniqueid: %s\r\nLinkedid: %s\r\n"
                 "ChannelStateDesc: %s\r\n\r\n" % (chan.name, chan.uniqueid, chan.linkedid,
                                                     chan.state))
@@ -5334,9 +5340,9 @@ def test_hold_ends_when_the_holder_transfers_the_call_away():
 
 def test_resync_relearns_who_is_in_a_conference():
     pbx = Pbx()
-    alice = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", exten="800", state="Up")
-    pbx.engine.table.clear()  # as if her Newchannel came while the link was down
-    pbx.told.clear()
+    # Her Newchannel came while the link was down.
+    alice = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", exten="800", state="Up",
+                    seen=False)
     pbx.engine.begin_resync()
     pbx.feed("CoreShowChannel", alice, Application="ConfBridge",
              ApplicationData="800,default_bridge,default_user", BridgeId="conf800")
