@@ -2040,18 +2040,91 @@ class ChannelTable:
         return problems
 
 
+class IllegalTransition(CtiError):
+    """The engine was about to tell a user something their call's phase
+    does not allow (CALL_PHASES): a bug in ctinotify, never in the input."""
+
+
+class Phase:
+    """Where a user call is in its life: the rows of CALL_PHASES."""
+
+    ROUTED = "routed"            # it reached the user's number; nothing told yet
+    TRIED = "tried"              # ... and its dialplan ran Dial for the user
+    RINGING = "ringing"          # incoming/outgoing told; not answered
+    ANSWERED = "answered"        # the user talks (pickup, or retrieved from a park)
+    TAKEN = "taken"              # someone else answered; the user's phone rings down
+    TRANSFERRED = "transferred"  # the user handed it on; ends reason=transferred
+    ENDED = "ended"              # hangup told, or forgotten before anything was told
+
+
+#: The phases in which the user has been told of the call.
+TOLD_PHASES = frozenset((Phase.RINGING, Phase.ANSWERED, Phase.TAKEN, Phase.TRANSFERRED))
+
+
+class Move:
+    """The keys of CALL_PHASES beside the plain kinds (a kind is told and
+    moves the call): ``(kind, variant)`` for a kind that moves it elsewhere,
+    ``(None, what)`` for a move that tells the user nothing."""
+
+    PICKUP_ELSEWHERE = (Kind.PICKUP, "elsewhere")  # another phone answered
+    TRANSFER_AWAY = (Kind.TRANSFER, Direction.TO)  # the user transferred it
+    TRY = (None, "try")                            # the dialplan dials the user
+    FOUND_ANSWERED = (None, "found answered")      # answered before it was told
+    FORGET = (None, "forget")                      # routed elsewhere, never told
+
+
+def _stay(phase: str, *kinds: object) -> Dict[object, str]:
+    return {kind: phase for kind in kinds}
+
+
+#: News that may come in every phase the user was told of: it moves nothing.
+_SIDE_NEWS = (Kind.TRANSFER, Kind.PARK, Kind.CONFERENCE, Kind.HOLD, Kind.UNHOLD)
+
+#: phase -> {what is told (a Kind or a Move) -> the phase it moves the call
+#: to}.  Anything else is a bug (IllegalTransition), never a silent drop:
+#: code that may meet a call in another phase asks ``can()`` first, or
+#: checks the phase, and says why it skips.  Every call told of starts with
+#: incoming or outgoing and ends with one hangup: only INCOMING, OUTGOING
+#: and FOUND_ANSWERED leave the untold phases, only HANGUP leads from a told
+#: phase to ENDED, and ENDED allows nothing.
+CALL_PHASES: Dict[str, Dict[object, str]] = {
+    Phase.ROUTED: {
+        Kind.INCOMING: Phase.RINGING, Kind.OUTGOING: Phase.RINGING,
+        Move.TRY: Phase.TRIED, Move.FOUND_ANSWERED: Phase.ANSWERED, Move.FORGET: Phase.ENDED},
+    Phase.TRIED: {
+        Kind.INCOMING: Phase.RINGING,
+        Move.FOUND_ANSWERED: Phase.ANSWERED, Move.FORGET: Phase.ENDED},
+    Phase.RINGING: {
+        **_stay(Phase.RINGING, Kind.TIMEOUT, Kind.BUSY, Kind.DIVERT, *_SIDE_NEWS),
+        Kind.PICKUP: Phase.ANSWERED, Move.PICKUP_ELSEWHERE: Phase.TAKEN,
+        Kind.UNPARK: Phase.ANSWERED, Move.FOUND_ANSWERED: Phase.ANSWERED,
+        Move.TRANSFER_AWAY: Phase.TRANSFERRED, Kind.HANGUP: Phase.ENDED},
+    Phase.ANSWERED: {
+        **_stay(Phase.ANSWERED, Kind.UNPARK, *_SIDE_NEWS),
+        Move.TRANSFER_AWAY: Phase.TRANSFERRED, Kind.HANGUP: Phase.ENDED},
+    Phase.TAKEN: {
+        **_stay(Phase.TAKEN, *_SIDE_NEWS),
+        Kind.UNPARK: Phase.ANSWERED, Kind.HANGUP: Phase.ENDED},
+    Phase.TRANSFERRED: {
+        **_stay(Phase.TRANSFERRED, Kind.UNPARK, *_SIDE_NEWS),
+        Kind.HANGUP: Phase.ENDED},
+    Phase.ENDED: {},
+}
+
+
 class UserCall:
     """One user's view of one call: what that user has been told so far.
 
-    A user call is created when a call reaches one of the user's devices or
-    extensions, announced once (``incoming``/``outgoing``), and ended exactly
-    once with ``hangup`` when the last channel keeping it alive is gone.
+    A user call is made when a call reaches one of the user's devices or
+    extensions and moves through the phases of CALL_PHASES: announced once
+    (``incoming``/``outgoing``), ended exactly once with ``hangup`` when the
+    last channel keeping it alive is gone.
     """
 
     __slots__ = ("user", "call_id", "direction", "device", "me", "peer", "dialed",
-                 "started", "answered_at", "announced", "channels", "anchor",
+                 "started", "answered_at", "phase", "channels", "anchor",
                  "outcome", "answered_by", "cause", "cause_txt", "diverted_to",
-                 "path", "queue", "queue_caller", "transferred", "tried", "leg_outcome")
+                 "path", "queue", "queue_caller", "leg_outcome")
 
     def __init__(self, user: str, call_id: str, direction: str, me: Party, peer: Party,
                  dialed: str, now: float):
@@ -2065,15 +2138,16 @@ class UserCall:
         self.dialed = dialed
         self.started = now
         self.answered_at: Optional[float] = None
-        self.announced = False
-        #: The user's own channels in this call.
+        #: A Phase; changed only by move().
+        self.phase = Phase.ROUTED
+        #: The user's own channels in this call (kept by the CallBook).
         self.channels: List[Channel] = []
         #: For a call that reached the user's *extension*: the caller-side
         #: channel running that extension.  It keeps the user call alive
         #: while the call rings elsewhere (a forward to a mobile).
         self.anchor: Optional[Channel] = None
         #: Why it was not answered, once known: noanswer, busy, cancelled,
-        #: failed, answered_elsewhere, unknown.
+        #: failed, unknown.
         self.outcome: Optional[str] = None
         self.answered_by: Optional[Party] = None
         self.cause = 0
@@ -2088,11 +2162,26 @@ class UserCall:
         self.leg_outcome: Optional[str] = None
         #: The caller waiting in ``queue`` that rang the user (queue calls).
         self.queue_caller: Optional[Channel] = None
-        #: The user transferred this call away (hangup reason "transferred").
-        self.transferred = False
-        #: A call to the user's number whose dialplan tried to reach the user
-        #: (ran Dial) before it rang anywhere: told even if it never rings.
-        self.tried = False
+
+    def __repr__(self) -> str:
+        return "<UserCall %s %s %s %s>" % (self.user, self.call_id, self.direction, self.phase)
+
+    def can(self, move: object) -> bool:
+        """Whether telling ``move`` (a Kind or a Move) is legal now."""
+        return move in CALL_PHASES[self.phase]
+
+    def move(self, move: object) -> None:
+        """Go where ``move`` leads from the current phase (CALL_PHASES)."""
+        to = CALL_PHASES[self.phase].get(move)
+        if to is None:
+            raise IllegalTransition("%r: %r is not allowed in phase %s"
+                                    % (self, move, self.phase))
+        self.phase = to
+
+    @property
+    def told(self) -> bool:
+        """The user has heard of this call (and it has not ended)."""
+        return self.phase in TOLD_PHASES
 
     @property
     def key(self) -> Tuple[str, str, str]:
@@ -2109,10 +2198,12 @@ class UserCall:
 
     def reason(self) -> str:
         """Why the call ended for this user: what was seen, else the cause."""
-        if self.transferred:
+        if self.phase is Phase.TRANSFERRED:
             return Reason.TRANSFERRED
         if self.answered_at is not None:
             return Reason.COMPLETED
+        if self.phase is Phase.TAKEN:
+            return Reason.ANSWERED_ELSEWHERE
         if self.cause == 26 and self.outcome in (None, Reason.CANCELLED):
             return Reason.ANSWERED_ELSEWHERE
         if self.outcome is not None:
@@ -2206,6 +2297,11 @@ class CallBook:
         for key, uc in self._by_key.items():
             if uc.key != key or uc not in self._by_call.get(uc.call_id, ()):
                 problems.append("%r is not booked under its key and call" % (uc,))
+            if uc.phase is Phase.ENDED:
+                problems.append("%r is open" % (uc,))
+            elif (uc.answered_at is not None) != (uc.phase is Phase.ANSWERED) and \
+                    uc.phase is not Phase.TRANSFERRED:
+                problems.append("%r has answered_at %r" % (uc, uc.answered_at))
             for chan in uc.channels:
                 if uc not in chan.user_calls:
                     problems.append("%r does not list %r" % (chan, uc))
@@ -2515,7 +2611,7 @@ class CallEngine:
 
     def active_calls(self, user: str) -> List[UserCall]:
         """The user's announced calls in progress, oldest first."""
-        calls = [uc for uc in self.book.of_user(user) if uc.announced]
+        calls = [uc for uc in self.book.of_user(user) if uc.told]
         return sorted(calls, key=lambda uc: uc.started)
 
     def call_fields(self, uc: UserCall) -> Dict[str, object]:
@@ -2552,8 +2648,9 @@ class CallEngine:
         if app not in ("dial", "voicemail"):
             return
         for uc in chan.user_calls:
-            if uc.anchor is chan and uc.direction == CALL_IN and not uc.announced:
-                uc.tried = True
+            if uc.anchor is chan and uc.direction == CALL_IN and not uc.told:
+                if uc.phase is Phase.ROUTED:
+                    uc.move(Move.TRY)
                 if app == "voicemail":
                     # Straight to voicemail: the user's phone could not be
                     # reached (unavailable, DND); still a call for them.
@@ -2570,7 +2667,7 @@ class CallEngine:
         the message is done: CALLS must not show it ringing meanwhile)."""
         mailbox = chan.appdata.partition(",")[0][:MAX_FIELD_CHARS]
         for uc in list(chan.user_calls):
-            if uc.anchor is chan and uc.direction == CALL_IN and uc.announced \
+            if uc.anchor is chan and uc.direction == CALL_IN and uc.told \
                     and uc.answered_at is None and not uc.channels:
                 uc.path.append({"voicemail": mailbox})
                 uc.outcome = uc.outcome or Reason.NOANSWER
@@ -2752,9 +2849,12 @@ class CallEngine:
             self.book.attach(uc, chan)
             self._announce(out, uc, Kind.OUTGOING)
             # Told only now (at a conference join, or at the hangup of a call
-            # to voicemail): it began when the channel did.
+            # to voicemail): it began when the channel did, and may have
+            # been answered (by the application) before it could be told.
             uc.started = chan.created
-            uc.answered_at = chan.answered_at
+            if chan.answered_at is not None and uc.can(Move.FOUND_ANSWERED):
+                uc.move(Move.FOUND_ANSWERED)
+                uc.answered_at = chan.answered_at
             calls.append(uc)
         return calls
 
@@ -2814,8 +2914,9 @@ class CallEngine:
                     if chan is src:  # deeper Local hops are routing, not diverts
                         self._divert_if_elsewhere(out, uc, chan, dest, dialstring)
         for user in dest_users:
-            uc = self.book.open(root.linkedid, user, CALL_IN, dest.caller, caller, dialed, out.now)
-            if not uc.announced:
+            uc = self.book.open(root.linkedid, user, CALL_IN, dest.caller, caller, dialed,
+                                out.now)
+            if not uc.told:
                 uc.device = dest.device
                 uc.me = dest.caller
             self.book.attach(uc, dest)
@@ -2826,10 +2927,9 @@ class CallEngine:
         these channels that have not been told yet."""
         for chan in chans:
             for uc in list(chan.user_calls):
-                if uc.direction == CALL_IN and uc.anchor is chan and not uc.announced:
-                    uc.tried = False  # _end would tell a tried one as failed
+                if uc.direction == CALL_IN and uc.anchor is chan and not uc.told:
                     self.book.release_anchor(uc)
-                    self._end(out, uc)
+                    self._forget(uc)
 
     def _remote_party(self, chan: Channel, me: Party) -> Party:
         """The party on a channel, as the user sees it.  An outbound trunk
@@ -2866,10 +2966,15 @@ class CallEngine:
         original = Party(uc.me.num or uc.dialed, uc.me.name)
         carrier.diverted_from = original
         uc.path.append({"divert": target.num})
-        self._emit(out, uc, Kind.DIVERT, direction=Direction.TO, original=original.as_dict(),
+        if uc.phase is not Phase.RINGING:
+            # Not rung yet (nothing is news before the incoming), or answered
+            # elsewhere or handed on already: not the user's to follow.
+            return
+        self._tell(out, uc, Kind.DIVERT, direction=Direction.TO, original=original.as_dict(),
                    target=target.as_dict(), external=not inside)
 
-    def _forwarded(self, out: Outbox, src: Optional[Channel], dest: Channel, number: str) -> None:
+    def _forwarded(self, out: Outbox, src: Optional[Channel], dest: Channel,
+                   number: str) -> None:
         """The rung phone forwarded the call (SIP 302): its user follows the
         call to the new number, as with a dialplan forward."""
         if src is None:
@@ -2887,7 +2992,7 @@ class CallEngine:
                            rung: Channel) -> None:
         """The caller is known best when the call rings, not when it was
         routed: a Local channel learns its caller only once dialed."""
-        if uc.announced:
+        if uc.told:
             return
         uc.peer = caller
         uc.dialed = dialed
@@ -2905,14 +3010,14 @@ class CallEngine:
             if chan.transferred_by is not None:
                 by, kind = chan.transferred_by
                 uc.path.append({"transfer": kind, "by": by.num})
-                self._emit(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM,
+                self._tell(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM,
                            by=by.as_dict(), target=uc.me.as_dict())
                 break
             original = chan.diverted_from
             if original is not None and original.num != uc.me.num and \
                     uc.user not in self.directory.extension_users(original.num):
                 uc.path.append({"diverted_from": original.num})
-                self._emit(out, uc, Kind.DIVERT, direction=Direction.FROM,
+                self._tell(out, uc, Kind.DIVERT, direction=Direction.FROM,
                            original=original.as_dict(), target=uc.me.as_dict(), external=False)
                 break
 
@@ -2963,8 +3068,8 @@ class CallEngine:
         self._set_outcome(out, uc, outcome)
 
     def _set_outcome(self, out: Outbox, uc: UserCall, outcome: str) -> None:
-        if uc.answered_at is not None:
-            return
+        if uc.phase not in (Phase.ROUTED, Phase.TRIED, Phase.RINGING):
+            return  # answered (here or elsewhere) or handed on: no verdict to give
         if uc.direction == CALL_OUT:
             # The caller's dialplan may go on (a hunt list, a forward): the
             # last attempt's verdict counts, and is told with the hangup.
@@ -2973,12 +3078,12 @@ class CallEngine:
         if uc.outcome is not None:
             return  # the first verdict stands
         uc.outcome = outcome
-        if not uc.announced:
-            return
-        if outcome == Reason.NOANSWER and uc.direction == CALL_IN:
-            self._emit(out, uc, Kind.TIMEOUT)
+        if not uc.told:
+            return  # not rung yet: told with the incoming's end, if it is tried
+        if outcome == Reason.NOANSWER:
+            self._tell(out, uc, Kind.TIMEOUT)
         elif outcome == Reason.BUSY:
-            self._emit(out, uc, Kind.BUSY)
+            self._tell(out, uc, Kind.BUSY)
 
     def _answered(self, out: Outbox, src: Optional[Channel], answerer: Channel,
                   method: str = "") -> None:
@@ -3011,8 +3116,8 @@ class CallEngine:
             extra["method"] = method
         for call_id in call_ids:
             for uc in self.book.of_call(call_id):
-                if not uc.announced:
-                    continue
+                if not uc.told:
+                    continue  # routed to the user's number, not rung yet: no news
                 if uc.answered_at is not None:
                     if answerer not in uc.channels and \
                             any(chan in lineage for chan in uc.channels):
@@ -3020,6 +3125,8 @@ class CallEngine:
                         # blind transfer sent this user's call to.
                         uc.peer = self._remote_party(answerer, uc.me)
                     continue
+                if uc.phase is not Phase.RINGING:
+                    continue  # answered elsewhere already, or handed on by the user
                 if uc.direction == CALL_OUT:
                     if not any(chan in lineage for chan in uc.channels):
                         continue
@@ -3033,15 +3140,13 @@ class CallEngine:
                         self.book.release_anchor(uc)
                         uc.device = answerer.device  # of several phones, this one
                     self._answer(out, uc, answerer, extra)
-                elif uc.outcome != Reason.ANSWERED_ELSEWHERE and \
-                        (uc.channels or uc.anchor is not None or uc.queue_caller is not None):
+                elif uc.channels or uc.anchor is not None or uc.queue_caller is not None:
                     # Someone else's call now, even after it timed out or
                     # was busy here (a forward on no answer): it lasts for
                     # this user only as long as the user's own phone still
                     # rings down.
-                    uc.outcome = Reason.ANSWERED_ELSEWHERE
                     uc.answered_by = answered_by
-                    self._emit(out, uc, Kind.PICKUP, **extra)
+                    self._tell(out, uc, Move.PICKUP_ELSEWHERE, **extra)
                     self.book.release_anchor(uc)
                     if not uc.channels:
                         self._end(out, uc)
@@ -3050,7 +3155,7 @@ class CallEngine:
                 extra: Dict[str, object]) -> None:
         uc.answered_at = out.now
         uc.answered_by = self._remote_party(answerer, uc.me)
-        self._emit(out, uc, Kind.PICKUP, **extra)
+        self._tell(out, uc, Kind.PICKUP, **extra)
 
     def _hangup(self, out: Outbox, chan: Channel, cause: int, cause_txt: str,
                 reason: Optional[str] = None) -> None:
@@ -3115,10 +3220,11 @@ class CallEngine:
                          target: Party) -> None:
         """The user who transferred: their call ends with reason=transferred."""
         for uc in calls:
-            uc.transferred = True
+            if not uc.can(Move.TRANSFER_AWAY):
+                continue  # not rung yet, or no longer the user's to hand on
             uc.path.append({"transfer": kind, "to": target.num})
-            self._emit(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.TO, by=by.as_dict(),
-                       target=target.as_dict())
+            self._tell(out, uc, Move.TRANSFER_AWAY, kind=kind, direction=Direction.TO,
+                       by=by.as_dict(), target=target.as_dict())
 
     def _tell_transferees(self, out: Outbox, parties: List[Channel], told: List[UserCall],
                           kind: str, by: Party, target: Party) -> None:
@@ -3129,8 +3235,10 @@ class CallEngine:
                 if uc in told:
                     continue
                 told.append(uc)
+                if not uc.told:
+                    continue  # routed to the user's number, not rung yet: no news
                 uc.path.append({"transfer": kind, "by": by.num, "to": target.num})
-                self._emit(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.MOVED,
+                self._tell(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.MOVED,
                            by=by.as_dict(), target=target.as_dict())
 
     def on_attendedtransfer(self, msg: AmiMessage, out: Outbox) -> None:
@@ -3173,9 +3281,11 @@ class CallEngine:
                 if uc in told:
                     continue
                 told.append(uc)
+                if not uc.told:
+                    continue  # routed to the target's number, not rung yet: no news
                 uc.peer = customer  # their screen shows the customer now
                 uc.path.append({"transfer": kind, "by": by.num})
-                self._emit(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM,
+                self._tell(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM,
                            by=by.as_dict(), target=uc.me.as_dict())
         if targets:
             for chan in transferees:
@@ -3253,8 +3363,10 @@ class CallEngine:
             by = next((uc.me for uc in ucs), NOBODY)
         parkee.parked = (space, lot, by)
         for uc in ucs:
+            if not uc.told:
+                continue  # routed to the parker's number, not rung: no news
             uc.path.append({"park": space})
-            self._emit(out, uc, Kind.PARK, space=space, lot=lot, by=by.as_dict(),
+            self._tell(out, uc, Kind.PARK, space=space, lot=lot, by=by.as_dict(),
                        timeout=msg.get("ParkingTimeout", ""))
 
     def on_unparkedcall(self, msg: AmiMessage, out: Outbox) -> None:
@@ -3276,7 +3388,7 @@ class CallEngine:
             uc.answered_at = out.now
             uc.answered_by = retriever.caller
             uc.path.append({"unpark": space})
-            self._emit(out, uc, Kind.UNPARK, space=space, lot=lot, result=ParkResult.RETRIEVED,
+            self._tell(out, uc, Kind.UNPARK, space=space, lot=lot, result=ParkResult.RETRIEVED,
                        parked_by=by.as_dict(), retrieved_by=retriever.caller.as_dict())
 
     def on_parkedcalltimeout(self, msg: AmiMessage, out: Outbox) -> None:
@@ -3446,8 +3558,9 @@ class CallEngine:
             listeners.append(who)
         for chan in listeners:
             for uc in chan.user_calls:
-                self._emit(out, uc, Kind.CONFERENCE, action=action, room=room, members=count,
-                           who=who.caller.as_dict())
+                if uc.told:  # (not a call routed to a user's number, not rung yet)
+                    self._tell(out, uc, Kind.CONFERENCE, action=action, room=room,
+                               members=count, who=who.caller.as_dict())
 
     def on_hold(self, msg: AmiMessage, out: Outbox) -> None:
         chan = self._snapshot(out, msg, "")
@@ -3472,14 +3585,16 @@ class CallEngine:
 
     def _tell_hold(self, out: Outbox, chan: Channel, kind: str,
                    also: List[UserCall]) -> List[UserCall]:
-        """Tell ``kind`` by ``chan`` to its call's parties (and ``also``)."""
+        """Tell ``kind`` by ``chan`` to its call's parties (and ``also``):
+        those told of their call (not one routed to a user's number that has
+        not rung yet).  Returns whom it told."""
         told = list(also)
         for other in [chan] + self.table.talking_with(chan):
             for uc in other.user_calls:
-                if uc not in told:
+                if uc.told and uc not in told:
                     told.append(uc)
         for uc in told:
-            self._emit(out, uc, kind, by=chan.caller.as_dict())
+            self._tell(out, uc, kind, by=chan.caller.as_dict())
         return told
 
     # -- handlers: resync ------------------------------------------------------
@@ -3556,6 +3671,9 @@ class CallEngine:
             uc.started = chan.created
             self.book.attach(uc, chan)
             if chan.state == "Up":
+                if not uc.can(Move.FOUND_ANSWERED):
+                    continue  # known already, and answered or over for the user
+                uc.move(Move.FOUND_ANSWERED)
                 uc.answered_at = chan.answered_at or out.now
                 # Who answered: the user, on a call to them; else whoever
                 # the phone talks with.
@@ -3563,7 +3681,6 @@ class CallEngine:
                                None)
                 uc.answered_by = uc.me if callee else \
                     self._remote_party(partner, uc.me) if partner is not None else None
-                uc.announced = True
             elif callee:
                 self._announce_incoming(out, uc, chan.connected, "", chan)
                 uc.started = out.now
@@ -3575,38 +3692,45 @@ class CallEngine:
     def _end(self, out: Outbox, uc: UserCall, reason: Optional[str] = None) -> None:
         if not self.book.close(uc):
             return  # already ended
-        if not uc.announced:
-            if not (uc.tried and uc.direction == CALL_IN):
-                return
-            # It never rang: still the user's call, and it failed.
+        if uc.phase is Phase.ROUTED:
+            uc.move(Move.FORGET)  # it went elsewhere before it rang: no call of the user's
+            return
+        if uc.phase is Phase.TRIED:
+            # It never rang, but the dialplan tried: still the user's call, and it failed.
             self._announce(out, uc, Kind.INCOMING)
             uc.outcome = uc.outcome or Reason.FAILED
         ending = uc.ending(out.now, reason)
         if ending["reason"] == Reason.BUSY and uc.direction == CALL_OUT:
-            self._emit(out, uc, Kind.BUSY)
-        fields = self._emit(out, uc, Kind.HANGUP, **ending)
+            self._tell(out, uc, Kind.BUSY)
+        fields = self._tell(out, uc, Kind.HANGUP, **ending)
         record = uc.record(fields["time"], ending)
         if self.pbx:
             record["pbx"] = self.pbx
         out.notes[-1].record = record
 
+    def _forget(self, uc: UserCall) -> None:
+        """Close, without a word, a call routed to the user's number that went
+        elsewhere before anything was told."""
+        self.book.close(uc)
+        uc.move(Move.FORGET)
+
     # -- output ----------------------------------------------------------------
 
     def _announce(self, out: Outbox, uc: UserCall, kind: str, **extra: object) -> None:
-        if not uc.announced:
-            uc.announced = True
+        """Tell ``kind`` (incoming, outgoing) unless the user knows of the call."""
+        if not uc.told:
             uc.started = out.now  # not when routing began: an IVR may come first
-            self._emit(out, uc, kind, dialed=uc.dialed, **extra)
+            self._tell(out, uc, kind, dialed=uc.dialed, **extra)
 
-    def _emit(self, out: Outbox, uc: UserCall, event: str, **extra: object) -> Dict[str, object]:
-        if not uc.announced:
-            # A call routed to a user's number that has not rung anywhere yet:
-            # nothing about it is news before its incoming (fuzz, k_attended).
-            return {}
+    def _tell(self, out: Outbox, uc: UserCall, move: object,
+              **extra: object) -> Dict[str, object]:
+        """Tell the user ``move`` (a Kind, or a Move with a kind) about their
+        call, which moves it on (CALL_PHASES; IllegalTransition if it may not)."""
+        uc.move(move)
+        kind: str = move if move.__class__ is str else move[0]  # type: ignore[index,assignment]
         frm, to = uc.parties
-        fields = self._fields(event, uc.call_id, out.now, uc.role, uc.device, frm, to,
-                              **extra)
-        out.notes.append(Notification(uc.user, event, fields))
+        fields = self._fields(kind, uc.call_id, out.now, uc.role, uc.device, frm, to, **extra)
+        out.notes.append(Notification(uc.user, kind, fields))
         return fields
 
     def _fields(self, event: str, call_id: str, when: float, role: str, device: str,

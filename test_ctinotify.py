@@ -988,6 +988,45 @@ def test_engine_link_lost_ends_every_call_with_reason_unknown():
     assert engine.link_lost(26.0) == []
 
 
+def test_the_phase_table_keeps_the_promise_of_one_start_and_one_end():
+    """Only incoming/outgoing (or an answer found at a resync) leave the
+    untold phases; only hangup leads from a told phase to the end, and
+    nothing comes after it; a silent move never leads back to untold."""
+    Phase, Move, Kind = ctinotify.Phase, ctinotify.Move, ctinotify.Kind
+    untold = {Phase.ROUTED, Phase.TRIED}
+    told = set(ctinotify.TOLD_PHASES)
+    assert set(ctinotify.CALL_PHASES) == untold | told | {Phase.ENDED}
+    assert ctinotify.CALL_PHASES[Phase.ENDED] == {}
+    for phase, row in ctinotify.CALL_PHASES.items():
+        for move, to in row.items():
+            kind = move if isinstance(move, str) else move[0]
+            assert kind is None or kind in ctinotify.EVENT_KINDS
+            if phase in untold and to not in untold:
+                assert move in (Kind.INCOMING, Kind.OUTGOING, Move.FOUND_ANSWERED,
+                                Move.FORGET), (phase, move)
+            if phase in told:
+                assert to in told or move == Kind.HANGUP, (phase, move)
+                assert (to == Phase.ENDED) == (move == Kind.HANGUP)
+                # Told nothing: only an answer before the call could be told.
+                assert kind is not None or move == Move.FOUND_ANSWERED
+
+
+def test_an_illegal_move_raises_instead_of_being_dropped():
+    Phase, Kind = ctinotify.Phase, ctinotify.Kind
+    uc = ctinotify.UserCall("alice", "1.1", ctinotify.CALL_IN, ctinotify.NOBODY,
+                            ctinotify.NOBODY, "100", 0.0)
+    assert uc.phase == Phase.ROUTED and not uc.told
+    for kind in (Kind.HOLD, Kind.PICKUP, Kind.HANGUP):
+        assert not uc.can(kind)
+        with pytest.raises(ctinotify.IllegalTransition):
+            uc.move(kind)
+    uc.move(Kind.INCOMING)
+    uc.move(Kind.HANGUP)
+    with pytest.raises(ctinotify.IllegalTransition, match="hangup"):
+        uc.move(Kind.HANGUP)
+    assert uc.phase == Phase.ENDED
+
+
 def test_engine_ignores_events_it_does_not_need():
     engine = CallEngine()
     assert feed(engine, "Event: VarSet\r\nChannel: PJSIP/1-1\r\nUniqueid: 1.1\r\n\r\n", 0) == ()
@@ -4332,7 +4371,10 @@ def fuzz_once(data, expect_banner, rng, users):
         for msg in messages:
             # Mostly forward, sometimes back: the wall clock may be set back.
             now += rng.uniform(-3, 1) if rng.random() < 0.1 else 0.25
-            notes += [(n.user, n.kind, n.fields) for n in engine.handle(msg, now)]
+            try:
+                notes += [(n.user, n.kind, n.fields) for n in engine.handle(msg, now)]
+            except ctinotify.IllegalTransition as error:  # an engine bug, whatever the input
+                return ["after %.60r: %s" % (msg, error)]
             inconsistent = engine.check()
             if inconsistent:
                 return ["after %.60r: %s" % (msg, inconsistent[:3])]
