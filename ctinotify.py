@@ -2005,6 +2005,44 @@ class ChannelTable:
                         todo.append(hop)
         return found
 
+    def parties(self, chan: Channel, exclude: Sequence[Channel] = ()) -> List[Channel]:
+        """Everyone in ``chan``'s call but ``chan`` (and ``exclude``): those
+        it talks with (``talking_with``, from either half of a Local pair),
+        the caller that started the call, and every channel that caller's
+        dials reached, ringing or not.  Local channels too: a call to a
+        user's number may be anchored on one.  The one answer to "who is in
+        this call" for hold, parking and transfers."""
+        found: List[Channel] = []
+        seen = set(exclude)
+        seen.add(chan)
+        root = chan.root()
+        candidates = self.talking_with(chan)
+        if chan.is_local and chan.local_peer is not None:
+            candidates += [chan.local_peer] + self.talking_with(chan.local_peer)
+        candidates.append(root)
+        candidates += [c for c in self.channels.values() if root in set(c.lineage())]
+        for c in candidates:
+            if c not in seen:
+                seen.add(c)
+                found.append(c)
+        return found
+
+    def far_side(self, chan: Channel) -> List[Channel]:
+        """What a Local channel leads to beyond its other half: that half's
+        bridge, what led to it and what it dials.  A transfer names the
+        half on its side (``Local/101@from-internal;1``) while the other half
+        is already bridged to the transferer's: only the far side is the
+        target (k_attended_transfer)."""
+        far = chan.local_peer
+        if far is None:
+            return []
+        found: List[Channel] = []
+        for c in self.bridged_with(far) + list(far.lineage())[1:] + \
+                [c for c in self.channels.values() if c is not far and far in set(c.lineage())]:
+            if c not in found:
+                found.append(c)
+        return found
+
     def clear(self) -> None:
         """The AMI link is gone: nothing is known any more."""
         self.channels.clear()
@@ -3213,7 +3251,7 @@ class CallEngine:
             # dials next is a call transferred by ``by``, not by its dialer.
             transferee.transferred_by = (by, TransferKind.BLIND)
             transferee.dialer = None
-            self._tell_transferees(out, self._endpoints(transferee, [transferer]), told,
+            self._tell_transferees(out, self._phones_of(transferee, [transferer]), told,
                                    TransferKind.BLIND, by, target)
 
     def _tell_transferer(self, out: Outbox, calls: List[UserCall], kind: str, by: Party,
@@ -3254,11 +3292,11 @@ class CallEngine:
             return
         transferers = [c for c in (first, second) if c is not None]
         named = self._snapshot(out, msg, "TransferTarget")
-        targets = self._endpoints(named, transferers) if named is not None \
-            else self._parties_of(second, transferers) if second is not None else []
+        targets = self._phones_of(named, transferers) if named is not None \
+            else self._phones_around(second, transferers) if second is not None else []
         named = self._snapshot(out, msg, "Transferee")
-        transferees = self._endpoints(named, transferers) if named is not None \
-            else self._parties_of(first, transferers)
+        transferees = self._phones_of(named, transferers) if named is not None \
+            else self._phones_around(first, transferers)
         transferees = [t for t in transferees if t not in targets]
         kind = TransferKind.ATTENDED if targets and all(t.state == "Up" for t in targets) \
             else TransferKind.BLONDE
@@ -3294,35 +3332,19 @@ class CallEngine:
                         uc.peer = self._remote_party(targets[0], uc.me)
         self._tell_transferees(out, transferees, told, kind, by, target_party)
 
-    def _endpoints(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
-        """The real phones or trunks a channel stands for: itself, or for a
-        Local channel those on the far side of its pair (k_attended_transfer:
-        the target is ``Local/101@from-internal;1``, the phone is PJSIP/101)."""
+    def _phones_of(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
+        """The phones or trunks a channel named by a transfer stands for:
+        itself, or for a Local channel the real ones on the far side of its
+        pair (k_attended_transfer: the target is ``Local/101@from-internal;1``,
+        the phone is PJSIP/101); failing those, the phones in its call."""
         if not chan.is_local:
             return [chan] if chan not in exclude else []
-        far = chan.local_peer
-        if far is None:
-            return self._parties_of(chan, exclude)
-        found: List[Channel] = []
-        candidates = self.table.bridged_with(far) + list(far.lineage())[1:] + \
-            [c for c in self.table.channels.values() if c is not far and far in set(c.lineage())]
-        for c in candidates:
-            if not c.is_local and c not in exclude and c not in found:
-                found.append(c)
-        return found or self._parties_of(chan, exclude)
+        return [c for c in self.table.far_side(chan) if not c.is_local and c not in exclude] \
+            or self._phones_around(chan, exclude)
 
-    def _parties_of(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
-        """The non-Local channels on the other end of ``chan``'s call: in
-        its bridge, or anywhere in the dial tree it belongs to (the caller
-        that started it, and whoever that caller's dials reached)."""
-        found: List[Channel] = []
-        root = chan.root()
-        candidates = self.table.bridged_with(chan) + [root] + \
-            [c for c in self.table.channels.values() if c is not chan and root in set(c.lineage())]
-        for c in candidates:
-            if not c.is_local and c not in exclude and c not in found:
-                found.append(c)
-        return found
+    def _phones_around(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
+        """The phones and trunks in ``chan``'s call (not Local channels)."""
+        return [c for c in self.table.parties(chan, exclude) if not c.is_local]
 
     def on_pickup(self, msg: AmiMessage, out: Outbox) -> None:
         """Another phone took a ringing call (features pickupexten, the
@@ -3358,7 +3380,8 @@ class CallEngine:
         by = parker.caller if parker is not None else NOBODY
         parkers = set(self._users_of(parker)) if parker is not None else set()
         parkers.update(self.directory.device_users(parker_device))
-        ucs = [uc for uc in self._calls_around(parkee) if uc.user in parkers]
+        ucs = [uc for chan in [parkee] + self.table.parties(parkee) for uc in chan.user_calls
+               if uc.user in parkers]
         if not by:
             by = next((uc.me for uc in ucs), NOBODY)
         parkee.parked = (space, lot, by)
@@ -3414,15 +3437,6 @@ class CallEngine:
                               parked_by=by.as_dict(), retrieved_by=NOBODY.as_dict())
         for user in self.directory.device_users(parker_device):
             out.notes.append(Notification(user, Kind.UNPARK, dict(fields)))
-
-    def _calls_around(self, chan: Channel) -> List[UserCall]:
-        """User calls of this channel's call: its own, and those of the
-        channels bridged with it now or before (same call id)."""
-        seen: List[UserCall] = []
-        for uc in list(chan.user_calls) + self.book.of_call(chan.linkedid):
-            if uc not in seen:
-                seen.append(uc)
-        return seen
 
     # -- handlers: queues --------------------------------------------------------
 
@@ -3551,7 +3565,10 @@ class CallEngine:
             del self.conferences[room]
 
     def _tell_conference(self, out: Outbox, room: str, who: Channel, action: str) -> None:
-        """Everyone of ours in the room hears who joined or left."""
+        """Everyone of ours in the room hears who joined or left.  The room
+        is ConfBridge's own list (its join and leave events, or the resync),
+        not ``ChannelTable.parties``: a room joins many calls, and a member
+        leaving may have left its bridge first."""
         count = len(self.conferences.get(room, ()))
         listeners = list(self.conferences.get(room, ()))
         if who not in listeners:
@@ -3589,7 +3606,7 @@ class CallEngine:
         those told of their call (not one routed to a user's number that has
         not rung yet).  Returns whom it told."""
         told = list(also)
-        for other in [chan] + self.table.talking_with(chan):
+        for other in [chan] + self.table.parties(chan):
             for uc in other.user_calls:
                 if uc.told and uc not in told:
                     told.append(uc)
