@@ -1686,35 +1686,24 @@ class AmiSession:
 
 
 # ---------------------------------------------------------------------------
-# Call-state engine (pure): AMI events in, per-user notifications out
+# Channel model (no users): channels, bridges, Local pairs, who is in a call
 # ---------------------------------------------------------------------------
 
-#: Q.850 cause texts, for causes Asterisk sent without ``Cause-txt`` and for
-#: the ones ctinotify infers (main/causes.h).
-Q850_CAUSES = {
-    0: "Unknown", 1: "Unallocated (unassigned) number", 3: "No route to destination",
-    16: "Normal Clearing", 17: "User busy", 18: "No user responding",
-    19: "User alerting, no answer", 20: "Subscriber absent", 21: "Call Rejected",
-    22: "Number changed", 26: "Answered elsewhere", 27: "Destination out of order",
-    28: "Invalid number format", 29: "Facility rejected", 31: "Normal, unspecified",
-    34: "Circuit/channel congestion", 38: "Network out of order", 41: "Temporary failure",
-    42: "Switching equipment congestion", 58: "Bearer capability not available",
-    88: "Incompatible destination", 102: "Recovery on timer expiry",
-    127: "Interworking, unspecified",
-}
-#: Causes that mean the call could not be set up at all.
-_FAILURE_CAUSES = frozenset((1, 3, 20, 22, 27, 28, 29, 34, 38, 41, 42, 58, 88, 102))
-#: The Dial application's DIALSTATUS (apps/app_dial.c) as a call outcome.
-_DIAL_OUTCOMES = {
-    "NOANSWER": Reason.NOANSWER, "BUSY": Reason.BUSY, "CANCEL": Reason.CANCELLED,
-    "CONGESTION": Reason.FAILED, "CHANUNAVAIL": Reason.FAILED, "DONTCALL": Reason.FAILED,
-    "TORTURE": Reason.FAILED, "INVALIDARGS": Reason.FAILED,
-}
-#: The cause reported for an outcome when the channel's own cause was 0.
-_OUTCOME_CAUSES = {Reason.COMPLETED: 16, Reason.BUSY: 17, Reason.NOANSWER: 19,
-                   Reason.ANSWERED_ELSEWHERE: 26, Reason.FAILED: 34, Reason.CANCELLED: 16}
-#: Dialplan extensions that are not numbers anybody dialed.
-_SPECIAL_EXTENS = frozenset(("", "s", "h", "i", "t", "T", "o", "a", "e", "fax", "talk"))
+# How a call flows through the engine (this section and the two after it):
+#
+# 1. An AMI event reaches CallEngine.handle(), whose HANDLERS table names
+#    one handler per event (on_<event>); events without one cost a lookup.
+# 2. The handler first brings the channels it names up to date (_snapshot):
+#    the Channel model below knows Asterisk's side only (channels, who
+#    dialed whom, Local pairs, bridges) and answers "who is in this call".
+# 3. The rules then decide what each user is told.  A UserCall is one user's
+#    view of one call: the CallBook links it to the channels that keep it
+#    alive, and its phase (CALL_PHASES) says what may be told next:
+#    incoming/outgoing first, hangup last and once.
+# 4. Every notification goes into the Outbox handed down the handlers, which
+#    handle() returns: the engine never knows who listens.
+
+#: What Asterisk sends for "no caller ID".
 _UNKNOWN_CALLERID = frozenset(("", "<unknown>", "<Unknown>", "unknown"))
 #: Local channel chains are short; this bounds a walk through a broken one.
 MAX_LINEAGE_HOPS = 16
@@ -1722,13 +1711,6 @@ MAX_LINEAGE_HOPS = 16
 #: (Asterisk 13 sometimes sends NewConnectedLine after Hangup, see
 #: cacofonisk/queue__queue_simple.ami) cannot bring a channel back to life.
 MAX_RECENT_HANGUPS = 4096
-#: The applications that pick up another phone's ringing call.
-_PICKUP_APPS = frozenset(("pickup", "pickupchan"))
-#: The channel snapshot fields every channel event carries, in the order
-#: CallEngine._snapshot reads them; prefixed ("Dest", "Transferee"...) per role.
-_SNAPSHOT_FIELDS = ("Uniqueid", "Channel", "ChannelStateDesc", "CallerIDNum", "CallerIDName",
-                    "ConnectedLineNum", "ConnectedLineName", "Linkedid", "Exten", "Context")
-_SNAPSHOT_KEYS: Dict[str, Tuple[str, ...]] = {}
 
 
 class Party(collections.namedtuple("Party", "num name")):
@@ -1753,14 +1735,12 @@ class Party(collections.namedtuple("Party", "num name")):
     def __bool__(self) -> bool:
         return bool(self.num or self.name)
 
-
 NOBODY = Party("", "")
 
 
 def iso_time(epoch: float) -> str:
     """ISO 8601 UTC, to the second: ``2026-11-26T21:19:10Z``."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
 
 #: Times from the PBX outside this are not times (a Uniqueid can be set by
 #: Originate's ChannelId; ``inf`` would break every date after it).
@@ -1784,48 +1764,6 @@ def uniqueid_epoch(uniqueid: str) -> Optional[float]:
 def local_exten(device: str) -> str:
     """``Local/101@from-internal`` -> ``101``: the number a Local channel runs."""
     return device.partition("/")[2].partition("@")[0]
-
-
-class Directory:
-    """Which configured users a device or a dialed extension belongs to, on
-    one PBX: a device named ``NAME:PJSIP/100`` counts on PBX NAME only."""
-
-    def __init__(self, users: Iterable[UserConfig] = (), pbx: str = DEFAULT_PBX):
-        by_device: Dict[str, List[str]] = {}
-        by_extension: Dict[str, List[Tuple[str, str]]] = {}
-        for user in users:
-            for qualified in user.devices:
-                on, device = split_device(qualified)
-                if on and on != pbx:
-                    continue
-                by_device.setdefault(device, []).append(user.name)
-            for qualified, context in user.extensions:
-                on, colon, number = qualified.rpartition(":")
-                if on and on != pbx:
-                    continue  # NAME:100 is number 100 on PBX NAME only
-                by_extension.setdefault(number, []).append((context, user.name))
-        self._by_device = {k: tuple(v) for k, v in by_device.items()}
-        self._by_extension = by_extension
-
-    def device_users(self, device: str) -> Tuple[str, ...]:
-        return self._by_device.get(device, ())
-
-    def extension_users(self, exten: str, context: str = "") -> Tuple[str, ...]:
-        """Users with this number; ``context=""`` matches any context."""
-        entries = self._by_extension.get(exten)
-        if not entries:
-            return ()
-        return tuple(user for ctx, user in entries if not ctx or not context or ctx == context)
-
-    def interface_users(self, interface: str) -> Tuple[str, ...]:
-        """Users behind a queue member interface: a device, or a Local
-        channel to a user's number (FreePBX ``Local/100@from-queue/n``)."""
-        if not interface or "/" not in interface:
-            return ()
-        device = device_of_interface(interface)
-        if device.startswith("Local/"):
-            return self.extension_users(local_exten(device))
-        return self.device_users(device)
 
 
 class Channel:
@@ -2078,6 +2016,72 @@ class ChannelTable:
         return problems
 
 
+# ---------------------------------------------------------------------------
+# User calls: each user's view of a call, its phases, and the call book
+# ---------------------------------------------------------------------------
+
+#: Q.850 cause texts, for causes Asterisk sent without ``Cause-txt`` and for
+#: the ones ctinotify infers (main/causes.h).
+Q850_CAUSES = {
+    0: "Unknown", 1: "Unallocated (unassigned) number", 3: "No route to destination",
+    16: "Normal Clearing", 17: "User busy", 18: "No user responding",
+    19: "User alerting, no answer", 20: "Subscriber absent", 21: "Call Rejected",
+    22: "Number changed", 26: "Answered elsewhere", 27: "Destination out of order",
+    28: "Invalid number format", 29: "Facility rejected", 31: "Normal, unspecified",
+    34: "Circuit/channel congestion", 38: "Network out of order", 41: "Temporary failure",
+    42: "Switching equipment congestion", 58: "Bearer capability not available",
+    88: "Incompatible destination", 102: "Recovery on timer expiry",
+    127: "Interworking, unspecified",
+}
+#: Causes that mean the call could not be set up at all.
+_FAILURE_CAUSES = frozenset((1, 3, 20, 22, 27, 28, 29, 34, 38, 41, 42, 58, 88, 102))
+#: The cause reported for an outcome when the channel's own cause was 0.
+_OUTCOME_CAUSES = {Reason.COMPLETED: 16, Reason.BUSY: 17, Reason.NOANSWER: 19,
+                   Reason.ANSWERED_ELSEWHERE: 26, Reason.FAILED: 34, Reason.CANCELLED: 16}
+
+
+class Directory:
+    """Which configured users a device or a dialed extension belongs to, on
+    one PBX: a device named ``NAME:PJSIP/100`` counts on PBX NAME only."""
+
+    def __init__(self, users: Iterable[UserConfig] = (), pbx: str = DEFAULT_PBX):
+        by_device: Dict[str, List[str]] = {}
+        by_extension: Dict[str, List[Tuple[str, str]]] = {}
+        for user in users:
+            for qualified in user.devices:
+                on, device = split_device(qualified)
+                if on and on != pbx:
+                    continue
+                by_device.setdefault(device, []).append(user.name)
+            for qualified, context in user.extensions:
+                on, colon, number = qualified.rpartition(":")
+                if on and on != pbx:
+                    continue  # NAME:100 is number 100 on PBX NAME only
+                by_extension.setdefault(number, []).append((context, user.name))
+        self._by_device = {k: tuple(v) for k, v in by_device.items()}
+        self._by_extension = by_extension
+
+    def device_users(self, device: str) -> Tuple[str, ...]:
+        return self._by_device.get(device, ())
+
+    def extension_users(self, exten: str, context: str = "") -> Tuple[str, ...]:
+        """Users with this number; ``context=""`` matches any context."""
+        entries = self._by_extension.get(exten)
+        if not entries:
+            return ()
+        return tuple(user for ctx, user in entries if not ctx or not context or ctx == context)
+
+    def interface_users(self, interface: str) -> Tuple[str, ...]:
+        """Users behind a queue member interface: a device, or a Local
+        channel to a user's number (FreePBX ``Local/100@from-queue/n``)."""
+        if not interface or "/" not in interface:
+            return ()
+        device = device_of_interface(interface)
+        if device.startswith("Local/"):
+            return self.extension_users(local_exten(device))
+        return self.device_users(device)
+
+
 class IllegalTransition(CtiError):
     """The engine was about to tell a user something their call's phase
     does not allow (CALL_PHASES): a bug in ctinotify, never in the input."""
@@ -2093,7 +2097,6 @@ class Phase:
     TAKEN = "taken"              # someone else answered; the user's phone rings down
     TRANSFERRED = "transferred"  # the user handed it on; ends reason=transferred
     ENDED = "ended"              # hangup told, or forgotten before anything was told
-
 
 #: The phases in which the user has been told of the call.
 TOLD_PHASES = frozenset((Phase.RINGING, Phase.ANSWERED, Phase.TAKEN, Phase.TRANSFERRED))
@@ -2114,10 +2117,8 @@ class Move:
 def _stay(phase: str, *kinds: object) -> Dict[object, str]:
     return {kind: phase for kind in kinds}
 
-
 #: News that may come in every phase the user was told of: it moves nothing.
 _SIDE_NEWS = (Kind.TRANSFER, Kind.PARK, Kind.CONFERENCE, Kind.HOLD, Kind.UNHOLD)
-
 #: phase -> {what is told (a Kind or a Move) -> the phase it moves the call
 #: to}.  Anything else is a bug (IllegalTransition), never a silent drop:
 #: code that may meet a call in another phase asks ``can()`` first, or
@@ -2291,7 +2292,7 @@ class CallBook:
     the caller-side channel running the user's number); each of those
     channels lists the call back in ``Channel.user_calls``.  The book is the
     only code that changes these links, so they stay two-way: ``check()``
-    says where they do not.  A user call is *open* from ``open()`` to
+    says where they do not.  A user call is *open* from ``user_call()`` to
     ``close()``; closing unlinks it from everything.
     """
 
@@ -2304,7 +2305,7 @@ class CallBook:
         #: while the caller still waits (the queue may ring them again).
         self._queue_held: Dict[str, List[UserCall]] = {}
 
-    # -- queries ----------------------------------------------------------------
+    # -- queries ---------------------------------------------------------------
 
     def is_open(self, uc: UserCall) -> bool:
         return self._by_key.get(uc.key) is uc
@@ -2367,9 +2368,9 @@ class CallBook:
                          for uc in held if not self.is_open(uc)]
         return problems
 
-    # -- opening and linking ------------------------------------------------------
+    # -- opening and linking ---------------------------------------------------
 
-    def open(self, call_id: str, user: str, direction: str, me: Party, peer: Party,
+    def user_call(self, call_id: str, user: str, direction: str, me: Party, peer: Party,
              dialed: str, now: float) -> UserCall:
         """The user's open call of this call and direction, made if new."""
         key = (call_id, user, direction)
@@ -2441,7 +2442,7 @@ class CallBook:
         """The caller left the queue: the user calls held for it."""
         return self._queue_held.pop(caller.uniqueid, [])
 
-    # -- closing ------------------------------------------------------------------
+    # -- closing ---------------------------------------------------------------
 
     def close(self, uc: UserCall) -> bool:
         """Unlink and forget the user call; False if it was not open."""
@@ -2492,7 +2493,6 @@ class Notification:
     def __repr__(self) -> str:
         return "<Notification %s %s %s>" % (self.user, self.kind, self.fields.get("call"))
 
-
 _NO_NOTIFICATIONS: Tuple[Notification, ...] = ()
 
 
@@ -2508,21 +2508,33 @@ class Outbox:
         self.notes: List[Notification] = []
 
 
-class CallEngine:
-    """Follows channels, dials and bridges; tells each user about their calls.
+# ---------------------------------------------------------------------------
+# Call-state engine (pure): AMI events in, per-user notifications out
+# ---------------------------------------------------------------------------
 
-    ``handle(message, now)`` takes one AMI message and returns the
-    notifications it causes.  The engine reads no clock and does no I/O;
-    messages it has no handler for cost one dictionary lookup.
+#: The Dial application's DIALSTATUS (apps/app_dial.c) as a call outcome.
+_DIAL_OUTCOMES = {
+    "NOANSWER": Reason.NOANSWER, "BUSY": Reason.BUSY, "CANCEL": Reason.CANCELLED,
+    "CONGESTION": Reason.FAILED, "CHANUNAVAIL": Reason.FAILED, "DONTCALL": Reason.FAILED,
+    "TORTURE": Reason.FAILED, "INVALIDARGS": Reason.FAILED,
+}
+#: Dialplan extensions that are not numbers anybody dialed.
+_SPECIAL_EXTENS = frozenset(("", "s", "h", "i", "t", "T", "o", "a", "e", "fax", "talk"))
+#: The applications that pick up another phone's ringing call.
+_PICKUP_APPS = frozenset(("pickup", "pickupchan"))
+#: The channel snapshot fields every channel event carries, in the order
+#: CallEngine._snapshot reads them; prefixed ("Dest", "Transferee"...) per role.
+_SNAPSHOT_FIELDS = ("Uniqueid", "Channel", "ChannelStateDesc", "CallerIDNum", "CallerIDName",
+                    "ConnectedLineNum", "ConnectedLineName", "Linkedid", "Exten", "Context")
+_SNAPSHOT_KEYS: Dict[str, Tuple[str, ...]] = {}
 
-    The model: a ``Channel`` per Asterisk channel (in ``table``, a
-    ``ChannelTable`` with the bridges), linked by who dialed whom
-    (``dialer``) and by Local channel pairs (``local_peer``), so that any
-    channel's *lineage* leads back to the caller.  A ``UserCall`` per user
-    and call holds what that user was told; it lives as long as the user's
-    own channels in the call, or, for a call to the user's number that rings
-    elsewhere, as long as the caller's channel (its *anchor*).
-    """
+
+class _EngineCore:
+    """The engine's state, and what every rule needs: the channel an event
+    is about (``_snapshot``), who is who, and telling a user (``_tell``,
+    ``_end``).  The rules come in layers, each building on those above it:
+    dialing and answering, transfers and parking, queues, conferences and
+    hold, then hangups and resync; CallEngine puts them behind one table."""
 
     def __init__(self, directory: Optional[Directory] = None, pbx: str = ""):
         self.directory = directory or Directory()
@@ -2540,241 +2552,8 @@ class CallEngine:
         #: and those of the channels not answered when it began.
         self._resync_seen: Optional[Set[str]] = None
         self._resync_unanswered: Set[str] = set()
-        self._handlers = {
-            # channel lifecycle
-            "Newchannel": self.on_newchannel,
-            "Hangup": self.on_hangup,
-            # snapshots: state, caller ID, dialplan position
-            "Newstate": self.on_snapshot,
-            "NewCallerid": self.on_snapshot,
-            "NewConnectedLine": self.on_snapshot,
-            "Newexten": self.on_newexten,
-            # dialing
-            "DialBegin": self.on_dialbegin,
-            "DialState": self.on_dialstate,
-            "DialEnd": self.on_dialend,
-            # bridges and Local channels
-            "BridgeEnter": self.on_bridgeenter,
-            "BridgeLeave": self.on_bridgeleave,
-            "LocalBridge": self.on_localbridge,
-            # (LocalOptimizationBegin/End need no handler: the BridgeEnter with
-            # SwapUniqueid that completes an optimization says what matters.)
-            # moving calls: transfer, pickup, parking
-            "BlindTransfer": self.on_blindtransfer,
-            "AttendedTransfer": self.on_attendedtransfer,
-            "Pickup": self.on_pickup,
-            "ParkedCall": self.on_parkedcall,
-            "UnParkedCall": self.on_unparkedcall,
-            "ParkedCallTimeOut": self.on_parkedcalltimeout,
-            "ParkedCallGiveUp": self.on_parkedcallgiveup,
-            # queues (read class "agent")
-            "QueueCallerJoin": self.on_queuecallerjoin,
-            "QueueCallerLeave": self.on_queuecallerleave,
-            "QueueCallerAbandon": self.on_queuecallerabandon,
-            "QueueMemberStatus": self.on_queuememberstatus,
-            "QueueMemberAdded": self.on_queuememberadded,
-            "QueueMember": self.on_queuemember,
-            "AgentCalled": self.on_agentcalled,
-            "QueueMemberRemoved": self.on_queuememberremoved,
-            # conferences, hold
-            "ConfbridgeJoin": self.on_confbridgejoin,
-            "ConfbridgeLeave": self.on_confbridgeleave,
-            "ConfbridgeEnd": self.on_confbridgeend,
-            "Hold": self.on_hold,
-            "Unhold": self.on_unhold,
-            # resync after (re)connecting: the CoreShowChannels list
-            "CoreShowChannel": self.on_coreshowchannel,
-            "CoreShowChannelsComplete": self.on_coreshowchannelscomplete,
-        }
 
-    # -- entry points --------------------------------------------------------
-
-    def handle(self, msg: AmiMessage, now: float) -> Sequence[Notification]:
-        handler = self._handlers.get(msg.get("Event"))  # type: ignore[arg-type]
-        if handler is None:
-            return _NO_NOTIFICATIONS
-        out = Outbox(now)
-        handler(msg, out)
-        return out.notes or _NO_NOTIFICATIONS
-
-    def set_directory(self, directory: Directory) -> None:
-        """New users and devices apply to calls that start from now on."""
-        self.directory = directory
-
-    def begin_resync(self) -> None:
-        """A CoreShowChannels list is coming: channels it does not name (and
-        no other event touches meanwhile) are gone when it completes.  Queue
-        membership is relearned (QueueStatus follows): it may have changed."""
-        # A resync cut short by a lost link and begun again keeps the
-        # channels it found unanswered: the snapshots since may have
-        # answered them, and end_resync must still tell those answers.
-        if self._resync_seen is None:
-            self._resync_unanswered = set()
-        self._resync_seen = set()
-        self._resync_unanswered |= {uid for uid, chan in self.table.channels.items()
-                                    if chan.answered_at is None}
-        self.queue_members.clear()
-
-    def link_lost(self, now: float) -> List[Notification]:
-        """The AMI link is gone for good: no call may stay 'ringing' at a
-        client.  Every announced call ends with ``reason=unknown``."""
-        out = Outbox(now)
-        for uc in self.book.all():
-            self._end(out, uc, reason=Reason.UNKNOWN)
-        self.table.clear()
-        self.book.clear()
-        self.conferences.clear()
-        self._resync_seen = None
-        self._resync_unanswered = set()
-        return out.notes
-
-    def is_idle(self) -> bool:
-        """No channel, no user call, no conference is known: what the engine
-        comes back to when every call has ended."""
-        return self.table.is_idle() and self.book.is_idle() and not self.conferences
-
-    def check(self) -> List[str]:
-        """What is inconsistent in the engine's state (links not two-way,
-        channels that are gone but still named): [] when all is well.  For
-        the tests, after every message of a trace."""
-        problems = self.table.check() + self.book.check(self.table)
-        for room, members in self.conferences.items():
-            problems += ["conference %s lists %r, which is gone" % (room, chan)
-                         for chan in members if self.table.channels.get(chan.uniqueid) is not chan]
-        return problems
-
-    def channels(self) -> List[Channel]:
-        """The channels Asterisk has, as last seen."""
-        return list(self.table.channels.values())
-
-    def active_calls(self, user: str) -> List[UserCall]:
-        """The user's announced calls in progress, oldest first."""
-        calls = [uc for uc in self.book.of_user(user) if uc.told]
-        return sorted(calls, key=lambda uc: uc.started)
-
-    def call_fields(self, uc: UserCall) -> Dict[str, object]:
-        """A call in progress as event fields, for the CALLS command."""
-        frm, to = uc.parties
-        fields = self._fields("call", uc.call_id, uc.started, uc.role, uc.device, frm, to,
-                              state=CallState.RINGING if uc.answered_at is None
-                              else CallState.UP, dialed=uc.dialed)
-        if uc.answered_at is not None:
-            fields["answered"] = iso_time(uc.answered_at)
-        return fields
-
-    # -- handlers: channels ----------------------------------------------------
-
-    def on_newchannel(self, msg: AmiMessage, out: Outbox) -> None:
-        uniqueid = msg.get("Uniqueid")
-        name = msg.get("Channel")
-        if not uniqueid or not name:
-            return
-        if uniqueid not in self.table.channels:  # else a repeated Newchannel: an update
-            self.table.add(Channel(uniqueid, name, out.now))
-        self._snapshot(out, msg, "")
-
-    def on_snapshot(self, msg: AmiMessage, out: Outbox) -> None:
-        self._snapshot(out, msg, "")
-
-    def on_newexten(self, msg: AmiMessage, out: Outbox) -> None:
-        chan = self._snapshot(out, msg, "")
-        if chan is None:
-            return
-        chan.app = msg.get("Application", chan.app)
-        chan.appdata = msg.get("AppData", chan.appdata)
-        app = chan.app.lower()
-        if app not in ("dial", "voicemail"):
-            return
-        for uc in chan.user_calls:
-            if uc.anchor is chan and uc.direction == CALL_IN and not uc.told:
-                if uc.phase is Phase.ROUTED:
-                    uc.move(Move.TRY)
-                if app == "voicemail":
-                    # Straight to voicemail: the user's phone could not be
-                    # reached (unavailable, DND); still a call for them.
-                    root = chan.root()
-                    self._announce_incoming(out, uc, root.caller, self._dialed_number(root, ""),
-                                            chan)
-                    uc.outcome = Reason.FAILED
-        if app == "voicemail":
-            self._to_voicemail(out, chan)
-
-    def _to_voicemail(self, out: Outbox, chan: Channel) -> None:
-        """The caller reached voicemail: for the users whose number it was,
-        and whose phones no longer ring, the call ends now, missed (not when
-        the message is done: CALLS must not show it ringing meanwhile)."""
-        mailbox = chan.appdata.partition(",")[0][:MAX_FIELD_CHARS]
-        for uc in list(chan.user_calls):
-            if uc.anchor is chan and uc.direction == CALL_IN and uc.told \
-                    and uc.answered_at is None and not uc.channels:
-                uc.path.append({"voicemail": mailbox})
-                uc.outcome = uc.outcome or Reason.NOANSWER
-                self.book.release_anchor(uc)
-                self._end(out, uc)
-
-    def on_localbridge(self, msg: AmiMessage, out: Outbox) -> None:
-        one = self._snapshot(out, msg, "LocalOne")
-        two = self._snapshot(out, msg, "LocalTwo")
-        if one is not None and two is not None:
-            one.local_peer, two.local_peer = two, one
-
-    def on_hangup(self, msg: AmiMessage, out: Outbox) -> None:
-        chan = self._snapshot(out, msg, "")
-        if chan is None:
-            return
-        try:
-            cause = int(msg.get("Cause", "0"))
-        except ValueError:
-            cause = 0
-        self._hangup(out, chan, cause, msg.get("Cause-txt") or Q850_CAUSES.get(cause, ""))
-
-    # -- handlers: dialing ---------------------------------------------------
-
-    def on_dialbegin(self, msg: AmiMessage, out: Outbox) -> None:
-        src = self._snapshot(out, msg, "")
-        dest = self._snapshot(out, msg, "Dest")
-        if dest is not None:
-            self._dial_begin(out, src, dest, msg.get("DialString", ""))
-
-    def on_dialstate(self, msg: AmiMessage, out: Outbox) -> None:
-        src = self._snapshot(out, msg, "")
-        dest = self._snapshot(out, msg, "Dest")
-        if dest is not None and msg.get("DialStatus") == "FORWARD":
-            self._forwarded(out, src, dest, msg.get("Forward", ""))
-
-    def on_dialend(self, msg: AmiMessage, out: Outbox) -> None:
-        src = self._snapshot(out, msg, "")
-        dest = self._snapshot(out, msg, "Dest")
-        if dest is None:
-            return
-        status = msg.get("DialStatus", "")
-        if status == "FORWARD" or msg.get("Forward"):
-            # SIP 302 or a phone's own call forward (app_dial.c): the call
-            # goes on to another number, dialed next by the same caller.
-            self._forwarded(out, src, dest, msg.get("Forward", ""))
-            if src is not None:
-                src.dial_targets.discard(dest)
-            return
-        self._dial_end(out, src, dest, status)
-
-    # -- handlers: bridges ---------------------------------------------------
-
-    def on_bridgeenter(self, msg: AmiMessage, out: Outbox) -> None:
-        chan = self._snapshot(out, msg, "")
-        bridge_id = msg.get("BridgeUniqueid")
-        if chan is None or not bridge_id:
-            return
-        self.table.enter_bridge(chan, bridge_id)
-        swapped = self.table.channels.get(msg.get("SwapUniqueid") or "")
-        if swapped is not None:
-            self.book.swap(swapped, chan)
-
-    def on_bridgeleave(self, msg: AmiMessage, out: Outbox) -> None:
-        chan = self._snapshot(out, msg, "")
-        if chan is not None:
-            self.table.leave_bridge(chan)
-
-    # -- bookkeeping -----------------------------------------------------------
+    # -- the channel an event is about -----------------------------------------
 
     def _snapshot(self, out: Outbox, msg: AmiMessage, prefix: str) -> Optional[Channel]:
         """The channel an event is about, updated from the event's snapshot
@@ -2832,23 +2611,6 @@ class CallEngine:
             chan.first_exten = chan.exten  # where it was created: what a caller dialed
         return chan
 
-    def _dialed_number(self, caller: Channel, dialstring: str) -> str:
-        for candidate in (caller.first_exten, caller.exten):
-            if candidate and candidate not in _SPECIAL_EXTENS:
-                return candidate
-        return self._dialstring_number(dialstring)
-
-    @staticmethod
-    def _dialstring_number(dialstring: str) -> str:
-        # Dial(PJSIP/+1555@trunk) -> "+1555@trunk"; Local -> "101@ctx/n".
-        number = dialstring.partition("@")[0].rpartition("/")[2]
-        return number[4:] if number.startswith("sip:") else number
-
-    def _users_of(self, chan: Channel) -> Tuple[str, ...]:
-        return () if chan.is_local else self.directory.device_users(chan.device)
-
-    # -- calls as the users see them -------------------------------------------
-
     def _visit_exten(self, out: Outbox, chan: Channel) -> None:
         """A channel runs dialplan at an extension: if that is a user's
         number, the call is for that user, wherever it rings next."""
@@ -2866,10 +2628,268 @@ class CallEngine:
         for user in users:
             if user in callers:
                 continue  # the user's own phone dialing through their own number
-            uc = self.book.open(root.linkedid, user, CALL_IN, Party(chan.exten, ""),
+            uc = self.book.user_call(root.linkedid, user, CALL_IN, Party(chan.exten, ""),
                                  root.caller, self._dialed_number(root, ""), out.now)
             if uc.anchor is None and uc.answered_at is None:
                 self.book.anchor(uc, chan)
+
+    # -- who is who ------------------------------------------------------------
+
+    def _users_of(self, chan: Channel) -> Tuple[str, ...]:
+        return () if chan.is_local else self.directory.device_users(chan.device)
+
+    def _dialed_number(self, caller: Channel, dialstring: str) -> str:
+        for candidate in (caller.first_exten, caller.exten):
+            if candidate and candidate not in _SPECIAL_EXTENS:
+                return candidate
+        return self._dialstring_number(dialstring)
+
+    @staticmethod
+    def _dialstring_number(dialstring: str) -> str:
+        # Dial(PJSIP/+1555@trunk) -> "+1555@trunk"; Local -> "101@ctx/n".
+        number = dialstring.partition("@")[0].rpartition("/")[2]
+        return number[4:] if number.startswith("sip:") else number
+
+    def _remote_party(self, chan: Channel, me: Party) -> Party:
+        """The party on a channel, as the user sees it.  An outbound trunk
+        channel may carry our own caller's name (Originate's CallerID,
+        o_click_to_dial.ami): a name equal to the user's own is dropped."""
+        name = chan.caller.name
+        if not self._users_of(chan) and name == me.name:
+            name = ""
+        return Party(chan.caller.num, name)
+
+    # -- telling the user ------------------------------------------------------
+
+    def _announce(self, out: Outbox, uc: UserCall, kind: str, **extra: object) -> None:
+        """Tell ``kind`` (incoming, outgoing) unless the user knows of the call."""
+        if not uc.told:
+            uc.started = out.now  # not when routing began: an IVR may come first
+            self._tell(out, uc, kind, dialed=uc.dialed, **extra)
+
+    def _tell(self, out: Outbox, uc: UserCall, move: object,
+              **extra: object) -> Dict[str, object]:
+        """Tell the user ``move`` (a Kind, or a Move with a kind) about their
+        call, which moves it on (CALL_PHASES; IllegalTransition if it may not)."""
+        uc.move(move)
+        kind: str = move if move.__class__ is str else move[0]  # type: ignore[index,assignment]
+        frm, to = uc.parties
+        fields = self._fields(kind, uc.call_id, out.now, uc.role, uc.device, frm, to, **extra)
+        out.notes.append(Notification(uc.user, kind, fields))
+        return fields
+
+    def _fields(self, event: str, call_id: str, when: float, role: str, device: str,
+                frm: Party, to: Party, **extra: object) -> Dict[str, object]:
+        """What every event carries, in this order, then its own fields."""
+        fields: Dict[str, object] = {
+            "event": event, "call": call_id, "time": iso_time(when), "role": role,
+            "device": device, "from": frm.as_dict(), "to": to.as_dict(),
+        }
+        if self.pbx:
+            fields["pbx"] = self.pbx
+        for key, value in extra.items():  # dialed, queue, room ...: PBX text too
+            fields[key] = value[:MAX_FIELD_CHARS] if value.__class__ is str else value
+        return fields
+
+    def _end(self, out: Outbox, uc: UserCall, reason: Optional[str] = None) -> None:
+        if not self.book.close(uc):
+            return  # already ended
+        if uc.phase is Phase.ROUTED:
+            uc.move(Move.FORGET)  # it went elsewhere before it rang: no call of the user's
+            return
+        if uc.phase is Phase.TRIED:
+            # It never rang, but the dialplan tried: still the user's call, and it failed.
+            self._announce(out, uc, Kind.INCOMING)
+            uc.outcome = uc.outcome or Reason.FAILED
+        ending = uc.ending(out.now, reason)
+        if ending["reason"] == Reason.BUSY and uc.direction == CALL_OUT:
+            self._tell(out, uc, Kind.BUSY)
+        fields = self._tell(out, uc, Kind.HANGUP, **ending)
+        record = uc.record(fields["time"], ending)
+        if self.pbx:
+            record["pbx"] = self.pbx
+        out.notes[-1].record = record
+
+    def _forget(self, uc: UserCall) -> None:
+        """Close, without a word, a call routed to the user's number that went
+        elsewhere before anything was told."""
+        self.book.close(uc)
+        uc.move(Move.FORGET)
+
+
+class _Dialing(_EngineCore):
+    """Channels appear, run dialplan, dial and ring: the users whose phones
+    or numbers they reach are told ``incoming`` (the caller ``outgoing``),
+    with the diverts on the way."""
+
+    # -- handlers: channels, dialplan, bridges ---------------------------------
+
+    def on_newchannel(self, msg: AmiMessage, out: Outbox) -> None:
+        uniqueid = msg.get("Uniqueid")
+        name = msg.get("Channel")
+        if not uniqueid or not name:
+            return
+        if uniqueid not in self.table.channels:  # else a repeated Newchannel: an update
+            self.table.add(Channel(uniqueid, name, out.now))
+        self._snapshot(out, msg, "")
+
+    def on_snapshot(self, msg: AmiMessage, out: Outbox) -> None:
+        self._snapshot(out, msg, "")
+
+    def on_newexten(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
+        if chan is None:
+            return
+        chan.app = msg.get("Application", chan.app)
+        chan.appdata = msg.get("AppData", chan.appdata)
+        app = chan.app.lower()
+        if app not in ("dial", "voicemail"):
+            return
+        for uc in chan.user_calls:
+            if uc.anchor is chan and uc.direction == CALL_IN and not uc.told:
+                if uc.phase is Phase.ROUTED:
+                    uc.move(Move.TRY)
+                if app == "voicemail":
+                    # Straight to voicemail: the user's phone could not be
+                    # reached (unavailable, DND); still a call for them.
+                    root = chan.root()
+                    self._announce_incoming(out, uc, root.caller, self._dialed_number(root, ""),
+                                            chan)
+                    uc.outcome = Reason.FAILED
+        if app == "voicemail":
+            self._to_voicemail(out, chan)
+
+    def _to_voicemail(self, out: Outbox, chan: Channel) -> None:
+        """The caller reached voicemail: for the users whose number it was,
+        and whose phones no longer ring, the call ends now, missed (not when
+        the message is done: CALLS must not show it ringing meanwhile)."""
+        mailbox = chan.appdata.partition(",")[0][:MAX_FIELD_CHARS]
+        for uc in list(chan.user_calls):
+            if uc.anchor is chan and uc.direction == CALL_IN and uc.told \
+                    and uc.answered_at is None and not uc.channels:
+                uc.path.append({"voicemail": mailbox})
+                uc.outcome = uc.outcome or Reason.NOANSWER
+                self.book.release_anchor(uc)
+                self._end(out, uc)
+
+    def on_localbridge(self, msg: AmiMessage, out: Outbox) -> None:
+        one = self._snapshot(out, msg, "LocalOne")
+        two = self._snapshot(out, msg, "LocalTwo")
+        if one is not None and two is not None:
+            one.local_peer, two.local_peer = two, one
+
+    def on_bridgeenter(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
+        bridge_id = msg.get("BridgeUniqueid")
+        if chan is None or not bridge_id:
+            return
+        self.table.enter_bridge(chan, bridge_id)
+        swapped = self.table.channels.get(msg.get("SwapUniqueid") or "")
+        if swapped is not None:
+            self.book.swap(swapped, chan)
+
+    def on_bridgeleave(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
+        if chan is not None:
+            self.table.leave_bridge(chan)
+
+    # -- handlers: dialing -----------------------------------------------------
+
+    def on_dialbegin(self, msg: AmiMessage, out: Outbox) -> None:
+        src = self._snapshot(out, msg, "")
+        dest = self._snapshot(out, msg, "Dest")
+        if dest is not None:
+            self._dial_begin(out, src, dest, msg.get("DialString", ""))
+
+    def on_dialstate(self, msg: AmiMessage, out: Outbox) -> None:
+        src = self._snapshot(out, msg, "")
+        dest = self._snapshot(out, msg, "Dest")
+        if dest is not None and msg.get("DialStatus") == "FORWARD":
+            self._forwarded(out, src, dest, msg.get("Forward", ""))
+
+    # -- a dial begins: who rings, who calls -----------------------------------
+
+    def _dial_begin(self, out: Outbox, src: Optional[Channel], dest: Channel,
+                    dialstring: str) -> None:
+        """``src`` dials ``dest``: the caller's outgoing call, and the
+        incoming calls of the users it rings (at their phones or numbers)."""
+        dest.dialer = src
+        if src is None:
+            # Originate (click-to-dial): the phone rings for a call its own
+            # user asked for; the outgoing call starts when it dials out.
+            dest.originated = True
+            return
+        src.dial_targets.add(dest)
+        root = src.root()
+        if root.originated and root.is_local and root.callback is None and \
+                self._click_to_dial_leg(out, src, dest, root):
+            return
+        dialed = self._dialed_number(root, dialstring)
+        caller_chan = root.callback if root.callback is not None else root
+        if root.callback is not None:
+            # The number the click-to-dial user asked for, not the
+            # originate's internal routing extension.
+            dialed = (dest.caller.num if not dest.is_local else local_exten(dest.device)) \
+                or dialed
+        if (caller_chan is root.callback or caller_chan.dialer is None) \
+                and not caller_chan.is_local and caller_chan.transferred_by is None:
+            self._announce_caller(out, caller_chan, dest, dialed)
+        caller = caller_chan.caller
+        if not dest.is_local and dest.connected:
+            caller = dest.connected  # what the ringing phone displays
+        self._ring(out, src, dest, root.linkedid, caller, dialed, dialstring)
+
+    def _click_to_dial_leg(self, out: Outbox, src: Channel, dest: Channel,
+                           root: Channel) -> bool:
+        """Still the first leg of a click-to-dial through Local channels
+        (Originate Local/..., FreePBX UCP, cacofonisk ctd_*): numbers it runs
+        on its way to the user's phone are no calls to anyone, and the first
+        phone it rings is the user who asked for the call (True: that is
+        all this dial is)."""
+        on_the_way = list(src.lineage())
+        if dest.is_local and dest.local_peer is not None:
+            on_the_way.append(dest.local_peer)
+        self._drop_unannounced(out, on_the_way)
+        if not self._users_of(dest):
+            return False
+        root.callback = dest
+        dest.originated = True
+        return True
+
+    def _announce_caller(self, out: Outbox, caller_chan: Channel, dest: Channel,
+                         dialed: str) -> None:
+        """The calling phone is a user's: their outgoing call."""
+        peer = self._remote_party(dest, caller_chan.caller) if not dest.is_local \
+            else Party(dialed, "")
+        for user in self._users_of(caller_chan):
+            uc = self.book.user_call(caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
+                                peer, dialed, out.now)
+            if not uc.device:
+                uc.device = caller_chan.device
+            self.book.attach(uc, caller_chan)
+            self._announce(out, uc, Kind.OUTGOING)
+
+    def _ring(self, out: Outbox, src: Channel, dest: Channel, call_id: str, caller: Party,
+              dialed: str, dialstring: str) -> None:
+        """``dest`` rings: calls that reached a user's number ring somewhere
+        now, and the users whose phone ``dest`` is hear of the call."""
+        dest_users = () if dest.is_local else self._users_of(dest)
+        # Elsewhere than at that user's phones (announced below) is a
+        # divert, told first so that the phone rung next learns where the
+        # call came from (a forward on no answer straight to another phone).
+        for chan in src.lineage():
+            for uc in list(chan.user_calls):
+                if uc.direction == CALL_IN and uc.anchor is chan and uc.user not in dest_users:
+                    self._announce_incoming(out, uc, caller, dialed, chan)
+                    if chan is src:  # deeper Local hops are routing, not diverts
+                        self._divert_if_elsewhere(out, uc, chan, dest, dialstring)
+        for user in dest_users:
+            uc = self.book.user_call(call_id, user, CALL_IN, dest.caller, caller, dialed, out.now)
+            if not uc.told:
+                uc.device = dest.device
+                uc.me = dest.caller
+            self.book.attach(uc, dest)
+            self._announce_incoming(out, uc, caller, dialed, dest)
 
     def _caller_call(self, out: Outbox, chan: Channel) -> List[UserCall]:
         """The outgoing user calls of a user's own phone that is calling:
@@ -2881,7 +2901,7 @@ class CallEngine:
             return calls
         for user in self._users_of(chan):
             dialed = self._dialed_number(chan, "")
-            uc = self.book.open(chan.linkedid, user, CALL_OUT, chan.caller,
+            uc = self.book.user_call(chan.linkedid, user, CALL_OUT, chan.caller,
                                  Party(dialed, ""), dialed, out.now)
             uc.device = uc.device or chan.device
             self.book.attach(uc, chan)
@@ -2896,70 +2916,6 @@ class CallEngine:
             calls.append(uc)
         return calls
 
-    def _dial_begin(self, out: Outbox, src: Optional[Channel], dest: Channel,
-                    dialstring: str) -> None:
-        dest.dialer = src
-        if src is None:
-            # Originate (click-to-dial): the phone rings for a call its own
-            # user asked for; the outgoing call starts when it dials out.
-            dest.originated = True
-            return
-        src.dial_targets.add(dest)
-        root = src.root()
-        if root.originated and root.is_local and root.callback is None:
-            # Still the first leg of a click-to-dial through Local channels
-            # (Originate Local/..., FreePBX UCP, cacofonisk ctd_*): numbers
-            # it runs on its way to the user's phone are no calls to anyone.
-            on_the_way = list(src.lineage())
-            if dest.is_local and dest.local_peer is not None:
-                on_the_way.append(dest.local_peer)
-            self._drop_unannounced(out, on_the_way)
-            if self._users_of(dest):
-                # The first phone it rings is the user who asked for the call.
-                root.callback = dest
-                dest.originated = True
-                return
-        dialed = self._dialed_number(root, dialstring)
-        caller_chan = root.callback if root.callback is not None else root
-        if root.callback is not None:
-            # The number the click-to-dial user asked for, not the
-            # originate's internal routing extension.
-            dialed = (dest.caller.num if not dest.is_local else local_exten(dest.device)) \
-                or dialed
-        if (caller_chan is root.callback or caller_chan.dialer is None) \
-                and not caller_chan.is_local and caller_chan.transferred_by is None:
-            peer = self._remote_party(dest, caller_chan.caller) if not dest.is_local \
-                else Party(dialed, "")
-            for user in self._users_of(caller_chan):
-                uc = self.book.open(caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
-                                     peer, dialed, out.now)
-                if not uc.device:
-                    uc.device = caller_chan.device
-                self.book.attach(uc, caller_chan)
-                self._announce(out, uc, Kind.OUTGOING)
-        caller = caller_chan.caller
-        if not dest.is_local and dest.connected:
-            caller = dest.connected  # what the ringing phone displays
-        dest_users = () if dest.is_local else self._users_of(dest)
-        # Calls that reached a user's number ring somewhere now.  Elsewhere
-        # than at that user's phones (announced below) is a divert, told
-        # first so that the phone rung next learns where the call came from
-        # (a forward on no answer straight to another phone).
-        for chan in src.lineage():
-            for uc in list(chan.user_calls):
-                if uc.direction == CALL_IN and uc.anchor is chan and uc.user not in dest_users:
-                    self._announce_incoming(out, uc, caller, dialed, chan)
-                    if chan is src:  # deeper Local hops are routing, not diverts
-                        self._divert_if_elsewhere(out, uc, chan, dest, dialstring)
-        for user in dest_users:
-            uc = self.book.open(root.linkedid, user, CALL_IN, dest.caller, caller, dialed,
-                                out.now)
-            if not uc.told:
-                uc.device = dest.device
-                uc.me = dest.caller
-            self.book.attach(uc, dest)
-            self._announce_incoming(out, uc, caller, dialed, dest)
-
     def _drop_unannounced(self, out: Outbox, chans: List[Channel]) -> None:
         """Forget, without a word, the calls to users' numbers anchored on
         these channels that have not been told yet."""
@@ -2969,14 +2925,40 @@ class CallEngine:
                     self.book.release_anchor(uc)
                     self._forget(uc)
 
-    def _remote_party(self, chan: Channel, me: Party) -> Party:
-        """The party on a channel, as the user sees it.  An outbound trunk
-        channel may carry our own caller's name (Originate's CallerID,
-        o_click_to_dial.ami): a name equal to the user's own is dropped."""
-        name = chan.caller.name
-        if not self._users_of(chan) and name == me.name:
-            name = ""
-        return Party(chan.caller.num, name)
+    def _announce_incoming(self, out: Outbox, uc: UserCall, caller: Party, dialed: str,
+                           rung: Channel) -> None:
+        """The caller is known best when the call rings, not when it was
+        routed: a Local channel learns its caller only once dialed."""
+        if uc.told:
+            return
+        uc.peer = caller
+        uc.dialed = dialed
+        extra: Dict[str, object] = {}
+        for chan in rung.lineage():
+            if chan.queue:
+                uc.queue = chan.queue
+                uc.queue_caller = chan
+                extra["queue"] = chan.queue
+                break
+        self._announce(out, uc, Kind.INCOMING, **extra)
+        # Told after the incoming: where it came from before it was diverted
+        # or transferred to this user.
+        for chan in rung.lineage():
+            if chan.transferred_by is not None:
+                by, kind = chan.transferred_by
+                uc.path.append({"transfer": kind, "by": by.num})
+                self._tell(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM,
+                           by=by.as_dict(), target=uc.me.as_dict())
+                break
+            original = chan.diverted_from
+            if original is not None and original.num != uc.me.num and \
+                    uc.user not in self.directory.extension_users(original.num):
+                uc.path.append({"diverted_from": original.num})
+                self._tell(out, uc, Kind.DIVERT, direction=Direction.FROM,
+                           original=original.as_dict(), target=uc.me.as_dict(), external=False)
+                break
+
+    # -- diverts and forwards --------------------------------------------------
 
     def _divert_if_elsewhere(self, out: Outbox, uc: UserCall, anchor: Channel, dest: Channel,
                              dialstring: str) -> None:
@@ -3026,38 +3008,25 @@ class CallEngine:
                 self._divert(out, uc, src, target, inside)
                 src.diverted_from = uc.me
 
-    def _announce_incoming(self, out: Outbox, uc: UserCall, caller: Party, dialed: str,
-                           rung: Channel) -> None:
-        """The caller is known best when the call rings, not when it was
-        routed: a Local channel learns its caller only once dialed."""
-        if uc.told:
+
+class _Answering(_Dialing):
+    """A dial ends: answered (``pickup``, for the user or elsewhere) or not
+    (``timeout``, ``busy``: the verdict, told once)."""
+
+    def on_dialend(self, msg: AmiMessage, out: Outbox) -> None:
+        src = self._snapshot(out, msg, "")
+        dest = self._snapshot(out, msg, "Dest")
+        if dest is None:
             return
-        uc.peer = caller
-        uc.dialed = dialed
-        extra: Dict[str, object] = {}
-        for chan in rung.lineage():
-            if chan.queue:
-                uc.queue = chan.queue
-                uc.queue_caller = chan
-                extra["queue"] = chan.queue
-                break
-        self._announce(out, uc, Kind.INCOMING, **extra)
-        # Told after the incoming: where it came from before it was diverted
-        # or transferred to this user.
-        for chan in rung.lineage():
-            if chan.transferred_by is not None:
-                by, kind = chan.transferred_by
-                uc.path.append({"transfer": kind, "by": by.num})
-                self._tell(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM,
-                           by=by.as_dict(), target=uc.me.as_dict())
-                break
-            original = chan.diverted_from
-            if original is not None and original.num != uc.me.num and \
-                    uc.user not in self.directory.extension_users(original.num):
-                uc.path.append({"diverted_from": original.num})
-                self._tell(out, uc, Kind.DIVERT, direction=Direction.FROM,
-                           original=original.as_dict(), target=uc.me.as_dict(), external=False)
-                break
+        status = msg.get("DialStatus", "")
+        if status == "FORWARD" or msg.get("Forward"):
+            # SIP 302 or a phone's own call forward (app_dial.c): the call
+            # goes on to another number, dialed next by the same caller.
+            self._forwarded(out, src, dest, msg.get("Forward", ""))
+            if src is not None:
+                src.dial_targets.discard(dest)
+            return
+        self._dial_end(out, src, dest, status)
 
     def _dial_end(self, out: Outbox, src: Optional[Channel], dest: Channel, status: str) -> None:
         if src is not None:
@@ -3136,16 +3105,7 @@ class CallEngine:
         root = answerer.root()
         if root.callback is not None:
             lineage.add(root.callback)  # click-to-dial: the user who asked for it
-        outside = not self._users_of(answerer)
-        # An outside number answering belongs to the nearest forward above
-        # it: with 100 -> 101 -> 101's mobile, the mobile is 101's, not 100's.
-        forwarder = None
-        if outside:
-            for chan in answerer.lineage():
-                forwarder = next((uc for uc in chan.user_calls
-                                  if uc.anchor is chan and uc.direction == CALL_IN), None)
-                if forwarder is not None:
-                    break
+        forwarder = self._forwarder_of(answerer) if not self._users_of(answerer) else None
         caller = root.callback if root.callback is not None else root
         answered_by = self._remote_party(answerer, caller.caller)
         extra: Dict[str, object] = {"answered_by": dict(answered_by.as_dict(),
@@ -3179,15 +3139,27 @@ class CallEngine:
                         uc.device = answerer.device  # of several phones, this one
                     self._answer(out, uc, answerer, extra)
                 elif uc.channels or uc.anchor is not None or uc.queue_caller is not None:
-                    # Someone else's call now, even after it timed out or
-                    # was busy here (a forward on no answer): it lasts for
-                    # this user only as long as the user's own phone still
-                    # rings down.
-                    uc.answered_by = answered_by
-                    self._tell(out, uc, Move.PICKUP_ELSEWHERE, **extra)
-                    self.book.release_anchor(uc)
-                    if not uc.channels:
-                        self._end(out, uc)
+                    self._answered_elsewhere(out, uc, answered_by, extra)
+
+    def _forwarder_of(self, answerer: Channel) -> Optional[UserCall]:
+        """An outside number answering belongs to the nearest forward above
+        it: with 100 -> 101 -> 101's mobile, the mobile is 101's, not 100's."""
+        for chan in answerer.lineage():
+            for uc in chan.user_calls:
+                if uc.anchor is chan and uc.direction == CALL_IN:
+                    return uc
+        return None
+
+    def _answered_elsewhere(self, out: Outbox, uc: UserCall, answered_by: Party,
+                            extra: Dict[str, object]) -> None:
+        """Someone else's call now, even after it timed out or was busy here
+        (a forward on no answer): it lasts for this user only as long as the
+        user's own phone still rings down."""
+        uc.answered_by = answered_by
+        self._tell(out, uc, Move.PICKUP_ELSEWHERE, **extra)
+        self.book.release_anchor(uc)
+        if not uc.channels:
+            self._end(out, uc)
 
     def _answer(self, out: Outbox, uc: UserCall, answerer: Channel,
                 extra: Dict[str, object]) -> None:
@@ -3195,45 +3167,12 @@ class CallEngine:
         uc.answered_by = self._remote_party(answerer, uc.me)
         self._tell(out, uc, Kind.PICKUP, **extra)
 
-    def _hangup(self, out: Outbox, chan: Channel, cause: int, cause_txt: str,
-                reason: Optional[str] = None) -> None:
-        self._end_hold(out, chan)
-        self.table.remove(chan)
-        for room in [r for r, members in self.conferences.items() if chan in members]:
-            self._leave_conference(out, chan, room)
-        if not chan.user_calls and reason is None:
-            # A user's phone that called an application (voicemail, an IVR)
-            # or a number that failed before anything rang: an outgoing call
-            # too, for the call log.
-            self._caller_call(out, chan)
-        for uc in self.book.detach(chan):
-            if cause:
-                uc.cause, uc.cause_txt = cause, cause_txt
-            if not uc.channels and uc.anchor is None and \
-                    (reason is not None or not self._hold_for_queue(uc)):
-                self._end(out, uc, reason)
-        chan.dial_targets.clear()
-        self._end_queue_held(out, chan, reason)
 
-    def _hold_for_queue(self, uc: UserCall) -> bool:
-        """A queue stopped ringing the user (a member timeout) while its
-        caller still waits, and may ring them again (the queue's retry):
-        the user's call stays open, one call, until the caller leaves."""
-        caller = uc.queue_caller
-        if caller is None or caller.queue != uc.queue or \
-                self.table.channels.get(caller.uniqueid) is not caller:
-            return False
-        self.book.hold_for_queue(uc, caller)
-        return True
+class _Moving(_Answering):
+    """Calls that move: transfers (blind, attended, blonde), pickup by
+    another phone, parking and retrieving."""
 
-    def _end_queue_held(self, out: Outbox, caller: Channel, reason: Optional[str] = None) -> None:
-        """The caller left the queue or hung up: its members' calls that no
-        phone rings any more end."""
-        for uc in self.book.release_queue_held(caller):
-            if not uc.channels and uc.anchor is None:
-                self._end(out, uc, reason)
-
-    # -- handlers: transfers, pickup, parking ------------------------------------
+    # -- transfers -------------------------------------------------------------
 
     def on_blindtransfer(self, msg: AmiMessage, out: Outbox) -> None:
         if msg.get("Result") != "Success":
@@ -3346,6 +3285,8 @@ class CallEngine:
         """The phones and trunks in ``chan``'s call (not Local channels)."""
         return [c for c in self.table.parties(chan, exclude) if not c.is_local]
 
+    # -- pickup and parking ----------------------------------------------------
+
     def on_pickup(self, msg: AmiMessage, out: Outbox) -> None:
         """Another phone took a ringing call (features pickupexten, the
         Pickup or PickupChan application)."""
@@ -3360,7 +3301,7 @@ class CallEngine:
         caller = target.connected or root.caller
         dialed = self._dialed_number(root, "")
         for user in self._users_of(picker):
-            uc = self.book.open(root.linkedid, user, CALL_IN, picker.caller, caller, dialed,
+            uc = self.book.user_call(root.linkedid, user, CALL_IN, picker.caller, caller, dialed,
                                 out.now)
             uc.device = uc.device or picker.device
             self.book.attach(uc, picker)
@@ -3403,7 +3344,7 @@ class CallEngine:
         # A click-to-dial's trunk leg carries the parker's own name: dropped.
         caller = self._remote_party(parkee, by)
         for user in self._users_of(retriever):
-            uc = self.book.open(parkee.linkedid, user, CALL_IN, retriever.caller, caller,
+            uc = self.book.user_call(parkee.linkedid, user, CALL_IN, retriever.caller, caller,
                                  retriever.exten, out.now)
             uc.device = uc.device or retriever.device
             self.book.attach(uc, retriever)
@@ -3438,7 +3379,12 @@ class CallEngine:
         for user in self.directory.device_users(parker_device):
             out.notes.append(Notification(user, Kind.UNPARK, dict(fields)))
 
-    # -- handlers: queues --------------------------------------------------------
+
+class _Gathering(_Moving):
+    """Where several parties meet: queues (members hear of callers; a call
+    a queue may ring again stays open), conference rooms, and hold."""
+
+    # -- queues ----------------------------------------------------------------
 
     def on_queuemember(self, msg: AmiMessage, out: Outbox) -> None:
         """A member in the QueueStatus list (after every login)."""
@@ -3533,7 +3479,25 @@ class CallEngine:
         for user in sorted(members):
             out.notes.append(Notification(user, Kind.QUEUE, dict(fields)))
 
-    # -- handlers: conferences and hold ---------------------------------------
+    def _hold_for_queue(self, uc: UserCall) -> bool:
+        """A queue stopped ringing the user (a member timeout) while its
+        caller still waits, and may ring them again (the queue's retry):
+        the user's call stays open, one call, until the caller leaves."""
+        caller = uc.queue_caller
+        if caller is None or caller.queue != uc.queue or \
+                self.table.channels.get(caller.uniqueid) is not caller:
+            return False
+        self.book.hold_for_queue(uc, caller)
+        return True
+
+    def _end_queue_held(self, out: Outbox, caller: Channel, reason: Optional[str] = None) -> None:
+        """The caller left the queue or hung up: its members' calls that no
+        phone rings any more end."""
+        for uc in self.book.release_queue_held(caller):
+            if not uc.channels and uc.anchor is None:
+                self._end(out, uc, reason)
+
+    # -- conferences -----------------------------------------------------------
 
     def on_confbridgejoin(self, msg: AmiMessage, out: Outbox) -> None:
         chan = self._snapshot(out, msg, "")
@@ -3579,6 +3543,8 @@ class CallEngine:
                     self._tell(out, uc, Kind.CONFERENCE, action=action, room=room,
                                members=count, who=who.caller.as_dict())
 
+    # -- hold ------------------------------------------------------------------
+
     def on_hold(self, msg: AmiMessage, out: Outbox) -> None:
         chan = self._snapshot(out, msg, "")
         if chan is not None and chan.hold_told is None:
@@ -3614,7 +3580,58 @@ class CallEngine:
             self._tell(out, uc, kind, by=chan.caller.as_dict())
         return told
 
-    # -- handlers: resync ------------------------------------------------------
+
+class _Resync(_Gathering):
+    """Channels that end, seen (Hangup) or missing from the channel list a
+    resync brings after a reconnect, and the calls that list reveals."""
+
+    # -- hangup ----------------------------------------------------------------
+
+    def on_hangup(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
+        if chan is None:
+            return
+        try:
+            cause = int(msg.get("Cause", "0"))
+        except ValueError:
+            cause = 0
+        self._hangup(out, chan, cause, msg.get("Cause-txt") or Q850_CAUSES.get(cause, ""))
+
+    def _hangup(self, out: Outbox, chan: Channel, cause: int, cause_txt: str,
+                reason: Optional[str] = None) -> None:
+        self._end_hold(out, chan)
+        self.table.remove(chan)
+        for room in [r for r, members in self.conferences.items() if chan in members]:
+            self._leave_conference(out, chan, room)
+        if not chan.user_calls and reason is None:
+            # A user's phone that called an application (voicemail, an IVR)
+            # or a number that failed before anything rang: an outgoing call
+            # too, for the call log.
+            self._caller_call(out, chan)
+        for uc in self.book.detach(chan):
+            if cause:
+                uc.cause, uc.cause_txt = cause, cause_txt
+            if not uc.channels and uc.anchor is None and \
+                    (reason is not None or not self._hold_for_queue(uc)):
+                self._end(out, uc, reason)
+        chan.dial_targets.clear()
+        self._end_queue_held(out, chan, reason)
+
+    # -- resync after (re)connecting -------------------------------------------
+
+    def begin_resync(self) -> None:
+        """A CoreShowChannels list is coming: channels it does not name (and
+        no other event touches meanwhile) are gone when it completes.  Queue
+        membership is relearned (QueueStatus follows): it may have changed."""
+        # A resync cut short by a lost link and begun again keeps the
+        # channels it found unanswered: the snapshots since may have
+        # answered them, and end_resync must still tell those answers.
+        if self._resync_seen is None:
+            self._resync_unanswered = set()
+        self._resync_seen = set()
+        self._resync_unanswered |= {uid for uid, chan in self.table.channels.items()
+                                    if chan.answered_at is None}
+        self.queue_members.clear()
 
     def on_coreshowchannel(self, msg: AmiMessage, out: Outbox) -> None:
         if self._resync_seen is None:
@@ -3682,7 +3699,7 @@ class CallEngine:
         dialed = "" if callee else self._dialed_number(chan, "")
         peer = chan.connected or Party(dialed, "")
         for user in self._users_of(chan):
-            uc = self.book.open(chan.linkedid, user, CALL_IN if callee else CALL_OUT,
+            uc = self.book.user_call(chan.linkedid, user, CALL_IN if callee else CALL_OUT,
                                  chan.caller, peer, dialed, out.now)
             uc.device = chan.device
             uc.started = chan.created
@@ -3704,64 +3721,138 @@ class CallEngine:
             else:
                 self._announce(out, uc, Kind.OUTGOING)
 
-    # -- the end of a user call ------------------------------------------------
 
-    def _end(self, out: Outbox, uc: UserCall, reason: Optional[str] = None) -> None:
-        if not self.book.close(uc):
-            return  # already ended
-        if uc.phase is Phase.ROUTED:
-            uc.move(Move.FORGET)  # it went elsewhere before it rang: no call of the user's
-            return
-        if uc.phase is Phase.TRIED:
-            # It never rang, but the dialplan tried: still the user's call, and it failed.
-            self._announce(out, uc, Kind.INCOMING)
-            uc.outcome = uc.outcome or Reason.FAILED
-        ending = uc.ending(out.now, reason)
-        if ending["reason"] == Reason.BUSY and uc.direction == CALL_OUT:
-            self._tell(out, uc, Kind.BUSY)
-        fields = self._tell(out, uc, Kind.HANGUP, **ending)
-        record = uc.record(fields["time"], ending)
-        if self.pbx:
-            record["pbx"] = self.pbx
-        out.notes[-1].record = record
+class CallEngine(_Resync):
+    """Follows channels, dials and bridges; tells each user about their calls.
 
-    def _forget(self, uc: UserCall) -> None:
-        """Close, without a word, a call routed to the user's number that went
-        elsewhere before anything was told."""
-        self.book.close(uc)
-        uc.move(Move.FORGET)
+    ``handle(message, now)`` takes one AMI message and returns the
+    notifications it causes.  The engine reads no clock and does no I/O;
+    messages it has no handler for cost one dictionary lookup.
 
-    # -- output ----------------------------------------------------------------
+    The model: a ``Channel`` per Asterisk channel (in ``table``, a
+    ``ChannelTable`` with the bridges), linked by who dialed whom
+    (``dialer``) and by Local channel pairs (``local_peer``), so that any
+    channel's *lineage* leads back to the caller.  A ``UserCall`` per user
+    and call holds what that user was told; it lives as long as the user's
+    own channels in the call, or, for a call to the user's number that rings
+    elsewhere, as long as the caller's channel (its *anchor*).
+    """
 
-    def _announce(self, out: Outbox, uc: UserCall, kind: str, **extra: object) -> None:
-        """Tell ``kind`` (incoming, outgoing) unless the user knows of the call."""
-        if not uc.told:
-            uc.started = out.now  # not when routing began: an IVR may come first
-            self._tell(out, uc, kind, dialed=uc.dialed, **extra)
+    #: AMI event -> the name of its handler, one per event, in the order a
+    #: call meets them.
+    HANDLERS = {
+        # channel lifecycle
+        "Newchannel": "on_newchannel",
+        "Hangup": "on_hangup",
+        # snapshots: state, caller ID, dialplan position
+        "Newstate": "on_snapshot",
+        "NewCallerid": "on_snapshot",
+        "NewConnectedLine": "on_snapshot",
+        "Newexten": "on_newexten",
+        # dialing
+        "DialBegin": "on_dialbegin",
+        "DialState": "on_dialstate",
+        "DialEnd": "on_dialend",
+        # bridges and Local channels
+        "BridgeEnter": "on_bridgeenter",
+        "BridgeLeave": "on_bridgeleave",
+        "LocalBridge": "on_localbridge",
+        # (LocalOptimizationBegin/End need no handler: the BridgeEnter with
+        # SwapUniqueid that completes an optimization says what matters.)
+        # moving calls: transfer, pickup, parking
+        "BlindTransfer": "on_blindtransfer",
+        "AttendedTransfer": "on_attendedtransfer",
+        "Pickup": "on_pickup",
+        "ParkedCall": "on_parkedcall",
+        "UnParkedCall": "on_unparkedcall",
+        "ParkedCallTimeOut": "on_parkedcalltimeout",
+        "ParkedCallGiveUp": "on_parkedcallgiveup",
+        # queues (read class "agent")
+        "QueueCallerJoin": "on_queuecallerjoin",
+        "QueueCallerLeave": "on_queuecallerleave",
+        "QueueCallerAbandon": "on_queuecallerabandon",
+        "QueueMemberStatus": "on_queuememberstatus",
+        "QueueMemberAdded": "on_queuememberadded",
+        "QueueMember": "on_queuemember",
+        "AgentCalled": "on_agentcalled",
+        "QueueMemberRemoved": "on_queuememberremoved",
+        # conferences, hold
+        "ConfbridgeJoin": "on_confbridgejoin",
+        "ConfbridgeLeave": "on_confbridgeleave",
+        "ConfbridgeEnd": "on_confbridgeend",
+        "Hold": "on_hold",
+        "Unhold": "on_unhold",
+        # resync after (re)connecting: the CoreShowChannels list
+        "CoreShowChannel": "on_coreshowchannel",
+        "CoreShowChannelsComplete": "on_coreshowchannelscomplete",
+    }
 
-    def _tell(self, out: Outbox, uc: UserCall, move: object,
-              **extra: object) -> Dict[str, object]:
-        """Tell the user ``move`` (a Kind, or a Move with a kind) about their
-        call, which moves it on (CALL_PHASES; IllegalTransition if it may not)."""
-        uc.move(move)
-        kind: str = move if move.__class__ is str else move[0]  # type: ignore[index,assignment]
+    def __init__(self, directory: Optional[Directory] = None, pbx: str = ""):
+        super().__init__(directory, pbx)
+        self._handlers = {event: getattr(self, name) for event, name in self.HANDLERS.items()}
+
+    # -- entry points ----------------------------------------------------------
+
+    def handle(self, msg: AmiMessage, now: float) -> Sequence[Notification]:
+        handler = self._handlers.get(msg.get("Event"))  # type: ignore[arg-type]
+        if handler is None:
+            return _NO_NOTIFICATIONS
+        out = Outbox(now)
+        handler(msg, out)
+        return out.notes or _NO_NOTIFICATIONS
+
+    def link_lost(self, now: float) -> List[Notification]:
+        """The AMI link is gone for good: no call may stay 'ringing' at a
+        client.  Every announced call ends with ``reason=unknown``."""
+        out = Outbox(now)
+        for uc in self.book.all():
+            self._end(out, uc, reason=Reason.UNKNOWN)
+        self.table.clear()
+        self.book.clear()
+        self.conferences.clear()
+        self._resync_seen = None
+        self._resync_unanswered = set()
+        return out.notes
+
+    def set_directory(self, directory: Directory) -> None:
+        """New users and devices apply to calls that start from now on."""
+        self.directory = directory
+
+    def active_calls(self, user: str) -> List[UserCall]:
+        """The user's announced calls in progress, oldest first."""
+        calls = [uc for uc in self.book.of_user(user) if uc.told]
+        return sorted(calls, key=lambda uc: uc.started)
+
+    def call_fields(self, uc: UserCall) -> Dict[str, object]:
+        """A call in progress as event fields, for the CALLS command."""
         frm, to = uc.parties
-        fields = self._fields(kind, uc.call_id, out.now, uc.role, uc.device, frm, to, **extra)
-        out.notes.append(Notification(uc.user, kind, fields))
+        fields = self._fields("call", uc.call_id, uc.started, uc.role, uc.device, frm, to,
+                              state=CallState.RINGING if uc.answered_at is None
+                              else CallState.UP, dialed=uc.dialed)
+        if uc.answered_at is not None:
+            fields["answered"] = iso_time(uc.answered_at)
         return fields
 
-    def _fields(self, event: str, call_id: str, when: float, role: str, device: str,
-                frm: Party, to: Party, **extra: object) -> Dict[str, object]:
-        """What every event carries, in this order, then its own fields."""
-        fields: Dict[str, object] = {
-            "event": event, "call": call_id, "time": iso_time(when), "role": role,
-            "device": device, "from": frm.as_dict(), "to": to.as_dict(),
-        }
-        if self.pbx:
-            fields["pbx"] = self.pbx
-        for key, value in extra.items():  # dialed, queue, room ...: PBX text too
-            fields[key] = value[:MAX_FIELD_CHARS] if value.__class__ is str else value
-        return fields
+    # -- for the tests: is anything left, is it consistent ---------------------
+
+    def is_idle(self) -> bool:
+        """No channel, no user call, no conference is known: what the engine
+        comes back to when every call has ended."""
+        return self.table.is_idle() and self.book.is_idle() and not self.conferences
+
+    def check(self) -> List[str]:
+        """What is inconsistent in the engine's state (links not two-way,
+        channels that are gone but still named): [] when all is well.  For
+        the tests, after every message of a trace."""
+        problems = self.table.check() + self.book.check(self.table)
+        for room, members in self.conferences.items():
+            problems += ["conference %s lists %r, which is gone" % (room, chan)
+                         for chan in members if self.table.channels.get(chan.uniqueid) is not chan]
+        return problems
+
+    def channels(self) -> List[Channel]:
+        """The channels Asterisk has, as last seen."""
+        return list(self.table.channels.values())
 
 
 # ---------------------------------------------------------------------------
