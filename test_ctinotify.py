@@ -1027,6 +1027,28 @@ def test_an_illegal_move_raises_instead_of_being_dropped():
     assert uc.phase == Phase.ENDED
 
 
+def test_the_engine_check_finds_links_that_are_not_two_way():
+    """check() is what the trace and fuzz tests rely on: it must see a
+    link made behind the call book's back, a gone channel still named, and
+    a call left open after its end."""
+    engine = CallEngine(Directory(office().users.values()))
+    for msg in AmiParser().feed(read_trace("a_inbound_answered")):
+        engine.handle(msg, 10.0)
+        if msg.get("Event") == "DialBegin":
+            break
+    assert engine.check() == [] and not engine.is_idle()
+    (uc,) = engine.active_calls("alice")
+    phone = uc.channels[0]
+    phone.user_calls.remove(uc)
+    assert any("does not list" in problem for problem in engine.check())
+    phone.user_calls.append(uc)
+    engine.table.remove(phone)
+    assert any("which is gone" in problem for problem in engine.check())
+    engine.table.add(phone)
+    uc.phase = ctinotify.Phase.ENDED
+    assert any("is open" in problem for problem in engine.check())
+
+
 def test_engine_ignores_events_it_does_not_need():
     engine = CallEngine()
     assert feed(engine, "Event: VarSet\r\nChannel: PJSIP/1-1\r\nUniqueid: 1.1\r\n\r\n", 0) == ()
