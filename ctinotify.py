@@ -2110,7 +2110,7 @@ class Move:
     PICKUP_ELSEWHERE = (Kind.PICKUP, "elsewhere")  # another phone answered
     TRANSFER_AWAY = (Kind.TRANSFER, Direction.TO)  # the user transferred it
     TRY = (None, "try")                            # the dialplan dials the user
-    FOUND_ANSWERED = (None, "found answered")      # answered before it was told
+    APP_ANSWERED = (None, "app answered")          # a conference, voicemail answered
     FORGET = (None, "forget")                      # routed elsewhere, never told
 
 
@@ -2123,20 +2123,18 @@ _SIDE_NEWS = (Kind.TRANSFER, Kind.PARK, Kind.CONFERENCE, Kind.HOLD, Kind.UNHOLD)
 #: to}.  Anything else is a bug (IllegalTransition), never a silent drop:
 #: code that may meet a call in another phase asks ``can()`` first, or
 #: checks the phase, and says why it skips.  Every call told of starts with
-#: incoming or outgoing and ends with one hangup: only INCOMING, OUTGOING
-#: and FOUND_ANSWERED leave the untold phases, only HANGUP leads from a told
+#: incoming or outgoing and ends with one hangup: only INCOMING and OUTGOING
+#: lead from an untold phase to a told one, only HANGUP leads from a told
 #: phase to ENDED, and ENDED allows nothing.
 CALL_PHASES: Dict[str, Dict[object, str]] = {
     Phase.ROUTED: {
         Kind.INCOMING: Phase.RINGING, Kind.OUTGOING: Phase.RINGING,
-        Move.TRY: Phase.TRIED, Move.FOUND_ANSWERED: Phase.ANSWERED, Move.FORGET: Phase.ENDED},
-    Phase.TRIED: {
-        Kind.INCOMING: Phase.RINGING,
-        Move.FOUND_ANSWERED: Phase.ANSWERED, Move.FORGET: Phase.ENDED},
+        Move.TRY: Phase.TRIED, Move.FORGET: Phase.ENDED},
+    Phase.TRIED: {Kind.INCOMING: Phase.RINGING, Move.FORGET: Phase.ENDED},
     Phase.RINGING: {
         **_stay(Phase.RINGING, Kind.TIMEOUT, Kind.BUSY, Kind.DIVERT, *_SIDE_NEWS),
         Kind.PICKUP: Phase.ANSWERED, Move.PICKUP_ELSEWHERE: Phase.TAKEN,
-        Kind.UNPARK: Phase.ANSWERED, Move.FOUND_ANSWERED: Phase.ANSWERED,
+        Kind.UNPARK: Phase.ANSWERED, Move.APP_ANSWERED: Phase.ANSWERED,
         Move.TRANSFER_AWAY: Phase.TRANSFERRED, Kind.HANGUP: Phase.ENDED},
     Phase.ANSWERED: {
         **_stay(Phase.ANSWERED, Kind.UNPARK, *_SIDE_NEWS),
@@ -2629,7 +2627,7 @@ class _EngineCore:
             if user in callers:
                 continue  # the user's own phone dialing through their own number
             uc = self.book.user_call(root.linkedid, user, CALL_IN, Party(chan.exten, ""),
-                                 root.caller, self._dialed_number(root, ""), out.now)
+                                     root.caller, self._dialed_number(root, ""), out.now)
             if uc.anchor is None and uc.answered_at is None:
                 self.book.anchor(uc, chan)
 
@@ -2661,20 +2659,25 @@ class _EngineCore:
 
     # -- telling the user ------------------------------------------------------
 
-    def _announce(self, out: Outbox, uc: UserCall, kind: str, **extra: object) -> None:
-        """Tell ``kind`` (incoming, outgoing) unless the user knows of the call."""
+    def _announce(self, out: Outbox, uc: UserCall, kind: str, when: Optional[float] = None,
+                  **extra: object) -> None:
+        """Tell ``kind`` (incoming, outgoing) unless the user knows of the
+        call; it begins now (not when routing began: an IVR may come first),
+        or ``when`` it began for a call found while the link was down."""
         if not uc.told:
-            uc.started = out.now  # not when routing began: an IVR may come first
-            self._tell(out, uc, kind, dialed=uc.dialed, **extra)
+            uc.started = out.now if when is None else when
+            self._tell(out, uc, kind, when, dialed=uc.dialed, **extra)
 
-    def _tell(self, out: Outbox, uc: UserCall, move: object,
+    def _tell(self, out: Outbox, uc: UserCall, move: object, when: Optional[float] = None,
               **extra: object) -> Dict[str, object]:
         """Tell the user ``move`` (a Kind, or a Move with a kind) about their
-        call, which moves it on (CALL_PHASES; IllegalTransition if it may not)."""
+        call, which moves it on (CALL_PHASES; IllegalTransition if it may
+        not).  Its ``time`` is now, or ``when`` it happened, if earlier."""
         uc.move(move)
         kind: str = move if move.__class__ is str else move[0]  # type: ignore[index,assignment]
         frm, to = uc.parties
-        fields = self._fields(kind, uc.call_id, out.now, uc.role, uc.device, frm, to, **extra)
+        fields = self._fields(kind, uc.call_id, out.now if when is None else when, uc.role,
+                              uc.device, frm, to, **extra)
         out.notes.append(Notification(uc.user, kind, fields))
         return fields
 
@@ -2863,7 +2866,7 @@ class _Dialing(_EngineCore):
             else Party(dialed, "")
         for user in self._users_of(caller_chan):
             uc = self.book.user_call(caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
-                                peer, dialed, out.now)
+                                     peer, dialed, out.now)
             if not uc.device:
                 uc.device = caller_chan.device
             self.book.attach(uc, caller_chan)
@@ -2902,7 +2905,7 @@ class _Dialing(_EngineCore):
         for user in self._users_of(chan):
             dialed = self._dialed_number(chan, "")
             uc = self.book.user_call(chan.linkedid, user, CALL_OUT, chan.caller,
-                                 Party(dialed, ""), dialed, out.now)
+                                     Party(dialed, ""), dialed, out.now)
             uc.device = uc.device or chan.device
             self.book.attach(uc, chan)
             self._announce(out, uc, Kind.OUTGOING)
@@ -2910,8 +2913,8 @@ class _Dialing(_EngineCore):
             # to voicemail): it began when the channel did, and may have
             # been answered (by the application) before it could be told.
             uc.started = chan.created
-            if chan.answered_at is not None and uc.can(Move.FOUND_ANSWERED):
-                uc.move(Move.FOUND_ANSWERED)
+            if chan.answered_at is not None and uc.can(Move.APP_ANSWERED):
+                uc.move(Move.APP_ANSWERED)
                 uc.answered_at = chan.answered_at
             calls.append(uc)
         return calls
@@ -2926,7 +2929,7 @@ class _Dialing(_EngineCore):
                     self._forget(uc)
 
     def _announce_incoming(self, out: Outbox, uc: UserCall, caller: Party, dialed: str,
-                           rung: Channel) -> None:
+                           rung: Channel, when: Optional[float] = None) -> None:
         """The caller is known best when the call rings, not when it was
         routed: a Local channel learns its caller only once dialed."""
         if uc.told:
@@ -2940,7 +2943,7 @@ class _Dialing(_EngineCore):
                 uc.queue_caller = chan
                 extra["queue"] = chan.queue
                 break
-        self._announce(out, uc, Kind.INCOMING, **extra)
+        self._announce(out, uc, Kind.INCOMING, when, **extra)
         # Told after the incoming: where it came from before it was diverted
         # or transferred to this user.
         for chan in rung.lineage():
@@ -3302,7 +3305,7 @@ class _Moving(_Answering):
         dialed = self._dialed_number(root, "")
         for user in self._users_of(picker):
             uc = self.book.user_call(root.linkedid, user, CALL_IN, picker.caller, caller, dialed,
-                                out.now)
+                                     out.now)
             uc.device = uc.device or picker.device
             self.book.attach(uc, picker)
             for own in [u for u in picker.user_calls if u.direction == CALL_OUT]:
@@ -3345,7 +3348,7 @@ class _Moving(_Answering):
         caller = self._remote_party(parkee, by)
         for user in self._users_of(retriever):
             uc = self.book.user_call(parkee.linkedid, user, CALL_IN, retriever.caller, caller,
-                                 retriever.exten, out.now)
+                                     retriever.exten, out.now)
             uc.device = uc.device or retriever.device
             self.book.attach(uc, retriever)
             self._announce_incoming(out, uc, caller, retriever.exten, retriever)
@@ -3691,35 +3694,43 @@ class _Resync(_Gathering):
 
     def _adopt(self, out: Outbox, chan: Channel) -> None:
         """A user's phone in a call that began while we were not connected:
-        known from now on, so CALLS shows it and its hangup is told.  Only a
-        call still ringing is announced; one already answered is old news."""
+        told now as it would have been live, so that whatever comes next
+        (hold, a transfer, the hangup) belongs to a call the user knows of.
+        One already answered is told ``incoming`` (or ``outgoing``) with the
+        time the channel was created, then ``pickup``."""
         callee = chan.app == "AppDial" or chan.dialer is not None
         # An outgoing call to an application (a conference room, voicemail)
         # has no connected party: the number the phone dialed stands in.
         dialed = "" if callee else self._dialed_number(chan, "")
         peer = chan.connected or Party(dialed, "")
+        answered = chan.state == "Up"
         for user in self._users_of(chan):
             uc = self.book.user_call(chan.linkedid, user, CALL_IN if callee else CALL_OUT,
-                                 chan.caller, peer, dialed, out.now)
+                                     chan.caller, peer, dialed, out.now)
             uc.device = chan.device
-            uc.started = chan.created
             self.book.attach(uc, chan)
-            if chan.state == "Up":
-                if not uc.can(Move.FOUND_ANSWERED):
-                    continue  # known already, and answered or over for the user
-                uc.move(Move.FOUND_ANSWERED)
-                uc.answered_at = chan.answered_at or out.now
-                # Who answered: the user, on a call to them; else whoever
-                # the phone talks with.
-                partner = next((c for c in self.table.talking_with(chan) if not c.is_local),
-                               None)
-                uc.answered_by = uc.me if callee else \
-                    self._remote_party(partner, uc.me) if partner is not None else None
-            elif callee:
-                self._announce_incoming(out, uc, chan.connected, "", chan)
-                uc.started = out.now
+            when = chan.created if answered else None
+            if callee:
+                self._announce_incoming(out, uc, chan.connected, "", chan, when)
             else:
-                self._announce(out, uc, Kind.OUTGOING)
+                self._announce(out, uc, Kind.OUTGOING, when)
+            if answered and uc.phase is Phase.RINGING:
+                self._adopt_answer(out, uc, chan, callee)
+
+    def _adopt_answer(self, out: Outbox, uc: UserCall, chan: Channel, callee: bool) -> None:
+        """The adopted call is up: answered by the user, on a call to them;
+        else by whoever the phone talks with (the number it called, if that
+        is unknown).  When is unknown too: the answer counts from now."""
+        answerer: Optional[Channel] = chan
+        if callee:
+            by = uc.me
+        else:
+            answerer = next((c for c in self.table.talking_with(chan) if not c.is_local), None)
+            by = self._remote_party(answerer, uc.me) if answerer is not None else uc.peer
+        uc.answered_at = chan.answered_at or out.now
+        uc.answered_by = by
+        self._tell(out, uc, Kind.PICKUP, uc.answered_at, answered_by=dict(
+            by.as_dict(), device=answerer.device if answerer is not None else ""))
 
 
 class CallEngine(_Resync):
