@@ -2908,11 +2908,10 @@ class _Dialing(_EngineCore):
                                      Party(dialed, ""), dialed, out.now)
             uc.device = uc.device or chan.device
             self.book.attach(uc, chan)
-            self._announce(out, uc, Kind.OUTGOING)
             # Told only now (at a conference join, or at the hangup of a call
             # to voicemail): it began when the channel did, and may have
             # been answered (by the application) before it could be told.
-            uc.started = chan.created
+            self._announce(out, uc, Kind.OUTGOING, chan.created)
             if chan.answered_at is not None and uc.can(Move.APP_ANSWERED):
                 uc.move(Move.APP_ANSWERED)
                 uc.answered_at = chan.answered_at
@@ -3695,26 +3694,25 @@ class _Resync(_Gathering):
     def _adopt(self, out: Outbox, chan: Channel) -> None:
         """A user's phone in a call that began while we were not connected:
         told now as it would have been live, so that whatever comes next
-        (hold, a transfer, the hangup) belongs to a call the user knows of.
-        One already answered is told ``incoming`` (or ``outgoing``) with the
-        time the channel was created, then ``pickup``."""
+        (hold, a transfer, the hangup) belongs to a call the user knows of:
+        ``incoming`` (or ``outgoing``) stamped with the time the channel was
+        created, not the time we learn of it (after a long outage that may
+        be a minute later), then ``pickup`` if it is answered."""
         callee = chan.app == "AppDial" or chan.dialer is not None
         # An outgoing call to an application (a conference room, voicemail)
         # has no connected party: the number the phone dialed stands in.
         dialed = "" if callee else self._dialed_number(chan, "")
         peer = chan.connected or Party(dialed, "")
-        answered = chan.state == "Up"
         for user in self._users_of(chan):
             uc = self.book.user_call(chan.linkedid, user, CALL_IN if callee else CALL_OUT,
                                      chan.caller, peer, dialed, out.now)
             uc.device = chan.device
             self.book.attach(uc, chan)
-            when = chan.created if answered else None
             if callee:
-                self._announce_incoming(out, uc, chan.connected, "", chan, when)
+                self._announce_incoming(out, uc, chan.connected, "", chan, chan.created)
             else:
-                self._announce(out, uc, Kind.OUTGOING, when)
-            if answered and uc.phase is Phase.RINGING:
+                self._announce(out, uc, Kind.OUTGOING, chan.created)
+            if chan.state == "Up" and uc.phase is Phase.RINGING:
                 self._adopt_answer(out, uc, chan, callee)
 
     def _adopt_answer(self, out: Outbox, uc: UserCall, chan: Channel, callee: bool) -> None:

@@ -2621,6 +2621,36 @@ def test_resync_keeps_a_ringing_call_that_is_still_listed():
     assert [uc.user for uc in engine.active_calls("alice")] == ["alice"]
 
 
+def test_a_call_still_ringing_after_a_long_outage_is_told_from_when_it_began():
+    """Issue 16.5: the link was down for over a minute (every call ended,
+    reason=unknown); the call still rings when it comes back.  Its incoming
+    carries the time the call began, and the duration counts from then."""
+    engine = CallEngine(Directory(office().users.values()))
+    told, rest, clock = feed_until(engine, "b_inbound_noanswer", "DialState")
+    listed = engine.channels()
+    (phone,) = [c for c in listed if c.device == "PJSIP/100"]
+    assert [(n.kind, n.fields["time"]) for n in told] == \
+        [("incoming", ctinotify.iso_time(phone.created))]
+    assert [n.fields["reason"] for n in engine.link_lost(clock.now + 60)] == ["unknown"]
+    back = clock.now + 75
+    engine.begin_resync()
+    for chan in listed:
+        engine.handle(AmiParser(expect_banner=False).feed((
+            "Event: CoreShowChannel\r\nChannel: %s\r\nUniqueid: %s\r\nLinkedid: %s\r\n"
+            "ChannelStateDesc: %s\r\nConnectedLineNum: +15551230001\r\n"
+            "Application: %s\r\n\r\n" % (chan.name, chan.uniqueid, chan.linkedid, chan.state,
+                                          "AppDial" if chan is phone else "Dial")).encode())[0],
+            back)
+    done = AmiParser(expect_banner=False).feed(b"Event: CoreShowChannelsComplete\r\n\r\n")[0]
+    (incoming,) = engine.handle(done, back)
+    assert (incoming.kind, incoming.fields["time"]) == \
+        ("incoming", ctinotify.iso_time(phone.created))
+    (call,) = ctinotify.ServerView(office().users, engine).calls("alice")
+    assert (call["state"], call["time"]) == ("ringing", ctinotify.iso_time(phone.created))
+    (hangup,) = engine.link_lost(back + 5)
+    assert hangup.fields["duration"] == round(back + 5 - phone.created)
+
+
 def test_calls_command_lists_only_the_users_own_calls():
     engine = CallEngine(Directory(office().users.values()))
     feed_until(engine, "s_connect_midcall", "CoreShowChannelsComplete")
