@@ -3232,13 +3232,7 @@ class _Moving(_Answering):
         if first is None:
             return
         transferers = [c for c in (first, second) if c is not None]
-        named = self._snapshot(out, msg, "TransferTarget")
-        targets = self._phones_of(named, transferers) if named is not None \
-            else self._phones_around(second, transferers) if second is not None else []
-        named = self._snapshot(out, msg, "Transferee")
-        transferees = self._phones_of(named, transferers) if named is not None \
-            else self._phones_around(first, transferers)
-        transferees = [t for t in transferees if t not in targets]
+        targets, transferees = self._transferred(out, msg, first, second, transferers)
         kind = TransferKind.ATTENDED if targets and all(t.state == "Up" for t in targets) \
             else TransferKind.BLONDE
         consult = [uc for uc in (second.user_calls if second is not None else ())
@@ -3272,6 +3266,30 @@ class _Moving(_Answering):
                     if uc not in told:
                         uc.peer = self._remote_party(targets[0], uc.me)
         self._tell_transferees(out, transferees, told, kind, by, target_party)
+
+    def _transferred(self, out: Outbox, msg: AmiMessage, first: Channel,
+                     second: Optional[Channel],
+                     transferers: List[Channel]) -> Tuple[List[Channel], List[Channel]]:
+        """The phones an attended transfer joins: (targets, transferees).
+        Named by the event when it says; else found from the bridges and
+        the dial lineage, which say the same."""
+        target = self._snapshot(out, msg, "TransferTarget")
+        transferee = self._snapshot(out, msg, "Transferee")
+        if target is None and transferee is not None and msg.get("DestType") == "Bridge":
+            # Asterisk 20 leaves out the whole TransferTarget block in about
+            # one attended transfer of three (k2_attended_transfer_no_target
+            # .ami): the target is who the transfer put into the destination
+            # bridge beside the transferee.
+            joined = [c for c in self.table.bridges.get(msg.get("DestBridgeUniqueid", ""), ())
+                      if c is not transferee and c not in transferers]
+            targets = [p for c in joined for p in self._phones_of(c, transferers)]
+        elif target is not None:
+            targets = self._phones_of(target, transferers)
+        else:
+            targets = self._phones_around(second, transferers) if second is not None else []
+        transferees = self._phones_of(transferee, transferers) if transferee is not None \
+            else self._phones_around(first, transferers)
+        return targets, [t for t in transferees if t not in targets]
 
     def _phones_of(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
         """The phones or trunks a channel named by a transfer stands for:
