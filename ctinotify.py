@@ -1774,7 +1774,7 @@ class Channel:
                  "first_exten", "app", "appdata", "created", "answered_at", "bridge",
                  "dialer", "dial_targets", "originated", "user_calls", "diverted_from",
                  "transferred_by", "queue", "queue_join", "queue_told", "hold_told", "parked",
-                 "callback", "caller_raw", "connected_raw")
+                 "callback", "caller_raw", "connected_raw", "comebacks", "new_call")
 
     def __init__(self, uniqueid: str, name: str, now: float):
         self.uniqueid = uniqueid
@@ -1822,6 +1822,11 @@ class Channel:
         self.hold_told: Optional[List[UserCall]] = None
         #: (space, lot, parked by) while parked.
         self.parked: Optional[Tuple[str, str, Party]] = None
+        #: Parked, not retrieved, rung back at the parker (ParkedCallTimeOut):
+        #: how often, and the id of the new call that starts for the users it
+        #: rings then (the Linkedid stays the same).
+        self.comebacks = 0
+        self.new_call: Optional[str] = None
         #: For an originated Local channel (click-to-dial through the
         #: dialplan): the user's phone it rang first, the real caller.
         self.callback: Optional[Channel] = None
@@ -1855,6 +1860,12 @@ class Channel:
                 todo.append(chan.local_peer)
             todo.extend(chan.dial_targets)
         return found
+
+    @property
+    def call_id(self) -> str:
+        """The call this channel is in, as users are told: its Linkedid, or
+        the new call it began by coming back from a park."""
+        return self.new_call or self.linkedid
 
     def root(self) -> "Channel":
         """The channel that started it all: the caller."""
@@ -2108,6 +2119,7 @@ class Move:
     ``(None, what)`` for a move that tells the user nothing."""
 
     PICKUP_ELSEWHERE = (Kind.PICKUP, "elsewhere")  # another phone answered
+    RETRIEVED = (Kind.UNPARK, ParkResult.RETRIEVED)  # the user took a parked call
     TRANSFER_AWAY = (Kind.TRANSFER, Direction.TO)  # the user transferred it
     TRY = (None, "try")                            # the dialplan dials the user
     APP_ANSWERED = (None, "app answered")          # a conference, voicemail answered
@@ -2132,18 +2144,18 @@ CALL_PHASES: Dict[str, Dict[object, str]] = {
         Move.TRY: Phase.TRIED, Move.FORGET: Phase.ENDED},
     Phase.TRIED: {Kind.INCOMING: Phase.RINGING, Move.FORGET: Phase.ENDED},
     Phase.RINGING: {
-        **_stay(Phase.RINGING, Kind.TIMEOUT, Kind.BUSY, Kind.DIVERT, *_SIDE_NEWS),
+        **_stay(Phase.RINGING, Kind.TIMEOUT, Kind.BUSY, Kind.DIVERT, Kind.UNPARK, *_SIDE_NEWS),
         Kind.PICKUP: Phase.ANSWERED, Move.PICKUP_ELSEWHERE: Phase.TAKEN,
-        Kind.UNPARK: Phase.ANSWERED, Move.APP_ANSWERED: Phase.ANSWERED,
+        Move.RETRIEVED: Phase.ANSWERED, Move.APP_ANSWERED: Phase.ANSWERED,
         Move.TRANSFER_AWAY: Phase.TRANSFERRED, Kind.HANGUP: Phase.ENDED},
     Phase.ANSWERED: {
-        **_stay(Phase.ANSWERED, Kind.UNPARK, *_SIDE_NEWS),
+        **_stay(Phase.ANSWERED, Move.RETRIEVED, *_SIDE_NEWS),
         Move.TRANSFER_AWAY: Phase.TRANSFERRED, Kind.HANGUP: Phase.ENDED},
     Phase.TAKEN: {
         **_stay(Phase.TAKEN, *_SIDE_NEWS),
-        Kind.UNPARK: Phase.ANSWERED, Kind.HANGUP: Phase.ENDED},
+        Move.RETRIEVED: Phase.ANSWERED, Kind.HANGUP: Phase.ENDED},
     Phase.TRANSFERRED: {
-        **_stay(Phase.TRANSFERRED, Kind.UNPARK, *_SIDE_NEWS),
+        **_stay(Phase.TRANSFERRED, Move.RETRIEVED, *_SIDE_NEWS),
         Kind.HANGUP: Phase.ENDED},
     Phase.ENDED: {},
 }
@@ -2626,7 +2638,7 @@ class _EngineCore:
         for user in users:
             if user in callers:
                 continue  # the user's own phone dialing through their own number
-            uc = self.book.user_call(root.linkedid, user, CALL_IN, Party(chan.exten, ""),
+            uc = self.book.user_call(root.call_id, user, CALL_IN, Party(chan.exten, ""),
                                      root.caller, self._dialed_number(root, ""), out.now)
             if uc.anchor is None and uc.answered_at is None:
                 self.book.anchor(uc, chan)
@@ -2840,7 +2852,7 @@ class _Dialing(_EngineCore):
         caller = caller_chan.caller
         if not dest.is_local and dest.connected:
             caller = dest.connected  # what the ringing phone displays
-        self._ring(out, src, dest, root.linkedid, caller, dialed, dialstring)
+        self._ring(out, src, dest, root.call_id, caller, dialed, dialstring)
 
     def _click_to_dial_leg(self, out: Outbox, src: Channel, dest: Channel,
                            root: Channel) -> bool:
@@ -3098,9 +3110,9 @@ class _Answering(_Dialing):
                   method: str = "") -> None:
         if answerer.is_local:
             return  # the endpoint behind the Local channel reports the answer
-        call_ids = {answerer.linkedid}
+        call_ids = {answerer.linkedid, answerer.root().call_id}
         if src is not None:
-            call_ids.add(src.root().linkedid)
+            call_ids.add(src.root().call_id)
         if not any(self.book.has_call(call_id) for call_id in call_ids):
             return  # a call no user is part of (most calls, on a big PBX)
         lineage = set(answerer.lineage())
@@ -3321,7 +3333,7 @@ class _Moving(_Answering):
         caller = target.connected or root.caller
         dialed = self._dialed_number(root, "")
         for user in self._users_of(picker):
-            uc = self.book.user_call(root.linkedid, user, CALL_IN, picker.caller, caller, dialed,
+            uc = self.book.user_call(root.call_id, user, CALL_IN, picker.caller, caller, dialed,
                                      out.now)
             uc.device = uc.device or picker.device
             self.book.attach(uc, picker)
@@ -3364,7 +3376,7 @@ class _Moving(_Answering):
         # A click-to-dial's trunk leg carries the parker's own name: dropped.
         caller = self._remote_party(parkee, by)
         for user in self._users_of(retriever):
-            uc = self.book.user_call(parkee.linkedid, user, CALL_IN, retriever.caller, caller,
+            uc = self.book.user_call(parkee.call_id, user, CALL_IN, retriever.caller, caller,
                                      retriever.exten, out.now)
             uc.device = uc.device or retriever.device
             self.book.attach(uc, retriever)
@@ -3372,29 +3384,49 @@ class _Moving(_Answering):
             uc.answered_at = out.now
             uc.answered_by = retriever.caller
             uc.path.append({"unpark": space})
-            self._tell(out, uc, Kind.UNPARK, space=space, lot=lot, result=ParkResult.RETRIEVED,
-                       parked_by=by.as_dict(), retrieved_by=retriever.caller.as_dict())
+            self._tell(out, uc, Move.RETRIEVED, space=space, lot=lot,
+                       result=ParkResult.RETRIEVED, parked_by=by.as_dict(),
+                       retrieved_by=retriever.caller.as_dict())
 
     def on_parkedcalltimeout(self, msg: AmiMessage, out: Outbox) -> None:
-        """Nobody retrieved the parked call in time: it comes back."""
-        self._parking_over(out, msg, ParkResult.TIMEOUT)
+        """Nobody retrieved the parked call in time: it comes back to the
+        parker (comebacktoorigin: Asterisk dials the parker's phone from
+        context park-dial, on the same Linkedid; x_park_timeout_return.ami).
+        The parker's own call ended when their phone left it, so for them
+        this is a new call, with its own id: incoming, unpark result=timeout,
+        then whatever the ringing brings (pickup, timeout) and its hangup.
+        It lives as long as the caller waits, or the parker's phone talks."""
+        parkee = self._snapshot(out, msg, "Parkee")
+        if parkee is None or parkee.parked is None:
+            return
+        space, lot, by = parkee.parked
+        parkee.parked = None
+        parkee.comebacks += 1
+        parkee.new_call = "%s+%d" % (parkee.linkedid, parkee.comebacks)
+        device = device_of_interface(msg.get("ParkerDialString", ""))
+        caller = self._remote_party(parkee, by)
+        for user in self.directory.device_users(device):
+            uc = self.book.user_call(parkee.call_id, user, CALL_IN, by, caller,
+                                     self._dialed_number(parkee, ""), out.now)
+            uc.device = device
+            self.book.anchor(uc, parkee)
+            self._announce(out, uc, Kind.INCOMING)
+            uc.path.append({"unpark": space})
+            self._tell(out, uc, Kind.UNPARK, space=space, lot=lot, result=ParkResult.TIMEOUT,
+                       parked_by=by.as_dict(), retrieved_by=NOBODY.as_dict())
 
     def on_parkedcallgiveup(self, msg: AmiMessage, out: Outbox) -> None:
-        """The parked caller hung up."""
-        self._parking_over(out, msg, ParkResult.ABANDONED)
-
-    def _parking_over(self, out: Outbox, msg: AmiMessage, result: str) -> None:
-        """The parked call came back (timeout) or its caller hung up (give up):
-        the parker's users are told, since nobody took the call."""
+        """The parked caller hung up: the parker's users are told, though
+        their call ended when their phone left it (so without a call)."""
         parkee = self._snapshot(out, msg, "Parkee")
         if parkee is None or parkee.parked is None:
             return
         space, lot, by = parkee.parked
         parkee.parked = None
         parker_device = device_of_interface(msg.get("ParkerDialString", ""))
-        fields = self._fields(Kind.UNPARK, parkee.linkedid, out.now, "callee", parker_device,
+        fields = self._fields(Kind.UNPARK, parkee.call_id, out.now, "callee", parker_device,
                               self._remote_party(parkee, by), by, space=space, lot=lot,
-                              result=result,
+                              result=ParkResult.ABANDONED,
                               parked_by=by.as_dict(), retrieved_by=NOBODY.as_dict())
         for user in self.directory.device_users(parker_device):
             out.notes.append(Notification(user, Kind.UNPARK, dict(fields)))

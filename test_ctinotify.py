@@ -759,6 +759,8 @@ MANIFEST_OUTCOMES = {
     "answered via pickup": "completed",
     "answered, parked the call": "completed",
     "answered (retrieved parked call from 71)": "completed",
+    "answered, parked the call; nobody retrieved it, it came back to 101 after the 45 s park "
+    "timeout and 101 answered it": "completed",
 }
 OFFICE_USERS = {"100": "alice", "101": "bob", "102": "carol", "103": "dave"}
 MANIFEST_TRACES = [n for n in CALL_TRACES if not n.startswith("cacofonisk/")]
@@ -838,9 +840,17 @@ def test_goldens_agree_with_the_manifest(name):
             assert parked["client"] == OFFICE_USERS[park["parked_by"]]
             assert (parked["space"], parked["lot"]) == (park["space"], park["lot"])
             (unparked,) = [e for e in events if e["event"] == "unpark"]
-            assert unparked["client"] == OFFICE_USERS[park["retrieved_by"]]
             assert unparked["parked_by"]["num"] == park["parked_by"]
             assert unparked["from"]["num"] == caller_num
+            if park["retrieved_by"]:
+                assert unparked["client"] == OFFICE_USERS[park["retrieved_by"]]
+            else:
+                # Not retrieved: it came back to the parker, a call of its own.
+                assert park["result"].startswith("timeout")
+                assert (unparked["client"], unparked["result"]) == (parked["client"], "timeout")
+                assert unparked["call"] != parked["call"]
+                back = groups[(unparked["client"], unparked["call"], "callee")]
+                assert [e["event"] for e in back][:2] == ["incoming", "unpark"]
         hold = call.get("hold")
         if hold:
             kinds = [e["event"] for e in sum(groups.values(), [])
@@ -4419,9 +4429,11 @@ def mutate_messages(rng, messages, traces):
     return msgs
 
 
-#: Told without a call of the user's own: queue members hear of callers,
-#: a parker of a parked call that came back or was abandoned.
-CALL_LESS_KINDS = ("queue", "unpark")
+def call_less(kind, fields):
+    """Told without a call of the user's own: queue members hear of
+    callers, a parker of a parked caller who hung up (a parked call that
+    comes back is a call of its own)."""
+    return kind == "queue" or (kind == "unpark" and fields["result"] == "abandoned")
 
 
 def check_call_invariants(notes):
@@ -4435,7 +4447,7 @@ def check_call_invariants(notes):
             if key in open_calls:
                 problems.append("announced twice: %s" % (key,))
             open_calls.add(key)
-        elif kind in CALL_LESS_KINDS and key not in open_calls:
+        elif call_less(kind, fields) and key not in open_calls:
             continue
         elif kind == "hangup":
             if key not in open_calls:
@@ -5620,32 +5632,105 @@ def test_a_reload_that_adds_event_kinds_reaches_sessions_on_the_defaults():
     assert default.kinds == {"incoming", "hangup"} and chosen.kinds == {"incoming"}
 
 
-def park_scenario(end_event):
-    """Alice answers John, parks him on 71; nobody retrieves him."""
+def park_scenario(parker_first=False):
+    """Alice answers John and parks him on 71 (her phone leaves the call
+    after the ParkedCall event, or, ``parker_first``, before it)."""
     pbx = Pbx()
     trunk = inbound(pbx)
     phone = pbx.new("PJSIP/100-00000001", "100", "Alice Smith", linked=trunk)
     pbx.dial(trunk, phone)
     pbx.set(phone, ChannelStateDesc="Up")
     pbx.dial_end(trunk, phone, "ANSWER")
-    parked = {"Parkee" + k: v for k, v in trunk.items()}
-    pbx.feed("ParkedCall", ParkerDialString="PJSIP/100", Parkinglot="default",
-             ParkingSpace="71", ParkingTimeout="45", **parked)
-    pbx.hangup(phone)
-    pbx.feed(end_event, ParkerDialString="PJSIP/100", Parkinglot="default",
-             ParkingSpace="71", **parked)
-    return pbx
+    park = dict({"Parkee" + k: v for k, v in trunk.items()}, ParkerDialString="PJSIP/100",
+                Parkinglot="default", ParkingSpace="71")
+    if parker_first:
+        pbx.hangup(phone)
+    pbx.feed("ParkedCall", ParkingTimeout="45", **park)
+    if not parker_first:
+        pbx.hangup(phone)
+    return pbx, trunk, park
 
 
-@pytest.mark.parametrize("end_event, result", [("ParkedCallTimeOut", "timeout"),
-                                               ("ParkedCallGiveUp", "abandoned")])
-def test_a_parked_call_nobody_retrieves(end_event, result):
-    events = park_scenario(end_event).events("alice")
-    assert [k for k, _ in events] == ["incoming", "pickup", "park", "hangup", "unpark"]
-    unpark = events[-1][1]
+def park_comeback(pbx, trunk, park):
+    """Nobody retrieved John: the park times out and Asterisk rings Alice's
+    phone again from context park-dial (x_park_timeout_return.ami)."""
+    pbx.feed("ParkedCallTimeOut", **park)
+    pbx.set(trunk, "Newexten", Context="park-dial", Exten="PJSIP_100")
+    again = pbx.new("PJSIP/100-00000002", "100", "Alice Smith", linked=trunk)
+    pbx.dial(trunk, again)
+    pbx.set(again, ChannelStateDesc="Ringing")
+    return again
+
+
+def alice_calls(pbx):
+    """Alice's calls in the order they began: [(call id, [kind, ...])]."""
+    calls = {}
+    for kind, fields in pbx.events("alice"):
+        calls.setdefault(fields["call"], []).append((kind, fields))
+    return list(calls.items())
+
+
+@pytest.mark.parametrize("parker_first", [False, True])
+@pytest.mark.parametrize("caller_first", [False, True])
+def test_a_parked_call_that_comes_back_is_a_new_call_for_the_parker(parker_first,
+                                                                     caller_first):
+    """Issue 16.6: the parker's call ends when their phone leaves it; the
+    call that comes back has its own id and starts with incoming, then
+    unpark result=timeout; it ends once, whoever hangs up first."""
+    pbx, trunk, park = park_scenario(parker_first)
+    again = park_comeback(pbx, trunk, park)
+    pbx.set(again, ChannelStateDesc="Up")
+    pbx.dial_end(trunk, again, "ANSWER")
+    for chan in ((trunk, again) if caller_first else (again, trunk)):
+        pbx.hangup(chan)
+    (first, parked), (second, back) = alice_calls(pbx)
+    assert [k for k, _ in parked] == \
+        ["incoming", "pickup"] + ([] if parker_first else ["park"]) + ["hangup"]
+    assert second == first + "+1"
+    assert [k for k, _ in back] == ["incoming", "unpark", "pickup", "hangup"]
+    unpark = back[1][1]
+    assert (unpark["space"], unpark["result"], unpark["from"]["num"], unpark["device"]) == \
+        ("71", "timeout", "+15551230001", "PJSIP/100")
+    assert back[-1][1]["reason"] == "completed"
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_parked_call_that_comes_back_unanswered_is_a_missed_call():
+    pbx, trunk, park = park_scenario()
+    again = park_comeback(pbx, trunk, park)
+    pbx.dial_end(trunk, again, "NOANSWER")
+    pbx.hangup(again, cause=19)
+    assert [k for k, _ in alice_calls(pbx)[1][1]] == ["incoming", "unpark", "timeout"]
+    pbx.hangup(trunk)  # park-dial has nothing after the Dial
+    (_, back) = alice_calls(pbx)[1]
+    assert [k for k, _ in back] == ["incoming", "unpark", "timeout", "hangup"]
+    assert back[-1][1]["reason"] == "noanswer"
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_parked_caller_who_hangs_up_while_the_call_comes_back():
+    pbx, trunk, park = park_scenario()
+    again = park_comeback(pbx, trunk, park)
+    pbx.hangup(trunk)
+    pbx.dial_end(trunk, again, "CANCEL")
+    pbx.hangup(again)
+    (_, back) = alice_calls(pbx)[1]
+    assert [k for k, _ in back] == ["incoming", "unpark", "hangup"]
+    assert back[-1][1]["reason"] == "cancelled"
+    assert_engine_empty(pbx.engine)
+
+
+def test_a_parked_caller_who_gives_up_is_told_to_the_parker_without_a_call():
+    pbx, trunk, park = park_scenario()
+    pbx.feed("ParkedCallGiveUp", **park)
+    pbx.hangup(trunk)
+    (call, told), = alice_calls(pbx)
+    assert [k for k, _ in told] == ["incoming", "pickup", "park", "hangup", "unpark"]
+    unpark = told[-1][1]
     assert (unpark["space"], unpark["result"], unpark["from"]["num"]) == \
-        ("71", result, "+15551230001")
+        ("71", "abandoned", "+15551230001")
     assert unpark["parked_by"]["num"] == "100"
+    assert_engine_empty(pbx.engine)
 
 
 def test_a_member_removed_from_a_queue_hears_of_it_no_more():
