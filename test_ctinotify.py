@@ -4492,10 +4492,17 @@ def fuzz_once(data, expect_banner, rng, users):
 
 
 FUZZ_ITERATIONS = 3000
+#: The seed every run uses; beside it, one that changes every day, so that
+#: each day's run (CI's too) tries inputs no run tried before.  A failure
+#: names its seed: CTINOTIFY_FUZZ_SEED=<seed> make test runs it again.
+FUZZ_FIXED_SEED = 20261126
+FUZZ_DAILY_SEED = int(os.environ.get("CTINOTIFY_FUZZ_SEED") or
+                      time.strftime("%Y%m%d", time.gmtime()))
 
 
-def test_fuzz_mutated_traces_through_parser_and_engine():
-    rng = random.Random(20261126)
+@pytest.mark.parametrize("seed", [FUZZ_FIXED_SEED, FUZZ_DAILY_SEED], ids=["fixed", "daily"])
+def test_fuzz_mutated_traces_through_parser_and_engine(seed):
+    rng = random.Random(seed)
     traces = {name: trace_messages(name) for name in FUZZ_TRACES}
     users = office().users
     for iteration in range(FUZZ_ITERATIONS):
@@ -4508,8 +4515,8 @@ def test_fuzz_mutated_traces_through_parser_and_engine():
             flipped[rng.randrange(30)] ^= 0x20  # a banner that is not one
             data = bytes(flipped)
         problems = fuzz_once(data, with_banner, rng, users)
-        assert not problems, "iteration %d (%s): %s; input: %r" % (
-            iteration, name, problems[:3], data[:2000])
+        assert not problems, "seed %d (CTINOTIFY_FUZZ_SEED=%d), iteration %d (%s): %s; " \
+            "input: %r" % (seed, seed, iteration, name, problems[:3], data[:2000])
 
 
 # ---------------------------------------------------------------------------
