@@ -236,12 +236,98 @@ DEFAULT_WATCH_STATE = os.path.join("~", ".ctinotify-watch.json")
 MISSED_REASONS = ("noanswer", "cancelled", "busy", "answered_elsewhere")
 
 
-#: Every kind of event a client can subscribe to with ``events=``.
+# -- the vocabulary of events: each value a client can see, named once ------
+
+
+class Kind:
+    """The kinds of event (``event=``) a client can subscribe to."""
+
+    INCOMING = "incoming"
+    OUTGOING = "outgoing"
+    PICKUP = "pickup"
+    HANGUP = "hangup"
+    TIMEOUT = "timeout"
+    BUSY = "busy"
+    DIVERT = "divert"
+    TRANSFER = "transfer"
+    QUEUE = "queue"
+    PARK = "park"
+    UNPARK = "unpark"
+    CONFERENCE = "conference"
+    HOLD = "hold"
+    UNHOLD = "unhold"
+
+
+#: Every kind of event a client can subscribe to with ``events=``, in order.
 EVENT_KINDS = (
-    "incoming", "outgoing", "pickup", "hangup", "timeout", "busy",
-    "divert", "transfer", "queue", "park", "unpark", "conference",
-    "hold", "unhold",
+    Kind.INCOMING, Kind.OUTGOING, Kind.PICKUP, Kind.HANGUP, Kind.TIMEOUT, Kind.BUSY,
+    Kind.DIVERT, Kind.TRANSFER, Kind.QUEUE, Kind.PARK, Kind.UNPARK, Kind.CONFERENCE,
+    Kind.HOLD, Kind.UNHOLD,
 )
+
+
+class Reason:
+    """Why a call ended for its user (``hangup reason=``); all but
+    COMPLETED and TRANSFERRED are also the verdict on a call not answered."""
+
+    COMPLETED = "completed"
+    BUSY = "busy"
+    NOANSWER = "noanswer"
+    CANCELLED = "cancelled"
+    ANSWERED_ELSEWHERE = "answered_elsewhere"
+    TRANSFERRED = "transferred"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+#: A user call's ``direction`` (call log): the user is called, or calls.
+CALL_IN, CALL_OUT = "in", "out"
+
+
+class Direction:
+    """``direction=`` of divert and transfer events, as the user sees it."""
+
+    TO = "to"        # the user's call went elsewhere (the user transferred it)
+    FROM = "from"    # it came to the user from another number (or transferer)
+    MOVED = "moved"  # someone else transferred the user's own call
+
+
+class TransferKind:
+    """``kind=`` of a transfer: BLONDE is attended, completed while ringing."""
+
+    BLIND = "blind"
+    ATTENDED = "attended"
+    BLONDE = "blonde"
+
+
+class Action:
+    """``action=`` of queue and conference events."""
+
+    JOIN = "join"
+    LEAVE = "leave"
+    ABANDON = "abandon"
+
+
+class ParkResult:
+    """``result=`` of an unpark."""
+
+    RETRIEVED = "retrieved"
+    TIMEOUT = "timeout"
+    ABANDONED = "abandoned"
+
+
+class PickupMethod:
+    """``method=`` of a pickup by another extension's pickup code."""
+
+    DIRECTED = "directed"
+    GROUP = "group"
+
+
+class CallState:
+    """``state=`` of a call in progress (the CALLS command)."""
+
+    RINGING = "ringing"
+    UP = "up"
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -1790,35 +1876,24 @@ class AmiSession:
 
 
 # ---------------------------------------------------------------------------
-# Call-state engine (pure): AMI events in, per-user notifications out
+# Channel model (no users): channels, bridges, Local pairs, who is in a call
 # ---------------------------------------------------------------------------
 
-#: Q.850 cause texts, for causes Asterisk sent without ``Cause-txt`` and for
-#: the ones ctinotify infers (main/causes.h).
-Q850_CAUSES = {
-    0: "Unknown", 1: "Unallocated (unassigned) number", 3: "No route to destination",
-    16: "Normal Clearing", 17: "User busy", 18: "No user responding",
-    19: "User alerting, no answer", 20: "Subscriber absent", 21: "Call Rejected",
-    22: "Number changed", 26: "Answered elsewhere", 27: "Destination out of order",
-    28: "Invalid number format", 29: "Facility rejected", 31: "Normal, unspecified",
-    34: "Circuit/channel congestion", 38: "Network out of order", 41: "Temporary failure",
-    42: "Switching equipment congestion", 58: "Bearer capability not available",
-    88: "Incompatible destination", 102: "Recovery on timer expiry",
-    127: "Interworking, unspecified",
-}
-#: Causes that mean the call could not be set up at all.
-_FAILURE_CAUSES = frozenset((1, 3, 20, 22, 27, 28, 29, 34, 38, 41, 42, 58, 88, 102))
-#: The Dial application's DIALSTATUS (apps/app_dial.c) as a call outcome.
-_DIAL_OUTCOMES = {
-    "NOANSWER": "noanswer", "BUSY": "busy", "CANCEL": "cancelled",
-    "CONGESTION": "failed", "CHANUNAVAIL": "failed", "DONTCALL": "failed",
-    "TORTURE": "failed", "INVALIDARGS": "failed",
-}
-#: The cause reported for an outcome when the channel's own cause was 0.
-_OUTCOME_CAUSES = {"completed": 16, "busy": 17, "noanswer": 19,
-                   "answered_elsewhere": 26, "failed": 34, "cancelled": 16}
-#: Dialplan extensions that are not numbers anybody dialed.
-_SPECIAL_EXTENS = frozenset(("", "s", "h", "i", "t", "T", "o", "a", "e", "fax", "talk"))
+# How a call flows through the engine (this section and the two after it):
+#
+# 1. An AMI event reaches CallEngine.handle(), whose HANDLERS table names
+#    one handler per event (on_<event>); events without one cost a lookup.
+# 2. The handler first brings the channels it names up to date (_snapshot):
+#    the Channel model below knows Asterisk's side only (channels, who
+#    dialed whom, Local pairs, bridges) and answers "who is in this call".
+# 3. The rules then decide what each user is told.  A UserCall is one user's
+#    view of one call: the CallBook links it to the channels that keep it
+#    alive, and its phase (CALL_PHASES) says what may be told next:
+#    incoming/outgoing first, hangup last and once.
+# 4. Every notification goes into the Outbox handed down the handlers, which
+#    handle() returns: the engine never knows who listens.
+
+#: What Asterisk sends for "no caller ID".
 _UNKNOWN_CALLERID = frozenset(("", "<unknown>", "<Unknown>", "unknown"))
 #: Local channel chains are short; this bounds a walk through a broken one.
 MAX_LINEAGE_HOPS = 16
@@ -1826,13 +1901,6 @@ MAX_LINEAGE_HOPS = 16
 #: (Asterisk 13 sometimes sends NewConnectedLine after Hangup, see
 #: cacofonisk/queue__queue_simple.ami) cannot bring a channel back to life.
 MAX_RECENT_HANGUPS = 4096
-#: The applications that pick up another phone's ringing call.
-_PICKUP_APPS = frozenset(("pickup", "pickupchan"))
-#: The channel snapshot fields every channel event carries, in the order
-#: CallEngine._snapshot reads them; prefixed ("Dest", "Transferee"...) per role.
-_SNAPSHOT_FIELDS = ("Uniqueid", "Channel", "ChannelStateDesc", "CallerIDNum", "CallerIDName",
-                    "ConnectedLineNum", "ConnectedLineName", "Linkedid", "Exten", "Context")
-_SNAPSHOT_KEYS: Dict[str, Tuple[str, ...]] = {}
 
 
 class Party(collections.namedtuple("Party", "num name")):
@@ -1857,14 +1925,12 @@ class Party(collections.namedtuple("Party", "num name")):
     def __bool__(self) -> bool:
         return bool(self.num or self.name)
 
-
 NOBODY = Party("", "")
 
 
 def iso_time(epoch: float) -> str:
     """ISO 8601 UTC, to the second: ``2026-11-26T21:19:10Z``."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
 
 #: Times from the PBX outside this are not times (a Uniqueid can be set by
 #: Originate's ChannelId; ``inf`` would break every date after it).
@@ -1890,48 +1956,6 @@ def local_exten(device: str) -> str:
     return device.partition("/")[2].partition("@")[0]
 
 
-class Directory:
-    """Which configured users a device or a dialed extension belongs to, on
-    one PBX: a device named ``NAME:PJSIP/100`` counts on PBX NAME only."""
-
-    def __init__(self, users: Iterable[UserConfig] = (), pbx: str = DEFAULT_PBX):
-        by_device: Dict[str, List[str]] = {}
-        by_extension: Dict[str, List[Tuple[str, str]]] = {}
-        for user in users:
-            for qualified in user.devices:
-                on, device = split_device(qualified)
-                if on and on != pbx:
-                    continue
-                by_device.setdefault(device, []).append(user.name)
-            for qualified, context in user.extensions:
-                on, colon, number = qualified.rpartition(":")
-                if on and on != pbx:
-                    continue  # NAME:100 is number 100 on PBX NAME only
-                by_extension.setdefault(number, []).append((context, user.name))
-        self._by_device = {k: tuple(v) for k, v in by_device.items()}
-        self._by_extension = by_extension
-
-    def device_users(self, device: str) -> Tuple[str, ...]:
-        return self._by_device.get(device, ())
-
-    def extension_users(self, exten: str, context: str = "") -> Tuple[str, ...]:
-        """Users with this number; ``context=""`` matches any context."""
-        entries = self._by_extension.get(exten)
-        if not entries:
-            return ()
-        return tuple(user for ctx, user in entries if not ctx or not context or ctx == context)
-
-    def interface_users(self, interface: str) -> Tuple[str, ...]:
-        """Users behind a queue member interface: a device, or a Local
-        channel to a user's number (FreePBX ``Local/100@from-queue/n``)."""
-        if not interface or "/" not in interface:
-            return ()
-        device = device_of_interface(interface)
-        if device.startswith("Local/"):
-            return self.extension_users(local_exten(device))
-        return self.device_users(device)
-
-
 class Channel:
     """One Asterisk channel, as the engine last saw it."""
 
@@ -1940,7 +1964,7 @@ class Channel:
                  "first_exten", "app", "appdata", "created", "answered_at", "bridge",
                  "dialer", "dial_targets", "originated", "user_calls", "diverted_from",
                  "transferred_by", "queue", "queue_join", "queue_told", "hold_told", "parked",
-                 "callback", "caller_raw", "connected_raw")
+                 "callback", "caller_raw", "connected_raw", "comebacks", "new_call")
 
     def __init__(self, uniqueid: str, name: str, now: float):
         self.uniqueid = uniqueid
@@ -1988,6 +2012,11 @@ class Channel:
         self.hold_told: Optional[List[UserCall]] = None
         #: (space, lot, parked by) while parked.
         self.parked: Optional[Tuple[str, str, Party]] = None
+        #: Parked, not retrieved, rung back at the parker (ParkedCallTimeOut):
+        #: how often, and the id of the new call that starts for the users it
+        #: rings then (the Linkedid stays the same).
+        self.comebacks = 0
+        self.new_call: Optional[str] = None
         #: For an originated Local channel (click-to-dial through the
         #: dialplan): the user's phone it rang first, the real caller.
         self.callback: Optional[Channel] = None
@@ -2021,6 +2050,12 @@ class Channel:
                 todo.append(chan.local_peer)
             todo.extend(chan.dial_targets)
         return found
+
+    @property
+    def call_id(self) -> str:
+        """The call this channel is in, as users are told: its Linkedid, or
+        the new call it began by coming back from a park."""
+        return self.new_call or self.linkedid
 
     def root(self) -> "Channel":
         """The channel that started it all: the caller."""
@@ -2109,6 +2144,44 @@ class ChannelTable:
                         todo.append(hop)
         return found
 
+    def parties(self, chan: Channel, exclude: Sequence[Channel] = ()) -> List[Channel]:
+        """Everyone in ``chan``'s call but ``chan`` (and ``exclude``): those
+        it talks with (``talking_with``, from either half of a Local pair),
+        the caller that started the call, and every channel that caller's
+        dials reached, ringing or not.  Local channels too: a call to a
+        user's number may be anchored on one.  The one answer to "who is in
+        this call" for hold, parking and transfers."""
+        found: List[Channel] = []
+        seen = set(exclude)
+        seen.add(chan)
+        root = chan.root()
+        candidates = self.talking_with(chan)
+        if chan.is_local and chan.local_peer is not None:
+            candidates += [chan.local_peer] + self.talking_with(chan.local_peer)
+        candidates.append(root)
+        candidates += [c for c in self.channels.values() if root in set(c.lineage())]
+        for c in candidates:
+            if c not in seen:
+                seen.add(c)
+                found.append(c)
+        return found
+
+    def far_side(self, chan: Channel) -> List[Channel]:
+        """What a Local channel leads to beyond its other half: that half's
+        bridge, what led to it and what it dials.  A transfer names the
+        half on its side (``Local/101@from-internal;1``) while the other half
+        is already bridged to the transferer's: only the far side is the
+        target (k_attended_transfer)."""
+        far = chan.local_peer
+        if far is None:
+            return []
+        found: List[Channel] = []
+        for c in self.bridged_with(far) + list(far.lineage())[1:] + \
+                [c for c in self.channels.values() if c is not far and far in set(c.lineage())]:
+            if c not in found:
+                found.append(c)
+        return found
+
     def clear(self) -> None:
         """The AMI link is gone: nothing is known any more."""
         self.channels.clear()
@@ -2117,25 +2190,186 @@ class ChannelTable:
         self._recent_hangups.clear()
         self._recent_hangup_order.clear()
 
+    def is_idle(self) -> bool:
+        """No channel is up: nothing is kept but the hangups of late."""
+        return not self.channels and not self.bridges and not self._unpaired_locals
+
+    def check(self) -> List[str]:
+        """Where bridges or Local halves name channels that are gone, or the
+        memory of hangups outgrew its bound: for the tests; [] when all is
+        well."""
+        problems = []
+        for bridge_id, members in self.bridges.items():
+            for chan in members:
+                if self.channels.get(chan.uniqueid) is not chan or chan.bridge != bridge_id:
+                    problems.append("bridge %s lists %r, gone or elsewhere" % (bridge_id, chan))
+            if not members:
+                problems.append("bridge %s is empty but kept" % bridge_id)
+        for chan in self.channels.values():
+            if chan.bridge is not None and chan not in self.bridges.get(chan.bridge, ()):
+                problems.append("%r is in bridge %s, which does not list it"
+                                % (chan, chan.bridge))
+        problems += ["unpaired Local half %r is gone" % (chan,)
+                     for chan in self._unpaired_locals.values()
+                     if self.channels.get(chan.uniqueid) is not chan]
+        if len(self._recent_hangups) > MAX_RECENT_HANGUPS:
+            problems.append("%d hangups remembered" % len(self._recent_hangups))
+        return problems
+
+
+# ---------------------------------------------------------------------------
+# User calls: each user's view of a call, its phases, and the call book
+# ---------------------------------------------------------------------------
+
+#: Q.850 cause texts, for causes Asterisk sent without ``Cause-txt`` and for
+#: the ones ctinotify infers (main/causes.h).
+Q850_CAUSES = {
+    0: "Unknown", 1: "Unallocated (unassigned) number", 3: "No route to destination",
+    16: "Normal Clearing", 17: "User busy", 18: "No user responding",
+    19: "User alerting, no answer", 20: "Subscriber absent", 21: "Call Rejected",
+    22: "Number changed", 26: "Answered elsewhere", 27: "Destination out of order",
+    28: "Invalid number format", 29: "Facility rejected", 31: "Normal, unspecified",
+    34: "Circuit/channel congestion", 38: "Network out of order", 41: "Temporary failure",
+    42: "Switching equipment congestion", 58: "Bearer capability not available",
+    88: "Incompatible destination", 102: "Recovery on timer expiry",
+    127: "Interworking, unspecified",
+}
+#: Causes that mean the call could not be set up at all.
+_FAILURE_CAUSES = frozenset((1, 3, 20, 22, 27, 28, 29, 34, 38, 41, 42, 58, 88, 102))
+#: The cause reported for an outcome when the channel's own cause was 0.
+_OUTCOME_CAUSES = {Reason.COMPLETED: 16, Reason.BUSY: 17, Reason.NOANSWER: 19,
+                   Reason.ANSWERED_ELSEWHERE: 26, Reason.FAILED: 34, Reason.CANCELLED: 16}
+
+
+class Directory:
+    """Which configured users a device or a dialed extension belongs to, on
+    one PBX: a device named ``NAME:PJSIP/100`` counts on PBX NAME only."""
+
+    def __init__(self, users: Iterable[UserConfig] = (), pbx: str = DEFAULT_PBX):
+        by_device: Dict[str, List[str]] = {}
+        by_extension: Dict[str, List[Tuple[str, str]]] = {}
+        for user in users:
+            for qualified in user.devices:
+                on, device = split_device(qualified)
+                if on and on != pbx:
+                    continue
+                by_device.setdefault(device, []).append(user.name)
+            for qualified, context in user.extensions:
+                on, colon, number = qualified.rpartition(":")
+                if on and on != pbx:
+                    continue  # NAME:100 is number 100 on PBX NAME only
+                by_extension.setdefault(number, []).append((context, user.name))
+        self._by_device = {k: tuple(v) for k, v in by_device.items()}
+        self._by_extension = by_extension
+
+    def device_users(self, device: str) -> Tuple[str, ...]:
+        return self._by_device.get(device, ())
+
+    def extension_users(self, exten: str, context: str = "") -> Tuple[str, ...]:
+        """Users with this number; ``context=""`` matches any context."""
+        entries = self._by_extension.get(exten)
+        if not entries:
+            return ()
+        return tuple(user for ctx, user in entries if not ctx or not context or ctx == context)
+
+    def interface_users(self, interface: str) -> Tuple[str, ...]:
+        """Users behind a queue member interface: a device, or a Local
+        channel to a user's number (FreePBX ``Local/100@from-queue/n``)."""
+        if not interface or "/" not in interface:
+            return ()
+        device = device_of_interface(interface)
+        if device.startswith("Local/"):
+            return self.extension_users(local_exten(device))
+        return self.device_users(device)
+
+
+class IllegalTransition(CtiError):
+    """The engine was about to tell a user something their call's phase
+    does not allow (CALL_PHASES): a bug in ctinotify, never in the input."""
+
+
+class Phase:
+    """Where a user call is in its life: the rows of CALL_PHASES."""
+
+    ROUTED = "routed"            # it reached the user's number; nothing told yet
+    TRIED = "tried"              # ... and its dialplan ran Dial for the user
+    RINGING = "ringing"          # incoming/outgoing told; not answered
+    ANSWERED = "answered"        # the user talks (pickup, or retrieved from a park)
+    TAKEN = "taken"              # someone else answered; the user's phone rings down
+    TRANSFERRED = "transferred"  # the user handed it on; ends reason=transferred
+    ENDED = "ended"              # hangup told, or forgotten before anything was told
+
+#: The phases in which the user has been told of the call.
+TOLD_PHASES = frozenset((Phase.RINGING, Phase.ANSWERED, Phase.TAKEN, Phase.TRANSFERRED))
+
+
+class Move:
+    """The keys of CALL_PHASES beside the plain kinds (a kind is told and
+    moves the call): ``(kind, variant)`` for a kind that moves it elsewhere,
+    ``(None, what)`` for a move that tells the user nothing."""
+
+    PICKUP_ELSEWHERE = (Kind.PICKUP, "elsewhere")  # another phone answered
+    RETRIEVED = (Kind.UNPARK, ParkResult.RETRIEVED)  # the user took a parked call
+    TRANSFER_AWAY = (Kind.TRANSFER, Direction.TO)  # the user transferred it
+    TRY = (None, "try")                            # the dialplan dials the user
+    APP_ANSWERED = (None, "app answered")          # a conference, voicemail answered
+    FORGET = (None, "forget")                      # routed elsewhere, never told
+
+
+def _stay(phase: str, *kinds: object) -> Dict[object, str]:
+    return {kind: phase for kind in kinds}
+
+#: News that may come in every phase the user was told of: it moves nothing.
+_SIDE_NEWS = (Kind.TRANSFER, Kind.PARK, Kind.CONFERENCE, Kind.HOLD, Kind.UNHOLD)
+#: phase -> {what is told (a Kind or a Move) -> the phase it moves the call
+#: to}.  Anything else is a bug (IllegalTransition), never a silent drop:
+#: code that may meet a call in another phase asks ``can()`` first, or
+#: checks the phase, and says why it skips.  Every call told of starts with
+#: incoming or outgoing and ends with one hangup: only INCOMING and OUTGOING
+#: lead from an untold phase to a told one, only HANGUP leads from a told
+#: phase to ENDED, and ENDED allows nothing.
+CALL_PHASES: Dict[str, Dict[object, str]] = {
+    Phase.ROUTED: {
+        Kind.INCOMING: Phase.RINGING, Kind.OUTGOING: Phase.RINGING,
+        Move.TRY: Phase.TRIED, Move.FORGET: Phase.ENDED},
+    Phase.TRIED: {Kind.INCOMING: Phase.RINGING, Move.FORGET: Phase.ENDED},
+    Phase.RINGING: {
+        **_stay(Phase.RINGING, Kind.TIMEOUT, Kind.BUSY, Kind.DIVERT, Kind.UNPARK, *_SIDE_NEWS),
+        Kind.PICKUP: Phase.ANSWERED, Move.PICKUP_ELSEWHERE: Phase.TAKEN,
+        Move.RETRIEVED: Phase.ANSWERED, Move.APP_ANSWERED: Phase.ANSWERED,
+        Move.TRANSFER_AWAY: Phase.TRANSFERRED, Kind.HANGUP: Phase.ENDED},
+    Phase.ANSWERED: {
+        **_stay(Phase.ANSWERED, Move.RETRIEVED, *_SIDE_NEWS),
+        Move.TRANSFER_AWAY: Phase.TRANSFERRED, Kind.HANGUP: Phase.ENDED},
+    Phase.TAKEN: {
+        **_stay(Phase.TAKEN, *_SIDE_NEWS),
+        Move.RETRIEVED: Phase.ANSWERED, Kind.HANGUP: Phase.ENDED},
+    Phase.TRANSFERRED: {
+        **_stay(Phase.TRANSFERRED, Move.RETRIEVED, *_SIDE_NEWS),
+        Kind.HANGUP: Phase.ENDED},
+    Phase.ENDED: {},
+}
+
 
 class UserCall:
     """One user's view of one call: what that user has been told so far.
 
-    A user call is created when a call reaches one of the user's devices or
-    extensions, announced once (``incoming``/``outgoing``), and ended exactly
-    once with ``hangup`` when the last channel keeping it alive is gone.
+    A user call is made when a call reaches one of the user's devices or
+    extensions and moves through the phases of CALL_PHASES: announced once
+    (``incoming``/``outgoing``), ended exactly once with ``hangup`` when the
+    last channel keeping it alive is gone.
     """
 
     __slots__ = ("user", "call_id", "direction", "device", "me", "peer", "dialed",
-                 "started", "answered_at", "announced", "channels", "anchor",
+                 "started", "answered_at", "phase", "channels", "anchor",
                  "outcome", "answered_by", "cause", "cause_txt", "diverted_to",
-                 "path", "queue", "queue_caller", "transferred", "tried", "leg_outcome")
+                 "path", "queue", "queue_caller", "leg_outcome")
 
     def __init__(self, user: str, call_id: str, direction: str, me: Party, peer: Party,
                  dialed: str, now: float):
         self.user = user
         self.call_id = call_id
-        #: "in" (the user is called) or "out" (the user calls).
+        #: CALL_IN (the user is called) or CALL_OUT (the user calls).
         self.direction = direction
         self.device = ""
         self.me = me
@@ -2143,15 +2377,16 @@ class UserCall:
         self.dialed = dialed
         self.started = now
         self.answered_at: Optional[float] = None
-        self.announced = False
-        #: The user's own channels in this call.
+        #: A Phase; changed only by move().
+        self.phase = Phase.ROUTED
+        #: The user's own channels in this call (kept by the CallBook).
         self.channels: List[Channel] = []
         #: For a call that reached the user's *extension*: the caller-side
         #: channel running that extension.  It keeps the user call alive
         #: while the call rings elsewhere (a forward to a mobile).
         self.anchor: Optional[Channel] = None
         #: Why it was not answered, once known: noanswer, busy, cancelled,
-        #: failed, answered_elsewhere, unknown.
+        #: failed, unknown.
         self.outcome: Optional[str] = None
         self.answered_by: Optional[Party] = None
         self.cause = 0
@@ -2166,11 +2401,26 @@ class UserCall:
         self.leg_outcome: Optional[str] = None
         #: The caller waiting in ``queue`` that rang the user (queue calls).
         self.queue_caller: Optional[Channel] = None
-        #: The user transferred this call away (hangup reason "transferred").
-        self.transferred = False
-        #: A call to the user's number whose dialplan tried to reach the user
-        #: (ran Dial) before it rang anywhere: told even if it never rings.
-        self.tried = False
+
+    def __repr__(self) -> str:
+        return "<UserCall %s %s %s %s>" % (self.user, self.call_id, self.direction, self.phase)
+
+    def can(self, move: object) -> bool:
+        """Whether telling ``move`` (a Kind or a Move) is legal now."""
+        return move in CALL_PHASES[self.phase]
+
+    def move(self, move: object) -> None:
+        """Go where ``move`` leads from the current phase (CALL_PHASES)."""
+        to = CALL_PHASES[self.phase].get(move)
+        if to is None:
+            raise IllegalTransition("%r: %r is not allowed in phase %s"
+                                    % (self, move, self.phase))
+        self.phase = to
+
+    @property
+    def told(self) -> bool:
+        """The user has heard of this call (and it has not ended)."""
+        return self.phase in TOLD_PHASES
 
     @property
     def key(self) -> Tuple[str, str, str]:
@@ -2178,30 +2428,32 @@ class UserCall:
 
     @property
     def role(self) -> str:
-        return "callee" if self.direction == "in" else "caller"
+        return "callee" if self.direction == CALL_IN else "caller"
 
     @property
     def parties(self) -> Tuple[Party, Party]:
         """(from, to) as the user sees them."""
-        return (self.peer, self.me) if self.direction == "in" else (self.me, self.peer)
+        return (self.peer, self.me) if self.direction == CALL_IN else (self.me, self.peer)
 
     def reason(self) -> str:
         """Why the call ended for this user: what was seen, else the cause."""
-        if self.transferred:
-            return "transferred"
+        if self.phase is Phase.TRANSFERRED:
+            return Reason.TRANSFERRED
         if self.answered_at is not None:
-            return "completed"
-        if self.cause == 26 and self.outcome in (None, "cancelled"):
-            return "answered_elsewhere"
+            return Reason.COMPLETED
+        if self.phase is Phase.TAKEN:
+            return Reason.ANSWERED_ELSEWHERE
+        if self.cause == 26 and self.outcome in (None, Reason.CANCELLED):
+            return Reason.ANSWERED_ELSEWHERE
         if self.outcome is not None:
             return self.outcome
         if self.cause == 17:
-            return "busy"
+            return Reason.BUSY
         if self.cause in (18, 19):
-            return "noanswer"
+            return Reason.NOANSWER
         if self.cause in _FAILURE_CAUSES:
-            return "failed"
-        return "cancelled"
+            return Reason.FAILED
+        return Reason.CANCELLED
 
     def ending(self, now: float, reason: Optional[str] = None) -> Dict[str, object]:
         """The fields of this call's ``hangup`` at ``now``."""
@@ -2232,6 +2484,199 @@ class UserCall:
         }
 
 
+class CallBook:
+    """The user calls in progress, and their links to channels.
+
+    A user call keeps a list of the user's own channels in it
+    (``UserCall.channels``) and maybe an *anchor* (``UserCall.anchor``:
+    the caller-side channel running the user's number); each of those
+    channels lists the call back in ``Channel.user_calls``.  The book is the
+    only code that changes these links, so they stay two-way: ``check()``
+    says where they do not.  A user call is *open* from ``user_call()`` to
+    ``close()``; closing unlinks it from everything.
+    """
+
+    def __init__(self) -> None:
+        #: (call id, user, direction) -> the open user call.
+        self._by_key: Dict[Tuple[str, str, str], UserCall] = {}
+        #: call id -> its open user calls, to tell the others when one answers.
+        self._by_call: Dict[str, List[UserCall]] = {}
+        #: Queue caller Uniqueid -> its members' calls that stopped ringing
+        #: while the caller still waits (the queue may ring them again).
+        self._queue_held: Dict[str, List[UserCall]] = {}
+
+    # -- queries ---------------------------------------------------------------
+
+    def is_open(self, uc: UserCall) -> bool:
+        return self._by_key.get(uc.key) is uc
+
+    def has_call(self, call_id: str) -> bool:
+        """Whether any user is part of this call (most calls, on a big PBX,
+        have none)."""
+        return call_id in self._by_call
+
+    def of_call(self, call_id: str) -> List[UserCall]:
+        """The open user calls of one call, a copy (telling may close some)."""
+        return list(self._by_call.get(call_id, ()))
+
+    def of_user(self, user: str) -> List[UserCall]:
+        return [uc for uc in self._by_key.values() if uc.user == user]
+
+    def all(self) -> List[UserCall]:
+        return list(self._by_key.values())
+
+    def is_idle(self) -> bool:
+        """No user call is open."""
+        return not self._by_key and not self._by_call and not self._queue_held
+
+    def check(self, table: "ChannelTable") -> List[str]:
+        """Where the links are not two-way, or name a channel that is gone,
+        or a call that is not open: for the tests; [] when all is well."""
+        problems = []
+        for key, uc in self._by_key.items():
+            if uc.key != key or uc not in self._by_call.get(uc.call_id, ()):
+                problems.append("%r is not booked under its key and call" % (uc,))
+            if uc.phase is Phase.ENDED:
+                problems.append("%r is open" % (uc,))
+            elif (uc.answered_at is not None) != (uc.phase is Phase.ANSWERED) and \
+                    uc.phase is not Phase.TRANSFERRED:
+                problems.append("%r has answered_at %r" % (uc, uc.answered_at))
+            for chan in uc.channels:
+                if uc not in chan.user_calls:
+                    problems.append("%r does not list %r" % (chan, uc))
+                if table.channels.get(chan.uniqueid) is not chan:
+                    problems.append("%r keeps %r, which is gone" % (uc, chan))
+            anchor = uc.anchor
+            if anchor is not None:
+                if uc not in anchor.user_calls:
+                    problems.append("anchor %r does not list %r" % (anchor, uc))
+                if table.channels.get(anchor.uniqueid) is not anchor:
+                    problems.append("%r is anchored on %r, which is gone" % (uc, anchor))
+        for call_id, ucs in self._by_call.items():
+            if not ucs or any(not self.is_open(uc) or uc.call_id != call_id for uc in ucs):
+                problems.append("call %s lists user calls not open: %r" % (call_id, ucs))
+        for chan in table.channels.values():
+            for uc in chan.user_calls:
+                if not self.is_open(uc):
+                    problems.append("%r lists %r, which is not open" % (chan, uc))
+                elif chan not in uc.channels and uc.anchor is not chan:
+                    problems.append("%r lists %r, which does not keep it" % (chan, uc))
+            if len(set(chan.user_calls)) != len(chan.user_calls):
+                problems.append("%r lists a user call twice" % (chan,))
+        for uid, held in self._queue_held.items():
+            problems += ["queue caller %s holds %r, which is not open" % (uid, uc)
+                         for uc in held if not self.is_open(uc)]
+        return problems
+
+    # -- opening and linking ---------------------------------------------------
+
+    def user_call(self, call_id: str, user: str, direction: str, me: Party, peer: Party,
+             dialed: str, now: float) -> UserCall:
+        """The user's open call of this call and direction, made if new."""
+        key = (call_id, user, direction)
+        uc = self._by_key.get(key)
+        if uc is None:
+            uc = UserCall(user, call_id, direction, me, peer, dialed, now)
+            self._by_key[key] = uc
+            self._by_call.setdefault(call_id, []).append(uc)
+        return uc
+
+    def attach(self, uc: UserCall, chan: Channel) -> None:
+        """``chan`` is one of the user's own phones in the call."""
+        if chan not in uc.channels:
+            uc.channels.append(chan)
+        if uc not in chan.user_calls:
+            chan.user_calls.append(uc)
+
+    def anchor(self, uc: UserCall, chan: Channel) -> None:
+        """The call lives on while ``chan`` (running the user's number) does."""
+        if uc.anchor is chan:
+            return
+        self.release_anchor(uc)
+        uc.anchor = chan
+        if uc not in chan.user_calls:
+            chan.user_calls.append(uc)
+
+    def release_anchor(self, uc: UserCall) -> None:
+        """Answered on the user's own phone (or gone elsewhere): from now on
+        the user call lives as long as the user's channels, not as long as
+        the caller's."""
+        anchor = uc.anchor
+        if anchor is not None:
+            uc.anchor = None
+            if uc in anchor.user_calls and anchor not in uc.channels:
+                anchor.user_calls.remove(uc)
+
+    def swap(self, old: Channel, new: Channel) -> None:
+        """``new`` took ``old``'s place in a bridge (a Local channel pair
+        optimized away, Asterisk 12+): calls anchored on the vanishing Local
+        channel follow the channel that replaced it."""
+        for half in (old, old.local_peer):
+            if half is None:
+                continue
+            for uc in list(half.user_calls):
+                if uc.anchor is half and new not in uc.channels:
+                    half.user_calls.remove(uc)
+                    uc.anchor = new
+                    new.user_calls.append(uc)
+
+    def detach(self, chan: Channel) -> List[UserCall]:
+        """The channel hung up: no user call keeps it any more.  Returns the
+        user calls it was linked to."""
+        linked, chan.user_calls = chan.user_calls, []
+        for uc in linked:
+            if chan in uc.channels:
+                uc.channels.remove(chan)
+            if uc.anchor is chan:
+                uc.anchor = None
+        return linked
+
+    def hold_for_queue(self, uc: UserCall, caller: Channel) -> None:
+        """Keep ``uc`` open, without a channel, while ``caller`` waits in
+        the queue that rang the user (it may ring them again)."""
+        held = self._queue_held.setdefault(caller.uniqueid, [])
+        if uc not in held:
+            held.append(uc)
+
+    def release_queue_held(self, caller: Channel) -> List[UserCall]:
+        """The caller left the queue: the user calls held for it."""
+        return self._queue_held.pop(caller.uniqueid, [])
+
+    # -- closing ---------------------------------------------------------------
+
+    def close(self, uc: UserCall) -> bool:
+        """Unlink and forget the user call; False if it was not open."""
+        if self._by_key.get(uc.key) is not uc:
+            return False
+        del self._by_key[uc.key]
+        siblings = self._by_call.get(uc.call_id)
+        if siblings is not None:
+            if uc in siblings:
+                siblings.remove(uc)
+            if not siblings:
+                del self._by_call[uc.call_id]
+        for chan in uc.channels:
+            if uc in chan.user_calls:
+                chan.user_calls.remove(uc)
+        if uc.anchor is not None and uc in uc.anchor.user_calls:
+            uc.anchor.user_calls.remove(uc)
+        uc.channels = []
+        uc.anchor = None
+        caller = uc.queue_caller
+        held = self._queue_held.get(caller.uniqueid) if caller is not None else None
+        if held is not None and uc in held:
+            held.remove(uc)
+            if not held:
+                del self._queue_held[caller.uniqueid]  # type: ignore[union-attr]
+        return True
+
+    def clear(self) -> None:
+        """The AMI link is gone: every user call was closed or is forgotten."""
+        self._by_key.clear()
+        self._by_call.clear()
+        self._queue_held.clear()
+
+
 class Notification:
     """One event for one user: ``fields`` is what the client receives."""
 
@@ -2248,25 +2693,48 @@ class Notification:
     def __repr__(self) -> str:
         return "<Notification %s %s %s>" % (self.user, self.kind, self.fields.get("call"))
 
-
 _NO_NOTIFICATIONS: Tuple[Notification, ...] = ()
 
 
-class CallEngine:
-    """Follows channels, dials and bridges; tells each user about their calls.
+class Outbox:
+    """One call into the engine: the time it runs at, and the notifications
+    it causes, in order.  Handed down through the handlers, so that nothing
+    of one message is left on the engine for the next."""
 
-    ``handle(message, now)`` takes one AMI message and returns the
-    notifications it causes.  The engine reads no clock and does no I/O;
-    messages it has no handler for cost one dictionary lookup.
+    __slots__ = ("now", "notes")
 
-    The model: a ``Channel`` per Asterisk channel (in ``table``, a
-    ``ChannelTable`` with the bridges), linked by who dialed whom
-    (``dialer``) and by Local channel pairs (``local_peer``), so that any
-    channel's *lineage* leads back to the caller.  A ``UserCall`` per user
-    and call holds what that user was told; it lives as long as the user's
-    own channels in the call, or, for a call to the user's number that rings
-    elsewhere, as long as the caller's channel (its *anchor*).
-    """
+    def __init__(self, now: float):
+        self.now = now
+        self.notes: List[Notification] = []
+
+
+# ---------------------------------------------------------------------------
+# Call-state engine (pure): AMI events in, per-user notifications out
+# ---------------------------------------------------------------------------
+
+#: The Dial application's DIALSTATUS (apps/app_dial.c) as a call outcome.
+_DIAL_OUTCOMES = {
+    "NOANSWER": Reason.NOANSWER, "BUSY": Reason.BUSY, "CANCEL": Reason.CANCELLED,
+    "CONGESTION": Reason.FAILED, "CHANUNAVAIL": Reason.FAILED, "DONTCALL": Reason.FAILED,
+    "TORTURE": Reason.FAILED, "INVALIDARGS": Reason.FAILED,
+}
+#: Dialplan extensions that are not numbers anybody dialed.
+_SPECIAL_EXTENS = frozenset(("", "s", "h", "i", "t", "T", "o", "a", "e", "fax", "talk"))
+#: The applications that pick up another phone's ringing call.
+_PICKUP_APPS = frozenset(("pickup", "pickupchan"))
+#: The channel snapshot fields every channel event carries, in the order
+#: CallEngine._snapshot reads them; prefixed ("Dest", "Transferee"...) per role.
+_SNAPSHOT_FIELDS = ("Uniqueid", "Channel", "ChannelStateDesc", "CallerIDNum", "CallerIDName",
+                    "ConnectedLineNum", "ConnectedLineName", "Linkedid", "Exten", "Context")
+_SNAPSHOT_KEYS: Dict[str, Tuple[str, ...]] = {}
+
+
+class _EngineCore:
+    """The engine's state, and what every rule needs: the channel an event
+    is about (``_snapshot``), who is who, and telling a user (``_tell``,
+    ``_end``).  The rules come in layers, each building on those above it:
+    dialing and answering, transfers and parking, queues, conferences and
+    hold, then hangups and resync; CallEngine puts them behind one table."""
 
     def __init__(self, directory: Optional[Directory] = None, pbx: str = ""):
         self.directory = directory or Directory()
@@ -2274,246 +2742,20 @@ class CallEngine:
         self.pbx = pbx
         #: What Asterisk has: channels, Local pairs, bridges.
         self.table = ChannelTable()
-        #: (call id, user, direction) -> the user's view of that call.
-        self.user_calls: Dict[Tuple[str, str, str], UserCall] = {}
-        #: call id -> its user calls, to tell the others when one answers.
-        self.calls: Dict[str, List[UserCall]] = {}
+        #: The users' views of the calls, and their links to channels.
+        self.book = CallBook()
         #: queue name -> the users among its members.
         self.queue_members: Dict[str, Set[str]] = {}
         #: conference name -> the channels in it.
         self.conferences: Dict[str, List[Channel]] = {}
-        #: Queue caller Uniqueid -> its members' calls that stopped ringing
-        #: while the caller still waits (the queue may ring them again).
-        self._queue_held: Dict[str, List[UserCall]] = {}
         #: Uniqueids seen since a resync began (None: no resync running),
         #: and those of the channels not answered when it began.
         self._resync_seen: Optional[Set[str]] = None
         self._resync_unanswered: Set[str] = set()
-        self._out: List[Notification] = []
-        self._now = 0.0
-        self._handlers = {
-            # channel lifecycle
-            "Newchannel": self.on_newchannel,
-            "Hangup": self.on_hangup,
-            # snapshots: state, caller ID, dialplan position
-            "Newstate": self.on_snapshot,
-            "NewCallerid": self.on_snapshot,
-            "NewConnectedLine": self.on_snapshot,
-            "Newexten": self.on_newexten,
-            # dialing
-            "DialBegin": self.on_dialbegin,
-            "DialState": self.on_dialstate,
-            "DialEnd": self.on_dialend,
-            # bridges and Local channels
-            "BridgeEnter": self.on_bridgeenter,
-            "BridgeLeave": self.on_bridgeleave,
-            "LocalBridge": self.on_localbridge,
-            # (LocalOptimizationBegin/End need no handler: the BridgeEnter with
-            # SwapUniqueid that completes an optimization says what matters.)
-            # moving calls: transfer, pickup, parking
-            "BlindTransfer": self.on_blindtransfer,
-            "AttendedTransfer": self.on_attendedtransfer,
-            "Pickup": self.on_pickup,
-            "ParkedCall": self.on_parkedcall,
-            "UnParkedCall": self.on_unparkedcall,
-            "ParkedCallTimeOut": self.on_parkedcall_end,
-            "ParkedCallGiveUp": self.on_parkedcall_end,
-            # queues (read class "agent")
-            "QueueCallerJoin": self.on_queuecallerjoin,
-            "QueueCallerLeave": self.on_queuecallerleave,
-            "QueueCallerAbandon": self.on_queuecallerleave,
-            "QueueMemberStatus": self.on_queuemember,
-            "QueueMemberAdded": self.on_queuemember,
-            "QueueMember": self.on_queuemember,
-            "AgentCalled": self.on_queuemember,
-            "QueueMemberRemoved": self.on_queuememberremoved,
-            # conferences, hold
-            "ConfbridgeJoin": self.on_confbridgejoin,
-            "ConfbridgeLeave": self.on_confbridgeleave,
-            "ConfbridgeEnd": self.on_confbridgeend,
-            "Hold": self.on_hold,
-            "Unhold": self.on_hold,
-            # resync after (re)connecting: the CoreShowChannels list
-            "CoreShowChannel": self.on_coreshowchannel,
-            "CoreShowChannelsComplete": self.on_coreshowchannelscomplete,
-        }
 
-    # -- entry points --------------------------------------------------------
+    # -- the channel an event is about -----------------------------------------
 
-    def handle(self, msg: AmiMessage, now: float) -> Sequence[Notification]:
-        handler = self._handlers.get(msg.get("Event"))  # type: ignore[arg-type]
-        if handler is None:
-            return _NO_NOTIFICATIONS
-        self._now = now
-        handler(msg)
-        if not self._out:
-            return _NO_NOTIFICATIONS
-        out, self._out = self._out, []
-        return out
-
-    def set_directory(self, directory: Directory) -> None:
-        """New users and devices apply to calls that start from now on."""
-        self.directory = directory
-
-    def begin_resync(self) -> None:
-        """A CoreShowChannels list is coming: channels it does not name (and
-        no other event touches meanwhile) are gone when it completes.  Queue
-        membership is relearned (QueueStatus follows): it may have changed."""
-        # A resync cut short by a lost link and begun again keeps the
-        # channels it found unanswered: the snapshots since may have
-        # answered them, and end_resync must still tell those answers.
-        if self._resync_seen is None:
-            self._resync_unanswered = set()
-        self._resync_seen = set()
-        self._resync_unanswered |= {uid for uid, chan in self.table.channels.items()
-                                    if chan.answered_at is None}
-        self.queue_members.clear()
-
-    def link_lost(self, now: float) -> List[Notification]:
-        """The AMI link is gone for good: no call may stay 'ringing' at a
-        client.  Every announced call ends with ``reason=unknown``."""
-        self._now = now
-        for uc in list(self.user_calls.values()):
-            self._end(uc, reason="unknown")
-        self.table.clear()
-        self.user_calls.clear()
-        self.calls.clear()
-        self.conferences.clear()
-        self._queue_held.clear()
-        self._resync_seen = None
-        self._resync_unanswered = set()
-        out, self._out = self._out, []
-        return out
-
-    def active_calls(self, user: str) -> List[UserCall]:
-        """The user's announced calls in progress, oldest first."""
-        calls = [uc for uc in self.user_calls.values() if uc.user == user and uc.announced]
-        return sorted(calls, key=lambda uc: uc.started)
-
-    def call_fields(self, uc: UserCall) -> Dict[str, object]:
-        """A call in progress as event fields, for the CALLS command."""
-        frm, to = uc.parties
-        fields = self._fields("call", uc.call_id, uc.started, uc.role, uc.device, frm, to,
-                              state="up" if uc.answered_at is not None else "ringing",
-                              dialed=uc.dialed)
-        if uc.answered_at is not None:
-            fields["answered"] = iso_time(uc.answered_at)
-        return fields
-
-    # -- handlers: channels ----------------------------------------------------
-
-    def on_newchannel(self, msg: AmiMessage) -> None:
-        uniqueid = msg.get("Uniqueid")
-        name = msg.get("Channel")
-        if not uniqueid or not name:
-            return
-        if uniqueid not in self.table.channels:  # else a repeated Newchannel: an update
-            self.table.add(Channel(uniqueid, name, self._now))
-        self._snapshot(msg, "")
-
-    def on_snapshot(self, msg: AmiMessage) -> None:
-        self._snapshot(msg, "")
-
-    def on_newexten(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
-        if chan is None:
-            return
-        chan.app = msg.get("Application", chan.app)
-        chan.appdata = msg.get("AppData", chan.appdata)
-        app = chan.app.lower()
-        if app not in ("dial", "voicemail"):
-            return
-        for uc in chan.user_calls:
-            if uc.anchor is chan and uc.direction == "in" and not uc.announced:
-                uc.tried = True
-                if app == "voicemail":
-                    # Straight to voicemail: the user's phone could not be
-                    # reached (unavailable, DND); still a call for them.
-                    root = chan.root()
-                    self._announce_incoming(uc, root.caller, self._dialed_number(root, ""),
-                                            chan)
-                    uc.outcome = "failed"
-        if app == "voicemail":
-            self._to_voicemail(chan)
-
-    def _to_voicemail(self, chan: Channel) -> None:
-        """The caller reached voicemail: for the users whose number it was,
-        and whose phones no longer ring, the call ends now, missed (not when
-        the message is done: CALLS must not show it ringing meanwhile)."""
-        mailbox = chan.appdata.partition(",")[0][:MAX_FIELD_CHARS]
-        for uc in list(chan.user_calls):
-            if uc.anchor is chan and uc.direction == "in" and uc.announced \
-                    and uc.answered_at is None and not uc.channels:
-                uc.path.append({"voicemail": mailbox})
-                uc.outcome = uc.outcome or "noanswer"
-                self._release_anchor(uc)
-                self._end(uc)
-
-    def on_localbridge(self, msg: AmiMessage) -> None:
-        one = self._snapshot(msg, "LocalOne")
-        two = self._snapshot(msg, "LocalTwo")
-        if one is not None and two is not None:
-            one.local_peer, two.local_peer = two, one
-
-    def on_hangup(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
-        if chan is None:
-            return
-        try:
-            cause = int(msg.get("Cause", "0"))
-        except ValueError:
-            cause = 0
-        self._hangup(chan, cause, msg.get("Cause-txt") or Q850_CAUSES.get(cause, ""))
-
-    # -- handlers: dialing ---------------------------------------------------
-
-    def on_dialbegin(self, msg: AmiMessage) -> None:
-        src = self._snapshot(msg, "")
-        dest = self._snapshot(msg, "Dest")
-        if dest is not None:
-            self._dial_begin(src, dest, msg.get("DialString", ""))
-
-    def on_dialstate(self, msg: AmiMessage) -> None:
-        src = self._snapshot(msg, "")
-        dest = self._snapshot(msg, "Dest")
-        if dest is not None and msg.get("DialStatus") == "FORWARD":
-            self._forwarded(src, dest, msg.get("Forward", ""))
-
-    def on_dialend(self, msg: AmiMessage) -> None:
-        src = self._snapshot(msg, "")
-        dest = self._snapshot(msg, "Dest")
-        if dest is None:
-            return
-        status = msg.get("DialStatus", "")
-        if status == "FORWARD" or msg.get("Forward"):
-            # SIP 302 or a phone's own call forward (app_dial.c): the call
-            # goes on to another number, dialed next by the same caller.
-            self._forwarded(src, dest, msg.get("Forward", ""))
-            if src is not None:
-                src.dial_targets.discard(dest)
-            return
-        self._dial_end(src, dest, status)
-
-    # -- handlers: bridges ---------------------------------------------------
-
-    def on_bridgeenter(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
-        bridge_id = msg.get("BridgeUniqueid")
-        if chan is None or not bridge_id:
-            return
-        self.table.enter_bridge(chan, bridge_id)
-        swapped = self.table.channels.get(msg.get("SwapUniqueid") or "")
-        if swapped is not None:
-            self._swap(swapped, chan)
-
-    def on_bridgeleave(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
-        if chan is not None:
-            self.table.leave_bridge(chan)
-
-    # -- bookkeeping -----------------------------------------------------------
-
-    def _snapshot(self, msg: AmiMessage, prefix: str) -> Optional[Channel]:
+    def _snapshot(self, out: Outbox, msg: AmiMessage, prefix: str) -> Optional[Channel]:
         """The channel an event is about, updated from the event's snapshot
         fields (every channel event carries state, caller ID and position).
 
@@ -2536,13 +2778,13 @@ class CallEngine:
                 return None
             # A channel that existed before we connected, or whose
             # Newchannel was lost: adopt it, dated by its Uniqueid.
-            chan = Channel(uniqueid, name, uniqueid_epoch(uniqueid) or self._now)
+            chan = Channel(uniqueid, name, uniqueid_epoch(uniqueid) or out.now)
             self.table.add(chan)
         state = get(keys[2])
         if state is not None and state != chan.state:
             chan.state = state
             if state == "Up" and chan.answered_at is None:
-                chan.answered_at = self._now
+                chan.answered_at = out.now
         num = get(keys[3])
         if num is not None:
             raw = (num, get(keys[4]))
@@ -2564,75 +2806,12 @@ class CallEngine:
             if exten != chan.exten or context != chan.context:
                 chan.exten = exten
                 chan.context = context
-                self._visit_exten(chan)
+                self._visit_exten(out, chan)
         if chan.first_exten is None:
             chan.first_exten = chan.exten  # where it was created: what a caller dialed
         return chan
 
-    def _swap(self, old: Channel, new: Channel) -> None:
-        """``new`` took ``old``'s place in a bridge (a Local channel pair
-        optimized away, Asterisk 12+): calls anchored on the vanishing Local
-        channel follow the channel that replaced it."""
-        for half in (old, old.local_peer):
-            if half is None:
-                continue
-            for uc in list(half.user_calls):
-                if uc.anchor is half and new not in uc.channels:
-                    half.user_calls.remove(uc)
-                    uc.anchor = new
-                    new.user_calls.append(uc)
-
-    def _dialed_number(self, caller: Channel, dialstring: str) -> str:
-        for candidate in (caller.first_exten, caller.exten):
-            if candidate and candidate not in _SPECIAL_EXTENS:
-                return candidate
-        return self._dialstring_number(dialstring)
-
-    @staticmethod
-    def _dialstring_number(dialstring: str) -> str:
-        # Dial(PJSIP/+1555@trunk) -> "+1555@trunk"; Local -> "101@ctx/n".
-        number = dialstring.partition("@")[0].rpartition("/")[2]
-        return number[4:] if number.startswith("sip:") else number
-
-    def _users_of(self, chan: Channel) -> Tuple[str, ...]:
-        return () if chan.is_local else self.directory.device_users(chan.device)
-
-    # -- calls as the users see them -------------------------------------------
-
-    def _user_call(self, call_id: str, user: str, direction: str, me: Party, peer: Party,
-                   dialed: str) -> UserCall:
-        key = (call_id, user, direction)
-        uc = self.user_calls.get(key)
-        if uc is None:
-            uc = UserCall(user, call_id, direction, me, peer, dialed, self._now)
-            self.user_calls[key] = uc
-            self.calls.setdefault(call_id, []).append(uc)
-        return uc
-
-    def _attach(self, uc: UserCall, chan: Channel) -> None:
-        if chan not in uc.channels:
-            uc.channels.append(chan)
-        if uc not in chan.user_calls:
-            chan.user_calls.append(uc)
-
-    def _set_anchor(self, uc: UserCall, chan: Channel) -> None:
-        if uc.anchor is chan:
-            return
-        self._release_anchor(uc)
-        uc.anchor = chan
-        if uc not in chan.user_calls:
-            chan.user_calls.append(uc)
-
-    def _release_anchor(self, uc: UserCall) -> None:
-        """Answered on the user's own phone: from now on the user call lives
-        as long as the user's channels, not as long as the caller's."""
-        anchor = uc.anchor
-        if anchor is not None:
-            uc.anchor = None
-            if uc in anchor.user_calls and anchor not in uc.channels:
-                anchor.user_calls.remove(uc)
-
-    def _visit_exten(self, chan: Channel) -> None:
+    def _visit_exten(self, out: Outbox, chan: Channel) -> None:
         """A channel runs dialplan at an extension: if that is a user's
         number, the call is for that user, wherever it rings next."""
         if chan.local_half == "1":
@@ -2649,104 +2828,27 @@ class CallEngine:
         for user in users:
             if user in callers:
                 continue  # the user's own phone dialing through their own number
-            uc = self._user_call(root.linkedid, user, "in", Party(chan.exten, ""),
-                                 root.caller, self._dialed_number(root, ""))
+            uc = self.book.user_call(root.call_id, user, CALL_IN, Party(chan.exten, ""),
+                                     root.caller, self._dialed_number(root, ""), out.now)
             if uc.anchor is None and uc.answered_at is None:
-                self._set_anchor(uc, chan)
+                self.book.anchor(uc, chan)
 
-    def _caller_call(self, chan: Channel) -> List[UserCall]:
-        """The outgoing user calls of a user's own phone that is calling:
-        created and announced on first need (a dial, a conference, a queue)."""
-        if chan.is_local or chan.dialer is not None:
-            return []
-        calls = [uc for uc in chan.user_calls if uc.direction == "out"]
-        if calls or (chan.originated and chan.answered_at is None):
-            return calls
-        for user in self._users_of(chan):
-            dialed = self._dialed_number(chan, "")
-            uc = self._user_call(chan.linkedid, user, "out", chan.caller, Party(dialed, ""),
-                                 dialed)
-            uc.device = uc.device or chan.device
-            self._attach(uc, chan)
-            self._announce(uc, "outgoing")
-            # Told only now (at a conference join, or at the hangup of a call
-            # to voicemail): it began when the channel did.
-            uc.started = chan.created
-            uc.answered_at = chan.answered_at
-            calls.append(uc)
-        return calls
+    # -- who is who ------------------------------------------------------------
 
-    def _dial_begin(self, src: Optional[Channel], dest: Channel, dialstring: str) -> None:
-        dest.dialer = src
-        if src is None:
-            # Originate (click-to-dial): the phone rings for a call its own
-            # user asked for; the outgoing call starts when it dials out.
-            dest.originated = True
-            return
-        src.dial_targets.add(dest)
-        root = src.root()
-        if root.originated and root.is_local and root.callback is None:
-            # Still the first leg of a click-to-dial through Local channels
-            # (Originate Local/..., FreePBX UCP, cacofonisk ctd_*): numbers
-            # it runs on its way to the user's phone are no calls to anyone.
-            on_the_way = list(src.lineage())
-            if dest.is_local and dest.local_peer is not None:
-                on_the_way.append(dest.local_peer)
-            self._drop_unannounced(on_the_way)
-            if self._users_of(dest):
-                # The first phone it rings is the user who asked for the call.
-                root.callback = dest
-                dest.originated = True
-                return
-        dialed = self._dialed_number(root, dialstring)
-        caller_chan = root.callback if root.callback is not None else root
-        if root.callback is not None:
-            # The number the click-to-dial user asked for, not the
-            # originate's internal routing extension.
-            dialed = (dest.caller.num if not dest.is_local else local_exten(dest.device)) \
-                or dialed
-        if (caller_chan is root.callback or caller_chan.dialer is None) \
-                and not caller_chan.is_local and caller_chan.transferred_by is None:
-            peer = self._remote_party(dest, caller_chan.caller) if not dest.is_local \
-                else Party(dialed, "")
-            for user in self._users_of(caller_chan):
-                uc = self._user_call(caller_chan.linkedid, user, "out", caller_chan.caller,
-                                     peer, dialed)
-                if not uc.device:
-                    uc.device = caller_chan.device
-                self._attach(uc, caller_chan)
-                self._announce(uc, "outgoing")
-        caller = caller_chan.caller
-        if not dest.is_local and dest.connected:
-            caller = dest.connected  # what the ringing phone displays
-        dest_users = () if dest.is_local else self._users_of(dest)
-        # Calls that reached a user's number ring somewhere now.  Elsewhere
-        # than at that user's phones (announced below) is a divert, told
-        # first so that the phone rung next learns where the call came from
-        # (a forward on no answer straight to another phone).
-        for chan in src.lineage():
-            for uc in list(chan.user_calls):
-                if uc.direction == "in" and uc.anchor is chan and uc.user not in dest_users:
-                    self._announce_incoming(uc, caller, dialed, chan)
-                    if chan is src:  # deeper Local hops are routing, not diverts
-                        self._divert_if_elsewhere(uc, chan, dest, dialstring)
-        for user in dest_users:
-            uc = self._user_call(root.linkedid, user, "in", dest.caller, caller, dialed)
-            if not uc.announced:
-                uc.device = dest.device
-                uc.me = dest.caller
-            self._attach(uc, dest)
-            self._announce_incoming(uc, caller, dialed, dest)
+    def _users_of(self, chan: Channel) -> Tuple[str, ...]:
+        return () if chan.is_local else self.directory.device_users(chan.device)
 
-    def _drop_unannounced(self, chans: List[Channel]) -> None:
-        """Forget, without a word, the calls to users' numbers anchored on
-        these channels that have not been told yet."""
-        for chan in chans:
-            for uc in list(chan.user_calls):
-                if uc.direction == "in" and uc.anchor is chan and not uc.announced:
-                    uc.tried = False  # _end would tell a tried one as failed
-                    self._release_anchor(uc)
-                    self._end(uc)
+    def _dialed_number(self, caller: Channel, dialstring: str) -> str:
+        for candidate in (caller.first_exten, caller.exten):
+            if candidate and candidate not in _SPECIAL_EXTENS:
+                return candidate
+        return self._dialstring_number(dialstring)
+
+    @staticmethod
+    def _dialstring_number(dialstring: str) -> str:
+        # Dial(PJSIP/+1555@trunk) -> "+1555@trunk"; Local -> "101@ctx/n".
+        number = dialstring.partition("@")[0].rpartition("/")[2]
+        return number[4:] if number.startswith("sip:") else number
 
     def _remote_party(self, chan: Channel, me: Party) -> Party:
         """The party on a channel, as the user sees it.  An outbound trunk
@@ -2757,7 +2859,312 @@ class CallEngine:
             name = ""
         return Party(chan.caller.num, name)
 
-    def _divert_if_elsewhere(self, uc: UserCall, anchor: Channel, dest: Channel,
+    # -- telling the user ------------------------------------------------------
+
+    def _announce(self, out: Outbox, uc: UserCall, kind: str, when: Optional[float] = None,
+                  **extra: object) -> None:
+        """Tell ``kind`` (incoming, outgoing) unless the user knows of the
+        call; it begins now (not when routing began: an IVR may come first),
+        or ``when`` it began for a call found while the link was down."""
+        if not uc.told:
+            uc.started = out.now if when is None else when
+            self._tell(out, uc, kind, when, dialed=uc.dialed, **extra)
+
+    def _tell(self, out: Outbox, uc: UserCall, move: object, when: Optional[float] = None,
+              **extra: object) -> Dict[str, object]:
+        """Tell the user ``move`` (a Kind, or a Move with a kind) about their
+        call, which moves it on (CALL_PHASES; IllegalTransition if it may
+        not).  Its ``time`` is now, or ``when`` it happened, if earlier."""
+        uc.move(move)
+        kind: str = move if move.__class__ is str else move[0]  # type: ignore[index,assignment]
+        frm, to = uc.parties
+        fields = self._fields(kind, uc.call_id, out.now if when is None else when, uc.role,
+                              uc.device, frm, to, **extra)
+        out.notes.append(Notification(uc.user, kind, fields))
+        return fields
+
+    def _fields(self, event: str, call_id: str, when: float, role: str, device: str,
+                frm: Party, to: Party, **extra: object) -> Dict[str, object]:
+        """What every event carries, in this order, then its own fields."""
+        fields: Dict[str, object] = {
+            "event": event, "call": call_id, "time": iso_time(when), "role": role,
+            "device": device, "from": frm.as_dict(), "to": to.as_dict(),
+        }
+        if self.pbx:
+            fields["pbx"] = self.pbx
+        for key, value in extra.items():  # dialed, queue, room ...: PBX text too
+            fields[key] = value[:MAX_FIELD_CHARS] if value.__class__ is str else value
+        return fields
+
+    def _end(self, out: Outbox, uc: UserCall, reason: Optional[str] = None) -> None:
+        if not self.book.close(uc):
+            return  # already ended
+        if uc.phase is Phase.ROUTED:
+            uc.move(Move.FORGET)  # it went elsewhere before it rang: no call of the user's
+            return
+        if uc.phase is Phase.TRIED:
+            # It never rang, but the dialplan tried: still the user's call, and it failed.
+            self._announce(out, uc, Kind.INCOMING)
+            uc.outcome = uc.outcome or Reason.FAILED
+        ending = uc.ending(out.now, reason)
+        if ending["reason"] == Reason.BUSY and uc.direction == CALL_OUT:
+            self._tell(out, uc, Kind.BUSY)
+        fields = self._tell(out, uc, Kind.HANGUP, **ending)
+        record = uc.record(fields["time"], ending)
+        if self.pbx:
+            record["pbx"] = self.pbx
+        out.notes[-1].record = record
+
+    def _forget(self, uc: UserCall) -> None:
+        """Close, without a word, a call routed to the user's number that went
+        elsewhere before anything was told."""
+        self.book.close(uc)
+        uc.move(Move.FORGET)
+
+
+class _Dialing(_EngineCore):
+    """Channels appear, run dialplan, dial and ring: the users whose phones
+    or numbers they reach are told ``incoming`` (the caller ``outgoing``),
+    with the diverts on the way."""
+
+    # -- handlers: channels, dialplan, bridges ---------------------------------
+
+    def on_newchannel(self, msg: AmiMessage, out: Outbox) -> None:
+        uniqueid = msg.get("Uniqueid")
+        name = msg.get("Channel")
+        if not uniqueid or not name:
+            return
+        if uniqueid not in self.table.channels:  # else a repeated Newchannel: an update
+            self.table.add(Channel(uniqueid, name, out.now))
+        self._snapshot(out, msg, "")
+
+    def on_snapshot(self, msg: AmiMessage, out: Outbox) -> None:
+        self._snapshot(out, msg, "")
+
+    def on_newexten(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
+        if chan is None:
+            return
+        chan.app = msg.get("Application", chan.app)
+        chan.appdata = msg.get("AppData", chan.appdata)
+        app = chan.app.lower()
+        if app not in ("dial", "voicemail"):
+            return
+        for uc in chan.user_calls:
+            if uc.anchor is chan and uc.direction == CALL_IN and not uc.told:
+                if uc.phase is Phase.ROUTED:
+                    uc.move(Move.TRY)
+                if app == "voicemail":
+                    # Straight to voicemail: the user's phone could not be
+                    # reached (unavailable, DND); still a call for them.
+                    root = chan.root()
+                    self._announce_incoming(out, uc, root.caller, self._dialed_number(root, ""),
+                                            chan)
+                    uc.outcome = Reason.FAILED
+        if app == "voicemail":
+            self._to_voicemail(out, chan)
+
+    def _to_voicemail(self, out: Outbox, chan: Channel) -> None:
+        """The caller reached voicemail: for the users whose number it was,
+        and whose phones no longer ring, the call ends now, missed (not when
+        the message is done: CALLS must not show it ringing meanwhile)."""
+        mailbox = chan.appdata.partition(",")[0][:MAX_FIELD_CHARS]
+        for uc in list(chan.user_calls):
+            if uc.anchor is chan and uc.direction == CALL_IN and uc.told \
+                    and uc.answered_at is None and not uc.channels:
+                uc.path.append({"voicemail": mailbox})
+                uc.outcome = uc.outcome or Reason.NOANSWER
+                self.book.release_anchor(uc)
+                self._end(out, uc)
+
+    def on_localbridge(self, msg: AmiMessage, out: Outbox) -> None:
+        one = self._snapshot(out, msg, "LocalOne")
+        two = self._snapshot(out, msg, "LocalTwo")
+        if one is not None and two is not None:
+            one.local_peer, two.local_peer = two, one
+
+    def on_bridgeenter(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
+        bridge_id = msg.get("BridgeUniqueid")
+        if chan is None or not bridge_id:
+            return
+        self.table.enter_bridge(chan, bridge_id)
+        swapped = self.table.channels.get(msg.get("SwapUniqueid") or "")
+        if swapped is not None:
+            self.book.swap(swapped, chan)
+
+    def on_bridgeleave(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
+        if chan is not None:
+            self.table.leave_bridge(chan)
+
+    # -- handlers: dialing -----------------------------------------------------
+
+    def on_dialbegin(self, msg: AmiMessage, out: Outbox) -> None:
+        src = self._snapshot(out, msg, "")
+        dest = self._snapshot(out, msg, "Dest")
+        if dest is not None:
+            self._dial_begin(out, src, dest, msg.get("DialString", ""))
+
+    def on_dialstate(self, msg: AmiMessage, out: Outbox) -> None:
+        src = self._snapshot(out, msg, "")
+        dest = self._snapshot(out, msg, "Dest")
+        if dest is not None and msg.get("DialStatus") == "FORWARD":
+            self._forwarded(out, src, dest, msg.get("Forward", ""))
+
+    # -- a dial begins: who rings, who calls -----------------------------------
+
+    def _dial_begin(self, out: Outbox, src: Optional[Channel], dest: Channel,
+                    dialstring: str) -> None:
+        """``src`` dials ``dest``: the caller's outgoing call, and the
+        incoming calls of the users it rings (at their phones or numbers)."""
+        dest.dialer = src
+        if src is None:
+            # Originate (click-to-dial): the phone rings for a call its own
+            # user asked for; the outgoing call starts when it dials out.
+            dest.originated = True
+            return
+        src.dial_targets.add(dest)
+        root = src.root()
+        if root.originated and root.is_local and root.callback is None and \
+                self._click_to_dial_leg(out, src, dest, root):
+            return
+        dialed = self._dialed_number(root, dialstring)
+        caller_chan = root.callback if root.callback is not None else root
+        if root.callback is not None:
+            # The number the click-to-dial user asked for, not the
+            # originate's internal routing extension.
+            dialed = (dest.caller.num if not dest.is_local else local_exten(dest.device)) \
+                or dialed
+        if (caller_chan is root.callback or caller_chan.dialer is None) \
+                and not caller_chan.is_local and caller_chan.transferred_by is None:
+            self._announce_caller(out, caller_chan, dest, dialed)
+        caller = caller_chan.caller
+        if not dest.is_local and dest.connected:
+            caller = dest.connected  # what the ringing phone displays
+        self._ring(out, src, dest, root.call_id, caller, dialed, dialstring)
+
+    def _click_to_dial_leg(self, out: Outbox, src: Channel, dest: Channel,
+                           root: Channel) -> bool:
+        """Still the first leg of a click-to-dial through Local channels
+        (Originate Local/..., FreePBX UCP, cacofonisk ctd_*): numbers it runs
+        on its way to the user's phone are no calls to anyone, and the first
+        phone it rings is the user who asked for the call (True: that is
+        all this dial is)."""
+        on_the_way = list(src.lineage())
+        if dest.is_local and dest.local_peer is not None:
+            on_the_way.append(dest.local_peer)
+        self._drop_unannounced(out, on_the_way)
+        if not self._users_of(dest):
+            return False
+        root.callback = dest
+        dest.originated = True
+        return True
+
+    def _announce_caller(self, out: Outbox, caller_chan: Channel, dest: Channel,
+                         dialed: str) -> None:
+        """The calling phone is a user's: their outgoing call."""
+        peer = self._remote_party(dest, caller_chan.caller) if not dest.is_local \
+            else Party(dialed, "")
+        for user in self._users_of(caller_chan):
+            uc = self.book.user_call(caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
+                                     peer, dialed, out.now)
+            if not uc.device:
+                uc.device = caller_chan.device
+            self.book.attach(uc, caller_chan)
+            self._announce(out, uc, Kind.OUTGOING)
+
+    def _ring(self, out: Outbox, src: Channel, dest: Channel, call_id: str, caller: Party,
+              dialed: str, dialstring: str) -> None:
+        """``dest`` rings: calls that reached a user's number ring somewhere
+        now, and the users whose phone ``dest`` is hear of the call."""
+        dest_users = () if dest.is_local else self._users_of(dest)
+        # Elsewhere than at that user's phones (announced below) is a
+        # divert, told first so that the phone rung next learns where the
+        # call came from (a forward on no answer straight to another phone).
+        for chan in src.lineage():
+            for uc in list(chan.user_calls):
+                if uc.direction == CALL_IN and uc.anchor is chan and uc.user not in dest_users:
+                    self._announce_incoming(out, uc, caller, dialed, chan)
+                    if chan is src:  # deeper Local hops are routing, not diverts
+                        self._divert_if_elsewhere(out, uc, chan, dest, dialstring)
+        for user in dest_users:
+            uc = self.book.user_call(call_id, user, CALL_IN, dest.caller, caller, dialed, out.now)
+            if not uc.told:
+                uc.device = dest.device
+                uc.me = dest.caller
+            self.book.attach(uc, dest)
+            self._announce_incoming(out, uc, caller, dialed, dest)
+
+    def _caller_call(self, out: Outbox, chan: Channel) -> List[UserCall]:
+        """The outgoing user calls of a user's own phone that is calling:
+        created and announced on first need (a dial, a conference, a queue)."""
+        if chan.is_local or chan.dialer is not None:
+            return []
+        calls = [uc for uc in chan.user_calls if uc.direction == CALL_OUT]
+        if calls or (chan.originated and chan.answered_at is None):
+            return calls
+        for user in self._users_of(chan):
+            dialed = self._dialed_number(chan, "")
+            uc = self.book.user_call(chan.linkedid, user, CALL_OUT, chan.caller,
+                                     Party(dialed, ""), dialed, out.now)
+            uc.device = uc.device or chan.device
+            self.book.attach(uc, chan)
+            # Told only now (at a conference join, or at the hangup of a call
+            # to voicemail): it began when the channel did, and may have
+            # been answered (by the application) before it could be told.
+            self._announce(out, uc, Kind.OUTGOING, chan.created)
+            if chan.answered_at is not None and uc.can(Move.APP_ANSWERED):
+                uc.move(Move.APP_ANSWERED)
+                uc.answered_at = chan.answered_at
+            calls.append(uc)
+        return calls
+
+    def _drop_unannounced(self, out: Outbox, chans: List[Channel]) -> None:
+        """Forget, without a word, the calls to users' numbers anchored on
+        these channels that have not been told yet."""
+        for chan in chans:
+            for uc in list(chan.user_calls):
+                if uc.direction == CALL_IN and uc.anchor is chan and not uc.told:
+                    self.book.release_anchor(uc)
+                    self._forget(uc)
+
+    def _announce_incoming(self, out: Outbox, uc: UserCall, caller: Party, dialed: str,
+                           rung: Channel, when: Optional[float] = None) -> None:
+        """The caller is known best when the call rings, not when it was
+        routed: a Local channel learns its caller only once dialed."""
+        if uc.told:
+            return
+        uc.peer = caller
+        uc.dialed = dialed
+        extra: Dict[str, object] = {}
+        for chan in rung.lineage():
+            if chan.queue:
+                uc.queue = chan.queue
+                uc.queue_caller = chan
+                extra["queue"] = chan.queue
+                break
+        self._announce(out, uc, Kind.INCOMING, when, **extra)
+        # Told after the incoming: where it came from before it was diverted
+        # or transferred to this user.
+        for chan in rung.lineage():
+            if chan.transferred_by is not None:
+                by, kind = chan.transferred_by
+                uc.path.append({"transfer": kind, "by": by.num})
+                self._tell(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM,
+                           by=by.as_dict(), target=uc.me.as_dict())
+                break
+            original = chan.diverted_from
+            if original is not None and original.num != uc.me.num and \
+                    uc.user not in self.directory.extension_users(original.num):
+                uc.path.append({"diverted_from": original.num})
+                self._tell(out, uc, Kind.DIVERT, direction=Direction.FROM,
+                           original=original.as_dict(), target=uc.me.as_dict(), external=False)
+                break
+
+    # -- diverts and forwards --------------------------------------------------
+
+    def _divert_if_elsewhere(self, out: Outbox, uc: UserCall, anchor: Channel, dest: Channel,
                              dialstring: str) -> None:
         """The channel running a user's number dials something that is not
         one of that user's phones: the user's call is diverted there."""
@@ -2773,19 +3180,25 @@ class CallEngine:
             target = Party(dest.caller.num or self._dialstring_number(dialstring),
                            dest.caller.name if self._users_of(dest) else "")
             inside = bool(self._users_of(dest))
-        self._divert(uc, anchor, target, inside)
+        self._divert(out, uc, anchor, target, inside)
 
-    def _divert(self, uc: UserCall, carrier: Channel, target: Party, inside: bool) -> None:
+    def _divert(self, out: Outbox, uc: UserCall, carrier: Channel, target: Party,
+                inside: bool) -> None:
         if target.num in uc.diverted_to:
             return
         uc.diverted_to.append(target.num)
         original = Party(uc.me.num or uc.dialed, uc.me.name)
         carrier.diverted_from = original
         uc.path.append({"divert": target.num})
-        self._emit(uc, "divert", direction="to", original=original.as_dict(),
+        if uc.phase is not Phase.RINGING:
+            # Not rung yet (nothing is news before the incoming), or answered
+            # elsewhere or handed on already: not the user's to follow.
+            return
+        self._tell(out, uc, Kind.DIVERT, direction=Direction.TO, original=original.as_dict(),
                    target=target.as_dict(), external=not inside)
 
-    def _forwarded(self, src: Optional[Channel], dest: Channel, number: str) -> None:
+    def _forwarded(self, out: Outbox, src: Optional[Channel], dest: Channel,
+                   number: str) -> None:
         """The rung phone forwarded the call (SIP 302): its user follows the
         call to the new number, as with a dialplan forward."""
         if src is None:
@@ -2793,46 +3206,33 @@ class CallEngine:
         target = Party(number, "")
         inside = bool(self.directory.extension_users(number))
         for uc in list(dest.user_calls):
-            if uc.direction == "in" and uc.answered_at is None:
+            if uc.direction == CALL_IN and uc.answered_at is None:
                 if uc.anchor is None:
-                    self._set_anchor(uc, src)
-                self._divert(uc, src, target, inside)
+                    self.book.anchor(uc, src)
+                self._divert(out, uc, src, target, inside)
                 src.diverted_from = uc.me
 
-    def _announce_incoming(self, uc: UserCall, caller: Party, dialed: str,
-                           rung: Channel) -> None:
-        """The caller is known best when the call rings, not when it was
-        routed: a Local channel learns its caller only once dialed."""
-        if uc.announced:
-            return
-        uc.peer = caller
-        uc.dialed = dialed
-        extra: Dict[str, object] = {}
-        for chan in rung.lineage():
-            if chan.queue:
-                uc.queue = chan.queue
-                uc.queue_caller = chan
-                extra["queue"] = chan.queue
-                break
-        self._announce(uc, "incoming", **extra)
-        # Told after the incoming: where it came from before it was diverted
-        # or transferred to this user.
-        for chan in rung.lineage():
-            if chan.transferred_by is not None:
-                by, kind = chan.transferred_by
-                uc.path.append({"transfer": kind, "by": by.num})
-                self._emit(uc, "transfer", kind=kind, direction="from", by=by.as_dict(),
-                           target=uc.me.as_dict())
-                break
-            original = chan.diverted_from
-            if original is not None and original.num != uc.me.num and \
-                    uc.user not in self.directory.extension_users(original.num):
-                uc.path.append({"diverted_from": original.num})
-                self._emit(uc, "divert", direction="from", original=original.as_dict(),
-                           target=uc.me.as_dict(), external=False)
-                break
 
-    def _dial_end(self, src: Optional[Channel], dest: Channel, status: str) -> None:
+class _Answering(_Dialing):
+    """A dial ends: answered (``pickup``, for the user or elsewhere) or not
+    (``timeout``, ``busy``: the verdict, told once)."""
+
+    def on_dialend(self, msg: AmiMessage, out: Outbox) -> None:
+        src = self._snapshot(out, msg, "")
+        dest = self._snapshot(out, msg, "Dest")
+        if dest is None:
+            return
+        status = msg.get("DialStatus", "")
+        if status == "FORWARD" or msg.get("Forward"):
+            # SIP 302 or a phone's own call forward (app_dial.c): the call
+            # goes on to another number, dialed next by the same caller.
+            self._forwarded(out, src, dest, msg.get("Forward", ""))
+            if src is not None:
+                src.dial_targets.discard(dest)
+            return
+        self._dial_end(out, src, dest, status)
+
+    def _dial_end(self, out: Outbox, src: Optional[Channel], dest: Channel, status: str) -> None:
         if src is not None:
             if dest.dialer is src and dest not in src.dial_targets:
                 # Handed on by a blonde transfer (or a repeated DialEnd): the
@@ -2841,7 +3241,7 @@ class CallEngine:
                 return
             src.dial_targets.discard(dest)
         if status == "ANSWER":
-            self._answered(src, dest)
+            self._answered(out, src, dest)
             return
         outcome = _DIAL_OUTCOMES.get(status)
         if outcome is None:
@@ -2852,8 +3252,8 @@ class CallEngine:
         ending = dest.rung_through()
         for chan in ending:
             for uc in chan.user_calls:
-                if uc.direction == "in":
-                    self._leg_outcome(uc, outcome, ending)
+                if uc.direction == CALL_IN:
+                    self._leg_outcome(out, uc, outcome, ending)
         # Up the chain, as long as no other branch of a dial still rings:
         # a forward that was not answered, the caller's own outgoing call.
         came_from = dest
@@ -2861,10 +3261,10 @@ class CallEngine:
             if any(target is not came_from for target in chan.dial_targets):
                 break
             for uc in chan.user_calls:
-                self._set_outcome(uc, outcome)
+                self._set_outcome(out, uc, outcome)
             came_from = chan
 
-    def _leg_outcome(self, uc: UserCall, outcome: str, ending: List[Channel]) -> None:
+    def _leg_outcome(self, out: Outbox, uc: UserCall, outcome: str, ending: List[Channel]) -> None:
         """One ringing leg of the user's call ended without an answer.  While
         another of the user's phones still rings (a second device, another
         contact of the same endpoint) that is no verdict yet: the last leg
@@ -2874,14 +3274,14 @@ class CallEngine:
                and chan in chan.dialer.dial_targets for chan in uc.channels):
             uc.leg_outcome = uc.leg_outcome or outcome
             return
-        if outcome == "failed" and uc.leg_outcome is not None:
+        if outcome == Reason.FAILED and uc.leg_outcome is not None:
             outcome = uc.leg_outcome
-        self._set_outcome(uc, outcome)
+        self._set_outcome(out, uc, outcome)
 
-    def _set_outcome(self, uc: UserCall, outcome: str) -> None:
-        if uc.answered_at is not None:
-            return
-        if uc.direction == "out":
+    def _set_outcome(self, out: Outbox, uc: UserCall, outcome: str) -> None:
+        if uc.phase not in (Phase.ROUTED, Phase.TRIED, Phase.RINGING):
+            return  # answered (here or elsewhere) or handed on: no verdict to give
+        if uc.direction == CALL_OUT:
             # The caller's dialplan may go on (a hunt list, a forward): the
             # last attempt's verdict counts, and is told with the hangup.
             uc.outcome = outcome
@@ -2889,36 +3289,27 @@ class CallEngine:
         if uc.outcome is not None:
             return  # the first verdict stands
         uc.outcome = outcome
-        if not uc.announced:
-            return
-        if outcome == "noanswer" and uc.direction == "in":
-            self._emit(uc, "timeout")
-        elif outcome == "busy":
-            self._emit(uc, "busy")
+        if not uc.told:
+            return  # not rung yet: told with the incoming's end, if it is tried
+        if outcome == Reason.NOANSWER:
+            self._tell(out, uc, Kind.TIMEOUT)
+        elif outcome == Reason.BUSY:
+            self._tell(out, uc, Kind.BUSY)
 
-    def _answered(self, src: Optional[Channel], answerer: Channel,
+    def _answered(self, out: Outbox, src: Optional[Channel], answerer: Channel,
                   method: str = "") -> None:
         if answerer.is_local:
             return  # the endpoint behind the Local channel reports the answer
-        call_ids = {answerer.linkedid}
+        call_ids = {answerer.linkedid, answerer.root().call_id}
         if src is not None:
-            call_ids.add(src.root().linkedid)
-        if not any(call_id in self.calls for call_id in call_ids):
+            call_ids.add(src.root().call_id)
+        if not any(self.book.has_call(call_id) for call_id in call_ids):
             return  # a call no user is part of (most calls, on a big PBX)
         lineage = set(answerer.lineage())
         root = answerer.root()
         if root.callback is not None:
             lineage.add(root.callback)  # click-to-dial: the user who asked for it
-        outside = not self._users_of(answerer)
-        # An outside number answering belongs to the nearest forward above
-        # it: with 100 -> 101 -> 101's mobile, the mobile is 101's, not 100's.
-        forwarder = None
-        if outside:
-            for chan in answerer.lineage():
-                forwarder = next((uc for uc in chan.user_calls
-                                  if uc.anchor is chan and uc.direction == "in"), None)
-                if forwarder is not None:
-                    break
+        forwarder = self._forwarder_of(answerer) if not self._users_of(answerer) else None
         caller = root.callback if root.callback is not None else root
         answered_by = self._remote_party(answerer, caller.caller)
         extra: Dict[str, object] = {"answered_by": dict(answered_by.as_dict(),
@@ -2926,9 +3317,9 @@ class CallEngine:
         if method:
             extra["method"] = method
         for call_id in call_ids:
-            for uc in list(self.calls.get(call_id, ())):
-                if not uc.announced:
-                    continue
+            for uc in self.book.of_call(call_id):
+                if not uc.told:
+                    continue  # routed to the user's number, not rung yet: no news
                 if uc.answered_at is not None:
                     if answerer not in uc.channels and \
                             any(chan in lineage for chan in uc.channels):
@@ -2936,114 +3327,88 @@ class CallEngine:
                         # blind transfer sent this user's call to.
                         uc.peer = self._remote_party(answerer, uc.me)
                     continue
-                if uc.direction == "out":
+                if uc.phase is not Phase.RINGING:
+                    continue  # answered elsewhere already, or handed on by the user
+                if uc.direction == CALL_OUT:
                     if not any(chan in lineage for chan in uc.channels):
                         continue
                     remote = self._remote_party(answerer, uc.me)
                     uc.peer = Party(remote.num or uc.peer.num, remote.name or uc.peer.name)
-                    self._answer(uc, answerer, extra)
+                    self._answer(out, uc, answerer, extra)
                 elif answerer in uc.channels or uc is forwarder:
                     # Answered on the user's phone, or on the outside number
                     # the user's calls are forwarded to (a mobile).
                     if answerer in uc.channels:
-                        self._release_anchor(uc)
+                        self.book.release_anchor(uc)
                         uc.device = answerer.device  # of several phones, this one
-                    self._answer(uc, answerer, extra)
-                elif uc.outcome != "answered_elsewhere" and \
-                        (uc.channels or uc.anchor is not None or uc.queue_caller is not None):
-                    # Someone else's call now, even after it timed out or
-                    # was busy here (a forward on no answer): it lasts for
-                    # this user only as long as the user's own phone still
-                    # rings down.
-                    uc.outcome = "answered_elsewhere"
-                    uc.answered_by = answered_by
-                    self._emit(uc, "pickup", **extra)
-                    self._release_anchor(uc)
-                    if not uc.channels:
-                        self._end(uc)
+                    self._answer(out, uc, answerer, extra)
+                elif uc.channels or uc.anchor is not None or uc.queue_caller is not None:
+                    self._answered_elsewhere(out, uc, answered_by, extra)
 
-    def _answer(self, uc: UserCall, answerer: Channel, extra: Dict[str, object]) -> None:
-        uc.answered_at = self._now
+    def _forwarder_of(self, answerer: Channel) -> Optional[UserCall]:
+        """An outside number answering belongs to the nearest forward above
+        it: with 100 -> 101 -> 101's mobile, the mobile is 101's, not 100's."""
+        for chan in answerer.lineage():
+            for uc in chan.user_calls:
+                if uc.anchor is chan and uc.direction == CALL_IN:
+                    return uc
+        return None
+
+    def _answered_elsewhere(self, out: Outbox, uc: UserCall, answered_by: Party,
+                            extra: Dict[str, object]) -> None:
+        """Someone else's call now, even after it timed out or was busy here
+        (a forward on no answer): it lasts for this user only as long as the
+        user's own phone still rings down."""
+        uc.answered_by = answered_by
+        self._tell(out, uc, Move.PICKUP_ELSEWHERE, **extra)
+        self.book.release_anchor(uc)
+        if not uc.channels:
+            self._end(out, uc)
+
+    def _answer(self, out: Outbox, uc: UserCall, answerer: Channel,
+                extra: Dict[str, object]) -> None:
+        uc.answered_at = out.now
         uc.answered_by = self._remote_party(answerer, uc.me)
-        self._emit(uc, "pickup", **extra)
+        self._tell(out, uc, Kind.PICKUP, **extra)
 
-    def _hangup(self, chan: Channel, cause: int, cause_txt: str,
-                reason: Optional[str] = None) -> None:
-        self._end_hold(chan)
-        self.table.remove(chan)
-        for room in [r for r, members in self.conferences.items() if chan in members]:
-            self._leave_conference(chan, room)
-        if not chan.user_calls and reason is None:
-            # A user's phone that called an application (voicemail, an IVR)
-            # or a number that failed before anything rang: an outgoing call
-            # too, for the call log.
-            self._caller_call(chan)
-        for uc in list(chan.user_calls):
-            if chan in uc.channels:
-                uc.channels.remove(chan)
-            if uc.anchor is chan:
-                uc.anchor = None
-            if cause:
-                uc.cause, uc.cause_txt = cause, cause_txt
-            if not uc.channels and uc.anchor is None and \
-                    (reason is not None or not self._hold_for_queue(uc)):
-                self._end(uc, reason)
-        chan.user_calls = []
-        chan.dial_targets.clear()
-        self._end_queue_held(chan, reason)
 
-    def _hold_for_queue(self, uc: UserCall) -> bool:
-        """A queue stopped ringing the user (a member timeout) while its
-        caller still waits, and may ring them again (the queue's retry):
-        the user's call stays open, one call, until the caller leaves."""
-        caller = uc.queue_caller
-        if caller is None or caller.queue != uc.queue or \
-                self.table.channels.get(caller.uniqueid) is not caller:
-            return False
-        held = self._queue_held.setdefault(caller.uniqueid, [])
-        if uc not in held:
-            held.append(uc)
-        return True
+class _Moving(_Answering):
+    """Calls that move: transfers (blind, attended, blonde), pickup by
+    another phone, parking and retrieving."""
 
-    def _end_queue_held(self, caller: Channel, reason: Optional[str] = None) -> None:
-        """The caller left the queue or hung up: its members' calls that no
-        phone rings any more end."""
-        for uc in self._queue_held.pop(caller.uniqueid, ()):
-            if not uc.channels and uc.anchor is None:
-                self._end(uc, reason)
+    # -- transfers -------------------------------------------------------------
 
-    # -- handlers: transfers, pickup, parking ------------------------------------
-
-    def on_blindtransfer(self, msg: AmiMessage) -> None:
+    def on_blindtransfer(self, msg: AmiMessage, out: Outbox) -> None:
         if msg.get("Result") != "Success":
             return
-        transferer = self._snapshot(msg, "Transferer")
-        transferee = self._snapshot(msg, "Transferee")
+        transferer = self._snapshot(out, msg, "Transferer")
+        transferee = self._snapshot(out, msg, "Transferee")
         if transferer is None:
             return
         target = Party(msg.get("Extension", ""), "")
         by = transferer.caller
         told = list(transferer.user_calls)
-        self._tell_transferer(told, "blind", by, target)
+        self._tell_transferer(out, told, TransferKind.BLIND, by, target)
         if transferee is not None:
             # The transferee goes on in the dialplan on its own: whatever it
             # dials next is a call transferred by ``by``, not by its dialer.
-            transferee.transferred_by = (by, "blind")
+            transferee.transferred_by = (by, TransferKind.BLIND)
             transferee.dialer = None
-            self._tell_transferees(self._endpoints(transferee, [transferer]), told, "blind",
-                                   by, target)
+            self._tell_transferees(out, self._phones_of(transferee, [transferer]), told,
+                                   TransferKind.BLIND, by, target)
 
-    def _tell_transferer(self, calls: List[UserCall], kind: str, by: Party,
+    def _tell_transferer(self, out: Outbox, calls: List[UserCall], kind: str, by: Party,
                          target: Party) -> None:
         """The user who transferred: their call ends with reason=transferred."""
         for uc in calls:
-            uc.transferred = True
+            if not uc.can(Move.TRANSFER_AWAY):
+                continue  # not rung yet, or no longer the user's to hand on
             uc.path.append({"transfer": kind, "to": target.num})
-            self._emit(uc, "transfer", kind=kind, direction="to", by=by.as_dict(),
-                       target=target.as_dict())
+            self._tell(out, uc, Move.TRANSFER_AWAY, kind=kind, direction=Direction.TO,
+                       by=by.as_dict(), target=target.as_dict())
 
-    def _tell_transferees(self, parties: List[Channel], told: List[UserCall], kind: str,
-                          by: Party, target: Party) -> None:
+    def _tell_transferees(self, out: Outbox, parties: List[Channel], told: List[UserCall],
+                          kind: str, by: Party, target: Party) -> None:
         """The party transferred, when it is a user's phone: told by whom
         and to whom (a colleague's call handed on), once per user call."""
         for chan in parties:
@@ -3051,30 +3416,27 @@ class CallEngine:
                 if uc in told:
                     continue
                 told.append(uc)
+                if not uc.told:
+                    continue  # routed to the user's number, not rung yet: no news
                 uc.path.append({"transfer": kind, "by": by.num, "to": target.num})
-                self._emit(uc, "transfer", kind=kind, direction="moved", by=by.as_dict(),
-                           target=target.as_dict())
+                self._tell(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.MOVED,
+                           by=by.as_dict(), target=target.as_dict())
 
-    def on_attendedtransfer(self, msg: AmiMessage) -> None:
+    def on_attendedtransfer(self, msg: AmiMessage, out: Outbox) -> None:
         """The transferer joins two calls: the transferee (on hold) and the
         target (consulted, or still ringing: "blonde").  Asterisk 13 names
         only the transferer channels (cacofonisk xfer_attended_*), so the
         other parties are found from bridges and dial lineage."""
         if msg.get("Result") != "Success":
             return
-        first = self._snapshot(msg, "OrigTransferer")
-        second = self._snapshot(msg, "SecondTransferer")
+        first = self._snapshot(out, msg, "OrigTransferer")
+        second = self._snapshot(out, msg, "SecondTransferer")
         if first is None:
             return
         transferers = [c for c in (first, second) if c is not None]
-        named = self._snapshot(msg, "TransferTarget")
-        targets = self._endpoints(named, transferers) if named is not None \
-            else self._parties_of(second, transferers) if second is not None else []
-        named = self._snapshot(msg, "Transferee")
-        transferees = self._endpoints(named, transferers) if named is not None \
-            else self._parties_of(first, transferers)
-        transferees = [t for t in transferees if t not in targets]
-        kind = "attended" if targets and all(t.state == "Up" for t in targets) else "blonde"
+        targets, transferees = self._transferred(out, msg, first, second, transferers)
+        kind = TransferKind.ATTENDED if targets and all(t.state == "Up" for t in targets) \
+            else TransferKind.BLONDE
         consult = [uc for uc in (second.user_calls if second is not None else ())
                    if uc not in first.user_calls]
         if len(targets) == 1 and targets[0].caller:
@@ -3088,98 +3450,114 @@ class CallEngine:
         if second is not None:
             second.dial_targets.clear()  # still ringing: the transferee's now
         told = list(first.user_calls) + consult
-        self._tell_transferer(list(told), kind, by, target_party)
+        self._tell_transferer(out, list(told), kind, by, target_party)
         for chan in targets:
             for uc in list(chan.user_calls):
                 if uc in told:
                     continue
                 told.append(uc)
+                if not uc.told:
+                    continue  # routed to the target's number, not rung yet: no news
                 uc.peer = customer  # their screen shows the customer now
                 uc.path.append({"transfer": kind, "by": by.num})
-                self._emit(uc, "transfer", kind=kind, direction="from", by=by.as_dict(),
-                           target=uc.me.as_dict())
+                self._tell(out, uc, Kind.TRANSFER, kind=kind, direction=Direction.FROM,
+                           by=by.as_dict(), target=uc.me.as_dict())
         if targets:
             for chan in transferees:
                 for uc in chan.user_calls:
                     if uc not in told:
                         uc.peer = self._remote_party(targets[0], uc.me)
-        self._tell_transferees(transferees, told, kind, by, target_party)
+        self._tell_transferees(out, transferees, told, kind, by, target_party)
 
-    def _endpoints(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
-        """The real phones or trunks a channel stands for: itself, or for a
-        Local channel those on the far side of its pair (k_attended_transfer:
-        the target is ``Local/101@from-internal;1``, the phone is PJSIP/101)."""
+    def _transferred(self, out: Outbox, msg: AmiMessage, first: Channel,
+                     second: Optional[Channel],
+                     transferers: List[Channel]) -> Tuple[List[Channel], List[Channel]]:
+        """The phones an attended transfer joins: (targets, transferees).
+        Named by the event when it says; else found from the bridges and
+        the dial lineage, which say the same."""
+        target = self._snapshot(out, msg, "TransferTarget")
+        transferee = self._snapshot(out, msg, "Transferee")
+        if target is None and transferee is not None and msg.get("DestType") == "Bridge":
+            # Asterisk 20 leaves out the whole TransferTarget block in about
+            # one attended transfer of three (k2_attended_transfer_no_target
+            # .ami): the target is who the transfer put into the destination
+            # bridge beside the transferee.
+            joined = [c for c in self.table.bridges.get(msg.get("DestBridgeUniqueid", ""), ())
+                      if c is not transferee and c not in transferers]
+            targets = [p for c in joined for p in self._phones_of(c, transferers)]
+        elif target is not None:
+            targets = self._phones_of(target, transferers)
+        else:
+            targets = self._phones_around(second, transferers) if second is not None else []
+        transferees = self._phones_of(transferee, transferers) if transferee is not None \
+            else self._phones_around(first, transferers)
+        return targets, [t for t in transferees if t not in targets]
+
+    def _phones_of(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
+        """The phones or trunks a channel named by a transfer stands for:
+        itself, or for a Local channel the real ones on the far side of its
+        pair (k_attended_transfer: the target is ``Local/101@from-internal;1``,
+        the phone is PJSIP/101); failing those, the phones in its call."""
         if not chan.is_local:
             return [chan] if chan not in exclude else []
-        far = chan.local_peer
-        if far is None:
-            return self._parties_of(chan, exclude)
-        found: List[Channel] = []
-        candidates = self.table.bridged_with(far) + list(far.lineage())[1:] + \
-            [c for c in self.table.channels.values() if c is not far and far in set(c.lineage())]
-        for c in candidates:
-            if not c.is_local and c not in exclude and c not in found:
-                found.append(c)
-        return found or self._parties_of(chan, exclude)
+        return [c for c in self.table.far_side(chan) if not c.is_local and c not in exclude] \
+            or self._phones_around(chan, exclude)
 
-    def _parties_of(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
-        """The non-Local channels on the other end of ``chan``'s call: in
-        its bridge, or anywhere in the dial tree it belongs to (the caller
-        that started it, and whoever that caller's dials reached)."""
-        found: List[Channel] = []
-        root = chan.root()
-        candidates = self.table.bridged_with(chan) + [root] + \
-            [c for c in self.table.channels.values() if c is not chan and root in set(c.lineage())]
-        for c in candidates:
-            if not c.is_local and c not in exclude and c not in found:
-                found.append(c)
-        return found
+    def _phones_around(self, chan: Channel, exclude: List[Channel]) -> List[Channel]:
+        """The phones and trunks in ``chan``'s call (not Local channels)."""
+        return [c for c in self.table.parties(chan, exclude) if not c.is_local]
 
-    def on_pickup(self, msg: AmiMessage) -> None:
+    # -- pickup and parking ----------------------------------------------------
+
+    def on_pickup(self, msg: AmiMessage, out: Outbox) -> None:
         """Another phone took a ringing call (features pickupexten, the
         Pickup or PickupChan application)."""
-        picker = self._snapshot(msg, "")
-        target = self._snapshot(msg, "Target")
+        picker = self._snapshot(out, msg, "")
+        target = self._snapshot(out, msg, "Target")
         if picker is None or target is None:
             return
         directed = (picker.app.lower() in _PICKUP_APPS and bool(picker.appdata)) or \
             picker.exten.startswith("**")
-        method = "directed" if directed else "group"
+        method = PickupMethod.DIRECTED if directed else PickupMethod.GROUP
         root = target.root() if target.dialer is not None else target
         caller = target.connected or root.caller
         dialed = self._dialed_number(root, "")
         for user in self._users_of(picker):
-            uc = self._user_call(root.linkedid, user, "in", picker.caller, caller, dialed)
+            uc = self.book.user_call(root.call_id, user, CALL_IN, picker.caller, caller, dialed,
+                                     out.now)
             uc.device = uc.device or picker.device
-            self._attach(uc, picker)
-            for out in [u for u in picker.user_calls if u.direction == "out"]:
-                self._end(out)  # the pickup code was no call of its own
-            self._announce_incoming(uc, caller, dialed, target)
+            self.book.attach(uc, picker)
+            for own in [u for u in picker.user_calls if u.direction == CALL_OUT]:
+                self._end(out, own)  # the pickup code was no call of its own
+            self._announce_incoming(out, uc, caller, dialed, target)
         picker.dialer = target.dialer
-        self._answered(target.dialer, picker, method)
+        self._answered(out, target.dialer, picker, method)
 
-    def on_parkedcall(self, msg: AmiMessage) -> None:
-        parkee = self._snapshot(msg, "Parkee")
+    def on_parkedcall(self, msg: AmiMessage, out: Outbox) -> None:
+        parkee = self._snapshot(out, msg, "Parkee")
         if parkee is None:
             return
         space, lot = msg.get("ParkingSpace", ""), msg.get("Parkinglot", "")
         parker_device = device_of_interface(msg.get("ParkerDialString", ""))
-        parker = self._snapshot(msg, "Parker")
+        parker = self._snapshot(out, msg, "Parker")
         by = parker.caller if parker is not None else NOBODY
         parkers = set(self._users_of(parker)) if parker is not None else set()
         parkers.update(self.directory.device_users(parker_device))
-        ucs = [uc for uc in self._calls_around(parkee) if uc.user in parkers]
+        ucs = [uc for chan in [parkee] + self.table.parties(parkee) for uc in chan.user_calls
+               if uc.user in parkers]
         if not by:
             by = next((uc.me for uc in ucs), NOBODY)
         parkee.parked = (space, lot, by)
         for uc in ucs:
+            if not uc.told:
+                continue  # routed to the parker's number, not rung: no news
             uc.path.append({"park": space})
-            self._emit(uc, "park", space=space, lot=lot, by=by.as_dict(),
+            self._tell(out, uc, Kind.PARK, space=space, lot=lot, by=by.as_dict(),
                        timeout=msg.get("ParkingTimeout", ""))
 
-    def on_unparkedcall(self, msg: AmiMessage) -> None:
-        parkee = self._snapshot(msg, "Parkee")
-        retriever = self._snapshot(msg, "Retriever")
+    def on_unparkedcall(self, msg: AmiMessage, out: Outbox) -> None:
+        parkee = self._snapshot(out, msg, "Parkee")
+        retriever = self._snapshot(out, msg, "Retriever")
         if parkee is None or retriever is None:
             return
         space, lot, by = parkee.parked or (msg.get("ParkingSpace", ""),
@@ -3188,104 +3566,152 @@ class CallEngine:
         # A click-to-dial's trunk leg carries the parker's own name: dropped.
         caller = self._remote_party(parkee, by)
         for user in self._users_of(retriever):
-            uc = self._user_call(parkee.linkedid, user, "in", retriever.caller, caller,
-                                 retriever.exten)
+            uc = self.book.user_call(parkee.call_id, user, CALL_IN, retriever.caller, caller,
+                                     retriever.exten, out.now)
             uc.device = uc.device or retriever.device
-            self._attach(uc, retriever)
-            self._announce_incoming(uc, caller, retriever.exten, retriever)
-            uc.answered_at = self._now
+            self.book.attach(uc, retriever)
+            self._announce_incoming(out, uc, caller, retriever.exten, retriever)
+            uc.answered_at = out.now
             uc.answered_by = retriever.caller
             uc.path.append({"unpark": space})
-            self._emit(uc, "unpark", space=space, lot=lot, result="retrieved",
-                       parked_by=by.as_dict(), retrieved_by=retriever.caller.as_dict())
+            self._tell(out, uc, Move.RETRIEVED, space=space, lot=lot,
+                       result=ParkResult.RETRIEVED, parked_by=by.as_dict(),
+                       retrieved_by=retriever.caller.as_dict())
 
-    def on_parkedcall_end(self, msg: AmiMessage) -> None:
-        """The parked call came back (timeout) or its caller hung up (give up):
-        the parker's users are told, since nobody took the call."""
-        parkee = self._snapshot(msg, "Parkee")
+    def on_parkedcalltimeout(self, msg: AmiMessage, out: Outbox) -> None:
+        """Nobody retrieved the parked call in time: it comes back to the
+        parker (comebacktoorigin: Asterisk dials the parker's phone from
+        context park-dial, on the same Linkedid; x_park_timeout_return.ami).
+        The parker's own call ended when their phone left it, so for them
+        this is a new call, with its own id: incoming, unpark result=timeout,
+        then whatever the ringing brings (pickup, timeout) and its hangup.
+        It lives as long as the caller waits, or the parker's phone talks."""
+        parkee = self._snapshot(out, msg, "Parkee")
         if parkee is None or parkee.parked is None:
             return
         space, lot, by = parkee.parked
         parkee.parked = None
-        result = "timeout" if msg.get("Event") == "ParkedCallTimeOut" else "abandoned"
+        parkee.comebacks += 1
+        parkee.new_call = "%s+%d" % (parkee.linkedid, parkee.comebacks)
+        device = device_of_interface(msg.get("ParkerDialString", ""))
+        caller = self._remote_party(parkee, by)
+        for user in self.directory.device_users(device):
+            uc = self.book.user_call(parkee.call_id, user, CALL_IN, by, caller,
+                                     self._dialed_number(parkee, ""), out.now)
+            uc.device = device
+            self.book.anchor(uc, parkee)
+            self._announce(out, uc, Kind.INCOMING)
+            uc.path.append({"unpark": space})
+            self._tell(out, uc, Kind.UNPARK, space=space, lot=lot, result=ParkResult.TIMEOUT,
+                       parked_by=by.as_dict(), retrieved_by=NOBODY.as_dict())
+
+    def on_parkedcallgiveup(self, msg: AmiMessage, out: Outbox) -> None:
+        """The parked caller hung up: the parker's users are told, though
+        their call ended when their phone left it (so without a call)."""
+        parkee = self._snapshot(out, msg, "Parkee")
+        if parkee is None or parkee.parked is None:
+            return
+        space, lot, by = parkee.parked
+        parkee.parked = None
         parker_device = device_of_interface(msg.get("ParkerDialString", ""))
-        fields = self._fields("unpark", parkee.linkedid, self._now, "callee", parker_device,
+        fields = self._fields(Kind.UNPARK, parkee.call_id, out.now, "callee", parker_device,
                               self._remote_party(parkee, by), by, space=space, lot=lot,
-                              result=result,
+                              result=ParkResult.ABANDONED,
                               parked_by=by.as_dict(), retrieved_by=NOBODY.as_dict())
         for user in self.directory.device_users(parker_device):
-            self._out.append(Notification(user, "unpark", dict(fields)))
+            out.notes.append(Notification(user, Kind.UNPARK, dict(fields)))
 
-    def _calls_around(self, chan: Channel) -> List[UserCall]:
-        """User calls of this channel's call: its own, and those of the
-        channels bridged with it now or before (same call id)."""
-        seen: List[UserCall] = []
-        for uc in list(chan.user_calls) + list(self.calls.get(chan.linkedid, ())):
-            if uc not in seen:
-                seen.append(uc)
-        return seen
 
-    # -- handlers: queues --------------------------------------------------------
+class _Gathering(_Moving):
+    """Where several parties meet: queues (members hear of callers; a call
+    a queue may ring again stays open), conference rooms, and hold."""
 
-    def on_queuemember(self, msg: AmiMessage) -> None:
-        queue = msg.get("Queue")
+    # -- queues ----------------------------------------------------------------
+
+    def on_queuemember(self, msg: AmiMessage, out: Outbox) -> None:
+        """A member in the QueueStatus list (after every login)."""
+        self._learn_members(msg)
+
+    def on_queuememberadded(self, msg: AmiMessage, out: Outbox) -> None:
+        self._learn_members(msg)
+
+    def on_queuememberstatus(self, msg: AmiMessage, out: Outbox) -> None:
+        """A member's device changed state: still a member, maybe one added
+        while the link was down."""
+        self._learn_members(msg)
+
+    def on_agentcalled(self, msg: AmiMessage, out: Outbox) -> None:
+        """The queue rings a member.  A member learned of only now (no
+        QueueStatus, no member event yet, n_queue.ami) still hears of the
+        caller before it rings."""
+        queue = self._learn_members(msg)
         if not queue:
             return
+        caller = self._snapshot(out, msg, "")
+        if caller is not None and caller.queue == queue:
+            self._tell_queue(out, caller, queue, Action.JOIN, msg)
+
+    def _learn_members(self, msg: AmiMessage) -> str:
+        """The users behind a member event's interfaces are members of its
+        queue; returns the queue ('' if none is named)."""
+        queue = msg.get("Queue")
+        if not queue:
+            return ""
         users = set(self.directory.interface_users(msg.get("Interface", "")))
         users.update(self.directory.interface_users(msg.get("StateInterface", "")))
         if users:
             self.queue_members.setdefault(queue, set()).update(users)
-        if msg.get("Event") == "AgentCalled":
-            # A member learned of only now (no QueueStatus, no member event
-            # yet, n_queue.ami) still hears of the caller before it rings.
-            caller = self._snapshot(msg, "")
-            if caller is not None and caller.queue == queue:
-                self._tell_queue(caller, queue, "join", msg)
+        return queue
 
-    def on_queuememberremoved(self, msg: AmiMessage) -> None:
+    def on_queuememberremoved(self, msg: AmiMessage, out: Outbox) -> None:
         members = self.queue_members.get(msg.get("Queue", ""))
         if members is not None:
             members.difference_update(self.directory.interface_users(msg.get("Interface", "")))
 
-    def on_queuecallerjoin(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def on_queuecallerjoin(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         if chan is None:
             return
         queue = msg.get("Queue", "")
         chan.queue = queue
         chan.queue_join = (msg.get("Position", ""), msg.get("Count", ""))
-        self._caller_call(chan)  # a user calling a queue: an outgoing call
-        self._tell_queue(chan, queue, "join", msg)
+        self._caller_call(out, chan)  # a user calling a queue: an outgoing call
+        self._tell_queue(out, chan, queue, Action.JOIN, msg)
 
-    def on_queuecallerleave(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
-        if chan is None:
-            return
-        queue = msg.get("Queue", "")
-        action = "abandon" if msg.get("Event") == "QueueCallerAbandon" else "leave"
-        if action == "leave" and chan.queue is None:
-            return  # the abandon was told already
+    def on_queuecallerabandon(self, msg: AmiMessage, out: Outbox) -> None:
+        """The caller hung up while waiting (QueueCallerLeave follows)."""
+        chan = self._snapshot(out, msg, "")
+        if chan is not None:
+            self._leave_queue(out, chan, msg, Action.ABANDON)
+
+    def on_queuecallerleave(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
+        if chan is not None and chan.queue is not None:  # else the abandon was told
+            self._leave_queue(out, chan, msg, Action.LEAVE)
+
+    def _leave_queue(self, out: Outbox, chan: Channel, msg: AmiMessage, action: str) -> None:
         chan.queue = None
-        self._tell_queue(chan, queue, action, msg)
+        self._tell_queue(out, chan, msg.get("Queue", ""), action, msg)
         chan.queue_told = set()
-        self._end_queue_held(chan)
+        self._end_queue_held(out, chan)
 
-    def _tell_queue(self, chan: Channel, queue: str, action: str, msg: AmiMessage) -> None:
+    def _tell_queue(self, out: Outbox, chan: Channel, queue: str, action: str,
+                    msg: AmiMessage) -> None:
         """Queue members hear of callers joining and leaving their queue,
         whether or not their phone rings for them."""
         members = self.queue_members.get(queue)
-        if action == "join":
+        if action == Action.JOIN:
             members = members and members - chan.queue_told
             if members:
                 chan.queue_told.update(members)
         if not members:
             return
         fields = self._fields(
-            "queue", chan.linkedid, self._now, "callee", "", chan.caller,
+            Kind.QUEUE, chan.linkedid, out.now, "callee", "", chan.caller,
             Party(chan.exten if chan.exten not in _SPECIAL_EXTENS else "", queue),
             action=action, queue=queue, position=msg.get("Position") or chan.queue_join[0],
             count=msg.get("Count") or chan.queue_join[1])
-        if action == "leave":
+        if action == Action.LEAVE:
             answered = [c for c in self.table.bridged_with(chan) + list(chan.dial_targets)
                         if c.answered_at is not None and self._users_of(c)]
             if chan.connected:
@@ -3293,89 +3719,166 @@ class CallEngine:
             elif answered:
                 fields["answered_by"] = answered[0].caller.as_dict()
         for user in sorted(members):
-            self._out.append(Notification(user, "queue", dict(fields)))
+            out.notes.append(Notification(user, Kind.QUEUE, dict(fields)))
 
-    # -- handlers: conferences and hold ---------------------------------------
+    def _hold_for_queue(self, uc: UserCall) -> bool:
+        """A queue stopped ringing the user (a member timeout) while its
+        caller still waits, and may ring them again (the queue's retry):
+        the user's call stays open, one call, until the caller leaves."""
+        caller = uc.queue_caller
+        if caller is None or caller.queue != uc.queue or \
+                self.table.channels.get(caller.uniqueid) is not caller:
+            return False
+        self.book.hold_for_queue(uc, caller)
+        return True
 
-    def on_confbridgejoin(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def _end_queue_held(self, out: Outbox, caller: Channel, reason: Optional[str] = None) -> None:
+        """The caller left the queue or hung up: its members' calls that no
+        phone rings any more end."""
+        for uc in self.book.release_queue_held(caller):
+            if not uc.channels and uc.anchor is None:
+                self._end(out, uc, reason)
+
+    # -- conferences -----------------------------------------------------------
+
+    def on_confbridgejoin(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         room = msg.get("Conference", "")
         if chan is None or not room:
             return
-        self._caller_call(chan)
+        self._caller_call(out, chan)
         members = self.conferences.setdefault(room, [])
         if chan not in members:
             members.append(chan)
-        self._tell_conference(room, chan, "join")
+        self._tell_conference(out, room, chan, Action.JOIN)
 
-    def on_confbridgeleave(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
+    def on_confbridgeleave(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
         room = msg.get("Conference", "")
         if chan is not None and room:
-            self._leave_conference(chan, room)
+            self._leave_conference(out, chan, room)
 
-    def on_confbridgeend(self, msg: AmiMessage) -> None:
+    def on_confbridgeend(self, msg: AmiMessage, out: Outbox) -> None:
         self.conferences.pop(msg.get("Conference", ""), None)
 
-    def _leave_conference(self, chan: Channel, room: str) -> None:
+    def _leave_conference(self, out: Outbox, chan: Channel, room: str) -> None:
         members = self.conferences.get(room)
         if members is None or chan not in members:
             return
         members.remove(chan)
-        self._tell_conference(room, chan, "leave")
+        self._tell_conference(out, room, chan, Action.LEAVE)
         if not members:
             del self.conferences[room]
 
-    def _tell_conference(self, room: str, who: Channel, action: str) -> None:
-        """Everyone of ours in the room hears who joined or left."""
+    def _tell_conference(self, out: Outbox, room: str, who: Channel, action: str) -> None:
+        """Everyone of ours in the room hears who joined or left.  The room
+        is ConfBridge's own list (its join and leave events, or the resync),
+        not ``ChannelTable.parties``: a room joins many calls, and a member
+        leaving may have left its bridge first."""
         count = len(self.conferences.get(room, ()))
         listeners = list(self.conferences.get(room, ()))
         if who not in listeners:
             listeners.append(who)
         for chan in listeners:
             for uc in chan.user_calls:
-                self._emit(uc, "conference", action=action, room=room, members=count,
-                           who=who.caller.as_dict())
+                if uc.told:  # (not a call routed to a user's number, not rung yet)
+                    self._tell(out, uc, Kind.CONFERENCE, action=action, room=room,
+                               members=count, who=who.caller.as_dict())
 
-    def on_hold(self, msg: AmiMessage) -> None:
-        chan = self._snapshot(msg, "")
-        if chan is None:
-            return
-        held = msg.get("Event") == "Hold"
-        if (chan.hold_told is not None) == held:
-            return  # PJSIP re-INVITEs repeat Unhold (j_blind_transfer.ami)
-        if held:
-            chan.hold_told = self._tell_hold(chan, "hold", [])
-        else:
-            self._end_hold(chan)
+    # -- hold ------------------------------------------------------------------
 
-    def _end_hold(self, chan: Channel) -> None:
+    def on_hold(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
+        if chan is not None and chan.hold_told is None:
+            chan.hold_told = self._tell_hold(out, chan, Kind.HOLD, [])
+
+    def on_unhold(self, msg: AmiMessage, out: Outbox) -> None:
+        # Only a hold told ends: PJSIP re-INVITEs repeat Unhold (j_blind_transfer.ami).
+        chan = self._snapshot(out, msg, "")
+        if chan is not None:
+            self._end_hold(out, chan)
+
+    def _end_hold(self, out: Outbox, chan: Channel) -> None:
         """Unhold, or the holder hung up (a completed transfer): Asterisk
         sends no Unhold then, but the held party hears music on hold no more
         (k_attended_transfer.ami: MusicOnHoldStop, no Unhold).  Leaving the
         bridge is no end: an attended transfer's consultation does that."""
         told, chan.hold_told = chan.hold_told, None
         if told is not None:
-            self._tell_hold(chan, "unhold", [uc for uc in told
-                                             if self.user_calls.get(uc.key) is uc])
+            self._tell_hold(out, chan, Kind.UNHOLD, [uc for uc in told
+                                             if self.book.is_open(uc)])
 
-    def _tell_hold(self, chan: Channel, kind: str, also: List[UserCall]) -> List[UserCall]:
-        """Tell ``kind`` by ``chan`` to its call's parties (and ``also``)."""
+    def _tell_hold(self, out: Outbox, chan: Channel, kind: str,
+                   also: List[UserCall]) -> List[UserCall]:
+        """Tell ``kind`` by ``chan`` to its call's parties (and ``also``):
+        those told of their call (not one routed to a user's number that has
+        not rung yet).  Returns whom it told."""
         told = list(also)
-        for other in [chan] + self.table.talking_with(chan):
+        for other in [chan] + self.table.parties(chan):
             for uc in other.user_calls:
-                if uc not in told:
+                if uc.told and uc not in told:
                     told.append(uc)
         for uc in told:
-            self._emit(uc, kind, by=chan.caller.as_dict())
+            self._tell(out, uc, kind, by=chan.caller.as_dict())
         return told
 
-    # -- handlers: resync ------------------------------------------------------
 
-    def on_coreshowchannel(self, msg: AmiMessage) -> None:
+class _Resync(_Gathering):
+    """Channels that end, seen (Hangup) or missing from the channel list a
+    resync brings after a reconnect, and the calls that list reveals."""
+
+    # -- hangup ----------------------------------------------------------------
+
+    def on_hangup(self, msg: AmiMessage, out: Outbox) -> None:
+        chan = self._snapshot(out, msg, "")
+        if chan is None:
+            return
+        try:
+            cause = int(msg.get("Cause", "0"))
+        except ValueError:
+            cause = 0
+        self._hangup(out, chan, cause, msg.get("Cause-txt") or Q850_CAUSES.get(cause, ""))
+
+    def _hangup(self, out: Outbox, chan: Channel, cause: int, cause_txt: str,
+                reason: Optional[str] = None) -> None:
+        self._end_hold(out, chan)
+        self.table.remove(chan)
+        for room in [r for r, members in self.conferences.items() if chan in members]:
+            self._leave_conference(out, chan, room)
+        if not chan.user_calls and reason is None:
+            # A user's phone that called an application (voicemail, an IVR)
+            # or a number that failed before anything rang: an outgoing call
+            # too, for the call log.
+            self._caller_call(out, chan)
+        for uc in self.book.detach(chan):
+            if cause:
+                uc.cause, uc.cause_txt = cause, cause_txt
+            if not uc.channels and uc.anchor is None and \
+                    (reason is not None or not self._hold_for_queue(uc)):
+                self._end(out, uc, reason)
+        chan.dial_targets.clear()
+        self._end_queue_held(out, chan, reason)
+
+    # -- resync after (re)connecting -------------------------------------------
+
+    def begin_resync(self) -> None:
+        """A CoreShowChannels list is coming: channels it does not name (and
+        no other event touches meanwhile) are gone when it completes.  Queue
+        membership is relearned (QueueStatus follows): it may have changed."""
+        # A resync cut short by a lost link and begun again keeps the
+        # channels it found unanswered: the snapshots since may have
+        # answered them, and end_resync must still tell those answers.
+        if self._resync_seen is None:
+            self._resync_unanswered = set()
+        self._resync_seen = set()
+        self._resync_unanswered |= {uid for uid, chan in self.table.channels.items()
+                                    if chan.answered_at is None}
+        self.queue_members.clear()
+
+    def on_coreshowchannel(self, msg: AmiMessage, out: Outbox) -> None:
         if self._resync_seen is None:
             self.begin_resync()
-        chan = self._snapshot(msg, "")
+        chan = self._snapshot(out, msg, "")
         if chan is None:
             return
         chan.app = msg.get("Application", chan.app)
@@ -3391,24 +3894,27 @@ class CallEngine:
             if room and chan not in members:
                 members.append(chan)
 
-    def on_coreshowchannelscomplete(self, msg: AmiMessage) -> None:
-        told = self.end_resync(self._now)  # swaps self._out: extend afterwards
-        self._out.extend(told)
+    def on_coreshowchannelscomplete(self, msg: AmiMessage, out: Outbox) -> None:
+        self._end_resync(out)
 
     def end_resync(self, now: float) -> List[Notification]:
         """The channel list is complete (or unavailable: then every channel
         no event has touched since the resync began counts as gone)."""
-        self._now = now
+        out = Outbox(now)
+        self._end_resync(out)
+        return out.notes
+
+    def _end_resync(self, out: Outbox) -> None:
         seen = self._resync_seen
         self._resync_seen = None
         if seen is None:
             seen = set()
         for chan in [c for c in self.table.channels.values() if c.uniqueid not in seen]:
             # Hung up while we were not listening: how is unknowable.
-            self._hangup(chan, 0, "", reason="unknown")
+            self._hangup(out, chan, 0, "", reason=Reason.UNKNOWN)
         for chan in list(self.table.channels.values()):
             if chan.app.lower() == "voicemail":
-                self._to_voicemail(chan)  # got there while we were away
+                self._to_voicemail(out, chan)  # got there while we were away
         unanswered, self._resync_unanswered = self._resync_unanswered, set()
         for uid in sorted(unanswered):
             chan = self.table.channels.get(uid)
@@ -3418,110 +3924,184 @@ class CallEngine:
             # channel that answered (a callee: what dialed it is known).  A
             # caller's own channel being Up says nothing: a click-to-dial
             # phone is Up while the far end still rings.
-            if chan.dialer is not None or any(uc.direction == "in" and chan in uc.channels
+            if chan.dialer is not None or any(uc.direction == CALL_IN and chan in uc.channels
                                               for uc in chan.user_calls):
-                self._answered(chan.dialer, chan)
+                self._answered(out, chan.dialer, chan)
         for chan in list(self.table.channels.values()):
             if not chan.user_calls and self._users_of(chan):
-                self._adopt(chan)
-        out, self._out = self._out, []
-        return out
+                self._adopt(out, chan)
 
-    def _adopt(self, chan: Channel) -> None:
+    def _adopt(self, out: Outbox, chan: Channel) -> None:
         """A user's phone in a call that began while we were not connected:
-        known from now on, so CALLS shows it and its hangup is told.  Only a
-        call still ringing is announced; one already answered is old news."""
+        told now as it would have been live, so that whatever comes next
+        (hold, a transfer, the hangup) belongs to a call the user knows of:
+        ``incoming`` (or ``outgoing``) stamped with the time the channel was
+        created, not the time we learn of it (after a long outage that may
+        be a minute later), then ``pickup`` if it is answered."""
         callee = chan.app == "AppDial" or chan.dialer is not None
         # An outgoing call to an application (a conference room, voicemail)
         # has no connected party: the number the phone dialed stands in.
         dialed = "" if callee else self._dialed_number(chan, "")
         peer = chan.connected or Party(dialed, "")
         for user in self._users_of(chan):
-            uc = self._user_call(chan.linkedid, user, "in" if callee else "out", chan.caller,
-                                 peer, dialed)
+            uc = self.book.user_call(chan.linkedid, user, CALL_IN if callee else CALL_OUT,
+                                     chan.caller, peer, dialed, out.now)
             uc.device = chan.device
-            uc.started = chan.created
-            self._attach(uc, chan)
-            if chan.state == "Up":
-                uc.answered_at = chan.answered_at or self._now
-                # Who answered: the user, on a call to them; else whoever
-                # the phone talks with.
-                partner = next((c for c in self.table.talking_with(chan) if not c.is_local),
-                               None)
-                uc.answered_by = uc.me if callee else \
-                    self._remote_party(partner, uc.me) if partner is not None else None
-                uc.announced = True
-            elif callee:
-                self._announce_incoming(uc, chan.connected, "", chan)
-                uc.started = self._now
+            self.book.attach(uc, chan)
+            if callee:
+                self._announce_incoming(out, uc, chan.connected, "", chan, chan.created)
             else:
-                self._announce(uc, "outgoing")
+                self._announce(out, uc, Kind.OUTGOING, chan.created)
+            if chan.state == "Up" and uc.phase is Phase.RINGING:
+                self._adopt_answer(out, uc, chan, callee)
 
-    # -- the end of a user call ------------------------------------------------
+    def _adopt_answer(self, out: Outbox, uc: UserCall, chan: Channel, callee: bool) -> None:
+        """The adopted call is up: answered by the user, on a call to them;
+        else by whoever the phone talks with (the number it called, if that
+        is unknown).  When is unknown too: the answer counts from now."""
+        answerer: Optional[Channel] = chan
+        if callee:
+            by = uc.me
+        else:
+            answerer = next((c for c in self.table.talking_with(chan) if not c.is_local), None)
+            by = self._remote_party(answerer, uc.me) if answerer is not None else uc.peer
+        uc.answered_at = chan.answered_at or out.now
+        uc.answered_by = by
+        self._tell(out, uc, Kind.PICKUP, uc.answered_at, answered_by=dict(
+            by.as_dict(), device=answerer.device if answerer is not None else ""))
 
-    def _end(self, uc: UserCall, reason: Optional[str] = None) -> None:
-        if self.user_calls.get(uc.key) is not uc:
-            return  # already ended
-        del self.user_calls[uc.key]
-        siblings = self.calls.get(uc.call_id)
-        if siblings is not None:
-            if uc in siblings:
-                siblings.remove(uc)
-            if not siblings:
-                del self.calls[uc.call_id]
-        for chan in uc.channels:
-            if uc in chan.user_calls:
-                chan.user_calls.remove(uc)
-        if uc.anchor is not None and uc in uc.anchor.user_calls:
-            uc.anchor.user_calls.remove(uc)
-        uc.channels = []
-        uc.anchor = None
-        if not uc.announced:
-            if not (uc.tried and uc.direction == "in"):
-                return
-            # It never rang: still the user's call, and it failed.
-            self._announce(uc, "incoming")
-            uc.outcome = uc.outcome or "failed"
-        ending = uc.ending(self._now, reason)
-        if ending["reason"] == "busy" and uc.direction == "out":
-            self._emit(uc, "busy")
-        fields = self._emit(uc, "hangup", **ending)
-        record = uc.record(fields["time"], ending)
-        if self.pbx:
-            record["pbx"] = self.pbx
-        self._out[-1].record = record
 
-    # -- output ----------------------------------------------------------------
+class CallEngine(_Resync):
+    """Follows channels, dials and bridges; tells each user about their calls.
 
-    def _announce(self, uc: UserCall, kind: str, **extra: object) -> None:
-        if not uc.announced:
-            uc.announced = True
-            uc.started = self._now  # not when routing began: an IVR may come first
-            self._emit(uc, kind, dialed=uc.dialed, **extra)
+    ``handle(message, now)`` takes one AMI message and returns the
+    notifications it causes.  The engine reads no clock and does no I/O;
+    messages it has no handler for cost one dictionary lookup.
 
-    def _emit(self, uc: UserCall, event: str, **extra: object) -> Dict[str, object]:
-        if not uc.announced:
-            # A call routed to a user's number that has not rung anywhere yet:
-            # nothing about it is news before its incoming (fuzz, k_attended).
-            return {}
+    The model: a ``Channel`` per Asterisk channel (in ``table``, a
+    ``ChannelTable`` with the bridges), linked by who dialed whom
+    (``dialer``) and by Local channel pairs (``local_peer``), so that any
+    channel's *lineage* leads back to the caller.  A ``UserCall`` per user
+    and call holds what that user was told; it lives as long as the user's
+    own channels in the call, or, for a call to the user's number that rings
+    elsewhere, as long as the caller's channel (its *anchor*).
+    """
+
+    #: AMI event -> the name of its handler, one per event, in the order a
+    #: call meets them.
+    HANDLERS = {
+        # channel lifecycle
+        "Newchannel": "on_newchannel",
+        "Hangup": "on_hangup",
+        # snapshots: state, caller ID, dialplan position
+        "Newstate": "on_snapshot",
+        "NewCallerid": "on_snapshot",
+        "NewConnectedLine": "on_snapshot",
+        "Newexten": "on_newexten",
+        # dialing
+        "DialBegin": "on_dialbegin",
+        "DialState": "on_dialstate",
+        "DialEnd": "on_dialend",
+        # bridges and Local channels
+        "BridgeEnter": "on_bridgeenter",
+        "BridgeLeave": "on_bridgeleave",
+        "LocalBridge": "on_localbridge",
+        # (LocalOptimizationBegin/End need no handler: the BridgeEnter with
+        # SwapUniqueid that completes an optimization says what matters.)
+        # moving calls: transfer, pickup, parking
+        "BlindTransfer": "on_blindtransfer",
+        "AttendedTransfer": "on_attendedtransfer",
+        "Pickup": "on_pickup",
+        "ParkedCall": "on_parkedcall",
+        "UnParkedCall": "on_unparkedcall",
+        "ParkedCallTimeOut": "on_parkedcalltimeout",
+        "ParkedCallGiveUp": "on_parkedcallgiveup",
+        # queues (read class "agent")
+        "QueueCallerJoin": "on_queuecallerjoin",
+        "QueueCallerLeave": "on_queuecallerleave",
+        "QueueCallerAbandon": "on_queuecallerabandon",
+        "QueueMemberStatus": "on_queuememberstatus",
+        "QueueMemberAdded": "on_queuememberadded",
+        "QueueMember": "on_queuemember",
+        "AgentCalled": "on_agentcalled",
+        "QueueMemberRemoved": "on_queuememberremoved",
+        # conferences, hold
+        "ConfbridgeJoin": "on_confbridgejoin",
+        "ConfbridgeLeave": "on_confbridgeleave",
+        "ConfbridgeEnd": "on_confbridgeend",
+        "Hold": "on_hold",
+        "Unhold": "on_unhold",
+        # resync after (re)connecting: the CoreShowChannels list
+        "CoreShowChannel": "on_coreshowchannel",
+        "CoreShowChannelsComplete": "on_coreshowchannelscomplete",
+    }
+
+    def __init__(self, directory: Optional[Directory] = None, pbx: str = ""):
+        super().__init__(directory, pbx)
+        self._handlers = {event: getattr(self, name) for event, name in self.HANDLERS.items()}
+
+    # -- entry points ----------------------------------------------------------
+
+    def handle(self, msg: AmiMessage, now: float) -> Sequence[Notification]:
+        handler = self._handlers.get(msg.get("Event"))  # type: ignore[arg-type]
+        if handler is None:
+            return _NO_NOTIFICATIONS
+        out = Outbox(now)
+        handler(msg, out)
+        return out.notes or _NO_NOTIFICATIONS
+
+    def link_lost(self, now: float) -> List[Notification]:
+        """The AMI link is gone for good: no call may stay 'ringing' at a
+        client.  Every announced call ends with ``reason=unknown``."""
+        out = Outbox(now)
+        for uc in self.book.all():
+            self._end(out, uc, reason=Reason.UNKNOWN)
+        self.table.clear()
+        self.book.clear()
+        self.conferences.clear()
+        self._resync_seen = None
+        self._resync_unanswered = set()
+        return out.notes
+
+    def set_directory(self, directory: Directory) -> None:
+        """New users and devices apply to calls that start from now on."""
+        self.directory = directory
+
+    def active_calls(self, user: str) -> List[UserCall]:
+        """The user's announced calls in progress, oldest first."""
+        calls = [uc for uc in self.book.of_user(user) if uc.told]
+        return sorted(calls, key=lambda uc: uc.started)
+
+    def call_fields(self, uc: UserCall) -> Dict[str, object]:
+        """A call in progress as event fields, for the CALLS command."""
         frm, to = uc.parties
-        fields = self._fields(event, uc.call_id, self._now, uc.role, uc.device, frm, to,
-                              **extra)
-        self._out.append(Notification(uc.user, event, fields))
+        fields = self._fields("call", uc.call_id, uc.started, uc.role, uc.device, frm, to,
+                              state=CallState.RINGING if uc.answered_at is None
+                              else CallState.UP, dialed=uc.dialed)
+        if uc.answered_at is not None:
+            fields["answered"] = iso_time(uc.answered_at)
         return fields
 
-    def _fields(self, event: str, call_id: str, when: float, role: str, device: str,
-                frm: Party, to: Party, **extra: object) -> Dict[str, object]:
-        """What every event carries, in this order, then its own fields."""
-        fields: Dict[str, object] = {
-            "event": event, "call": call_id, "time": iso_time(when), "role": role,
-            "device": device, "from": frm.as_dict(), "to": to.as_dict(),
-        }
-        if self.pbx:
-            fields["pbx"] = self.pbx
-        for key, value in extra.items():  # dialed, queue, room ...: PBX text too
-            fields[key] = value[:MAX_FIELD_CHARS] if value.__class__ is str else value
-        return fields
+    # -- for the tests: is anything left, is it consistent ---------------------
+
+    def is_idle(self) -> bool:
+        """No channel, no user call, no conference is known: what the engine
+        comes back to when every call has ended."""
+        return self.table.is_idle() and self.book.is_idle() and not self.conferences
+
+    def check(self) -> List[str]:
+        """What is inconsistent in the engine's state (links not two-way,
+        channels that are gone but still named): [] when all is well.  For
+        the tests, after every message of a trace."""
+        problems = self.table.check() + self.book.check(self.table)
+        for room, members in self.conferences.items():
+            problems += ["conference %s lists %r, which is gone" % (room, chan)
+                         for chan in members if self.table.channels.get(chan.uniqueid) is not chan]
+        return problems
+
+    def channels(self) -> List[Channel]:
+        """The channels Asterisk has, as last seen."""
+        return list(self.table.channels.values())
 
 
 # ---------------------------------------------------------------------------
