@@ -235,6 +235,24 @@ DEFAULT_WATCH_STATE = os.path.join("~", ".ctinotify-watch.json")
 #: Hangup reasons of a missed call (``direction = in``).
 MISSED_REASONS = ("noanswer", "cancelled", "busy", "answered_elsewhere")
 
+#: DIAL, HANGUP and TRANSFER a user may send a minute, by default (config
+#: ``actions_per_minute``): a desktop gone wild cannot flood Asterisk.
+ACTIONS_PER_MINUTE = 10
+#: Seconds Asterisk may take to answer an action before the desktop gets
+#: ERR 504 (config ``action_timeout``); it answers in milliseconds.
+ACTION_TIMEOUT_S = 10.0
+#: How long DIAL rings the user's own phone (Originate ``Timeout``, sent
+#: explicitly: Asterisk's own default, so the wait for its outcome is known).
+DIAL_RING_S = 30.0
+#: The longest number DIAL and TRANSFER take, once spaces and punctuation
+#: are dropped (E.164 is 15 digits; room for prefixes and ``*`` codes).
+MAX_DIAL_CHARS = 32
+#: The dialplan context DIAL and TRANSFER dial in (config ``dial_context``).
+DEFAULT_DIAL_CONTEXT = "from-internal"
+#: ``watch --dial`` gives up on an outcome after this long: the ring time,
+#: the server's wait for Asterisk on top (twice), and the connect.
+WATCH_DIAL_WAIT_S = DIAL_RING_S + 2 * ACTION_TIMEOUT_S + WATCH_CONNECT_TIMEOUT_S
+
 
 # -- the vocabulary of events: each value a client can see, named once ------
 
@@ -328,6 +346,19 @@ class CallState:
 
     RINGING = "ringing"
     UP = "up"
+
+
+class CallAction:
+    """What a desktop may do to calls: the commands DIAL, HANGUP and
+    TRANSFER, and the names a user's ``actions =`` allows them by."""
+
+    DIAL = "dial"
+    HANGUP = "hangup"
+    TRANSFER = "transfer"
+
+
+#: Every action a user's ``actions`` may allow, in order.
+CALL_ACTIONS = (CallAction.DIAL, CallAction.HANGUP, CallAction.TRANSFER)
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -519,11 +550,14 @@ class UserConfig:
     """One client account: ``[name]`` with its secret and what it may see."""
 
     __slots__ = ("name", "secret", "hosts", "devices", "extensions", "events", "lineno",
-                 "popup_url")
+                 "popup_url",
+                 "actions", "dial_device", "dial_context", "dial_callerid", "actions_per_minute")
 
     def __init__(self, name: str, secret: str, hosts: Optional[Tuple[object, ...]],
                  devices: Tuple[str, ...], extensions: Tuple[Tuple[str, str], ...],
-                 events: Tuple[str, ...], lineno: int = 0, popup_url: str = ""):
+                 events: Tuple[str, ...], lineno: int = 0, popup_url: str = "",
+                 actions: Tuple[str, ...] = (), dial_device: str = "", dial_context: str = "",
+                 dial_callerid: str = "", actions_per_minute: int = 0):
         self.name = name
         self.secret = secret
         #: ``None`` means ``host = dynamic`` (any address); else ip_network objects.
@@ -538,6 +572,16 @@ class UserConfig:
         #: A URL template with ``{from_num}``-style placeholders (empty: none);
         #: its ``incoming`` events carry it, filled in, as ``url``.
         self.popup_url = popup_url
+        #: What the user may do to calls (CALL_ACTIONS): DIAL, HANGUP, TRANSFER.
+        self.actions = actions
+        #: The phone DIAL rings first, one of ``devices`` (empty: no DIAL).
+        self.dial_device = dial_device
+        #: The context DIAL and TRANSFER dial in; empty: [general]'s.
+        self.dial_context = dial_context
+        #: ``"Name" <number>``: the caller ID of the calls DIAL makes.
+        self.dial_callerid = dial_callerid
+        #: Actions a minute; 0: [general]'s ``actions_per_minute``.
+        self.actions_per_minute = actions_per_minute
 
     def host_allowed(self, address: str) -> bool:
         if self.hosts is None:
@@ -675,6 +719,13 @@ GENERAL_SETTINGS = (
             "address that block it (0: never)", 0, 1000),
     Setting("login_block_seconds", "number", LOGIN_BLOCK_S, "how long such a block lasts",
             1, 86400),
+    # Actions on calls (DIAL, HANGUP, TRANSFER): a user's own key overrides the first two.
+    Setting("dial_context", "text", DEFAULT_DIAL_CONTEXT, "the dialplan context DIAL and "
+            "TRANSFER dial numbers in"),
+    Setting("actions_per_minute", "integer", ACTIONS_PER_MINUTE, "DIAL, HANGUP and TRANSFER "
+            "commands one user may send a minute", 1, 1000),
+    Setting("action_timeout", "number", ACTION_TIMEOUT_S, "seconds Asterisk may take to "
+            "answer an action before the desktop gets ERR 504", 0.01, 300, advanced=True),
     Setting("tls_port", "port", None, "the TLS client port (empty: none)", 0, 65535),
     Setting("tls_cert", "text", "", "PEM certificate (chain) of the TLS port",
             needs="tls_port"),
@@ -808,14 +859,30 @@ class Config(_Immutable):
                       "extensions = %s" % exts, "events = %s" % ",".join(user.events)]
             if user.popup_url:
                 lines.append("popup_url = %s" % user.popup_url)
+            lines += self._describe_actions(user)
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _describe_actions(user: UserConfig) -> List[str]:
+        """A user's action keys, for ``check``: none without actions."""
+        if not user.actions:
+            return []
+        lines = ["actions = %s" % ",".join(user.actions)]
+        if CallAction.DIAL in user.actions:
+            lines += ["dial_device = %s" % user.dial_device,
+                      "dial_callerid = %s" % user.dial_callerid]
+        if user.dial_context:
+            lines.append("dial_context = %s" % user.dial_context)
+        if user.actions_per_minute:
+            lines.append("actions_per_minute = %d" % user.actions_per_minute)
+        return lines
 
     def advisories(self) -> List[str]:
         """Valid but likely unmeant settings, for ``check`` and ``run`` to
         warn about: with several PBXes, a number without ``NAME:`` counts on
         every one, though the user's phones are all on some of them (two
         sites with the same numbering would see each other's calls)."""
-        notes = []
+        notes = self._action_advisories()
         if len(self.pbxes) < 2:
             return notes
         for user in self.users.values():
@@ -831,6 +898,19 @@ class Config(_Immutable):
         return notes
 
 
+    def _action_advisories(self) -> List[str]:
+        """Users with actions: the manager user must be allowed to send them."""
+        acting = [user.name for user in self.users.values() if user.actions]
+        if not acting:
+            return []
+        return ["%s: %s may act on calls (actions =): the manager.conf user%s %s need%s "
+                "write = originate,call (Originate for DIAL, Hangup and BlindTransfer for "
+                "HANGUP and TRANSFER), else Asterisk answers them 'Permission denied'"
+                % (self.path, ", ".join(acting), "s" if len(self.pbxes) > 1 else "",
+                   ", ".join(sorted({pbx.username for pbx in self.pbxes})),
+                   "" if len(self.pbxes) > 1 else "s")]
+
+
 def mask(secret: str) -> str:
     return "********" if secret else "(empty)"
 
@@ -843,7 +923,16 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 
                "g": 1024 ** 3, "gb": 1024 ** 3}
 _BOOLEANS = {"yes": True, "true": True, "on": True, "1": True,
              "no": False, "false": False, "off": False, "0": False}
-USER_KEYS = ("secret", "host", "devices", "extensions", "events", "popup_url")
+USER_KEYS = ("secret", "host", "devices", "extensions", "events", "popup_url",
+             "actions", "dial_device", "dial_context", "dial_callerid", "actions_per_minute")
+#: A dialplan context DIAL and TRANSFER may name (Asterisk allows 79 characters).
+_DIAL_CONTEXT = re.compile(r"^[A-Za-z0-9_.-]{1,79}$")
+#: ``dial_callerid``: ``"Name" <number>``, ``Name <number>``, ``<number>`` or
+#: ``number``.  No quote, angle bracket or backslash in the name: Asterisk's
+#: ast_callerid_parse() would read the rest differently (main/callerid.c);
+#: no ``;``, which ``check`` would print as the start of a comment.
+_DIAL_CALLERID = re.compile(r'^(?:"([^"<>\\;]{0,64})"|([^"<>\\;]{0,64}?))\s*<([0-9+*#]{1,32})>$'
+                            r"|^([0-9+*#]{1,32})$")
 
 #: The placeholders of ``popup_url``: the flattened fields of an ``incoming``
 #: event (as in its text line), and the user's login name.
@@ -994,6 +1083,10 @@ class _ConfigReader:
         if not str(values["syslog_socket"]).startswith("/"):
             self.problem(general, general.get("syslog_socket"), "%r is not an absolute path, "
                          "expected the syslog socket such as /dev/log" % values["syslog_socket"])
+        if not _DIAL_CONTEXT.match(str(values["dial_context"])):
+            self.problem(general, general.get("dial_context"), "%r is not a context name, "
+                         "expected 1-79 of A-Z a-z 0-9 _ . - such as from-internal"
+                         % values["dial_context"])
         hard, soft = values["client_buffer_hard"], values["client_buffer_soft"]
         if general.get("client_buffer_soft") is None and soft > hard:  # type: ignore[operator]
             values["client_buffer_soft"] = hard // 4  # type: ignore[operator]
@@ -1058,8 +1151,9 @@ class _ConfigReader:
             self.problem(section, None, "the user has neither devices nor extensions, "
                          "expected devices = PJSIP/100 or extensions = 100")
         popup_url = self.popup_url(section)
+        acting = self.user_actions(section, devices, extensions)
         return UserConfig(section.name, secret, hosts, devices, extensions,
-                          events, section.lineno, popup_url)
+                          events, section.lineno, popup_url, **acting)
 
     def user_hosts(self, section: IniSection) -> Optional[Tuple[object, ...]]:
         """``host``: None for ``dynamic`` (anywhere), else the networks."""
@@ -1122,6 +1216,74 @@ class _ConfigReader:
             elif kind.lower() not in events:
                 events.append(kind.lower())
         return tuple(events)
+
+    def user_actions(self, section: IniSection, devices: Tuple[str, ...],
+                     extensions: Tuple[Tuple[str, str], ...]) -> Dict[str, object]:
+        """``actions`` and what they need: the phone DIAL rings first, the
+        context, the caller ID, the rate (README, "Actions on calls")."""
+        option, names = self.items(section, "actions")
+        actions: List[str] = []
+        lowered = [name.lower() for name in names]
+        if lowered == ["all"]:
+            actions = list(CALL_ACTIONS)
+        elif lowered != ["none"]:
+            for name in lowered:
+                if name not in CALL_ACTIONS:
+                    self.problem(section, option, "unknown action %r, expected none, all or "
+                                 "any of: %s" % (name, ", ".join(CALL_ACTIONS)))
+                elif name not in actions:
+                    actions.append(name)
+        device = self.dial_device(section, devices)
+        if CallAction.DIAL in actions and not device:
+            self.problem(section, option, "dial needs a phone to ring first, expected "
+                         "devices = PJSIP/100 (or dial_device)")
+        context = self.text(section, "dial_context", "")
+        if context and not _DIAL_CONTEXT.match(context):
+            self.problem(section, section.get("dial_context"), "%r is not a context name, "
+                         "expected 1-79 of A-Z a-z 0-9 _ . -" % context)
+        callerid = self.dial_callerid(section, extensions, device)
+        if CallAction.DIAL in actions and not callerid:
+            self.problem(section, option, "dial needs the user's caller ID and no extension "
+                         "gives it, expected dial_callerid = \"Name\" <number>")
+        rate = self.number(section, "actions_per_minute", 0, 1, 1000, integer=True)
+        return {"actions": tuple(a for a in CALL_ACTIONS if a in actions),
+                "dial_device": device, "dial_context": context, "dial_callerid": callerid,
+                "actions_per_minute": int(rate)}
+
+    def dial_device(self, section: IniSection, devices: Tuple[str, ...]) -> str:
+        """``dial_device``: one of the user's own devices; default the first."""
+        option = section.get("dial_device")
+        if option is None or not option.value:
+            return devices[0] if devices else ""
+        pbx, device = split_device(option.value)
+        try:
+            wanted = (pbx + ":" if pbx else "") + normalize_device(device)
+        except ValueError:
+            wanted = option.value
+        if wanted not in devices:
+            self.problem(section, option, "%r is not one of the user's devices, expected one "
+                         "of: %s" % (option.value, ", ".join(devices) or "(none)"))
+            return ""
+        return wanted
+
+    def dial_callerid(self, section: IniSection, extensions: Tuple[Tuple[str, str], ...],
+                      device: str) -> str:
+        """``dial_callerid`` as ``"Name" <number>`` or ``<number>``; by default
+        the number of the user's first extension (or of the phone's name)."""
+        option = section.get("dial_callerid")
+        text = self.text(section, "dial_callerid", "").strip()
+        if not text:
+            numbers = [number.rpartition(":")[2] for number, _context in extensions]
+            numbers.append(device.partition("/")[2])
+            return next(("<%s>" % n for n in numbers if re.match(r"^[0-9+*#]{1,32}$", n)), "")
+        match = _DIAL_CALLERID.match(text)
+        if match is None or any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in text):
+            self.problem(section, option, "%r is not a caller ID, expected \"Name\" <number> "
+                         "with a number of 0-9 + * # and no quotes or <> in the name" % text)
+            return ""
+        name = (match.group(1) or match.group(2) or "").strip()
+        number = match.group(3) or match.group(4)
+        return '"%s" <%s>' % (name, number) if name else "<%s>" % number
 
     def popup_url(self, section: IniSection) -> str:
         """``popup_url``: an http(s) URL whose placeholders are all known and
@@ -1707,10 +1869,12 @@ class AmiParser:
 
 
 def encode_action(action: str, fields: Iterable[Tuple[str, str]] = ()) -> bytes:
-    """An AMI action in wire form.  CR and LF in a value would let it forge
-    further headers or actions, so they are refused outright."""
-    lines = ["Action: " + action]
-    for key, value in fields:
+    """An AMI action in wire form.  CR or LF in the action, a key or a value
+    would let it forge further headers or actions (Asterisk ends a line at
+    either, main/manager.c get_input), so they are refused outright: the
+    last defence, whatever the callers checked before."""
+    lines = []
+    for key, value in [("Action", action)] + list(fields):
         if "\r" in key or "\n" in key or "\r" in value or "\n" in value:
             raise ValueError("CR or LF inside AMI action field %r" % key[:40])
         lines.append("%s: %s" % (key, value))
@@ -4082,6 +4246,20 @@ class CallEngine(_Resync):
             fields["answered"] = iso_time(uc.answered_at)
         return fields
 
+    def user_channels(self, user: str, call_id: str) -> Optional[List[Channel]]:
+        """The user's own phones in one of their calls in progress, for
+        HANGUP and TRANSFER: [] while none is in it (a call to their number
+        that rings elsewhere); None if the user was told of no such call."""
+        calls = [uc for uc in self.book.of_call(call_id) if uc.user == user and uc.told]
+        if not calls:
+            return None
+        return list(dict.fromkeys(chan for uc in calls for chan in uc.channels))
+
+    def knows_call(self, call_id: str) -> bool:
+        """Whether a call of this id is in progress, whoever is in it."""
+        return self.book.has_call(call_id) or \
+            any(chan.call_id == call_id for chan in self.table.channels.values())
+
     # -- for the tests: is anything left, is it consistent ---------------------
 
     def is_idle(self) -> bool:
@@ -4102,6 +4280,245 @@ class CallEngine(_Resync):
     def channels(self) -> List[Channel]:
         """The channels Asterisk has, as last seen."""
         return list(self.table.channels.values())
+
+
+# ---------------------------------------------------------------------------
+# Call actions (no I/O): DIAL, HANGUP and TRANSFER, from a command to AMI actions
+# ---------------------------------------------------------------------------
+#
+# A desktop's command passes these checks before a byte goes to Asterisk
+# (ServerView.act): the session is logged in; the user is under their rate
+# (ActionRate); their ``actions`` allow it; every argument is valid
+# (ActionRequest.parse: a number is digits, + * # and nothing else); the
+# call is one the user was told of, and the user's own phone is in it
+# (plan_action asks the engine).  What is sent is built here, from checked
+# parts only, and checked once more (_check_fields); encode_action refuses
+# CR and LF in any key or value as the last defence.
+#
+# Asterisk answers each action with a Response of the same ActionID: that
+# is the reply, OK or ERR, sent in the order of the commands.  An Originate
+# is sent with ``Async: true``: its Response says only that it is queued
+# (the user's phone is being rung), so the outcome (answered, busy, no
+# answer, failed) comes later in the OriginateResponse event, and goes to
+# the desktop as a ``STATUS dial=...`` line.
+
+#: What a pasted number may hold that is dropped: spaces (also the no-break
+#: ones of web pages and Office documents), dashes, dots and parentheses.
+_NUMBER_DROPPED = dict.fromkeys(map(ord, " \t\u00a0\u202f-.()"))
+_NUMBER = re.compile(r"[0-9+*#]{1,%d}" % MAX_DIAL_CHARS)
+#: A call id as users are told them: Asterisk's Linkedid, ``[system-]epoch.seq``.
+_CALL_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: A channel name that may go into an AMI field: TECH/resource, printable,
+#: no space.  Never one that starts with "/": Hangup takes ``/.../`` for a
+#: regular expression over every channel (Asterisk 22, manager.c, Hangup).
+_SAFE_CHANNEL = re.compile(r"[A-Za-z][A-Za-z0-9_]*/[^\s\x00-\x1f\x7f-\x9f]{1,200}")
+#: Any value of an action we send: printable, one line.
+_SAFE_FIELD = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]{0,256}")
+_UNSAFE_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+#: OriginateResponse ``Reason``: the last control frame of the user's phone
+#: (AST_CONTROL_* in include/asterisk/frame.h): 4 answered, 5 busy, 3 it was
+#: still ringing when Originate's Timeout ran out; 8 congestion, 1 hung up
+#: (rejected), 0 no channel at all (an unregistered phone) are failures.
+ORIGINATE_REASONS = {"4": "answered", "5": "busy", "3": "noanswer"}
+#: ``STATUS dial=`` when no OriginateResponse came (timeout, link lost).
+DIAL_UNKNOWN = "unknown"
+
+
+def parse_number(text: str) -> str:
+    """A number as a person pastes it, as it goes into ``Exten``:
+    ``(555) 123-4567`` -> ``5551234567``.  ValueError for anything else:
+    letters, ``;``, ``/``, ``@``, ``,``, ``&``, ``|``, control characters
+    (a channel, a dial string or a second header could hide behind them)."""
+    number = text.translate(_NUMBER_DROPPED)
+    if not _NUMBER.fullmatch(number):
+        raise ValueError("not a number: only digits, + * # (and spaces, dashes, dots, "
+                         "parentheses) up to %d digits" % MAX_DIAL_CHARS)
+    return number
+
+
+class ActionRequest:
+    """One DIAL, HANGUP or TRANSFER as a user sent it, arguments checked:
+    ``call_id`` for HANGUP and TRANSFER, ``number`` for DIAL and TRANSFER."""
+
+    __slots__ = ("verb", "user", "call_id", "number")
+
+    def __init__(self, verb: str, user: UserConfig, call_id: str = "", number: str = ""):
+        self.verb = verb
+        self.user = user
+        self.call_id = call_id
+        self.number = number
+
+    _USAGE = {CallAction.DIAL: "DIAL <number>", CallAction.HANGUP: "HANGUP <call>",
+              CallAction.TRANSFER: "TRANSFER <call> <number>"}
+
+    @classmethod
+    def parse(cls, verb: str, argument: str, user: UserConfig) -> "ActionRequest":
+        """The command's argument checked; ClientProtocolError 400 if it is not
+        valid, and then nothing of it is echoed back or sent on."""
+        usage = ClientProtocolError("400", "%s: usage: %s" % (verb, cls._USAGE[verb]))
+        call_id, number = "", argument.strip()
+        if verb != CallAction.DIAL:
+            words = number.split(None, 1)
+            if not words or (verb == CallAction.HANGUP) != (len(words) == 1):
+                raise usage
+            call_id, number = words[0], words[1] if len(words) > 1 else ""
+            if not _CALL_ID.fullmatch(call_id):
+                raise ClientProtocolError("400", "%s: not a call id, expected the call= of "
+                                          "one of your calls" % verb)
+        elif not number:
+            raise usage
+        if verb != CallAction.HANGUP:
+            try:
+                number = parse_number(number)
+            except ValueError as e:
+                raise ClientProtocolError("400", "%s: %s" % (verb, e))
+        return cls(verb, user, call_id, number)
+
+    def target(self) -> str:
+        """What it acts on, for replies and the log: ``number=...``, ``call=...``."""
+        if self.verb == CallAction.DIAL:
+            return "number=%s device=%s" % (self.number, self.user.dial_device)
+        if self.verb == CallAction.HANGUP:
+            return "call=%s" % self.call_id
+        return "call=%s to=%s" % (self.call_id, self.number)
+
+
+class ActionPlan:
+    """What one request sends, and where: ``pbx`` (the PBX of the user's
+    dial device, or of the call), ``steps`` (action, fields) in order, and
+    ``outcome_event``, the event that ends an action answered in two
+    steps (Originate: OriginateResponse), or ''."""
+
+    __slots__ = ("request", "pbx", "steps", "outcome_event")
+
+    def __init__(self, request: ActionRequest, pbx: str,
+                 steps: List[Tuple[str, List[Tuple[str, str]]]], outcome_event: str = ""):
+        self.request = request
+        self.pbx = pbx
+        self.steps = steps
+        self.outcome_event = outcome_event
+
+    def ok(self) -> str:
+        """The reply once Asterisk accepted every action."""
+        return "OK %s %s" % (self.request.verb, self.request.target())
+
+    def error(self, code: str, text: str) -> str:
+        """An ERR reply that names the command, so it reads alone in a log."""
+        return "ERR %s %s %s: %s" % (code, self.request.verb, self.request.target(), text)
+
+
+def plan_action(request: ActionRequest, engines: Sequence[Tuple[str, CallEngine]],
+                dial_context: str) -> ActionPlan:
+    """The AMI actions a checked request becomes, on the PBX it belongs to.
+    ClientProtocolError when the call is nobody's (404), someone else's
+    (403), or has no phone of the user's in it to act on (409).
+
+    DIAL is an Originate from the user's ``dial_device``, with the user's
+    own caller ID: Asterisk makes it the caller ID *and* the connected line
+    of that channel (main/channel.c, __ast_request_and_dial), so it is what
+    the callee sees, what the CDR records and what our ``outgoing`` event
+    reports (o_click_to_dial.ami sent ``"Alice Smith" <100>``).  TRANSFER
+    is a BlindTransfer of the user's *own* channel: Asterisk moves "all
+    channels currently bridged to the specified channel" and drops the
+    named one, the transferer (Asterisk 22, BlindTransfer action;
+    j_blind_transfer named Alice's channel to send John to 101).
+    """
+    user = request.user
+    context = user.dial_context or dial_context
+    if request.verb == CallAction.DIAL:
+        pbx, device = split_device(user.dial_device)
+        steps = [("Originate", [
+            ("Channel", device), ("Context", context), ("Exten", request.number),
+            ("Priority", "1"), ("CallerID", user.dial_callerid),
+            ("Timeout", "%d" % (DIAL_RING_S * 1000)), ("Async", "true")])]
+        return _checked(ActionPlan(request, pbx or DEFAULT_PBX, steps, "OriginateResponse"))
+    pbx, channels = _find_user_call(request, engines)
+    if request.verb == CallAction.HANGUP:
+        if not channels:
+            raise ClientProtocolError("409", "hangup %s: none of your phones is in the call"
+                                      % request.target())
+        steps = [("Hangup", [("Channel", chan.name)]) for chan in channels]
+        return _checked(ActionPlan(request, pbx, steps))
+    talking = [chan for chan in channels if chan.bridge is not None]
+    if not talking:
+        raise ClientProtocolError("409", "transfer %s: you are not talking on it, only an "
+                                  "answered call can be transferred" % request.target())
+    steps = [("BlindTransfer", [("Channel", talking[0].name), ("Context", context),
+                                ("Exten", request.number)])]
+    return _checked(ActionPlan(request, pbx, steps))
+
+
+def _find_user_call(request: ActionRequest,
+                    engines: Sequence[Tuple[str, CallEngine]]) -> Tuple[str, List[Channel]]:
+    """(PBX, the user's own channels in it) of the user's call; 403 if the
+    call is someone else's, 404 if no call has that id."""
+    for pbx, engine in engines:
+        channels = engine.user_channels(request.user.name, request.call_id)
+        if channels is not None:
+            return pbx, channels
+    if any(engine.knows_call(request.call_id) for _pbx, engine in engines):
+        raise ClientProtocolError("403", "%s %s: not your call" % (request.verb,
+                                                                   request.target()))
+    raise ClientProtocolError("404", "%s %s: no such call in progress" % (request.verb,
+                                                                          request.target()))
+
+
+def _checked(plan: ActionPlan) -> ActionPlan:
+    """The plan, once every field is known safe to send; a channel name from
+    Asterisk that is not (a 502) is never sent back to it."""
+    for action, fields in plan.steps:
+        for key, value in fields:
+            if key == "Channel" and not _SAFE_CHANNEL.fullmatch(value) or \
+                    not _SAFE_FIELD.fullmatch(value):
+                raise ClientProtocolError("502", "%s %s: refused to send %s %s %.40r"
+                                          % (plan.request.verb, plan.request.target(),
+                                             action, key, value))
+    return plan
+
+
+def refusal_text(message: str) -> str:
+    """Asterisk's Message of an Error response, one line, for the ERR reply."""
+    text = _UNSAFE_TEXT.sub(" ", message or "refused")[:200]
+    if text.lower() == "permission denied":
+        text += " (the manager.conf user of ctinotify needs write = originate,call)"
+    return "Asterisk answered: " + text
+
+
+def dial_outcome(msg: AmiMessage) -> Dict[str, object]:
+    """An OriginateResponse as ``STATUS dial=...`` fields: ``answered``
+    (the user lifted the phone: Asterisk now dials the number), ``busy``,
+    ``noanswer`` or ``failed``, with Asterisk's ``code``."""
+    reason = msg.get("Reason", "")
+    code = reason if reason.isdigit() and len(reason) < 4 else "?"
+    return {"dial": ORIGINATE_REASONS.get(code, "failed"), "code": code}
+
+
+class ActionRate:
+    """Actions per user in the last minute, a sliding window: what
+    ``actions_per_minute`` allows.  Every attempt counts, allowed or not by
+    the user's ``actions``, valid or not: guessing call ids is as slow as
+    anything else.  One deque of at most ``limit`` times per user."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self) -> None:
+        self._times: Dict[str, "collections.deque[float]"] = {}
+
+    def allow(self, user: str, limit: int, now: float) -> bool:
+        """Count an attempt at ``now``; False (not counted) over the limit."""
+        times = self._times.setdefault(user, collections.deque())
+        while times and now - times[0] >= self.WINDOW_S:
+            times.popleft()
+        if len(times) >= limit:
+            return False
+        times.append(now)
+        return True
+
+    def wait(self, user: str, now: float) -> float:
+        """Seconds until ``user`` may act again."""
+        times = self._times.get(user)
+        return max(0.0, times[0] + self.WINDOW_S - now) if times else 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -4248,7 +4665,8 @@ def encode_history(record: Dict[str, object], fmt: str) -> str:
 
 
 CLIENT_HELP = ("commands: LOGIN <user> <secret> | EVENTS <kind>[,<kind>...]|ALL | "
-               "FORMAT text|json | CALLS | HISTORY [n] | PING | HELP | QUIT")
+               "FORMAT text|json | CALLS | HISTORY [n] | DIAL <number> | HANGUP <call> | "
+               "TRANSFER <call> <number> | PING | HELP | QUIT")
 
 
 def address_key(address: str) -> str:
@@ -4478,6 +4896,12 @@ class ServerView:
         self.users = users
         self.engine = engine
         self.call_history = history if history is not None else CallHistory()
+        #: Attempts at actions per user, shared by all their sessions.
+        self.action_rate = ActionRate()
+        #: What the tests and replay use; DaemonView has the real ones.
+        self.now = 0.0
+        self.dial_context = DEFAULT_DIAL_CONTEXT
+        self.actions_per_minute = ACTIONS_PER_MINUTE
 
     def engines(self) -> List[CallEngine]:
         return [self.engine] if self.engine is not None else []
@@ -4498,6 +4922,51 @@ class ServerView:
     def account_wait(self, name: str, peer_host: str) -> float:
         """Seconds until a login as ``name`` from this address is heard (0: now)."""
         return 0.0
+
+    # -- actions on calls (DIAL, HANGUP, TRANSFER) ------------------------------
+
+    def clock(self) -> float:
+        """Monotonic seconds, for the rate of actions."""
+        return self.now
+
+    def action_defaults(self) -> Tuple[str, int]:
+        """[general]'s ``dial_context`` and ``actions_per_minute``."""
+        return self.dial_context, self.actions_per_minute
+
+    def pbx_engines(self) -> List[Tuple[str, CallEngine]]:
+        """Each PBX's name and engine: where the calls of an action are."""
+        return [(DEFAULT_PBX, engine) for engine in self.engines()]
+
+    def act(self, verb: str, argument: str, session: "ClientSession") -> List[str]:
+        """A DIAL, HANGUP or TRANSFER of a logged-in session, checked (rate,
+        permission, arguments, whose call) and sent: [] while its reply is
+        owed (it goes to ``session.reply_to`` later), else the reply now.
+        A refusal raises ClientProtocolError; nothing is sent then."""
+        user = session.user
+        assert user is not None
+        dial_context, per_minute = self.action_defaults()
+        limit = user.actions_per_minute or per_minute
+        if not self.action_rate.allow(user.name, limit, self.clock()):
+            log.debug("%s: %s refused: over %d actions a minute", session.tag, verb, limit)
+            raise ClientProtocolError("429", "%s: more than %d actions a minute, try again in "
+                                      "%d s" % (verb, limit, math.ceil(self.action_rate.wait(
+                                          user.name, self.clock()))))
+        try:
+            if verb not in user.actions:
+                raise ClientProtocolError("403", "%s: not allowed, the actions of %s do not "
+                                          "include %s" % (verb, user.name, verb))
+            request = ActionRequest.parse(verb, argument, user)
+            plan = plan_action(request, self.pbx_engines(), dial_context)
+            return self.send_plan(plan, session)
+        except ClientProtocolError as e:
+            log.info("%s: action %s %.60r refused: ERR %s %s", session.tag, verb, argument,
+                     e.code, e.text)
+            raise
+
+    def send_plan(self, plan: ActionPlan, session: "ClientSession") -> List[str]:
+        """Send the actions of a plan to its PBX (the daemon does)."""
+        raise ClientProtocolError("503", "%s %s: no PBX connected here"
+                                  % (plan.request.verb, plan.request.target()))
 
 
 class ClientSession:
@@ -4525,6 +4994,13 @@ class ClientSession:
         #: The name the last failed LOGIN gave (for the throttle).
         self.failed_as = ""
         self.errors = 0
+        #: Who takes the replies that come later (DIAL, HANGUP, TRANSFER):
+        #: the connection, with ``action_reply(line)`` and
+        #: ``action_status(fields)``; None: nobody, they are only logged.
+        self.reply_to: Optional[object] = None
+        #: A reply is owed: the connection holds further commands until it
+        #: is sent, so replies keep the order of the commands.
+        self.awaiting = False
 
     @staticmethod
     def greeting() -> str:
@@ -4544,6 +5020,7 @@ class ClientSession:
             "LOGIN": self._login, "EVENTS": self._events, "FORMAT": self._format,
             "CALLS": self._calls, "HISTORY": self._history, "PING": self._ping,
             "HELP": self._help, "QUIT": self._quit,
+            "DIAL": self._dial, "HANGUP": self._hangup, "TRANSFER": self._transfer,
         }.get(command)
         try:
             if handler is None:
@@ -4658,6 +5135,24 @@ class ClientSession:
         lines = [encode_history(record, self.fmt) for record in records
                  if record.get("user") == self.user.name]
         return lines + ["OK history=%d" % len(lines)]
+
+    def _dial(self, argument: str, server: ServerView) -> List[str]:
+        return self._act(CallAction.DIAL, argument, server)
+
+    def _hangup(self, argument: str, server: ServerView) -> List[str]:
+        return self._act(CallAction.HANGUP, argument, server)
+
+    def _transfer(self, argument: str, server: ServerView) -> List[str]:
+        return self._act(CallAction.TRANSFER, argument, server)
+
+    def _act(self, verb: str, argument: str, server: ServerView) -> List[str]:
+        """An action on calls: checked and sent by the server; its reply
+        comes when Asterisk has answered (README, "Actions on calls")."""
+        if self.user is None:
+            raise ClientProtocolError("403", "login first")
+        replies = server.act(verb, argument, self)
+        self.awaiting = not replies and self.reply_to is not None
+        return replies
 
     def _ping(self, argument: str, server: ServerView) -> List[str]:
         return ["OK PONG"]
@@ -6597,6 +7092,43 @@ class WatchCalls:
         self.calls = calls
 
 
+class WatchDialed:
+    """The reply to DIAL: ``OK dial ...`` (the phone rings) or ``ERR ...``."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: str):
+        self.reply = reply
+
+    @property
+    def ok(self) -> bool:
+        return self.reply.startswith("OK")
+
+
+#: The URL schemes ``watch --dial`` takes: RFC 3966 tel:, and callto: as
+#: Skype and older CRMs write it (``callto://+15551234567``).
+DIAL_URL_SCHEMES = ("tel", "callto")
+
+
+def dial_target(text: str) -> str:
+    """What ``watch --dial`` was given, as the number DIAL sends: a number as
+    pasted, or a tel: or callto: URL as a browser hands it to its handler
+    (``tel:+1-555-123-4567;phone-context=example.com``, ``tel:%2B1555...``).
+    The parameters after ``;`` (and a query) are dropped, the rest
+    percent-decoded, then held to parse_number: whatever the decoding
+    reveals (``%0D%0A``, ``%3B``, ``%2F``) is refused.  ValueError if it is
+    no number."""
+    value = text.strip()
+    scheme, colon, rest = value.partition(":")
+    if colon:
+        if scheme.lower() not in DIAL_URL_SCHEMES:
+            raise ValueError("not a number, nor a tel: or callto: URL")
+        rest = rest[2:] if rest.startswith("//") else rest
+        rest = rest.split(";", 1)[0].split("?", 1)[0]
+        value = urllib.parse.unquote(rest.rstrip("/"), errors="strict")
+    return parse_number(value)
+
+
 def parse_iso_time(text: Optional[str]) -> Optional[float]:
     """``2026-11-26T21:19:10Z`` -> epoch seconds; None if it is not one."""
     try:
@@ -6623,9 +7155,12 @@ class WatchSession:
 
     def __init__(self, user: str, secret: str, fmt: str = "json",
                  since: Optional[float] = None, history: int = WATCH_HISTORY_CALLS,
-                 since_calls: Optional[Iterable[str]] = None):
+                 since_calls: Optional[Iterable[str]] = None, dial: str = ""):
         self.user = user
         self._secret = secret
+        #: ``watch --dial``: the number to DIAL after the login, instead of
+        #: asking for HISTORY and CALLS.
+        self.dial = dial
         #: The format asked of the server: ``json`` or ``text``.
         self.fmt = fmt
         #: Missed calls that ended after this (epoch; None: every one listed),
@@ -6720,6 +7255,8 @@ class WatchSession:
             if not ok:
                 raise WatchProtocolError("LOGIN answered %r" % line[:80])
             self.state = "ready"
+            if self.dial:
+                return [WatchLoggedIn(line), self._command("dial", "DIAL " + self.dial)]
             return [WatchLoggedIn(line),
                     self._command("history", "HISTORY %d" % self.history),
                     self._command("calls", "CALLS")]
@@ -6731,6 +7268,8 @@ class WatchSession:
             return [WatchMissed(self._missed(items) if ok else [], ok)]
         if command == "calls":
             return [WatchCalls(items)]
+        if command == "dial":
+            return [WatchDialed(line)]
         return []
 
     def _missed(self, records: List[WatchEvent]) -> List[WatchEvent]:
@@ -6936,7 +7475,22 @@ def _status_text(f: Dict[str, str]) -> str:
         return "PBX connected"
     if f.get("pbx") == "down":
         return "PBX link down" + (": " + f["reason"] if f.get("reason") else "")
+    if f.get("dial"):
+        said = _DIAL_SAID.get(f["dial"], _DIAL_SAID["failed"])
+        return "dial %s: %s" % (f.get("number", "?"), said.format(
+            number=f.get("number", "?"), device=f.get("device", "?"), code=f.get("code", "?"),
+            reason=f.get("reason", "?")))
     return encode_text_line("", {k: v for k, v in f.items() if k != "event"}).strip()
+
+
+#: ``STATUS dial=...``: what became of a DIAL, in words.
+_DIAL_SAID = {
+    "answered": "your phone answered, calling {number}",
+    "busy": "your phone {device} is busy",
+    "noanswer": "your phone {device} did not answer",
+    "failed": "your phone {device} could not be rung (Asterisk's reason {code})",
+    DIAL_UNKNOWN: "what became of it is not known: {reason}",
+}
 
 
 def is_web_url(url: str) -> bool:
@@ -7627,6 +8181,7 @@ class LineClient(ClientConnection):
     def __init__(self, hub: "ClientHub", sock: socket.socket, peer: Tuple, tls: bool):
         super().__init__(hub, sock, peer, tls)
         self.session = ClientSession(self.host, tag=self._tag)
+        self.session.reply_to = self  # late replies to DIAL, HANGUP, TRANSFER
         self.framer = LineFramer(MAX_CLIENT_LINE_BYTES, MAX_CLIENT_PENDING_INPUT_BYTES)
         # Junk before a login closes the connection (README, Security).
         self.framer.text_only = True
@@ -7663,15 +8218,16 @@ class LineClient(ClientConnection):
         self._process_input()
 
     def eof_received(self) -> None:
-        if self.hold_until is not None:
-            self.watch()  # _release answers the rest, then closes
+        if self.hold_until is not None or self.session.awaiting:
+            self.watch()  # _release or _resume answers the rest, then closes
         else:
             self.finish("closed by the client")
 
     def _process_input(self) -> None:
         """Run the complete lines received, unless a reply is held back."""
         try:
-            while self.state == CONN_OPEN and self.hold_until is None:
+            while self.state == CONN_OPEN and self.hold_until is None and \
+                    not self.session.awaiting:
                 line = self.framer.next_line()
                 if line is None:
                     break
@@ -7741,6 +8297,35 @@ class LineClient(ClientConnection):
             self.finish("closed by the client")
         else:
             self.watch()
+
+    def action_reply(self, line: str) -> None:
+        """The reply to this connection's DIAL, HANGUP or TRANSFER, once
+        Asterisk answered: queued now, and the commands held behind it go
+        on in this pass's timers (never from inside the AMI link's read)."""
+        if self.state != CONN_OPEN:
+            return
+        self.session.awaiting = False
+        self.queue((line.replace("\r", " ").replace("\n", " ") + "\r\n").encode("utf-8"))
+        self.hub.loop.at(self.hub.loop.now, self._resume)
+
+    def action_status(self, fields: Dict[str, object]) -> None:
+        """What became of a DIAL (OriginateResponse): a STATUS line."""
+        if self.state == CONN_OPEN:
+            self.queue(encode_status(fields, self.session.fmt))
+
+    def _resume(self, now: float) -> None:
+        if self.state != CONN_OPEN or self.session.awaiting:
+            return
+        try:
+            self._process_input()
+            if self.state == CONN_OPEN and self.peer_eof and self.hold_until is None and \
+                    not self.session.awaiting:
+                self.finish("closed by the client")
+            elif self.state == CONN_OPEN:
+                self.watch()
+        except Exception:
+            log.exception("%s: internal error, closing the connection", self.tag)
+            self.close("internal error", logging.ERROR)
 
     def _update_deadline(self) -> None:
         if self.state != CONN_OPEN:
@@ -8125,6 +8710,9 @@ class AmiLink:
         self.address: Optional[Tuple[int, tuple]] = None
         #: ActionID -> who waits for the response (send_action).
         self._replies: Dict[str, object] = {}
+        #: ActionID -> the event that ends its answer, for an action
+        #: answered in two steps (Originate: OriginateResponse).
+        self._reply_until: Dict[str, str] = {}
         self._timer: Optional[Timer] = None
         self._rearm()
 
@@ -8136,11 +8724,13 @@ class AmiLink:
     # -- actions ---------------------------------------------------------------
 
     def send_action(self, action: str, fields: Iterable[Tuple[str, str]] = (),
-                    on_reply=None) -> Optional[str]:  # type: ignore[no-untyped-def]
+                    on_reply=None, until: str = "") -> Optional[str]:  # type: ignore[no-untyped-def]
         """Send an action to this Asterisk now.  Its response, and for a
         list action every event of the list up to its end, go to
         ``on_reply(msg)`` (and to the engine, as all messages do);
-        ``on_reply(None)`` if the link goes down first.  Returns the
+        ``on_reply(None)`` if the link goes down first.  ``until``: an
+        event of the same ActionID that ends the answer after a Success
+        response (Originate with Async: OriginateResponse).  Returns the
         ActionID, or None when the link is not logged in."""
         session = self.session
         if session is None or not session.logged_in:
@@ -8148,12 +8738,21 @@ class AmiLink:
         action_id = session.send_action(action, fields)
         if on_reply is not None:
             self._replies[action_id] = on_reply
+            if until:
+                self._reply_until[action_id] = until
         self._write()
         return action_id
 
+    def forget_reply(self, action_id: str) -> None:
+        """Nobody waits for this action's answer any more (it took too long)."""
+        self._replies.pop(action_id, None)
+        self._reply_until.pop(action_id, None)
+
     @staticmethod
-    def _reply_done(msg: AmiMessage) -> bool:
+    def _reply_done(msg: AmiMessage, until: str = "") -> bool:
         """Whether ``msg`` is the last message of its action's answer."""
+        if until:
+            return msg.get("Event") == until or msg.get("Response") not in (None, "Success")
         listing = msg.get("EventList", "").lower()
         if "Event" in msg:
             return listing in ("complete", "cancelled")
@@ -8387,8 +8986,8 @@ class AmiLink:
         action_id = msg.get("ActionID") if self._replies else None
         on_reply = self._replies.get(action_id) if action_id is not None else None
         if on_reply is not None:
-            if self._reply_done(msg):
-                del self._replies[action_id]  # type: ignore[arg-type]
+            if self._reply_done(msg, self._reply_until.get(action_id, "")):  # type: ignore[arg-type]
+                self.forget_reply(action_id)  # type: ignore[arg-type]
             on_reply(msg)  # type: ignore[operator]
         elif event is None:
             if msg.get("Response") == "Error":
@@ -8463,6 +9062,7 @@ class AmiLink:
         self.state = LINK_IDLE
         self.state_deadline = None
         replies, self._replies = self._replies, {}
+        self._reply_until.clear()
         for on_reply in replies.values():
             on_reply(None)  # type: ignore[operator]
 
@@ -8512,6 +9112,189 @@ class AmiLink:
     def _set_up(self, up: bool, reason: str) -> None:
         self.up = up
         self.owner.link_status(self, reason)
+
+
+# ---------------------------------------------------------------------------
+# I/O: actions on calls, sent to Asterisk and answered to the desktop
+# ---------------------------------------------------------------------------
+
+#: Where an action is: waiting for Asterisk's Response(s); answered OK and
+#: waiting for the outcome event (DIAL); done.
+STAGE_REPLY, STAGE_OUTCOME, STAGE_DONE = "reply", "outcome", "done"
+
+
+class ActionTicket:
+    """One action under way: its plan; who asked (``reply_to``, the
+    connection, None if it cannot take late replies; ``tag`` for the log);
+    the link it went out on; the ActionIDs whose Response is still owed;
+    the first refusal; its stage and its one timer."""
+
+    __slots__ = ("plan", "reply_to", "tag", "link", "sent", "waiting", "error", "stage",
+                 "early", "timer", "sending", "reply")
+
+    def __init__(self, plan: ActionPlan, reply_to: Optional[object], tag: str, link: AmiLink):
+        self.plan = plan
+        self.reply_to = reply_to
+        self.tag = tag
+        self.link = link
+        #: The ActionIDs sent, and those whose Response is still owed.
+        self.sent: List[str] = []
+        self.waiting: Set[str] = set()
+        self.error: Optional[str] = None
+        self.stage = STAGE_REPLY
+        #: An outcome event that came before the Response (Asterisk sends the
+        #: Response after queueing the Originate, whose thread may be quicker).
+        self.early: Optional[AmiMessage] = None
+        self.timer: Optional[Timer] = None
+        #: Still inside send(): a reply now is returned, not delivered.
+        self.sending = False
+        self.reply: Optional[str] = None
+
+
+class ActionDesk:
+    """The actions desktops asked for, until Asterisk has answered them.
+
+    ``send(plan, session)`` sends a plan's actions on the link of its PBX,
+    each with a callback bound to its ticket (AmiLink.send_action): the
+    ActionID of Asterisk's answer finds the ticket, and the ticket the
+    connection that asked (``session.reply_to``).  A connection closed
+    meanwhile gets nothing; the action's one log line is written all the
+    same.  A ticket lives until its answer, its timeout (``action_timeout``:
+    ERR 504; for DIAL's outcome, the ring time on top) or the loss of the
+    link (ERR 503), never longer; the loop never waits for one.
+    """
+
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+        self.loop = daemon.loop
+        #: The tickets under way.
+        self.tickets: Set[ActionTicket] = set()
+
+    def send(self, plan: ActionPlan, session: ClientSession) -> List[str]:
+        """Send the plan; [] while the reply is owed, else the reply now."""
+        request = plan.request
+        link = self.daemon.link_named(plan.pbx)
+        if link is None or not link.up:
+            raise ClientProtocolError("503", "%s %s: %s is not connected to Asterisk" % (
+                request.verb, request.target(), "PBX " + plan.pbx if len(self.daemon.links) > 1
+                else "the server"))
+        ticket = ActionTicket(plan, session.reply_to, session.tag, link)
+        self.tickets.add(ticket)
+        ticket.sending = True
+        for action, fields in plan.steps:
+            action_id = link.send_action(action, fields, functools.partial(self._answer, ticket),
+                                         until=plan.outcome_event)
+            if action_id is None or ticket.stage == STAGE_DONE:
+                break  # the link broke while writing: its callbacks were told
+            ticket.sent.append(action_id)
+            ticket.waiting.add(action_id)
+        ticket.sending = False
+        if ticket.stage == STAGE_REPLY and not ticket.waiting:
+            self._lost(ticket)
+        if ticket.reply is not None:
+            return [ticket.reply]
+        self._arm(ticket, self.daemon.config.action_timeout)
+        return []
+
+    # -- Asterisk's answers ----------------------------------------------------------
+
+    def _answer(self, ticket: ActionTicket, msg: Optional[AmiMessage]) -> None:
+        """A message of one of the ticket's ActionIDs (None: the link is gone)."""
+        if ticket.stage == STAGE_DONE:
+            return
+        if msg is None:
+            self._lost(ticket)
+            return
+        plan = ticket.plan
+        if "Event" in msg:
+            if msg.get("Event") == plan.outcome_event:
+                if ticket.stage == STAGE_REPLY:
+                    ticket.early = msg
+                else:
+                    self._outcome(ticket, dial_outcome(msg))
+            return
+        ticket.waiting.discard(msg.get("ActionID", ""))
+        if msg.get("Response") != "Success" and ticket.error is None:
+            ticket.error = msg.get("Message", "")
+        if ticket.waiting:
+            return
+        if ticket.error is not None:
+            denied = ticket.error.strip().lower() == "permission denied"
+            self._finish(ticket, "502", refusal_text(ticket.error),
+                         logging.WARNING if denied else logging.INFO)
+        elif not plan.outcome_event:
+            self._finish(ticket)
+        else:
+            # Queued: the reply now, the outcome when the event comes.
+            ticket.stage = STAGE_OUTCOME
+            self._deliver(ticket, plan.ok())
+            if ticket.early is not None:
+                self._outcome(ticket, dial_outcome(ticket.early))
+            else:
+                self._arm(ticket, DIAL_RING_S + self.daemon.config.action_timeout)
+
+    def _lost(self, ticket: ActionTicket) -> None:
+        why = "the link to Asterisk was lost before it answered"
+        if ticket.stage == STAGE_OUTCOME:
+            self._outcome(ticket, {"dial": DIAL_UNKNOWN, "reason": why})
+        else:
+            self._finish(ticket, "503", why, logging.WARNING)
+
+    def _on_timer(self, ticket: ActionTicket, now: float) -> None:
+        ticket.timer = None
+        if ticket.stage == STAGE_REPLY:
+            self._finish(ticket, "504", "no answer from Asterisk within %g s"
+                         % self.daemon.config.action_timeout, logging.WARNING)
+        elif ticket.stage == STAGE_OUTCOME:
+            self._outcome(ticket, {"dial": DIAL_UNKNOWN, "reason": "no %s from Asterisk"
+                                   % ticket.plan.outcome_event})
+
+    # -- the end of a ticket -----------------------------------------------------------
+
+    def _arm(self, ticket: ActionTicket, seconds: float) -> None:
+        self.loop.timers.cancel(ticket.timer)
+        ticket.timer = self.loop.at(self.loop.now + seconds,
+                                    functools.partial(self._on_timer, ticket))
+
+    def _outcome(self, ticket: ActionTicket, outcome: Dict[str, object]) -> None:
+        """DIAL's outcome: a STATUS line to the connection, the log line."""
+        request = ticket.plan.request
+        fields: Dict[str, object] = {"dial": outcome["dial"], "number": request.number,
+                                     "device": request.user.dial_device}
+        fields.update((k, v) for k, v in outcome.items() if k != "dial")
+        fields["time"] = iso_time(self.loop.wall)
+        self._done(ticket, "OK, then %s" % encode_text_line("dial=%s" % outcome["dial"], {
+            k: v for k, v in outcome.items() if k != "dial"}))
+        reply_to = ticket.reply_to
+        if reply_to is not None:
+            reply_to.action_status(fields)  # type: ignore[attr-defined]
+
+    def _finish(self, ticket: ActionTicket, code: str = "", text: str = "",
+                level: int = logging.INFO) -> None:
+        """The reply that ends the ticket: OK, or ERR ``code`` with ``text``."""
+        plan = ticket.plan
+        self._done(ticket, "ERR %s %s" % (code, text) if code else "OK", level)
+        self._deliver(ticket, plan.error(code, text) if code else plan.ok())
+
+    def _done(self, ticket: ActionTicket, result: str, level: int = logging.INFO) -> None:
+        """Forget the ticket everywhere; its one log line: user, address,
+        action, target, result."""
+        ticket.stage = STAGE_DONE
+        self.loop.timers.cancel(ticket.timer)
+        ticket.timer = None
+        for action_id in ticket.sent:
+            ticket.link.forget_reply(action_id)
+        ticket.waiting.clear()
+        self.tickets.discard(ticket)
+        request = ticket.plan.request
+        log.log(level, "%s: action %s %s: %s", ticket.tag, request.verb, request.target(),
+                result)
+
+    def _deliver(self, ticket: ActionTicket, line: str) -> None:
+        if ticket.sending:
+            ticket.reply = line
+        elif ticket.reply_to is not None:
+            ticket.reply_to.action_reply(line)  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------
@@ -8633,6 +9416,19 @@ class DaemonView(ServerView):
         """A STATUS line's fields per PBX, for a client that just logged in."""
         return [self._daemon.pbx_status(link) for link in self._daemon.links]
 
+    def clock(self) -> float:
+        return self._daemon.loop.now
+
+    def action_defaults(self) -> Tuple[str, int]:
+        config = self._daemon.config
+        return config.dial_context, config.actions_per_minute
+
+    def pbx_engines(self) -> List[Tuple[str, CallEngine]]:
+        return [(link.config.name, link.engine) for link in self._daemon.links]
+
+    def send_plan(self, plan: ActionPlan, session: ClientSession) -> List[str]:
+        return self._daemon.actions.send(plan, session)
+
 
 class Daemon:
     """The daemon: one Loop, the AMI links in, the ClientHub out, the call
@@ -8654,11 +9450,17 @@ class Daemon:
         self.hub = ClientHub(self.loop, config, self.view)
         #: One link per PBX ([ami], then each [ami:NAME]).
         self.links: List[AmiLink] = [self._make_link(pbx, config) for pbx in config.pbxes]
+        #: DIAL, HANGUP and TRANSFER under way.
+        self.actions = ActionDesk(self)
         #: bind, port and tls_port as started: a reload cannot change them.
         self._listening = (config.bind, config.port, config.tls_port)
         self.running = False
         self._pending_signals: List[int] = []
         self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
+
+    def link_named(self, name: str) -> Optional[AmiLink]:
+        """The link of the PBX of this name (DEFAULT_PBX: [ami])."""
+        return next((link for link in self.links if link.config.name == name), None)
 
     def _make_link(self, pbx: AmiConfig, config: Config) -> AmiLink:
         # With several PBXes every event says which one it came from.
@@ -8936,7 +9738,8 @@ class WatchClient:
     def __init__(self, host: str, port: int, user: str, secret: str,
                  fmt: str = "readable", hooks: Sequence[ExecHook] = (),
                  open_urls: bool = False, state: Optional[WatchState] = None,
-                 out=None, tls_context: Optional["ssl.SSLContext"] = None, tls_ca: str = ""):
+                 out=None, tls_context: Optional["ssl.SSLContext"] = None, tls_ca: str = "",
+                 dial: str = ""):
         self.host = host
         self.port = port
         #: Set: the server's TLS port, its certificate verified (against
@@ -8959,9 +9762,17 @@ class WatchClient:
         self._logged_in = False
         self._last_heard = 0.0
         self._ping_sent: Optional[float] = None
+        #: ``--dial``: the number; the exit status once its outcome is known;
+        #: when to stop waiting for it (monotonic).
+        self.dial = dial
+        self._exit: Optional[int] = None
+        self._dial_by = 0.0
 
     def run(self) -> int:
-        """Until Ctrl-C (0) or a refused login (1)."""
+        """Until Ctrl-C (0) or a refused login (1); with ``dial``, until the
+        outcome of that one DIAL (0: the phone answered, else 1)."""
+        if self.dial:
+            return self._dial_once()
         backoff = WATCH_RECONNECT_MIN_S
         try:
             while True:
@@ -8978,6 +9789,19 @@ class WatchClient:
         finally:
             if self.state is not None:
                 self.state.save()
+
+    def _dial_once(self) -> int:
+        """``--dial``: one connection, one DIAL, its outcome; no reconnect
+        (a click on a tel: link must not ring the phone twice)."""
+        self._dial_by = time.monotonic() + WATCH_DIAL_WAIT_S
+        try:
+            _fatal, _logged_in, reason = self._connect_once()
+        except KeyboardInterrupt:
+            return 1
+        if self._exit is None:
+            log.error("dial %s: %s", self.dial, reason)
+            return 1
+        return self._exit
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -8996,7 +9820,8 @@ class WatchClient:
         since = self.state.last_seen if self.state is not None else None
         session = WatchSession(self.user, self._secret,
                                "text" if self.fmt == "text" else "json", since,
-                               since_calls=self.state.last_calls if self.state is not None else ())
+                               since_calls=self.state.last_calls if self.state is not None else (),
+                               dial=self.dial)
         self._logged_in = False
         try:
             return self._serve(sock, session)
@@ -9052,6 +9877,10 @@ class WatchClient:
                 framer.receive_data(data)
                 if self._dispatch(sock, session, framer):
                     return True, False, "login refused"
+            if self._exit is not None:
+                return False, self._logged_in, "done"
+            if self.dial and now >= self._dial_by:
+                return False, self._logged_in, "no outcome within %g s" % WATCH_DIAL_WAIT_S
             elif session.state == "ready" and not self._keepalive(sock, session, now):
                 return False, self._logged_in, "%s does not answer PING" % self.where
 
@@ -9098,6 +9927,8 @@ class WatchClient:
             self.state.advance(session.seen_until, session.seen_calls)
         if isinstance(item, WatchSend):
             self._send(sock, item)
+        elif self.dial:
+            self._dial_news(item)
         elif isinstance(item, WatchEvent):
             self._show(item)
             if item.kind in EVENT_KINDS:
@@ -9112,6 +9943,25 @@ class WatchClient:
         elif isinstance(item, WatchCalls):
             for call in item.calls:
                 self._show(call)
+
+    def _dial_news(self, item: object) -> None:
+        """``--dial``: the reply to DIAL, then its outcome (``STATUS dial=``);
+        the events of the call that follows are for a watch that stays."""
+        if isinstance(item, WatchDialed):
+            if not item.ok:
+                log.error("%s", item.reply)
+                self._exit = 1
+            elif self.fmt != "readable":
+                self.out.write(item.reply.translate(_DISPLAY_ESCAPES) + "\n")
+            else:
+                fields = parse_text_line("OK " + item.reply.split(" ", 2)[-1])[2]
+                self.out.write(("%s  %-8s  %s: ringing your phone %s, lift it to call" % (
+                    time.strftime("%H:%M:%S"), "dial", fields.get("number", self.dial),
+                    fields.get("device", "?"))).translate(_DISPLAY_ESCAPES) + "\n")
+            self.out.flush()
+        elif isinstance(item, WatchEvent) and item.kind == "status" and item.fields.get("dial"):
+            self._show(item)
+            self._exit = 0 if item.fields["dial"] == "answered" else 1
 
     def _show(self, event: WatchEvent) -> None:
         if self.fmt == "readable":
@@ -10154,7 +11004,8 @@ def _read_secret(args: argparse.Namespace, host: str) -> Optional[str]:
     from the command line, where every user of the machine could read it."""
     if args.secret_file:
         try:
-            with open(args.secret_file, encoding="utf-8") as f:
+            # ~ too: a desktop file or a registry entry runs no shell to expand it.
+            with open(os.path.expanduser(args.secret_file), encoding="utf-8") as f:
                 secret = f.readline().strip()
         except (OSError, UnicodeDecodeError) as e:
             log.error("cannot read the secret file %s: %s", args.secret_file,
@@ -10178,6 +11029,17 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     host, port = args.server
+    number = ""
+    if args.dial is not None:
+        try:
+            number = dial_target(args.dial)
+        except ValueError as e:
+            log.error("--dial %.80r: %s", args.dial, e)
+            return 2
+        if args.hooks or args.open:
+            # One DIAL and out: a tel: URL made to carry "--exec" gets nowhere.
+            log.error("--dial takes no --exec or --open")
+            return 2
     try:
         secret = _read_secret(args, host)
     except KeyboardInterrupt:
@@ -10192,10 +11054,13 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             log.error("cannot use TLS with %s: %s", args.tls_ca or "the system's CAs",
                       _ssl_reason(e))
             return 1
-    state = WatchState(args.state, "%s@%s:%d" % (args.user, host, port))
-    state.load()
+    state = None
+    if not number:
+        state = WatchState(args.state, "%s@%s:%d" % (args.user, host, port))
+        state.load()
     client = WatchClient(host, port, args.user, secret, args.format, args.hooks,
-                         args.open, state, tls_context=tls_context, tls_ca=args.tls_ca or "")
+                         args.open, state, tls_context=tls_context, tls_ca=args.tls_ca or "",
+                         dial=number)
     return client.run()
 
 
@@ -10309,6 +11174,10 @@ def _watch_arguments(commands) -> None:  # type: ignore[no-untyped-def]
     cmd.add_argument("--state", metavar="FILE", default=DEFAULT_WATCH_STATE,
                      help="where to remember when you were last connected, for the missed "
                           "calls (default: %(default)s)")
+    cmd.add_argument("--dial", metavar="NUMBER",
+                     help="ring your phone, then call NUMBER (or a tel: or callto: URL: "
+                          "watch as the desktop's tel: handler) and exit: 0 once you answered, "
+                          "1 if not")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1762,6 +1762,492 @@ def test_e2e_asterisk_shutdown_event_means_reconnect(fake, daemon_factory, clien
 
 
 # ---------------------------------------------------------------------------
+# Actions on calls (issue 12): DIAL, HANGUP, TRANSFER
+# ---------------------------------------------------------------------------
+
+#: Alice may do everything, Bob may hang up, Carol nothing (office.conf).
+ACTING_USERS = """\
+[alice]
+secret = alice-secret
+devices = PJSIP/100
+extensions = 100
+actions = dial, hangup, transfer
+dial_callerid = "Alice Smith" <100>
+[bob]
+secret = bob-secret
+devices = PJSIP/101
+extensions = 101
+actions = hangup
+[carol]
+secret = carol-secret
+devices = PJSIP/102
+extensions = 102
+"""
+
+
+def acting_config(users=ACTING_USERS, general=""):
+    return parse_config("[general]\n%s[ami]\nusername=u\nsecret=s\n%s" % (general, users), "f")
+
+
+def events_until(name, last, event=b"BridgeEnter"):
+    """The wire events of a recorded trace up to its ``last``-th ``event``
+    (by default: a call whose parties talk), and the rest."""
+    with open(trace_path(name), "rb") as f:
+        events = trace_events(f.read())
+    cut = [i for i, e in enumerate(events) if e.startswith(b"Event: " + event + b"\r\n")]
+    return events[:cut[last - 1] + 1], events[cut[last - 1] + 1:]
+
+
+def engine_mid_call(name="a_inbound_answered", last=2, users=None, event=b"BridgeEnter",
+                    pbx="default"):
+    """An engine fed a call up to the moment its parties talk."""
+    users = users if users is not None else acting_config().users
+    engine = CallEngine(Directory(users.values(), pbx), "" if pbx == "default" else pbx)
+    head, _ = events_until(name, last, event)
+    for msg in AmiParser(expect_banner=False).feed(b"".join(head)):
+        engine.handle(msg, 0.0)
+    return engine
+
+
+class ActingView(ctinotify.ServerView):
+    """A server that keeps the plans it would send."""
+
+    def __init__(self, config, engine=None):
+        super().__init__(config.users, engine)
+        self.dial_context = config.dial_context
+        self.actions_per_minute = config.actions_per_minute
+        self.sent = []
+
+    def send_plan(self, plan, session):
+        self.sent.append(plan)
+        return []
+
+
+def logged_in(view, name):
+    session = ctinotify.ClientSession("10.0.0.9")
+    assert session.handle_line("LOGIN %s %s-secret" % (name, name), view)[0].startswith("OK")
+    return session
+
+
+@pytest.mark.parametrize("pasted, number", [
+    ("(555) 123-4567", "5551234567"), ("+1 555.987.0002", "+15559870002"), ("*72 101", "*72101"),
+    ("#31#100", "#31#100"), ("+49\u00a030\u202f1234-56", "+4930123456"), ("1" * 32, "1" * 32),
+])
+def test_a_pasted_number_loses_its_spaces_and_punctuation(pasted, number):
+    assert ctinotify.parse_number(pasted) == number
+
+
+#: What a number must never be: a second header (CR/LF), a dial string or a
+#: channel (; / @ , & |), an application, letters, nothing, too long.
+INJECTIONS = ["100\r\nAction: Originate", "100\nChannel: PJSIP/999", "100\r", "100;2",
+              "Local/100@from-internal", "PJSIP/100", "100@from-internal", "100,1", "100&101",
+              "100|101", "sip:100", "1-800-FLOWERS", "100\x00", "\u0661\u0660\u0660", "",
+              "  ", "1" * 33, "100\u2028", "100 ; Action: Hangup", "+1555\tx"]
+
+
+@pytest.mark.parametrize("bad", INJECTIONS)
+def test_anything_but_a_number_is_refused(bad):
+    with pytest.raises(ValueError):
+        ctinotify.parse_number(bad)
+
+
+def test_encode_action_refuses_cr_or_lf_in_any_key_or_value():
+    assert ctinotify.encode_action("Hangup", [("Channel", "PJSIP/100-00000001")]) == \
+        b"Action: Hangup\r\nChannel: PJSIP/100-00000001\r\n\r\n"
+    for action, fields in [("Originate\r\nAction: Hangup", []), ("Originate", [("Exten\n", "1")]),
+                           ("Originate", [("Exten", "1\rx")]), ("Hangup", [("A", "b\nc")]),
+                           ("Hangup", [("Channel\r", "PJSIP/1")])]:
+        with pytest.raises(ValueError):
+            ctinotify.encode_action(action, fields)
+
+
+def test_actions_in_the_config_templates_defaults_and_check():
+    config = acting_config("[office](!)\nactions = all\n[alice](office)\nsecret = a\n"
+                           "devices = PJSIP/100, PJSIP/alice-soft\nextensions = 100\n"
+                           "[bob](office)\nsecret = b\ndevices = PJSIP/101\n"
+                           "dial_device = pjsip/101\ndial_callerid = Bob Jones <101>\n"
+                           "dial_context = sales\nactions_per_minute = 3\n"
+                           "[carol]\nsecret = c\ndevices = PJSIP/102\n",
+                           general="dial_context = internal\nactions_per_minute = 20\n")
+    alice, bob, carol = (config.users[n] for n in ("alice", "bob", "carol"))
+    assert alice.actions == ("dial", "hangup", "transfer") and carol.actions == ()
+    assert (alice.dial_device, alice.dial_callerid, alice.dial_context) == \
+        ("PJSIP/100", "<100>", "")
+    assert (bob.dial_device, bob.dial_callerid, bob.dial_context, bob.actions_per_minute) == \
+        ("PJSIP/101", '"Bob Jones" <101>', "sales", 3)
+    assert (config.dial_context, config.actions_per_minute, config.action_timeout) == \
+        ("internal", 20, 10.0)
+    described = config.describe()
+    assert "[bob]" in described and 'dial_callerid = "Bob Jones" <101>\n' in described
+    assert parse_config(described.replace("********", "s"), "f").describe() == described
+    (note,) = config.advisories()
+    assert "alice, bob may act on calls" in note and "write = originate,call" in note
+    assert acting_config("[c]\nsecret = c\ndevices = PJSIP/1\n").advisories() == []
+
+
+@pytest.mark.parametrize("lines, message", [
+    ("actions = dial, teleport", "unknown action 'teleport', expected none, all or any of: "
+                                 "dial, hangup, transfer"),
+    ("actions = dial\ndial_device = PJSIP/999", "'PJSIP/999' is not one of the user's devices"),
+    ("actions = dial\ndial_callerid = \"Al\"ice\" <100>", "is not a caller ID"),
+    ("actions = dial\ndial_callerid = Alice <100;1>", "is not a caller ID"),
+    ("dial_context = from internal", "is not a context name"),
+    ("actions_per_minute = 0", "out of range"),
+])
+def test_action_keys_are_checked(lines, message):
+    with pytest.raises(ConfigError) as info:
+        acting_config("[u]\nsecret = s\ndevices = PJSIP/1\n%s\n" % lines)
+    assert any(message in p for p in info.value.problems), info.value.problems
+
+
+def test_dial_needs_a_phone_and_a_caller_id():
+    with pytest.raises(ConfigError) as info:
+        acting_config("[u]\nsecret = s\nextensions = 100\nactions = dial\n"
+                      "[v]\nsecret = s\ndevices = PJSIP/vee\nactions = dial\n")
+    problems = "\n".join(info.value.problems)
+    assert "[u] actions: dial needs a phone to ring first" in problems
+    assert "[v] actions: dial needs the user's caller ID" in problems
+    with pytest.raises(ConfigError):
+        acting_config("[general]\ndial_context = a;b\n")
+
+
+def test_dial_sends_an_originate_from_the_users_phone_with_their_caller_id():
+    view = ActingView(acting_config())
+    alice = logged_in(view, "alice")
+    alice.reply_to = object()  # a connection that will take the reply
+    assert alice.handle_line("DIAL (555) 987-0002", view) == [] and alice.awaiting
+    (plan,) = view.sent
+    assert plan.pbx == "default" and plan.outcome_event == "OriginateResponse"
+    assert plan.steps == [("Originate", [
+        ("Channel", "PJSIP/100"), ("Context", "from-internal"), ("Exten", "5559870002"),
+        ("Priority", "1"), ("CallerID", '"Alice Smith" <100>'), ("Timeout", "30000"),
+        ("Async", "true")])]
+    assert plan.ok() == "OK dial number=5559870002 device=PJSIP/100"
+
+
+def test_actions_are_refused_without_login_permission_or_a_valid_argument():
+    view = ActingView(acting_config(general="actions_per_minute = 1000\n"), engine_mid_call())
+    anonymous = ctinotify.ClientSession("10.0.0.9")
+    assert anonymous.handle_line("DIAL 100", view) == ["ERR 403 login first"]
+    carol, bob, alice = (logged_in(view, n) for n in ("carol", "bob", "alice"))
+    assert carol.handle_line("DIAL 100", view) == \
+        ["ERR 403 dial: not allowed, the actions of carol do not include dial"]
+    assert bob.handle_line("TRANSFER 1795727950.0 101", view) == \
+        ["ERR 403 transfer: not allowed, the actions of bob do not include transfer"]
+    # A command line loses its trailing white space ("100\r" is 100): no harm.
+    for bad in [b for b in INJECTIONS if b == b.rstrip() or not b.strip()]:
+        reply = alice.handle_line("DIAL " + bad, view)[0]
+        assert reply.startswith(("ERR 400 dial: not a number", "ERR 400 dial: usage")), reply
+        assert "\r" not in reply and "\n" not in reply
+        reply = alice.handle_line("TRANSFER 1795727950.0 " + bad, view)[0]
+        assert reply.startswith(("ERR 400 transfer: not a number", "ERR 400 transfer: usage"))
+    for bad in ("", "1795727950.0 extra", "../1", "1795727950.0;x", "PJSIP/100-00000001"):
+        assert alice.handle_line("HANGUP " + bad, view)[0].startswith("ERR 400 hangup")
+    assert view.sent == []
+
+
+def test_hangup_and_transfer_act_on_the_users_own_channel_and_nobody_elses_call():
+    view = ActingView(acting_config(general="actions_per_minute = 1000\n"), engine_mid_call())
+    alice, bob = logged_in(view, "alice"), logged_in(view, "bob")
+    # The call is Alice's; Bob may hang up, but not her call, whatever he guesses.
+    assert bob.handle_line("HANGUP 1795727950.0", view) == \
+        ["ERR 403 hangup call=1795727950.0: not your call"]
+    for guess in ("1795727950.1", "1795727949.0", "0", "1795727950.0.0", "x-1795727950.0"):
+        assert bob.handle_line("HANGUP " + guess, view) == \
+            ["ERR 404 hangup call=%s: no such call in progress" % guess]
+    assert alice.handle_line("HANGUP 1795727950.1", view)[0].startswith("ERR 404")
+    assert view.sent == []
+    assert alice.handle_line("HANGUP 1795727950.0", view) == []
+    assert alice.handle_line("TRANSFER 1795727950.0 1-01", view) == []
+    hangup, transfer = view.sent
+    assert hangup.steps == [("Hangup", [("Channel", "PJSIP/100-00000001")])]
+    assert transfer.steps == [("BlindTransfer", [("Channel", "PJSIP/100-00000001"),
+                                                 ("Context", "from-internal"),
+                                                 ("Exten", "101")])]
+    assert transfer.ok() == "OK transfer call=1795727950.0 to=101"
+
+
+def test_a_ringing_call_can_be_hung_up_but_not_transferred():
+    view = ActingView(acting_config(), engine_mid_call(last=1, event=b"DialBegin"))
+    alice = logged_in(view, "alice")
+    calls = view.calls("alice")
+    assert [c["state"] for c in calls] == ["ringing"]
+    assert alice.handle_line("TRANSFER 1795727950.0 101", view) == [
+        "ERR 409 transfer call=1795727950.0 to=101: you are not talking on it, only an "
+        "answered call can be transferred"]
+    assert alice.handle_line("HANGUP 1795727950.0", view) == []
+    assert view.sent[0].steps == [("Hangup", [("Channel", "PJSIP/100-00000001")])]
+
+
+def test_the_rate_limit_counts_every_attempt_per_user():
+    view = ActingView(acting_config(general="actions_per_minute = 3\n"))
+    alice = logged_in(view, "alice")
+    other = logged_in(view, "alice")  # the same user on a second desktop
+    assert alice.handle_line("DIAL 100", view) == []
+    assert alice.handle_line("DIAL letters", view)[0].startswith("ERR 400")
+    assert other.handle_line("HANGUP 1.1", view)[0].startswith("ERR 404")
+    assert alice.handle_line("DIAL 100", view) == \
+        ["ERR 429 dial: more than 3 actions a minute, try again in 60 s"]
+    view.now = 59.5
+    assert other.handle_line("DIAL 100", view)[0].startswith("ERR 429")
+    view.now = 60.0
+    assert other.handle_line("DIAL 100", view) == []
+    assert len(view.sent) == 2
+
+
+def test_actions_go_to_the_pbx_of_the_dial_device_and_of_the_call():
+    config = parse_config("[ami]\nusername=u\nsecret=s\n[ami:branch]\nusername=u\nsecret=s\n"
+                          "[alice]\nsecret=alice-secret\ndevices=branch:PJSIP/100\n"
+                          "extensions=branch:100\nactions=all\n", "f")
+    view = ActingView(config)
+    engines = {"default": CallEngine(Directory(config.users.values(), "default")),
+               "branch": engine_mid_call(users=config.users, pbx="branch")}
+    view.pbx_engines = lambda: list(engines.items())
+    alice = logged_in(view, "alice")
+    alice.handle_line("DIAL 5", view)
+    alice.handle_line("HANGUP 1795727950.0", view)
+    assert [(p.pbx, p.steps[0][1][0]) for p in view.sent] == \
+        [("branch", ("Channel", "PJSIP/100")), ("branch", ("Channel", "PJSIP/100-00000001"))]
+
+
+def test_a_channel_name_not_safe_to_send_back_is_never_sent():
+    engine = engine_mid_call()
+    (chan,) = [c for c in engine.channels() if c.name.startswith("PJSIP/100-")]
+    view = ActingView(acting_config(), engine)
+    alice = logged_in(view, "alice")
+    for name in ("/.*/", "PJSIP/100 x", "PJSIP/100-1\x85"):
+        chan.name = name
+        assert alice.handle_line("HANGUP 1795727950.0", view)[0].startswith("ERR 502 hangup")
+    assert view.sent == []
+
+
+# -- end to end: the daemon, the fake Asterisk, a desktop ---------------------------
+
+def acting_daemon(daemon_factory, general="", users=ACTING_USERS):
+    return daemon_factory(users=users, general=general)
+
+
+def sent_actions(fake, name):
+    return [a for a in fake.actions if a.get("Action") == name]
+
+
+def test_e2e_dial_rings_the_users_phone_then_the_call_is_told_as_usual(fake, daemon_factory):
+    """The README's DIAL session, checked against the daemon: the exact
+    Originate, the reply, the outcome, then the click-to-dial trace's events."""
+    block = readme_block("example-dial: o_click_to_dial")
+    daemon = acting_daemon(daemon_factory)
+    client = Client(daemon.port)
+    try:
+        for expected in block[2:]:
+            if expected.startswith("> "):
+                client.send(expected[2:])
+                continue
+            if expected.startswith("EVENT outgoing"):
+                fake.send_trace(trace_path("o_click_to_dial"))
+            assert normalize(client.line()) == normalize(expected)
+    finally:
+        client.close()
+    (originate,) = sent_actions(fake, "Originate")
+    assert originate == {"Action": "Originate", "ActionID": originate["ActionID"],
+                         "Channel": "PJSIP/100", "Context": "from-internal",
+                         "Exten": "+15559870002", "Priority": "1",
+                         "CallerID": '"Alice Smith" <100>', "Timeout": "30000", "Async": "true"}
+    assert re.fullmatch(r"ctinotify-\d+", originate["ActionID"])
+    daemon.wait_log(r"client alice@127\.0\.0\.1:\d+: action dial number=\+15559870002 "
+                    r"device=PJSIP/100: OK, then dial=answered code=4")
+
+
+def test_e2e_a_refusal_and_a_silence_of_asterisk_reach_the_desktop(fake, daemon_factory,
+                                                                   clients):
+    daemon = acting_daemon(daemon_factory, general="action_timeout = 0.3\n")
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.answers["originate"] = "denied"
+    alice.send("DIAL 101")
+    assert alice.line() == ("ERR 502 dial number=101 device=PJSIP/100: Asterisk answered: "
+                            "Permission denied (the manager.conf user of ctinotify needs "
+                            "write = originate,call)")
+    daemon.wait_log(r"WARNING client alice@127\.0\.0\.1:\d+: action dial number=101 "
+                    r"device=PJSIP/100: ERR 502 Asterisk answered: Permission denied")
+    fake.answers["originate"] = "silent"
+    started = time.monotonic()
+    alice.send("DIAL 102")
+    alice.send("PING")  # held behind the DIAL: replies keep the order of the commands
+    assert alice.line() == ("ERR 504 dial number=102 device=PJSIP/100: no answer from "
+                            "Asterisk within 0.3 s")
+    assert time.monotonic() - started >= 0.3
+    assert alice.line() == "OK PONG"
+    fake.answers["originate"] = "ok"
+    fake.originate_reason = "5"
+    alice.send("DIAL 103")
+    assert alice.line() == "OK dial number=103 device=PJSIP/100"
+    assert normalize(alice.line()) == "STATUS dial=busy number=103 device=PJSIP/100 code=5 time=T"
+
+
+def test_e2e_the_link_lost_while_an_action_waits_is_an_error_not_silence(fake, daemon_factory,
+                                                                         clients):
+    daemon = acting_daemon(daemon_factory)
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.answers["originate"] = "silent"
+    alice.send("DIAL 101")
+    fake.wait_for_action("Originate")
+    fake.drop()
+    assert alice.line() == ("ERR 503 dial number=101 device=PJSIP/100: the link to Asterisk "
+                            "was lost before it answered")
+    assert alice.line().startswith("STATUS pbx=down")
+    alice.send("DIAL 101")
+    assert alice.line() == "ERR 503 dial number=101 device=PJSIP/100: the server is not " \
+                           "connected to Asterisk"
+
+
+def test_e2e_no_injection_reaches_asterisk(fake, daemon_factory, clients):
+    daemon = acting_daemon(daemon_factory, general="actions_per_minute = 1000\n")
+    alice = clients(daemon.port, "alice alice-secret")
+    head, _ = events_until("a_inbound_answered", 2)
+    fake.send(b"".join(head))
+    assert alice.lines_until(lambda l: l.startswith("EVENT pickup"))
+    alice.events_until_pong()
+    before = bytes(fake.received)
+    # On the wire a CR or LF ends the command line (what follows is a command
+    # of its own), and trailing white space is dropped: the rest, in a line.
+    for bad in [b for b in INJECTIONS if b == b.rstrip() and "\r" not in b and "\n" not in b]:
+        for command in ("DIAL ", "TRANSFER 1795727950.0 "):
+            alice.send(command + bad)
+            assert alice.line().startswith("ERR 400"), command + bad
+    for command in ("HANGUP 1795727950.0;x", "HANGUP /.*/", "HANGUP PJSIP/100-00000001",
+                    "TRANSFER 1795727950.0 Local/101@from-internal/n"):
+        alice.send(command)
+        assert alice.line().startswith("ERR 400"), command
+    alice.events_until_pong()
+    assert bytes(fake.received) == before
+    alice.send("TRANSFER 1795727950.0 101")
+    assert alice.line() == "OK transfer call=1795727950.0 to=101"
+    (transfer,) = sent_actions(fake, "BlindTransfer")
+    assert (transfer["Channel"], transfer["Context"], transfer["Exten"]) == \
+        ("PJSIP/100-00000001", "from-internal", "101")
+
+
+def test_e2e_nobody_hangs_up_or_transfers_another_users_call(fake, daemon_factory, clients):
+    daemon = acting_daemon(daemon_factory, users=ACTING_USERS.replace(
+        "[bob]\nsecret = bob-secret\ndevices = PJSIP/101\nextensions = 101\nactions = hangup",
+        "[bob]\nsecret = bob-secret\ndevices = PJSIP/101\nextensions = 101\nactions = all\n"
+        "dial_callerid = <101>"))
+    alice = clients(daemon.port, "alice alice-secret")
+    bob = clients(daemon.port, "bob bob-secret")
+    head, rest = events_until("a_inbound_answered", 2)
+    fake.send(b"".join(head))
+    alice.lines_until(lambda l: l.startswith("EVENT pickup"))
+    for guess in ("1795727950.0", "1795727950.1", "1795727951.0", "1"):
+        for command in ("HANGUP %s", "TRANSFER %s 102"):
+            bob.send(command % guess)
+            assert bob.line().startswith("ERR 403" if guess == "1795727950.0" else "ERR 404")
+    assert bob.events_until_pong() == []
+    assert sent_actions(fake, "Hangup") == [] and sent_actions(fake, "BlindTransfer") == []
+    alice.send("HANGUP 1795727950.0")
+    assert alice.line() == "OK hangup call=1795727950.0"
+    (hangup,) = sent_actions(fake, "Hangup")
+    assert hangup["Channel"] == "PJSIP/100-00000001"
+    fake.send(b"".join(rest))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == ["hangup"]
+    daemon.wait_log(r"client bob@127\.0\.0\.1:\d+: action hangup '1795727950\.0' refused: "
+                    r"ERR 403 hangup call=1795727950\.0: not your call")
+
+
+def test_e2e_the_rate_limit_holds_across_a_users_connections(fake, daemon_factory, clients):
+    daemon = acting_daemon(daemon_factory, general="actions_per_minute = 2\n")
+    first = clients(daemon.port, "alice alice-secret")
+    second = clients(daemon.port, "alice alice-secret")
+    first.send("DIAL 101")
+    assert first.line().startswith("OK dial") and first.line().startswith("STATUS dial=")
+    second.send("DIAL 102")
+    assert second.line().startswith("OK dial")
+    first.send("DIAL 103")
+    assert first.line().startswith("ERR 429 dial: more than 2 actions a minute")
+    assert len(sent_actions(fake, "Originate")) == 2
+
+
+def test_check_says_the_manager_user_needs_write_originate_call(tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text("[ami]\nusername = cti\nsecret = s\n" + ACTING_USERS)
+    os.chmod(str(path), 0o600)
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "alice, bob may act on calls (actions =): the manager.conf user cti needs " \
+           "write = originate,call" in result.stderr
+    assert "actions = dial,hangup,transfer\ndial_device = PJSIP/100\n" in result.stdout
+
+
+# -- watch --dial: the desktop's tel: handler ----------------------------------------
+
+@pytest.mark.parametrize("given, number", [
+    ("+1 555 987 0002", "+15559870002"), ("tel:+1-555-987-0002", "+15559870002"),
+    ("TEL:+15559870002;phone-context=example.com", "+15559870002"),
+    ("tel:%2B1%20555%20987%200002", "+15559870002"), ("callto:+15559870002", "+15559870002"),
+    ("callto://+15559870002/", "+15559870002"), ("tel:101;ext=5", "101"),
+    ("tel:*72101", "*72101"),
+])
+def test_dial_target_takes_numbers_and_tel_and_callto_urls(given, number):
+    assert ctinotify.dial_target(given) == number
+
+
+@pytest.mark.parametrize("given", [
+    "tel:100%0D%0AAction:%20Hangup", "tel:100%3B1", "callto:skype.user", "sip:100@pbx",
+    "javascript:alert(1)", "tel:", "tel:Local%2F100", "tel:100%40from-internal", "file:///etc",
+    "tel:100%00",
+])
+def test_dial_target_refuses_what_is_no_number(given):
+    with pytest.raises(ValueError):
+        ctinotify.dial_target(given)
+
+
+def test_watch_session_in_dial_mode_logs_in_dials_and_waits_for_the_outcome():
+    session = ctinotify.WatchSession("alice", "s", dial="+15559870002")
+    sent = [i.line for i in session.receive_line("CTINOTIFY/1 ctinotify 0.1.0 ready")]
+    assert sent == ["FORMAT json", "LOGIN alice s"]
+    assert session.receive_line("OK format=json") == []
+    logged_in_, dial = session.receive_line("OK logged in as alice; events=incoming")
+    assert isinstance(logged_in_, ctinotify.WatchLoggedIn) and dial.line == "DIAL +15559870002"
+    assert session.receive_line('{"event":"status","pbx":"up","time":"2026-11-26T21:22:22Z"}')
+    (reply,) = session.receive_line("OK dial number=+15559870002 device=PJSIP/100")
+    assert isinstance(reply, ctinotify.WatchDialed) and reply.ok
+    (outcome,) = session.receive_line('{"event":"status","dial":"answered",'
+                                      '"number":"+15559870002","device":"PJSIP/100",'
+                                      '"code":"4","time":"2026-11-26T21:22:25Z"}')
+    assert outcome.kind == "status" and outcome.fields["dial"] == "answered"
+    assert "your phone answered" in ctinotify.render_event(outcome)
+
+
+def watch_dial(port, tmp_path, target, *extra):
+    secret = tmp_path / "secret"
+    secret.write_text("alice-secret\n")
+    os.chmod(str(secret), 0o600)
+    return run_cli("watch", "127.0.0.1:%d" % port, "--user", "alice", "--secret-file",
+                   str(secret), "--dial", target, *extra)
+
+
+def test_e2e_watch_dial_as_the_tel_handler(fake, daemon_factory, tmp_path):
+    daemon = acting_daemon(daemon_factory)
+    result = watch_dial(daemon.port, tmp_path, "tel:+1-555-987-0002;phone-context=x")
+    assert result.returncode == 0, result.stderr
+    assert "  dial      +15559870002: ringing your phone PJSIP/100, lift it to call\n" \
+        in result.stdout
+    assert "dial +15559870002: your phone answered, calling +15559870002" in result.stdout
+    assert sent_actions(fake, "Originate")[0]["Exten"] == "+15559870002"
+    fake.originate_reason = "3"
+    result = watch_dial(daemon.port, tmp_path, "callto:101")
+    assert result.returncode == 1
+    assert "dial 101: your phone PJSIP/100 did not answer" in result.stdout
+    fake.answers["originate"] = "denied"
+    result = watch_dial(daemon.port, tmp_path, "101")
+    assert result.returncode == 1 and "Permission denied" in result.stderr
+    before = len(fake.actions)
+    for target, extra in (("tel:100%0D%0AAction:%20Hangup", ()),
+                          ("101", ("--exec", "all=echo {from_num}")), ("101", ("--open",))):
+        result = watch_dial(daemon.port, tmp_path, target, *extra)
+        assert result.returncode == 2, (target, extra, result.stderr)
+    assert len(fake.actions) == before  # refused before connecting
+
+
+# ---------------------------------------------------------------------------
 # Deployment (issue 6): daemon mode, pidfile, syslog, service files, install
 # ---------------------------------------------------------------------------
 

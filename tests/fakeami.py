@@ -7,7 +7,10 @@ and runs the real daemon against them).  Standard library only.
 
 It speaks just enough of the manager protocol: the banner, ``Login`` (plain
 or MD5 after ``Challenge``), ``Ping``, ``Events``, ``CoreShowChannels``
-(an empty list) and ``Logoff``; everything else gets an error response.
+(an empty list) and ``Logoff``; ``Originate`` (queued, then an
+``OriginateResponse``), ``Hangup`` and ``BlindTransfer`` are answered as
+``answers`` says: success, ``Permission denied`` or not at all; everything
+else gets an error response.  ``received`` keeps every byte it was sent.
 With ``tls_context`` (a server-side ssl.SSLContext) it speaks TLS, as
 Asterisk's manager does on its ``tlsbindport``.
 """
@@ -105,6 +108,14 @@ class FakeAsterisk:
         self.logins = 0
         self.failed_logins = 0
         self.actions = []
+        #: Every byte received from the daemon, in order (all connections).
+        self.received = bytearray()
+        #: Action (lower case) -> "ok", "denied" (Permission denied, as
+        #: Asterisk answers a user without the write class) or "silent".
+        self.answers = {"originate": "ok", "hangup": "ok", "blindtransfer": "ok"}
+        #: The Reason of the OriginateResponse after a queued Originate (4:
+        #: answered, 5 busy, 3 no answer, 0 failed); None: none is sent.
+        self.originate_reason = "4"
         #: Channels CoreShowChannels lists: lists of header lines (channel_list).
         self.channels = []
         #: False: the list never ends (no CoreShowChannelsComplete), as an
@@ -240,6 +251,8 @@ class FakeAsterisk:
                 self._close(peer)
                 return
             if data:
+                with self.lock:
+                    self.received += data
                 for msg in peer.parser.feed(data):
                     self._on_action(peer, msg)
         self._flush(peer)
@@ -296,11 +309,36 @@ class FakeAsterisk:
                         "ListItems: 0\r\n\r\n" % (head, head))
         elif action == "events":
             self._reply(peer, "Response: Success\r\n%sEvents: On\r\n\r\n" % head)
+        elif action in ("originate", "hangup", "blindtransfer"):
+            self._act(peer, action, msg, head)
         elif action == "logoff":
             self._reply(peer, "Response: Goodbye\r\n%sMessage: Thanks for all the fish.\r\n\r\n" % head)
             peer.close_after_flush = True
         else:
             self._reply(peer, "Response: Error\r\n%sMessage: Invalid/unknown command\r\n\r\n" % head)
+
+    #: What Asterisk 22 answers a successful action (main/manager.c).
+    ACKS = {"originate": "Originate successfully queued", "hangup": "Channel Hungup",
+            "blindtransfer": "Transfer succeeded"}
+
+    def _act(self, peer, action, msg, head):
+        answer = self.answers.get(action, "ok")
+        if answer == "silent":
+            return
+        if answer == "denied":
+            self._reply(peer, "Response: Error\r\n%sMessage: Permission denied\r\n\r\n" % head)
+            return
+        self._reply(peer, "Response: Success\r\n%sMessage: %s\r\n\r\n" % (head, self.ACKS[action]))
+        if action == "originate" and self.originate_reason is not None:
+            # As o_click_to_dial.ami shows it, once the phone answered or not.
+            name, _, number = msg.get("CallerID", "").rpartition("<")
+            self._reply(peer, "Event: OriginateResponse\r\nPrivilege: call,all\r\n%s"
+                        "Response: %s\r\nChannel: %s\r\nContext: %s\r\nExten: %s\r\n"
+                        "Reason: %s\r\nUniqueid: <null>\r\nCallerIDNum: %s\r\n"
+                        "CallerIDName: %s\r\n\r\n"
+                        % (head, "Success" if self.originate_reason == "4" else "Failure",
+                           msg.get("Channel", ""), msg.get("Context", ""), msg.get("Exten", ""),
+                           self.originate_reason, number.rstrip(">"), name.strip().strip('"')))
 
     def _reply(self, peer, text):
         peer.outbuf += text.encode("utf-8")
