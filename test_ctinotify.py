@@ -2247,6 +2247,84 @@ def test_e2e_watch_dial_as_the_tel_handler(fake, daemon_factory, tmp_path):
     assert len(fake.actions) == before  # refused before connecting
 
 
+TEL_HANDLER = os.path.join(HERE, "contrib", "tel-handler")
+
+
+def test_e2e_the_desktop_file_is_the_tel_handler_through_xdg_open(fake, daemon_factory,
+                                                                   tmp_path):
+    """The Linux steps of the README, as a user would take them: the desktop
+    file registered with xdg-mime, a tel: link opened with xdg-open."""
+    if not shutil.which("xdg-open") or not shutil.which("xdg-mime"):
+        pytest.skip("xdg-utils not installed")
+    daemon = acting_daemon(daemon_factory)
+    home = tmp_path / "home"
+    apps = home / ".local" / "share" / "applications"
+    apps.mkdir(parents=True)
+    with open(os.path.join(TEL_HANDLER, "ctinotify-dial.desktop"), encoding="utf-8") as f:
+        entry = f.read()
+    entry = entry.replace("Exec=python3 /opt/ctinotify/ctinotify.py watch pbx.example.com",
+                          "Exec=%s %s watch 127.0.0.1:%d" % (
+                              sys.executable, os.path.join(HERE, "ctinotify.py"), daemon.port))
+    assert "watch 127.0.0.1:%d --user alice" % daemon.port in entry
+    (apps / "ctinotify-dial.desktop").write_text(entry.replace("/home/alice", str(home)))
+    (home / ".ctinotify-secret").write_text("alice-secret\n")
+    os.chmod(str(home / ".ctinotify-secret"), 0o600)
+    # A desktop session, as far as xdg-open asks (its generic method).
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "DISPLAY": ":0",
+           "XDG_DATA_HOME": str(home / ".local" / "share"),
+           "XDG_CONFIG_HOME": str(home / ".config")}
+
+    def xdg(*argv):
+        return subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=120)
+    for scheme in ("tel", "callto"):
+        assert xdg("xdg-mime", "default", "ctinotify-dial.desktop",
+                   "x-scheme-handler/" + scheme).returncode == 0
+        assert xdg("xdg-mime", "query", "default", "x-scheme-handler/" + scheme).stdout == \
+            "ctinotify-dial.desktop\n"
+    opened = xdg("xdg-open", "tel:+1-555-987-0002;phone-context=example.com")
+    assert opened.returncode == 0, opened.stdout
+    opened = xdg("xdg-open", "callto://101")
+    assert opened.returncode == 0, opened.stdout
+    assert [a["Exten"] for a in sent_actions(fake, "Originate")] == ["+15559870002", "101"]
+
+
+def test_the_windows_registry_file_runs_watch_dial_with_the_link():
+    with open(os.path.join(TEL_HANDLER, "ctinotify-dial.reg"), "rb") as f:
+        data = f.read()
+    assert data.startswith(b"Windows Registry Editor Version 5.00\r\n")
+    assert b"\n" not in data.replace(b"\r\n", b"") and max(data) < 0x80  # CRLF, ASCII
+    keys, key = {}, None
+    for line in data.decode("ascii").split("\r\n")[1:]:
+        if line.startswith("["):
+            key = keys.setdefault(line.strip("[]"), {})
+        elif line and not line.startswith(";"):
+            name, _, value = line.partition("=")
+            key[name.strip('"')] = re.sub(r'\\(.)', r"\1", value[1:-1])
+    classes = "HKEY_CURRENT_USER\\Software\\Classes\\"
+    commands = {keys[classes + name + "\\shell\\open\\command"]["@"]
+                for name in ("ctinotify.dial", "tel", "callto")}
+    assert len(commands) == 1 and keys[classes + "tel"]["URL Protocol"] == ""
+    (command,) = commands
+    argv = [a or b for a, b in re.findall(r'"([^"]*)"|(\S+)', command.replace("%1", "tel:+1"))]
+    assert argv[0].endswith("pythonw.exe") and argv[1].endswith("ctinotify.py")
+    args = ctinotify._argument_parser().parse_args(argv[2:])
+    assert (args.command, args.dial, args.hooks, args.open) == ("watch", "tel:+1", [], False)
+    capabilities = keys["HKEY_CURRENT_USER\\Software\\RegisteredApplications"]
+    assert list(capabilities.values()) == ["Software\\ctinotify\\Capabilities"]
+    assert keys["HKEY_CURRENT_USER\\Software\\ctinotify\\Capabilities\\URLAssociations"] == \
+        {"tel": "ctinotify.dial", "callto": "ctinotify.dial"}
+
+
+def test_the_macos_script_quotes_the_link_for_the_shell():
+    with open(os.path.join(TEL_HANDLER, "ctinotify-dial.applescript"), encoding="utf-8") as f:
+        script = f.read()
+    assert "on open location theURL" in script
+    assert '--dial " & quoted form of theURL & "' in script
+    assert "<string>tel</string><string>callto</string>" in script
+    assert "NOT TESTED on a Mac" in script
+
+
 # ---------------------------------------------------------------------------
 # Deployment (issue 6): daemon mode, pidfile, syslog, service files, install
 # ---------------------------------------------------------------------------
