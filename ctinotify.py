@@ -9129,8 +9129,8 @@ class ActionTicket:
     the link it went out on; the ActionIDs whose Response is still owed;
     the first refusal; its stage and its one timer."""
 
-    __slots__ = ("plan", "reply_to", "tag", "link", "sent", "waiting", "error", "stage",
-                 "early", "timer", "sending", "reply")
+    __slots__ = ("plan", "reply_to", "tag", "link", "sent", "waiting", "accepted", "error",
+                 "stage", "early", "timer", "sending", "reply")
 
     def __init__(self, plan: ActionPlan, reply_to: Optional[object], tag: str, link: AmiLink):
         self.plan = plan
@@ -9140,6 +9140,10 @@ class ActionTicket:
         #: The ActionIDs sent, and those whose Response is still owed.
         self.sent: List[str] = []
         self.waiting: Set[str] = set()
+        #: Responses that were Success, and Asterisk's words of the first
+        #: that was not: a HANGUP of two ringing phones, one of which has
+        #: just stopped ("No such channel"), still did what was asked.
+        self.accepted = 0
         self.error: Optional[str] = None
         self.stage = STAGE_REPLY
         #: An outcome event that came before the Response (Asterisk sends the
@@ -9182,15 +9186,20 @@ class ActionDesk:
         self.tickets.add(ticket)
         ticket.sending = True
         for action, fields in plan.steps:
-            action_id = link.send_action(action, fields, functools.partial(self._answer, ticket),
-                                         until=plan.outcome_event)
+            try:
+                action_id = link.send_action(action, fields,
+                                             functools.partial(self._answer, ticket),
+                                             until=plan.outcome_event)
+            except ValueError:  # encode_action's last defence: never met, as planned
+                log.exception("%s: action %s not sent", ticket.tag, action)
+                action_id = None
             if action_id is None or ticket.stage == STAGE_DONE:
                 break  # the link broke while writing: its callbacks were told
             ticket.sent.append(action_id)
             ticket.waiting.add(action_id)
-        ticket.sending = False
         if ticket.stage == STAGE_REPLY and not ticket.waiting:
             self._lost(ticket)
+        ticket.sending = False
         if ticket.reply is not None:
             return [ticket.reply]
         self._arm(ticket, self.daemon.config.action_timeout)
@@ -9214,11 +9223,14 @@ class ActionDesk:
                     self._outcome(ticket, dial_outcome(msg))
             return
         ticket.waiting.discard(msg.get("ActionID", ""))
-        if msg.get("Response") != "Success" and ticket.error is None:
+        if msg.get("Response") == "Success":
+            ticket.accepted += 1
+        elif ticket.error is None:
             ticket.error = msg.get("Message", "")
         if ticket.waiting:
             return
-        if ticket.error is not None:
+        if not ticket.accepted:
+            assert ticket.error is not None
             denied = ticket.error.strip().lower() == "permission denied"
             self._finish(ticket, "502", refusal_text(ticket.error),
                          logging.WARNING if denied else logging.INFO)

@@ -2021,6 +2021,133 @@ def test_a_channel_name_not_safe_to_send_back_is_never_sent():
     assert view.sent == []
 
 
+class FakeLink:
+    """What ActionDesk uses of an AmiLink: what it sent, the answers by hand."""
+
+    def __init__(self):
+        self.up = True
+        self.sent = []
+        self.on_reply = {}
+        self.forgotten = []
+        self.break_on = None  # drop the link while sending this step
+
+    def send_action(self, action, fields, on_reply, until=""):
+        if len(self.sent) + 1 == self.break_on:
+            for callback in self.on_reply.values():
+                callback(None)
+            return None
+        action_id = "ctinotify-%d" % (len(self.sent) + 1)
+        self.sent.append((action, fields, until))
+        self.on_reply[action_id] = on_reply
+        return action_id
+
+    def forget_reply(self, action_id):
+        self.forgotten.append(action_id)
+
+    def answer(self, action_id, text):
+        msg = AmiMessage()
+        for line in text.strip().split("\n"):
+            key, _, value = line.partition(": ")
+            msg[key] = value
+        msg["ActionID"] = action_id
+        self.on_reply[action_id](msg)
+
+
+class LateReplies:
+    """A connection, as ActionDesk sees it."""
+
+    def __init__(self):
+        self.lines = []
+        self.statuses = []
+
+    def action_reply(self, line):
+        self.lines.append(line)
+
+    def action_status(self, fields):
+        self.statuses.append({k: v for k, v in fields.items() if k != "time"})
+
+
+@pytest.fixture
+def desk():
+    """An ActionDesk of a daemon that is never started, on a FakeLink."""
+    daemon = ctinotify.Daemon(acting_config(general="action_timeout = 2\n"))
+    link = FakeLink()
+    daemon.link_named = lambda name: link
+    session = ctinotify.ClientSession("10.0.0.9", tag="client alice@10.0.0.9:5555")
+    session.user = daemon.config.users["alice"]
+    session.reply_to = LateReplies()
+    engines = [("default", engine_mid_call(last=1, event=b"DialBegin"))]
+
+    def send(command, steps=None):
+        verb, _, argument = command.partition(" ")
+        request = ctinotify.ActionRequest.parse(verb.lower(), argument, session.user)
+        plan = ctinotify.plan_action(request, engines, "from-internal")
+        if steps is not None:
+            plan.steps = steps
+        return daemon.actions.send(plan, session)
+    yield daemon, link, session.reply_to, send
+    daemon.loop.close()
+
+
+def test_desk_a_hangup_that_hung_up_one_phone_of_two_is_ok(desk):
+    daemon, link, conn, send = desk
+    two = [("Hangup", [("Channel", "PJSIP/100-00000001")]),
+           ("Hangup", [("Channel", "PJSIP/100-00000002")])]
+    assert send("hangup 1795727950.0", two) == [] and len(link.sent) == 2
+    link.answer("ctinotify-2", "Response: Error\nMessage: No such channel")
+    assert conn.lines == []  # one answer owed still
+    link.answer("ctinotify-1", "Response: Success\nMessage: Channel Hungup")
+    assert conn.lines == ["OK hangup call=1795727950.0"]
+    assert send("hangup 1795727950.0") == []
+    link.answer("ctinotify-3", "Response: Error\nMessage: No such channel")
+    assert conn.lines[-1] == \
+        "ERR 502 hangup call=1795727950.0: Asterisk answered: No such channel"
+    assert daemon.actions.tickets == set()
+    assert link.forgotten == ["ctinotify-1", "ctinotify-2", "ctinotify-3"]
+
+
+def test_desk_dial_outcome_early_late_or_never(desk):
+    daemon, link, conn, send = desk
+    assert send("dial 101") == [] and link.sent[0][2] == "OriginateResponse"
+    # The OriginateResponse overtakes the Response: told after the OK all the same.
+    link.answer("ctinotify-1", "Event: OriginateResponse\nResponse: Failure\nReason: 5")
+    assert conn.lines == [] and conn.statuses == []
+    link.answer("ctinotify-1", "Response: Success\nMessage: Originate successfully queued")
+    assert conn.lines == ["OK dial number=101 device=PJSIP/100"]
+    assert conn.statuses == [{"dial": "busy", "number": "101", "device": "PJSIP/100",
+                              "code": "5"}]
+    assert send("dial 102") == []
+    link.answer("ctinotify-2", "Response: Success\nMessage: Originate successfully queued")
+    daemon.loop.run_timers(daemon.loop.now + ctinotify.DIAL_RING_S + 1.9)
+    assert len(conn.statuses) == 1
+    daemon.loop.run_timers(daemon.loop.now + 0.2)
+    assert conn.statuses[-1] == {"dial": "unknown", "number": "102", "device": "PJSIP/100",
+                                 "reason": "no OriginateResponse from Asterisk"}
+    assert "ctinotify-2" in link.forgotten and daemon.actions.tickets == set()
+    link.answer("ctinotify-2", "Event: OriginateResponse\nResponse: Success\nReason: 4")
+    assert len(conn.statuses) == 2  # too late: nobody waits for it any more
+
+
+def test_desk_silence_is_504_and_a_lost_link_503(desk):
+    daemon, link, conn, send = desk
+    assert send("hangup 1795727950.0") == []
+    daemon.loop.run_timers(daemon.loop.now + 1.9)
+    assert conn.lines == []
+    daemon.loop.run_timers(daemon.loop.now + 0.2)
+    assert conn.lines == ["ERR 504 hangup call=1795727950.0: no answer from Asterisk within 2 s"]
+    assert send("dial 101") == []
+    link.on_reply["ctinotify-2"](None)
+    assert conn.lines[-1] == ("ERR 503 dial number=101 device=PJSIP/100: the link to Asterisk "
+                              "was lost before it answered")
+    link.break_on = 3  # the link breaks while the action is written: the reply comes now
+    assert send("dial 102") == ["ERR 503 dial number=102 device=PJSIP/100: the link to "
+                                "Asterisk was lost before it answered"]
+    link.up = False
+    with pytest.raises(ctinotify.ClientProtocolError) as info:
+        send("dial 103")
+    assert info.value.code == "503" and daemon.actions.tickets == set()
+
+
 # -- end to end: the daemon, the fake Asterisk, a desktop ---------------------------
 
 def acting_daemon(daemon_factory, general="", users=ACTING_USERS):
