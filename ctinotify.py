@@ -43,8 +43,12 @@ command line.  One AMI byte's way to a desktop line::
    closing, closed): output limits, the lingering close, login timeouts.
    What a desktop sends goes through a LineFramer (bounded lines) into its
    ClientSession, whose reply lines go back the same way; LOGIN subscribes
-   the connection to its user.  A Listener names the protocol its
-   connections speak (LineClient; others can sit beside it).
+   the connection to its user.  An action (DIAL, HANGUP, TRANSFER), once
+   checked (ServerView.act, plan_action), goes to the ActionDesk, which
+   sends it on its PBX's AmiLink and queues the reply on the connection
+   that asked when Asterisk answers; the connection holds its later
+   commands until then.  A Listener names the protocol its connections
+   speak (LineClient; others can sit beside it).
 
 The same engine is fed from a live socket (``run``), from a recorded trace
 (``replay``) and by the tests; ``watch`` is split the same way, a
