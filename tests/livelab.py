@@ -74,7 +74,8 @@ def asterisk_source():
     prefix = os.environ.get(PREFIX_VAR)
     if prefix:
         if not os.access(os.path.join(prefix, "sbin", "asterisk"), os.X_OK):
-            raise LabUnavailable("%s=%s has no sbin/asterisk; %s" % (PREFIX_VAR, prefix, HOW_TO_POINT))
+            raise LabUnavailable("%s=%s: no sbin/asterisk there (it names an installed Asterisk, "
+                                 "PREFIX/sbin/asterisk; unset, the tarball is used)" % (PREFIX_VAR, prefix))
         return "prefix", os.path.abspath(prefix)
     where = os.environ.get(ASTERISK_DIR_VAR) or DEFAULT_ASTERISK_DIR
     found = sorted(glob.glob(os.path.join(where, "asterisk-*.tar.gz")))
@@ -84,13 +85,13 @@ def asterisk_source():
 
 
 def _socket_owners():
-    """{socket inode: "pid N (command line)"} for the processes we may look at."""
+    """{socket inode: "pid N program"} for the processes we may look at."""
     owners = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             fds = os.listdir("/proc/%s/fd" % pid)
             with open("/proc/%s/cmdline" % pid, "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+                program = os.path.basename(f.read().split(b"\0")[0].decode("utf-8", "replace"))
         except OSError:
             continue
         for fd in fds:
@@ -99,7 +100,7 @@ def _socket_owners():
             except OSError:
                 continue
             if target.startswith("socket:["):
-                owners[target[8:-1]] = "pid %s (%s)" % (pid, cmd[:120])
+                owners[target[8:-1]] = "pid %s %s" % (pid, program)
     return owners
 
 
@@ -135,14 +136,14 @@ def _port_free(proto, port):
 
 
 def taken_ports():
-    """The lab's ports something else holds, each with its owner when known."""
-    taken = []
+    """The lab's ports something else holds, grouped by owner when known:
+    ``["tcp 5038, udp 5060 (pid 12 asterisk)", ...]``."""
+    owners = {}
     for proto, ports in (("tcp", LAB_TCP_PORTS), ("udp", LAB_UDP_PORTS)):
         for port in ports:
             if not _port_free(proto, port):
-                owner = _port_owner(proto, port)
-                taken.append("%s %d%s" % (proto, port, " by " + owner if owner else ""))
-    return taken
+                owners.setdefault(_port_owner(proto, port), []).append("%s %d" % (proto, port))
+    return ["%s%s" % (", ".join(ports), " (%s)" % owner if owner else "") for owner, ports in owners.items()]
 
 
 def preflight():
