@@ -49,11 +49,24 @@ import ctinotify  # noqa: E402
 #: A directory holding ``asterisk-*.tar.gz`` (the release the traces came from).
 ASTERISK_DIR_VAR = "CTINOTIFY_ASTERISK"
 DEFAULT_ASTERISK_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "asterisk"))
+
+
+def _main_checkout():
+    """The repository's main checkout when this is a linked git worktree, else None."""
+    try:
+        common = subprocess.run(["git", "-C", REPO, "rev-parse", "--git-common-dir"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                universal_newlines=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    main = os.path.dirname(os.path.abspath(os.path.join(REPO, common))) if common else None
+    return main if main and os.path.normpath(main) != os.path.normpath(REPO) else None
+
 #: An installed Asterisk: ``$AST_PREFIX/sbin/asterisk`` (configure --prefix, make install).
 PREFIX_VAR = "AST_PREFIX"
-HOW_TO_POINT = ("no Asterisk to test against: put asterisk-*.tar.gz in %s, or set %s=DIR to a "
-                "directory holding it, or %s=PREFIX to an installed Asterisk (PREFIX/sbin/asterisk)"
-                % (DEFAULT_ASTERISK_DIR, ASTERISK_DIR_VAR, PREFIX_VAR))
+HOW_TO_POINT = ("no Asterisk to test against: no asterisk-*.tar.gz in %s; set {0}=DIR to the "
+                "directory that has it, or {1}=PREFIX to an installed Asterisk (PREFIX/sbin/asterisk)"
+                .format(ASTERISK_DIR_VAR, PREFIX_VAR))
 #: The lab's fixed addresses (tests/lab/lab.py, etc/pjsip.conf, etc/manager.conf), all on
 #: 127.0.0.1: only one lab can run on a machine at a time.
 LAB_TCP_PORTS = (5038,)
@@ -77,11 +90,15 @@ def asterisk_source():
             raise LabUnavailable("%s=%s: no sbin/asterisk there (it names an installed Asterisk, "
                                  "PREFIX/sbin/asterisk; unset, the tarball is used)" % (PREFIX_VAR, prefix))
         return "prefix", os.path.abspath(prefix)
-    where = os.environ.get(ASTERISK_DIR_VAR) or DEFAULT_ASTERISK_DIR
-    found = sorted(glob.glob(os.path.join(where, "asterisk-*.tar.gz")))
-    if not found:
-        raise LabUnavailable(HOW_TO_POINT)
-    return "tarball", os.path.abspath(found[-1])
+    places = [os.environ.get(ASTERISK_DIR_VAR)] if os.environ.get(ASTERISK_DIR_VAR) else [DEFAULT_ASTERISK_DIR]
+    main = _main_checkout() if not os.environ.get(ASTERISK_DIR_VAR) else None
+    if main:  # a worktree elsewhere: ../shared/asterisk of the main checkout too
+        places.append(os.path.join(os.path.dirname(main), "shared", "asterisk"))
+    for where in places:
+        found = sorted(glob.glob(os.path.join(where, "asterisk-*.tar.gz")))
+        if found:
+            return "tarball", os.path.abspath(found[-1])
+    raise LabUnavailable(HOW_TO_POINT % " or ".join(places))
 
 
 def _socket_owners():
