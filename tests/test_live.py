@@ -48,10 +48,18 @@ def kinds(events):
 # Every recorded call flow, played live, against its golden file
 # ---------------------------------------------------------------------------
 
-#: s_connect_midcall is played by test_calls_up_when_ctinotify_starts_are_adopted: its
-#: golden file is what a daemon that starts during the calls is told.
+#: Golden files that no lab scenario plays, and why.
+NOT_PLAYED = {
+    # Played by test_calls_up_when_ctinotify_starts_are_adopted: its golden file is what a
+    # daemon that starts during the calls is told.
+    "s_connect_midcall": "played by the adoption test",
+    # Recorded on Asterisk 20, whose AttendedTransfer sometimes lacks TransferTarget*: the
+    # same call flow as k_attended_transfer, which the lab plays (and Asterisk 22 drops
+    # the block itself now and then: tests/live-traces/README.md).
+    "k2_attended_transfer_no_target": "Asterisk 20's recording of k_attended_transfer",
+}
 PLAYED = sorted(n[:-6] for n in os.listdir(livelab.GOLDEN)
-                if n.endswith(".jsonl") and n != "s_connect_midcall.jsonl")
+                if n.endswith(".jsonl") and n[:-6] not in NOT_PLAYED)
 
 #: Flows whose calls overlap at random: compared call by call, not in one order.
 ORDER_FREE = {
@@ -110,8 +118,9 @@ def test_a_recorded_call_flow_tells_each_user_what_the_golden_file_says(lab, off
 
 
 def test_calls_up_when_ctinotify_starts_are_adopted(lab, office, daemon, client, ami_proxy):
-    """s_connect_midcall: three calls are up when ctinotify starts; they are picked up
-    silently (only their hangup is told); a call still ringing then is announced. The
+    """s_connect_midcall: three calls are up when ctinotify starts; each is told as it is
+    found (incoming, pickup) and ends with its hangup; a call still ringing then is
+    announced. The
     users log in first (the link held down by the proxy), so that they can hear that."""
     ami_proxy.cut()
     since = lab.mark()
