@@ -1333,7 +1333,8 @@ class DaemonProcess:
         users_text = users if users is not None else office_text.split("[alice]", 1)[1]
         users_text = users_text if users is not None else "[alice]" + users_text
         self.config.write_text(
-            "[general]\nbind = 127.0.0.1\nport = 0\nloglevel = debug\n%s\n"
+            # web_port=0 without spaces: tests that edit "port = 0" leave it be.
+            "[general]\nbind = 127.0.0.1\nport = 0\nloglevel = debug\nweb_port=0\n%s\n"
             "[ami]\nhost = 127.0.0.1\nport = %d\nusername = ctitest\nsecret = ctitest\n"
             "reconnect_max = 2\n%s\n%s" % (general, ami_port, ami, users_text))
         os.chmod(str(self.config), 0o600)
@@ -1346,6 +1347,12 @@ class DaemonProcess:
         threading.Thread(target=self._read_log, daemon=True).start()
         line = self.wait_log(r"listening for clients on \S+ port (\d+)")
         self.port = int(re.search(r"port (\d+)", line).group(1))
+
+    @property
+    def web_port(self):
+        """The web page's port (``web = yes``, the default)."""
+        line = self.wait_log(r"listening for web browsers on \S+ port (\d+)")
+        return int(re.search(r"port (\d+)", line).group(1))
 
     def _read_log(self):
         for line in self.proc.stdout:
@@ -1914,7 +1921,7 @@ def test_the_demo_serves_recorded_calls_to_a_line_client(tmp_path):
 
 def deploy_config(path, ami_port, port, general=""):
     path.write_text(
-        "[general]\nbind = 127.0.0.1\nport = %d\n%s\n"
+        "[general]\nbind = 127.0.0.1\nport = %d\nweb_port = 0\n%s\n"
         "[ami]\nhost = 127.0.0.1\nport = %d\nusername = %s\nsecret = %s\nreconnect_max = 2\n"
         "[alice]\nsecret = alice-secret\ndevices = PJSIP/100\nextensions = 100\n"
         % (port, general, ami_port, AMI_USER, AMI_SECRET))
