@@ -6908,6 +6908,590 @@ def test_web_session_store_full_is_a_503():
     assert WebClient(view).login("bob", "bob-secret").response.status == 503
 
 
+# -- the web client served by the daemon (plain HTTP, raw sockets) --------------------
+
+class Http:
+    """An HTTP/1.1 client on one raw socket, as a browser or curl sends
+    (curl is not on every machine): requests, responses, SSE events."""
+
+    def __init__(self, port, sock=None, source=None, rcvbuf=None):
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if source:
+                sock.bind((source, 0))
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", port))
+        self.sock = sock
+        self.host = "127.0.0.1:%d" % port
+        self.buffer = b""
+        self.pending = []
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def request(self, method, target, headers=(), body=b"", close=False):
+        head = ["%s %s HTTP/1.1" % (method, target), "Host: " + self.host]
+        head += ["%s: %s" % pair for pair in headers]
+        if body or method == "POST":
+            head.append("Content-Length: %d" % len(body))
+        if close:
+            head.append("Connection: close")
+        self.send(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+
+    def _fill(self, timeout):
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("connection closed; pending %r" % self.buffer[:200])
+        self.buffer += data
+
+    def response(self, head_only=False, timeout=10.0):
+        """(status, {lower-case name: value}, body); an event stream's body
+        stays in the buffer for ``events``."""
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill(timeout)
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(": ")
+            assert name.lower() not in headers, "header %s twice" % name
+            headers[name.lower()] = value
+        size = 0 if head_only else int(headers.get("content-length", "0"))
+        while len(self.buffer) < size:
+            self._fill(timeout)
+        body, self.buffer = self.buffer[:size], self.buffer[size:]
+        return int(lines[0].split()[1]), headers, body
+
+    def json(self, method, target, headers=(), body=b""):
+        self.request(method, target, headers, body)
+        status, _headers, data = self.response()
+        return status, json.loads(data) if data else None
+
+    def events(self, count, timeout=10.0):
+        """The next ``count`` events of a stream: (id, fields)."""
+        while len(self.pending) < count:
+            end = self.buffer.rfind(b"\n\n")
+            if end >= 0:
+                self.pending += [(ident, json.loads(data))
+                                 for ident, data in parse_sse(self.buffer[:end + 2])]
+                self.buffer = self.buffer[end + 2:]
+            if len(self.pending) < count:
+                self._fill(timeout)
+        taken, self.pending = self.pending[:count], self.pending[count:]
+        return taken
+
+    def stream(self, headers=(), target="/events"):
+        """``GET /events``: its head checked, its first events left to read."""
+        self.request("GET", target, headers)
+        status, head, _ = self.response(head_only=True)
+        assert status == 200, (status, self.buffer)
+        assert head["content-type"] == "text/event-stream; charset=utf-8"
+        assert "content-length" not in head and head["connection"] == "close"
+        while len(self.buffer) < 13:
+            self._fill(10.0)
+        assert self.buffer.startswith(b"retry: 3000\n\n")  # a browser's reconnect delay
+        return self
+
+    def closed(self, timeout=10.0):
+        """Read until the daemon closes (True) or the timeout (False)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.buffer += data
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def webs():
+    opened = []
+
+    def connect(port, **kw):
+        web = Http(port, **kw)
+        opened.append(web)
+        return web
+    yield connect
+    for web in opened:
+        web.close()
+
+
+def form(user, secret):
+    return urllib.parse.urlencode({"user": user, "secret": secret}).encode()
+
+
+def web_login(web, user="alice", secret=None):
+    """POST /login on ``web``: the cookie header and the anti-CSRF token."""
+    web.request("POST", "/login", [FORM], form(user, secret or user + "-secret"))
+    status, headers, body = web.response()
+    assert status == 200, body
+    return ("Cookie", headers["set-cookie"].split(";")[0]), json.loads(body)["csrf"]
+
+
+def trace_parts(name, tag=None):
+    """A recorded call cut where it rings: (up to the ring, the rest)."""
+    data = read_trace(name)
+    events = trace_events(uniquify(data, tag) if tag else data)
+    cut = next(i for i, e in enumerate(events) if e.startswith(b"Event: DialState"))
+    return b"".join(events[:cut + 1]), b"".join(events[cut + 1:])
+
+
+def json_lines_until_hangup(line):
+    return [json.loads(l) for l in line.lines_until(lambda l: '"event":"hangup"' in l)]
+
+
+def wait_json(web, target, headers, predicate, timeout=10.0):
+    """GET ``target`` until its JSON answer satisfies ``predicate``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, value = web.json("GET", target, headers)
+        if status == 200 and predicate(value):
+            return value
+        assert time.monotonic() < deadline, (status, value)
+        time.sleep(0.05)
+
+
+def test_e2e_web_every_route_on_one_kept_alive_connection(fake, daemon_factory, clients, webs):
+    daemon = daemon_factory()
+    fake.send_trace(trace_path("b_inbound_noanswer"))  # alice's history: a missed call
+    line = clients(daemon.port, "alice alice-secret")
+    line.send("FORMAT json")
+    line.line()
+    web = webs(daemon.web_port)
+    web.request("GET", "/")
+    status, headers, body = web.response()
+    assert status == 200 and body == ctinotify.WEB_PAGE_BYTES
+    assert headers["content-security-policy"] == ctinotify.WEB_PAGE_CSP
+    assert headers["connection"] == "keep-alive" and headers["x-frame-options"] == "DENY"
+    web.request("GET", "/", [("If-None-Match", headers["etag"])])
+    assert web.response()[0] == 304
+    web.request("HEAD", "/")
+    status, headers, body = web.response(head_only=True)
+    assert (status, body, headers["content-length"]) == \
+        (200, b"", str(len(ctinotify.WEB_PAGE_BYTES)))
+    assert web.json("GET", "/session") == (200, {"user": None, "csrf": "", "events": []})
+    assert web.json("GET", "/calls")[0] == 403
+    web.request("POST", "/login", [FORM], form("alice", "alice-secret"))
+    status, headers, body = web.response()
+    assert status == 200 and json.loads(body)["user"] == "alice"
+    cookie_line = headers["set-cookie"]
+    assert cookie_line.startswith("ctinotify_session=") and "Secure" not in cookie_line
+    assert "; HttpOnly; SameSite=Strict" in cookie_line and "Max-Age=43200" in cookie_line
+    cookie, csrf = ("Cookie", cookie_line.split(";")[0]), json.loads(body)["csrf"]
+    assert web.json("GET", "/session", [cookie])[1]["csrf"] == csrf
+    fake.send(ringing_part(tag=b"now"))
+    calls = wait_json(web, "/calls", [cookie], lambda v: len(v) == 1)
+    line.send("CALLS")
+    assert calls == [json.loads(l) for l in line.lines_until(lambda l: l.startswith("OK"))
+                     if l.startswith('{"event":"call"')]
+    line.send("HISTORY 5")
+    history = [json.loads(l) for l in line.lines_until(lambda l: l.startswith("OK"))[:-1]]
+    assert [r["reason"] for r in history] == ["noanswer"]
+    assert web.json("GET", "/history?n=5", [cookie]) == (200, history)
+    assert web.json("GET", "/history?n=0", [cookie])[0] == 400
+    assert web.json("GET", "/nowhere", [cookie])[0] == 404
+    web.request("DELETE", "/calls", [cookie])
+    status, headers, _ = web.response()
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+    assert web.json("POST", "/logout", [cookie])[0] == 403  # no anti-CSRF token
+    web.request("POST", "/logout", [cookie, ("X-CSRF-Token", csrf)])
+    status, headers, _ = web.response()
+    assert status == 204 and "Max-Age=0" in headers["set-cookie"]
+    assert web.json("GET", "/calls", [cookie])[0] == 403
+    assert len(re.findall(r"web 127\.0\.0\.1:\d+: connected", "".join(daemon.log))) == 1
+
+
+def test_e2e_web_event_stream_is_the_json_line_format_and_resumes_after_last_event_id(
+        fake, daemon_factory, clients, webs):
+    daemon = daemon_factory()
+    port = daemon.web_port
+    line = clients(daemon.port, "alice alice-secret")
+    line.send("FORMAT json")
+    line.line()
+    auth = basic("alice", "alice-secret")
+    first = webs(port).stream([auth])
+    (status,) = first.events(1)
+    assert status[0] is None and (status[1]["event"], status[1]["pbx"]) == ("status", "up")
+    ring, rest = trace_parts("a_inbound_answered")
+    fake.send(ring)
+    (incoming,) = first.events(1)
+    assert incoming[1] == json.loads(line.line())  # exactly the JSON line format's object
+    epoch, _, seq = incoming[0].rpartition("-")
+    first.close()  # the laptop lost its network
+    fake.send(rest)
+    missed = json_lines_until_hangup(line)
+    assert [e["event"] for e in missed] == ["pickup", "hangup"]
+    again = webs(port).stream([auth, ("Last-Event-ID", incoming[0])])
+    events = again.events(3)
+    assert [fields for _id, fields in events[:2]] == missed
+    assert [i.rpartition("-")[0] for i, _f in events[:2]] == [epoch, epoch]
+    assert [int(i.rpartition("-")[2]) for i, _f in events[:2]] == [int(seq) + 1, int(seq) + 2]
+    # Then the links as they are now (a status has no id of its own: the
+    # browser's last id stays the hangup's).
+    assert events[2] == (events[1][0], dict(events[2][1], event="status", pbx="up"))
+    # An id of an earlier daemon (it restarted): everything since this one started.
+    older = webs(port).stream([auth], "/events?last_event_id=0badcafe-99")
+    assert [f["event"] for _i, f in older.events(4)] == ["incoming", "pickup", "hangup", "status"]
+    fresh = webs(port).stream([auth])  # none: nothing replayed
+    assert [f["event"] for _i, f in fresh.events(1)] == ["status"]
+    # The next call reaches every stream of the user, with the same id.
+    fake.send_trace(trace_path("b_inbound_noanswer"))
+    frames = [s.events(1)[0] for s in (again, older, fresh)]
+    assert frames[0] == frames[1] == frames[2] and frames[0][1]["event"] == "incoming"
+    assert frames[0][1] == json.loads(line.line())
+
+
+def test_e2e_web_basic_auth_for_scripts_is_curl_shaped(fake, daemon_factory, webs):
+    daemon = daemon_factory(general="login_fail_delay = 0.2")
+    port = daemon.web_port
+    # What curl -N -u alice:alice-secret http://127.0.0.1:PORT/events sends.
+    curl = webs(port)
+    curl.send(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Basic %s\r\n"
+              b"User-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n"
+              % (port, base64.b64encode(b"alice:alice-secret")))
+    assert curl.response(head_only=True)[0] == 200
+    assert curl.events(1)[0][1]["pbx"] == "up"
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert [f["event"] for _i, f in curl.events(3)] == ["incoming", "pickup", "hangup"]
+    wrong = webs(port)
+    started = time.monotonic()
+    wrong.request("GET", "/events", [basic("alice", "guess")])
+    status, headers, body = wrong.response()
+    assert status == 401 and time.monotonic() - started >= 0.15  # held back, as LOGIN's
+    assert headers["www-authenticate"] == 'Basic realm="ctinotify", charset="UTF-8"'
+    nothing = webs(port)
+    nothing.request("GET", "/events")
+    status, headers, _ = nothing.response()
+    assert status == 403 and "www-authenticate" not in headers  # no password dialog
+    if shutil.which("curl"):  # README: the command as it is written there
+        proc = subprocess.Popen(["curl", "-sN", "-u", "bob:bob-secret",
+                                 "http://127.0.0.1:%d/events" % port],
+                                stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline() == b"retry: 3000\n"
+            proc.stdout.readline()
+            assert json.loads(proc.stdout.readline()[6:])["pbx"] == "up"
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_e2e_web_cookies_csrf_and_logout_ending_the_stream(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    port = daemon.web_port
+    web = webs(port)
+    site = "http://127.0.0.1:%d" % port
+    for header in (("Origin", "http://evil.example"), ("Sec-Fetch-Site", "cross-site")):
+        web.request("POST", "/login", [FORM, header], form("alice", "alice-secret"))
+        status, headers, _ = web.response()
+        assert status == 403 and "set-cookie" not in headers
+    web.request("POST", "/login", [FORM, ("Origin", site), ("Sec-Fetch-Site", "same-origin")],
+                form("alice", "alice-secret"))
+    status, headers, body = web.response()
+    assert status == 200
+    cookie, csrf = ("Cookie", headers["set-cookie"].split(";")[0]), json.loads(body)["csrf"]
+    stream = webs(port).stream([cookie])
+    other = webs(port).stream([basic("alice", "alice-secret")])
+    for s in (stream, other):
+        s.events(1)
+    assert web.json("POST", "/logout", [cookie, ("X-CSRF-Token", "x" + csrf)])[0] == 403
+    assert web.json("POST", "/logout", [cookie, ("X-CSRF-Token", csrf),
+                                        ("Origin", "http://evil.example")])[0] == 403
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert [f["event"] for _i, f in stream.events(3)] == ["incoming", "pickup", "hangup"]
+    assert web.json("POST", "/logout", [cookie, ("X-CSRF-Token", csrf)])[0] == 204
+    ((_ident, fields),) = stream.events(1)
+    assert (fields["session"], fields["reason"]) == ("closed", "logged out")
+    assert stream.closed()
+    assert [f["event"] for _i, f in other.events(3)] == ["incoming", "pickup", "hangup"]
+    fake.send_trace(trace_path("b_inbound_noanswer"))  # the Basic-auth stream goes on
+    assert other.events(1)[0][1]["event"] == "incoming"
+    assert web.json("GET", "/calls", [cookie])[0] == 403
+
+
+def test_e2e_web_slow_and_silent_browsers_are_cut_and_nobody_waits(fake, daemon_factory,
+                                                                   clients, webs):
+    daemon = daemon_factory(general="web_request_timeout = 1")
+    port = daemon.web_port
+    slow = webs(port)
+    slow.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # slowloris: a header line now and then
+    body = webs(port)
+    body.send(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-"
+              b"urlencoded\r\nContent-Length: 100\r\n\r\nuser=al")  # a body that never comes
+    idle = webs(port)  # a browser's speculative connection: not a byte
+    kept = webs(port)
+    assert kept.json("GET", "/session")[0] == 200  # kept alive, then idle
+    started = time.monotonic()
+    while time.monotonic() - started < 0.8:
+        slow.send(b"X-Slow: 1\r\n")
+        other = Http(port)  # everyone else is served at once meanwhile
+        try:
+            began = time.monotonic()
+            assert other.json("GET", "/session")[0] == 200
+            assert time.monotonic() - began < 0.5
+        finally:
+            other.close()
+        assert clients(daemon.port).greeting.startswith("CTINOTIFY/")
+        time.sleep(0.1)
+    assert slow.response()[0] == 408 and slow.closed()
+    status, _headers, data = body.response()
+    assert status == 408 and json.loads(data)["error"] == "no request body within 1 s"
+    assert body.closed()
+    assert idle.closed() and idle.buffer == b""  # silently
+    assert kept.closed() and kept.buffer == b""
+    assert time.monotonic() - started < 5
+
+
+def test_e2e_web_a_stream_that_stops_reading_is_cut_and_nobody_else_slows(fake, daemon_factory,
+                                                                          clients, webs):
+    daemon = daemon_factory(general="client_buffer_hard = 64k\nclient_buffer_soft = 0")
+    port = daemon.web_port
+    data = big_trace(SLOW_CLIENT_ROUNDS)
+    want = expected_events(data, "alice")
+    auth = basic("alice", "alice-secret")
+    stuck = webs(port, rcvbuf=4096)
+    stuck.request("GET", "/events", [auth])
+    good = webs(port).stream([auth])
+    good.events(1)
+    reader = Reader(clients(daemon.port, "alice alice-secret"), len(want))
+    fake.send(data)
+    daemon.wait_log(r"WARNING web alice@127\.0\.0\.1:\d+: event stream closed: output buffer "
+                    r"of \d+ bytes over the hard limit of 65536: client not reading", timeout=60)
+    got = [(f["event"], f["call"]) for _i, f in good.events(len(want), timeout=60)]
+    assert got == want
+    reader.join(90)
+    assert reader.error is None and reader.events == want
+    assert stuck.closed(timeout=30)
+
+
+def test_e2e_web_malformed_requests_get_their_4xx_and_a_close(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    cases = [
+        (b"HELLO\r\n\r\n", 400),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 70 + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 17000 + b"\r\n\r\n", 431),
+        (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 9000\r\n\r\n", 413),
+        (b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+        (b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"POST /login HTTP/1.1\r\nHost: x\r\nExpect: tea\r\nContent-Length: 3\r\n\r\n", 417),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n", 400),
+    ]
+    for data, want in cases:
+        web = webs(daemon.web_port)
+        web.send(data)
+        status, headers, body = web.response()
+        assert (status, headers["connection"]) == (want, "close"), data[:40]
+        assert json.loads(body)["status"] == want
+        assert web.closed(), data[:40]
+    # Two requests sent at once are answered in order, then a third is kept waiting for.
+    web = webs(daemon.web_port)
+    web.send(b"GET /session HTTP/1.1\r\nHost: x\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [web.response()[0], web.response()[0]] == [200, 404]
+    assert web.json("GET", "/session")[0] == 200
+    assert "Traceback" not in "".join(daemon.log)
+
+
+def test_e2e_web_and_line_connections_share_the_per_address_limits(fake, daemon_factory,
+                                                                   clients, webs):
+    daemon = daemon_factory(general="max_clients = 5\nmax_clients_per_host = 3")
+    port = daemon.web_port
+    lines = [clients(daemon.port) for _ in range(2)]
+    web = webs(port)
+    assert web.json("GET", "/session")[0] == 200
+    refused = webs(port)
+    status, headers, body = refused.response()
+    assert (status, json.loads(body)["error"]) == (503, "too many connections from your address")
+    assert refused.closed()
+    line = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    try:
+        assert line.recv(100) == b"ERR 503 too many connections from your address\r\n"
+    finally:
+        line.close()
+    others = [webs(port, source="127.0.0.2") for _ in range(2)]
+    for other in others:
+        assert other.json("GET", "/session")[0] == 200
+    last = webs(port, source="127.0.0.3")
+    status, _headers, body = last.response()
+    assert (status, json.loads(body)["error"]) == (503, "too many connections, try again later")
+    lines[0].close()
+    deadline = time.monotonic() + 10
+    while True:  # a place is free again once the daemon has seen the close
+        again = Http(port)
+        try:
+            again.request("GET", "/session")
+            if again.response()[0] == 200:
+                break
+        except (OSError, EOFError):
+            pass
+        finally:
+            again.close()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_e2e_web_logins_are_throttled_with_login_and_three_close_a_connection(
+        fake, daemon_factory, clients, webs):
+    daemon = daemon_factory(general="login_fail_delay = 0.05\nlogin_block_after = 4")
+    port = daemon.web_port
+    web = webs(port)
+    started = time.monotonic()
+    for name in ("alice", "bob", "carol"):
+        web.request("POST", "/login", [FORM], form(name, "guess"))
+        status, headers, _ = web.response()
+        assert status == 401
+    assert time.monotonic() - started >= 0.05 + 0.1 + 0.2  # each held back longer
+    assert headers["connection"] == "close" and web.closed()  # three on one connection
+    line = clients(daemon.port)
+    line.send("LOGIN dave guess")  # LOGIN's failures and the web's count together
+    assert line.line() == "ERR 401 login failed" and line.closed()
+    daemon.wait_log(r"WARNING client 127\.0\.0\.1: logins from 127\.0\.0\.1 blocked for 300 s "
+                    r"after 4 failed logins")
+    refused = webs(port)
+    status, _headers, body = refused.response()  # refused at the door, like the line port
+    assert status == 429 and "too many failed logins" in json.loads(body)["error"]
+    assert refused.closed()
+    elsewhere = webs(port, source="127.0.0.2")
+    cookie, _csrf = web_login(elsewhere, "alice")  # another address is not blocked
+    assert elsewhere.json("GET", "/calls", [cookie]) == (200, [])
+
+
+def test_e2e_web_link_status_and_server_stopping_reach_the_stream(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    stream = webs(daemon.web_port).stream([basic("alice", "alice-secret")])
+    assert stream.events(1)[0][1]["pbx"] == "up"
+    fake.drop()
+    (down,) = stream.events(1)
+    assert (down[0], down[1]["event"], down[1]["pbx"]) == (None, "status", "down")
+    assert stream.events(1)[0][1]["pbx"] == "up"  # reconnected
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert stream.events(1)[0][1]["server"] == "stopping"
+    assert stream.closed() and daemon.proc.wait(10) == 0
+
+
+def test_e2e_web_over_https(fake, daemon_factory, certificates):
+    cert, key = certificates["server"]
+    daemon = daemon_factory(general="web_tls_port = 0\ntls_cert = %s\ntls_key = %s" % (cert, key))
+    line = daemon.wait_log(r"listening for TLS web browsers on \S+ port (\d+)")
+    port = int(re.search(r"port (\d+)", line).group(1))
+    context = ssl.create_default_context(cafile=cert)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    web = Http(port, sock=context.wrap_socket(raw, server_hostname="127.0.0.1"))
+    try:
+        web.request("GET", "/")
+        assert web.response()[2] == ctinotify.WEB_PAGE_BYTES
+        web.request("POST", "/login", [FORM, ("Origin", "https://127.0.0.1:%d" % port)],
+                    form("alice", "alice-secret"))
+        status, headers, _ = web.response()
+        assert status == 200 and headers["set-cookie"].endswith("; Secure")
+        cookie = ("Cookie", headers["set-cookie"].split(";")[0])
+        web.stream([cookie])
+        assert web.events(1)[0][1]["pbx"] == "up"
+        fake.send_trace(trace_path("a_inbound_answered"))
+        assert [f["event"] for _i, f in web.events(3)] == ["incoming", "pickup", "hangup"]
+    finally:
+        web.close()
+    plain = Http(daemon.web_port)  # the plain web port serves beside it
+    try:
+        assert plain.json("GET", "/session")[0] == 200
+    finally:
+        plain.close()
+
+
+def test_e2e_web_reload_ends_the_sessions_of_removed_users_and_changed_secrets(
+        fake, daemon_factory, webs):
+    daemon = daemon_factory(general="web_session_hours = 1")
+    port = daemon.web_port
+    web = webs(port)
+    cookie, _csrf = web_login(web, "alice")
+    alice_cookie = webs(port).stream([cookie])
+    alice_basic = webs(port).stream([basic("alice", "alice-secret")])
+    bob_cookie, _ = web_login(webs(port), "bob")
+    bob = webs(port).stream([bob_cookie])
+    carol = webs(port).stream([basic("carol", "carol-secret")])
+    for stream in (alice_cookie, alice_basic, bob, carol):
+        stream.events(1)
+    text = daemon.config.read_text()
+    carol_section = text[text.index("[carol]"):text.index("[", text.index("[carol]") + 1)]
+    edit_config(daemon, ("secret = alice-secret", "secret = alice-N3w"), (carol_section, ""),
+                ("web_port=0", "web_port=0\nweb_session_hours = 2"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("configuration reloaded")
+    for stream, reason in ((alice_cookie, "secret changed by reload"),
+                           (alice_basic, "secret changed by reload"),
+                           (carol, "account removed by reload")):
+        ((ident, fields),) = stream.events(1)
+        assert (ident, fields["session"], fields["reason"]) == (None, "closed", reason)
+        assert stream.closed()
+    assert web.json("GET", "/calls", [cookie])[0] == 403  # the cookie is worth nothing now
+    fake.send_trace(trace_path("e_internal_answered"))  # bob's goes on
+    assert bob.events(1)[0][1]["event"] in ("incoming", "outgoing")
+    assert web.json("GET", "/session", [bob_cookie])[1]["user"] == "bob"
+
+
+def test_e2e_web_a_session_that_expires_ends_its_stream(fake, daemon_factory, webs):
+    daemon = daemon_factory(general="web_session_hours = 0.0003")  # about a second
+    port = daemon.web_port
+    web = webs(port)
+    cookie, _csrf = web_login(web)
+    stream = webs(port).stream([cookie])
+    stream.events(1)
+    ((ident, fields),) = stream.events(1, timeout=10)
+    assert (fields["session"], fields["reason"]) == ("closed", "session expired")
+    assert stream.closed()
+    assert web.json("GET", "/session", [cookie])[1]["user"] is None
+
+
+def test_config_web_keys():
+    base = "[ami]\nusername=u\nsecret=s\n"
+    config = parse_config(base, "f")
+    assert (config.web, config.web_port, config.web_tls_port, config.web_session_hours) == \
+        (True, 5041, None, 12)
+    assert "web_port = 5041" in config.describe() and "web_tls_port" not in config.describe()
+    config = parse_config("[general]\nweb = no\nweb_port = 5039\n" + base, "f")
+    assert not config.web and "web_port" not in config.describe()  # off: no clash either
+    config = parse_config("[general]\nweb_tls_port = 5042\ntls_cert = c.pem\n" + base, "f")
+    assert (config.tls_port, config.web_tls_port) == (None, 5042)
+    assert "tls_cert = c.pem" in config.describe() and "web_tls_port = 5042" in config.describe()
+    for text, fragment in (
+            ("web_port = 5039", ":2: [general] web_port: 5039 is already used by port = 5039, "
+                                "expected a port of its own"),
+            ("tls_port = 5040\ntls_cert = c\nweb_tls_port = 5040",
+             ":4: [general] web_tls_port: 5040 is already used by tls_port = 5040"),
+            ("web_tls_port = 5042", ":2: [general] web_tls_port: TLS needs a certificate"),
+            ("web = no\nweb_tls_port = 5042\ntls_cert = c", ":4: [general] tls_cert: set "
+                                                            "without tls_port"),
+            ("web_session_hours = 0", "web_session_hours: '0' is out of range"),
+            ("web = maybe", ":2: [general] web: 'maybe' is not yes or no")):
+        with pytest.raises(ConfigError) as info:
+            parse_config("[general]\n%s\n" % text + base, "f")
+        assert fragment in str(info.value)
+    assert parse_config("[general]\nport = 0\nweb_port = 0\n" + base, "f").web_port == 0
+
+
+def test_e2e_reload_of_web_ports_needs_a_restart(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    port = daemon.web_port
+    edit_config(daemon, ("web_port=0", "web_port=0\nweb = no"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log(r"WARNING reload: bind, port, tls_port, web, web_port and web_tls_port "
+                    r"changes need a restart; still on 127\.0\.0\.1 port \d+, TLS port None, "
+                    r"web yes, web port 0")
+    assert webs(port).json("GET", "/session")[0] == 200
+
 # -- the page in a real browser -----------------------------------------------------------
 #
 # A headless Chromium (tests/cdp.py) opens the page from a test-only server
