@@ -1334,9 +1334,10 @@ class DaemonProcess:
         users_text = users_text if users is not None else "[alice]" + users_text
         self.config.write_text(
             # web_port=0 without spaces: tests that edit "port = 0" leave it be.
-            "[general]\nbind = 127.0.0.1\nport = 0\nloglevel = debug\nweb_port=0\n%s\n"
+            "[general]\nbind = 127.0.0.1\nport = 0\nloglevel = debug\n%s%s\n"
             "[ami]\nhost = 127.0.0.1\nport = %d\nusername = ctitest\nsecret = ctitest\n"
-            "reconnect_max = 2\n%s\n%s" % (general, ami_port, ami, users_text))
+            "reconnect_max = 2\n%s\n%s" % ("" if "web_port" in general else "web_port=0\n",
+                                             general, ami_port, ami, users_text))
         os.chmod(str(self.config), 0o600)
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "ctinotify.py"), "run", "-c", str(self.config)],
@@ -7609,6 +7610,10 @@ class PageSite:
         with self.lock:
             return len([s for _c, s in self.streams if user is None or s.user == user])
 
+    def session_count(self):
+        with self.lock:
+            return len(self.view.sessions)
+
     def wait_streams(self, count, user=None, timeout=10):
         deadline = time.monotonic() + timeout
         while self.stream_count(user) < count:
@@ -7703,6 +7708,18 @@ window.__notes = [];
   Object.defineProperty(Probe, "permission", {get: function () { return Real.permission; }});
   window.Notification = Probe;
 })();
+window.__events = [];
+(function () {
+  var Real = window.EventSource;
+  function Probe(url, init) {
+    var es = new Real(url, init);
+    es.addEventListener("message", function (m) { window.__events.push([m.lastEventId, m.data]); });
+    return es;
+  }
+  Probe.prototype = Real.prototype;
+  Probe.CONNECTING = Real.CONNECTING; Probe.OPEN = Real.OPEN; Probe.CLOSED = Real.CLOSED;
+  window.EventSource = Probe;
+})();
 """
 
 
@@ -7748,7 +7765,9 @@ def assert_page_clean(page, expected=()):
     assert page.dialogs() == []
 
 
-def test_page_login_refused_then_accepted(page, site):
+def test_page_login_refused_then_accepted(any_site, tabs):
+    site = any_site
+    page = tabs(site)
     page_login(page, site, "alice", "wrong", expect_ok=False)
     page.wait_for("document.getElementById('login-error').textContent === "
                   "'Wrong user name or secret.'")
@@ -7988,7 +8007,9 @@ def test_page_reconnects_with_last_event_id_and_misses_nothing(page, site):
     assert_page_clean(page)
 
 
-def test_page_logout_ends_the_session_and_its_stream(page, site):
+def test_page_logout_ends_the_session_and_its_stream(any_site, tabs):
+    site = any_site
+    page = tabs(site)
     page_login(page, site)
     page.evaluate("document.getElementById('logout').click()")
     page.wait_for("!document.getElementById('login').hidden")
@@ -7997,7 +8018,7 @@ def test_page_logout_ends_the_session_and_its_stream(page, site):
     while site.stream_count():
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert len(site.view.sessions) == 0
+    assert site.session_count() == 0
     assert ("POST", "/logout", 204) in site.requests
     assert_page_clean(page)
 
@@ -8050,6 +8071,282 @@ def test_cdp_driver_leaves_no_process_behind():
             except OSError:
                 pass
     assert alive == [] and pid
+
+
+# -- the page served by the daemon itself -----------------------------------------------
+#
+# The same browser, the real daemon as a process, and a fake Asterisk playing
+# recorded traces: what the page shows comes from the recorded AMI bytes
+# through the engine, the hub and the event stream.
+
+class DaemonSite:
+    """The daemon with a fake Asterisk, as a site for the browser tests: its
+    ``url``, what its debug log says of the requests and streams, and the
+    traces the fake plays.  The web port stays the same over a restart."""
+
+    def __init__(self, tmp_path, general=""):
+        self.tmp_path = tmp_path
+        self.fake = FakeAsterisk().start()
+        self.web_port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.web_port
+        self.general = "web_port = %d\ncalllog = %s\n%s" % (self.web_port,
+                                                            tmp_path / "calls.jsonl", general)
+        self.daemon = None
+        self.start()
+
+    def start(self):
+        self.daemon = DaemonProcess(self.tmp_path, self.fake.port, general=self.general)
+        self.daemon.wait_log("ami: logged in as ctitest")
+
+    def restart(self):
+        """SIGTERM, then the daemon again on the same ports: sessions are gone."""
+        assert self.daemon.stop() == 0
+        logins = self.fake.logins
+        self.start()
+        self.fake.wait_for_logins(logins + 1)
+
+    def play(self, data):
+        self.fake.send(data)
+
+    @property
+    def requests(self):
+        """(method, path, status) of every request the daemon answered."""
+        return [(m.group(1), m.group(2), int(m.group(3))) for m in
+                re.finditer(r"web \S+: ([A-Z]+) (\S+) (\d{3})\n", "".join(self.daemon.log))]
+
+    def _streams(self):
+        open_ = {}
+        for line in list(self.daemon.log):
+            match = re.search(r"web 127\.0\.0\.1:(\d+): event stream for (\S+)", line)
+            if match:
+                open_[match.group(1)] = match.group(2)
+            match = re.search(r"web \S+@127\.0\.0\.1:(\d+): event stream closed", line)
+            if match:
+                open_.pop(match.group(1), None)
+        return list(open_.values())
+
+    def stream_count(self, user=None):
+        return len([u for u in self._streams() if user is None or u == user])
+
+    def wait_streams(self, count, user=None, timeout=10):
+        deadline = time.monotonic() + timeout
+        while self.stream_count(user) < count:
+            assert time.monotonic() < deadline, "no event stream opened"
+            time.sleep(0.02)
+
+    def session_count(self):
+        log_text = "".join(self.daemon.log)
+        return len(re.findall(r": web login as ", log_text)) - \
+            len(re.findall(r": web logout of ", log_text))
+
+    def close(self):
+        if self.daemon is not None:
+            self.daemon.stop()
+        self.fake.stop()
+
+
+@pytest.fixture
+def daemon_site(tmp_path):
+    site = DaemonSite(tmp_path)
+    yield site
+    site.close()
+
+
+@pytest.fixture(params=["threaded", "daemon"])
+def any_site(request, tmp_path):
+    """The test-only server, then the daemon: the same test on both."""
+    site = PageSite() if request.param == "threaded" else DaemonSite(tmp_path)
+    yield site
+    site.close()
+
+
+def open_page(chromium, site, **size):
+    tab = chromium.new_page(**dict({"width": 1000, "height": 800}, **size))
+    tab.grant(site.url)
+    tab.add_init_script(PAGE_PROBES)
+    return tab
+
+
+@pytest.fixture
+def tabs(chromium):
+    """Open pages (each in a browser context of its own), closed after."""
+    opened = []
+
+    def open_tab(site, **size):
+        opened.append(open_page(chromium, site, **size))
+        return opened[-1]
+    yield open_tab
+    for tab in opened:
+        tab.close()
+
+
+def trace_steps(name, tag):
+    """A recorded call in three steps: up to the ring, up to the hangup, the rest."""
+    events = trace_events(uniquify(read_trace(name), tag))
+    ring = next(i for i, e in enumerate(events) if e.startswith(b"Event: DialState")) + 1
+    end = next(i for i, e in enumerate(events) if i >= ring and e.startswith(b"Event: Hangup"))
+    return [b"".join(events[:ring]), b"".join(events[ring:end]), b"".join(events[end:])]
+
+
+def submit_login(page, user, secret):
+    """Fill in the page's login form and send it, as a person would."""
+    page.wait_for("!document.getElementById('login').hidden")
+    page.evaluate("(function(){ var f = document.getElementById('login-form');"
+                  "f.elements.user.value = %s; f.elements.secret.value = %s;"
+                  "document.getElementById('login-button').click(); })()"
+                  % (json.dumps(user), json.dumps(secret)))
+
+
+def stream_events(page):
+    """What the page's event stream delivered: (last id, fields), status too."""
+    return [(ident, json.loads(data)) for ident, data in page.evaluate("window.__events")]
+
+
+def test_page_on_the_daemon_shows_a_recorded_call_to_its_user_only(chromium, daemon_site, tabs):
+    alice, bob = tabs(daemon_site), tabs(daemon_site)
+    page_login(alice, daemon_site, "alice")
+    page_login(bob, daemon_site, "bob")
+    ring, answer, end = trace_steps("a_inbound_answered", b"shown")
+    daemon_site.play(ring)
+    alice.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    (call,) = page_calls(alice)
+    assert (call["state"], call["who"], call["num"]) == ("ringing", "John Customer", "+15551230001")
+    alice.wait_for("window.__notes.length === 1")
+    assert alice.evaluate("window.__notes[0].title") == "Call from John Customer"
+    daemon_site.play(answer)
+    alice.wait_for("document.querySelector('#calls li.call').dataset.state === 'talking'")
+    assert alice.evaluate("window.__notes[0].closed") is True
+    daemon_site.play(end)
+    alice.wait_for("document.querySelectorAll('#calls li.call').length === 0")
+    alice.wait_for("document.querySelectorAll('#journal li.entry').length === 1")
+    assert alice.evaluate("document.querySelector('#journal .who').textContent") == \
+        "John Customer"
+    live = ("call", "time", "duration", "talk_time")  # the recording's ids and clock
+    got = [{k: v for k, v in f.items() if k not in live}
+           for _i, f in stream_events(alice) if f["event"] != "status"]
+    assert got == [{k: v for k, v in f.items() if k not in live}
+                   for f in golden_events("a_inbound_answered", "alice")]
+    # Bob's page saw the same seconds go by and nothing of alice's call.
+    assert page_calls(bob) == []
+    assert bob.evaluate("document.querySelectorAll('#journal li.entry').length") == 0
+    assert [f["event"] for _i, f in stream_events(bob)] == ["status"]
+    assert bob.evaluate("window.__notes.length") == 0
+    assert_page_clean(alice)
+    assert_page_clean(bob)
+
+
+def test_page_on_the_daemon_shows_a_hostile_caller_id_from_the_pbx_as_text(chromium,
+                                                                           daemon_site, tabs):
+    page = tabs(daemon_site)
+    page_login(page, daemon_site, "alice")
+    name = PAGE_HOSTILE_NAME[:200]  # what the PBX passes on (and ctinotify caps)
+    ring = trace_steps("a_inbound_answered", b"evil")[0]
+    daemon_site.play(ring.replace(b"John Customer", name.encode("utf-8")))
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    assert page_calls(page)[0]["who"] == name
+    assert page.evaluate("document.querySelectorAll('#calls img, #calls script, #calls svg')"
+                         ".length") == 0
+    page.wait_for("window.__notes.length === 1")
+    assert page.evaluate("window.__notes[0].title") == "Call from " + name
+    assert_page_clean(page)
+
+
+def test_page_on_the_daemon_makes_link_down_and_server_stopping_impossible_to_miss(
+        chromium, daemon_site, tabs):
+    page = tabs(daemon_site)
+    page_login(page, daemon_site, "alice")
+    fake = daemon_site.fake
+    fake.refuse_logins = True
+    fake.drop()
+    page.wait_for("!document.getElementById('banner').hidden")
+    assert page.evaluate("document.getElementById('banner').textContent").startswith(
+        "PBX link down")
+    fake.refuse_logins = False
+    page.wait_for("document.getElementById('banner').hidden", timeout=15)
+    assert page.evaluate("document.getElementById('pbx').textContent") == "PBX connected"
+    daemon_site.daemon.proc.send_signal(signal.SIGTERM)
+    page.wait_for("document.getElementById('banner').textContent.indexOf('server is stopping')"
+                  " >= 0")
+    assert_page_clean(page, ["ERR_CONNECTION_REFUSED"])
+
+
+def test_page_on_the_daemon_resumes_after_a_restart_without_losing_an_event(chromium,
+                                                                            daemon_site, tabs):
+    page = tabs(daemon_site)
+    page_login(page, daemon_site, "alice")
+    first = trace_steps("a_inbound_answered", b"before")
+    daemon_site.play(first[0])
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    before = stream_events(page)
+    daemon_site.restart()  # the call ends with the link (reason unknown), the page is told
+    # While the page asks its user to log in again, a call comes and goes.
+    daemon_site.play(b"".join(trace_steps("b_inbound_noanswer", b"while")))
+    page.wait_for("document.getElementById('login-error').textContent.indexOf("
+                  "'Your session ended') === 0", timeout=20)
+    submit_login(page, "alice", "alice-secret")
+    page.wait_for("document.getElementById('conn').textContent === 'connected'")
+    page.wait_for("document.querySelectorAll('#journal li.entry.missed').length === 1")
+    daemon_site.play(b"".join(trace_steps("a_inbound_answered", b"after")))
+    page.wait_for("document.querySelectorAll('#journal li.entry').length === 3")
+    calls = [(f["event"], f["call"].partition("-")[0]) for _i, f in stream_events(page)
+             if f["event"] != "status"]
+    assert calls == [("incoming", "before"), ("hangup", "before"),
+                     ("incoming", "while"), ("timeout", "while"), ("hangup", "while"),
+                     ("incoming", "after"), ("pickup", "after"), ("hangup", "after")]
+    assert [f for _i, f in before if f["event"] != "status"] == \
+        [f for _i, f in stream_events(page)[:len(before)] if f["event"] != "status"]
+    # The page asked the new daemon for what came after its last id.
+    daemon_site.daemon.wait_log(r"event stream for alice from \S+ \(3 missed\)")
+    assert page.evaluate("document.getElementById('banner').hidden") is True
+    assert_page_clean(page, ["status of 403", "ERR_CONNECTION_REFUSED"])
+
+
+def test_page_on_the_daemon_throttles_failed_logins_with_login(chromium, tmp_path, tabs,
+                                                                clients):
+    site = DaemonSite(tmp_path, "login_fail_delay = 0.05\nlogin_block_after = 3")
+    try:
+        page = tabs(site)
+        page.navigate(site.url + "/")
+        for attempt in range(3):
+            submit_login(page, "alice", "guess%d" % attempt)
+            page.wait_for("document.getElementById('login-error').textContent === "
+                          "'Wrong user name or secret.' && "
+                          "!document.getElementById('login-button').disabled")
+            page.evaluate("document.getElementById('login-error').textContent = ''")
+        submit_login(page, "alice", "alice-secret")  # too late: the address is blocked
+        page.wait_for("document.getElementById('login-error').textContent.indexOf("
+                      "'Too many failed logins') === 0")
+        assert page.evaluate("document.getElementById('app').hidden") is True
+        assert site.stream_count() == 0
+        line = socket.create_connection(("127.0.0.1", site.daemon.port), timeout=10)
+        try:  # and the line port refuses the address too: one throttle
+            assert line.recv(100).startswith(b"ERR 429 too many failed logins")
+        finally:
+            line.close()
+        assert_page_clean(page, ["status of 401", "status of 429"])
+    finally:
+        site.close()
+
+
+def test_page_screenshot_of_a_recorded_call(chromium, daemon_site, tabs, tmp_path):
+    """The README's picture (``make screenshot`` writes it to tests/screenshots/):
+    the page with recorded calls, as the daemon serves it."""
+    page = tabs(daemon_site, width=900, height=400)
+    page_login(page, daemon_site, "alice")
+    daemon_site.play(b"".join(trace_steps("b_inbound_noanswer", b"shot1")))
+    page.wait_for("document.getElementById('missed-count').textContent === '1'")
+    talking = trace_steps("r_hold_unhold", b"shot2")
+    daemon_site.play(talking[0] + talking[1])  # called, answered, held, back
+    page.wait_for("document.querySelectorAll('#calls li.talking').length === 1")
+    daemon_site.play(trace_steps("a_inbound_answered", b"shot3")[0])
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 2")
+    page.wait_for("window.__notes.length === 1")
+    time.sleep(1.2)  # the timers tick
+    shots = os.environ.get("CTINOTIFY_SCREENSHOTS") or str(tmp_path)
+    png = page.screenshot(os.path.join(shots, "web-page.png"))
+    assert png.startswith(b"\x89PNG") and len(png) > 10000
+    assert sorted(c["state"] for c in page_calls(page)) == ["ringing", "talking"]
+    assert_page_clean(page)
 
 
 # ---------------------------------------------------------------------------
