@@ -22,8 +22,10 @@ command line.  One AMI byte's way to a desktop line::
     Daemon.deliver(notifications)          call log, then the hub      [I/O]
       ClientHub.deliver                    the connections of the user [I/O]
         encode_notification(fields, fmt)   one text or JSON line       [client protocol]
-        LineClient.queue(line) ... flush   written before the sleep    [I/O]
+        WebEventBuffer.publish(user, ...)  its SSE frame, kept to replay [HTTP]
+        LineClient/HttpClient.queue ... flush  written before the sleep [I/O]
     desktop <--line-- (watch: LineFramer -> WatchSession -> render_event)
+    browser <--SSE--- (the page: EventSource -> handle -> textContent)
 
 1. One ``selectors`` Loop, no threads.  A pass waits for sockets until the
    nearest timer (one heap of Timers), reads the clock once (``now`` for
@@ -38,13 +40,16 @@ command line.  One AMI byte's way to a desktop line::
 3. The engine's notifications go to the Daemon, which appends finished
    calls to the CallLog (and the HISTORY it answers from) and passes them
    to the ClientHub; the hub encodes each once per format and queues it on
-   every LineClient of its user that wants the kind.
+   every connection of its user that wants the kind (with the web on, the
+   user's replay buffer keeps its SSE frame first, for every user).
 4. Each connection owns its buffers, state and deadline (handshaking, open,
    closing, closed): output limits, the lingering close, login timeouts.
    What a desktop sends goes through a LineFramer (bounded lines) into its
    ClientSession, whose reply lines go back the same way; LOGIN subscribes
    the connection to its user.  A Listener names the protocol its
-   connections speak (LineClient; others can sit beside it).
+   connections speak: LineClient, or HttpClient on ``web_port``, where an
+   HttpRequestParser feeds route_web_request and ``GET /events`` makes the
+   connection an event stream the hub delivers to like any other.
 
 The same engine is fed from a live socket (``run``), from a recorded trace
 (``replay``) and by the tests; ``watch`` is split the same way, a
@@ -697,8 +702,8 @@ GENERAL_SETTINGS = (
     Setting("tls_key", "text", "", "its PEM key (empty: in tls_cert)",
             needs=("tls_port", "web_tls_port")),
     Setting("web", "boolean", True, "serve the web page and event streams (web_port)"),
-    Setting("web_port", "port", DEFAULT_WEB_PORT, "the web page's HTTP port", 0, 65535,
-            needs="web"),
+    Setting("web_port", "port", DEFAULT_WEB_PORT, "the web page's HTTP port; off: HTTPS "
+            "only", 0, 65535, allow_off=True, needs="web"),
     Setting("web_tls_port", "port", None, "the web page's HTTPS port (empty: none; with "
             "tls_cert)", 0, 65535, needs="web"),
     Setting("web_session_hours", "number", WEB_SESSION_HOURS, "hours a browser login lasts",

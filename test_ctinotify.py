@@ -1745,6 +1745,26 @@ def test_readme_json_example_is_the_golden_event():
     assert ctinotify.encode_notification(golden, "json").decode().rstrip("\r\n") == line
 
 
+def test_readme_sse_example_is_what_the_daemon_streams(fake, daemon_factory):
+    block = readme_block("example-sse: a_inbound_answered")
+    daemon = daemon_factory()
+    web = Http(daemon.web_port)
+    try:
+        web.stream([basic("alice", "alice-secret")])
+        fake.send(ringing_part())
+        while not (b'"event":"incoming"' in web.buffer and web.buffer.endswith(b"\n\n")):
+            web._fill(10.0)
+        text = web.buffer.decode("utf-8")
+    finally:
+        web.close()
+    assert text.endswith("}\n\n")
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) == len(block)
+    for expected, got in zip(block, lines):
+        assert re.sub(r'"time":"[^"]*"|^id: \w+-', "T", got) == \
+            re.sub(r'"time":"[^"]*"|^id: \w+-', "T", expected)
+
+
 def test_readme_commands_exist():
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         text = f.read()
@@ -1890,8 +1910,10 @@ def test_the_demo_serves_recorded_calls_to_a_line_client(tmp_path):
     with open(os.path.join(HERE, "tests", "demo.conf")) as f:
         text = f.read()
     config = tmp_path / "demo.conf"
+    web_port = free_port()
     config.write_text(text.replace("port = 5039", "port = %d" % port)
-                      .replace("port = 15038", "port = %d" % ami_port))
+                      .replace("port = 15038", "port = %d" % ami_port)
+                      .replace("web_port = 5041", "web_port = %d" % web_port))
     os.chmod(str(config), 0o644)  # as a fresh clone has it: no warning for the demo
     demo = subprocess.Popen([sys.executable, os.path.join(HERE, "tests", "fakeami.py"), "--demo",
                              "--config", str(config), "--ami-port", str(ami_port),
@@ -1911,11 +1933,22 @@ def test_the_demo_serves_recorded_calls_to_a_line_client(tmp_path):
         assert any(l.startswith("EVENT incoming ") for l in lines) or \
             client.lines_until(lambda l: l.startswith("EVENT incoming "), timeout=30)
         client.close()
+        web = Http(web_port)  # the page, and the demo user's events for it
+        try:
+            web.request("GET", "/")
+            assert web.response()[2] == ctinotify.WEB_PAGE_BYTES
+            web.stream([basic("demo", "demo")])
+            deadline = time.monotonic() + 30
+            while web.events(1, timeout=30)[0][1]["event"] == "status":
+                assert time.monotonic() < deadline
+        finally:
+            web.close()
     finally:
         stop_process(demo, signal.SIGTERM)
     output = demo.stdout.read()
     assert demo.returncode == 0, output
     assert "LOGIN demo demo" in output and "readable by every user" not in output
+    assert "http://127.0.0.1:5041/" in output
     with pytest.raises(OSError):  # the demo's daemon went with it
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
