@@ -5524,6 +5524,10 @@ SSE_FORMAT = "sse"
 #: a while): at most this many, and at most this many bytes of frames.
 WEB_EVENT_BUFFER_EVENTS = 100
 WEB_EVENT_BUFFER_BYTES = 64 * 1024
+#: ... and at most this many bytes for all users together (the oldest go
+#: first, whoever's they are): events are kept for every configured user,
+#: so without it 10,000 busy users could hold 640 MiB.
+WEB_EVENT_BUFFER_TOTAL_BYTES = 32 * 1024 * 1024
 #: There are at most this many web sessions, and per user (the oldest of
 #: the user's ends first).
 MAX_WEB_SESSIONS = 10000
@@ -6129,19 +6133,26 @@ class WebEventBuffer:
     A browser that comes back with an id of this start gets the events
     after it; with an id of an earlier start (the daemon restarted) it gets
     every event buffered since; with none (a fresh page), none.  Bounded per
-    user in events and bytes; ``replay`` says whether events were lost.
+    user in events and bytes, and in bytes for all users together;
+    ``replay`` says whether events were lost.
     """
 
     def __init__(self, epoch: Optional[str] = None, max_events: int = WEB_EVENT_BUFFER_EVENTS,
-                 max_bytes: int = WEB_EVENT_BUFFER_BYTES):
+                 max_bytes: int = WEB_EVENT_BUFFER_BYTES,
+                 max_total_bytes: int = WEB_EVENT_BUFFER_TOTAL_BYTES):
         self.epoch = epoch or secrets.token_hex(4)
         self.max_events = max_events
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes
         self._seq = 0
         #: user -> deque of (seq, frame), bytes held, newest seq dropped.
         self._frames: Dict[str, "collections.deque[Tuple[int, bytes]]"] = {}
         self._bytes: Dict[str, int] = {}
         self._dropped: Dict[str, int] = {}
+        #: Every frame kept, oldest first, as (user, seq): a frame is the
+        #: oldest of its user's when it comes up here, unless gone already.
+        self._order: "collections.deque[Tuple[str, int]]" = collections.deque()
+        self._total = 0
 
     def publish(self, user: str, fields: Dict[str, object]) -> bytes:
         """Give an event for ``user`` the next id, keep it, return its frame."""
@@ -6152,12 +6163,28 @@ class WebEventBuffer:
             frames = self._frames[user] = collections.deque()
             self._bytes[user] = 0
         frames.append((self._seq, frame))
+        self._order.append((user, self._seq))
         self._bytes[user] += len(frame)
+        self._total += len(frame)
         while frames and (len(frames) > self.max_events or self._bytes[user] > self.max_bytes):
-            seq, old = frames.popleft()
-            self._bytes[user] -= len(old)
-            self._dropped[user] = seq
+            self._drop_oldest(user)
+        while self._total > self.max_total_bytes:
+            oldest, seq = self._order.popleft()
+            mine = self._frames.get(oldest)
+            if mine and mine[0][0] == seq:
+                self._drop_oldest(oldest)
+        if len(self._order) > 2 * self.max_events * max(1, len(self._frames)):
+            # Entries of frames dropped per user: rebuilt, so memory follows what is kept.
+            self._order = collections.deque(sorted(
+                ((u, seq) for u, mine in self._frames.items() for seq, _f in mine),
+                key=lambda entry: entry[1]))
         return frame
+
+    def _drop_oldest(self, user: str) -> None:
+        seq, old = self._frames[user].popleft()
+        self._bytes[user] -= len(old)
+        self._total -= len(old)
+        self._dropped[user] = seq
 
     def last_id(self) -> str:
         return "%s-%d" % (self.epoch, self._seq)
@@ -6174,18 +6201,19 @@ class WebEventBuffer:
         else:
             after = int(seq_text)
         missed = [frame for seq, frame in frames if seq > after]
-        complete = self._dropped.get(user, 0) <= after or epoch != self.epoch
+        # With an earlier daemon's id, all since this start is wanted: was it kept?
+        complete = self._dropped.get(user, 0) <= after
         return missed, complete and (after <= self._seq)
 
     def retain(self, users: Iterable[str]) -> None:
         keep = set(users)
         for user in [u for u in self._frames if u not in keep]:
             del self._frames[user]
-            self._bytes.pop(user, None)
+            self._total -= self._bytes.pop(user, 0)
             self._dropped.pop(user, None)
 
     def held_bytes(self) -> int:
-        return sum(self._bytes.values())
+        return self._total
 
 
 # -- routes ------------------------------------------------------------------------
@@ -9837,6 +9865,8 @@ WEB_PAGE_JS = r"""
   }
   function handle(f) {
     if (f.event === "status") { onStatus(f); return; }
+    // Events that belong to no call (the office board's, issue 13) are
+    // dispatched here by their "event", before the calls' steps.
     if (typeof f.call !== "string" && typeof f.call !== "number") { return; }
     var key = keyOf(f), call = state.calls.get(key);
     if (f.event === "queue" || (f.event === "unpark" && !call)) { onActivity(f); return; }
@@ -10135,6 +10165,8 @@ WEB_PAGE_HTML = """<!doctype html>
     <nav class="tabs">
       <button id="tab-now" type="button" class="tab active">Calls now</button>
       <button id="tab-journal" type="button" class="tab">Journal<span id="missed-count" class="badge" hidden></span></button>
+      <!-- Further tabs go here (the office board, issue 13), each with its view
+           beside now-view and journal-view, shown by showView(name). -->
     </nav>
     <div id="now-view">
       <ul id="calls" class="calls"></ul>

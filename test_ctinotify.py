@@ -6624,6 +6624,29 @@ def test_event_buffer_is_bounded_and_says_when_a_replay_is_incomplete():
     assert 1 <= len(missed) <= 3 and not complete
     small.retain(["bob"])
     assert small.held_bytes() == 0 and small.replay("alice", "e-1") == ([], True)
+    # An earlier daemon's id wants all of this one's: incomplete once some went.
+    assert buf.replay("alice", "old-7") == (frames[2:], False)
+    assert WebEventBuffer(epoch="e").replay("bob", "old-7") == ([], True)
+
+
+def test_event_buffer_is_bounded_for_all_users_together_oldest_first():
+    buf = WebEventBuffer(epoch="e", max_events=100, max_bytes=100000, max_total_bytes=3000)
+    frames = {}
+    for i in range(400):
+        user = "u%d" % (i % 7)
+        frames.setdefault(user, []).append(buf.publish(user, {"event": "hold", "call": str(i)}))
+        assert buf.held_bytes() <= 3000
+    kept = {user: buf.replay(user, "e-0")[0] for user in frames}
+    assert sum(len(f) for mine in kept.values() for f in mine) == buf.held_bytes() > 2500
+    for user, mine in kept.items():  # each user's newest, none lost in between
+        assert mine == frames[user][len(frames[user]) - len(mine):]
+        assert buf.replay(user, "e-0")[1] is False
+    newest = max(int(parse_sse(f)[0][0][2:]) for mine in kept.values() for f in mine)
+    oldest = min(int(parse_sse(f)[0][0][2:]) for mine in kept.values() for f in mine)
+    assert newest == 400 and newest - oldest < 7 * 10  # the oldest went, whoever's
+    assert len(buf._order) <= 2 * 100 * 7 + 1
+    buf.retain(["u1"])
+    assert buf.held_bytes() == sum(len(f) for f in kept["u1"])
 
 
 # -- the routes -----------------------------------------------------------------------
@@ -7514,6 +7537,15 @@ def test_config_web_keys():
             parse_config("[general]\n%s\n" % text + base, "f")
         assert fragment in str(info.value)
     assert parse_config("[general]\nport = 0\nweb_port = 0\n" + base, "f").web_port == 0
+
+
+def test_e2e_web_no_serves_no_page_and_the_line_port_goes_on(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="web = no\nweb_port = 0")
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert "web browsers" not in "".join(daemon.log)
 
 
 def test_e2e_reload_of_web_ports_needs_a_restart(fake, daemon_factory, webs):
