@@ -924,17 +924,19 @@ def measure_streams(loop, feeder, template, settings):
         lines = ClientSwarm(loop, daemon.port)
         lines.connect([name for name, _, _ in OFFICE_USERS])
         push_round(loop, feeder, daemon, lines, trace.event_bytes(0), notes)  # warm-up
-        result["cpu_none"], result["wall_none"] = push_round(
-            loop, feeder, daemon, lines, trace.event_bytes(1), notes)
+        # CPU time comes in 10 ms ticks and the machine may be shared: the
+        # better of two rounds each way.
+        result["cpu_none"] = min(push_round(loop, feeder, daemon, lines,
+                                            trace.event_bytes(r), notes)[0] for r in (1, 2))
         streams = ClientSwarm(loop, daemon.web_port, Browser)
         names = [name for name, _, _ in OFFICE_USERS + idle]
         streams.connect(names[:few])
         wait_idle(loop, daemon)
         result["rss_few"] = daemon.rss_mb()
         received = streams.received
-        result["cpu_few"], result["wall_few"] = push_round(
-            loop, feeder, daemon, lines, trace.event_bytes(2), notes)
-        loop.run(lambda: streams.received >= received + notes, 60, "the streams' events")
+        result["cpu_few"] = min(push_round(loop, feeder, daemon, lines,
+                                           trace.event_bytes(r), notes)[0] for r in (3, 4))
+        loop.run(lambda: streams.received >= received + 2 * notes, 60, "the streams' events")
         streams.connect(names[few:many])
         wait_idle(loop, daemon)
         result["rss_many"] = daemon.rss_mb()
@@ -1118,13 +1120,13 @@ def report(settings, mode, traces, through, fanout, scale, rounds, seconds, boar
                 format(streams["few"], ","), format(streams["many"], ",")),
             streams["rss_idle"], streams["rss_few"], streams["rss_many"]))
         none_us = 1e6 * streams["cpu_none"] / streams["events"]
-        few_us = 1e6 * streams["cpu_few"] / streams["events"]
+        open_us = 1e6 * streams["cpu_few"] / streams["events"]
         add("   %-56s %.2f us vs %.2f us (x%.2f)" % (
             "CPU per AMI event, no stream vs %s streams open" % format(streams["few"], ","),
-            none_us, few_us, few_us / none_us))
+            none_us, open_us, open_us / none_us))
         add("   %-56s %s vs %s ev/s" % (
             "AMI throughput (events per daemon CPU second)",
-            format(int(1e6 / none_us), ","), format(int(1e6 / few_us), ",")))
+            format(int(1e6 / none_us), ","), format(int(1e6 / open_us), ",")))
         if sse["lost"] or streams["lost"]:
             add("   (streams disconnected by the daemon: %d)" % (sse["lost"] + streams["lost"]))
     add("")
@@ -1159,8 +1161,8 @@ def report(settings, mode, traces, through, fanout, scale, rounds, seconds, boar
                              % (format(streams["many"], ","), streams["rss_many"]),
                              verdict(streams["rss_many"] < 200, streams["many"] >= 10000)))
         add("   %-66s %s" % ("AMI throughput with %s streams within 10%% of none (x%.2f)"
-                             % (format(streams["few"], ","), few_us / none_us),
-                             verdict(few_us <= 1.1 * none_us, streams["few"] >= 1000)))
+                             % (format(streams["few"], ","), open_us / none_us),
+                             verdict(open_us <= 1.1 * none_us, streams["few"] >= 1000)))
     if board is not None:
         add("   %-66s %s" % ("board change to %d watchers, p99 < 5 ms in process (%.3f ms)"
                              % (board["watchers"], board["p99_ms"]),
