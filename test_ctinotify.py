@@ -5901,8 +5901,8 @@ def test_out_of_descriptors_while_reconnecting_to_asterisk_is_survived(caplog):
     """EMFILE when the AMI link reconnects: logged, retried, no crash
     (in-process, as the reviewer found it: a Daemon, its timers due)."""
     import resource
-    config = parse_config("[general]\nbind=127.0.0.1\nport=0\n[ami]\nport=1\nusername=a\n"
-                          "secret=b\n[alice]\nsecret=x\ndevices=PJSIP/100\n", "x.conf")
+    config = parse_config("[general]\nbind=127.0.0.1\nport=0\nweb_port=0\n[ami]\nport=1\n"
+                          "username=a\nsecret=b\n[alice]\nsecret=x\ndevices=PJSIP/100\n", "x.conf")
     daemon = ctinotify.Daemon(config)
     daemon.start()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -6090,8 +6090,8 @@ def test_a_sighup_while_starting_is_a_reload_not_death(fake, tmp_path):
     SIGHUP's default action would kill the daemon, and systemd would not
     restart it (a HUP exit counts as clean)."""
     conf = tmp_path / "ctinotify.conf"
-    conf.write_text("[general]\nbind = 127.0.0.1\nport = 0\n[ami]\nhost = 127.0.0.1\n"
-                    "port = %d\nusername = ctitest\nsecret = ctitest\n"
+    conf.write_text("[general]\nbind = 127.0.0.1\nport = 0\nweb_port = 0\n[ami]\n"
+                    "host = 127.0.0.1\nport = %d\nusername = ctitest\nsecret = ctitest\n"
                     "[alice]\nsecret = s\ndevices = PJSIP/100\n" % fake.port)
     os.chmod(str(conf), 0o600)
     code = ("import os, signal, sys; sys.path.insert(0, %r); import ctinotify\n"
