@@ -1041,7 +1041,8 @@ class _ConfigReader:
                              "TLS needs a certificate, expected tls_cert = /path/to/cert.pem")
         if (values["tls_cert"] or values["tls_key"]) and not tls_keys:
             self.problem(general, general.get("tls_cert") or general.get("tls_key"),
-                         "set without tls_port, expected tls_port = 5040 (or remove it)")
+                         "set without tls_port or web_tls_port, expected tls_port = 5040 (or "
+                         "remove it)")
         if values["port"] is None and values["tls_port"] is None:
             self.problem(general, general.get("port"), "'off' leaves no client port, expected "
                          "a port number or tls_port")
