@@ -14,7 +14,7 @@ CONFDIR := /etc/asterisk
 UNITDIR ?= /lib/systemd/system
 INITDIR := /etc/init.d
 
-.PHONY: help demo test test-live run check bench clean install uninstall
+.PHONY: help demo test test-live run check bench screenshot clean install uninstall
 
 help:
 	@echo "make demo   - run the daemon on recorded calls (no Asterisk needed)"
@@ -23,6 +23,7 @@ help:
 	@echo "make run    - run the daemon in the foreground with $(CONFIG)"
 	@echo "make check  - validate $(CONFIG)"
 	@echo "make bench  - measure speed and memory (QUICK=1: a short run; PROFILE=1: cProfile the daemons)"
+	@echo "make screenshot - retake the README's pictures of the web page (needs Chromium)"
 	@echo "make install   - the program, service files and (if none exists) the config"
 	@echo "make uninstall - remove the program and service files; keeps the config"
 
@@ -57,6 +58,13 @@ check:
 # measurements; prints a table (README "Performance").  Never part of make test.
 bench:
 	$(PYTHON) tests/bench.py $(if $(QUICK),--quick) $(if $(PROFILE),--profile)
+
+# The browser tests take the pictures (tests/screenshots/) from recorded calls
+# played to the daemon; CI=1 makes a missing Chromium a failure, not a skip.
+screenshot:
+	mkdir -p tests/screenshots
+	CI=1 CTINOTIFY_SCREENSHOTS="$(CURDIR)/tests/screenshots" $(PYTHON) -m pytest -q \
+		test_ctinotify.py -k "page_screenshot_of_a_recorded_call or page_fits_a_phone_screen"
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__ bench-data

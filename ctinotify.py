@@ -22,8 +22,10 @@ command line.  One AMI byte's way to a desktop line::
     Daemon.deliver(notifications)          call log, then the hub      [I/O]
       ClientHub.deliver                    the connections of the user [I/O]
         encode_notification(fields, fmt)   one text or JSON line       [client protocol]
-        LineClient.queue(line) ... flush   written before the sleep    [I/O]
+        WebEventBuffer.publish(user, ...)  its SSE frame, kept to replay [HTTP]
+        LineClient/HttpClient.queue ... flush  written before the sleep [I/O]
     desktop <--line-- (watch: LineFramer -> WatchSession -> render_event)
+    browser <--SSE--- (the page: EventSource -> handle -> textContent)
 
 1. One ``selectors`` Loop, no threads.  A pass waits for sockets until the
    nearest timer (one heap of Timers), reads the clock once (``now`` for
@@ -38,13 +40,16 @@ command line.  One AMI byte's way to a desktop line::
 3. The engine's notifications go to the Daemon, which appends finished
    calls to the CallLog (and the HISTORY it answers from) and passes them
    to the ClientHub; the hub encodes each once per format and queues it on
-   every LineClient of its user that wants the kind.
+   every connection of its user that wants the kind (with the web on, the
+   user's replay buffer keeps its SSE frame first, for every user).
 4. Each connection owns its buffers, state and deadline (handshaking, open,
    closing, closed): output limits, the lingering close, login timeouts.
    What a desktop sends goes through a LineFramer (bounded lines) into its
    ClientSession, whose reply lines go back the same way; LOGIN subscribes
    the connection to its user.  A Listener names the protocol its
-   connections speak (LineClient; others can sit beside it).
+   connections speak: LineClient, or HttpClient on ``web_port``, where an
+   HttpRequestParser feeds route_web_request and ``GET /events`` makes the
+   connection an event stream the hub delivers to like any other.
 
 The same engine is fed from a live socket (``run``), from a recorded trace
 (``replay``) and by the tests; ``watch`` is split the same way, a
@@ -108,6 +113,20 @@ log = logging.getLogger("ctinotify")
 
 DEFAULT_CONFIG_PATHS = ("/etc/asterisk/ctinotify.conf", "ctinotify.conf")
 DEFAULT_CLIENT_PORT = 5039
+#: The web client's own port (``[general] web_port``).  Not the line
+#: protocol's port: that one greets on connect, and a browser opens
+#: connections speculatively and may send its request seconds later, so one
+#: port could not keep the greeting from browsers without delaying it for nc.
+DEFAULT_WEB_PORT = 5041
+#: A web login lasts this long (``web_session_hours``).
+WEB_SESSION_HOURS = 12.0
+#: The loop's deadline for a request's head, from the connection's accept or
+#: the end of the previous response: 408 if a request was begun, else a
+#: silent close (an idle keep-alive or a browser's speculative connection),
+#: so it is the keep-alive idle timeout too.  A body announced by its head
+#: (Content-Length) must follow within as long again.  The default of
+#: ``web_request_timeout``.
+HTTP_HEADER_TIMEOUT_S = 10.0
 DEFAULT_AMI_PORT = 5038
 #: Asterisk's TLS manager port (manager.conf ``tlsbindport``).  It is also
 #: ctinotify's default client port: on one box only one of them can have it.
@@ -590,7 +609,8 @@ class Setting:
     ``choice`` (one of ``choices``); ``boolean``; ``port`` (``allow_off``:
     ``off`` gives None; a default of None: no value means no such port).
     ``advanced`` keys are for tests and odd networks: ``check`` shows them
-    only when set.  ``needs``: shown only while that key is on.
+    only when set.  ``needs``: shown only while that key is on (a tuple:
+    while one of them is).
     """
 
     __slots__ = ("key", "kind", "default", "low", "high", "choices", "help", "advanced",
@@ -598,7 +618,8 @@ class Setting:
 
     def __init__(self, key: str, kind: str, default: object, help: str, low: float = 0,
                  high: float = 0, choices: Sequence[str] = (), advanced: bool = False,
-                 needs: str = "", secret: bool = False, required: bool = False,
+                 needs: Union[str, Tuple[str, ...]] = "", secret: bool = False,
+                 required: bool = False,
                  allow_zero: bool = False, allow_off: bool = False):
         self.key = key
         self.kind = kind
@@ -608,7 +629,7 @@ class Setting:
         self.high = high
         self.choices = tuple(choices)
         self.advanced = advanced
-        self.needs = needs
+        self.needs = (needs,) if isinstance(needs, str) and needs else tuple(needs)
         self.secret = secret
         self.required = required
         self.allow_zero = allow_zero
@@ -629,7 +650,7 @@ class Setting:
     def describe(self, values: Dict[str, object]) -> List[str]:
         """``key = value`` for ``check``, or nothing if it goes unsaid."""
         value = values[self.key]
-        if self.needs and (values[self.needs] is None or values[self.needs] is False) or \
+        if self.needs and all(values[k] is None or values[k] is False for k in self.needs) or \
                 value is None and not self.allow_off or \
                 self.advanced and value == self.default:
             return []
@@ -676,12 +697,23 @@ GENERAL_SETTINGS = (
     Setting("login_block_seconds", "number", LOGIN_BLOCK_S, "how long such a block lasts",
             1, 86400),
     Setting("tls_port", "port", None, "the TLS client port (empty: none)", 0, 65535),
-    Setting("tls_cert", "text", "", "PEM certificate (chain) of the TLS port",
-            needs="tls_port"),
-    Setting("tls_key", "text", "", "its PEM key (empty: in tls_cert)", needs="tls_port"),
+    Setting("tls_cert", "text", "", "PEM certificate (chain) of the TLS ports",
+            needs=("tls_port", "web_tls_port")),
+    Setting("tls_key", "text", "", "its PEM key (empty: in tls_cert)",
+            needs=("tls_port", "web_tls_port")),
+    Setting("web", "boolean", True, "serve the web page and event streams (web_port)"),
+    Setting("web_port", "port", DEFAULT_WEB_PORT, "the web page's HTTP port; off: HTTPS "
+            "only", 0, 65535, allow_off=True, needs="web"),
+    Setting("web_tls_port", "port", None, "the web page's HTTPS port (empty: none; with "
+            "tls_cert)", 0, 65535, needs="web"),
+    Setting("web_session_hours", "number", WEB_SESSION_HOURS, "hours a browser login lasts",
+            0.0001, 24 * 366, needs="web"),
     Setting("linger_timeout", "number", CLIENT_LINGER_S, "seconds a closing connection "
             "waits for the client to read its last reply and close", 0.01, 60,
             advanced=True),
+    Setting("web_request_timeout", "number", HTTP_HEADER_TIMEOUT_S, "seconds a browser "
+            "has to send a request's head (from its connect or the last reply: an idle "
+            "connection closes then), and its body after that", 0.01, 3600, advanced=True),
 )
 
 #: ``[ami]`` and ``[ami:NAME]``: one Asterisk to connect to.
@@ -1001,16 +1033,36 @@ class _ConfigReader:
             self.problem(general, general.get("client_buffer_soft"),
                          "%d bytes is more than client_buffer_hard (%d), expected at most that "
                          "or 0 for no soft limit" % (soft, hard))  # type: ignore[str-format]
-        if values["tls_port"] is not None and not values["tls_cert"]:
-            self.problem(general, general.get("tls_port"),
-                         "TLS needs a certificate, expected tls_cert = /path/to/cert.pem")
-        if (values["tls_cert"] or values["tls_key"]) and values["tls_port"] is None:
+        tls_keys = [key for key in ("tls_port", "web_tls_port") if values[key] is not None
+                    and (key == "tls_port" or values["web"])]
+        for key in tls_keys:
+            if not values["tls_cert"]:
+                self.problem(general, general.get(key),
+                             "TLS needs a certificate, expected tls_cert = /path/to/cert.pem")
+        if (values["tls_cert"] or values["tls_key"]) and not tls_keys:
             self.problem(general, general.get("tls_cert") or general.get("tls_key"),
-                         "set without tls_port, expected tls_port = 5040 (or remove it)")
+                         "set without tls_port or web_tls_port, expected tls_port = 5040 (or "
+                         "remove it)")
         if values["port"] is None and values["tls_port"] is None:
             self.problem(general, general.get("port"), "'off' leaves no client port, expected "
                          "a port number or tls_port")
+        self.check_port_clashes(general, values)
         return values
+
+    def check_port_clashes(self, general: IniSection, values: Dict[str, object]) -> None:
+        """Each port for one listener (0, a free port each, may repeat)."""
+        keys = ["port", "tls_port"] + (["web_port", "web_tls_port"] if values["web"] else [])
+        seen: Dict[object, str] = {}
+        for key in keys:
+            port = values[key]
+            if not port:
+                continue
+            if port in seen:
+                self.problem(general, general.get(key) or general.get(seen[port]),
+                             "%s is already used by %s = %s, expected a port of its own"
+                             % (port, seen[port], port))
+            else:
+                seen[port] = key
 
     def read_ami(self, section: IniSection, name: str, required: bool) -> AmiConfig:
         """[ami] or [ami:NAME]: one Asterisk to connect to."""
@@ -1203,7 +1255,7 @@ def load_config(path: str, require_ami: bool = True) -> Config:
     config = parse_config(text, path, require_ami)
     problems = []
     tls_context = None
-    if config.tls_port is not None:
+    if config.tls_port is not None or config.web and config.web_tls_port is not None:
         try:
             tls_context = server_tls_context(config.tls_cert, config.tls_key or None)
         except (OSError, ValueError) as e:
@@ -4414,12 +4466,39 @@ class LoginThrottle:
         self._accounts.penalise(key, entry, now + pause)
         return pause
 
+    def login_failed(self, name: str, address: str, now: float) -> Tuple[float, bool, float]:
+        """A failed login as ``name`` from ``address`` (LOGIN or the web):
+        how long to hold the reply back, whether the address is blocked from
+        now on, and the cool-down it starts for the name (0: none)."""
+        pause = self.account_failed(name, now)
+        delay, blocked = self.failed(address, now)
+        return delay, blocked, pause
+
     def account_succeeded(self, name: str, address: str) -> None:
         owners = self._owners.setdefault(name, collections.OrderedDict())
         owners[address] = None
         owners.move_to_end(address)
         while len(owners) > LOGIN_KNOWN_ADDRESSES:
             owners.popitem(last=False)
+
+
+def check_login(users: Dict[str, UserConfig], name: str, secret: str,
+                peer_host: str) -> Tuple[Optional[UserConfig], str]:
+    """The verdict on a login, the same for LOGIN and the web page: the
+    account, or None and why (for the log only: a client is told "login
+    failed", whatever the reason).  The throttle is asked before this and
+    told after it, by the caller."""
+    account = users.get(name)
+    # Compare even for unknown users, so timing does not tell them apart.
+    expected = account.secret if account is not None else "\0unknown user"
+    secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
+    if account is None:
+        return None, "unknown user"
+    if not secret_ok:
+        return None, "wrong secret"
+    if not account.host_allowed(peer_host):
+        return None, "address not allowed by host="
+    return account, ""
 
 
 class CallHistory:
@@ -4576,15 +4655,10 @@ class ClientSession:
             # not, is answered the same.
             raise ClientProtocolError("429", "too many failed logins for this user, try again "
                                       "in %d s" % math.ceil(wait))
-        account = server.users.get(name)
-        # Compare even for unknown users, so timing does not tell them apart.
-        expected = account.secret if account is not None else "\0unknown user"
-        secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
-        if account is None or not secret_ok or not account.host_allowed(self.peer_host):
+        account, why = check_login(server.users, name, secret, self.peer_host)
+        if account is None:
             self.failed_logins += 1
             self.failed_as = name
-            why = ("unknown user" if account is None else
-                   "wrong secret" if not secret_ok else "address not allowed by host=")
             log.warning("%s: login as %r refused: %s", self.tag, name[:64], why)
             if self.failed_logins >= MAX_LOGIN_ATTEMPTS_PER_CONNECTION:
                 self.request_close("%d failed logins" % self.failed_logins)
@@ -5429,11 +5503,6 @@ def board_reply(board: Board, scope: BoardScope, fmt: str) -> List[str]:
 # HTTP and the web client protocol (no I/O)
 # ---------------------------------------------------------------------------
 
-#: The web client's own port (``[general] web_port``).  Not the line
-#: protocol's port: that one greets on connect, and a browser opens
-#: connections speculatively and may send its request seconds later, so one
-#: port could not keep the greeting from browsers without delaying it for nc.
-DEFAULT_WEB_PORT = 5041
 #: Request limits, each with the status it answers: the request line (414),
 #: the header lines together and their count (431), a body (413: the login
 #: form is the only body, and it is tiny).
@@ -5445,21 +5514,23 @@ MAX_HTTP_BODY_BYTES = 8 * 1024
 #: one whose reply is held back): one whole request at the limits.
 MAX_HTTP_PENDING_INPUT_BYTES = (MAX_HTTP_REQUEST_LINE_BYTES + MAX_HTTP_HEADER_BYTES
                                 + MAX_HTTP_BODY_BYTES)
-#: The loop's deadline for a request's head, from the connection's accept or
-#: the end of the previous response: 408 if a request was begun, else a
-#: silent close (an idle keep-alive or a browser's speculative connection).
-HTTP_HEADER_TIMEOUT_S = 10.0
 #: Server-Sent Events: a comment line this often keeps proxies and NATs
 #: from closing an idle stream; a browser waits ``retry`` before reconnecting.
 SSE_HEARTBEAT_S = 25.0
 SSE_RETRY_MS = 3000
+#: The notification format of an event stream, beside ``text`` and ``json``:
+#: what the hub encodes once per notification for every stream of a user.
+SSE_FORMAT = "sse"
 #: Events kept per user for ``Last-Event-ID`` (a laptop that lost Wi-Fi for
 #: a while): at most this many, and at most this many bytes of frames.
 WEB_EVENT_BUFFER_EVENTS = 100
 WEB_EVENT_BUFFER_BYTES = 64 * 1024
-#: A web login lasts this long (``web_session_hours``); there are at most
-#: this many sessions, and per user (the oldest of the user's ends first).
-WEB_SESSION_HOURS = 12.0
+#: ... and at most this many bytes for all users together (the oldest go
+#: first, whoever's they are): events are kept for every configured user,
+#: so without it 10,000 busy users could hold 640 MiB.
+WEB_EVENT_BUFFER_TOTAL_BYTES = 32 * 1024 * 1024
+#: There are at most this many web sessions, and per user (the oldest of
+#: the user's ends first).
 MAX_WEB_SESSIONS = 10000
 MAX_WEB_SESSIONS_PER_USER = 32
 #: Random bytes in a session token and an anti-CSRF token.
@@ -6063,19 +6134,26 @@ class WebEventBuffer:
     A browser that comes back with an id of this start gets the events
     after it; with an id of an earlier start (the daemon restarted) it gets
     every event buffered since; with none (a fresh page), none.  Bounded per
-    user in events and bytes; ``replay`` says whether events were lost.
+    user in events and bytes, and in bytes for all users together;
+    ``replay`` says whether events were lost.
     """
 
     def __init__(self, epoch: Optional[str] = None, max_events: int = WEB_EVENT_BUFFER_EVENTS,
-                 max_bytes: int = WEB_EVENT_BUFFER_BYTES):
+                 max_bytes: int = WEB_EVENT_BUFFER_BYTES,
+                 max_total_bytes: int = WEB_EVENT_BUFFER_TOTAL_BYTES):
         self.epoch = epoch or secrets.token_hex(4)
         self.max_events = max_events
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes
         self._seq = 0
         #: user -> deque of (seq, frame), bytes held, newest seq dropped.
         self._frames: Dict[str, "collections.deque[Tuple[int, bytes]]"] = {}
         self._bytes: Dict[str, int] = {}
         self._dropped: Dict[str, int] = {}
+        #: Every frame kept, oldest first, as (user, seq): a frame is the
+        #: oldest of its user's when it comes up here, unless gone already.
+        self._order: "collections.deque[Tuple[str, int]]" = collections.deque()
+        self._total = 0
 
     def publish(self, user: str, fields: Dict[str, object]) -> bytes:
         """Give an event for ``user`` the next id, keep it, return its frame."""
@@ -6086,12 +6164,28 @@ class WebEventBuffer:
             frames = self._frames[user] = collections.deque()
             self._bytes[user] = 0
         frames.append((self._seq, frame))
+        self._order.append((user, self._seq))
         self._bytes[user] += len(frame)
+        self._total += len(frame)
         while frames and (len(frames) > self.max_events or self._bytes[user] > self.max_bytes):
-            seq, old = frames.popleft()
-            self._bytes[user] -= len(old)
-            self._dropped[user] = seq
+            self._drop_oldest(user)
+        while self._total > self.max_total_bytes:
+            oldest, seq = self._order.popleft()
+            mine = self._frames.get(oldest)
+            if mine and mine[0][0] == seq:
+                self._drop_oldest(oldest)
+        if len(self._order) > 2 * self.max_events * max(1, len(self._frames)):
+            # Entries of frames dropped per user: rebuilt, so memory follows what is kept.
+            self._order = collections.deque(sorted(
+                ((u, seq) for u, mine in self._frames.items() for seq, _f in mine),
+                key=lambda entry: entry[1]))
         return frame
+
+    def _drop_oldest(self, user: str) -> None:
+        seq, old = self._frames[user].popleft()
+        self._bytes[user] -= len(old)
+        self._total -= len(old)
+        self._dropped[user] = seq
 
     def last_id(self) -> str:
         return "%s-%d" % (self.epoch, self._seq)
@@ -6108,18 +6202,19 @@ class WebEventBuffer:
         else:
             after = int(seq_text)
         missed = [frame for seq, frame in frames if seq > after]
-        complete = self._dropped.get(user, 0) <= after or epoch != self.epoch
+        # With an earlier daemon's id, all since this start is wanted: was it kept?
+        complete = self._dropped.get(user, 0) <= after
         return missed, complete and (after <= self._seq)
 
     def retain(self, users: Iterable[str]) -> None:
         keep = set(users)
         for user in [u for u in self._frames if u not in keep]:
             del self._frames[user]
-            self._bytes.pop(user, None)
+            self._total -= self._bytes.pop(user, 0)
             self._dropped.pop(user, None)
 
     def held_bytes(self) -> int:
-        return sum(self._bytes.values())
+        return self._total
 
 
 # -- routes ------------------------------------------------------------------------
@@ -6207,25 +6302,32 @@ class WebAuthFailed(CtiError):
 
 def _login_check(ctx: WebRequestContext, name: str, secret: str,
                  how: str) -> Union[UserConfig, WebReply]:
-    """LOGIN's rules on the web: the same secrets, ``host=`` and throttle;
-    the account, or the reply refusing it."""
+    """LOGIN's rules on the web, with LOGIN's own throttle object: the same
+    check_login, the same address blocks and delays and the same per-name
+    cool-down, counted together (a guess on the web port is a guess).  The
+    account, or the reply refusing it."""
     view, key = ctx.view, address_key(ctx.peer_host)
-    if view.throttle.blocked_for(key, ctx.now) > 0:
+    throttle = view.throttle
+    if throttle.blocked_for(key, ctx.now) > 0:
         return WebReply(error_response(429, "too many failed logins from your address, "
                                             "try again later"), close=True)
-    account = view.users.get(name)
-    # Compare even for unknown users, so timing does not tell them apart.
-    expected = account.secret if account is not None else "\0unknown user"
-    secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
-    if account is not None and secret_ok and account.host_allowed(ctx.peer_host):
+    wait = throttle.account_wait(name, key, ctx.now)
+    if wait > 0:
+        # Unheard, as LOGIN: the secret is not even compared.
+        return WebReply(error_response(429, "too many failed logins for this user, try "
+                                            "again in %d s" % math.ceil(wait)))
+    account, why = check_login(view.users, name, secret, ctx.peer_host)
+    if account is not None:
+        throttle.account_succeeded(account.name, key)
         return account
-    why = ("unknown user" if account is None else
-           "wrong secret" if not secret_ok else "address not allowed by host=")
     log.warning("%s: %s login as %r refused: %s", ctx.tag, how, name[:64], why)
-    delay, blocked = view.throttle.failed(key, ctx.now)
+    delay, blocked, pause = throttle.login_failed(name[:64], key, ctx.now)
+    if pause:
+        log.warning("%s: logins as %r held back %g s: more than %d failed logins as it "
+                    "lately", ctx.tag, name[:64], pause, LOGIN_ACCOUNT_FREE)
     if blocked:
         log.warning("%s: logins from %s blocked for %g s after %d failed logins",
-                    ctx.tag, key, view.throttle.block_s, view.throttle.block_after)
+                    ctx.tag, key, throttle.block_s, throttle.block_after)
     challenge = [("WWW-Authenticate", 'Basic realm="ctinotify", charset="UTF-8"')] \
         if how == "basic" else []
     return WebReply(error_response(401, "login failed", challenge), delay_s=delay,
@@ -7293,6 +7395,8 @@ class ClientConnection:
     #: state -> the method called when its deadline passes.
     _EXPIRED = {CONN_HANDSHAKING: "_handshake_expired", CONN_OPEN: "open_expired",
                 CONN_CLOSING: "_linger_expired"}
+    #: What the listener's log line calls the peers.
+    PEERS = "clients"
 
     def __init__(self, hub: "ClientHub", sock: socket.socket, peer: Tuple, tls: bool):
         self.hub = hub
@@ -7365,6 +7469,14 @@ class ClientConnection:
 
     def connection_lost(self) -> None:
         """The socket is closed: drop what the protocol holds."""
+
+    def account_changed(self, users: Dict[str, UserConfig]) -> None:
+        """A reload: the session goes on with its account as it is now, or ends."""
+
+    @staticmethod
+    def refusal_bytes(status: int, text: str) -> bytes:
+        """What a connection refused at accept is sent (plain text only)."""
+        return ("ERR %d %s\r\n" % (status, text)).encode("utf-8")
 
     # -- events from the loop -------------------------------------------------
 
@@ -7707,13 +7819,12 @@ class LineClient(ClientConnection):
         held back (they wait in the loop, never in a sleep)."""
         throttle, now = self.hub.throttle, self.hub.loop.now
         name = self.session.failed_as[:64]
-        pause = throttle.account_failed(name, now)
+        delay, blocked, pause = throttle.login_failed(name, self.host_key, now)
         if pause:
             self.hub.loop.log_repeated("account " + name, logging.WARNING,
                                        "%s: logins as %r held back %g s: more than %d failed "
                                        "logins as it lately", self.tag, name, pause,
                                        LOGIN_ACCOUNT_FREE)
-        delay, blocked = throttle.failed(self.host_key, now)
         if blocked:
             log.warning("client %s: logins from %s blocked for %g s after %d failed logins",
                         self.host, self.host_key, throttle.block_s, throttle.block_after)
@@ -7796,6 +7907,242 @@ class LineClient(ClientConnection):
         self.held.clear()
 
 
+def status_bytes(fields: Dict[str, object], fmt: str) -> bytes:
+    """A link or server status in a connection's format: a STATUS line, or
+    on an event stream an SSE event without an id (status is not replayed:
+    each stream starts with the links' status as they are then)."""
+    if fmt == SSE_FORMAT:
+        return encode_sse_event(dict({"event": "status"}, **fields))
+    return encode_status(fields, fmt)
+
+
+class HttpClient(ClientConnection):
+    """HTTP on a client connection (``web_port``): an HttpRequestParser in,
+    route_web_request's responses out, one request at a time; ``GET
+    /events`` turns the connection into an event stream for its user.
+
+    Nothing a browser sends can hold the loop or the connection forever:
+    the head of each request must be in within ``web_request_timeout``
+    (HTTP_HEADER_TIMEOUT_S) of the accept or of the previous response (408
+    if it was begun, else a silent close: the keep-alive idle timeout), its
+    body within as long again after its head; input waiting behind a
+    held-back reply is bounded.  A
+    failed login's reply is held back for the throttle's delay, as LOGIN's;
+    three on one connection close it.  A stream takes no more input, gets
+    its user's events and status lines from the hub (SSE_FORMAT), a
+    heartbeat comment every SSE_HEARTBEAT_S, and the line clients' output
+    limits."""
+
+    __slots__ = ("parser", "stream", "account", "request_by", "body_by", "hold_until",
+                 "held", "failed_logins")
+
+    #: What the listener's log line calls the peers.
+    PEERS = "web browsers"
+
+    def __init__(self, hub: "ClientHub", sock: socket.socket, peer: Tuple, tls: bool):
+        super().__init__(hub, sock, peer, tls)
+        self._tag = "web %s:%s" % (self.host, peer[1] if peer else "?")
+        self.parser: Optional[HttpRequestParser] = HttpRequestParser()
+        #: Once ``GET /events`` is answered: the stream, and its account as
+        #: it is now (a reload may change its event kinds).
+        self.stream: Optional[WebStream] = None
+        self.account: Optional[UserConfig] = None
+        #: The next request's head must be in by then; its body by body_by.
+        self.request_by = self.deadline
+        self.body_by: Optional[float] = None
+        #: A failed login's response, held back until hold_until: (bytes, keep-alive).
+        self.hold_until: Optional[float] = None
+        self.held: Optional[Tuple[bytes, bool]] = None
+        self.failed_logins = 0
+
+    @staticmethod
+    def refusal_bytes(status: int, text: str) -> bytes:
+        return encode_response(error_response(status, text), keep_alive=False)
+
+    @property
+    def user(self) -> Optional[UserConfig]:
+        return self.account
+
+    @property
+    def fmt(self) -> str:
+        return SSE_FORMAT
+
+    def wants(self, kind: str) -> bool:
+        return self.account is not None and kind in self.account.events
+
+    def connection_made(self) -> None:
+        log.debug("%s: connected%s", self.tag, " (TLS)" if self.tls else "")
+        self.request_by = self.hub.loop.now + self.hub.config.web_request_timeout
+        self._update_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser is None:
+            return  # an event stream: the browser has nothing more to say
+        self.parser.receive_data(data)
+        if self.hold_until is not None and \
+                self.parser.buffered_bytes > MAX_HTTP_PENDING_INPUT_BYTES:
+            self._refuse(HttpProtocolError(400, "more than %d bytes sent ahead of a reply"
+                                           % MAX_HTTP_PENDING_INPUT_BYTES))
+            return
+        self._process_input()
+
+    def eof_received(self) -> None:
+        if self.parser is not None:
+            self.parser.receive_data(b"")
+        if self.hold_until is not None:
+            self.watch()  # _release answers, then closes
+            return
+        self._process_input()
+        self.finish("closed by the client")
+
+    def _process_input(self) -> None:
+        """Answer the complete requests received, one at a time, unless a
+        reply is held back or the connection became a stream."""
+        try:
+            while self.state == CONN_OPEN and self.parser is not None and \
+                    self.hold_until is None:
+                event = self.parser.next_event()
+                if event is None:
+                    break
+                if isinstance(event, HttpContinue):
+                    self.queue(HTTP_CONTINUE_BYTES)
+                else:
+                    self._request(event)
+        except HttpProtocolError as e:
+            self._refuse(e)
+            return
+        parser = self.parser
+        if self.state == CONN_OPEN and parser is not None and self.hold_until is None:
+            if parser.state == "body" and self.body_by is None:
+                self.body_by = self.hub.loop.now + self.hub.config.web_request_timeout
+            self._update_deadline()
+
+    def _refuse(self, error: HttpProtocolError) -> None:
+        """A request we do not take: its 4xx (or 5xx), then close."""
+        self.parser = None
+        self.finish("refused: %d %s" % (error.status, error.text),
+                    http_error_bytes(error, self.hub.loop.wall), logging.WARNING)
+
+    def _request(self, request: HttpRequest) -> None:
+        hub, now = self.hub, self.hub.loop.now
+        reply = route_web_request(request, hub.view, self.host, now, self.tls, self.tag)
+        self.body_by = None
+        log.debug("%s: %s %s %d", self.tag, request.method, request.path[:80],
+                  reply.response.status)
+        if reply.failed_login:
+            self.failed_logins += 1
+            if self.failed_logins >= MAX_LOGIN_ATTEMPTS_PER_CONNECTION:
+                reply.close = True
+        keep = request.keep_alive and not reply.close
+        data = encode_response(reply.response, keep, request.method == "HEAD", hub.loop.wall)
+        if reply.ended:
+            hub.end_web_sessions(reply.ended, "logged out")
+        hub.watch_sessions()
+        if reply.stream is not None:
+            self.queue(data)
+            self._start_stream(reply.stream)
+        elif reply.delay_s > 0:
+            self.hold_until = now + reply.delay_s
+            self.held = (data, keep)
+            self._update_deadline()
+        else:
+            self._respond(data, keep)
+
+    def _respond(self, data: bytes, keep: bool) -> None:
+        self.queue(data)
+        if keep:
+            self.request_by = self.hub.loop.now + self.hub.config.web_request_timeout
+        else:
+            self.parser = None
+            self.finish("answered, not kept alive")
+
+    def _start_stream(self, stream: WebStream) -> None:
+        account = self.hub.view.users.get(stream.user)
+        if account is None:  # the route just found it: cannot happen
+            self.finish("no such account")
+            return
+        self.stream, self.account, self.parser = stream, account, None
+        self._tag = "web %s@%s" % (account.name, self._tag.partition(" ")[2])
+        self.hub.subscribe(self, account.name)
+        self.hub.add_stream(self)
+        self.set_deadline(None)
+
+    def _release(self) -> None:
+        """A held-back reply is due: send it, go on with the input."""
+        held, self.held, self.hold_until = self.held, None, None
+        if held is not None:
+            self._respond(*held)
+        if self.state != CONN_OPEN:
+            return
+        self._process_input()
+        if self.peer_eof and self.hold_until is None:
+            self.finish("closed by the client")
+        else:
+            self.watch()
+
+    def _update_deadline(self) -> None:
+        if self.state != CONN_OPEN or self.stream is not None:
+            return
+        if self.hold_until is not None:
+            self.set_deadline(self.hold_until)
+        else:
+            self.set_deadline(self.body_by if self.body_by is not None else self.request_by)
+
+    def open_expired(self, now: float) -> None:
+        if self.hold_until is not None:
+            if now >= self.hold_until:
+                self._release()
+            return
+        if self.parser is None or self.stream is not None:
+            return
+        timeout = self.hub.config.web_request_timeout
+        if self.body_by is not None and now >= self.body_by:
+            self._refuse(HttpProtocolError(408, "no request body within %g s" % timeout))
+        elif now >= self.request_by:
+            if self.parser.in_progress:
+                self._refuse(HttpProtocolError(408, "no request within %g s" % timeout))
+            else:
+                self.parser = None
+                self.finish("idle for %g s" % timeout)
+
+    def before_finish(self) -> None:
+        held, self.held, self.hold_until = self.held, None, None
+        if held is not None:
+            self.queue(held[0])
+
+    def end_session(self, reason: str) -> None:
+        """Close an event stream, telling the page why first."""
+        fields: Dict[str, object] = {"session": "closed", "reason": reason,
+                                     "time": iso_time(self.hub.loop.wall)}
+        self.finish(reason, status_bytes(fields, SSE_FORMAT))
+
+    def account_changed(self, users: Dict[str, UserConfig]) -> None:
+        """A reload: a stream goes on with its account as it is now, or ends
+        as a line client's session would (the store ends web sessions)."""
+        account = self.account
+        if account is None or self.state != CONN_OPEN:
+            return
+        fresh = users.get(account.name)
+        if fresh is None:
+            self.end_session("account removed by reload")
+        elif fresh.secret != account.secret:
+            self.end_session("secret changed by reload")
+        elif not fresh.host_allowed(self.host):
+            self.end_session("address no longer allowed by host= after reload")
+        else:
+            self.account = fresh
+
+    def log_close(self, reason: str, level: int) -> None:
+        if self.stream is not None:
+            log.log(level, "%s: event stream closed: %s", self.tag, reason)
+        else:
+            super().log_close(reason, level)
+
+    def connection_lost(self) -> None:
+        self.parser = None
+        self.held = None
+
+
 class Listener:
     """A listening socket, and the protocol its connections speak: the
     ClientConnection subclass made for each, in plain text or TLS."""
@@ -7832,9 +8179,15 @@ class ClientHub:
         self.subscribers: Dict[str, Set[ClientConnection]] = {}
         #: Connections with output (or a close) for the flush.
         self.dirty: Set[ClientConnection] = set()
-        self.throttle = LoginThrottle(config.login_fail_delay, config.login_block_after,
-                                      config.login_block_seconds)
+        #: LOGIN's throttle, the web login's too (one object: a guess is a guess).
+        self.throttle = view.throttle
+        self.throttle.configure(config.login_fail_delay, config.login_block_after,
+                                config.login_block_seconds)
+        #: The connections that are event streams: the heartbeat's.
+        self.streams: Set[ClientConnection] = set()
         self._resume_timer: Optional[Timer] = None
+        self._heartbeat_timer: Optional[Timer] = None
+        self._session_timer: Optional[Timer] = None
 
     # -- listening and accepting ------------------------------------------------
 
@@ -7862,8 +8215,8 @@ class ClientHub:
         self.listeners.append(listener)
         self._watch_listener(listener)
         host, real_port = listener.address
-        log.info("ctinotify %s listening for %sclients on %s port %d",
-                 __version__, "TLS " if tls else "", host, real_port)
+        log.info("ctinotify %s listening for %s%s on %s port %d",
+                 __version__, "TLS " if tls else "", listener.protocol.PEERS, host, real_port)
         return listener
 
     def _watch_listener(self, listener: Listener) -> None:
@@ -7909,20 +8262,22 @@ class ClientHub:
             self._watch_listener(listener)
         log.info("accepting connections again")
 
-    def _refusal(self, key: str) -> Optional[Tuple[str, bytes, str]]:
-        """Why a new connection from ``key`` is refused: (kind, reply, why)."""
+    def _refusal(self, key: str) -> Optional[Tuple[str, int, str, str]]:
+        """Why a new connection from ``key`` is refused: (kind, status, text
+        for the peer, why for the log).  Line and web connections count
+        together."""
         cfg = self.config
         if len(self.clients) >= cfg.max_clients:
-            return ("max_clients", b"ERR 503 too many connections, try again later\r\n",
+            return ("max_clients", 503, "too many connections, try again later",
                     "%d connections already (max_clients)" % len(self.clients))
         if self.per_host.get(key, 0) >= cfg.max_clients_per_host:
-            return ("max_clients_per_host", b"ERR 503 too many connections from your address\r\n",
+            return ("max_clients_per_host", 503, "too many connections from your address",
                     "%d connections from %s already (max_clients_per_host)"
                     % (self.per_host[key], key))
         blocked = self.throttle.blocked_for(key, self.loop.now)
         if blocked:
-            return ("blocked", b"ERR 429 too many failed logins from your address, "
-                    b"try again later\r\n",
+            return ("blocked", 429, "too many failed logins from your address, "
+                    "try again later",
                     "logins from %s blocked for %d more s" % (key, int(blocked) + 1))
         return None
 
@@ -7931,7 +8286,8 @@ class ClientHub:
         key = address_key(host)
         refusal = self._refusal(key)
         if refusal is not None:
-            kind, reply, why = refusal
+            kind, status, text, why = refusal
+            reply = listener.protocol.refusal_bytes(status, text)
             self.loop.log_repeated(kind, logging.WARNING, "client %s:%s: refused: %s",
                                    host, peer[1] if peer else "?", why)
             if not listener.tls:  # a fresh socket: one short send cannot block
@@ -7977,6 +8333,7 @@ class ClientHub:
     def forget(self, conn: ClientConnection) -> None:
         """A closed connection leaves every count and subscription."""
         self.clients.discard(conn)
+        self.streams.discard(conn)
         count = self.per_host.get(conn.host_key, 0) - 1
         if count > 0:
             self.per_host[conn.host_key] = count
@@ -7991,15 +8348,24 @@ class ClientHub:
                     del self.subscribers[user.name]
 
     def deliver(self, notifications: List[Notification]) -> None:
-        """Each notification to the connections of its user that want its kind."""
+        """Each notification to the connections of its user that want its
+        kind.  With the web on, each one the account takes goes into the
+        user's replay buffer first, whoever is connected: a page that
+        reconnects with ``Last-Event-ID`` catches up from there, and its
+        frame (with its id) is what every event stream of the user gets."""
+        users, events = self.config.users, self.view.events
         for note in notifications:
             conns = self.subscribers.get(note.user)
-            if not conns:
+            account = users.get(note.user)
+            web = self.config.web and account is not None and note.kind in account.events
+            if not conns and not web:
                 continue
             # The same for every session of the user, so encoded once per format.
-            fields = with_popup_url(note.fields, self.config.users.get(note.user))
+            fields = with_popup_url(note.fields, account)
             encoded: Dict[str, bytes] = {}
-            for conn in conns:
+            if web:
+                encoded[SSE_FORMAT] = events.publish(note.user, fields)
+            for conn in conns or ():
                 if not conn.wants(note.kind):
                     continue
                 fmt = conn.fmt
@@ -8009,14 +8375,57 @@ class ClientHub:
                 conn.queue(data)
 
     def broadcast_status(self, fields: Dict[str, object]) -> None:
-        """A STATUS line to every logged-in connection."""
+        """A STATUS line to every logged-in connection and event stream."""
         encoded: Dict[str, bytes] = {}
         for conns in self.subscribers.values():
             for conn in conns:
                 fmt = conn.fmt
                 if fmt not in encoded:
-                    encoded[fmt] = encode_status(fields, fmt)
+                    encoded[fmt] = status_bytes(fields, fmt)
                 conn.queue(encoded[fmt])
+
+    # -- event streams and web sessions -----------------------------------------
+
+    def add_stream(self, conn: ClientConnection) -> None:
+        """``conn`` is an event stream now: it gets the heartbeat."""
+        self.streams.add(conn)
+        if self._heartbeat_timer is None:
+            self._heartbeat_timer = self.loop.at(self.loop.now + SSE_HEARTBEAT_S,
+                                                 self._heartbeat)
+
+    def _heartbeat(self, now: float) -> None:
+        """A comment on every stream (one timer for all of them): proxies
+        and NAT boxes see traffic, a vanished browser shows as a failed write."""
+        self._heartbeat_timer = None
+        if not self.streams:
+            return
+        comment = encode_sse_comment()
+        for conn in self.streams:
+            conn.queue(comment)
+        self._heartbeat_timer = self.loop.at(now + SSE_HEARTBEAT_S, self._heartbeat)
+
+    def end_web_sessions(self, sessions: List[WebSession], reason: str) -> None:
+        """Web sessions ended (logout, expiry, reload): their streams close,
+        telling the page why first."""
+        for session in sessions:
+            for conn in list(self.subscribers.get(session.user, ())):
+                if isinstance(conn, HttpClient) and conn.stream is not None and \
+                        conn.stream.session is session:
+                    conn.end_session(reason)
+
+    def watch_sessions(self) -> None:
+        """Keep a timer on the nearest web session expiry."""
+        due = self.view.sessions.next_expiry()
+        timer = self._session_timer
+        if due is None or timer is not None and not timer.cancelled and timer.when <= due:
+            return
+        self.loop.timers.cancel(timer)
+        self._session_timer = self.loop.at(due, self._expire_sessions)
+
+    def _expire_sessions(self, now: float) -> None:
+        self._session_timer = None
+        self.end_web_sessions(self.view.sessions.expire(now), "session expired")
+        self.watch_sessions()
 
     def flush(self) -> None:
         """Write every connection's output: once per pass, before the sleep."""
@@ -8035,8 +8444,15 @@ class ClientHub:
         self.throttle.configure(config.login_fail_delay, config.login_block_after,
                                 config.login_block_seconds)
         for conn in list(self.clients):
-            if isinstance(conn, LineClient):
-                conn.account_changed(config.users)
+            conn.account_changed(config.users)
+        # Web sessions of users removed or with a new secret end (their
+        # streams closed above already); later logins last the new hours.
+        view = self.view
+        self.end_web_sessions(view.sessions.reconfigure(config.users,
+                                                        config.web_session_hours * 3600),
+                              "account changed by reload")
+        view.events.retain(config.users)
+        self.watch_sessions()
 
     def close_all(self, reason: str) -> None:
         """Shutdown: a last STATUS line to the logged-in, then every
@@ -8044,10 +8460,11 @@ class ClientHub:
         stopping = {"server": "stopping", "time": iso_time(self.loop.wall)}
         for conn in list(self.clients):
             if conn.user is not None:
-                conn.queue(encode_status(stopping, conn.fmt))
+                conn.queue(status_bytes(stopping, conn.fmt))
             conn.send()
             conn.close(reason)
-        self.loop.timers.cancel(self._resume_timer)
+        for timer in (self._resume_timer, self._heartbeat_timer, self._session_timer):
+            self.loop.timers.cancel(timer)
         self.close_listeners()
 
 
@@ -8609,29 +9026,36 @@ class CallLog:
         log.info("history: %d calls from %s", loaded, self.path)
 
 
-class DaemonView(ServerView):
-    """The running daemon as its client sessions see it: the accounts, the
-    calls in progress on every PBX, the call history, login blocks and the
-    links' status (the clock is read here, not in sessions)."""
+class DaemonView(WebView):
+    """The running daemon as its client sessions and web requests see it:
+    the accounts, the calls in progress on every PBX, the call history,
+    the login throttle, the web sessions and replay buffer, and the links'
+    status (the clock is read here, not in sessions)."""
 
     def __init__(self, daemon: "Daemon"):
-        super().__init__(daemon.config.users, None, daemon.calllog.history)
+        config = daemon.config
+        super().__init__(config.users, None, daemon.calllog.history,
+                         sessions=WebSessionStore(config.web_session_hours * 3600),
+                         throttle=LoginThrottle(config.login_fail_delay,
+                                                config.login_block_after,
+                                                config.login_block_seconds))
         self._daemon = daemon
 
     def engines(self) -> List[CallEngine]:
         return [link.engine for link in self._daemon.links]
 
     def login_blocked(self, peer_host: str) -> bool:
-        daemon = self._daemon
-        return daemon.hub.throttle.blocked_for(address_key(peer_host), daemon.loop.now) > 0
+        return self.throttle.blocked_for(address_key(peer_host), self._daemon.loop.now) > 0
 
     def account_wait(self, name: str, peer_host: str) -> float:
-        daemon = self._daemon
-        return daemon.hub.throttle.account_wait(name, address_key(peer_host), daemon.loop.now)
+        return self.throttle.account_wait(name, address_key(peer_host), self._daemon.loop.now)
 
     def pbx_statuses(self) -> List[Dict[str, object]]:
         """A STATUS line's fields per PBX, for a client that just logged in."""
         return [self._daemon.pbx_status(link) for link in self._daemon.links]
+
+    def link_status(self) -> List[Dict[str, object]]:
+        return self.pbx_statuses()
 
 
 class Daemon:
@@ -8654,8 +9078,8 @@ class Daemon:
         self.hub = ClientHub(self.loop, config, self.view)
         #: One link per PBX ([ami], then each [ami:NAME]).
         self.links: List[AmiLink] = [self._make_link(pbx, config) for pbx in config.pbxes]
-        #: bind, port and tls_port as started: a reload cannot change them.
-        self._listening = (config.bind, config.port, config.tls_port)
+        #: The listeners as started: a reload cannot change them.
+        self._listening = self._listeners(config)
         self.running = False
         self._pending_signals: List[int] = []
         self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
@@ -8668,12 +9092,22 @@ class Daemon:
 
     # -- lifecycle -----------------------------------------------------------
 
+    @staticmethod
+    def _listeners(config: Config) -> Tuple[object, ...]:
+        """What the listening sockets are made of (a reload changes none)."""
+        return (config.bind, config.port, config.tls_port, "yes" if config.web else "no",
+                config.web_port if config.web else None,
+                config.web_tls_port if config.web else None)
+
     def start(self) -> None:
-        """Bind the client ports, open the call log (may raise OSError)."""
-        if self.config.port is not None:
-            self.hub.listen(self.config.port, tls=False)
-        if self.config.tls_port is not None:
-            self.hub.listen(self.config.tls_port, tls=True)
+        """Bind the client and web ports, open the call log (may raise OSError)."""
+        config = self.config
+        for port, tls, protocol in ((config.port, False, LineClient),
+                                    (config.tls_port, True, LineClient),
+                                    (config.web_port, False, HttpClient),
+                                    (config.web_tls_port, True, HttpClient)):
+            if port is not None and (protocol is LineClient or config.web):
+                self.hub.listen(port, tls, protocol)
         self.calllog.open()
         self.calllog.seed(self.config.users)
         for link in self.links:
@@ -8786,9 +9220,10 @@ class Daemon:
                 log.error("  %s", problem)
             self.calllog.reopen(self.config.calllog)
             return
-        if (new.bind, new.port, new.tls_port) != self._listening:
-            log.warning("reload: bind, port and tls_port changes need a restart; still on "
-                        "%s port %s, TLS port %s", *self._listening)
+        if self._listeners(new) != self._listening:
+            log.warning("reload: bind, port, tls_port, web, web_port and web_tls_port changes "
+                        "need a restart; still on %s port %s, TLS port %s, web %s, web port "
+                        "%s, web TLS port %s", *self._listening)
         self.config = new
         self.view.users = new.users
         self.calllog.history.retain(new.users)
@@ -9431,6 +9866,8 @@ WEB_PAGE_JS = r"""
   }
   function handle(f) {
     if (f.event === "status") { onStatus(f); return; }
+    // Events that belong to no call (the office board's, issue 13) are
+    // dispatched here by their "event", before the calls' steps.
     if (typeof f.call !== "string" && typeof f.call !== "number") { return; }
     var key = keyOf(f), call = state.calls.get(key);
     if (f.event === "queue" || (f.event === "unpark" && !call)) { onActivity(f); return; }
@@ -9729,6 +10166,8 @@ WEB_PAGE_HTML = """<!doctype html>
     <nav class="tabs">
       <button id="tab-now" type="button" class="tab active">Calls now</button>
       <button id="tab-journal" type="button" class="tab">Journal<span id="missed-count" class="badge" hidden></span></button>
+      <!-- Further tabs go here (the office board, issue 13), each with its view
+           beside now-view and journal-view, shown by showView(name). -->
     </nav>
     <div id="now-view">
       <ul id="calls" class="calls"></ul>

@@ -1333,9 +1333,11 @@ class DaemonProcess:
         users_text = users if users is not None else office_text.split("[alice]", 1)[1]
         users_text = users_text if users is not None else "[alice]" + users_text
         self.config.write_text(
-            "[general]\nbind = 127.0.0.1\nport = 0\nloglevel = debug\n%s\n"
+            # web_port=0 without spaces: tests that edit "port = 0" leave it be.
+            "[general]\nbind = 127.0.0.1\nport = 0\nloglevel = debug\n%s%s\n"
             "[ami]\nhost = 127.0.0.1\nport = %d\nusername = ctitest\nsecret = ctitest\n"
-            "reconnect_max = 2\n%s\n%s" % (general, ami_port, ami, users_text))
+            "reconnect_max = 2\n%s\n%s" % ("" if "web_port" in general else "web_port=0\n",
+                                             general, ami_port, ami, users_text))
         os.chmod(str(self.config), 0o600)
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "ctinotify.py"), "run", "-c", str(self.config)],
@@ -1346,6 +1348,12 @@ class DaemonProcess:
         threading.Thread(target=self._read_log, daemon=True).start()
         line = self.wait_log(r"listening for clients on \S+ port (\d+)")
         self.port = int(re.search(r"port (\d+)", line).group(1))
+
+    @property
+    def web_port(self):
+        """The web page's port (``web = yes``, the default)."""
+        line = self.wait_log(r"listening for web browsers on \S+ port (\d+)")
+        return int(re.search(r"port (\d+)", line).group(1))
 
     def _read_log(self):
         for line in self.proc.stdout:
@@ -1737,6 +1745,26 @@ def test_readme_json_example_is_the_golden_event():
     assert ctinotify.encode_notification(golden, "json").decode().rstrip("\r\n") == line
 
 
+def test_readme_sse_example_is_what_the_daemon_streams(fake, daemon_factory):
+    block = readme_block("example-sse: a_inbound_answered")
+    daemon = daemon_factory()
+    web = Http(daemon.web_port)
+    try:
+        web.stream([basic("alice", "alice-secret")])
+        fake.send(ringing_part())
+        while not (b'"event":"incoming"' in web.buffer and web.buffer.endswith(b"\n\n")):
+            web._fill(10.0)
+        text = web.buffer.decode("utf-8")
+    finally:
+        web.close()
+    assert text.endswith("}\n\n")
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) == len(block)
+    for expected, got in zip(block, lines):
+        assert re.sub(r'"time":"[^"]*"|^id: \w+-', "T", got) == \
+            re.sub(r'"time":"[^"]*"|^id: \w+-', "T", expected)
+
+
 def test_readme_commands_exist():
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         text = f.read()
@@ -1882,8 +1910,10 @@ def test_the_demo_serves_recorded_calls_to_a_line_client(tmp_path):
     with open(os.path.join(HERE, "tests", "demo.conf")) as f:
         text = f.read()
     config = tmp_path / "demo.conf"
+    web_port = free_port()
     config.write_text(text.replace("port = 5039", "port = %d" % port)
-                      .replace("port = 15038", "port = %d" % ami_port))
+                      .replace("port = 15038", "port = %d" % ami_port)
+                      .replace("web_port = 5041", "web_port = %d" % web_port))
     os.chmod(str(config), 0o644)  # as a fresh clone has it: no warning for the demo
     demo = subprocess.Popen([sys.executable, os.path.join(HERE, "tests", "fakeami.py"), "--demo",
                              "--config", str(config), "--ami-port", str(ami_port),
@@ -1903,18 +1933,29 @@ def test_the_demo_serves_recorded_calls_to_a_line_client(tmp_path):
         assert any(l.startswith("EVENT incoming ") for l in lines) or \
             client.lines_until(lambda l: l.startswith("EVENT incoming "), timeout=30)
         client.close()
+        web = Http(web_port)  # the page, and the demo user's events for it
+        try:
+            web.request("GET", "/")
+            assert web.response()[2] == ctinotify.WEB_PAGE_BYTES
+            web.stream([basic("demo", "demo")])
+            deadline = time.monotonic() + 30
+            while web.events(1, timeout=30)[0][1]["event"] == "status":
+                assert time.monotonic() < deadline
+        finally:
+            web.close()
     finally:
         stop_process(demo, signal.SIGTERM)
     output = demo.stdout.read()
     assert demo.returncode == 0, output
     assert "LOGIN demo demo" in output and "readable by every user" not in output
+    assert "http://127.0.0.1:5041/" in output
     with pytest.raises(OSError):  # the demo's daemon went with it
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 def deploy_config(path, ami_port, port, general=""):
     path.write_text(
-        "[general]\nbind = 127.0.0.1\nport = %d\n%s\n"
+        "[general]\nbind = 127.0.0.1\nport = %d\nweb_port = 0\n%s\n"
         "[ami]\nhost = 127.0.0.1\nport = %d\nusername = %s\nsecret = %s\nreconnect_max = 2\n"
         "[alice]\nsecret = alice-secret\ndevices = PJSIP/100\nextensions = 100\n"
         % (port, general, ami_port, AMI_USER, AMI_SECRET))
@@ -5860,8 +5901,8 @@ def test_out_of_descriptors_while_reconnecting_to_asterisk_is_survived(caplog):
     """EMFILE when the AMI link reconnects: logged, retried, no crash
     (in-process, as the reviewer found it: a Daemon, its timers due)."""
     import resource
-    config = parse_config("[general]\nbind=127.0.0.1\nport=0\n[ami]\nport=1\nusername=a\n"
-                          "secret=b\n[alice]\nsecret=x\ndevices=PJSIP/100\n", "x.conf")
+    config = parse_config("[general]\nbind=127.0.0.1\nport=0\nweb_port=0\n[ami]\nport=1\n"
+                          "username=a\nsecret=b\n[alice]\nsecret=x\ndevices=PJSIP/100\n", "x.conf")
     daemon = ctinotify.Daemon(config)
     daemon.start()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -6049,8 +6090,8 @@ def test_a_sighup_while_starting_is_a_reload_not_death(fake, tmp_path):
     SIGHUP's default action would kill the daemon, and systemd would not
     restart it (a HUP exit counts as clean)."""
     conf = tmp_path / "ctinotify.conf"
-    conf.write_text("[general]\nbind = 127.0.0.1\nport = 0\n[ami]\nhost = 127.0.0.1\n"
-                    "port = %d\nusername = ctitest\nsecret = ctitest\n"
+    conf.write_text("[general]\nbind = 127.0.0.1\nport = 0\nweb_port = 0\n[ami]\n"
+                    "host = 127.0.0.1\nport = %d\nusername = ctitest\nsecret = ctitest\n"
                     "[alice]\nsecret = s\ndevices = PJSIP/100\n" % fake.port)
     os.chmod(str(conf), 0o600)
     code = ("import os, signal, sys; sys.path.insert(0, %r); import ctinotify\n"
@@ -6583,6 +6624,29 @@ def test_event_buffer_is_bounded_and_says_when_a_replay_is_incomplete():
     assert 1 <= len(missed) <= 3 and not complete
     small.retain(["bob"])
     assert small.held_bytes() == 0 and small.replay("alice", "e-1") == ([], True)
+    # An earlier daemon's id wants all of this one's: incomplete once some went.
+    assert buf.replay("alice", "old-7") == (frames[2:], False)
+    assert WebEventBuffer(epoch="e").replay("bob", "old-7") == ([], True)
+
+
+def test_event_buffer_is_bounded_for_all_users_together_oldest_first():
+    buf = WebEventBuffer(epoch="e", max_events=100, max_bytes=100000, max_total_bytes=3000)
+    frames = {}
+    for i in range(400):
+        user = "u%d" % (i % 7)
+        frames.setdefault(user, []).append(buf.publish(user, {"event": "hold", "call": str(i)}))
+        assert buf.held_bytes() <= 3000
+    kept = {user: buf.replay(user, "e-0")[0] for user in frames}
+    assert sum(len(f) for mine in kept.values() for f in mine) == buf.held_bytes() > 2500
+    for user, mine in kept.items():  # each user's newest, none lost in between
+        assert mine == frames[user][len(frames[user]) - len(mine):]
+        assert buf.replay(user, "e-0")[1] is False
+    newest = max(int(parse_sse(f)[0][0][2:]) for mine in kept.values() for f in mine)
+    oldest = min(int(parse_sse(f)[0][0][2:]) for mine in kept.values() for f in mine)
+    assert newest == 400 and newest - oldest < 7 * 10  # the oldest went, whoever's
+    assert len(buf._order) <= 2 * 100 * 7 + 1
+    buf.retain(["u1"])
+    assert buf.held_bytes() == sum(len(f) for f in kept["u1"])
 
 
 # -- the routes -----------------------------------------------------------------------
@@ -6901,6 +6965,599 @@ def test_web_session_store_full_is_a_503():
     assert WebClient(view).login("bob", "bob-secret").response.status == 503
 
 
+# -- the web client served by the daemon (plain HTTP, raw sockets) --------------------
+
+class Http:
+    """An HTTP/1.1 client on one raw socket, as a browser or curl sends
+    (curl is not on every machine): requests, responses, SSE events."""
+
+    def __init__(self, port, sock=None, source=None, rcvbuf=None):
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if source:
+                sock.bind((source, 0))
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", port))
+        self.sock = sock
+        self.host = "127.0.0.1:%d" % port
+        self.buffer = b""
+        self.pending = []
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def request(self, method, target, headers=(), body=b"", close=False):
+        head = ["%s %s HTTP/1.1" % (method, target), "Host: " + self.host]
+        head += ["%s: %s" % pair for pair in headers]
+        if body or method == "POST":
+            head.append("Content-Length: %d" % len(body))
+        if close:
+            head.append("Connection: close")
+        self.send(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+
+    def _fill(self, timeout):
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("connection closed; pending %r" % self.buffer[:200])
+        self.buffer += data
+
+    def response(self, head_only=False, timeout=10.0):
+        """(status, {lower-case name: value}, body); an event stream's body
+        stays in the buffer for ``events``."""
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill(timeout)
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(": ")
+            assert name.lower() not in headers, "header %s twice" % name
+            headers[name.lower()] = value
+        size = 0 if head_only else int(headers.get("content-length", "0"))
+        while len(self.buffer) < size:
+            self._fill(timeout)
+        body, self.buffer = self.buffer[:size], self.buffer[size:]
+        return int(lines[0].split()[1]), headers, body
+
+    def json(self, method, target, headers=(), body=b""):
+        self.request(method, target, headers, body)
+        status, _headers, data = self.response()
+        return status, json.loads(data) if data else None
+
+    def events(self, count, timeout=10.0):
+        """The next ``count`` events of a stream: (id, fields)."""
+        while len(self.pending) < count:
+            end = self.buffer.rfind(b"\n\n")
+            if end >= 0:
+                self.pending += [(ident, json.loads(data))
+                                 for ident, data in parse_sse(self.buffer[:end + 2])]
+                self.buffer = self.buffer[end + 2:]
+            if len(self.pending) < count:
+                self._fill(timeout)
+        taken, self.pending = self.pending[:count], self.pending[count:]
+        return taken
+
+    def stream(self, headers=(), target="/events"):
+        """``GET /events``: its head checked, its first events left to read."""
+        self.request("GET", target, headers)
+        status, head, _ = self.response(head_only=True)
+        assert status == 200, (status, self.buffer)
+        assert head["content-type"] == "text/event-stream; charset=utf-8"
+        assert "content-length" not in head and head["connection"] == "close"
+        while len(self.buffer) < 13:
+            self._fill(10.0)
+        assert self.buffer.startswith(b"retry: 3000\n\n")  # a browser's reconnect delay
+        return self
+
+    def closed(self, timeout=10.0):
+        """Read until the daemon closes (True) or the timeout (False)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.buffer += data
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def webs():
+    opened = []
+
+    def connect(port, **kw):
+        web = Http(port, **kw)
+        opened.append(web)
+        return web
+    yield connect
+    for web in opened:
+        web.close()
+
+
+def form(user, secret):
+    return urllib.parse.urlencode({"user": user, "secret": secret}).encode()
+
+
+def web_login(web, user="alice", secret=None):
+    """POST /login on ``web``: the cookie header and the anti-CSRF token."""
+    web.request("POST", "/login", [FORM], form(user, secret or user + "-secret"))
+    status, headers, body = web.response()
+    assert status == 200, body
+    return ("Cookie", headers["set-cookie"].split(";")[0]), json.loads(body)["csrf"]
+
+
+def trace_parts(name, tag=None):
+    """A recorded call cut where it rings: (up to the ring, the rest)."""
+    data = read_trace(name)
+    events = trace_events(uniquify(data, tag) if tag else data)
+    cut = next(i for i, e in enumerate(events) if e.startswith(b"Event: DialState"))
+    return b"".join(events[:cut + 1]), b"".join(events[cut + 1:])
+
+
+def json_lines_until_hangup(line):
+    return [json.loads(l) for l in line.lines_until(lambda l: '"event":"hangup"' in l)]
+
+
+def wait_json(web, target, headers, predicate, timeout=10.0):
+    """GET ``target`` until its JSON answer satisfies ``predicate``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, value = web.json("GET", target, headers)
+        if status == 200 and predicate(value):
+            return value
+        assert time.monotonic() < deadline, (status, value)
+        time.sleep(0.05)
+
+
+def test_e2e_web_every_route_on_one_kept_alive_connection(fake, daemon_factory, clients, webs):
+    daemon = daemon_factory()
+    fake.send_trace(trace_path("b_inbound_noanswer"))  # alice's history: a missed call
+    line = clients(daemon.port, "alice alice-secret")
+    line.send("FORMAT json")
+    line.line()
+    web = webs(daemon.web_port)
+    web.request("GET", "/")
+    status, headers, body = web.response()
+    assert status == 200 and body == ctinotify.WEB_PAGE_BYTES
+    assert headers["content-security-policy"] == ctinotify.WEB_PAGE_CSP
+    assert headers["connection"] == "keep-alive" and headers["x-frame-options"] == "DENY"
+    web.request("GET", "/", [("If-None-Match", headers["etag"])])
+    assert web.response()[0] == 304
+    web.request("HEAD", "/")
+    status, headers, body = web.response(head_only=True)
+    assert (status, body, headers["content-length"]) == \
+        (200, b"", str(len(ctinotify.WEB_PAGE_BYTES)))
+    assert web.json("GET", "/session") == (200, {"user": None, "csrf": "", "events": []})
+    assert web.json("GET", "/calls")[0] == 403
+    web.request("POST", "/login", [FORM], form("alice", "alice-secret"))
+    status, headers, body = web.response()
+    assert status == 200 and json.loads(body)["user"] == "alice"
+    cookie_line = headers["set-cookie"]
+    assert cookie_line.startswith("ctinotify_session=") and "Secure" not in cookie_line
+    assert "; HttpOnly; SameSite=Strict" in cookie_line and "Max-Age=43200" in cookie_line
+    cookie, csrf = ("Cookie", cookie_line.split(";")[0]), json.loads(body)["csrf"]
+    assert web.json("GET", "/session", [cookie])[1]["csrf"] == csrf
+    fake.send(ringing_part(tag=b"now"))
+    calls = wait_json(web, "/calls", [cookie], lambda v: len(v) == 1)
+    line.send("CALLS")
+    assert calls == [json.loads(l) for l in line.lines_until(lambda l: l.startswith("OK"))
+                     if l.startswith('{"event":"call"')]
+    line.send("HISTORY 5")
+    history = [json.loads(l) for l in line.lines_until(lambda l: l.startswith("OK"))[:-1]]
+    assert [r["reason"] for r in history] == ["noanswer"]
+    assert web.json("GET", "/history?n=5", [cookie]) == (200, history)
+    assert web.json("GET", "/history?n=0", [cookie])[0] == 400
+    assert web.json("GET", "/nowhere", [cookie])[0] == 404
+    web.request("DELETE", "/calls", [cookie])
+    status, headers, _ = web.response()
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+    assert web.json("POST", "/logout", [cookie])[0] == 403  # no anti-CSRF token
+    web.request("POST", "/logout", [cookie, ("X-CSRF-Token", csrf)])
+    status, headers, _ = web.response()
+    assert status == 204 and "Max-Age=0" in headers["set-cookie"]
+    assert web.json("GET", "/calls", [cookie])[0] == 403
+    assert len(re.findall(r"web 127\.0\.0\.1:\d+: connected", "".join(daemon.log))) == 1
+
+
+def test_e2e_web_event_stream_is_the_json_line_format_and_resumes_after_last_event_id(
+        fake, daemon_factory, clients, webs):
+    daemon = daemon_factory()
+    port = daemon.web_port
+    line = clients(daemon.port, "alice alice-secret")
+    line.send("FORMAT json")
+    line.line()
+    auth = basic("alice", "alice-secret")
+    first = webs(port).stream([auth])
+    (status,) = first.events(1)
+    assert status[0] is None and (status[1]["event"], status[1]["pbx"]) == ("status", "up")
+    ring, rest = trace_parts("a_inbound_answered")
+    fake.send(ring)
+    (incoming,) = first.events(1)
+    assert incoming[1] == json.loads(line.line())  # exactly the JSON line format's object
+    epoch, _, seq = incoming[0].rpartition("-")
+    first.close()  # the laptop lost its network
+    fake.send(rest)
+    missed = json_lines_until_hangup(line)
+    assert [e["event"] for e in missed] == ["pickup", "hangup"]
+    again = webs(port).stream([auth, ("Last-Event-ID", incoming[0])])
+    events = again.events(3)
+    assert [fields for _id, fields in events[:2]] == missed
+    assert [i.rpartition("-")[0] for i, _f in events[:2]] == [epoch, epoch]
+    assert [int(i.rpartition("-")[2]) for i, _f in events[:2]] == [int(seq) + 1, int(seq) + 2]
+    # Then the links as they are now (a status has no id of its own: the
+    # browser's last id stays the hangup's).
+    assert events[2] == (events[1][0], dict(events[2][1], event="status", pbx="up"))
+    # An id of an earlier daemon (it restarted): everything since this one started.
+    older = webs(port).stream([auth], "/events?last_event_id=0badcafe-99")
+    assert [f["event"] for _i, f in older.events(4)] == ["incoming", "pickup", "hangup", "status"]
+    fresh = webs(port).stream([auth])  # none: nothing replayed
+    assert [f["event"] for _i, f in fresh.events(1)] == ["status"]
+    # The next call reaches every stream of the user, with the same id.
+    fake.send_trace(trace_path("b_inbound_noanswer"))
+    frames = [s.events(1)[0] for s in (again, older, fresh)]
+    assert frames[0] == frames[1] == frames[2] and frames[0][1]["event"] == "incoming"
+    assert frames[0][1] == json.loads(line.line())
+
+
+def test_e2e_web_basic_auth_for_scripts_is_curl_shaped(fake, daemon_factory, webs):
+    daemon = daemon_factory(general="login_fail_delay = 0.2")
+    port = daemon.web_port
+    # What curl -N -u alice:alice-secret http://127.0.0.1:PORT/events sends.
+    curl = webs(port)
+    curl.send(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Basic %s\r\n"
+              b"User-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n"
+              % (port, base64.b64encode(b"alice:alice-secret")))
+    assert curl.response(head_only=True)[0] == 200
+    assert curl.events(1)[0][1]["pbx"] == "up"
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert [f["event"] for _i, f in curl.events(3)] == ["incoming", "pickup", "hangup"]
+    wrong = webs(port)
+    started = time.monotonic()
+    wrong.request("GET", "/events", [basic("alice", "guess")])
+    status, headers, body = wrong.response()
+    assert status == 401 and time.monotonic() - started >= 0.15  # held back, as LOGIN's
+    assert headers["www-authenticate"] == 'Basic realm="ctinotify", charset="UTF-8"'
+    nothing = webs(port)
+    nothing.request("GET", "/events")
+    status, headers, _ = nothing.response()
+    assert status == 403 and "www-authenticate" not in headers  # no password dialog
+    if shutil.which("curl"):  # README: the command as it is written there
+        proc = subprocess.Popen(["curl", "-sN", "-u", "bob:bob-secret",
+                                 "http://127.0.0.1:%d/events" % port],
+                                stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline() == b"retry: 3000\n"
+            proc.stdout.readline()
+            assert json.loads(proc.stdout.readline()[6:])["pbx"] == "up"
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_e2e_web_cookies_csrf_and_logout_ending_the_stream(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    port = daemon.web_port
+    web = webs(port)
+    site = "http://127.0.0.1:%d" % port
+    for header in (("Origin", "http://evil.example"), ("Sec-Fetch-Site", "cross-site")):
+        web.request("POST", "/login", [FORM, header], form("alice", "alice-secret"))
+        status, headers, _ = web.response()
+        assert status == 403 and "set-cookie" not in headers
+    web.request("POST", "/login", [FORM, ("Origin", site), ("Sec-Fetch-Site", "same-origin")],
+                form("alice", "alice-secret"))
+    status, headers, body = web.response()
+    assert status == 200
+    cookie, csrf = ("Cookie", headers["set-cookie"].split(";")[0]), json.loads(body)["csrf"]
+    stream = webs(port).stream([cookie])
+    other = webs(port).stream([basic("alice", "alice-secret")])
+    for s in (stream, other):
+        s.events(1)
+    assert web.json("POST", "/logout", [cookie, ("X-CSRF-Token", "x" + csrf)])[0] == 403
+    assert web.json("POST", "/logout", [cookie, ("X-CSRF-Token", csrf),
+                                        ("Origin", "http://evil.example")])[0] == 403
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert [f["event"] for _i, f in stream.events(3)] == ["incoming", "pickup", "hangup"]
+    assert web.json("POST", "/logout", [cookie, ("X-CSRF-Token", csrf)])[0] == 204
+    ((_ident, fields),) = stream.events(1)
+    assert (fields["session"], fields["reason"]) == ("closed", "logged out")
+    assert stream.closed()
+    assert [f["event"] for _i, f in other.events(3)] == ["incoming", "pickup", "hangup"]
+    fake.send_trace(trace_path("b_inbound_noanswer"))  # the Basic-auth stream goes on
+    assert other.events(1)[0][1]["event"] == "incoming"
+    assert web.json("GET", "/calls", [cookie])[0] == 403
+
+
+def test_e2e_web_slow_and_silent_browsers_are_cut_and_nobody_waits(fake, daemon_factory,
+                                                                   clients, webs):
+    daemon = daemon_factory(general="web_request_timeout = 1")
+    port = daemon.web_port
+    slow = webs(port)
+    slow.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # slowloris: a header line now and then
+    body = webs(port)
+    body.send(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-"
+              b"urlencoded\r\nContent-Length: 100\r\n\r\nuser=al")  # a body that never comes
+    idle = webs(port)  # a browser's speculative connection: not a byte
+    kept = webs(port)
+    assert kept.json("GET", "/session")[0] == 200  # kept alive, then idle
+    started = time.monotonic()
+    while time.monotonic() - started < 0.8:
+        slow.send(b"X-Slow: 1\r\n")
+        other = Http(port)  # everyone else is served at once meanwhile
+        try:
+            began = time.monotonic()
+            assert other.json("GET", "/session")[0] == 200
+            assert time.monotonic() - began < 0.5
+        finally:
+            other.close()
+        assert clients(daemon.port).greeting.startswith("CTINOTIFY/")
+        time.sleep(0.1)
+    assert slow.response()[0] == 408 and slow.closed()
+    status, _headers, data = body.response()
+    assert status == 408 and json.loads(data)["error"] == "no request body within 1 s"
+    assert body.closed()
+    assert idle.closed() and idle.buffer == b""  # silently
+    assert kept.closed() and kept.buffer == b""
+    assert time.monotonic() - started < 5
+
+
+def test_e2e_web_a_stream_that_stops_reading_is_cut_and_nobody_else_slows(fake, daemon_factory,
+                                                                          clients, webs):
+    daemon = daemon_factory(general="client_buffer_hard = 64k\nclient_buffer_soft = 0")
+    port = daemon.web_port
+    data = big_trace(SLOW_CLIENT_ROUNDS)
+    want = expected_events(data, "alice")
+    auth = basic("alice", "alice-secret")
+    stuck = webs(port, rcvbuf=4096)
+    stuck.request("GET", "/events", [auth])
+    good = webs(port).stream([auth])
+    good.events(1)
+    reader = Reader(clients(daemon.port, "alice alice-secret"), len(want))
+    fake.send(data)
+    daemon.wait_log(r"WARNING web alice@127\.0\.0\.1:\d+: event stream closed: output buffer "
+                    r"of \d+ bytes over the hard limit of 65536: client not reading", timeout=60)
+    got = [(f["event"], f["call"]) for _i, f in good.events(len(want), timeout=60)]
+    assert got == want
+    reader.join(90)
+    assert reader.error is None and reader.events == want
+    assert stuck.closed(timeout=30)
+
+
+def test_e2e_web_malformed_requests_get_their_4xx_and_a_close(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    cases = [
+        (b"HELLO\r\n\r\n", 400),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 70 + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 17000 + b"\r\n\r\n", 431),
+        (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 9000\r\n\r\n", 413),
+        (b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+        (b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"POST /login HTTP/1.1\r\nHost: x\r\nExpect: tea\r\nContent-Length: 3\r\n\r\n", 417),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n", 400),
+    ]
+    for data, want in cases:
+        web = webs(daemon.web_port)
+        web.send(data)
+        status, headers, body = web.response()
+        assert (status, headers["connection"]) == (want, "close"), data[:40]
+        assert json.loads(body)["status"] == want
+        assert web.closed(), data[:40]
+    # Two requests sent at once are answered in order, then a third is kept waiting for.
+    web = webs(daemon.web_port)
+    web.send(b"GET /session HTTP/1.1\r\nHost: x\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [web.response()[0], web.response()[0]] == [200, 404]
+    assert web.json("GET", "/session")[0] == 200
+    assert "Traceback" not in "".join(daemon.log)
+
+
+def test_e2e_web_and_line_connections_share_the_per_address_limits(fake, daemon_factory,
+                                                                   clients, webs):
+    daemon = daemon_factory(general="max_clients = 5\nmax_clients_per_host = 3")
+    port = daemon.web_port
+    lines = [clients(daemon.port) for _ in range(2)]
+    web = webs(port)
+    assert web.json("GET", "/session")[0] == 200
+    refused = webs(port)
+    status, headers, body = refused.response()
+    assert (status, json.loads(body)["error"]) == (503, "too many connections from your address")
+    assert refused.closed()
+    line = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    try:
+        assert line.recv(100) == b"ERR 503 too many connections from your address\r\n"
+    finally:
+        line.close()
+    others = [webs(port, source="127.0.0.2") for _ in range(2)]
+    for other in others:
+        assert other.json("GET", "/session")[0] == 200
+    last = webs(port, source="127.0.0.3")
+    status, _headers, body = last.response()
+    assert (status, json.loads(body)["error"]) == (503, "too many connections, try again later")
+    lines[0].close()
+    deadline = time.monotonic() + 10
+    while True:  # a place is free again once the daemon has seen the close
+        again = Http(port)
+        try:
+            again.request("GET", "/session")
+            if again.response()[0] == 200:
+                break
+        except (OSError, EOFError):
+            pass
+        finally:
+            again.close()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_e2e_web_logins_are_throttled_with_login_and_three_close_a_connection(
+        fake, daemon_factory, clients, webs):
+    daemon = daemon_factory(general="login_fail_delay = 0.05\nlogin_block_after = 4")
+    port = daemon.web_port
+    web = webs(port)
+    started = time.monotonic()
+    for name in ("alice", "bob", "carol"):
+        web.request("POST", "/login", [FORM], form(name, "guess"))
+        status, headers, _ = web.response()
+        assert status == 401
+    assert time.monotonic() - started >= 0.05 + 0.1 + 0.2  # each held back longer
+    assert headers["connection"] == "close" and web.closed()  # three on one connection
+    line = clients(daemon.port)
+    line.send("LOGIN dave guess")  # LOGIN's failures and the web's count together
+    assert line.line() == "ERR 401 login failed" and line.closed()
+    daemon.wait_log(r"WARNING client 127\.0\.0\.1: logins from 127\.0\.0\.1 blocked for 300 s "
+                    r"after 4 failed logins")
+    refused = webs(port)
+    status, _headers, body = refused.response()  # refused at the door, like the line port
+    assert status == 429 and "too many failed logins" in json.loads(body)["error"]
+    assert refused.closed()
+    elsewhere = webs(port, source="127.0.0.2")
+    cookie, _csrf = web_login(elsewhere, "alice")  # another address is not blocked
+    assert elsewhere.json("GET", "/calls", [cookie]) == (200, [])
+
+
+def test_e2e_web_link_status_and_server_stopping_reach_the_stream(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    stream = webs(daemon.web_port).stream([basic("alice", "alice-secret")])
+    assert stream.events(1)[0][1]["pbx"] == "up"
+    fake.drop()
+    (down,) = stream.events(1)
+    assert (down[0], down[1]["event"], down[1]["pbx"]) == (None, "status", "down")
+    assert stream.events(1)[0][1]["pbx"] == "up"  # reconnected
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert stream.events(1)[0][1]["server"] == "stopping"
+    assert stream.closed() and daemon.proc.wait(10) == 0
+
+
+def test_e2e_web_over_https(fake, daemon_factory, certificates):
+    cert, key = certificates["server"]
+    daemon = daemon_factory(general="web_tls_port = 0\ntls_cert = %s\ntls_key = %s" % (cert, key))
+    line = daemon.wait_log(r"listening for TLS web browsers on \S+ port (\d+)")
+    port = int(re.search(r"port (\d+)", line).group(1))
+    context = ssl.create_default_context(cafile=cert)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    web = Http(port, sock=context.wrap_socket(raw, server_hostname="127.0.0.1"))
+    try:
+        web.request("GET", "/")
+        assert web.response()[2] == ctinotify.WEB_PAGE_BYTES
+        web.request("POST", "/login", [FORM, ("Origin", "https://127.0.0.1:%d" % port)],
+                    form("alice", "alice-secret"))
+        status, headers, _ = web.response()
+        assert status == 200 and headers["set-cookie"].endswith("; Secure")
+        cookie = ("Cookie", headers["set-cookie"].split(";")[0])
+        web.stream([cookie])
+        assert web.events(1)[0][1]["pbx"] == "up"
+        fake.send_trace(trace_path("a_inbound_answered"))
+        assert [f["event"] for _i, f in web.events(3)] == ["incoming", "pickup", "hangup"]
+    finally:
+        web.close()
+    plain = Http(daemon.web_port)  # the plain web port serves beside it
+    try:
+        assert plain.json("GET", "/session")[0] == 200
+    finally:
+        plain.close()
+
+
+def test_e2e_web_reload_ends_the_sessions_of_removed_users_and_changed_secrets(
+        fake, daemon_factory, webs):
+    daemon = daemon_factory(general="web_session_hours = 1")
+    port = daemon.web_port
+    web = webs(port)
+    cookie, _csrf = web_login(web, "alice")
+    alice_cookie = webs(port).stream([cookie])
+    alice_basic = webs(port).stream([basic("alice", "alice-secret")])
+    bob_cookie, _ = web_login(webs(port), "bob")
+    bob = webs(port).stream([bob_cookie])
+    carol = webs(port).stream([basic("carol", "carol-secret")])
+    for stream in (alice_cookie, alice_basic, bob, carol):
+        stream.events(1)
+    text = daemon.config.read_text()
+    carol_section = text[text.index("[carol]"):text.index("[", text.index("[carol]") + 1)]
+    edit_config(daemon, ("secret = alice-secret", "secret = alice-N3w"), (carol_section, ""),
+                ("web_port=0", "web_port=0\nweb_session_hours = 2"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("configuration reloaded")
+    for stream, reason in ((alice_cookie, "secret changed by reload"),
+                           (alice_basic, "secret changed by reload"),
+                           (carol, "account removed by reload")):
+        ((ident, fields),) = stream.events(1)
+        assert (ident, fields["session"], fields["reason"]) == (None, "closed", reason)
+        assert stream.closed()
+    assert web.json("GET", "/calls", [cookie])[0] == 403  # the cookie is worth nothing now
+    fake.send_trace(trace_path("e_internal_answered"))  # bob's goes on
+    assert bob.events(1)[0][1]["event"] in ("incoming", "outgoing")
+    assert web.json("GET", "/session", [bob_cookie])[1]["user"] == "bob"
+
+
+def test_e2e_web_a_session_that_expires_ends_its_stream(fake, daemon_factory, webs):
+    daemon = daemon_factory(general="web_session_hours = 0.0003")  # about a second
+    port = daemon.web_port
+    web = webs(port)
+    cookie, _csrf = web_login(web)
+    stream = webs(port).stream([cookie])
+    stream.events(1)
+    ((ident, fields),) = stream.events(1, timeout=10)
+    assert (fields["session"], fields["reason"]) == ("closed", "session expired")
+    assert stream.closed()
+    assert web.json("GET", "/session", [cookie])[1]["user"] is None
+
+
+def test_config_web_keys():
+    base = "[ami]\nusername=u\nsecret=s\n"
+    config = parse_config(base, "f")
+    assert (config.web, config.web_port, config.web_tls_port, config.web_session_hours) == \
+        (True, 5041, None, 12)
+    assert "web_port = 5041" in config.describe() and "web_tls_port" not in config.describe()
+    config = parse_config("[general]\nweb = no\nweb_port = 5039\n" + base, "f")
+    assert not config.web and "web_port" not in config.describe()  # off: no clash either
+    config = parse_config("[general]\nweb_tls_port = 5042\ntls_cert = c.pem\n" + base, "f")
+    assert (config.tls_port, config.web_tls_port) == (None, 5042)
+    assert "tls_cert = c.pem" in config.describe() and "web_tls_port = 5042" in config.describe()
+    for text, fragment in (
+            ("web_port = 5039", ":2: [general] web_port: 5039 is already used by port = 5039, "
+                                "expected a port of its own"),
+            ("tls_port = 5040\ntls_cert = c\nweb_tls_port = 5040",
+             ":4: [general] web_tls_port: 5040 is already used by tls_port = 5040"),
+            ("web_tls_port = 5042", ":2: [general] web_tls_port: TLS needs a certificate"),
+            ("web = no\nweb_tls_port = 5042\ntls_cert = c", ":4: [general] tls_cert: set "
+                                                            "without tls_port"),
+            ("web_session_hours = 0", "web_session_hours: '0' is out of range"),
+            ("web = maybe", ":2: [general] web: 'maybe' is not yes or no")):
+        with pytest.raises(ConfigError) as info:
+            parse_config("[general]\n%s\n" % text + base, "f")
+        assert fragment in str(info.value)
+    assert parse_config("[general]\nport = 0\nweb_port = 0\n" + base, "f").web_port == 0
+
+
+def test_e2e_web_no_serves_no_page_and_the_line_port_goes_on(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="web = no\nweb_port = 0")
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert "web browsers" not in "".join(daemon.log)
+
+
+def test_e2e_reload_of_web_ports_needs_a_restart(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    port = daemon.web_port
+    edit_config(daemon, ("web_port=0", "web_port=0\nweb = no"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log(r"WARNING reload: bind, port, tls_port, web, web_port and web_tls_port "
+                    r"changes need a restart; still on 127\.0\.0\.1 port \d+, TLS port None, "
+                    r"web yes, web port 0")
+    assert webs(port).json("GET", "/session")[0] == 200
+
 # -- the page in a real browser -----------------------------------------------------------
 #
 # A headless Chromium (tests/cdp.py) opens the page from a test-only server
@@ -7018,6 +7675,10 @@ class PageSite:
         with self.lock:
             return len([s for _c, s in self.streams if user is None or s.user == user])
 
+    def session_count(self):
+        with self.lock:
+            return len(self.view.sessions)
+
     def wait_streams(self, count, user=None, timeout=10):
         deadline = time.monotonic() + timeout
         while self.stream_count(user) < count:
@@ -7112,6 +7773,18 @@ window.__notes = [];
   Object.defineProperty(Probe, "permission", {get: function () { return Real.permission; }});
   window.Notification = Probe;
 })();
+window.__events = [];
+(function () {
+  var Real = window.EventSource;
+  function Probe(url, init) {
+    var es = new Real(url, init);
+    es.addEventListener("message", function (m) { window.__events.push([m.lastEventId, m.data]); });
+    return es;
+  }
+  Probe.prototype = Real.prototype;
+  Probe.CONNECTING = Real.CONNECTING; Probe.OPEN = Real.OPEN; Probe.CLOSED = Real.CLOSED;
+  window.EventSource = Probe;
+})();
 """
 
 
@@ -7157,7 +7830,9 @@ def assert_page_clean(page, expected=()):
     assert page.dialogs() == []
 
 
-def test_page_login_refused_then_accepted(page, site):
+def test_page_login_refused_then_accepted(any_site, tabs):
+    site = any_site
+    page = tabs(site)
     page_login(page, site, "alice", "wrong", expect_ok=False)
     page.wait_for("document.getElementById('login-error').textContent === "
                   "'Wrong user name or secret.'")
@@ -7397,7 +8072,9 @@ def test_page_reconnects_with_last_event_id_and_misses_nothing(page, site):
     assert_page_clean(page)
 
 
-def test_page_logout_ends_the_session_and_its_stream(page, site):
+def test_page_logout_ends_the_session_and_its_stream(any_site, tabs):
+    site = any_site
+    page = tabs(site)
     page_login(page, site)
     page.evaluate("document.getElementById('logout').click()")
     page.wait_for("!document.getElementById('login').hidden")
@@ -7406,7 +8083,7 @@ def test_page_logout_ends_the_session_and_its_stream(page, site):
     while site.stream_count():
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert len(site.view.sessions) == 0
+    assert site.session_count() == 0
     assert ("POST", "/logout", 204) in site.requests
     assert_page_clean(page)
 
@@ -7459,6 +8136,282 @@ def test_cdp_driver_leaves_no_process_behind():
             except OSError:
                 pass
     assert alive == [] and pid
+
+
+# -- the page served by the daemon itself -----------------------------------------------
+#
+# The same browser, the real daemon as a process, and a fake Asterisk playing
+# recorded traces: what the page shows comes from the recorded AMI bytes
+# through the engine, the hub and the event stream.
+
+class DaemonSite:
+    """The daemon with a fake Asterisk, as a site for the browser tests: its
+    ``url``, what its debug log says of the requests and streams, and the
+    traces the fake plays.  The web port stays the same over a restart."""
+
+    def __init__(self, tmp_path, general=""):
+        self.tmp_path = tmp_path
+        self.fake = FakeAsterisk().start()
+        self.web_port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.web_port
+        self.general = "web_port = %d\ncalllog = %s\n%s" % (self.web_port,
+                                                            tmp_path / "calls.jsonl", general)
+        self.daemon = None
+        self.start()
+
+    def start(self):
+        self.daemon = DaemonProcess(self.tmp_path, self.fake.port, general=self.general)
+        self.daemon.wait_log("ami: logged in as ctitest")
+
+    def restart(self):
+        """SIGTERM, then the daemon again on the same ports: sessions are gone."""
+        assert self.daemon.stop() == 0
+        logins = self.fake.logins
+        self.start()
+        self.fake.wait_for_logins(logins + 1)
+
+    def play(self, data):
+        self.fake.send(data)
+
+    @property
+    def requests(self):
+        """(method, path, status) of every request the daemon answered."""
+        return [(m.group(1), m.group(2), int(m.group(3))) for m in
+                re.finditer(r"web \S+: ([A-Z]+) (\S+) (\d{3})\n", "".join(self.daemon.log))]
+
+    def _streams(self):
+        open_ = {}
+        for line in list(self.daemon.log):
+            match = re.search(r"web 127\.0\.0\.1:(\d+): event stream for (\S+)", line)
+            if match:
+                open_[match.group(1)] = match.group(2)
+            match = re.search(r"web \S+@127\.0\.0\.1:(\d+): event stream closed", line)
+            if match:
+                open_.pop(match.group(1), None)
+        return list(open_.values())
+
+    def stream_count(self, user=None):
+        return len([u for u in self._streams() if user is None or u == user])
+
+    def wait_streams(self, count, user=None, timeout=10):
+        deadline = time.monotonic() + timeout
+        while self.stream_count(user) < count:
+            assert time.monotonic() < deadline, "no event stream opened"
+            time.sleep(0.02)
+
+    def session_count(self):
+        log_text = "".join(self.daemon.log)
+        return len(re.findall(r": web login as ", log_text)) - \
+            len(re.findall(r": web logout of ", log_text))
+
+    def close(self):
+        if self.daemon is not None:
+            self.daemon.stop()
+        self.fake.stop()
+
+
+@pytest.fixture
+def daemon_site(tmp_path):
+    site = DaemonSite(tmp_path)
+    yield site
+    site.close()
+
+
+@pytest.fixture(params=["threaded", "daemon"])
+def any_site(request, tmp_path):
+    """The test-only server, then the daemon: the same test on both."""
+    site = PageSite() if request.param == "threaded" else DaemonSite(tmp_path)
+    yield site
+    site.close()
+
+
+def open_page(chromium, site, **size):
+    tab = chromium.new_page(**dict({"width": 1000, "height": 800}, **size))
+    tab.grant(site.url)
+    tab.add_init_script(PAGE_PROBES)
+    return tab
+
+
+@pytest.fixture
+def tabs(chromium):
+    """Open pages (each in a browser context of its own), closed after."""
+    opened = []
+
+    def open_tab(site, **size):
+        opened.append(open_page(chromium, site, **size))
+        return opened[-1]
+    yield open_tab
+    for tab in opened:
+        tab.close()
+
+
+def trace_steps(name, tag):
+    """A recorded call in three steps: up to the ring, up to the hangup, the rest."""
+    events = trace_events(uniquify(read_trace(name), tag))
+    ring = next(i for i, e in enumerate(events) if e.startswith(b"Event: DialState")) + 1
+    end = next(i for i, e in enumerate(events) if i >= ring and e.startswith(b"Event: Hangup"))
+    return [b"".join(events[:ring]), b"".join(events[ring:end]), b"".join(events[end:])]
+
+
+def submit_login(page, user, secret):
+    """Fill in the page's login form and send it, as a person would."""
+    page.wait_for("!document.getElementById('login').hidden")
+    page.evaluate("(function(){ var f = document.getElementById('login-form');"
+                  "f.elements.user.value = %s; f.elements.secret.value = %s;"
+                  "document.getElementById('login-button').click(); })()"
+                  % (json.dumps(user), json.dumps(secret)))
+
+
+def stream_events(page):
+    """What the page's event stream delivered: (last id, fields), status too."""
+    return [(ident, json.loads(data)) for ident, data in page.evaluate("window.__events")]
+
+
+def test_page_on_the_daemon_shows_a_recorded_call_to_its_user_only(chromium, daemon_site, tabs):
+    alice, bob = tabs(daemon_site), tabs(daemon_site)
+    page_login(alice, daemon_site, "alice")
+    page_login(bob, daemon_site, "bob")
+    ring, answer, end = trace_steps("a_inbound_answered", b"shown")
+    daemon_site.play(ring)
+    alice.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    (call,) = page_calls(alice)
+    assert (call["state"], call["who"], call["num"]) == ("ringing", "John Customer", "+15551230001")
+    alice.wait_for("window.__notes.length === 1")
+    assert alice.evaluate("window.__notes[0].title") == "Call from John Customer"
+    daemon_site.play(answer)
+    alice.wait_for("document.querySelector('#calls li.call').dataset.state === 'talking'")
+    assert alice.evaluate("window.__notes[0].closed") is True
+    daemon_site.play(end)
+    alice.wait_for("document.querySelectorAll('#calls li.call').length === 0")
+    alice.wait_for("document.querySelectorAll('#journal li.entry').length === 1")
+    assert alice.evaluate("document.querySelector('#journal .who').textContent") == \
+        "John Customer"
+    live = ("call", "time", "duration", "talk_time")  # the recording's ids and clock
+    got = [{k: v for k, v in f.items() if k not in live}
+           for _i, f in stream_events(alice) if f["event"] != "status"]
+    assert got == [{k: v for k, v in f.items() if k not in live}
+                   for f in golden_events("a_inbound_answered", "alice")]
+    # Bob's page saw the same seconds go by and nothing of alice's call.
+    assert page_calls(bob) == []
+    assert bob.evaluate("document.querySelectorAll('#journal li.entry').length") == 0
+    assert [f["event"] for _i, f in stream_events(bob)] == ["status"]
+    assert bob.evaluate("window.__notes.length") == 0
+    assert_page_clean(alice)
+    assert_page_clean(bob)
+
+
+def test_page_on_the_daemon_shows_a_hostile_caller_id_from_the_pbx_as_text(chromium,
+                                                                           daemon_site, tabs):
+    page = tabs(daemon_site)
+    page_login(page, daemon_site, "alice")
+    name = PAGE_HOSTILE_NAME[:200]  # what the PBX passes on (and ctinotify caps)
+    ring = trace_steps("a_inbound_answered", b"evil")[0]
+    daemon_site.play(ring.replace(b"John Customer", name.encode("utf-8")))
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    assert page_calls(page)[0]["who"] == name
+    assert page.evaluate("document.querySelectorAll('#calls img, #calls script, #calls svg')"
+                         ".length") == 0
+    page.wait_for("window.__notes.length === 1")
+    assert page.evaluate("window.__notes[0].title") == "Call from " + name
+    assert_page_clean(page)
+
+
+def test_page_on_the_daemon_makes_link_down_and_server_stopping_impossible_to_miss(
+        chromium, daemon_site, tabs):
+    page = tabs(daemon_site)
+    page_login(page, daemon_site, "alice")
+    fake = daemon_site.fake
+    fake.refuse_logins = True
+    fake.drop()
+    page.wait_for("!document.getElementById('banner').hidden")
+    assert page.evaluate("document.getElementById('banner').textContent").startswith(
+        "PBX link down")
+    fake.refuse_logins = False
+    page.wait_for("document.getElementById('banner').hidden", timeout=15)
+    assert page.evaluate("document.getElementById('pbx').textContent") == "PBX connected"
+    daemon_site.daemon.proc.send_signal(signal.SIGTERM)
+    page.wait_for("document.getElementById('banner').textContent.indexOf('server is stopping')"
+                  " >= 0")
+    assert_page_clean(page, ["ERR_CONNECTION_REFUSED"])
+
+
+def test_page_on_the_daemon_resumes_after_a_restart_without_losing_an_event(chromium,
+                                                                            daemon_site, tabs):
+    page = tabs(daemon_site)
+    page_login(page, daemon_site, "alice")
+    first = trace_steps("a_inbound_answered", b"before")
+    daemon_site.play(first[0])
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    before = stream_events(page)
+    daemon_site.restart()  # the call ends with the link (reason unknown), the page is told
+    # While the page asks its user to log in again, a call comes and goes.
+    daemon_site.play(b"".join(trace_steps("b_inbound_noanswer", b"while")))
+    page.wait_for("document.getElementById('login-error').textContent.indexOf("
+                  "'Your session ended') === 0", timeout=20)
+    submit_login(page, "alice", "alice-secret")
+    page.wait_for("document.getElementById('conn').textContent === 'connected'")
+    page.wait_for("document.querySelectorAll('#journal li.entry.missed').length === 1")
+    daemon_site.play(b"".join(trace_steps("a_inbound_answered", b"after")))
+    page.wait_for("document.querySelectorAll('#journal li.entry').length === 3")
+    calls = [(f["event"], f["call"].partition("-")[0]) for _i, f in stream_events(page)
+             if f["event"] != "status"]
+    assert calls == [("incoming", "before"), ("hangup", "before"),
+                     ("incoming", "while"), ("timeout", "while"), ("hangup", "while"),
+                     ("incoming", "after"), ("pickup", "after"), ("hangup", "after")]
+    assert [f for _i, f in before if f["event"] != "status"] == \
+        [f for _i, f in stream_events(page)[:len(before)] if f["event"] != "status"]
+    # The page asked the new daemon for what came after its last id.
+    daemon_site.daemon.wait_log(r"event stream for alice from \S+ \(3 missed\)")
+    assert page.evaluate("document.getElementById('banner').hidden") is True
+    assert_page_clean(page, ["status of 403", "ERR_CONNECTION_REFUSED"])
+
+
+def test_page_on_the_daemon_throttles_failed_logins_with_login(chromium, tmp_path, tabs,
+                                                                clients):
+    site = DaemonSite(tmp_path, "login_fail_delay = 0.05\nlogin_block_after = 3")
+    try:
+        page = tabs(site)
+        page.navigate(site.url + "/")
+        for attempt in range(3):
+            submit_login(page, "alice", "guess%d" % attempt)
+            page.wait_for("document.getElementById('login-error').textContent === "
+                          "'Wrong user name or secret.' && "
+                          "!document.getElementById('login-button').disabled")
+            page.evaluate("document.getElementById('login-error').textContent = ''")
+        submit_login(page, "alice", "alice-secret")  # too late: the address is blocked
+        page.wait_for("document.getElementById('login-error').textContent.indexOf("
+                      "'Too many failed logins') === 0")
+        assert page.evaluate("document.getElementById('app').hidden") is True
+        assert site.stream_count() == 0
+        line = socket.create_connection(("127.0.0.1", site.daemon.port), timeout=10)
+        try:  # and the line port refuses the address too: one throttle
+            assert line.recv(100).startswith(b"ERR 429 too many failed logins")
+        finally:
+            line.close()
+        assert_page_clean(page, ["status of 401", "status of 429"])
+    finally:
+        site.close()
+
+
+def test_page_screenshot_of_a_recorded_call(chromium, daemon_site, tabs, tmp_path):
+    """The README's picture (``make screenshot`` writes it to tests/screenshots/):
+    the page with recorded calls, as the daemon serves it."""
+    page = tabs(daemon_site, width=900, height=400)
+    page_login(page, daemon_site, "alice")
+    daemon_site.play(b"".join(trace_steps("b_inbound_noanswer", b"shot1")))
+    page.wait_for("document.getElementById('missed-count').textContent === '1'")
+    talking = trace_steps("r_hold_unhold", b"shot2")
+    daemon_site.play(talking[0] + talking[1])  # called, answered, held, back
+    page.wait_for("document.querySelectorAll('#calls li.talking').length === 1")
+    daemon_site.play(trace_steps("a_inbound_answered", b"shot3")[0])
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 2")
+    page.wait_for("window.__notes.length === 1")
+    time.sleep(1.2)  # the timers tick
+    shots = os.environ.get("CTINOTIFY_SCREENSHOTS") or str(tmp_path)
+    png = page.screenshot(os.path.join(shots, "web-page.png"))
+    assert png.startswith(b"\x89PNG") and len(png) > 10000
+    assert sorted(c["state"] for c in page_calls(page)) == ["ringing", "talking"]
+    assert_page_clean(page)
 
 
 # ---------------------------------------------------------------------------

@@ -396,6 +396,8 @@ def run_demo(config, pace, ami_port=15038):
     print("     LOGIN alice alice          sees only extension 100's calls")
     print("     FORMAT json                JSON lines instead of text")
     print()
+    print(" Or open http://127.0.0.1:5041/ in a browser: user demo, secret demo.")
+    print()
     print(" Calls repeat in a loop.  Ctrl-C stops the demo.")
     print("=" * 72, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: fake._stop())
