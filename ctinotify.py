@@ -256,13 +256,16 @@ class Kind:
     CONFERENCE = "conference"
     HOLD = "hold"
     UNHOLD = "unhold"
+    #: A colleague's line on the office board changed (not a call of the
+    #: user's own: only for users whose ``board`` is not ``none``).
+    STATE = "state"
 
 
 #: Every kind of event a client can subscribe to with ``events=``, in order.
 EVENT_KINDS = (
     Kind.INCOMING, Kind.OUTGOING, Kind.PICKUP, Kind.HANGUP, Kind.TIMEOUT, Kind.BUSY,
     Kind.DIVERT, Kind.TRANSFER, Kind.QUEUE, Kind.PARK, Kind.UNPARK, Kind.CONFERENCE,
-    Kind.HOLD, Kind.UNHOLD,
+    Kind.HOLD, Kind.UNHOLD, Kind.STATE,
 )
 
 
@@ -385,13 +388,16 @@ class IniOption:
 class IniSection:
     """A ``[name]`` block, with Asterisk template inheritance applied."""
 
-    __slots__ = ("name", "lineno", "options", "is_template")
+    __slots__ = ("name", "lineno", "options", "is_template", "templates")
 
     def __init__(self, name: str, lineno: int, is_template: bool = False):
         self.name = name
         self.lineno = lineno
         self.options: List[IniOption] = []
         self.is_template = is_template
+        #: The templates (``[name](!)``) it inherits, directly or through
+        #: another template: what ``board = @name`` goes by.
+        self.templates: Tuple[str, ...] = ()
 
     def get(self, key: str) -> Optional[IniOption]:
         """The last ``key`` line of the section (later lines override)."""
@@ -405,8 +411,11 @@ class IniSection:
 _SECTION_LINE = re.compile(r"^\[([^\]]+)\]\s*(?:\(([^)]*)\))?\s*$")
 
 
-def parse_ini(text: str, filename: str) -> Tuple[List[IniSection], List[str]]:
-    """Parse Asterisk-style INI text into sections and a list of problems.
+def parse_ini(text: str, filename: str) \
+        -> Tuple[List[IniSection], List[str], Dict[str, List[str]]]:
+    """Parse Asterisk-style INI text into sections, a list of problems,
+    and each template's sections (template name -> the names of the
+    sections that inherit it, directly or not).
 
     Accepts ``;`` comments (``\\;`` is a literal semicolon), ``key = value``
     and ``key => value``, and templates: ``[name](!)`` defines one,
@@ -438,6 +447,9 @@ def parse_ini(text: str, filename: str) -> Tuple[List[IniSection], List[str]]:
                                     % (filename, lineno, name, template))
                 else:
                     current.options.extend(parent.options)
+                    inherited = ((parent.name,) if parent.is_template else ()) + parent.templates
+                    current.templates += tuple(t for t in inherited
+                                               if t not in current.templates)
             if name in by_name and not by_name[name].is_template:
                 problems.append("%s:%d: [%s]: section defined twice (first at line %d), "
                                 "expected each section once"
@@ -460,7 +472,12 @@ def parse_ini(text: str, filename: str) -> Tuple[List[IniSection], List[str]]:
                             % (filename, lineno, key))
             continue
         current.options.append(IniOption(key, value.strip(), lineno))
-    return [s for s in sections if not s.is_template], problems
+    templates: Dict[str, List[str]] = {s.name: [] for s in sections if s.is_template}
+    for section in sections:
+        if not section.is_template:
+            for template in section.templates:
+                templates[template].append(section.name)
+    return [s for s in sections if not s.is_template], problems, templates
 
 
 #: Channel technology prefixes as users write them -> as Asterisk names them.
@@ -519,11 +536,13 @@ class UserConfig:
     """One client account: ``[name]`` with its secret and what it may see."""
 
     __slots__ = ("name", "secret", "hosts", "devices", "extensions", "events", "lineno",
-                 "popup_url")
+                 "popup_url", "board", "board_details", "fullname")
 
     def __init__(self, name: str, secret: str, hosts: Optional[Tuple[object, ...]],
                  devices: Tuple[str, ...], extensions: Tuple[Tuple[str, str], ...],
-                 events: Tuple[str, ...], lineno: int = 0, popup_url: str = ""):
+                 events: Tuple[str, ...], lineno: int = 0, popup_url: str = "",
+                 board: Optional[frozenset] = frozenset(), board_details: bool = False,
+                 fullname: str = ""):
         self.name = name
         self.secret = secret
         #: ``None`` means ``host = dynamic`` (any address); else ip_network objects.
@@ -538,6 +557,13 @@ class UserConfig:
         #: A URL template with ``{from_num}``-style placeholders (empty: none);
         #: its ``incoming`` events carry it, filled in, as ``url``.
         self.popup_url = popup_url
+        #: The colleagues whose board line the user may see: None for
+        #: ``board = all``, empty for ``none`` (then no ``state`` event either).
+        self.board = board
+        #: ``board_details``: also with whom those colleagues are on the phone.
+        self.board_details = board_details
+        #: The name the board shows (empty: learned from their phone, or the user name).
+        self.fullname = fullname
 
     def host_allowed(self, address: str) -> bool:
         if self.hosts is None:
@@ -808,6 +834,12 @@ class Config(_Immutable):
                       "extensions = %s" % exts, "events = %s" % ",".join(user.events)]
             if user.popup_url:
                 lines.append("popup_url = %s" % user.popup_url)
+            if user.board is None or user.board:
+                lines.append("board = %s" % ("all" if user.board is None else ",".join(
+                    name for name in self.users if name in user.board)))
+                lines.append("board_details = %s" % ("yes" if user.board_details else "no"))
+            if user.fullname:
+                lines.append("fullname = %s" % user.fullname)
         return "\n".join(lines) + "\n"
 
     def advisories(self) -> List[str]:
@@ -843,7 +875,8 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 
                "g": 1024 ** 3, "gb": 1024 ** 3}
 _BOOLEANS = {"yes": True, "true": True, "on": True, "1": True,
              "no": False, "false": False, "off": False, "0": False}
-USER_KEYS = ("secret", "host", "devices", "extensions", "events", "popup_url")
+USER_KEYS = ("secret", "host", "devices", "extensions", "events", "popup_url", "board",
+             "board_details", "fullname")
 
 #: The placeholders of ``popup_url``: the flattened fields of an ``incoming``
 #: event (as in its text line), and the user's login name.
@@ -851,6 +884,37 @@ POPUP_URL_FIELDS = ("from_num", "from_name", "to_num", "to_name", "dialed", "cal
                     "role", "device", "queue", "user")
 #: ``{name}`` in a URL template.  Any other brace is an error: a URL has none.
 _URL_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def resolve_board_setting(value: str, user_names: Iterable[str],
+                          templates: Optional[Dict[str, Iterable[str]]] = None) \
+        -> Optional[frozenset]:
+    """A user's ``board`` setting -> the users they may see: None for
+    ``all``, an empty set for ``none`` (and an empty value), else the users
+    named and every user whose section inherits a template named
+    ``@template`` (``templates``: template -> its users).  A name that is no
+    user or template raises ValueError saying which."""
+    words = [word.strip() for word in value.split(",") if word.strip()]
+    lowered = [word.lower() for word in words]
+    if lowered in ([], ["none"]):
+        return frozenset()
+    if lowered == ["all"]:
+        return None
+    if "all" in lowered or "none" in lowered:
+        raise ValueError("'all' and 'none' stand alone")
+    known = set(user_names)
+    templates = templates or {}
+    names: Set[str] = set()
+    for word in words:
+        if word.startswith("@"):
+            if word[1:] not in templates:
+                raise ValueError("unknown template %r" % word[1:])
+            names.update(templates[word[1:]])
+        elif word in known:
+            names.add(word)
+        else:
+            raise ValueError("unknown user %r" % word)
+    return frozenset(names)
 
 
 class _ConfigReader:
@@ -1058,8 +1122,15 @@ class _ConfigReader:
             self.problem(section, None, "the user has neither devices nor extensions, "
                          "expected devices = PJSIP/100 or extensions = 100")
         popup_url = self.popup_url(section)
+        fullname = self.text(section, "fullname", "")
+        if len(fullname) > MAX_FIELD_CHARS:
+            self.problem(section, section.get("fullname"), "%d characters, expected at most %d"
+                         % (len(fullname), MAX_FIELD_CHARS))
+        # ``board`` needs every user's name: read_boards resolves it.
         return UserConfig(section.name, secret, hosts, devices, extensions,
-                          events, section.lineno, popup_url)
+                          events, section.lineno, popup_url,
+                          board_details=self.boolean(section, "board_details", False),
+                          fullname=fullname)
 
     def user_hosts(self, section: IniSection) -> Optional[Tuple[object, ...]]:
         """``host``: None for ``dynamic`` (anywhere), else the networks."""
@@ -1123,6 +1194,32 @@ class _ConfigReader:
                 events.append(kind.lower())
         return tuple(events)
 
+    def read_boards(self, sections: Sequence[IniSection], users: Dict[str, UserConfig],
+                    templates: Dict[str, List[str]]) -> None:
+        """Each user's ``board`` (all, none, users, @templates), now that
+        every user is known; a user whose board is none has no ``state``
+        events (an ``events`` line that names them is a problem)."""
+        members = {name: [n for n in names if n in users] for name, names in templates.items()}
+        for section in sections:
+            user = users.get(section.name)
+            if user is None:
+                continue
+            option = section.get("board")
+            try:
+                user.board = resolve_board_setting(option.value if option else "none",
+                                                   users, members)
+            except ValueError as e:
+                self.problem(section, option, "%s, expected all, none, or a comma list of "
+                             "users and @templates" % e)
+                continue
+            if user.board is not None and not user.board and Kind.STATE in user.events:
+                events = section.get("events")
+                if events is not None and Kind.STATE in \
+                        [k.strip().lower() for k in events.value.split(",")]:
+                    self.problem(section, events, "state needs a board, expected board = all "
+                                 "or a list of users (or no state)")
+                user.events = tuple(k for k in user.events if k != Kind.STATE)
+
     def popup_url(self, section: IniSection) -> str:
         """``popup_url``: an http(s) URL whose placeholders are all known and
         sit after the host, so a caller ID can never choose the server."""
@@ -1162,7 +1259,7 @@ def _is_ami_section(section: IniSection) -> bool:
 
 def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     """Validate INI text; raise ConfigError listing every problem found."""
-    sections, problems = parse_ini(text, filename)
+    sections, problems, templates = parse_ini(text, filename)
     reader = _ConfigReader(filename)
     reader.problems.extend(problems)
     general = next((s for s in sections if s.name.lower() == "general"),
@@ -1173,6 +1270,7 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     for section in sections:
         if section is not general and not _is_ami_section(section):
             users[section.name] = reader.read_user(section)
+    reader.read_boards(sections, users, templates)
     if reader.problems:
         raise ConfigError(sorted(reader.problems, key=_problem_line))
     origins = {"tls_cert": reader.origin(general, "tls_cert")}
@@ -5320,37 +5418,6 @@ class Board:
 
 
 # -- who sees what -------------------------------------------------------------------
-
-
-def resolve_board_setting(value: str, user_names: Iterable[str],
-                          templates: Optional[Dict[str, Iterable[str]]] = None) \
-        -> Optional[frozenset]:
-    """A user's ``board`` setting -> the users they may see: None for
-    ``all``, an empty set for ``none`` (and an empty value), else the users
-    named and every user whose section inherits a template named
-    ``@template`` (``templates``: template -> its users).  A name that is no
-    user or template raises ValueError saying which."""
-    words = [word.strip() for word in value.split(",") if word.strip()]
-    lowered = [word.lower() for word in words]
-    if lowered in ([], ["none"]):
-        return frozenset()
-    if lowered == ["all"]:
-        return None
-    if "all" in lowered or "none" in lowered:
-        raise ValueError("'all' and 'none' stand alone, expected all, none or a list")
-    known = set(user_names)
-    templates = templates or {}
-    names: Set[str] = set()
-    for word in words:
-        if word.startswith("@"):
-            if word[1:] not in templates:
-                raise ValueError("unknown template %r" % word[1:])
-            names.update(templates[word[1:]])
-        elif word in known:
-            names.add(word)
-        else:
-            raise ValueError("unknown user %r" % word)
-    return frozenset(names)
 
 
 class BoardScope:

@@ -152,7 +152,8 @@ def test_config_defaults():
         ("0.0.0.0", 5039, "info", "")
     assert (config.ami.host, config.ami.port, config.ami.auth) == ("127.0.0.1", 5038, "plain")
     assert config.ami.ping_interval == 20 and config.ami.reconnect_max == 30
-    assert config.users["a"].events == ctinotify.EVENT_KINDS
+    # state is the office board's: not for a user whose board is none (the default)
+    assert config.users["a"].events == tuple(k for k in ctinotify.EVENT_KINDS if k != "state")
 
 
 def test_config_errors_name_file_line_section_and_key_all_at_once():
@@ -2930,7 +2931,8 @@ def test_readme_event_examples_are_real_events():
     for line in lines:
         assert line in received, line
         kinds.add(ctinotify.parse_text_line(line)[1])
-    assert kinds == set(ctinotify.EVENT_KINDS) - {"unhold"} | {"hangup"}
+    # state: the office board's, in its own examples (board-example blocks)
+    assert kinds == set(ctinotify.EVENT_KINDS) - {"unhold", "state"} | {"hangup"}
 
 
 def test_readme_calls_example_is_what_calls_says():
