@@ -4346,7 +4346,7 @@ def encode_history(record: Dict[str, object], fmt: str) -> str:
 
 
 CLIENT_HELP = ("commands: LOGIN <user> <secret> | EVENTS <kind>[,<kind>...]|ALL | "
-               "FORMAT text|json | CALLS | HISTORY [n] | PING | HELP | QUIT")
+               "FORMAT text|json | CALLS | HISTORY [n] | BOARD | PING | HELP | QUIT")
 
 
 def address_key(address: str) -> str:
@@ -4589,6 +4589,11 @@ class ServerView:
         """The user's last ``count`` finished calls, newest last."""
         return self.call_history.last(user, count)
 
+    def board(self, user: str) -> Optional[List[Dict[str, object]]]:
+        """The office board as ``user`` may see it, one ``state`` item per
+        colleague; None if their board is ``none`` (or there is no board)."""
+        return None
+
     def login_blocked(self, peer_host: str) -> bool:
         """Whether logins from this address are blocked for now."""
         return False
@@ -4640,7 +4645,8 @@ class ClientSession:
         argument = words[1] if len(words) > 1 else ""
         handler = {
             "LOGIN": self._login, "EVENTS": self._events, "FORMAT": self._format,
-            "CALLS": self._calls, "HISTORY": self._history, "PING": self._ping,
+            "CALLS": self._calls, "HISTORY": self._history, "BOARD": self._board,
+            "PING": self._ping,
             "HELP": self._help, "QUIT": self._quit,
         }.get(command)
         try:
@@ -4756,6 +4762,18 @@ class ClientSession:
         lines = [encode_history(record, self.fmt) for record in records
                  if record.get("user") == self.user.name]
         return lines + ["OK history=%d" % len(lines)]
+
+    def _board(self, argument: str, server: ServerView) -> List[str]:
+        """The office board now: one ``STATE`` line (or JSON object) per
+        colleague the user's ``board`` shows, then ``OK board=<n>``."""
+        if self.user is None:
+            raise ClientProtocolError("403", "login first")
+        # Only ever this session's own user's view of it.
+        items = server.board(self.user.name)
+        if items is None:
+            raise ClientProtocolError("403", "no board for %s" % self.user.name)
+        return [self.encode_item("STATE", fields) for fields in items] + \
+            ["OK board=%d" % len(items)]
 
     def _ping(self, argument: str, server: ServerView) -> List[str]:
         return ["OK PONG"]
@@ -5158,6 +5176,26 @@ class BoardUser:
 
 # -- the board ----------------------------------------------------------------------
 
+#: The AMI events the board reads: what the link hands it, and nothing else
+#: (they are none of the engine's).
+BOARD_AMI_EVENTS = frozenset((
+    "DeviceStateChange", "DeviceStateListComplete", "ExtensionStatus",
+    "ExtensionStateListComplete", "ContactStatus", "PeerStatus",
+))
+#: The AMI list actions of the board's resync after each login, and the
+#: event that ends each list.
+BOARD_LIST_ACTIONS = (("DeviceStateList", "DeviceStateListComplete"),
+                      ("ExtensionStateList", "ExtensionStateListComplete"))
+#: What the board needs of Asterisk (manager.conf of the AMI user, and
+#: modules), for ``check`` and the log.  DeviceStateList and the
+#: DeviceStateChange events both come from res_manager_devicestate.so.
+BOARD_AMI_NEEDS = (
+    "the office board needs, for the AMI user in manager.conf:",
+    "  read = call (DeviceStateChange, ExtensionStatus) and system (ContactStatus, PeerStatus)",
+    "  write = reporting (DeviceStateList, ExtensionStateList)",
+    "and res_manager_devicestate.so loaded (DeviceStateList, DeviceStateChange)",
+)
+
 
 class Board:
     """Every configured user's state: ``free``, ``ringing``, ``talking``,
@@ -5174,20 +5212,12 @@ class Board:
 
     def __init__(self, users: Iterable[UserConfig], now: float = 0.0,
                  fullnames: Optional[Dict[str, str]] = None):
-        fullnames = fullnames or {}
         self.users: Dict[str, BoardUser] = {}
         #: device -> (pbx qualifier, user) of everyone with that phone.
         self._by_device: Dict[str, List[Tuple[str, BoardUser]]] = {}
         #: number -> (pbx qualifier, context, user) of everyone with it.
         self._by_number: Dict[str, List[Tuple[str, str, BoardUser]]] = {}
-        for config in users:
-            user = BoardUser(config, fullnames.get(config.name, ""), now)
-            self.users[user.name] = user
-            for on, device in user.devices:
-                self._by_device.setdefault(device, []).append((on, user))
-            for qualified, context in config.extensions:
-                on, _, number = qualified.rpartition(":")
-                self._by_number.setdefault(number, []).append((on, context, user))
+        self._add_users(users, now, fullnames or {})
         #: (pbx, "dev" or "hint") -> the sources a resync list has named so
         #: far; only while that list runs.
         self._resync: Dict[Tuple[str, str], Set[tuple]] = {}
@@ -5200,6 +5230,47 @@ class Board:
             "ContactStatus": self.on_contactstatus,
             "PeerStatus": self.on_peerstatus,
         }
+        assert frozenset(self._ami_handlers) == BOARD_AMI_EVENTS
+
+    def _add_users(self, users: Iterable[UserConfig], now: float,
+                   fullnames: Dict[str, str]) -> None:
+        """The users and the indexes from their phones and numbers to them
+        (``fullnames`` before each user's own ``fullname``)."""
+        self.users = {}
+        self._by_device = {}
+        self._by_number = {}
+        for config in users:
+            user = BoardUser(config, fullnames.get(config.name, config.fullname), now)
+            self.users[user.name] = user
+            for on, device in user.devices:
+                self._by_device.setdefault(device, []).append((on, user))
+            for qualified, context in config.extensions:
+                on, _, number = qualified.rpartition(":")
+                self._by_number.setdefault(number, []).append((on, context, user))
+
+    def reconfigure(self, users: Iterable[UserConfig], now: float) -> List[BoardChange]:
+        """A reload: the users as configured now.  A user kept keeps their
+        calls, what Asterisk said of the phones and numbers still theirs,
+        and their line (``since`` too); a new user starts ``free`` and is a
+        change; a removed user is gone, and nothing more is said of them.
+        A changed ``fullname`` is a name change.  New phones are unknown
+        until Asterisk reports them: the caller asks for the lists again."""
+        old = self.users
+        self._add_users(users, now, {})
+        changes = []
+        for user in self.users.values():
+            before = old.get(user.name)
+            if before is None:
+                changes.append(BoardChange(user.entry, BOARD_CHANGE_STATE))
+                continue
+            user.calls = before.calls
+            if user.devices == before.devices:
+                user.learned_name = before.learned_name
+            user.sources = {key: source for key, source in before.sources.items()
+                            if any(owner is user for owner, _ in self._sources_of(*key))}
+            user.entry = before.entry
+            self._touched[user.name] = user
+        return changes + self._publish(now)
 
     def entries(self) -> List[BoardEntry]:
         """The board now, in the order of the configuration."""
@@ -5446,6 +5517,29 @@ class BoardScope:
         if self.users is None:
             return True
         return bool(self.users) and (user in self.users or user == self.viewer)
+
+
+def board_scopes(users: Dict[str, UserConfig]) -> Dict[str, BoardScope]:
+    """The board's viewers and what each may see: every user whose
+    ``board`` is not ``none`` (the others are no viewers at all)."""
+    return {user.name: BoardScope(user.name, user.board, user.board_details)
+            for user in users.values() if user.board is None or user.board}
+
+
+def board_views_changed(old_scopes: Dict[str, BoardScope], old_users: Iterable[str],
+                        new_scopes: Dict[str, BoardScope], new_users: Iterable[str]) -> Set[str]:
+    """The viewers whose board a reload changed: other colleagues on it,
+    details or none, a board gained or lost.  Their clients are told to
+    ask for the board again (a colleague they no longer see must leave
+    their screen: no event will say so)."""
+    def view(scopes: Dict[str, BoardScope], users: List[str], viewer: str) -> tuple:
+        scope = scopes.get(viewer)
+        if scope is None:
+            return ()
+        return (scope.details,) + tuple(user for user in users if scope.sees(user))
+    before, after = list(old_users), list(new_users)
+    return {viewer for viewer in set(old_scopes) | set(new_scopes)
+            if view(old_scopes, before, viewer) != view(new_scopes, after, viewer)}
 
 
 def view_entry(entry: BoardEntry, scope: BoardScope) -> Optional[Dict[str, object]]:
@@ -7901,6 +7995,9 @@ class ClientHub:
         self.dirty: Set[ClientConnection] = set()
         self.throttle = LoginThrottle(config.login_fail_delay, config.login_block_after,
                                       config.login_block_seconds)
+        #: The office board's viewers (users whose board is not none) and
+        #: what each may see: ``state`` events go to these users only.
+        self.board_scopes = board_scopes(config.users)
         self._resume_timer: Optional[Timer] = None
 
     # -- listening and accepting ------------------------------------------------
@@ -8075,6 +8172,24 @@ class ClientHub:
                     data = encoded[fmt] = encode_notification(fields, fmt)
                 conn.queue(data)
 
+    def deliver_board(self, changes: List[BoardChange]) -> None:
+        """Each change of the office board to the connections that want
+        ``state`` of the viewers allowed to see it: the line is encoded once
+        per change, kind of viewer (details or not) and format."""
+        scopes, subscribers = self.board_scopes, self.subscribers
+        # Whichever is fewer: the viewers, or the users logged in.
+        viewers = scopes if len(scopes) <= len(subscribers) else subscribers
+        for change in changes:
+            entry = change.entry
+            for viewer in viewers:
+                scope = scopes.get(viewer)
+                conns = subscribers.get(viewer)
+                if scope is None or not conns or view_change(change, scope) is None:
+                    continue
+                for conn in conns:
+                    if conn.wants(Kind.STATE):
+                        conn.queue(entry.event_bytes(scope.details, conn.fmt))
+
     def broadcast_status(self, fields: Dict[str, object]) -> None:
         """A STATUS line to every logged-in connection."""
         encoded: Dict[str, bytes] = {}
@@ -8096,6 +8211,7 @@ class ClientHub:
     def reconfigure(self, config: Config) -> None:
         """A reload: new limits for everyone, and every session checked
         against its account as it is now (bind and ports stay)."""
+        old_users, old_scopes = list(self.config.users), self.board_scopes
         self.config = config
         if config.tls_context is not None and self.tls_context is not None:
             self.tls_context = config.tls_context  # a renewed certificate, for new connections
@@ -8104,6 +8220,15 @@ class ClientHub:
         for conn in list(self.clients):
             if isinstance(conn, LineClient):
                 conn.account_changed(config.users)
+        self.board_scopes = board_scopes(config.users)
+        changed = board_views_changed(old_scopes, old_users, self.board_scopes, config.users)
+        if changed:
+            # Ask again: a colleague no longer on someone's board must
+            # leave their screen, and no state event will say so.
+            fields = {"board": "changed", "time": iso_time(self.loop.wall)}
+            for viewer in changed:
+                for conn in self.subscribers.get(viewer, ()):
+                    conn.queue(encode_status(fields, conn.fmt))
 
     def close_all(self, reason: str) -> None:
         """Shutdown: a last STATUS line to the logged-in, then every
@@ -8467,6 +8592,9 @@ class AmiLink:
                                        "%s: ignored a message that is neither an event nor a "
                                        "response: %.200r", self.tag, dict(msg) or msg.body)
                 return
+        if event in BOARD_AMI_EVENTS:  # phones' states: the board's, none of the engine's
+            self.owner.board_message(self, msg)
+            return
         try:
             notifications = self.engine.handle(msg, self.loop.wall)
         except Exception:
@@ -8485,6 +8613,7 @@ class AmiLink:
         self.engine.begin_resync()
         self.send_action("CoreShowChannels", on_reply=self._resync_reply)
         self.send_action("QueueStatus")
+        self.owner.link_resyncing(self)
 
     def _resync_reply(self, msg: Optional[AmiMessage]) -> None:
         if msg is None:
@@ -8700,6 +8829,15 @@ class DaemonView(ServerView):
         """A STATUS line's fields per PBX, for a client that just logged in."""
         return [self._daemon.pbx_status(link) for link in self._daemon.links]
 
+    def board(self, user: str) -> Optional[List[Dict[str, object]]]:
+        scope = self._daemon.hub.board_scopes.get(user)
+        return view_board(self._daemon.board, scope) if scope is not None else None
+
+
+def _board_phones(config: Config) -> set:
+    """What the board follows Asterisk's states of: each user's phones and numbers."""
+    return {(user.name, user.devices, user.extensions) for user in config.users.values()}
+
 
 class Daemon:
     """The daemon: one Loop, the AMI links in, the ClientHub out, the call
@@ -8719,6 +8857,8 @@ class Daemon:
         self.calllog = CallLog(self.loop, config.calllog)
         self.view = DaemonView(self)
         self.hub = ClientHub(self.loop, config, self.view)
+        #: The office board: every user's state, from every PBX.
+        self.board = Board(config.users.values(), self.loop.wall)
         #: One link per PBX ([ami], then each [ami:NAME]).
         self.links: List[AmiLink] = [self._make_link(pbx, config) for pbx in config.pbxes]
         #: bind, port and tls_port as started: a reload cannot change them.
@@ -8781,6 +8921,37 @@ class Daemon:
             if note.record is not None:
                 self.calllog.add(note.record)
         self.hub.deliver(notifications)
+        changes = self.board.on_notifications(notifications, self.loop.wall)
+        if changes:
+            self.hub.deliver_board(changes)
+
+    def board_message(self, link: AmiLink, msg: AmiMessage) -> None:
+        """A phone's, hint's or registration's state from a PBX: to the board."""
+        changes = self.board.on_ami(msg, link.config.name, self.loop.wall)
+        if changes:
+            self.hub.deliver_board(changes)
+
+    def link_resyncing(self, link: AmiLink) -> None:
+        """A link logged in and asked for the calls: the board asks for the
+        state of every phone and hint, so that it is right from the first
+        second (also for phones busy before we connected)."""
+        self.board.begin_resync(link.config.name)
+        for action, _end in BOARD_LIST_ACTIONS:
+            link.send_action(action, on_reply=functools.partial(self._board_list_reply, link))
+
+    def _board_list_reply(self, link: AmiLink, msg: Optional[AmiMessage]) -> None:
+        if msg is None or msg.get("Response") in (None, "Success"):
+            return  # the link went down (the next login asks again), or it went well
+        # An Asterisk without res_manager_devicestate.so answers DeviceStateList
+        # "Invalid/unknown command" (main/manager.c), and never sends
+        # DeviceStateChange either; without write = reporting (or call):
+        # "Permission denied".  The board goes on with what it has.
+        what = msg.get("Message", "refused")[:200]
+        self.loop.log_repeated("board-list " + link.tag, logging.WARNING,
+                               "%s: the office board cannot list the phones' states (%s): load "
+                               "res_manager_devicestate.so and grant the AMI user write = "
+                               "reporting; until then the board knows only what calls and "
+                               "registrations say", link.tag, what)
 
     def pbx_status(self, link: AmiLink, reason: str = "") -> Dict[str, object]:
         """``STATUS pbx=up|down``; with several PBXes ``name=`` says which."""
@@ -8856,13 +9027,20 @@ class Daemon:
         if (new.bind, new.port, new.tls_port) != self._listening:
             log.warning("reload: bind, port and tls_port changes need a restart; still on "
                         "%s port %s, TLS port %s", *self._listening)
+        old_phones = _board_phones(self.config)
         self.config = new
         self.view.users = new.users
         self.calllog.history.retain(new.users)
         for link in self.links:
             link.engine.set_directory(Directory(new.users.values(), link.config.name))
         logging.getLogger("ctinotify").setLevel(new.loglevel.upper())
+        board_changes = self.board.reconfigure(new.users.values(), self.loop.wall)
         self.hub.reconfigure(new)
+        self.hub.deliver_board(board_changes)
+        if _board_phones(new) != old_phones:
+            for link in self.links:
+                if link.up:
+                    self.link_resyncing(link)  # the states of phones new to the board
         self.calllog.reopen(new.calllog)
         self._reload_links(new)
         log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
@@ -9849,6 +10027,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     config = load_config(path)
     sys.stdout.write(config.describe())
+    if board_scopes(config.users):
+        sys.stdout.write("\n" + "".join("; %s\n" % line for line in BOARD_AMI_NEEDS))
     if not config.users:
         log.warning("%s defines no client users: nobody can log in", path)
     for note in config.advisories():
