@@ -6714,12 +6714,14 @@ class WatchLoggedIn:
 
 
 class WatchRefused:
-    """The server refused LOGIN (``ERR 401``): retrying cannot help."""
+    """The server refused LOGIN (``ERR 401``), or ``watch --board`` the
+    board (``what`` is ``board``): retrying cannot help."""
 
-    __slots__ = ("reply",)
+    __slots__ = ("reply", "what")
 
-    def __init__(self, reply: str):
+    def __init__(self, reply: str, what: str = "login"):
         self.reply = reply
+        self.what = what
 
 
 class WatchEvent:
@@ -6758,6 +6760,19 @@ class WatchCalls:
         self.calls = calls
 
 
+class WatchBoard:
+    """The reply to BOARD: one ``state`` item per colleague, in order."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: List[WatchEvent]):
+        self.items = items
+
+
+#: The command whose reply a list item belongs to.
+_ITEM_COMMANDS = {"call": "calls", "history": "history", Kind.STATE: "board"}
+
+
 def parse_iso_time(text: Optional[str]) -> Optional[float]:
     """``2026-11-26T21:19:10Z`` -> epoch seconds; None if it is not one."""
     try:
@@ -6772,21 +6787,31 @@ class WatchSession:
 
     ``receive_line`` takes each line from the server and returns what to
     do: ``WatchSend`` (a command to send), ``WatchLoggedIn``,
-    ``WatchRefused``, ``WatchEvent``, ``WatchMissed`` and ``WatchCalls``.
-    A server that breaks the protocol raises WatchProtocolError.
+    ``WatchRefused``, ``WatchEvent``, ``WatchMissed``, ``WatchCalls`` and
+    ``WatchBoard``.  A server that breaks the protocol raises
+    WatchProtocolError.
 
     After the greeting it sends ``FORMAT json`` (before LOGIN, so even the
     STATUS line that follows a login is JSON) and ``LOGIN``; once logged
-    in, ``HISTORY`` and ``CALLS``.  Replies are matched to commands in
-    order; items (HISTORY, CALL lines) are collected until their ``OK``.
-    Lines in either format are understood whatever was asked for.
+    in, ``HISTORY`` and ``CALLS`` (the user's own calls: if the account
+    has the office board's ``state`` events too, ``EVENTS`` without them
+    first).  With ``board``, ``EVENTS state`` and ``BOARD`` instead, and
+    ``BOARD`` again when the server says the board changed (a reload).
+    Replies are matched to commands in order; items (HISTORY, CALL, STATE
+    lines) are collected until their ``OK``.  Lines in either format are
+    understood whatever was asked for.
     """
 
     def __init__(self, user: str, secret: str, fmt: str = "json",
                  since: Optional[float] = None, history: int = WATCH_HISTORY_CALLS,
-                 since_calls: Optional[Iterable[str]] = None):
+                 since_calls: Optional[Iterable[str]] = None, board: bool = False):
         self.user = user
         self._secret = secret
+        #: ``watch --board``: the office board, not the user's calls.
+        self.board = board
+        #: The board's ``state`` events were turned off (plain watch): one
+        #: that comes before the server has read EVENTS is dropped.
+        self._no_state = False
         #: The format asked of the server: ``json`` or ``text``.
         self.fmt = fmt
         #: Missed calls that ended after this (epoch; None: every one listed),
@@ -6837,13 +6862,19 @@ class WatchSession:
         item = self._parse_item(line)
         if item is None:
             return []  # a line type of a newer server
-        if item.kind in ("call", "history"):
-            if not self._pending or self._pending[0] != ("calls" if item.kind == "call"
-                                                          else "history"):
+        if item.kind in ("call", "history") or (item.kind == Kind.STATE and self._pending
+                                                 and self._pending[0] == "board"):
+            # A JSON board item looks like a state event; one pushed before
+            # the server read BOARD is as good an item (the newest wins).
+            if not self._pending or self._pending[0] != _ITEM_COMMANDS[item.kind]:
                 raise WatchProtocolError("a %s item nobody asked for" % item.kind)
             self._items.append(item)
             return []
+        if item.kind == Kind.STATE:
+            return [] if self._no_state else [item]  # a colleague's, not a call's time
         self._saw(parse_iso_time(item.fields.get("time")), item.fields.get("call"))
+        if self.board and item.kind == "status" and item.fields.get("board") == "changed":
+            return [item, self._command("board", "BOARD")]
         return [item]
 
     def _parse_item(self, line: str) -> Optional[WatchEvent]:
@@ -6863,7 +6894,7 @@ class WatchSession:
         except ValueError as e:
             raise WatchProtocolError("not a protocol line (%s): %r" % (e, line[:80]))
         kind = {"EVENT": kind, "STATUS": "status", "CALL": "call",
-                "HISTORY": "history"}.get(tag, "")
+                "HISTORY": "history", "STATE": Kind.STATE}.get(tag, "")
         if not kind:
             return None
         fields = dict([("event", kind)] + list(values.items()))
@@ -6881,11 +6912,13 @@ class WatchSession:
             if not ok:
                 raise WatchProtocolError("LOGIN answered %r" % line[:80])
             self.state = "ready"
-            return [WatchLoggedIn(line),
-                    self._command("history", "HISTORY %d" % self.history),
-                    self._command("calls", "CALLS")]
+            return [WatchLoggedIn(line)] + self._after_login(line)
         if command == "format" and not ok:
             raise WatchProtocolError("FORMAT json answered %r" % line[:80])
+        if command in ("board", "board events") and not ok:
+            return [WatchRefused(line, "board")]
+        if command == "board":
+            return [WatchBoard(items)]
         if command == "history":
             # An older server: ERR 400 unknown command.  Nothing to list then.
             self._history_done = True
@@ -6893,6 +6926,20 @@ class WatchSession:
         if command == "calls":
             return [WatchCalls(items)]
         return []
+
+    def _after_login(self, reply: str) -> List[WatchSend]:
+        """The commands after ``OK logged in as alice; events=...``."""
+        if self.board:
+            return [self._command("board events", "EVENTS state"),
+                    self._command("board", "BOARD")]
+        kinds = reply.partition("events=")[2].split(",")
+        others = [kind for kind in kinds if kind and kind != Kind.STATE]
+        first = []
+        if Kind.STATE in kinds and others:
+            self._no_state = True
+            first = [self._command("events", "EVENTS " + ",".join(others))]
+        return first + [self._command("history", "HISTORY %d" % self.history),
+                        self._command("calls", "CALLS")]
 
     def _missed(self, records: List[WatchEvent]) -> List[WatchEvent]:
         missed = []
@@ -7077,6 +7124,9 @@ def render_event(event: WatchEvent) -> str:
         when = _local_time(f.get("time"), "%H:%M:%S")
     if event.kind == "status":
         text = _status_text(f)
+    elif event.kind == Kind.STATE:
+        when = _local_time(f.get("since"), "%H:%M:%S")
+        text = _board_said(f)
     else:
         said = _SAID.get(event.kind)
         if said is not None:
@@ -7093,11 +7143,102 @@ def render_event(event: WatchEvent) -> str:
 def _status_text(f: Dict[str, str]) -> str:
     if f.get("server") == "stopping":
         return "the ctinotify server is stopping"
+    if f.get("board") == "changed":
+        return "the board changed (the server's configuration was reloaded)"
     if f.get("pbx") == "up":
         return "PBX connected"
     if f.get("pbx") == "down":
         return "PBX link down" + (": " + f["reason"] if f.get("reason") else "")
     return encode_text_line("", {k: v for k, v in f.items() if k != "event"}).strip()
+
+
+# -- the office board: watch --board -------------------------------------------
+
+#: Columns of the board table: name and numbers are cut to these widths.
+BOARD_NAME_CHARS = 24
+BOARD_NUMBERS_CHARS = 12
+
+
+def _board_who(f: Dict[str, str]) -> str:
+    """``Alice Smith (100)``: a colleague as the board names them."""
+    name, numbers = f.get("name") or f.get("user", "?"), f.get("numbers", "")
+    return "%s (%s)" % (name, numbers) if numbers and numbers != name else name
+
+
+def _board_with(f: Dict[str, str]) -> str:
+    """``from John Customer <+15551230001>`` (or ``to ...``): with whom,
+    for a viewer with board_details; empty otherwise."""
+    if not (f.get("with_num") or f.get("with_name")):
+        return ""
+    if f.get("direction") == "out":
+        return "to " + _called(f, "with")
+    return "from " + _caller(f, "with")
+
+
+def _board_said(f: Dict[str, str]) -> str:
+    state = f.get("state", "")
+    text = "%s: %s" % (_board_who(f), BOARD_STATE_WORDS.get(state, state))
+    with_whom = _board_with(f)
+    return text + ("  " + with_whom if with_whom else "")
+
+
+def board_timer(seconds: float) -> str:
+    """How long a state has lasted: ``0:07``, ``12:40``, ``1:02:03``, ``2d 03h``."""
+    seconds = max(0, int(seconds))
+    if seconds >= 86400:
+        return "%dd %02dh" % (seconds // 86400, seconds % 86400 // 3600)
+    if seconds >= 3600:
+        return "%d:%02d:%02d" % (seconds // 3600, seconds % 3600 // 60, seconds % 60)
+    return "%d:%02d" % (seconds // 60, seconds % 60)
+
+
+def _cut(text: str, chars: int) -> str:
+    return text if len(text) <= chars else text[:chars - 1] + "~"
+
+
+class BoardTable:
+    """``watch --board``: the office board as a table of text.
+
+    ``reset`` takes the BOARD reply, ``update`` each ``state`` event (a
+    colleague not yet on it is added at the end); ``render(now)`` is the
+    table with each state's timer at that time, one string per row, and
+    ``note`` a line above it (the PBX link down, say).  Control characters
+    from the server (a caller ID) are shown escaped: a row stays one row.
+    """
+
+    HEADINGS = ("NAME", "NUMBER", "STATE", "FOR", "WITH")
+
+    def __init__(self) -> None:
+        #: user -> the fields of their latest line, in the server's order.
+        self.rows: Dict[str, Dict[str, str]] = {}
+        self.note = ""
+
+    def reset(self, items: Iterable[WatchEvent]) -> None:
+        self.rows = {}
+        for item in items:
+            self.update(item)
+
+    def update(self, event: WatchEvent) -> None:
+        self.rows[event.fields.get("user", "")] = event.fields
+
+    def render(self, now: float) -> List[str]:
+        table = [self.HEADINGS]
+        for f in self.rows.values():
+            since = parse_iso_time(f.get("since"))
+            state = f.get("state", "")
+            table.append((
+                _cut((f.get("name") or f.get("user", "?")).translate(_DISPLAY_ESCAPES),
+                     BOARD_NAME_CHARS),
+                _cut(f.get("numbers", "").translate(_DISPLAY_ESCAPES), BOARD_NUMBERS_CHARS),
+                BOARD_STATE_WORDS.get(state, state.translate(_DISPLAY_ESCAPES)),
+                board_timer(now - since) if since is not None else "",
+                _board_with(f).translate(_DISPLAY_ESCAPES)))
+        widths = [max(len(row[col]) for row in table) for col in range(4)]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4]
+                 for row in table]
+        if not self.rows:
+            lines.append("(nobody on your board)")
+        return ([self.note] if self.note else []) + [line.rstrip() for line in lines]
 
 
 def is_web_url(url: str) -> bool:
@@ -7167,7 +7308,10 @@ class ExecHook:
         return cls(kind, template)
 
     def wants(self, kind: str) -> bool:
-        return kind == self.kind or (self.kind == "all" and kind in EVENT_KINDS)
+        # "all" is every kind of call event: a colleague's state (watch
+        # --board) runs only a hook that names it.
+        return kind == self.kind or (self.kind == "all" and kind in EVENT_KINDS and
+                                     kind != Kind.STATE)
 
     def argv(self, fields: Dict[str, str]) -> List[str]:
         return [fill_placeholders(arg, fields) for arg in self.template]
@@ -9170,6 +9314,60 @@ class WatchState:
                 pass
 
 
+#: ANSI: cursor home; erase to the end of the line; to the end of the screen.
+_ANSI_HOME, _ANSI_ERASE_LINE, _ANSI_ERASE_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
+
+
+class BoardScreen:
+    """Where ``watch --board`` shows the board: on a terminal, the table
+    redrawn in place on every change and every second (the timers); else
+    (a pipe, a file) one plain line per colleague at the start and per
+    change after, so a script can read it."""
+
+    def __init__(self, out, title: str, tty: Optional[bool] = None):  # type: ignore[no-untyped-def]
+        self.out = out
+        self.title = title
+        self.tty = out.isatty() if tty is None else tty
+        self.table = BoardTable()
+        self._drawn_at: Optional[int] = None
+
+    def show_board(self, items: List[WatchEvent]) -> None:
+        self.table.reset(items)
+        if self.tty:
+            self.draw(time.time())
+        else:
+            for item in items:
+                self._line(render_event(item))
+
+    def change(self, event: WatchEvent) -> None:
+        if event.kind == Kind.STATE:
+            self.table.update(event)
+        elif event.kind == "status":
+            self.table.note = "" if event.fields.get("pbx") == "up" else render_event(event)
+        if self.tty:
+            self.draw(time.time())
+        else:
+            self._line(render_event(event))
+
+    def tick(self) -> None:
+        """Once a second on a terminal: the timers move on."""
+        now = time.time()
+        if self.tty and self._drawn_at is not None and int(now) != self._drawn_at:
+            self.draw(now)
+
+    def draw(self, now: float) -> None:
+        self._drawn_at = int(now)
+        head = "%s  %s" % (self.title, time.strftime("%H:%M:%S", time.localtime(now)))
+        lines = [head, ""] + self.table.render(now)
+        self.out.write(_ANSI_HOME + "".join(line + _ANSI_ERASE_LINE + "\n" for line in lines)
+                       + _ANSI_ERASE_BELOW)
+        self.out.flush()
+
+    def _line(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
 class WatchClient:
     """``ctinotify watch``: a blocking socket with a short timeout, which
     works the same on Windows, macOS and Linux (no select() on stdin).
@@ -9181,7 +9379,8 @@ class WatchClient:
     def __init__(self, host: str, port: int, user: str, secret: str,
                  fmt: str = "readable", hooks: Sequence[ExecHook] = (),
                  open_urls: bool = False, state: Optional[WatchState] = None,
-                 out=None, tls_context: Optional["ssl.SSLContext"] = None, tls_ca: str = ""):
+                 out=None, tls_context: Optional["ssl.SSLContext"] = None, tls_ca: str = "",
+                 board: bool = False):
         self.host = host
         self.port = port
         #: Set: the server's TLS port, its certificate verified (against
@@ -9199,6 +9398,9 @@ class WatchClient:
         self.out = out if out is not None else sys.stdout
         self.children: List[subprocess.Popen] = []
         self.where = "%s port %d" % (host, port)
+        #: ``--board``: the office board instead of the user's calls.
+        self.board = BoardScreen(self.out, "ctinotify board of %s, %s" % (user, self.where)) \
+            if board else None
         #: The connection of the moment: logged in; when the server was
         #: last heard and a PING sent (monotonic).
         self._logged_in = False
@@ -9241,7 +9443,8 @@ class WatchClient:
         since = self.state.last_seen if self.state is not None else None
         session = WatchSession(self.user, self._secret,
                                "text" if self.fmt == "text" else "json", since,
-                               since_calls=self.state.last_calls if self.state is not None else ())
+                               since_calls=self.state.last_calls if self.state is not None else (),
+                               board=self.board is not None)
         self._logged_in = False
         try:
             return self._serve(sock, session)
@@ -9299,6 +9502,8 @@ class WatchClient:
                     return True, False, "login refused"
             elif session.state == "ready" and not self._keepalive(sock, session, now):
                 return False, self._logged_in, "%s does not answer PING" % self.where
+            if self.board is not None:
+                self.board.tick()
 
     def _dispatch(self, sock: socket.socket, session: WatchSession,
                   framer: LineFramer) -> bool:
@@ -9313,6 +9518,10 @@ class WatchClient:
             if line is None:
                 return False
             for item in session.receive_line(line):
+                if isinstance(item, WatchRefused) and item.what == "board":
+                    log.error("%s shows %s no board (%s): the user's board is none, or "
+                              "their events lack state", self.where, self.user, item.reply)
+                    return True
                 if isinstance(item, WatchRefused):
                     log.error("%s refused the login as %s (%s): check the user, "
                               "the secret, and the host= allowed for the user",
@@ -9343,8 +9552,17 @@ class WatchClient:
             self.state.advance(session.seen_until, session.seen_calls)
         if isinstance(item, WatchSend):
             self._send(sock, item)
+        elif isinstance(item, WatchBoard):
+            if self.board is not None and self.fmt == "readable":
+                self.board.show_board(item.items)
+            else:
+                for entry in item.items:
+                    self._show(entry)
         elif isinstance(item, WatchEvent):
-            self._show(item)
+            if self.board is not None and self.fmt == "readable":
+                self.board.change(item)
+            else:
+                self._show(item)
             if item.kind in EVENT_KINDS:
                 self._run_hooks(item)
                 if self.open_urls and item.kind == "incoming":
@@ -10442,7 +10660,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     state = WatchState(args.state, "%s@%s:%d" % (args.user, host, port))
     state.load()
     client = WatchClient(host, port, args.user, secret, args.format, args.hooks,
-                         args.open, state, tls_context=tls_context, tls_ca=args.tls_ca or "")
+                         args.open, state, tls_context=tls_context, tls_ca=args.tls_ca or "",
+                         board=args.board)
     return client.run()
 
 
@@ -10553,6 +10772,11 @@ def _watch_arguments(commands) -> None:  # type: ignore[no-untyped-def]
                           "certificate if self-signed (implies --tls)")
     cmd.add_argument("--format", choices=("readable", "text", "json"), default="readable",
                      help="readable lines (the default), or the server's text or JSON lines")
+    cmd.add_argument("--board", action="store_true",
+                     help="show the office board instead of your calls: every colleague your "
+                          "board setting allows, free, ringing, on the phone, on hold, busy or "
+                          "away, and for how long; a table redrawn in place on a terminal, a "
+                          "line per change otherwise")
     cmd.add_argument("--state", metavar="FILE", default=DEFAULT_WATCH_STATE,
                      help="where to remember when you were last connected, for the missed "
                           "calls (default: %(default)s)")

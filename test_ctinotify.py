@@ -3188,6 +3188,14 @@ def test_render_every_kind_of_every_trace_as_one_line():
             assert re.search(r"  conference  .* (joined|left) room 800, \d members$",
                              render(note.fields)), render(note.fields)
         kinds.add(note.kind)
+    for name in BOARD_TRACES:
+        for event in load_board_golden(name):
+            event = dict(event)
+            event.pop("change")
+            line = render(event)
+            kinds.add(event["event"])
+            assert len(line.splitlines()) == 1 and "unknown" not in line, line
+            assert line.startswith(local_hms(event["since"]) + "  state     ")
     assert kinds >= set(ctinotify.EVENT_KINDS) - {"unhold"}
 
 
