@@ -34,11 +34,13 @@ command line.  One AMI byte's way to a desktop line::
    reads go to its AmiSession, which frames them with an AmiParser, logs
    in and pings; messages come out, and the link hands each to its
    CallEngine (a response or list event first to whoever sent the action:
-   ``send_action``).  After a login it resyncs with CoreShowChannels.
+   ``send_action``), or a phone's state to the daemon's Board.  After a
+   login it resyncs with CoreShowChannels (and the Board's lists).
 3. The engine's notifications go to the Daemon, which appends finished
    calls to the CallLog (and the HISTORY it answers from) and passes them
    to the ClientHub; the hub encodes each once per format and queues it on
-   every LineClient of its user that wants the kind.
+   every LineClient of its user that wants the kind.  The Board takes them
+   too, and the hub sends each BoardChange to the viewers allowed to see it.
 4. Each connection owns its buffers, state and deadline (handshaking, open,
    closing, closed): output limits, the lingering close, login timeouts.
    What a desktop sends goes through a LineFramer (bounded lines) into its
