@@ -8802,6 +8802,24 @@ def test_board_screen_redraws_a_terminal_in_place_and_writes_lines_elsewhere():
     assert "\x1b" not in plain.getvalue()
 
 
+def test_readme_board_table_is_what_watch_board_draws():
+    block = readme_block("watch-board-table")
+    now = ctinotify.parse_iso_time("2026-11-26T21:19:22Z")
+    table = ctinotify.BoardTable()
+    table.reset([
+        board_event(user="alice", name="Alice Smith", numbers="100", state="talking",
+                    since=ctinotify.iso_time(now - 12), direction="in", call="1.1",
+                    **{"with": {"num": "+15551230001", "name": "John Customer"}}),
+        board_event(user="bob", name="Bob Jones", numbers="101", state="free",
+                    since=ctinotify.iso_time(now - 843)),
+        board_event(user="carol", name="carol", numbers="102", state="busy",
+                    since=ctinotify.iso_time(now - 3760)),
+        board_event(user="dave", name="dave", numbers="103", state="away",
+                    since=ctinotify.iso_time(now - 2 * 86400 - 3 * 3600 - 100))])
+    assert block[0].startswith("ctinotify board of alice, pbx.example.com port 5039  ")
+    assert block[1:] == [""] + table.render(now)
+
+
 def test_e2e_watch_board_prints_the_board_and_each_change(fake, daemon_factory, watches,
                                                         tmp_path):
     fake.device_states = [("PJSIP/103", "UNAVAILABLE")]
