@@ -8209,6 +8209,29 @@ def test_board_bench_counts_every_watchers_line():
     assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
 
 
+def test_board_bench_through_the_daemon_counts_every_watchers_line():
+    """``make bench`` section 5 through the sockets, tiny: 20 users, 8
+    watchers (6 see everyone, u003 and u007 their colleagues from them on
+    and themselves), 30 changes; every line arrives, and is timed."""
+    import bench
+    os.makedirs(bench.DATA_DIR, exist_ok=True)
+    loop = bench.Loop()
+    feeder = bench.AmiFeeder(loop)
+    try:
+        figures = bench.measure_board_sockets(
+            loop, feeder, {"board_socket_changes": 30, "board_rate": 500}, users=20, watchers=8)
+    finally:
+        feeder.close()
+        feeder.listener.close()
+        loop.selector.close()
+    # Users (7n mod 20) for n < 30: u000 ... u019 once, then 10 again.
+    users = list(range(20)) + [(7 * n) % 20 for n in range(20, 30)]
+    assert figures["lines"] == sum(6 + (u >= 3) + (u >= 7) for u in users)
+    assert (figures["watchers"], figures["changes"], figures["lost"]) == (8, 30, 0)
+    assert 0 < figures["line_p50_ms"] <= figures["line_p99_ms"]
+    assert figures["reach_p50_ms"] <= figures["reach_p99_ms"] <= figures["reach_max_ms"]
+
+
 def test_board_readme_examples_are_what_the_board_sends():
     """Every STATE, state-event and JSON line of the README's office board
     is one the board gives for its recording, to some viewer, in some format."""
