@@ -8980,6 +8980,14 @@ class DaemonView(ServerView):
         return view_board(self._daemon.board, scope) if scope is not None else None
 
 
+#: A board list Asterisk refused: what is missing, and what to do about it.
+_BOARD_LIST_PROBLEMS = {
+    "DeviceStateList": ("the phones' states", "load res_manager_devicestate.so and grant "
+                        "the AMI user write = reporting"),
+    "ExtensionStateList": ("the hints' states", "grant the AMI user write = reporting"),
+}
+
+
 def _board_phones(config: Config) -> set:
     """What the board follows Asterisk's states of: each user's phones and numbers."""
     return {(user.name, user.devices, user.extensions) for user in config.users.values()}
@@ -9083,21 +9091,21 @@ class Daemon:
         second (also for phones busy before we connected)."""
         self.board.begin_resync(link.config.name)
         for action, _end in BOARD_LIST_ACTIONS:
-            link.send_action(action, on_reply=functools.partial(self._board_list_reply, link))
+            link.send_action(action, on_reply=functools.partial(self._board_list_reply, link,
+                                                                action))
 
-    def _board_list_reply(self, link: AmiLink, msg: Optional[AmiMessage]) -> None:
+    def _board_list_reply(self, link: AmiLink, action: str, msg: Optional[AmiMessage]) -> None:
         if msg is None or msg.get("Response") in (None, "Success"):
             return  # the link went down (the next login asks again), or it went well
         # An Asterisk without res_manager_devicestate.so answers DeviceStateList
         # "Invalid/unknown command" (main/manager.c), and never sends
         # DeviceStateChange either; without write = reporting (or call):
         # "Permission denied".  The board goes on with what it has.
-        what = msg.get("Message", "refused")[:200]
-        self.loop.log_repeated("board-list " + link.tag, logging.WARNING,
-                               "%s: the office board cannot list the phones' states (%s): load "
-                               "res_manager_devicestate.so and grant the AMI user write = "
-                               "reporting; until then the board knows only what calls and "
-                               "registrations say", link.tag, what)
+        what, remedy = _BOARD_LIST_PROBLEMS[action]
+        self.loop.log_repeated("board-list %s %s" % (link.tag, action), logging.WARNING,
+                               "%s: the office board cannot list %s (%s): %s; until then it "
+                               "knows only what calls and registrations say", link.tag, what,
+                               msg.get("Message", "refused")[:200], remedy)
 
     def pbx_status(self, link: AmiLink, reason: str = "") -> Dict[str, object]:
         """``STATUS pbx=up|down``; with several PBXes ``name=`` says which."""
