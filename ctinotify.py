@@ -401,6 +401,11 @@ class IniSection:
         #: another template: what ``board = @name`` goes by.
         self.templates: Tuple[str, ...] = ()
 
+    def inherit(self, parent: "IniSection") -> None:
+        """Note ``parent``'s templates (and itself, if one) as ours."""
+        inherited = ((parent.name,) if parent.is_template else ()) + parent.templates
+        self.templates += tuple(t for t in inherited if t not in self.templates)
+
     def get(self, key: str) -> Optional[IniOption]:
         """The last ``key`` line of the section (later lines override)."""
         found = None
@@ -449,9 +454,7 @@ def parse_ini(text: str, filename: str) \
                                     % (filename, lineno, name, template))
                 else:
                     current.options.extend(parent.options)
-                    inherited = ((parent.name,) if parent.is_template else ()) + parent.templates
-                    current.templates += tuple(t for t in inherited
-                                               if t not in current.templates)
+                    current.inherit(parent)
             if name in by_name and not by_name[name].is_template:
                 problems.append("%s:%d: [%s]: section defined twice (first at line %d), "
                                 "expected each section once"
@@ -474,12 +477,17 @@ def parse_ini(text: str, filename: str) \
                             % (filename, lineno, key))
             continue
         current.options.append(IniOption(key, value.strip(), lineno))
-    templates: Dict[str, List[str]] = {s.name: [] for s in sections if s.is_template}
+    return [s for s in sections if not s.is_template], problems, _template_members(sections)
+
+
+def _template_members(sections: Sequence[IniSection]) -> Dict[str, List[str]]:
+    """Each template -> the sections that inherit it (``board = @name``)."""
+    members: Dict[str, List[str]] = {s.name: [] for s in sections if s.is_template}
     for section in sections:
         if not section.is_template:
             for template in section.templates:
-                templates[template].append(section.name)
-    return [s for s in sections if not s.is_template], problems, templates
+                members[template].append(section.name)
+    return members
 
 
 #: Channel technology prefixes as users write them -> as Asterisk names them.
