@@ -4655,8 +4655,8 @@ class ClientSession:
         argument = words[1] if len(words) > 1 else ""
         handler = {
             "LOGIN": self._login, "EVENTS": self._events, "FORMAT": self._format,
-            "CALLS": self._calls, "HISTORY": self._history, "BOARD": self._board,
-            "PING": self._ping,
+            "CALLS": self._calls, "HISTORY": self._history, "PING": self._ping,
+            "BOARD": self._board,
             "HELP": self._help, "QUIT": self._quit,
         }.get(command)
         try:
@@ -5240,7 +5240,6 @@ class Board:
             "ContactStatus": self.on_contactstatus,
             "PeerStatus": self.on_peerstatus,
         }
-        assert frozenset(self._ami_handlers) == BOARD_AMI_EVENTS
 
     def _add_users(self, users: Iterable[UserConfig], now: float,
                    fullnames: Dict[str, str]) -> None:
@@ -9336,16 +9335,40 @@ class WatchState:
 _ANSI_HOME, _ANSI_ERASE_LINE, _ANSI_ERASE_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
 
 
+def ansi_terminal(out) -> bool:  # type: ignore[no-untyped-def]
+    """Whether ``out`` is a terminal that takes ANSI escapes: any on POSIX;
+    on Windows, a console that agrees to (Windows 10 and newer: the
+    console mode ENABLE_VIRTUAL_TERMINAL_PROCESSING, for standard output)."""
+    try:
+        if not out.isatty():
+            return False
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+    if os.name != "nt":
+        return True
+    try:
+        import ctypes
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.GetStdHandle(-11)  # STD_OUTPUT_HANDLE
+        mode = ctypes.c_uint32()
+        if out is not sys.stdout or not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            return False
+        return bool(kernel32.SetConsoleMode(handle, mode.value | 0x0004))
+    except (ImportError, AttributeError, OSError):
+        return False
+
+
 class BoardScreen:
     """Where ``watch --board`` shows the board: on a terminal, the table
     redrawn in place on every change and every second (the timers); else
-    (a pipe, a file) one plain line per colleague at the start and per
-    change after, so a script can read it."""
+    (a pipe, a file, a Windows console without ANSI escapes) one plain
+    line per colleague at the start and per change after, so a script can
+    read it."""
 
     def __init__(self, out, title: str, tty: Optional[bool] = None):  # type: ignore[no-untyped-def]
         self.out = out
         self.title = title
-        self.tty = out.isatty() if tty is None else tty
+        self.tty = ansi_terminal(out) if tty is None else tty
         self.table = BoardTable()
         self._drawn_at: Optional[int] = None
 

@@ -86,7 +86,7 @@ STDLIB_FALLBACK = {
     "hmac", "ipaddress", "json", "logging", "os", "re", "selectors", "signal", "socket",
     "sys", "time", "typing", "ssl", "syslog", "stat", "io", "tempfile", "base64",
     "webbrowser", "urllib", "shlex", "getpass", "resource", "subprocess", "datetime",
-    "secrets",
+    "secrets", "ctypes",
 }
 
 
@@ -8354,6 +8354,14 @@ class BoardView(ctinotify.ServerView):
     def board(self, user):
         scope = self.scopes.get(user)
         return ctinotify.view_board(self.board_now, scope) if scope is not None else None
+
+
+def test_the_link_hands_the_board_its_events_and_the_engine_the_rest():
+    """AmiLink gives BOARD_AMI_EVENTS to the board and no further: they
+    must be exactly the board's handlers and none of the engine's."""
+    board = Board(board_config().users.values(), 0.0)
+    assert frozenset(board._ami_handlers) == ctinotify.BOARD_AMI_EVENTS
+    assert not ctinotify.BOARD_AMI_EVENTS & set(CallEngine(Directory())._handlers)
 
 
 def test_client_session_board_command():
