@@ -8831,6 +8831,7 @@ def test_board_screen_redraws_a_terminal_in_place_and_writes_lines_elsewhere():
         "state     Bob Jones (101): ringing  from 100",
         "state     Bob Jones (101): free"]
     assert "\x1b" not in plain.getvalue()
+    assert not ctinotify.ansi_terminal(plain) and not ctinotify.BoardScreen(plain, "t").tty
 
 
 def test_readme_board_table_is_what_watch_board_draws():
