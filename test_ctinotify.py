@@ -40,7 +40,7 @@ GOLDEN = os.path.join(HERE, "tests", "golden")
 OFFICE_CONF = os.path.join(HERE, "tests", "office.conf")
 sys.path.insert(0, os.path.join(HERE, "tests"))
 
-from fakeami import FakeAsterisk, trace_events  # noqa: E402
+from fakeami import FakeAsterisk, channel_list, trace_events  # noqa: E402
 
 
 
@@ -8637,6 +8637,37 @@ def test_e2e_board_resyncs_phone_states_after_every_login(fake, daemon_factory):
                   b"State: RINGING\r\n\r\n")
         assert normalize_since(alice.line()) == \
             "EVENT state user=bob name=bob numbers=101 state=ringing since=S"
+    finally:
+        alice.close()
+
+
+def test_e2e_board_has_the_calls_up_before_ctinotify_started(fake, daemon_factory):
+    """tests/traces/s_connect_midcall.ami: three calls up when ctinotify
+    logs in.  The engine adopts them at its resync and tells them like any
+    call (incoming, pickup), so the board has them, with whom, from its first
+    BOARD; then they end as recorded."""
+    data = read_trace("s_connect_midcall")
+    fake.channels = channel_list(data)
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    daemon.wait_log("resynchronised: %d channels" % len(fake.channels))
+    alice = board_client(daemon.port, "alice alice-secret")
+    try:
+        alice.send("BOARD")
+        got = [ctinotify.parse_text_line(line)[2]
+               for line in alice.lines_until(lambda l: l.startswith("OK "))[:-1]]
+        golden = {g["user"]: g for g in load_board_golden("s_connect_midcall")
+                  if g["state"] == "talking"}
+        assert [(g["user"], g["state"], g.get("with_num"), g.get("call")) for g in got] == [
+            (u, "talking", golden[u]["with"]["num"], golden[u]["call"])
+            if u in golden else (u, "free", None, None)
+            for u in ("alice", "bob", "carol", "dave")]
+        events = trace_events(data)
+        listed = max(i for i, e in enumerate(events)
+                     if e.startswith(b"Event: CoreShowChannelsComplete"))
+        fake.send(b"".join(events[listed + 1:]))
+        assert state_lines(alice, 3) == [
+            line for line in expected_state_lines("s_connect_midcall", "alice", None, True,
+                                                  "text") if "state=free" in line]
     finally:
         alice.close()
 
