@@ -36,12 +36,15 @@ command line.  One AMI byte's way to a desktop line::
    reads go to its AmiSession, which frames them with an AmiParser, logs
    in and pings; messages come out, and the link hands each to its
    CallEngine (a response or list event first to whoever sent the action:
-   ``send_action``).  After a login it resyncs with CoreShowChannels.
+   ``send_action``), or a phone's state to the daemon's Board.  After a
+   login it resyncs with CoreShowChannels (and the Board's lists).
 3. The engine's notifications go to the Daemon, which appends finished
    calls to the CallLog (and the HISTORY it answers from) and passes them
    to the ClientHub; the hub encodes each once per format and queues it on
    every connection of its user that wants the kind (with the web on, the
-   user's replay buffer keeps its SSE frame first, for every user).
+   user's replay buffer keeps its SSE frame first, for every user).  The
+   Board takes them too, and the hub sends each BoardChange to the viewers
+   allowed to see it.
 4. Each connection owns its buffers, state and deadline (handshaking, open,
    closing, closed): output limits, the lingering close, login timeouts.
    What a desktop sends goes through a LineFramer (bounded lines) into its
@@ -275,13 +278,16 @@ class Kind:
     CONFERENCE = "conference"
     HOLD = "hold"
     UNHOLD = "unhold"
+    #: A colleague's line on the office board changed (not a call of the
+    #: user's own: only for users whose ``board`` is not ``none``).
+    STATE = "state"
 
 
 #: Every kind of event a client can subscribe to with ``events=``, in order.
 EVENT_KINDS = (
     Kind.INCOMING, Kind.OUTGOING, Kind.PICKUP, Kind.HANGUP, Kind.TIMEOUT, Kind.BUSY,
     Kind.DIVERT, Kind.TRANSFER, Kind.QUEUE, Kind.PARK, Kind.UNPARK, Kind.CONFERENCE,
-    Kind.HOLD, Kind.UNHOLD,
+    Kind.HOLD, Kind.UNHOLD, Kind.STATE,
 )
 
 
@@ -404,13 +410,21 @@ class IniOption:
 class IniSection:
     """A ``[name]`` block, with Asterisk template inheritance applied."""
 
-    __slots__ = ("name", "lineno", "options", "is_template")
+    __slots__ = ("name", "lineno", "options", "is_template", "templates")
 
     def __init__(self, name: str, lineno: int, is_template: bool = False):
         self.name = name
         self.lineno = lineno
         self.options: List[IniOption] = []
         self.is_template = is_template
+        #: The templates (``[name](!)``) it inherits, directly or through
+        #: another template: what ``board = @name`` goes by.
+        self.templates: Tuple[str, ...] = ()
+
+    def inherit(self, parent: "IniSection") -> None:
+        """Note ``parent``'s templates (and itself, if one) as ours."""
+        inherited = ((parent.name,) if parent.is_template else ()) + parent.templates
+        self.templates += tuple(t for t in inherited if t not in self.templates)
 
     def get(self, key: str) -> Optional[IniOption]:
         """The last ``key`` line of the section (later lines override)."""
@@ -424,8 +438,11 @@ class IniSection:
 _SECTION_LINE = re.compile(r"^\[([^\]]+)\]\s*(?:\(([^)]*)\))?\s*$")
 
 
-def parse_ini(text: str, filename: str) -> Tuple[List[IniSection], List[str]]:
-    """Parse Asterisk-style INI text into sections and a list of problems.
+def parse_ini(text: str, filename: str) \
+        -> Tuple[List[IniSection], List[str], Dict[str, List[str]]]:
+    """Parse Asterisk-style INI text into sections, a list of problems,
+    and each template's sections (template name -> the names of the
+    sections that inherit it, directly or not).
 
     Accepts ``;`` comments (``\\;`` is a literal semicolon), ``key = value``
     and ``key => value``, and templates: ``[name](!)`` defines one,
@@ -457,6 +474,7 @@ def parse_ini(text: str, filename: str) -> Tuple[List[IniSection], List[str]]:
                                     % (filename, lineno, name, template))
                 else:
                     current.options.extend(parent.options)
+                    current.inherit(parent)
             if name in by_name and not by_name[name].is_template:
                 problems.append("%s:%d: [%s]: section defined twice (first at line %d), "
                                 "expected each section once"
@@ -479,7 +497,17 @@ def parse_ini(text: str, filename: str) -> Tuple[List[IniSection], List[str]]:
                             % (filename, lineno, key))
             continue
         current.options.append(IniOption(key, value.strip(), lineno))
-    return [s for s in sections if not s.is_template], problems
+    return [s for s in sections if not s.is_template], problems, _template_members(sections)
+
+
+def _template_members(sections: Sequence[IniSection]) -> Dict[str, List[str]]:
+    """Each template -> the sections that inherit it (``board = @name``)."""
+    members: Dict[str, List[str]] = {s.name: [] for s in sections if s.is_template}
+    for section in sections:
+        if not section.is_template:
+            for template in section.templates:
+                members[template].append(section.name)
+    return members
 
 
 #: Channel technology prefixes as users write them -> as Asterisk names them.
@@ -538,11 +566,13 @@ class UserConfig:
     """One client account: ``[name]`` with its secret and what it may see."""
 
     __slots__ = ("name", "secret", "hosts", "devices", "extensions", "events", "lineno",
-                 "popup_url")
+                 "popup_url", "board", "board_details", "fullname")
 
     def __init__(self, name: str, secret: str, hosts: Optional[Tuple[object, ...]],
                  devices: Tuple[str, ...], extensions: Tuple[Tuple[str, str], ...],
-                 events: Tuple[str, ...], lineno: int = 0, popup_url: str = ""):
+                 events: Tuple[str, ...], lineno: int = 0, popup_url: str = "",
+                 board: Optional[frozenset] = frozenset(), board_details: bool = False,
+                 fullname: str = ""):
         self.name = name
         self.secret = secret
         #: ``None`` means ``host = dynamic`` (any address); else ip_network objects.
@@ -557,6 +587,13 @@ class UserConfig:
         #: A URL template with ``{from_num}``-style placeholders (empty: none);
         #: its ``incoming`` events carry it, filled in, as ``url``.
         self.popup_url = popup_url
+        #: The colleagues whose board line the user may see: None for
+        #: ``board = all``, empty for ``none`` (then no ``state`` event either).
+        self.board = board
+        #: ``board_details``: also with whom those colleagues are on the phone.
+        self.board_details = board_details
+        #: The name the board shows (empty: learned from their phone, or the user name).
+        self.fullname = fullname
 
     def host_allowed(self, address: str) -> bool:
         if self.hosts is None:
@@ -840,6 +877,12 @@ class Config(_Immutable):
                       "extensions = %s" % exts, "events = %s" % ",".join(user.events)]
             if user.popup_url:
                 lines.append("popup_url = %s" % user.popup_url)
+            if user.board is None or user.board:
+                lines.append("board = %s" % ("all" if user.board is None else ",".join(
+                    name for name in self.users if name in user.board)))
+                lines.append("board_details = %s" % ("yes" if user.board_details else "no"))
+            if user.fullname:
+                lines.append("fullname = %s" % user.fullname)
         return "\n".join(lines) + "\n"
 
     def advisories(self) -> List[str]:
@@ -875,7 +918,8 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 
                "g": 1024 ** 3, "gb": 1024 ** 3}
 _BOOLEANS = {"yes": True, "true": True, "on": True, "1": True,
              "no": False, "false": False, "off": False, "0": False}
-USER_KEYS = ("secret", "host", "devices", "extensions", "events", "popup_url")
+USER_KEYS = ("secret", "host", "devices", "extensions", "events", "popup_url", "board",
+             "board_details", "fullname")
 
 #: The placeholders of ``popup_url``: the flattened fields of an ``incoming``
 #: event (as in its text line), and the user's login name.
@@ -883,6 +927,37 @@ POPUP_URL_FIELDS = ("from_num", "from_name", "to_num", "to_name", "dialed", "cal
                     "role", "device", "queue", "user")
 #: ``{name}`` in a URL template.  Any other brace is an error: a URL has none.
 _URL_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def resolve_board_setting(value: str, user_names: Iterable[str],
+                          templates: Optional[Dict[str, Iterable[str]]] = None) \
+        -> Optional[frozenset]:
+    """A user's ``board`` setting -> the users they may see: None for
+    ``all``, an empty set for ``none`` (and an empty value), else the users
+    named and every user whose section inherits a template named
+    ``@template`` (``templates``: template -> its users).  A name that is no
+    user or template raises ValueError saying which."""
+    words = [word.strip() for word in value.split(",") if word.strip()]
+    lowered = [word.lower() for word in words]
+    if lowered in ([], ["none"]):
+        return frozenset()
+    if lowered == ["all"]:
+        return None
+    if "all" in lowered or "none" in lowered:
+        raise ValueError("'all' and 'none' stand alone")
+    known = set(user_names)
+    templates = templates or {}
+    names: Set[str] = set()
+    for word in words:
+        if word.startswith("@"):
+            if word[1:] not in templates:
+                raise ValueError("unknown template %r" % word[1:])
+            names.update(templates[word[1:]])
+        elif word in known:
+            names.add(word)
+        else:
+            raise ValueError("unknown user %r" % word)
+    return frozenset(names)
 
 
 class _ConfigReader:
@@ -1110,8 +1185,15 @@ class _ConfigReader:
             self.problem(section, None, "the user has neither devices nor extensions, "
                          "expected devices = PJSIP/100 or extensions = 100")
         popup_url = self.popup_url(section)
+        fullname = self.text(section, "fullname", "")
+        if len(fullname) > MAX_FIELD_CHARS:
+            self.problem(section, section.get("fullname"), "%d characters, expected at most %d"
+                         % (len(fullname), MAX_FIELD_CHARS))
+        # ``board`` needs every user's name: read_boards resolves it.
         return UserConfig(section.name, secret, hosts, devices, extensions,
-                          events, section.lineno, popup_url)
+                          events, section.lineno, popup_url,
+                          board_details=self.boolean(section, "board_details", False),
+                          fullname=fullname)
 
     def user_hosts(self, section: IniSection) -> Optional[Tuple[object, ...]]:
         """``host``: None for ``dynamic`` (anywhere), else the networks."""
@@ -1175,6 +1257,32 @@ class _ConfigReader:
                 events.append(kind.lower())
         return tuple(events)
 
+    def read_boards(self, sections: Sequence[IniSection], users: Dict[str, UserConfig],
+                    templates: Dict[str, List[str]]) -> None:
+        """Each user's ``board`` (all, none, users, @templates), now that
+        every user is known; a user whose board is none has no ``state``
+        events (an ``events`` line that names them is a problem)."""
+        members = {name: [n for n in names if n in users] for name, names in templates.items()}
+        for section in sections:
+            user = users.get(section.name)
+            if user is None:
+                continue
+            option = section.get("board")
+            try:
+                user.board = resolve_board_setting(option.value if option else "none",
+                                                   users, members)
+            except ValueError as e:
+                self.problem(section, option, "%s, expected all, none, or a comma list of "
+                             "users and @templates" % e)
+                continue
+            if user.board is not None and not user.board and Kind.STATE in user.events:
+                events = section.get("events")
+                if events is not None and Kind.STATE in \
+                        [k.strip().lower() for k in events.value.split(",")]:
+                    self.problem(section, events, "state needs a board, expected board = all "
+                                 "or a list of users (or no state)")
+                user.events = tuple(k for k in user.events if k != Kind.STATE)
+
     def popup_url(self, section: IniSection) -> str:
         """``popup_url``: an http(s) URL whose placeholders are all known and
         sit after the host, so a caller ID can never choose the server."""
@@ -1214,7 +1322,7 @@ def _is_ami_section(section: IniSection) -> bool:
 
 def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     """Validate INI text; raise ConfigError listing every problem found."""
-    sections, problems = parse_ini(text, filename)
+    sections, problems, templates = parse_ini(text, filename)
     reader = _ConfigReader(filename)
     reader.problems.extend(problems)
     general = next((s for s in sections if s.name.lower() == "general"),
@@ -1225,6 +1333,7 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     for section in sections:
         if section is not general and not _is_ami_section(section):
             users[section.name] = reader.read_user(section)
+    reader.read_boards(sections, users, templates)
     if reader.problems:
         raise ConfigError(sorted(reader.problems, key=_problem_line))
     origins = {"tls_cert": reader.origin(general, "tls_cert")}
@@ -4300,7 +4409,7 @@ def encode_history(record: Dict[str, object], fmt: str) -> str:
 
 
 CLIENT_HELP = ("commands: LOGIN <user> <secret> | EVENTS <kind>[,<kind>...]|ALL | "
-               "FORMAT text|json | CALLS | HISTORY [n] | PING | HELP | QUIT")
+               "FORMAT text|json | CALLS | HISTORY [n] | BOARD | PING | HELP | QUIT")
 
 
 def address_key(address: str) -> str:
@@ -4570,6 +4679,11 @@ class ServerView:
         """The user's last ``count`` finished calls, newest last."""
         return self.call_history.last(user, count)
 
+    def board(self, user: str) -> Optional[List[Dict[str, object]]]:
+        """The office board as ``user`` may see it, one ``state`` item per
+        colleague; None if their board is ``none`` (or there is no board)."""
+        return None
+
     def login_blocked(self, peer_host: str) -> bool:
         """Whether logins from this address are blocked for now."""
         return False
@@ -4622,6 +4736,7 @@ class ClientSession:
         handler = {
             "LOGIN": self._login, "EVENTS": self._events, "FORMAT": self._format,
             "CALLS": self._calls, "HISTORY": self._history, "PING": self._ping,
+            "BOARD": self._board,
             "HELP": self._help, "QUIT": self._quit,
         }.get(command)
         try:
@@ -4732,6 +4847,18 @@ class ClientSession:
         lines = [encode_history(record, self.fmt) for record in records
                  if record.get("user") == self.user.name]
         return lines + ["OK history=%d" % len(lines)]
+
+    def _board(self, argument: str, server: ServerView) -> List[str]:
+        """The office board now: one ``STATE`` line (or JSON object) per
+        colleague the user's ``board`` shows, then ``OK board=<n>``."""
+        if self.user is None:
+            raise ClientProtocolError("403", "login first")
+        # Only ever this session's own user's view of it.
+        items = server.board(self.user.name)
+        if items is None:
+            raise ClientProtocolError("403", "no board for %s" % self.user.name)
+        return [self.encode_item("STATE", fields) for fields in items] + \
+            ["OK board=%d" % len(items)]
 
     def _ping(self, argument: str, server: ServerView) -> List[str]:
         return ["OK PONG"]
@@ -5134,6 +5261,26 @@ class BoardUser:
 
 # -- the board ----------------------------------------------------------------------
 
+#: The AMI events the board reads: what the link hands it, and nothing else
+#: (they are none of the engine's).
+BOARD_AMI_EVENTS = frozenset((
+    "DeviceStateChange", "DeviceStateListComplete", "ExtensionStatus",
+    "ExtensionStateListComplete", "ContactStatus", "PeerStatus",
+))
+#: The AMI list actions of the board's resync after each login, and the
+#: event that ends each list.
+BOARD_LIST_ACTIONS = (("DeviceStateList", "DeviceStateListComplete"),
+                      ("ExtensionStateList", "ExtensionStateListComplete"))
+#: What the board needs of Asterisk (manager.conf of the AMI user, and
+#: modules), for ``check`` and the log.  DeviceStateList and the
+#: DeviceStateChange events both come from res_manager_devicestate.so.
+BOARD_AMI_NEEDS = (
+    "the office board needs, for the AMI user in manager.conf:",
+    "  read = call (DeviceStateChange, ExtensionStatus) and system (ContactStatus, PeerStatus)",
+    "  write = reporting (DeviceStateList, ExtensionStateList)",
+    "and res_manager_devicestate.so loaded (DeviceStateList, DeviceStateChange)",
+)
+
 
 class Board:
     """Every configured user's state: ``free``, ``ringing``, ``talking``,
@@ -5150,20 +5297,12 @@ class Board:
 
     def __init__(self, users: Iterable[UserConfig], now: float = 0.0,
                  fullnames: Optional[Dict[str, str]] = None):
-        fullnames = fullnames or {}
         self.users: Dict[str, BoardUser] = {}
         #: device -> (pbx qualifier, user) of everyone with that phone.
         self._by_device: Dict[str, List[Tuple[str, BoardUser]]] = {}
         #: number -> (pbx qualifier, context, user) of everyone with it.
         self._by_number: Dict[str, List[Tuple[str, str, BoardUser]]] = {}
-        for config in users:
-            user = BoardUser(config, fullnames.get(config.name, ""), now)
-            self.users[user.name] = user
-            for on, device in user.devices:
-                self._by_device.setdefault(device, []).append((on, user))
-            for qualified, context in config.extensions:
-                on, _, number = qualified.rpartition(":")
-                self._by_number.setdefault(number, []).append((on, context, user))
+        self._add_users(users, now, fullnames or {})
         #: (pbx, "dev" or "hint") -> the sources a resync list has named so
         #: far; only while that list runs.
         self._resync: Dict[Tuple[str, str], Set[tuple]] = {}
@@ -5176,6 +5315,46 @@ class Board:
             "ContactStatus": self.on_contactstatus,
             "PeerStatus": self.on_peerstatus,
         }
+
+    def _add_users(self, users: Iterable[UserConfig], now: float,
+                   fullnames: Dict[str, str]) -> None:
+        """The users and the indexes from their phones and numbers to them
+        (``fullnames`` before each user's own ``fullname``)."""
+        self.users = {}
+        self._by_device = {}
+        self._by_number = {}
+        for config in users:
+            user = BoardUser(config, fullnames.get(config.name, config.fullname), now)
+            self.users[user.name] = user
+            for on, device in user.devices:
+                self._by_device.setdefault(device, []).append((on, user))
+            for qualified, context in config.extensions:
+                on, _, number = qualified.rpartition(":")
+                self._by_number.setdefault(number, []).append((on, context, user))
+
+    def reconfigure(self, users: Iterable[UserConfig], now: float) -> List[BoardChange]:
+        """A reload: the users as configured now.  A user kept keeps their
+        calls, what Asterisk said of the phones and numbers still theirs,
+        and their line (``since`` too); a new user starts ``free`` and is a
+        change; a removed user is gone, and nothing more is said of them.
+        A changed ``fullname`` is a name change.  New phones are unknown
+        until Asterisk reports them: the caller asks for the lists again."""
+        old = self.users
+        self._add_users(users, now, {})
+        changes = []
+        for user in self.users.values():
+            before = old.get(user.name)
+            if before is None:
+                changes.append(BoardChange(user.entry, BOARD_CHANGE_STATE))
+                continue
+            user.calls = before.calls
+            if user.devices == before.devices:
+                user.learned_name = before.learned_name
+            user.sources = {key: source for key, source in before.sources.items()
+                            if any(owner is user for owner, _ in self._sources_of(*key))}
+            user.entry = before.entry
+            self._touched[user.name] = user
+        return changes + self._publish(now)
 
     def entries(self) -> List[BoardEntry]:
         """The board now, in the order of the configuration."""
@@ -5396,37 +5575,6 @@ class Board:
 # -- who sees what -------------------------------------------------------------------
 
 
-def resolve_board_setting(value: str, user_names: Iterable[str],
-                          templates: Optional[Dict[str, Iterable[str]]] = None) \
-        -> Optional[frozenset]:
-    """A user's ``board`` setting -> the users they may see: None for
-    ``all``, an empty set for ``none`` (and an empty value), else the users
-    named and every user whose section inherits a template named
-    ``@template`` (``templates``: template -> its users).  A name that is no
-    user or template raises ValueError saying which."""
-    words = [word.strip() for word in value.split(",") if word.strip()]
-    lowered = [word.lower() for word in words]
-    if lowered in ([], ["none"]):
-        return frozenset()
-    if lowered == ["all"]:
-        return None
-    if "all" in lowered or "none" in lowered:
-        raise ValueError("'all' and 'none' stand alone, expected all, none or a list")
-    known = set(user_names)
-    templates = templates or {}
-    names: Set[str] = set()
-    for word in words:
-        if word.startswith("@"):
-            if word[1:] not in templates:
-                raise ValueError("unknown template %r" % word[1:])
-            names.update(templates[word[1:]])
-        elif word in known:
-            names.add(word)
-        else:
-            raise ValueError("unknown user %r" % word)
-    return frozenset(names)
-
-
 class BoardScope:
     """What one viewer may receive of the board: the colleagues of their
     ``board`` setting (``users``: None for all, empty for none) and, with
@@ -5453,6 +5601,29 @@ class BoardScope:
         if self.users is None:
             return True
         return bool(self.users) and (user in self.users or user == self.viewer)
+
+
+def board_scopes(users: Dict[str, UserConfig]) -> Dict[str, BoardScope]:
+    """The board's viewers and what each may see: every user whose
+    ``board`` is not ``none`` (the others are no viewers at all)."""
+    return {user.name: BoardScope(user.name, user.board, user.board_details)
+            for user in users.values() if user.board is None or user.board}
+
+
+def board_views_changed(old_scopes: Dict[str, BoardScope], old_users: Iterable[str],
+                        new_scopes: Dict[str, BoardScope], new_users: Iterable[str]) -> Set[str]:
+    """The viewers whose board a reload changed: other colleagues on it,
+    details or none, a board gained or lost.  Their clients are told to
+    ask for the board again (a colleague they no longer see must leave
+    their screen: no event will say so)."""
+    def view(scopes: Dict[str, BoardScope], users: List[str], viewer: str) -> tuple:
+        scope = scopes.get(viewer)
+        if scope is None:
+            return ()
+        return (scope.details,) + tuple(user for user in users if scope.sees(user))
+    before, after = list(old_users), list(new_users)
+    return {viewer for viewer in set(old_scopes) | set(new_scopes)
+            if view(old_scopes, before, viewer) != view(new_scopes, after, viewer)}
 
 
 def view_entry(entry: BoardEntry, scope: BoardScope) -> Optional[Dict[str, object]]:
@@ -6655,12 +6826,14 @@ class WatchLoggedIn:
 
 
 class WatchRefused:
-    """The server refused LOGIN (``ERR 401``): retrying cannot help."""
+    """The server refused LOGIN (``ERR 401``), or ``watch --board`` the
+    board (``what`` is ``board``): retrying cannot help."""
 
-    __slots__ = ("reply",)
+    __slots__ = ("reply", "what")
 
-    def __init__(self, reply: str):
+    def __init__(self, reply: str, what: str = "login"):
         self.reply = reply
+        self.what = what
 
 
 class WatchEvent:
@@ -6699,6 +6872,19 @@ class WatchCalls:
         self.calls = calls
 
 
+class WatchBoard:
+    """The reply to BOARD: one ``state`` item per colleague, in order."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: List[WatchEvent]):
+        self.items = items
+
+
+#: The command whose reply a list item belongs to.
+_ITEM_COMMANDS = {"call": "calls", "history": "history", Kind.STATE: "board"}
+
+
 def parse_iso_time(text: Optional[str]) -> Optional[float]:
     """``2026-11-26T21:19:10Z`` -> epoch seconds; None if it is not one."""
     try:
@@ -6713,21 +6899,31 @@ class WatchSession:
 
     ``receive_line`` takes each line from the server and returns what to
     do: ``WatchSend`` (a command to send), ``WatchLoggedIn``,
-    ``WatchRefused``, ``WatchEvent``, ``WatchMissed`` and ``WatchCalls``.
-    A server that breaks the protocol raises WatchProtocolError.
+    ``WatchRefused``, ``WatchEvent``, ``WatchMissed``, ``WatchCalls`` and
+    ``WatchBoard``.  A server that breaks the protocol raises
+    WatchProtocolError.
 
     After the greeting it sends ``FORMAT json`` (before LOGIN, so even the
     STATUS line that follows a login is JSON) and ``LOGIN``; once logged
-    in, ``HISTORY`` and ``CALLS``.  Replies are matched to commands in
-    order; items (HISTORY, CALL lines) are collected until their ``OK``.
-    Lines in either format are understood whatever was asked for.
+    in, ``HISTORY`` and ``CALLS`` (the user's own calls: if the account
+    has the office board's ``state`` events too, ``EVENTS`` without them
+    first).  With ``board``, ``EVENTS state`` and ``BOARD`` instead, and
+    ``BOARD`` again when the server says the board changed (a reload).
+    Replies are matched to commands in order; items (HISTORY, CALL, STATE
+    lines) are collected until their ``OK``.  Lines in either format are
+    understood whatever was asked for.
     """
 
     def __init__(self, user: str, secret: str, fmt: str = "json",
                  since: Optional[float] = None, history: int = WATCH_HISTORY_CALLS,
-                 since_calls: Optional[Iterable[str]] = None):
+                 since_calls: Optional[Iterable[str]] = None, board: bool = False):
         self.user = user
         self._secret = secret
+        #: ``watch --board``: the office board, not the user's calls.
+        self.board = board
+        #: The board's ``state`` events were turned off (plain watch): one
+        #: that comes before the server has read EVENTS is dropped.
+        self._no_state = False
         #: The format asked of the server: ``json`` or ``text``.
         self.fmt = fmt
         #: Missed calls that ended after this (epoch; None: every one listed),
@@ -6778,13 +6974,19 @@ class WatchSession:
         item = self._parse_item(line)
         if item is None:
             return []  # a line type of a newer server
-        if item.kind in ("call", "history"):
-            if not self._pending or self._pending[0] != ("calls" if item.kind == "call"
-                                                          else "history"):
+        if item.kind in ("call", "history") or (item.kind == Kind.STATE and self._pending
+                                                 and self._pending[0] == "board"):
+            # A JSON board item looks like a state event; one pushed before
+            # the server read BOARD is as good an item (the newest wins).
+            if not self._pending or self._pending[0] != _ITEM_COMMANDS[item.kind]:
                 raise WatchProtocolError("a %s item nobody asked for" % item.kind)
             self._items.append(item)
             return []
+        if item.kind == Kind.STATE:
+            return [] if self._no_state else [item]  # a colleague's, not a call's time
         self._saw(parse_iso_time(item.fields.get("time")), item.fields.get("call"))
+        if self.board and item.kind == "status" and item.fields.get("board") == "changed":
+            return [item, self._command("board", "BOARD")]
         return [item]
 
     def _parse_item(self, line: str) -> Optional[WatchEvent]:
@@ -6804,7 +7006,7 @@ class WatchSession:
         except ValueError as e:
             raise WatchProtocolError("not a protocol line (%s): %r" % (e, line[:80]))
         kind = {"EVENT": kind, "STATUS": "status", "CALL": "call",
-                "HISTORY": "history"}.get(tag, "")
+                "HISTORY": "history", "STATE": Kind.STATE}.get(tag, "")
         if not kind:
             return None
         fields = dict([("event", kind)] + list(values.items()))
@@ -6822,11 +7024,13 @@ class WatchSession:
             if not ok:
                 raise WatchProtocolError("LOGIN answered %r" % line[:80])
             self.state = "ready"
-            return [WatchLoggedIn(line),
-                    self._command("history", "HISTORY %d" % self.history),
-                    self._command("calls", "CALLS")]
+            return [WatchLoggedIn(line)] + self._after_login(line)
         if command == "format" and not ok:
             raise WatchProtocolError("FORMAT json answered %r" % line[:80])
+        if command in ("board", "board events") and not ok:
+            return [WatchRefused(line, "board")]
+        if command == "board":
+            return [WatchBoard(items)]
         if command == "history":
             # An older server: ERR 400 unknown command.  Nothing to list then.
             self._history_done = True
@@ -6834,6 +7038,20 @@ class WatchSession:
         if command == "calls":
             return [WatchCalls(items)]
         return []
+
+    def _after_login(self, reply: str) -> List[WatchSend]:
+        """The commands after ``OK logged in as alice; events=...``."""
+        if self.board:
+            return [self._command("board events", "EVENTS state"),
+                    self._command("board", "BOARD")]
+        kinds = reply.partition("events=")[2].split(",")
+        others = [kind for kind in kinds if kind and kind != Kind.STATE]
+        first = []
+        if Kind.STATE in kinds and others:
+            self._no_state = True
+            first = [self._command("events", "EVENTS " + ",".join(others))]
+        return first + [self._command("history", "HISTORY %d" % self.history),
+                        self._command("calls", "CALLS")]
 
     def _missed(self, records: List[WatchEvent]) -> List[WatchEvent]:
         missed = []
@@ -7018,6 +7236,9 @@ def render_event(event: WatchEvent) -> str:
         when = _local_time(f.get("time"), "%H:%M:%S")
     if event.kind == "status":
         text = _status_text(f)
+    elif event.kind == Kind.STATE:
+        when = _local_time(f.get("since"), "%H:%M:%S")
+        text = _board_said(f)
     else:
         said = _SAID.get(event.kind)
         if said is not None:
@@ -7034,11 +7255,102 @@ def render_event(event: WatchEvent) -> str:
 def _status_text(f: Dict[str, str]) -> str:
     if f.get("server") == "stopping":
         return "the ctinotify server is stopping"
+    if f.get("board") == "changed":
+        return "the board changed (the server's configuration was reloaded)"
     if f.get("pbx") == "up":
         return "PBX connected"
     if f.get("pbx") == "down":
         return "PBX link down" + (": " + f["reason"] if f.get("reason") else "")
     return encode_text_line("", {k: v for k, v in f.items() if k != "event"}).strip()
+
+
+# -- the office board: watch --board -------------------------------------------
+
+#: Columns of the board table: name and numbers are cut to these widths.
+BOARD_NAME_CHARS = 24
+BOARD_NUMBERS_CHARS = 12
+
+
+def _board_who(f: Dict[str, str]) -> str:
+    """``Alice Smith (100)``: a colleague as the board names them."""
+    name, numbers = f.get("name") or f.get("user", "?"), f.get("numbers", "")
+    return "%s (%s)" % (name, numbers) if numbers and numbers != name else name
+
+
+def _board_with(f: Dict[str, str]) -> str:
+    """``from John Customer <+15551230001>`` (or ``to ...``): with whom,
+    for a viewer with board_details; empty otherwise."""
+    if not (f.get("with_num") or f.get("with_name")):
+        return ""
+    if f.get("direction") == "out":
+        return "to " + _called(f, "with")
+    return "from " + _caller(f, "with")
+
+
+def _board_said(f: Dict[str, str]) -> str:
+    state = f.get("state", "")
+    text = "%s: %s" % (_board_who(f), BOARD_STATE_WORDS.get(state, state))
+    with_whom = _board_with(f)
+    return text + ("  " + with_whom if with_whom else "")
+
+
+def board_timer(seconds: float) -> str:
+    """How long a state has lasted: ``0:07``, ``12:40``, ``1:02:03``, ``2d 03h``."""
+    seconds = max(0, int(seconds))
+    if seconds >= 86400:
+        return "%dd %02dh" % (seconds // 86400, seconds % 86400 // 3600)
+    if seconds >= 3600:
+        return "%d:%02d:%02d" % (seconds // 3600, seconds % 3600 // 60, seconds % 60)
+    return "%d:%02d" % (seconds // 60, seconds % 60)
+
+
+def _cut(text: str, chars: int) -> str:
+    return text if len(text) <= chars else text[:chars - 1] + "~"
+
+
+class BoardTable:
+    """``watch --board``: the office board as a table of text.
+
+    ``reset`` takes the BOARD reply, ``update`` each ``state`` event (a
+    colleague not yet on it is added at the end); ``render(now)`` is the
+    table with each state's timer at that time, one string per row, and
+    ``note`` a line above it (the PBX link down, say).  Control characters
+    from the server (a caller ID) are shown escaped: a row stays one row.
+    """
+
+    HEADINGS = ("NAME", "NUMBER", "STATE", "FOR", "WITH")
+
+    def __init__(self) -> None:
+        #: user -> the fields of their latest line, in the server's order.
+        self.rows: Dict[str, Dict[str, str]] = {}
+        self.note = ""
+
+    def reset(self, items: Iterable[WatchEvent]) -> None:
+        self.rows = {}
+        for item in items:
+            self.update(item)
+
+    def update(self, event: WatchEvent) -> None:
+        self.rows[event.fields.get("user", "")] = event.fields
+
+    def render(self, now: float) -> List[str]:
+        table = [self.HEADINGS]
+        for f in self.rows.values():
+            since = parse_iso_time(f.get("since"))
+            state = f.get("state", "")
+            table.append((
+                _cut((f.get("name") or f.get("user", "?")).translate(_DISPLAY_ESCAPES),
+                     BOARD_NAME_CHARS),
+                _cut(f.get("numbers", "").translate(_DISPLAY_ESCAPES), BOARD_NUMBERS_CHARS),
+                BOARD_STATE_WORDS.get(state, state.translate(_DISPLAY_ESCAPES)),
+                board_timer(now - since) if since is not None else "",
+                _board_with(f).translate(_DISPLAY_ESCAPES)))
+        widths = [max(len(row[col]) for row in table) for col in range(4)]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4]
+                 for row in table]
+        if not self.rows:
+            lines.append("(nobody on your board)")
+        return ([self.note] if self.note else []) + [line.rstrip() for line in lines]
 
 
 def is_web_url(url: str) -> bool:
@@ -7108,7 +7420,10 @@ class ExecHook:
         return cls(kind, template)
 
     def wants(self, kind: str) -> bool:
-        return kind == self.kind or (self.kind == "all" and kind in EVENT_KINDS)
+        # "all" is every kind of call event: a colleague's state (watch
+        # --board) runs only a hook that names it.
+        return kind == self.kind or (self.kind == "all" and kind in EVENT_KINDS and
+                                     kind != Kind.STATE)
 
     def argv(self, fields: Dict[str, str]) -> List[str]:
         return [fill_placeholders(arg, fields) for arg in self.template]
@@ -7907,6 +8222,15 @@ class LineClient(ClientConnection):
         self.held.clear()
 
 
+def board_bytes(entry: BoardEntry, details: bool, fmt: str) -> bytes:
+    """A board change in a connection's format: its ``EVENT state`` line
+    (encoded once per kind of viewer), or on an event stream an SSE event
+    without an id (a page that reconnects asks for the board again)."""
+    if fmt == SSE_FORMAT:
+        return encode_sse_event(entry.fields(details))
+    return entry.event_bytes(details, fmt)
+
+
 def status_bytes(fields: Dict[str, object], fmt: str) -> bytes:
     """A link or server status in a connection's format: a STATUS line, or
     on an event stream an SSE event without an id (status is not replayed:
@@ -8185,6 +8509,9 @@ class ClientHub:
                                 config.login_block_seconds)
         #: The connections that are event streams: the heartbeat's.
         self.streams: Set[ClientConnection] = set()
+        #: The office board's viewers (users whose board is not none) and
+        #: what each may see: ``state`` events go to these users only.
+        self.board_scopes = board_scopes(config.users)
         self._resume_timer: Optional[Timer] = None
         self._heartbeat_timer: Optional[Timer] = None
         self._session_timer: Optional[Timer] = None
@@ -8374,6 +8701,24 @@ class ClientHub:
                     data = encoded[fmt] = encode_notification(fields, fmt)
                 conn.queue(data)
 
+    def deliver_board(self, changes: List[BoardChange]) -> None:
+        """Each change of the office board to the connections that want
+        ``state`` of the viewers allowed to see it: the line is encoded once
+        per change, kind of viewer (details or not) and format."""
+        scopes, subscribers = self.board_scopes, self.subscribers
+        # Whichever is fewer: the viewers, or the users logged in.
+        viewers = scopes if len(scopes) <= len(subscribers) else subscribers
+        for change in changes:
+            entry = change.entry
+            for viewer in viewers:
+                scope = scopes.get(viewer)
+                conns = subscribers.get(viewer)
+                if scope is None or not conns or view_change(change, scope) is None:
+                    continue
+                for conn in conns:
+                    if conn.wants(Kind.STATE):
+                        conn.queue(board_bytes(entry, scope.details, conn.fmt))
+
     def broadcast_status(self, fields: Dict[str, object]) -> None:
         """A STATUS line to every logged-in connection and event stream."""
         encoded: Dict[str, bytes] = {}
@@ -8438,6 +8783,7 @@ class ClientHub:
     def reconfigure(self, config: Config) -> None:
         """A reload: new limits for everyone, and every session checked
         against its account as it is now (bind and ports stay)."""
+        old_users, old_scopes = list(self.config.users), self.board_scopes
         self.config = config
         if config.tls_context is not None and self.tls_context is not None:
             self.tls_context = config.tls_context  # a renewed certificate, for new connections
@@ -8453,6 +8799,15 @@ class ClientHub:
                               "account changed by reload")
         view.events.retain(config.users)
         self.watch_sessions()
+        self.board_scopes = board_scopes(config.users)
+        changed = board_views_changed(old_scopes, old_users, self.board_scopes, config.users)
+        if changed:
+            # Ask again: a colleague no longer on someone's board must
+            # leave their screen, and no state event will say so.
+            fields = {"board": "changed", "time": iso_time(self.loop.wall)}
+            for viewer in changed:
+                for conn in self.subscribers.get(viewer, ()):
+                    conn.queue(status_bytes(fields, conn.fmt))
 
     def close_all(self, reason: str) -> None:
         """Shutdown: a last STATUS line to the logged-in, then every
@@ -8817,6 +9172,9 @@ class AmiLink:
                                        "%s: ignored a message that is neither an event nor a "
                                        "response: %.200r", self.tag, dict(msg) or msg.body)
                 return
+        if event in BOARD_AMI_EVENTS:  # phones' states: the board's, none of the engine's
+            self.owner.board_message(self, msg)
+            return
         try:
             notifications = self.engine.handle(msg, self.loop.wall)
         except Exception:
@@ -8835,6 +9193,7 @@ class AmiLink:
         self.engine.begin_resync()
         self.send_action("CoreShowChannels", on_reply=self._resync_reply)
         self.send_action("QueueStatus")
+        self.owner.link_resyncing(self)
 
     def _resync_reply(self, msg: Optional[AmiMessage]) -> None:
         if msg is None:
@@ -9057,6 +9416,23 @@ class DaemonView(WebView):
     def link_status(self) -> List[Dict[str, object]]:
         return self.pbx_statuses()
 
+    def board(self, user: str) -> Optional[List[Dict[str, object]]]:
+        scope = self._daemon.hub.board_scopes.get(user)
+        return view_board(self._daemon.board, scope) if scope is not None else None
+
+
+#: A board list Asterisk refused: what is missing, and what to do about it.
+_BOARD_LIST_PROBLEMS = {
+    "DeviceStateList": ("the phones' states", "load res_manager_devicestate.so and grant "
+                        "the AMI user write = reporting"),
+    "ExtensionStateList": ("the hints' states", "grant the AMI user write = reporting"),
+}
+
+
+def _board_phones(config: Config) -> set:
+    """What the board follows Asterisk's states of: each user's phones and numbers."""
+    return {(user.name, user.devices, user.extensions) for user in config.users.values()}
+
 
 class Daemon:
     """The daemon: one Loop, the AMI links in, the ClientHub out, the call
@@ -9076,6 +9452,8 @@ class Daemon:
         self.calllog = CallLog(self.loop, config.calllog)
         self.view = DaemonView(self)
         self.hub = ClientHub(self.loop, config, self.view)
+        #: The office board: every user's state, from every PBX.
+        self.board = Board(config.users.values(), self.loop.wall)
         #: One link per PBX ([ami], then each [ami:NAME]).
         self.links: List[AmiLink] = [self._make_link(pbx, config) for pbx in config.pbxes]
         #: The listeners as started: a reload cannot change them.
@@ -9148,6 +9526,37 @@ class Daemon:
             if note.record is not None:
                 self.calllog.add(note.record)
         self.hub.deliver(notifications)
+        changes = self.board.on_notifications(notifications, self.loop.wall)
+        if changes:
+            self.hub.deliver_board(changes)
+
+    def board_message(self, link: AmiLink, msg: AmiMessage) -> None:
+        """A phone's, hint's or registration's state from a PBX: to the board."""
+        changes = self.board.on_ami(msg, link.config.name, self.loop.wall)
+        if changes:
+            self.hub.deliver_board(changes)
+
+    def link_resyncing(self, link: AmiLink) -> None:
+        """A link logged in and asked for the calls: the board asks for the
+        state of every phone and hint, so that it is right from the first
+        second (also for phones busy before we connected)."""
+        self.board.begin_resync(link.config.name)
+        for action, _end in BOARD_LIST_ACTIONS:
+            link.send_action(action, on_reply=functools.partial(self._board_list_reply, link,
+                                                                action))
+
+    def _board_list_reply(self, link: AmiLink, action: str, msg: Optional[AmiMessage]) -> None:
+        if msg is None or msg.get("Response") in (None, "Success"):
+            return  # the link went down (the next login asks again), or it went well
+        # An Asterisk without res_manager_devicestate.so answers DeviceStateList
+        # "Invalid/unknown command" (main/manager.c), and never sends
+        # DeviceStateChange either; without write = reporting (or call):
+        # "Permission denied".  The board goes on with what it has.
+        what, remedy = _BOARD_LIST_PROBLEMS[action]
+        self.loop.log_repeated("board-list %s %s" % (link.tag, action), logging.WARNING,
+                               "%s: the office board cannot list %s (%s): %s; until then it "
+                               "knows only what calls and registrations say", link.tag, what,
+                               msg.get("Message", "refused")[:200], remedy)
 
     def pbx_status(self, link: AmiLink, reason: str = "") -> Dict[str, object]:
         """``STATUS pbx=up|down``; with several PBXes ``name=`` says which."""
@@ -9224,13 +9633,20 @@ class Daemon:
             log.warning("reload: bind, port, tls_port, web, web_port and web_tls_port changes "
                         "need a restart; still on %s port %s, TLS port %s, web %s, web port "
                         "%s, web TLS port %s", *self._listening)
+        old_phones = _board_phones(self.config)
         self.config = new
         self.view.users = new.users
         self.calllog.history.retain(new.users)
         for link in self.links:
             link.engine.set_directory(Directory(new.users.values(), link.config.name))
         logging.getLogger("ctinotify").setLevel(new.loglevel.upper())
+        board_changes = self.board.reconfigure(new.users.values(), self.loop.wall)
         self.hub.reconfigure(new)
+        self.hub.deliver_board(board_changes)
+        if _board_phones(new) != old_phones:
+            for link in self.links:
+                if link.up:
+                    self.link_resyncing(link)  # the states of phones new to the board
         self.calllog.reopen(new.calllog)
         self._reload_links(new)
         log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
@@ -9360,6 +9776,84 @@ class WatchState:
                 pass
 
 
+#: ANSI: cursor home; erase to the end of the line; to the end of the screen.
+_ANSI_HOME, _ANSI_ERASE_LINE, _ANSI_ERASE_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
+
+
+def ansi_terminal(out) -> bool:  # type: ignore[no-untyped-def]
+    """Whether ``out`` is a terminal that takes ANSI escapes: any on POSIX;
+    on Windows, a console that agrees to (Windows 10 and newer: the
+    console mode ENABLE_VIRTUAL_TERMINAL_PROCESSING, for standard output)."""
+    try:
+        if not out.isatty():
+            return False
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+    if os.name != "nt":
+        return True
+    try:
+        import ctypes
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.GetStdHandle(-11)  # STD_OUTPUT_HANDLE
+        mode = ctypes.c_uint32()
+        if out is not sys.stdout or not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            return False
+        return bool(kernel32.SetConsoleMode(handle, mode.value | 0x0004))
+    except (ImportError, AttributeError, OSError):
+        return False
+
+
+class BoardScreen:
+    """Where ``watch --board`` shows the board: on a terminal, the table
+    redrawn in place on every change and every second (the timers); else
+    (a pipe, a file, a Windows console without ANSI escapes) one plain
+    line per colleague at the start and per change after, so a script can
+    read it."""
+
+    def __init__(self, out, title: str, tty: Optional[bool] = None):  # type: ignore[no-untyped-def]
+        self.out = out
+        self.title = title
+        self.tty = ansi_terminal(out) if tty is None else tty
+        self.table = BoardTable()
+        self._drawn_at: Optional[int] = None
+
+    def show_board(self, items: List[WatchEvent]) -> None:
+        self.table.reset(items)
+        if self.tty:
+            self.draw(time.time())
+        else:
+            for item in items:
+                self._line(render_event(item))
+
+    def change(self, event: WatchEvent) -> None:
+        if event.kind == Kind.STATE:
+            self.table.update(event)
+        elif event.kind == "status":
+            self.table.note = "" if event.fields.get("pbx") == "up" else render_event(event)
+        if self.tty:
+            self.draw(time.time())
+        else:
+            self._line(render_event(event))
+
+    def tick(self) -> None:
+        """Once a second on a terminal: the timers move on."""
+        now = time.time()
+        if self.tty and self._drawn_at is not None and int(now) != self._drawn_at:
+            self.draw(now)
+
+    def draw(self, now: float) -> None:
+        self._drawn_at = int(now)
+        head = "%s  %s" % (self.title, time.strftime("%H:%M:%S", time.localtime(now)))
+        lines = [head, ""] + self.table.render(now)
+        self.out.write(_ANSI_HOME + "".join(line + _ANSI_ERASE_LINE + "\n" for line in lines)
+                       + _ANSI_ERASE_BELOW)
+        self.out.flush()
+
+    def _line(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
 class WatchClient:
     """``ctinotify watch``: a blocking socket with a short timeout, which
     works the same on Windows, macOS and Linux (no select() on stdin).
@@ -9371,7 +9865,8 @@ class WatchClient:
     def __init__(self, host: str, port: int, user: str, secret: str,
                  fmt: str = "readable", hooks: Sequence[ExecHook] = (),
                  open_urls: bool = False, state: Optional[WatchState] = None,
-                 out=None, tls_context: Optional["ssl.SSLContext"] = None, tls_ca: str = ""):
+                 out=None, tls_context: Optional["ssl.SSLContext"] = None, tls_ca: str = "",
+                 board: bool = False):
         self.host = host
         self.port = port
         #: Set: the server's TLS port, its certificate verified (against
@@ -9389,6 +9884,9 @@ class WatchClient:
         self.out = out if out is not None else sys.stdout
         self.children: List[subprocess.Popen] = []
         self.where = "%s port %d" % (host, port)
+        #: ``--board``: the office board instead of the user's calls.
+        self.board = BoardScreen(self.out, "ctinotify board of %s, %s" % (user, self.where)) \
+            if board else None
         #: The connection of the moment: logged in; when the server was
         #: last heard and a PING sent (monotonic).
         self._logged_in = False
@@ -9431,7 +9929,8 @@ class WatchClient:
         since = self.state.last_seen if self.state is not None else None
         session = WatchSession(self.user, self._secret,
                                "text" if self.fmt == "text" else "json", since,
-                               since_calls=self.state.last_calls if self.state is not None else ())
+                               since_calls=self.state.last_calls if self.state is not None else (),
+                               board=self.board is not None)
         self._logged_in = False
         try:
             return self._serve(sock, session)
@@ -9489,6 +9988,8 @@ class WatchClient:
                     return True, False, "login refused"
             elif session.state == "ready" and not self._keepalive(sock, session, now):
                 return False, self._logged_in, "%s does not answer PING" % self.where
+            if self.board is not None:
+                self.board.tick()
 
     def _dispatch(self, sock: socket.socket, session: WatchSession,
                   framer: LineFramer) -> bool:
@@ -9503,6 +10004,10 @@ class WatchClient:
             if line is None:
                 return False
             for item in session.receive_line(line):
+                if isinstance(item, WatchRefused) and item.what == "board":
+                    log.error("%s shows %s no board (%s): the user's board is none, or "
+                              "their events lack state", self.where, self.user, item.reply)
+                    return True
                 if isinstance(item, WatchRefused):
                     log.error("%s refused the login as %s (%s): check the user, "
                               "the secret, and the host= allowed for the user",
@@ -9533,8 +10038,17 @@ class WatchClient:
             self.state.advance(session.seen_until, session.seen_calls)
         if isinstance(item, WatchSend):
             self._send(sock, item)
+        elif isinstance(item, WatchBoard):
+            if self.board is not None and self.fmt == "readable":
+                self.board.show_board(item.items)
+            else:
+                for entry in item.items:
+                    self._show(entry)
         elif isinstance(item, WatchEvent):
-            self._show(item)
+            if self.board is not None and self.fmt == "readable":
+                self.board.change(item)
+            else:
+                self._show(item)
             if item.kind in EVENT_KINDS:
                 self._run_hooks(item)
                 if self.open_urls and item.kind == "incoming":
@@ -10221,6 +10735,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     config = load_config(path)
     sys.stdout.write(config.describe())
+    if board_scopes(config.users):
+        sys.stdout.write("\n" + "".join("; %s\n" % line for line in BOARD_AMI_NEEDS))
     if not config.users:
         log.warning("%s defines no client users: nobody can log in", path)
     for note in config.advisories():
@@ -10634,7 +11150,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     state = WatchState(args.state, "%s@%s:%d" % (args.user, host, port))
     state.load()
     client = WatchClient(host, port, args.user, secret, args.format, args.hooks,
-                         args.open, state, tls_context=tls_context, tls_ca=args.tls_ca or "")
+                         args.open, state, tls_context=tls_context, tls_ca=args.tls_ca or "",
+                         board=args.board)
     return client.run()
 
 
@@ -10745,6 +11262,11 @@ def _watch_arguments(commands) -> None:  # type: ignore[no-untyped-def]
                           "certificate if self-signed (implies --tls)")
     cmd.add_argument("--format", choices=("readable", "text", "json"), default="readable",
                      help="readable lines (the default), or the server's text or JSON lines")
+    cmd.add_argument("--board", action="store_true",
+                     help="show the office board instead of your calls: every colleague your "
+                          "board setting allows, free, ringing, on the phone, on hold, busy or "
+                          "away, and for how long; a table redrawn in place on a terminal, a "
+                          "line per change otherwise")
     cmd.add_argument("--state", metavar="FILE", default=DEFAULT_WATCH_STATE,
                      help="where to remember when you were last connected, for the missed "
                           "calls (default: %(default)s)")

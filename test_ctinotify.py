@@ -16,6 +16,7 @@ import os
 import pickle
 import queue
 import random
+import select
 import re
 import shutil
 import signal
@@ -25,6 +26,7 @@ import struct
 import subprocess
 import sys
 import threading
+import types
 import time
 
 import pytest
@@ -39,7 +41,7 @@ GOLDEN = os.path.join(HERE, "tests", "golden")
 OFFICE_CONF = os.path.join(HERE, "tests", "office.conf")
 sys.path.insert(0, os.path.join(HERE, "tests"))
 
-from fakeami import FakeAsterisk, trace_events  # noqa: E402
+from fakeami import FakeAsterisk, channel_list, trace_events  # noqa: E402
 
 
 
@@ -85,7 +87,7 @@ STDLIB_FALLBACK = {
     "hmac", "ipaddress", "json", "logging", "os", "re", "selectors", "signal", "socket",
     "sys", "time", "typing", "ssl", "syslog", "stat", "io", "tempfile", "base64",
     "webbrowser", "urllib", "shlex", "getpass", "resource", "subprocess", "datetime",
-    "secrets",
+    "secrets", "ctypes",
 }
 
 
@@ -152,7 +154,8 @@ def test_config_defaults():
         ("0.0.0.0", 5039, "info", "")
     assert (config.ami.host, config.ami.port, config.ami.auth) == ("127.0.0.1", 5038, "plain")
     assert config.ami.ping_interval == 20 and config.ami.reconnect_max == 30
-    assert config.users["a"].events == ctinotify.EVENT_KINDS
+    # state is the office board's: not for a user whose board is none (the default)
+    assert config.users["a"].events == tuple(k for k in ctinotify.EVENT_KINDS if k != "state")
 
 
 def test_config_errors_name_file_line_section_and_key_all_at_once():
@@ -2971,7 +2974,8 @@ def test_readme_event_examples_are_real_events():
     for line in lines:
         assert line in received, line
         kinds.add(ctinotify.parse_text_line(line)[1])
-    assert kinds == set(ctinotify.EVENT_KINDS) - {"unhold"} | {"hangup"}
+    # state: the office board's, in its own examples (board-example blocks)
+    assert kinds == set(ctinotify.EVENT_KINDS) - {"unhold", "state"} | {"hangup"}
 
 
 def test_readme_calls_example_is_what_calls_says():
@@ -3227,6 +3231,14 @@ def test_render_every_kind_of_every_trace_as_one_line():
             assert re.search(r"  conference  .* (joined|left) room 800, \d members$",
                              render(note.fields)), render(note.fields)
         kinds.add(note.kind)
+    for name in BOARD_TRACES:
+        for event in load_board_golden(name):
+            event = dict(event)
+            event.pop("change")
+            line = render(event)
+            kinds.add(event["event"])
+            assert len(line.splitlines()) == 1 and "unknown" not in line, line
+            assert line.startswith(local_hms(event["since"]) + "  state     ")
     assert kinds >= set(ctinotify.EVENT_KINDS) - {"unhold"}
 
 
@@ -9151,10 +9163,33 @@ def test_board_bench_counts_every_watchers_line():
     assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
 
 
-def test_board_readme_draft_examples_are_what_the_board_sends():
-    """Every STATE, state-event and JSON line of BOARD-README-DRAFT.md is one
-    the board gives for its recording, to some viewer, in some format."""
-    with open(os.path.join(HERE, "BOARD-README-DRAFT.md"), encoding="utf-8") as f:
+def test_board_bench_through_the_daemon_counts_every_watchers_line():
+    """``make bench`` section 5 through the sockets, tiny: 20 users, 8
+    watchers (6 see everyone, u003 and u007 their colleagues from them on
+    and themselves), 30 changes; every line arrives, and is timed."""
+    import bench
+    os.makedirs(bench.DATA_DIR, exist_ok=True)
+    loop = bench.Loop()
+    feeder = bench.AmiFeeder(loop)
+    try:
+        figures = bench.measure_board_sockets(
+            loop, feeder, {"board_socket_changes": 30, "board_rate": 500}, users=20, watchers=8)
+    finally:
+        feeder.close()
+        feeder.listener.close()
+        loop.selector.close()
+    # Users (7n mod 20) for n < 30: u000 ... u019 once, then 10 again.
+    users = list(range(20)) + [(7 * n) % 20 for n in range(20, 30)]
+    assert figures["lines"] == sum(6 + (u >= 3) + (u >= 7) for u in users)
+    assert (figures["watchers"], figures["changes"], figures["lost"]) == (8, 30, 0)
+    assert 0 < figures["line_p50_ms"] <= figures["line_p99_ms"]
+    assert figures["reach_p50_ms"] <= figures["reach_p99_ms"] <= figures["reach_max_ms"]
+
+
+def test_board_readme_examples_are_what_the_board_sends():
+    """Every STATE, state-event and JSON line of the README's office board
+    is one the board gives for its recording, to some viewer, in some format."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         text = f.read()
     blocks = re.findall(r"<!-- board-example: (\w+) -->\n```\w+\n(.*?)```", text, re.S)
     assert len(blocks) == 3
@@ -9172,3 +9207,688 @@ def test_board_readme_draft_examples_are_what_the_board_sends():
         for line in block.splitlines():
             if not line.startswith("> "):
                 assert line in sent, line
+
+
+# ---------------------------------------------------------------------------
+# The office board in the daemon (issue 13 part B): the keys, BOARD, state
+# events to the viewers allowed, the resync after a login, a reload, watch --board
+# ---------------------------------------------------------------------------
+
+#: The office of the recordings with a board each: Alice takes the calls
+#: (everyone, with whom), Bob sees Alice, Carol none, Dave the staff template.
+BOARD_OFFICE = """\
+[staff](!)
+host = dynamic
+[alice](staff)
+secret = alice-secret
+devices = PJSIP/100
+extensions = 100
+board = all
+board_details = yes
+[bob](staff)
+secret = bob-secret
+devices = PJSIP/101
+extensions = 101
+board = alice
+[carol](staff)
+secret = carol-secret
+devices = PJSIP/102
+extensions = 102
+[dave](staff)
+secret = dave-secret
+devices = PJSIP/103
+extensions = 103
+board = @staff
+"""
+#: The details of a board line: never for a viewer without board_details.
+BOARD_DETAIL_KEYS = ("with", "direction", "call", "pbx")
+
+
+def board_config(text=BOARD_OFFICE):
+    return parse_config("[ami]\nusername = u\nsecret = s\n" + text, "board.conf")
+
+
+def test_board_keys_templates_and_describe():
+    users = board_config().users
+    assert users["alice"].board is None and users["alice"].board_details
+    assert users["bob"].board == {"alice"} and not users["bob"].board_details
+    assert users["carol"].board == frozenset() and "state" not in users["carol"].events
+    assert users["dave"].board == {"alice", "bob", "carol", "dave"}
+    assert "state" in users["bob"].events
+    # Through a template that inherits another, and a template nobody uses.
+    nested = board_config("[desk](!)\n[front](!,desk)\n[spare](!)\n[ann](front)\nsecret = a\n"
+                          "extensions = 1\nboard = @desk, @spare\nfullname = Ann \\; Co\n"
+                          "[ben](desk)\nsecret = b\nextensions = 2\n")
+    assert nested.users["ann"].board == {"ann", "ben"}
+    assert nested.users["ann"].fullname == "Ann ; Co"
+    described = board_config().describe()
+    assert "[alice]" in described and "board = all\nboard_details = yes\n" in described
+    assert "board = alice\nboard_details = no\n" in described
+    assert "board = alice,bob,carol,dave\n" in described
+    assert "board" not in described.split("[carol]")[1].split("[dave]")[0]
+    again = parse_config(described.replace("********", "x"), "again.conf")
+    assert {n: (u.board, u.board_details, u.events) for n, u in again.users.items()} == \
+        {n: (u.board, u.board_details, u.events) for n, u in board_config().users.items()}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("board = mallory", r":7: \[x\] board: unknown user 'mallory', expected all, none"),
+    ("board = @sales", r":7: \[x\] board: unknown template 'sales'"),
+    ("board = all, bob", r":7: \[x\] board: 'all' and 'none' stand alone"),
+    ("board_details = sometimes", r":7: \[x\] board_details: 'sometimes' is not yes or no"),
+    ("events = incoming, state", r":7: \[x\] events: state needs a board"),
+    ("fullname = " + "x" * 300, r":7: \[x\] fullname: 300 characters, expected at most 256"),
+])
+def test_board_key_errors_name_file_line_section_and_key(line, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config("[ami]\nusername=u\nsecret=s\n[x]\nsecret=s\nextensions=1\n%s\n" % line,
+                     "f.conf")
+    assert re.search(r"^f\.conf" + message, str(caught.value)), str(caught.value)
+
+
+def test_check_names_what_the_board_needs_of_asterisk(tmp_path):
+    path = tmp_path / "board.conf"
+    path.write_text("[ami]\nusername = u\nsecret = s\n" + BOARD_OFFICE)
+    os.chmod(str(path), 0o600)
+    out = run_cli("check", "-c", str(path)).stdout
+    assert "read = call (DeviceStateChange, ExtensionStatus) and system (ContactStatus, " \
+        "PeerStatus)" in out
+    assert "write = reporting (DeviceStateList, ExtensionStateList)" in out
+    assert "res_manager_devicestate.so" in out
+    assert "res_manager_devicestate" not in run_cli("check", "-c", OFFICE_CONF).stdout
+
+
+class BoardView(ctinotify.ServerView):
+    """The daemon's board answer, over a board and its users' scopes."""
+
+    def __init__(self, config, board):
+        super().__init__(config.users)
+        self.board_now, self.scopes = board, ctinotify.board_scopes(config.users)
+
+    def board(self, user):
+        scope = self.scopes.get(user)
+        return ctinotify.view_board(self.board_now, scope) if scope is not None else None
+
+
+def test_the_link_hands_the_board_its_events_and_the_engine_the_rest():
+    """AmiLink gives BOARD_AMI_EVENTS to the board and no further: they
+    must be exactly the board's handlers and none of the engine's."""
+    board = Board(board_config().users.values(), 0.0)
+    assert frozenset(board._ami_handlers) == ctinotify.BOARD_AMI_EVENTS
+    assert not ctinotify.BOARD_AMI_EVENTS & set(CallEngine(Directory())._handlers)
+
+
+def test_client_session_board_command():
+    config = board_config()
+    view = BoardView(config, Board(config.users.values(), 0.0))
+    session = ctinotify.ClientSession("127.0.0.1")
+    assert session.handle_line("BOARD", view) == ["ERR 403 login first"]
+    assert "BOARD" in session.handle_line("HELP", view)[0]
+    session.handle_line("LOGIN bob bob-secret", view)
+    assert session.handle_line("BOARD", view) == [
+        "STATE user=alice name=alice numbers=100 state=free since=1970-01-01T00:00:00Z",
+        "STATE user=bob name=bob numbers=101 state=free since=1970-01-01T00:00:00Z",
+        "OK board=2"]
+    session.handle_line("FORMAT json", view)
+    assert [json.loads(line)["user"] for line in session.handle_line("BOARD", view)[:-1]] == \
+        ["alice", "bob"]
+    carol = ctinotify.ClientSession("127.0.0.1")
+    carol.handle_line("LOGIN carol carol-secret", view)
+    assert carol.handle_line("BOARD", view) == ["ERR 403 no board for carol"]
+    assert carol.handle_line("EVENTS state", view) == \
+        ["ERR 403 event kind state not allowed for carol"]
+
+
+def test_board_reconfigure_keeps_what_is_still_true():
+    before = board_config()
+    board = Board(before.users.values(), 0.0)
+    board.on_notifications([call_note("bob", "incoming", device="PJSIP/101",
+                                      to=("101", "Bob Jones"))], 5.0)
+    board.on_ami(devstate("PJSIP/102", "BUSY"), "default", 6.0)
+    board.on_ami(devstate("PJSIP/103", "UNAVAILABLE"), "default", 6.0)
+    assert [state_of(board, u) for u in ("bob", "carol", "dave")] == \
+        ["ringing", "busy", "away"]
+    after = board_config(BOARD_OFFICE.replace("devices = PJSIP/102", "devices = PJSIP/112")
+                         .replace("extensions = 101\n", "extensions = 101\nfullname = Robert\n")
+                         .replace("board = alice\n", "board = carol\n")
+                         .replace("[dave](staff)", "[erin](staff)\nsecret = e\nextensions = 104"
+                                                   "\n[dave](staff)")
+                         .replace("[alice](staff)\nsecret = alice-secret\ndevices = PJSIP/100\n"
+                                  "extensions = 100\nboard = all\nboard_details = yes\n", ""))
+    changes = board.reconfigure(after.users.values(), 10.0)
+    assert [(c.kind, c.user, c.entry.state, c.entry.since, c.entry.name) for c in changes] == [
+        ("state", "erin", "free", 10.0, "erin"),      # new: free since now
+        ("name", "bob", "ringing", 5.0, "Robert"),    # his call and since kept
+        ("state", "carol", "free", 10.0, "carol"),    # the busy phone is no longer hers
+    ]
+    assert list(board.users) == ["bob", "carol", "erin", "dave"]
+    assert state_of(board, "dave") == "away"          # unchanged: no change
+    # The kept call goes on as before; Alice is gone, nothing about her.
+    (change,) = board.on_notifications([call_note("bob", "hangup", device="PJSIP/101")], 11.0)
+    assert (change.user, change.entry.state) == ("bob", "free")
+    assert board.on_notifications([call_note("alice", "incoming")], 12.0) == []
+    # Carol's new phone counts from now on.
+    (change,) = board.on_ami(devstate("PJSIP/112", "INUSE"), "default", 13.0)
+    assert (change.user, change.entry.state) == ("carol", "talking")
+
+
+def test_board_views_changed_by_a_reload():
+    old = board_config().users
+    new = board_config(BOARD_OFFICE.replace("board = alice\n", "board = alice, carol\n")
+                       .replace("board = all\nboard_details = yes\n", "board = all\n")
+                       .replace("extensions = 102\n", "extensions = 102\nboard = bob\n")
+                       .replace("board = @staff\n", "board = @staff\nfullname = Dave\n")).users
+    assert ctinotify.board_views_changed(
+        ctinotify.board_scopes(old), old, ctinotify.board_scopes(new), new) == \
+        {"alice", "bob", "carol"}  # details gone, carol added, a board gained; dave the same
+
+
+class StubConnection:
+    """What the hub asks of a connection when it delivers the board."""
+
+    def __init__(self, fmt, kinds=("state",)):
+        self.fmt, self.kinds, self.queued = fmt, kinds, []
+
+    def wants(self, kind):
+        return kind in self.kinds
+
+    def queue(self, data):
+        self.queued.append(data)
+
+
+def test_hub_delivers_each_board_change_encoded_once_per_details_and_format():
+    config = board_config()
+    # The hub takes LOGIN's throttle from the daemon's view: only that is needed here.
+    view = types.SimpleNamespace(throttle=ctinotify.LoginThrottle())
+    hub = ctinotify.ClientHub(ctinotify.Loop(), config, view)
+    try:
+        conns = {name: [StubConnection("text"), StubConnection("json"),
+                        StubConnection("text", kinds=("incoming",))]
+                 for name in ("alice", "bob", "carol", "dave")}
+        for name, stubs in conns.items():
+            hub.subscribers[name] = set(stubs)
+        board = Board(config.users.values(), 0.0)
+        hub.deliver_board(board.on_notifications([call_note("alice", "incoming")], 1.0))
+        hub.deliver_board(board.on_notifications([call_note("carol", "incoming", call="c2",
+                                                            device="PJSIP/102")], 2.0))
+        got = {name: [len(c.queued) for c in stubs] for name, stubs in conns.items()}
+        # Alice and Dave see both; Bob only Alice; Carol (none) and the
+        # connections without state nothing.
+        assert got == {"alice": [2, 2, 0], "bob": [1, 1, 0], "carol": [0, 0, 0],
+                       "dave": [2, 2, 0]}
+        assert b"with_num=" in conns["alice"][0].queued[0]
+        assert b"with" not in conns["dave"][0].queued[0] + conns["bob"][0].queued[0]
+        # One bytes object per change, kind of viewer and format.
+        assert conns["bob"][0].queued[0] is conns["dave"][0].queued[0]
+        assert conns["bob"][1].queued[0] is conns["dave"][1].queued[0]
+    finally:
+        hub.loop.selector.close()
+
+
+# -- through the daemon -----------------------------------------------------------
+
+
+def expected_state_lines(name, viewer, sees, details, fmt):
+    """The state events a viewer must get for a recording, from its board
+    golden: ``sees`` the colleagues on their board (None: all)."""
+    lines = []
+    for line in load_board_golden(name):
+        fields = dict(line)
+        change = fields.pop("change")
+        if sees is not None and fields["user"] not in sees and fields["user"] != viewer:
+            continue
+        if change == "details" and not details:
+            continue
+        if not details:
+            for key in BOARD_DETAIL_KEYS:
+                fields.pop(key, None)
+        lines.append(ctinotify.encode_notification(fields, fmt).decode().rstrip("\r\n"))
+    return [normalize_since(line) for line in lines]
+
+
+def normalize_since(line):
+    """A live board's times are the daemon's clock, not the recording's."""
+    return re.sub(r'since=\S+|"since":"[^"]*"', "since=S", line)
+
+
+def is_state_line(line):
+    return line.startswith(("EVENT state ", '{"event":"state"'))
+
+
+def state_lines(client, count=0):
+    """The state events a client gets: at least ``count`` (the fake sends
+    a trace from its own thread), then whatever came before a PING's answer."""
+    lines = []
+    while len([l for l in lines if is_state_line(l)]) < count:
+        lines.append(client.line())
+    lines += client.events_until_pong()
+    return [normalize_since(line) for line in lines if is_state_line(line)]
+
+
+def board_client(port, login, fmt="text"):
+    client = Client(port, login)
+    if fmt == "json":
+        client.send("FORMAT json")
+        assert client.line() == "OK format=json"
+    return client
+
+
+def test_e2e_board_and_state_events_of_recorded_calls_in_text_and_json(fake, daemon_factory):
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    alice = board_client(daemon.port, "alice alice-secret")
+    bob = board_client(daemon.port, "bob bob-secret", "json")
+    carol = board_client(daemon.port, "carol carol-secret")
+    dave = board_client(daemon.port, "dave dave-secret", "json")
+    try:
+        alice.send("BOARD")
+        board = alice.lines_until(lambda l: l.startswith("OK "))
+        assert [normalize_since(l) for l in board] == [
+            "STATE user=%s name=%s numbers=%s state=free since=S" % (u, u, n)
+            for u, n in (("alice", 100), ("bob", 101), ("carol", 102), ("dave", 103))] + \
+            ["OK board=4"]
+        since = ctinotify.parse_iso_time(re.search(r"since=(\S+)", board[0]).group(1))
+        assert abs(since - time.time()) < 60  # the daemon's clock
+        bob.send("BOARD")
+        assert [json.loads(l)["user"] for l in bob.lines_until(lambda l: l.startswith("OK "))
+                [:-1]] == ["alice", "bob"]
+        carol.send("BOARD")
+        assert carol.line() == "ERR 403 no board for carol"
+        # In this order the names the board learns from the phones are the
+        # same as in the goldens, which start from a fresh board each.
+        for name in ("p_park_retrieve", "k_attended_transfer"):
+            fake.send_trace(trace_path(name))
+            expected = expected_state_lines(name, "alice", None, True, "text")
+            assert state_lines(alice, len(expected)) == expected
+            expected = expected_state_lines(name, "bob", {"alice"}, False, "json")
+            got_bob = state_lines(bob, len(expected))
+            assert got_bob == expected
+            expected = expected_state_lines(name, "dave", None, False, "json")
+            got_dave = state_lines(dave, len(expected))
+            assert got_dave == expected
+            assert got_dave and all(set(json.loads(l.replace("since=S", '"since":""')))
+                                    <= {"event", "user", "name", "numbers", "state", "since"}
+                                    for l in got_bob + got_dave)
+            assert not any(l.startswith("EVENT state") for l in carol.events_until_pong())
+        dave.send("BOARD")
+        items = [json.loads(l) for l in dave.lines_until(lambda l: l.startswith("OK "))[:-1]]
+        assert [(i["user"], i["name"], i["state"]) for i in items] == [
+            ("alice", "Alice Smith", "free"), ("bob", "Bob Jones", "free"),
+            ("carol", "carol", "free"), ("dave", "dave", "free")]
+    finally:
+        for client in (alice, bob, carol, dave):
+            client.close()
+
+
+def test_e2e_board_scoping_none_gets_nothing_and_no_details_never_a_caller(fake,
+                                                                          daemon_factory):
+    """Every recorded call: Carol (board = none) gets no state line at all,
+    Bob and Dave (no board_details) never a caller ID, number or call id."""
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    carol = board_client(daemon.port, "carol carol-secret")
+    bob = board_client(daemon.port, "bob bob-secret")
+    dave = board_client(daemon.port, "dave dave-secret", "json")
+    try:
+        carol.send("EVENTS ALL")
+        assert "state" not in carol.line()
+        for name in BOARD_TRACES:
+            fake.send_trace(trace_path(name))
+        # Then Alice's phone goes busy: once Bob and Dave have that, the
+        # daemon has been through every recording.
+        fake.send(b"Event: DeviceStateChange\r\nPrivilege: call,all\r\nDevice: PJSIP/100\r\n"
+                  b"State: BUSY\r\n\r\n")
+        received = {
+            "bob": bob.lines_until(lambda l: l.startswith("EVENT state user=alice") and
+                                   "state=busy" in l),
+            "dave": dave.lines_until(lambda l: l.startswith('{"event":"state","user":"alice"')
+                                     and '"state":"busy"' in l),
+            "carol": carol.events_until_pong()}
+        assert received["carol"] and not [l for l in received["carol"] if "state" in l]
+        states = [l for l in received["bob"] if l.startswith("EVENT state")] + \
+            [l for l in received["dave"] if l.startswith('{"event":"state"')]
+        assert len(states) > 20
+        callers = {ctinotify.parse_text_line(l)[2].get("from_num") for l in
+                   received["bob"] if l.startswith("EVENT ")} - {None, "100", "101", "102",
+                                                                 "103"}
+        for line in states:
+            assert not re.search(r"with|call|direction|pbx|\+1555", line), line
+            assert not any(number in line for number in callers), line
+    finally:
+        for client in (carol, bob, dave):
+            client.close()
+
+
+def test_e2e_board_resyncs_phone_states_after_every_login(fake, daemon_factory):
+    """Phones busy before ctinotify connected are on the board from the
+    first BOARD; after a reconnect the lists are asked again, and what they
+    no longer name is forgotten."""
+    fake.device_states = [("PJSIP/101", "INUSE"), ("PJSIP/103", "UNAVAILABLE"),
+                          ("Queue:support_avail", "NOT_INUSE")]
+    fake.hints = [("102", "ext-local", "PJSIP/102&Custom:DND102", 2)]
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    alice = board_client(daemon.port, "alice alice-secret")
+    try:
+        alice.send("BOARD")
+        assert [normalize_since(l) for l in alice.lines_until(lambda l: l.startswith("OK "))] \
+            == ["STATE user=alice name=alice numbers=100 state=free since=S",
+                "STATE user=bob name=bob numbers=101 state=talking since=S",
+                "STATE user=carol name=carol numbers=102 state=busy since=S",
+                "STATE user=dave name=dave numbers=103 state=away since=S", "OK board=4"]
+        # Asterisk restarts: Bob's call and Carol's DND are over, Dave's
+        # phone is back, Alice's went.
+        fake.device_states = [("PJSIP/103", "NOT_INUSE"), ("PJSIP/100", "UNAVAILABLE")]
+        fake.hints = []
+        fake.drop()
+        assert alice.line().startswith("STATUS pbx=down")
+        fake.wait_for_logins(2)
+        alice.lines_until(lambda l: l.startswith("STATUS pbx=up"))
+        assert sorted(state_lines(alice, 4)) == [
+            "EVENT state user=alice name=alice numbers=100 state=away since=S",
+            "EVENT state user=bob name=bob numbers=101 state=free since=S",
+            "EVENT state user=carol name=carol numbers=102 state=free since=S",
+            "EVENT state user=dave name=dave numbers=103 state=free since=S"]
+        sent = [a["Action"] for a in fake.actions if a["Action"].endswith("List")]
+        assert sent == ["DeviceStateList", "ExtensionStateList"] * 2
+        # A live change after the resync.
+        fake.send(b"Event: DeviceStateChange\r\nPrivilege: call,all\r\nDevice: PJSIP/101\r\n"
+                  b"State: RINGING\r\n\r\n")
+        assert normalize_since(alice.line()) == \
+            "EVENT state user=bob name=bob numbers=101 state=ringing since=S"
+    finally:
+        alice.close()
+
+
+def test_e2e_board_has_the_calls_up_before_ctinotify_started(fake, daemon_factory):
+    """tests/traces/s_connect_midcall.ami: three calls up when ctinotify
+    logs in.  The engine adopts them at its resync and tells them like any
+    call (incoming, pickup), so the board has them, with whom, from its first
+    BOARD; then they end as recorded."""
+    data = read_trace("s_connect_midcall")
+    fake.channels = channel_list(data)
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    daemon.wait_log("resynchronised: %d channels" % len(fake.channels))
+    alice = board_client(daemon.port, "alice alice-secret")
+    try:
+        alice.send("BOARD")
+        got = [ctinotify.parse_text_line(line)[2]
+               for line in alice.lines_until(lambda l: l.startswith("OK "))[:-1]]
+        golden = {g["user"]: g for g in load_board_golden("s_connect_midcall")
+                  if g["state"] == "talking"}
+        assert [(g["user"], g["state"], g.get("with_num"), g.get("call")) for g in got] == [
+            (u, "talking", golden[u]["with"]["num"], golden[u]["call"])
+            if u in golden else (u, "free", None, None)
+            for u in ("alice", "bob", "carol", "dave")]
+        events = trace_events(data)
+        listed = max(i for i, e in enumerate(events)
+                     if e.startswith(b"Event: CoreShowChannelsComplete"))
+        fake.send(b"".join(events[listed + 1:]))
+        assert state_lines(alice, 3) == [
+            line for line in expected_state_lines("s_connect_midcall", "alice", None, True,
+                                                  "text") if "state=free" in line]
+    finally:
+        alice.close()
+
+
+def test_e2e_board_without_res_manager_devicestate_says_so_and_goes_on(fake, daemon_factory):
+    fake.devicestate_module = False
+    fake.hints = [("102", "ext-local", "PJSIP/102&Custom:DND102", 2)]
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    daemon.wait_log(r"WARNING ami: the office board cannot list the phones' states "
+                    r"\(Invalid/unknown command: DeviceStateList\. .*\): load "
+                    r"res_manager_devicestate\.so and grant the AMI user write = reporting")
+    dave = board_client(daemon.port, "dave dave-secret")
+    try:
+        dave.send("BOARD")
+        assert "state=busy" in dave.lines_until(lambda l: l.startswith("OK "))[2]
+        fake.send_trace(trace_path("a_inbound_answered"))
+        assert [ctinotify.parse_text_line(l)[2]["state"] for l in state_lines(dave, 3)] == \
+            ["ringing", "talking", "free"]
+    finally:
+        dave.close()
+
+
+def test_e2e_board_reload_applies_at_once(fake, daemon_factory):
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    alice = board_client(daemon.port, "alice alice-secret")
+    bob = board_client(daemon.port, "bob bob-secret")
+    carol = board_client(daemon.port, "carol carol-secret")
+    dave = board_client(daemon.port, "dave dave-secret")
+    opened = [alice, bob, carol, dave]
+    try:
+        # Alice now sees only Bob (and herself), without details; Bob loses
+        # his board, Carol gets one; Dave gets a full name; Erin joins the staff.
+        edit_config(daemon, ("board = all\nboard_details = yes\n", "board = bob\n"),
+                    ("board = alice\n", ""),
+                    ("extensions = 102\n", "extensions = 102\nboard = all\n"),
+                    ("board = @staff\n", "board = @staff\nfullname = Dave Brown\n"),
+                    ("[dave](staff)", "[erin](staff)\nsecret = erin-secret\n"
+                                      "devices = PJSIP/104\n[dave](staff)"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"configuration reloaded from \S+ \(5 users\)")
+        for client in (alice, bob, carol, dave):
+            assert client.line().startswith("STATUS board=changed time="), client
+        assert [normalize_since(l) for l in dave.events_until_pong()] == [
+            'EVENT state user=erin name=erin numbers="" state=free since=S',
+            'EVENT state user=dave name="Dave Brown" numbers=103 state=free since=S']
+        assert alice.events_until_pong() == []  # Dave is off her board now
+        # Carol's phone rings: Alice does not see her any more, Carol (who
+        # saw Erin come and Dave's name change) does now.
+        fake.send(b"Event: DeviceStateChange\r\nPrivilege: call,all\r\nDevice: PJSIP/102\r\n"
+                  b"State: RINGING\r\n\r\n")
+        assert [ctinotify.parse_text_line(l)[2]["user"] for l in state_lines(carol, 3)] == \
+            ["erin", "dave", "carol"]
+        assert state_lines(alice) == [] and state_lines(bob) == []
+        fake.send_trace(trace_path("e_internal_answered"))
+        assert [ctinotify.parse_text_line(l)[2]["state"] for l in state_lines(alice, 5)] == \
+            ["talking", "ringing", "talking", "free", "free"]
+        assert not [l for l in bob.events_until_pong() if "state" in l]
+        for client, reply in ((alice, "OK board=2"), (bob, "ERR 403 no board for bob"),
+                              (carol, "OK board=5")):
+            client.send("BOARD")
+            assert client.lines_until(lambda l: l.startswith(("OK ", "ERR ")))[-1] == reply
+        alice.send("BOARD")
+        assert "with" not in "".join(alice.lines_until(lambda l: l.startswith("OK ")))
+    finally:
+        for client in opened:
+            client.close()
+
+
+# -- watch --board ------------------------------------------------------------------
+
+
+def test_watch_session_board_mode_asks_for_the_board_and_again_after_a_reload():
+    session = ctinotify.WatchSession("alice", "s", board=True)
+    session.receive_line("CTINOTIFY/1 hi")
+    session.receive_line("OK format=json")
+    out = session.receive_line("OK logged in as alice; events=incoming,state")
+    assert [s.line for s in out[1:]] == ["EVENTS state", "BOARD"]
+    assert session.receive_line("OK events=state") == []
+    item = '{"event":"state","user":"%s","name":"%s","numbers":"10%d","state":"free",' \
+        '"since":"2026-11-26T21:19:10Z"}'
+    # A state event pushed before the server read BOARD is as good an item.
+    for n, user in enumerate(("bob", "alice", "bob")):
+        assert session.receive_line(item % (user, user, n)) == []
+    (board,) = session.receive_line("OK board=2")
+    assert isinstance(board, ctinotify.WatchBoard)
+    assert [i.fields["user"] for i in board.items] == ["bob", "alice", "bob"]
+    (event,) = session.receive_line(
+        "EVENT state user=bob name=\"Bob Jones\" numbers=101 state=talking "
+        "since=2026-11-26T21:20:00Z with_num=+15551230001 with_name=x direction=in call=1.1")
+    assert (event.kind, event.fields["with_num"]) == ("state", "+15551230001")
+    assert session.seen_until is None  # a colleague's state is no call of the user's
+    status, again = session.receive_line('{"event":"status","board":"changed",'
+                                         '"time":"2026-11-26T21:21:00Z"}')
+    assert status.kind == "status" and again.line == "BOARD"
+    (refused,) = session.receive_line("ERR 403 no board for alice")
+    assert isinstance(refused, ctinotify.WatchRefused) and refused.what == "board"
+    text = ctinotify.WatchSession("bob", "s", fmt="text", board=True)
+    text.receive_line("CTINOTIFY/1 hi")
+    text.receive_line("OK logged in as bob; events=state")
+    (refused,) = text.receive_line("ERR 403 event kind state not allowed for bob")
+    assert refused.what == "board"
+    text = ctinotify.WatchSession("bob", "s", fmt="text", board=True)
+    text.receive_line("CTINOTIFY/1 hi")
+    text.receive_line("OK logged in as bob; events=state")
+    text.receive_line("OK events=state")
+    assert text.receive_line("STATE user=alice name=alice numbers=100 state=away since=x") == []
+    (board,) = text.receive_line("OK board=1")
+    assert [(i.kind, i.fields["state"]) for i in board.items] == [("state", "away")]
+
+
+def test_plain_watch_turns_the_board_off_and_keeps_its_own_calls():
+    session = ctinotify.WatchSession("alice", "s")
+    session.receive_line("CTINOTIFY/1 hi")
+    session.receive_line("OK format=json")
+    out = session.receive_line("OK logged in as alice; events=incoming,hangup,state")
+    assert [s.line for s in out[1:]] == ["EVENTS incoming,hangup", "HISTORY 20", "CALLS"]
+    # Pushed before the server read EVENTS: dropped.
+    assert session.receive_line('{"event":"state","user":"bob","state":"free"}') == []
+    assert session.receive_line("OK events=incoming,hangup") == []
+    # An account with nothing but the board: its lines are shown.
+    only = ctinotify.WatchSession("alice", "s")
+    only.receive_line("CTINOTIFY/1 hi")
+    only.receive_line("OK format=json")
+    out = only.receive_line("OK logged in as alice; events=state")
+    assert [s.line for s in out[1:]] == ["HISTORY 20", "CALLS"]
+    (event,) = only.receive_line('{"event":"state","user":"bob","state":"free"}')
+    assert event.kind == "state"
+    assert not ctinotify.ExecHook.parse("all=true").wants("state")
+    assert ctinotify.ExecHook.parse("state=true").wants("state")
+
+
+@pytest.mark.parametrize("seconds, shown", [
+    (0, "0:00"), (7.9, "0:07"), (760, "12:40"), (3723, "1:02:03"), (183600, "2d 03h"),
+    (-5, "0:00")])
+def test_board_timer(seconds, shown):
+    assert ctinotify.board_timer(seconds) == shown
+
+
+def board_event(**fields):
+    flat = dict(ctinotify.flatten_fields(dict({"event": "state"}, **fields)))
+    return ctinotify.WatchEvent("state", flat, "")
+
+
+def test_board_table_words_timers_and_hostile_names():
+    since = "2026-11-26T21:19:10Z"
+    at = ctinotify.parse_iso_time(since)
+    table = ctinotify.BoardTable()
+    table.reset([board_event(user="alice", name="Alice Smith", numbers="100", state="talking",
+                             since=since, **{"with": {"num": "+15551230001",
+                                                      "name": "John\x1b[2J Customer"},
+                                             "direction": "in", "call": "1.1"}),
+                 board_event(user="bob", name="bob", numbers="101", state="free",
+                             since="2026-11-26T21:00:00Z")])
+    table.update(board_event(user="carol", name="C" * 40, numbers="102,5551234567890",
+                             state="on_hold", since=since, **{
+                                 "with": {"num": "200", "name": ""}, "direction": "out"}))
+    rows = table.render(at + 75)
+    assert rows == [
+        "NAME                      NUMBER        STATE         FOR    WITH",
+        "Alice Smith               100           on the phone  1:15   "
+        "from John\\u001b[2J Customer <+15551230001>",
+        "bob                       101           free          20:25",
+        "CCCCCCCCCCCCCCCCCCCCCCC~  102,5551234~  on hold       1:15   to 200"]
+    table.update(board_event(user="bob", name="Bob Jones", numbers="101", state="away",
+                             since=since))
+    table.note = "13:00:00  status    PBX link down"
+    rows = table.render(at)
+    assert rows[0] == table.note and rows[3].startswith("Bob Jones ") and "away" in rows[3]
+    assert ctinotify.BoardTable().render(at)[-1] == "(nobody on your board)"
+
+
+def test_board_screen_redraws_a_terminal_in_place_and_writes_lines_elsewhere():
+    item = board_event(user="bob", name="Bob Jones", numbers="101", state="ringing",
+                       since="2026-11-26T21:19:10Z", **{"with": {"num": "100", "name": ""},
+                                                        "direction": "in"})
+    tty = io.StringIO()
+    screen = ctinotify.BoardScreen(tty, "board of alice", tty=True)
+    screen.show_board([item])
+    drawn = tty.getvalue()
+    assert drawn.startswith("\x1b[Hboard of alice  ") and drawn.endswith("\x1b[J")
+    assert "\x1b[K\nBob Jones  101     ringing  " in drawn
+    assert drawn.count("\n") == 4  # title, blank, headings, bob
+    screen.tick()  # the same second: nothing to redraw
+    assert tty.getvalue() == drawn
+    plain = io.StringIO()
+    screen = ctinotify.BoardScreen(plain, "board of alice", tty=False)
+    screen.show_board([item])
+    screen.change(board_event(user="bob", name="Bob Jones", numbers="101", state="free",
+                              since="2026-11-26T21:20:00Z"))
+    lines = plain.getvalue().splitlines()
+    assert [line[10:] for line in lines] == [
+        "state     Bob Jones (101): ringing  from 100",
+        "state     Bob Jones (101): free"]
+    assert "\x1b" not in plain.getvalue()
+    assert not ctinotify.ansi_terminal(plain) and not ctinotify.BoardScreen(plain, "t").tty
+
+
+def test_readme_board_table_is_what_watch_board_draws():
+    block = readme_block("watch-board-table")
+    now = ctinotify.parse_iso_time("2026-11-26T21:19:22Z")
+    table = ctinotify.BoardTable()
+    table.reset([
+        board_event(user="alice", name="Alice Smith", numbers="100", state="talking",
+                    since=ctinotify.iso_time(now - 12), direction="in", call="1.1",
+                    **{"with": {"num": "+15551230001", "name": "John Customer"}}),
+        board_event(user="bob", name="Bob Jones", numbers="101", state="free",
+                    since=ctinotify.iso_time(now - 843)),
+        board_event(user="carol", name="carol", numbers="102", state="busy",
+                    since=ctinotify.iso_time(now - 3760)),
+        board_event(user="dave", name="dave", numbers="103", state="away",
+                    since=ctinotify.iso_time(now - 2 * 86400 - 3 * 3600 - 100))])
+    assert block[0].startswith("ctinotify board of alice, pbx.example.com port 5039  ")
+    assert block[1:] == [""] + table.render(now)
+
+
+def test_e2e_watch_board_prints_the_board_and_each_change(fake, daemon_factory, watches,
+                                                        tmp_path):
+    fake.device_states = [("PJSIP/103", "UNAVAILABLE")]
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    watch = watches(tmp_path, daemon.port, "--board")
+    watch.wait("err", r"connected to 127\.0\.0\.1 port %d" % daemon.port)
+    first, _ = watch.wait("out", CALL_LINE % r"state     alice \(100\): free$")
+    watch.wait("out", CALL_LINE % r"state     dave \(103\): away$")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    end, _ = watch.wait("out", CALL_LINE % r"state     Alice Smith \(100\): free$", after=first + 1)
+    # The README's example, but for the times (the daemon's clock).
+    assert [line[10:] for line in watch.out[first:end + 1]] == \
+        [line[10:] for line in readme_block("watch-board-example")]
+    # Only the board: none of Alice's own call events.
+    assert not [line for line in watch.out if re.match(CALL_LINE % "(incoming|hangup)", line)]
+    assert watch.stop() == 0
+
+
+def test_e2e_watch_board_on_a_terminal_redraws_the_table(fake, daemon_factory, tmp_path):
+    import pty
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    secret = tmp_path / "secret"
+    secret.write_text("bob-secret\n")
+    os.chmod(str(secret), 0o600)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, CTINOTIFY, "watch", "127.0.0.1:%d" % daemon.port, "-u", "bob",
+         "--secret-file", str(secret), "--board", "--state", str(tmp_path / "state.json")],
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.DEVNULL,
+        preexec_fn=Watch._ctrl_c_works)
+    os.close(slave)
+    screen = b""
+
+    def read_until(pattern):
+        nonlocal screen
+        deadline = time.monotonic() + 20
+        while not re.search(pattern, screen):
+            assert time.monotonic() < deadline, screen[-2000:]
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                screen += os.read(master, 65536)
+        return screen
+    try:
+        read_until(rb"\x1b\[Hctinotify board of bob, 127\.0\.0\.1 port \d+  \d\d:\d\d:\d\d")
+        read_until(rb"bob    101     free")
+        fake.send_trace(trace_path("a_inbound_answered"))
+        # Bob has no board_details: the state, and its timer, never the caller.
+        read_until(rb"Alice Smith  100     on the phone  0:0\d\x1b\[K")
+        read_until(rb"Alice Smith  100     free  ")
+        assert b"John" not in screen and b"+1555" not in screen
+    finally:
+        stop_process(proc, signal.SIGINT)
+        os.close(master)

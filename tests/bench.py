@@ -12,7 +12,8 @@ Measures, in one run on this machine, and prints one table:
 3. scale of connections: daemon RSS idle, with 1,000 and 10,000 clients,
    and its CPU time per AMI event with 100 vs 10,000 clients connected;
 4. bounded memory: daemon RSS after the big trace once and ten times;
-5. the office board in process;
+5. the office board (issue 13): a state change reaching 100 board
+   watchers, in process and through the daemon's sockets;
 6. browsers on ``GET /events`` (issue 11): the delay of section 2 over
    Server-Sent Events to 1,000 event streams, the daemon's RSS with 10,000
    idle streams, and its CPU per AMI event with 1,000 streams open vs none.
@@ -58,10 +59,12 @@ CTINOTIFY = os.path.join(ROOT, "ctinotify.py")
 SETTINGS = {
     "full": {"min_events": 200000, "repeats": 5, "clients": 1000, "few_clients": 100,
              "many_clients": 10000, "paced_rate": 2000, "paced_s": 20.0, "rounds": 10,
-             "board_changes": 30000, "streams": 1000, "many_streams": 10000},
+             "board_changes": 30000, "board_socket_changes": 4000, "board_rate": 200,
+             "streams": 1000, "many_streams": 10000},
     "quick": {"min_events": 40000, "repeats": 1, "clients": 200, "few_clients": 100,
               "many_clients": 2000, "paced_rate": 2000, "paced_s": 5.0, "rounds": 3,
-              "board_changes": 3000, "streams": 200, "many_streams": 2000},
+              "board_changes": 3000, "board_socket_changes": 600, "board_rate": 200,
+              "streams": 200, "many_streams": 2000},
 }
 #: Feed size for the in-process parsers: what ``replay`` reads at a time.
 CHUNK_BYTES = 1 << 16
@@ -319,12 +322,14 @@ def raise_fd_limit():
 
 
 def users_config(users):
-    """``[name]`` sections for (name, devices, extensions) triples."""
+    """``[name]`` sections for (name, devices, extensions) triples; a
+    fourth item is more lines of the section (a board)."""
     out = []
-    for name, devices, extensions in users:
+    for name, devices, extensions, *more in users:
         out.append("[%s]\nsecret = bench\ndevices = %s\n" % (name, devices))
         if extensions:
             out.append("extensions = %s\n" % extensions)
+        out.extend(more)
     return "".join(out)
 
 
@@ -426,6 +431,10 @@ class Loop:
                 raise RuntimeError("timed out waiting for %s" % what)
 
 
+#: The board's list actions, lower case -> the event that ends the list.
+BOARD_LISTS = {action.lower(): end for action, end in ctinotify.BOARD_LIST_ACTIONS}
+
+
 class AmiFeeder:
     """A fake Asterisk for one daemon at a time: the banner, Login, Ping,
     and whatever the benchmark pushes (``fakeami.FakeAsterisk`` runs its
@@ -501,6 +510,11 @@ class AmiFeeder:
             self.logged_in = ok
         elif action == "ping":
             self._queue(((head % "Success") + "Ping: Pong\r\n\r\n").encode())
+        elif action in BOARD_LISTS:
+            # The office board's lists after a login: empty, every phone idle.
+            self._queue(((head % "Success") + "EventList: start\r\n\r\nEvent: %s\r\n"
+                         "ActionID: %s\r\nEventList: Complete\r\nListItems: 0\r\n\r\n"
+                         % (BOARD_LISTS[action], msg.get("ActionID", ""))).encode())
         else:
             self._queue(((head % "Error") + "Message: Invalid/unknown command\r\n\r\n").encode())
 
@@ -968,7 +982,7 @@ def measure_rounds(loop, feeder, template, settings):
 
 
 # ---------------------------------------------------------------------------
-# Office board fan-out, in process (issue 13 part A; part B adds the sockets)
+# Office board fan-out: in process, and through the daemon's sockets
 # ---------------------------------------------------------------------------
 
 BOARD_USERS = 500
@@ -1030,6 +1044,86 @@ def measure_board(changes, users=BOARD_USERS, watchers=BOARD_WATCHERS):
             "users": users, "watchers": watchers}
 
 
+def board_socket_users(users, watchers):
+    """The daemon's users for the socket measurement: one phone each; the
+    first ``watchers`` have boards as board_watchers() gives them (half
+    everyone with details, a quarter everyone, a quarter 50 colleagues)."""
+    names = ["u%03d" % i for i in range(users)]
+    config = []
+    for i, name in enumerate(names):
+        board = ""
+        if i < watchers:
+            if i % 4 == 3:
+                board = "board = %s\n" % ", ".join(names[i:i + 50])
+            else:
+                board = "board = all\nboard_details = %s\n" % ("no" if i % 4 == 2 else "yes")
+        config.append((name, "PJSIP/%d" % (1000 + i), str(1000 + i), board))
+    return config
+
+
+def measure_board_sockets(loop, feeder, settings, users=BOARD_USERS, watchers=BOARD_WATCHERS):
+    """The daemon as a process with ``users`` users, ``watchers`` of them
+    logged in with a board; the fake Asterisk sends one DeviceStateChange
+    at a time (``board_rate`` a second), each turning one user's phone in
+    use or idle, which is one board change.  The time from the AMI byte
+    leaving the fake to each watcher's line, and to the last watcher that
+    sees that user."""
+    config = board_socket_users(users, watchers)
+    names = [name for name, _, _, _ in config]
+    daemon = start_daemon(loop, feeder, "bench-board", config)
+    try:
+        scopes = ctinotify.board_scopes(ctinotify.load_config(daemon.config).users)
+        count, rate = settings["board_socket_changes"], settings["board_rate"]
+        events, causes = [], []
+        for n in range(count):
+            i = (n * 7) % users  # every user in turn, 7 apart: no two changes in flight
+            state = "INUSE" if (n // users) % 2 == 0 else "NOT_INUSE"
+            events.append(("Event: DeviceStateChange\r\nPrivilege: call,all\r\n"
+                           "Device: PJSIP/%d\r\nState: %s\r\n\r\n" % (1000 + i, state))
+                          .encode())
+            causes.append(names[i])
+        audience = {user: [w for w, scope in scopes.items() if scope.sees(user)]
+                    for user in set(causes)}
+        expected = sum(len(audience[user]) for user in causes)
+        # The k-th change of a user, as each watcher sees it -> the event index.
+        index_of = collections.defaultdict(list)
+        for index, user in enumerate(causes):
+            index_of[user].append(index)
+        swarm = ClientSwarm(loop, daemon.port)
+        swarm.connect(list(scopes))
+        wait_idle(loop, daemon)
+        seen = collections.Counter()
+        arrivals = []
+
+        def on_event(watcher, line, now):
+            swarm.received += 1
+            user = line.split(" ", 3)[2][5:]  # EVENT state user=<name> ...
+            k = seen[(watcher, user)]
+            seen[(watcher, user)] += 1
+            arrivals.append((index_of[user][k], now))
+        swarm.on_event = on_event
+        feeder.pace(events, 0, count, rate)
+        loop.run(lambda: not feeder.pacing() and swarm.received >= expected,
+                 count / rate * 3 + 30, "%d board lines" % expected)
+        lines, last = [], {}
+        for index, arrived in arrivals:
+            delay = arrived - feeder.sent_at[index]
+            lines.append(delay)
+            last[index] = max(last.get(index, 0.0), delay)
+        lines.sort()
+        reach = sorted(last.values())
+        swarm.close()
+        return {"users": users, "watchers": len(scopes), "changes": count, "rate": rate,
+                "lines": len(lines), "lost": swarm.lost_count,
+                "line_p50_ms": 1e3 * lines[len(lines) // 2],
+                "line_p99_ms": 1e3 * lines[int(len(lines) * 0.99)],
+                "reach_p50_ms": 1e3 * reach[len(reach) // 2],
+                "reach_p99_ms": 1e3 * reach[int(len(reach) * 0.99)],
+                "reach_max_ms": 1e3 * reach[-1]}
+    finally:
+        daemon.stop()
+
+
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
@@ -1045,7 +1139,7 @@ def verdict(ok, full_size=True):
 
 
 def report(settings, mode, traces, through, fanout, scale, rounds, seconds, board=None,
-           sse=None, streams=None):
+           sse=None, streams=None, board_sockets=None):
     lines = []
     add = lines.append
     add("ctinotify %s benchmark (%s run, %.0f s): Python %s (%s), %s, %d CPUs"
@@ -1106,6 +1200,16 @@ def report(settings, mode, traces, through, fanout, scale, rounds, seconds, boar
         add("   %-56s %.3f ms / %.3f ms / %.3f ms" % (
             "board update + every watcher's line: median / p99 / max",
             board["p50_ms"], board["p99_ms"], board["max_ms"]))
+    if board_sockets is not None:
+        bs = board_sockets
+        add("   Through the daemon: %s users, %d watchers logged in, %s changes at %d/s"
+            % (format(bs["users"], ","), bs["watchers"], format(bs["changes"], ","), bs["rate"]))
+        add("   %-56s %.2f ms / %.2f ms (%s lines)" % (
+            "AMI byte out -> a watcher has the line: median / p99", bs["line_p50_ms"],
+            bs["line_p99_ms"], format(bs["lines"], ",")))
+        add("   %-56s %.2f ms / %.2f ms / %.2f ms" % (
+            "... -> the last watcher has it: median / p99 / max", bs["reach_p50_ms"],
+            bs["reach_p99_ms"], bs["reach_max_ms"]))
     if sse is not None and streams is not None:
         add("")
         add("6. Browsers: event streams on the web port (GET /events, Basic auth)")
@@ -1167,6 +1271,10 @@ def report(settings, mode, traces, through, fanout, scale, rounds, seconds, boar
         add("   %-66s %s" % ("board change to %d watchers, p99 < 5 ms in process (%.3f ms)"
                              % (board["watchers"], board["p99_ms"]),
                              verdict(board["p99_ms"] < 5.0, full)))
+    if board_sockets is not None:
+        add("   %-66s %s" % ("board change to its last of %d watchers, p99 < 5 ms (%.2f ms)"
+                             % (board_sockets["watchers"], board_sockets["reach_p99_ms"]),
+                             verdict(board_sockets["reach_p99_ms"] < 5.0, full)))
     return "\n".join(lines)
 
 
@@ -1204,28 +1312,30 @@ def main(argv=None):
         ("t_load", cached_trace("t_load-%s.ami" % mode, tload_big, [tload_source]),
          tload_big.events, "%d x t_load.ami" % tload_big.copies),
     ]
-    step("1/4 parse + engine throughput, naive parser, replay")
+    step("1/5 parse + engine throughput, naive parser, replay")
     through = measure_throughput(traces, settings)
     loop = Loop()
     feeder = AmiFeeder(loop)
-    step("2/4 fan-out: %d clients, %d ev/s for %g s, then full speed"
+    step("2/5 fan-out: %d clients, %d ev/s for %g s, then full speed"
          % (settings["clients"], settings["paced_rate"], settings["paced_s"]))
     fanout = measure_fanout(loop, feeder, tload, settings)
-    step("3/4 connections: idle, %d, %d and %d clients"
+    step("3/5 connections: idle, %d, %d and %d clients"
          % (settings["few_clients"], settings["clients"], settings["many_clients"]))
     scale = measure_scale(loop, feeder, tload, settings)
-    step("4/4 bounded memory: %d rounds" % settings["rounds"])
+    step("4/5 bounded memory: %d rounds" % settings["rounds"])
     rounds = measure_rounds(loop, feeder, tload, settings)
+    step("5/5 office board: %d users, %d watchers, through the daemon's sockets"
+         % (BOARD_USERS, BOARD_WATCHERS))
+    board_sockets = measure_board_sockets(loop, feeder, settings)
     step("+ browsers: %d event streams at %d ev/s, then %d idle"
          % (settings["streams"], settings["paced_rate"], settings["many_streams"]))
     sse = measure_fanout(loop, feeder, tload, settings, browsers=True)
     streams = measure_streams(loop, feeder, tload, settings)
     feeder.close()
-    step("+ office board in process: %d users, %d watchers"
-         % (BOARD_USERS, BOARD_WATCHERS))
+    step("+ office board in process")
     board = measure_board(settings["board_changes"])
     text = report(settings, mode, traces, through, fanout, scale, rounds,
-                  time.monotonic() - started, board, sse, streams)
+                  time.monotonic() - started, board, sse, streams, board_sockets)
     print(text)
     with open(os.path.join(DATA_DIR, "last-%s-run.txt" % mode), "w") as f:
         f.write(text + "\n")

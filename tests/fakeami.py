@@ -7,7 +7,9 @@ and runs the real daemon against them).  Standard library only.
 
 It speaks just enough of the manager protocol: the banner, ``Login`` (plain
 or MD5 after ``Challenge``), ``Ping``, ``Events``, ``CoreShowChannels``
-(an empty list) and ``Logoff``; everything else gets an error response.
+(an empty list), ``DeviceStateList`` and ``ExtensionStateList`` (the
+states the tests set) and ``Logoff``; everything else gets an error
+response, as Asterisk gives it.
 With ``tls_context`` (a server-side ssl.SSLContext) it speaks TLS, as
 Asterisk's manager does on its ``tlsbindport``.
 """
@@ -33,6 +35,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 from ctinotify import AmiParser  # noqa: E402  (the real parser reads the actions)
 
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
+#: ExtensionStatus StatusText (main/pbx.c, extension_states[]).
+HINT_STATUS_TEXT = {0: "Idle", 1: "InUse", 2: "Busy",
+                    4: "Unavailable", 8: "Ringing", 9: "InUse&Ringing", 16: "Hold",
+                    17: "InUse&Hold"}
 
 
 def trace_events(data):
@@ -110,6 +116,14 @@ class FakeAsterisk:
         #: False: the list never ends (no CoreShowChannelsComplete), as an
         #: Asterisk that hangs mid-way.
         self.end_channel_lists = True
+        #: What DeviceStateList lists: (device, state) pairs, as
+        #: res_manager_devicestate.c sends them.
+        self.device_states = []
+        #: What ExtensionStateList lists: (exten, context, hint, status).
+        self.hints = []
+        #: False: an Asterisk without res_manager_devicestate.so, which knows
+        #: no DeviceStateList (and sends no DeviceStateChange).
+        self.devicestate_module = True
         self._commands = []
         self._running = False
         self._thread = None
@@ -294,13 +308,35 @@ class FakeAsterisk:
                         "Message: Queue status will follow\r\n\r\n"
                         "Event: QueueStatusComplete\r\n%sEventList: Complete\r\n"
                         "ListItems: 0\r\n\r\n" % (head, head))
+        elif action == "devicestatelist" and self.devicestate_module:
+            items = ["Event: DeviceStateChange\r\n%sDevice: %s\r\nState: %s\r\n\r\n"
+                     % (head, device, state) for device, state in self.device_states]
+            self._reply(peer, self._list(head, "Device State Changes", items,
+                                         "DeviceStateListComplete"))
+        elif action == "extensionstatelist":
+            items = ["Event: ExtensionStatus\r\n%sExten: %s\r\nContext: %s\r\nHint: %s\r\n"
+                     "Status: %d\r\nStatusText: %s\r\n\r\n"
+                     % (head, exten, context, hint, status, HINT_STATUS_TEXT.get(status, "Unknown"))
+                     for exten, context, hint, status in self.hints]
+            self._reply(peer, self._list(head, "Extension Statuses", items,
+                                         "ExtensionStateListComplete"))
         elif action == "events":
             self._reply(peer, "Response: Success\r\n%sEvents: On\r\n\r\n" % head)
         elif action == "logoff":
             self._reply(peer, "Response: Goodbye\r\n%sMessage: Thanks for all the fish.\r\n\r\n" % head)
             peer.close_after_flush = True
         else:
-            self._reply(peer, "Response: Error\r\n%sMessage: Invalid/unknown command\r\n\r\n" % head)
+            # main/manager.c, process_message().
+            self._reply(peer, "Response: Error\r\n%sMessage: Invalid/unknown command: %s. Use "
+                        "Action: ListCommands to show available commands.\r\n\r\n"
+                        % (head, msg.get("Action", "")))
+
+    @staticmethod
+    def _list(head, what, items, complete):
+        """A list action's answer: the response, the items, the end."""
+        return ("Response: Success\r\n%sEventList: start\r\nMessage: %s will follow\r\n\r\n"
+                "%sEvent: %s\r\n%sEventList: Complete\r\nListItems: %d\r\n\r\n"
+                % (head, what, "".join(items), complete, head, len(items)))
 
     def _reply(self, peer, text):
         peer.outbuf += text.encode("utf-8")
