@@ -1,5 +1,7 @@
-# ctinotify: make demo | make test | make run | make check | make bench | make install
+# ctinotify: make demo | make test | make test-live | make run | make check | make bench | make install
 PYTHON ?= python3
+# what make test runs (make test-live: the live tier, tests/test_live.py)
+TESTS  ?= test_ctinotify.py
 CONFIG ?= ctinotify.conf
 VENV   := .venv
 
@@ -12,14 +14,16 @@ CONFDIR := /etc/asterisk
 UNITDIR ?= /lib/systemd/system
 INITDIR := /etc/init.d
 
-.PHONY: help demo test run check bench clean install uninstall
+.PHONY: help demo test test-live run check bench screenshot clean install uninstall
 
 help:
 	@echo "make demo   - run the daemon on recorded calls (no Asterisk needed)"
 	@echo "make test   - run the test suite (installs pytest into $(VENV) if missing)"
+	@echo "make test-live - the live tier: a real Asterisk (../shared/asterisk, or AST_PREFIX) and sipp"
 	@echo "make run    - run the daemon in the foreground with $(CONFIG)"
 	@echo "make check  - validate $(CONFIG)"
 	@echo "make bench  - measure speed and memory (QUICK=1: a short run; PROFILE=1: cProfile the daemons)"
+	@echo "make screenshot - retake the README's pictures of the web page (needs Chromium)"
 	@echo "make install   - the program, service files and (if none exists) the config"
 	@echo "make uninstall - remove the program and service files; keeps the config"
 
@@ -29,14 +33,20 @@ demo:
 # Use the pytest that is importable; else install it into a local venv.
 test:
 	@if $(PYTHON) -c "import pytest" 2>/dev/null; then \
-		$(PYTHON) -m pytest -q test_ctinotify.py; \
+		$(PYTHON) -m pytest -q $(TESTS); \
 	else \
 		if ! $(VENV)/bin/python -c "import pytest" 2>/dev/null; then \
 			echo "pytest not found: installing it into $(VENV)"; \
 			$(PYTHON) -m venv $(VENV) && $(VENV)/bin/python -m pip install --quiet pytest; \
 		fi; \
-		$(VENV)/bin/python -m pytest -q test_ctinotify.py; \
+		$(VENV)/bin/python -m pytest -q $(TESTS); \
 	fi
+
+# The live tier: says in one line why it cannot run (no Asterisk, no sipp, the lab's
+# ports taken) and fails; else starts the lab, plays every call flow, stops it all.
+test-live:
+	@$(PYTHON) tests/livelab.py preflight
+	@CTINOTIFY_LIVE=1 $(MAKE) --no-print-directory test TESTS="tests/test_live.py $(LIVE_ARGS)"
 
 run:
 	$(PYTHON) ctinotify.py run -c $(CONFIG)
@@ -48,6 +58,13 @@ check:
 # measurements; prints a table (README "Performance").  Never part of make test.
 bench:
 	$(PYTHON) tests/bench.py $(if $(QUICK),--quick) $(if $(PROFILE),--profile)
+
+# The browser tests take the pictures (tests/screenshots/) from recorded calls
+# played to the daemon; CI=1 makes a missing Chromium a failure, not a skip.
+screenshot:
+	mkdir -p tests/screenshots
+	CI=1 CTINOTIFY_SCREENSHOTS="$(CURDIR)/tests/screenshots" $(PYTHON) -m pytest -q \
+		test_ctinotify.py -k "page_screenshot_of_a_recorded_call or page_fits_a_phone_screen"
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__ bench-data

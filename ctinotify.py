@@ -22,8 +22,10 @@ command line.  One AMI byte's way to a desktop line::
     Daemon.deliver(notifications)          call log, then the hub      [I/O]
       ClientHub.deliver                    the connections of the user [I/O]
         encode_notification(fields, fmt)   one text or JSON line       [client protocol]
-        LineClient.queue(line) ... flush   written before the sleep    [I/O]
+        WebEventBuffer.publish(user, ...)  its SSE frame, kept to replay [HTTP]
+        LineClient/HttpClient.queue ... flush  written before the sleep [I/O]
     desktop <--line-- (watch: LineFramer -> WatchSession -> render_event)
+    browser <--SSE--- (the page: EventSource -> handle -> textContent)
 
 1. One ``selectors`` Loop, no threads.  A pass waits for sockets until the
    nearest timer (one heap of Timers), reads the clock once (``now`` for
@@ -34,21 +36,27 @@ command line.  One AMI byte's way to a desktop line::
    reads go to its AmiSession, which frames them with an AmiParser, logs
    in and pings; messages come out, and the link hands each to its
    CallEngine (a response or list event first to whoever sent the action:
-   ``send_action``).  After a login it resyncs with CoreShowChannels.
+   ``send_action``), or a phone's state to the daemon's Board.  After a
+   login it resyncs with CoreShowChannels (and the Board's lists).
 3. The engine's notifications go to the Daemon, which appends finished
    calls to the CallLog (and the HISTORY it answers from) and passes them
    to the ClientHub; the hub encodes each once per format and queues it on
-   every LineClient of its user that wants the kind.
+   every connection of its user that wants the kind (with the web on, the
+   user's replay buffer keeps its SSE frame first, for every user).  The
+   Board takes them too, and the hub sends each BoardChange to the viewers
+   allowed to see it.
 4. Each connection owns its buffers, state and deadline (handshaking, open,
    closing, closed): output limits, the lingering close, login timeouts.
    What a desktop sends goes through a LineFramer (bounded lines) into its
    ClientSession, whose reply lines go back the same way; LOGIN subscribes
-   the connection to its user.  An action (DIAL, HANGUP, TRANSFER), once
-   checked (ServerView.act, plan_action), goes to the ActionDesk, which
-   sends it on its PBX's AmiLink and queues the reply on the connection
-   that asked when Asterisk answers; the connection holds its later
-   commands until then.  A Listener names the protocol its connections
-   speak (LineClient; others can sit beside it).
+   the connection to its user.  A Listener names the protocol its
+   connections speak: LineClient, or HttpClient on ``web_port``, where an
+   HttpRequestParser feeds route_web_request and ``GET /events`` makes the
+   connection an event stream the hub delivers to like any other.  An
+   action (DIAL, HANGUP, TRANSFER), once checked (ServerView.act,
+   plan_action), goes to the ActionDesk, which sends it on its PBX's
+   AmiLink and queues the reply on the connection that asked when Asterisk
+   answers; the connection holds its later commands until then.
 
 The same engine is fed from a live socket (``run``), from a recorded trace
 (``replay``) and by the tests; ``watch`` is split the same way, a
@@ -112,6 +120,20 @@ log = logging.getLogger("ctinotify")
 
 DEFAULT_CONFIG_PATHS = ("/etc/asterisk/ctinotify.conf", "ctinotify.conf")
 DEFAULT_CLIENT_PORT = 5039
+#: The web client's own port (``[general] web_port``).  Not the line
+#: protocol's port: that one greets on connect, and a browser opens
+#: connections speculatively and may send its request seconds later, so one
+#: port could not keep the greeting from browsers without delaying it for nc.
+DEFAULT_WEB_PORT = 5041
+#: A web login lasts this long (``web_session_hours``).
+WEB_SESSION_HOURS = 12.0
+#: The loop's deadline for a request's head, from the connection's accept or
+#: the end of the previous response: 408 if a request was begun, else a
+#: silent close (an idle keep-alive or a browser's speculative connection),
+#: so it is the keep-alive idle timeout too.  A body announced by its head
+#: (Content-Length) must follow within as long again.  The default of
+#: ``web_request_timeout``.
+HTTP_HEADER_TIMEOUT_S = 10.0
 DEFAULT_AMI_PORT = 5038
 #: Asterisk's TLS manager port (manager.conf ``tlsbindport``).  It is also
 #: ctinotify's default client port: on one box only one of them can have it.
@@ -278,13 +300,16 @@ class Kind:
     CONFERENCE = "conference"
     HOLD = "hold"
     UNHOLD = "unhold"
+    #: A colleague's line on the office board changed (not a call of the
+    #: user's own: only for users whose ``board`` is not ``none``).
+    STATE = "state"
 
 
 #: Every kind of event a client can subscribe to with ``events=``, in order.
 EVENT_KINDS = (
     Kind.INCOMING, Kind.OUTGOING, Kind.PICKUP, Kind.HANGUP, Kind.TIMEOUT, Kind.BUSY,
     Kind.DIVERT, Kind.TRANSFER, Kind.QUEUE, Kind.PARK, Kind.UNPARK, Kind.CONFERENCE,
-    Kind.HOLD, Kind.UNHOLD,
+    Kind.HOLD, Kind.UNHOLD, Kind.STATE,
 )
 
 
@@ -420,13 +445,21 @@ class IniOption:
 class IniSection:
     """A ``[name]`` block, with Asterisk template inheritance applied."""
 
-    __slots__ = ("name", "lineno", "options", "is_template")
+    __slots__ = ("name", "lineno", "options", "is_template", "templates")
 
     def __init__(self, name: str, lineno: int, is_template: bool = False):
         self.name = name
         self.lineno = lineno
         self.options: List[IniOption] = []
         self.is_template = is_template
+        #: The templates (``[name](!)``) it inherits, directly or through
+        #: another template: what ``board = @name`` goes by.
+        self.templates: Tuple[str, ...] = ()
+
+    def inherit(self, parent: "IniSection") -> None:
+        """Note ``parent``'s templates (and itself, if one) as ours."""
+        inherited = ((parent.name,) if parent.is_template else ()) + parent.templates
+        self.templates += tuple(t for t in inherited if t not in self.templates)
 
     def get(self, key: str) -> Optional[IniOption]:
         """The last ``key`` line of the section (later lines override)."""
@@ -440,8 +473,11 @@ class IniSection:
 _SECTION_LINE = re.compile(r"^\[([^\]]+)\]\s*(?:\(([^)]*)\))?\s*$")
 
 
-def parse_ini(text: str, filename: str) -> Tuple[List[IniSection], List[str]]:
-    """Parse Asterisk-style INI text into sections and a list of problems.
+def parse_ini(text: str, filename: str) \
+        -> Tuple[List[IniSection], List[str], Dict[str, List[str]]]:
+    """Parse Asterisk-style INI text into sections, a list of problems,
+    and each template's sections (template name -> the names of the
+    sections that inherit it, directly or not).
 
     Accepts ``;`` comments (``\\;`` is a literal semicolon), ``key = value``
     and ``key => value``, and templates: ``[name](!)`` defines one,
@@ -473,6 +509,7 @@ def parse_ini(text: str, filename: str) -> Tuple[List[IniSection], List[str]]:
                                     % (filename, lineno, name, template))
                 else:
                     current.options.extend(parent.options)
+                    current.inherit(parent)
             if name in by_name and not by_name[name].is_template:
                 problems.append("%s:%d: [%s]: section defined twice (first at line %d), "
                                 "expected each section once"
@@ -495,7 +532,17 @@ def parse_ini(text: str, filename: str) -> Tuple[List[IniSection], List[str]]:
                             % (filename, lineno, key))
             continue
         current.options.append(IniOption(key, value.strip(), lineno))
-    return [s for s in sections if not s.is_template], problems
+    return [s for s in sections if not s.is_template], problems, _template_members(sections)
+
+
+def _template_members(sections: Sequence[IniSection]) -> Dict[str, List[str]]:
+    """Each template -> the sections that inherit it (``board = @name``)."""
+    members: Dict[str, List[str]] = {s.name: [] for s in sections if s.is_template}
+    for section in sections:
+        if not section.is_template:
+            for template in section.templates:
+                members[template].append(section.name)
+    return members
 
 
 #: Channel technology prefixes as users write them -> as Asterisk names them.
@@ -554,12 +601,14 @@ class UserConfig:
     """One client account: ``[name]`` with its secret and what it may see."""
 
     __slots__ = ("name", "secret", "hosts", "devices", "extensions", "events", "lineno",
-                 "popup_url",
+                 "popup_url", "board", "board_details", "fullname",
                  "actions", "dial_device", "dial_context", "dial_callerid", "actions_per_minute")
 
     def __init__(self, name: str, secret: str, hosts: Optional[Tuple[object, ...]],
                  devices: Tuple[str, ...], extensions: Tuple[Tuple[str, str], ...],
                  events: Tuple[str, ...], lineno: int = 0, popup_url: str = "",
+                 board: Optional[frozenset] = frozenset(), board_details: bool = False,
+                 fullname: str = "",
                  actions: Tuple[str, ...] = (), dial_device: str = "", dial_context: str = "",
                  dial_callerid: str = "", actions_per_minute: int = 0):
         self.name = name
@@ -576,6 +625,13 @@ class UserConfig:
         #: A URL template with ``{from_num}``-style placeholders (empty: none);
         #: its ``incoming`` events carry it, filled in, as ``url``.
         self.popup_url = popup_url
+        #: The colleagues whose board line the user may see: None for
+        #: ``board = all``, empty for ``none`` (then no ``state`` event either).
+        self.board = board
+        #: ``board_details``: also with whom those colleagues are on the phone.
+        self.board_details = board_details
+        #: The name the board shows (empty: learned from their phone, or the user name).
+        self.fullname = fullname
         #: What the user may do to calls (CALL_ACTIONS): DIAL, HANGUP, TRANSFER.
         self.actions = actions
         #: The phone DIAL rings first, one of ``devices`` (empty: no DIAL).
@@ -638,7 +694,8 @@ class Setting:
     ``choice`` (one of ``choices``); ``boolean``; ``port`` (``allow_off``:
     ``off`` gives None; a default of None: no value means no such port).
     ``advanced`` keys are for tests and odd networks: ``check`` shows them
-    only when set.  ``needs``: shown only while that key is on.
+    only when set.  ``needs``: shown only while that key is on (a tuple:
+    while one of them is).
     """
 
     __slots__ = ("key", "kind", "default", "low", "high", "choices", "help", "advanced",
@@ -646,7 +703,8 @@ class Setting:
 
     def __init__(self, key: str, kind: str, default: object, help: str, low: float = 0,
                  high: float = 0, choices: Sequence[str] = (), advanced: bool = False,
-                 needs: str = "", secret: bool = False, required: bool = False,
+                 needs: Union[str, Tuple[str, ...]] = "", secret: bool = False,
+                 required: bool = False,
                  allow_zero: bool = False, allow_off: bool = False):
         self.key = key
         self.kind = kind
@@ -656,7 +714,7 @@ class Setting:
         self.high = high
         self.choices = tuple(choices)
         self.advanced = advanced
-        self.needs = needs
+        self.needs = (needs,) if isinstance(needs, str) and needs else tuple(needs)
         self.secret = secret
         self.required = required
         self.allow_zero = allow_zero
@@ -677,7 +735,7 @@ class Setting:
     def describe(self, values: Dict[str, object]) -> List[str]:
         """``key = value`` for ``check``, or nothing if it goes unsaid."""
         value = values[self.key]
-        if self.needs and (values[self.needs] is None or values[self.needs] is False) or \
+        if self.needs and all(values[k] is None or values[k] is False for k in self.needs) or \
                 value is None and not self.allow_off or \
                 self.advanced and value == self.default:
             return []
@@ -731,12 +789,23 @@ GENERAL_SETTINGS = (
     Setting("action_timeout", "number", ACTION_TIMEOUT_S, "seconds Asterisk may take to "
             "answer an action before the desktop gets ERR 504", 0.01, 300, advanced=True),
     Setting("tls_port", "port", None, "the TLS client port (empty: none)", 0, 65535),
-    Setting("tls_cert", "text", "", "PEM certificate (chain) of the TLS port",
-            needs="tls_port"),
-    Setting("tls_key", "text", "", "its PEM key (empty: in tls_cert)", needs="tls_port"),
+    Setting("tls_cert", "text", "", "PEM certificate (chain) of the TLS ports",
+            needs=("tls_port", "web_tls_port")),
+    Setting("tls_key", "text", "", "its PEM key (empty: in tls_cert)",
+            needs=("tls_port", "web_tls_port")),
+    Setting("web", "boolean", True, "serve the web page and event streams (web_port)"),
+    Setting("web_port", "port", DEFAULT_WEB_PORT, "the web page's HTTP port; off: HTTPS "
+            "only", 0, 65535, allow_off=True, needs="web"),
+    Setting("web_tls_port", "port", None, "the web page's HTTPS port (empty: none; with "
+            "tls_cert)", 0, 65535, needs="web"),
+    Setting("web_session_hours", "number", WEB_SESSION_HOURS, "hours a browser login lasts",
+            0.0001, 24 * 366, needs="web"),
     Setting("linger_timeout", "number", CLIENT_LINGER_S, "seconds a closing connection "
             "waits for the client to read its last reply and close", 0.01, 60,
             advanced=True),
+    Setting("web_request_timeout", "number", HTTP_HEADER_TIMEOUT_S, "seconds a browser "
+            "has to send a request's head (from its connect or the last reply: an idle "
+            "connection closes then), and its body after that", 0.01, 3600, advanced=True),
 )
 
 #: ``[ami]`` and ``[ami:NAME]``: one Asterisk to connect to.
@@ -863,6 +932,12 @@ class Config(_Immutable):
                       "extensions = %s" % exts, "events = %s" % ",".join(user.events)]
             if user.popup_url:
                 lines.append("popup_url = %s" % user.popup_url)
+            if user.board is None or user.board:
+                lines.append("board = %s" % ("all" if user.board is None else ",".join(
+                    name for name in self.users if name in user.board)))
+                lines.append("board_details = %s" % ("yes" if user.board_details else "no"))
+            if user.fullname:
+                lines.append("fullname = %s" % user.fullname)
             lines += self._describe_actions(user)
         return "\n".join(lines) + "\n"
 
@@ -927,7 +1002,8 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 
                "g": 1024 ** 3, "gb": 1024 ** 3}
 _BOOLEANS = {"yes": True, "true": True, "on": True, "1": True,
              "no": False, "false": False, "off": False, "0": False}
-USER_KEYS = ("secret", "host", "devices", "extensions", "events", "popup_url",
+USER_KEYS = ("secret", "host", "devices", "extensions", "events", "popup_url", "board",
+             "board_details", "fullname",
              "actions", "dial_device", "dial_context", "dial_callerid", "actions_per_minute")
 #: A dialplan context DIAL and TRANSFER may name (Asterisk allows 79 characters).
 _DIAL_CONTEXT = re.compile(r"^[A-Za-z0-9_.-]{1,79}$")
@@ -944,6 +1020,37 @@ POPUP_URL_FIELDS = ("from_num", "from_name", "to_num", "to_name", "dialed", "cal
                     "role", "device", "queue", "user")
 #: ``{name}`` in a URL template.  Any other brace is an error: a URL has none.
 _URL_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def resolve_board_setting(value: str, user_names: Iterable[str],
+                          templates: Optional[Dict[str, Iterable[str]]] = None) \
+        -> Optional[frozenset]:
+    """A user's ``board`` setting -> the users they may see: None for
+    ``all``, an empty set for ``none`` (and an empty value), else the users
+    named and every user whose section inherits a template named
+    ``@template`` (``templates``: template -> its users).  A name that is no
+    user or template raises ValueError saying which."""
+    words = [word.strip() for word in value.split(",") if word.strip()]
+    lowered = [word.lower() for word in words]
+    if lowered in ([], ["none"]):
+        return frozenset()
+    if lowered == ["all"]:
+        return None
+    if "all" in lowered or "none" in lowered:
+        raise ValueError("'all' and 'none' stand alone")
+    known = set(user_names)
+    templates = templates or {}
+    names: Set[str] = set()
+    for word in words:
+        if word.startswith("@"):
+            if word[1:] not in templates:
+                raise ValueError("unknown template %r" % word[1:])
+            names.update(templates[word[1:]])
+        elif word in known:
+            names.add(word)
+        else:
+            raise ValueError("unknown user %r" % word)
+    return frozenset(names)
 
 
 class _ConfigReader:
@@ -1098,16 +1205,36 @@ class _ConfigReader:
             self.problem(general, general.get("client_buffer_soft"),
                          "%d bytes is more than client_buffer_hard (%d), expected at most that "
                          "or 0 for no soft limit" % (soft, hard))  # type: ignore[str-format]
-        if values["tls_port"] is not None and not values["tls_cert"]:
-            self.problem(general, general.get("tls_port"),
-                         "TLS needs a certificate, expected tls_cert = /path/to/cert.pem")
-        if (values["tls_cert"] or values["tls_key"]) and values["tls_port"] is None:
+        tls_keys = [key for key in ("tls_port", "web_tls_port") if values[key] is not None
+                    and (key == "tls_port" or values["web"])]
+        for key in tls_keys:
+            if not values["tls_cert"]:
+                self.problem(general, general.get(key),
+                             "TLS needs a certificate, expected tls_cert = /path/to/cert.pem")
+        if (values["tls_cert"] or values["tls_key"]) and not tls_keys:
             self.problem(general, general.get("tls_cert") or general.get("tls_key"),
-                         "set without tls_port, expected tls_port = 5040 (or remove it)")
+                         "set without tls_port or web_tls_port, expected tls_port = 5040 (or "
+                         "remove it)")
         if values["port"] is None and values["tls_port"] is None:
             self.problem(general, general.get("port"), "'off' leaves no client port, expected "
                          "a port number or tls_port")
+        self.check_port_clashes(general, values)
         return values
+
+    def check_port_clashes(self, general: IniSection, values: Dict[str, object]) -> None:
+        """Each port for one listener (0, a free port each, may repeat)."""
+        keys = ["port", "tls_port"] + (["web_port", "web_tls_port"] if values["web"] else [])
+        seen: Dict[object, str] = {}
+        for key in keys:
+            port = values[key]
+            if not port:
+                continue
+            if port in seen:
+                self.problem(general, general.get(key) or general.get(seen[port]),
+                             "%s is already used by %s = %s, expected a port of its own"
+                             % (port, seen[port], port))
+            else:
+                seen[port] = key
 
     def read_ami(self, section: IniSection, name: str, required: bool) -> AmiConfig:
         """[ami] or [ami:NAME]: one Asterisk to connect to."""
@@ -1155,9 +1282,16 @@ class _ConfigReader:
             self.problem(section, None, "the user has neither devices nor extensions, "
                          "expected devices = PJSIP/100 or extensions = 100")
         popup_url = self.popup_url(section)
+        fullname = self.text(section, "fullname", "")
+        if len(fullname) > MAX_FIELD_CHARS:
+            self.problem(section, section.get("fullname"), "%d characters, expected at most %d"
+                         % (len(fullname), MAX_FIELD_CHARS))
         acting = self.user_actions(section, devices, extensions)
+        # ``board`` needs every user's name: read_boards resolves it.
         return UserConfig(section.name, secret, hosts, devices, extensions,
-                          events, section.lineno, popup_url, **acting)
+                          events, section.lineno, popup_url,
+                          board_details=self.boolean(section, "board_details", False),
+                          fullname=fullname, **acting)
 
     def user_hosts(self, section: IniSection) -> Optional[Tuple[object, ...]]:
         """``host``: None for ``dynamic`` (anywhere), else the networks."""
@@ -1288,6 +1422,31 @@ class _ConfigReader:
         name = (match.group(1) or match.group(2) or "").strip()
         number = match.group(3) or match.group(4)
         return '"%s" <%s>' % (name, number) if name else "<%s>" % number
+    def read_boards(self, sections: Sequence[IniSection], users: Dict[str, UserConfig],
+                    templates: Dict[str, List[str]]) -> None:
+        """Each user's ``board`` (all, none, users, @templates), now that
+        every user is known; a user whose board is none has no ``state``
+        events (an ``events`` line that names them is a problem)."""
+        members = {name: [n for n in names if n in users] for name, names in templates.items()}
+        for section in sections:
+            user = users.get(section.name)
+            if user is None:
+                continue
+            option = section.get("board")
+            try:
+                user.board = resolve_board_setting(option.value if option else "none",
+                                                   users, members)
+            except ValueError as e:
+                self.problem(section, option, "%s, expected all, none, or a comma list of "
+                             "users and @templates" % e)
+                continue
+            if user.board is not None and not user.board and Kind.STATE in user.events:
+                events = section.get("events")
+                if events is not None and Kind.STATE in \
+                        [k.strip().lower() for k in events.value.split(",")]:
+                    self.problem(section, events, "state needs a board, expected board = all "
+                                 "or a list of users (or no state)")
+                user.events = tuple(k for k in user.events if k != Kind.STATE)
 
     def popup_url(self, section: IniSection) -> str:
         """``popup_url``: an http(s) URL whose placeholders are all known and
@@ -1328,7 +1487,7 @@ def _is_ami_section(section: IniSection) -> bool:
 
 def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     """Validate INI text; raise ConfigError listing every problem found."""
-    sections, problems = parse_ini(text, filename)
+    sections, problems, templates = parse_ini(text, filename)
     reader = _ConfigReader(filename)
     reader.problems.extend(problems)
     general = next((s for s in sections if s.name.lower() == "general"),
@@ -1339,6 +1498,7 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
     for section in sections:
         if section is not general and not _is_ami_section(section):
             users[section.name] = reader.read_user(section)
+    reader.read_boards(sections, users, templates)
     if reader.problems:
         raise ConfigError(sorted(reader.problems, key=_problem_line))
     origins = {"tls_cert": reader.origin(general, "tls_cert")}
@@ -1369,7 +1529,7 @@ def load_config(path: str, require_ami: bool = True) -> Config:
     config = parse_config(text, path, require_ami)
     problems = []
     tls_context = None
-    if config.tls_port is not None:
+    if config.tls_port is not None or config.web and config.web_tls_port is not None:
         try:
             tls_context = server_tls_context(config.tls_cert, config.tls_key or None)
         except (OSError, ValueError) as e:
@@ -4669,8 +4829,8 @@ def encode_history(record: Dict[str, object], fmt: str) -> str:
 
 
 CLIENT_HELP = ("commands: LOGIN <user> <secret> | EVENTS <kind>[,<kind>...]|ALL | "
-               "FORMAT text|json | CALLS | HISTORY [n] | DIAL <number> | HANGUP <call> | "
-               "TRANSFER <call> <number> | PING | HELP | QUIT")
+               "FORMAT text|json | CALLS | HISTORY [n] | BOARD | DIAL <number> | "
+               "HANGUP <call> | TRANSFER <call> <number> | PING | HELP | QUIT")
 
 
 def address_key(address: str) -> str:
@@ -4836,12 +4996,39 @@ class LoginThrottle:
         self._accounts.penalise(key, entry, now + pause)
         return pause
 
+    def login_failed(self, name: str, address: str, now: float) -> Tuple[float, bool, float]:
+        """A failed login as ``name`` from ``address`` (LOGIN or the web):
+        how long to hold the reply back, whether the address is blocked from
+        now on, and the cool-down it starts for the name (0: none)."""
+        pause = self.account_failed(name, now)
+        delay, blocked = self.failed(address, now)
+        return delay, blocked, pause
+
     def account_succeeded(self, name: str, address: str) -> None:
         owners = self._owners.setdefault(name, collections.OrderedDict())
         owners[address] = None
         owners.move_to_end(address)
         while len(owners) > LOGIN_KNOWN_ADDRESSES:
             owners.popitem(last=False)
+
+
+def check_login(users: Dict[str, UserConfig], name: str, secret: str,
+                peer_host: str) -> Tuple[Optional[UserConfig], str]:
+    """The verdict on a login, the same for LOGIN and the web page: the
+    account, or None and why (for the log only: a client is told "login
+    failed", whatever the reason).  The throttle is asked before this and
+    told after it, by the caller."""
+    account = users.get(name)
+    # Compare even for unknown users, so timing does not tell them apart.
+    expected = account.secret if account is not None else "\0unknown user"
+    secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
+    if account is None:
+        return None, "unknown user"
+    if not secret_ok:
+        return None, "wrong secret"
+    if not account.host_allowed(peer_host):
+        return None, "address not allowed by host="
+    return account, ""
 
 
 class CallHistory:
@@ -4918,6 +5105,11 @@ class ServerView:
     def history(self, user: str, count: int) -> List[Dict[str, object]]:
         """The user's last ``count`` finished calls, newest last."""
         return self.call_history.last(user, count)
+
+    def board(self, user: str) -> Optional[List[Dict[str, object]]]:
+        """The office board as ``user`` may see it, one ``state`` item per
+        colleague; None if their board is ``none`` (or there is no board)."""
+        return None
 
     def login_blocked(self, peer_host: str) -> bool:
         """Whether logins from this address are blocked for now."""
@@ -5023,6 +5215,7 @@ class ClientSession:
         handler = {
             "LOGIN": self._login, "EVENTS": self._events, "FORMAT": self._format,
             "CALLS": self._calls, "HISTORY": self._history, "PING": self._ping,
+            "BOARD": self._board,
             "HELP": self._help, "QUIT": self._quit,
             "DIAL": self._dial, "HANGUP": self._hangup, "TRANSFER": self._transfer,
         }.get(command)
@@ -5057,15 +5250,10 @@ class ClientSession:
             # not, is answered the same.
             raise ClientProtocolError("429", "too many failed logins for this user, try again "
                                       "in %d s" % math.ceil(wait))
-        account = server.users.get(name)
-        # Compare even for unknown users, so timing does not tell them apart.
-        expected = account.secret if account is not None else "\0unknown user"
-        secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
-        if account is None or not secret_ok or not account.host_allowed(self.peer_host):
+        account, why = check_login(server.users, name, secret, self.peer_host)
+        if account is None:
             self.failed_logins += 1
             self.failed_as = name
-            why = ("unknown user" if account is None else
-                   "wrong secret" if not secret_ok else "address not allowed by host=")
             log.warning("%s: login as %r refused: %s", self.tag, name[:64], why)
             if self.failed_logins >= MAX_LOGIN_ATTEMPTS_PER_CONNECTION:
                 self.request_close("%d failed logins" % self.failed_logins)
@@ -5140,6 +5328,17 @@ class ClientSession:
                  if record.get("user") == self.user.name]
         return lines + ["OK history=%d" % len(lines)]
 
+    def _board(self, argument: str, server: ServerView) -> List[str]:
+        """The office board now: one ``STATE`` line (or JSON object) per
+        colleague the user's ``board`` shows, then ``OK board=<n>``."""
+        if self.user is None:
+            raise ClientProtocolError("403", "login first")
+        # Only ever this session's own user's view of it.
+        items = server.board(self.user.name)
+        if items is None:
+            raise ClientProtocolError("403", "no board for %s" % self.user.name)
+        return [self.encode_item("STATE", fields) for fields in items] + \
+            ["OK board=%d" % len(items)]
     def _dial(self, argument: str, server: ServerView) -> List[str]:
         return self._act(CallAction.DIAL, argument, server)
 
@@ -5559,6 +5758,26 @@ class BoardUser:
 
 # -- the board ----------------------------------------------------------------------
 
+#: The AMI events the board reads: what the link hands it, and nothing else
+#: (they are none of the engine's).
+BOARD_AMI_EVENTS = frozenset((
+    "DeviceStateChange", "DeviceStateListComplete", "ExtensionStatus",
+    "ExtensionStateListComplete", "ContactStatus", "PeerStatus",
+))
+#: The AMI list actions of the board's resync after each login, and the
+#: event that ends each list.
+BOARD_LIST_ACTIONS = (("DeviceStateList", "DeviceStateListComplete"),
+                      ("ExtensionStateList", "ExtensionStateListComplete"))
+#: What the board needs of Asterisk (manager.conf of the AMI user, and
+#: modules), for ``check`` and the log.  DeviceStateList and the
+#: DeviceStateChange events both come from res_manager_devicestate.so.
+BOARD_AMI_NEEDS = (
+    "the office board needs, for the AMI user in manager.conf:",
+    "  read = call (DeviceStateChange, ExtensionStatus) and system (ContactStatus, PeerStatus)",
+    "  write = reporting (DeviceStateList, ExtensionStateList)",
+    "and res_manager_devicestate.so loaded (DeviceStateList, DeviceStateChange)",
+)
+
 
 class Board:
     """Every configured user's state: ``free``, ``ringing``, ``talking``,
@@ -5575,20 +5794,12 @@ class Board:
 
     def __init__(self, users: Iterable[UserConfig], now: float = 0.0,
                  fullnames: Optional[Dict[str, str]] = None):
-        fullnames = fullnames or {}
         self.users: Dict[str, BoardUser] = {}
         #: device -> (pbx qualifier, user) of everyone with that phone.
         self._by_device: Dict[str, List[Tuple[str, BoardUser]]] = {}
         #: number -> (pbx qualifier, context, user) of everyone with it.
         self._by_number: Dict[str, List[Tuple[str, str, BoardUser]]] = {}
-        for config in users:
-            user = BoardUser(config, fullnames.get(config.name, ""), now)
-            self.users[user.name] = user
-            for on, device in user.devices:
-                self._by_device.setdefault(device, []).append((on, user))
-            for qualified, context in config.extensions:
-                on, _, number = qualified.rpartition(":")
-                self._by_number.setdefault(number, []).append((on, context, user))
+        self._add_users(users, now, fullnames or {})
         #: (pbx, "dev" or "hint") -> the sources a resync list has named so
         #: far; only while that list runs.
         self._resync: Dict[Tuple[str, str], Set[tuple]] = {}
@@ -5601,6 +5812,46 @@ class Board:
             "ContactStatus": self.on_contactstatus,
             "PeerStatus": self.on_peerstatus,
         }
+
+    def _add_users(self, users: Iterable[UserConfig], now: float,
+                   fullnames: Dict[str, str]) -> None:
+        """The users and the indexes from their phones and numbers to them
+        (``fullnames`` before each user's own ``fullname``)."""
+        self.users = {}
+        self._by_device = {}
+        self._by_number = {}
+        for config in users:
+            user = BoardUser(config, fullnames.get(config.name, config.fullname), now)
+            self.users[user.name] = user
+            for on, device in user.devices:
+                self._by_device.setdefault(device, []).append((on, user))
+            for qualified, context in config.extensions:
+                on, _, number = qualified.rpartition(":")
+                self._by_number.setdefault(number, []).append((on, context, user))
+
+    def reconfigure(self, users: Iterable[UserConfig], now: float) -> List[BoardChange]:
+        """A reload: the users as configured now.  A user kept keeps their
+        calls, what Asterisk said of the phones and numbers still theirs,
+        and their line (``since`` too); a new user starts ``free`` and is a
+        change; a removed user is gone, and nothing more is said of them.
+        A changed ``fullname`` is a name change.  New phones are unknown
+        until Asterisk reports them: the caller asks for the lists again."""
+        old = self.users
+        self._add_users(users, now, {})
+        changes = []
+        for user in self.users.values():
+            before = old.get(user.name)
+            if before is None:
+                changes.append(BoardChange(user.entry, BOARD_CHANGE_STATE))
+                continue
+            user.calls = before.calls
+            if user.devices == before.devices:
+                user.learned_name = before.learned_name
+            user.sources = {key: source for key, source in before.sources.items()
+                            if any(owner is user for owner, _ in self._sources_of(*key))}
+            user.entry = before.entry
+            self._touched[user.name] = user
+        return changes + self._publish(now)
 
     def entries(self) -> List[BoardEntry]:
         """The board now, in the order of the configuration."""
@@ -5821,37 +6072,6 @@ class Board:
 # -- who sees what -------------------------------------------------------------------
 
 
-def resolve_board_setting(value: str, user_names: Iterable[str],
-                          templates: Optional[Dict[str, Iterable[str]]] = None) \
-        -> Optional[frozenset]:
-    """A user's ``board`` setting -> the users they may see: None for
-    ``all``, an empty set for ``none`` (and an empty value), else the users
-    named and every user whose section inherits a template named
-    ``@template`` (``templates``: template -> its users).  A name that is no
-    user or template raises ValueError saying which."""
-    words = [word.strip() for word in value.split(",") if word.strip()]
-    lowered = [word.lower() for word in words]
-    if lowered in ([], ["none"]):
-        return frozenset()
-    if lowered == ["all"]:
-        return None
-    if "all" in lowered or "none" in lowered:
-        raise ValueError("'all' and 'none' stand alone, expected all, none or a list")
-    known = set(user_names)
-    templates = templates or {}
-    names: Set[str] = set()
-    for word in words:
-        if word.startswith("@"):
-            if word[1:] not in templates:
-                raise ValueError("unknown template %r" % word[1:])
-            names.update(templates[word[1:]])
-        elif word in known:
-            names.add(word)
-        else:
-            raise ValueError("unknown user %r" % word)
-    return frozenset(names)
-
-
 class BoardScope:
     """What one viewer may receive of the board: the colleagues of their
     ``board`` setting (``users``: None for all, empty for none) and, with
@@ -5878,6 +6098,29 @@ class BoardScope:
         if self.users is None:
             return True
         return bool(self.users) and (user in self.users or user == self.viewer)
+
+
+def board_scopes(users: Dict[str, UserConfig]) -> Dict[str, BoardScope]:
+    """The board's viewers and what each may see: every user whose
+    ``board`` is not ``none`` (the others are no viewers at all)."""
+    return {user.name: BoardScope(user.name, user.board, user.board_details)
+            for user in users.values() if user.board is None or user.board}
+
+
+def board_views_changed(old_scopes: Dict[str, BoardScope], old_users: Iterable[str],
+                        new_scopes: Dict[str, BoardScope], new_users: Iterable[str]) -> Set[str]:
+    """The viewers whose board a reload changed: other colleagues on it,
+    details or none, a board gained or lost.  Their clients are told to
+    ask for the board again (a colleague they no longer see must leave
+    their screen: no event will say so)."""
+    def view(scopes: Dict[str, BoardScope], users: List[str], viewer: str) -> tuple:
+        scope = scopes.get(viewer)
+        if scope is None:
+            return ()
+        return (scope.details,) + tuple(user for user in users if scope.sees(user))
+    before, after = list(old_users), list(new_users)
+    return {viewer for viewer in set(old_scopes) | set(new_scopes)
+            if view(old_scopes, before, viewer) != view(new_scopes, after, viewer)}
 
 
 def view_entry(entry: BoardEntry, scope: BoardScope) -> Optional[Dict[str, object]]:
@@ -5928,11 +6171,6 @@ def board_reply(board: Board, scope: BoardScope, fmt: str) -> List[str]:
 # HTTP and the web client protocol (no I/O)
 # ---------------------------------------------------------------------------
 
-#: The web client's own port (``[general] web_port``).  Not the line
-#: protocol's port: that one greets on connect, and a browser opens
-#: connections speculatively and may send its request seconds later, so one
-#: port could not keep the greeting from browsers without delaying it for nc.
-DEFAULT_WEB_PORT = 5041
 #: Request limits, each with the status it answers: the request line (414),
 #: the header lines together and their count (431), a body (413: the login
 #: form is the only body, and it is tiny).
@@ -5944,21 +6182,23 @@ MAX_HTTP_BODY_BYTES = 8 * 1024
 #: one whose reply is held back): one whole request at the limits.
 MAX_HTTP_PENDING_INPUT_BYTES = (MAX_HTTP_REQUEST_LINE_BYTES + MAX_HTTP_HEADER_BYTES
                                 + MAX_HTTP_BODY_BYTES)
-#: The loop's deadline for a request's head, from the connection's accept or
-#: the end of the previous response: 408 if a request was begun, else a
-#: silent close (an idle keep-alive or a browser's speculative connection).
-HTTP_HEADER_TIMEOUT_S = 10.0
 #: Server-Sent Events: a comment line this often keeps proxies and NATs
 #: from closing an idle stream; a browser waits ``retry`` before reconnecting.
 SSE_HEARTBEAT_S = 25.0
 SSE_RETRY_MS = 3000
+#: The notification format of an event stream, beside ``text`` and ``json``:
+#: what the hub encodes once per notification for every stream of a user.
+SSE_FORMAT = "sse"
 #: Events kept per user for ``Last-Event-ID`` (a laptop that lost Wi-Fi for
 #: a while): at most this many, and at most this many bytes of frames.
 WEB_EVENT_BUFFER_EVENTS = 100
 WEB_EVENT_BUFFER_BYTES = 64 * 1024
-#: A web login lasts this long (``web_session_hours``); there are at most
-#: this many sessions, and per user (the oldest of the user's ends first).
-WEB_SESSION_HOURS = 12.0
+#: ... and at most this many bytes for all users together (the oldest go
+#: first, whoever's they are): events are kept for every configured user,
+#: so without it 10,000 busy users could hold 640 MiB.
+WEB_EVENT_BUFFER_TOTAL_BYTES = 32 * 1024 * 1024
+#: There are at most this many web sessions, and per user (the oldest of
+#: the user's ends first).
 MAX_WEB_SESSIONS = 10000
 MAX_WEB_SESSIONS_PER_USER = 32
 #: Random bytes in a session token and an anti-CSRF token.
@@ -6562,19 +6802,26 @@ class WebEventBuffer:
     A browser that comes back with an id of this start gets the events
     after it; with an id of an earlier start (the daemon restarted) it gets
     every event buffered since; with none (a fresh page), none.  Bounded per
-    user in events and bytes; ``replay`` says whether events were lost.
+    user in events and bytes, and in bytes for all users together;
+    ``replay`` says whether events were lost.
     """
 
     def __init__(self, epoch: Optional[str] = None, max_events: int = WEB_EVENT_BUFFER_EVENTS,
-                 max_bytes: int = WEB_EVENT_BUFFER_BYTES):
+                 max_bytes: int = WEB_EVENT_BUFFER_BYTES,
+                 max_total_bytes: int = WEB_EVENT_BUFFER_TOTAL_BYTES):
         self.epoch = epoch or secrets.token_hex(4)
         self.max_events = max_events
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes
         self._seq = 0
         #: user -> deque of (seq, frame), bytes held, newest seq dropped.
         self._frames: Dict[str, "collections.deque[Tuple[int, bytes]]"] = {}
         self._bytes: Dict[str, int] = {}
         self._dropped: Dict[str, int] = {}
+        #: Every frame kept, oldest first, as (user, seq): a frame is the
+        #: oldest of its user's when it comes up here, unless gone already.
+        self._order: "collections.deque[Tuple[str, int]]" = collections.deque()
+        self._total = 0
 
     def publish(self, user: str, fields: Dict[str, object]) -> bytes:
         """Give an event for ``user`` the next id, keep it, return its frame."""
@@ -6585,12 +6832,28 @@ class WebEventBuffer:
             frames = self._frames[user] = collections.deque()
             self._bytes[user] = 0
         frames.append((self._seq, frame))
+        self._order.append((user, self._seq))
         self._bytes[user] += len(frame)
+        self._total += len(frame)
         while frames and (len(frames) > self.max_events or self._bytes[user] > self.max_bytes):
-            seq, old = frames.popleft()
-            self._bytes[user] -= len(old)
-            self._dropped[user] = seq
+            self._drop_oldest(user)
+        while self._total > self.max_total_bytes:
+            oldest, seq = self._order.popleft()
+            mine = self._frames.get(oldest)
+            if mine and mine[0][0] == seq:
+                self._drop_oldest(oldest)
+        if len(self._order) > 2 * self.max_events * max(1, len(self._frames)):
+            # Entries of frames dropped per user: rebuilt, so memory follows what is kept.
+            self._order = collections.deque(sorted(
+                ((u, seq) for u, mine in self._frames.items() for seq, _f in mine),
+                key=lambda entry: entry[1]))
         return frame
+
+    def _drop_oldest(self, user: str) -> None:
+        seq, old = self._frames[user].popleft()
+        self._bytes[user] -= len(old)
+        self._total -= len(old)
+        self._dropped[user] = seq
 
     def last_id(self) -> str:
         return "%s-%d" % (self.epoch, self._seq)
@@ -6607,18 +6870,19 @@ class WebEventBuffer:
         else:
             after = int(seq_text)
         missed = [frame for seq, frame in frames if seq > after]
-        complete = self._dropped.get(user, 0) <= after or epoch != self.epoch
+        # With an earlier daemon's id, all since this start is wanted: was it kept?
+        complete = self._dropped.get(user, 0) <= after
         return missed, complete and (after <= self._seq)
 
     def retain(self, users: Iterable[str]) -> None:
         keep = set(users)
         for user in [u for u in self._frames if u not in keep]:
             del self._frames[user]
-            self._bytes.pop(user, None)
+            self._total -= self._bytes.pop(user, 0)
             self._dropped.pop(user, None)
 
     def held_bytes(self) -> int:
-        return sum(self._bytes.values())
+        return self._total
 
 
 # -- routes ------------------------------------------------------------------------
@@ -6706,25 +6970,32 @@ class WebAuthFailed(CtiError):
 
 def _login_check(ctx: WebRequestContext, name: str, secret: str,
                  how: str) -> Union[UserConfig, WebReply]:
-    """LOGIN's rules on the web: the same secrets, ``host=`` and throttle;
-    the account, or the reply refusing it."""
+    """LOGIN's rules on the web, with LOGIN's own throttle object: the same
+    check_login, the same address blocks and delays and the same per-name
+    cool-down, counted together (a guess on the web port is a guess).  The
+    account, or the reply refusing it."""
     view, key = ctx.view, address_key(ctx.peer_host)
-    if view.throttle.blocked_for(key, ctx.now) > 0:
+    throttle = view.throttle
+    if throttle.blocked_for(key, ctx.now) > 0:
         return WebReply(error_response(429, "too many failed logins from your address, "
                                             "try again later"), close=True)
-    account = view.users.get(name)
-    # Compare even for unknown users, so timing does not tell them apart.
-    expected = account.secret if account is not None else "\0unknown user"
-    secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
-    if account is not None and secret_ok and account.host_allowed(ctx.peer_host):
+    wait = throttle.account_wait(name, key, ctx.now)
+    if wait > 0:
+        # Unheard, as LOGIN: the secret is not even compared.
+        return WebReply(error_response(429, "too many failed logins for this user, try "
+                                            "again in %d s" % math.ceil(wait)))
+    account, why = check_login(view.users, name, secret, ctx.peer_host)
+    if account is not None:
+        throttle.account_succeeded(account.name, key)
         return account
-    why = ("unknown user" if account is None else
-           "wrong secret" if not secret_ok else "address not allowed by host=")
     log.warning("%s: %s login as %r refused: %s", ctx.tag, how, name[:64], why)
-    delay, blocked = view.throttle.failed(key, ctx.now)
+    delay, blocked, pause = throttle.login_failed(name[:64], key, ctx.now)
+    if pause:
+        log.warning("%s: logins as %r held back %g s: more than %d failed logins as it "
+                    "lately", ctx.tag, name[:64], pause, LOGIN_ACCOUNT_FREE)
     if blocked:
         log.warning("%s: logins from %s blocked for %g s after %d failed logins",
-                    ctx.tag, key, view.throttle.block_s, view.throttle.block_after)
+                    ctx.tag, key, throttle.block_s, throttle.block_after)
     challenge = [("WWW-Authenticate", 'Basic realm="ctinotify", charset="UTF-8"')] \
         if how == "basic" else []
     return WebReply(error_response(401, "login failed", challenge), delay_s=delay,
@@ -7052,12 +7323,14 @@ class WatchLoggedIn:
 
 
 class WatchRefused:
-    """The server refused LOGIN (``ERR 401``): retrying cannot help."""
+    """The server refused LOGIN (``ERR 401``), or ``watch --board`` the
+    board (``what`` is ``board``): retrying cannot help."""
 
-    __slots__ = ("reply",)
+    __slots__ = ("reply", "what")
 
-    def __init__(self, reply: str):
+    def __init__(self, reply: str, what: str = "login"):
         self.reply = reply
+        self.what = what
 
 
 class WatchEvent:
@@ -7131,6 +7404,17 @@ def dial_target(text: str) -> str:
         rest = rest.split(";", 1)[0].split("?", 1)[0]
         value = urllib.parse.unquote(rest.rstrip("/"), errors="strict")
     return parse_number(value)
+class WatchBoard:
+    """The reply to BOARD: one ``state`` item per colleague, in order."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: List[WatchEvent]):
+        self.items = items
+
+
+#: The command whose reply a list item belongs to.
+_ITEM_COMMANDS = {"call": "calls", "history": "history", Kind.STATE: "board"}
 
 
 def parse_iso_time(text: Optional[str]) -> Optional[float]:
@@ -7147,24 +7431,35 @@ class WatchSession:
 
     ``receive_line`` takes each line from the server and returns what to
     do: ``WatchSend`` (a command to send), ``WatchLoggedIn``,
-    ``WatchRefused``, ``WatchEvent``, ``WatchMissed`` and ``WatchCalls``.
-    A server that breaks the protocol raises WatchProtocolError.
+    ``WatchRefused``, ``WatchEvent``, ``WatchMissed``, ``WatchCalls`` and
+    ``WatchBoard``.  A server that breaks the protocol raises
+    WatchProtocolError.
 
     After the greeting it sends ``FORMAT json`` (before LOGIN, so even the
     STATUS line that follows a login is JSON) and ``LOGIN``; once logged
-    in, ``HISTORY`` and ``CALLS``.  Replies are matched to commands in
-    order; items (HISTORY, CALL lines) are collected until their ``OK``.
-    Lines in either format are understood whatever was asked for.
+    in, ``HISTORY`` and ``CALLS`` (the user's own calls: if the account
+    has the office board's ``state`` events too, ``EVENTS`` without them
+    first).  With ``board``, ``EVENTS state`` and ``BOARD`` instead, and
+    ``BOARD`` again when the server says the board changed (a reload).
+    Replies are matched to commands in order; items (HISTORY, CALL, STATE
+    lines) are collected until their ``OK``.  Lines in either format are
+    understood whatever was asked for.
     """
 
     def __init__(self, user: str, secret: str, fmt: str = "json",
                  since: Optional[float] = None, history: int = WATCH_HISTORY_CALLS,
-                 since_calls: Optional[Iterable[str]] = None, dial: str = ""):
+                 since_calls: Optional[Iterable[str]] = None, board: bool = False,
+                 dial: str = ""):
         self.user = user
         self._secret = secret
+        #: ``watch --board``: the office board, not the user's calls.
+        self.board = board
         #: ``watch --dial``: the number to DIAL after the login, instead of
         #: asking for HISTORY and CALLS.
         self.dial = dial
+        #: The board's ``state`` events were turned off (plain watch): one
+        #: that comes before the server has read EVENTS is dropped.
+        self._no_state = False
         #: The format asked of the server: ``json`` or ``text``.
         self.fmt = fmt
         #: Missed calls that ended after this (epoch; None: every one listed),
@@ -7215,13 +7510,19 @@ class WatchSession:
         item = self._parse_item(line)
         if item is None:
             return []  # a line type of a newer server
-        if item.kind in ("call", "history"):
-            if not self._pending or self._pending[0] != ("calls" if item.kind == "call"
-                                                          else "history"):
+        if item.kind in ("call", "history") or (item.kind == Kind.STATE and self._pending
+                                                 and self._pending[0] == "board"):
+            # A JSON board item looks like a state event; one pushed before
+            # the server read BOARD is as good an item (the newest wins).
+            if not self._pending or self._pending[0] != _ITEM_COMMANDS[item.kind]:
                 raise WatchProtocolError("a %s item nobody asked for" % item.kind)
             self._items.append(item)
             return []
+        if item.kind == Kind.STATE:
+            return [] if self._no_state else [item]  # a colleague's, not a call's time
         self._saw(parse_iso_time(item.fields.get("time")), item.fields.get("call"))
+        if self.board and item.kind == "status" and item.fields.get("board") == "changed":
+            return [item, self._command("board", "BOARD")]
         return [item]
 
     def _parse_item(self, line: str) -> Optional[WatchEvent]:
@@ -7241,7 +7542,7 @@ class WatchSession:
         except ValueError as e:
             raise WatchProtocolError("not a protocol line (%s): %r" % (e, line[:80]))
         kind = {"EVENT": kind, "STATUS": "status", "CALL": "call",
-                "HISTORY": "history"}.get(tag, "")
+                "HISTORY": "history", "STATE": Kind.STATE}.get(tag, "")
         if not kind:
             return None
         fields = dict([("event", kind)] + list(values.items()))
@@ -7259,13 +7560,13 @@ class WatchSession:
             if not ok:
                 raise WatchProtocolError("LOGIN answered %r" % line[:80])
             self.state = "ready"
-            if self.dial:
-                return [WatchLoggedIn(line), self._command("dial", "DIAL " + self.dial)]
-            return [WatchLoggedIn(line),
-                    self._command("history", "HISTORY %d" % self.history),
-                    self._command("calls", "CALLS")]
+            return [WatchLoggedIn(line)] + self._after_login(line)
         if command == "format" and not ok:
             raise WatchProtocolError("FORMAT json answered %r" % line[:80])
+        if command in ("board", "board events") and not ok:
+            return [WatchRefused(line, "board")]
+        if command == "board":
+            return [WatchBoard(items)]
         if command == "history":
             # An older server: ERR 400 unknown command.  Nothing to list then.
             self._history_done = True
@@ -7275,6 +7576,22 @@ class WatchSession:
         if command == "dial":
             return [WatchDialed(line)]
         return []
+
+    def _after_login(self, reply: str) -> List[WatchSend]:
+        """The commands after ``OK logged in as alice; events=...``."""
+        if self.dial:
+            return [self._command("dial", "DIAL " + self.dial)]
+        if self.board:
+            return [self._command("board events", "EVENTS state"),
+                    self._command("board", "BOARD")]
+        kinds = reply.partition("events=")[2].split(",")
+        others = [kind for kind in kinds if kind and kind != Kind.STATE]
+        first = []
+        if Kind.STATE in kinds and others:
+            self._no_state = True
+            first = [self._command("events", "EVENTS " + ",".join(others))]
+        return first + [self._command("history", "HISTORY %d" % self.history),
+                        self._command("calls", "CALLS")]
 
     def _missed(self, records: List[WatchEvent]) -> List[WatchEvent]:
         missed = []
@@ -7459,6 +7776,9 @@ def render_event(event: WatchEvent) -> str:
         when = _local_time(f.get("time"), "%H:%M:%S")
     if event.kind == "status":
         text = _status_text(f)
+    elif event.kind == Kind.STATE:
+        when = _local_time(f.get("since"), "%H:%M:%S")
+        text = _board_said(f)
     else:
         said = _SAID.get(event.kind)
         if said is not None:
@@ -7475,6 +7795,8 @@ def render_event(event: WatchEvent) -> str:
 def _status_text(f: Dict[str, str]) -> str:
     if f.get("server") == "stopping":
         return "the ctinotify server is stopping"
+    if f.get("board") == "changed":
+        return "the board changed (the server's configuration was reloaded)"
     if f.get("pbx") == "up":
         return "PBX connected"
     if f.get("pbx") == "down":
@@ -7487,6 +7809,93 @@ def _status_text(f: Dict[str, str]) -> str:
     return encode_text_line("", {k: v for k, v in f.items() if k != "event"}).strip()
 
 
+# -- the office board: watch --board -------------------------------------------
+
+#: Columns of the board table: name and numbers are cut to these widths.
+BOARD_NAME_CHARS = 24
+BOARD_NUMBERS_CHARS = 12
+
+
+def _board_who(f: Dict[str, str]) -> str:
+    """``Alice Smith (100)``: a colleague as the board names them."""
+    name, numbers = f.get("name") or f.get("user", "?"), f.get("numbers", "")
+    return "%s (%s)" % (name, numbers) if numbers and numbers != name else name
+
+
+def _board_with(f: Dict[str, str]) -> str:
+    """``from John Customer <+15551230001>`` (or ``to ...``): with whom,
+    for a viewer with board_details; empty otherwise."""
+    if not (f.get("with_num") or f.get("with_name")):
+        return ""
+    if f.get("direction") == "out":
+        return "to " + _called(f, "with")
+    return "from " + _caller(f, "with")
+
+
+def _board_said(f: Dict[str, str]) -> str:
+    state = f.get("state", "")
+    text = "%s: %s" % (_board_who(f), BOARD_STATE_WORDS.get(state, state))
+    with_whom = _board_with(f)
+    return text + ("  " + with_whom if with_whom else "")
+
+
+def board_timer(seconds: float) -> str:
+    """How long a state has lasted: ``0:07``, ``12:40``, ``1:02:03``, ``2d 03h``."""
+    seconds = max(0, int(seconds))
+    if seconds >= 86400:
+        return "%dd %02dh" % (seconds // 86400, seconds % 86400 // 3600)
+    if seconds >= 3600:
+        return "%d:%02d:%02d" % (seconds // 3600, seconds % 3600 // 60, seconds % 60)
+    return "%d:%02d" % (seconds // 60, seconds % 60)
+
+
+def _cut(text: str, chars: int) -> str:
+    return text if len(text) <= chars else text[:chars - 1] + "~"
+
+
+class BoardTable:
+    """``watch --board``: the office board as a table of text.
+
+    ``reset`` takes the BOARD reply, ``update`` each ``state`` event (a
+    colleague not yet on it is added at the end); ``render(now)`` is the
+    table with each state's timer at that time, one string per row, and
+    ``note`` a line above it (the PBX link down, say).  Control characters
+    from the server (a caller ID) are shown escaped: a row stays one row.
+    """
+
+    HEADINGS = ("NAME", "NUMBER", "STATE", "FOR", "WITH")
+
+    def __init__(self) -> None:
+        #: user -> the fields of their latest line, in the server's order.
+        self.rows: Dict[str, Dict[str, str]] = {}
+        self.note = ""
+
+    def reset(self, items: Iterable[WatchEvent]) -> None:
+        self.rows = {}
+        for item in items:
+            self.update(item)
+
+    def update(self, event: WatchEvent) -> None:
+        self.rows[event.fields.get("user", "")] = event.fields
+
+    def render(self, now: float) -> List[str]:
+        table = [self.HEADINGS]
+        for f in self.rows.values():
+            since = parse_iso_time(f.get("since"))
+            state = f.get("state", "")
+            table.append((
+                _cut((f.get("name") or f.get("user", "?")).translate(_DISPLAY_ESCAPES),
+                     BOARD_NAME_CHARS),
+                _cut(f.get("numbers", "").translate(_DISPLAY_ESCAPES), BOARD_NUMBERS_CHARS),
+                BOARD_STATE_WORDS.get(state, state.translate(_DISPLAY_ESCAPES)),
+                board_timer(now - since) if since is not None else "",
+                _board_with(f).translate(_DISPLAY_ESCAPES)))
+        widths = [max(len(row[col]) for row in table) for col in range(4)]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4]
+                 for row in table]
+        if not self.rows:
+            lines.append("(nobody on your board)")
+        return ([self.note] if self.note else []) + [line.rstrip() for line in lines]
 #: ``STATUS dial=...``: what became of a DIAL, in words.
 _DIAL_SAID = {
     "answered": "your phone answered, calling {number}",
@@ -7564,7 +7973,10 @@ class ExecHook:
         return cls(kind, template)
 
     def wants(self, kind: str) -> bool:
-        return kind == self.kind or (self.kind == "all" and kind in EVENT_KINDS)
+        # "all" is every kind of call event: a colleague's state (watch
+        # --board) runs only a hook that names it.
+        return kind == self.kind or (self.kind == "all" and kind in EVENT_KINDS and
+                                     kind != Kind.STATE)
 
     def argv(self, fields: Dict[str, str]) -> List[str]:
         return [fill_placeholders(arg, fields) for arg in self.template]
@@ -7851,6 +8263,8 @@ class ClientConnection:
     #: state -> the method called when its deadline passes.
     _EXPIRED = {CONN_HANDSHAKING: "_handshake_expired", CONN_OPEN: "open_expired",
                 CONN_CLOSING: "_linger_expired"}
+    #: What the listener's log line calls the peers.
+    PEERS = "clients"
 
     def __init__(self, hub: "ClientHub", sock: socket.socket, peer: Tuple, tls: bool):
         self.hub = hub
@@ -7923,6 +8337,14 @@ class ClientConnection:
 
     def connection_lost(self) -> None:
         """The socket is closed: drop what the protocol holds."""
+
+    def account_changed(self, users: Dict[str, UserConfig]) -> None:
+        """A reload: the session goes on with its account as it is now, or ends."""
+
+    @staticmethod
+    def refusal_bytes(status: int, text: str) -> bytes:
+        """What a connection refused at accept is sent (plain text only)."""
+        return ("ERR %d %s\r\n" % (status, text)).encode("utf-8")
 
     # -- events from the loop -------------------------------------------------
 
@@ -8267,13 +8689,12 @@ class LineClient(ClientConnection):
         held back (they wait in the loop, never in a sleep)."""
         throttle, now = self.hub.throttle, self.hub.loop.now
         name = self.session.failed_as[:64]
-        pause = throttle.account_failed(name, now)
+        delay, blocked, pause = throttle.login_failed(name, self.host_key, now)
         if pause:
             self.hub.loop.log_repeated("account " + name, logging.WARNING,
                                        "%s: logins as %r held back %g s: more than %d failed "
                                        "logins as it lately", self.tag, name, pause,
                                        LOGIN_ACCOUNT_FREE)
-        delay, blocked = throttle.failed(self.host_key, now)
         if blocked:
             log.warning("client %s: logins from %s blocked for %g s after %d failed logins",
                         self.host, self.host_key, throttle.block_s, throttle.block_after)
@@ -8385,6 +8806,251 @@ class LineClient(ClientConnection):
         self.held.clear()
 
 
+def board_bytes(entry: BoardEntry, details: bool, fmt: str) -> bytes:
+    """A board change in a connection's format: its ``EVENT state`` line
+    (encoded once per kind of viewer), or on an event stream an SSE event
+    without an id (a page that reconnects asks for the board again)."""
+    if fmt == SSE_FORMAT:
+        return encode_sse_event(entry.fields(details))
+    return entry.event_bytes(details, fmt)
+
+
+def status_bytes(fields: Dict[str, object], fmt: str) -> bytes:
+    """A link or server status in a connection's format: a STATUS line, or
+    on an event stream an SSE event without an id (status is not replayed:
+    each stream starts with the links' status as they are then)."""
+    if fmt == SSE_FORMAT:
+        return encode_sse_event(dict({"event": "status"}, **fields))
+    return encode_status(fields, fmt)
+
+
+class HttpClient(ClientConnection):
+    """HTTP on a client connection (``web_port``): an HttpRequestParser in,
+    route_web_request's responses out, one request at a time; ``GET
+    /events`` turns the connection into an event stream for its user.
+
+    Nothing a browser sends can hold the loop or the connection forever:
+    the head of each request must be in within ``web_request_timeout``
+    (HTTP_HEADER_TIMEOUT_S) of the accept or of the previous response (408
+    if it was begun, else a silent close: the keep-alive idle timeout), its
+    body within as long again after its head; input waiting behind a
+    held-back reply is bounded.  A
+    failed login's reply is held back for the throttle's delay, as LOGIN's;
+    three on one connection close it.  A stream takes no more input, gets
+    its user's events and status lines from the hub (SSE_FORMAT), a
+    heartbeat comment every SSE_HEARTBEAT_S, and the line clients' output
+    limits."""
+
+    __slots__ = ("parser", "stream", "account", "request_by", "body_by", "hold_until",
+                 "held", "failed_logins")
+
+    #: What the listener's log line calls the peers.
+    PEERS = "web browsers"
+
+    def __init__(self, hub: "ClientHub", sock: socket.socket, peer: Tuple, tls: bool):
+        super().__init__(hub, sock, peer, tls)
+        self._tag = "web %s:%s" % (self.host, peer[1] if peer else "?")
+        self.parser: Optional[HttpRequestParser] = HttpRequestParser()
+        #: Once ``GET /events`` is answered: the stream, and its account as
+        #: it is now (a reload may change its event kinds).
+        self.stream: Optional[WebStream] = None
+        self.account: Optional[UserConfig] = None
+        #: The next request's head must be in by then; its body by body_by.
+        self.request_by = self.deadline
+        self.body_by: Optional[float] = None
+        #: A failed login's response, held back until hold_until: (bytes, keep-alive).
+        self.hold_until: Optional[float] = None
+        self.held: Optional[Tuple[bytes, bool]] = None
+        self.failed_logins = 0
+
+    @staticmethod
+    def refusal_bytes(status: int, text: str) -> bytes:
+        return encode_response(error_response(status, text), keep_alive=False)
+
+    @property
+    def user(self) -> Optional[UserConfig]:
+        return self.account
+
+    @property
+    def fmt(self) -> str:
+        return SSE_FORMAT
+
+    def wants(self, kind: str) -> bool:
+        return self.account is not None and kind in self.account.events
+
+    def connection_made(self) -> None:
+        log.debug("%s: connected%s", self.tag, " (TLS)" if self.tls else "")
+        self.request_by = self.hub.loop.now + self.hub.config.web_request_timeout
+        self._update_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser is None:
+            return  # an event stream: the browser has nothing more to say
+        self.parser.receive_data(data)
+        if self.hold_until is not None and \
+                self.parser.buffered_bytes > MAX_HTTP_PENDING_INPUT_BYTES:
+            self._refuse(HttpProtocolError(400, "more than %d bytes sent ahead of a reply"
+                                           % MAX_HTTP_PENDING_INPUT_BYTES))
+            return
+        self._process_input()
+
+    def eof_received(self) -> None:
+        if self.parser is not None:
+            self.parser.receive_data(b"")
+        if self.hold_until is not None:
+            self.watch()  # _release answers, then closes
+            return
+        self._process_input()
+        self.finish("closed by the client")
+
+    def _process_input(self) -> None:
+        """Answer the complete requests received, one at a time, unless a
+        reply is held back or the connection became a stream."""
+        try:
+            while self.state == CONN_OPEN and self.parser is not None and \
+                    self.hold_until is None:
+                event = self.parser.next_event()
+                if event is None:
+                    break
+                if isinstance(event, HttpContinue):
+                    self.queue(HTTP_CONTINUE_BYTES)
+                else:
+                    self._request(event)
+        except HttpProtocolError as e:
+            self._refuse(e)
+            return
+        parser = self.parser
+        if self.state == CONN_OPEN and parser is not None and self.hold_until is None:
+            if parser.state == "body" and self.body_by is None:
+                self.body_by = self.hub.loop.now + self.hub.config.web_request_timeout
+            self._update_deadline()
+
+    def _refuse(self, error: HttpProtocolError) -> None:
+        """A request we do not take: its 4xx (or 5xx), then close."""
+        self.parser = None
+        self.finish("refused: %d %s" % (error.status, error.text),
+                    http_error_bytes(error, self.hub.loop.wall), logging.WARNING)
+
+    def _request(self, request: HttpRequest) -> None:
+        hub, now = self.hub, self.hub.loop.now
+        reply = route_web_request(request, hub.view, self.host, now, self.tls, self.tag)
+        self.body_by = None
+        log.debug("%s: %s %s %d", self.tag, request.method, request.path[:80],
+                  reply.response.status)
+        if reply.failed_login:
+            self.failed_logins += 1
+            if self.failed_logins >= MAX_LOGIN_ATTEMPTS_PER_CONNECTION:
+                reply.close = True
+        keep = request.keep_alive and not reply.close
+        data = encode_response(reply.response, keep, request.method == "HEAD", hub.loop.wall)
+        if reply.ended:
+            hub.end_web_sessions(reply.ended, "logged out")
+        hub.watch_sessions()
+        if reply.stream is not None:
+            self.queue(data)
+            self._start_stream(reply.stream)
+        elif reply.delay_s > 0:
+            self.hold_until = now + reply.delay_s
+            self.held = (data, keep)
+            self._update_deadline()
+        else:
+            self._respond(data, keep)
+
+    def _respond(self, data: bytes, keep: bool) -> None:
+        self.queue(data)
+        if keep:
+            self.request_by = self.hub.loop.now + self.hub.config.web_request_timeout
+        else:
+            self.parser = None
+            self.finish("answered, not kept alive")
+
+    def _start_stream(self, stream: WebStream) -> None:
+        account = self.hub.view.users.get(stream.user)
+        if account is None:  # the route just found it: cannot happen
+            self.finish("no such account")
+            return
+        self.stream, self.account, self.parser = stream, account, None
+        self._tag = "web %s@%s" % (account.name, self._tag.partition(" ")[2])
+        self.hub.subscribe(self, account.name)
+        self.hub.add_stream(self)
+        self.set_deadline(None)
+
+    def _release(self) -> None:
+        """A held-back reply is due: send it, go on with the input."""
+        held, self.held, self.hold_until = self.held, None, None
+        if held is not None:
+            self._respond(*held)
+        if self.state != CONN_OPEN:
+            return
+        self._process_input()
+        if self.peer_eof and self.hold_until is None:
+            self.finish("closed by the client")
+        else:
+            self.watch()
+
+    def _update_deadline(self) -> None:
+        if self.state != CONN_OPEN or self.stream is not None:
+            return
+        if self.hold_until is not None:
+            self.set_deadline(self.hold_until)
+        else:
+            self.set_deadline(self.body_by if self.body_by is not None else self.request_by)
+
+    def open_expired(self, now: float) -> None:
+        if self.hold_until is not None:
+            if now >= self.hold_until:
+                self._release()
+            return
+        if self.parser is None or self.stream is not None:
+            return
+        timeout = self.hub.config.web_request_timeout
+        if self.body_by is not None and now >= self.body_by:
+            self._refuse(HttpProtocolError(408, "no request body within %g s" % timeout))
+        elif now >= self.request_by:
+            if self.parser.in_progress:
+                self._refuse(HttpProtocolError(408, "no request within %g s" % timeout))
+            else:
+                self.parser = None
+                self.finish("idle for %g s" % timeout)
+
+    def before_finish(self) -> None:
+        held, self.held, self.hold_until = self.held, None, None
+        if held is not None:
+            self.queue(held[0])
+
+    def end_session(self, reason: str) -> None:
+        """Close an event stream, telling the page why first."""
+        fields: Dict[str, object] = {"session": "closed", "reason": reason,
+                                     "time": iso_time(self.hub.loop.wall)}
+        self.finish(reason, status_bytes(fields, SSE_FORMAT))
+
+    def account_changed(self, users: Dict[str, UserConfig]) -> None:
+        """A reload: a stream goes on with its account as it is now, or ends
+        as a line client's session would (the store ends web sessions)."""
+        account = self.account
+        if account is None or self.state != CONN_OPEN:
+            return
+        fresh = users.get(account.name)
+        if fresh is None:
+            self.end_session("account removed by reload")
+        elif fresh.secret != account.secret:
+            self.end_session("secret changed by reload")
+        elif not fresh.host_allowed(self.host):
+            self.end_session("address no longer allowed by host= after reload")
+        else:
+            self.account = fresh
+
+    def log_close(self, reason: str, level: int) -> None:
+        if self.stream is not None:
+            log.log(level, "%s: event stream closed: %s", self.tag, reason)
+        else:
+            super().log_close(reason, level)
+
+    def connection_lost(self) -> None:
+        self.parser = None
+        self.held = None
+
+
 class Listener:
     """A listening socket, and the protocol its connections speak: the
     ClientConnection subclass made for each, in plain text or TLS."""
@@ -8421,9 +9087,18 @@ class ClientHub:
         self.subscribers: Dict[str, Set[ClientConnection]] = {}
         #: Connections with output (or a close) for the flush.
         self.dirty: Set[ClientConnection] = set()
-        self.throttle = LoginThrottle(config.login_fail_delay, config.login_block_after,
-                                      config.login_block_seconds)
+        #: LOGIN's throttle, the web login's too (one object: a guess is a guess).
+        self.throttle = view.throttle
+        self.throttle.configure(config.login_fail_delay, config.login_block_after,
+                                config.login_block_seconds)
+        #: The connections that are event streams: the heartbeat's.
+        self.streams: Set[ClientConnection] = set()
+        #: The office board's viewers (users whose board is not none) and
+        #: what each may see: ``state`` events go to these users only.
+        self.board_scopes = board_scopes(config.users)
         self._resume_timer: Optional[Timer] = None
+        self._heartbeat_timer: Optional[Timer] = None
+        self._session_timer: Optional[Timer] = None
 
     # -- listening and accepting ------------------------------------------------
 
@@ -8451,8 +9126,8 @@ class ClientHub:
         self.listeners.append(listener)
         self._watch_listener(listener)
         host, real_port = listener.address
-        log.info("ctinotify %s listening for %sclients on %s port %d",
-                 __version__, "TLS " if tls else "", host, real_port)
+        log.info("ctinotify %s listening for %s%s on %s port %d",
+                 __version__, "TLS " if tls else "", listener.protocol.PEERS, host, real_port)
         return listener
 
     def _watch_listener(self, listener: Listener) -> None:
@@ -8498,20 +9173,22 @@ class ClientHub:
             self._watch_listener(listener)
         log.info("accepting connections again")
 
-    def _refusal(self, key: str) -> Optional[Tuple[str, bytes, str]]:
-        """Why a new connection from ``key`` is refused: (kind, reply, why)."""
+    def _refusal(self, key: str) -> Optional[Tuple[str, int, str, str]]:
+        """Why a new connection from ``key`` is refused: (kind, status, text
+        for the peer, why for the log).  Line and web connections count
+        together."""
         cfg = self.config
         if len(self.clients) >= cfg.max_clients:
-            return ("max_clients", b"ERR 503 too many connections, try again later\r\n",
+            return ("max_clients", 503, "too many connections, try again later",
                     "%d connections already (max_clients)" % len(self.clients))
         if self.per_host.get(key, 0) >= cfg.max_clients_per_host:
-            return ("max_clients_per_host", b"ERR 503 too many connections from your address\r\n",
+            return ("max_clients_per_host", 503, "too many connections from your address",
                     "%d connections from %s already (max_clients_per_host)"
                     % (self.per_host[key], key))
         blocked = self.throttle.blocked_for(key, self.loop.now)
         if blocked:
-            return ("blocked", b"ERR 429 too many failed logins from your address, "
-                    b"try again later\r\n",
+            return ("blocked", 429, "too many failed logins from your address, "
+                    "try again later",
                     "logins from %s blocked for %d more s" % (key, int(blocked) + 1))
         return None
 
@@ -8520,7 +9197,8 @@ class ClientHub:
         key = address_key(host)
         refusal = self._refusal(key)
         if refusal is not None:
-            kind, reply, why = refusal
+            kind, status, text, why = refusal
+            reply = listener.protocol.refusal_bytes(status, text)
             self.loop.log_repeated(kind, logging.WARNING, "client %s:%s: refused: %s",
                                    host, peer[1] if peer else "?", why)
             if not listener.tls:  # a fresh socket: one short send cannot block
@@ -8566,6 +9244,7 @@ class ClientHub:
     def forget(self, conn: ClientConnection) -> None:
         """A closed connection leaves every count and subscription."""
         self.clients.discard(conn)
+        self.streams.discard(conn)
         count = self.per_host.get(conn.host_key, 0) - 1
         if count > 0:
             self.per_host[conn.host_key] = count
@@ -8580,15 +9259,24 @@ class ClientHub:
                     del self.subscribers[user.name]
 
     def deliver(self, notifications: List[Notification]) -> None:
-        """Each notification to the connections of its user that want its kind."""
+        """Each notification to the connections of its user that want its
+        kind.  With the web on, each one the account takes goes into the
+        user's replay buffer first, whoever is connected: a page that
+        reconnects with ``Last-Event-ID`` catches up from there, and its
+        frame (with its id) is what every event stream of the user gets."""
+        users, events = self.config.users, self.view.events
         for note in notifications:
             conns = self.subscribers.get(note.user)
-            if not conns:
+            account = users.get(note.user)
+            web = self.config.web and account is not None and note.kind in account.events
+            if not conns and not web:
                 continue
             # The same for every session of the user, so encoded once per format.
-            fields = with_popup_url(note.fields, self.config.users.get(note.user))
+            fields = with_popup_url(note.fields, account)
             encoded: Dict[str, bytes] = {}
-            for conn in conns:
+            if web:
+                encoded[SSE_FORMAT] = events.publish(note.user, fields)
+            for conn in conns or ():
                 if not conn.wants(note.kind):
                     continue
                 fmt = conn.fmt
@@ -8597,15 +9285,76 @@ class ClientHub:
                     data = encoded[fmt] = encode_notification(fields, fmt)
                 conn.queue(data)
 
+    def deliver_board(self, changes: List[BoardChange]) -> None:
+        """Each change of the office board to the connections that want
+        ``state`` of the viewers allowed to see it: the line is encoded once
+        per change, kind of viewer (details or not) and format."""
+        scopes, subscribers = self.board_scopes, self.subscribers
+        # Whichever is fewer: the viewers, or the users logged in.
+        viewers = scopes if len(scopes) <= len(subscribers) else subscribers
+        for change in changes:
+            entry = change.entry
+            for viewer in viewers:
+                scope = scopes.get(viewer)
+                conns = subscribers.get(viewer)
+                if scope is None or not conns or view_change(change, scope) is None:
+                    continue
+                for conn in conns:
+                    if conn.wants(Kind.STATE):
+                        conn.queue(board_bytes(entry, scope.details, conn.fmt))
+
     def broadcast_status(self, fields: Dict[str, object]) -> None:
-        """A STATUS line to every logged-in connection."""
+        """A STATUS line to every logged-in connection and event stream."""
         encoded: Dict[str, bytes] = {}
         for conns in self.subscribers.values():
             for conn in conns:
                 fmt = conn.fmt
                 if fmt not in encoded:
-                    encoded[fmt] = encode_status(fields, fmt)
+                    encoded[fmt] = status_bytes(fields, fmt)
                 conn.queue(encoded[fmt])
+
+    # -- event streams and web sessions -----------------------------------------
+
+    def add_stream(self, conn: ClientConnection) -> None:
+        """``conn`` is an event stream now: it gets the heartbeat."""
+        self.streams.add(conn)
+        if self._heartbeat_timer is None:
+            self._heartbeat_timer = self.loop.at(self.loop.now + SSE_HEARTBEAT_S,
+                                                 self._heartbeat)
+
+    def _heartbeat(self, now: float) -> None:
+        """A comment on every stream (one timer for all of them): proxies
+        and NAT boxes see traffic, a vanished browser shows as a failed write."""
+        self._heartbeat_timer = None
+        if not self.streams:
+            return
+        comment = encode_sse_comment()
+        for conn in self.streams:
+            conn.queue(comment)
+        self._heartbeat_timer = self.loop.at(now + SSE_HEARTBEAT_S, self._heartbeat)
+
+    def end_web_sessions(self, sessions: List[WebSession], reason: str) -> None:
+        """Web sessions ended (logout, expiry, reload): their streams close,
+        telling the page why first."""
+        for session in sessions:
+            for conn in list(self.subscribers.get(session.user, ())):
+                if isinstance(conn, HttpClient) and conn.stream is not None and \
+                        conn.stream.session is session:
+                    conn.end_session(reason)
+
+    def watch_sessions(self) -> None:
+        """Keep a timer on the nearest web session expiry."""
+        due = self.view.sessions.next_expiry()
+        timer = self._session_timer
+        if due is None or timer is not None and not timer.cancelled and timer.when <= due:
+            return
+        self.loop.timers.cancel(timer)
+        self._session_timer = self.loop.at(due, self._expire_sessions)
+
+    def _expire_sessions(self, now: float) -> None:
+        self._session_timer = None
+        self.end_web_sessions(self.view.sessions.expire(now), "session expired")
+        self.watch_sessions()
 
     def flush(self) -> None:
         """Write every connection's output: once per pass, before the sleep."""
@@ -8618,14 +9367,31 @@ class ClientHub:
     def reconfigure(self, config: Config) -> None:
         """A reload: new limits for everyone, and every session checked
         against its account as it is now (bind and ports stay)."""
+        old_users, old_scopes = list(self.config.users), self.board_scopes
         self.config = config
         if config.tls_context is not None and self.tls_context is not None:
             self.tls_context = config.tls_context  # a renewed certificate, for new connections
         self.throttle.configure(config.login_fail_delay, config.login_block_after,
                                 config.login_block_seconds)
         for conn in list(self.clients):
-            if isinstance(conn, LineClient):
-                conn.account_changed(config.users)
+            conn.account_changed(config.users)
+        # Web sessions of users removed or with a new secret end (their
+        # streams closed above already); later logins last the new hours.
+        view = self.view
+        self.end_web_sessions(view.sessions.reconfigure(config.users,
+                                                        config.web_session_hours * 3600),
+                              "account changed by reload")
+        view.events.retain(config.users)
+        self.watch_sessions()
+        self.board_scopes = board_scopes(config.users)
+        changed = board_views_changed(old_scopes, old_users, self.board_scopes, config.users)
+        if changed:
+            # Ask again: a colleague no longer on someone's board must
+            # leave their screen, and no state event will say so.
+            fields = {"board": "changed", "time": iso_time(self.loop.wall)}
+            for viewer in changed:
+                for conn in self.subscribers.get(viewer, ()):
+                    conn.queue(status_bytes(fields, conn.fmt))
 
     def close_all(self, reason: str) -> None:
         """Shutdown: a last STATUS line to the logged-in, then every
@@ -8633,10 +9399,11 @@ class ClientHub:
         stopping = {"server": "stopping", "time": iso_time(self.loop.wall)}
         for conn in list(self.clients):
             if conn.user is not None:
-                conn.queue(encode_status(stopping, conn.fmt))
+                conn.queue(status_bytes(stopping, conn.fmt))
             conn.send()
             conn.close(reason)
-        self.loop.timers.cancel(self._resume_timer)
+        for timer in (self._resume_timer, self._heartbeat_timer, self._session_timer):
+            self.loop.timers.cancel(timer)
         self.close_listeners()
 
 
@@ -9003,6 +9770,9 @@ class AmiLink:
                                        "%s: ignored a message that is neither an event nor a "
                                        "response: %.200r", self.tag, dict(msg) or msg.body)
                 return
+        if event in BOARD_AMI_EVENTS:  # phones' states: the board's, none of the engine's
+            self.owner.board_message(self, msg)
+            return
         try:
             notifications = self.engine.handle(msg, self.loop.wall)
         except Exception:
@@ -9021,6 +9791,7 @@ class AmiLink:
         self.engine.begin_resync()
         self.send_action("CoreShowChannels", on_reply=self._resync_reply)
         self.send_action("QueueStatus")
+        self.owner.link_resyncing(self)
 
     def _resync_reply(self, msg: Optional[AmiMessage]) -> None:
         if msg is None:
@@ -9408,25 +10179,29 @@ class CallLog:
         log.info("history: %d calls from %s", loaded, self.path)
 
 
-class DaemonView(ServerView):
-    """The running daemon as its client sessions see it: the accounts, the
-    calls in progress on every PBX, the call history, login blocks and the
-    links' status (the clock is read here, not in sessions)."""
+class DaemonView(WebView):
+    """The running daemon as its client sessions and web requests see it:
+    the accounts, the calls in progress on every PBX, the call history,
+    the login throttle, the web sessions and replay buffer, and the links'
+    status (the clock is read here, not in sessions)."""
 
     def __init__(self, daemon: "Daemon"):
-        super().__init__(daemon.config.users, None, daemon.calllog.history)
+        config = daemon.config
+        super().__init__(config.users, None, daemon.calllog.history,
+                         sessions=WebSessionStore(config.web_session_hours * 3600),
+                         throttle=LoginThrottle(config.login_fail_delay,
+                                                config.login_block_after,
+                                                config.login_block_seconds))
         self._daemon = daemon
 
     def engines(self) -> List[CallEngine]:
         return [link.engine for link in self._daemon.links]
 
     def login_blocked(self, peer_host: str) -> bool:
-        daemon = self._daemon
-        return daemon.hub.throttle.blocked_for(address_key(peer_host), daemon.loop.now) > 0
+        return self.throttle.blocked_for(address_key(peer_host), self._daemon.loop.now) > 0
 
     def account_wait(self, name: str, peer_host: str) -> float:
-        daemon = self._daemon
-        return daemon.hub.throttle.account_wait(name, address_key(peer_host), daemon.loop.now)
+        return self.throttle.account_wait(name, address_key(peer_host), self._daemon.loop.now)
 
     def pbx_statuses(self) -> List[Dict[str, object]]:
         """A STATUS line's fields per PBX, for a client that just logged in."""
@@ -9444,6 +10219,25 @@ class DaemonView(ServerView):
 
     def send_plan(self, plan: ActionPlan, session: ClientSession) -> List[str]:
         return self._daemon.actions.send(plan, session)
+    def link_status(self) -> List[Dict[str, object]]:
+        return self.pbx_statuses()
+
+    def board(self, user: str) -> Optional[List[Dict[str, object]]]:
+        scope = self._daemon.hub.board_scopes.get(user)
+        return view_board(self._daemon.board, scope) if scope is not None else None
+
+
+#: A board list Asterisk refused: what is missing, and what to do about it.
+_BOARD_LIST_PROBLEMS = {
+    "DeviceStateList": ("the phones' states", "load res_manager_devicestate.so and grant "
+                        "the AMI user write = reporting"),
+    "ExtensionStateList": ("the hints' states", "grant the AMI user write = reporting"),
+}
+
+
+def _board_phones(config: Config) -> set:
+    """What the board follows Asterisk's states of: each user's phones and numbers."""
+    return {(user.name, user.devices, user.extensions) for user in config.users.values()}
 
 
 class Daemon:
@@ -9464,12 +10258,14 @@ class Daemon:
         self.calllog = CallLog(self.loop, config.calllog)
         self.view = DaemonView(self)
         self.hub = ClientHub(self.loop, config, self.view)
+        #: The office board: every user's state, from every PBX.
+        self.board = Board(config.users.values(), self.loop.wall)
         #: One link per PBX ([ami], then each [ami:NAME]).
         self.links: List[AmiLink] = [self._make_link(pbx, config) for pbx in config.pbxes]
         #: DIAL, HANGUP and TRANSFER under way.
         self.actions = ActionDesk(self)
-        #: bind, port and tls_port as started: a reload cannot change them.
-        self._listening = (config.bind, config.port, config.tls_port)
+        #: The listeners as started: a reload cannot change them.
+        self._listening = self._listeners(config)
         self.running = False
         self._pending_signals: List[int] = []
         self._wakeup: Optional[Tuple[socket.socket, socket.socket]] = None
@@ -9486,12 +10282,22 @@ class Daemon:
 
     # -- lifecycle -----------------------------------------------------------
 
+    @staticmethod
+    def _listeners(config: Config) -> Tuple[object, ...]:
+        """What the listening sockets are made of (a reload changes none)."""
+        return (config.bind, config.port, config.tls_port, "yes" if config.web else "no",
+                config.web_port if config.web else None,
+                config.web_tls_port if config.web else None)
+
     def start(self) -> None:
-        """Bind the client ports, open the call log (may raise OSError)."""
-        if self.config.port is not None:
-            self.hub.listen(self.config.port, tls=False)
-        if self.config.tls_port is not None:
-            self.hub.listen(self.config.tls_port, tls=True)
+        """Bind the client and web ports, open the call log (may raise OSError)."""
+        config = self.config
+        for port, tls, protocol in ((config.port, False, LineClient),
+                                    (config.tls_port, True, LineClient),
+                                    (config.web_port, False, HttpClient),
+                                    (config.web_tls_port, True, HttpClient)):
+            if port is not None and (protocol is LineClient or config.web):
+                self.hub.listen(port, tls, protocol)
         self.calllog.open()
         self.calllog.seed(self.config.users)
         for link in self.links:
@@ -9532,6 +10338,37 @@ class Daemon:
             if note.record is not None:
                 self.calllog.add(note.record)
         self.hub.deliver(notifications)
+        changes = self.board.on_notifications(notifications, self.loop.wall)
+        if changes:
+            self.hub.deliver_board(changes)
+
+    def board_message(self, link: AmiLink, msg: AmiMessage) -> None:
+        """A phone's, hint's or registration's state from a PBX: to the board."""
+        changes = self.board.on_ami(msg, link.config.name, self.loop.wall)
+        if changes:
+            self.hub.deliver_board(changes)
+
+    def link_resyncing(self, link: AmiLink) -> None:
+        """A link logged in and asked for the calls: the board asks for the
+        state of every phone and hint, so that it is right from the first
+        second (also for phones busy before we connected)."""
+        self.board.begin_resync(link.config.name)
+        for action, _end in BOARD_LIST_ACTIONS:
+            link.send_action(action, on_reply=functools.partial(self._board_list_reply, link,
+                                                                action))
+
+    def _board_list_reply(self, link: AmiLink, action: str, msg: Optional[AmiMessage]) -> None:
+        if msg is None or msg.get("Response") in (None, "Success"):
+            return  # the link went down (the next login asks again), or it went well
+        # An Asterisk without res_manager_devicestate.so answers DeviceStateList
+        # "Invalid/unknown command" (main/manager.c), and never sends
+        # DeviceStateChange either; without write = reporting (or call):
+        # "Permission denied".  The board goes on with what it has.
+        what, remedy = _BOARD_LIST_PROBLEMS[action]
+        self.loop.log_repeated("board-list %s %s" % (link.tag, action), logging.WARNING,
+                               "%s: the office board cannot list %s (%s): %s; until then it "
+                               "knows only what calls and registrations say", link.tag, what,
+                               msg.get("Message", "refused")[:200], remedy)
 
     def pbx_status(self, link: AmiLink, reason: str = "") -> Dict[str, object]:
         """``STATUS pbx=up|down``; with several PBXes ``name=`` says which."""
@@ -9604,16 +10441,24 @@ class Daemon:
                 log.error("  %s", problem)
             self.calllog.reopen(self.config.calllog)
             return
-        if (new.bind, new.port, new.tls_port) != self._listening:
-            log.warning("reload: bind, port and tls_port changes need a restart; still on "
-                        "%s port %s, TLS port %s", *self._listening)
+        if self._listeners(new) != self._listening:
+            log.warning("reload: bind, port, tls_port, web, web_port and web_tls_port changes "
+                        "need a restart; still on %s port %s, TLS port %s, web %s, web port "
+                        "%s, web TLS port %s", *self._listening)
+        old_phones = _board_phones(self.config)
         self.config = new
         self.view.users = new.users
         self.calllog.history.retain(new.users)
         for link in self.links:
             link.engine.set_directory(Directory(new.users.values(), link.config.name))
         logging.getLogger("ctinotify").setLevel(new.loglevel.upper())
+        board_changes = self.board.reconfigure(new.users.values(), self.loop.wall)
         self.hub.reconfigure(new)
+        self.hub.deliver_board(board_changes)
+        if _board_phones(new) != old_phones:
+            for link in self.links:
+                if link.up:
+                    self.link_resyncing(link)  # the states of phones new to the board
         self.calllog.reopen(new.calllog)
         self._reload_links(new)
         log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
@@ -9743,6 +10588,84 @@ class WatchState:
                 pass
 
 
+#: ANSI: cursor home; erase to the end of the line; to the end of the screen.
+_ANSI_HOME, _ANSI_ERASE_LINE, _ANSI_ERASE_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
+
+
+def ansi_terminal(out) -> bool:  # type: ignore[no-untyped-def]
+    """Whether ``out`` is a terminal that takes ANSI escapes: any on POSIX;
+    on Windows, a console that agrees to (Windows 10 and newer: the
+    console mode ENABLE_VIRTUAL_TERMINAL_PROCESSING, for standard output)."""
+    try:
+        if not out.isatty():
+            return False
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+    if os.name != "nt":
+        return True
+    try:
+        import ctypes
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.GetStdHandle(-11)  # STD_OUTPUT_HANDLE
+        mode = ctypes.c_uint32()
+        if out is not sys.stdout or not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            return False
+        return bool(kernel32.SetConsoleMode(handle, mode.value | 0x0004))
+    except (ImportError, AttributeError, OSError):
+        return False
+
+
+class BoardScreen:
+    """Where ``watch --board`` shows the board: on a terminal, the table
+    redrawn in place on every change and every second (the timers); else
+    (a pipe, a file, a Windows console without ANSI escapes) one plain
+    line per colleague at the start and per change after, so a script can
+    read it."""
+
+    def __init__(self, out, title: str, tty: Optional[bool] = None):  # type: ignore[no-untyped-def]
+        self.out = out
+        self.title = title
+        self.tty = ansi_terminal(out) if tty is None else tty
+        self.table = BoardTable()
+        self._drawn_at: Optional[int] = None
+
+    def show_board(self, items: List[WatchEvent]) -> None:
+        self.table.reset(items)
+        if self.tty:
+            self.draw(time.time())
+        else:
+            for item in items:
+                self._line(render_event(item))
+
+    def change(self, event: WatchEvent) -> None:
+        if event.kind == Kind.STATE:
+            self.table.update(event)
+        elif event.kind == "status":
+            self.table.note = "" if event.fields.get("pbx") == "up" else render_event(event)
+        if self.tty:
+            self.draw(time.time())
+        else:
+            self._line(render_event(event))
+
+    def tick(self) -> None:
+        """Once a second on a terminal: the timers move on."""
+        now = time.time()
+        if self.tty and self._drawn_at is not None and int(now) != self._drawn_at:
+            self.draw(now)
+
+    def draw(self, now: float) -> None:
+        self._drawn_at = int(now)
+        head = "%s  %s" % (self.title, time.strftime("%H:%M:%S", time.localtime(now)))
+        lines = [head, ""] + self.table.render(now)
+        self.out.write(_ANSI_HOME + "".join(line + _ANSI_ERASE_LINE + "\n" for line in lines)
+                       + _ANSI_ERASE_BELOW)
+        self.out.flush()
+
+    def _line(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
 class WatchClient:
     """``ctinotify watch``: a blocking socket with a short timeout, which
     works the same on Windows, macOS and Linux (no select() on stdin).
@@ -9755,7 +10678,7 @@ class WatchClient:
                  fmt: str = "readable", hooks: Sequence[ExecHook] = (),
                  open_urls: bool = False, state: Optional[WatchState] = None,
                  out=None, tls_context: Optional["ssl.SSLContext"] = None, tls_ca: str = "",
-                 dial: str = ""):
+                 board: bool = False, dial: str = ""):
         self.host = host
         self.port = port
         #: Set: the server's TLS port, its certificate verified (against
@@ -9773,6 +10696,9 @@ class WatchClient:
         self.out = out if out is not None else sys.stdout
         self.children: List[subprocess.Popen] = []
         self.where = "%s port %d" % (host, port)
+        #: ``--board``: the office board instead of the user's calls.
+        self.board = BoardScreen(self.out, "ctinotify board of %s, %s" % (user, self.where)) \
+            if board else None
         #: The connection of the moment: logged in; when the server was
         #: last heard and a PING sent (monotonic).
         self._logged_in = False
@@ -9837,7 +10763,7 @@ class WatchClient:
         session = WatchSession(self.user, self._secret,
                                "text" if self.fmt == "text" else "json", since,
                                since_calls=self.state.last_calls if self.state is not None else (),
-                               dial=self.dial)
+                               board=self.board is not None, dial=self.dial)
         self._logged_in = False
         try:
             return self._serve(sock, session)
@@ -9899,6 +10825,8 @@ class WatchClient:
                 return False, self._logged_in, "no outcome within %g s" % WATCH_DIAL_WAIT_S
             elif session.state == "ready" and not self._keepalive(sock, session, now):
                 return False, self._logged_in, "%s does not answer PING" % self.where
+            if self.board is not None:
+                self.board.tick()
 
     def _dispatch(self, sock: socket.socket, session: WatchSession,
                   framer: LineFramer) -> bool:
@@ -9913,6 +10841,10 @@ class WatchClient:
             if line is None:
                 return False
             for item in session.receive_line(line):
+                if isinstance(item, WatchRefused) and item.what == "board":
+                    log.error("%s shows %s no board (%s): the user's board is none, or "
+                              "their events lack state", self.where, self.user, item.reply)
+                    return True
                 if isinstance(item, WatchRefused):
                     log.error("%s refused the login as %s (%s): check the user, "
                               "the secret, and the host= allowed for the user",
@@ -9945,8 +10877,17 @@ class WatchClient:
             self._send(sock, item)
         elif self.dial:
             self._dial_news(item)
+        elif isinstance(item, WatchBoard):
+            if self.board is not None and self.fmt == "readable":
+                self.board.show_board(item.items)
+            else:
+                for entry in item.items:
+                    self._show(entry)
         elif isinstance(item, WatchEvent):
-            self._show(item)
+            if self.board is not None and self.fmt == "readable":
+                self.board.change(item)
+            else:
+                self._show(item)
             if item.kind in EVENT_KINDS:
                 self._run_hooks(item)
                 if self.open_urls and item.kind == "incoming":
@@ -10297,6 +11238,8 @@ WEB_PAGE_JS = r"""
   }
   function handle(f) {
     if (f.event === "status") { onStatus(f); return; }
+    // Events that belong to no call (the office board's, issue 13) are
+    // dispatched here by their "event", before the calls' steps.
     if (typeof f.call !== "string" && typeof f.call !== "number") { return; }
     var key = keyOf(f), call = state.calls.get(key);
     if (f.event === "queue" || (f.event === "unpark" && !call)) { onActivity(f); return; }
@@ -10595,6 +11538,8 @@ WEB_PAGE_HTML = """<!doctype html>
     <nav class="tabs">
       <button id="tab-now" type="button" class="tab active">Calls now</button>
       <button id="tab-journal" type="button" class="tab">Journal<span id="missed-count" class="badge" hidden></span></button>
+      <!-- Further tabs go here (the office board, issue 13), each with its view
+           beside now-view and journal-view, shown by showView(name). -->
     </nav>
     <div id="now-view">
       <ul id="calls" class="calls"></ul>
@@ -10648,6 +11593,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     config = load_config(path)
     sys.stdout.write(config.describe())
+    if board_scopes(config.users):
+        sys.stdout.write("\n" + "".join("; %s\n" % line for line in BOARD_AMI_NEEDS))
     if not config.users:
         log.warning("%s defines no client users: nobody can log in", path)
     for note in config.advisories():
@@ -11052,9 +11999,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         except ValueError as e:
             log.error("--dial %.80r: %s", args.dial, e)
             return 2
-        if args.hooks or args.open:
+        if args.hooks or args.open or args.board:
             # One DIAL and out: a tel: URL made to carry "--exec" gets nowhere.
-            log.error("--dial takes no --exec or --open")
+            log.error("--dial takes no --exec, --open or --board")
             return 2
     try:
         secret = _read_secret(args, host)
@@ -11076,7 +12023,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         state.load()
     client = WatchClient(host, port, args.user, secret, args.format, args.hooks,
                          args.open, state, tls_context=tls_context, tls_ca=args.tls_ca or "",
-                         dial=number)
+                         board=args.board, dial=number)
     return client.run()
 
 
@@ -11187,6 +12134,11 @@ def _watch_arguments(commands) -> None:  # type: ignore[no-untyped-def]
                           "certificate if self-signed (implies --tls)")
     cmd.add_argument("--format", choices=("readable", "text", "json"), default="readable",
                      help="readable lines (the default), or the server's text or JSON lines")
+    cmd.add_argument("--board", action="store_true",
+                     help="show the office board instead of your calls: every colleague your "
+                          "board setting allows, free, ringing, on the phone, on hold, busy or "
+                          "away, and for how long; a table redrawn in place on a terminal, a "
+                          "line per change otherwise")
     cmd.add_argument("--state", metavar="FILE", default=DEFAULT_WATCH_STATE,
                      help="where to remember when you were last connected, for the missed "
                           "calls (default: %(default)s)")

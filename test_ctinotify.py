@@ -16,6 +16,7 @@ import os
 import pickle
 import queue
 import random
+import select
 import re
 import shutil
 import signal
@@ -25,6 +26,7 @@ import struct
 import subprocess
 import sys
 import threading
+import types
 import time
 
 import pytest
@@ -39,7 +41,7 @@ GOLDEN = os.path.join(HERE, "tests", "golden")
 OFFICE_CONF = os.path.join(HERE, "tests", "office.conf")
 sys.path.insert(0, os.path.join(HERE, "tests"))
 
-from fakeami import FakeAsterisk, trace_events  # noqa: E402
+from fakeami import FakeAsterisk, channel_list, trace_events  # noqa: E402
 
 
 
@@ -85,7 +87,7 @@ STDLIB_FALLBACK = {
     "hmac", "ipaddress", "json", "logging", "os", "re", "selectors", "signal", "socket",
     "sys", "time", "typing", "ssl", "syslog", "stat", "io", "tempfile", "base64",
     "webbrowser", "urllib", "shlex", "getpass", "resource", "subprocess", "datetime",
-    "secrets",
+    "secrets", "ctypes",
 }
 
 
@@ -152,7 +154,8 @@ def test_config_defaults():
         ("0.0.0.0", 5039, "info", "")
     assert (config.ami.host, config.ami.port, config.ami.auth) == ("127.0.0.1", 5038, "plain")
     assert config.ami.ping_interval == 20 and config.ami.reconnect_max == 30
-    assert config.users["a"].events == ctinotify.EVENT_KINDS
+    # state is the office board's: not for a user whose board is none (the default)
+    assert config.users["a"].events == tuple(k for k in ctinotify.EVENT_KINDS if k != "state")
 
 
 def test_config_errors_name_file_line_section_and_key_all_at_once():
@@ -1333,9 +1336,11 @@ class DaemonProcess:
         users_text = users if users is not None else office_text.split("[alice]", 1)[1]
         users_text = users_text if users is not None else "[alice]" + users_text
         self.config.write_text(
-            "[general]\nbind = 127.0.0.1\nport = 0\nloglevel = debug\n%s\n"
+            # web_port=0 without spaces: tests that edit "port = 0" leave it be.
+            "[general]\nbind = 127.0.0.1\nport = 0\nloglevel = debug\n%s%s\n"
             "[ami]\nhost = 127.0.0.1\nport = %d\nusername = ctitest\nsecret = ctitest\n"
-            "reconnect_max = 2\n%s\n%s" % (general, ami_port, ami, users_text))
+            "reconnect_max = 2\n%s\n%s" % ("" if "web_port" in general else "web_port=0\n",
+                                             general, ami_port, ami, users_text))
         os.chmod(str(self.config), 0o600)
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "ctinotify.py"), "run", "-c", str(self.config)],
@@ -1346,6 +1351,12 @@ class DaemonProcess:
         threading.Thread(target=self._read_log, daemon=True).start()
         line = self.wait_log(r"listening for clients on \S+ port (\d+)")
         self.port = int(re.search(r"port (\d+)", line).group(1))
+
+    @property
+    def web_port(self):
+        """The web page's port (``web = yes``, the default)."""
+        line = self.wait_log(r"listening for web browsers on \S+ port (\d+)")
+        return int(re.search(r"port (\d+)", line).group(1))
 
     def _read_log(self):
         for line in self.proc.stdout:
@@ -1735,6 +1746,26 @@ def test_readme_json_example_is_the_golden_event():
     golden.pop("client")
     assert json.loads(line) == golden
     assert ctinotify.encode_notification(golden, "json").decode().rstrip("\r\n") == line
+
+
+def test_readme_sse_example_is_what_the_daemon_streams(fake, daemon_factory):
+    block = readme_block("example-sse: a_inbound_answered")
+    daemon = daemon_factory()
+    web = Http(daemon.web_port)
+    try:
+        web.stream([basic("alice", "alice-secret")])
+        fake.send(ringing_part())
+        while not (b'"event":"incoming"' in web.buffer and web.buffer.endswith(b"\n\n")):
+            web._fill(10.0)
+        text = web.buffer.decode("utf-8")
+    finally:
+        web.close()
+    assert text.endswith("}\n\n")
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) == len(block)
+    for expected, got in zip(block, lines):
+        assert re.sub(r'"time":"[^"]*"|^id: \w+-', "T", got) == \
+            re.sub(r'"time":"[^"]*"|^id: \w+-', "T", expected)
 
 
 def test_readme_commands_exist():
@@ -2573,8 +2604,10 @@ def test_the_demo_serves_recorded_calls_to_a_line_client(tmp_path):
     with open(os.path.join(HERE, "tests", "demo.conf")) as f:
         text = f.read()
     config = tmp_path / "demo.conf"
+    web_port = free_port()
     config.write_text(text.replace("port = 5039", "port = %d" % port)
-                      .replace("port = 15038", "port = %d" % ami_port))
+                      .replace("port = 15038", "port = %d" % ami_port)
+                      .replace("web_port = 5041", "web_port = %d" % web_port))
     os.chmod(str(config), 0o644)  # as a fresh clone has it: no warning for the demo
     demo = subprocess.Popen([sys.executable, os.path.join(HERE, "tests", "fakeami.py"), "--demo",
                              "--config", str(config), "--ami-port", str(ami_port),
@@ -2594,18 +2627,29 @@ def test_the_demo_serves_recorded_calls_to_a_line_client(tmp_path):
         assert any(l.startswith("EVENT incoming ") for l in lines) or \
             client.lines_until(lambda l: l.startswith("EVENT incoming "), timeout=30)
         client.close()
+        web = Http(web_port)  # the page, and the demo user's events for it
+        try:
+            web.request("GET", "/")
+            assert web.response()[2] == ctinotify.WEB_PAGE_BYTES
+            web.stream([basic("demo", "demo")])
+            deadline = time.monotonic() + 30
+            while web.events(1, timeout=30)[0][1]["event"] == "status":
+                assert time.monotonic() < deadline
+        finally:
+            web.close()
     finally:
         stop_process(demo, signal.SIGTERM)
     output = demo.stdout.read()
     assert demo.returncode == 0, output
     assert "LOGIN demo demo" in output and "readable by every user" not in output
+    assert "http://127.0.0.1:5041/" in output
     with pytest.raises(OSError):  # the demo's daemon went with it
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 def deploy_config(path, ami_port, port, general=""):
     path.write_text(
-        "[general]\nbind = 127.0.0.1\nport = %d\n%s\n"
+        "[general]\nbind = 127.0.0.1\nport = %d\nweb_port = 0\n%s\n"
         "[ami]\nhost = 127.0.0.1\nport = %d\nusername = %s\nsecret = %s\nreconnect_max = 2\n"
         "[alice]\nsecret = alice-secret\ndevices = PJSIP/100\nextensions = 100\n"
         % (port, general, ami_port, AMI_USER, AMI_SECRET))
@@ -3621,7 +3665,8 @@ def test_readme_event_examples_are_real_events():
     for line in lines:
         assert line in received, line
         kinds.add(ctinotify.parse_text_line(line)[1])
-    assert kinds == set(ctinotify.EVENT_KINDS) - {"unhold"} | {"hangup"}
+    # state: the office board's, in its own examples (board-example blocks)
+    assert kinds == set(ctinotify.EVENT_KINDS) - {"unhold", "state"} | {"hangup"}
 
 
 def test_readme_calls_example_is_what_calls_says():
@@ -3877,6 +3922,14 @@ def test_render_every_kind_of_every_trace_as_one_line():
             assert re.search(r"  conference  .* (joined|left) room 800, \d members$",
                              render(note.fields)), render(note.fields)
         kinds.add(note.kind)
+    for name in BOARD_TRACES:
+        for event in load_board_golden(name):
+            event = dict(event)
+            event.pop("change")
+            line = render(event)
+            kinds.add(event["event"])
+            assert len(line.splitlines()) == 1 and "unknown" not in line, line
+            assert line.startswith(local_hms(event["since"]) + "  state     ")
     assert kinds >= set(ctinotify.EVENT_KINDS) - {"unhold"}
 
 
@@ -6551,8 +6604,8 @@ def test_out_of_descriptors_while_reconnecting_to_asterisk_is_survived(caplog):
     """EMFILE when the AMI link reconnects: logged, retried, no crash
     (in-process, as the reviewer found it: a Daemon, its timers due)."""
     import resource
-    config = parse_config("[general]\nbind=127.0.0.1\nport=0\n[ami]\nport=1\nusername=a\n"
-                          "secret=b\n[alice]\nsecret=x\ndevices=PJSIP/100\n", "x.conf")
+    config = parse_config("[general]\nbind=127.0.0.1\nport=0\nweb_port=0\n[ami]\nport=1\n"
+                          "username=a\nsecret=b\n[alice]\nsecret=x\ndevices=PJSIP/100\n", "x.conf")
     daemon = ctinotify.Daemon(config)
     daemon.start()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -6740,8 +6793,8 @@ def test_a_sighup_while_starting_is_a_reload_not_death(fake, tmp_path):
     SIGHUP's default action would kill the daemon, and systemd would not
     restart it (a HUP exit counts as clean)."""
     conf = tmp_path / "ctinotify.conf"
-    conf.write_text("[general]\nbind = 127.0.0.1\nport = 0\n[ami]\nhost = 127.0.0.1\n"
-                    "port = %d\nusername = ctitest\nsecret = ctitest\n"
+    conf.write_text("[general]\nbind = 127.0.0.1\nport = 0\nweb_port = 0\n[ami]\n"
+                    "host = 127.0.0.1\nport = %d\nusername = ctitest\nsecret = ctitest\n"
                     "[alice]\nsecret = s\ndevices = PJSIP/100\n" % fake.port)
     os.chmod(str(conf), 0o600)
     code = ("import os, signal, sys; sys.path.insert(0, %r); import ctinotify\n"
@@ -7274,6 +7327,29 @@ def test_event_buffer_is_bounded_and_says_when_a_replay_is_incomplete():
     assert 1 <= len(missed) <= 3 and not complete
     small.retain(["bob"])
     assert small.held_bytes() == 0 and small.replay("alice", "e-1") == ([], True)
+    # An earlier daemon's id wants all of this one's: incomplete once some went.
+    assert buf.replay("alice", "old-7") == (frames[2:], False)
+    assert WebEventBuffer(epoch="e").replay("bob", "old-7") == ([], True)
+
+
+def test_event_buffer_is_bounded_for_all_users_together_oldest_first():
+    buf = WebEventBuffer(epoch="e", max_events=100, max_bytes=100000, max_total_bytes=3000)
+    frames = {}
+    for i in range(400):
+        user = "u%d" % (i % 7)
+        frames.setdefault(user, []).append(buf.publish(user, {"event": "hold", "call": str(i)}))
+        assert buf.held_bytes() <= 3000
+    kept = {user: buf.replay(user, "e-0")[0] for user in frames}
+    assert sum(len(f) for mine in kept.values() for f in mine) == buf.held_bytes() > 2500
+    for user, mine in kept.items():  # each user's newest, none lost in between
+        assert mine == frames[user][len(frames[user]) - len(mine):]
+        assert buf.replay(user, "e-0")[1] is False
+    newest = max(int(parse_sse(f)[0][0][2:]) for mine in kept.values() for f in mine)
+    oldest = min(int(parse_sse(f)[0][0][2:]) for mine in kept.values() for f in mine)
+    assert newest == 400 and newest - oldest < 7 * 10  # the oldest went, whoever's
+    assert len(buf._order) <= 2 * 100 * 7 + 1
+    buf.retain(["u1"])
+    assert buf.held_bytes() == sum(len(f) for f in kept["u1"])
 
 
 # -- the routes -----------------------------------------------------------------------
@@ -7592,6 +7668,599 @@ def test_web_session_store_full_is_a_503():
     assert WebClient(view).login("bob", "bob-secret").response.status == 503
 
 
+# -- the web client served by the daemon (plain HTTP, raw sockets) --------------------
+
+class Http:
+    """An HTTP/1.1 client on one raw socket, as a browser or curl sends
+    (curl is not on every machine): requests, responses, SSE events."""
+
+    def __init__(self, port, sock=None, source=None, rcvbuf=None):
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if source:
+                sock.bind((source, 0))
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", port))
+        self.sock = sock
+        self.host = "127.0.0.1:%d" % port
+        self.buffer = b""
+        self.pending = []
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def request(self, method, target, headers=(), body=b"", close=False):
+        head = ["%s %s HTTP/1.1" % (method, target), "Host: " + self.host]
+        head += ["%s: %s" % pair for pair in headers]
+        if body or method == "POST":
+            head.append("Content-Length: %d" % len(body))
+        if close:
+            head.append("Connection: close")
+        self.send(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+
+    def _fill(self, timeout):
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("connection closed; pending %r" % self.buffer[:200])
+        self.buffer += data
+
+    def response(self, head_only=False, timeout=10.0):
+        """(status, {lower-case name: value}, body); an event stream's body
+        stays in the buffer for ``events``."""
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill(timeout)
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(": ")
+            assert name.lower() not in headers, "header %s twice" % name
+            headers[name.lower()] = value
+        size = 0 if head_only else int(headers.get("content-length", "0"))
+        while len(self.buffer) < size:
+            self._fill(timeout)
+        body, self.buffer = self.buffer[:size], self.buffer[size:]
+        return int(lines[0].split()[1]), headers, body
+
+    def json(self, method, target, headers=(), body=b""):
+        self.request(method, target, headers, body)
+        status, _headers, data = self.response()
+        return status, json.loads(data) if data else None
+
+    def events(self, count, timeout=10.0):
+        """The next ``count`` events of a stream: (id, fields)."""
+        while len(self.pending) < count:
+            end = self.buffer.rfind(b"\n\n")
+            if end >= 0:
+                self.pending += [(ident, json.loads(data))
+                                 for ident, data in parse_sse(self.buffer[:end + 2])]
+                self.buffer = self.buffer[end + 2:]
+            if len(self.pending) < count:
+                self._fill(timeout)
+        taken, self.pending = self.pending[:count], self.pending[count:]
+        return taken
+
+    def stream(self, headers=(), target="/events"):
+        """``GET /events``: its head checked, its first events left to read."""
+        self.request("GET", target, headers)
+        status, head, _ = self.response(head_only=True)
+        assert status == 200, (status, self.buffer)
+        assert head["content-type"] == "text/event-stream; charset=utf-8"
+        assert "content-length" not in head and head["connection"] == "close"
+        while len(self.buffer) < 13:
+            self._fill(10.0)
+        assert self.buffer.startswith(b"retry: 3000\n\n")  # a browser's reconnect delay
+        return self
+
+    def closed(self, timeout=10.0):
+        """Read until the daemon closes (True) or the timeout (False)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.buffer += data
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def webs():
+    opened = []
+
+    def connect(port, **kw):
+        web = Http(port, **kw)
+        opened.append(web)
+        return web
+    yield connect
+    for web in opened:
+        web.close()
+
+
+def form(user, secret):
+    return urllib.parse.urlencode({"user": user, "secret": secret}).encode()
+
+
+def web_login(web, user="alice", secret=None):
+    """POST /login on ``web``: the cookie header and the anti-CSRF token."""
+    web.request("POST", "/login", [FORM], form(user, secret or user + "-secret"))
+    status, headers, body = web.response()
+    assert status == 200, body
+    return ("Cookie", headers["set-cookie"].split(";")[0]), json.loads(body)["csrf"]
+
+
+def trace_parts(name, tag=None):
+    """A recorded call cut where it rings: (up to the ring, the rest)."""
+    data = read_trace(name)
+    events = trace_events(uniquify(data, tag) if tag else data)
+    cut = next(i for i, e in enumerate(events) if e.startswith(b"Event: DialState"))
+    return b"".join(events[:cut + 1]), b"".join(events[cut + 1:])
+
+
+def json_lines_until_hangup(line):
+    return [json.loads(l) for l in line.lines_until(lambda l: '"event":"hangup"' in l)]
+
+
+def wait_json(web, target, headers, predicate, timeout=10.0):
+    """GET ``target`` until its JSON answer satisfies ``predicate``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, value = web.json("GET", target, headers)
+        if status == 200 and predicate(value):
+            return value
+        assert time.monotonic() < deadline, (status, value)
+        time.sleep(0.05)
+
+
+def test_e2e_web_every_route_on_one_kept_alive_connection(fake, daemon_factory, clients, webs):
+    daemon = daemon_factory()
+    fake.send_trace(trace_path("b_inbound_noanswer"))  # alice's history: a missed call
+    line = clients(daemon.port, "alice alice-secret")
+    line.send("FORMAT json")
+    line.line()
+    web = webs(daemon.web_port)
+    web.request("GET", "/")
+    status, headers, body = web.response()
+    assert status == 200 and body == ctinotify.WEB_PAGE_BYTES
+    assert headers["content-security-policy"] == ctinotify.WEB_PAGE_CSP
+    assert headers["connection"] == "keep-alive" and headers["x-frame-options"] == "DENY"
+    web.request("GET", "/", [("If-None-Match", headers["etag"])])
+    assert web.response()[0] == 304
+    web.request("HEAD", "/")
+    status, headers, body = web.response(head_only=True)
+    assert (status, body, headers["content-length"]) == \
+        (200, b"", str(len(ctinotify.WEB_PAGE_BYTES)))
+    assert web.json("GET", "/session") == (200, {"user": None, "csrf": "", "events": []})
+    assert web.json("GET", "/calls")[0] == 403
+    web.request("POST", "/login", [FORM], form("alice", "alice-secret"))
+    status, headers, body = web.response()
+    assert status == 200 and json.loads(body)["user"] == "alice"
+    cookie_line = headers["set-cookie"]
+    assert cookie_line.startswith("ctinotify_session=") and "Secure" not in cookie_line
+    assert "; HttpOnly; SameSite=Strict" in cookie_line and "Max-Age=43200" in cookie_line
+    cookie, csrf = ("Cookie", cookie_line.split(";")[0]), json.loads(body)["csrf"]
+    assert web.json("GET", "/session", [cookie])[1]["csrf"] == csrf
+    fake.send(ringing_part(tag=b"now"))
+    calls = wait_json(web, "/calls", [cookie], lambda v: len(v) == 1)
+    line.send("CALLS")
+    assert calls == [json.loads(l) for l in line.lines_until(lambda l: l.startswith("OK"))
+                     if l.startswith('{"event":"call"')]
+    line.send("HISTORY 5")
+    history = [json.loads(l) for l in line.lines_until(lambda l: l.startswith("OK"))[:-1]]
+    assert [r["reason"] for r in history] == ["noanswer"]
+    assert web.json("GET", "/history?n=5", [cookie]) == (200, history)
+    assert web.json("GET", "/history?n=0", [cookie])[0] == 400
+    assert web.json("GET", "/nowhere", [cookie])[0] == 404
+    web.request("DELETE", "/calls", [cookie])
+    status, headers, _ = web.response()
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+    assert web.json("POST", "/logout", [cookie])[0] == 403  # no anti-CSRF token
+    web.request("POST", "/logout", [cookie, ("X-CSRF-Token", csrf)])
+    status, headers, _ = web.response()
+    assert status == 204 and "Max-Age=0" in headers["set-cookie"]
+    assert web.json("GET", "/calls", [cookie])[0] == 403
+    assert len(re.findall(r"web 127\.0\.0\.1:\d+: connected", "".join(daemon.log))) == 1
+
+
+def test_e2e_web_event_stream_is_the_json_line_format_and_resumes_after_last_event_id(
+        fake, daemon_factory, clients, webs):
+    daemon = daemon_factory()
+    port = daemon.web_port
+    line = clients(daemon.port, "alice alice-secret")
+    line.send("FORMAT json")
+    line.line()
+    auth = basic("alice", "alice-secret")
+    first = webs(port).stream([auth])
+    (status,) = first.events(1)
+    assert status[0] is None and (status[1]["event"], status[1]["pbx"]) == ("status", "up")
+    ring, rest = trace_parts("a_inbound_answered")
+    fake.send(ring)
+    (incoming,) = first.events(1)
+    assert incoming[1] == json.loads(line.line())  # exactly the JSON line format's object
+    epoch, _, seq = incoming[0].rpartition("-")
+    first.close()  # the laptop lost its network
+    fake.send(rest)
+    missed = json_lines_until_hangup(line)
+    assert [e["event"] for e in missed] == ["pickup", "hangup"]
+    again = webs(port).stream([auth, ("Last-Event-ID", incoming[0])])
+    events = again.events(3)
+    assert [fields for _id, fields in events[:2]] == missed
+    assert [i.rpartition("-")[0] for i, _f in events[:2]] == [epoch, epoch]
+    assert [int(i.rpartition("-")[2]) for i, _f in events[:2]] == [int(seq) + 1, int(seq) + 2]
+    # Then the links as they are now (a status has no id of its own: the
+    # browser's last id stays the hangup's).
+    assert events[2] == (events[1][0], dict(events[2][1], event="status", pbx="up"))
+    # An id of an earlier daemon (it restarted): everything since this one started.
+    older = webs(port).stream([auth], "/events?last_event_id=0badcafe-99")
+    assert [f["event"] for _i, f in older.events(4)] == ["incoming", "pickup", "hangup", "status"]
+    fresh = webs(port).stream([auth])  # none: nothing replayed
+    assert [f["event"] for _i, f in fresh.events(1)] == ["status"]
+    # The next call reaches every stream of the user, with the same id.
+    fake.send_trace(trace_path("b_inbound_noanswer"))
+    frames = [s.events(1)[0] for s in (again, older, fresh)]
+    assert frames[0] == frames[1] == frames[2] and frames[0][1]["event"] == "incoming"
+    assert frames[0][1] == json.loads(line.line())
+
+
+def test_e2e_web_basic_auth_for_scripts_is_curl_shaped(fake, daemon_factory, webs):
+    daemon = daemon_factory(general="login_fail_delay = 0.2")
+    port = daemon.web_port
+    # What curl -N -u alice:alice-secret http://127.0.0.1:PORT/events sends.
+    curl = webs(port)
+    curl.send(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Basic %s\r\n"
+              b"User-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n"
+              % (port, base64.b64encode(b"alice:alice-secret")))
+    assert curl.response(head_only=True)[0] == 200
+    assert curl.events(1)[0][1]["pbx"] == "up"
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert [f["event"] for _i, f in curl.events(3)] == ["incoming", "pickup", "hangup"]
+    wrong = webs(port)
+    started = time.monotonic()
+    wrong.request("GET", "/events", [basic("alice", "guess")])
+    status, headers, body = wrong.response()
+    assert status == 401 and time.monotonic() - started >= 0.15  # held back, as LOGIN's
+    assert headers["www-authenticate"] == 'Basic realm="ctinotify", charset="UTF-8"'
+    nothing = webs(port)
+    nothing.request("GET", "/events")
+    status, headers, _ = nothing.response()
+    assert status == 403 and "www-authenticate" not in headers  # no password dialog
+    if shutil.which("curl"):  # README: the command as it is written there
+        proc = subprocess.Popen(["curl", "-sN", "-u", "bob:bob-secret",
+                                 "http://127.0.0.1:%d/events" % port],
+                                stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline() == b"retry: 3000\n"
+            proc.stdout.readline()
+            assert json.loads(proc.stdout.readline()[6:])["pbx"] == "up"
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_e2e_web_cookies_csrf_and_logout_ending_the_stream(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    port = daemon.web_port
+    web = webs(port)
+    site = "http://127.0.0.1:%d" % port
+    for header in (("Origin", "http://evil.example"), ("Sec-Fetch-Site", "cross-site")):
+        web.request("POST", "/login", [FORM, header], form("alice", "alice-secret"))
+        status, headers, _ = web.response()
+        assert status == 403 and "set-cookie" not in headers
+    web.request("POST", "/login", [FORM, ("Origin", site), ("Sec-Fetch-Site", "same-origin")],
+                form("alice", "alice-secret"))
+    status, headers, body = web.response()
+    assert status == 200
+    cookie, csrf = ("Cookie", headers["set-cookie"].split(";")[0]), json.loads(body)["csrf"]
+    stream = webs(port).stream([cookie])
+    other = webs(port).stream([basic("alice", "alice-secret")])
+    for s in (stream, other):
+        s.events(1)
+    assert web.json("POST", "/logout", [cookie, ("X-CSRF-Token", "x" + csrf)])[0] == 403
+    assert web.json("POST", "/logout", [cookie, ("X-CSRF-Token", csrf),
+                                        ("Origin", "http://evil.example")])[0] == 403
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert [f["event"] for _i, f in stream.events(3)] == ["incoming", "pickup", "hangup"]
+    assert web.json("POST", "/logout", [cookie, ("X-CSRF-Token", csrf)])[0] == 204
+    ((_ident, fields),) = stream.events(1)
+    assert (fields["session"], fields["reason"]) == ("closed", "logged out")
+    assert stream.closed()
+    assert [f["event"] for _i, f in other.events(3)] == ["incoming", "pickup", "hangup"]
+    fake.send_trace(trace_path("b_inbound_noanswer"))  # the Basic-auth stream goes on
+    assert other.events(1)[0][1]["event"] == "incoming"
+    assert web.json("GET", "/calls", [cookie])[0] == 403
+
+
+def test_e2e_web_slow_and_silent_browsers_are_cut_and_nobody_waits(fake, daemon_factory,
+                                                                   clients, webs):
+    daemon = daemon_factory(general="web_request_timeout = 1")
+    port = daemon.web_port
+    slow = webs(port)
+    slow.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # slowloris: a header line now and then
+    body = webs(port)
+    body.send(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-"
+              b"urlencoded\r\nContent-Length: 100\r\n\r\nuser=al")  # a body that never comes
+    idle = webs(port)  # a browser's speculative connection: not a byte
+    kept = webs(port)
+    assert kept.json("GET", "/session")[0] == 200  # kept alive, then idle
+    started = time.monotonic()
+    while time.monotonic() - started < 0.8:
+        slow.send(b"X-Slow: 1\r\n")
+        other = Http(port)  # everyone else is served at once meanwhile
+        try:
+            began = time.monotonic()
+            assert other.json("GET", "/session")[0] == 200
+            assert time.monotonic() - began < 0.5
+        finally:
+            other.close()
+        assert clients(daemon.port).greeting.startswith("CTINOTIFY/")
+        time.sleep(0.1)
+    assert slow.response()[0] == 408 and slow.closed()
+    status, _headers, data = body.response()
+    assert status == 408 and json.loads(data)["error"] == "no request body within 1 s"
+    assert body.closed()
+    assert idle.closed() and idle.buffer == b""  # silently
+    assert kept.closed() and kept.buffer == b""
+    assert time.monotonic() - started < 5
+
+
+def test_e2e_web_a_stream_that_stops_reading_is_cut_and_nobody_else_slows(fake, daemon_factory,
+                                                                          clients, webs):
+    daemon = daemon_factory(general="client_buffer_hard = 64k\nclient_buffer_soft = 0")
+    port = daemon.web_port
+    data = big_trace(SLOW_CLIENT_ROUNDS)
+    want = expected_events(data, "alice")
+    auth = basic("alice", "alice-secret")
+    stuck = webs(port, rcvbuf=4096)
+    stuck.request("GET", "/events", [auth])
+    good = webs(port).stream([auth])
+    good.events(1)
+    reader = Reader(clients(daemon.port, "alice alice-secret"), len(want))
+    fake.send(data)
+    daemon.wait_log(r"WARNING web alice@127\.0\.0\.1:\d+: event stream closed: output buffer "
+                    r"of \d+ bytes over the hard limit of 65536: client not reading", timeout=60)
+    got = [(f["event"], f["call"]) for _i, f in good.events(len(want), timeout=60)]
+    assert got == want
+    reader.join(90)
+    assert reader.error is None and reader.events == want
+    assert stuck.closed(timeout=30)
+
+
+def test_e2e_web_malformed_requests_get_their_4xx_and_a_close(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    cases = [
+        (b"HELLO\r\n\r\n", 400),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 70 + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 17000 + b"\r\n\r\n", 431),
+        (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 9000\r\n\r\n", 413),
+        (b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+        (b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"POST /login HTTP/1.1\r\nHost: x\r\nExpect: tea\r\nContent-Length: 3\r\n\r\n", 417),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n", 400),
+    ]
+    for data, want in cases:
+        web = webs(daemon.web_port)
+        web.send(data)
+        status, headers, body = web.response()
+        assert (status, headers["connection"]) == (want, "close"), data[:40]
+        assert json.loads(body)["status"] == want
+        assert web.closed(), data[:40]
+    # Two requests sent at once are answered in order, then a third is kept waiting for.
+    web = webs(daemon.web_port)
+    web.send(b"GET /session HTTP/1.1\r\nHost: x\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [web.response()[0], web.response()[0]] == [200, 404]
+    assert web.json("GET", "/session")[0] == 200
+    assert "Traceback" not in "".join(daemon.log)
+
+
+def test_e2e_web_and_line_connections_share_the_per_address_limits(fake, daemon_factory,
+                                                                   clients, webs):
+    daemon = daemon_factory(general="max_clients = 5\nmax_clients_per_host = 3")
+    port = daemon.web_port
+    lines = [clients(daemon.port) for _ in range(2)]
+    web = webs(port)
+    assert web.json("GET", "/session")[0] == 200
+    refused = webs(port)
+    status, headers, body = refused.response()
+    assert (status, json.loads(body)["error"]) == (503, "too many connections from your address")
+    assert refused.closed()
+    line = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    try:
+        assert line.recv(100) == b"ERR 503 too many connections from your address\r\n"
+    finally:
+        line.close()
+    others = [webs(port, source="127.0.0.2") for _ in range(2)]
+    for other in others:
+        assert other.json("GET", "/session")[0] == 200
+    last = webs(port, source="127.0.0.3")
+    status, _headers, body = last.response()
+    assert (status, json.loads(body)["error"]) == (503, "too many connections, try again later")
+    lines[0].close()
+    deadline = time.monotonic() + 10
+    while True:  # a place is free again once the daemon has seen the close
+        again = Http(port)
+        try:
+            again.request("GET", "/session")
+            if again.response()[0] == 200:
+                break
+        except (OSError, EOFError):
+            pass
+        finally:
+            again.close()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_e2e_web_logins_are_throttled_with_login_and_three_close_a_connection(
+        fake, daemon_factory, clients, webs):
+    daemon = daemon_factory(general="login_fail_delay = 0.05\nlogin_block_after = 4")
+    port = daemon.web_port
+    web = webs(port)
+    started = time.monotonic()
+    for name in ("alice", "bob", "carol"):
+        web.request("POST", "/login", [FORM], form(name, "guess"))
+        status, headers, _ = web.response()
+        assert status == 401
+    assert time.monotonic() - started >= 0.05 + 0.1 + 0.2  # each held back longer
+    assert headers["connection"] == "close" and web.closed()  # three on one connection
+    line = clients(daemon.port)
+    line.send("LOGIN dave guess")  # LOGIN's failures and the web's count together
+    assert line.line() == "ERR 401 login failed" and line.closed()
+    daemon.wait_log(r"WARNING client 127\.0\.0\.1: logins from 127\.0\.0\.1 blocked for 300 s "
+                    r"after 4 failed logins")
+    refused = webs(port)
+    status, _headers, body = refused.response()  # refused at the door, like the line port
+    assert status == 429 and "too many failed logins" in json.loads(body)["error"]
+    assert refused.closed()
+    elsewhere = webs(port, source="127.0.0.2")
+    cookie, _csrf = web_login(elsewhere, "alice")  # another address is not blocked
+    assert elsewhere.json("GET", "/calls", [cookie]) == (200, [])
+
+
+def test_e2e_web_link_status_and_server_stopping_reach_the_stream(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    stream = webs(daemon.web_port).stream([basic("alice", "alice-secret")])
+    assert stream.events(1)[0][1]["pbx"] == "up"
+    fake.drop()
+    (down,) = stream.events(1)
+    assert (down[0], down[1]["event"], down[1]["pbx"]) == (None, "status", "down")
+    assert stream.events(1)[0][1]["pbx"] == "up"  # reconnected
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert stream.events(1)[0][1]["server"] == "stopping"
+    assert stream.closed() and daemon.proc.wait(10) == 0
+
+
+def test_e2e_web_over_https(fake, daemon_factory, certificates):
+    cert, key = certificates["server"]
+    daemon = daemon_factory(general="web_tls_port = 0\ntls_cert = %s\ntls_key = %s" % (cert, key))
+    line = daemon.wait_log(r"listening for TLS web browsers on \S+ port (\d+)")
+    port = int(re.search(r"port (\d+)", line).group(1))
+    context = ssl.create_default_context(cafile=cert)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    web = Http(port, sock=context.wrap_socket(raw, server_hostname="127.0.0.1"))
+    try:
+        web.request("GET", "/")
+        assert web.response()[2] == ctinotify.WEB_PAGE_BYTES
+        web.request("POST", "/login", [FORM, ("Origin", "https://127.0.0.1:%d" % port)],
+                    form("alice", "alice-secret"))
+        status, headers, _ = web.response()
+        assert status == 200 and headers["set-cookie"].endswith("; Secure")
+        cookie = ("Cookie", headers["set-cookie"].split(";")[0])
+        web.stream([cookie])
+        assert web.events(1)[0][1]["pbx"] == "up"
+        fake.send_trace(trace_path("a_inbound_answered"))
+        assert [f["event"] for _i, f in web.events(3)] == ["incoming", "pickup", "hangup"]
+    finally:
+        web.close()
+    plain = Http(daemon.web_port)  # the plain web port serves beside it
+    try:
+        assert plain.json("GET", "/session")[0] == 200
+    finally:
+        plain.close()
+
+
+def test_e2e_web_reload_ends_the_sessions_of_removed_users_and_changed_secrets(
+        fake, daemon_factory, webs):
+    daemon = daemon_factory(general="web_session_hours = 1")
+    port = daemon.web_port
+    web = webs(port)
+    cookie, _csrf = web_login(web, "alice")
+    alice_cookie = webs(port).stream([cookie])
+    alice_basic = webs(port).stream([basic("alice", "alice-secret")])
+    bob_cookie, _ = web_login(webs(port), "bob")
+    bob = webs(port).stream([bob_cookie])
+    carol = webs(port).stream([basic("carol", "carol-secret")])
+    for stream in (alice_cookie, alice_basic, bob, carol):
+        stream.events(1)
+    text = daemon.config.read_text()
+    carol_section = text[text.index("[carol]"):text.index("[", text.index("[carol]") + 1)]
+    edit_config(daemon, ("secret = alice-secret", "secret = alice-N3w"), (carol_section, ""),
+                ("web_port=0", "web_port=0\nweb_session_hours = 2"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("configuration reloaded")
+    for stream, reason in ((alice_cookie, "secret changed by reload"),
+                           (alice_basic, "secret changed by reload"),
+                           (carol, "account removed by reload")):
+        ((ident, fields),) = stream.events(1)
+        assert (ident, fields["session"], fields["reason"]) == (None, "closed", reason)
+        assert stream.closed()
+    assert web.json("GET", "/calls", [cookie])[0] == 403  # the cookie is worth nothing now
+    fake.send_trace(trace_path("e_internal_answered"))  # bob's goes on
+    assert bob.events(1)[0][1]["event"] in ("incoming", "outgoing")
+    assert web.json("GET", "/session", [bob_cookie])[1]["user"] == "bob"
+
+
+def test_e2e_web_a_session_that_expires_ends_its_stream(fake, daemon_factory, webs):
+    daemon = daemon_factory(general="web_session_hours = 0.0003")  # about a second
+    port = daemon.web_port
+    web = webs(port)
+    cookie, _csrf = web_login(web)
+    stream = webs(port).stream([cookie])
+    stream.events(1)
+    ((ident, fields),) = stream.events(1, timeout=10)
+    assert (fields["session"], fields["reason"]) == ("closed", "session expired")
+    assert stream.closed()
+    assert web.json("GET", "/session", [cookie])[1]["user"] is None
+
+
+def test_config_web_keys():
+    base = "[ami]\nusername=u\nsecret=s\n"
+    config = parse_config(base, "f")
+    assert (config.web, config.web_port, config.web_tls_port, config.web_session_hours) == \
+        (True, 5041, None, 12)
+    assert "web_port = 5041" in config.describe() and "web_tls_port" not in config.describe()
+    config = parse_config("[general]\nweb = no\nweb_port = 5039\n" + base, "f")
+    assert not config.web and "web_port" not in config.describe()  # off: no clash either
+    config = parse_config("[general]\nweb_tls_port = 5042\ntls_cert = c.pem\n" + base, "f")
+    assert (config.tls_port, config.web_tls_port) == (None, 5042)
+    assert "tls_cert = c.pem" in config.describe() and "web_tls_port = 5042" in config.describe()
+    for text, fragment in (
+            ("web_port = 5039", ":2: [general] web_port: 5039 is already used by port = 5039, "
+                                "expected a port of its own"),
+            ("tls_port = 5040\ntls_cert = c\nweb_tls_port = 5040",
+             ":4: [general] web_tls_port: 5040 is already used by tls_port = 5040"),
+            ("web_tls_port = 5042", ":2: [general] web_tls_port: TLS needs a certificate"),
+            ("web = no\nweb_tls_port = 5042\ntls_cert = c", ":4: [general] tls_cert: set "
+                                                            "without tls_port"),
+            ("web_session_hours = 0", "web_session_hours: '0' is out of range"),
+            ("web = maybe", ":2: [general] web: 'maybe' is not yes or no")):
+        with pytest.raises(ConfigError) as info:
+            parse_config("[general]\n%s\n" % text + base, "f")
+        assert fragment in str(info.value)
+    assert parse_config("[general]\nport = 0\nweb_port = 0\n" + base, "f").web_port == 0
+
+
+def test_e2e_web_no_serves_no_page_and_the_line_port_goes_on(fake, daemon_factory, clients):
+    daemon = daemon_factory(general="web = no\nweb_port = 0")
+    alice = clients(daemon.port, "alice alice-secret")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    assert event_kinds(alice.lines_until(lambda l: l.startswith("EVENT hangup"))) == \
+        ["incoming", "pickup", "hangup"]
+    assert "web browsers" not in "".join(daemon.log)
+
+
+def test_e2e_reload_of_web_ports_needs_a_restart(fake, daemon_factory, webs):
+    daemon = daemon_factory()
+    port = daemon.web_port
+    edit_config(daemon, ("web_port=0", "web_port=0\nweb = no"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log(r"WARNING reload: bind, port, tls_port, web, web_port and web_tls_port "
+                    r"changes need a restart; still on 127\.0\.0\.1 port \d+, TLS port None, "
+                    r"web yes, web port 0")
+    assert webs(port).json("GET", "/session")[0] == 200
+
 # -- the page in a real browser -----------------------------------------------------------
 #
 # A headless Chromium (tests/cdp.py) opens the page from a test-only server
@@ -7709,6 +8378,10 @@ class PageSite:
         with self.lock:
             return len([s for _c, s in self.streams if user is None or s.user == user])
 
+    def session_count(self):
+        with self.lock:
+            return len(self.view.sessions)
+
     def wait_streams(self, count, user=None, timeout=10):
         deadline = time.monotonic() + timeout
         while self.stream_count(user) < count:
@@ -7803,6 +8476,18 @@ window.__notes = [];
   Object.defineProperty(Probe, "permission", {get: function () { return Real.permission; }});
   window.Notification = Probe;
 })();
+window.__events = [];
+(function () {
+  var Real = window.EventSource;
+  function Probe(url, init) {
+    var es = new Real(url, init);
+    es.addEventListener("message", function (m) { window.__events.push([m.lastEventId, m.data]); });
+    return es;
+  }
+  Probe.prototype = Real.prototype;
+  Probe.CONNECTING = Real.CONNECTING; Probe.OPEN = Real.OPEN; Probe.CLOSED = Real.CLOSED;
+  window.EventSource = Probe;
+})();
 """
 
 
@@ -7848,7 +8533,9 @@ def assert_page_clean(page, expected=()):
     assert page.dialogs() == []
 
 
-def test_page_login_refused_then_accepted(page, site):
+def test_page_login_refused_then_accepted(any_site, tabs):
+    site = any_site
+    page = tabs(site)
     page_login(page, site, "alice", "wrong", expect_ok=False)
     page.wait_for("document.getElementById('login-error').textContent === "
                   "'Wrong user name or secret.'")
@@ -8088,7 +8775,9 @@ def test_page_reconnects_with_last_event_id_and_misses_nothing(page, site):
     assert_page_clean(page)
 
 
-def test_page_logout_ends_the_session_and_its_stream(page, site):
+def test_page_logout_ends_the_session_and_its_stream(any_site, tabs):
+    site = any_site
+    page = tabs(site)
     page_login(page, site)
     page.evaluate("document.getElementById('logout').click()")
     page.wait_for("!document.getElementById('login').hidden")
@@ -8097,7 +8786,7 @@ def test_page_logout_ends_the_session_and_its_stream(page, site):
     while site.stream_count():
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert len(site.view.sessions) == 0
+    assert site.session_count() == 0
     assert ("POST", "/logout", 204) in site.requests
     assert_page_clean(page)
 
@@ -8150,6 +8839,282 @@ def test_cdp_driver_leaves_no_process_behind():
             except OSError:
                 pass
     assert alive == [] and pid
+
+
+# -- the page served by the daemon itself -----------------------------------------------
+#
+# The same browser, the real daemon as a process, and a fake Asterisk playing
+# recorded traces: what the page shows comes from the recorded AMI bytes
+# through the engine, the hub and the event stream.
+
+class DaemonSite:
+    """The daemon with a fake Asterisk, as a site for the browser tests: its
+    ``url``, what its debug log says of the requests and streams, and the
+    traces the fake plays.  The web port stays the same over a restart."""
+
+    def __init__(self, tmp_path, general=""):
+        self.tmp_path = tmp_path
+        self.fake = FakeAsterisk().start()
+        self.web_port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.web_port
+        self.general = "web_port = %d\ncalllog = %s\n%s" % (self.web_port,
+                                                            tmp_path / "calls.jsonl", general)
+        self.daemon = None
+        self.start()
+
+    def start(self):
+        self.daemon = DaemonProcess(self.tmp_path, self.fake.port, general=self.general)
+        self.daemon.wait_log("ami: logged in as ctitest")
+
+    def restart(self):
+        """SIGTERM, then the daemon again on the same ports: sessions are gone."""
+        assert self.daemon.stop() == 0
+        logins = self.fake.logins
+        self.start()
+        self.fake.wait_for_logins(logins + 1)
+
+    def play(self, data):
+        self.fake.send(data)
+
+    @property
+    def requests(self):
+        """(method, path, status) of every request the daemon answered."""
+        return [(m.group(1), m.group(2), int(m.group(3))) for m in
+                re.finditer(r"web \S+: ([A-Z]+) (\S+) (\d{3})\n", "".join(self.daemon.log))]
+
+    def _streams(self):
+        open_ = {}
+        for line in list(self.daemon.log):
+            match = re.search(r"web 127\.0\.0\.1:(\d+): event stream for (\S+)", line)
+            if match:
+                open_[match.group(1)] = match.group(2)
+            match = re.search(r"web \S+@127\.0\.0\.1:(\d+): event stream closed", line)
+            if match:
+                open_.pop(match.group(1), None)
+        return list(open_.values())
+
+    def stream_count(self, user=None):
+        return len([u for u in self._streams() if user is None or u == user])
+
+    def wait_streams(self, count, user=None, timeout=10):
+        deadline = time.monotonic() + timeout
+        while self.stream_count(user) < count:
+            assert time.monotonic() < deadline, "no event stream opened"
+            time.sleep(0.02)
+
+    def session_count(self):
+        log_text = "".join(self.daemon.log)
+        return len(re.findall(r": web login as ", log_text)) - \
+            len(re.findall(r": web logout of ", log_text))
+
+    def close(self):
+        if self.daemon is not None:
+            self.daemon.stop()
+        self.fake.stop()
+
+
+@pytest.fixture
+def daemon_site(tmp_path):
+    site = DaemonSite(tmp_path)
+    yield site
+    site.close()
+
+
+@pytest.fixture(params=["threaded", "daemon"])
+def any_site(request, tmp_path):
+    """The test-only server, then the daemon: the same test on both."""
+    site = PageSite() if request.param == "threaded" else DaemonSite(tmp_path)
+    yield site
+    site.close()
+
+
+def open_page(chromium, site, **size):
+    tab = chromium.new_page(**dict({"width": 1000, "height": 800}, **size))
+    tab.grant(site.url)
+    tab.add_init_script(PAGE_PROBES)
+    return tab
+
+
+@pytest.fixture
+def tabs(chromium):
+    """Open pages (each in a browser context of its own), closed after."""
+    opened = []
+
+    def open_tab(site, **size):
+        opened.append(open_page(chromium, site, **size))
+        return opened[-1]
+    yield open_tab
+    for tab in opened:
+        tab.close()
+
+
+def trace_steps(name, tag):
+    """A recorded call in three steps: up to the ring, up to the hangup, the rest."""
+    events = trace_events(uniquify(read_trace(name), tag))
+    ring = next(i for i, e in enumerate(events) if e.startswith(b"Event: DialState")) + 1
+    end = next(i for i, e in enumerate(events) if i >= ring and e.startswith(b"Event: Hangup"))
+    return [b"".join(events[:ring]), b"".join(events[ring:end]), b"".join(events[end:])]
+
+
+def submit_login(page, user, secret):
+    """Fill in the page's login form and send it, as a person would."""
+    page.wait_for("!document.getElementById('login').hidden")
+    page.evaluate("(function(){ var f = document.getElementById('login-form');"
+                  "f.elements.user.value = %s; f.elements.secret.value = %s;"
+                  "document.getElementById('login-button').click(); })()"
+                  % (json.dumps(user), json.dumps(secret)))
+
+
+def stream_events(page):
+    """What the page's event stream delivered: (last id, fields), status too."""
+    return [(ident, json.loads(data)) for ident, data in page.evaluate("window.__events")]
+
+
+def test_page_on_the_daemon_shows_a_recorded_call_to_its_user_only(chromium, daemon_site, tabs):
+    alice, bob = tabs(daemon_site), tabs(daemon_site)
+    page_login(alice, daemon_site, "alice")
+    page_login(bob, daemon_site, "bob")
+    ring, answer, end = trace_steps("a_inbound_answered", b"shown")
+    daemon_site.play(ring)
+    alice.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    (call,) = page_calls(alice)
+    assert (call["state"], call["who"], call["num"]) == ("ringing", "John Customer", "+15551230001")
+    alice.wait_for("window.__notes.length === 1")
+    assert alice.evaluate("window.__notes[0].title") == "Call from John Customer"
+    daemon_site.play(answer)
+    alice.wait_for("document.querySelector('#calls li.call').dataset.state === 'talking'")
+    assert alice.evaluate("window.__notes[0].closed") is True
+    daemon_site.play(end)
+    alice.wait_for("document.querySelectorAll('#calls li.call').length === 0")
+    alice.wait_for("document.querySelectorAll('#journal li.entry').length === 1")
+    assert alice.evaluate("document.querySelector('#journal .who').textContent") == \
+        "John Customer"
+    live = ("call", "time", "duration", "talk_time")  # the recording's ids and clock
+    got = [{k: v for k, v in f.items() if k not in live}
+           for _i, f in stream_events(alice) if f["event"] != "status"]
+    assert got == [{k: v for k, v in f.items() if k not in live}
+                   for f in golden_events("a_inbound_answered", "alice")]
+    # Bob's page saw the same seconds go by and nothing of alice's call.
+    assert page_calls(bob) == []
+    assert bob.evaluate("document.querySelectorAll('#journal li.entry').length") == 0
+    assert [f["event"] for _i, f in stream_events(bob)] == ["status"]
+    assert bob.evaluate("window.__notes.length") == 0
+    assert_page_clean(alice)
+    assert_page_clean(bob)
+
+
+def test_page_on_the_daemon_shows_a_hostile_caller_id_from_the_pbx_as_text(chromium,
+                                                                           daemon_site, tabs):
+    page = tabs(daemon_site)
+    page_login(page, daemon_site, "alice")
+    name = PAGE_HOSTILE_NAME[:200]  # what the PBX passes on (and ctinotify caps)
+    ring = trace_steps("a_inbound_answered", b"evil")[0]
+    daemon_site.play(ring.replace(b"John Customer", name.encode("utf-8")))
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    assert page_calls(page)[0]["who"] == name
+    assert page.evaluate("document.querySelectorAll('#calls img, #calls script, #calls svg')"
+                         ".length") == 0
+    page.wait_for("window.__notes.length === 1")
+    assert page.evaluate("window.__notes[0].title") == "Call from " + name
+    assert_page_clean(page)
+
+
+def test_page_on_the_daemon_makes_link_down_and_server_stopping_impossible_to_miss(
+        chromium, daemon_site, tabs):
+    page = tabs(daemon_site)
+    page_login(page, daemon_site, "alice")
+    fake = daemon_site.fake
+    fake.refuse_logins = True
+    fake.drop()
+    page.wait_for("!document.getElementById('banner').hidden")
+    assert page.evaluate("document.getElementById('banner').textContent").startswith(
+        "PBX link down")
+    fake.refuse_logins = False
+    page.wait_for("document.getElementById('banner').hidden", timeout=15)
+    assert page.evaluate("document.getElementById('pbx').textContent") == "PBX connected"
+    daemon_site.daemon.proc.send_signal(signal.SIGTERM)
+    page.wait_for("document.getElementById('banner').textContent.indexOf('server is stopping')"
+                  " >= 0")
+    assert_page_clean(page, ["ERR_CONNECTION_REFUSED"])
+
+
+def test_page_on_the_daemon_resumes_after_a_restart_without_losing_an_event(chromium,
+                                                                            daemon_site, tabs):
+    page = tabs(daemon_site)
+    page_login(page, daemon_site, "alice")
+    first = trace_steps("a_inbound_answered", b"before")
+    daemon_site.play(first[0])
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    before = stream_events(page)
+    daemon_site.restart()  # the call ends with the link (reason unknown), the page is told
+    # While the page asks its user to log in again, a call comes and goes.
+    daemon_site.play(b"".join(trace_steps("b_inbound_noanswer", b"while")))
+    page.wait_for("document.getElementById('login-error').textContent.indexOf("
+                  "'Your session ended') === 0", timeout=20)
+    submit_login(page, "alice", "alice-secret")
+    page.wait_for("document.getElementById('conn').textContent === 'connected'")
+    page.wait_for("document.querySelectorAll('#journal li.entry.missed').length === 1")
+    daemon_site.play(b"".join(trace_steps("a_inbound_answered", b"after")))
+    page.wait_for("document.querySelectorAll('#journal li.entry').length === 3")
+    calls = [(f["event"], f["call"].partition("-")[0]) for _i, f in stream_events(page)
+             if f["event"] != "status"]
+    assert calls == [("incoming", "before"), ("hangup", "before"),
+                     ("incoming", "while"), ("timeout", "while"), ("hangup", "while"),
+                     ("incoming", "after"), ("pickup", "after"), ("hangup", "after")]
+    assert [f for _i, f in before if f["event"] != "status"] == \
+        [f for _i, f in stream_events(page)[:len(before)] if f["event"] != "status"]
+    # The page asked the new daemon for what came after its last id.
+    daemon_site.daemon.wait_log(r"event stream for alice from \S+ \(3 missed\)")
+    assert page.evaluate("document.getElementById('banner').hidden") is True
+    assert_page_clean(page, ["status of 403", "ERR_CONNECTION_REFUSED"])
+
+
+def test_page_on_the_daemon_throttles_failed_logins_with_login(chromium, tmp_path, tabs,
+                                                                clients):
+    site = DaemonSite(tmp_path, "login_fail_delay = 0.05\nlogin_block_after = 3")
+    try:
+        page = tabs(site)
+        page.navigate(site.url + "/")
+        for attempt in range(3):
+            submit_login(page, "alice", "guess%d" % attempt)
+            page.wait_for("document.getElementById('login-error').textContent === "
+                          "'Wrong user name or secret.' && "
+                          "!document.getElementById('login-button').disabled")
+            page.evaluate("document.getElementById('login-error').textContent = ''")
+        submit_login(page, "alice", "alice-secret")  # too late: the address is blocked
+        page.wait_for("document.getElementById('login-error').textContent.indexOf("
+                      "'Too many failed logins') === 0")
+        assert page.evaluate("document.getElementById('app').hidden") is True
+        assert site.stream_count() == 0
+        line = socket.create_connection(("127.0.0.1", site.daemon.port), timeout=10)
+        try:  # and the line port refuses the address too: one throttle
+            assert line.recv(100).startswith(b"ERR 429 too many failed logins")
+        finally:
+            line.close()
+        assert_page_clean(page, ["status of 401", "status of 429"])
+    finally:
+        site.close()
+
+
+def test_page_screenshot_of_a_recorded_call(chromium, daemon_site, tabs, tmp_path):
+    """The README's picture (``make screenshot`` writes it to tests/screenshots/):
+    the page with recorded calls, as the daemon serves it."""
+    page = tabs(daemon_site, width=900, height=400)
+    page_login(page, daemon_site, "alice")
+    daemon_site.play(b"".join(trace_steps("b_inbound_noanswer", b"shot1")))
+    page.wait_for("document.getElementById('missed-count').textContent === '1'")
+    talking = trace_steps("r_hold_unhold", b"shot2")
+    daemon_site.play(talking[0] + talking[1])  # called, answered, held, back
+    page.wait_for("document.querySelectorAll('#calls li.talking').length === 1")
+    daemon_site.play(trace_steps("a_inbound_answered", b"shot3")[0])
+    page.wait_for("document.querySelectorAll('#calls li.call').length === 2")
+    page.wait_for("window.__notes.length === 1")
+    time.sleep(1.2)  # the timers tick
+    shots = os.environ.get("CTINOTIFY_SCREENSHOTS") or str(tmp_path)
+    png = page.screenshot(os.path.join(shots, "web-page.png"))
+    assert png.startswith(b"\x89PNG") and len(png) > 10000
+    assert sorted(c["state"] for c in page_calls(page)) == ["ringing", "talking"]
+    assert_page_clean(page)
 
 
 # ---------------------------------------------------------------------------
@@ -8889,10 +9854,33 @@ def test_board_bench_counts_every_watchers_line():
     assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
 
 
-def test_board_readme_draft_examples_are_what_the_board_sends():
-    """Every STATE, state-event and JSON line of BOARD-README-DRAFT.md is one
-    the board gives for its recording, to some viewer, in some format."""
-    with open(os.path.join(HERE, "BOARD-README-DRAFT.md"), encoding="utf-8") as f:
+def test_board_bench_through_the_daemon_counts_every_watchers_line():
+    """``make bench`` section 5 through the sockets, tiny: 20 users, 8
+    watchers (6 see everyone, u003 and u007 their colleagues from them on
+    and themselves), 30 changes; every line arrives, and is timed."""
+    import bench
+    os.makedirs(bench.DATA_DIR, exist_ok=True)
+    loop = bench.Loop()
+    feeder = bench.AmiFeeder(loop)
+    try:
+        figures = bench.measure_board_sockets(
+            loop, feeder, {"board_socket_changes": 30, "board_rate": 500}, users=20, watchers=8)
+    finally:
+        feeder.close()
+        feeder.listener.close()
+        loop.selector.close()
+    # Users (7n mod 20) for n < 30: u000 ... u019 once, then 10 again.
+    users = list(range(20)) + [(7 * n) % 20 for n in range(20, 30)]
+    assert figures["lines"] == sum(6 + (u >= 3) + (u >= 7) for u in users)
+    assert (figures["watchers"], figures["changes"], figures["lost"]) == (8, 30, 0)
+    assert 0 < figures["line_p50_ms"] <= figures["line_p99_ms"]
+    assert figures["reach_p50_ms"] <= figures["reach_p99_ms"] <= figures["reach_max_ms"]
+
+
+def test_board_readme_examples_are_what_the_board_sends():
+    """Every STATE, state-event and JSON line of the README's office board
+    is one the board gives for its recording, to some viewer, in some format."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         text = f.read()
     blocks = re.findall(r"<!-- board-example: (\w+) -->\n```\w+\n(.*?)```", text, re.S)
     assert len(blocks) == 3
@@ -8910,3 +9898,688 @@ def test_board_readme_draft_examples_are_what_the_board_sends():
         for line in block.splitlines():
             if not line.startswith("> "):
                 assert line in sent, line
+
+
+# ---------------------------------------------------------------------------
+# The office board in the daemon (issue 13 part B): the keys, BOARD, state
+# events to the viewers allowed, the resync after a login, a reload, watch --board
+# ---------------------------------------------------------------------------
+
+#: The office of the recordings with a board each: Alice takes the calls
+#: (everyone, with whom), Bob sees Alice, Carol none, Dave the staff template.
+BOARD_OFFICE = """\
+[staff](!)
+host = dynamic
+[alice](staff)
+secret = alice-secret
+devices = PJSIP/100
+extensions = 100
+board = all
+board_details = yes
+[bob](staff)
+secret = bob-secret
+devices = PJSIP/101
+extensions = 101
+board = alice
+[carol](staff)
+secret = carol-secret
+devices = PJSIP/102
+extensions = 102
+[dave](staff)
+secret = dave-secret
+devices = PJSIP/103
+extensions = 103
+board = @staff
+"""
+#: The details of a board line: never for a viewer without board_details.
+BOARD_DETAIL_KEYS = ("with", "direction", "call", "pbx")
+
+
+def board_config(text=BOARD_OFFICE):
+    return parse_config("[ami]\nusername = u\nsecret = s\n" + text, "board.conf")
+
+
+def test_board_keys_templates_and_describe():
+    users = board_config().users
+    assert users["alice"].board is None and users["alice"].board_details
+    assert users["bob"].board == {"alice"} and not users["bob"].board_details
+    assert users["carol"].board == frozenset() and "state" not in users["carol"].events
+    assert users["dave"].board == {"alice", "bob", "carol", "dave"}
+    assert "state" in users["bob"].events
+    # Through a template that inherits another, and a template nobody uses.
+    nested = board_config("[desk](!)\n[front](!,desk)\n[spare](!)\n[ann](front)\nsecret = a\n"
+                          "extensions = 1\nboard = @desk, @spare\nfullname = Ann \\; Co\n"
+                          "[ben](desk)\nsecret = b\nextensions = 2\n")
+    assert nested.users["ann"].board == {"ann", "ben"}
+    assert nested.users["ann"].fullname == "Ann ; Co"
+    described = board_config().describe()
+    assert "[alice]" in described and "board = all\nboard_details = yes\n" in described
+    assert "board = alice\nboard_details = no\n" in described
+    assert "board = alice,bob,carol,dave\n" in described
+    assert "board" not in described.split("[carol]")[1].split("[dave]")[0]
+    again = parse_config(described.replace("********", "x"), "again.conf")
+    assert {n: (u.board, u.board_details, u.events) for n, u in again.users.items()} == \
+        {n: (u.board, u.board_details, u.events) for n, u in board_config().users.items()}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("board = mallory", r":7: \[x\] board: unknown user 'mallory', expected all, none"),
+    ("board = @sales", r":7: \[x\] board: unknown template 'sales'"),
+    ("board = all, bob", r":7: \[x\] board: 'all' and 'none' stand alone"),
+    ("board_details = sometimes", r":7: \[x\] board_details: 'sometimes' is not yes or no"),
+    ("events = incoming, state", r":7: \[x\] events: state needs a board"),
+    ("fullname = " + "x" * 300, r":7: \[x\] fullname: 300 characters, expected at most 256"),
+])
+def test_board_key_errors_name_file_line_section_and_key(line, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config("[ami]\nusername=u\nsecret=s\n[x]\nsecret=s\nextensions=1\n%s\n" % line,
+                     "f.conf")
+    assert re.search(r"^f\.conf" + message, str(caught.value)), str(caught.value)
+
+
+def test_check_names_what_the_board_needs_of_asterisk(tmp_path):
+    path = tmp_path / "board.conf"
+    path.write_text("[ami]\nusername = u\nsecret = s\n" + BOARD_OFFICE)
+    os.chmod(str(path), 0o600)
+    out = run_cli("check", "-c", str(path)).stdout
+    assert "read = call (DeviceStateChange, ExtensionStatus) and system (ContactStatus, " \
+        "PeerStatus)" in out
+    assert "write = reporting (DeviceStateList, ExtensionStateList)" in out
+    assert "res_manager_devicestate.so" in out
+    assert "res_manager_devicestate" not in run_cli("check", "-c", OFFICE_CONF).stdout
+
+
+class BoardView(ctinotify.ServerView):
+    """The daemon's board answer, over a board and its users' scopes."""
+
+    def __init__(self, config, board):
+        super().__init__(config.users)
+        self.board_now, self.scopes = board, ctinotify.board_scopes(config.users)
+
+    def board(self, user):
+        scope = self.scopes.get(user)
+        return ctinotify.view_board(self.board_now, scope) if scope is not None else None
+
+
+def test_the_link_hands_the_board_its_events_and_the_engine_the_rest():
+    """AmiLink gives BOARD_AMI_EVENTS to the board and no further: they
+    must be exactly the board's handlers and none of the engine's."""
+    board = Board(board_config().users.values(), 0.0)
+    assert frozenset(board._ami_handlers) == ctinotify.BOARD_AMI_EVENTS
+    assert not ctinotify.BOARD_AMI_EVENTS & set(CallEngine(Directory())._handlers)
+
+
+def test_client_session_board_command():
+    config = board_config()
+    view = BoardView(config, Board(config.users.values(), 0.0))
+    session = ctinotify.ClientSession("127.0.0.1")
+    assert session.handle_line("BOARD", view) == ["ERR 403 login first"]
+    assert "BOARD" in session.handle_line("HELP", view)[0]
+    session.handle_line("LOGIN bob bob-secret", view)
+    assert session.handle_line("BOARD", view) == [
+        "STATE user=alice name=alice numbers=100 state=free since=1970-01-01T00:00:00Z",
+        "STATE user=bob name=bob numbers=101 state=free since=1970-01-01T00:00:00Z",
+        "OK board=2"]
+    session.handle_line("FORMAT json", view)
+    assert [json.loads(line)["user"] for line in session.handle_line("BOARD", view)[:-1]] == \
+        ["alice", "bob"]
+    carol = ctinotify.ClientSession("127.0.0.1")
+    carol.handle_line("LOGIN carol carol-secret", view)
+    assert carol.handle_line("BOARD", view) == ["ERR 403 no board for carol"]
+    assert carol.handle_line("EVENTS state", view) == \
+        ["ERR 403 event kind state not allowed for carol"]
+
+
+def test_board_reconfigure_keeps_what_is_still_true():
+    before = board_config()
+    board = Board(before.users.values(), 0.0)
+    board.on_notifications([call_note("bob", "incoming", device="PJSIP/101",
+                                      to=("101", "Bob Jones"))], 5.0)
+    board.on_ami(devstate("PJSIP/102", "BUSY"), "default", 6.0)
+    board.on_ami(devstate("PJSIP/103", "UNAVAILABLE"), "default", 6.0)
+    assert [state_of(board, u) for u in ("bob", "carol", "dave")] == \
+        ["ringing", "busy", "away"]
+    after = board_config(BOARD_OFFICE.replace("devices = PJSIP/102", "devices = PJSIP/112")
+                         .replace("extensions = 101\n", "extensions = 101\nfullname = Robert\n")
+                         .replace("board = alice\n", "board = carol\n")
+                         .replace("[dave](staff)", "[erin](staff)\nsecret = e\nextensions = 104"
+                                                   "\n[dave](staff)")
+                         .replace("[alice](staff)\nsecret = alice-secret\ndevices = PJSIP/100\n"
+                                  "extensions = 100\nboard = all\nboard_details = yes\n", ""))
+    changes = board.reconfigure(after.users.values(), 10.0)
+    assert [(c.kind, c.user, c.entry.state, c.entry.since, c.entry.name) for c in changes] == [
+        ("state", "erin", "free", 10.0, "erin"),      # new: free since now
+        ("name", "bob", "ringing", 5.0, "Robert"),    # his call and since kept
+        ("state", "carol", "free", 10.0, "carol"),    # the busy phone is no longer hers
+    ]
+    assert list(board.users) == ["bob", "carol", "erin", "dave"]
+    assert state_of(board, "dave") == "away"          # unchanged: no change
+    # The kept call goes on as before; Alice is gone, nothing about her.
+    (change,) = board.on_notifications([call_note("bob", "hangup", device="PJSIP/101")], 11.0)
+    assert (change.user, change.entry.state) == ("bob", "free")
+    assert board.on_notifications([call_note("alice", "incoming")], 12.0) == []
+    # Carol's new phone counts from now on.
+    (change,) = board.on_ami(devstate("PJSIP/112", "INUSE"), "default", 13.0)
+    assert (change.user, change.entry.state) == ("carol", "talking")
+
+
+def test_board_views_changed_by_a_reload():
+    old = board_config().users
+    new = board_config(BOARD_OFFICE.replace("board = alice\n", "board = alice, carol\n")
+                       .replace("board = all\nboard_details = yes\n", "board = all\n")
+                       .replace("extensions = 102\n", "extensions = 102\nboard = bob\n")
+                       .replace("board = @staff\n", "board = @staff\nfullname = Dave\n")).users
+    assert ctinotify.board_views_changed(
+        ctinotify.board_scopes(old), old, ctinotify.board_scopes(new), new) == \
+        {"alice", "bob", "carol"}  # details gone, carol added, a board gained; dave the same
+
+
+class StubConnection:
+    """What the hub asks of a connection when it delivers the board."""
+
+    def __init__(self, fmt, kinds=("state",)):
+        self.fmt, self.kinds, self.queued = fmt, kinds, []
+
+    def wants(self, kind):
+        return kind in self.kinds
+
+    def queue(self, data):
+        self.queued.append(data)
+
+
+def test_hub_delivers_each_board_change_encoded_once_per_details_and_format():
+    config = board_config()
+    # The hub takes LOGIN's throttle from the daemon's view: only that is needed here.
+    view = types.SimpleNamespace(throttle=ctinotify.LoginThrottle())
+    hub = ctinotify.ClientHub(ctinotify.Loop(), config, view)
+    try:
+        conns = {name: [StubConnection("text"), StubConnection("json"),
+                        StubConnection("text", kinds=("incoming",))]
+                 for name in ("alice", "bob", "carol", "dave")}
+        for name, stubs in conns.items():
+            hub.subscribers[name] = set(stubs)
+        board = Board(config.users.values(), 0.0)
+        hub.deliver_board(board.on_notifications([call_note("alice", "incoming")], 1.0))
+        hub.deliver_board(board.on_notifications([call_note("carol", "incoming", call="c2",
+                                                            device="PJSIP/102")], 2.0))
+        got = {name: [len(c.queued) for c in stubs] for name, stubs in conns.items()}
+        # Alice and Dave see both; Bob only Alice; Carol (none) and the
+        # connections without state nothing.
+        assert got == {"alice": [2, 2, 0], "bob": [1, 1, 0], "carol": [0, 0, 0],
+                       "dave": [2, 2, 0]}
+        assert b"with_num=" in conns["alice"][0].queued[0]
+        assert b"with" not in conns["dave"][0].queued[0] + conns["bob"][0].queued[0]
+        # One bytes object per change, kind of viewer and format.
+        assert conns["bob"][0].queued[0] is conns["dave"][0].queued[0]
+        assert conns["bob"][1].queued[0] is conns["dave"][1].queued[0]
+    finally:
+        hub.loop.selector.close()
+
+
+# -- through the daemon -----------------------------------------------------------
+
+
+def expected_state_lines(name, viewer, sees, details, fmt):
+    """The state events a viewer must get for a recording, from its board
+    golden: ``sees`` the colleagues on their board (None: all)."""
+    lines = []
+    for line in load_board_golden(name):
+        fields = dict(line)
+        change = fields.pop("change")
+        if sees is not None and fields["user"] not in sees and fields["user"] != viewer:
+            continue
+        if change == "details" and not details:
+            continue
+        if not details:
+            for key in BOARD_DETAIL_KEYS:
+                fields.pop(key, None)
+        lines.append(ctinotify.encode_notification(fields, fmt).decode().rstrip("\r\n"))
+    return [normalize_since(line) for line in lines]
+
+
+def normalize_since(line):
+    """A live board's times are the daemon's clock, not the recording's."""
+    return re.sub(r'since=\S+|"since":"[^"]*"', "since=S", line)
+
+
+def is_state_line(line):
+    return line.startswith(("EVENT state ", '{"event":"state"'))
+
+
+def state_lines(client, count=0):
+    """The state events a client gets: at least ``count`` (the fake sends
+    a trace from its own thread), then whatever came before a PING's answer."""
+    lines = []
+    while len([l for l in lines if is_state_line(l)]) < count:
+        lines.append(client.line())
+    lines += client.events_until_pong()
+    return [normalize_since(line) for line in lines if is_state_line(line)]
+
+
+def board_client(port, login, fmt="text"):
+    client = Client(port, login)
+    if fmt == "json":
+        client.send("FORMAT json")
+        assert client.line() == "OK format=json"
+    return client
+
+
+def test_e2e_board_and_state_events_of_recorded_calls_in_text_and_json(fake, daemon_factory):
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    alice = board_client(daemon.port, "alice alice-secret")
+    bob = board_client(daemon.port, "bob bob-secret", "json")
+    carol = board_client(daemon.port, "carol carol-secret")
+    dave = board_client(daemon.port, "dave dave-secret", "json")
+    try:
+        alice.send("BOARD")
+        board = alice.lines_until(lambda l: l.startswith("OK "))
+        assert [normalize_since(l) for l in board] == [
+            "STATE user=%s name=%s numbers=%s state=free since=S" % (u, u, n)
+            for u, n in (("alice", 100), ("bob", 101), ("carol", 102), ("dave", 103))] + \
+            ["OK board=4"]
+        since = ctinotify.parse_iso_time(re.search(r"since=(\S+)", board[0]).group(1))
+        assert abs(since - time.time()) < 60  # the daemon's clock
+        bob.send("BOARD")
+        assert [json.loads(l)["user"] for l in bob.lines_until(lambda l: l.startswith("OK "))
+                [:-1]] == ["alice", "bob"]
+        carol.send("BOARD")
+        assert carol.line() == "ERR 403 no board for carol"
+        # In this order the names the board learns from the phones are the
+        # same as in the goldens, which start from a fresh board each.
+        for name in ("p_park_retrieve", "k_attended_transfer"):
+            fake.send_trace(trace_path(name))
+            expected = expected_state_lines(name, "alice", None, True, "text")
+            assert state_lines(alice, len(expected)) == expected
+            expected = expected_state_lines(name, "bob", {"alice"}, False, "json")
+            got_bob = state_lines(bob, len(expected))
+            assert got_bob == expected
+            expected = expected_state_lines(name, "dave", None, False, "json")
+            got_dave = state_lines(dave, len(expected))
+            assert got_dave == expected
+            assert got_dave and all(set(json.loads(l.replace("since=S", '"since":""')))
+                                    <= {"event", "user", "name", "numbers", "state", "since"}
+                                    for l in got_bob + got_dave)
+            assert not any(l.startswith("EVENT state") for l in carol.events_until_pong())
+        dave.send("BOARD")
+        items = [json.loads(l) for l in dave.lines_until(lambda l: l.startswith("OK "))[:-1]]
+        assert [(i["user"], i["name"], i["state"]) for i in items] == [
+            ("alice", "Alice Smith", "free"), ("bob", "Bob Jones", "free"),
+            ("carol", "carol", "free"), ("dave", "dave", "free")]
+    finally:
+        for client in (alice, bob, carol, dave):
+            client.close()
+
+
+def test_e2e_board_scoping_none_gets_nothing_and_no_details_never_a_caller(fake,
+                                                                          daemon_factory):
+    """Every recorded call: Carol (board = none) gets no state line at all,
+    Bob and Dave (no board_details) never a caller ID, number or call id."""
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    carol = board_client(daemon.port, "carol carol-secret")
+    bob = board_client(daemon.port, "bob bob-secret")
+    dave = board_client(daemon.port, "dave dave-secret", "json")
+    try:
+        carol.send("EVENTS ALL")
+        assert "state" not in carol.line()
+        for name in BOARD_TRACES:
+            fake.send_trace(trace_path(name))
+        # Then Alice's phone goes busy: once Bob and Dave have that, the
+        # daemon has been through every recording.
+        fake.send(b"Event: DeviceStateChange\r\nPrivilege: call,all\r\nDevice: PJSIP/100\r\n"
+                  b"State: BUSY\r\n\r\n")
+        received = {
+            "bob": bob.lines_until(lambda l: l.startswith("EVENT state user=alice") and
+                                   "state=busy" in l),
+            "dave": dave.lines_until(lambda l: l.startswith('{"event":"state","user":"alice"')
+                                     and '"state":"busy"' in l),
+            "carol": carol.events_until_pong()}
+        assert received["carol"] and not [l for l in received["carol"] if "state" in l]
+        states = [l for l in received["bob"] if l.startswith("EVENT state")] + \
+            [l for l in received["dave"] if l.startswith('{"event":"state"')]
+        assert len(states) > 20
+        callers = {ctinotify.parse_text_line(l)[2].get("from_num") for l in
+                   received["bob"] if l.startswith("EVENT ")} - {None, "100", "101", "102",
+                                                                 "103"}
+        for line in states:
+            assert not re.search(r"with|call|direction|pbx|\+1555", line), line
+            assert not any(number in line for number in callers), line
+    finally:
+        for client in (carol, bob, dave):
+            client.close()
+
+
+def test_e2e_board_resyncs_phone_states_after_every_login(fake, daemon_factory):
+    """Phones busy before ctinotify connected are on the board from the
+    first BOARD; after a reconnect the lists are asked again, and what they
+    no longer name is forgotten."""
+    fake.device_states = [("PJSIP/101", "INUSE"), ("PJSIP/103", "UNAVAILABLE"),
+                          ("Queue:support_avail", "NOT_INUSE")]
+    fake.hints = [("102", "ext-local", "PJSIP/102&Custom:DND102", 2)]
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    alice = board_client(daemon.port, "alice alice-secret")
+    try:
+        alice.send("BOARD")
+        assert [normalize_since(l) for l in alice.lines_until(lambda l: l.startswith("OK "))] \
+            == ["STATE user=alice name=alice numbers=100 state=free since=S",
+                "STATE user=bob name=bob numbers=101 state=talking since=S",
+                "STATE user=carol name=carol numbers=102 state=busy since=S",
+                "STATE user=dave name=dave numbers=103 state=away since=S", "OK board=4"]
+        # Asterisk restarts: Bob's call and Carol's DND are over, Dave's
+        # phone is back, Alice's went.
+        fake.device_states = [("PJSIP/103", "NOT_INUSE"), ("PJSIP/100", "UNAVAILABLE")]
+        fake.hints = []
+        fake.drop()
+        assert alice.line().startswith("STATUS pbx=down")
+        fake.wait_for_logins(2)
+        alice.lines_until(lambda l: l.startswith("STATUS pbx=up"))
+        assert sorted(state_lines(alice, 4)) == [
+            "EVENT state user=alice name=alice numbers=100 state=away since=S",
+            "EVENT state user=bob name=bob numbers=101 state=free since=S",
+            "EVENT state user=carol name=carol numbers=102 state=free since=S",
+            "EVENT state user=dave name=dave numbers=103 state=free since=S"]
+        sent = [a["Action"] for a in fake.actions if a["Action"].endswith("List")]
+        assert sent == ["DeviceStateList", "ExtensionStateList"] * 2
+        # A live change after the resync.
+        fake.send(b"Event: DeviceStateChange\r\nPrivilege: call,all\r\nDevice: PJSIP/101\r\n"
+                  b"State: RINGING\r\n\r\n")
+        assert normalize_since(alice.line()) == \
+            "EVENT state user=bob name=bob numbers=101 state=ringing since=S"
+    finally:
+        alice.close()
+
+
+def test_e2e_board_has_the_calls_up_before_ctinotify_started(fake, daemon_factory):
+    """tests/traces/s_connect_midcall.ami: three calls up when ctinotify
+    logs in.  The engine adopts them at its resync and tells them like any
+    call (incoming, pickup), so the board has them, with whom, from its first
+    BOARD; then they end as recorded."""
+    data = read_trace("s_connect_midcall")
+    fake.channels = channel_list(data)
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    daemon.wait_log("resynchronised: %d channels" % len(fake.channels))
+    alice = board_client(daemon.port, "alice alice-secret")
+    try:
+        alice.send("BOARD")
+        got = [ctinotify.parse_text_line(line)[2]
+               for line in alice.lines_until(lambda l: l.startswith("OK "))[:-1]]
+        golden = {g["user"]: g for g in load_board_golden("s_connect_midcall")
+                  if g["state"] == "talking"}
+        assert [(g["user"], g["state"], g.get("with_num"), g.get("call")) for g in got] == [
+            (u, "talking", golden[u]["with"]["num"], golden[u]["call"])
+            if u in golden else (u, "free", None, None)
+            for u in ("alice", "bob", "carol", "dave")]
+        events = trace_events(data)
+        listed = max(i for i, e in enumerate(events)
+                     if e.startswith(b"Event: CoreShowChannelsComplete"))
+        fake.send(b"".join(events[listed + 1:]))
+        assert state_lines(alice, 3) == [
+            line for line in expected_state_lines("s_connect_midcall", "alice", None, True,
+                                                  "text") if "state=free" in line]
+    finally:
+        alice.close()
+
+
+def test_e2e_board_without_res_manager_devicestate_says_so_and_goes_on(fake, daemon_factory):
+    fake.devicestate_module = False
+    fake.hints = [("102", "ext-local", "PJSIP/102&Custom:DND102", 2)]
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    daemon.wait_log(r"WARNING ami: the office board cannot list the phones' states "
+                    r"\(Invalid/unknown command: DeviceStateList\. .*\): load "
+                    r"res_manager_devicestate\.so and grant the AMI user write = reporting")
+    dave = board_client(daemon.port, "dave dave-secret")
+    try:
+        dave.send("BOARD")
+        assert "state=busy" in dave.lines_until(lambda l: l.startswith("OK "))[2]
+        fake.send_trace(trace_path("a_inbound_answered"))
+        assert [ctinotify.parse_text_line(l)[2]["state"] for l in state_lines(dave, 3)] == \
+            ["ringing", "talking", "free"]
+    finally:
+        dave.close()
+
+
+def test_e2e_board_reload_applies_at_once(fake, daemon_factory):
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    alice = board_client(daemon.port, "alice alice-secret")
+    bob = board_client(daemon.port, "bob bob-secret")
+    carol = board_client(daemon.port, "carol carol-secret")
+    dave = board_client(daemon.port, "dave dave-secret")
+    opened = [alice, bob, carol, dave]
+    try:
+        # Alice now sees only Bob (and herself), without details; Bob loses
+        # his board, Carol gets one; Dave gets a full name; Erin joins the staff.
+        edit_config(daemon, ("board = all\nboard_details = yes\n", "board = bob\n"),
+                    ("board = alice\n", ""),
+                    ("extensions = 102\n", "extensions = 102\nboard = all\n"),
+                    ("board = @staff\n", "board = @staff\nfullname = Dave Brown\n"),
+                    ("[dave](staff)", "[erin](staff)\nsecret = erin-secret\n"
+                                      "devices = PJSIP/104\n[dave](staff)"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"configuration reloaded from \S+ \(5 users\)")
+        for client in (alice, bob, carol, dave):
+            assert client.line().startswith("STATUS board=changed time="), client
+        assert [normalize_since(l) for l in dave.events_until_pong()] == [
+            'EVENT state user=erin name=erin numbers="" state=free since=S',
+            'EVENT state user=dave name="Dave Brown" numbers=103 state=free since=S']
+        assert alice.events_until_pong() == []  # Dave is off her board now
+        # Carol's phone rings: Alice does not see her any more, Carol (who
+        # saw Erin come and Dave's name change) does now.
+        fake.send(b"Event: DeviceStateChange\r\nPrivilege: call,all\r\nDevice: PJSIP/102\r\n"
+                  b"State: RINGING\r\n\r\n")
+        assert [ctinotify.parse_text_line(l)[2]["user"] for l in state_lines(carol, 3)] == \
+            ["erin", "dave", "carol"]
+        assert state_lines(alice) == [] and state_lines(bob) == []
+        fake.send_trace(trace_path("e_internal_answered"))
+        assert [ctinotify.parse_text_line(l)[2]["state"] for l in state_lines(alice, 5)] == \
+            ["talking", "ringing", "talking", "free", "free"]
+        assert not [l for l in bob.events_until_pong() if "state" in l]
+        for client, reply in ((alice, "OK board=2"), (bob, "ERR 403 no board for bob"),
+                              (carol, "OK board=5")):
+            client.send("BOARD")
+            assert client.lines_until(lambda l: l.startswith(("OK ", "ERR ")))[-1] == reply
+        alice.send("BOARD")
+        assert "with" not in "".join(alice.lines_until(lambda l: l.startswith("OK ")))
+    finally:
+        for client in opened:
+            client.close()
+
+
+# -- watch --board ------------------------------------------------------------------
+
+
+def test_watch_session_board_mode_asks_for_the_board_and_again_after_a_reload():
+    session = ctinotify.WatchSession("alice", "s", board=True)
+    session.receive_line("CTINOTIFY/1 hi")
+    session.receive_line("OK format=json")
+    out = session.receive_line("OK logged in as alice; events=incoming,state")
+    assert [s.line for s in out[1:]] == ["EVENTS state", "BOARD"]
+    assert session.receive_line("OK events=state") == []
+    item = '{"event":"state","user":"%s","name":"%s","numbers":"10%d","state":"free",' \
+        '"since":"2026-11-26T21:19:10Z"}'
+    # A state event pushed before the server read BOARD is as good an item.
+    for n, user in enumerate(("bob", "alice", "bob")):
+        assert session.receive_line(item % (user, user, n)) == []
+    (board,) = session.receive_line("OK board=2")
+    assert isinstance(board, ctinotify.WatchBoard)
+    assert [i.fields["user"] for i in board.items] == ["bob", "alice", "bob"]
+    (event,) = session.receive_line(
+        "EVENT state user=bob name=\"Bob Jones\" numbers=101 state=talking "
+        "since=2026-11-26T21:20:00Z with_num=+15551230001 with_name=x direction=in call=1.1")
+    assert (event.kind, event.fields["with_num"]) == ("state", "+15551230001")
+    assert session.seen_until is None  # a colleague's state is no call of the user's
+    status, again = session.receive_line('{"event":"status","board":"changed",'
+                                         '"time":"2026-11-26T21:21:00Z"}')
+    assert status.kind == "status" and again.line == "BOARD"
+    (refused,) = session.receive_line("ERR 403 no board for alice")
+    assert isinstance(refused, ctinotify.WatchRefused) and refused.what == "board"
+    text = ctinotify.WatchSession("bob", "s", fmt="text", board=True)
+    text.receive_line("CTINOTIFY/1 hi")
+    text.receive_line("OK logged in as bob; events=state")
+    (refused,) = text.receive_line("ERR 403 event kind state not allowed for bob")
+    assert refused.what == "board"
+    text = ctinotify.WatchSession("bob", "s", fmt="text", board=True)
+    text.receive_line("CTINOTIFY/1 hi")
+    text.receive_line("OK logged in as bob; events=state")
+    text.receive_line("OK events=state")
+    assert text.receive_line("STATE user=alice name=alice numbers=100 state=away since=x") == []
+    (board,) = text.receive_line("OK board=1")
+    assert [(i.kind, i.fields["state"]) for i in board.items] == [("state", "away")]
+
+
+def test_plain_watch_turns_the_board_off_and_keeps_its_own_calls():
+    session = ctinotify.WatchSession("alice", "s")
+    session.receive_line("CTINOTIFY/1 hi")
+    session.receive_line("OK format=json")
+    out = session.receive_line("OK logged in as alice; events=incoming,hangup,state")
+    assert [s.line for s in out[1:]] == ["EVENTS incoming,hangup", "HISTORY 20", "CALLS"]
+    # Pushed before the server read EVENTS: dropped.
+    assert session.receive_line('{"event":"state","user":"bob","state":"free"}') == []
+    assert session.receive_line("OK events=incoming,hangup") == []
+    # An account with nothing but the board: its lines are shown.
+    only = ctinotify.WatchSession("alice", "s")
+    only.receive_line("CTINOTIFY/1 hi")
+    only.receive_line("OK format=json")
+    out = only.receive_line("OK logged in as alice; events=state")
+    assert [s.line for s in out[1:]] == ["HISTORY 20", "CALLS"]
+    (event,) = only.receive_line('{"event":"state","user":"bob","state":"free"}')
+    assert event.kind == "state"
+    assert not ctinotify.ExecHook.parse("all=true").wants("state")
+    assert ctinotify.ExecHook.parse("state=true").wants("state")
+
+
+@pytest.mark.parametrize("seconds, shown", [
+    (0, "0:00"), (7.9, "0:07"), (760, "12:40"), (3723, "1:02:03"), (183600, "2d 03h"),
+    (-5, "0:00")])
+def test_board_timer(seconds, shown):
+    assert ctinotify.board_timer(seconds) == shown
+
+
+def board_event(**fields):
+    flat = dict(ctinotify.flatten_fields(dict({"event": "state"}, **fields)))
+    return ctinotify.WatchEvent("state", flat, "")
+
+
+def test_board_table_words_timers_and_hostile_names():
+    since = "2026-11-26T21:19:10Z"
+    at = ctinotify.parse_iso_time(since)
+    table = ctinotify.BoardTable()
+    table.reset([board_event(user="alice", name="Alice Smith", numbers="100", state="talking",
+                             since=since, **{"with": {"num": "+15551230001",
+                                                      "name": "John\x1b[2J Customer"},
+                                             "direction": "in", "call": "1.1"}),
+                 board_event(user="bob", name="bob", numbers="101", state="free",
+                             since="2026-11-26T21:00:00Z")])
+    table.update(board_event(user="carol", name="C" * 40, numbers="102,5551234567890",
+                             state="on_hold", since=since, **{
+                                 "with": {"num": "200", "name": ""}, "direction": "out"}))
+    rows = table.render(at + 75)
+    assert rows == [
+        "NAME                      NUMBER        STATE         FOR    WITH",
+        "Alice Smith               100           on the phone  1:15   "
+        "from John\\u001b[2J Customer <+15551230001>",
+        "bob                       101           free          20:25",
+        "CCCCCCCCCCCCCCCCCCCCCCC~  102,5551234~  on hold       1:15   to 200"]
+    table.update(board_event(user="bob", name="Bob Jones", numbers="101", state="away",
+                             since=since))
+    table.note = "13:00:00  status    PBX link down"
+    rows = table.render(at)
+    assert rows[0] == table.note and rows[3].startswith("Bob Jones ") and "away" in rows[3]
+    assert ctinotify.BoardTable().render(at)[-1] == "(nobody on your board)"
+
+
+def test_board_screen_redraws_a_terminal_in_place_and_writes_lines_elsewhere():
+    item = board_event(user="bob", name="Bob Jones", numbers="101", state="ringing",
+                       since="2026-11-26T21:19:10Z", **{"with": {"num": "100", "name": ""},
+                                                        "direction": "in"})
+    tty = io.StringIO()
+    screen = ctinotify.BoardScreen(tty, "board of alice", tty=True)
+    screen.show_board([item])
+    drawn = tty.getvalue()
+    assert drawn.startswith("\x1b[Hboard of alice  ") and drawn.endswith("\x1b[J")
+    assert "\x1b[K\nBob Jones  101     ringing  " in drawn
+    assert drawn.count("\n") == 4  # title, blank, headings, bob
+    screen.tick()  # the same second: nothing to redraw
+    assert tty.getvalue() == drawn
+    plain = io.StringIO()
+    screen = ctinotify.BoardScreen(plain, "board of alice", tty=False)
+    screen.show_board([item])
+    screen.change(board_event(user="bob", name="Bob Jones", numbers="101", state="free",
+                              since="2026-11-26T21:20:00Z"))
+    lines = plain.getvalue().splitlines()
+    assert [line[10:] for line in lines] == [
+        "state     Bob Jones (101): ringing  from 100",
+        "state     Bob Jones (101): free"]
+    assert "\x1b" not in plain.getvalue()
+    assert not ctinotify.ansi_terminal(plain) and not ctinotify.BoardScreen(plain, "t").tty
+
+
+def test_readme_board_table_is_what_watch_board_draws():
+    block = readme_block("watch-board-table")
+    now = ctinotify.parse_iso_time("2026-11-26T21:19:22Z")
+    table = ctinotify.BoardTable()
+    table.reset([
+        board_event(user="alice", name="Alice Smith", numbers="100", state="talking",
+                    since=ctinotify.iso_time(now - 12), direction="in", call="1.1",
+                    **{"with": {"num": "+15551230001", "name": "John Customer"}}),
+        board_event(user="bob", name="Bob Jones", numbers="101", state="free",
+                    since=ctinotify.iso_time(now - 843)),
+        board_event(user="carol", name="carol", numbers="102", state="busy",
+                    since=ctinotify.iso_time(now - 3760)),
+        board_event(user="dave", name="dave", numbers="103", state="away",
+                    since=ctinotify.iso_time(now - 2 * 86400 - 3 * 3600 - 100))])
+    assert block[0].startswith("ctinotify board of alice, pbx.example.com port 5039  ")
+    assert block[1:] == [""] + table.render(now)
+
+
+def test_e2e_watch_board_prints_the_board_and_each_change(fake, daemon_factory, watches,
+                                                        tmp_path):
+    fake.device_states = [("PJSIP/103", "UNAVAILABLE")]
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    watch = watches(tmp_path, daemon.port, "--board")
+    watch.wait("err", r"connected to 127\.0\.0\.1 port %d" % daemon.port)
+    first, _ = watch.wait("out", CALL_LINE % r"state     alice \(100\): free$")
+    watch.wait("out", CALL_LINE % r"state     dave \(103\): away$")
+    fake.send_trace(trace_path("a_inbound_answered"))
+    end, _ = watch.wait("out", CALL_LINE % r"state     Alice Smith \(100\): free$", after=first + 1)
+    # The README's example, but for the times (the daemon's clock).
+    assert [line[10:] for line in watch.out[first:end + 1]] == \
+        [line[10:] for line in readme_block("watch-board-example")]
+    # Only the board: none of Alice's own call events.
+    assert not [line for line in watch.out if re.match(CALL_LINE % "(incoming|hangup)", line)]
+    assert watch.stop() == 0
+
+
+def test_e2e_watch_board_on_a_terminal_redraws_the_table(fake, daemon_factory, tmp_path):
+    import pty
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    secret = tmp_path / "secret"
+    secret.write_text("bob-secret\n")
+    os.chmod(str(secret), 0o600)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, CTINOTIFY, "watch", "127.0.0.1:%d" % daemon.port, "-u", "bob",
+         "--secret-file", str(secret), "--board", "--state", str(tmp_path / "state.json")],
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.DEVNULL,
+        preexec_fn=Watch._ctrl_c_works)
+    os.close(slave)
+    screen = b""
+
+    def read_until(pattern):
+        nonlocal screen
+        deadline = time.monotonic() + 20
+        while not re.search(pattern, screen):
+            assert time.monotonic() < deadline, screen[-2000:]
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                screen += os.read(master, 65536)
+        return screen
+    try:
+        read_until(rb"\x1b\[Hctinotify board of bob, 127\.0\.0\.1 port \d+  \d\d:\d\d:\d\d")
+        read_until(rb"bob    101     free")
+        fake.send_trace(trace_path("a_inbound_answered"))
+        # Bob has no board_details: the state, and its timer, never the caller.
+        read_until(rb"Alice Smith  100     on the phone  0:0\d\x1b\[K")
+        read_until(rb"Alice Smith  100     free  ")
+        assert b"John" not in screen and b"+1555" not in screen
+    finally:
+        stop_process(proc, signal.SIGINT)
+        os.close(master)

@@ -11,7 +11,12 @@ Measures, in one run on this machine, and prints one table:
    a fixed AMI rate;
 3. scale of connections: daemon RSS idle, with 1,000 and 10,000 clients,
    and its CPU time per AMI event with 100 vs 10,000 clients connected;
-4. bounded memory: daemon RSS after the big trace once and ten times.
+4. bounded memory: daemon RSS after the big trace once and ten times;
+5. the office board (issue 13): a state change reaching 100 board
+   watchers, in process and through the daemon's sockets;
+6. browsers on ``GET /events`` (issue 11): the delay of section 2 over
+   Server-Sent Events to 1,000 event streams, the daemon's RSS with 10,000
+   idle streams, and its CPU per AMI event with 1,000 streams open vs none.
 
 The big traces are built in ``bench-data/`` from the recorded ones: copies
 back to back, each *uniquified* (Uniqueid/Linkedid/bridge ids and channel
@@ -22,9 +27,11 @@ library only; all clients and the fake Asterisk share one selectors loop.
 """
 
 import argparse
+import base64
 import collections
 import gc
 import hashlib
+import json
 import os
 import platform
 import re
@@ -52,10 +59,12 @@ CTINOTIFY = os.path.join(ROOT, "ctinotify.py")
 SETTINGS = {
     "full": {"min_events": 200000, "repeats": 5, "clients": 1000, "few_clients": 100,
              "many_clients": 10000, "paced_rate": 2000, "paced_s": 20.0, "rounds": 10,
-             "board_changes": 30000},
+             "board_changes": 30000, "board_socket_changes": 4000, "board_rate": 200,
+             "streams": 1000, "many_streams": 10000},
     "quick": {"min_events": 40000, "repeats": 1, "clients": 200, "few_clients": 100,
               "many_clients": 2000, "paced_rate": 2000, "paced_s": 5.0, "rounds": 3,
-              "board_changes": 3000},
+              "board_changes": 3000, "board_socket_changes": 600, "board_rate": 200,
+              "streams": 200, "many_streams": 2000},
 }
 #: Feed size for the in-process parsers: what ``replay`` reads at a time.
 CHUNK_BYTES = 1 << 16
@@ -313,12 +322,14 @@ def raise_fd_limit():
 
 
 def users_config(users):
-    """``[name]`` sections for (name, devices, extensions) triples."""
+    """``[name]`` sections for (name, devices, extensions) triples; a
+    fourth item is more lines of the section (a board)."""
     out = []
-    for name, devices, extensions in users:
+    for name, devices, extensions, *more in users:
         out.append("[%s]\nsecret = bench\ndevices = %s\n" % (name, devices))
         if extensions:
             out.append("extensions = %s\n" % extensions)
+        out.extend(more)
     return "".join(out)
 
 
@@ -339,7 +350,7 @@ class DaemonProcess:
         if self.profile:
             python += ["-m", "cProfile", "-o", os.path.join(DATA_DIR, name + ".prof")]
         with open(self.config, "w") as f:
-            f.write("[general]\nbind = 127.0.0.1\nport = 0\nlogin_timeout = 60\n"
+            f.write("[general]\nbind = 127.0.0.1\nport = 0\nweb_port = 0\nlogin_timeout = 60\n"
                     # Every bench client comes from 127.0.0.1: lift the limits.
                     "max_clients = 100000\nmax_clients_per_host = 100000\n"
                     "login_block_after = 0\n\n"
@@ -353,6 +364,8 @@ class DaemonProcess:
                 preexec_fn=raise_fd_limit)
         found = self.wait_log(r"listening for clients on \S+ port (\d+)")
         self.port = int(found.group(1))
+        found = self.wait_log(r"listening for web browsers on \S+ port (\d+)")
+        self.web_port = int(found.group(1))
 
     def wait_log(self, pattern, timeout=20.0):
         deadline = time.monotonic() + timeout
@@ -416,6 +429,10 @@ class Loop:
                 ticker.tick(now)
             if time.monotonic() > deadline:
                 raise RuntimeError("timed out waiting for %s" % what)
+
+
+#: The board's list actions, lower case -> the event that ends the list.
+BOARD_LISTS = {action.lower(): end for action, end in ctinotify.BOARD_LIST_ACTIONS}
 
 
 class AmiFeeder:
@@ -493,6 +510,11 @@ class AmiFeeder:
             self.logged_in = ok
         elif action == "ping":
             self._queue(((head % "Success") + "Ping: Pong\r\n\r\n").encode())
+        elif action in BOARD_LISTS:
+            # The office board's lists after a login: empty, every phone idle.
+            self._queue(((head % "Success") + "EventList: start\r\n\r\nEvent: %s\r\n"
+                         "ActionID: %s\r\nEventList: Complete\r\nListItems: 0\r\n\r\n"
+                         % (BOARD_LISTS[action], msg.get("ActionID", ""))).encode())
         else:
             self._queue(((head % "Error") + "Message: Invalid/unknown command\r\n\r\n").encode())
 
@@ -604,15 +626,70 @@ class Client:
         self.sock.close()
 
 
+class Browser:
+    """One browser on the event stream: ``GET /events`` with Basic auth (as
+    ``curl -N -u``), then Server-Sent Events frames.  The same interface as
+    Client: its swarm counts it ready at the stream's first status event."""
+
+    __slots__ = ("swarm", "sock", "user", "inbuf", "ready")
+
+    def __init__(self, swarm, user):
+        self.swarm = swarm
+        self.user = user
+        self.inbuf = b""
+        self.ready = False
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.sock.connect_ex(("127.0.0.1", swarm.port))
+        swarm.loop.selector.register(self.sock, selectors.EVENT_WRITE, self.on_connected)
+
+    def on_connected(self, mask):
+        swarm = self.swarm
+        swarm.connecting -= 1
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise RuntimeError("browser %s: connect: %s" % (self.user, os.strerror(err)))
+        auth = base64.b64encode(("%s:bench" % self.user).encode()).decode()
+        self.sock.send(("GET /events HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Basic "
+                        "%s\r\nAccept: text/event-stream\r\n\r\n" % (swarm.port, auth)).encode())
+        swarm.loop.selector.modify(self.sock, selectors.EVENT_READ, self.on_readable)
+
+    def on_readable(self, mask):
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionError:
+            data = b""
+        now = time.perf_counter()
+        if not data:
+            self.swarm.lost(self)
+            return
+        frames = (self.inbuf + data).split(b"\n\n")
+        self.inbuf = frames.pop()
+        for frame in frames:
+            if frame.startswith(b"id: "):
+                self.swarm.on_event(self.user, frame, now)
+            elif frame.startswith(b"data: {\"event\":\"status\"") and not self.ready:
+                self.ready = True
+                self.swarm.ready += 1
+            elif frame.startswith(b"HTTP/") and not frame.startswith(b"HTTP/1.1 200 "):
+                raise RuntimeError("browser %s: %s" % (self.user, frame.split(b"\r\n")[0]))
+
+    def close(self):
+        self.swarm.loop.selector.unregister(self.sock)
+        self.sock.close()
+
+
 class ClientSwarm:
-    """Many clients, connected a few hundred at a time (the daemon's listen
-    backlog is 128), all driven by the benchmark's loop."""
+    """Many clients (or browsers: ``kind``), connected a few hundred at a
+    time (the daemon's listen backlog is 128), all driven by the
+    benchmark's loop."""
 
     MAX_CONNECTING = 100
 
-    def __init__(self, loop, port):
+    def __init__(self, loop, port, kind=None):
         self.loop = loop
         self.port = port
+        self.kind = kind or Client
         self.clients = []
         self.waiting = collections.deque()
         self.connecting = 0
@@ -635,7 +712,7 @@ class ClientSwarm:
 
     def tick(self, now):
         while self.waiting and self.connecting < self.MAX_CONNECTING:
-            self.clients.append(Client(self, self.waiting.popleft()))
+            self.clients.append(self.kind(self, self.waiting.popleft()))
             self.connecting += 1
 
     def on_event(self, user, line, now):
@@ -656,7 +733,11 @@ class ClientSwarm:
 
 
 def event_key(line):
-    """(kind, call id) of an ``EVENT <kind> call=<id> ...`` line."""
+    """(kind, call id) of an ``EVENT <kind> call=<id> ...`` line, or of an
+    SSE frame (bytes: ``id: ...`` then ``data: {JSON}``)."""
+    if isinstance(line, bytes):
+        fields = json.loads(line.split(b"\ndata: ", 1)[1])
+        return fields["event"], fields["call"]
     _tag, kind, call = line.split(" ", 3)[:3]
     if call.startswith("call=") and not call.startswith('call="'):
         return kind, call[5:]
@@ -734,18 +815,20 @@ def start_daemon(loop, feeder, name, users):
     return daemon
 
 
-def measure_fanout(loop, feeder, template, settings):
-    """1,000 clients, one phone each; the trace's phones spread over them."""
-    clients = settings["clients"]
+def measure_fanout(loop, feeder, template, settings, browsers=False):
+    """1,000 clients, one phone each; the trace's phones spread over them.
+    ``browsers``: each an event stream on the web port instead."""
+    clients = settings["streams" if browsers else "clients"]
     trace = BigTrace([template], settings["min_events"], phones=clients)
     events = split_events(trace.event_bytes())
     users = [("p%04d" % i, "PJSIP/p%04d" % i, "") for i in range(clients)]
-    daemon = start_daemon(loop, feeder, "bench-fanout", users)
+    daemon = start_daemon(loop, feeder, "bench-%s" % ("sse" if browsers else "fanout"), users)
     try:
         expected = expected_notifications(
             events, ctinotify.load_config(daemon.config).users.values(), settings["paced_rate"])
         total = sum(len(v) for v in expected.values())
-        swarm = ClientSwarm(loop, daemon.port)
+        swarm = ClientSwarm(loop, daemon.web_port, Browser) if browsers else \
+            ClientSwarm(loop, daemon.port)
         swarm.connect([name for name, _, _ in users])
         wait_idle(loop, daemon)
         # Fixed rate: the delay of every event a client receives.
@@ -839,6 +922,46 @@ def measure_scale(loop, feeder, template, settings):
         daemon.stop()
 
 
+def measure_streams(loop, feeder, template, settings):
+    """Event streams that stay open: the daemon's CPU per AMI event with
+    the office's four line clients and no stream, then with 1,000 streams
+    open (the office users' four among them, the others idle users whose
+    phones never ring); RSS with 1,000 and with 10,000 idle streams."""
+    few, many = settings["streams"], settings["many_streams"]
+    trace = BigTrace([template], settings["min_events"])
+    idle = [("w%05d" % i, "PJSIP/w%05d" % i, "") for i in range(many - len(OFFICE_USERS))]
+    daemon = start_daemon(loop, feeder, "bench-streams", OFFICE_USERS + idle)
+    try:
+        result = {"rss_idle": daemon.rss_mb(), "events": trace.events, "few": few, "many": many}
+        notes = sum(len(v) for v in expected_notifications(
+            split_events(trace.event_bytes(0)), office_users()).values())
+        lines = ClientSwarm(loop, daemon.port)
+        lines.connect([name for name, _, _ in OFFICE_USERS])
+        push_round(loop, feeder, daemon, lines, trace.event_bytes(0), notes)  # warm-up
+        # CPU time comes in 10 ms ticks and the machine may be shared: the
+        # better of two rounds each way.
+        result["cpu_none"] = min(push_round(loop, feeder, daemon, lines,
+                                            trace.event_bytes(r), notes)[0] for r in (1, 2))
+        streams = ClientSwarm(loop, daemon.web_port, Browser)
+        names = [name for name, _, _ in OFFICE_USERS + idle]
+        streams.connect(names[:few])
+        wait_idle(loop, daemon)
+        result["rss_few"] = daemon.rss_mb()
+        received = streams.received
+        result["cpu_few"] = min(push_round(loop, feeder, daemon, lines,
+                                           trace.event_bytes(r), notes)[0] for r in (3, 4))
+        loop.run(lambda: streams.received >= received + 2 * notes, 60, "the streams' events")
+        streams.connect(names[few:many])
+        wait_idle(loop, daemon)
+        result["rss_many"] = daemon.rss_mb()
+        result["lost"] = lines.lost_count + streams.lost_count
+        lines.close()
+        streams.close()
+        return result
+    finally:
+        daemon.stop()
+
+
 def measure_rounds(loop, feeder, template, settings):
     """Daemon RSS after each round of the big trace (new ids every round)."""
     trace = BigTrace([template], settings["min_events"])
@@ -859,7 +982,7 @@ def measure_rounds(loop, feeder, template, settings):
 
 
 # ---------------------------------------------------------------------------
-# Office board fan-out, in process (issue 13 part A; part B adds the sockets)
+# Office board fan-out: in process, and through the daemon's sockets
 # ---------------------------------------------------------------------------
 
 BOARD_USERS = 500
@@ -921,6 +1044,86 @@ def measure_board(changes, users=BOARD_USERS, watchers=BOARD_WATCHERS):
             "users": users, "watchers": watchers}
 
 
+def board_socket_users(users, watchers):
+    """The daemon's users for the socket measurement: one phone each; the
+    first ``watchers`` have boards as board_watchers() gives them (half
+    everyone with details, a quarter everyone, a quarter 50 colleagues)."""
+    names = ["u%03d" % i for i in range(users)]
+    config = []
+    for i, name in enumerate(names):
+        board = ""
+        if i < watchers:
+            if i % 4 == 3:
+                board = "board = %s\n" % ", ".join(names[i:i + 50])
+            else:
+                board = "board = all\nboard_details = %s\n" % ("no" if i % 4 == 2 else "yes")
+        config.append((name, "PJSIP/%d" % (1000 + i), str(1000 + i), board))
+    return config
+
+
+def measure_board_sockets(loop, feeder, settings, users=BOARD_USERS, watchers=BOARD_WATCHERS):
+    """The daemon as a process with ``users`` users, ``watchers`` of them
+    logged in with a board; the fake Asterisk sends one DeviceStateChange
+    at a time (``board_rate`` a second), each turning one user's phone in
+    use or idle, which is one board change.  The time from the AMI byte
+    leaving the fake to each watcher's line, and to the last watcher that
+    sees that user."""
+    config = board_socket_users(users, watchers)
+    names = [name for name, _, _, _ in config]
+    daemon = start_daemon(loop, feeder, "bench-board", config)
+    try:
+        scopes = ctinotify.board_scopes(ctinotify.load_config(daemon.config).users)
+        count, rate = settings["board_socket_changes"], settings["board_rate"]
+        events, causes = [], []
+        for n in range(count):
+            i = (n * 7) % users  # every user in turn, 7 apart: no two changes in flight
+            state = "INUSE" if (n // users) % 2 == 0 else "NOT_INUSE"
+            events.append(("Event: DeviceStateChange\r\nPrivilege: call,all\r\n"
+                           "Device: PJSIP/%d\r\nState: %s\r\n\r\n" % (1000 + i, state))
+                          .encode())
+            causes.append(names[i])
+        audience = {user: [w for w, scope in scopes.items() if scope.sees(user)]
+                    for user in set(causes)}
+        expected = sum(len(audience[user]) for user in causes)
+        # The k-th change of a user, as each watcher sees it -> the event index.
+        index_of = collections.defaultdict(list)
+        for index, user in enumerate(causes):
+            index_of[user].append(index)
+        swarm = ClientSwarm(loop, daemon.port)
+        swarm.connect(list(scopes))
+        wait_idle(loop, daemon)
+        seen = collections.Counter()
+        arrivals = []
+
+        def on_event(watcher, line, now):
+            swarm.received += 1
+            user = line.split(" ", 3)[2][5:]  # EVENT state user=<name> ...
+            k = seen[(watcher, user)]
+            seen[(watcher, user)] += 1
+            arrivals.append((index_of[user][k], now))
+        swarm.on_event = on_event
+        feeder.pace(events, 0, count, rate)
+        loop.run(lambda: not feeder.pacing() and swarm.received >= expected,
+                 count / rate * 3 + 30, "%d board lines" % expected)
+        lines, last = [], {}
+        for index, arrived in arrivals:
+            delay = arrived - feeder.sent_at[index]
+            lines.append(delay)
+            last[index] = max(last.get(index, 0.0), delay)
+        lines.sort()
+        reach = sorted(last.values())
+        swarm.close()
+        return {"users": users, "watchers": len(scopes), "changes": count, "rate": rate,
+                "lines": len(lines), "lost": swarm.lost_count,
+                "line_p50_ms": 1e3 * lines[len(lines) // 2],
+                "line_p99_ms": 1e3 * lines[int(len(lines) * 0.99)],
+                "reach_p50_ms": 1e3 * reach[len(reach) // 2],
+                "reach_p99_ms": 1e3 * reach[int(len(reach) * 0.99)],
+                "reach_max_ms": 1e3 * reach[-1]}
+    finally:
+        daemon.stop()
+
+
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
@@ -935,7 +1138,8 @@ def verdict(ok, full_size=True):
     return "met" if ok else "NOT met"
 
 
-def report(settings, mode, traces, through, fanout, scale, rounds, seconds, board=None):
+def report(settings, mode, traces, through, fanout, scale, rounds, seconds, board=None,
+           sse=None, streams=None, board_sockets=None):
     lines = []
     add = lines.append
     add("ctinotify %s benchmark (%s run, %.0f s): Python %s (%s), %s, %d CPUs"
@@ -996,6 +1200,39 @@ def report(settings, mode, traces, through, fanout, scale, rounds, seconds, boar
         add("   %-56s %.3f ms / %.3f ms / %.3f ms" % (
             "board update + every watcher's line: median / p99 / max",
             board["p50_ms"], board["p99_ms"], board["max_ms"]))
+    if board_sockets is not None:
+        bs = board_sockets
+        add("   Through the daemon: %s users, %d watchers logged in, %s changes at %d/s"
+            % (format(bs["users"], ","), bs["watchers"], format(bs["changes"], ","), bs["rate"]))
+        add("   %-56s %.2f ms / %.2f ms (%s lines)" % (
+            "AMI byte out -> a watcher has the line: median / p99", bs["line_p50_ms"],
+            bs["line_p99_ms"], format(bs["lines"], ",")))
+        add("   %-56s %.2f ms / %.2f ms / %.2f ms" % (
+            "... -> the last watcher has it: median / p99 / max", bs["reach_p50_ms"],
+            bs["reach_p99_ms"], bs["reach_max_ms"]))
+    if sse is not None and streams is not None:
+        add("")
+        add("6. Browsers: event streams on the web port (GET /events, Basic auth)")
+        add("   %-56s %.2f ms / %.2f ms (%d events)" % (
+            "AMI byte out -> %s streams have the event, %s ev/s: median / p99"
+            % (format(sse["clients"], ","), format(sse["rate"], ",")),
+            sse["delay_median_ms"], sse["delay_p99_ms"], sse["delay_n"]))
+        add("   %-56s %s" % ("AMI events/s end to end to them, as fast as read",
+                             format(int(sse["full_events_per_s"]), ",")))
+        add("   %-56s %.1f MB / %.1f MB / %.1f MB" % (
+            "daemon RSS: no stream / %s / %s idle streams" % (
+                format(streams["few"], ","), format(streams["many"], ",")),
+            streams["rss_idle"], streams["rss_few"], streams["rss_many"]))
+        none_us = 1e6 * streams["cpu_none"] / streams["events"]
+        open_us = 1e6 * streams["cpu_few"] / streams["events"]
+        add("   %-56s %.2f us vs %.2f us (x%.2f)" % (
+            "CPU per AMI event, no stream vs %s streams open" % format(streams["few"], ","),
+            none_us, open_us, open_us / none_us))
+        add("   %-56s %s vs %s ev/s" % (
+            "AMI throughput (events per daemon CPU second)",
+            format(int(1e6 / none_us), ","), format(int(1e6 / open_us), ",")))
+        if sse["lost"] or streams["lost"]:
+            add("   (streams disconnected by the daemon: %d)" % (sse["lost"] + streams["lost"]))
     add("")
     add("Targets (README, Performance):")
     full = mode == "full"
@@ -1020,10 +1257,24 @@ def report(settings, mode, traces, through, fanout, scale, rounds, seconds, boar
     add("   %-66s %s" % ("no RSS growth across %d rounds (%+.1f%%, margin 5%%)"
                          % (len(rss), 100.0 * (rss[-1] - rss[0]) / rss[0]),
                          verdict(rss[-1] <= rss[0] * 1.05, len(rss) >= 10)))
+    if sse is not None and streams is not None:
+        add("   %-66s %s" % ("p99 delay < 5 ms at %s ev/s with %s browsers (%.2f ms)" % (
+            format(sse["rate"], ","), format(sse["clients"], ","), sse["delay_p99_ms"]),
+            verdict(sse["delay_p99_ms"] < 5.0, sse["clients"] >= 1000)))
+        add("   %-66s %s" % ("< 200 MB RSS with %s idle event streams (%.1f MB)"
+                             % (format(streams["many"], ","), streams["rss_many"]),
+                             verdict(streams["rss_many"] < 200, streams["many"] >= 10000)))
+        add("   %-66s %s" % ("AMI throughput with %s streams within 10%% of none (x%.2f)"
+                             % (format(streams["few"], ","), open_us / none_us),
+                             verdict(open_us <= 1.1 * none_us, streams["few"] >= 1000)))
     if board is not None:
         add("   %-66s %s" % ("board change to %d watchers, p99 < 5 ms in process (%.3f ms)"
                              % (board["watchers"], board["p99_ms"]),
                              verdict(board["p99_ms"] < 5.0, full)))
+    if board_sockets is not None:
+        add("   %-66s %s" % ("board change to its last of %d watchers, p99 < 5 ms (%.2f ms)"
+                             % (board_sockets["watchers"], board_sockets["reach_p99_ms"]),
+                             verdict(board_sockets["reach_p99_ms"] < 5.0, full)))
     return "\n".join(lines)
 
 
@@ -1061,24 +1312,30 @@ def main(argv=None):
         ("t_load", cached_trace("t_load-%s.ami" % mode, tload_big, [tload_source]),
          tload_big.events, "%d x t_load.ami" % tload_big.copies),
     ]
-    step("1/4 parse + engine throughput, naive parser, replay")
+    step("1/5 parse + engine throughput, naive parser, replay")
     through = measure_throughput(traces, settings)
     loop = Loop()
     feeder = AmiFeeder(loop)
-    step("2/4 fan-out: %d clients, %d ev/s for %g s, then full speed"
+    step("2/5 fan-out: %d clients, %d ev/s for %g s, then full speed"
          % (settings["clients"], settings["paced_rate"], settings["paced_s"]))
     fanout = measure_fanout(loop, feeder, tload, settings)
-    step("3/4 connections: idle, %d, %d and %d clients"
+    step("3/5 connections: idle, %d, %d and %d clients"
          % (settings["few_clients"], settings["clients"], settings["many_clients"]))
     scale = measure_scale(loop, feeder, tload, settings)
-    step("4/4 bounded memory: %d rounds" % settings["rounds"])
+    step("4/5 bounded memory: %d rounds" % settings["rounds"])
     rounds = measure_rounds(loop, feeder, tload, settings)
-    feeder.close()
-    step("+ office board in process: %d users, %d watchers"
+    step("5/5 office board: %d users, %d watchers, through the daemon's sockets"
          % (BOARD_USERS, BOARD_WATCHERS))
+    board_sockets = measure_board_sockets(loop, feeder, settings)
+    step("+ browsers: %d event streams at %d ev/s, then %d idle"
+         % (settings["streams"], settings["paced_rate"], settings["many_streams"]))
+    sse = measure_fanout(loop, feeder, tload, settings, browsers=True)
+    streams = measure_streams(loop, feeder, tload, settings)
+    feeder.close()
+    step("+ office board in process")
     board = measure_board(settings["board_changes"])
     text = report(settings, mode, traces, through, fanout, scale, rounds,
-                  time.monotonic() - started, board)
+                  time.monotonic() - started, board, sse, streams, board_sockets)
     print(text)
     with open(os.path.join(DATA_DIR, "last-%s-run.txt" % mode), "w") as f:
         f.write(text + "\n")

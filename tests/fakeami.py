@@ -7,10 +7,12 @@ and runs the real daemon against them).  Standard library only.
 
 It speaks just enough of the manager protocol: the banner, ``Login`` (plain
 or MD5 after ``Challenge``), ``Ping``, ``Events``, ``CoreShowChannels``
-(an empty list) and ``Logoff``; ``Originate`` (queued, then an
+(an empty list), ``DeviceStateList`` and ``ExtensionStateList`` (the
+states the tests set) and ``Logoff``; ``Originate`` (queued, then an
 ``OriginateResponse``), ``Hangup`` and ``BlindTransfer`` are answered as
 ``answers`` says: success, ``Permission denied`` or not at all; everything
-else gets an error response.  ``received`` keeps every byte it was sent.
+else gets an error response, as Asterisk gives it.  ``received`` keeps
+every byte it was sent.
 With ``tls_context`` (a server-side ssl.SSLContext) it speaks TLS, as
 Asterisk's manager does on its ``tlsbindport``.
 """
@@ -36,6 +38,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 from ctinotify import AmiParser  # noqa: E402  (the real parser reads the actions)
 
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
+#: ExtensionStatus StatusText (main/pbx.c, extension_states[]).
+HINT_STATUS_TEXT = {0: "Idle", 1: "InUse", 2: "Busy",
+                    4: "Unavailable", 8: "Ringing", 9: "InUse&Ringing", 16: "Hold",
+                    17: "InUse&Hold"}
 
 
 def trace_events(data):
@@ -121,6 +127,14 @@ class FakeAsterisk:
         #: False: the list never ends (no CoreShowChannelsComplete), as an
         #: Asterisk that hangs mid-way.
         self.end_channel_lists = True
+        #: What DeviceStateList lists: (device, state) pairs, as
+        #: res_manager_devicestate.c sends them.
+        self.device_states = []
+        #: What ExtensionStateList lists: (exten, context, hint, status).
+        self.hints = []
+        #: False: an Asterisk without res_manager_devicestate.so, which knows
+        #: no DeviceStateList (and sends no DeviceStateChange).
+        self.devicestate_module = True
         self._commands = []
         self._running = False
         self._thread = None
@@ -307,6 +321,18 @@ class FakeAsterisk:
                         "Message: Queue status will follow\r\n\r\n"
                         "Event: QueueStatusComplete\r\n%sEventList: Complete\r\n"
                         "ListItems: 0\r\n\r\n" % (head, head))
+        elif action == "devicestatelist" and self.devicestate_module:
+            items = ["Event: DeviceStateChange\r\n%sDevice: %s\r\nState: %s\r\n\r\n"
+                     % (head, device, state) for device, state in self.device_states]
+            self._reply(peer, self._list(head, "Device State Changes", items,
+                                         "DeviceStateListComplete"))
+        elif action == "extensionstatelist":
+            items = ["Event: ExtensionStatus\r\n%sExten: %s\r\nContext: %s\r\nHint: %s\r\n"
+                     "Status: %d\r\nStatusText: %s\r\n\r\n"
+                     % (head, exten, context, hint, status, HINT_STATUS_TEXT.get(status, "Unknown"))
+                     for exten, context, hint, status in self.hints]
+            self._reply(peer, self._list(head, "Extension Statuses", items,
+                                         "ExtensionStateListComplete"))
         elif action == "events":
             self._reply(peer, "Response: Success\r\n%sEvents: On\r\n\r\n" % head)
         elif action in ("originate", "hangup", "blindtransfer"):
@@ -315,7 +341,17 @@ class FakeAsterisk:
             self._reply(peer, "Response: Goodbye\r\n%sMessage: Thanks for all the fish.\r\n\r\n" % head)
             peer.close_after_flush = True
         else:
-            self._reply(peer, "Response: Error\r\n%sMessage: Invalid/unknown command\r\n\r\n" % head)
+            # main/manager.c, process_message().
+            self._reply(peer, "Response: Error\r\n%sMessage: Invalid/unknown command: %s. Use "
+                        "Action: ListCommands to show available commands.\r\n\r\n"
+                        % (head, msg.get("Action", "")))
+
+    @staticmethod
+    def _list(head, what, items, complete):
+        """A list action's answer: the response, the items, the end."""
+        return ("Response: Success\r\n%sEventList: start\r\nMessage: %s will follow\r\n\r\n"
+                "%sEvent: %s\r\n%sEventList: Complete\r\nListItems: %d\r\n\r\n"
+                % (head, what, "".join(items), complete, head, len(items)))
 
     #: What Asterisk 22 answers a successful action (main/manager.c).
     ACKS = {"originate": "Originate successfully queued", "hangup": "Channel Hungup",
@@ -433,6 +469,8 @@ def run_demo(config, pace, ami_port=15038):
     print("     LOGIN demo demo            sees every call")
     print("     LOGIN alice alice          sees only extension 100's calls")
     print("     FORMAT json                JSON lines instead of text")
+    print()
+    print(" Or open http://127.0.0.1:5041/ in a browser: user demo, secret demo.")
     print()
     print(" Calls repeat in a loop.  Ctrl-C stops the demo.")
     print("=" * 72, flush=True)
