@@ -6931,17 +6931,22 @@ class WebReply:
     ``ended``: sessions that ended (close their streams); ``failed_login``:
     the request was a failed login (three on one connection close it)."""
 
-    __slots__ = ("response", "stream", "delay_s", "close", "ended", "failed_login")
+    __slots__ = ("response", "stream", "delay_s", "close", "ended", "failed_login", "owed")
 
     def __init__(self, response: HttpResponse, stream: Optional[WebStream] = None,
                  delay_s: float = 0.0, close: bool = False,
-                 ended: Optional[List[WebSession]] = None, failed_login: bool = False):
+                 ended: Optional[List[WebSession]] = None, failed_login: bool = False,
+                 owed: Optional["WebActor"] = None):
         self.response = response
         self.stream = stream
         self.delay_s = delay_s
         self.close = close
         self.ended = ended or []
         self.failed_login = failed_login
+        #: ``POST /action`` sent to Asterisk: the response is owed until it
+        #: answers (the connection waits, the loop does not); ``response``
+        #: is then only a placeholder.
+        self.owed = owed
 
 
 class WebRequestContext:
@@ -7077,7 +7082,7 @@ def _route_login(ctx: WebRequestContext) -> WebReply:
 
 def _session_fields(session: WebSession) -> Dict[str, object]:
     return {"user": session.user, "csrf": session.csrf,
-            "events": list(session.account.events)}
+            "events": list(session.account.events), "actions": list(session.account.actions)}
 
 
 def _route_logout(ctx: WebRequestContext) -> WebReply:
@@ -7104,7 +7109,8 @@ def _route_session(ctx: WebRequestContext) -> WebReply:
         raise
     if session is None:
         return WebReply(json_response(200, {"user": account.name, "csrf": "",
-                                            "events": list(account.events)}))
+                                            "events": list(account.events),
+                                            "actions": list(account.actions)}))
     return WebReply(json_response(200, _session_fields(session)))
 
 
@@ -7149,6 +7155,76 @@ def _route_history(ctx: WebRequestContext) -> WebReply:
     return WebReply(json_list_response(records))
 
 
+class WebActor:
+    """Who sent ``POST /action``, as ServerView.act and the ActionDesk see a
+    session: the user, a tag for the log, and where the answers go
+    (``reply_to``, itself).  The reply goes to the connection once the
+    daemon attached it (``conn``); DIAL's outcome goes to ``to_streams``,
+    the event streams of the same web session."""
+
+    __slots__ = ("user", "session", "tag", "conn", "to_streams")
+
+    def __init__(self, user: UserConfig, session: Optional[WebSession], tag: str):
+        self.user: Optional[UserConfig] = user
+        self.session = session
+        self.tag = tag
+        self.conn: Optional[object] = None
+        self.to_streams = None  # type: ignore[var-annotated]
+
+    @property
+    def reply_to(self) -> "WebActor":
+        return self
+
+    def action_reply(self, line: str) -> None:
+        if self.conn is not None:
+            self.conn.action_reply(line)  # type: ignore[attr-defined]
+
+    def action_status(self, fields: Dict[str, object]) -> None:
+        if self.to_streams is not None:
+            self.to_streams(self, fields)
+
+
+#: ``POST /action``: the form fields of each verb, in the order of its
+#: command's words (``TRANSFER <call> <number>``).
+WEB_ACTION_FIELDS = {CallAction.DIAL: ("number",), CallAction.HANGUP: ("call",),
+                     CallAction.TRANSFER: ("call", "number")}
+
+
+def action_response(line: str) -> HttpResponse:
+    """An action's reply line as the answer to ``POST /action``: 200 for
+    ``OK``, else the ``ERR``'s code (they are HTTP's), the line in JSON."""
+    code = line.split(" ", 2)[1] if line.startswith("ERR ") else ""
+    status = 200 if line.startswith("OK") else \
+        int(code) if code.isdigit() and 400 <= int(code) <= 599 else 502
+    return json_response(status, {"ok": status == 200, "reply": line})
+
+
+def _route_action(ctx: WebRequestContext) -> WebReply:
+    """``POST /action``: DIAL, HANGUP or TRANSFER from the page (a form:
+    ``verb``, ``number``, ``call``), checked and sent as the line
+    protocol's command; answered when Asterisk has answered."""
+    account, session = _authenticate(ctx)
+    if not _csrf_ok(ctx, session):
+        return WebReply(error_response(403, "missing or wrong X-CSRF-Token"))
+    content_type = (ctx.request.header("content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        return WebReply(error_response(415, "expected a form: verb=dial&number=..."))
+    form = parse_form(ctx.request.body)
+    verb = form.get("verb", "").lower()
+    names = WEB_ACTION_FIELDS.get(verb)
+    if names is None or any(c.isspace() for c in form.get("call", "")):
+        return WebReply(error_response(400, "expected verb=dial&number=..., verb=hangup&"
+                                            "call=... or verb=transfer&call=...&number=..."))
+    actor = WebActor(account, session, ctx.tag)
+    try:
+        replies = ctx.view.act(verb, " ".join(form.get(name, "") for name in names), actor)
+    except ClientProtocolError as e:
+        return WebReply(action_response("ERR %s %s" % (e.code, e.text)))
+    if replies:
+        return WebReply(action_response(replies[0]))
+    return WebReply(json_response(202, {"ok": True, "reply": ""}), owed=actor)
+
+
 #: path -> {method: route}.  HEAD is answered as GET, without the body.
 WEB_ROUTES = {
     "/": {"GET": _route_page},
@@ -7158,6 +7234,7 @@ WEB_ROUTES = {
     "/events": {"GET": _route_events},
     "/calls": {"GET": _route_calls},
     "/history": {"GET": _route_history},
+    "/action": {"POST": _route_action},
 }
 
 
@@ -8842,7 +8919,7 @@ class HttpClient(ClientConnection):
     limits."""
 
     __slots__ = ("parser", "stream", "account", "request_by", "body_by", "hold_until",
-                 "held", "failed_logins")
+                 "held", "failed_logins", "owed")
 
     #: What the listener's log line calls the peers.
     PEERS = "web browsers"
@@ -8862,6 +8939,9 @@ class HttpClient(ClientConnection):
         self.hold_until: Optional[float] = None
         self.held: Optional[Tuple[bytes, bool]] = None
         self.failed_logins = 0
+        #: ``POST /action`` sent to Asterisk: (keep-alive) until it answers
+        #: (the ActionDesk guarantees an answer within ``action_timeout``).
+        self.owed: Optional[bool] = None
 
     @staticmethod
     def refusal_bytes(status: int, text: str) -> bytes:
@@ -8897,8 +8977,8 @@ class HttpClient(ClientConnection):
     def eof_received(self) -> None:
         if self.parser is not None:
             self.parser.receive_data(b"")
-        if self.hold_until is not None:
-            self.watch()  # _release answers, then closes
+        if self.hold_until is not None or self.owed is not None:
+            self.watch()  # _release or action_reply answers, then closes
             return
         self._process_input()
         self.finish("closed by the client")
@@ -8908,7 +8988,7 @@ class HttpClient(ClientConnection):
         reply is held back or the connection became a stream."""
         try:
             while self.state == CONN_OPEN and self.parser is not None and \
-                    self.hold_until is None:
+                    self.hold_until is None and self.owed is None:
                 event = self.parser.next_event()
                 if event is None:
                     break
@@ -8920,7 +9000,8 @@ class HttpClient(ClientConnection):
             self._refuse(e)
             return
         parser = self.parser
-        if self.state == CONN_OPEN and parser is not None and self.hold_until is None:
+        if self.state == CONN_OPEN and parser is not None and self.hold_until is None and \
+                self.owed is None:
             if parser.state == "body" and self.body_by is None:
                 self.body_by = self.hub.loop.now + self.hub.config.web_request_timeout
             self._update_deadline()
@@ -8949,6 +9030,10 @@ class HttpClient(ClientConnection):
         if reply.stream is not None:
             self.queue(data)
             self._start_stream(reply.stream)
+        elif reply.owed is not None:
+            reply.owed.conn, reply.owed.to_streams = self, hub.web_action_status
+            self.owed = keep
+            self.set_deadline(None)
         elif reply.delay_s > 0:
             self.hold_until = now + reply.delay_s
             self.held = (data, keep)
@@ -8988,8 +9073,32 @@ class HttpClient(ClientConnection):
         else:
             self.watch()
 
+    def action_reply(self, line: str) -> None:
+        """Asterisk answered this connection's ``POST /action``: its
+        response now, and the requests behind it in this pass's timers."""
+        keep, self.owed = self.owed, None
+        if keep is None or self.state != CONN_OPEN:
+            return
+        self._respond(encode_response(action_response(line), keep, False,
+                                      self.hub.loop.wall), keep)
+        if self.state == CONN_OPEN:
+            self.hub.loop.at(self.hub.loop.now, self._resume)
+
+    def _resume(self, now: float) -> None:
+        if self.state != CONN_OPEN or self.owed is not None or self.hold_until is not None:
+            return
+        try:
+            self._process_input()
+            if self.state == CONN_OPEN and self.peer_eof and self.owed is None:
+                self.finish("closed by the client")
+            elif self.state == CONN_OPEN:
+                self.watch()
+        except Exception:
+            log.exception("%s: internal error, closing the connection", self.tag)
+            self.close("internal error", logging.ERROR)
+
     def _update_deadline(self) -> None:
-        if self.state != CONN_OPEN or self.stream is not None:
+        if self.state != CONN_OPEN or self.stream is not None or self.owed is not None:
             return
         if self.hold_until is not None:
             self.set_deadline(self.hold_until)
@@ -9001,7 +9110,7 @@ class HttpClient(ClientConnection):
             if now >= self.hold_until:
                 self._release()
             return
-        if self.parser is None or self.stream is not None:
+        if self.parser is None or self.stream is not None or self.owed is not None:
             return
         timeout = self.hub.config.web_request_timeout
         if self.body_by is not None and now >= self.body_by:
@@ -9314,6 +9423,17 @@ class ClientHub:
                 conn.queue(encoded[fmt])
 
     # -- event streams and web sessions -----------------------------------------
+
+    def web_action_status(self, actor: WebActor, fields: Dict[str, object]) -> None:
+        """What became of a page's DIAL: a status to the event streams of
+        the web session that asked (Basic auth: the user's Basic streams)."""
+        data = status_bytes(fields, SSE_FORMAT)
+        token = actor.session.token if actor.session is not None else None
+        for conn in self.subscribers.get(actor.user.name if actor.user else "", ()):
+            stream = getattr(conn, "stream", None)
+            if stream is not None and \
+                    (stream.session.token if stream.session is not None else None) == token:
+                conn.queue(data)
 
     def add_stream(self, conn: ClientConnection) -> None:
         """``conn`` is an event stream now: it gets the heartbeat."""
@@ -11028,6 +11148,15 @@ details.settings { margin-top: 18px; background: var(--card); border: 1px solid 
   border-radius: 10px; padding: 8px 12px; }
 details.settings label, details.settings p { display: block; margin: 8px 0; }
 a.pop { display: inline-block; margin-top: 4px; }
+form.dial { display: flex; gap: 8px; margin-bottom: 10px; }
+form.dial input, form.transfer input { flex: 1; min-width: 0; padding: 6px 8px;
+  border: 1px solid var(--line); border-radius: 8px; }
+.acts { display: flex; flex-wrap: wrap; gap: 8px; margin-top: 6px; }
+form.transfer { display: flex; gap: 8px; flex-basis: 100%; }
+button.hangup { border-color: var(--bad); color: var(--bad); }
+.note { min-height: 1.4em; margin: 0 0 8px; font-weight: 600; }
+.note.bad { color: var(--bad); }
+a.tel { font-size: 14px; }
 @media (max-width: 480px) {
   body { font-size: 15px; }
   header h1 { flex-basis: 100%; }
@@ -11044,7 +11173,8 @@ WEB_PAGE_JS = r"""
   var state = {
     user: null, csrf: "", es: null, lastId: null, gen: 0, calls: new Map(),
     ended: new Set(), notes: new Map(), popped: new Set(), links: {}, stopping: false,
-    conn: "idle", history: [], activity: [], view: "now", sessionNote: ""
+    conn: "idle", history: [], activity: [], view: "now", sessionNote: "", actions: [],
+    acts: 0, outcomeOf: 0
   };
   function $(id) { return document.getElementById(id); }
   function el(tag, cls, text) {
@@ -11123,7 +11253,7 @@ WEB_PAGE_JS = r"""
   // -- login -----------------------------------------------------------------
   function showLogin(note) {
     closeStream();
-    state.user = null; state.csrf = "";
+    state.user = null; state.csrf = ""; state.actions = [];
     $("app").hidden = true; $("logout").hidden = true; $("who").textContent = "";
     $("login").hidden = false;
     $("login-error").textContent = note || "";
@@ -11133,6 +11263,9 @@ WEB_PAGE_JS = r"""
   }
   function loggedIn(info) {
     state.user = info.user; state.csrf = info.csrf || "";
+    state.actions = Array.isArray(info.actions) ? info.actions : [];
+    $("dial-form").hidden = !can("dial");
+    note("");
     $("login").hidden = true; $("app").hidden = false; $("logout").hidden = !state.csrf;
     $("who").textContent = info.user;
     state.stopping = false;
@@ -11231,7 +11364,8 @@ WEB_PAGE_JS = r"""
   // -- calls -------------------------------------------------------------------
   function keyOf(f) { return String(f.call) + "@" + String(f.pbx || ""); }
   function newCall(f) {
-    return { key: keyOf(f), dir: f.role === "caller" ? "out" : "in", from: f.from || {}, to: f.to || {},
+    return { key: keyOf(f), id: String(f.call), dir: f.role === "caller" ? "out" : "in",
+             from: f.from || {}, to: f.to || {},
              device: f.device || "", state: f.state === "up" ? "talking" : "ringing",
              since: secs(f.time) || Date.now(), answeredAt: f.state === "up" ? (secs(f.answered) || secs(f.time)) : null,
              words: "", url: null, gen: state.gen };
@@ -11326,6 +11460,10 @@ WEB_PAGE_JS = r"""
       state.sessionNote = "Your session was closed: " + (f.reason || "by the server") + ".";
     }
     if (f.replay === "incomplete") { refresh(); }
+    if (f.dial) {
+      state.outcomeOf = state.acts;
+      note(DIAL_SAID[f.dial] || DIAL_SAID.failed, f.dial !== "answered");
+    }
     showBanner();
   }
   function onActivity(f) {
@@ -11371,6 +11509,111 @@ WEB_PAGE_JS = r"""
     $("notify-enable").hidden = !("Notification" in window) || Notification.permission !== "default";
   }
 
+  // -- actions: dial, hang up, transfer (the user's actions allow them) ----------
+  var DIAL_SAID = {
+    answered: "You answered: calling now.", busy: "Your phone is busy: nothing was dialled.",
+    noanswer: "Your phone was not answered: nothing was dialled.",
+    failed: "Your phone could not be rung: nothing was dialled.",
+    unknown: "What became of the call is not known (the PBX did not say)."
+  };
+  function can(action) { return state.actions.indexOf(action) >= 0; }
+  function note(text, bad) {
+    var n = $("action-note");
+    n.textContent = text || "";
+    n.className = "note" + (bad ? " bad" : "");
+    n.hidden = !text;
+  }
+  function act(verb, fields, doing, done) {
+    var body = new URLSearchParams(), sent = ++state.acts;
+    body.set("verb", verb);
+    Object.keys(fields).forEach(function (k) { body.set(k, fields[k]); });
+    note(doing);
+    return api("POST", "/action", body.toString()).then(function (r) {
+      return r.json().catch(function () { return {}; }).then(function (j) {
+        var reply = typeof j.reply === "string" ? j.reply : "";
+        // A quick phone's outcome (on the stream) may come before the reply.
+        if (r.ok && state.outcomeOf === sent) { return; }
+        if (r.ok) { note(done); return; }
+        var why = reply.indexOf(": ") >= 0 ? reply.slice(reply.indexOf(": ") + 2) : reply;
+        note("Not done: " + (why || "the server refused it (" + r.status + ")") + ".", true);
+      });
+    }, function () { note("Not done: cannot reach the server.", true); });
+  }
+  function dial(number) {
+    act("dial", { number: number }, "Calling " + number + "…",
+        "Your phone is ringing: lift the handset to call " + number + ".");
+  }
+  function onDialSubmit(event) {
+    event.preventDefault();
+    var input = $("dial-number"), number = input.value.trim();
+    if (!number) { input.focus(); return; }
+    dial(number);
+  }
+  // What a person pastes (spaces, dashes, dots, parentheses dropped), else
+  // no link: a caller ID is no URL of any other kind.
+  function dialable(num) {
+    var n = String(num || "").replace(/[\s\-.()]/g, "");
+    return /^[0-9+*#]{1,32}$/.test(n) ? n : "";
+  }
+  function telLink(p) {
+    var n = dialable(p.num);
+    if (!n) { return null; }
+    var link = el("a", "tel", can("dial") ? "Call back" : "Call");
+    link.setAttribute("href", "tel:" + n);
+    link.title = "Call " + n;
+    // With dial allowed the page rings the user's own phone; without, the
+    // link goes to the computer's tel: handler (ctinotify watch --dial).
+    link.addEventListener("click", function (event) {
+      if (can("dial")) { event.preventDefault(); dial(n); }
+    });
+    return link;
+  }
+  function callActions(c) {
+    var hangup = can("hangup") && c.state !== "ended";
+    var transfer = can("transfer") && c.state === "talking";
+    if (!hangup && !transfer) { return null; }
+    var box = el("div", "acts");
+    if (hangup) {
+      var end = el("button", "hangup", "Hang up");
+      end.type = "button";
+      end.addEventListener("click", function () {
+        act("hangup", { call: c.id }, "Hanging up…", "Hung up.");
+      });
+      box.appendChild(end);
+    }
+    if (transfer) {
+      var open = el("button", "transfer-open", "Transfer…");
+      open.type = "button";
+      open.addEventListener("click", function () { c.transferring = !c.transferring; renderCalls(); });
+      box.appendChild(open);
+      if (c.transferring) { box.appendChild(transferForm(c)); }
+    }
+    return box;
+  }
+  function transferForm(c) {
+    var form = el("form", "transfer");
+    var input = el("input");
+    input.type = "tel"; input.setAttribute("inputmode", "tel"); input.maxLength = 64;
+    input.placeholder = "Transfer to"; input.setAttribute("aria-label", "Transfer to");
+    input.value = c.transferTo || "";
+    // The list is drawn again on every event: what is typed stays.
+    input.addEventListener("input", function () { c.transferTo = input.value; });
+    var go = el("button", "primary", "Transfer");
+    go.type = "submit";
+    form.appendChild(input); form.appendChild(go);
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      var to = input.value.trim();
+      if (!to) { input.focus(); return; }
+      c.transferring = false; c.transferTo = "";
+      act("transfer", { call: c.id, number: to }, "Transferring to " + to + "…",
+          "Transferred to " + to + ".");
+      renderCalls();
+    });
+    setTimeout(function () { if (document.activeElement === document.body) { input.focus(); } }, 0);
+    return form;
+  }
+
   // -- drawing -------------------------------------------------------------------
   var STATE_WORDS = { ringing: "Ringing", talking: "Talking", "on hold": "On hold", parked: "Parked",
     forwarded: "Forwarded", transferred: "Transferred", missed: "Missed", busy: "Busy",
@@ -11396,6 +11639,8 @@ WEB_PAGE_JS = r"""
       item.appendChild(who);
       var other = c.dir === "in" ? "to " + said(c.to) : "from " + said(c.from);
       item.appendChild(el("div", "words", c.words ? c.words + " · " + other : other));
+      var acts = callActions(c);
+      if (acts) { item.appendChild(acts); }
       if (c.url) {
         var link = el("a", "pop", "Open the caller's page");
         link.setAttribute("href", c.url);
@@ -11455,6 +11700,8 @@ WEB_PAGE_JS = r"""
       var who = el("div", "row");
       who.appendChild(el("bdi", "who", p.main));
       if (p.num) { who.appendChild(el("bdi", "num", p.num)); }
+      var back = telLink((r.direction === "in" ? r.from : r.to) || {});
+      if (back) { who.appendChild(back); }
       item.appendChild(who);
       item.appendChild(el("div", "words", journalWords(r)));
       list.appendChild(item);
@@ -11492,6 +11739,7 @@ WEB_PAGE_JS = r"""
     $("logout").addEventListener("click", logout);
     $("tab-now").addEventListener("click", function () { showView("now"); });
     $("tab-journal").addEventListener("click", function () { showView("journal"); });
+    $("dial-form").addEventListener("submit", onDialSubmit);
     document.addEventListener("visibilitychange", updateMissed);
     var mode = $("pop-mode");
     mode.value = popMode();
@@ -11541,7 +11789,13 @@ WEB_PAGE_HTML = """<!doctype html>
       <!-- Further tabs go here (the office board, issue 13), each with its view
            beside now-view and journal-view, shown by showView(name). -->
     </nav>
+    <p id="action-note" class="note" role="status" hidden></p>
     <div id="now-view">
+      <form id="dial-form" class="dial" hidden>
+        <input id="dial-number" type="tel" inputmode="tel" autocomplete="off" maxlength="64"
+               placeholder="Number to call" aria-label="Number to call">
+        <button id="dial-button" type="submit" class="primary">Call</button>
+      </form>
       <ul id="calls" class="calls"></ul>
       <p id="no-calls" class="quiet">No calls right now.</p>
       <ul id="activity" class="activity"></ul>

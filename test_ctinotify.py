@@ -8852,8 +8852,9 @@ class DaemonSite:
     ``url``, what its debug log says of the requests and streams, and the
     traces the fake plays.  The web port stays the same over a restart."""
 
-    def __init__(self, tmp_path, general=""):
+    def __init__(self, tmp_path, general="", users=None):
         self.tmp_path = tmp_path
+        self.users = users
         self.fake = FakeAsterisk().start()
         self.web_port = free_port()
         self.url = "http://127.0.0.1:%d" % self.web_port
@@ -8863,7 +8864,8 @@ class DaemonSite:
         self.start()
 
     def start(self):
-        self.daemon = DaemonProcess(self.tmp_path, self.fake.port, general=self.general)
+        self.daemon = DaemonProcess(self.tmp_path, self.fake.port, general=self.general,
+                                    users=self.users)
         self.daemon.wait_log("ami: logged in as ctitest")
 
     def restart(self):
@@ -9115,6 +9117,147 @@ def test_page_screenshot_of_a_recorded_call(chromium, daemon_site, tabs, tmp_pat
     assert png.startswith(b"\x89PNG") and len(png) > 10000
     assert sorted(c["state"] for c in page_calls(page)) == ["ringing", "talking"]
     assert_page_clean(page)
+
+
+# -- actions on the page (issue 12): the dial box, call back, hang up, transfer ------
+
+def page_note(page):
+    return page.evaluate("document.getElementById('action-note').textContent")
+
+
+def wait_note(page, text):
+    page.wait_for("document.getElementById('action-note').textContent === %s" % json.dumps(text))
+
+
+def test_page_dials_transfers_and_hangs_up_through_the_daemon(chromium, tmp_path, tabs):
+    site = DaemonSite(tmp_path, users=ACTING_USERS)
+    try:
+        page = tabs(site)
+        page_login(page, site, "alice")
+        assert page.evaluate("document.getElementById('dial-form').hidden") is False
+        page.evaluate("document.getElementById('dial-number').value = '+1 (555) 987-0002';"
+                      "document.getElementById('dial-button').click()")
+        wait_note(page, "You answered: calling now.")
+        (originate,) = sent_actions(site.fake, "Originate")
+        assert (originate["Channel"], originate["Exten"]) == ("PJSIP/100", "+15559870002")
+        site.fake.answers["originate"] = "denied"
+        page.evaluate("document.getElementById('dial-button').click()")
+        wait_note(page, "Not done: Asterisk answered: Permission denied (the manager.conf user "
+                        "of ctinotify needs write = originate,call).")
+        assert page.evaluate("document.getElementById('action-note').className") == "note bad"
+        site.fake.answers["originate"] = "ok"
+        ring, answer, end = trace_steps("a_inbound_answered", b"acts")
+        site.play(ring + answer)
+        page.wait_for("(document.querySelector('#calls li.call') || {dataset: {}})"
+                      ".dataset.state === 'talking'")
+        assert page.evaluate("Array.from(document.querySelectorAll('#calls .acts button'))"
+                             ".map(function (b) { return b.textContent; })") == \
+            ["Hang up", "Transfer\u2026"]
+        page.evaluate("document.querySelector('#calls .transfer-open').click()")
+        page.wait_for("document.querySelector('#calls form.transfer input') !== null")
+        page.evaluate("(function () { var i = document.querySelector('#calls form.transfer "
+                      "input'); i.value = '1-01'; i.dispatchEvent(new Event('input'));"
+                      "document.querySelector('#calls form.transfer button').click(); })()")
+        wait_note(page, "Transferred to 1-01.")
+        (transfer,) = sent_actions(site.fake, "BlindTransfer")
+        assert transfer["Channel"].startswith("PJSIP/100-")
+        assert (transfer["Context"], transfer["Exten"]) == ("from-internal", "101")
+        page.evaluate("document.querySelector('#calls button.hangup').click()")
+        wait_note(page, "Hung up.")
+        (hangup,) = sent_actions(site.fake, "Hangup")
+        assert hangup["Channel"] == transfer["Channel"]
+        site.play(end)
+        page.wait_for("document.querySelectorAll('#journal a.tel').length === 1")
+        assert page.evaluate("(function () { var a = document.querySelector('#journal a.tel');"
+                             " return [a.textContent, a.getAttribute('href')]; })()") == \
+            ["Call back", "tel:+15551230001"]
+        page.evaluate("document.querySelector('#journal a.tel').click()")
+        wait_note(page, "You answered: calling now.")
+        assert [a["Exten"] for a in sent_actions(site.fake, "Originate")] == \
+            ["+15559870002", "+15559870002", "+15551230001"]
+        assert page.evaluate("location.pathname") == "/"  # the page stayed; no tel: opened
+        assert_page_clean(page, ["502"])
+    finally:
+        site.close()
+
+
+def test_page_offers_only_the_actions_the_user_may_take(chromium, tabs):
+    site = PageSite(acting_config().users)
+    try:
+        for user, device in (("carol", "PJSIP/102"), ("bob", "PJSIP/101")):
+            for num in ("+1 555-123-0001", "javascript:alert(1)"):
+                site.view.call_history.add({
+                    "user": user, "call": "9.%d" % len(num), "direction": "in",
+                    "reason": "noanswer", "from": {"num": num, "name": "Caller"},
+                    "to": {"num": device[-3:], "name": ""}, "start": "2026-11-26T21:19:10Z",
+                    "end": "2026-11-26T21:19:20Z", "path": []})
+            site.view.active[user] = [{
+                "event": "call", "call": "1795727950.0", "time": "2026-11-26T21:19:10Z",
+                "role": "callee", "device": device, "from": {"num": "+15551230001",
+                                                             "name": "John Customer"},
+                "to": {"num": device[-3:], "name": ""}, "state": "up",
+                "answered": "2026-11-26T21:19:12Z"}]
+            page = tabs(site)
+            page_login(page, site, user)
+            page.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+            page.wait_for("document.querySelectorAll('#journal li.entry').length === 2")
+            assert page.evaluate("document.getElementById('dial-form').hidden") is True
+            buttons = page.evaluate("Array.from(document.querySelectorAll('#calls .acts "
+                                    "button')).map(function (b) { return b.textContent; })")
+            # Only a number makes a link, never what a caller ID holds besides.
+            links = page.evaluate("Array.from(document.querySelectorAll('#journal a.tel'))"
+                                  ".map(function (a) { return [a.textContent,"
+                                  " a.getAttribute('href')]; })")
+            assert links == [["Call", "tel:+15551230001"]]
+            if user == "carol":
+                assert buttons == []
+                continue
+            assert buttons == ["Hang up"]
+            page.evaluate("document.querySelector('#calls button.hangup').click()")
+            # The test server has no PBX: the call is not found there.
+            wait_note(page, "Not done: no such call in progress.")
+            assert_page_clean(page, ["404"])
+    finally:
+        site.close()
+
+
+def test_e2e_web_actions_are_answered_when_asterisk_answers(fake, daemon_factory, webs):
+    daemon = acting_daemon(daemon_factory, general="action_timeout = 0.5\n")
+    alice = basic("alice", "alice-secret")
+    stream = webs(daemon.web_port).stream([alice])
+    assert stream.events(1)[0][1]["pbx"] == "up"
+    web = webs(daemon.web_port)
+
+    def action(fields, headers=(alice,)):
+        return web.json("POST", "/action", [FORM] + list(headers),
+                        urllib.parse.urlencode(fields).encode())
+    assert action({"verb": "dial", "number": "+1 (555) 987-0002"}) == \
+        (200, {"ok": True, "reply": "OK dial number=+15559870002 device=PJSIP/100"})
+    ((_id, outcome),) = stream.events(1)
+    assert {k: v for k, v in outcome.items() if k != "time"} == {
+        "event": "status", "dial": "answered", "number": "+15559870002",
+        "device": "PJSIP/100", "code": "4"}
+    fake.answers["originate"] = "silent"
+    body = urllib.parse.urlencode({"verb": "dial", "number": "101"}).encode()
+    web.request("POST", "/action", [FORM, alice], body)
+    web.request("GET", "/session", [alice])  # waits behind the action: answers keep order
+    status, _headers, data = web.response()
+    assert (status, json.loads(data)) == (504, {"ok": False, "reply": "ERR 504 dial number=101 "
+                                                "device=PJSIP/100: no answer from Asterisk "
+                                                "within 0.5 s"})
+    status, _headers, data = web.response()
+    assert status == 200 and json.loads(data)["actions"] == ["dial", "hangup", "transfer"]
+    assert action({"verb": "hangup", "call": "1.1"}) == \
+        (404, {"ok": False, "reply": "ERR 404 hangup call=1.1: no such call in progress"})
+    assert action({"verb": "dial", "number": "100;1"})[0] == 400
+    assert action({"verb": "hangup", "call": "1.1 2"})[0] == 400
+    assert action({"verb": "originate", "number": "100"})[0] == 400
+    assert action({"verb": "dial", "number": "100"}, [basic("carol", "carol-secret")]) == \
+        (403, {"ok": False, "reply": "ERR 403 dial: not allowed, the actions of carol do not "
+                                     "include dial"})
+    cookie, csrf = web_login(web)
+    assert action({"verb": "dial", "number": "100"}, [cookie])[0] == 403  # no CSRF token
+    assert [a["Exten"] for a in sent_actions(fake, "Originate")] == ["+15559870002", "101"]
 
 
 # ---------------------------------------------------------------------------
