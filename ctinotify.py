@@ -1286,7 +1286,7 @@ class _ConfigReader:
         if len(fullname) > MAX_FIELD_CHARS:
             self.problem(section, section.get("fullname"), "%d characters, expected at most %d"
                          % (len(fullname), MAX_FIELD_CHARS))
-        acting = self.user_actions(section, devices, extensions)
+        acting = self.user_actions(section, devices, extensions, fullname)
         # ``board`` needs every user's name: read_boards resolves it.
         return UserConfig(section.name, secret, hosts, devices, extensions,
                           events, section.lineno, popup_url,
@@ -1356,7 +1356,8 @@ class _ConfigReader:
         return tuple(events)
 
     def user_actions(self, section: IniSection, devices: Tuple[str, ...],
-                     extensions: Tuple[Tuple[str, str], ...]) -> Dict[str, object]:
+                     extensions: Tuple[Tuple[str, str], ...],
+                     fullname: str = "") -> Dict[str, object]:
         """``actions`` and what they need: the phone DIAL rings first, the
         context, the caller ID, the rate (README, "Actions on calls")."""
         option, names = self.items(section, "actions")
@@ -1379,7 +1380,7 @@ class _ConfigReader:
         if context and not _DIAL_CONTEXT.match(context):
             self.problem(section, section.get("dial_context"), "%r is not a context name, "
                          "expected 1-79 of A-Z a-z 0-9 _ . -" % context)
-        callerid = self.dial_callerid(section, extensions, device)
+        callerid = self.dial_callerid(section, extensions, device, fullname)
         if CallAction.DIAL in actions and not callerid:
             self.problem(section, option, "dial needs the user's caller ID and no extension "
                          "gives it, expected dial_callerid = \"Name\" <number>")
@@ -1405,15 +1406,22 @@ class _ConfigReader:
         return wanted
 
     def dial_callerid(self, section: IniSection, extensions: Tuple[Tuple[str, str], ...],
-                      device: str) -> str:
+                      device: str, fullname: str = "") -> str:
         """``dial_callerid`` as ``"Name" <number>`` or ``<number>``; by default
-        the number of the user's first extension (or of the phone's name)."""
+        the number of the user's first extension (or of the phone's name),
+        with the ``fullname`` if it can be one."""
         option = section.get("dial_callerid")
         text = self.text(section, "dial_callerid", "").strip()
         if not text:
             numbers = [number.rpartition(":")[2] for number, _context in extensions]
             numbers.append(device.partition("/")[2])
-            return next(("<%s>" % n for n in numbers if re.match(r"^[0-9+*#]{1,32}$", n)), "")
+            number = next((n for n in numbers if re.match(r"^[0-9+*#]{1,32}$", n)), "")
+            if not number:
+                return ""
+            named = '"%s" <%s>' % (fullname, number)
+            usable = fullname and _DIAL_CALLERID.match(named) and \
+                not any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in fullname)
+            return named if usable else "<%s>" % number
         match = _DIAL_CALLERID.match(text)
         if match is None or any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in text):
             self.problem(section, option, "%r is not a caller ID, expected \"Name\" <number> "

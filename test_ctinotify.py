@@ -1931,6 +1931,16 @@ def test_action_keys_are_checked(lines, message):
     assert any(message in p for p in info.value.problems), info.value.problems
 
 
+def test_the_default_caller_id_is_the_fullname_and_first_extension():
+    config = acting_config("[a]\nsecret = x\ndevices = PJSIP/1\nextensions = default:7@c, 100\n"
+                           "fullname = Alice Smith\nactions = dial\n"
+                           "[b]\nsecret = x\ndevices = PJSIP/2\nextensions = 200\n"
+                           'fullname = Bob "Bobby" <x>\nactions = dial\n'
+                           "[c]\nsecret = x\ndevices = PJSIP/300\nactions = dial\n")
+    assert [u.dial_callerid for u in config.users.values()] == \
+        ['"Alice Smith" <7>', "<200>", "<300>"]
+
+
 def test_dial_needs_a_phone_and_a_caller_id():
     with pytest.raises(ConfigError) as info:
         acting_config("[u]\nsecret = s\nextensions = 100\nactions = dial\n"
