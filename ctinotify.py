@@ -5142,10 +5142,11 @@ class ServerView:
         return [(DEFAULT_PBX, engine) for engine in self.engines()]
 
     def act(self, verb: str, argument: str, session: "ClientSession") -> List[str]:
-        """A DIAL, HANGUP or TRANSFER of a logged-in session, checked (rate,
-        permission, arguments, whose call) and sent: [] while its reply is
-        owed (it goes to ``session.reply_to`` later), else the reply now.
-        A refusal raises ClientProtocolError; nothing is sent then."""
+        """A DIAL, HANGUP or TRANSFER of a logged-in session (a ClientSession,
+        or the page's WebActor: ``user``, ``tag``, ``reply_to``), checked
+        (rate, permission, arguments, whose call) and sent: [] while its
+        reply is owed (it goes to ``session.reply_to`` later), else the
+        reply now.  A refusal raises ClientProtocolError; nothing is sent."""
         user = session.user
         assert user is not None
         dial_context, per_minute = self.action_defaults()
