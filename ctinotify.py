@@ -266,6 +266,22 @@ EVENT_KINDS = (
 )
 
 
+#: Words a person may type for kinds (``events =``, ``EVENTS``, ``watch
+#: --exec``) and the protocol kinds each stands for.  ``answered`` is
+#: ``pickup`` (the call was answered, by the user or by another phone);
+#: ``missed`` is ``hangup``, the event whose reason says whether an
+#: incoming call was missed (``watch --exec missed=`` runs for those only).
+KIND_ALIASES = {"answered": (Kind.PICKUP,), "missed": (Kind.HANGUP,)}
+
+
+def kinds_of(word: str) -> Tuple[str, ...]:
+    """The protocol kinds a typed word stands for; () for no kind."""
+    word = word.strip().lower()
+    if word in EVENT_KINDS:
+        return (word,)
+    return KIND_ALIASES.get(word, ())
+
+
 class Reason:
     """Why a call ended for its user (``hangup reason=``); all but
     COMPLETED and TRANSFERRED are also the verdict on a call not answered."""
@@ -811,11 +827,28 @@ class Config(_Immutable):
         return "\n".join(lines) + "\n"
 
     def advisories(self) -> List[str]:
-        """Valid but likely unmeant settings, for ``check`` and ``run`` to
-        warn about: with several PBXes, a number without ``NAME:`` counts on
-        every one, though the user's phones are all on some of them (two
-        sites with the same numbering would see each other's calls)."""
+        """Valid but likely unmeant settings, for ``check`` and ``run`` (at
+        start and at each reload) to warn about: no users, a published
+        example secret (nobody can log in with it), a device no channel can
+        ever belong to, a user who can never receive an event, a number
+        that counts on every PBX."""
         notes = []
+        if not self.users:
+            notes.append("%s defines no client users: nobody can log in" % self.path)
+        for pbx in self.pbxes:
+            if is_example_secret(pbx.secret):
+                notes.append("%s: a published example secret; give the manager user a "
+                             "secret of its own, in manager.conf and here"
+                             % self.origins.get("secret:" + pbx.name, self.path))
+        for user in self.users.values():
+            notes += user_advisories(user, self.path)
+        return notes + self._site_advisories()
+
+    def _site_advisories(self) -> List[str]:
+        """With several PBXes, a number without ``NAME:`` counts on every
+        one, though the user's phones are all on some of them (two sites
+        with the same numbering would see each other's calls)."""
+        notes: List[str] = []
         if len(self.pbxes) < 2:
             return notes
         for user in self.users.values():
@@ -833,6 +866,73 @@ class Config(_Immutable):
 
 def mask(secret: str) -> str:
     return "********" if secret else "(empty)"
+
+
+#: Secrets that ctinotify's own files publish as examples: the example
+#: ctinotify.conf (this one and the earlier ones), the README's
+#: configuration snippets and the original request's ``[client1]``.  Anyone
+#: can read them, so a LOGIN (or web login) with one is refused, whoever
+#: it names, and ``check``/``run`` name the users that have one.  The test
+#: configurations (tests/*.conf: ``LOGIN demo demo`` of ``make demo``) are
+#: not among them: they bind 127.0.0.1 and are not copied to a PBX.
+EXAMPLE_SECRETS = frozenset((
+    "blah", "change-me", "change-me-too", "alice-desk-secret", "bob-desk-secret", "...",
+))
+
+
+def is_example_secret(secret: str) -> bool:
+    """Whether ``secret`` is a published example (case and spaces aside)."""
+    return secret.strip().casefold() in EXAMPLE_SECRETS
+
+
+#: The channel technologies of phones (``core show channeltypes``); any
+#: other is most likely a typo.  Local is one too, but never a phone: the
+#: engine follows a Local channel through to the phone it rings.
+PHONE_TECHNOLOGIES = ("PJSIP", "SIP", "IAX2", "DAHDI", "Skinny", "SCCP", "MGCP", "OOH323",
+                      "Motif", "USTM", "Console")
+#: The ``-<sequence>`` Asterisk appends to a device to name one channel:
+#: 8 hex digits (PJSIP, SIP: PJSIP/100-0000001a), a number for DAHDI (DAHDI/1-1).
+_CHANNEL_SEQUENCE = re.compile(r"-[0-9a-fA-F]{8}$|^DAHDI/[0-9]+-[0-9]+$")
+
+
+def device_problem(device: str) -> str:
+    """Why no channel can ever belong to ``device`` (a normalized device,
+    maybe ``NAME:`` qualified), or "" if one can."""
+    device = split_device(device)[1]
+    tech, _, resource = device.partition("/")
+    if tech == "Local":
+        return ("a Local channel, which ctinotify follows through to the phone it rings; "
+                "name that phone (PJSIP/100), or the number in extensions")
+    if tech not in PHONE_TECHNOLOGIES:
+        return ("unknown technology %s, expected one of %s (asterisk -rx \"core show "
+                "channeltypes\")" % (tech, ", ".join(PHONE_TECHNOLOGIES)))
+    if "/" in resource:
+        return ("a / too many: a device is TECH/name as pjsip show endpoints lists it, "
+                "e.g. %s/%s" % (tech, resource.partition("/")[0]))
+    if _CHANNEL_SEQUENCE.search(device):
+        return ("looks like a channel name from core show channels; its phone is %s"
+                % device_of_channel(device))
+    return ""
+
+
+def user_advisories(user: UserConfig, path: str) -> List[str]:
+    """What makes a valid user unable to log in or to receive anything."""
+    where = "%s:%d: [%s]" % (path, user.lineno, user.name)
+    notes = []
+    if is_example_secret(user.secret):
+        notes.append("%s secret: a published example secret: nobody can log in as %s until "
+                     "it has a secret of its own" % (where, user.name))
+    problems = [(device, device_problem(device)) for device in user.devices]
+    for device, problem in problems:
+        if problem:
+            notes.append("%s devices: %s cannot match a phone: %s" % (where, device, problem))
+    if not user.events:
+        notes.append("%s events: empty: %s receives no event at all; expected all or a "
+                     "list of kinds" % (where, user.name))
+    elif user.devices and not user.extensions and all(problem for _, problem in problems):
+        notes.append("%s: none of %s's devices can match a phone and there are no "
+                     "extensions: %s will never receive an event" % (where, user.name, user.name))
+    return notes
 
 
 _USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
@@ -1115,12 +1215,11 @@ class _ConfigReader:
         if option is None or [k.lower() for k in kinds] == ["all"]:
             return EVENT_KINDS
         events: List[str] = []
-        for kind in kinds:
-            if kind.lower() not in EVENT_KINDS:
+        for word in kinds:
+            if not kinds_of(word):
                 self.problem(section, option, "unknown event kind %r, expected 'all' or "
-                             "any of: %s" % (kind, ", ".join(EVENT_KINDS)))
-            elif kind.lower() not in events:
-                events.append(kind.lower())
+                             "any of: %s" % (word, ", ".join(EVENT_KINDS + tuple(KIND_ALIASES))))
+            events += [kind for kind in kinds_of(word) if kind not in events]
         return tuple(events)
 
     def popup_url(self, section: IniSection) -> str:
@@ -1180,6 +1279,7 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
         if _is_ami_section(section):
             name = DEFAULT_PBX if section.name.lower() == "ami" else section.name[4:]
             origins["tls_ca:" + name] = reader.origin(section, "tls_ca")
+            origins["secret:" + name] = reader.origin(section, "secret")
     return Config(filename, values, pbxes, users, origins)
 
 
@@ -4422,6 +4522,37 @@ class LoginThrottle:
             owners.popitem(last=False)
 
 
+#: The reply text to a login with a published example secret: not "login
+#: failed", so the person at the desktop knows it is no typo of theirs.
+EXAMPLE_SECRET_REFUSED = "example secret refused, the admin must set a secret of its own"
+
+
+def check_login(users: Dict[str, UserConfig], name: str, secret: str,
+                peer_host: str) -> Tuple[Optional[UserConfig], str, str]:
+    """LOGIN's rules, one place for the line protocol and the web alike:
+    ``(account, "", "")``, or ``(None, why, reply)``: why for the log, the
+    reply's text for the client.
+
+    A published example secret (EXAMPLE_SECRETS) is refused whoever it
+    names, so its distinct reply tells nothing about the accounts; every
+    other failure is the same ``login failed``.  The secret is compared
+    even for unknown users, so timing does not tell them apart either.
+    """
+    account = users.get(name)
+    expected = account.secret if account is not None else "\0unknown user"
+    secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
+    if is_example_secret(secret):
+        why = "the secret is a published example"
+        if account is not None and secret_ok:
+            why += ", and [%s] has it: give it a secret of its own" % account.name
+        return None, why, EXAMPLE_SECRET_REFUSED
+    if account is None or not secret_ok or not account.host_allowed(peer_host):
+        why = ("unknown user" if account is None else
+               "wrong secret" if not secret_ok else "address not allowed by host=")
+        return None, why, "login failed"
+    return account, "", ""
+
+
 class CallHistory:
     """The last finished calls of every user, for HISTORY: bounded per user,
     and only ever looked up by the user a record names."""
@@ -4576,19 +4707,14 @@ class ClientSession:
             # not, is answered the same.
             raise ClientProtocolError("429", "too many failed logins for this user, try again "
                                       "in %d s" % math.ceil(wait))
-        account = server.users.get(name)
-        # Compare even for unknown users, so timing does not tell them apart.
-        expected = account.secret if account is not None else "\0unknown user"
-        secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
-        if account is None or not secret_ok or not account.host_allowed(self.peer_host):
+        account, why, reply = check_login(server.users, name, secret, self.peer_host)
+        if account is None:
             self.failed_logins += 1
             self.failed_as = name
-            why = ("unknown user" if account is None else
-                   "wrong secret" if not secret_ok else "address not allowed by host=")
             log.warning("%s: login as %r refused: %s", self.tag, name[:64], why)
             if self.failed_logins >= MAX_LOGIN_ATTEMPTS_PER_CONNECTION:
                 self.request_close("%d failed logins" % self.failed_logins)
-            raise ClientProtocolError("401", "login failed")
+            raise ClientProtocolError("401", reply)
         self.user = account
         self.kinds = frozenset(account.events)
         self.tag = "client %s@%s" % (account.name, self.tag.partition(" ")[2] or self.peer_host)
@@ -4605,13 +4731,16 @@ class ClientSession:
             self.kinds = frozenset(self.user.events)
             self.chosen_kinds = None
         else:
-            for kind in wanted:
-                if kind not in EVENT_KINDS:
-                    raise ClientProtocolError("400", "unknown event kind %s" % quote_value(kind[:40]))
-                if kind not in self.user.events:
-                    raise ClientProtocolError("403", "event kind %s not allowed for %s"
-                                              % (kind, self.user.name))
-            self.kinds = self.chosen_kinds = frozenset(wanted)
+            chosen: Set[str] = set()
+            for word in wanted:
+                if not kinds_of(word):
+                    raise ClientProtocolError("400", "unknown event kind %s" % quote_value(word[:40]))
+                for kind in kinds_of(word):
+                    if kind not in self.user.events:
+                        raise ClientProtocolError("403", "event kind %s not allowed for %s"
+                                                  % (kind, self.user.name))
+                    chosen.add(kind)
+            self.kinds = self.chosen_kinds = frozenset(chosen)
         return ["OK events=%s" % ",".join(k for k in EVENT_KINDS if k in self.kinds)]
 
     def account_changed(self, account: UserConfig) -> None:
@@ -6213,14 +6342,9 @@ def _login_check(ctx: WebRequestContext, name: str, secret: str,
     if view.throttle.blocked_for(key, ctx.now) > 0:
         return WebReply(error_response(429, "too many failed logins from your address, "
                                             "try again later"), close=True)
-    account = view.users.get(name)
-    # Compare even for unknown users, so timing does not tell them apart.
-    expected = account.secret if account is not None else "\0unknown user"
-    secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
-    if account is not None and secret_ok and account.host_allowed(ctx.peer_host):
+    account, why, text = check_login(view.users, name, secret, ctx.peer_host)
+    if account is not None:
         return account
-    why = ("unknown user" if account is None else
-           "wrong secret" if not secret_ok else "address not allowed by host=")
     log.warning("%s: %s login as %r refused: %s", ctx.tag, how, name[:64], why)
     delay, blocked = view.throttle.failed(key, ctx.now)
     if blocked:
@@ -6228,7 +6352,7 @@ def _login_check(ctx: WebRequestContext, name: str, secret: str,
                     ctx.tag, key, view.throttle.block_s, view.throttle.block_after)
     challenge = [("WWW-Authenticate", 'Basic realm="ctinotify", charset="UTF-8"')] \
         if how == "basic" else []
-    return WebReply(error_response(401, "login failed", challenge), delay_s=delay,
+    return WebReply(error_response(401, text, challenge), delay_s=delay,
                     close=blocked, failed_login=True)
 
 
@@ -9782,8 +9906,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     config = load_config(path)
     sys.stdout.write(config.describe())
-    if not config.users:
-        log.warning("%s defines no client users: nobody can log in", path)
     for note in config.advisories():
         log.warning("%s", note)
     _warn_if_world_readable(path)

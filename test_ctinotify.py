@@ -12,6 +12,7 @@ import copy
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
 import queue
@@ -141,9 +142,155 @@ def test_the_original_requests_client_section_loads_unchanged():
     assert config.port == 5039
 
 
-def test_the_example_config_is_valid():
-    config = ctinotify.load_config(os.path.join(HERE, "ctinotify.conf"))
-    assert "client1" in config.users and config.ami.auth == "md5"
+def test_the_example_config_is_valid_and_logs_nobody_in():
+    """Issue 14.1: make install puts the example in place; its users are
+    templates, so nobody can log in with a published secret."""
+    path = os.path.join(HERE, "ctinotify.conf")
+    config = ctinotify.load_config(path)
+    assert config.users == {} and config.ami.auth == "md5"
+    assert config.advisories() == [
+        "%s defines no client users: nobody can log in" % path,
+        "%s:72: [ami] secret: a published example secret; give the manager user a secret of "
+        "its own, in manager.conf and here" % path]
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    # The admin deletes each "(!)" but forgets the secrets: still nobody gets in.
+    users = parse_config(text.replace("](!)", "]"), "c.conf").users
+    assert sorted(users) == ["alice", "bob", "client1"]
+    assert users["bob"].events == ("incoming", "outgoing", "pickup", "hangup", "timeout", "busy")
+    view = ctinotify.ServerView(users)
+    for name, user in users.items():
+        session = ctinotify.ClientSession("192.168.1.5")
+        assert session.handle_line("LOGIN %s %s" % (name, user.secret), view) == \
+            ["ERR 401 example secret refused, the admin must set a secret of its own"]
+        assert session.user is None and session.failed_logins == 1
+
+
+def test_every_secret_the_project_publishes_is_refused():
+    """A secret in the example file or in a README configuration snippet is
+    readable by anyone: it must be among the refused ones."""
+    with open(os.path.join(HERE, "ctinotify.conf"), encoding="utf-8") as f:
+        published = re.findall(r"(?m)^;?\s*secret\s*=\s*(\S+)", f.read())
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        for block in re.findall(r"```ini\n(.*?)```", f.read(), re.S):
+            published += re.findall(r"(?m)^secret\s*=\s*(\S+)", block)
+    assert {"blah", "change-me", "change-me-too"} <= set(published)
+    for secret in published + ["alice-desk-secret", "bob-desk-secret", " Change-Me "]:
+        assert ctinotify.is_example_secret(secret), secret
+    # The demo's own logins stay usable: make demo and the README's Try-it.
+    demo = ctinotify.load_config(os.path.join(HERE, "tests", "demo.conf"))
+    assert demo.advisories() == [] and demo.bind == "127.0.0.1"
+
+
+def test_a_published_secret_is_refused_whoever_it_names_and_the_log_says_why(caplog):
+    """The original request's section loads verbatim; client1 just cannot
+    log in.  The refusal is the same for any name, so it tells nothing."""
+    config = parse_config(ORIGINAL_REQUEST, "orig.conf")
+    view = ctinotify.ServerView(dict(config.users, **office().users))
+    refused = ["ERR 401 example secret refused, the admin must set a secret of its own"]
+    with caplog.at_level(logging.WARNING, logger="ctinotify"):
+        for login in ("client1 blah", "client1 BLAH", "nobody blah", "alice change-me"):
+            assert ctinotify.ClientSession("10.0.0.9").handle_line("LOGIN " + login, view) == \
+                refused
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0] == ("client: login as 'client1' refused: the secret is a published example, "
+                       "and [client1] has it: give it a secret of its own")
+    assert said[2] == "client: login as 'nobody' refused: the secret is a published example"
+    assert not any("blah" in line or "change-me" in line for line in said)
+    assert config.advisories() == [
+        "orig.conf:6: [client1] secret: a published example secret: nobody can log in as "
+        "client1 until it has a secret of its own"]
+    assert ctinotify.ClientSession("10.0.0.9").handle_line("LOGIN client1 wrong", view) == \
+        ["ERR 401 login failed"]
+
+
+def test_web_login_refuses_a_published_secret_as_login_does():
+    users = parse_config(ORIGINAL_REQUEST, "orig.conf").users
+    view = FakeWebView(users)
+    for reply in (WebClient(view).login("client1", "blah"),
+                  WebClient(view).send("GET", "/calls", [basic("client1", "blah")])):
+        assert reply.response.status == 401 and reply.failed_login
+        assert body_json(reply)["error"] == ctinotify.EXAMPLE_SECRET_REFUSED
+    assert body_json(WebClient(view).login("client1", "nope"))["error"] == "login failed"
+
+
+@pytest.mark.parametrize("devices, problem", [
+    ("PJSIP/100-0000001a", "PJSIP/100-0000001a cannot match a phone: looks like a channel "
+                           "name from core show channels; its phone is PJSIP/100"),
+    ("DAHDI/1-1", "DAHDI/1-1 cannot match a phone: looks like a channel name"),
+    ("Local/100@from-internal", "Local/100@from-internal cannot match a phone: a Local "
+                                "channel, which ctinotify follows through to the phone"),
+    ("PJSPI/100", "PJSPI/100 cannot match a phone: unknown technology PJSPI, expected one of "
+                  "PJSIP, SIP, IAX2, DAHDI"),
+    ("PJSIP/100/sip:100@10.0.0.5", "PJSIP/100/sip:100@10.0.0.5 cannot match a phone: a / too "
+                                   "many: a device is TECH/name as pjsip show endpoints lists "
+                                   "it, e.g. PJSIP/100"),
+])
+def test_check_warns_of_a_device_no_phone_can_match(devices, problem):
+    config = parse_config("[u]\nsecret=s3cr3t\ndevices=%s\n" % devices, "f", require_ami=False)
+    assert len(config.advisories()) == 2
+    assert config.advisories()[0].startswith("f:1: [u] devices: " + problem)
+    assert config.advisories()[1] == ("f:1: [u]: none of u's devices can match a phone and "
+                                      "there are no extensions: u will never receive an event")
+    with_number = parse_config("[u]\nsecret=s\ndevices=%s\nextensions=100\n" % devices, "f",
+                               require_ami=False)
+    assert len(with_number.advisories()) == 1  # the number still reaches the user
+
+
+def test_check_is_quiet_about_good_devices_and_warns_of_a_user_told_nothing(tmp_path):
+    good = ("PJSIP/100, SIP/al-ice, IAX/100, Zap/1, DAHDI/g1, branch:PJSIP/100, Skinny/x, "
+            "PJSIP/al-ice-00000001x")
+    config = parse_config("[ami]\nusername=u\nsecret=s\n[ami:branch]\nusername=u\n"
+                          "secret=s\n[u]\nsecret=s\ndevices=%s\n" % good, "f")
+    assert config.advisories() == []
+    path = tmp_path / "quiet.conf"
+    path.write_text("[ami]\nusername=u\nsecret=s\n[u]\nsecret=s\ndevices=PJSIP/100\n"
+                    "events =\n[client1]\nsecret=blah\ndevices=SIP/xxx\n")
+    os.chmod(str(path), 0o600)
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0
+    assert "WARNING %s:4: [u] events: empty: u receives no event at all" % path in result.stderr
+    assert "WARNING %s:8: [client1] secret: a published example secret: nobody can log in as " \
+           "client1" % path in result.stderr
+    assert "blah" not in result.stdout + result.stderr
+
+
+def test_run_warns_once_at_start_of_a_user_with_a_published_secret(fake, tmp_path):
+    daemon = DaemonProcess(tmp_path, fake.port, users="[client1]\nsecret=blah\ndevices=SIP/1\n")
+    try:
+        daemon.wait_log("ami: logged in as ctitest")
+        client = Client(daemon.port)
+        client.send("LOGIN client1 blah")
+        assert client.line() == "ERR 401 example secret refused, the admin must set a secret " \
+                                "of its own"
+        daemon.wait_log(r"login as 'client1' refused: the secret is a published example, "
+                        r"and \[client1\] has it")
+        client.close()
+        warnings = [l for l in daemon.log if "[client1] secret: a published example" in l]
+        assert len(warnings) == 1 and "WARNING" in warnings[0]
+    finally:
+        daemon.stop()
+
+
+def test_events_accept_the_words_answered_and_missed():
+    config = parse_config("[u]\nsecret=s\ndevices=SIP/1\nevents=incoming, Answered, missed, "
+                          "pickup\n", "f", require_ami=False)
+    assert config.users["u"].events == ("incoming", "pickup", "hangup")
+    with pytest.raises(ConfigError, match="expected 'all' or any of: incoming, .*, unhold, "
+                                          "answered, missed"):
+        parse_config("[u]\nsecret=s\ndevices=SIP/1\nevents=answerd\n", "f", require_ami=False)
+    view = ctinotify.ServerView(office().users)
+    session = ctinotify.ClientSession("127.0.0.1")
+    session.handle_line("LOGIN alice alice-secret", view)
+    assert session.handle_line("EVENTS incoming answered missed", view) == \
+        ["OK events=incoming,pickup,hangup"]
+    assert session.handle_line("EVENTS missed", view) == ["OK events=hangup"]
+    limited = ctinotify.ServerView(config.users)
+    other = ctinotify.ClientSession("127.0.0.1")
+    other.handle_line("LOGIN u s", limited)
+    assert other.handle_line("EVENTS answered", limited) == ["OK events=pickup"]
+    assert other.handle_line("EVENTS timeout", limited) == \
+        ["ERR 403 event kind timeout not allowed for u"]
 
 
 def test_config_defaults():
