@@ -232,8 +232,15 @@ WATCH_RECV_BYTES = 64 * 1024
 #: Hook processes running at once; beyond it an event's hook is skipped.
 MAX_HOOK_PROCESSES = 8
 DEFAULT_WATCH_STATE = os.path.join("~", ".ctinotify-watch.json")
-#: Hangup reasons of a missed call (``direction = in``).
-MISSED_REASONS = ("noanswer", "cancelled", "busy", "answered_elsewhere")
+#: Hangup reasons of a missed call (``role=callee``, ``direction = in``):
+#: nobody of the user's answered it, whatever the reason.  Not
+#: answered_elsewhere: somebody took that call.
+MISSED_REASONS = ("noanswer", "cancelled", "busy", "failed")
+#: Calls watch remembers the popup url and forwards of, until their hangup
+#: (a call whose hangup never came is forgotten, oldest first).
+WATCH_CALL_MEMORY = 256
+#: ``watch --missed``: the calls asked for (the server keeps 100 per user).
+WATCH_MISSED_HISTORY = 100
 
 
 # -- the vocabulary of events: each value a client can see, named once ------
@@ -6685,31 +6692,78 @@ class WatchRefused:
         self.reply = reply
 
 
+#: Who answered, as ``WatchEvent.answer`` says of a pickup.
+ANSWERED_HERE = "here"        # a phone of the user (or, calling out, the party called)
+ANSWERED_OUTSIDE = "outside"  # the outside number the call was forwarded to (a mobile)
+ANSWERED_OTHER = "other"      # a colleague's phone
+
+
 class WatchEvent:
-    """A line from the server: an event, a status, a CALLS or HISTORY item.
+    """A line from the server: an event, a status, a CALLS or HISTORY item;
+    or what watch makes of them: ``missed`` after the hangup of a missed
+    call, ``status`` when the server is out of reach.
 
     ``kind`` is the event kind, ``status``, ``call`` or ``missed``;
     ``fields`` are flattened as in the text format (``from_num``), all
-    strings; ``raw`` is the line as received.
+    strings; ``raw`` is the line as received ("" for what watch made).
+    ``answer`` (a pickup): ANSWERED_HERE, _OUTSIDE or _OTHER; ``url``: the
+    call's popup url, on its incoming and on the pickup; ``missed``: a
+    hangup of a missed call (the ``missed`` event follows it).
     """
 
-    __slots__ = ("kind", "fields", "raw")
+    __slots__ = ("kind", "fields", "raw", "answer", "url", "missed")
 
     def __init__(self, kind: str, fields: Dict[str, str], raw: str):
         self.kind = kind
         self.fields = fields
         self.raw = raw
+        self.answer = ""
+        self.url = ""
+        self.missed = False
+
+
+def answer_of(fields: Dict[str, str], forwarded_out: bool = False) -> str:
+    """Who answered a pickup: the user (one of their phones, or the party
+    they called), the outside number their call was forwarded to, or a
+    colleague.  ``device`` is the user's phone that rang, ``answered_by``
+    the one that answered (as the web page tells them apart)."""
+    if fields.get("role") == "caller":
+        return ANSWERED_HERE
+    device = fields.get("device", "")
+    if device and fields.get("answered_by_device") == device:
+        return ANSWERED_HERE
+    return ANSWERED_OUTSIDE if forwarded_out and not device else ANSWERED_OTHER
+
+
+def is_missed(fields: Dict[str, str]) -> bool:
+    """An incoming call of the user that nobody of theirs answered: a
+    ``hangup`` (``role=callee``) or a HISTORY record (``direction=in``)."""
+    return (fields.get("role") == "callee" or fields.get("direction") == CALL_IN) and \
+        fields.get("reason") in MISSED_REASONS
+
+
+class _WatchCall:
+    """What watch remembers of a call until its hangup."""
+
+    __slots__ = ("url", "forwarded_out")
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.forwarded_out = False
 
 
 class WatchMissed:
     """The reply to HISTORY: the missed calls since ``since``, oldest first.
-    ``supported`` is False for a server without HISTORY."""
+    ``supported`` is False for a server without HISTORY; ``complete`` is
+    False when the oldest call of the reply is after ``since`` too, and
+    the server had as many as were asked for: older ones may be missing."""
 
-    __slots__ = ("calls", "supported")
+    __slots__ = ("calls", "supported", "complete")
 
-    def __init__(self, calls: List[WatchEvent], supported: bool):
+    def __init__(self, calls: List[WatchEvent], supported: bool, complete: bool = True):
         self.calls = calls
         self.supported = supported
+        self.complete = complete
 
 
 class WatchCalls:
@@ -6766,6 +6820,10 @@ class WatchSession:
         self._newest: Optional[float] = None
         self._newest_calls: Set[str] = set()
         self._history_done = False
+        #: Calls until their hangup, oldest first (WATCH_CALL_MEMORY).
+        self._calls: "collections.OrderedDict[str, _WatchCall]" = collections.OrderedDict()
+        #: The missed calls said, live or listed: each is said once.
+        self._missed_said: "collections.OrderedDict[str, None]" = collections.OrderedDict()
 
     @property
     def seen_until(self) -> Optional[float]:
@@ -6807,7 +6865,46 @@ class WatchSession:
             self._items.append(item)
             return []
         self._saw(parse_iso_time(item.fields.get("time")), item.fields.get("call"))
-        return [item]
+        return self._follow(item)
+
+    def _follow(self, event: WatchEvent) -> List[WatchEvent]:
+        """What one call event says beyond itself: the incoming's url and a
+        forward outside, remembered until the hangup; who answered a
+        pickup; a hangup that is a missed call, followed by ``missed``."""
+        fields, kind = event.fields, event.kind
+        call = fields.get("call", "")
+        if kind == Kind.INCOMING and call:
+            memo = self._calls.pop(call, None) or _WatchCall()
+            memo.url = fields.get("url", "")
+            self._calls[call] = memo
+            while len(self._calls) > WATCH_CALL_MEMORY:
+                self._calls.popitem(last=False)
+            event.url = memo.url
+        elif kind == Kind.DIVERT and call in self._calls:
+            if fields.get("direction") == Direction.TO and fields.get("external") == "yes":
+                self._calls[call].forwarded_out = True
+        elif kind == Kind.PICKUP:
+            memo = self._calls.get(call)
+            event.answer = answer_of(fields, memo is not None and memo.forwarded_out)
+            event.url = memo.url if memo is not None else ""
+        elif kind == Kind.HANGUP:
+            self._calls.pop(call, None)
+            if is_missed(fields) and self._say_missed(call):
+                event.missed = True
+                return [event, WatchEvent("missed", fields, "")]
+        return [event]
+
+    def _say_missed(self, call: str) -> bool:
+        """True the first time a missed call is to be said (a call without
+        an id, every time)."""
+        if not call:
+            return True
+        if call in self._missed_said:
+            return False
+        self._missed_said[call] = None
+        while len(self._missed_said) > WATCH_CALL_MEMORY:
+            self._missed_said.popitem(last=False)
+        return True
 
     def _parse_item(self, line: str) -> Optional[WatchEvent]:
         if line.startswith("{"):
@@ -6852,7 +6949,11 @@ class WatchSession:
         if command == "history":
             # An older server: ERR 400 unknown command.  Nothing to list then.
             self._history_done = True
-            return [WatchMissed(self._missed(items) if ok else [], ok)]
+            missed = self._missed(items) if ok else []
+            first_end = parse_iso_time(items[0].fields.get("end")) if items else None
+            complete = len(items) < self.history or self.since is None or \
+                (first_end is not None and first_end <= self.since)
+            return [WatchMissed(missed, ok, complete)]
         if command == "calls":
             return [WatchCalls(items)]
         return []
@@ -6861,7 +6962,7 @@ class WatchSession:
         missed = []
         for record in records:
             fields = record.fields
-            if fields.get("direction") != "in" or fields.get("reason") not in MISSED_REASONS:
+            if not is_missed(fields):
                 continue
             end = parse_iso_time(fields.get("end"))
             if self.since is not None and (end is None or end < self.since or
@@ -6870,7 +6971,8 @@ class WatchSession:
                                             fields.get("call") in self.since_calls)):
                 continue
             self._saw(end, fields.get("call"))
-            missed.append(WatchEvent("missed", fields, record.raw))
+            if self._say_missed(fields.get("call", "")):
+                missed.append(WatchEvent("missed", fields, record.raw))
         return missed
 
     def _saw(self, when: Optional[float], call: Optional[str]) -> None:
@@ -6923,10 +7025,18 @@ def _said_incoming(f: Dict[str, str]) -> str:
     return "  ".join(parts)
 
 
-def _said_pickup(f: Dict[str, str]) -> str:
+def _said_pickup(f: Dict[str, str], answer: str = "") -> str:
+    """A colleague's pickup reads "picked up by Bob Jones <101>"; the
+    user's own answer (shown as ``answered``) needs no more words, but
+    where: on the mobile the call was forwarded to."""
     method = f.get("method")
-    return "answered by %s%s" % (_caller(f, "answered_by"),
-                                 " (%s pickup)" % method if method else "")
+    how = " (%s pickup)" % method if method else ""
+    answer = answer or answer_of(f)
+    if answer == ANSWERED_HERE:
+        return "by %s pickup" % method if method else ""
+    if answer == ANSWERED_OUTSIDE:
+        return "on %s%s" % (_caller(f, "answered_by"), how)
+    return "picked up by %s%s" % (_caller(f, "answered_by"), how)
 
 
 def _said_divert(f: Dict[str, str]) -> str:
@@ -7034,12 +7144,30 @@ def render_event(event: WatchEvent) -> str:
     shown escaped: a line never ends early or moves the cursor.
     """
     f = event.fields
-    if event.kind == "missed":
-        when = _local_time(f.get("end") or f.get("start"), "%Y-%m-%d %H:%M")
+    if event.kind == "missed" and "time" not in f:
+        when = _local_time(f.get("end") or f.get("start"), "%Y-%m-%d %H:%M")  # HISTORY
     else:
         when = _local_time(f.get("time"), "%H:%M:%S")
+    return ("%s  %-8s  %s" % (when, shown_kind(event), event_text(event))
+            ).translate(_DISPLAY_ESCAPES)
+
+
+def shown_kind(event: WatchEvent) -> str:
+    """The kind as a person reads it: the user's own answer is
+    ``answered``, a colleague's stays ``pickup``."""
+    if event.kind == Kind.PICKUP and (event.answer or answer_of(event.fields)) != ANSWERED_OTHER:
+        return "answered"
+    return event.kind
+
+
+def event_text(event: WatchEvent) -> str:
+    """``render_event``'s words after the kind (unescaped): also the
+    ``{text}`` of a hook."""
+    f = event.fields
     if event.kind == "status":
-        text = _status_text(f)
+        return _status_text(f)
+    if event.kind == Kind.PICKUP:
+        detail = _said_pickup(f, event.answer)
     else:
         said = _SAID.get(event.kind)
         if said is not None:
@@ -7047,15 +7175,16 @@ def render_event(event: WatchEvent) -> str:
         else:
             detail = encode_text_line("", {k: v for k, v in f.items()
                                            if k not in _COMMON_FIELDS}).strip()
-        text = "%s -> %s" % (_caller(f, "from"), _called(f, "to"))
-        if detail:
-            text += "  " + detail
-    return ("%s  %-8s  %s" % (when, event.kind, text)).translate(_DISPLAY_ESCAPES)
+    text = "%s -> %s" % (_caller(f, "from"), _called(f, "to"))
+    return text + "  " + detail if detail else text
 
 
 def _status_text(f: Dict[str, str]) -> str:
     if f.get("server") == "stopping":
         return "the ctinotify server is stopping"
+    if f.get("server") == "unreachable":
+        return "no connection to the ctinotify server" + (": " + f["reason"]
+                                                          if f.get("reason") else "")
     if f.get("pbx") == "up":
         return "PBX connected"
     if f.get("pbx") == "down":
@@ -7077,6 +7206,28 @@ def is_web_url(url: str) -> bool:
 
 
 # -- hooks ------------------------------------------------------------------------
+
+#: The placeholders a hook may use: every field an event, a status line or
+#: a HISTORY record (a missed call from before) can carry, flattened as in
+#: the text format, and ``text``, the words watch shows.  Any other name is
+#: a typo, refused at start (it would be filled with "").
+HOOK_FIELDS = frozenset((
+    "event", "call", "time", "role", "device", "from_num", "from_name", "to_num", "to_name",
+    "pbx", "dialed", "queue", "url", "answered_by_num", "answered_by_name",
+    "answered_by_device", "method", "direction", "original_num", "original_name",
+    "target_num", "target_name", "external", "kind", "by_num", "by_name", "action",
+    "position", "count", "space", "lot", "timeout", "result", "parked_by_num",
+    "parked_by_name", "retrieved_by_num", "retrieved_by_name", "room", "members", "who_num",
+    "who_name", "reason", "cause", "cause_txt", "duration", "talk_time",
+    "name", "server", "session", "replay",                                  # status
+    "user", "start", "answer", "end", "answered", "answered_by", "path",    # HISTORY
+    "state",                                                                # CALL
+    "text",                                                                 # watch's words
+))
+#: The kinds ``--exec`` takes besides the event kinds and their aliases:
+#: all (every event kind), missed (a missed call, once, from a hangup or
+#: the list at login), status (the PBX link, the server stopping or out of reach).
+HOOK_KINDS = ("all", "missed", "status")
 
 #: ``{name}`` in a hook argument; ``{{`` and ``}}`` are literal braces.
 _HOOK_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z0-9_]*)\}")
@@ -7103,30 +7254,38 @@ class ExecHook:
     """
 
     def __init__(self, kind: str, template: List[str]):
-        #: An event kind, or ``all``.
+        #: An event kind, or one of HOOK_KINDS.
         self.kind = kind
         self.template = template
 
     @classmethod
     def parse(cls, spec: str) -> "ExecHook":
         """``incoming=notify-send -- "Call from {from_name}" {from_num}``;
-        ValueError says what is wrong."""
-        kind, sep, command = spec.partition("=")
-        kind = kind.strip().lower()
-        if not sep or kind not in EVENT_KINDS + ("all",):
-            raise ValueError("%r: expected KIND=COMMAND, KIND one of: all, %s"
-                             % (spec[:40], ", ".join(EVENT_KINDS)))
+        ValueError says what is wrong.  KIND may be ``answered`` (pickup);
+        ``missed`` here is watch's own: a missed call, not every hangup."""
+        word, sep, command = spec.partition("=")
+        word = word.strip().lower()
+        kind = word if word in HOOK_KINDS else (kinds_of(word) or ("",))[0]
+        if not sep or not kind:
+            raise ValueError("%r: expected KIND=COMMAND, KIND one of: %s, %s, answered"
+                             % (spec[:40], ", ".join(HOOK_KINDS), ", ".join(EVENT_KINDS)))
         try:
             template = shlex.split(command)
         except ValueError as e:
             raise ValueError("%r: the command does not split into arguments: %s"
                              % (spec[:40], e))
         if not template:
-            raise ValueError("%r: no command after %s=" % (spec[:40], kind))
+            raise ValueError("%r: no command after %s=" % (spec[:40], word))
         if any(m.group(1) is not None for m in _HOOK_PLACEHOLDER.finditer(template[0])):
             # Else a caller ID would choose the program.
             raise ValueError("%r: a placeholder in the program name, expected them in "
                              "its arguments only" % spec[:40])
+        unknown = sorted({m.group(1) for arg in template for m in _HOOK_PLACEHOLDER.finditer(arg)
+                          if m.group(1) is not None and m.group(1) not in HOOK_FIELDS})
+        if unknown:
+            raise ValueError("%r: unknown placeholder %s, expected any of: %s"
+                             % (spec[:40], ", ".join("{%s}" % n for n in unknown),
+                                ", ".join("{%s}" % n for n in sorted(HOOK_FIELDS))))
         return cls(kind, template)
 
     def wants(self, kind: str) -> bool:
@@ -9059,7 +9218,7 @@ class WatchClient:
 
     def __init__(self, host: str, port: int, user: str, secret: str,
                  fmt: str = "readable", hooks: Sequence[ExecHook] = (),
-                 open_urls: bool = False, state: Optional[WatchState] = None,
+                 open_on: str = "", state: Optional[WatchState] = None,
                  out=None, tls_context: Optional["ssl.SSLContext"] = None, tls_ca: str = ""):
         self.host = host
         self.port = port
@@ -9073,9 +9232,15 @@ class WatchClient:
         #: ``readable`` lines, or the server's raw ``text`` or ``json`` lines.
         self.fmt = fmt
         self.hooks = list(hooks)
-        self.open_urls = open_urls
+        #: When a call's popup url opens: ``ring`` (its incoming), ``answer``
+        #: (the user answers it on one of their phones), "" never.
+        self.open_on = open_on
         self.state = state
-        self.out = out if out is not None else sys.stdout
+        # pythonw (Windows, started at login) has no console: sys.stdout is None.
+        self.out = out or sys.stdout or open(os.devnull, "w", encoding="utf-8")
+        #: "The server is out of reach" was said (a status hook ran): not
+        #: again until a login succeeds.
+        self._offline_said = False
         self.children: List[subprocess.Popen] = []
         self.where = "%s port %d" % (host, port)
         #: The connection of the moment: logged in; when the server was
@@ -9095,6 +9260,7 @@ class WatchClient:
                 if logged_in:
                     backoff = WATCH_RECONNECT_MIN_S
                 log.warning("%s; reconnecting in %g s", reason, backoff)
+                self._offline(reason)
                 self._sleep(backoff)
                 backoff = min(backoff * 2, WATCH_RECONNECT_MAX_S)
         except KeyboardInterrupt:
@@ -9102,6 +9268,59 @@ class WatchClient:
         finally:
             if self.state is not None:
                 self.state.save()
+
+    def list_missed(self, since: float) -> int:
+        """``watch --missed``: log in, print the calls missed since ``since``
+        (the day's start) as the server's HISTORY has them, and leave: 0, or
+        1 when that cannot be done.  The state file is not touched."""
+        sock, (_fatal, _, failure) = self._dial()
+        if sock is None:
+            log.error("%s", failure)
+            return 1
+        session = WatchSession(self.user, self._secret, "text" if self.fmt == "text" else "json",
+                               since, WATCH_MISSED_HISTORY, since_calls=())
+        framer = LineFramer(MAX_WATCH_LINE_BYTES, skip_long=True)
+        try:
+            sock.settimeout(WATCH_CONNECT_TIMEOUT_S)
+            while True:
+                data = sock.recv(WATCH_RECV_BYTES)
+                if not data:
+                    log.error("%s closed the connection", self.where)
+                    return 1
+                framer.receive_data(data)
+                line = framer.next_line()
+                while line is not None:
+                    for item in session.receive_line(line):
+                        status = self._missed_item(sock, item)
+                        if status is not None:
+                            return status
+                    line = framer.next_line()
+        except (OSError, WatchProtocolError) as e:
+            log.error("%s: %s", self.where, _error_text(e) if isinstance(e, OSError) else e)
+            return 1
+        finally:
+            sock.close()
+
+    def _missed_item(self, sock: socket.socket, item: object) -> Optional[int]:
+        """One item of ``--missed``'s session: the exit status once done."""
+        if isinstance(item, WatchRefused):
+            log.error("%s refused the login as %s (%s)", self.where, self.user, item.reply)
+            return 1
+        if isinstance(item, WatchSend):
+            self._send(sock, item)
+        elif isinstance(item, WatchMissed):
+            if not item.supported:
+                log.error("%s has no HISTORY command: it cannot list missed calls", self.where)
+                return 1
+            for call in item.calls:
+                self._show(call)
+            log.info("%d missed call%s today", len(item.calls), "" if len(item.calls) == 1 else "s")
+            if not item.complete:
+                log.warning("the server keeps the last %d calls: missed calls of today before "
+                            "those are not listed", WATCH_MISSED_HISTORY)
+            self._send(sock, WatchSend("QUIT"))
+            return 0
+        return None
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -9199,6 +9418,7 @@ class WatchClient:
                     return True
                 if isinstance(item, WatchLoggedIn):
                     self._logged_in = True
+                    self._offline_said = False
                     log.info("connected to %s: %s", self.where, item.reply)
                 self._act(sock, session, item)
 
@@ -9223,19 +9443,45 @@ class WatchClient:
         if isinstance(item, WatchSend):
             self._send(sock, item)
         elif isinstance(item, WatchEvent):
-            self._show(item)
-            if item.kind in EVENT_KINDS:
-                self._run_hooks(item)
-                if self.open_urls and item.kind == "incoming":
-                    self._open(item.fields.get("url", ""))
+            self._event(item)
         elif isinstance(item, WatchMissed):
             if not item.supported:
                 log.info("%s has no HISTORY command: missed calls are not listed", self.where)
+            # Missed while away: said once, as live ones; on the very first
+            # start they are only listed (they may be days old).
+            first_start = session.since is None
             for call in item.calls:
                 self._show(call)
+                if not first_start:
+                    self._run_hooks(call)
         elif isinstance(item, WatchCalls):
             for call in item.calls:
                 self._show(call)
+
+    def _event(self, event: WatchEvent) -> None:
+        """A call event or status: shown (in the server's own formats only
+        what the server sent; readable, a missed call's hangup as the
+        ``missed`` line after it), its hooks run, its page opened."""
+        if (event.raw or self.fmt == "readable") and not (event.missed and
+                                                           self.fmt == "readable"):
+            self._show(event)
+        if event.kind == "status" and event.fields.get("server") == "stopping":
+            self._offline_said = True  # said by the server itself
+        if event.kind in EVENT_KINDS or event.kind in HOOK_KINDS:
+            self._run_hooks(event)
+        if self.open_on == "ring" and event.kind == Kind.INCOMING or \
+                self.open_on == "answer" and event.kind == Kind.PICKUP and \
+                event.answer == ANSWERED_HERE and event.fields.get("role") == "callee":
+            self._open(event.url)
+
+    def _offline(self, reason: str) -> None:
+        """The server is out of reach (lost, or never reached): shown, and
+        the status hooks told, once until a login succeeds."""
+        if self._offline_said:
+            return
+        self._offline_said = True
+        self._event(WatchEvent("status", {"event": "status", "server": "unreachable",
+                                          "reason": reason, "time": iso_time(time.time())}, ""))
 
     def _show(self, event: WatchEvent) -> None:
         if self.fmt == "readable":
@@ -9250,7 +9496,7 @@ class WatchClient:
             if not hook.wants(event.kind):
                 continue
             self._reap()
-            argv = hook.argv(event.fields)
+            argv = hook.argv(dict(event.fields, text=event_text(event)))
             if len(self.children) >= MAX_HOOK_PROCESSES:
                 log.warning("--exec %s: %d hooks still running, not starting %s",
                             hook.kind, len(self.children), argv[0])
@@ -9356,7 +9602,7 @@ a.pop { display: inline-block; margin-top: 4px; }
 WEB_PAGE_JS = r"""
 "use strict";
 (function () {
-  var MISSED = ["noanswer", "cancelled", "busy", "answered_elsewhere"];
+  var MISSED = ["noanswer", "cancelled", "busy", "failed"];  // as MISSED_REASONS
   var POP_DELAY_MS = 250;  // a replayed ring followed by its hangup pops nothing
   var state = {
     user: null, csrf: "", es: null, lastId: null, gen: 0, calls: new Map(),
@@ -10315,9 +10561,13 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                       _ssl_reason(e))
             return 1
     state = WatchState(args.state, "%s@%s:%d" % (args.user, host, port))
-    state.load()
+    open_on = args.open_on or ("ring" if args.open else "")
     client = WatchClient(host, port, args.user, secret, args.format, args.hooks,
-                         args.open, state, tls_context=tls_context, tls_ca=args.tls_ca or "")
+                         open_on, state, tls_context=tls_context, tls_ca=args.tls_ca or "")
+    if args.missed:
+        midnight = datetime.datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
+        return client.list_missed(midnight.timestamp())
+    state.load()
     return client.run()
 
 
@@ -10420,6 +10670,12 @@ def _watch_arguments(commands) -> None:  # type: ignore[no-untyped-def]
     cmd.add_argument("--open", action="store_true",
                      help="open the url of incoming calls (the server's popup_url) in the "
                           "web browser; http and https only")
+    cmd.add_argument("--open-on", choices=("ring", "answer"),
+                     help="when --open opens the page (implies --open): as the call rings "
+                          "(the default), or once you answer it on one of your phones")
+    cmd.add_argument("--missed", action="store_true",
+                     help="print today's missed calls (as the server's HISTORY has them) "
+                          "and exit")
     cmd.add_argument("--tls", action="store_true",
                      help="connect to the server's TLS port (its tls_port), verifying its "
                           "certificate against the system's CAs")

@@ -3287,19 +3287,21 @@ def test_watch_session_lists_only_missed_calls_since_it_was_last_connected():
              record("2026-11-26T12:03:00Z", reason="answered_elsewhere", call="elsewhere"),
              record("2026-11-26T12:04:00Z", reason="cancelled", call="cancelled"),
              record("2026-11-26T12:05:00Z", reason="busy", call="busy"),
+             record("2026-11-26T12:05:30Z", reason="failed", call="failed"),
              "HISTORY call=text end=2026-11-26T12:06:00Z direction=in reason=noanswer"]
     for line in lines:
         assert session.receive_line(line) == []
     (missed,) = session.receive_line("OK history=%d" % len(lines))
     assert missed.supported
+    # Answered elsewhere is no missed call: somebody took it (issue 14.4).
     assert [m.fields["call"] for m in missed.calls] == \
-        ["noanswer", "elsewhere", "cancelled", "busy", "text"]
+        ["noanswer", "cancelled", "busy", "failed", "text"]
     assert all(m.kind == "missed" for m in missed.calls)
     assert session.seen_until == ctinotify.parse_iso_time("2026-11-26T12:06:00Z")
     first_run = ctinotify.WatchSession("alice", "s", since=None)
     for line in ["CTINOTIFY/1 hi", "OK format=json", "OK logged in"] + lines:
         first_run.receive_line(line)
-    (missed,) = first_run.receive_line("OK history=9")
+    (missed,) = first_run.receive_line("OK history=10")
     assert [m.fields["call"] for m in missed.calls][:2] == ["old", "same second"]
 
 
@@ -3327,7 +3329,10 @@ def test_render_every_kind_of_every_trace_as_one_line():
             line = render(event)
             kinds.add(event["event"])
             assert len(line.splitlines()) == 1 and "unknown" not in line, line
-            assert line.startswith(local_hms(event["time"]) + "  %-8s  " % event["event"])
+            shown = event["event"]
+            if shown == "pickup" and "  picked up by " not in line:
+                shown = "answered"  # the user's own answer (issue 14.4)
+            assert line.startswith(local_hms(event["time"]) + "  %-8s  " % shown), line
     for note in conference_scenario().told:
         if note.kind == "conference":
             assert re.search(r"  conference  .* (joined|left) room 800, \d members$",
@@ -3376,7 +3381,7 @@ def test_render_escapes_what_could_move_the_cursor_or_end_the_line():
 
 def test_exec_hook_splits_once_and_fills_each_argument():
     hook = ctinotify.ExecHook.parse(
-        'incoming=notify-send -- "Call from {from_name}" "{from_num}" {{literal}} {nope}')
+        'incoming=notify-send -- "Call from {from_name}" "{from_num}" {{literal}} {queue}')
     assert hook.kind == "incoming" and hook.wants("incoming") and not hook.wants("hangup")
     for hostile in (HOSTILE_NAME, '"; rm -rf ~; echo "', "$(touch /tmp/pwned)",
                     "two\nlines\r\n", "{from_num}{{x}}", "'", "\\", ""):
@@ -3385,6 +3390,7 @@ def test_exec_hook_splits_once_and_fills_each_argument():
                         "{literal}", ""]
     every = ctinotify.ExecHook.parse("ALL=logger {event}")
     assert every.kind == "all" and every.wants("queue") and not every.wants("status")
+    assert not every.wants("missed")  # a missed call's hangup runs it already
     assert hook.argv({"from_name": "nul\0byte"})[2] == "Call from nul\ufffdbyte"
     for bad, message in [("incoming", "expected KIND=COMMAND"), ("ringing=x", "KIND one of"),
                          ("incoming=", "no command"), ('incoming=a "b', "does not split"),
@@ -3392,6 +3398,138 @@ def test_exec_hook_splits_once_and_fills_each_argument():
                          ("incoming=/usr/bin/{x}", "a placeholder in the program name")]:
         with pytest.raises(ValueError, match=message):
             ctinotify.ExecHook.parse(bad)
+
+
+def watched(name, user):
+    """What watch's core makes of a golden trace's events for ``user``."""
+    session = ctinotify.WatchSession(user, "s")
+    for line in ("CTINOTIFY/1 hi", "OK format=json", "OK logged in", "OK history=0",
+                 "OK calls=0"):
+        session.receive_line(line)
+    out = []
+    for event in load_golden(name):
+        if event.pop("client") == user:
+            out += session.receive_line(ctinotify.encode_json_line(event))
+    return session, out
+
+
+def test_the_web_page_and_watch_call_the_same_calls_missed():
+    match = re.search(r"var MISSED = (\[[^\]]*\]);", ctinotify.WEB_PAGE_JS)
+    assert tuple(json.loads(match.group(1))) == ctinotify.MISSED_REASONS
+    assert "answered_elsewhere" not in ctinotify.MISSED_REASONS
+
+
+def test_watch_says_who_answered_in_a_persons_words():
+    """Issue 14.4: the user's own answer is "answered", a colleague's
+    pickup "picked up by Bob", a forward to the mobile "answered ... on"."""
+    def said(name, user, kind="pickup"):
+        (event,) = [e for e in watched(name, user)[1] if e.kind == kind]
+        return event.answer, ctinotify.render_event(event)[10:]
+    assert said("l_directed_pickup", "alice") == (
+        "other", "pickup    John Customer <+15551230001> -> 100 (Alice Smith)  picked up by "
+                 "Bob Jones <101> (directed pickup)")
+    assert said("l_directed_pickup", "bob") == (
+        "here", "answered  John Customer <+15551230001> -> 101 (Bob Jones)  by directed pickup")
+    assert said("g_ringgroup", "alice")[1].endswith("  picked up by Bob Jones <101>")
+    assert said("i_forward_to_mobile", "alice") == (
+        "outside", "answered  John Customer <+15551230001> -> 100  on +15559870003")
+    assert said("h_forward_to_ext", "alice")[0] == "other"  # forwarded to a colleague
+    assert said("f_outbound_answered", "alice") == (
+        "here", "answered  Alice Smith <100> -> +15559870002")
+    assert said("a_inbound_answered", "alice") == (
+        "here", "answered  John Customer <+15551230001> -> 100 (Alice Smith)")
+
+
+@pytest.mark.parametrize("name, user, missed", [
+    ("b_inbound_noanswer", "alice", "not answered after 0 s"),
+    ("c_inbound_busy", "alice", "busy after 0 s"),
+    ("d_inbound_cancel", "alice", "caller hung up after 0 s"),
+    ("g_ringgroup", "alice", None),          # Bob answered: somebody took it
+    ("l_directed_pickup", "alice", None),
+    ("h_forward_to_ext", "alice", None),
+    ("i_forward_to_mobile", "alice", None),  # answered on her mobile
+    ("a_inbound_answered", "alice", None),
+    ("f_outbound_answered", "alice", None),
+])
+def test_watch_tells_a_missed_call_once_as_it_ends(name, user, missed):
+    session, events = watched(name, user)
+    said = [e for e in events if e.kind == "missed"]
+    hangups = [e for e in events if e.kind == "hangup"]
+    assert [e.missed for e in hangups] == [missed is not None]
+    if missed is None:
+        assert said == []
+        return
+    (event,) = said
+    assert events[-2:] == [hangups[0], event] and event.raw == ""
+    assert ctinotify.render_event(event) == "%s  missed    %s  %s" % (
+        local_hms(hangups[0].fields["time"]),
+        "John Customer <+15551230001> -> 100 (Alice Smith)", missed)
+    # The same hangup again (a server's retry, say): said once.
+    again = session.receive_line(hangups[0].raw or ctinotify.encode_json_line(
+        {k: v for k, v in hangups[0].fields.items()}))
+    assert [e.kind for e in again] == ["hangup"] and not again[0].missed
+
+
+def test_watch_remembers_the_popup_url_for_the_answer_and_forgets_old_calls():
+    session = ctinotify.WatchSession("alice", "s")
+    for line in ("CTINOTIFY/1 hi", "OK format=json", "OK logged in"):
+        session.receive_line(line)
+
+    def event(kind, call, **fields):
+        (out,) = session.receive_line(ctinotify.encode_json_line(dict(
+            {"event": kind, "call": call, "role": "callee", "device": "PJSIP/100"}, **fields)))
+        return out
+    assert event("incoming", "1", url="https://crm/1").url == "https://crm/1"
+    mine = event("pickup", "1", answered_by={"device": "PJSIP/100"})
+    assert (mine.answer, mine.url) == ("here", "https://crm/1")
+    for n in range(2, 2 + ctinotify.WATCH_CALL_MEMORY):
+        event("incoming", str(n), url="https://crm/%d" % n)
+    assert event("pickup", "1", answered_by={"device": "PJSIP/100"}).url == ""
+    last = str(1 + ctinotify.WATCH_CALL_MEMORY)
+    assert event("pickup", last, answered_by={"device": "PJSIP/100"}).url == \
+        "https://crm/" + last
+
+
+def test_every_field_an_event_can_carry_is_a_hook_placeholder():
+    fields = set()
+    for name in CALL_TRACES:
+        for event in load_golden(name):
+            event.pop("client")
+            fields.update(k for k, _ in ctinotify.flatten_fields(event))
+    for note in conference_scenario().told:
+        fields.update(k for k, _ in ctinotify.flatten_fields(note.fields))
+    fields.update(k for k, _ in ctinotify.flatten_fields(history_record("2026-11-26T12:00:00Z")))
+    fields.update(("pbx", "name", "reason", "server", "session", "url", "state", "answered"))
+    assert fields <= ctinotify.HOOK_FIELDS, fields - ctinotify.HOOK_FIELDS
+
+
+@pytest.mark.parametrize("spec, kind", [
+    ("answered=logger {text}", "pickup"), ("Missed=logger {from_num}", "missed"),
+    ("status=logger {server} {pbx} {reason}", "status"), ("hangup=logger {cause_txt}", "hangup"),
+])
+def test_exec_hook_takes_the_words_answered_missed_and_status(spec, kind):
+    hook = ctinotify.ExecHook.parse(spec)
+    assert hook.kind == kind and hook.wants(kind)
+    assert not ctinotify.ExecHook.parse("missed=x").wants("hangup")
+
+
+@pytest.mark.parametrize("spec", ["incoming=notify-send {from_number}", "all=x {} {event}",
+                                  "hangup=x --why={Reason}", "missed=x a{nope}b {from_num}"])
+def test_exec_hook_refuses_an_unknown_placeholder_at_start(spec):
+    with pytest.raises(ValueError, match=r"unknown placeholder .* any of: .*\{from_num\}"):
+        ctinotify.ExecHook.parse(spec)
+    result = run_cli("watch", "127.0.0.1:9", "--user", "alice", "--exec", spec)
+    assert result.returncode == 2 and "unknown placeholder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_watch_writes_nowhere_without_a_console(monkeypatch):
+    """pythonw (Windows, at login) has no sys.stdout: lines go nowhere."""
+    monkeypatch.setattr(sys, "stdout", None)
+    client = ctinotify.WatchClient("pbx", 5039, "alice", "s")
+    client._show(ctinotify.WatchEvent("status", {"event": "status", "pbx": "up"}, ""))
+    assert client.out.name == os.devnull
+    client.out.close()
 
 
 @pytest.mark.parametrize("url, ok", [
@@ -3522,8 +3660,7 @@ def test_e2e_watch_prints_the_calls_and_reconnects_when_the_server_restarts(
     end, _ = watch.wait("out", CALL_LINE % "hangup")
     assert [line[10:] for line in watch.out[start:end]] == [
         "incoming  John Customer <+15551230001> -> 100 (Alice Smith)  dialed +15557000100",
-        "pickup    John Customer <+15551230001> -> 100 (Alice Smith)  answered by "
-        "Alice Smith <100>"]
+        "answered  John Customer <+15551230001> -> 100 (Alice Smith)"]
     assert re.match(r"hangup    John Customer <\+15551230001> -> 100 \(Alice Smith\)  "
                     r"ended after \d+ s", watch.out[end][10:])
 
@@ -3579,7 +3716,7 @@ def test_e2e_watch_runs_hooks_with_a_hostile_caller_id_as_one_argument(
         tmp_path, daemon.port,
         "--exec", "incoming=%s -c %s %s {from_name}" % (
             python, shlex.quote(ARGV_RECORDER), shlex.quote(str(incoming_args))),
-        "--exec", "all=%s -c %s %s {from_name} {url} {to_num} {nope}" % (
+        "--exec", "all=%s -c %s %s {from_name} {url} {to_num} {queue}" % (
             python, shlex.quote(ARGV_RECORDER), shlex.quote(str(every_args) % "{event}")),
         cwd=str(workdir))
     watch.wait("out", CALL_LINE % "status    PBX connected")
@@ -3624,6 +3761,85 @@ def test_e2e_watch_open_hands_the_popup_url_to_the_browser(fake, daemon_factory,
     fake.send_trace(hostile_trace(tmp_path))
     assert json.loads(wait_for_hook_output(str(opened))) == [expected_url()]
     watch.wait("out", CALL_LINE % "hangup")
+
+
+APPEND_RECORDER = ('import sys, json; open(sys.argv[1], "a").write(json.dumps(sys.argv[2:]) '
+                   '+ "\\n")')
+
+
+def recorded_lines(path):
+    try:
+        with open(str(path)) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+    except OSError:
+        return []
+
+
+def wait_recorded(path, count, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while len(recorded_lines(path)) < count:
+        assert time.monotonic() < deadline, "%s: %r" % (path, recorded_lines(path))
+        time.sleep(0.05)
+    return recorded_lines(path)
+
+
+def test_e2e_watch_missed_and_status_hooks_and_open_on_answer(fake, daemon_factory, watches,
+                                                              tmp_path):
+    """Issue 14.4, 14.7, 14.8: a missed call reaches the missed hook once;
+    the PBX link and the server stopping reach the status hook; with
+    --open-on answer the page opens for Alice's own answer only."""
+    port = free_port()
+    daemon = daemon_factory(users=popup_users(), general="port = %d" % port)
+    opened, missed, status = (tmp_path / n for n in ("opened", "missed", "status"))
+    browser = tmp_path / "browser"
+    browser.write_text("#!%s\nimport sys, json\nopen(%r, 'a').write(json.dumps(sys.argv[1:]) + "
+                       "'\\n')\n" % (sys.executable, str(opened)))
+    os.chmod(str(browser), 0o755)
+    recorder = "%s -c %s" % (shlex.quote(sys.executable), shlex.quote(APPEND_RECORDER))
+    watch = watches(tmp_path, port, "--open-on", "answer", env={"BROWSER": str(browser)},
+                    *["--exec", "missed=%s %s {call} {reason} {text}" % (recorder, missed),
+                      "--exec", "status=%s %s {server}{pbx} {text}" % (recorder, status)])
+    watch.wait("out", CALL_LINE % "status    PBX connected")
+    assert wait_recorded(status, 1) == [["up", "PBX connected"]]
+    for name in ("b_inbound_noanswer", "c_inbound_busy", "d_inbound_cancel", "g_ringgroup",
+                 "l_directed_pickup"):
+        fake.send_trace(trace_path(name))
+        watch.wait("out", CALL_LINE % "(hangup|missed)    John Customer .*" + {
+            "g_ringgroup": "answered elsewhere", "l_directed_pickup": "answered elsewhere"}.get(
+                name, ""))
+    fake.send_trace(hostile_trace(tmp_path))
+    watch.wait("out", CALL_LINE % "hangup    .*  ended after")
+    assert wait_recorded(opened, 1) == [[expected_url()]]
+    said = [(call, reason) for call, reason, _ in recorded_lines(missed)]
+    assert said == [(e["call"], e["reason"]) for name in ("b_inbound_noanswer",
+                    "c_inbound_busy", "d_inbound_cancel") for e in load_golden(name)
+                    if e["client"] == "alice" and e["event"] == "hangup"]
+    assert [reason for _, reason in said] == ["noanswer", "busy", "cancelled"]
+    assert recorded_lines(missed)[2][2] == ("John Customer <+15551230001> -> 100 (Alice "
+                                            "Smith)  caller hung up after 0 s")
+    assert len([l for l in watch.out if "  missed  " in l]) == 3
+    assert not [l for l in watch.out if re.match(CALL_LINE % "hangup    .* (not answered|"
+                                                               "busy|caller hung up)", l)]
+    daemon.stop()
+    assert wait_recorded(status, 2)[1] == ["stopping", "the ctinotify server is stopping"]
+    daemon_factory(users=popup_users(), general="port = %d" % port)
+    assert wait_recorded(status, 3)[2] == ["up", "PBX connected"]
+    assert len(recorded_lines(status)) == 3 and len(recorded_lines(opened)) == 1
+
+
+def test_e2e_watch_says_once_that_the_server_is_out_of_reach(watches, tmp_path):
+    status = tmp_path / "status"
+    port = free_port()
+    watch = watches(tmp_path, port, "--exec", "status=%s -c %s %s {server} {reason}" % (
+        shlex.quote(sys.executable), shlex.quote(APPEND_RECORDER), status))
+    watch.wait("err", "reconnecting in 2 s")
+    assert wait_recorded(status, 1) == [
+        ["unreachable", "cannot connect to 127.0.0.1 port %d: Connection refused" % port]]
+    _, line = watch.wait("out", CALL_LINE % "status    no connection to the ctinotify server: "
+                                            "cannot connect to 127.0.0.1 port %d" % port)
+    assert [l for l in watch.out if "status" in l] == [line]
+    assert len(recorded_lines(status)) == 1
+    assert watch.stop() == 0
 
 
 class FakeCtiServer:
@@ -3724,8 +3940,6 @@ def test_e2e_watch_shows_the_calls_missed_since_it_was_last_connected(watches, t
         assert missed == [
             "2026-11-26 12:00  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
             "not answered after 7 s",
-            "2026-11-26 12:03  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
-            "answered by Bob Jones <101>",
             "2026-11-26 12:04  missed    Zo\u00eb \\u001b[31m <+15551230001> -> 100 "
             "(Alice Smith)  caller hung up after 7 s",
             "2026-11-26 12:05  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
@@ -3759,6 +3973,53 @@ def test_e2e_watch_skips_an_over_long_line_and_stays_connected(watches, tmp_path
         assert watch.stop() == 0
     finally:
         server.close()
+
+
+def test_e2e_watch_missed_prints_todays_missed_calls_and_exits(watches, tmp_path):
+    """Issue 14.9: the day's list, any time, from the server's HISTORY."""
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    yesterday = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    history = [history_record(yesterday + "T23:59:59Z"),
+               history_record(today + "T00:00:00Z", call="midnight"),
+               history_record(today + "T00:00:01Z", reason="completed"),
+               history_record(today + "T00:00:02Z", reason="answered_elsewhere"),
+               history_record(today + "T00:00:03Z", reason="cancelled", call="gave up")]
+    server = FakeCtiServer(history)
+    try:
+        watch = watches(tmp_path, server.port, "--missed")
+        assert watch.proc.wait(20) == 0
+        watch.wait("err", "2 missed calls today")
+        watch.wait("out", "caller hung up")
+        assert watch.out == [
+            today + " 00:00  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
+                    "not answered after 7 s",
+            today + " 00:00  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
+                    "caller hung up after 7 s"]
+        assert server.received[:3] == ["FORMAT json", "LOGIN alice alice-secret", "HISTORY 100"]
+        assert not watch.state.exists()
+    finally:
+        server.close()
+    old = FakeCtiServer(history=None)
+    try:
+        watch = watches(tmp_path, old.port, "--missed")
+        assert watch.proc.wait(20) == 1
+        watch.wait("err", "has no HISTORY command: it cannot list missed calls")
+    finally:
+        old.close()
+
+
+def test_watch_session_says_when_the_days_list_may_be_longer():
+    since = ctinotify.parse_iso_time("2026-11-26T00:00:00Z")
+    for ends, complete in ((["T08:00:00Z", "T09:00:00Z"], False),
+                           (["T08:00:00Z"], True), (["T-1", "T09:00:00Z"], True)):
+        session = ctinotify.WatchSession("alice", "s", since=since, history=2, since_calls=())
+        for line in ("CTINOTIFY/1 hi", "OK format=json", "OK logged in"):
+            session.receive_line(line)
+        for end in ends:
+            end = "2026-11-25T23:00:00Z" if end == "T-1" else "2026-11-26" + end
+            session.receive_line(ctinotify.encode_json_line(history_record(end)))
+        (missed,) = session.receive_line("OK history=%d" % len(ends))
+        assert missed.complete is complete
 
 
 def test_watch_lists_a_missed_call_that_ended_in_the_second_last_seen(tmp_path):
@@ -3910,15 +4171,14 @@ def test_readme_watch_section_commands_are_valid():
             if word == "--exec":
                 hook = ctinotify.ExecHook.parse(words[index + 1])
                 hooks += 1
-                assert hook.kind == "incoming"
+                assert hook.kind in ("incoming", "missed", "status")
                 placeholders = re.findall(r"\{(\w+)\}", " ".join(hook.template))
-                assert set(placeholders) <= {"from_name", "from_num"}
+                assert set(placeholders) <= {"from_name", "from_num", "text"}
                 assert not {"sh", "bash", "cmd", "-Command"} & set(hook.template)
-    assert hooks == 4
+    assert hooks == 7
     for line in re.findall(r"^\d{4}-\d\d-\d\d \d\d:\d\d  missed .*$", section, re.M):
-        reason = "answered_elsewhere" if "answered by" in line else "noanswer"
-        record = history_record("2026-11-26T12:00:00Z", reason=reason,
-                                answered_by={"num": "101", "name": "Bob Jones"})
+        reason = "cancelled" if "caller hung up" in line else "noanswer"
+        record = history_record("2026-11-26T12:00:00Z", reason=reason)
         flat = dict(ctinotify.flatten_fields(record))
         rendered = ctinotify.render_event(ctinotify.WatchEvent("missed", flat, ""))
         assert rendered[16:] == line[16:]
