@@ -1982,6 +1982,73 @@ class AmiSession:
         return None
 
 
+#: Distinct calling channels whose DialBegin came without a single Newexten
+#: on the link: then the manager user evidently lacks read class dialplan.
+PROBE_DIALS = 3
+#: Distinct channels in Newexten without a single Newchannel: no class call.
+PROBE_EXTENS = 3
+
+#: What a missing class costs, said once per link (log, STATUS warning=).
+NO_DIALPLAN_CLASS = ("no Newexten events: the manager user lacks read class dialplan "
+                     "(or an eventfilter drops Newexten), so calls to a user's number that "
+                     "ring elsewhere, such as forwards to mobiles, are lost")
+NO_CALL_CLASS = ("no Newchannel events: the manager user lacks read class call, so "
+                 "no call is followed")
+NO_REPORTING_CLASS = ("CoreShowChannels refused (%s): the manager user lacks write class "
+                      "reporting, so calls that went on while the link was down are lost")
+
+
+class ManagerClassProbe:
+    """What one login's events say about the manager user's classes
+    (manager.conf ``read =``, ``write =``), which Asterisk never tells.
+
+    ``observe(event, msg)`` takes every message of the login and returns
+    the problems it has just become sure of, each once: DialBegins of
+    PROBE_DIALS callers with no Newexten at all (each Dial the dialplan
+    runs is a Newexten first, main/pbx.c), or Newexten of PROBE_EXTENS
+    channels with no Newchannel at all.  ``refused(message)``: the
+    resync's CoreShowChannels was refused.  Once Newexten and Newchannel
+    were both seen, ``done``: nothing is left to learn.
+    """
+
+    __slots__ = ("done", "said", "_newexten", "_newchannel", "_callers", "_extens")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.said: List[str] = []
+        self._newexten = False
+        self._newchannel = False
+        self._callers: Set[str] = set()
+        self._extens: Set[str] = set()
+
+    def observe(self, event: Optional[str], msg: AmiMessage) -> List[str]:
+        if event == "Newexten":
+            self._newexten = True
+            if not self._newchannel and len(self._extens) < PROBE_EXTENS:
+                self._extens.add(msg.get("Uniqueid", ""))
+                if len(self._extens) == PROBE_EXTENS:
+                    return self._say(NO_CALL_CLASS)
+        elif event == "Newchannel":
+            self._newchannel = True
+        elif event == "DialBegin" and not self._newexten and len(self._callers) < PROBE_DIALS:
+            caller = msg.get("Uniqueid")
+            if caller:  # an Originate's dial has no calling channel
+                self._callers.add(caller)
+                if len(self._callers) == PROBE_DIALS:
+                    return self._say(NO_DIALPLAN_CLASS)
+        self.done = self._newexten and self._newchannel
+        return []
+
+    def refused(self, message: str) -> List[str]:
+        return self._say(NO_REPORTING_CLASS % (message[:80] or "refused"))
+
+    def _say(self, problem: str) -> List[str]:
+        if problem in self.said:
+            return []
+        self.said.append(problem)
+        return [problem]
+
+
 # ---------------------------------------------------------------------------
 # Channel model (no users): channels, bridges, Local pairs, who is in a call
 # ---------------------------------------------------------------------------
@@ -7186,7 +7253,8 @@ def _status_text(f: Dict[str, str]) -> str:
         return "no connection to the ctinotify server" + (": " + f["reason"]
                                                           if f.get("reason") else "")
     if f.get("pbx") == "up":
-        return "PBX connected"
+        return "PBX connected" + ("; the server warns: " + f["warning"]
+                                  if f.get("warning") else "")
     if f.get("pbx") == "down":
         return "PBX link down" + (": " + f["reason"] if f.get("reason") else "")
     return encode_text_line("", {k: v for k, v in f.items() if k != "event"}).strip()
@@ -7219,7 +7287,7 @@ HOOK_FIELDS = frozenset((
     "position", "count", "space", "lot", "timeout", "result", "parked_by_num",
     "parked_by_name", "retrieved_by_num", "retrieved_by_name", "room", "members", "who_num",
     "who_name", "reason", "cause", "cause_txt", "duration", "talk_time",
-    "name", "server", "session", "replay",                                  # status
+    "name", "server", "session", "replay", "warning",                       # status
     "user", "start", "answer", "end", "answered", "answered_by", "path",    # HISTORY
     "state",                                                                # CALL
     "text",                                                                 # watch's words
@@ -8409,6 +8477,11 @@ class AmiLink:
         #: ActionID -> who waits for the response (send_action).
         self._replies: Dict[str, object] = {}
         self._timer: Optional[Timer] = None
+        #: What this login's events say of the manager user's classes, and
+        #: the problems found (STATUS ``warning=``); each logged once ever.
+        self.probe = ManagerClassProbe()
+        self.warnings: List[str] = []
+        self._logged_warnings: Set[str] = set()
         self._rearm()
 
     @property
@@ -8653,6 +8726,7 @@ class AmiLink:
             elif isinstance(item, AmiLoggedIn):
                 self.backoff = AMI_RECONNECT_MIN_S
                 log.info("%s: logged in as %s (%s)", self.tag, self.config.username, item.banner)
+                self.probe, self.warnings = ManagerClassProbe(), []
                 self._set_up(True, "")
                 self._start_resync()
             elif isinstance(item, AmiLoginFailed):
@@ -8667,6 +8741,8 @@ class AmiLink:
         if event == "Shutdown":
             self.lost("Asterisk is shutting down (%s)" % msg.get("Shutdown", "?"))
             return
+        if not self.probe.done:
+            self._warn(self.probe.observe(event, msg))
         action_id = msg.get("ActionID") if self._replies else None
         on_reply = self._replies.get(action_id) if action_id is not None else None
         if on_reply is not None:
@@ -8706,10 +8782,11 @@ class AmiLink:
         if msg is None:
             return  # the link went down; the next login resyncs again
         if msg.get("Response") not in (None, "Success"):
-            # No "reporting" or "system" write permission (manager.conf).
-            log.warning("%s: cannot list channels to resync (%s); grant the AMI user "
-                        "write = reporting. Calls from before the reconnect end now.",
-                        self.tag, msg.get("Message", "refused"))
+            # No "reporting" or "system" write permission (manager.conf):
+            # the probe says so once, this at every login.
+            self._warn(self.probe.refused(msg.get("Message", "")))
+            log.warning("%s: cannot list channels to resync (%s): calls from before the "
+                        "reconnect end now", self.tag, msg.get("Message", "refused"))
             self._resynced()
             self.owner.deliver(self.engine.end_resync(self.loop.wall))
         elif msg.get("Event") == "CoreShowChannelsComplete":
@@ -8720,6 +8797,17 @@ class AmiLink:
     def _resynced(self) -> None:
         self.stale_deadline = None
         self._enter(LINK_UP)
+
+    def _warn(self, problems: List[str]) -> None:
+        """What the probe found: logged once, told to the clients now and
+        with every STATUS of this login (``warning=``)."""
+        for problem in problems:
+            self.warnings.append(problem)
+            if problem not in self._logged_warnings:
+                self._logged_warnings.add(problem)
+                log.warning("%s: %s", self.tag, problem)
+        if problems:
+            self.owner.link_status(self, "")
 
     # -- writing and closing ----------------------------------------------------------
 
@@ -9006,6 +9094,8 @@ class Daemon:
         fields["time"] = iso_time(self.loop.wall)
         if reason:
             fields["reason"] = reason
+        if link.up and link.warnings:
+            fields["warning"] = "; ".join(link.warnings)
         return fields
 
     def link_status(self, link: AmiLink, reason: str) -> None:

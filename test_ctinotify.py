@@ -4184,6 +4184,88 @@ def test_readme_watch_section_commands_are_valid():
         assert rendered[16:] == line[16:]
 
 
+# The manager user's classes (issue 14.3)
+# ---------------------------------------------------------------------------
+
+def without_class(data, keep):
+    """A trace's events as a manager user with other read classes would
+    get them: ``keep(privilege)`` says which classes it has."""
+    return [e for e in trace_events(data)
+            if keep(re.search(rb"\r\nPrivilege: (\w+)", e).group(1).decode().lower())]
+
+
+def probe_trace(events):
+    probe, said = ctinotify.ManagerClassProbe(), []
+    for msg in AmiParser(expect_banner=False).feed(b"".join(events)):
+        if not probe.done:
+            said += probe.observe(msg.get("Event"), msg)
+    return probe, said
+
+
+@pytest.mark.parametrize("name", CALL_TRACES)
+def test_the_class_probe_finds_nothing_wrong_in_a_recording(name):
+    probe, said = probe_trace(trace_events(read_trace(name)))
+    if name.startswith("cacofonisk/"):
+        # Recorded without Newexten (their README says so): rightly told.
+        assert said in ([], [ctinotify.NO_DIALPLAN_CLASS])
+    else:
+        assert said == []
+
+
+def test_the_class_probe_sees_a_manager_user_without_dialplan_or_call():
+    traces = [read_trace(n) for n in ("a_inbound_answered", "b_inbound_noanswer",
+                                      "e_internal_answered", "g_ringgroup")]
+    no_dialplan = [e for t in traces for e in without_class(t, lambda c: c != "dialplan")]
+    probe, said = probe_trace(no_dialplan[:])
+    assert said == [ctinotify.NO_DIALPLAN_CLASS] and not probe.done
+    no_call = [e for t in traces for e in without_class(t, lambda c: c in ("dialplan",
+                                                                          "system"))]
+    assert probe_trace(no_call)[1] == [ctinotify.NO_CALL_CLASS]
+    one_call = without_class(traces[0], lambda c: c != "dialplan")
+    assert probe_trace(one_call)[1] == []  # one call is no evidence yet
+    probe = ctinotify.ManagerClassProbe()
+    assert probe.refused("Permission denied") == [ctinotify.NO_REPORTING_CLASS
+                                                  % "Permission denied"]
+    assert probe.refused("Permission denied") == []
+
+
+def test_e2e_a_manager_user_without_dialplan_is_warned_of_once(fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    alice = clients(daemon.port, "alice alice-secret")
+    assert "warning" not in alice.status
+    for name in ("a_inbound_answered", "b_inbound_noanswer", "e_internal_answered",
+                 "c_inbound_busy"):
+        fake.send(b"".join(without_class(read_trace(name), lambda c: c != "dialplan")))
+    lines = alice.lines_until(lambda l: l.startswith("STATUS"))
+    assert lines[-1].startswith("STATUS pbx=up time=") and \
+        'warning="no Newexten events: the manager user lacks read class dialplan' in lines[-1]
+    daemon.wait_log(r"WARNING ami: no Newexten events: the manager user lacks read class "
+                    r"dialplan \(or an eventfilter drops Newexten\), so calls to a user's number")
+    later = clients(daemon.port, "bob bob-secret")
+    assert "warning=\"no Newexten events" in later.status
+    render = ctinotify.render_event(watch_event(later.status))
+    assert "PBX connected; the server warns: no Newexten events" in render
+    fake.send(b"".join(without_class(read_trace("g_ringgroup"), lambda c: c != "dialplan")))
+    later.lines_until(lambda l: l.startswith("EVENT hangup"))  # more dials: no second warning
+    alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    assert not any(l.startswith("STATUS") for l in later.events_until_pong())
+    assert len([l for l in daemon.log if "no Newexten events" in l]) == 1
+
+
+def test_e2e_coreshowchannels_refused_is_a_warning_of_the_reporting_class(tmp_path):
+    server = FakeAsterisk(refused_actions=("coreshowchannels",)).start()
+    daemon = DaemonProcess(tmp_path, server.port)
+    try:
+        daemon.wait_log(r"WARNING ami: CoreShowChannels refused \(Permission denied\): the "
+                        r"manager user lacks write class reporting")
+        client = Client(daemon.port, "alice alice-secret")
+        assert "warning=\"CoreShowChannels refused" in client.status
+        client.close()
+    finally:
+        daemon.stop()
+        server.stop()
+
+
 # Robustness (issue 4): output buffer limits
 # ---------------------------------------------------------------------------
 

@@ -81,7 +81,7 @@ class FakeAsterisk:
     """Serves AMI on 127.0.0.1:port; thread-safe control from the tests."""
 
     def __init__(self, username="ctitest", secret="ctitest", port=0, refuse_logins=False,
-                 answer_pings=True, tls_context=None):
+                 answer_pings=True, tls_context=None, refused_actions=()):
         self.tls_context = tls_context
         #: Why TLS handshakes failed, for the tests.
         self.tls_errors = []
@@ -89,6 +89,9 @@ class FakeAsterisk:
         self.secret = secret
         self.refuse_logins = refuse_logins
         self.answer_pings = answer_pings
+        #: Actions answered "Permission denied", as for a manager user
+        #: without their write class (lower case: "coreshowchannels").
+        self.refused_actions = frozenset(refused_actions)
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", port))
@@ -251,7 +254,10 @@ class FakeAsterisk:
         action = msg.get("Action", "").lower()
         action_id = msg.get("ActionID")
         head = "ActionID: %s\r\n" % action_id if action_id else ""
-        if action == "challenge":
+        if action in self.refused_actions:
+            # main/manager.c, process_message(): the action needs a class the user lacks.
+            self._reply(peer, "Response: Error\r\n%sMessage: Permission denied\r\n\r\n" % head)
+        elif action == "challenge":
             peer.challenge = "%09d" % random.randrange(10 ** 9)
             self._reply(peer, "Response: Success\r\n%sChallenge: %s\r\n\r\n" % (head, peer.challenge))
         elif action == "login":
