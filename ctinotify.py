@@ -10471,11 +10471,27 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     except OSError as e:
         log.error("cannot read %s: %s", args.trace, _error_text(e))
         return 1
+    if args.user and args.user not in config.users:
+        log.error("%s: no user %r, expected one of: %s", config.path, args.user,
+                  ", ".join(config.users) or "(none)")
+        return 1
     with stream:
         for user, fields in replay_trace(stream, config.users, pbx=pbx.name, tag=tag):
-            out.write(encode_json_line(dict({"client": user}, **fields)) + "\n")
+            if args.user and user != args.user:
+                continue
+            out.write(_replayed_line(user, fields, args.format, bool(args.user)) + "\n")
     out.flush()
     return 0
+
+
+def _replayed_line(user: str, fields: Dict[str, object], fmt: str, alone: bool) -> str:
+    """A replayed event: as the user's ``nc`` shows it (text: ``EVENT ...``;
+    json: as after ``FORMAT json``), after ``user: `` or in a ``client``
+    key unless only one user's lines are printed."""
+    if fmt == "text":
+        line = encode_notification(fields, "text").decode("utf-8").rstrip("\r\n")
+        return line if alone else "%s: %s" % (user, line)
+    return encode_json_line(fields if alone else dict({"client": user}, **fields))
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
@@ -10729,6 +10745,12 @@ def _argument_parser() -> argparse.ArgumentParser:
     cmd.add_argument("trace", help="a recorded AMI byte stream (.ami)")
     cmd.add_argument("-c", "--config", help=config_help)
     cmd.add_argument("--pbx", help="the PBX the trace was recorded on; " + pbx_help)
+    cmd.add_argument("--format", choices=("json", "text"), default="json",
+                     help="json: one object per event with the user as \"client\" (the "
+                          "default); text: each event as the user's nc shows it, after "
+                          "\"USER: \"")
+    cmd.add_argument("--user", metavar="NAME",
+                     help="only NAME's events, exactly as NAME's client shows them")
     cmd = commands.add_parser("record", help="record AMI traffic to a file")
     cmd.add_argument("output", help="file to write the received bytes to")
     cmd.add_argument("-c", "--config", help=config_help)

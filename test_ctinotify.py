@@ -1452,6 +1452,26 @@ def test_replay_command_prints_the_golden_json_lines():
     assert [json.loads(line) for line in result.stdout.splitlines()] == load_golden("g_ringgroup")
 
 
+def test_replay_format_text_prints_what_each_users_nc_shows():
+    """Issue 14.10: per user, the very lines a client of theirs would read."""
+    golden = load_golden("g_ringgroup")
+    result = run_cli("replay", trace_path("g_ringgroup"), "-c", OFFICE_CONF, "--format", "text")
+    assert result.returncode == 0, result.stderr
+    expected = ["%s: %s" % (e.pop("client"), ctinotify.encode_notification(e, "text").decode()
+                                                                          .rstrip("\r\n"))
+                for e in copy.deepcopy(golden)]
+    assert result.stdout.splitlines() == expected
+    bob = run_cli("replay", trace_path("g_ringgroup"), "-c", OFFICE_CONF, "--format", "text",
+                  "--user", "bob").stdout.splitlines()
+    assert bob == [l[len("bob: "):] for l in expected if l.startswith("bob: ")] and bob
+    assert all(l.startswith("EVENT ") for l in bob)
+    as_json = run_cli("replay", trace_path("g_ringgroup"), "-c", OFFICE_CONF, "--user", "bob")
+    assert [json.loads(l) for l in as_json.stdout.splitlines()] == \
+        [{k: v for k, v in e.items() if k != "client"} for e in golden if e["client"] == "bob"]
+    nobody = run_cli("replay", trace_path("g_ringgroup"), "-c", OFFICE_CONF, "--user", "zed")
+    assert nobody.returncode == 1 and "no user 'zed', expected one of: alice, bob" in nobody.stderr
+
+
 def test_replay_honours_each_users_event_kinds(tmp_path):
     conf = tmp_path / "c.conf"
     conf.write_text("[alice]\nsecret=x\ndevices=PJSIP/100\nevents=incoming,hangup\n")
@@ -2057,6 +2077,96 @@ def test_the_demo_serves_recorded_calls_to_a_line_client(tmp_path):
     assert "LOGIN demo demo" in output and "readable by every user" not in output
     with pytest.raises(OSError):  # the demo's daemon went with it
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def fakeami(*args):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "tests", "fakeami.py")] +
+                            [str(a) for a in args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+
+
+def test_fakeami_plays_a_users_recording_to_the_daemon_with_their_users(tmp_path):
+    """Issue 14.10: any trace, with the admin's own configuration (its
+    [ami] and host= replaced; NAME: devices of the PBX recorded on), on
+    the ports chosen."""
+    trace = tmp_path / "bug.ami"
+    trace.write_bytes(read_trace("g_ringgroup"))  # as ctinotify.py record writes it
+    conf = tmp_path / "mine.conf"
+    conf.write_text("[general]\nbind = 0.0.0.0\ncalllog = /nonexistent/calls.jsonl\n"
+                    "[ami]\nhost = 10.9.9.9\nusername = u\nsecret = s\n"
+                    "[ami:branch]\nhost = 10.9.9.8\nusername = u\nsecret = s\n"
+                    "[office](!)\nhost = 192.168.1.0/24\n"
+                    "[alice](office)\nsecret = a\\;b ; a comment\ndevices = default:PJSIP/100\n"
+                    "[bob](office)\nsecret = bob-secret\ndevices = branch:PJSIP/101\n"
+                    "[carol](office)\nsecret = carol-secret\ndevices = branch:PJSIP/102\n"
+                    "extensions = default:101, branch:102\n")
+    port, ami_port = free_port(), free_port()
+    player = fakeami(trace, "-c", conf, "--port", port, "--ami-port", ami_port,
+                     "--pace", 0, "--delay", 0.5, "--loop")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                alice = Client(port, "alice a;b")
+                break
+            except (OSError, AssertionError, EOFError):
+                assert time.monotonic() < deadline, "the daemon did not come up"
+                time.sleep(0.2)
+        lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"), timeout=30)
+        assert any(l.startswith("EVENT pickup ") for l in lines)
+        carol = Client(port, "carol carol-secret")
+        carol.lines_until(lambda l: l.startswith("EVENT incoming"), timeout=30)
+        bob = Client(port)
+        bob.send("LOGIN bob bob-secret")
+        assert bob.line() == "ERR 401 login failed"  # a user of the other PBX: left out
+        for client in (alice, carol, bob):
+            client.close()
+    finally:
+        stop_process(player, signal.SIGTERM)
+    out = player.stdout.read() + player.stderr.read()
+    assert player.returncode == 0, out
+    assert "Users with no phone or number on PBX default left out: bob" in out
+    with pytest.raises(OSError):  # its daemon went with it
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_readme_fakeami_and_replay_commands_are_valid():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    helps = {"tests/fakeami.py": fakeami("--help").communicate(timeout=30)[0],
+             "ctinotify.py replay": run_cli("replay", "--help").stdout}
+    for program, usage in helps.items():
+        commands = re.findall(r"^python3 %s .*$" % re.escape(program), readme, re.M)
+        assert commands, program
+        for command in commands:
+            for option in re.findall(r" (--[a-z-]+)", command):
+                assert option in usage, (option, command)
+    for option in ("--format", "--user", "--pbx", "--delay", "--loop", "--pace"):
+        assert option in readme
+
+
+@pytest.mark.parametrize("option", ["--port", "--ami-port"])
+def test_fakeami_says_in_one_line_that_a_port_is_taken(option, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    other = free_port()
+    ports = {"--port": other, "--ami-port": other}
+    ports[option] = port
+    try:
+        player = fakeami(trace_path("a_inbound_answered"), "-c", OFFICE_CONF,
+                         "--port", ports["--port"], "--ami-port", ports["--ami-port"])
+        out, err = player.communicate(timeout=30)
+    finally:
+        taken.close()
+    assert player.returncode == 1
+    assert err.splitlines() == [err.strip()] and "Traceback" not in err
+    assert err.startswith("fakeami: port %d on 127.0.0.1 is in use" % port)
+    assert err.rstrip().endswith(option)
+    missing = fakeami(tmp_path / "none.ami", "-c", OFFICE_CONF, "--port", free_port())
+    out, err = missing.communicate(timeout=30)
+    assert missing.returncode == 1 and err.startswith("fakeami: ") and "Traceback" not in err
 
 
 def deploy_config(path, ami_port, port, general=""):
