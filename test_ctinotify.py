@@ -166,6 +166,21 @@ def test_the_example_config_is_valid_and_logs_nobody_in():
         assert session.user is None and session.failed_logins == 1
 
 
+def test_the_readme_intro_promises_only_words_the_program_uses():
+    """Issue 14.5: the first paragraphs name kinds and keys that exist."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        intro = f.read().split("\n## ", 1)[0]
+    words = set(re.findall(r"`([^`]+)`", intro))
+    known = set(ctinotify.EVENT_KINDS) | set(ctinotify.KIND_ALIASES) | \
+        set(ctinotify.USER_KEYS) | {"nc", "telnet", "notify-send", "osascript", "ctinotify.py",
+                                    "ctinotify watch"}
+    assert words <= known, words - known
+    assert {"incoming", "outgoing", "answered", "missed", "busy", "hangup"} <= words
+    assert "popup" not in intro.replace("popup_url", "").replace("for a popup", ""), \
+        "ctinotify opens no popup itself: watch runs the user's command for one"
+    assert "watch" in run_cli("--help").stdout
+
+
 def test_every_secret_the_project_publishes_is_refused():
     """A secret in the example file or in a README configuration snippet is
     readable by anyone: it must be among the refused ones."""
