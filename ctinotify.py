@@ -9593,7 +9593,11 @@ class WatchClient:
                 continue
             try:
                 # An argument list and no shell: nothing in argv is ever parsed again.
-                self.children.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
+                # On Windows no console window flashes up per hook (pythonw
+                # at login has none to share); elsewhere the flag is 0.
+                self.children.append(subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL,
+                    creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0)))
             except (OSError, ValueError) as e:
                 log.warning("--exec %s: cannot run %s: %s", hook.kind, argv[0], e)
 

@@ -3648,6 +3648,82 @@ def test_exec_hook_refuses_an_unknown_placeholder_at_start(spec):
     assert "Traceback" not in result.stderr
 
 
+def desktop_exec_argv(line):
+    """The Exec key of a .desktop file as the Desktop Entry spec splits it:
+    string escapes first, then words, double quotes with \\ escapes."""
+    line = line.replace("\\\\", "\\")
+    words, word, quoted, i, started = [], "", False, 0, False
+    while i < len(line):
+        c = line[i]
+        if quoted and c == "\\" and i + 1 < len(line) and line[i + 1] in '"`$\\':
+            word, i = word + line[i + 1], i + 2
+            continue
+        if c == '"':
+            quoted, started = not quoted, True
+        elif c == " " and not quoted:
+            if word or started:
+                words.append(word)
+            word, started = "", False
+        else:
+            word += c
+        i += 1
+    assert not quoted, line
+    return words + ([word] if word or started else [])
+
+
+def watch_args(argv):
+    """A watch command line as ctinotify's own parser reads it."""
+    index = argv.index("watch")
+    assert argv[index - 1].endswith("ctinotify.py")
+    return ctinotify._argument_parser().parse_args(argv[index:])
+
+
+@pytest.mark.parametrize("name", ["ctinotify-watch.service", "ctinotify-watch.desktop",
+                                  "org.ctinotify.watch.plist"])
+def test_the_autostart_files_start_a_valid_watch(name):
+    """Issue 14.11: watch at login on Linux (systemd user unit, XDG
+    autostart) and macOS (LaunchAgent); the README covers Windows."""
+    path = os.path.join(CONTRIB, name)
+    if name.endswith(".plist"):
+        import plistlib
+        with open(path, "rb") as f:
+            plist = plistlib.load(f)
+        argv = plist["ProgramArguments"]
+        assert plist["Label"] == "org.ctinotify.watch" and plist["RunAtLoad"] is True
+        assert plist["KeepAlive"] == {"Crashed": True}  # not after a refused login
+    else:
+        import configparser
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str
+        parser.read(path, encoding="utf-8")
+        if name.endswith(".service"):
+            argv = shlex.split(parser["Service"]["ExecStart"].replace("%h", "/home/alice"))
+            assert parser["Service"]["Restart"] == "on-abnormal"
+            assert parser["Install"]["WantedBy"] == "graphical-session.target"
+        else:
+            entry = parser["Desktop Entry"]
+            assert (entry["Type"], entry["Terminal"]) == ("Application", "false")
+            argv = desktop_exec_argv(entry["Exec"])
+            assert "%" not in entry["Exec"]  # field codes: none meant
+    args = watch_args(argv)
+    assert args.secret_file and args.open_on == "answer"
+    assert sorted(hook.kind for hook in args.hooks) == ["incoming", "missed", "status"]
+    assert all(os.path.isabs(a) for a in (argv[0], argv[1], args.secret_file)) or \
+        name.endswith(".desktop") and argv[0] == "python3"
+
+
+def test_hooks_open_no_console_window_on_windows(monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: calls.append((argv, kw)))
+    client = ctinotify.WatchClient("pbx", 5039, "alice", "s", out=io.StringIO(),
+                                   hooks=[ctinotify.ExecHook.parse("status=logger {text}")])
+    client._reap = lambda: None
+    client._run_hooks(ctinotify.WatchEvent("status", {"event": "status", "pbx": "up"}, ""))
+    assert calls == [(["logger", "PBX connected"], {"stdin": subprocess.DEVNULL,
+                                                    "creationflags": 0x08000000})]
+
+
 def test_watch_writes_nowhere_without_a_console(monkeypatch):
     """pythonw (Windows, at login) has no sys.stdout: lines go nowhere."""
     monkeypatch.setattr(sys, "stdout", None)
@@ -4285,7 +4361,13 @@ def test_readme_watch_section_commands_are_valid():
         readme = f.read()
     section = readme.split("## On the desktop: `ctinotify watch`", 1)[1].split("\n## ", 1)[0]
     usage = run_cli("watch", "--help").stdout
-    commands = re.findall(r"ctinotify\.py watch .*?(?:\n\n|```)", section, re.S)
+    commands = []
+    for match in re.finditer(r"ctinotify\.py watch .*?(?:\n\n|```)", section, re.S):
+        command = match.group(0)
+        line_start = section.rfind("\n", 0, match.start()) + 1
+        if section.startswith("$link.Arguments = '", line_start):
+            command = command.split("'\n", 1)[0]  # inside a PowerShell string
+        commands.append(command)
     assert len(commands) >= 5
     hooks = 0
     for command in commands:
@@ -4300,7 +4382,7 @@ def test_readme_watch_section_commands_are_valid():
                 placeholders = re.findall(r"\{(\w+)\}", " ".join(hook.template))
                 assert set(placeholders) <= {"from_name", "from_num", "text"}
                 assert not {"sh", "bash", "cmd", "-Command"} & set(hook.template)
-    assert hooks == 7
+    assert hooks == 8
     for line in re.findall(r"^\d{4}-\d\d-\d\d \d\d:\d\d  missed .*$", section, re.M):
         reason = "cancelled" if "caller hung up" in line else "noanswer"
         record = history_record("2026-11-26T12:00:00Z", reason=reason)
