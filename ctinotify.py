@@ -10249,7 +10249,119 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for note in config.advisories():
         log.warning("%s", note)
     _warn_if_world_readable(path)
-    return 0
+    if not args.live:
+        return 0
+    results = [_LiveCheck(config, pbx).run(args.listen) for pbx in config.pbxes]
+    return 0 if all(results) else 1
+
+
+class _LiveCheck:
+    """``check --live``: log in to one PBX as the daemon would, ask for the
+    channel list (write class reporting), listen a while, and say what the
+    manager user evidently may and may not (ManagerClassProbe).  A plain
+    blocking socket: nothing else shares this process."""
+
+    def __init__(self, config: Config, cfg: AmiConfig):
+        self.config = config
+        self.cfg = cfg
+        self.tag = "ami" if cfg.name == DEFAULT_PBX else "ami:" + cfg.name
+        self.session = ami_session(cfg, time.monotonic())
+        self.probe = ManagerClassProbe()
+        self.problems: List[str] = []
+        self.classes: "collections.Counter[str]" = collections.Counter()
+        self.listing: Optional[str] = None
+        #: Until then: the login, the channel list, then the listening.
+        self.deadline = time.monotonic() + cfg.login_timeout + cfg.connect_timeout
+        self.listening = False
+
+    def run(self, listen_s: float) -> bool:
+        """True if the manager user can do all ctinotify needs, as far as
+        ``listen_s`` seconds of events tell."""
+        cfg = self.cfg
+        try:
+            sock = socket.create_connection((cfg.host, cfg.port), timeout=cfg.connect_timeout)
+            if cfg.tls:
+                sock = self.config.ami_tls_contexts[cfg.name].wrap_socket(
+                    sock, server_hostname=cfg.host)
+        except OSError as e:
+            log.error("%s: cannot connect to %s port %d: %s", self.tag, cfg.host, cfg.port,
+                      _error_text(e))
+            return False
+        with sock:
+            sock.settimeout(0.2)
+            try:
+                if not self._talk(sock, listen_s):
+                    return False
+            except (OSError, AmiProtocolError) as e:
+                log.error("%s: %s", self.tag, _error_text(e) if isinstance(e, OSError) else e)
+                return False
+        return self._report(listen_s)
+
+    def _talk(self, sock: socket.socket, listen_s: float) -> bool:
+        while time.monotonic() < self.deadline and not (
+                self.listening and (self.probe.done or self.probe.said)):
+            outgoing = self.session.data_to_send()
+            if outgoing:
+                sock.sendall(outgoing)
+            try:
+                data = sock.recv(AMI_RECV_BYTES)
+            except socket.timeout:
+                data = None
+            if data == b"":
+                log.error("%s: Asterisk closed the connection", self.tag)
+                return False
+            now = time.monotonic()
+            for item in self.session.receive_data(data, now) if data else []:
+                if not self._item(item, now, listen_s):
+                    return False
+            reason = self.session.poll(now)
+            if reason:
+                log.error("%s: %s", self.tag, reason)
+                return False
+        if not self.session.logged_in:
+            log.error("%s: no login within %g s", self.tag, self.cfg.login_timeout)
+        return self.session.logged_in
+
+    def _item(self, item: object, now: float, listen_s: float) -> bool:
+        if isinstance(item, AmiLoginFailed):
+            log.error("%s: login as %s refused by Asterisk: %s; check username and secret, "
+                      "and that manager.conf's permit lets this machine in", self.tag,
+                      self.cfg.username, item.reason)
+            return False
+        if isinstance(item, AmiLoggedIn):
+            log.info("%s: logged in as %s (%s)", self.tag, self.cfg.username, item.banner)
+            self.listing = self.session.send_action("CoreShowChannels")
+            self.deadline = now + self.cfg.resync_timeout
+        elif isinstance(item, AmiMessage) and self.listing is not None and \
+                item.get("ActionID") == self.listing:
+            if item.get("Response") not in (None, "Success"):
+                self.problems += self.probe.refused(item.get("Message", ""))
+            elif item.get("Event") != "CoreShowChannelsComplete":
+                return True
+            else:
+                log.info("%s: CoreShowChannels: %s channels in progress", self.tag,
+                         item.get("ListItems", "?"))
+            self.listing, self.listening, self.deadline = None, True, now + listen_s
+        elif isinstance(item, AmiMessage) and "Event" in item:
+            privilege = item.get("Privilege", "").partition(",")[0].lower()
+            self.classes[privilege or "?"] += 1
+            self.problems += self.probe.observe(item.get("Event"), item)
+        return True
+
+    def _report(self, listen_s: float) -> bool:
+        for problem in self.problems:
+            log.warning("%s: %s", self.tag, problem)
+        heard = ", ".join("%s %d" % pair for pair in sorted(self.classes.items()))
+        if self.probe.done:
+            log.info("%s: events of classes call and dialplan arrive (%s)", self.tag, heard)
+        elif self.classes["call"] or self.classes["dialplan"]:
+            log.info("%s: in %g s: %s; no verdict yet on the classes: listen during a few "
+                     "calls (--listen 120)", self.tag, listen_s, heard)
+        else:
+            log.info("%s: no call event in %g s (%s): make a call while check --live "
+                     "listens (--listen 120) to see the read classes at work", self.tag,
+                     listen_s, heard or "nothing at all")
+        return not self.problems
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -10733,6 +10845,12 @@ def _argument_parser() -> argparse.ArgumentParser:
     config_help = "configuration file (default: %s, else ./%s)" % DEFAULT_CONFIG_PATHS
     cmd = commands.add_parser("check", help="validate the configuration and print it")
     cmd.add_argument("-c", "--config", help=config_help)
+    cmd.add_argument("--live", action="store_true",
+                     help="also log in to each PBX's AMI, ask for the channel list and listen "
+                          "to its events: say what the manager user lacks (exit status 1)")
+    cmd.add_argument("--listen", type=float, default=10.0, metavar="SECONDS",
+                     help="with --live: how long to listen to events at most (default "
+                          "%(default)g; it ends as soon as the classes are known)")
     cmd = commands.add_parser("run", help="run the daemon (in the foreground unless --daemon)")
     cmd.add_argument("-c", "--config", help=config_help)
     mode = cmd.add_mutually_exclusive_group()

@@ -4473,6 +4473,66 @@ def test_e2e_coreshowchannels_refused_is_a_warning_of_the_reporting_class(tmp_pa
         server.stop()
 
 
+def live_check(tmp_path, ami_port, *args, secret="ctitest"):
+    conf = tmp_path / "live.conf"
+    conf.write_text("[ami]\nhost = 127.0.0.1\nport = %d\nusername = ctitest\nsecret = %s\n"
+                    "auth = md5\n[alice]\nsecret = alice-secret\ndevices = PJSIP/100\n"
+                    % (ami_port, secret))
+    os.chmod(str(conf), 0o600)
+    return subprocess.Popen([sys.executable, CTINOTIFY, "check", "-c", str(conf), "--live"] +
+                            list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+
+
+def test_check_live_logs_in_lists_channels_and_listens(fake, tmp_path):
+    quiet = live_check(tmp_path, fake.port, "--listen", "0.3")
+    out, err = quiet.communicate(timeout=60)
+    assert quiet.returncode == 0, err
+    assert "ami: logged in as ctitest (Asterisk Call Manager/11.0.0)" in err
+    assert "ami: CoreShowChannels: 0 channels in progress" in err
+    assert "ami: no call event in 0.3 s (system 1): make a call while check --live " \
+           "listens" in err
+    busy = live_check(tmp_path, fake.port, "--listen", "60")
+    fake.wait_for_action("coreshowchannels")
+    fake.wait_for_logins(2)
+    fake.send_trace(trace_path("a_inbound_answered"))
+    out, err = busy.communicate(timeout=60)  # over as soon as both classes were seen
+    assert busy.returncode == 0, err
+    assert re.search(r"ami: events of classes call and dialplan arrive \(.*call \d+, "
+                     r"dialplan \d+.*\)", err), err
+
+
+def test_check_live_says_what_the_manager_user_lacks(tmp_path):
+    refusing = FakeAsterisk(refused_actions=("coreshowchannels",)).start()
+    try:
+        result = live_check(tmp_path, refusing.port, "--listen", "0")
+        out, err = result.communicate(timeout=60)
+        assert result.returncode == 1
+        assert "WARNING ami: CoreShowChannels refused (Permission denied): the manager user " \
+               "lacks write class reporting" in err
+        wrong = live_check(tmp_path, refusing.port, secret="nope")
+        out, err = wrong.communicate(timeout=60)
+        assert wrong.returncode == 1 and "nope" not in err
+        assert "ERROR ami: login as ctitest refused by Asterisk: Authentication failed; " \
+               "check username and secret" in err
+    finally:
+        refusing.stop()
+    server = FakeAsterisk().start()
+    try:
+        no_dialplan = live_check(tmp_path, server.port, "--listen", "60")
+        server.wait_for_action("coreshowchannels")
+        for name in ("a_inbound_answered", "b_inbound_noanswer", "e_internal_answered"):
+            server.send(b"".join(without_class(read_trace(name), lambda c: c != "dialplan")))
+        out, err = no_dialplan.communicate(timeout=60)
+        assert no_dialplan.returncode == 1
+        assert "WARNING ami: no Newexten events: the manager user lacks read class dialplan" in err
+    finally:
+        server.stop()
+    nobody = live_check(tmp_path, free_port())
+    out, err = nobody.communicate(timeout=60)
+    assert nobody.returncode == 1 and "ami: cannot connect to 127.0.0.1 port" in err
+
+
 # Robustness (issue 4): output buffer limits
 # ---------------------------------------------------------------------------
 
