@@ -54,6 +54,7 @@ or open.
 Run it::
 
     python3 ctinotify.py check  -c ctinotify.conf     # validate the config
+    python3 ctinotify.py check  -c FILE --live        # ... and the AMI user, live
     python3 ctinotify.py run    -c ctinotify.conf     # the daemon
     python3 ctinotify.py replay TRACE.ami -c FILE     # what clients would see
     python3 ctinotify.py record OUT.ami -c FILE       # capture AMI traffic
@@ -919,6 +920,9 @@ def device_problem(device: str) -> str:
     if _CHANNEL_SEQUENCE.search(device):
         return ("looks like a channel name from core show channels; its phone is %s"
                 % device_of_channel(device))
+    if tech == "DAHDI" and re.match(r"^[gGrR][0-9]+$", resource):
+        return ("a DAHDI group, which dials channels; each is DAHDI/<number> (DAHDI/1), as "
+                "dahdi show channels lists them")
     return ""
 
 

@@ -233,6 +233,7 @@ def test_web_login_refuses_a_published_secret_as_login_does():
     ("PJSIP/100-0000001a", "PJSIP/100-0000001a cannot match a phone: looks like a channel "
                            "name from core show channels; its phone is PJSIP/100"),
     ("DAHDI/1-1", "DAHDI/1-1 cannot match a phone: looks like a channel name"),
+    ("Zap/g1", "DAHDI/g1 cannot match a phone: a DAHDI group, which dials channels"),
     ("Local/100@from-internal", "Local/100@from-internal cannot match a phone: a Local "
                                 "channel, which ctinotify follows through to the phone"),
     ("PJSPI/100", "PJSPI/100 cannot match a phone: unknown technology PJSPI, expected one of "
@@ -253,8 +254,8 @@ def test_check_warns_of_a_device_no_phone_can_match(devices, problem):
 
 
 def test_check_is_quiet_about_good_devices_and_warns_of_a_user_told_nothing(tmp_path):
-    good = ("PJSIP/100, SIP/al-ice, IAX/100, Zap/1, DAHDI/g1, branch:PJSIP/100, Skinny/x, "
-            "PJSIP/al-ice-00000001x")
+    good = ("PJSIP/100, SIP/al-ice, IAX/100, Zap/1, DAHDI/12, branch:PJSIP/100, Skinny/x, "
+            "PJSIP/al-ice-00000001x, PJSIP/g1")
     config = parse_config("[ami]\nusername=u\nsecret=s\n[ami:branch]\nusername=u\n"
                           "secret=s\n[u]\nsecret=s\ndevices=%s\n" % good, "f")
     assert config.advisories() == []
