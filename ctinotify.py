@@ -62,6 +62,7 @@ or open.
 Run it::
 
     python3 ctinotify.py check  -c ctinotify.conf     # validate the config
+    python3 ctinotify.py check  -c FILE --live        # ... and the AMI user, live
     python3 ctinotify.py run    -c ctinotify.conf     # the daemon
     python3 ctinotify.py replay TRACE.ami -c FILE     # what clients would see
     python3 ctinotify.py record OUT.ami -c FILE       # capture AMI traffic
@@ -254,8 +255,15 @@ WATCH_RECV_BYTES = 64 * 1024
 #: Hook processes running at once; beyond it an event's hook is skipped.
 MAX_HOOK_PROCESSES = 8
 DEFAULT_WATCH_STATE = os.path.join("~", ".ctinotify-watch.json")
-#: Hangup reasons of a missed call (``direction = in``).
-MISSED_REASONS = ("noanswer", "cancelled", "busy", "answered_elsewhere")
+#: Hangup reasons of a missed call (``role=callee``, ``direction = in``):
+#: nobody of the user's answered it, whatever the reason.  Not
+#: answered_elsewhere: somebody took that call.
+MISSED_REASONS = ("noanswer", "cancelled", "busy", "failed")
+#: Calls watch remembers the popup url and forwards of, until their hangup
+#: (a call whose hangup never came is forgotten, oldest first).
+WATCH_CALL_MEMORY = 256
+#: ``watch --missed``: the calls asked for (the server keeps 100 per user).
+WATCH_MISSED_HISTORY = 100
 
 
 # -- the vocabulary of events: each value a client can see, named once ------
@@ -289,6 +297,22 @@ EVENT_KINDS = (
     Kind.DIVERT, Kind.TRANSFER, Kind.QUEUE, Kind.PARK, Kind.UNPARK, Kind.CONFERENCE,
     Kind.HOLD, Kind.UNHOLD, Kind.STATE,
 )
+
+
+#: Words a person may type for kinds (``events =``, ``EVENTS``, ``watch
+#: --exec``) and the protocol kinds each stands for.  ``answered`` is
+#: ``pickup`` (the call was answered, by the user or by another phone);
+#: ``missed`` is ``hangup``, the event whose reason says whether an
+#: incoming call was missed (``watch --exec missed=`` runs for those only).
+KIND_ALIASES = {"answered": (Kind.PICKUP,), "missed": (Kind.HANGUP,)}
+
+
+def kinds_of(word: str) -> Tuple[str, ...]:
+    """The protocol kinds a typed word stands for; () for no kind."""
+    word = word.strip().lower()
+    if word in EVENT_KINDS:
+        return (word,)
+    return KIND_ALIASES.get(word, ())
 
 
 class Reason:
@@ -886,11 +910,28 @@ class Config(_Immutable):
         return "\n".join(lines) + "\n"
 
     def advisories(self) -> List[str]:
-        """Valid but likely unmeant settings, for ``check`` and ``run`` to
-        warn about: with several PBXes, a number without ``NAME:`` counts on
-        every one, though the user's phones are all on some of them (two
-        sites with the same numbering would see each other's calls)."""
+        """Valid but likely unmeant settings, for ``check`` and ``run`` (at
+        start and at each reload) to warn about: no users, a published
+        example secret (nobody can log in with it), a device no channel can
+        ever belong to, a user who can never receive an event, a number
+        that counts on every PBX."""
         notes = []
+        if not self.users:
+            notes.append("%s defines no client users: nobody can log in" % self.path)
+        for pbx in self.pbxes:
+            if is_example_secret(pbx.secret):
+                notes.append("%s: a published example secret; give the manager user a "
+                             "secret of its own, in manager.conf and here"
+                             % self.origins.get("secret:" + pbx.name, self.path))
+        for user in self.users.values():
+            notes += user_advisories(user, self.path)
+        return notes + self._site_advisories()
+
+    def _site_advisories(self) -> List[str]:
+        """With several PBXes, a number without ``NAME:`` counts on every
+        one, though the user's phones are all on some of them (two sites
+        with the same numbering would see each other's calls)."""
+        notes: List[str] = []
         if len(self.pbxes) < 2:
             return notes
         for user in self.users.values():
@@ -908,6 +949,76 @@ class Config(_Immutable):
 
 def mask(secret: str) -> str:
     return "********" if secret else "(empty)"
+
+
+#: Secrets that ctinotify's own files publish as examples: the example
+#: ctinotify.conf (this one and the earlier ones), the README's
+#: configuration snippets and the original request's ``[client1]``.  Anyone
+#: can read them, so a LOGIN (or web login) with one is refused, whoever
+#: it names, and ``check``/``run`` name the users that have one.  The test
+#: configurations (tests/*.conf: ``LOGIN demo demo`` of ``make demo``) are
+#: not among them: they bind 127.0.0.1 and are not copied to a PBX.
+EXAMPLE_SECRETS = frozenset((
+    "blah", "change-me", "change-me-too", "alice-desk-secret", "bob-desk-secret", "...",
+))
+
+
+def is_example_secret(secret: str) -> bool:
+    """Whether ``secret`` is a published example (case and spaces aside)."""
+    return secret.strip().casefold() in EXAMPLE_SECRETS
+
+
+#: The channel technologies of phones (``core show channeltypes``); any
+#: other is most likely a typo.  Local is one too, but never a phone: the
+#: engine follows a Local channel through to the phone it rings.
+PHONE_TECHNOLOGIES = ("PJSIP", "SIP", "IAX2", "DAHDI", "Skinny", "SCCP", "MGCP", "OOH323",
+                      "Motif", "USTM", "Console")
+#: The ``-<sequence>`` Asterisk appends to a device to name one channel:
+#: 8 hex digits (PJSIP, SIP: PJSIP/100-0000001a), a number for DAHDI (DAHDI/1-1).
+_CHANNEL_SEQUENCE = re.compile(r"-[0-9a-fA-F]{8}$|^DAHDI/[0-9]+-[0-9]+$")
+
+
+def device_problem(device: str) -> str:
+    """Why no channel can ever belong to ``device`` (a normalized device,
+    maybe ``NAME:`` qualified), or "" if one can."""
+    device = split_device(device)[1]
+    tech, _, resource = device.partition("/")
+    if tech == "Local":
+        return ("a Local channel, which ctinotify follows through to the phone it rings; "
+                "name that phone (PJSIP/100), or the number in extensions")
+    if tech not in PHONE_TECHNOLOGIES:
+        return ("unknown technology %s, expected one of %s (asterisk -rx \"core show "
+                "channeltypes\")" % (tech, ", ".join(PHONE_TECHNOLOGIES)))
+    if "/" in resource:
+        return ("a / too many: a device is TECH/name as pjsip show endpoints lists it, "
+                "e.g. %s/%s" % (tech, resource.partition("/")[0]))
+    if _CHANNEL_SEQUENCE.search(device):
+        return ("looks like a channel name from core show channels; its phone is %s"
+                % device_of_channel(device))
+    if tech == "DAHDI" and re.match(r"^[gGrR][0-9]+$", resource):
+        return ("a DAHDI group, which dials channels; each is DAHDI/<number> (DAHDI/1), as "
+                "dahdi show channels lists them")
+    return ""
+
+
+def user_advisories(user: UserConfig, path: str) -> List[str]:
+    """What makes a valid user unable to log in or to receive anything."""
+    where = "%s:%d: [%s]" % (path, user.lineno, user.name)
+    notes = []
+    if is_example_secret(user.secret):
+        notes.append("%s secret: a published example secret: nobody can log in as %s until "
+                     "it has a secret of its own" % (where, user.name))
+    problems = [(device, device_problem(device)) for device in user.devices]
+    for device, problem in problems:
+        if problem:
+            notes.append("%s devices: %s cannot match a phone: %s" % (where, device, problem))
+    if not user.events:
+        notes.append("%s events: empty: %s receives no event at all; expected all or a "
+                     "list of kinds" % (where, user.name))
+    elif user.devices and not user.extensions and all(problem for _, problem in problems):
+        notes.append("%s: none of %s's devices can match a phone and there are no "
+                     "extensions: %s will never receive an event" % (where, user.name, user.name))
+    return notes
 
 
 _USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
@@ -1249,12 +1360,11 @@ class _ConfigReader:
         if option is None or [k.lower() for k in kinds] == ["all"]:
             return EVENT_KINDS
         events: List[str] = []
-        for kind in kinds:
-            if kind.lower() not in EVENT_KINDS:
+        for word in kinds:
+            if not kinds_of(word):
                 self.problem(section, option, "unknown event kind %r, expected 'all' or "
-                             "any of: %s" % (kind, ", ".join(EVENT_KINDS)))
-            elif kind.lower() not in events:
-                events.append(kind.lower())
+                             "any of: %s" % (word, ", ".join(EVENT_KINDS + tuple(KIND_ALIASES))))
+            events += [kind for kind in kinds_of(word) if kind not in events]
         return tuple(events)
 
     def read_boards(self, sections: Sequence[IniSection], users: Dict[str, UserConfig],
@@ -1341,6 +1451,7 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
         if _is_ami_section(section):
             name = DEFAULT_PBX if section.name.lower() == "ami" else section.name[4:]
             origins["tls_ca:" + name] = reader.origin(section, "tls_ca")
+            origins["secret:" + name] = reader.origin(section, "secret")
     return Config(filename, values, pbxes, users, origins)
 
 
@@ -2034,6 +2145,73 @@ class AmiSession:
             self._pong_deadline = now + self.ping_timeout
             self._ping_due = now + self.ping_interval
         return None
+
+
+#: Distinct calling channels whose DialBegin came without a single Newexten
+#: on the link: then the manager user evidently lacks read class dialplan.
+PROBE_DIALS = 3
+#: Distinct channels in Newexten without a single Newchannel: no class call.
+PROBE_EXTENS = 3
+
+#: What a missing class costs, said once per link (log, STATUS warning=).
+NO_DIALPLAN_CLASS = ("no Newexten events: the manager user lacks read class dialplan "
+                     "(or an eventfilter drops Newexten), so calls to a user's number that "
+                     "ring elsewhere, such as forwards to mobiles, are lost")
+NO_CALL_CLASS = ("no Newchannel events: the manager user lacks read class call, so "
+                 "no call is followed")
+NO_REPORTING_CLASS = ("CoreShowChannels refused (%s): the manager user lacks write class "
+                      "reporting, so calls that went on while the link was down are lost")
+
+
+class ManagerClassProbe:
+    """What one login's events say about the manager user's classes
+    (manager.conf ``read =``, ``write =``), which Asterisk never tells.
+
+    ``observe(event, msg)`` takes every message of the login and returns
+    the problems it has just become sure of, each once: DialBegins of
+    PROBE_DIALS callers with no Newexten at all (each Dial the dialplan
+    runs is a Newexten first, main/pbx.c), or Newexten of PROBE_EXTENS
+    channels with no Newchannel at all.  ``refused(message)``: the
+    resync's CoreShowChannels was refused.  Once Newexten and Newchannel
+    were both seen, ``done``: nothing is left to learn.
+    """
+
+    __slots__ = ("done", "said", "_newexten", "_newchannel", "_callers", "_extens")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.said: List[str] = []
+        self._newexten = False
+        self._newchannel = False
+        self._callers: Set[str] = set()
+        self._extens: Set[str] = set()
+
+    def observe(self, event: Optional[str], msg: AmiMessage) -> List[str]:
+        if event == "Newexten":
+            self._newexten = True
+            if not self._newchannel and len(self._extens) < PROBE_EXTENS:
+                self._extens.add(msg.get("Uniqueid", ""))
+                if len(self._extens) == PROBE_EXTENS:
+                    return self._say(NO_CALL_CLASS)
+        elif event == "Newchannel":
+            self._newchannel = True
+        elif event == "DialBegin" and not self._newexten and len(self._callers) < PROBE_DIALS:
+            caller = msg.get("Uniqueid")
+            if caller:  # an Originate's dial has no calling channel
+                self._callers.add(caller)
+                if len(self._callers) == PROBE_DIALS:
+                    return self._say(NO_DIALPLAN_CLASS)
+        self.done = self._newexten and self._newchannel
+        return []
+
+    def refused(self, message: str) -> List[str]:
+        return self._say(NO_REPORTING_CLASS % (message[:80] or "refused"))
+
+    def _say(self, problem: str) -> List[str]:
+        if problem in self.said:
+            return []
+        self.said.append(problem)
+        return [problem]
 
 
 # ---------------------------------------------------------------------------
@@ -4591,23 +4769,35 @@ class LoginThrottle:
             owners.popitem(last=False)
 
 
+#: The reply text to a login with a published example secret: not "login
+#: failed", so the person at the desktop knows it is no typo of theirs.
+EXAMPLE_SECRET_REFUSED = "example secret refused, the admin must set a secret of its own"
+
+
 def check_login(users: Dict[str, UserConfig], name: str, secret: str,
-                peer_host: str) -> Tuple[Optional[UserConfig], str]:
-    """The verdict on a login, the same for LOGIN and the web page: the
-    account, or None and why (for the log only: a client is told "login
-    failed", whatever the reason).  The throttle is asked before this and
-    told after it, by the caller."""
+                peer_host: str) -> Tuple[Optional[UserConfig], str, str]:
+    """LOGIN's rules, one place for the line protocol and the web alike:
+    ``(account, "", "")``, or ``(None, why, reply)``: why for the log, the
+    reply's text for the client.
+
+    A published example secret (EXAMPLE_SECRETS) is refused whoever it
+    names, so its distinct reply tells nothing about the accounts; every
+    other failure is the same ``login failed``.  The secret is compared
+    even for unknown users, so timing does not tell them apart either.
+    """
     account = users.get(name)
-    # Compare even for unknown users, so timing does not tell them apart.
     expected = account.secret if account is not None else "\0unknown user"
     secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
-    if account is None:
-        return None, "unknown user"
-    if not secret_ok:
-        return None, "wrong secret"
-    if not account.host_allowed(peer_host):
-        return None, "address not allowed by host="
-    return account, ""
+    if is_example_secret(secret):
+        why = "the secret is a published example"
+        if account is not None and secret_ok:
+            why += ", and [%s] has it: give it a secret of its own" % account.name
+        return None, why, EXAMPLE_SECRET_REFUSED
+    if account is None or not secret_ok or not account.host_allowed(peer_host):
+        why = ("unknown user" if account is None else
+               "wrong secret" if not secret_ok else "address not allowed by host=")
+        return None, why, "login failed"
+    return account, "", ""
 
 
 class CallHistory:
@@ -4770,14 +4960,14 @@ class ClientSession:
             # not, is answered the same.
             raise ClientProtocolError("429", "too many failed logins for this user, try again "
                                       "in %d s" % math.ceil(wait))
-        account, why = check_login(server.users, name, secret, self.peer_host)
+        account, why, reply = check_login(server.users, name, secret, self.peer_host)
         if account is None:
             self.failed_logins += 1
             self.failed_as = name
             log.warning("%s: login as %r refused: %s", self.tag, name[:64], why)
             if self.failed_logins >= MAX_LOGIN_ATTEMPTS_PER_CONNECTION:
                 self.request_close("%d failed logins" % self.failed_logins)
-            raise ClientProtocolError("401", "login failed")
+            raise ClientProtocolError("401", reply)
         self.user = account
         self.kinds = frozenset(account.events)
         self.tag = "client %s@%s" % (account.name, self.tag.partition(" ")[2] or self.peer_host)
@@ -4794,13 +4984,16 @@ class ClientSession:
             self.kinds = frozenset(self.user.events)
             self.chosen_kinds = None
         else:
-            for kind in wanted:
-                if kind not in EVENT_KINDS:
-                    raise ClientProtocolError("400", "unknown event kind %s" % quote_value(kind[:40]))
-                if kind not in self.user.events:
-                    raise ClientProtocolError("403", "event kind %s not allowed for %s"
-                                              % (kind, self.user.name))
-            self.kinds = self.chosen_kinds = frozenset(wanted)
+            chosen: Set[str] = set()
+            for word in wanted:
+                if not kinds_of(word):
+                    raise ClientProtocolError("400", "unknown event kind %s" % quote_value(word[:40]))
+                for kind in kinds_of(word):
+                    if kind not in self.user.events:
+                        raise ClientProtocolError("403", "event kind %s not allowed for %s"
+                                                  % (kind, self.user.name))
+                    chosen.add(kind)
+            self.kinds = self.chosen_kinds = frozenset(chosen)
         return ["OK events=%s" % ",".join(k for k in EVENT_KINDS if k in self.kinds)]
 
     def account_changed(self, account: UserConfig) -> None:
@@ -6487,7 +6680,7 @@ def _login_check(ctx: WebRequestContext, name: str, secret: str,
         # Unheard, as LOGIN: the secret is not even compared.
         return WebReply(error_response(429, "too many failed logins for this user, try "
                                             "again in %d s" % math.ceil(wait)))
-    account, why = check_login(view.users, name, secret, ctx.peer_host)
+    account, why, text = check_login(view.users, name, secret, ctx.peer_host)
     if account is not None:
         throttle.account_succeeded(account.name, key)
         return account
@@ -6501,7 +6694,7 @@ def _login_check(ctx: WebRequestContext, name: str, secret: str,
                     ctx.tag, key, throttle.block_s, throttle.block_after)
     challenge = [("WWW-Authenticate", 'Basic realm="ctinotify", charset="UTF-8"')] \
         if how == "basic" else []
-    return WebReply(error_response(401, "login failed", challenge), delay_s=delay,
+    return WebReply(error_response(401, text, challenge), delay_s=delay,
                     close=blocked, failed_login=True)
 
 
@@ -6836,31 +7029,78 @@ class WatchRefused:
         self.what = what
 
 
+#: Who answered, as ``WatchEvent.answer`` says of a pickup.
+ANSWERED_HERE = "here"        # a phone of the user (or, calling out, the party called)
+ANSWERED_OUTSIDE = "outside"  # the outside number the call was forwarded to (a mobile)
+ANSWERED_OTHER = "other"      # a colleague's phone
+
+
 class WatchEvent:
-    """A line from the server: an event, a status, a CALLS or HISTORY item.
+    """A line from the server: an event, a status, a CALLS or HISTORY item;
+    or what watch makes of them: ``missed`` after the hangup of a missed
+    call, ``status`` when the server is out of reach.
 
     ``kind`` is the event kind, ``status``, ``call`` or ``missed``;
     ``fields`` are flattened as in the text format (``from_num``), all
-    strings; ``raw`` is the line as received.
+    strings; ``raw`` is the line as received ("" for what watch made).
+    ``answer`` (a pickup): ANSWERED_HERE, _OUTSIDE or _OTHER; ``url``: the
+    call's popup url, on its incoming and on the pickup; ``missed``: a
+    hangup of a missed call (the ``missed`` event follows it).
     """
 
-    __slots__ = ("kind", "fields", "raw")
+    __slots__ = ("kind", "fields", "raw", "answer", "url", "missed")
 
     def __init__(self, kind: str, fields: Dict[str, str], raw: str):
         self.kind = kind
         self.fields = fields
         self.raw = raw
+        self.answer = ""
+        self.url = ""
+        self.missed = False
+
+
+def answer_of(fields: Dict[str, str], forwarded_out: bool = False) -> str:
+    """Who answered a pickup: the user (one of their phones, or the party
+    they called), the outside number their call was forwarded to, or a
+    colleague.  ``device`` is the user's phone that rang, ``answered_by``
+    the one that answered (as the web page tells them apart)."""
+    if fields.get("role") == "caller":
+        return ANSWERED_HERE
+    device = fields.get("device", "")
+    if device and fields.get("answered_by_device") == device:
+        return ANSWERED_HERE
+    return ANSWERED_OUTSIDE if forwarded_out and not device else ANSWERED_OTHER
+
+
+def is_missed(fields: Dict[str, str]) -> bool:
+    """An incoming call of the user that nobody of theirs answered: a
+    ``hangup`` (``role=callee``) or a HISTORY record (``direction=in``)."""
+    return (fields.get("role") == "callee" or fields.get("direction") == CALL_IN) and \
+        fields.get("reason") in MISSED_REASONS
+
+
+class _WatchCall:
+    """What watch remembers of a call until its hangup."""
+
+    __slots__ = ("url", "forwarded_out")
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.forwarded_out = False
 
 
 class WatchMissed:
     """The reply to HISTORY: the missed calls since ``since``, oldest first.
-    ``supported`` is False for a server without HISTORY."""
+    ``supported`` is False for a server without HISTORY; ``complete`` is
+    False when the oldest call of the reply is after ``since`` too, and
+    the server had as many as were asked for: older ones may be missing."""
 
-    __slots__ = ("calls", "supported")
+    __slots__ = ("calls", "supported", "complete")
 
-    def __init__(self, calls: List[WatchEvent], supported: bool):
+    def __init__(self, calls: List[WatchEvent], supported: bool, complete: bool = True):
         self.calls = calls
         self.supported = supported
+        self.complete = complete
 
 
 class WatchCalls:
@@ -6940,6 +7180,10 @@ class WatchSession:
         self._newest: Optional[float] = None
         self._newest_calls: Set[str] = set()
         self._history_done = False
+        #: Calls until their hangup, oldest first (WATCH_CALL_MEMORY).
+        self._calls: "collections.OrderedDict[str, _WatchCall]" = collections.OrderedDict()
+        #: The missed calls said, live or listed: each is said once.
+        self._missed_said: "collections.OrderedDict[str, None]" = collections.OrderedDict()
 
     @property
     def seen_until(self) -> Optional[float]:
@@ -6987,7 +7231,46 @@ class WatchSession:
         self._saw(parse_iso_time(item.fields.get("time")), item.fields.get("call"))
         if self.board and item.kind == "status" and item.fields.get("board") == "changed":
             return [item, self._command("board", "BOARD")]
-        return [item]
+        return self._follow(item)
+
+    def _follow(self, event: WatchEvent) -> List[WatchEvent]:
+        """What one call event says beyond itself: the incoming's url and a
+        forward outside, remembered until the hangup; who answered a
+        pickup; a hangup that is a missed call, followed by ``missed``."""
+        fields, kind = event.fields, event.kind
+        call = fields.get("call", "")
+        if kind == Kind.INCOMING and call:
+            memo = self._calls.pop(call, None) or _WatchCall()
+            memo.url = fields.get("url", "")
+            self._calls[call] = memo
+            while len(self._calls) > WATCH_CALL_MEMORY:
+                self._calls.popitem(last=False)
+            event.url = memo.url
+        elif kind == Kind.DIVERT and call in self._calls:
+            if fields.get("direction") == Direction.TO and fields.get("external") == "yes":
+                self._calls[call].forwarded_out = True
+        elif kind == Kind.PICKUP:
+            memo = self._calls.get(call)
+            event.answer = answer_of(fields, memo is not None and memo.forwarded_out)
+            event.url = memo.url if memo is not None else ""
+        elif kind == Kind.HANGUP:
+            self._calls.pop(call, None)
+            if is_missed(fields) and self._say_missed(call):
+                event.missed = True
+                return [event, WatchEvent("missed", fields, "")]
+        return [event]
+
+    def _say_missed(self, call: str) -> bool:
+        """True the first time a missed call is to be said (a call without
+        an id, every time)."""
+        if not call:
+            return True
+        if call in self._missed_said:
+            return False
+        self._missed_said[call] = None
+        while len(self._missed_said) > WATCH_CALL_MEMORY:
+            self._missed_said.popitem(last=False)
+        return True
 
     def _parse_item(self, line: str) -> Optional[WatchEvent]:
         if line.startswith("{"):
@@ -7034,7 +7317,11 @@ class WatchSession:
         if command == "history":
             # An older server: ERR 400 unknown command.  Nothing to list then.
             self._history_done = True
-            return [WatchMissed(self._missed(items) if ok else [], ok)]
+            missed = self._missed(items) if ok else []
+            first_end = parse_iso_time(items[0].fields.get("end")) if items else None
+            complete = len(items) < self.history or self.since is None or \
+                (first_end is not None and first_end <= self.since)
+            return [WatchMissed(missed, ok, complete)]
         if command == "calls":
             return [WatchCalls(items)]
         return []
@@ -7057,7 +7344,7 @@ class WatchSession:
         missed = []
         for record in records:
             fields = record.fields
-            if fields.get("direction") != "in" or fields.get("reason") not in MISSED_REASONS:
+            if not is_missed(fields):
                 continue
             end = parse_iso_time(fields.get("end"))
             if self.since is not None and (end is None or end < self.since or
@@ -7066,7 +7353,8 @@ class WatchSession:
                                             fields.get("call") in self.since_calls)):
                 continue
             self._saw(end, fields.get("call"))
-            missed.append(WatchEvent("missed", fields, record.raw))
+            if self._say_missed(fields.get("call", "")):
+                missed.append(WatchEvent("missed", fields, record.raw))
         return missed
 
     def _saw(self, when: Optional[float], call: Optional[str]) -> None:
@@ -7119,10 +7407,18 @@ def _said_incoming(f: Dict[str, str]) -> str:
     return "  ".join(parts)
 
 
-def _said_pickup(f: Dict[str, str]) -> str:
+def _said_pickup(f: Dict[str, str], answer: str = "") -> str:
+    """A colleague's pickup reads "picked up by Bob Jones <101>"; the
+    user's own answer (shown as ``answered``) needs no more words, but
+    where: on the mobile the call was forwarded to."""
     method = f.get("method")
-    return "answered by %s%s" % (_caller(f, "answered_by"),
-                                 " (%s pickup)" % method if method else "")
+    how = " (%s pickup)" % method if method else ""
+    answer = answer or answer_of(f)
+    if answer == ANSWERED_HERE:
+        return "by %s pickup" % method if method else ""
+    if answer == ANSWERED_OUTSIDE:
+        return "on %s%s" % (_caller(f, "answered_by"), how)
+    return "picked up by %s%s" % (_caller(f, "answered_by"), how)
 
 
 def _said_divert(f: Dict[str, str]) -> str:
@@ -7230,15 +7526,34 @@ def render_event(event: WatchEvent) -> str:
     shown escaped: a line never ends early or moves the cursor.
     """
     f = event.fields
-    if event.kind == "missed":
-        when = _local_time(f.get("end") or f.get("start"), "%Y-%m-%d %H:%M")
+    if event.kind == "missed" and "time" not in f:
+        when = _local_time(f.get("end") or f.get("start"), "%Y-%m-%d %H:%M")  # HISTORY
+    elif event.kind == Kind.STATE:
+        when = _local_time(f.get("since"), "%H:%M:%S")  # since when the state holds
     else:
         when = _local_time(f.get("time"), "%H:%M:%S")
+    return ("%s  %-8s  %s" % (when, shown_kind(event), event_text(event))
+            ).translate(_DISPLAY_ESCAPES)
+
+
+def shown_kind(event: WatchEvent) -> str:
+    """The kind as a person reads it: the user's own answer is
+    ``answered``, a colleague's stays ``pickup``."""
+    if event.kind == Kind.PICKUP and (event.answer or answer_of(event.fields)) != ANSWERED_OTHER:
+        return "answered"
+    return event.kind
+
+
+def event_text(event: WatchEvent) -> str:
+    """``render_event``'s words after the kind (unescaped): also the
+    ``{text}`` of a hook."""
+    f = event.fields
     if event.kind == "status":
-        text = _status_text(f)
-    elif event.kind == Kind.STATE:
-        when = _local_time(f.get("since"), "%H:%M:%S")
-        text = _board_said(f)
+        return _status_text(f)
+    if event.kind == Kind.STATE:
+        return _board_said(f)
+    if event.kind == Kind.PICKUP:
+        detail = _said_pickup(f, event.answer)
     else:
         said = _SAID.get(event.kind)
         if said is not None:
@@ -7246,10 +7561,8 @@ def render_event(event: WatchEvent) -> str:
         else:
             detail = encode_text_line("", {k: v for k, v in f.items()
                                            if k not in _COMMON_FIELDS}).strip()
-        text = "%s -> %s" % (_caller(f, "from"), _called(f, "to"))
-        if detail:
-            text += "  " + detail
-    return ("%s  %-8s  %s" % (when, event.kind, text)).translate(_DISPLAY_ESCAPES)
+    text = "%s -> %s" % (_caller(f, "from"), _called(f, "to"))
+    return text + "  " + detail if detail else text
 
 
 def _status_text(f: Dict[str, str]) -> str:
@@ -7257,8 +7570,12 @@ def _status_text(f: Dict[str, str]) -> str:
         return "the ctinotify server is stopping"
     if f.get("board") == "changed":
         return "the board changed (the server's configuration was reloaded)"
+    if f.get("server") == "unreachable":
+        return "no connection to the ctinotify server" + (": " + f["reason"]
+                                                          if f.get("reason") else "")
     if f.get("pbx") == "up":
-        return "PBX connected"
+        return "PBX connected" + ("; the server warns: " + f["warning"]
+                                  if f.get("warning") else "")
     if f.get("pbx") == "down":
         return "PBX link down" + (": " + f["reason"] if f.get("reason") else "")
     return encode_text_line("", {k: v for k, v in f.items() if k != "event"}).strip()
@@ -7368,6 +7685,29 @@ def is_web_url(url: str) -> bool:
 
 # -- hooks ------------------------------------------------------------------------
 
+#: The placeholders a hook may use: every field an event, a status line or
+#: a HISTORY record (a missed call from before) can carry, flattened as in
+#: the text format, and ``text``, the words watch shows.  Any other name is
+#: a typo, refused at start (it would be filled with "").
+HOOK_FIELDS = frozenset((
+    "event", "call", "time", "role", "device", "from_num", "from_name", "to_num", "to_name",
+    "pbx", "dialed", "queue", "url", "answered_by_num", "answered_by_name",
+    "answered_by_device", "method", "direction", "original_num", "original_name",
+    "target_num", "target_name", "external", "kind", "by_num", "by_name", "action",
+    "position", "count", "space", "lot", "timeout", "result", "parked_by_num",
+    "parked_by_name", "retrieved_by_num", "retrieved_by_name", "room", "members", "who_num",
+    "who_name", "reason", "cause", "cause_txt", "duration", "talk_time",
+    "name", "server", "session", "replay", "warning",                       # status
+    "user", "start", "answer", "end", "answered", "answered_by", "path",    # HISTORY
+    "state",                                                                # CALL
+    "numbers", "since", "with_num", "with_name", "board",                   # board
+    "text",                                                                 # watch's words
+))
+#: The kinds ``--exec`` takes besides the event kinds and their aliases:
+#: all (every event kind), missed (a missed call, once, from a hangup or
+#: the list at login), status (the PBX link, the server stopping or out of reach).
+HOOK_KINDS = ("all", "missed", "status")
+
 #: ``{name}`` in a hook argument; ``{{`` and ``}}`` are literal braces.
 _HOOK_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z0-9_]*)\}")
 
@@ -7393,30 +7733,38 @@ class ExecHook:
     """
 
     def __init__(self, kind: str, template: List[str]):
-        #: An event kind, or ``all``.
+        #: An event kind, or one of HOOK_KINDS.
         self.kind = kind
         self.template = template
 
     @classmethod
     def parse(cls, spec: str) -> "ExecHook":
         """``incoming=notify-send -- "Call from {from_name}" {from_num}``;
-        ValueError says what is wrong."""
-        kind, sep, command = spec.partition("=")
-        kind = kind.strip().lower()
-        if not sep or kind not in EVENT_KINDS + ("all",):
-            raise ValueError("%r: expected KIND=COMMAND, KIND one of: all, %s"
-                             % (spec[:40], ", ".join(EVENT_KINDS)))
+        ValueError says what is wrong.  KIND may be ``answered`` (pickup);
+        ``missed`` here is watch's own: a missed call, not every hangup."""
+        word, sep, command = spec.partition("=")
+        word = word.strip().lower()
+        kind = word if word in HOOK_KINDS else (kinds_of(word) or ("",))[0]
+        if not sep or not kind:
+            raise ValueError("%r: expected KIND=COMMAND, KIND one of: %s, %s, answered"
+                             % (spec[:40], ", ".join(HOOK_KINDS), ", ".join(EVENT_KINDS)))
         try:
             template = shlex.split(command)
         except ValueError as e:
             raise ValueError("%r: the command does not split into arguments: %s"
                              % (spec[:40], e))
         if not template:
-            raise ValueError("%r: no command after %s=" % (spec[:40], kind))
+            raise ValueError("%r: no command after %s=" % (spec[:40], word))
         if any(m.group(1) is not None for m in _HOOK_PLACEHOLDER.finditer(template[0])):
             # Else a caller ID would choose the program.
             raise ValueError("%r: a placeholder in the program name, expected them in "
                              "its arguments only" % spec[:40])
+        unknown = sorted({m.group(1) for arg in template for m in _HOOK_PLACEHOLDER.finditer(arg)
+                          if m.group(1) is not None and m.group(1) not in HOOK_FIELDS})
+        if unknown:
+            raise ValueError("%r: unknown placeholder %s, expected any of: %s"
+                             % (spec[:40], ", ".join("{%s}" % n for n in unknown),
+                                ", ".join("{%s}" % n for n in sorted(HOOK_FIELDS))))
         return cls(kind, template)
 
     def wants(self, kind: str) -> bool:
@@ -8898,6 +9246,11 @@ class AmiLink:
         #: ActionID -> who waits for the response (send_action).
         self._replies: Dict[str, object] = {}
         self._timer: Optional[Timer] = None
+        #: What this login's events say of the manager user's classes, and
+        #: the problems found (STATUS ``warning=``); each logged once ever.
+        self.probe = ManagerClassProbe()
+        self.warnings: List[str] = []
+        self._logged_warnings: Set[str] = set()
         self._rearm()
 
     @property
@@ -9142,6 +9495,7 @@ class AmiLink:
             elif isinstance(item, AmiLoggedIn):
                 self.backoff = AMI_RECONNECT_MIN_S
                 log.info("%s: logged in as %s (%s)", self.tag, self.config.username, item.banner)
+                self.probe, self.warnings = ManagerClassProbe(), []
                 self._set_up(True, "")
                 self._start_resync()
             elif isinstance(item, AmiLoginFailed):
@@ -9156,6 +9510,8 @@ class AmiLink:
         if event == "Shutdown":
             self.lost("Asterisk is shutting down (%s)" % msg.get("Shutdown", "?"))
             return
+        if not self.probe.done:
+            self._warn(self.probe.observe(event, msg))
         action_id = msg.get("ActionID") if self._replies else None
         on_reply = self._replies.get(action_id) if action_id is not None else None
         if on_reply is not None:
@@ -9199,10 +9555,11 @@ class AmiLink:
         if msg is None:
             return  # the link went down; the next login resyncs again
         if msg.get("Response") not in (None, "Success"):
-            # No "reporting" or "system" write permission (manager.conf).
-            log.warning("%s: cannot list channels to resync (%s); grant the AMI user "
-                        "write = reporting. Calls from before the reconnect end now.",
-                        self.tag, msg.get("Message", "refused"))
+            # No "reporting" or "system" write permission (manager.conf):
+            # the probe says so once, this at every login.
+            self._warn(self.probe.refused(msg.get("Message", "")))
+            log.warning("%s: cannot list channels to resync (%s): calls from before the "
+                        "reconnect end now", self.tag, msg.get("Message", "refused"))
             self._resynced()
             self.owner.deliver(self.engine.end_resync(self.loop.wall))
         elif msg.get("Event") == "CoreShowChannelsComplete":
@@ -9213,6 +9570,17 @@ class AmiLink:
     def _resynced(self) -> None:
         self.stale_deadline = None
         self._enter(LINK_UP)
+
+    def _warn(self, problems: List[str]) -> None:
+        """What the probe found: logged once, told to the clients now and
+        with every STATUS of this login (``warning=``)."""
+        for problem in problems:
+            self.warnings.append(problem)
+            if problem not in self._logged_warnings:
+                self._logged_warnings.add(problem)
+                log.warning("%s: %s", self.tag, problem)
+        if problems:
+            self.owner.link_status(self, "")
 
     # -- writing and closing ----------------------------------------------------------
 
@@ -9566,6 +9934,8 @@ class Daemon:
         fields["time"] = iso_time(self.loop.wall)
         if reason:
             fields["reason"] = reason
+        if link.up and link.warnings:
+            fields["warning"] = "; ".join(link.warnings)
         return fields
 
     def link_status(self, link: AmiLink, reason: str) -> None:
@@ -9864,7 +10234,7 @@ class WatchClient:
 
     def __init__(self, host: str, port: int, user: str, secret: str,
                  fmt: str = "readable", hooks: Sequence[ExecHook] = (),
-                 open_urls: bool = False, state: Optional[WatchState] = None,
+                 open_on: str = "", state: Optional[WatchState] = None,
                  out=None, tls_context: Optional["ssl.SSLContext"] = None, tls_ca: str = "",
                  board: bool = False):
         self.host = host
@@ -9879,9 +10249,15 @@ class WatchClient:
         #: ``readable`` lines, or the server's raw ``text`` or ``json`` lines.
         self.fmt = fmt
         self.hooks = list(hooks)
-        self.open_urls = open_urls
+        #: When a call's popup url opens: ``ring`` (its incoming), ``answer``
+        #: (the user answers it on one of their phones), "" never.
+        self.open_on = open_on
         self.state = state
-        self.out = out if out is not None else sys.stdout
+        # pythonw (Windows, started at login) has no console: sys.stdout is None.
+        self.out = out or sys.stdout or open(os.devnull, "w", encoding="utf-8")
+        #: "The server is out of reach" was said (a status hook ran): not
+        #: again until a login succeeds.
+        self._offline_said = False
         self.children: List[subprocess.Popen] = []
         self.where = "%s port %d" % (host, port)
         #: ``--board``: the office board instead of the user's calls.
@@ -9904,6 +10280,7 @@ class WatchClient:
                 if logged_in:
                     backoff = WATCH_RECONNECT_MIN_S
                 log.warning("%s; reconnecting in %g s", reason, backoff)
+                self._offline(reason)
                 self._sleep(backoff)
                 backoff = min(backoff * 2, WATCH_RECONNECT_MAX_S)
         except KeyboardInterrupt:
@@ -9911,6 +10288,59 @@ class WatchClient:
         finally:
             if self.state is not None:
                 self.state.save()
+
+    def list_missed(self, since: float) -> int:
+        """``watch --missed``: log in, print the calls missed since ``since``
+        (the day's start) as the server's HISTORY has them, and leave: 0, or
+        1 when that cannot be done.  The state file is not touched."""
+        sock, (_fatal, _, failure) = self._dial()
+        if sock is None:
+            log.error("%s", failure)
+            return 1
+        session = WatchSession(self.user, self._secret, "text" if self.fmt == "text" else "json",
+                               since, WATCH_MISSED_HISTORY, since_calls=())
+        framer = LineFramer(MAX_WATCH_LINE_BYTES, skip_long=True)
+        try:
+            sock.settimeout(WATCH_CONNECT_TIMEOUT_S)
+            while True:
+                data = sock.recv(WATCH_RECV_BYTES)
+                if not data:
+                    log.error("%s closed the connection", self.where)
+                    return 1
+                framer.receive_data(data)
+                line = framer.next_line()
+                while line is not None:
+                    for item in session.receive_line(line):
+                        status = self._missed_item(sock, item)
+                        if status is not None:
+                            return status
+                    line = framer.next_line()
+        except (OSError, WatchProtocolError) as e:
+            log.error("%s: %s", self.where, _error_text(e) if isinstance(e, OSError) else e)
+            return 1
+        finally:
+            sock.close()
+
+    def _missed_item(self, sock: socket.socket, item: object) -> Optional[int]:
+        """One item of ``--missed``'s session: the exit status once done."""
+        if isinstance(item, WatchRefused):
+            log.error("%s refused the login as %s (%s)", self.where, self.user, item.reply)
+            return 1
+        if isinstance(item, WatchSend):
+            self._send(sock, item)
+        elif isinstance(item, WatchMissed):
+            if not item.supported:
+                log.error("%s has no HISTORY command: it cannot list missed calls", self.where)
+                return 1
+            for call in item.calls:
+                self._show(call)
+            log.info("%d missed call%s today", len(item.calls), "" if len(item.calls) == 1 else "s")
+            if not item.complete:
+                log.warning("the server keeps the last %d calls: missed calls of today before "
+                            "those are not listed", WATCH_MISSED_HISTORY)
+            self._send(sock, WatchSend("QUIT"))
+            return 0
+        return None
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -10015,6 +10445,7 @@ class WatchClient:
                     return True
                 if isinstance(item, WatchLoggedIn):
                     self._logged_in = True
+                    self._offline_said = False
                     log.info("connected to %s: %s", self.where, item.reply)
                 self._act(sock, session, item)
 
@@ -10047,20 +10478,48 @@ class WatchClient:
         elif isinstance(item, WatchEvent):
             if self.board is not None and self.fmt == "readable":
                 self.board.change(item)
+                if item.kind in EVENT_KINDS:
+                    self._run_hooks(item)  # --exec state=: the board's changes too
             else:
-                self._show(item)
-            if item.kind in EVENT_KINDS:
-                self._run_hooks(item)
-                if self.open_urls and item.kind == "incoming":
-                    self._open(item.fields.get("url", ""))
+                self._event(item)
         elif isinstance(item, WatchMissed):
             if not item.supported:
                 log.info("%s has no HISTORY command: missed calls are not listed", self.where)
+            # Missed while away: said once, as live ones; on the very first
+            # start they are only listed (they may be days old).
+            first_start = session.since is None
             for call in item.calls:
                 self._show(call)
+                if not first_start:
+                    self._run_hooks(call)
         elif isinstance(item, WatchCalls):
             for call in item.calls:
                 self._show(call)
+
+    def _event(self, event: WatchEvent) -> None:
+        """A call event or status: shown (in the server's own formats only
+        what the server sent; readable, a missed call's hangup as the
+        ``missed`` line after it), its hooks run, its page opened."""
+        if (event.raw or self.fmt == "readable") and not (event.missed and
+                                                           self.fmt == "readable"):
+            self._show(event)
+        if event.kind == "status" and event.fields.get("server") == "stopping":
+            self._offline_said = True  # said by the server itself
+        if event.kind in EVENT_KINDS or event.kind in HOOK_KINDS:
+            self._run_hooks(event)
+        if self.open_on == "ring" and event.kind == Kind.INCOMING or \
+                self.open_on == "answer" and event.kind == Kind.PICKUP and \
+                event.answer == ANSWERED_HERE and event.fields.get("role") == "callee":
+            self._open(event.url)
+
+    def _offline(self, reason: str) -> None:
+        """The server is out of reach (lost, or never reached): shown, and
+        the status hooks told, once until a login succeeds."""
+        if self._offline_said:
+            return
+        self._offline_said = True
+        self._event(WatchEvent("status", {"event": "status", "server": "unreachable",
+                                          "reason": reason, "time": iso_time(time.time())}, ""))
 
     def _show(self, event: WatchEvent) -> None:
         if self.fmt == "readable":
@@ -10075,14 +10534,18 @@ class WatchClient:
             if not hook.wants(event.kind):
                 continue
             self._reap()
-            argv = hook.argv(event.fields)
+            argv = hook.argv(dict(event.fields, text=event_text(event)))
             if len(self.children) >= MAX_HOOK_PROCESSES:
                 log.warning("--exec %s: %d hooks still running, not starting %s",
                             hook.kind, len(self.children), argv[0])
                 continue
             try:
                 # An argument list and no shell: nothing in argv is ever parsed again.
-                self.children.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
+                # On Windows no console window flashes up per hook (pythonw
+                # at login has none to share); elsewhere the flag is 0.
+                self.children.append(subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL,
+                    creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0)))
             except (OSError, ValueError) as e:
                 log.warning("--exec %s: cannot run %s: %s", hook.kind, argv[0], e)
 
@@ -10181,7 +10644,7 @@ a.pop { display: inline-block; margin-top: 4px; }
 WEB_PAGE_JS = r"""
 "use strict";
 (function () {
-  var MISSED = ["noanswer", "cancelled", "busy", "answered_elsewhere"];
+  var MISSED = ["noanswer", "cancelled", "busy", "failed"];  // as MISSED_REASONS
   var POP_DELAY_MS = 250;  // a replayed ring followed by its hangup pops nothing
   var state = {
     user: null, csrf: "", es: null, lastId: null, gen: 0, calls: new Map(),
@@ -10737,12 +11200,122 @@ def _cmd_check(args: argparse.Namespace) -> int:
     sys.stdout.write(config.describe())
     if board_scopes(config.users):
         sys.stdout.write("\n" + "".join("; %s\n" % line for line in BOARD_AMI_NEEDS))
-    if not config.users:
-        log.warning("%s defines no client users: nobody can log in", path)
     for note in config.advisories():
         log.warning("%s", note)
     _warn_if_world_readable(path)
-    return 0
+    if not args.live:
+        return 0
+    results = [_LiveCheck(config, pbx).run(args.listen) for pbx in config.pbxes]
+    return 0 if all(results) else 1
+
+
+class _LiveCheck:
+    """``check --live``: log in to one PBX as the daemon would, ask for the
+    channel list (write class reporting), listen a while, and say what the
+    manager user evidently may and may not (ManagerClassProbe).  A plain
+    blocking socket: nothing else shares this process."""
+
+    def __init__(self, config: Config, cfg: AmiConfig):
+        self.config = config
+        self.cfg = cfg
+        self.tag = "ami" if cfg.name == DEFAULT_PBX else "ami:" + cfg.name
+        self.session = ami_session(cfg, time.monotonic())
+        self.probe = ManagerClassProbe()
+        self.problems: List[str] = []
+        self.classes: "collections.Counter[str]" = collections.Counter()
+        self.listing: Optional[str] = None
+        #: Until then: the login, the channel list, then the listening.
+        self.deadline = time.monotonic() + cfg.login_timeout + cfg.connect_timeout
+        self.listening = False
+
+    def run(self, listen_s: float) -> bool:
+        """True if the manager user can do all ctinotify needs, as far as
+        ``listen_s`` seconds of events tell."""
+        cfg = self.cfg
+        try:
+            sock = socket.create_connection((cfg.host, cfg.port), timeout=cfg.connect_timeout)
+            if cfg.tls:
+                sock = self.config.ami_tls_contexts[cfg.name].wrap_socket(
+                    sock, server_hostname=cfg.host)
+        except OSError as e:
+            log.error("%s: cannot connect to %s port %d: %s", self.tag, cfg.host, cfg.port,
+                      _error_text(e))
+            return False
+        with sock:
+            sock.settimeout(0.2)
+            try:
+                if not self._talk(sock, listen_s):
+                    return False
+            except (OSError, AmiProtocolError) as e:
+                log.error("%s: %s", self.tag, _error_text(e) if isinstance(e, OSError) else e)
+                return False
+        return self._report(listen_s)
+
+    def _talk(self, sock: socket.socket, listen_s: float) -> bool:
+        while time.monotonic() < self.deadline and not (
+                self.listening and (self.probe.done or self.probe.said)):
+            outgoing = self.session.data_to_send()
+            if outgoing:
+                sock.sendall(outgoing)
+            try:
+                data = sock.recv(AMI_RECV_BYTES)
+            except socket.timeout:
+                data = None
+            if data == b"":
+                log.error("%s: Asterisk closed the connection", self.tag)
+                return False
+            now = time.monotonic()
+            for item in self.session.receive_data(data, now) if data else []:
+                if not self._item(item, now, listen_s):
+                    return False
+            reason = self.session.poll(now)
+            if reason:
+                log.error("%s: %s", self.tag, reason)
+                return False
+        if not self.session.logged_in:
+            log.error("%s: no login within %g s", self.tag, self.cfg.login_timeout)
+        return self.session.logged_in
+
+    def _item(self, item: object, now: float, listen_s: float) -> bool:
+        if isinstance(item, AmiLoginFailed):
+            log.error("%s: login as %s refused by Asterisk: %s; check username and secret, "
+                      "and that manager.conf's permit lets this machine in", self.tag,
+                      self.cfg.username, item.reason)
+            return False
+        if isinstance(item, AmiLoggedIn):
+            log.info("%s: logged in as %s (%s)", self.tag, self.cfg.username, item.banner)
+            self.listing = self.session.send_action("CoreShowChannels")
+            self.deadline = now + self.cfg.resync_timeout
+        elif isinstance(item, AmiMessage) and self.listing is not None and \
+                item.get("ActionID") == self.listing:
+            if item.get("Response") not in (None, "Success"):
+                self.problems += self.probe.refused(item.get("Message", ""))
+            elif item.get("Event") != "CoreShowChannelsComplete":
+                return True
+            else:
+                log.info("%s: CoreShowChannels: %s channels in progress", self.tag,
+                         item.get("ListItems", "?"))
+            self.listing, self.listening, self.deadline = None, True, now + listen_s
+        elif isinstance(item, AmiMessage) and "Event" in item:
+            privilege = item.get("Privilege", "").partition(",")[0].lower()
+            self.classes[privilege or "?"] += 1
+            self.problems += self.probe.observe(item.get("Event"), item)
+        return True
+
+    def _report(self, listen_s: float) -> bool:
+        for problem in self.problems:
+            log.warning("%s: %s", self.tag, problem)
+        heard = ", ".join("%s %d" % pair for pair in sorted(self.classes.items()))
+        if self.probe.done:
+            log.info("%s: events of classes call and dialplan arrive (%s)", self.tag, heard)
+        elif self.classes["call"] or self.classes["dialplan"]:
+            log.info("%s: in %g s: %s; no verdict yet on the classes: listen during a few "
+                     "calls (--listen 120)", self.tag, listen_s, heard)
+        else:
+            log.info("%s: no call event in %g s (%s): make a call while check --live "
+                     "listens (--listen 120) to see the read classes at work", self.tag,
+                     listen_s, heard or "nothing at all")
+        return not self.problems
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -10968,11 +11541,27 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     except OSError as e:
         log.error("cannot read %s: %s", args.trace, _error_text(e))
         return 1
+    if args.user and args.user not in config.users:
+        log.error("%s: no user %r, expected one of: %s", config.path, args.user,
+                  ", ".join(config.users) or "(none)")
+        return 1
     with stream:
         for user, fields in replay_trace(stream, config.users, pbx=pbx.name, tag=tag):
-            out.write(encode_json_line(dict({"client": user}, **fields)) + "\n")
+            if args.user and user != args.user:
+                continue
+            out.write(_replayed_line(user, fields, args.format, bool(args.user)) + "\n")
     out.flush()
     return 0
+
+
+def _replayed_line(user: str, fields: Dict[str, object], fmt: str, alone: bool) -> str:
+    """A replayed event: as the user's ``nc`` shows it (text: ``EVENT ...``;
+    json: as after ``FORMAT json``), after ``user: `` or in a ``client``
+    key unless only one user's lines are printed."""
+    if fmt == "text":
+        line = encode_notification(fields, "text").decode("utf-8").rstrip("\r\n")
+        return line if alone else "%s: %s" % (user, line)
+    return encode_json_line(fields if alone else dict({"client": user}, **fields))
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
@@ -11148,10 +11737,14 @@ def _cmd_watch(args: argparse.Namespace) -> int:
                       _ssl_reason(e))
             return 1
     state = WatchState(args.state, "%s@%s:%d" % (args.user, host, port))
-    state.load()
+    open_on = args.open_on or ("ring" if args.open else "")
     client = WatchClient(host, port, args.user, secret, args.format, args.hooks,
-                         args.open, state, tls_context=tls_context, tls_ca=args.tls_ca or "",
+                         open_on, state, tls_context=tls_context, tls_ca=args.tls_ca or "",
                          board=args.board)
+    if args.missed:
+        midnight = datetime.datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
+        return client.list_missed(midnight.timestamp())
+    state.load()
     return client.run()
 
 
@@ -11207,6 +11800,12 @@ def _argument_parser() -> argparse.ArgumentParser:
     config_help = "configuration file (default: %s, else ./%s)" % DEFAULT_CONFIG_PATHS
     cmd = commands.add_parser("check", help="validate the configuration and print it")
     cmd.add_argument("-c", "--config", help=config_help)
+    cmd.add_argument("--live", action="store_true",
+                     help="also log in to each PBX's AMI, ask for the channel list and listen "
+                          "to its events: say what the manager user lacks (exit status 1)")
+    cmd.add_argument("--listen", type=float, default=10.0, metavar="SECONDS",
+                     help="with --live: how long to listen to events at most (default "
+                          "%(default)g; it ends as soon as the classes are known)")
     cmd = commands.add_parser("run", help="run the daemon (in the foreground unless --daemon)")
     cmd.add_argument("-c", "--config", help=config_help)
     mode = cmd.add_mutually_exclusive_group()
@@ -11223,6 +11822,12 @@ def _argument_parser() -> argparse.ArgumentParser:
     cmd.add_argument("trace", help="a recorded AMI byte stream (.ami)")
     cmd.add_argument("-c", "--config", help=config_help)
     cmd.add_argument("--pbx", help="the PBX the trace was recorded on; " + pbx_help)
+    cmd.add_argument("--format", choices=("json", "text"), default="json",
+                     help="json: one object per event with the user as \"client\" (the "
+                          "default); text: each event as the user's nc shows it, after "
+                          "\"USER: \"")
+    cmd.add_argument("--user", metavar="NAME",
+                     help="only NAME's events, exactly as NAME's client shows them")
     cmd = commands.add_parser("record", help="record AMI traffic to a file")
     cmd.add_argument("output", help="file to write the received bytes to")
     cmd.add_argument("-c", "--config", help=config_help)
@@ -11254,6 +11859,12 @@ def _watch_arguments(commands) -> None:  # type: ignore[no-untyped-def]
     cmd.add_argument("--open", action="store_true",
                      help="open the url of incoming calls (the server's popup_url) in the "
                           "web browser; http and https only")
+    cmd.add_argument("--open-on", choices=("ring", "answer"),
+                     help="when --open opens the page (implies --open): as the call rings "
+                          "(the default), or once you answer it on one of your phones")
+    cmd.add_argument("--missed", action="store_true",
+                     help="print today's missed calls (as the server's HISTORY has them) "
+                          "and exit")
     cmd.add_argument("--tls", action="store_true",
                      help="connect to the server's TLS port (its tls_port), verifying its "
                           "certificate against the system's CAs")
