@@ -2727,6 +2727,126 @@ _PICKUP_APPS = frozenset(("pickup", "pickupchan"))
 _SNAPSHOT_FIELDS = ("Uniqueid", "Channel", "ChannelStateDesc", "CallerIDNum", "CallerIDName",
                     "ConnectedLineNum", "ConnectedLineName", "Linkedid", "Exten", "Context")
 _SNAPSHOT_KEYS: Dict[str, Tuple[str, ...]] = {}
+#: Every ``<role>Uniqueid`` an event handled by the engine names a channel by.
+_CHANNEL_ID_KEYS = tuple(role + "Uniqueid" for role in (
+    "", "Dest", "Target", "Transferer", "Transferee", "OrigTransferer", "SecondTransferer",
+    "TransferTarget", "LocalOne", "LocalTwo", "Parkee", "Parker", "Retriever", "Swap"))
+#: Events that only bring the model up to date and tell no user anything:
+#: they need not wait for a late DialBegin (LocalDialOrder).
+_MODEL_ONLY_EVENTS = frozenset(("Newchannel", "Newstate", "NewCallerid", "NewConnectedLine",
+                                "LocalBridge"))
+#: The longest a Local channel's events wait for the DialBegin of its ;1
+#: half (LocalDialOrder).  Asterisk publishes that DialBegin right after the
+#: call starts, microseconds later; the bound is for a dial that never says.
+LOCAL_DIAL_WAIT_S = 2.0
+
+
+def _channels_named(msg: AmiMessage) -> Set[str]:
+    """The Uniqueids of the channels an event names, in any role."""
+    return {uid for uid in map(msg.get, _CHANNEL_ID_KEYS) if uid}
+
+
+class _LocalWait:
+    """One Local channel pair whose ;1 half's DialBegin has not come yet."""
+
+    __slots__ = ("one", "channels", "held", "since")
+
+    def __init__(self, one: Channel, two: Channel):
+        self.one = one
+        #: Uniqueids whose events wait: the ;2 half, and the channels its
+        #: held events name with it (never ``one`` itself).
+        self.channels = {two.uniqueid}
+        #: (message, handler, time received), in the order received.
+        self.held: List[Tuple[AmiMessage, object, float]] = []
+        self.since = 0.0
+
+
+class LocalDialOrder:
+    """Puts back in order what a Local channel's two halves tell at once.
+
+    A dial to a Local channel starts the dialplan of its ;2 half in a thread
+    of its own (``ast_call``, main/core_local.c) and only then publishes the
+    DialBegin to the ;1 half (apps/app_dial.c, apps/app_queue.c,
+    main/dial.c).  So the ;2 half may run its dialplan, dial a phone and
+    ring it before that DialBegin reaches us (seen live on Asterisk 22:
+    tests/traces/live/h_forward_late_dialbegin.ami), and until it comes
+    nothing says whose call the phone rings for.  Once the ;2 half does
+    anything that may tell a user something (not ``_MODEL_ONLY_EVENTS``),
+    its events, and every later event of a channel they name, are held
+    until the DialBegin, then handled after it in their own order.  Events
+    of other channels pass: Asterisk never ordered them against these.
+
+    What else ends the wait: an event of the ;1 half itself (the DialBegin
+    is then not coming first; its events from the dialing thread all follow
+    the DialBegin), its hangup, LOCAL_DIAL_WAIT_S, or a channel list after a
+    reconnect (CoreShowChannels: everything known is listed again)."""
+
+    def __init__(self) -> None:
+        #: ;1 half Uniqueid -> its wait, in the order the pairs appeared.
+        self._waits: Dict[str, _LocalWait] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._waits)
+
+    def expect_dial(self, one: Channel, two: Channel) -> None:
+        """A Local pair was just requested: its ;1 half's DialBegin is due."""
+        if one.uniqueid not in self._waits:
+            self._waits[one.uniqueid] = _LocalWait(one, two)
+
+    def due(self, msg: AmiMessage, now: float) -> list:
+        """The held events to handle before ``msg``, their wait over: the
+        ;1 half did something else first (or hung up), ``msg`` joins two
+        waiting calls (order is lost then), LOCAL_DIAL_WAIT_S passed, or a
+        channel list begins or ends."""
+        event = msg.get("Event")
+        named = _channels_named(msg)
+        resync = event in ("CoreShowChannel", "CoreShowChannelsComplete")
+        joins = sum(1 for wait in self._waits.values() if named & wait.channels) > 1
+        awaited = msg.get("DestUniqueid") if event == "DialBegin" else None
+        due: list = []
+        for wait in list(self._waits.values()):
+            if resync or (wait.held and now - wait.since > LOCAL_DIAL_WAIT_S) or \
+                    (joins and named & wait.channels) or \
+                    (wait.one.uniqueid in named and wait.one.uniqueid != awaited and
+                     (wait.held or event == "Hangup")):
+                due += self._end(wait)
+        return due
+
+    def hold(self, msg: AmiMessage, handler: object, now: float) -> bool:
+        """Keep ``msg`` back if it is the waiting ;2 side's (True)."""
+        named = _channels_named(msg)
+        for wait in self._waits.values():
+            if named & wait.channels:
+                if not wait.held and msg.get("Event") in _MODEL_ONLY_EVENTS:
+                    return False  # nothing to tell yet: no need to wait
+                if not wait.held:
+                    wait.since = now
+                wait.held.append((msg, handler, now))
+                named.discard(wait.one.uniqueid)
+                wait.channels |= named
+                return True
+        return False
+
+    def dialed(self, msg: AmiMessage) -> list:
+        """After the awaited DialBegin ``msg`` (handled): what waited for it."""
+        if msg.get("Event") != "DialBegin":
+            return []
+        wait = self._waits.get(msg.get("DestUniqueid", ""))
+        return self._end(wait) if wait is not None else []
+
+    def _end(self, wait: _LocalWait) -> list:
+        del self._waits[wait.one.uniqueid]
+        return wait.held
+
+    def clear(self) -> None:
+        """The link is gone: what was held never happened for any user."""
+        self._waits.clear()
+
+    def check(self, table: ChannelTable) -> List[str]:
+        """Waits for a ;1 half that is gone: for the tests."""
+        return ["a DialBegin to %r is awaited, but it is gone" % (wait.one,)
+                for wait in self._waits.values()
+                if table.channels.get(wait.one.uniqueid) is not wait.one]
 
 
 class _EngineCore:
@@ -2744,6 +2864,8 @@ class _EngineCore:
         self.table = ChannelTable()
         #: The users' views of the calls, and their links to channels.
         self.book = CallBook()
+        #: Events of Local channels held until the DialBegin that dialed them.
+        self.order = LocalDialOrder()
         #: queue name -> the users among its members.
         self.queue_members: Dict[str, Set[str]] = {}
         #: conference name -> the channels in it.
@@ -2935,7 +3057,13 @@ class _Dialing(_EngineCore):
         if not uniqueid or not name:
             return
         if uniqueid not in self.table.channels:  # else a repeated Newchannel: an update
-            self.table.add(Channel(uniqueid, name, out.now))
+            chan = Channel(uniqueid, name, out.now)
+            self.table.add(chan)
+            pair = sorted((chan, chan.local_peer), key=lambda c: c.local_half) \
+                if chan.local_peer is not None else ()
+            if pair and pair[0].dialer is None and not pair[0].originated and \
+                    pair[0].answered_at is None:
+                self.order.expect_dial(*pair)  # a Local pair just requested
         self._snapshot(out, msg, "")
 
     def on_snapshot(self, msg: AmiMessage, out: Outbox) -> None:
@@ -4047,8 +4175,32 @@ class CallEngine(_Resync):
         if handler is None:
             return _NO_NOTIFICATIONS
         out = Outbox(now)
-        handler(msg, out)
+        if self.order:
+            self._in_order(msg, handler, out)
+        else:
+            handler(msg, out)
         return out.notes or _NO_NOTIFICATIONS
+
+    def _in_order(self, msg: AmiMessage, handler, out: Outbox) -> None:
+        """Handle ``msg`` while Local channels wait for their DialBegin
+        (LocalDialOrder): maybe later, maybe after what waited."""
+        for held in self.order.due(msg, out.now):
+            self._handle_held(held, out)
+        if self.order.hold(msg, handler, out.now):
+            return
+        handler(msg, out)
+        for held in self.order.dialed(msg):
+            self._handle_held(held, out)
+
+    def _handle_held(self, held: Tuple[AmiMessage, object, float], out: Outbox) -> None:
+        """A held event, at the time it came (its notifications say so)."""
+        msg, handler, now = held
+        mine = Outbox(now)
+        if self.order:
+            self._in_order(msg, handler, mine)
+        else:
+            handler(msg, mine)  # type: ignore[operator]
+        out.notes += mine.notes
 
     def link_lost(self, now: float) -> List[Notification]:
         """The AMI link is gone for good: no call may stay 'ringing' at a
@@ -4058,6 +4210,7 @@ class CallEngine(_Resync):
             self._end(out, uc, reason=Reason.UNKNOWN)
         self.table.clear()
         self.book.clear()
+        self.order.clear()
         self.conferences.clear()
         self._resync_seen = None
         self._resync_unanswered = set()
@@ -4087,13 +4240,15 @@ class CallEngine(_Resync):
     def is_idle(self) -> bool:
         """No channel, no user call, no conference is known: what the engine
         comes back to when every call has ended."""
-        return self.table.is_idle() and self.book.is_idle() and not self.conferences
+        return self.table.is_idle() and self.book.is_idle() and not self.conferences \
+            and not self.order
 
     def check(self) -> List[str]:
         """What is inconsistent in the engine's state (links not two-way,
         channels that are gone but still named): [] when all is well.  For
         the tests, after every message of a trace."""
-        problems = self.table.check() + self.book.check(self.table)
+        problems = self.table.check() + self.book.check(self.table) + \
+            self.order.check(self.table)
         for room, members in self.conferences.items():
             problems += ["conference %s lists %r, which is gone" % (room, chan)
                          for chan in members if self.table.channels.get(chan.uniqueid) is not chan]
