@@ -1964,7 +1964,8 @@ class Channel:
                  "first_exten", "app", "appdata", "created", "answered_at", "bridge",
                  "dialer", "dial_targets", "originated", "user_calls", "diverted_from",
                  "transferred_by", "queue", "queue_join", "queue_told", "hold_told", "parked",
-                 "callback", "caller_raw", "connected_raw", "comebacks", "new_call")
+                 "callback", "caller_raw", "connected_raw", "comebacks", "new_call",
+                 "picks")
 
     def __init__(self, uniqueid: str, name: str, now: float):
         self.uniqueid = uniqueid
@@ -2020,6 +2021,9 @@ class Channel:
         #: For an originated Local channel (click-to-dial through the
         #: dialplan): the user's phone it rang first, the real caller.
         self.callback: Optional[Channel] = None
+        #: The pickup method its dialplan ran (Pickup, PickupChan), kept:
+        #: the picked-up call's AppDial replaces the application at once.
+        self.picks = ""
 
     def lineage(self) -> Iterable["Channel"]:
         """The channel, then the ones that caused it: a Local ;2 half leads to
@@ -3076,6 +3080,8 @@ class _Dialing(_EngineCore):
         chan.app = msg.get("Application", chan.app)
         chan.appdata = msg.get("AppData", chan.appdata)
         app = chan.app.lower()
+        if app in _PICKUP_APPS:
+            chan.picks = PickupMethod.DIRECTED if chan.appdata else PickupMethod.GROUP
         if app not in ("dial", "voicemail"):
             return
         for uc in chan.user_calls:
@@ -3361,15 +3367,24 @@ class _Answering(_Dialing):
         self._dial_end(out, src, dest, status)
 
     def _dial_end(self, out: Outbox, src: Optional[Channel], dest: Channel, status: str) -> None:
+        picker = False
         if src is not None:
             if dest.dialer is src and dest not in src.dial_targets:
                 # Handed on by a blonde transfer (or a repeated DialEnd): the
                 # transferer's dial "ends" NOANSWER while the target rings on
                 # for the transferee (xfer_blonde_group_a).  Nothing to learn.
                 return
+            # Answered by a channel it never dialed while its own still
+            # ring: a phone that picked the call up (Asterisk 12+ swaps the
+            # picker in for the ringing one).  The Pickup event that says so
+            # may come only after this DialEnd (seen live on Asterisk 22,
+            # tests/traces/live/l_directed_pickup.live.ami): the method is
+            # known already, from what the picker dialed.
+            picker = dest.dialer is None and not dest.is_local and \
+                bool(src.dial_targets - {dest})
             src.dial_targets.discard(dest)
         if status == "ANSWER":
-            self._answered(out, src, dest)
+            self._answered(out, src, dest, self._pickup_method(dest) if picker else "")
             return
         outcome = _DIAL_OUTCOMES.get(status)
         if outcome is None:
@@ -3391,6 +3406,15 @@ class _Answering(_Dialing):
             for uc in chan.user_calls:
                 self._set_outcome(out, uc, outcome)
             came_from = chan
+
+    @staticmethod
+    def _pickup_method(picker: Channel) -> str:
+        """Directed when the picker's dialplan named the phone (Pickup(100),
+        PickupChan, a ``**100`` code), else group (``*8``, Pickup())."""
+        if picker.picks:
+            return picker.picks
+        directed = any(exten.startswith("**") for exten in (picker.exten, picker.first_exten or ""))
+        return PickupMethod.DIRECTED if directed else PickupMethod.GROUP
 
     def _leg_outcome(self, out: Outbox, uc: UserCall, outcome: str, ending: List[Channel]) -> None:
         """One ringing leg of the user's call ended without an answer.  While
@@ -3644,9 +3668,7 @@ class _Moving(_Answering):
         target = self._snapshot(out, msg, "Target")
         if picker is None or target is None:
             return
-        directed = (picker.app.lower() in _PICKUP_APPS and bool(picker.appdata)) or \
-            picker.exten.startswith("**")
-        method = PickupMethod.DIRECTED if directed else PickupMethod.GROUP
+        method = self._pickup_method(picker)
         root = target.root() if target.dialer is not None else target
         caller = target.connected or root.caller
         dialed = self._dialed_number(root, "")

@@ -761,6 +761,9 @@ LIVE_TRACES = {
     "live/g_ringgroup_late_dialbegin": "g_ringgroup",
     "live/k_attended_transfer.live": "k_attended_transfer",
     "live/k_attended_transfer_no_target": "k_attended_transfer",
+    "live/l_directed_pickup.live": "l_directed_pickup",
+    "live/l_directed_pickup_late": "l_directed_pickup",
+    "live/m_group_pickup_late": "m_group_pickup",
 }
 
 
@@ -781,6 +784,18 @@ def test_every_live_trace_is_named_and_each_user_is_told_what_the_office_trace_t
     assert sorted(LIVE_TRACES) == [n for n in all_trace_names() if n.startswith("live/")]
     for name, office_name in LIVE_TRACES.items():
         assert per_user(load_golden(name)) == per_user(load_golden(office_name)), name
+
+
+def test_a_late_pickup_is_directed_when_the_dialplan_ran_pickup_with_a_target():
+    """A directed pickup need not be a ``**`` code: a dialplan may run
+    Pickup(100@PICKUPMARK) at any number.  The picked-up call's AppDial
+    replaces the application before the late Pickup event, so the method is
+    what the picker's dialplan ran, remembered."""
+    data = read_trace("live/l_directed_pickup_late").replace(b"**100", b"8100")
+    with io.BytesIO(data) as stream:
+        told = list(ctinotify.replay_trace(stream, office().users))
+    pickups = [(user, fields.get("method")) for user, fields in told if fields["event"] == "pickup"]
+    assert sorted(pickups) == [("alice", "directed"), ("bob", "directed")]
 
 
 @pytest.mark.parametrize("name", ["cacofonisk/originate__ctd-account-world",
