@@ -1964,7 +1964,7 @@ class Channel:
                  "first_exten", "app", "appdata", "created", "answered_at", "bridge",
                  "dialer", "dial_targets", "originated", "user_calls", "diverted_from",
                  "transferred_by", "queue", "queue_join", "queue_told", "hold_told", "parked",
-                 "callback", "caller_raw", "connected_raw", "comebacks", "new_call",
+                 "callback", "caller_raw", "connected_raw", "new_call",
                  "picks")
 
     def __init__(self, uniqueid: str, name: str, now: float):
@@ -2013,10 +2013,9 @@ class Channel:
         self.hold_told: Optional[List[UserCall]] = None
         #: (space, lot, parked by) while parked.
         self.parked: Optional[Tuple[str, str, Party]] = None
-        #: Parked, not retrieved, rung back at the parker (ParkedCallTimeOut):
-        #: how often, and the id of the new call that starts for the users it
-        #: rings then (the Linkedid stays the same).
-        self.comebacks = 0
+        #: The id of a new call on the same Linkedid (FollowOnCalls): the
+        #: parked call rung back at the parker (ParkedCallTimeOut), or a call
+        #: found again after the link-lost grace had ended it.
         self.new_call: Optional[str] = None
         #: For an originated Local channel (click-to-dial through the
         #: dialplan): the user's phone it rang first, the real caller.
@@ -2488,6 +2487,45 @@ class UserCall:
         }
 
 
+class FollowOnCalls:
+    """Call ids for the new calls that follow on one Asterisk call (one
+    Linkedid) after the user's call of that id ended: ``<linkedid>+1``,
+    ``+2``...  A parked call that comes back to the parker is such a call,
+    and so is a call still up at the PBX when the link comes back after the
+    grace ended it (``link_lost``): one ``hangup`` per call id, always last.
+    Remembered across a link loss, for at most MAX_RECENT_HANGUPS Linkedids."""
+
+    def __init__(self) -> None:
+        #: Linkedid -> how many calls followed on it, least recent first.
+        self._count: "collections.OrderedDict[str, int]" = collections.OrderedDict()
+        #: Linkedid -> the id its channels take from now on (after link_lost).
+        self._restarted: "collections.OrderedDict[str, str]" = collections.OrderedDict()
+
+    def new_id(self, linkedid: str) -> str:
+        """The id of the next call to follow on ``linkedid``."""
+        count = self._count.pop(linkedid, 0) + 1
+        self._count[linkedid] = count
+        if len(self._count) > MAX_RECENT_HANGUPS:
+            self._count.popitem(last=False)
+        return "%s+%d" % (linkedid, count)
+
+    def restart(self, linkedid: str) -> None:
+        """The users' calls on ``linkedid`` ended (link lost): what is seen
+        of it from now on is a new call."""
+        self._restarted.pop(linkedid, None)
+        self._restarted[linkedid] = self.new_id(linkedid)
+        if len(self._restarted) > MAX_RECENT_HANGUPS:
+            self._restarted.popitem(last=False)
+
+    def restarted(self, linkedid: str) -> Optional[str]:
+        """The id a channel on ``linkedid`` is in, if that call restarted."""
+        return self._restarted.get(linkedid) if self._restarted else None
+
+    def check(self) -> List[str]:
+        return ["%d call ids remembered" % len(memory) for memory in (self._count, self._restarted)
+                if len(memory) > MAX_RECENT_HANGUPS]
+
+
 class CallBook:
     """The user calls in progress, and their links to channels.
 
@@ -2870,6 +2908,8 @@ class _EngineCore:
         self.book = CallBook()
         #: Events of Local channels held until the DialBegin that dialed them.
         self.order = LocalDialOrder()
+        #: Ids of calls that follow on an Asterisk call whose id was ended.
+        self.follow_ons = FollowOnCalls()
         #: queue name -> the users among its members.
         self.queue_members: Dict[str, Set[str]] = {}
         #: conference name -> the channels in it.
@@ -2926,6 +2966,8 @@ class _EngineCore:
         linkedid = get(keys[7])
         if linkedid:
             chan.linkedid = linkedid
+            if chan.new_call is None:
+                chan.new_call = self.follow_ons.restarted(linkedid)
         exten = get(keys[8])
         if exten:
             context = get(keys[9]) or chan.context
@@ -3201,7 +3243,7 @@ class _Dialing(_EngineCore):
         peer = self._remote_party(dest, caller_chan.caller) if not dest.is_local \
             else Party(dialed, "")
         for user in self._users_of(caller_chan):
-            uc = self.book.user_call(caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
+            uc = self.book.user_call(caller_chan.call_id, user, CALL_OUT, caller_chan.caller,
                                      peer, dialed, out.now)
             if not uc.device:
                 uc.device = caller_chan.device
@@ -3240,7 +3282,7 @@ class _Dialing(_EngineCore):
             return calls
         for user in self._users_of(chan):
             dialed = self._dialed_number(chan, "")
-            uc = self.book.user_call(chan.linkedid, user, CALL_OUT, chan.caller,
+            uc = self.book.user_call(chan.call_id, user, CALL_OUT, chan.caller,
                                      Party(dialed, ""), dialed, out.now)
             uc.device = uc.device or chan.device
             self.book.attach(uc, chan)
@@ -3452,7 +3494,7 @@ class _Answering(_Dialing):
                   method: str = "") -> None:
         if answerer.is_local:
             return  # the endpoint behind the Local channel reports the answer
-        call_ids = {answerer.linkedid, answerer.root().call_id}
+        call_ids = {answerer.call_id, answerer.root().call_id}
         if src is not None:
             call_ids.add(src.root().call_id)
         if not any(self.book.has_call(call_id) for call_id in call_ids):
@@ -3741,8 +3783,7 @@ class _Moving(_Answering):
             return
         space, lot, by = parkee.parked
         parkee.parked = None
-        parkee.comebacks += 1
-        parkee.new_call = "%s+%d" % (parkee.linkedid, parkee.comebacks)
+        parkee.new_call = self.follow_ons.new_id(parkee.linkedid)
         device = device_of_interface(msg.get("ParkerDialString", ""))
         caller = self._remote_party(parkee, by)
         for user in self.directory.device_users(device):
@@ -3857,7 +3898,7 @@ class _Gathering(_Moving):
         if not members:
             return
         fields = self._fields(
-            Kind.QUEUE, chan.linkedid, out.now, "callee", "", chan.caller,
+            Kind.QUEUE, chan.call_id, out.now, "callee", "", chan.caller,
             Party(chan.exten if chan.exten not in _SPECIAL_EXTENS else "", queue),
             action=action, queue=queue, position=msg.get("Position") or chan.queue_join[0],
             count=msg.get("Count") or chan.queue_join[1])
@@ -4087,21 +4128,24 @@ class _Resync(_Gathering):
         (hold, a transfer, the hangup) belongs to a call the user knows of:
         ``incoming`` (or ``outgoing``) stamped with the time the channel was
         created, not the time we learn of it (after a long outage that may
-        be a minute later), then ``pickup`` if it is answered."""
+        be a minute later), then ``pickup`` if it is answered.  A call whose
+        first part the link loss ended (FollowOnCalls) begins again now:
+        the first part's time is its own."""
         callee = chan.app == "AppDial" or chan.dialer is not None
+        began = chan.created if chan.new_call is None else out.now
         # An outgoing call to an application (a conference room, voicemail)
         # has no connected party: the number the phone dialed stands in.
         dialed = "" if callee else self._dialed_number(chan, "")
         peer = chan.connected or Party(dialed, "")
         for user in self._users_of(chan):
-            uc = self.book.user_call(chan.linkedid, user, CALL_IN if callee else CALL_OUT,
+            uc = self.book.user_call(chan.call_id, user, CALL_IN if callee else CALL_OUT,
                                      chan.caller, peer, dialed, out.now)
             uc.device = chan.device
             self.book.attach(uc, chan)
             if callee:
-                self._announce_incoming(out, uc, chan.connected, "", chan, chan.created)
+                self._announce_incoming(out, uc, chan.connected, "", chan, began)
             else:
-                self._announce(out, uc, Kind.OUTGOING, chan.created)
+                self._announce(out, uc, Kind.OUTGOING, began)
             if chan.state == "Up" and uc.phase is Phase.RINGING:
                 self._adopt_answer(out, uc, chan, callee)
 
@@ -4230,6 +4274,13 @@ class CallEngine(_Resync):
         out = Outbox(now)
         for uc in self.book.all():
             self._end(out, uc, reason=Reason.UNKNOWN)
+        # A call still up at the PBX when the link comes back (the resync
+        # lists it) is told again, but as a new call: the one of this id
+        # has had its hangup (seen live: tests/traces/live/grace/).
+        ended = {note.fields["call"] for note in out.notes if note.kind == Kind.HANGUP}
+        for linkedid in {chan.linkedid for chan in self.table.channels.values()
+                         if chan.call_id in ended or chan.linkedid in ended}:
+            self.follow_ons.restart(linkedid)
         self.table.clear()
         self.book.clear()
         self.order.clear()
@@ -4270,7 +4321,7 @@ class CallEngine(_Resync):
         channels that are gone but still named): [] when all is well.  For
         the tests, after every message of a trace."""
         problems = self.table.check() + self.book.check(self.table) + \
-            self.order.check(self.table)
+            self.order.check(self.table) + self.follow_ons.check()
         for room, members in self.conferences.items():
             problems += ["conference %s lists %r, which is gone" % (room, chan)
                          for chan in members if self.table.channels.get(chan.uniqueid) is not chan]

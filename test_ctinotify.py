@@ -1106,6 +1106,54 @@ def test_engine_link_lost_ends_every_call_with_reason_unknown():
     assert engine.link_lost(26.0) == []
 
 
+def replay_grace_readopt(losses=1):
+    """tests/traces/live/grace/: a call answered, the link lost past the
+    grace (``losses`` times: the channel list of the second connection, then
+    the link lost again), and the second connection, where the channel list
+    still has the call, which then hangs up.  Every notification, as golden
+    events."""
+    engine = CallEngine(Directory(office().users.values()))
+    clock = ctinotify.TraceClock()
+    notes = []
+
+    def feed(part, until=None):
+        for msg in AmiParser().feed(read_trace("live/grace/grace_readopt.%d" % part)):
+            notes.extend(engine.handle(msg, clock.observe(msg)))
+            if until is not None and msg.get("Event") == until:
+                return
+
+    feed(1)
+    for loss in range(losses):
+        clock.now += ctinotify.AMI_RESYNC_GRACE_S + 1
+        notes.extend(engine.link_lost(clock.now))
+        feed(2, until="CoreShowChannelsComplete" if loss < losses - 1 else None)
+    assert_engine_empty(engine)
+    return [dict({"client": note.user}, **note.fields) for note in notes]
+
+
+def test_a_call_ended_by_the_grace_and_found_again_is_a_new_call():
+    """Seen live: the link stays down past the grace, so Alice's call ends
+    (reason unknown); it is still up at the PBX when the link comes back.
+    The call of that id has had its one hangup: what the resync finds is told
+    as a new call, with the first one's id and +1 (+2 after a second loss),
+    from incoming to its own hangup."""
+    got = replay_grace_readopt()
+    path = golden_path("live/grace_readopt")
+    if os.environ.get("CTINOTIFY_WRITE_GOLDEN"):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in got)
+    assert got == load_golden("live/grace_readopt")
+    assert [(e["event"], e["call"], e.get("reason")) for e in got] == [
+        ("incoming", "1796402546.0", None), ("pickup", "1796402546.0", None),
+        ("hangup", "1796402546.0", "unknown"),
+        ("incoming", "1796402546.0+1", None), ("pickup", "1796402546.0+1", None),
+        ("hangup", "1796402546.0+1", "completed")]
+    twice = replay_grace_readopt(losses=2)
+    assert [(e["event"], e["call"]) for e in twice][3:] == [
+        ("incoming", "1796402546.0+1"), ("pickup", "1796402546.0+1"), ("hangup", "1796402546.0+1"),
+        ("incoming", "1796402546.0+2"), ("pickup", "1796402546.0+2"), ("hangup", "1796402546.0+2")]
+
+
 def test_the_phase_table_keeps_the_promise_of_one_start_and_one_end():
     """Only incoming/outgoing lead from the untold phases to a told one;
     only hangup leads from a told phase to the end, and nothing comes after
