@@ -2498,8 +2498,9 @@ class FollowOnCalls:
     def __init__(self) -> None:
         #: Linkedid -> how many calls followed on it, least recent first.
         self._count: "collections.OrderedDict[str, int]" = collections.OrderedDict()
-        #: Linkedid -> the id its channels take from now on (after link_lost).
-        self._restarted: "collections.OrderedDict[str, str]" = collections.OrderedDict()
+        #: Linkedid -> the id its channels take from now on (after link_lost);
+        #: read by the engine for every channel event: mostly empty.
+        self.restarted: "collections.OrderedDict[str, str]" = collections.OrderedDict()
 
     def new_id(self, linkedid: str) -> str:
         """The id of the next call to follow on ``linkedid``."""
@@ -2512,17 +2513,13 @@ class FollowOnCalls:
     def restart(self, linkedid: str) -> None:
         """The users' calls on ``linkedid`` ended (link lost): what is seen
         of it from now on is a new call."""
-        self._restarted.pop(linkedid, None)
-        self._restarted[linkedid] = self.new_id(linkedid)
-        if len(self._restarted) > MAX_RECENT_HANGUPS:
-            self._restarted.popitem(last=False)
-
-    def restarted(self, linkedid: str) -> Optional[str]:
-        """The id a channel on ``linkedid`` is in, if that call restarted."""
-        return self._restarted.get(linkedid) if self._restarted else None
+        self.restarted.pop(linkedid, None)
+        self.restarted[linkedid] = self.new_id(linkedid)
+        if len(self.restarted) > MAX_RECENT_HANGUPS:
+            self.restarted.popitem(last=False)
 
     def check(self) -> List[str]:
-        return ["%d call ids remembered" % len(memory) for memory in (self._count, self._restarted)
+        return ["%d call ids remembered" % len(memory) for memory in (self._count, self.restarted)
                 if len(memory) > MAX_RECENT_HANGUPS]
 
 
@@ -2825,15 +2822,13 @@ class LocalDialOrder:
 
     def __init__(self) -> None:
         #: ;1 half Uniqueid -> its wait, in the order the pairs appeared.
-        self._waits: Dict[str, _LocalWait] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self._waits)
+        #: Read by CallEngine.handle for every event: empty, nothing waits.
+        self.waits: Dict[str, _LocalWait] = {}
 
     def expect_dial(self, one: Channel, two: Channel) -> None:
         """A Local pair was just requested: its ;1 half's DialBegin is due."""
-        if one.uniqueid not in self._waits:
-            self._waits[one.uniqueid] = _LocalWait(one, two)
+        if one.uniqueid not in self.waits:
+            self.waits[one.uniqueid] = _LocalWait(one, two)
 
     def due(self, msg: AmiMessage, now: float) -> list:
         """The held events to handle before ``msg``, their wait over: the
@@ -2843,13 +2838,17 @@ class LocalDialOrder:
         event = msg.get("Event")
         named = _channels_named(msg)
         resync = event in ("CoreShowChannel", "CoreShowChannelsComplete")
-        joins = sum(1 for wait in self._waits.values() if named & wait.channels) > 1
+        holders = [wait for wait in self.waits.values() if named & wait.channels]
+        # An event a wait holds is not yet an event of the ;1 half it names
+        # (a nested Local pair: it comes after that pair's own DialBegin).
+        held = len(holders) == 1 and (holders[0].held or event not in _MODEL_ONLY_EVENTS)
         awaited = msg.get("DestUniqueid") if event == "DialBegin" else None
         due: list = []
-        for wait in list(self._waits.values()):
+        for wait in list(self.waits.values()):
+            one = wait.one.uniqueid
             if resync or (wait.held and now - wait.since > LOCAL_DIAL_WAIT_S) or \
-                    (joins and named & wait.channels) or \
-                    (wait.one.uniqueid in named and wait.one.uniqueid != awaited and
+                    (len(holders) > 1 and wait in holders) or \
+                    (not held and one in named and one != awaited and
                      (wait.held or event == "Hangup")):
                 due += self._end(wait)
         return due
@@ -2857,37 +2856,38 @@ class LocalDialOrder:
     def hold(self, msg: AmiMessage, handler: object, now: float) -> bool:
         """Keep ``msg`` back if it is the waiting ;2 side's (True)."""
         named = _channels_named(msg)
-        for wait in self._waits.values():
-            if named & wait.channels:
-                if not wait.held and msg.get("Event") in _MODEL_ONLY_EVENTS:
-                    return False  # nothing to tell yet: no need to wait
-                if not wait.held:
-                    wait.since = now
-                wait.held.append((msg, handler, now))
-                named.discard(wait.one.uniqueid)
-                wait.channels |= named
-                return True
-        return False
+        holders = [wait for wait in self.waits.values() if named & wait.channels]
+        if len(holders) != 1:
+            return False
+        wait = holders[0]
+        if not wait.held:
+            if msg.get("Event") in _MODEL_ONLY_EVENTS:
+                return False  # nothing to tell yet: no need to wait
+            wait.since = now
+        wait.held.append((msg, handler, now))
+        named.discard(wait.one.uniqueid)
+        wait.channels |= named
+        return True
 
     def dialed(self, msg: AmiMessage) -> list:
         """After the awaited DialBegin ``msg`` (handled): what waited for it."""
         if msg.get("Event") != "DialBegin":
             return []
-        wait = self._waits.get(msg.get("DestUniqueid", ""))
+        wait = self.waits.get(msg.get("DestUniqueid", ""))
         return self._end(wait) if wait is not None else []
 
     def _end(self, wait: _LocalWait) -> list:
-        del self._waits[wait.one.uniqueid]
+        del self.waits[wait.one.uniqueid]
         return wait.held
 
     def clear(self) -> None:
         """The link is gone: what was held never happened for any user."""
-        self._waits.clear()
+        self.waits.clear()
 
     def check(self, table: ChannelTable) -> List[str]:
         """Waits for a ;1 half that is gone: for the tests."""
         return ["a DialBegin to %r is awaited, but it is gone" % (wait.one,)
-                for wait in self._waits.values()
+                for wait in self.waits.values()
                 if table.channels.get(wait.one.uniqueid) is not wait.one]
 
 
@@ -2966,8 +2966,9 @@ class _EngineCore:
         linkedid = get(keys[7])
         if linkedid:
             chan.linkedid = linkedid
-            if chan.new_call is None:
-                chan.new_call = self.follow_ons.restarted(linkedid)
+            restarted = self.follow_ons.restarted
+            if restarted and chan.new_call is None:
+                chan.new_call = restarted.get(linkedid)
         exten = get(keys[8])
         if exten:
             context = get(keys[9]) or chan.context
@@ -4241,7 +4242,7 @@ class CallEngine(_Resync):
         if handler is None:
             return _NO_NOTIFICATIONS
         out = Outbox(now)
-        if self.order:
+        if self.order.waits:
             self._in_order(msg, handler, out)
         else:
             handler(msg, out)
@@ -4262,7 +4263,7 @@ class CallEngine(_Resync):
         """A held event, at the time it came (its notifications say so)."""
         msg, handler, now = held
         mine = Outbox(now)
-        if self.order:
+        if self.order.waits:
             self._in_order(msg, handler, mine)
         else:
             handler(msg, mine)  # type: ignore[operator]
@@ -4314,7 +4315,7 @@ class CallEngine(_Resync):
         """No channel, no user call, no conference is known: what the engine
         comes back to when every call has ended."""
         return self.table.is_idle() and self.book.is_idle() and not self.conferences \
-            and not self.order
+            and not self.order.waits
 
     def check(self) -> List[str]:
         """What is inconsistent in the engine's state (links not two-way,

@@ -1056,6 +1056,154 @@ def assert_engine_empty(engine):
     assert engine.check() == []
 
 
+#: The reorderings of a recording that Asterisk may produce as well, as the
+#: live tier saw them (tests/traces/live/README.md), each as a rule:
+#: - late_dialbegin: a DialBegin to a Local channel's ;1 half is published
+#:   only after ast_call started the ;2 half's dialplan in a thread of its
+#:   own (apps/app_dial.c), so it may come after any event of the ;2 side,
+#:   up to the next event of the dialing channel or of the ;1 half;
+#: - late_pickup: the Pickup event may come after the answer it caused
+#:   (DialEnd ANSWER, the caller's Newstate Up, the picker's own snapshots),
+#:   up to the picker's joining a bridge or hanging up; the picked phone's
+#:   events (its hangup) still follow it.
+#: Only these: a free interleaving of the events of different channels
+#: would give orders Asterisk never sends (a phone's answer before it was
+#: dialed), which no engine could read.
+_HANDLED = set(ctinotify.CallEngine.HANDLERS)
+
+
+def _named(msg):
+    return {uid for uid in map(msg.get, ctinotify._CHANNEL_ID_KEYS) if uid}
+
+
+def _places(messages, start, stop):
+    """The indexes before which a message taken from ``start`` may be put,
+    up to ``stop``: one per handled event crossed (crossing an event the
+    engine ignores changes nothing)."""
+    return [k for k in range(start + 2, stop + 1) if messages[k - 1].get("Event") in _HANDLED]
+
+
+def late_dialbegins(messages):
+    """(index, places) of each DialBegin to a Local ;1 half."""
+    for i, msg in enumerate(messages):
+        if msg.get("Event") == "DialBegin" and msg.get("DestChannel", "").startswith("Local/") \
+                and msg.get("DestChannel", "").endswith(";1"):
+            own = {uid for uid in (msg.get("Uniqueid"), msg.get("DestUniqueid")) if uid}
+            j = i + 1
+            while j < len(messages) and not _named(messages[j]) & own:
+                j += 1
+            yield i, _places(messages, i, j)
+
+
+def late_pickups(messages):
+    """(index, places) of each Pickup event."""
+    for i, msg in enumerate(messages):
+        if msg.get("Event") == "Pickup" and msg.get("Uniqueid"):
+            j = i + 1
+            while j < len(messages) and not (
+                    messages[j].get("Event") in ("BridgeEnter", "BridgeLeave", "Hangup") and
+                    msg["Uniqueid"] in _named(messages[j])):
+                j += 1
+            yield i, _places(messages, i, j)
+
+
+def moved(messages, i, k, drag=()):
+    """``messages`` with the one at ``i`` put before the one at ``k``; those
+    in between naming a channel in ``drag`` go along, after it."""
+    between = messages[i + 1:k]
+    along = [m for m in between if _named(m) & set(drag)]
+    return messages[:i] + [m for m in between if m not in along] + \
+        [messages[i]] + along + messages[k:]
+
+
+def rule_moves(messages):
+    """(index, places, drag) for each event a rule lets move."""
+    for i, places in late_dialbegins(messages):
+        yield i, places, ()
+    for i, places in late_pickups(messages):
+        yield i, places, (messages[i].get("TargetUniqueid"),)
+
+
+def reorderings(messages):
+    """Every reordering of the recording by one rule applied once, and the
+    one with every Local DialBegin as late as it may be, the last first (its
+    place bounds the one before): (what, messages)."""
+    for i, places, drag in rule_moves(messages):
+        for k in places:
+            yield "%s #%d before #%d" % (messages[i]["Event"], i, k), moved(messages, i, k, drag)
+    latest = list(messages)
+    for i in sorted((i for i, _ in late_dialbegins(messages)), reverse=True):
+        places = dict(late_dialbegins(latest))[i]
+        if places:
+            latest = moved(latest, i, places[-1])
+    if latest != messages:
+        yield "every Local DialBegin late", latest
+
+
+def told_per_call(notes):
+    """Each user's notifications per call, in order, without times (a moved
+    event may take another second of the recording's clock)."""
+    calls = {}
+    for user, fields in notes:
+        calls.setdefault((user, fields["call"]), []).append(
+            {k: v for k, v in fields.items() if k not in ("time", "duration", "talk_time")})
+    return calls
+
+
+@pytest.mark.parametrize("name", CALL_TRACES)
+def test_reordered_traces_tell_every_user_the_same(name):
+    """Events of different channels come in an order Asterisk's threads
+    decide: each reordering above of each recording tells every user the
+    same calls, kinds, caller IDs and reasons, in the same order per call,
+    and leaves the engine consistent after every message and empty after."""
+    users = users_for(name)
+    messages = list(AmiParser().feed(read_trace(name)))
+    want = told_per_call((e["client"], {k: v for k, v in e.items() if k != "client"})
+                         for e in load_golden(name))
+    for what, order in reorderings(messages):
+        engine = CallEngine(Directory(users.values()))
+        clock = ctinotify.TraceClock()
+        notes = []
+        for msg in order:
+            notes += [(n.user, n.fields) for n in engine.handle(msg, clock.observe(msg))]
+            assert engine.check() == [], (what, msg)
+        assert told_per_call(notes) == want, what
+        assert_engine_empty(engine)
+
+
+def rule_orders(messages, todo=None):
+    """Every order the rules make of ``messages`` by moving each of its
+    movable events or not, the last first (a move never shifts the events
+    before it, and a later event's new place bounds an earlier one's)."""
+    if todo is None:
+        todo = sorted((i for i, _, _ in rule_moves(messages)), reverse=True)
+    if not todo:
+        yield messages
+        return
+    i, rest = todo[0], todo[1:]
+    yield from rule_orders(messages, rest)
+    for j, places, drag in rule_moves(messages):
+        if j == i:
+            for k in places:
+                yield from rule_orders(moved(messages, i, k, drag), rest)
+
+
+def test_the_reorderings_include_what_the_live_tier_saw():
+    """The rules allow the orders the live reproductions have: each is its
+    office recording with Local DialBegins or Pickups moved within their
+    rules (the events the engine ignores left out)."""
+    def handled(name):
+        return [m for m in AmiParser().feed(read_trace(name)) if m.get("Event") in _HANDLED]
+
+    for live, office_name in (("live/h_forward_late_dialbegin", "h_forward_to_ext"),
+                              ("live/g_ringgroup_late_dialbegin", "g_ringgroup"),
+                              ("live/l_directed_pickup_late", "l_directed_pickup"),
+                              ("live/m_group_pickup_late", "m_group_pickup")):
+        office_order = handled(office_name)
+        assert handled(live) != office_order
+        assert handled(live) in rule_orders(office_order), live
+
+
 def test_all_traces_back_to_back_leave_nothing_behind():
     """One engine, every office trace in a row (the same users): bounded state."""
     engine = CallEngine(Directory(office().users.values()))
