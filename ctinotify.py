@@ -4337,21 +4337,26 @@ class CallEngine(_Resync):
 # Client protocol (no I/O): login, subscriptions, text and JSON lines
 # ---------------------------------------------------------------------------
 
+#: Characters no line sent to a client carries raw, beyond the C0 controls:
+#: DEL and the C1 controls (U+009B is the 8-bit CSI: terminal escape
+#: sequences; U+0085 ends a line for str.splitlines()), the line and
+#: paragraph separators, and the bidi overrides and isolates, which reorder
+#: what a terminal or log viewer shows (watch escapes them on screen too).
+_UNSAFE_BEYOND_C0 = list(range(0x7f, 0xa0)) + [0x2028, 0x2029] + \
+    list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a))
 #: Characters that force a text value into quotes: anything that could end
 #: a line for some reader (CR, LF, VT, FF, NEL, U+2028...), spaces, quotes,
-#: '=' and backslashes.
+#: '=', backslashes, and the rest of the above.
 _NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]')
 _TEXT_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n",
                  ord("\r"): "\\r", ord("\t"): "\\t"}
-# Bidi overrides too: they would reorder what a terminal shows (watch
-# escapes them on screen; a script reading text lines gets them back).
-for _code in list(range(0x20)) + list(range(0x7f, 0xa0)) + [0x2028, 0x2029] + \
-        list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a)):
+for _code in list(range(0x20)) + _UNSAFE_BEYOND_C0:
     _TEXT_ESCAPES.setdefault(_code, "\\u%04x" % _code)
-#: json.dumps escapes C0 controls but not these, which str.splitlines() and
-#: some terminals treat as line ends.
-_JSON_EXTRA_ESCAPES = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
-_JSON_EXTRA_LINE_ENDS = re.compile("[\x85\u2028\u2029]")
+#: json.dumps escapes the C0 controls; these are escaped after it, the same
+#: way (``\\u009b``): still valid JSON, and the same string once parsed.
+_JSON_EXTRA_ESCAPES = {code: "\\u%04x" % code for code in _UNSAFE_BEYOND_C0}
+#: Whether a line holds any (a line rarely does).
+_JSON_NEEDS_EXTRA = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _TEXT_PAIR = re.compile(r'\s*([A-Za-z0-9_]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
 _TEXT_UNESCAPE = re.compile(r'\\(u[0-9a-fA-F]{4}|.)')
 
@@ -4402,8 +4407,10 @@ def encode_text_line(tag: str, fields: Dict[str, object]) -> str:
 
 
 def encode_json_line(fields: Dict[str, object]) -> str:
+    """One JSON object on one line, readable as it is on a terminal."""
     text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
-    if _JSON_EXTRA_LINE_ENDS.search(text):
+    # An ASCII line (most: isascii() reads a flag) can hold only DEL of them.
+    if (not text.isascii() and _JSON_NEEDS_EXTRA.search(text)) or "\x7f" in text:
         text = text.translate(_JSON_EXTRA_ESCAPES)
     return text
 
@@ -6075,8 +6082,9 @@ SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"),
 def encode_sse_event(fields: Dict[str, object], event_id: Optional[str] = None) -> bytes:
     """One SSE frame: ``id:`` (if any) and one ``data:`` line holding the
     JSON object of the JSON line format.  encode_json_line escapes CR, LF,
-    NEL, U+2028 and U+2029, so no caller ID can end the line early or
-    start a field; a frame is always exactly these lines."""
+    NEL, U+2028 and U+2029 (and every other control character and bidi
+    override), so no caller ID can end the line early or start a field; a
+    frame is always exactly these lines."""
     data = "data: " + encode_json_line(fields) + "\n\n"
     if event_id is not None:
         data = "id: " + event_id + "\n" + data

@@ -1401,6 +1401,41 @@ def test_json_lines_stay_on_one_line_and_are_valid(value):
     assert json.loads(text)["from"]["name"] == value
 
 
+#: What no client line carries raw (issue 16.8): DEL, the C1 controls (U+009B
+#: is the 8-bit CSI of terminal escape sequences), the line and paragraph
+#: separators, the bidi overrides and isolates.
+UNSAFE_BEYOND_C0 = [chr(c) for c in list(range(0x7f, 0xa0)) + [0x2028, 0x2029] +
+                    list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a))]
+
+
+@pytest.mark.parametrize("how", ["json", "sse", "calllog"])
+def test_json_escapes_c1_controls_del_and_bidi_overrides_and_reads_back(how):
+    """Valid JSON either way, but raw they act on a terminal (nc, tail -f of
+    the call log): each is sent as \\uXXXX, and parses back the same.
+    Other text (accents, CJK) stays as it is."""
+    value = "Evil " + "".join(UNSAFE_BEYOND_C0) + "\x1b[2J caf\u00e9 \u4e2d"
+    fields = {"event": "incoming", "from": {"num": "+1555", "name": value}}
+    if how == "json":
+        text = ctinotify.encode_notification(fields, "json").decode("utf-8")
+    elif how == "sse":
+        text = ctinotify.encode_sse_event(fields, "7").decode("utf-8")
+        assert text.startswith("id: 7\ndata: {") and text.endswith("}\n\n")
+        text = text.partition("data: ")[2]
+    else:
+        text = ctinotify.encode_json_line({"user": "alice", "record": fields}) + "\n"
+    assert not [c for c in text if c in UNSAFE_BEYOND_C0 or c < " " and c not in "\r\n"]
+    assert all("\\u%04x" % ord(c) in text for c in UNSAFE_BEYOND_C0)
+    assert "caf\u00e9 \u4e2d" in text
+    parsed = json.loads(text)
+    assert (parsed.get("record") or parsed)["from"]["name"] == value
+
+
+def test_json_lines_with_nothing_to_escape_are_what_json_dumps_makes():
+    fields = dict(load_golden("a_inbound_answered")[0], name="caf\u00e9 \u4e2d \u00a0")
+    assert ctinotify.encode_json_line(fields) == json.dumps(fields, ensure_ascii=False,
+                                                             separators=(",", ":"))
+
+
 def session_users():
     return ctinotify.ServerView(office().users)
 
