@@ -1241,6 +1241,116 @@ def server_tls_context(cert: str, key: Optional[str]) -> "ssl.SSLContext":
     return context
 
 
+#: ``check``, ``run`` (and once a day while running) warn this long before
+#: the client TLS port's certificate expires.
+TLS_CERT_WARN_BEFORE_S = 14 * 86400
+TLS_CERT_CHECK_INTERVAL_S = 86400.0
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END CERTIFICATE-----")
+
+
+def _der_element(data: bytes, pos: int) -> Tuple[int, int, int]:
+    """One DER element at ``pos``: (tag, where its content starts, where it
+    ends).  ValueError if it does not fit in ``data``."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated")
+    tag, length = data[pos], data[pos + 1]
+    start = pos + 2
+    if length & 0x80:
+        size = length & 0x7F
+        if not 1 <= size <= 4 or start + size > len(data):
+            raise ValueError("bad length")
+        length = int.from_bytes(data[start:start + size], "big")
+        start += size
+    if start + length > len(data):
+        raise ValueError("truncated")
+    return tag, start, start + length
+
+
+def _der_time(tag: int, text: bytes) -> float:
+    """UTCTime (YYMMDDHHMMSSZ, 1950-2049) or GeneralizedTime
+    (YYYYMMDDHHMMSSZ) as X.509 writes them (RFC 5280 4.1.2.5): seconds."""
+    digits = text.decode("ascii")
+    if tag == 0x17 and len(digits) == 13 and digits.endswith("Z"):
+        year = int(digits[:2])
+        digits = ("19" if year >= 50 else "20") + digits
+    elif not (tag == 0x18 and len(digits) == 15 and digits.endswith("Z")):
+        raise ValueError("not an X.509 time")
+    when = datetime.datetime(int(digits[:4]), int(digits[4:6]), int(digits[6:8]),
+                             int(digits[8:10]), int(digits[10:12]), int(digits[12:14]),
+                             tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def certificate_validity(der: bytes) -> Tuple[float, float]:
+    """(notBefore, notAfter) of one DER X.509 certificate, in seconds since
+    the epoch: Certificate is SEQUENCE { tbsCertificate SEQUENCE { [0]
+    version (optional), serialNumber, signature, issuer, validity SEQUENCE
+    { notBefore, notAfter } ... } ... } (RFC 5280 4.1).  ValueError if
+    it is not one.  (The ssl module reads dates only through a private
+    function, or for CA certificates.)"""
+    tag, start, _ = _der_element(der, 0)
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    tag, pos, end = _der_element(der, start)  # tbsCertificate
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    tag, _, after = _der_element(der, pos)
+    if tag == 0xA0:  # [0] EXPLICIT version
+        pos = after
+    for _ in range(3):  # serialNumber, signature, issuer
+        pos = _der_element(der, pos)[2]
+    tag, pos, end = _der_element(der, pos)
+    if tag != 0x30:
+        raise ValueError("no validity")
+    tag, start, stop = _der_element(der, pos)
+    not_before = _der_time(tag, der[start:stop])
+    tag, start, stop = _der_element(der, stop)
+    return not_before, _der_time(tag, der[start:stop])
+
+
+def certificate_dates(path: str) -> List[Tuple[float, float]]:
+    """The validity of each certificate in a PEM file, in its order (the
+    server's own first, then its chain); [] if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            pem = f.read(1024 * 1024)
+        return [certificate_validity(base64.b64decode(b"".join(block.split())))
+                for block in _PEM_CERTIFICATE.findall(pem)]
+    except (OSError, ValueError):
+        return []
+
+
+def certificate_warnings(config: "Config", now: float) -> List[str]:
+    """What ``check`` and ``run`` say of the client TLS port's certificate
+    (``tls_cert``): not valid yet, expired, or expiring within
+    TLS_CERT_WARN_BEFORE_S.  Clients refuse such a certificate, and the
+    daemon serves it without a word otherwise."""
+    if config.tls_port is None or not config.tls_cert:
+        return []
+    notes = []
+    where = config.origins.get("tls_cert") or "%s: [general] tls_cert" % config.path
+    dates = certificate_dates(config.tls_cert)
+    for n, (not_before, not_after) in enumerate(dates):
+        which = "the certificate %s" % config.tls_cert if n == 0 else \
+            "certificate %d of %s (its chain)" % (n + 1, config.tls_cert)
+        span = "valid from %s to %s" % tuple(time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                          time.gmtime(t))
+                                            for t in (not_before, not_after))
+        if now < not_before:
+            notes.append("%s: %s is not valid yet (%s): TLS clients refuse it until then; "
+                         "is the clock right?" % (where, which, span))
+        elif now >= not_after:
+            notes.append("%s: %s has expired (%s): TLS clients refuse it; renew it"
+                         % (where, which, span))
+        elif not_after - now <= TLS_CERT_WARN_BEFORE_S:
+            left = (not_after - now) / 86400
+            notes.append("%s: %s expires in %s (%s): renew it" % (
+                where, which, "%d days" % left if left >= 2 else "1 day" if left >= 1
+                else "%d hours" % (left * 24), span))
+    return notes
+
+
 def client_tls_context(cafile: str = "", verify: bool = True) -> "ssl.SSLContext":
     """The context of a TLS connection we open (to Asterisk, or ``watch`` to
     the daemon): TLS 1.2 or newer, the server verified against ``cafile``
@@ -8915,6 +9025,16 @@ class Daemon:
         self.calllog.seed(self.config.users)
         for link in self.links:
             link.resolve()
+        if self.config.tls_port is not None:
+            # run warned at the start; a certificate may expire months later.
+            self.loop.at(self.loop.now + TLS_CERT_CHECK_INTERVAL_S, self._check_certificate)
+
+    def _check_certificate(self, now: float) -> None:
+        """Once a day: is the TLS port's certificate (the one of the
+        configuration now in force) about to expire, or expired?"""
+        for note in certificate_warnings(self.config, self.loop.wall):
+            log.warning("%s", note)
+        self.loop.at(now + TLS_CERT_CHECK_INTERVAL_S, self._check_certificate)
 
     def serve_forever(self) -> int:
         if self._wakeup is None:
@@ -9036,7 +9156,7 @@ class Daemon:
         self.calllog.reopen(new.calllog)
         self._reload_links(new)
         log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
-        for note in new.advisories():
+        for note in new.advisories() + certificate_warnings(new, self.loop.wall):
             log.warning("%s", note)
 
     def _reload_links(self, new: Config) -> None:
@@ -10021,7 +10141,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     sys.stdout.write(config.describe())
     if not config.users:
         log.warning("%s defines no client users: nobody can log in", path)
-    for note in config.advisories():
+    for note in config.advisories() + certificate_warnings(config, time.time()):
         log.warning("%s", note)
     _warn_if_world_readable(path)
     return 0
@@ -10038,7 +10158,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     logging.getLogger("ctinotify").setLevel(config.loglevel.upper())
     _warn_if_world_readable(config.path)
-    for note in config.advisories():
+    for note in config.advisories() + certificate_warnings(config, time.time()):
         log.warning("%s", note)
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
     if pidfile is not None:

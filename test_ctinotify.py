@@ -8,6 +8,8 @@ Asterisk of tests/fakeami.py, with real TCP clients on 127.0.0.1.
 """
 
 import ast
+import base64
+import calendar
 import copy
 import hashlib
 import io
@@ -5258,6 +5260,152 @@ def test_config_tls_keys(tmp_path, certificates):
     assert ctinotify.load_config(str(conf)).tls_context is not None
     result = run_cli("check", "-c", str(conf))
     assert result.returncode == 0 and "tls_port = 0" in result.stdout
+
+
+# -- the TLS port's certificate: its dates (issue 16.4) ------------------------
+
+#: Two certificates made by openssl(1) for these tests, no key: a v3 one (RSA)
+#: valid for 100 years, so its notAfter is a GeneralizedTime, and a v1 one
+#: (EC, no version field) with UTCTimes.  Their dates, as ``openssl x509
+#: -noout -dates`` prints them.
+TLS_DATES_PEM = os.path.join(HERE, "tests", "tls", "dates.pem")
+TLS_DATES = [("Dec  4 17:49:41 2026", "Nov 10 17:49:41 2126"),
+             ("Dec  4 17:49:35 2026", "Dec  1 17:49:35 2036")]
+
+
+def openssl_epoch(text):
+    """``Dec  4 17:49:41 2026`` (GMT) as seconds since the epoch."""
+    return calendar.timegm(time.strptime(" ".join(text.split()), "%b %d %H:%M:%S %Y"))
+
+
+def pem_certificates(pem):
+    return [base64.b64decode(b"".join(block.split())) for block in
+            re.findall(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", pem, re.S)]
+
+
+def with_dates(pem, not_before, not_after):
+    """The PEM certificate with other validity dates (UTCTimes: 1950-2049),
+    by rewriting them in its DER.  Its signature no longer matches; neither
+    loading it as the server's certificate nor reading its dates checks it."""
+    der = pem_certificates(pem)[0]
+    for old, new in zip(ctinotify.certificate_validity(der), (not_before, not_after)):
+        stamp = lambda t: time.strftime("%y%m%d%H%M%SZ", time.gmtime(t)).encode()
+        assert der.count(b"\x17\x0d" + stamp(old)) == 1
+        der = der.replace(b"\x17\x0d" + stamp(old), b"\x17\x0d" + stamp(new))
+    return b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + \
+        b"-----END CERTIFICATE-----\n"
+
+
+def test_certificate_dates_are_read_from_each_certificate_of_a_pem_file(tmp_path):
+    """Without the ssl module's private decoder: the DER is read as RFC 5280
+    lays it out, a v3 or v1 certificate, UTCTime or GeneralizedTime."""
+    assert ctinotify.certificate_dates(TLS_DATES_PEM) == \
+        [(openssl_epoch(a), openssl_epoch(b)) for a, b in TLS_DATES]
+    with open(TLS_DATES_PEM, "rb") as f:
+        pem = f.read()
+    broken = tmp_path / "broken.pem"
+    for junk in (b"", b"no certificate here", pem.replace(b"MII", b"MIJ", 1),
+                 b"-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n",
+                 b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(
+                     pem_certificates(pem)[0][:60]) + b"-----END CERTIFICATE-----\n"):
+        broken.write_bytes(junk)
+        assert ctinotify.certificate_dates(str(broken)) == []
+    assert ctinotify.certificate_dates(str(tmp_path / "missing.pem")) == []
+    if shutil.which("openssl"):  # and openssl reads the same from a fresh one
+        cert, _ = make_certificate(tmp_path, "fresh")
+        dates = subprocess.run(["openssl", "x509", "-in", cert, "-noout", "-dates"],
+                               check=True, stdout=subprocess.PIPE, universal_newlines=True)
+        found = dict(line.split("=", 1) for line in dates.stdout.splitlines())
+        assert ctinotify.certificate_dates(cert) == [
+            (openssl_epoch(found["notBefore"][:-4]), openssl_epoch(found["notAfter"][:-4]))]
+
+
+def test_certificate_warnings_say_not_yet_valid_expired_and_expiring_with_the_dates(tmp_path):
+    path = tmp_path / "chain.pem"
+    with open(TLS_DATES_PEM, "rb") as f:
+        path.write_bytes(f.read())
+    config = parse_config("[general]\ntls_port = 0\ntls_cert = %s\n" % path, str(tmp_path / "c"),
+                          require_ami=False)
+    (start, end), (_, end_v1) = ctinotify.certificate_dates(str(path))
+    where = "%s:3: [general] tls_cert: " % (tmp_path / "c")
+    span = "(valid from 2026-12-04 17:49:41 UTC to 2126-11-10 17:49:41 UTC)"
+    assert ctinotify.certificate_warnings(config, start - 60) == [
+        where + "the certificate %s is not valid yet %s: TLS clients refuse it until then; "
+        "is the clock right?" % (path, span),
+        where + "certificate 2 of %s (its chain) is not valid yet (valid from 2026-12-04 "
+        "17:49:35 UTC to 2036-12-01 17:49:35 UTC): TLS clients refuse it until then; is the "
+        "clock right?" % path]
+    assert ctinotify.certificate_warnings(config, start) == []
+    assert ctinotify.certificate_warnings(config, end_v1 - 15 * 86400) == []
+    assert ctinotify.certificate_warnings(config, end_v1 - 14 * 86400 + 1) == [
+        where + "certificate 2 of %s (its chain) expires in 13 days (valid from 2026-12-04 "
+        "17:49:35 UTC to 2036-12-01 17:49:35 UTC): renew it" % path]
+    assert "expires in 1 day " in ctinotify.certificate_warnings(config, end_v1 - 86400)[0]
+    assert "expires in 5 hours " in ctinotify.certificate_warnings(config, end_v1 - 5.5 * 3600)[0]
+    assert ctinotify.certificate_warnings(config, end + 1) == [
+        where + "the certificate %s has expired %s: TLS clients refuse it; renew it"
+        % (path, span),
+        where + "certificate 2 of %s (its chain) has expired (valid from 2026-12-04 17:49:35 "
+        "UTC to 2036-12-01 17:49:35 UTC): TLS clients refuse it; renew it" % path]
+    plain = parse_config("[general]\nport = 0\n", "c", require_ami=False)
+    assert ctinotify.certificate_warnings(plain, end + 1) == []
+
+
+def test_check_run_and_reload_warn_of_an_expired_or_expiring_certificate(tmp_path, fake):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a key and certificate")
+    cert, key = make_certificate(tmp_path, "soon")  # valid for 2 days: expiring
+    with open(cert, "rb") as f:
+        expired = with_dates(f.read(), 1577836800, 1577923200)  # 2020-01-01 to 02
+    old = tmp_path / "expired.pem"
+    old.write_bytes(expired)
+    conf = tmp_path / "tls.conf"
+    base = "[ami]\nusername=u\nsecret=s\n"
+    conf.write_text(base + "[general]\ntls_port = 0\ntls_cert = %s\ntls_key = %s\n" % (old, key))
+    result = run_cli("check", "-c", str(conf))
+    assert result.returncode == 0
+    assert "WARNING %s:6: [general] tls_cert: the certificate %s has expired (valid from " \
+        "2020-01-01 00:00:00 UTC to 2020-01-02 00:00:00 UTC): TLS clients refuse it; renew " \
+        "it" % (conf, old) in result.stderr
+    conf.write_text(base + "[general]\ntls_port = 0\ntls_cert = %s\ntls_key = %s\n" % (cert, key))
+    result = run_cli("check", "-c", str(conf))
+    assert re.search(r"WARNING \S+:6: \[general\] tls_cert: the certificate \S+ expires in 1 day "
+                     r"\(valid from .* UTC to .* UTC\): renew it", result.stderr), result.stderr
+    daemon = DaemonProcess(tmp_path, fake.port,
+                           general="tls_port = 0\ntls_cert = %s\ntls_key = %s" % (old, key))
+    try:
+        daemon.wait_log(r"WARNING \S+: \[general\] tls_cert: the certificate \S+ has expired")
+        text = daemon.config.read_text().replace(str(old), cert)
+        daemon.config.write_text(text)
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"WARNING \S+: \[general\] tls_cert: the certificate \S+ expires in")
+    finally:
+        daemon.stop()
+
+
+def test_the_daemon_looks_at_its_certificate_again_once_a_day(tmp_path, caplog):
+    """A daemon runs for months: the dates are read again every day."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a key and certificate")
+    cert, key = make_certificate(tmp_path, "soon")
+    conf = tmp_path / "tls.conf"
+    conf.write_text("[ami]\nusername=u\nsecret=s\n[general]\nport = off\ntls_port = 0\n"
+                    "tls_cert = %s\ntls_key = %s\ncalllog =\n" % (cert, key))
+    daemon = ctinotify.Daemon(ctinotify.load_config(str(conf)))
+
+    def checks():
+        return sorted(when for when, _, timer in daemon.loop.timers._heap
+                      if timer.callback == daemon._check_certificate and not timer.cancelled)
+    try:
+        daemon.start()
+        start = daemon.loop.now
+        assert checks() == [start + 86400]
+        with caplog.at_level("WARNING", logger="ctinotify"):
+            daemon._check_certificate(start + 86400)
+        assert "tls_cert: the certificate %s expires in" % cert in caplog.text
+        assert checks() == [start + 86400, start + 2 * 86400]
+    finally:
+        daemon._shutdown()
 
 
 # ---------------------------------------------------------------------------
