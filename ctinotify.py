@@ -2927,8 +2927,13 @@ class LocalDialOrder:
 
     What else ends the wait: an event of the ;1 half itself (the DialBegin
     is then not coming first; its events from the dialing thread all follow
-    the DialBegin), its hangup, LOCAL_DIAL_WAIT_S, or a channel list after a
-    reconnect (CoreShowChannels: everything known is listed again)."""
+    the DialBegin), unless another wait holds that event (a Local pair
+    dialed from a held ;2 side); its hangup; LOCAL_DIAL_WAIT_S; or a channel
+    list after a reconnect (CoreShowChannels: everything is listed again).
+
+    XXX: the engine has no timer, so LOCAL_DIAL_WAIT_S ends a wait at the
+    next event after it: a PBX that falls silent meanwhile keeps the held
+    events until it speaks again (while the ;2 side dials, it does)."""
 
     def __init__(self) -> None:
         #: ;1 half Uniqueid -> its wait, in the order the pairs appeared.
@@ -2951,14 +2956,14 @@ class LocalDialOrder:
         holders = [wait for wait in self.waits.values() if named & wait.channels]
         # An event a wait holds is not yet an event of the ;1 half it names
         # (a nested Local pair: it comes after that pair's own DialBegin).
-        held = len(holders) == 1 and (holders[0].held or event not in _MODEL_ONLY_EVENTS)
+        to_hold = len(holders) == 1 and (holders[0].held or event not in _MODEL_ONLY_EVENTS)
         awaited = msg.get("DestUniqueid") if event == "DialBegin" else None
         due: list = []
         for wait in list(self.waits.values()):
             one = wait.one.uniqueid
             if resync or (wait.held and now - wait.since > LOCAL_DIAL_WAIT_S) or \
                     (len(holders) > 1 and wait in holders) or \
-                    (not held and one in named and one != awaited and
+                    (not to_hold and one in named and one != awaited and
                      (wait.held or event == "Hangup")):
                 due += self._end(wait)
         return due

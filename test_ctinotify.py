@@ -1190,6 +1190,34 @@ def rule_orders(messages, todo=None):
                 yield from rule_orders(moved(messages, i, k, drag), rest)
 
 
+@pytest.mark.parametrize("then", ["time", "channel list", "link lost"])
+def test_what_waits_for_a_late_dialbegin_is_never_kept_for_long(then):
+    """The live late DialBegin, cut off before it comes: Bob's phone rings
+    and nobody is told yet.  Then LOCAL_DIAL_WAIT_S passes (any event after
+    it lets the held ones go), or a resync lists the channels, or the link
+    is lost (what was held never happened for anyone)."""
+    engine = CallEngine(Directory(office().users.values()))
+    now = 1000.0
+    for msg in AmiParser().feed(read_trace("live/h_forward_late_dialbegin")):
+        if msg.get("Event") == "DialBegin" and msg.get("DestChannel", "").endswith(";1"):
+            break
+        assert [n.user for n in engine.handle(msg, now)] in ([], ["alice"])
+    assert engine.order.waits and engine.check() == []
+    unrelated = "Event: Newstate\r\nUniqueid: 42.1\r\nChannel: PJSIP/trunk-1\r\n" \
+        "ChannelStateDesc: Ring\r\nLinkedid: 42.1\r\n\r\n"
+    if then == "time":
+        assert feed(engine, unrelated, now + ctinotify.LOCAL_DIAL_WAIT_S) == ()
+        told = feed(engine, unrelated, now + ctinotify.LOCAL_DIAL_WAIT_S + 0.1)
+    elif then == "channel list":
+        told = feed(engine, "Event: CoreShowChannelsComplete\r\n\r\n", now + 0.1)
+    else:
+        told = engine.link_lost(now + 0.1)
+    assert not engine.order.waits and engine.check() == []
+    bob = [(n.kind, n.fields["time"]) for n in told if n.user == "bob"]
+    # (told at the time its events came; an empty channel list then ends it)
+    assert bob[:1] == ([] if then == "link lost" else [("incoming", ctinotify.iso_time(now))])
+
+
 def test_the_reorderings_include_what_the_live_tier_saw():
     """The rules allow the orders the live reproductions have: each is its
     office recording with Local DialBegins or Pickups moved within their
