@@ -4244,11 +4244,10 @@ class _Resync(_Gathering):
         (hold, a transfer, the hangup) belongs to a call the user knows of:
         ``incoming`` (or ``outgoing``) stamped with the time the channel was
         created, not the time we learn of it (after a long outage that may
-        be a minute later), then ``pickup`` if it is answered.  A call whose
-        first part the link loss ended (FollowOnCalls) begins again now:
-        the first part's time is its own."""
+        be a minute later; issue 16.5), then ``pickup`` if it is answered.
+        So does a call whose first part the link loss ended, now a call of
+        its own (FollowOnCalls): it began then too."""
         callee = chan.app == "AppDial" or chan.dialer is not None
-        began = chan.created if chan.new_call is None else out.now
         # An outgoing call to an application (a conference room, voicemail)
         # has no connected party: the number the phone dialed stands in.
         dialed = "" if callee else self._dialed_number(chan, "")
@@ -4259,9 +4258,9 @@ class _Resync(_Gathering):
             uc.device = chan.device
             self.book.attach(uc, chan)
             if callee:
-                self._announce_incoming(out, uc, chan.connected, "", chan, began)
+                self._announce_incoming(out, uc, chan.connected, "", chan, chan.created)
             else:
-                self._announce(out, uc, Kind.OUTGOING, began)
+                self._announce(out, uc, Kind.OUTGOING, chan.created)
             if chan.state == "Up" and uc.phase is Phase.RINGING:
                 self._adopt_answer(out, uc, chan, callee)
 

@@ -3116,6 +3116,7 @@ def test_a_call_still_ringing_after_a_long_outage_is_told_from_when_it_began():
     (incoming,) = engine.handle(done, back)
     assert (incoming.kind, incoming.fields["time"]) == \
         ("incoming", ctinotify.iso_time(phone.created))
+    assert incoming.fields["call"] == phone.linkedid + "+1"  # the first had its hangup
     (call,) = ctinotify.ServerView(office().users, engine).calls("alice")
     assert (call["state"], call["time"]) == ("ringing", ctinotify.iso_time(phone.created))
     (hangup,) = engine.link_lost(back + 5)
