@@ -1289,10 +1289,10 @@ def certificate_validity(der: bytes) -> Tuple[float, float]:
     { notBefore, notAfter } ... } ... } (RFC 5280 4.1).  ValueError if
     it is not one.  (The ssl module reads dates only through a private
     function, or for CA certificates.)"""
-    tag, start, _ = _der_element(der, 0)
+    tag, pos, _ = _der_element(der, 0)
     if tag != 0x30:
         raise ValueError("not a certificate")
-    tag, pos, end = _der_element(der, start)  # tbsCertificate
+    tag, pos, _ = _der_element(der, pos)  # tbsCertificate
     if tag != 0x30:
         raise ValueError("not a certificate")
     tag, _, after = _der_element(der, pos)
@@ -1300,7 +1300,7 @@ def certificate_validity(der: bytes) -> Tuple[float, float]:
         pos = after
     for _ in range(3):  # serialNumber, signature, issuer
         pos = _der_element(der, pos)[2]
-    tag, pos, end = _der_element(der, pos)
+    tag, pos, _ = _der_element(der, pos)
     if tag != 0x30:
         raise ValueError("no validity")
     tag, start, stop = _der_element(der, pos)
@@ -3221,11 +3221,11 @@ class _Dialing(_EngineCore):
         if uniqueid not in self.table.channels:  # else a repeated Newchannel: an update
             chan = Channel(uniqueid, name, out.now)
             self.table.add(chan)
-            pair = sorted((chan, chan.local_peer), key=lambda c: c.local_half) \
-                if chan.local_peer is not None else ()
-            if pair and pair[0].dialer is None and not pair[0].originated and \
-                    pair[0].answered_at is None:
-                self.order.expect_dial(*pair)  # a Local pair just requested
+            peer = chan.local_peer
+            if peer is not None:  # a Local pair just requested: its DialBegin is due
+                one, two = (chan, peer) if chan.local_half == "1" else (peer, chan)
+                if one.dialer is None and not one.originated and one.answered_at is None:
+                    self.order.expect_dial(one, two)
         self._snapshot(out, msg, "")
 
     def on_snapshot(self, msg: AmiMessage, out: Outbox) -> None:
