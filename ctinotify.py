@@ -1513,6 +1513,116 @@ def server_tls_context(cert: str, key: Optional[str]) -> "ssl.SSLContext":
     return context
 
 
+#: ``check``, ``run`` (and once a day while running) warn this long before
+#: the client TLS port's certificate expires.
+TLS_CERT_WARN_BEFORE_S = 14 * 86400
+TLS_CERT_CHECK_INTERVAL_S = 86400.0
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END CERTIFICATE-----")
+
+
+def _der_element(data: bytes, pos: int) -> Tuple[int, int, int]:
+    """One DER element at ``pos``: (tag, where its content starts, where it
+    ends).  ValueError if it does not fit in ``data``."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated")
+    tag, length = data[pos], data[pos + 1]
+    start = pos + 2
+    if length & 0x80:
+        size = length & 0x7F
+        if not 1 <= size <= 4 or start + size > len(data):
+            raise ValueError("bad length")
+        length = int.from_bytes(data[start:start + size], "big")
+        start += size
+    if start + length > len(data):
+        raise ValueError("truncated")
+    return tag, start, start + length
+
+
+def _der_time(tag: int, text: bytes) -> float:
+    """UTCTime (YYMMDDHHMMSSZ, 1950-2049) or GeneralizedTime
+    (YYYYMMDDHHMMSSZ) as X.509 writes them (RFC 5280 4.1.2.5): seconds."""
+    digits = text.decode("ascii")
+    if tag == 0x17 and len(digits) == 13 and digits.endswith("Z"):
+        year = int(digits[:2])
+        digits = ("19" if year >= 50 else "20") + digits
+    elif not (tag == 0x18 and len(digits) == 15 and digits.endswith("Z")):
+        raise ValueError("not an X.509 time")
+    when = datetime.datetime(int(digits[:4]), int(digits[4:6]), int(digits[6:8]),
+                             int(digits[8:10]), int(digits[10:12]), int(digits[12:14]),
+                             tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def certificate_validity(der: bytes) -> Tuple[float, float]:
+    """(notBefore, notAfter) of one DER X.509 certificate, in seconds since
+    the epoch: Certificate is SEQUENCE { tbsCertificate SEQUENCE { [0]
+    version (optional), serialNumber, signature, issuer, validity SEQUENCE
+    { notBefore, notAfter } ... } ... } (RFC 5280 4.1).  ValueError if
+    it is not one.  (The ssl module reads dates only through a private
+    function, or for CA certificates.)"""
+    tag, pos, _ = _der_element(der, 0)
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    tag, pos, _ = _der_element(der, pos)  # tbsCertificate
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    tag, _, after = _der_element(der, pos)
+    if tag == 0xA0:  # [0] EXPLICIT version
+        pos = after
+    for _ in range(3):  # serialNumber, signature, issuer
+        pos = _der_element(der, pos)[2]
+    tag, pos, _ = _der_element(der, pos)
+    if tag != 0x30:
+        raise ValueError("no validity")
+    tag, start, stop = _der_element(der, pos)
+    not_before = _der_time(tag, der[start:stop])
+    tag, start, stop = _der_element(der, stop)
+    return not_before, _der_time(tag, der[start:stop])
+
+
+def certificate_dates(path: str) -> List[Tuple[float, float]]:
+    """The validity of each certificate in a PEM file, in its order (the
+    server's own first, then its chain); [] if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            pem = f.read(1024 * 1024)
+        return [certificate_validity(base64.b64decode(b"".join(block.split())))
+                for block in _PEM_CERTIFICATE.findall(pem)]
+    except (OSError, ValueError):
+        return []
+
+
+def certificate_warnings(config: "Config", now: float) -> List[str]:
+    """What ``check`` and ``run`` say of the client TLS port's certificate
+    (``tls_cert``): not valid yet, expired, or expiring within
+    TLS_CERT_WARN_BEFORE_S.  Clients refuse such a certificate, and the
+    daemon serves it without a word otherwise."""
+    if config.tls_port is None or not config.tls_cert:
+        return []
+    notes = []
+    where = config.origins.get("tls_cert") or "%s: [general] tls_cert" % config.path
+    dates = certificate_dates(config.tls_cert)
+    for n, (not_before, not_after) in enumerate(dates):
+        which = "the certificate %s" % config.tls_cert if n == 0 else \
+            "certificate %d of %s (its chain)" % (n + 1, config.tls_cert)
+        span = "valid from %s to %s" % tuple(time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                          time.gmtime(t))
+                                            for t in (not_before, not_after))
+        if now < not_before:
+            notes.append("%s: %s is not valid yet (%s): TLS clients refuse it until then; "
+                         "is the clock right?" % (where, which, span))
+        elif now >= not_after:
+            notes.append("%s: %s has expired (%s): TLS clients refuse it; renew it"
+                         % (where, which, span))
+        elif not_after - now <= TLS_CERT_WARN_BEFORE_S:
+            left = (not_after - now) / 86400
+            notes.append("%s: %s expires in %s (%s): renew it" % (
+                where, which, "%d days" % left if left >= 2 else "1 day" if left >= 1
+                else "%d hours" % (left * 24), span))
+    return notes
+
+
 def client_tls_context(cafile: str = "", verify: bool = True) -> "ssl.SSLContext":
     """The context of a TLS connection we open (to Asterisk, or ``watch`` to
     the daemon): TLS 1.2 or newer, the server verified against ``cafile``
@@ -2303,7 +2413,8 @@ class Channel:
                  "first_exten", "app", "appdata", "created", "answered_at", "bridge",
                  "dialer", "dial_targets", "originated", "user_calls", "diverted_from",
                  "transferred_by", "queue", "queue_join", "queue_told", "hold_told", "parked",
-                 "callback", "caller_raw", "connected_raw", "comebacks", "new_call")
+                 "callback", "caller_raw", "connected_raw", "new_call",
+                 "picks")
 
     def __init__(self, uniqueid: str, name: str, now: float):
         self.uniqueid = uniqueid
@@ -2351,14 +2462,16 @@ class Channel:
         self.hold_told: Optional[List[UserCall]] = None
         #: (space, lot, parked by) while parked.
         self.parked: Optional[Tuple[str, str, Party]] = None
-        #: Parked, not retrieved, rung back at the parker (ParkedCallTimeOut):
-        #: how often, and the id of the new call that starts for the users it
-        #: rings then (the Linkedid stays the same).
-        self.comebacks = 0
+        #: The id of a new call on the same Linkedid (FollowOnCalls): the
+        #: parked call rung back at the parker (ParkedCallTimeOut), or a call
+        #: found again after the link-lost grace had ended it.
         self.new_call: Optional[str] = None
         #: For an originated Local channel (click-to-dial through the
         #: dialplan): the user's phone it rang first, the real caller.
         self.callback: Optional[Channel] = None
+        #: The pickup method its dialplan ran (Pickup, PickupChan), kept:
+        #: the picked-up call's AppDial replaces the application at once.
+        self.picks = ""
 
     def lineage(self) -> Iterable["Channel"]:
         """The channel, then the ones that caused it: a Local ;2 half leads to
@@ -2823,6 +2936,42 @@ class UserCall:
         }
 
 
+class FollowOnCalls:
+    """Call ids for the new calls that follow on one Asterisk call (one
+    Linkedid) after the user's call of that id ended: ``<linkedid>+1``,
+    ``+2``...  A parked call that comes back to the parker is such a call,
+    and so is a call still up at the PBX when the link comes back after the
+    grace ended it (``link_lost``): one ``hangup`` per call id, always last.
+    Remembered across a link loss, for at most MAX_RECENT_HANGUPS Linkedids."""
+
+    def __init__(self) -> None:
+        #: Linkedid -> how many calls followed on it, least recent first.
+        self._count: "collections.OrderedDict[str, int]" = collections.OrderedDict()
+        #: Linkedid -> the id its channels take from now on (after link_lost);
+        #: read by the engine for every channel event: mostly empty.
+        self.restarted: "collections.OrderedDict[str, str]" = collections.OrderedDict()
+
+    def new_id(self, linkedid: str) -> str:
+        """The id of the next call to follow on ``linkedid``."""
+        count = self._count.pop(linkedid, 0) + 1
+        self._count[linkedid] = count
+        if len(self._count) > MAX_RECENT_HANGUPS:
+            self._count.popitem(last=False)
+        return "%s+%d" % (linkedid, count)
+
+    def restart(self, linkedid: str) -> None:
+        """The users' calls on ``linkedid`` ended (link lost): what is seen
+        of it from now on is a new call."""
+        self.restarted.pop(linkedid, None)
+        self.restarted[linkedid] = self.new_id(linkedid)
+        if len(self.restarted) > MAX_RECENT_HANGUPS:
+            self.restarted.popitem(last=False)
+
+    def check(self) -> List[str]:
+        return ["%d call ids remembered" % len(memory) for memory in (self._count, self.restarted)
+                if len(memory) > MAX_RECENT_HANGUPS]
+
+
 class CallBook:
     """The user calls in progress, and their links to channels.
 
@@ -3066,6 +3215,134 @@ _PICKUP_APPS = frozenset(("pickup", "pickupchan"))
 _SNAPSHOT_FIELDS = ("Uniqueid", "Channel", "ChannelStateDesc", "CallerIDNum", "CallerIDName",
                     "ConnectedLineNum", "ConnectedLineName", "Linkedid", "Exten", "Context")
 _SNAPSHOT_KEYS: Dict[str, Tuple[str, ...]] = {}
+#: Every ``<role>Uniqueid`` an event handled by the engine names a channel by.
+_CHANNEL_ID_KEYS = tuple(role + "Uniqueid" for role in (
+    "", "Dest", "Target", "Transferer", "Transferee", "OrigTransferer", "SecondTransferer",
+    "TransferTarget", "LocalOne", "LocalTwo", "Parkee", "Parker", "Retriever", "Swap"))
+#: Events that only bring the model up to date and tell no user anything:
+#: they need not wait for a late DialBegin (LocalDialOrder).
+_MODEL_ONLY_EVENTS = frozenset(("Newchannel", "Newstate", "NewCallerid", "NewConnectedLine",
+                                "LocalBridge"))
+#: The longest a Local channel's events wait for the DialBegin of its ;1
+#: half (LocalDialOrder).  Asterisk publishes that DialBegin right after the
+#: call starts, microseconds later; the bound is for a dial that never says.
+LOCAL_DIAL_WAIT_S = 2.0
+
+
+def _channels_named(msg: AmiMessage) -> Set[str]:
+    """The Uniqueids of the channels an event names, in any role."""
+    return {uid for uid in map(msg.get, _CHANNEL_ID_KEYS) if uid}
+
+
+class _LocalWait:
+    """One Local channel pair whose ;1 half's DialBegin has not come yet."""
+
+    __slots__ = ("one", "channels", "held", "since")
+
+    def __init__(self, one: Channel, two: Channel):
+        self.one = one
+        #: Uniqueids whose events wait: the ;2 half, and the channels its
+        #: held events name with it (never ``one`` itself).
+        self.channels = {two.uniqueid}
+        #: (message, handler, time received), in the order received.
+        self.held: List[Tuple[AmiMessage, object, float]] = []
+        self.since = 0.0
+
+
+class LocalDialOrder:
+    """Puts back in order what a Local channel's two halves tell at once.
+
+    A dial to a Local channel starts the dialplan of its ;2 half in a thread
+    of its own (``ast_call``, main/core_local.c) and only then publishes the
+    DialBegin to the ;1 half (apps/app_dial.c, apps/app_queue.c,
+    main/dial.c).  So the ;2 half may run its dialplan, dial a phone and
+    ring it before that DialBegin reaches us (seen live on Asterisk 22:
+    tests/traces/live/h_forward_late_dialbegin.ami), and until it comes
+    nothing says whose call the phone rings for.  Once the ;2 half does
+    anything that may tell a user something (not ``_MODEL_ONLY_EVENTS``),
+    its events, and every later event of a channel they name, are held
+    until the DialBegin, then handled after it in their own order.  Events
+    of other channels pass: Asterisk never ordered them against these.
+
+    What else ends the wait: an event of the ;1 half itself (the DialBegin
+    is then not coming first; its events from the dialing thread all follow
+    the DialBegin), unless another wait holds that event (a Local pair
+    dialed from a held ;2 side); its hangup; LOCAL_DIAL_WAIT_S; or a channel
+    list after a reconnect (CoreShowChannels: everything is listed again).
+
+    XXX: the engine has no timer, so LOCAL_DIAL_WAIT_S ends a wait at the
+    next event after it: a PBX that falls silent meanwhile keeps the held
+    events until it speaks again (while the ;2 side dials, it does)."""
+
+    def __init__(self) -> None:
+        #: ;1 half Uniqueid -> its wait, in the order the pairs appeared.
+        #: Read by CallEngine.handle for every event: empty, nothing waits.
+        self.waits: Dict[str, _LocalWait] = {}
+
+    def expect_dial(self, one: Channel, two: Channel) -> None:
+        """A Local pair was just requested: its ;1 half's DialBegin is due."""
+        if one.uniqueid not in self.waits:
+            self.waits[one.uniqueid] = _LocalWait(one, two)
+
+    def due(self, msg: AmiMessage, now: float) -> list:
+        """The held events to handle before ``msg``, their wait over: the
+        ;1 half did something else first (or hung up), ``msg`` joins two
+        waiting calls (order is lost then), LOCAL_DIAL_WAIT_S passed, or a
+        channel list begins or ends."""
+        event = msg.get("Event")
+        named = _channels_named(msg)
+        resync = event in ("CoreShowChannel", "CoreShowChannelsComplete")
+        holders = [wait for wait in self.waits.values() if named & wait.channels]
+        # An event a wait holds is not yet an event of the ;1 half it names
+        # (a nested Local pair: it comes after that pair's own DialBegin).
+        to_hold = len(holders) == 1 and (holders[0].held or event not in _MODEL_ONLY_EVENTS)
+        awaited = msg.get("DestUniqueid") if event == "DialBegin" else None
+        due: list = []
+        for wait in list(self.waits.values()):
+            one = wait.one.uniqueid
+            if resync or (wait.held and now - wait.since > LOCAL_DIAL_WAIT_S) or \
+                    (len(holders) > 1 and wait in holders) or \
+                    (not to_hold and one in named and one != awaited and
+                     (wait.held or event == "Hangup")):
+                due += self._end(wait)
+        return due
+
+    def hold(self, msg: AmiMessage, handler: object, now: float) -> bool:
+        """Keep ``msg`` back if it is the waiting ;2 side's (True)."""
+        named = _channels_named(msg)
+        holders = [wait for wait in self.waits.values() if named & wait.channels]
+        if len(holders) != 1:
+            return False
+        wait = holders[0]
+        if not wait.held:
+            if msg.get("Event") in _MODEL_ONLY_EVENTS:
+                return False  # nothing to tell yet: no need to wait
+            wait.since = now
+        wait.held.append((msg, handler, now))
+        named.discard(wait.one.uniqueid)
+        wait.channels |= named
+        return True
+
+    def dialed(self, msg: AmiMessage) -> list:
+        """After the awaited DialBegin ``msg`` (handled): what waited for it."""
+        if msg.get("Event") != "DialBegin":
+            return []
+        wait = self.waits.get(msg.get("DestUniqueid", ""))
+        return self._end(wait) if wait is not None else []
+
+    def _end(self, wait: _LocalWait) -> list:
+        del self.waits[wait.one.uniqueid]
+        return wait.held
+
+    def clear(self) -> None:
+        """The link is gone: what was held never happened for any user."""
+        self.waits.clear()
+
+    def check(self, table: ChannelTable) -> List[str]:
+        """Waits for a ;1 half that is gone: for the tests."""
+        return ["a DialBegin to %r is awaited, but it is gone" % (wait.one,)
+                for wait in self.waits.values()
+                if table.channels.get(wait.one.uniqueid) is not wait.one]
 
 
 class _EngineCore:
@@ -3083,6 +3360,10 @@ class _EngineCore:
         self.table = ChannelTable()
         #: The users' views of the calls, and their links to channels.
         self.book = CallBook()
+        #: Events of Local channels held until the DialBegin that dialed them.
+        self.order = LocalDialOrder()
+        #: Ids of calls that follow on an Asterisk call whose id was ended.
+        self.follow_ons = FollowOnCalls()
         #: queue name -> the users among its members.
         self.queue_members: Dict[str, Set[str]] = {}
         #: conference name -> the channels in it.
@@ -3139,6 +3420,9 @@ class _EngineCore:
         linkedid = get(keys[7])
         if linkedid:
             chan.linkedid = linkedid
+            restarted = self.follow_ons.restarted
+            if restarted and chan.new_call is None:
+                chan.new_call = restarted.get(linkedid)
         exten = get(keys[8])
         if exten:
             context = get(keys[9]) or chan.context
@@ -3274,7 +3558,13 @@ class _Dialing(_EngineCore):
         if not uniqueid or not name:
             return
         if uniqueid not in self.table.channels:  # else a repeated Newchannel: an update
-            self.table.add(Channel(uniqueid, name, out.now))
+            chan = Channel(uniqueid, name, out.now)
+            self.table.add(chan)
+            peer = chan.local_peer
+            if peer is not None:  # a Local pair just requested: its DialBegin is due
+                one, two = (chan, peer) if chan.local_half == "1" else (peer, chan)
+                if one.dialer is None and not one.originated and one.answered_at is None:
+                    self.order.expect_dial(one, two)
         self._snapshot(out, msg, "")
 
     def on_snapshot(self, msg: AmiMessage, out: Outbox) -> None:
@@ -3287,6 +3577,8 @@ class _Dialing(_EngineCore):
         chan.app = msg.get("Application", chan.app)
         chan.appdata = msg.get("AppData", chan.appdata)
         app = chan.app.lower()
+        if app in _PICKUP_APPS:
+            chan.picks = PickupMethod.DIRECTED if chan.appdata else PickupMethod.GROUP
         if app not in ("dial", "voicemail"):
             return
         for uc in chan.user_calls:
@@ -3406,7 +3698,7 @@ class _Dialing(_EngineCore):
         peer = self._remote_party(dest, caller_chan.caller) if not dest.is_local \
             else Party(dialed, "")
         for user in self._users_of(caller_chan):
-            uc = self.book.user_call(caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
+            uc = self.book.user_call(caller_chan.call_id, user, CALL_OUT, caller_chan.caller,
                                      peer, dialed, out.now)
             if not uc.device:
                 uc.device = caller_chan.device
@@ -3445,7 +3737,7 @@ class _Dialing(_EngineCore):
             return calls
         for user in self._users_of(chan):
             dialed = self._dialed_number(chan, "")
-            uc = self.book.user_call(chan.linkedid, user, CALL_OUT, chan.caller,
+            uc = self.book.user_call(chan.call_id, user, CALL_OUT, chan.caller,
                                      Party(dialed, ""), dialed, out.now)
             uc.device = uc.device or chan.device
             self.book.attach(uc, chan)
@@ -3572,15 +3864,24 @@ class _Answering(_Dialing):
         self._dial_end(out, src, dest, status)
 
     def _dial_end(self, out: Outbox, src: Optional[Channel], dest: Channel, status: str) -> None:
+        picker = False
         if src is not None:
             if dest.dialer is src and dest not in src.dial_targets:
                 # Handed on by a blonde transfer (or a repeated DialEnd): the
                 # transferer's dial "ends" NOANSWER while the target rings on
                 # for the transferee (xfer_blonde_group_a).  Nothing to learn.
                 return
+            # Answered by a channel it never dialed while its own still
+            # ring: a phone that picked the call up (Asterisk 12+ swaps the
+            # picker in for the ringing one).  The Pickup event that says so
+            # may come only after this DialEnd (seen live on Asterisk 22,
+            # tests/traces/live/l_directed_pickup.live.ami): the method is
+            # known already, from what the picker dialed.
+            picker = dest.dialer is None and not dest.is_local and \
+                bool(src.dial_targets - {dest})
             src.dial_targets.discard(dest)
         if status == "ANSWER":
-            self._answered(out, src, dest)
+            self._answered(out, src, dest, self._pickup_method(dest) if picker else "")
             return
         outcome = _DIAL_OUTCOMES.get(status)
         if outcome is None:
@@ -3602,6 +3903,15 @@ class _Answering(_Dialing):
             for uc in chan.user_calls:
                 self._set_outcome(out, uc, outcome)
             came_from = chan
+
+    @staticmethod
+    def _pickup_method(picker: Channel) -> str:
+        """Directed when the picker's dialplan named the phone (Pickup(100),
+        PickupChan, a ``**100`` code), else group (``*8``, Pickup())."""
+        if picker.picks:
+            return picker.picks
+        directed = any(exten.startswith("**") for exten in (picker.exten, picker.first_exten or ""))
+        return PickupMethod.DIRECTED if directed else PickupMethod.GROUP
 
     def _leg_outcome(self, out: Outbox, uc: UserCall, outcome: str, ending: List[Channel]) -> None:
         """One ringing leg of the user's call ended without an answer.  While
@@ -3639,7 +3949,7 @@ class _Answering(_Dialing):
                   method: str = "") -> None:
         if answerer.is_local:
             return  # the endpoint behind the Local channel reports the answer
-        call_ids = {answerer.linkedid, answerer.root().call_id}
+        call_ids = {answerer.call_id, answerer.root().call_id}
         if src is not None:
             call_ids.add(src.root().call_id)
         if not any(self.book.has_call(call_id) for call_id in call_ids):
@@ -3855,9 +4165,7 @@ class _Moving(_Answering):
         target = self._snapshot(out, msg, "Target")
         if picker is None or target is None:
             return
-        directed = (picker.app.lower() in _PICKUP_APPS and bool(picker.appdata)) or \
-            picker.exten.startswith("**")
-        method = PickupMethod.DIRECTED if directed else PickupMethod.GROUP
+        method = self._pickup_method(picker)
         root = target.root() if target.dialer is not None else target
         caller = target.connected or root.caller
         dialed = self._dialed_number(root, "")
@@ -3930,8 +4238,7 @@ class _Moving(_Answering):
             return
         space, lot, by = parkee.parked
         parkee.parked = None
-        parkee.comebacks += 1
-        parkee.new_call = "%s+%d" % (parkee.linkedid, parkee.comebacks)
+        parkee.new_call = self.follow_ons.new_id(parkee.linkedid)
         device = device_of_interface(msg.get("ParkerDialString", ""))
         caller = self._remote_party(parkee, by)
         for user in self.directory.device_users(device):
@@ -4046,7 +4353,7 @@ class _Gathering(_Moving):
         if not members:
             return
         fields = self._fields(
-            Kind.QUEUE, chan.linkedid, out.now, "callee", "", chan.caller,
+            Kind.QUEUE, chan.call_id, out.now, "callee", "", chan.caller,
             Party(chan.exten if chan.exten not in _SPECIAL_EXTENS else "", queue),
             action=action, queue=queue, position=msg.get("Position") or chan.queue_join[0],
             count=msg.get("Count") or chan.queue_join[1])
@@ -4276,14 +4583,16 @@ class _Resync(_Gathering):
         (hold, a transfer, the hangup) belongs to a call the user knows of:
         ``incoming`` (or ``outgoing``) stamped with the time the channel was
         created, not the time we learn of it (after a long outage that may
-        be a minute later), then ``pickup`` if it is answered."""
+        be a minute later; issue 16.5), then ``pickup`` if it is answered.
+        So does a call whose first part the link loss ended, now a call of
+        its own (FollowOnCalls): it began then too."""
         callee = chan.app == "AppDial" or chan.dialer is not None
         # An outgoing call to an application (a conference room, voicemail)
         # has no connected party: the number the phone dialed stands in.
         dialed = "" if callee else self._dialed_number(chan, "")
         peer = chan.connected or Party(dialed, "")
         for user in self._users_of(chan):
-            uc = self.book.user_call(chan.linkedid, user, CALL_IN if callee else CALL_OUT,
+            uc = self.book.user_call(chan.call_id, user, CALL_IN if callee else CALL_OUT,
                                      chan.caller, peer, dialed, out.now)
             uc.device = chan.device
             self.book.attach(uc, chan)
@@ -4386,8 +4695,32 @@ class CallEngine(_Resync):
         if handler is None:
             return _NO_NOTIFICATIONS
         out = Outbox(now)
-        handler(msg, out)
+        if self.order.waits:
+            self._in_order(msg, handler, out)
+        else:
+            handler(msg, out)
         return out.notes or _NO_NOTIFICATIONS
+
+    def _in_order(self, msg: AmiMessage, handler, out: Outbox) -> None:
+        """Handle ``msg`` while Local channels wait for their DialBegin
+        (LocalDialOrder): maybe later, maybe after what waited."""
+        for held in self.order.due(msg, out.now):
+            self._handle_held(held, out)
+        if self.order.hold(msg, handler, out.now):
+            return
+        handler(msg, out)
+        for held in self.order.dialed(msg):
+            self._handle_held(held, out)
+
+    def _handle_held(self, held: Tuple[AmiMessage, object, float], out: Outbox) -> None:
+        """A held event, at the time it came (its notifications say so)."""
+        msg, handler, now = held
+        mine = Outbox(now)
+        if self.order.waits:
+            self._in_order(msg, handler, mine)
+        else:
+            handler(msg, mine)  # type: ignore[operator]
+        out.notes += mine.notes
 
     def link_lost(self, now: float) -> List[Notification]:
         """The AMI link is gone for good: no call may stay 'ringing' at a
@@ -4395,8 +4728,16 @@ class CallEngine(_Resync):
         out = Outbox(now)
         for uc in self.book.all():
             self._end(out, uc, reason=Reason.UNKNOWN)
+        # A call still up at the PBX when the link comes back (the resync
+        # lists it) is told again, but as a new call: the one of this id
+        # has had its hangup (seen live: tests/traces/live/grace/).
+        ended = {note.fields["call"] for note in out.notes if note.kind == Kind.HANGUP}
+        for linkedid in {chan.linkedid for chan in self.table.channels.values()
+                         if chan.call_id in ended or chan.linkedid in ended}:
+            self.follow_ons.restart(linkedid)
         self.table.clear()
         self.book.clear()
+        self.order.clear()
         self.conferences.clear()
         self._resync_seen = None
         self._resync_unanswered = set()
@@ -4426,13 +4767,15 @@ class CallEngine(_Resync):
     def is_idle(self) -> bool:
         """No channel, no user call, no conference is known: what the engine
         comes back to when every call has ended."""
-        return self.table.is_idle() and self.book.is_idle() and not self.conferences
+        return self.table.is_idle() and self.book.is_idle() and not self.conferences \
+            and not self.order.waits
 
     def check(self) -> List[str]:
         """What is inconsistent in the engine's state (links not two-way,
         channels that are gone but still named): [] when all is well.  For
         the tests, after every message of a trace."""
-        problems = self.table.check() + self.book.check(self.table)
+        problems = self.table.check() + self.book.check(self.table) + \
+            self.order.check(self.table) + self.follow_ons.check()
         for room, members in self.conferences.items():
             problems += ["conference %s lists %r, which is gone" % (room, chan)
                          for chan in members if self.table.channels.get(chan.uniqueid) is not chan]
@@ -4447,21 +4790,26 @@ class CallEngine(_Resync):
 # Client protocol (no I/O): login, subscriptions, text and JSON lines
 # ---------------------------------------------------------------------------
 
+#: Characters no line sent to a client carries raw, beyond the C0 controls:
+#: DEL and the C1 controls (U+009B is the 8-bit CSI: terminal escape
+#: sequences; U+0085 ends a line for str.splitlines()), the line and
+#: paragraph separators, and the bidi overrides and isolates, which reorder
+#: what a terminal or log viewer shows (watch escapes them on screen too).
+_UNSAFE_BEYOND_C0 = list(range(0x7f, 0xa0)) + [0x2028, 0x2029] + \
+    list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a))
 #: Characters that force a text value into quotes: anything that could end
 #: a line for some reader (CR, LF, VT, FF, NEL, U+2028...), spaces, quotes,
-#: '=' and backslashes.
+#: '=', backslashes, and the rest of the above.
 _NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]')
 _TEXT_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n",
                  ord("\r"): "\\r", ord("\t"): "\\t"}
-# Bidi overrides too: they would reorder what a terminal shows (watch
-# escapes them on screen; a script reading text lines gets them back).
-for _code in list(range(0x20)) + list(range(0x7f, 0xa0)) + [0x2028, 0x2029] + \
-        list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a)):
+for _code in list(range(0x20)) + _UNSAFE_BEYOND_C0:
     _TEXT_ESCAPES.setdefault(_code, "\\u%04x" % _code)
-#: json.dumps escapes C0 controls but not these, which str.splitlines() and
-#: some terminals treat as line ends.
-_JSON_EXTRA_ESCAPES = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
-_JSON_EXTRA_LINE_ENDS = re.compile("[\x85\u2028\u2029]")
+#: json.dumps escapes the C0 controls; these are escaped after it, the same
+#: way (``\\u009b``): still valid JSON, and the same string once parsed.
+_JSON_EXTRA_ESCAPES = {code: "\\u%04x" % code for code in _UNSAFE_BEYOND_C0}
+#: Whether a line holds any (a line rarely does).
+_JSON_NEEDS_EXTRA = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _TEXT_PAIR = re.compile(r'\s*([A-Za-z0-9_]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
 _TEXT_UNESCAPE = re.compile(r'\\(u[0-9a-fA-F]{4}|.)')
 
@@ -4512,8 +4860,10 @@ def encode_text_line(tag: str, fields: Dict[str, object]) -> str:
 
 
 def encode_json_line(fields: Dict[str, object]) -> str:
+    """One JSON object on one line, readable as it is on a terminal."""
     text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
-    if _JSON_EXTRA_LINE_ENDS.search(text):
+    # An ASCII line (most: isascii() reads a flag) can hold only DEL of them.
+    if (not text.isascii() and _JSON_NEEDS_EXTRA.search(text)) or "\x7f" in text:
         text = text.translate(_JSON_EXTRA_ESCAPES)
     return text
 
@@ -6281,8 +6631,9 @@ SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"),
 def encode_sse_event(fields: Dict[str, object], event_id: Optional[str] = None) -> bytes:
     """One SSE frame: ``id:`` (if any) and one ``data:`` line holding the
     JSON object of the JSON line format.  encode_json_line escapes CR, LF,
-    NEL, U+2028 and U+2029, so no caller ID can end the line early or
-    start a field; a frame is always exactly these lines."""
+    NEL, U+2028 and U+2029 (and every other control character and bidi
+    override), so no caller ID can end the line early or start a field; a
+    frame is always exactly these lines."""
     data = "data: " + encode_json_line(fields) + "\n\n"
     if event_id is not None:
         data = "id: " + event_id + "\n" + data
@@ -9858,6 +10209,16 @@ class Daemon:
         self.calllog.seed(self.config.users)
         for link in self.links:
             link.resolve()
+        if self.config.tls_port is not None:
+            # run warned at the start; a certificate may expire months later.
+            self.loop.at(self.loop.now + TLS_CERT_CHECK_INTERVAL_S, self._check_certificate)
+
+    def _check_certificate(self, now: float) -> None:
+        """Once a day: is the TLS port's certificate (the one of the
+        configuration now in force) about to expire, or expired?"""
+        for note in certificate_warnings(self.config, self.loop.wall):
+            log.warning("%s", note)
+        self.loop.at(now + TLS_CERT_CHECK_INTERVAL_S, self._check_certificate)
 
     def serve_forever(self) -> int:
         if self._wakeup is None:
@@ -10020,7 +10381,7 @@ class Daemon:
         self.calllog.reopen(new.calllog)
         self._reload_links(new)
         log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
-        for note in new.advisories():
+        for note in new.advisories() + certificate_warnings(new, self.loop.wall):
             log.warning("%s", note)
 
     def _reload_links(self, new: Config) -> None:
@@ -11200,7 +11561,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     sys.stdout.write(config.describe())
     if board_scopes(config.users):
         sys.stdout.write("\n" + "".join("; %s\n" % line for line in BOARD_AMI_NEEDS))
-    for note in config.advisories():
+    for note in config.advisories() + certificate_warnings(config, time.time()):
         log.warning("%s", note)
     _warn_if_world_readable(path)
     if not args.live:
@@ -11329,7 +11690,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     logging.getLogger("ctinotify").setLevel(config.loglevel.upper())
     _warn_if_world_readable(config.path)
-    for note in config.advisories():
+    for note in config.advisories() + certificate_warnings(config, time.time()):
         log.warning("%s", note)
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
     if pidfile is not None:

@@ -8,6 +8,8 @@ Asterisk of tests/fakeami.py, with real TCP clients on 127.0.0.1.
 """
 
 import ast
+import base64
+import calendar
 import copy
 import hashlib
 import io
@@ -63,8 +65,9 @@ def read_trace(name):
 
 def all_trace_names():
     names = sorted(f[:-4] for f in os.listdir(TRACES) if f.endswith(".ami"))
-    caco = os.path.join(TRACES, "cacofonisk")
-    names += sorted("cacofonisk/" + f[:-4] for f in os.listdir(caco) if f.endswith(".ami"))
+    for sub in ("cacofonisk", "live"):
+        names += sorted(sub + "/" + f[:-4] for f in os.listdir(os.path.join(TRACES, sub))
+                        if f.endswith(".ami"))
     return names
 
 
@@ -918,6 +921,53 @@ def test_an_attended_transfer_without_its_target_block_is_told_the_same():
     assert told("k2_attended_transfer_no_target") == told("k_attended_transfer")
 
 
+#: tests/traces/live/: the live tier's recordings of a call flow on Asterisk
+#: 22 in an order the office recording does not show, and reproductions (the
+#: office recording with events moved to where the live Asterisk put them);
+#: each is the call flow of the office trace it names (tests/traces/live/README.md).
+LIVE_TRACES = {
+    "live/h_forward_to_ext.live": "h_forward_to_ext",
+    "live/h_forward_late_dialbegin": "h_forward_to_ext",
+    "live/g_ringgroup_late_dialbegin": "g_ringgroup",
+    "live/k_attended_transfer.live": "k_attended_transfer",
+    "live/k_attended_transfer_no_target": "k_attended_transfer",
+    "live/l_directed_pickup.live": "l_directed_pickup",
+    "live/l_directed_pickup_late": "l_directed_pickup",
+    "live/m_group_pickup_late": "m_group_pickup",
+}
+
+
+def per_user(golden, leave_out=("call", "time", "duration", "talk_time")):
+    """What each user was told, in order, without ids and times."""
+    told = {}
+    for event in golden:
+        told.setdefault(event["client"], []).append(
+            {k: v for k, v in event.items() if k not in leave_out})
+    return told
+
+
+def test_every_live_trace_is_named_and_each_user_is_told_what_the_office_trace_tells():
+    """The golden file of each live trace is justified by the office trace of
+    the same call flow: every user is told the same things in the same order
+    (the order of events of different channels does not change what
+    happened); only call ids and times differ (another recording)."""
+    assert sorted(LIVE_TRACES) == [n for n in all_trace_names() if n.startswith("live/")]
+    for name, office_name in LIVE_TRACES.items():
+        assert per_user(load_golden(name)) == per_user(load_golden(office_name)), name
+
+
+def test_a_late_pickup_is_directed_when_the_dialplan_ran_pickup_with_a_target():
+    """A directed pickup need not be a ``**`` code: a dialplan may run
+    Pickup(100@PICKUPMARK) at any number.  The picked-up call's AppDial
+    replaces the application before the late Pickup event, so the method is
+    what the picker's dialplan ran, remembered."""
+    data = read_trace("live/l_directed_pickup_late").replace(b"**100", b"8100")
+    with io.BytesIO(data) as stream:
+        told = list(ctinotify.replay_trace(stream, office().users))
+    pickups = [(user, fields.get("method")) for user, fields in told if fields["event"] == "pickup"]
+    assert sorted(pickups) == [("alice", "directed"), ("bob", "directed")]
+
+
 @pytest.mark.parametrize("name", ["cacofonisk/originate__ctd-account-world",
                                   "cacofonisk/originate__ctd-account-account"])
 def test_click_to_dial_is_the_same_when_the_user_lists_their_own_number(name):
@@ -978,7 +1028,7 @@ MANIFEST_OUTCOMES = {
     "timeout and 101 answered it": "completed",
 }
 OFFICE_USERS = {"100": "alice", "101": "bob", "102": "carol", "103": "dave"}
-MANIFEST_TRACES = [n for n in CALL_TRACES if not n.startswith("cacofonisk/")]
+MANIFEST_TRACES = [n for n in CALL_TRACES if not n.startswith(("cacofonisk/", "live/"))]
 
 
 def manifest(name):
@@ -1176,6 +1226,182 @@ def assert_engine_empty(engine):
     assert engine.check() == []
 
 
+#: The reorderings of a recording that Asterisk may produce as well, as the
+#: live tier saw them (tests/traces/live/README.md), each as a rule:
+#: - late_dialbegin: a DialBegin to a Local channel's ;1 half is published
+#:   only after ast_call started the ;2 half's dialplan in a thread of its
+#:   own (apps/app_dial.c), so it may come after any event of the ;2 side,
+#:   up to the next event of the dialing channel or of the ;1 half;
+#: - late_pickup: the Pickup event may come after the answer it caused
+#:   (DialEnd ANSWER, the caller's Newstate Up, the picker's own snapshots),
+#:   up to the picker's joining a bridge or hanging up; the picked phone's
+#:   events (its hangup) still follow it.
+#: Only these: a free interleaving of the events of different channels
+#: would give orders Asterisk never sends (a phone's answer before it was
+#: dialed), which no engine could read.
+_HANDLED = set(ctinotify.CallEngine.HANDLERS)
+
+
+def _named(msg):
+    return {uid for uid in map(msg.get, ctinotify._CHANNEL_ID_KEYS) if uid}
+
+
+def _places(messages, start, stop):
+    """The indexes before which a message taken from ``start`` may be put,
+    up to ``stop``: one per handled event crossed (crossing an event the
+    engine ignores changes nothing)."""
+    return [k for k in range(start + 2, stop + 1) if messages[k - 1].get("Event") in _HANDLED]
+
+
+def late_dialbegins(messages):
+    """(index, places) of each DialBegin to a Local ;1 half."""
+    for i, msg in enumerate(messages):
+        if msg.get("Event") == "DialBegin" and msg.get("DestChannel", "").startswith("Local/") \
+                and msg.get("DestChannel", "").endswith(";1"):
+            own = {uid for uid in (msg.get("Uniqueid"), msg.get("DestUniqueid")) if uid}
+            j = i + 1
+            while j < len(messages) and not _named(messages[j]) & own:
+                j += 1
+            yield i, _places(messages, i, j)
+
+
+def late_pickups(messages):
+    """(index, places) of each Pickup event."""
+    for i, msg in enumerate(messages):
+        if msg.get("Event") == "Pickup" and msg.get("Uniqueid"):
+            j = i + 1
+            while j < len(messages) and not (
+                    messages[j].get("Event") in ("BridgeEnter", "BridgeLeave", "Hangup") and
+                    msg["Uniqueid"] in _named(messages[j])):
+                j += 1
+            yield i, _places(messages, i, j)
+
+
+def moved(messages, i, k, drag=()):
+    """``messages`` with the one at ``i`` put before the one at ``k``; those
+    in between naming a channel in ``drag`` go along, after it."""
+    between = messages[i + 1:k]
+    along = [m for m in between if _named(m) & set(drag)]
+    return messages[:i] + [m for m in between if m not in along] + \
+        [messages[i]] + along + messages[k:]
+
+
+def rule_moves(messages):
+    """(index, places, drag) for each event a rule lets move."""
+    for i, places in late_dialbegins(messages):
+        yield i, places, ()
+    for i, places in late_pickups(messages):
+        yield i, places, (messages[i].get("TargetUniqueid"),)
+
+
+def reorderings(messages):
+    """Every reordering of the recording by one rule applied once, and the
+    one with every Local DialBegin as late as it may be, the last first (its
+    place bounds the one before): (what, messages)."""
+    for i, places, drag in rule_moves(messages):
+        for k in places:
+            yield "%s #%d before #%d" % (messages[i]["Event"], i, k), moved(messages, i, k, drag)
+    latest = list(messages)
+    for i in sorted((i for i, _ in late_dialbegins(messages)), reverse=True):
+        places = dict(late_dialbegins(latest))[i]
+        if places:
+            latest = moved(latest, i, places[-1])
+    if latest != messages:
+        yield "every Local DialBegin late", latest
+
+
+def told_per_call(notes):
+    """Each user's notifications per call, in order, without times (a moved
+    event may take another second of the recording's clock)."""
+    calls = {}
+    for user, fields in notes:
+        calls.setdefault((user, fields["call"]), []).append(
+            {k: v for k, v in fields.items() if k not in ("time", "duration", "talk_time")})
+    return calls
+
+
+@pytest.mark.parametrize("name", CALL_TRACES)
+def test_reordered_traces_tell_every_user_the_same(name):
+    """Events of different channels come in an order Asterisk's threads
+    decide: each reordering above of each recording tells every user the
+    same calls, kinds, caller IDs and reasons, in the same order per call,
+    and leaves the engine consistent after every message and empty after."""
+    users = users_for(name)
+    messages = list(AmiParser().feed(read_trace(name)))
+    want = told_per_call((e["client"], {k: v for k, v in e.items() if k != "client"})
+                         for e in load_golden(name))
+    for what, order in reorderings(messages):
+        engine = CallEngine(Directory(users.values()))
+        clock = ctinotify.TraceClock()
+        notes = []
+        for msg in order:
+            notes += [(n.user, n.fields) for n in engine.handle(msg, clock.observe(msg))]
+            assert engine.check() == [], (what, msg)
+        assert told_per_call(notes) == want, what
+        assert_engine_empty(engine)
+
+
+def rule_orders(messages, todo=None):
+    """Every order the rules make of ``messages`` by moving each of its
+    movable events or not, the last first (a move never shifts the events
+    before it, and a later event's new place bounds an earlier one's)."""
+    if todo is None:
+        todo = sorted((i for i, _, _ in rule_moves(messages)), reverse=True)
+    if not todo:
+        yield messages
+        return
+    i, rest = todo[0], todo[1:]
+    yield from rule_orders(messages, rest)
+    for j, places, drag in rule_moves(messages):
+        if j == i:
+            for k in places:
+                yield from rule_orders(moved(messages, i, k, drag), rest)
+
+
+@pytest.mark.parametrize("then", ["time", "channel list", "link lost"])
+def test_what_waits_for_a_late_dialbegin_is_never_kept_for_long(then):
+    """The live late DialBegin, cut off before it comes: Bob's phone rings
+    and nobody is told yet.  Then LOCAL_DIAL_WAIT_S passes (any event after
+    it lets the held ones go), or a resync lists the channels, or the link
+    is lost (what was held never happened for anyone)."""
+    engine = CallEngine(Directory(office().users.values()))
+    now = 1000.0
+    for msg in AmiParser().feed(read_trace("live/h_forward_late_dialbegin")):
+        if msg.get("Event") == "DialBegin" and msg.get("DestChannel", "").endswith(";1"):
+            break
+        assert [n.user for n in engine.handle(msg, now)] in ([], ["alice"])
+    assert engine.order.waits and engine.check() == []
+    unrelated = "Event: Newstate\r\nUniqueid: 42.1\r\nChannel: PJSIP/trunk-1\r\n" \
+        "ChannelStateDesc: Ring\r\nLinkedid: 42.1\r\n\r\n"
+    if then == "time":
+        assert feed(engine, unrelated, now + ctinotify.LOCAL_DIAL_WAIT_S) == ()
+        told = feed(engine, unrelated, now + ctinotify.LOCAL_DIAL_WAIT_S + 0.1)
+    elif then == "channel list":
+        told = feed(engine, "Event: CoreShowChannelsComplete\r\n\r\n", now + 0.1)
+    else:
+        told = engine.link_lost(now + 0.1)
+    assert not engine.order.waits and engine.check() == []
+    bob = [(n.kind, n.fields["time"]) for n in told if n.user == "bob"]
+    # (told at the time its events came; an empty channel list then ends it)
+    assert bob[:1] == ([] if then == "link lost" else [("incoming", ctinotify.iso_time(now))])
+
+
+def test_the_reorderings_include_what_the_live_tier_saw():
+    """The rules allow the orders the live reproductions have: each is its
+    office recording with Local DialBegins or Pickups moved within their
+    rules (the events the engine ignores left out)."""
+    def handled(name):
+        return [m for m in AmiParser().feed(read_trace(name)) if m.get("Event") in _HANDLED]
+
+    for live, office_name in (("live/h_forward_late_dialbegin", "h_forward_to_ext"),
+                              ("live/g_ringgroup_late_dialbegin", "g_ringgroup"),
+                              ("live/l_directed_pickup_late", "l_directed_pickup"),
+                              ("live/m_group_pickup_late", "m_group_pickup")):
+        office_order = handled(office_name)
+        assert handled(live) != office_order
+        assert handled(live) in rule_orders(office_order), live
+
+
 def test_all_traces_back_to_back_leave_nothing_behind():
     """One engine, every office trace in a row (the same users): bounded state."""
     engine = CallEngine(Directory(office().users.values()))
@@ -1224,6 +1450,54 @@ def test_engine_link_lost_ends_every_call_with_reason_unknown():
         [("alice", "hangup", "unknown", 15)]
     assert_engine_empty(engine)
     assert engine.link_lost(26.0) == []
+
+
+def replay_grace_readopt(losses=1):
+    """tests/traces/live/grace/: a call answered, the link lost past the
+    grace (``losses`` times: the channel list of the second connection, then
+    the link lost again), and the second connection, where the channel list
+    still has the call, which then hangs up.  Every notification, as golden
+    events."""
+    engine = CallEngine(Directory(office().users.values()))
+    clock = ctinotify.TraceClock()
+    notes = []
+
+    def feed(part, until=None):
+        for msg in AmiParser().feed(read_trace("live/grace/grace_readopt.%d" % part)):
+            notes.extend(engine.handle(msg, clock.observe(msg)))
+            if until is not None and msg.get("Event") == until:
+                return
+
+    feed(1)
+    for loss in range(losses):
+        clock.now += ctinotify.AMI_RESYNC_GRACE_S + 1
+        notes.extend(engine.link_lost(clock.now))
+        feed(2, until="CoreShowChannelsComplete" if loss < losses - 1 else None)
+    assert_engine_empty(engine)
+    return [dict({"client": note.user}, **note.fields) for note in notes]
+
+
+def test_a_call_ended_by_the_grace_and_found_again_is_a_new_call():
+    """Seen live: the link stays down past the grace, so Alice's call ends
+    (reason unknown); it is still up at the PBX when the link comes back.
+    The call of that id has had its one hangup: what the resync finds is told
+    as a new call, with the first one's id and +1 (+2 after a second loss),
+    from incoming to its own hangup."""
+    got = replay_grace_readopt()
+    path = golden_path("live/grace_readopt")
+    if os.environ.get("CTINOTIFY_WRITE_GOLDEN"):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in got)
+    assert got == load_golden("live/grace_readopt")
+    assert [(e["event"], e["call"], e.get("reason")) for e in got] == [
+        ("incoming", "1796402546.0", None), ("pickup", "1796402546.0", None),
+        ("hangup", "1796402546.0", "unknown"),
+        ("incoming", "1796402546.0+1", None), ("pickup", "1796402546.0+1", None),
+        ("hangup", "1796402546.0+1", "completed")]
+    twice = replay_grace_readopt(losses=2)
+    assert [(e["event"], e["call"]) for e in twice][3:] == [
+        ("incoming", "1796402546.0+1"), ("pickup", "1796402546.0+1"), ("hangup", "1796402546.0+1"),
+        ("incoming", "1796402546.0+2"), ("pickup", "1796402546.0+2"), ("hangup", "1796402546.0+2")]
 
 
 def test_the_phase_table_keeps_the_promise_of_one_start_and_one_end():
@@ -1323,6 +1597,41 @@ def test_json_lines_stay_on_one_line_and_are_valid(value):
     text = data.decode("utf-8")
     assert text.endswith("\r\n") and len(text[:-2].splitlines()) == 1
     assert json.loads(text)["from"]["name"] == value
+
+
+#: What no client line carries raw (issue 16.8): DEL, the C1 controls (U+009B
+#: is the 8-bit CSI of terminal escape sequences), the line and paragraph
+#: separators, the bidi overrides and isolates.
+UNSAFE_BEYOND_C0 = [chr(c) for c in list(range(0x7f, 0xa0)) + [0x2028, 0x2029] +
+                    list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a))]
+
+
+@pytest.mark.parametrize("how", ["json", "sse", "calllog"])
+def test_json_escapes_c1_controls_del_and_bidi_overrides_and_reads_back(how):
+    """Valid JSON either way, but raw they act on a terminal (nc, tail -f of
+    the call log): each is sent as \\uXXXX, and parses back the same.
+    Other text (accents, CJK) stays as it is."""
+    value = "Evil " + "".join(UNSAFE_BEYOND_C0) + "\x1b[2J caf\u00e9 \u4e2d"
+    fields = {"event": "incoming", "from": {"num": "+1555", "name": value}}
+    if how == "json":
+        text = ctinotify.encode_notification(fields, "json").decode("utf-8")
+    elif how == "sse":
+        text = ctinotify.encode_sse_event(fields, "7").decode("utf-8")
+        assert text.startswith("id: 7\ndata: {") and text.endswith("}\n\n")
+        text = text.partition("data: ")[2]
+    else:
+        text = ctinotify.encode_json_line({"user": "alice", "record": fields}) + "\n"
+    assert not [c for c in text if c in UNSAFE_BEYOND_C0 or c < " " and c not in "\r\n"]
+    assert all("\\u%04x" % ord(c) in text for c in UNSAFE_BEYOND_C0)
+    assert "caf\u00e9 \u4e2d" in text
+    parsed = json.loads(text)
+    assert (parsed.get("record") or parsed)["from"]["name"] == value
+
+
+def test_json_lines_with_nothing_to_escape_are_what_json_dumps_makes():
+    fields = dict(load_golden("a_inbound_answered")[0], name="caf\u00e9 \u4e2d \u00a0")
+    assert ctinotify.encode_json_line(fields) == json.dumps(fields, ensure_ascii=False,
+                                                             separators=(",", ":"))
 
 
 def session_users():
@@ -3126,6 +3435,7 @@ def test_a_call_still_ringing_after_a_long_outage_is_told_from_when_it_began():
     (incoming,) = engine.handle(done, back)
     assert (incoming.kind, incoming.fields["time"]) == \
         ("incoming", ctinotify.iso_time(phone.created))
+    assert incoming.fields["call"] == phone.linkedid + "+1"  # the first had its hangup
     (call,) = ctinotify.ServerView(office().users, engine).calls("alice")
     assert (call["state"], call["time"]) == ("ringing", ctinotify.iso_time(phone.created))
     (hangup,) = engine.link_lost(back + 5)
@@ -5442,7 +5752,7 @@ def test_e2e_a_peer_that_is_not_asterisk(tmp_path, clients):
 # Robustness: seeded fuzzing of parser and engine with mutated traces
 # ---------------------------------------------------------------------------
 
-FUZZ_TRACES = [n for n in all_trace_names() if not n.startswith("cacofonisk/") and
+FUZZ_TRACES = [n for n in all_trace_names() if not n.startswith(("cacofonisk/", "live/")) and
                n not in ("t_load", "v_login_wrong_secret", "w_login_challenge_md5")]
 
 
@@ -5792,6 +6102,152 @@ def test_config_tls_keys(tmp_path, certificates):
     assert ctinotify.load_config(str(conf)).tls_context is not None
     result = run_cli("check", "-c", str(conf))
     assert result.returncode == 0 and "tls_port = 0" in result.stdout
+
+
+# -- the TLS port's certificate: its dates (issue 16.4) ------------------------
+
+#: Two certificates made by openssl(1) for these tests, no key: a v3 one (RSA)
+#: valid for 100 years, so its notAfter is a GeneralizedTime, and a v1 one
+#: (EC, no version field) with UTCTimes.  Their dates, as ``openssl x509
+#: -noout -dates`` prints them.
+TLS_DATES_PEM = os.path.join(HERE, "tests", "tls", "dates.pem")
+TLS_DATES = [("Dec  4 17:49:41 2026", "Nov 10 17:49:41 2126"),
+             ("Dec  4 17:49:35 2026", "Dec  1 17:49:35 2036")]
+
+
+def openssl_epoch(text):
+    """``Dec  4 17:49:41 2026`` (GMT) as seconds since the epoch."""
+    return calendar.timegm(time.strptime(" ".join(text.split()), "%b %d %H:%M:%S %Y"))
+
+
+def pem_certificates(pem):
+    return [base64.b64decode(b"".join(block.split())) for block in
+            re.findall(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", pem, re.S)]
+
+
+def with_dates(pem, not_before, not_after):
+    """The PEM certificate with other validity dates (UTCTimes: 1950-2049),
+    by rewriting them in its DER.  Its signature no longer matches; neither
+    loading it as the server's certificate nor reading its dates checks it."""
+    der = pem_certificates(pem)[0]
+    for old, new in zip(ctinotify.certificate_validity(der), (not_before, not_after)):
+        stamp = lambda t: time.strftime("%y%m%d%H%M%SZ", time.gmtime(t)).encode()
+        assert der.count(b"\x17\x0d" + stamp(old)) == 1
+        der = der.replace(b"\x17\x0d" + stamp(old), b"\x17\x0d" + stamp(new))
+    return b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + \
+        b"-----END CERTIFICATE-----\n"
+
+
+def test_certificate_dates_are_read_from_each_certificate_of_a_pem_file(tmp_path):
+    """Without the ssl module's private decoder: the DER is read as RFC 5280
+    lays it out, a v3 or v1 certificate, UTCTime or GeneralizedTime."""
+    assert ctinotify.certificate_dates(TLS_DATES_PEM) == \
+        [(openssl_epoch(a), openssl_epoch(b)) for a, b in TLS_DATES]
+    with open(TLS_DATES_PEM, "rb") as f:
+        pem = f.read()
+    broken = tmp_path / "broken.pem"
+    for junk in (b"", b"no certificate here", pem.replace(b"MII", b"MIJ", 1),
+                 b"-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n",
+                 b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(
+                     pem_certificates(pem)[0][:60]) + b"-----END CERTIFICATE-----\n"):
+        broken.write_bytes(junk)
+        assert ctinotify.certificate_dates(str(broken)) == []
+    assert ctinotify.certificate_dates(str(tmp_path / "missing.pem")) == []
+    if shutil.which("openssl"):  # and openssl reads the same from a fresh one
+        cert, _ = make_certificate(tmp_path, "fresh")
+        dates = subprocess.run(["openssl", "x509", "-in", cert, "-noout", "-dates"],
+                               check=True, stdout=subprocess.PIPE, universal_newlines=True)
+        found = dict(line.split("=", 1) for line in dates.stdout.splitlines())
+        assert ctinotify.certificate_dates(cert) == [
+            (openssl_epoch(found["notBefore"][:-4]), openssl_epoch(found["notAfter"][:-4]))]
+
+
+def test_certificate_warnings_say_not_yet_valid_expired_and_expiring_with_the_dates(tmp_path):
+    path = tmp_path / "chain.pem"
+    with open(TLS_DATES_PEM, "rb") as f:
+        path.write_bytes(f.read())
+    config = parse_config("[general]\ntls_port = 0\ntls_cert = %s\n" % path, str(tmp_path / "c"),
+                          require_ami=False)
+    (start, end), (_, end_v1) = ctinotify.certificate_dates(str(path))
+    where = "%s:3: [general] tls_cert: " % (tmp_path / "c")
+    span = "(valid from 2026-12-04 17:49:41 UTC to 2126-11-10 17:49:41 UTC)"
+    assert ctinotify.certificate_warnings(config, start - 60) == [
+        where + "the certificate %s is not valid yet %s: TLS clients refuse it until then; "
+        "is the clock right?" % (path, span),
+        where + "certificate 2 of %s (its chain) is not valid yet (valid from 2026-12-04 "
+        "17:49:35 UTC to 2036-12-01 17:49:35 UTC): TLS clients refuse it until then; is the "
+        "clock right?" % path]
+    assert ctinotify.certificate_warnings(config, start) == []
+    assert ctinotify.certificate_warnings(config, end_v1 - 15 * 86400) == []
+    assert ctinotify.certificate_warnings(config, end_v1 - 14 * 86400 + 1) == [
+        where + "certificate 2 of %s (its chain) expires in 13 days (valid from 2026-12-04 "
+        "17:49:35 UTC to 2036-12-01 17:49:35 UTC): renew it" % path]
+    assert "expires in 1 day " in ctinotify.certificate_warnings(config, end_v1 - 86400)[0]
+    assert "expires in 5 hours " in ctinotify.certificate_warnings(config, end_v1 - 5.5 * 3600)[0]
+    assert ctinotify.certificate_warnings(config, end + 1) == [
+        where + "the certificate %s has expired %s: TLS clients refuse it; renew it"
+        % (path, span),
+        where + "certificate 2 of %s (its chain) has expired (valid from 2026-12-04 17:49:35 "
+        "UTC to 2036-12-01 17:49:35 UTC): TLS clients refuse it; renew it" % path]
+    plain = parse_config("[general]\nport = 0\n", "c", require_ami=False)
+    assert ctinotify.certificate_warnings(plain, end + 1) == []
+
+
+def test_check_run_and_reload_warn_of_an_expired_or_expiring_certificate(tmp_path, fake):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a key and certificate")
+    cert, key = make_certificate(tmp_path, "soon")  # valid for 2 days: expiring
+    with open(cert, "rb") as f:
+        expired = with_dates(f.read(), 1577836800, 1577923200)  # 2020-01-01 to 02
+    old = tmp_path / "expired.pem"
+    old.write_bytes(expired)
+    conf = tmp_path / "tls.conf"
+    base = "[ami]\nusername=u\nsecret=s\n"
+    conf.write_text(base + "[general]\ntls_port = 0\ntls_cert = %s\ntls_key = %s\n" % (old, key))
+    result = run_cli("check", "-c", str(conf))
+    assert result.returncode == 0
+    assert "WARNING %s:6: [general] tls_cert: the certificate %s has expired (valid from " \
+        "2020-01-01 00:00:00 UTC to 2020-01-02 00:00:00 UTC): TLS clients refuse it; renew " \
+        "it" % (conf, old) in result.stderr
+    conf.write_text(base + "[general]\ntls_port = 0\ntls_cert = %s\ntls_key = %s\n" % (cert, key))
+    result = run_cli("check", "-c", str(conf))
+    assert re.search(r"WARNING \S+:6: \[general\] tls_cert: the certificate \S+ expires in 1 day "
+                     r"\(valid from .* UTC to .* UTC\): renew it", result.stderr), result.stderr
+    daemon = DaemonProcess(tmp_path, fake.port,
+                           general="tls_port = 0\ntls_cert = %s\ntls_key = %s" % (old, key))
+    try:
+        daemon.wait_log(r"WARNING \S+: \[general\] tls_cert: the certificate \S+ has expired")
+        text = daemon.config.read_text().replace(str(old), cert)
+        daemon.config.write_text(text)
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"WARNING \S+: \[general\] tls_cert: the certificate \S+ expires in")
+    finally:
+        daemon.stop()
+
+
+def test_the_daemon_looks_at_its_certificate_again_once_a_day(tmp_path, caplog):
+    """A daemon runs for months: the dates are read again every day."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a key and certificate")
+    cert, key = make_certificate(tmp_path, "soon")
+    conf = tmp_path / "tls.conf"
+    conf.write_text("[ami]\nusername=u\nsecret=s\n[general]\nport = off\ntls_port = 0\n"
+                    "tls_cert = %s\ntls_key = %s\ncalllog =\n" % (cert, key))
+    daemon = ctinotify.Daemon(ctinotify.load_config(str(conf)))
+
+    def checks():
+        return sorted(when for when, _, timer in daemon.loop.timers._heap
+                      if timer.callback == daemon._check_certificate and not timer.cancelled)
+    try:
+        daemon.start()
+        start = daemon.loop.now
+        assert checks() == [start + 86400]
+        with caplog.at_level("WARNING", logger="ctinotify"):
+            daemon._check_certificate(start + 86400)
+        assert "tls_cert: the certificate %s expires in" % cert in caplog.text
+        assert checks() == [start + 86400, start + 86400 + 86400]
+    finally:
+        daemon._shutdown()
 
 
 # ---------------------------------------------------------------------------
