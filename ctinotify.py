@@ -66,6 +66,7 @@ or open.
 Run it::
 
     python3 ctinotify.py check  -c ctinotify.conf     # validate the config
+    python3 ctinotify.py check  -c FILE --live        # ... and the AMI user, live
     python3 ctinotify.py run    -c ctinotify.conf     # the daemon
     python3 ctinotify.py replay TRACE.ami -c FILE     # what clients would see
     python3 ctinotify.py record OUT.ami -c FILE       # capture AMI traffic
@@ -258,8 +259,15 @@ WATCH_RECV_BYTES = 64 * 1024
 #: Hook processes running at once; beyond it an event's hook is skipped.
 MAX_HOOK_PROCESSES = 8
 DEFAULT_WATCH_STATE = os.path.join("~", ".ctinotify-watch.json")
-#: Hangup reasons of a missed call (``direction = in``).
-MISSED_REASONS = ("noanswer", "cancelled", "busy", "answered_elsewhere")
+#: Hangup reasons of a missed call (``role=callee``, ``direction = in``):
+#: nobody of the user's answered it, whatever the reason.  Not
+#: answered_elsewhere: somebody took that call.
+MISSED_REASONS = ("noanswer", "cancelled", "busy", "failed")
+#: Calls watch remembers the popup url and forwards of, until their hangup
+#: (a call whose hangup never came is forgotten, oldest first).
+WATCH_CALL_MEMORY = 256
+#: ``watch --missed``: the calls asked for (the server keeps 100 per user).
+WATCH_MISSED_HISTORY = 100
 
 #: DIAL, HANGUP and TRANSFER a user may send a minute, by default (config
 #: ``actions_per_minute``): a desktop gone wild cannot flood Asterisk.
@@ -311,6 +319,22 @@ EVENT_KINDS = (
     Kind.DIVERT, Kind.TRANSFER, Kind.QUEUE, Kind.PARK, Kind.UNPARK, Kind.CONFERENCE,
     Kind.HOLD, Kind.UNHOLD, Kind.STATE,
 )
+
+
+#: Words a person may type for kinds (``events =``, ``EVENTS``, ``watch
+#: --exec``) and the protocol kinds each stands for.  ``answered`` is
+#: ``pickup`` (the call was answered, by the user or by another phone);
+#: ``missed`` is ``hangup``, the event whose reason says whether an
+#: incoming call was missed (``watch --exec missed=`` runs for those only).
+KIND_ALIASES = {"answered": (Kind.PICKUP,), "missed": (Kind.HANGUP,)}
+
+
+def kinds_of(word: str) -> Tuple[str, ...]:
+    """The protocol kinds a typed word stands for; () for no kind."""
+    word = word.strip().lower()
+    if word in EVENT_KINDS:
+        return (word,)
+    return KIND_ALIASES.get(word, ())
 
 
 class Reason:
@@ -957,11 +981,29 @@ class Config(_Immutable):
         return lines
 
     def advisories(self) -> List[str]:
-        """Valid but likely unmeant settings, for ``check`` and ``run`` to
-        warn about: with several PBXes, a number without ``NAME:`` counts on
-        every one, though the user's phones are all on some of them (two
-        sites with the same numbering would see each other's calls)."""
-        notes = self._action_advisories()
+        """Valid but likely unmeant settings, for ``check`` and ``run`` (at
+        start and at each reload) to warn about: no users, a published
+        example secret (nobody can log in with it), a device no channel can
+        ever belong to, a user who can never receive an event, a number
+        that counts on every PBX, users who may act on calls (the manager
+        user needs the classes for it)."""
+        notes = []
+        if not self.users:
+            notes.append("%s defines no client users: nobody can log in" % self.path)
+        for pbx in self.pbxes:
+            if is_example_secret(pbx.secret):
+                notes.append("%s: a published example secret; give the manager user a "
+                             "secret of its own, in manager.conf and here"
+                             % self.origins.get("secret:" + pbx.name, self.path))
+        for user in self.users.values():
+            notes += user_advisories(user, self.path)
+        return notes + self._action_advisories() + self._site_advisories()
+
+    def _site_advisories(self) -> List[str]:
+        """With several PBXes, a number without ``NAME:`` counts on every
+        one, though the user's phones are all on some of them (two sites
+        with the same numbering would see each other's calls)."""
+        notes: List[str] = []
         if len(self.pbxes) < 2:
             return notes
         for user in self.users.values():
@@ -992,6 +1034,76 @@ class Config(_Immutable):
 
 def mask(secret: str) -> str:
     return "********" if secret else "(empty)"
+
+
+#: Secrets that ctinotify's own files publish as examples: the example
+#: ctinotify.conf (this one and the earlier ones), the README's
+#: configuration snippets and the original request's ``[client1]``.  Anyone
+#: can read them, so a LOGIN (or web login) with one is refused, whoever
+#: it names, and ``check``/``run`` name the users that have one.  The test
+#: configurations (tests/*.conf: ``LOGIN demo demo`` of ``make demo``) are
+#: not among them: they bind 127.0.0.1 and are not copied to a PBX.
+EXAMPLE_SECRETS = frozenset((
+    "blah", "change-me", "change-me-too", "alice-desk-secret", "bob-desk-secret", "...",
+))
+
+
+def is_example_secret(secret: str) -> bool:
+    """Whether ``secret`` is a published example (case and spaces aside)."""
+    return secret.strip().casefold() in EXAMPLE_SECRETS
+
+
+#: The channel technologies of phones (``core show channeltypes``); any
+#: other is most likely a typo.  Local is one too, but never a phone: the
+#: engine follows a Local channel through to the phone it rings.
+PHONE_TECHNOLOGIES = ("PJSIP", "SIP", "IAX2", "DAHDI", "Skinny", "SCCP", "MGCP", "OOH323",
+                      "Motif", "USTM", "Console")
+#: The ``-<sequence>`` Asterisk appends to a device to name one channel:
+#: 8 hex digits (PJSIP, SIP: PJSIP/100-0000001a), a number for DAHDI (DAHDI/1-1).
+_CHANNEL_SEQUENCE = re.compile(r"-[0-9a-fA-F]{8}$|^DAHDI/[0-9]+-[0-9]+$")
+
+
+def device_problem(device: str) -> str:
+    """Why no channel can ever belong to ``device`` (a normalized device,
+    maybe ``NAME:`` qualified), or "" if one can."""
+    device = split_device(device)[1]
+    tech, _, resource = device.partition("/")
+    if tech == "Local":
+        return ("a Local channel, which ctinotify follows through to the phone it rings; "
+                "name that phone (PJSIP/100), or the number in extensions")
+    if tech not in PHONE_TECHNOLOGIES:
+        return ("unknown technology %s, expected one of %s (asterisk -rx \"core show "
+                "channeltypes\")" % (tech, ", ".join(PHONE_TECHNOLOGIES)))
+    if "/" in resource:
+        return ("a / too many: a device is TECH/name as pjsip show endpoints lists it, "
+                "e.g. %s/%s" % (tech, resource.partition("/")[0]))
+    if _CHANNEL_SEQUENCE.search(device):
+        return ("looks like a channel name from core show channels; its phone is %s"
+                % device_of_channel(device))
+    if tech == "DAHDI" and re.match(r"^[gGrR][0-9]+$", resource):
+        return ("a DAHDI group, which dials channels; each is DAHDI/<number> (DAHDI/1), as "
+                "dahdi show channels lists them")
+    return ""
+
+
+def user_advisories(user: UserConfig, path: str) -> List[str]:
+    """What makes a valid user unable to log in or to receive anything."""
+    where = "%s:%d: [%s]" % (path, user.lineno, user.name)
+    notes = []
+    if is_example_secret(user.secret):
+        notes.append("%s secret: a published example secret: nobody can log in as %s until "
+                     "it has a secret of its own" % (where, user.name))
+    problems = [(device, device_problem(device)) for device in user.devices]
+    for device, problem in problems:
+        if problem:
+            notes.append("%s devices: %s cannot match a phone: %s" % (where, device, problem))
+    if not user.events:
+        notes.append("%s events: empty: %s receives no event at all; expected all or a "
+                     "list of kinds" % (where, user.name))
+    elif user.devices and not user.extensions and all(problem for _, problem in problems):
+        notes.append("%s: none of %s's devices can match a phone and there are no "
+                     "extensions: %s will never receive an event" % (where, user.name, user.name))
+    return notes
 
 
 _USER_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
@@ -1347,12 +1459,11 @@ class _ConfigReader:
         if option is None or [k.lower() for k in kinds] == ["all"]:
             return EVENT_KINDS
         events: List[str] = []
-        for kind in kinds:
-            if kind.lower() not in EVENT_KINDS:
+        for word in kinds:
+            if not kinds_of(word):
                 self.problem(section, option, "unknown event kind %r, expected 'all' or "
-                             "any of: %s" % (kind, ", ".join(EVENT_KINDS)))
-            elif kind.lower() not in events:
-                events.append(kind.lower())
+                             "any of: %s" % (word, ", ".join(EVENT_KINDS + tuple(KIND_ALIASES))))
+            events += [kind for kind in kinds_of(word) if kind not in events]
         return tuple(events)
 
     def user_actions(self, section: IniSection, devices: Tuple[str, ...],
@@ -1514,6 +1625,7 @@ def parse_config(text: str, filename: str, require_ami: bool = True) -> Config:
         if _is_ami_section(section):
             name = DEFAULT_PBX if section.name.lower() == "ami" else section.name[4:]
             origins["tls_ca:" + name] = reader.origin(section, "tls_ca")
+            origins["secret:" + name] = reader.origin(section, "secret")
     return Config(filename, values, pbxes, users, origins)
 
 
@@ -1573,6 +1685,116 @@ def server_tls_context(cert: str, key: Optional[str]) -> "ssl.SSLContext":
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
     return context
+
+
+#: ``check``, ``run`` (and once a day while running) warn this long before
+#: the client TLS port's certificate expires.
+TLS_CERT_WARN_BEFORE_S = 14 * 86400
+TLS_CERT_CHECK_INTERVAL_S = 86400.0
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\s*([A-Za-z0-9+/=\s]+?)\s*-----END CERTIFICATE-----")
+
+
+def _der_element(data: bytes, pos: int) -> Tuple[int, int, int]:
+    """One DER element at ``pos``: (tag, where its content starts, where it
+    ends).  ValueError if it does not fit in ``data``."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated")
+    tag, length = data[pos], data[pos + 1]
+    start = pos + 2
+    if length & 0x80:
+        size = length & 0x7F
+        if not 1 <= size <= 4 or start + size > len(data):
+            raise ValueError("bad length")
+        length = int.from_bytes(data[start:start + size], "big")
+        start += size
+    if start + length > len(data):
+        raise ValueError("truncated")
+    return tag, start, start + length
+
+
+def _der_time(tag: int, text: bytes) -> float:
+    """UTCTime (YYMMDDHHMMSSZ, 1950-2049) or GeneralizedTime
+    (YYYYMMDDHHMMSSZ) as X.509 writes them (RFC 5280 4.1.2.5): seconds."""
+    digits = text.decode("ascii")
+    if tag == 0x17 and len(digits) == 13 and digits.endswith("Z"):
+        year = int(digits[:2])
+        digits = ("19" if year >= 50 else "20") + digits
+    elif not (tag == 0x18 and len(digits) == 15 and digits.endswith("Z")):
+        raise ValueError("not an X.509 time")
+    when = datetime.datetime(int(digits[:4]), int(digits[4:6]), int(digits[6:8]),
+                             int(digits[8:10]), int(digits[10:12]), int(digits[12:14]),
+                             tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def certificate_validity(der: bytes) -> Tuple[float, float]:
+    """(notBefore, notAfter) of one DER X.509 certificate, in seconds since
+    the epoch: Certificate is SEQUENCE { tbsCertificate SEQUENCE { [0]
+    version (optional), serialNumber, signature, issuer, validity SEQUENCE
+    { notBefore, notAfter } ... } ... } (RFC 5280 4.1).  ValueError if
+    it is not one.  (The ssl module reads dates only through a private
+    function, or for CA certificates.)"""
+    tag, pos, _ = _der_element(der, 0)
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    tag, pos, _ = _der_element(der, pos)  # tbsCertificate
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    tag, _, after = _der_element(der, pos)
+    if tag == 0xA0:  # [0] EXPLICIT version
+        pos = after
+    for _ in range(3):  # serialNumber, signature, issuer
+        pos = _der_element(der, pos)[2]
+    tag, pos, _ = _der_element(der, pos)
+    if tag != 0x30:
+        raise ValueError("no validity")
+    tag, start, stop = _der_element(der, pos)
+    not_before = _der_time(tag, der[start:stop])
+    tag, start, stop = _der_element(der, stop)
+    return not_before, _der_time(tag, der[start:stop])
+
+
+def certificate_dates(path: str) -> List[Tuple[float, float]]:
+    """The validity of each certificate in a PEM file, in its order (the
+    server's own first, then its chain); [] if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            pem = f.read(1024 * 1024)
+        return [certificate_validity(base64.b64decode(b"".join(block.split())))
+                for block in _PEM_CERTIFICATE.findall(pem)]
+    except (OSError, ValueError):
+        return []
+
+
+def certificate_warnings(config: "Config", now: float) -> List[str]:
+    """What ``check`` and ``run`` say of the client TLS port's certificate
+    (``tls_cert``): not valid yet, expired, or expiring within
+    TLS_CERT_WARN_BEFORE_S.  Clients refuse such a certificate, and the
+    daemon serves it without a word otherwise."""
+    if config.tls_port is None or not config.tls_cert:
+        return []
+    notes = []
+    where = config.origins.get("tls_cert") or "%s: [general] tls_cert" % config.path
+    dates = certificate_dates(config.tls_cert)
+    for n, (not_before, not_after) in enumerate(dates):
+        which = "the certificate %s" % config.tls_cert if n == 0 else \
+            "certificate %d of %s (its chain)" % (n + 1, config.tls_cert)
+        span = "valid from %s to %s" % tuple(time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                          time.gmtime(t))
+                                            for t in (not_before, not_after))
+        if now < not_before:
+            notes.append("%s: %s is not valid yet (%s): TLS clients refuse it until then; "
+                         "is the clock right?" % (where, which, span))
+        elif now >= not_after:
+            notes.append("%s: %s has expired (%s): TLS clients refuse it; renew it"
+                         % (where, which, span))
+        elif not_after - now <= TLS_CERT_WARN_BEFORE_S:
+            left = (not_after - now) / 86400
+            notes.append("%s: %s expires in %s (%s): renew it" % (
+                where, which, "%d days" % left if left >= 2 else "1 day" if left >= 1
+                else "%d hours" % (left * 24), span))
+    return notes
 
 
 def client_tls_context(cafile: str = "", verify: bool = True) -> "ssl.SSLContext":
@@ -2211,6 +2433,73 @@ class AmiSession:
         return None
 
 
+#: Distinct calling channels whose DialBegin came without a single Newexten
+#: on the link: then the manager user evidently lacks read class dialplan.
+PROBE_DIALS = 3
+#: Distinct channels in Newexten without a single Newchannel: no class call.
+PROBE_EXTENS = 3
+
+#: What a missing class costs, said once per link (log, STATUS warning=).
+NO_DIALPLAN_CLASS = ("no Newexten events: the manager user lacks read class dialplan "
+                     "(or an eventfilter drops Newexten), so calls to a user's number that "
+                     "ring elsewhere, such as forwards to mobiles, are lost")
+NO_CALL_CLASS = ("no Newchannel events: the manager user lacks read class call, so "
+                 "no call is followed")
+NO_REPORTING_CLASS = ("CoreShowChannels refused (%s): the manager user lacks write class "
+                      "reporting, so calls that went on while the link was down are lost")
+
+
+class ManagerClassProbe:
+    """What one login's events say about the manager user's classes
+    (manager.conf ``read =``, ``write =``), which Asterisk never tells.
+
+    ``observe(event, msg)`` takes every message of the login and returns
+    the problems it has just become sure of, each once: DialBegins of
+    PROBE_DIALS callers with no Newexten at all (each Dial the dialplan
+    runs is a Newexten first, main/pbx.c), or Newexten of PROBE_EXTENS
+    channels with no Newchannel at all.  ``refused(message)``: the
+    resync's CoreShowChannels was refused.  Once Newexten and Newchannel
+    were both seen, ``done``: nothing is left to learn.
+    """
+
+    __slots__ = ("done", "said", "_newexten", "_newchannel", "_callers", "_extens")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.said: List[str] = []
+        self._newexten = False
+        self._newchannel = False
+        self._callers: Set[str] = set()
+        self._extens: Set[str] = set()
+
+    def observe(self, event: Optional[str], msg: AmiMessage) -> List[str]:
+        if event == "Newexten":
+            self._newexten = True
+            if not self._newchannel and len(self._extens) < PROBE_EXTENS:
+                self._extens.add(msg.get("Uniqueid", ""))
+                if len(self._extens) == PROBE_EXTENS:
+                    return self._say(NO_CALL_CLASS)
+        elif event == "Newchannel":
+            self._newchannel = True
+        elif event == "DialBegin" and not self._newexten and len(self._callers) < PROBE_DIALS:
+            caller = msg.get("Uniqueid")
+            if caller:  # an Originate's dial has no calling channel
+                self._callers.add(caller)
+                if len(self._callers) == PROBE_DIALS:
+                    return self._say(NO_DIALPLAN_CLASS)
+        self.done = self._newexten and self._newchannel
+        return []
+
+    def refused(self, message: str) -> List[str]:
+        return self._say(NO_REPORTING_CLASS % (message[:80] or "refused"))
+
+    def _say(self, problem: str) -> List[str]:
+        if problem in self.said:
+            return []
+        self.said.append(problem)
+        return [problem]
+
+
 # ---------------------------------------------------------------------------
 # Channel model (no users): channels, bridges, Local pairs, who is in a call
 # ---------------------------------------------------------------------------
@@ -2300,7 +2589,8 @@ class Channel:
                  "first_exten", "app", "appdata", "created", "answered_at", "bridge",
                  "dialer", "dial_targets", "originated", "user_calls", "diverted_from",
                  "transferred_by", "queue", "queue_join", "queue_told", "hold_told", "parked",
-                 "callback", "caller_raw", "connected_raw", "comebacks", "new_call")
+                 "callback", "caller_raw", "connected_raw", "new_call",
+                 "picks")
 
     def __init__(self, uniqueid: str, name: str, now: float):
         self.uniqueid = uniqueid
@@ -2348,14 +2638,16 @@ class Channel:
         self.hold_told: Optional[List[UserCall]] = None
         #: (space, lot, parked by) while parked.
         self.parked: Optional[Tuple[str, str, Party]] = None
-        #: Parked, not retrieved, rung back at the parker (ParkedCallTimeOut):
-        #: how often, and the id of the new call that starts for the users it
-        #: rings then (the Linkedid stays the same).
-        self.comebacks = 0
+        #: The id of a new call on the same Linkedid (FollowOnCalls): the
+        #: parked call rung back at the parker (ParkedCallTimeOut), or a call
+        #: found again after the link-lost grace had ended it.
         self.new_call: Optional[str] = None
         #: For an originated Local channel (click-to-dial through the
         #: dialplan): the user's phone it rang first, the real caller.
         self.callback: Optional[Channel] = None
+        #: The pickup method its dialplan ran (Pickup, PickupChan), kept:
+        #: the picked-up call's AppDial replaces the application at once.
+        self.picks = ""
 
     def lineage(self) -> Iterable["Channel"]:
         """The channel, then the ones that caused it: a Local ;2 half leads to
@@ -2820,6 +3112,42 @@ class UserCall:
         }
 
 
+class FollowOnCalls:
+    """Call ids for the new calls that follow on one Asterisk call (one
+    Linkedid) after the user's call of that id ended: ``<linkedid>+1``,
+    ``+2``...  A parked call that comes back to the parker is such a call,
+    and so is a call still up at the PBX when the link comes back after the
+    grace ended it (``link_lost``): one ``hangup`` per call id, always last.
+    Remembered across a link loss, for at most MAX_RECENT_HANGUPS Linkedids."""
+
+    def __init__(self) -> None:
+        #: Linkedid -> how many calls followed on it, least recent first.
+        self._count: "collections.OrderedDict[str, int]" = collections.OrderedDict()
+        #: Linkedid -> the id its channels take from now on (after link_lost);
+        #: read by the engine for every channel event: mostly empty.
+        self.restarted: "collections.OrderedDict[str, str]" = collections.OrderedDict()
+
+    def new_id(self, linkedid: str) -> str:
+        """The id of the next call to follow on ``linkedid``."""
+        count = self._count.pop(linkedid, 0) + 1
+        self._count[linkedid] = count
+        if len(self._count) > MAX_RECENT_HANGUPS:
+            self._count.popitem(last=False)
+        return "%s+%d" % (linkedid, count)
+
+    def restart(self, linkedid: str) -> None:
+        """The users' calls on ``linkedid`` ended (link lost): what is seen
+        of it from now on is a new call."""
+        self.restarted.pop(linkedid, None)
+        self.restarted[linkedid] = self.new_id(linkedid)
+        if len(self.restarted) > MAX_RECENT_HANGUPS:
+            self.restarted.popitem(last=False)
+
+    def check(self) -> List[str]:
+        return ["%d call ids remembered" % len(memory) for memory in (self._count, self.restarted)
+                if len(memory) > MAX_RECENT_HANGUPS]
+
+
 class CallBook:
     """The user calls in progress, and their links to channels.
 
@@ -3063,6 +3391,134 @@ _PICKUP_APPS = frozenset(("pickup", "pickupchan"))
 _SNAPSHOT_FIELDS = ("Uniqueid", "Channel", "ChannelStateDesc", "CallerIDNum", "CallerIDName",
                     "ConnectedLineNum", "ConnectedLineName", "Linkedid", "Exten", "Context")
 _SNAPSHOT_KEYS: Dict[str, Tuple[str, ...]] = {}
+#: Every ``<role>Uniqueid`` an event handled by the engine names a channel by.
+_CHANNEL_ID_KEYS = tuple(role + "Uniqueid" for role in (
+    "", "Dest", "Target", "Transferer", "Transferee", "OrigTransferer", "SecondTransferer",
+    "TransferTarget", "LocalOne", "LocalTwo", "Parkee", "Parker", "Retriever", "Swap"))
+#: Events that only bring the model up to date and tell no user anything:
+#: they need not wait for a late DialBegin (LocalDialOrder).
+_MODEL_ONLY_EVENTS = frozenset(("Newchannel", "Newstate", "NewCallerid", "NewConnectedLine",
+                                "LocalBridge"))
+#: The longest a Local channel's events wait for the DialBegin of its ;1
+#: half (LocalDialOrder).  Asterisk publishes that DialBegin right after the
+#: call starts, microseconds later; the bound is for a dial that never says.
+LOCAL_DIAL_WAIT_S = 2.0
+
+
+def _channels_named(msg: AmiMessage) -> Set[str]:
+    """The Uniqueids of the channels an event names, in any role."""
+    return {uid for uid in map(msg.get, _CHANNEL_ID_KEYS) if uid}
+
+
+class _LocalWait:
+    """One Local channel pair whose ;1 half's DialBegin has not come yet."""
+
+    __slots__ = ("one", "channels", "held", "since")
+
+    def __init__(self, one: Channel, two: Channel):
+        self.one = one
+        #: Uniqueids whose events wait: the ;2 half, and the channels its
+        #: held events name with it (never ``one`` itself).
+        self.channels = {two.uniqueid}
+        #: (message, handler, time received), in the order received.
+        self.held: List[Tuple[AmiMessage, object, float]] = []
+        self.since = 0.0
+
+
+class LocalDialOrder:
+    """Puts back in order what a Local channel's two halves tell at once.
+
+    A dial to a Local channel starts the dialplan of its ;2 half in a thread
+    of its own (``ast_call``, main/core_local.c) and only then publishes the
+    DialBegin to the ;1 half (apps/app_dial.c, apps/app_queue.c,
+    main/dial.c).  So the ;2 half may run its dialplan, dial a phone and
+    ring it before that DialBegin reaches us (seen live on Asterisk 22:
+    tests/traces/live/h_forward_late_dialbegin.ami), and until it comes
+    nothing says whose call the phone rings for.  Once the ;2 half does
+    anything that may tell a user something (not ``_MODEL_ONLY_EVENTS``),
+    its events, and every later event of a channel they name, are held
+    until the DialBegin, then handled after it in their own order.  Events
+    of other channels pass: Asterisk never ordered them against these.
+
+    What else ends the wait: an event of the ;1 half itself (the DialBegin
+    is then not coming first; its events from the dialing thread all follow
+    the DialBegin), unless another wait holds that event (a Local pair
+    dialed from a held ;2 side); its hangup; LOCAL_DIAL_WAIT_S; or a channel
+    list after a reconnect (CoreShowChannels: everything is listed again).
+
+    XXX: the engine has no timer, so LOCAL_DIAL_WAIT_S ends a wait at the
+    next event after it: a PBX that falls silent meanwhile keeps the held
+    events until it speaks again (while the ;2 side dials, it does)."""
+
+    def __init__(self) -> None:
+        #: ;1 half Uniqueid -> its wait, in the order the pairs appeared.
+        #: Read by CallEngine.handle for every event: empty, nothing waits.
+        self.waits: Dict[str, _LocalWait] = {}
+
+    def expect_dial(self, one: Channel, two: Channel) -> None:
+        """A Local pair was just requested: its ;1 half's DialBegin is due."""
+        if one.uniqueid not in self.waits:
+            self.waits[one.uniqueid] = _LocalWait(one, two)
+
+    def due(self, msg: AmiMessage, now: float) -> list:
+        """The held events to handle before ``msg``, their wait over: the
+        ;1 half did something else first (or hung up), ``msg`` joins two
+        waiting calls (order is lost then), LOCAL_DIAL_WAIT_S passed, or a
+        channel list begins or ends."""
+        event = msg.get("Event")
+        named = _channels_named(msg)
+        resync = event in ("CoreShowChannel", "CoreShowChannelsComplete")
+        holders = [wait for wait in self.waits.values() if named & wait.channels]
+        # An event a wait holds is not yet an event of the ;1 half it names
+        # (a nested Local pair: it comes after that pair's own DialBegin).
+        to_hold = len(holders) == 1 and (holders[0].held or event not in _MODEL_ONLY_EVENTS)
+        awaited = msg.get("DestUniqueid") if event == "DialBegin" else None
+        due: list = []
+        for wait in list(self.waits.values()):
+            one = wait.one.uniqueid
+            if resync or (wait.held and now - wait.since > LOCAL_DIAL_WAIT_S) or \
+                    (len(holders) > 1 and wait in holders) or \
+                    (not to_hold and one in named and one != awaited and
+                     (wait.held or event == "Hangup")):
+                due += self._end(wait)
+        return due
+
+    def hold(self, msg: AmiMessage, handler: object, now: float) -> bool:
+        """Keep ``msg`` back if it is the waiting ;2 side's (True)."""
+        named = _channels_named(msg)
+        holders = [wait for wait in self.waits.values() if named & wait.channels]
+        if len(holders) != 1:
+            return False
+        wait = holders[0]
+        if not wait.held:
+            if msg.get("Event") in _MODEL_ONLY_EVENTS:
+                return False  # nothing to tell yet: no need to wait
+            wait.since = now
+        wait.held.append((msg, handler, now))
+        named.discard(wait.one.uniqueid)
+        wait.channels |= named
+        return True
+
+    def dialed(self, msg: AmiMessage) -> list:
+        """After the awaited DialBegin ``msg`` (handled): what waited for it."""
+        if msg.get("Event") != "DialBegin":
+            return []
+        wait = self.waits.get(msg.get("DestUniqueid", ""))
+        return self._end(wait) if wait is not None else []
+
+    def _end(self, wait: _LocalWait) -> list:
+        del self.waits[wait.one.uniqueid]
+        return wait.held
+
+    def clear(self) -> None:
+        """The link is gone: what was held never happened for any user."""
+        self.waits.clear()
+
+    def check(self, table: ChannelTable) -> List[str]:
+        """Waits for a ;1 half that is gone: for the tests."""
+        return ["a DialBegin to %r is awaited, but it is gone" % (wait.one,)
+                for wait in self.waits.values()
+                if table.channels.get(wait.one.uniqueid) is not wait.one]
 
 
 class _EngineCore:
@@ -3080,6 +3536,10 @@ class _EngineCore:
         self.table = ChannelTable()
         #: The users' views of the calls, and their links to channels.
         self.book = CallBook()
+        #: Events of Local channels held until the DialBegin that dialed them.
+        self.order = LocalDialOrder()
+        #: Ids of calls that follow on an Asterisk call whose id was ended.
+        self.follow_ons = FollowOnCalls()
         #: queue name -> the users among its members.
         self.queue_members: Dict[str, Set[str]] = {}
         #: conference name -> the channels in it.
@@ -3136,6 +3596,9 @@ class _EngineCore:
         linkedid = get(keys[7])
         if linkedid:
             chan.linkedid = linkedid
+            restarted = self.follow_ons.restarted
+            if restarted and chan.new_call is None:
+                chan.new_call = restarted.get(linkedid)
         exten = get(keys[8])
         if exten:
             context = get(keys[9]) or chan.context
@@ -3271,7 +3734,13 @@ class _Dialing(_EngineCore):
         if not uniqueid or not name:
             return
         if uniqueid not in self.table.channels:  # else a repeated Newchannel: an update
-            self.table.add(Channel(uniqueid, name, out.now))
+            chan = Channel(uniqueid, name, out.now)
+            self.table.add(chan)
+            peer = chan.local_peer
+            if peer is not None:  # a Local pair just requested: its DialBegin is due
+                one, two = (chan, peer) if chan.local_half == "1" else (peer, chan)
+                if one.dialer is None and not one.originated and one.answered_at is None:
+                    self.order.expect_dial(one, two)
         self._snapshot(out, msg, "")
 
     def on_snapshot(self, msg: AmiMessage, out: Outbox) -> None:
@@ -3284,6 +3753,8 @@ class _Dialing(_EngineCore):
         chan.app = msg.get("Application", chan.app)
         chan.appdata = msg.get("AppData", chan.appdata)
         app = chan.app.lower()
+        if app in _PICKUP_APPS:
+            chan.picks = PickupMethod.DIRECTED if chan.appdata else PickupMethod.GROUP
         if app not in ("dial", "voicemail"):
             return
         for uc in chan.user_calls:
@@ -3403,7 +3874,7 @@ class _Dialing(_EngineCore):
         peer = self._remote_party(dest, caller_chan.caller) if not dest.is_local \
             else Party(dialed, "")
         for user in self._users_of(caller_chan):
-            uc = self.book.user_call(caller_chan.linkedid, user, CALL_OUT, caller_chan.caller,
+            uc = self.book.user_call(caller_chan.call_id, user, CALL_OUT, caller_chan.caller,
                                      peer, dialed, out.now)
             if not uc.device:
                 uc.device = caller_chan.device
@@ -3442,7 +3913,7 @@ class _Dialing(_EngineCore):
             return calls
         for user in self._users_of(chan):
             dialed = self._dialed_number(chan, "")
-            uc = self.book.user_call(chan.linkedid, user, CALL_OUT, chan.caller,
+            uc = self.book.user_call(chan.call_id, user, CALL_OUT, chan.caller,
                                      Party(dialed, ""), dialed, out.now)
             uc.device = uc.device or chan.device
             self.book.attach(uc, chan)
@@ -3569,15 +4040,24 @@ class _Answering(_Dialing):
         self._dial_end(out, src, dest, status)
 
     def _dial_end(self, out: Outbox, src: Optional[Channel], dest: Channel, status: str) -> None:
+        picker = False
         if src is not None:
             if dest.dialer is src and dest not in src.dial_targets:
                 # Handed on by a blonde transfer (or a repeated DialEnd): the
                 # transferer's dial "ends" NOANSWER while the target rings on
                 # for the transferee (xfer_blonde_group_a).  Nothing to learn.
                 return
+            # Answered by a channel it never dialed while its own still
+            # ring: a phone that picked the call up (Asterisk 12+ swaps the
+            # picker in for the ringing one).  The Pickup event that says so
+            # may come only after this DialEnd (seen live on Asterisk 22,
+            # tests/traces/live/l_directed_pickup.live.ami): the method is
+            # known already, from what the picker dialed.
+            picker = dest.dialer is None and not dest.is_local and \
+                bool(src.dial_targets - {dest})
             src.dial_targets.discard(dest)
         if status == "ANSWER":
-            self._answered(out, src, dest)
+            self._answered(out, src, dest, self._pickup_method(dest) if picker else "")
             return
         outcome = _DIAL_OUTCOMES.get(status)
         if outcome is None:
@@ -3599,6 +4079,15 @@ class _Answering(_Dialing):
             for uc in chan.user_calls:
                 self._set_outcome(out, uc, outcome)
             came_from = chan
+
+    @staticmethod
+    def _pickup_method(picker: Channel) -> str:
+        """Directed when the picker's dialplan named the phone (Pickup(100),
+        PickupChan, a ``**100`` code), else group (``*8``, Pickup())."""
+        if picker.picks:
+            return picker.picks
+        directed = any(exten.startswith("**") for exten in (picker.exten, picker.first_exten or ""))
+        return PickupMethod.DIRECTED if directed else PickupMethod.GROUP
 
     def _leg_outcome(self, out: Outbox, uc: UserCall, outcome: str, ending: List[Channel]) -> None:
         """One ringing leg of the user's call ended without an answer.  While
@@ -3636,7 +4125,7 @@ class _Answering(_Dialing):
                   method: str = "") -> None:
         if answerer.is_local:
             return  # the endpoint behind the Local channel reports the answer
-        call_ids = {answerer.linkedid, answerer.root().call_id}
+        call_ids = {answerer.call_id, answerer.root().call_id}
         if src is not None:
             call_ids.add(src.root().call_id)
         if not any(self.book.has_call(call_id) for call_id in call_ids):
@@ -3852,9 +4341,7 @@ class _Moving(_Answering):
         target = self._snapshot(out, msg, "Target")
         if picker is None or target is None:
             return
-        directed = (picker.app.lower() in _PICKUP_APPS and bool(picker.appdata)) or \
-            picker.exten.startswith("**")
-        method = PickupMethod.DIRECTED if directed else PickupMethod.GROUP
+        method = self._pickup_method(picker)
         root = target.root() if target.dialer is not None else target
         caller = target.connected or root.caller
         dialed = self._dialed_number(root, "")
@@ -3927,8 +4414,7 @@ class _Moving(_Answering):
             return
         space, lot, by = parkee.parked
         parkee.parked = None
-        parkee.comebacks += 1
-        parkee.new_call = "%s+%d" % (parkee.linkedid, parkee.comebacks)
+        parkee.new_call = self.follow_ons.new_id(parkee.linkedid)
         device = device_of_interface(msg.get("ParkerDialString", ""))
         caller = self._remote_party(parkee, by)
         for user in self.directory.device_users(device):
@@ -4043,7 +4529,7 @@ class _Gathering(_Moving):
         if not members:
             return
         fields = self._fields(
-            Kind.QUEUE, chan.linkedid, out.now, "callee", "", chan.caller,
+            Kind.QUEUE, chan.call_id, out.now, "callee", "", chan.caller,
             Party(chan.exten if chan.exten not in _SPECIAL_EXTENS else "", queue),
             action=action, queue=queue, position=msg.get("Position") or chan.queue_join[0],
             count=msg.get("Count") or chan.queue_join[1])
@@ -4273,14 +4759,16 @@ class _Resync(_Gathering):
         (hold, a transfer, the hangup) belongs to a call the user knows of:
         ``incoming`` (or ``outgoing``) stamped with the time the channel was
         created, not the time we learn of it (after a long outage that may
-        be a minute later), then ``pickup`` if it is answered."""
+        be a minute later; issue 16.5), then ``pickup`` if it is answered.
+        So does a call whose first part the link loss ended, now a call of
+        its own (FollowOnCalls): it began then too."""
         callee = chan.app == "AppDial" or chan.dialer is not None
         # An outgoing call to an application (a conference room, voicemail)
         # has no connected party: the number the phone dialed stands in.
         dialed = "" if callee else self._dialed_number(chan, "")
         peer = chan.connected or Party(dialed, "")
         for user in self._users_of(chan):
-            uc = self.book.user_call(chan.linkedid, user, CALL_IN if callee else CALL_OUT,
+            uc = self.book.user_call(chan.call_id, user, CALL_IN if callee else CALL_OUT,
                                      chan.caller, peer, dialed, out.now)
             uc.device = chan.device
             self.book.attach(uc, chan)
@@ -4383,8 +4871,32 @@ class CallEngine(_Resync):
         if handler is None:
             return _NO_NOTIFICATIONS
         out = Outbox(now)
-        handler(msg, out)
+        if self.order.waits:
+            self._in_order(msg, handler, out)
+        else:
+            handler(msg, out)
         return out.notes or _NO_NOTIFICATIONS
+
+    def _in_order(self, msg: AmiMessage, handler, out: Outbox) -> None:
+        """Handle ``msg`` while Local channels wait for their DialBegin
+        (LocalDialOrder): maybe later, maybe after what waited."""
+        for held in self.order.due(msg, out.now):
+            self._handle_held(held, out)
+        if self.order.hold(msg, handler, out.now):
+            return
+        handler(msg, out)
+        for held in self.order.dialed(msg):
+            self._handle_held(held, out)
+
+    def _handle_held(self, held: Tuple[AmiMessage, object, float], out: Outbox) -> None:
+        """A held event, at the time it came (its notifications say so)."""
+        msg, handler, now = held
+        mine = Outbox(now)
+        if self.order.waits:
+            self._in_order(msg, handler, mine)
+        else:
+            handler(msg, mine)  # type: ignore[operator]
+        out.notes += mine.notes
 
     def link_lost(self, now: float) -> List[Notification]:
         """The AMI link is gone for good: no call may stay 'ringing' at a
@@ -4392,8 +4904,16 @@ class CallEngine(_Resync):
         out = Outbox(now)
         for uc in self.book.all():
             self._end(out, uc, reason=Reason.UNKNOWN)
+        # A call still up at the PBX when the link comes back (the resync
+        # lists it) is told again, but as a new call: the one of this id
+        # has had its hangup (seen live: tests/traces/live/grace/).
+        ended = {note.fields["call"] for note in out.notes if note.kind == Kind.HANGUP}
+        for linkedid in {chan.linkedid for chan in self.table.channels.values()
+                         if chan.call_id in ended or chan.linkedid in ended}:
+            self.follow_ons.restart(linkedid)
         self.table.clear()
         self.book.clear()
+        self.order.clear()
         self.conferences.clear()
         self._resync_seen = None
         self._resync_unanswered = set()
@@ -4437,13 +4957,15 @@ class CallEngine(_Resync):
     def is_idle(self) -> bool:
         """No channel, no user call, no conference is known: what the engine
         comes back to when every call has ended."""
-        return self.table.is_idle() and self.book.is_idle() and not self.conferences
+        return self.table.is_idle() and self.book.is_idle() and not self.conferences \
+            and not self.order.waits
 
     def check(self) -> List[str]:
         """What is inconsistent in the engine's state (links not two-way,
         channels that are gone but still named): [] when all is well.  For
         the tests, after every message of a trace."""
-        problems = self.table.check() + self.book.check(self.table)
+        problems = self.table.check() + self.book.check(self.table) + \
+            self.order.check(self.table) + self.follow_ons.check()
         for room, members in self.conferences.items():
             problems += ["conference %s lists %r, which is gone" % (room, chan)
                          for chan in members if self.table.channels.get(chan.uniqueid) is not chan]
@@ -4697,21 +5219,26 @@ class ActionRate:
 # Client protocol (no I/O): login, subscriptions, text and JSON lines
 # ---------------------------------------------------------------------------
 
+#: Characters no line sent to a client carries raw, beyond the C0 controls:
+#: DEL and the C1 controls (U+009B is the 8-bit CSI: terminal escape
+#: sequences; U+0085 ends a line for str.splitlines()), the line and
+#: paragraph separators, and the bidi overrides and isolates, which reorder
+#: what a terminal or log viewer shows (watch escapes them on screen too).
+_UNSAFE_BEYOND_C0 = list(range(0x7f, 0xa0)) + [0x2028, 0x2029] + \
+    list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a))
 #: Characters that force a text value into quotes: anything that could end
 #: a line for some reader (CR, LF, VT, FF, NEL, U+2028...), spaces, quotes,
-#: '=' and backslashes.
+#: '=', backslashes, and the rest of the above.
 _NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]')
 _TEXT_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n",
                  ord("\r"): "\\r", ord("\t"): "\\t"}
-# Bidi overrides too: they would reorder what a terminal shows (watch
-# escapes them on screen; a script reading text lines gets them back).
-for _code in list(range(0x20)) + list(range(0x7f, 0xa0)) + [0x2028, 0x2029] + \
-        list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a)):
+for _code in list(range(0x20)) + _UNSAFE_BEYOND_C0:
     _TEXT_ESCAPES.setdefault(_code, "\\u%04x" % _code)
-#: json.dumps escapes C0 controls but not these, which str.splitlines() and
-#: some terminals treat as line ends.
-_JSON_EXTRA_ESCAPES = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
-_JSON_EXTRA_LINE_ENDS = re.compile("[\x85\u2028\u2029]")
+#: json.dumps escapes the C0 controls; these are escaped after it, the same
+#: way (``\\u009b``): still valid JSON, and the same string once parsed.
+_JSON_EXTRA_ESCAPES = {code: "\\u%04x" % code for code in _UNSAFE_BEYOND_C0}
+#: Whether a line holds any (a line rarely does).
+_JSON_NEEDS_EXTRA = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _TEXT_PAIR = re.compile(r'\s*([A-Za-z0-9_]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
 _TEXT_UNESCAPE = re.compile(r'\\(u[0-9a-fA-F]{4}|.)')
 
@@ -4762,8 +5289,10 @@ def encode_text_line(tag: str, fields: Dict[str, object]) -> str:
 
 
 def encode_json_line(fields: Dict[str, object]) -> str:
+    """One JSON object on one line, readable as it is on a terminal."""
     text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
-    if _JSON_EXTRA_LINE_ENDS.search(text):
+    # An ASCII line (most: isascii() reads a flag) can hold only DEL of them.
+    if (not text.isascii() and _JSON_NEEDS_EXTRA.search(text)) or "\x7f" in text:
         text = text.translate(_JSON_EXTRA_ESCAPES)
     return text
 
@@ -5020,23 +5549,35 @@ class LoginThrottle:
             owners.popitem(last=False)
 
 
+#: The reply text to a login with a published example secret: not "login
+#: failed", so the person at the desktop knows it is no typo of theirs.
+EXAMPLE_SECRET_REFUSED = "example secret refused, the admin must set a secret of its own"
+
+
 def check_login(users: Dict[str, UserConfig], name: str, secret: str,
-                peer_host: str) -> Tuple[Optional[UserConfig], str]:
-    """The verdict on a login, the same for LOGIN and the web page: the
-    account, or None and why (for the log only: a client is told "login
-    failed", whatever the reason).  The throttle is asked before this and
-    told after it, by the caller."""
+                peer_host: str) -> Tuple[Optional[UserConfig], str, str]:
+    """LOGIN's rules, one place for the line protocol and the web alike:
+    ``(account, "", "")``, or ``(None, why, reply)``: why for the log, the
+    reply's text for the client.
+
+    A published example secret (EXAMPLE_SECRETS) is refused whoever it
+    names, so its distinct reply tells nothing about the accounts; every
+    other failure is the same ``login failed``.  The secret is compared
+    even for unknown users, so timing does not tell them apart either.
+    """
     account = users.get(name)
-    # Compare even for unknown users, so timing does not tell them apart.
     expected = account.secret if account is not None else "\0unknown user"
     secret_ok = hmac.compare_digest(secret.encode("utf-8"), expected.encode("utf-8"))
-    if account is None:
-        return None, "unknown user"
-    if not secret_ok:
-        return None, "wrong secret"
-    if not account.host_allowed(peer_host):
-        return None, "address not allowed by host="
-    return account, ""
+    if is_example_secret(secret):
+        why = "the secret is a published example"
+        if account is not None and secret_ok:
+            why += ", and [%s] has it: give it a secret of its own" % account.name
+        return None, why, EXAMPLE_SECRET_REFUSED
+    if account is None or not secret_ok or not account.host_allowed(peer_host):
+        why = ("unknown user" if account is None else
+               "wrong secret" if not secret_ok else "address not allowed by host=")
+        return None, why, "login failed"
+    return account, "", ""
 
 
 class CallHistory:
@@ -5259,14 +5800,14 @@ class ClientSession:
             # not, is answered the same.
             raise ClientProtocolError("429", "too many failed logins for this user, try again "
                                       "in %d s" % math.ceil(wait))
-        account, why = check_login(server.users, name, secret, self.peer_host)
+        account, why, reply = check_login(server.users, name, secret, self.peer_host)
         if account is None:
             self.failed_logins += 1
             self.failed_as = name
             log.warning("%s: login as %r refused: %s", self.tag, name[:64], why)
             if self.failed_logins >= MAX_LOGIN_ATTEMPTS_PER_CONNECTION:
                 self.request_close("%d failed logins" % self.failed_logins)
-            raise ClientProtocolError("401", "login failed")
+            raise ClientProtocolError("401", reply)
         self.user = account
         self.kinds = frozenset(account.events)
         self.tag = "client %s@%s" % (account.name, self.tag.partition(" ")[2] or self.peer_host)
@@ -5283,13 +5824,16 @@ class ClientSession:
             self.kinds = frozenset(self.user.events)
             self.chosen_kinds = None
         else:
-            for kind in wanted:
-                if kind not in EVENT_KINDS:
-                    raise ClientProtocolError("400", "unknown event kind %s" % quote_value(kind[:40]))
-                if kind not in self.user.events:
-                    raise ClientProtocolError("403", "event kind %s not allowed for %s"
-                                              % (kind, self.user.name))
-            self.kinds = self.chosen_kinds = frozenset(wanted)
+            chosen: Set[str] = set()
+            for word in wanted:
+                if not kinds_of(word):
+                    raise ClientProtocolError("400", "unknown event kind %s" % quote_value(word[:40]))
+                for kind in kinds_of(word):
+                    if kind not in self.user.events:
+                        raise ClientProtocolError("403", "event kind %s not allowed for %s"
+                                                  % (kind, self.user.name))
+                    chosen.add(kind)
+            self.kinds = self.chosen_kinds = frozenset(chosen)
         return ["OK events=%s" % ",".join(k for k in EVENT_KINDS if k in self.kinds)]
 
     def account_changed(self, account: UserConfig) -> None:
@@ -6594,8 +7138,9 @@ SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"),
 def encode_sse_event(fields: Dict[str, object], event_id: Optional[str] = None) -> bytes:
     """One SSE frame: ``id:`` (if any) and one ``data:`` line holding the
     JSON object of the JSON line format.  encode_json_line escapes CR, LF,
-    NEL, U+2028 and U+2029, so no caller ID can end the line early or
-    start a field; a frame is always exactly these lines."""
+    NEL, U+2028 and U+2029 (and every other control character and bidi
+    override), so no caller ID can end the line early or start a field; a
+    frame is always exactly these lines."""
     data = "data: " + encode_json_line(fields) + "\n\n"
     if event_id is not None:
         data = "id: " + event_id + "\n" + data
@@ -6998,7 +7543,7 @@ def _login_check(ctx: WebRequestContext, name: str, secret: str,
         # Unheard, as LOGIN: the secret is not even compared.
         return WebReply(error_response(429, "too many failed logins for this user, try "
                                             "again in %d s" % math.ceil(wait)))
-    account, why = check_login(view.users, name, secret, ctx.peer_host)
+    account, why, text = check_login(view.users, name, secret, ctx.peer_host)
     if account is not None:
         throttle.account_succeeded(account.name, key)
         return account
@@ -7012,7 +7557,7 @@ def _login_check(ctx: WebRequestContext, name: str, secret: str,
                     ctx.tag, key, throttle.block_s, throttle.block_after)
     challenge = [("WWW-Authenticate", 'Basic realm="ctinotify", charset="UTF-8"')] \
         if how == "basic" else []
-    return WebReply(error_response(401, "login failed", challenge), delay_s=delay,
+    return WebReply(error_response(401, text, challenge), delay_s=delay,
                     close=blocked, failed_login=True)
 
 
@@ -7419,31 +7964,78 @@ class WatchRefused:
         self.what = what
 
 
+#: Who answered, as ``WatchEvent.answer`` says of a pickup.
+ANSWERED_HERE = "here"        # a phone of the user (or, calling out, the party called)
+ANSWERED_OUTSIDE = "outside"  # the outside number the call was forwarded to (a mobile)
+ANSWERED_OTHER = "other"      # a colleague's phone
+
+
 class WatchEvent:
-    """A line from the server: an event, a status, a CALLS or HISTORY item.
+    """A line from the server: an event, a status, a CALLS or HISTORY item;
+    or what watch makes of them: ``missed`` after the hangup of a missed
+    call, ``status`` when the server is out of reach.
 
     ``kind`` is the event kind, ``status``, ``call`` or ``missed``;
     ``fields`` are flattened as in the text format (``from_num``), all
-    strings; ``raw`` is the line as received.
+    strings; ``raw`` is the line as received ("" for what watch made).
+    ``answer`` (a pickup): ANSWERED_HERE, _OUTSIDE or _OTHER; ``url``: the
+    call's popup url, on its incoming and on the pickup; ``missed``: a
+    hangup of a missed call (the ``missed`` event follows it).
     """
 
-    __slots__ = ("kind", "fields", "raw")
+    __slots__ = ("kind", "fields", "raw", "answer", "url", "missed")
 
     def __init__(self, kind: str, fields: Dict[str, str], raw: str):
         self.kind = kind
         self.fields = fields
         self.raw = raw
+        self.answer = ""
+        self.url = ""
+        self.missed = False
+
+
+def answer_of(fields: Dict[str, str], forwarded_out: bool = False) -> str:
+    """Who answered a pickup: the user (one of their phones, or the party
+    they called), the outside number their call was forwarded to, or a
+    colleague.  ``device`` is the user's phone that rang, ``answered_by``
+    the one that answered (as the web page tells them apart)."""
+    if fields.get("role") == "caller":
+        return ANSWERED_HERE
+    device = fields.get("device", "")
+    if device and fields.get("answered_by_device") == device:
+        return ANSWERED_HERE
+    return ANSWERED_OUTSIDE if forwarded_out and not device else ANSWERED_OTHER
+
+
+def is_missed(fields: Dict[str, str]) -> bool:
+    """An incoming call of the user that nobody of theirs answered: a
+    ``hangup`` (``role=callee``) or a HISTORY record (``direction=in``)."""
+    return (fields.get("role") == "callee" or fields.get("direction") == CALL_IN) and \
+        fields.get("reason") in MISSED_REASONS
+
+
+class _WatchCall:
+    """What watch remembers of a call until its hangup."""
+
+    __slots__ = ("url", "forwarded_out")
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.forwarded_out = False
 
 
 class WatchMissed:
     """The reply to HISTORY: the missed calls since ``since``, oldest first.
-    ``supported`` is False for a server without HISTORY."""
+    ``supported`` is False for a server without HISTORY; ``complete`` is
+    False when the oldest call of the reply is after ``since`` too, and
+    the server had as many as were asked for: older ones may be missing."""
 
-    __slots__ = ("calls", "supported")
+    __slots__ = ("calls", "supported", "complete")
 
-    def __init__(self, calls: List[WatchEvent], supported: bool):
+    def __init__(self, calls: List[WatchEvent], supported: bool, complete: bool = True):
         self.calls = calls
         self.supported = supported
+        self.complete = complete
 
 
 class WatchCalls:
@@ -7562,6 +8154,10 @@ class WatchSession:
         self._newest: Optional[float] = None
         self._newest_calls: Set[str] = set()
         self._history_done = False
+        #: Calls until their hangup, oldest first (WATCH_CALL_MEMORY).
+        self._calls: "collections.OrderedDict[str, _WatchCall]" = collections.OrderedDict()
+        #: The missed calls said, live or listed: each is said once.
+        self._missed_said: "collections.OrderedDict[str, None]" = collections.OrderedDict()
 
     @property
     def seen_until(self) -> Optional[float]:
@@ -7609,7 +8205,46 @@ class WatchSession:
         self._saw(parse_iso_time(item.fields.get("time")), item.fields.get("call"))
         if self.board and item.kind == "status" and item.fields.get("board") == "changed":
             return [item, self._command("board", "BOARD")]
-        return [item]
+        return self._follow(item)
+
+    def _follow(self, event: WatchEvent) -> List[WatchEvent]:
+        """What one call event says beyond itself: the incoming's url and a
+        forward outside, remembered until the hangup; who answered a
+        pickup; a hangup that is a missed call, followed by ``missed``."""
+        fields, kind = event.fields, event.kind
+        call = fields.get("call", "")
+        if kind == Kind.INCOMING and call:
+            memo = self._calls.pop(call, None) or _WatchCall()
+            memo.url = fields.get("url", "")
+            self._calls[call] = memo
+            while len(self._calls) > WATCH_CALL_MEMORY:
+                self._calls.popitem(last=False)
+            event.url = memo.url
+        elif kind == Kind.DIVERT and call in self._calls:
+            if fields.get("direction") == Direction.TO and fields.get("external") == "yes":
+                self._calls[call].forwarded_out = True
+        elif kind == Kind.PICKUP:
+            memo = self._calls.get(call)
+            event.answer = answer_of(fields, memo is not None and memo.forwarded_out)
+            event.url = memo.url if memo is not None else ""
+        elif kind == Kind.HANGUP:
+            self._calls.pop(call, None)
+            if is_missed(fields) and self._say_missed(call):
+                event.missed = True
+                return [event, WatchEvent("missed", fields, "")]
+        return [event]
+
+    def _say_missed(self, call: str) -> bool:
+        """True the first time a missed call is to be said (a call without
+        an id, every time)."""
+        if not call:
+            return True
+        if call in self._missed_said:
+            return False
+        self._missed_said[call] = None
+        while len(self._missed_said) > WATCH_CALL_MEMORY:
+            self._missed_said.popitem(last=False)
+        return True
 
     def _parse_item(self, line: str) -> Optional[WatchEvent]:
         if line.startswith("{"):
@@ -7656,7 +8291,11 @@ class WatchSession:
         if command == "history":
             # An older server: ERR 400 unknown command.  Nothing to list then.
             self._history_done = True
-            return [WatchMissed(self._missed(items) if ok else [], ok)]
+            missed = self._missed(items) if ok else []
+            first_end = parse_iso_time(items[0].fields.get("end")) if items else None
+            complete = len(items) < self.history or self.since is None or \
+                (first_end is not None and first_end <= self.since)
+            return [WatchMissed(missed, ok, complete)]
         if command == "calls":
             return [WatchCalls(items)]
         if command == "dial":
@@ -7683,7 +8322,7 @@ class WatchSession:
         missed = []
         for record in records:
             fields = record.fields
-            if fields.get("direction") != "in" or fields.get("reason") not in MISSED_REASONS:
+            if not is_missed(fields):
                 continue
             end = parse_iso_time(fields.get("end"))
             if self.since is not None and (end is None or end < self.since or
@@ -7692,7 +8331,8 @@ class WatchSession:
                                             fields.get("call") in self.since_calls)):
                 continue
             self._saw(end, fields.get("call"))
-            missed.append(WatchEvent("missed", fields, record.raw))
+            if self._say_missed(fields.get("call", "")):
+                missed.append(WatchEvent("missed", fields, record.raw))
         return missed
 
     def _saw(self, when: Optional[float], call: Optional[str]) -> None:
@@ -7745,10 +8385,18 @@ def _said_incoming(f: Dict[str, str]) -> str:
     return "  ".join(parts)
 
 
-def _said_pickup(f: Dict[str, str]) -> str:
+def _said_pickup(f: Dict[str, str], answer: str = "") -> str:
+    """A colleague's pickup reads "picked up by Bob Jones <101>"; the
+    user's own answer (shown as ``answered``) needs no more words, but
+    where: on the mobile the call was forwarded to."""
     method = f.get("method")
-    return "answered by %s%s" % (_caller(f, "answered_by"),
-                                 " (%s pickup)" % method if method else "")
+    how = " (%s pickup)" % method if method else ""
+    answer = answer or answer_of(f)
+    if answer == ANSWERED_HERE:
+        return "by %s pickup" % method if method else ""
+    if answer == ANSWERED_OUTSIDE:
+        return "on %s%s" % (_caller(f, "answered_by"), how)
+    return "picked up by %s%s" % (_caller(f, "answered_by"), how)
 
 
 def _said_divert(f: Dict[str, str]) -> str:
@@ -7856,15 +8504,34 @@ def render_event(event: WatchEvent) -> str:
     shown escaped: a line never ends early or moves the cursor.
     """
     f = event.fields
-    if event.kind == "missed":
-        when = _local_time(f.get("end") or f.get("start"), "%Y-%m-%d %H:%M")
+    if event.kind == "missed" and "time" not in f:
+        when = _local_time(f.get("end") or f.get("start"), "%Y-%m-%d %H:%M")  # HISTORY
+    elif event.kind == Kind.STATE:
+        when = _local_time(f.get("since"), "%H:%M:%S")  # since when the state holds
     else:
         when = _local_time(f.get("time"), "%H:%M:%S")
+    return ("%s  %-8s  %s" % (when, shown_kind(event), event_text(event))
+            ).translate(_DISPLAY_ESCAPES)
+
+
+def shown_kind(event: WatchEvent) -> str:
+    """The kind as a person reads it: the user's own answer is
+    ``answered``, a colleague's stays ``pickup``."""
+    if event.kind == Kind.PICKUP and (event.answer or answer_of(event.fields)) != ANSWERED_OTHER:
+        return "answered"
+    return event.kind
+
+
+def event_text(event: WatchEvent) -> str:
+    """``render_event``'s words after the kind (unescaped): also the
+    ``{text}`` of a hook."""
+    f = event.fields
     if event.kind == "status":
-        text = _status_text(f)
-    elif event.kind == Kind.STATE:
-        when = _local_time(f.get("since"), "%H:%M:%S")
-        text = _board_said(f)
+        return _status_text(f)
+    if event.kind == Kind.STATE:
+        return _board_said(f)
+    if event.kind == Kind.PICKUP:
+        detail = _said_pickup(f, event.answer)
     else:
         said = _SAID.get(event.kind)
         if said is not None:
@@ -7872,10 +8539,8 @@ def render_event(event: WatchEvent) -> str:
         else:
             detail = encode_text_line("", {k: v for k, v in f.items()
                                            if k not in _COMMON_FIELDS}).strip()
-        text = "%s -> %s" % (_caller(f, "from"), _called(f, "to"))
-        if detail:
-            text += "  " + detail
-    return ("%s  %-8s  %s" % (when, event.kind, text)).translate(_DISPLAY_ESCAPES)
+    text = "%s -> %s" % (_caller(f, "from"), _called(f, "to"))
+    return text + "  " + detail if detail else text
 
 
 def _status_text(f: Dict[str, str]) -> str:
@@ -7883,8 +8548,12 @@ def _status_text(f: Dict[str, str]) -> str:
         return "the ctinotify server is stopping"
     if f.get("board") == "changed":
         return "the board changed (the server's configuration was reloaded)"
+    if f.get("server") == "unreachable":
+        return "no connection to the ctinotify server" + (": " + f["reason"]
+                                                          if f.get("reason") else "")
     if f.get("pbx") == "up":
-        return "PBX connected"
+        return "PBX connected" + ("; the server warns: " + f["warning"]
+                                  if f.get("warning") else "")
     if f.get("pbx") == "down":
         return "PBX link down" + (": " + f["reason"] if f.get("reason") else "")
     if f.get("dial"):
@@ -8007,6 +8676,29 @@ def is_web_url(url: str) -> bool:
 
 # -- hooks ------------------------------------------------------------------------
 
+#: The placeholders a hook may use: every field an event, a status line or
+#: a HISTORY record (a missed call from before) can carry, flattened as in
+#: the text format, and ``text``, the words watch shows.  Any other name is
+#: a typo, refused at start (it would be filled with "").
+HOOK_FIELDS = frozenset((
+    "event", "call", "time", "role", "device", "from_num", "from_name", "to_num", "to_name",
+    "pbx", "dialed", "queue", "url", "answered_by_num", "answered_by_name",
+    "answered_by_device", "method", "direction", "original_num", "original_name",
+    "target_num", "target_name", "external", "kind", "by_num", "by_name", "action",
+    "position", "count", "space", "lot", "timeout", "result", "parked_by_num",
+    "parked_by_name", "retrieved_by_num", "retrieved_by_name", "room", "members", "who_num",
+    "who_name", "reason", "cause", "cause_txt", "duration", "talk_time",
+    "name", "server", "session", "replay", "warning",                       # status
+    "user", "start", "answer", "end", "answered", "answered_by", "path",    # HISTORY
+    "state",                                                                # CALL
+    "numbers", "since", "with_num", "with_name", "board",                   # board
+    "text",                                                                 # watch's words
+))
+#: The kinds ``--exec`` takes besides the event kinds and their aliases:
+#: all (every event kind), missed (a missed call, once, from a hangup or
+#: the list at login), status (the PBX link, the server stopping or out of reach).
+HOOK_KINDS = ("all", "missed", "status")
+
 #: ``{name}`` in a hook argument; ``{{`` and ``}}`` are literal braces.
 _HOOK_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z0-9_]*)\}")
 
@@ -8032,30 +8724,38 @@ class ExecHook:
     """
 
     def __init__(self, kind: str, template: List[str]):
-        #: An event kind, or ``all``.
+        #: An event kind, or one of HOOK_KINDS.
         self.kind = kind
         self.template = template
 
     @classmethod
     def parse(cls, spec: str) -> "ExecHook":
         """``incoming=notify-send -- "Call from {from_name}" {from_num}``;
-        ValueError says what is wrong."""
-        kind, sep, command = spec.partition("=")
-        kind = kind.strip().lower()
-        if not sep or kind not in EVENT_KINDS + ("all",):
-            raise ValueError("%r: expected KIND=COMMAND, KIND one of: all, %s"
-                             % (spec[:40], ", ".join(EVENT_KINDS)))
+        ValueError says what is wrong.  KIND may be ``answered`` (pickup);
+        ``missed`` here is watch's own: a missed call, not every hangup."""
+        word, sep, command = spec.partition("=")
+        word = word.strip().lower()
+        kind = word if word in HOOK_KINDS else (kinds_of(word) or ("",))[0]
+        if not sep or not kind:
+            raise ValueError("%r: expected KIND=COMMAND, KIND one of: %s, %s, answered"
+                             % (spec[:40], ", ".join(HOOK_KINDS), ", ".join(EVENT_KINDS)))
         try:
             template = shlex.split(command)
         except ValueError as e:
             raise ValueError("%r: the command does not split into arguments: %s"
                              % (spec[:40], e))
         if not template:
-            raise ValueError("%r: no command after %s=" % (spec[:40], kind))
+            raise ValueError("%r: no command after %s=" % (spec[:40], word))
         if any(m.group(1) is not None for m in _HOOK_PLACEHOLDER.finditer(template[0])):
             # Else a caller ID would choose the program.
             raise ValueError("%r: a placeholder in the program name, expected them in "
                              "its arguments only" % spec[:40])
+        unknown = sorted({m.group(1) for arg in template for m in _HOOK_PLACEHOLDER.finditer(arg)
+                          if m.group(1) is not None and m.group(1) not in HOOK_FIELDS})
+        if unknown:
+            raise ValueError("%r: unknown placeholder %s, expected any of: %s"
+                             % (spec[:40], ", ".join("{%s}" % n for n in unknown),
+                                ", ".join("{%s}" % n for n in sorted(HOOK_FIELDS))))
         return cls(kind, template)
 
     def wants(self, kind: str) -> bool:
@@ -9614,6 +10314,11 @@ class AmiLink:
         #: answered in two steps (Originate: OriginateResponse).
         self._reply_until: Dict[str, str] = {}
         self._timer: Optional[Timer] = None
+        #: What this login's events say of the manager user's classes, and
+        #: the problems found (STATUS ``warning=``); each logged once ever.
+        self.probe = ManagerClassProbe()
+        self.warnings: List[str] = []
+        self._logged_warnings: Set[str] = set()
         self._rearm()
 
     @property
@@ -9869,6 +10574,7 @@ class AmiLink:
             elif isinstance(item, AmiLoggedIn):
                 self.backoff = AMI_RECONNECT_MIN_S
                 log.info("%s: logged in as %s (%s)", self.tag, self.config.username, item.banner)
+                self.probe, self.warnings = ManagerClassProbe(), []
                 self._set_up(True, "")
                 self._start_resync()
             elif isinstance(item, AmiLoginFailed):
@@ -9883,6 +10589,8 @@ class AmiLink:
         if event == "Shutdown":
             self.lost("Asterisk is shutting down (%s)" % msg.get("Shutdown", "?"))
             return
+        if not self.probe.done:
+            self._warn(self.probe.observe(event, msg))
         action_id = msg.get("ActionID") if self._replies else None
         on_reply = self._replies.get(action_id) if action_id is not None else None
         if on_reply is not None:
@@ -9926,10 +10634,11 @@ class AmiLink:
         if msg is None:
             return  # the link went down; the next login resyncs again
         if msg.get("Response") not in (None, "Success"):
-            # No "reporting" or "system" write permission (manager.conf).
-            log.warning("%s: cannot list channels to resync (%s); grant the AMI user "
-                        "write = reporting. Calls from before the reconnect end now.",
-                        self.tag, msg.get("Message", "refused"))
+            # No "reporting" or "system" write permission (manager.conf):
+            # the probe says so once, this at every login.
+            self._warn(self.probe.refused(msg.get("Message", "")))
+            log.warning("%s: cannot list channels to resync (%s): calls from before the "
+                        "reconnect end now", self.tag, msg.get("Message", "refused"))
             self._resynced()
             self.owner.deliver(self.engine.end_resync(self.loop.wall))
         elif msg.get("Event") == "CoreShowChannelsComplete":
@@ -9940,6 +10649,17 @@ class AmiLink:
     def _resynced(self) -> None:
         self.stale_deadline = None
         self._enter(LINK_UP)
+
+    def _warn(self, problems: List[str]) -> None:
+        """What the probe found: logged once, told to the clients now and
+        with every STATUS of this login (``warning=``)."""
+        for problem in problems:
+            self.warnings.append(problem)
+            if problem not in self._logged_warnings:
+                self._logged_warnings.add(problem)
+                log.warning("%s: %s", self.tag, problem)
+        if problems:
+            self.owner.link_status(self, "")
 
     # -- writing and closing ----------------------------------------------------------
 
@@ -10431,6 +11151,16 @@ class Daemon:
         self.calllog.seed(self.config.users)
         for link in self.links:
             link.resolve()
+        if self.config.tls_port is not None:
+            # run warned at the start; a certificate may expire months later.
+            self.loop.at(self.loop.now + TLS_CERT_CHECK_INTERVAL_S, self._check_certificate)
+
+    def _check_certificate(self, now: float) -> None:
+        """Once a day: is the TLS port's certificate (the one of the
+        configuration now in force) about to expire, or expired?"""
+        for note in certificate_warnings(self.config, self.loop.wall):
+            log.warning("%s", note)
+        self.loop.at(now + TLS_CERT_CHECK_INTERVAL_S, self._check_certificate)
 
     def serve_forever(self) -> int:
         if self._wakeup is None:
@@ -10507,6 +11237,8 @@ class Daemon:
         fields["time"] = iso_time(self.loop.wall)
         if reason:
             fields["reason"] = reason
+        if link.up and link.warnings:
+            fields["warning"] = "; ".join(link.warnings)
         return fields
 
     def link_status(self, link: AmiLink, reason: str) -> None:
@@ -10591,7 +11323,7 @@ class Daemon:
         self.calllog.reopen(new.calllog)
         self._reload_links(new)
         log.info("configuration reloaded from %s (%d users)", new.path, len(new.users))
-        for note in new.advisories():
+        for note in new.advisories() + certificate_warnings(new, self.loop.wall):
             log.warning("%s", note)
 
     def _reload_links(self, new: Config) -> None:
@@ -10805,7 +11537,7 @@ class WatchClient:
 
     def __init__(self, host: str, port: int, user: str, secret: str,
                  fmt: str = "readable", hooks: Sequence[ExecHook] = (),
-                 open_urls: bool = False, state: Optional[WatchState] = None,
+                 open_on: str = "", state: Optional[WatchState] = None,
                  out=None, tls_context: Optional["ssl.SSLContext"] = None, tls_ca: str = "",
                  board: bool = False, dial: str = ""):
         self.host = host
@@ -10820,9 +11552,15 @@ class WatchClient:
         #: ``readable`` lines, or the server's raw ``text`` or ``json`` lines.
         self.fmt = fmt
         self.hooks = list(hooks)
-        self.open_urls = open_urls
+        #: When a call's popup url opens: ``ring`` (its incoming), ``answer``
+        #: (the user answers it on one of their phones), "" never.
+        self.open_on = open_on
         self.state = state
-        self.out = out if out is not None else sys.stdout
+        # pythonw (Windows, started at login) has no console: sys.stdout is None.
+        self.out = out or sys.stdout or open(os.devnull, "w", encoding="utf-8")
+        #: "The server is out of reach" was said (a status hook ran): not
+        #: again until a login succeeds.
+        self._offline_said = False
         self.children: List[subprocess.Popen] = []
         self.where = "%s port %d" % (host, port)
         #: ``--board``: the office board instead of the user's calls.
@@ -10853,6 +11591,7 @@ class WatchClient:
                 if logged_in:
                     backoff = WATCH_RECONNECT_MIN_S
                 log.warning("%s; reconnecting in %g s", reason, backoff)
+                self._offline(reason)
                 self._sleep(backoff)
                 backoff = min(backoff * 2, WATCH_RECONNECT_MAX_S)
         except KeyboardInterrupt:
@@ -10873,6 +11612,58 @@ class WatchClient:
             log.error("dial %s: %s", self.dial, reason)
             return 1
         return self._exit
+    def list_missed(self, since: float) -> int:
+        """``watch --missed``: log in, print the calls missed since ``since``
+        (the day's start) as the server's HISTORY has them, and leave: 0, or
+        1 when that cannot be done.  The state file is not touched."""
+        sock, (_fatal, _, failure) = self._dial()
+        if sock is None:
+            log.error("%s", failure)
+            return 1
+        session = WatchSession(self.user, self._secret, "text" if self.fmt == "text" else "json",
+                               since, WATCH_MISSED_HISTORY, since_calls=())
+        framer = LineFramer(MAX_WATCH_LINE_BYTES, skip_long=True)
+        try:
+            sock.settimeout(WATCH_CONNECT_TIMEOUT_S)
+            while True:
+                data = sock.recv(WATCH_RECV_BYTES)
+                if not data:
+                    log.error("%s closed the connection", self.where)
+                    return 1
+                framer.receive_data(data)
+                line = framer.next_line()
+                while line is not None:
+                    for item in session.receive_line(line):
+                        status = self._missed_item(sock, item)
+                        if status is not None:
+                            return status
+                    line = framer.next_line()
+        except (OSError, WatchProtocolError) as e:
+            log.error("%s: %s", self.where, _error_text(e) if isinstance(e, OSError) else e)
+            return 1
+        finally:
+            sock.close()
+
+    def _missed_item(self, sock: socket.socket, item: object) -> Optional[int]:
+        """One item of ``--missed``'s session: the exit status once done."""
+        if isinstance(item, WatchRefused):
+            log.error("%s refused the login as %s (%s)", self.where, self.user, item.reply)
+            return 1
+        if isinstance(item, WatchSend):
+            self._send(sock, item)
+        elif isinstance(item, WatchMissed):
+            if not item.supported:
+                log.error("%s has no HISTORY command: it cannot list missed calls", self.where)
+                return 1
+            for call in item.calls:
+                self._show(call)
+            log.info("%d missed call%s today", len(item.calls), "" if len(item.calls) == 1 else "s")
+            if not item.complete:
+                log.warning("the server keeps the last %d calls: missed calls of today before "
+                            "those are not listed", WATCH_MISSED_HISTORY)
+            self._send(sock, WatchSend("QUIT"))
+            return 0
+        return None
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -10948,12 +11739,12 @@ class WatchClient:
                 framer.receive_data(data)
                 if self._dispatch(sock, session, framer):
                     return True, False, "login refused"
+            elif session.state == "ready" and not self._keepalive(sock, session, now):
+                return False, self._logged_in, "%s does not answer PING" % self.where
             if self._exit is not None:
                 return False, self._logged_in, "done"
             if self.dial and now >= self._dial_by:
                 return False, self._logged_in, "no outcome within %g s" % WATCH_DIAL_WAIT_S
-            elif session.state == "ready" and not self._keepalive(sock, session, now):
-                return False, self._logged_in, "%s does not answer PING" % self.where
             if self.board is not None:
                 self.board.tick()
 
@@ -10981,6 +11772,7 @@ class WatchClient:
                     return True
                 if isinstance(item, WatchLoggedIn):
                     self._logged_in = True
+                    self._offline_said = False
                     log.info("connected to %s: %s", self.where, item.reply)
                 self._act(sock, session, item)
 
@@ -11015,17 +11807,20 @@ class WatchClient:
         elif isinstance(item, WatchEvent):
             if self.board is not None and self.fmt == "readable":
                 self.board.change(item)
+                if item.kind in EVENT_KINDS:
+                    self._run_hooks(item)  # --exec state=: the board's changes too
             else:
-                self._show(item)
-            if item.kind in EVENT_KINDS:
-                self._run_hooks(item)
-                if self.open_urls and item.kind == "incoming":
-                    self._open(item.fields.get("url", ""))
+                self._event(item)
         elif isinstance(item, WatchMissed):
             if not item.supported:
                 log.info("%s has no HISTORY command: missed calls are not listed", self.where)
+            # Missed while away: said once, as live ones; on the very first
+            # start they are only listed (they may be days old).
+            first_start = session.since is None
             for call in item.calls:
                 self._show(call)
+                if not first_start:
+                    self._run_hooks(call)
         elif isinstance(item, WatchCalls):
             for call in item.calls:
                 self._show(call)
@@ -11048,6 +11843,30 @@ class WatchClient:
         elif isinstance(item, WatchEvent) and item.kind == "status" and item.fields.get("dial"):
             self._show(item)
             self._exit = 0 if item.fields["dial"] == "answered" else 1
+    def _event(self, event: WatchEvent) -> None:
+        """A call event or status: shown (in the server's own formats only
+        what the server sent; readable, a missed call's hangup as the
+        ``missed`` line after it), its hooks run, its page opened."""
+        if (event.raw or self.fmt == "readable") and not (event.missed and
+                                                           self.fmt == "readable"):
+            self._show(event)
+        if event.kind == "status" and event.fields.get("server") == "stopping":
+            self._offline_said = True  # said by the server itself
+        if event.kind in EVENT_KINDS or event.kind in HOOK_KINDS:
+            self._run_hooks(event)
+        if self.open_on == "ring" and event.kind == Kind.INCOMING or \
+                self.open_on == "answer" and event.kind == Kind.PICKUP and \
+                event.answer == ANSWERED_HERE and event.fields.get("role") == "callee":
+            self._open(event.url)
+
+    def _offline(self, reason: str) -> None:
+        """The server is out of reach (lost, or never reached): shown, and
+        the status hooks told, once until a login succeeds."""
+        if self._offline_said:
+            return
+        self._offline_said = True
+        self._event(WatchEvent("status", {"event": "status", "server": "unreachable",
+                                          "reason": reason, "time": iso_time(time.time())}, ""))
 
     def _show(self, event: WatchEvent) -> None:
         if self.fmt == "readable":
@@ -11062,14 +11881,18 @@ class WatchClient:
             if not hook.wants(event.kind):
                 continue
             self._reap()
-            argv = hook.argv(event.fields)
+            argv = hook.argv(dict(event.fields, text=event_text(event)))
             if len(self.children) >= MAX_HOOK_PROCESSES:
                 log.warning("--exec %s: %d hooks still running, not starting %s",
                             hook.kind, len(self.children), argv[0])
                 continue
             try:
                 # An argument list and no shell: nothing in argv is ever parsed again.
-                self.children.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
+                # On Windows no console window flashes up per hook (pythonw
+                # at login has none to share); elsewhere the flag is 0.
+                self.children.append(subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL,
+                    creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0)))
             except (OSError, ValueError) as e:
                 log.warning("--exec %s: cannot run %s: %s", hook.kind, argv[0], e)
 
@@ -11177,7 +12000,7 @@ a.tel { font-size: 14px; }
 WEB_PAGE_JS = r"""
 "use strict";
 (function () {
-  var MISSED = ["noanswer", "cancelled", "busy", "answered_elsewhere"];
+  var MISSED = ["noanswer", "cancelled", "busy", "failed"];  // as MISSED_REASONS
   var POP_DELAY_MS = 250;  // a replayed ring followed by its hangup pops nothing
   var state = {
     user: null, csrf: "", es: null, lastId: null, gen: 0, calls: new Map(),
@@ -11858,12 +12681,122 @@ def _cmd_check(args: argparse.Namespace) -> int:
     sys.stdout.write(config.describe())
     if board_scopes(config.users):
         sys.stdout.write("\n" + "".join("; %s\n" % line for line in BOARD_AMI_NEEDS))
-    if not config.users:
-        log.warning("%s defines no client users: nobody can log in", path)
-    for note in config.advisories():
+    for note in config.advisories() + certificate_warnings(config, time.time()):
         log.warning("%s", note)
     _warn_if_world_readable(path)
-    return 0
+    if not args.live:
+        return 0
+    results = [_LiveCheck(config, pbx).run(args.listen) for pbx in config.pbxes]
+    return 0 if all(results) else 1
+
+
+class _LiveCheck:
+    """``check --live``: log in to one PBX as the daemon would, ask for the
+    channel list (write class reporting), listen a while, and say what the
+    manager user evidently may and may not (ManagerClassProbe).  A plain
+    blocking socket: nothing else shares this process."""
+
+    def __init__(self, config: Config, cfg: AmiConfig):
+        self.config = config
+        self.cfg = cfg
+        self.tag = "ami" if cfg.name == DEFAULT_PBX else "ami:" + cfg.name
+        self.session = ami_session(cfg, time.monotonic())
+        self.probe = ManagerClassProbe()
+        self.problems: List[str] = []
+        self.classes: "collections.Counter[str]" = collections.Counter()
+        self.listing: Optional[str] = None
+        #: Until then: the login, the channel list, then the listening.
+        self.deadline = time.monotonic() + cfg.login_timeout + cfg.connect_timeout
+        self.listening = False
+
+    def run(self, listen_s: float) -> bool:
+        """True if the manager user can do all ctinotify needs, as far as
+        ``listen_s`` seconds of events tell."""
+        cfg = self.cfg
+        try:
+            sock = socket.create_connection((cfg.host, cfg.port), timeout=cfg.connect_timeout)
+            if cfg.tls:
+                sock = self.config.ami_tls_contexts[cfg.name].wrap_socket(
+                    sock, server_hostname=cfg.host)
+        except OSError as e:
+            log.error("%s: cannot connect to %s port %d: %s", self.tag, cfg.host, cfg.port,
+                      _error_text(e))
+            return False
+        with sock:
+            sock.settimeout(0.2)
+            try:
+                if not self._talk(sock, listen_s):
+                    return False
+            except (OSError, AmiProtocolError) as e:
+                log.error("%s: %s", self.tag, _error_text(e) if isinstance(e, OSError) else e)
+                return False
+        return self._report(listen_s)
+
+    def _talk(self, sock: socket.socket, listen_s: float) -> bool:
+        while time.monotonic() < self.deadline and not (
+                self.listening and (self.probe.done or self.probe.said)):
+            outgoing = self.session.data_to_send()
+            if outgoing:
+                sock.sendall(outgoing)
+            try:
+                data = sock.recv(AMI_RECV_BYTES)
+            except socket.timeout:
+                data = None
+            if data == b"":
+                log.error("%s: Asterisk closed the connection", self.tag)
+                return False
+            now = time.monotonic()
+            for item in self.session.receive_data(data, now) if data else []:
+                if not self._item(item, now, listen_s):
+                    return False
+            reason = self.session.poll(now)
+            if reason:
+                log.error("%s: %s", self.tag, reason)
+                return False
+        if not self.session.logged_in:
+            log.error("%s: no login within %g s", self.tag, self.cfg.login_timeout)
+        return self.session.logged_in
+
+    def _item(self, item: object, now: float, listen_s: float) -> bool:
+        if isinstance(item, AmiLoginFailed):
+            log.error("%s: login as %s refused by Asterisk: %s; check username and secret, "
+                      "and that manager.conf's permit lets this machine in", self.tag,
+                      self.cfg.username, item.reason)
+            return False
+        if isinstance(item, AmiLoggedIn):
+            log.info("%s: logged in as %s (%s)", self.tag, self.cfg.username, item.banner)
+            self.listing = self.session.send_action("CoreShowChannels")
+            self.deadline = now + self.cfg.resync_timeout
+        elif isinstance(item, AmiMessage) and self.listing is not None and \
+                item.get("ActionID") == self.listing:
+            if item.get("Response") not in (None, "Success"):
+                self.problems += self.probe.refused(item.get("Message", ""))
+            elif item.get("Event") != "CoreShowChannelsComplete":
+                return True
+            else:
+                log.info("%s: CoreShowChannels: %s channels in progress", self.tag,
+                         item.get("ListItems", "?"))
+            self.listing, self.listening, self.deadline = None, True, now + listen_s
+        elif isinstance(item, AmiMessage) and "Event" in item:
+            privilege = item.get("Privilege", "").partition(",")[0].lower()
+            self.classes[privilege or "?"] += 1
+            self.problems += self.probe.observe(item.get("Event"), item)
+        return True
+
+    def _report(self, listen_s: float) -> bool:
+        for problem in self.problems:
+            log.warning("%s: %s", self.tag, problem)
+        heard = ", ".join("%s %d" % pair for pair in sorted(self.classes.items()))
+        if self.probe.done:
+            log.info("%s: events of classes call and dialplan arrive (%s)", self.tag, heard)
+        elif self.classes["call"] or self.classes["dialplan"]:
+            log.info("%s: in %g s: %s; no verdict yet on the classes: listen during a few "
+                     "calls (--listen 120)", self.tag, listen_s, heard)
+        else:
+            log.info("%s: no call event in %g s (%s): make a call while check --live "
+                     "listens (--listen 120) to see the read classes at work", self.tag,
+                     listen_s, heard or "nothing at all")
+        return not self.problems
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -11877,7 +12810,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     logging.getLogger("ctinotify").setLevel(config.loglevel.upper())
     _warn_if_world_readable(config.path)
-    for note in config.advisories():
+    for note in config.advisories() + certificate_warnings(config, time.time()):
         log.warning("%s", note)
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
     if pidfile is not None:
@@ -12089,11 +13022,27 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     except OSError as e:
         log.error("cannot read %s: %s", args.trace, _error_text(e))
         return 1
+    if args.user and args.user not in config.users:
+        log.error("%s: no user %r, expected one of: %s", config.path, args.user,
+                  ", ".join(config.users) or "(none)")
+        return 1
     with stream:
         for user, fields in replay_trace(stream, config.users, pbx=pbx.name, tag=tag):
-            out.write(encode_json_line(dict({"client": user}, **fields)) + "\n")
+            if args.user and user != args.user:
+                continue
+            out.write(_replayed_line(user, fields, args.format, bool(args.user)) + "\n")
     out.flush()
     return 0
+
+
+def _replayed_line(user: str, fields: Dict[str, object], fmt: str, alone: bool) -> str:
+    """A replayed event: as the user's ``nc`` shows it (text: ``EVENT ...``;
+    json: as after ``FORMAT json``), after ``user: `` or in a ``client``
+    key unless only one user's lines are printed."""
+    if fmt == "text":
+        line = encode_notification(fields, "text").decode("utf-8").rstrip("\r\n")
+        return line if alone else "%s: %s" % (user, line)
+    return encode_json_line(fields if alone else dict({"client": user}, **fields))
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
@@ -12262,9 +13211,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         except ValueError as e:
             log.error("--dial %.80r: %s", args.dial, e)
             return 2
-        if args.hooks or args.open or args.board:
+        if args.hooks or args.open or args.open_on or args.board or args.missed:
             # One DIAL and out: a tel: URL made to carry "--exec" gets nowhere.
-            log.error("--dial takes no --exec, --open or --board")
+            log.error("--dial takes no --exec, --open, --open-on, --board or --missed")
             return 2
     try:
         secret = _read_secret(args, host)
@@ -12280,13 +13229,16 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             log.error("cannot use TLS with %s: %s", args.tls_ca or "the system's CAs",
                       _ssl_reason(e))
             return 1
-    state = None
-    if not number:
-        state = WatchState(args.state, "%s@%s:%d" % (args.user, host, port))
-        state.load()
+    state = None if number else WatchState(args.state, "%s@%s:%d" % (args.user, host, port))
+    open_on = args.open_on or ("ring" if args.open else "")
     client = WatchClient(host, port, args.user, secret, args.format, args.hooks,
-                         args.open, state, tls_context=tls_context, tls_ca=args.tls_ca or "",
+                         open_on, state, tls_context=tls_context, tls_ca=args.tls_ca or "",
                          board=args.board, dial=number)
+    if args.missed:
+        midnight = datetime.datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
+        return client.list_missed(midnight.timestamp())
+    if state is not None:
+        state.load()
     return client.run()
 
 
@@ -12342,6 +13294,12 @@ def _argument_parser() -> argparse.ArgumentParser:
     config_help = "configuration file (default: %s, else ./%s)" % DEFAULT_CONFIG_PATHS
     cmd = commands.add_parser("check", help="validate the configuration and print it")
     cmd.add_argument("-c", "--config", help=config_help)
+    cmd.add_argument("--live", action="store_true",
+                     help="also log in to each PBX's AMI, ask for the channel list and listen "
+                          "to its events: say what the manager user lacks (exit status 1)")
+    cmd.add_argument("--listen", type=float, default=10.0, metavar="SECONDS",
+                     help="with --live: how long to listen to events at most (default "
+                          "%(default)g; it ends as soon as the classes are known)")
     cmd = commands.add_parser("run", help="run the daemon (in the foreground unless --daemon)")
     cmd.add_argument("-c", "--config", help=config_help)
     mode = cmd.add_mutually_exclusive_group()
@@ -12358,6 +13316,12 @@ def _argument_parser() -> argparse.ArgumentParser:
     cmd.add_argument("trace", help="a recorded AMI byte stream (.ami)")
     cmd.add_argument("-c", "--config", help=config_help)
     cmd.add_argument("--pbx", help="the PBX the trace was recorded on; " + pbx_help)
+    cmd.add_argument("--format", choices=("json", "text"), default="json",
+                     help="json: one object per event with the user as \"client\" (the "
+                          "default); text: each event as the user's nc shows it, after "
+                          "\"USER: \"")
+    cmd.add_argument("--user", metavar="NAME",
+                     help="only NAME's events, exactly as NAME's client shows them")
     cmd = commands.add_parser("record", help="record AMI traffic to a file")
     cmd.add_argument("output", help="file to write the received bytes to")
     cmd.add_argument("-c", "--config", help=config_help)
@@ -12389,6 +13353,12 @@ def _watch_arguments(commands) -> None:  # type: ignore[no-untyped-def]
     cmd.add_argument("--open", action="store_true",
                      help="open the url of incoming calls (the server's popup_url) in the "
                           "web browser; http and https only")
+    cmd.add_argument("--open-on", choices=("ring", "answer"),
+                     help="when --open opens the page (implies --open): as the call rings "
+                          "(the default), or once you answer it on one of your phones")
+    cmd.add_argument("--missed", action="store_true",
+                     help="print today's missed calls (as the server's HISTORY has them) "
+                          "and exit")
     cmd.add_argument("--tls", action="store_true",
                      help="connect to the server's TLS port (its tls_port), verifying its "
                           "certificate against the system's CAs")

@@ -8,10 +8,13 @@ Asterisk of tests/fakeami.py, with real TCP clients on 127.0.0.1.
 """
 
 import ast
+import base64
+import calendar
 import copy
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
 import queue
@@ -62,8 +65,9 @@ def read_trace(name):
 
 def all_trace_names():
     names = sorted(f[:-4] for f in os.listdir(TRACES) if f.endswith(".ami"))
-    caco = os.path.join(TRACES, "cacofonisk")
-    names += sorted("cacofonisk/" + f[:-4] for f in os.listdir(caco) if f.endswith(".ami"))
+    for sub in ("cacofonisk", "live"):
+        names += sorted(sub + "/" + f[:-4] for f in os.listdir(os.path.join(TRACES, sub))
+                        if f.endswith(".ami"))
     return names
 
 
@@ -143,9 +147,173 @@ def test_the_original_requests_client_section_loads_unchanged():
     assert config.port == 5039
 
 
-def test_the_example_config_is_valid():
-    config = ctinotify.load_config(os.path.join(HERE, "ctinotify.conf"))
-    assert "client1" in config.users and config.ami.auth == "md5"
+def test_the_example_config_is_valid_and_logs_nobody_in():
+    """Issue 14.1: make install puts the example in place; its users are
+    templates, so nobody can log in with a published secret."""
+    path = os.path.join(HERE, "ctinotify.conf")
+    config = ctinotify.load_config(path)
+    assert config.users == {} and config.ami.auth == "md5"
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.splitlines()
+    ami_secret = lines.index("secret = change-me", lines.index("[ami]")) + 1
+    assert config.advisories() == [
+        "%s defines no client users: nobody can log in" % path,
+        "%s:%d: [ami] secret: a published example secret; give the manager user a secret of "
+        "its own, in manager.conf and here" % (path, ami_secret)]
+    # The admin deletes each "(!)" but forgets the secrets: still nobody gets in.
+    users = parse_config(text.replace("](!)", "]"), "c.conf").users
+    assert sorted(users) == ["alice", "bob", "client1"]
+    assert users["bob"].events == ("incoming", "outgoing", "pickup", "hangup", "timeout", "busy")
+    view = ctinotify.ServerView(users)
+    for name, user in users.items():
+        session = ctinotify.ClientSession("192.168.1.5")
+        assert session.handle_line("LOGIN %s %s" % (name, user.secret), view) == \
+            ["ERR 401 example secret refused, the admin must set a secret of its own"]
+        assert session.user is None and session.failed_logins == 1
+
+
+def test_the_readme_intro_promises_only_words_the_program_uses():
+    """Issue 14.5: the first paragraphs name kinds and keys that exist."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        intro = f.read().split("\n## ", 1)[0]
+    words = set(re.findall(r"`([^`]+)`", intro))
+    known = set(ctinotify.EVENT_KINDS) | set(ctinotify.KIND_ALIASES) | \
+        set(ctinotify.USER_KEYS) | {"nc", "telnet", "notify-send", "osascript", "ctinotify.py",
+                                    "ctinotify watch"}
+    assert words <= known, words - known
+    assert {"incoming", "outgoing", "answered", "missed", "busy", "hangup"} <= words
+    assert "popup" not in intro.replace("popup_url", "").replace("for a popup", ""), \
+        "ctinotify opens no popup itself: watch runs the user's command for one"
+    assert "watch" in run_cli("--help").stdout
+
+
+def test_every_secret_the_project_publishes_is_refused():
+    """A secret in the example file or in a README configuration snippet is
+    readable by anyone: it must be among the refused ones."""
+    with open(os.path.join(HERE, "ctinotify.conf"), encoding="utf-8") as f:
+        published = re.findall(r"(?m)^;?secret ?= ?(\S+)", f.read())
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        for block in re.findall(r"```ini\n(.*?)```", f.read(), re.S):
+            published += re.findall(r"(?m)^secret\s*=\s*(\S+)", block)
+    assert {"blah", "change-me", "change-me-too"} <= set(published)
+    for secret in published + ["alice-desk-secret", "bob-desk-secret", " Change-Me "]:
+        assert ctinotify.is_example_secret(secret), secret
+    # The demo's own logins stay usable: make demo and the README's Try-it.
+    demo = ctinotify.load_config(os.path.join(HERE, "tests", "demo.conf"))
+    assert demo.advisories() == [] and demo.bind == "127.0.0.1"
+
+
+def test_a_published_secret_is_refused_whoever_it_names_and_the_log_says_why(caplog):
+    """The original request's section loads verbatim; client1 just cannot
+    log in.  The refusal is the same for any name, so it tells nothing."""
+    config = parse_config(ORIGINAL_REQUEST, "orig.conf")
+    view = ctinotify.ServerView(dict(config.users, **office().users))
+    refused = ["ERR 401 example secret refused, the admin must set a secret of its own"]
+    with caplog.at_level(logging.WARNING, logger="ctinotify"):
+        for login in ("client1 blah", "client1 BLAH", "nobody blah", "alice change-me"):
+            assert ctinotify.ClientSession("10.0.0.9").handle_line("LOGIN " + login, view) == \
+                refused
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0] == ("client: login as 'client1' refused: the secret is a published example, "
+                       "and [client1] has it: give it a secret of its own")
+    assert said[2] == "client: login as 'nobody' refused: the secret is a published example"
+    assert not any("blah" in line or "change-me" in line for line in said)
+    assert config.advisories() == [
+        "orig.conf:6: [client1] secret: a published example secret: nobody can log in as "
+        "client1 until it has a secret of its own"]
+    assert ctinotify.ClientSession("10.0.0.9").handle_line("LOGIN client1 wrong", view) == \
+        ["ERR 401 login failed"]
+
+
+def test_web_login_refuses_a_published_secret_as_login_does():
+    users = parse_config(ORIGINAL_REQUEST, "orig.conf").users
+    view = FakeWebView(users)
+    for reply in (WebClient(view).login("client1", "blah"),
+                  WebClient(view).send("GET", "/calls", [basic("client1", "blah")])):
+        assert reply.response.status == 401 and reply.failed_login
+        assert body_json(reply)["error"] == ctinotify.EXAMPLE_SECRET_REFUSED
+    assert body_json(WebClient(view).login("client1", "nope"))["error"] == "login failed"
+
+
+@pytest.mark.parametrize("devices, problem", [
+    ("PJSIP/100-0000001a", "PJSIP/100-0000001a cannot match a phone: looks like a channel "
+                           "name from core show channels; its phone is PJSIP/100"),
+    ("DAHDI/1-1", "DAHDI/1-1 cannot match a phone: looks like a channel name"),
+    ("Zap/g1", "DAHDI/g1 cannot match a phone: a DAHDI group, which dials channels"),
+    ("Local/100@from-internal", "Local/100@from-internal cannot match a phone: a Local "
+                                "channel, which ctinotify follows through to the phone"),
+    ("PJSPI/100", "PJSPI/100 cannot match a phone: unknown technology PJSPI, expected one of "
+                  "PJSIP, SIP, IAX2, DAHDI"),
+    ("PJSIP/100/sip:100@10.0.0.5", "PJSIP/100/sip:100@10.0.0.5 cannot match a phone: a / too "
+                                   "many: a device is TECH/name as pjsip show endpoints lists "
+                                   "it, e.g. PJSIP/100"),
+])
+def test_check_warns_of_a_device_no_phone_can_match(devices, problem):
+    config = parse_config("[u]\nsecret=s3cr3t\ndevices=%s\n" % devices, "f", require_ami=False)
+    assert len(config.advisories()) == 2
+    assert config.advisories()[0].startswith("f:1: [u] devices: " + problem)
+    assert config.advisories()[1] == ("f:1: [u]: none of u's devices can match a phone and "
+                                      "there are no extensions: u will never receive an event")
+    with_number = parse_config("[u]\nsecret=s\ndevices=%s\nextensions=100\n" % devices, "f",
+                               require_ami=False)
+    assert len(with_number.advisories()) == 1  # the number still reaches the user
+
+
+def test_check_is_quiet_about_good_devices_and_warns_of_a_user_told_nothing(tmp_path):
+    good = ("PJSIP/100, SIP/al-ice, IAX/100, Zap/1, DAHDI/12, branch:PJSIP/100, Skinny/x, "
+            "PJSIP/al-ice-00000001x, PJSIP/g1")
+    config = parse_config("[ami]\nusername=u\nsecret=s\n[ami:branch]\nusername=u\n"
+                          "secret=s\n[u]\nsecret=s\ndevices=%s\n" % good, "f")
+    assert config.advisories() == []
+    path = tmp_path / "quiet.conf"
+    path.write_text("[ami]\nusername=u\nsecret=s\n[u]\nsecret=s\ndevices=PJSIP/100\n"
+                    "events =\n[client1]\nsecret=blah\ndevices=SIP/xxx\n")
+    os.chmod(str(path), 0o600)
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0
+    assert "WARNING %s:4: [u] events: empty: u receives no event at all" % path in result.stderr
+    assert "WARNING %s:8: [client1] secret: a published example secret: nobody can log in as " \
+           "client1" % path in result.stderr
+    assert "blah" not in result.stdout + result.stderr
+
+
+def test_run_warns_once_at_start_of_a_user_with_a_published_secret(fake, tmp_path):
+    daemon = DaemonProcess(tmp_path, fake.port, users="[client1]\nsecret=blah\ndevices=SIP/1\n")
+    try:
+        daemon.wait_log("ami: logged in as ctitest")
+        client = Client(daemon.port)
+        client.send("LOGIN client1 blah")
+        assert client.line() == "ERR 401 example secret refused, the admin must set a secret " \
+                                "of its own"
+        daemon.wait_log(r"login as 'client1' refused: the secret is a published example, "
+                        r"and \[client1\] has it")
+        client.close()
+        warnings = [l for l in daemon.log if "[client1] secret: a published example" in l]
+        assert len(warnings) == 1 and "WARNING" in warnings[0]
+    finally:
+        daemon.stop()
+
+
+def test_events_accept_the_words_answered_and_missed():
+    config = parse_config("[u]\nsecret=s\ndevices=SIP/1\nevents=incoming, Answered, missed, "
+                          "pickup\n", "f", require_ami=False)
+    assert config.users["u"].events == ("incoming", "pickup", "hangup")
+    with pytest.raises(ConfigError, match="expected 'all' or any of: incoming, .*, unhold, state, "
+                                          "answered, missed"):
+        parse_config("[u]\nsecret=s\ndevices=SIP/1\nevents=answerd\n", "f", require_ami=False)
+    view = ctinotify.ServerView(office().users)
+    session = ctinotify.ClientSession("127.0.0.1")
+    session.handle_line("LOGIN alice alice-secret", view)
+    assert session.handle_line("EVENTS incoming answered missed", view) == \
+        ["OK events=incoming,pickup,hangup"]
+    assert session.handle_line("EVENTS missed", view) == ["OK events=hangup"]
+    limited = ctinotify.ServerView(config.users)
+    other = ctinotify.ClientSession("127.0.0.1")
+    other.handle_line("LOGIN u s", limited)
+    assert other.handle_line("EVENTS answered", limited) == ["OK events=pickup"]
+    assert other.handle_line("EVENTS timeout", limited) == \
+        ["ERR 403 event kind timeout not allowed for u"]
 
 
 def test_config_defaults():
@@ -753,6 +921,53 @@ def test_an_attended_transfer_without_its_target_block_is_told_the_same():
     assert told("k2_attended_transfer_no_target") == told("k_attended_transfer")
 
 
+#: tests/traces/live/: the live tier's recordings of a call flow on Asterisk
+#: 22 in an order the office recording does not show, and reproductions (the
+#: office recording with events moved to where the live Asterisk put them);
+#: each is the call flow of the office trace it names (tests/traces/live/README.md).
+LIVE_TRACES = {
+    "live/h_forward_to_ext.live": "h_forward_to_ext",
+    "live/h_forward_late_dialbegin": "h_forward_to_ext",
+    "live/g_ringgroup_late_dialbegin": "g_ringgroup",
+    "live/k_attended_transfer.live": "k_attended_transfer",
+    "live/k_attended_transfer_no_target": "k_attended_transfer",
+    "live/l_directed_pickup.live": "l_directed_pickup",
+    "live/l_directed_pickup_late": "l_directed_pickup",
+    "live/m_group_pickup_late": "m_group_pickup",
+}
+
+
+def per_user(golden, leave_out=("call", "time", "duration", "talk_time")):
+    """What each user was told, in order, without ids and times."""
+    told = {}
+    for event in golden:
+        told.setdefault(event["client"], []).append(
+            {k: v for k, v in event.items() if k not in leave_out})
+    return told
+
+
+def test_every_live_trace_is_named_and_each_user_is_told_what_the_office_trace_tells():
+    """The golden file of each live trace is justified by the office trace of
+    the same call flow: every user is told the same things in the same order
+    (the order of events of different channels does not change what
+    happened); only call ids and times differ (another recording)."""
+    assert sorted(LIVE_TRACES) == [n for n in all_trace_names() if n.startswith("live/")]
+    for name, office_name in LIVE_TRACES.items():
+        assert per_user(load_golden(name)) == per_user(load_golden(office_name)), name
+
+
+def test_a_late_pickup_is_directed_when_the_dialplan_ran_pickup_with_a_target():
+    """A directed pickup need not be a ``**`` code: a dialplan may run
+    Pickup(100@PICKUPMARK) at any number.  The picked-up call's AppDial
+    replaces the application before the late Pickup event, so the method is
+    what the picker's dialplan ran, remembered."""
+    data = read_trace("live/l_directed_pickup_late").replace(b"**100", b"8100")
+    with io.BytesIO(data) as stream:
+        told = list(ctinotify.replay_trace(stream, office().users))
+    pickups = [(user, fields.get("method")) for user, fields in told if fields["event"] == "pickup"]
+    assert sorted(pickups) == [("alice", "directed"), ("bob", "directed")]
+
+
 @pytest.mark.parametrize("name", ["cacofonisk/originate__ctd-account-world",
                                   "cacofonisk/originate__ctd-account-account"])
 def test_click_to_dial_is_the_same_when_the_user_lists_their_own_number(name):
@@ -813,7 +1028,7 @@ MANIFEST_OUTCOMES = {
     "timeout and 101 answered it": "completed",
 }
 OFFICE_USERS = {"100": "alice", "101": "bob", "102": "carol", "103": "dave"}
-MANIFEST_TRACES = [n for n in CALL_TRACES if not n.startswith("cacofonisk/")]
+MANIFEST_TRACES = [n for n in CALL_TRACES if not n.startswith(("cacofonisk/", "live/"))]
 
 
 def manifest(name):
@@ -1011,6 +1226,182 @@ def assert_engine_empty(engine):
     assert engine.check() == []
 
 
+#: The reorderings of a recording that Asterisk may produce as well, as the
+#: live tier saw them (tests/traces/live/README.md), each as a rule:
+#: - late_dialbegin: a DialBegin to a Local channel's ;1 half is published
+#:   only after ast_call started the ;2 half's dialplan in a thread of its
+#:   own (apps/app_dial.c), so it may come after any event of the ;2 side,
+#:   up to the next event of the dialing channel or of the ;1 half;
+#: - late_pickup: the Pickup event may come after the answer it caused
+#:   (DialEnd ANSWER, the caller's Newstate Up, the picker's own snapshots),
+#:   up to the picker's joining a bridge or hanging up; the picked phone's
+#:   events (its hangup) still follow it.
+#: Only these: a free interleaving of the events of different channels
+#: would give orders Asterisk never sends (a phone's answer before it was
+#: dialed), which no engine could read.
+_HANDLED = set(ctinotify.CallEngine.HANDLERS)
+
+
+def _named(msg):
+    return {uid for uid in map(msg.get, ctinotify._CHANNEL_ID_KEYS) if uid}
+
+
+def _places(messages, start, stop):
+    """The indexes before which a message taken from ``start`` may be put,
+    up to ``stop``: one per handled event crossed (crossing an event the
+    engine ignores changes nothing)."""
+    return [k for k in range(start + 2, stop + 1) if messages[k - 1].get("Event") in _HANDLED]
+
+
+def late_dialbegins(messages):
+    """(index, places) of each DialBegin to a Local ;1 half."""
+    for i, msg in enumerate(messages):
+        if msg.get("Event") == "DialBegin" and msg.get("DestChannel", "").startswith("Local/") \
+                and msg.get("DestChannel", "").endswith(";1"):
+            own = {uid for uid in (msg.get("Uniqueid"), msg.get("DestUniqueid")) if uid}
+            j = i + 1
+            while j < len(messages) and not _named(messages[j]) & own:
+                j += 1
+            yield i, _places(messages, i, j)
+
+
+def late_pickups(messages):
+    """(index, places) of each Pickup event."""
+    for i, msg in enumerate(messages):
+        if msg.get("Event") == "Pickup" and msg.get("Uniqueid"):
+            j = i + 1
+            while j < len(messages) and not (
+                    messages[j].get("Event") in ("BridgeEnter", "BridgeLeave", "Hangup") and
+                    msg["Uniqueid"] in _named(messages[j])):
+                j += 1
+            yield i, _places(messages, i, j)
+
+
+def moved(messages, i, k, drag=()):
+    """``messages`` with the one at ``i`` put before the one at ``k``; those
+    in between naming a channel in ``drag`` go along, after it."""
+    between = messages[i + 1:k]
+    along = [m for m in between if _named(m) & set(drag)]
+    return messages[:i] + [m for m in between if m not in along] + \
+        [messages[i]] + along + messages[k:]
+
+
+def rule_moves(messages):
+    """(index, places, drag) for each event a rule lets move."""
+    for i, places in late_dialbegins(messages):
+        yield i, places, ()
+    for i, places in late_pickups(messages):
+        yield i, places, (messages[i].get("TargetUniqueid"),)
+
+
+def reorderings(messages):
+    """Every reordering of the recording by one rule applied once, and the
+    one with every Local DialBegin as late as it may be, the last first (its
+    place bounds the one before): (what, messages)."""
+    for i, places, drag in rule_moves(messages):
+        for k in places:
+            yield "%s #%d before #%d" % (messages[i]["Event"], i, k), moved(messages, i, k, drag)
+    latest = list(messages)
+    for i in sorted((i for i, _ in late_dialbegins(messages)), reverse=True):
+        places = dict(late_dialbegins(latest))[i]
+        if places:
+            latest = moved(latest, i, places[-1])
+    if latest != messages:
+        yield "every Local DialBegin late", latest
+
+
+def told_per_call(notes):
+    """Each user's notifications per call, in order, without times (a moved
+    event may take another second of the recording's clock)."""
+    calls = {}
+    for user, fields in notes:
+        calls.setdefault((user, fields["call"]), []).append(
+            {k: v for k, v in fields.items() if k not in ("time", "duration", "talk_time")})
+    return calls
+
+
+@pytest.mark.parametrize("name", CALL_TRACES)
+def test_reordered_traces_tell_every_user_the_same(name):
+    """Events of different channels come in an order Asterisk's threads
+    decide: each reordering above of each recording tells every user the
+    same calls, kinds, caller IDs and reasons, in the same order per call,
+    and leaves the engine consistent after every message and empty after."""
+    users = users_for(name)
+    messages = list(AmiParser().feed(read_trace(name)))
+    want = told_per_call((e["client"], {k: v for k, v in e.items() if k != "client"})
+                         for e in load_golden(name))
+    for what, order in reorderings(messages):
+        engine = CallEngine(Directory(users.values()))
+        clock = ctinotify.TraceClock()
+        notes = []
+        for msg in order:
+            notes += [(n.user, n.fields) for n in engine.handle(msg, clock.observe(msg))]
+            assert engine.check() == [], (what, msg)
+        assert told_per_call(notes) == want, what
+        assert_engine_empty(engine)
+
+
+def rule_orders(messages, todo=None):
+    """Every order the rules make of ``messages`` by moving each of its
+    movable events or not, the last first (a move never shifts the events
+    before it, and a later event's new place bounds an earlier one's)."""
+    if todo is None:
+        todo = sorted((i for i, _, _ in rule_moves(messages)), reverse=True)
+    if not todo:
+        yield messages
+        return
+    i, rest = todo[0], todo[1:]
+    yield from rule_orders(messages, rest)
+    for j, places, drag in rule_moves(messages):
+        if j == i:
+            for k in places:
+                yield from rule_orders(moved(messages, i, k, drag), rest)
+
+
+@pytest.mark.parametrize("then", ["time", "channel list", "link lost"])
+def test_what_waits_for_a_late_dialbegin_is_never_kept_for_long(then):
+    """The live late DialBegin, cut off before it comes: Bob's phone rings
+    and nobody is told yet.  Then LOCAL_DIAL_WAIT_S passes (any event after
+    it lets the held ones go), or a resync lists the channels, or the link
+    is lost (what was held never happened for anyone)."""
+    engine = CallEngine(Directory(office().users.values()))
+    now = 1000.0
+    for msg in AmiParser().feed(read_trace("live/h_forward_late_dialbegin")):
+        if msg.get("Event") == "DialBegin" and msg.get("DestChannel", "").endswith(";1"):
+            break
+        assert [n.user for n in engine.handle(msg, now)] in ([], ["alice"])
+    assert engine.order.waits and engine.check() == []
+    unrelated = "Event: Newstate\r\nUniqueid: 42.1\r\nChannel: PJSIP/trunk-1\r\n" \
+        "ChannelStateDesc: Ring\r\nLinkedid: 42.1\r\n\r\n"
+    if then == "time":
+        assert feed(engine, unrelated, now + ctinotify.LOCAL_DIAL_WAIT_S) == ()
+        told = feed(engine, unrelated, now + ctinotify.LOCAL_DIAL_WAIT_S + 0.1)
+    elif then == "channel list":
+        told = feed(engine, "Event: CoreShowChannelsComplete\r\n\r\n", now + 0.1)
+    else:
+        told = engine.link_lost(now + 0.1)
+    assert not engine.order.waits and engine.check() == []
+    bob = [(n.kind, n.fields["time"]) for n in told if n.user == "bob"]
+    # (told at the time its events came; an empty channel list then ends it)
+    assert bob[:1] == ([] if then == "link lost" else [("incoming", ctinotify.iso_time(now))])
+
+
+def test_the_reorderings_include_what_the_live_tier_saw():
+    """The rules allow the orders the live reproductions have: each is its
+    office recording with Local DialBegins or Pickups moved within their
+    rules (the events the engine ignores left out)."""
+    def handled(name):
+        return [m for m in AmiParser().feed(read_trace(name)) if m.get("Event") in _HANDLED]
+
+    for live, office_name in (("live/h_forward_late_dialbegin", "h_forward_to_ext"),
+                              ("live/g_ringgroup_late_dialbegin", "g_ringgroup"),
+                              ("live/l_directed_pickup_late", "l_directed_pickup"),
+                              ("live/m_group_pickup_late", "m_group_pickup")):
+        office_order = handled(office_name)
+        assert handled(live) != office_order
+        assert handled(live) in rule_orders(office_order), live
+
+
 def test_all_traces_back_to_back_leave_nothing_behind():
     """One engine, every office trace in a row (the same users): bounded state."""
     engine = CallEngine(Directory(office().users.values()))
@@ -1059,6 +1450,54 @@ def test_engine_link_lost_ends_every_call_with_reason_unknown():
         [("alice", "hangup", "unknown", 15)]
     assert_engine_empty(engine)
     assert engine.link_lost(26.0) == []
+
+
+def replay_grace_readopt(losses=1):
+    """tests/traces/live/grace/: a call answered, the link lost past the
+    grace (``losses`` times: the channel list of the second connection, then
+    the link lost again), and the second connection, where the channel list
+    still has the call, which then hangs up.  Every notification, as golden
+    events."""
+    engine = CallEngine(Directory(office().users.values()))
+    clock = ctinotify.TraceClock()
+    notes = []
+
+    def feed(part, until=None):
+        for msg in AmiParser().feed(read_trace("live/grace/grace_readopt.%d" % part)):
+            notes.extend(engine.handle(msg, clock.observe(msg)))
+            if until is not None and msg.get("Event") == until:
+                return
+
+    feed(1)
+    for loss in range(losses):
+        clock.now += ctinotify.AMI_RESYNC_GRACE_S + 1
+        notes.extend(engine.link_lost(clock.now))
+        feed(2, until="CoreShowChannelsComplete" if loss < losses - 1 else None)
+    assert_engine_empty(engine)
+    return [dict({"client": note.user}, **note.fields) for note in notes]
+
+
+def test_a_call_ended_by_the_grace_and_found_again_is_a_new_call():
+    """Seen live: the link stays down past the grace, so Alice's call ends
+    (reason unknown); it is still up at the PBX when the link comes back.
+    The call of that id has had its one hangup: what the resync finds is told
+    as a new call, with the first one's id and +1 (+2 after a second loss),
+    from incoming to its own hangup."""
+    got = replay_grace_readopt()
+    path = golden_path("live/grace_readopt")
+    if os.environ.get("CTINOTIFY_WRITE_GOLDEN"):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in got)
+    assert got == load_golden("live/grace_readopt")
+    assert [(e["event"], e["call"], e.get("reason")) for e in got] == [
+        ("incoming", "1796402546.0", None), ("pickup", "1796402546.0", None),
+        ("hangup", "1796402546.0", "unknown"),
+        ("incoming", "1796402546.0+1", None), ("pickup", "1796402546.0+1", None),
+        ("hangup", "1796402546.0+1", "completed")]
+    twice = replay_grace_readopt(losses=2)
+    assert [(e["event"], e["call"]) for e in twice][3:] == [
+        ("incoming", "1796402546.0+1"), ("pickup", "1796402546.0+1"), ("hangup", "1796402546.0+1"),
+        ("incoming", "1796402546.0+2"), ("pickup", "1796402546.0+2"), ("hangup", "1796402546.0+2")]
 
 
 def test_the_phase_table_keeps_the_promise_of_one_start_and_one_end():
@@ -1158,6 +1597,41 @@ def test_json_lines_stay_on_one_line_and_are_valid(value):
     text = data.decode("utf-8")
     assert text.endswith("\r\n") and len(text[:-2].splitlines()) == 1
     assert json.loads(text)["from"]["name"] == value
+
+
+#: What no client line carries raw (issue 16.8): DEL, the C1 controls (U+009B
+#: is the 8-bit CSI of terminal escape sequences), the line and paragraph
+#: separators, the bidi overrides and isolates.
+UNSAFE_BEYOND_C0 = [chr(c) for c in list(range(0x7f, 0xa0)) + [0x2028, 0x2029] +
+                    list(range(0x202a, 0x202f)) + list(range(0x2066, 0x206a))]
+
+
+@pytest.mark.parametrize("how", ["json", "sse", "calllog"])
+def test_json_escapes_c1_controls_del_and_bidi_overrides_and_reads_back(how):
+    """Valid JSON either way, but raw they act on a terminal (nc, tail -f of
+    the call log): each is sent as \\uXXXX, and parses back the same.
+    Other text (accents, CJK) stays as it is."""
+    value = "Evil " + "".join(UNSAFE_BEYOND_C0) + "\x1b[2J caf\u00e9 \u4e2d"
+    fields = {"event": "incoming", "from": {"num": "+1555", "name": value}}
+    if how == "json":
+        text = ctinotify.encode_notification(fields, "json").decode("utf-8")
+    elif how == "sse":
+        text = ctinotify.encode_sse_event(fields, "7").decode("utf-8")
+        assert text.startswith("id: 7\ndata: {") and text.endswith("}\n\n")
+        text = text.partition("data: ")[2]
+    else:
+        text = ctinotify.encode_json_line({"user": "alice", "record": fields}) + "\n"
+    assert not [c for c in text if c in UNSAFE_BEYOND_C0 or c < " " and c not in "\r\n"]
+    assert all("\\u%04x" % ord(c) in text for c in UNSAFE_BEYOND_C0)
+    assert "caf\u00e9 \u4e2d" in text
+    parsed = json.loads(text)
+    assert (parsed.get("record") or parsed)["from"]["name"] == value
+
+
+def test_json_lines_with_nothing_to_escape_are_what_json_dumps_makes():
+    fields = dict(load_golden("a_inbound_answered")[0], name="caf\u00e9 \u4e2d \u00a0")
+    assert ctinotify.encode_json_line(fields) == json.dumps(fields, ensure_ascii=False,
+                                                             separators=(",", ":"))
 
 
 def session_users():
@@ -1306,6 +1780,26 @@ def test_replay_command_prints_the_golden_json_lines():
     result = run_cli("replay", trace_path("g_ringgroup"), "-c", OFFICE_CONF)
     assert result.returncode == 0, result.stderr
     assert [json.loads(line) for line in result.stdout.splitlines()] == load_golden("g_ringgroup")
+
+
+def test_replay_format_text_prints_what_each_users_nc_shows():
+    """Issue 14.10: per user, the very lines a client of theirs would read."""
+    golden = load_golden("g_ringgroup")
+    result = run_cli("replay", trace_path("g_ringgroup"), "-c", OFFICE_CONF, "--format", "text")
+    assert result.returncode == 0, result.stderr
+    expected = ["%s: %s" % (e.pop("client"), ctinotify.encode_notification(e, "text").decode()
+                                                                          .rstrip("\r\n"))
+                for e in copy.deepcopy(golden)]
+    assert result.stdout.splitlines() == expected
+    bob = run_cli("replay", trace_path("g_ringgroup"), "-c", OFFICE_CONF, "--format", "text",
+                  "--user", "bob").stdout.splitlines()
+    assert bob == [l[len("bob: "):] for l in expected if l.startswith("bob: ")] and bob
+    assert all(l.startswith("EVENT ") for l in bob)
+    as_json = run_cli("replay", trace_path("g_ringgroup"), "-c", OFFICE_CONF, "--user", "bob")
+    assert [json.loads(l) for l in as_json.stdout.splitlines()] == \
+        [{k: v for k, v in e.items() if k != "client"} for e in golden if e["client"] == "bob"]
+    nobody = run_cli("replay", trace_path("g_ringgroup"), "-c", OFFICE_CONF, "--user", "zed")
+    assert nobody.returncode == 1 and "no user 'zed', expected one of: alice, bob" in nobody.stderr
 
 
 def test_replay_honours_each_users_event_kinds(tmp_path):
@@ -2657,6 +3151,96 @@ def test_the_demo_serves_recorded_calls_to_a_line_client(tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def fakeami(*args):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "tests", "fakeami.py")] +
+                            [str(a) for a in args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+
+
+def test_fakeami_plays_a_users_recording_to_the_daemon_with_their_users(tmp_path):
+    """Issue 14.10: any trace, with the admin's own configuration (its
+    [ami] and host= replaced; NAME: devices of the PBX recorded on), on
+    the ports chosen."""
+    trace = tmp_path / "bug.ami"
+    trace.write_bytes(read_trace("g_ringgroup"))  # as ctinotify.py record writes it
+    conf = tmp_path / "mine.conf"
+    conf.write_text("[general]\nbind = 0.0.0.0\ncalllog = /nonexistent/calls.jsonl\n"
+                    "[ami]\nhost = 10.9.9.9\nusername = u\nsecret = s\n"
+                    "[ami:branch]\nhost = 10.9.9.8\nusername = u\nsecret = s\n"
+                    "[office](!)\nhost = 192.168.1.0/24\n"
+                    "[alice](office)\nsecret = a\\;b ; a comment\ndevices = default:PJSIP/100\n"
+                    "[bob](office)\nsecret = bob-secret\ndevices = branch:PJSIP/101\n"
+                    "[carol](office)\nsecret = carol-secret\ndevices = branch:PJSIP/102\n"
+                    "extensions = default:101, branch:102\n")
+    port, ami_port = free_port(), free_port()
+    player = fakeami(trace, "-c", conf, "--port", port, "--ami-port", ami_port,
+                     "--pace", 0, "--delay", 0.5, "--loop")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                alice = Client(port, "alice a;b")
+                break
+            except (OSError, AssertionError, EOFError):
+                assert time.monotonic() < deadline, "the daemon did not come up"
+                time.sleep(0.2)
+        lines = alice.lines_until(lambda l: l.startswith("EVENT hangup"), timeout=30)
+        assert any(l.startswith("EVENT pickup ") for l in lines)
+        carol = Client(port, "carol carol-secret")
+        carol.lines_until(lambda l: l.startswith("EVENT incoming"), timeout=30)
+        bob = Client(port)
+        bob.send("LOGIN bob bob-secret")
+        assert bob.line() == "ERR 401 login failed"  # a user of the other PBX: left out
+        for client in (alice, carol, bob):
+            client.close()
+    finally:
+        stop_process(player, signal.SIGTERM)
+    out = player.stdout.read() + player.stderr.read()
+    assert player.returncode == 0, out
+    assert "Users with no phone or number on PBX default left out: bob" in out
+    with pytest.raises(OSError):  # its daemon went with it
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_readme_fakeami_and_replay_commands_are_valid():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    helps = {"tests/fakeami.py": fakeami("--help").communicate(timeout=30)[0],
+             "ctinotify.py replay": run_cli("replay", "--help").stdout}
+    for program, usage in helps.items():
+        commands = re.findall(r"^python3 %s .*$" % re.escape(program), readme, re.M)
+        assert commands, program
+        for command in commands:
+            for option in re.findall(r" (--[a-z-]+)", command):
+                assert option in usage, (option, command)
+    for option in ("--format", "--user", "--pbx", "--delay", "--loop", "--pace"):
+        assert option in readme
+
+
+@pytest.mark.parametrize("option", ["--port", "--ami-port"])
+def test_fakeami_says_in_one_line_that_a_port_is_taken(option, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    other = free_port()
+    ports = {"--port": other, "--ami-port": other}
+    ports[option] = port
+    try:
+        player = fakeami(trace_path("a_inbound_answered"), "-c", OFFICE_CONF,
+                         "--port", ports["--port"], "--ami-port", ports["--ami-port"])
+        out, err = player.communicate(timeout=30)
+    finally:
+        taken.close()
+    assert player.returncode == 1
+    assert err.splitlines() == [err.strip()] and "Traceback" not in err
+    assert err.startswith("fakeami: port %d on 127.0.0.1 is in use" % port)
+    assert err.rstrip().endswith(option)
+    missing = fakeami(tmp_path / "none.ami", "-c", OFFICE_CONF, "--port", free_port())
+    out, err = missing.communicate(timeout=30)
+    assert missing.returncode == 1 and err.startswith("fakeami: ") and "Traceback" not in err
+
+
 def deploy_config(path, ami_port, port, general=""):
     path.write_text(
         "[general]\nbind = 127.0.0.1\nport = %d\nweb_port = 0\n%s\n"
@@ -3552,6 +4136,7 @@ def test_a_call_still_ringing_after_a_long_outage_is_told_from_when_it_began():
     (incoming,) = engine.handle(done, back)
     assert (incoming.kind, incoming.fields["time"]) == \
         ("incoming", ctinotify.iso_time(phone.created))
+    assert incoming.fields["call"] == phone.linkedid + "+1"  # the first had its hangup
     (call,) = ctinotify.ServerView(office().users, engine).calls("alice")
     assert (call["state"], call["time"]) == ("ringing", ctinotify.iso_time(phone.created))
     (hangup,) = engine.link_lost(back + 5)
@@ -3886,19 +4471,21 @@ def test_watch_session_lists_only_missed_calls_since_it_was_last_connected():
              record("2026-11-26T12:03:00Z", reason="answered_elsewhere", call="elsewhere"),
              record("2026-11-26T12:04:00Z", reason="cancelled", call="cancelled"),
              record("2026-11-26T12:05:00Z", reason="busy", call="busy"),
+             record("2026-11-26T12:05:30Z", reason="failed", call="failed"),
              "HISTORY call=text end=2026-11-26T12:06:00Z direction=in reason=noanswer"]
     for line in lines:
         assert session.receive_line(line) == []
     (missed,) = session.receive_line("OK history=%d" % len(lines))
     assert missed.supported
+    # Answered elsewhere is no missed call: somebody took it (issue 14.4).
     assert [m.fields["call"] for m in missed.calls] == \
-        ["noanswer", "elsewhere", "cancelled", "busy", "text"]
+        ["noanswer", "cancelled", "busy", "failed", "text"]
     assert all(m.kind == "missed" for m in missed.calls)
     assert session.seen_until == ctinotify.parse_iso_time("2026-11-26T12:06:00Z")
     first_run = ctinotify.WatchSession("alice", "s", since=None)
     for line in ["CTINOTIFY/1 hi", "OK format=json", "OK logged in"] + lines:
         first_run.receive_line(line)
-    (missed,) = first_run.receive_line("OK history=9")
+    (missed,) = first_run.receive_line("OK history=10")
     assert [m.fields["call"] for m in missed.calls][:2] == ["old", "same second"]
 
 
@@ -3926,7 +4513,10 @@ def test_render_every_kind_of_every_trace_as_one_line():
             line = render(event)
             kinds.add(event["event"])
             assert len(line.splitlines()) == 1 and "unknown" not in line, line
-            assert line.startswith(local_hms(event["time"]) + "  %-8s  " % event["event"])
+            shown = event["event"]
+            if shown == "pickup" and "  picked up by " not in line:
+                shown = "answered"  # the user's own answer (issue 14.4)
+            assert line.startswith(local_hms(event["time"]) + "  %-8s  " % shown), line
     for note in conference_scenario().told:
         if note.kind == "conference":
             assert re.search(r"  conference  .* (joined|left) room 800, \d members$",
@@ -3983,7 +4573,7 @@ def test_render_escapes_what_could_move_the_cursor_or_end_the_line():
 
 def test_exec_hook_splits_once_and_fills_each_argument():
     hook = ctinotify.ExecHook.parse(
-        'incoming=notify-send -- "Call from {from_name}" "{from_num}" {{literal}} {nope}')
+        'incoming=notify-send -- "Call from {from_name}" "{from_num}" {{literal}} {queue}')
     assert hook.kind == "incoming" and hook.wants("incoming") and not hook.wants("hangup")
     for hostile in (HOSTILE_NAME, '"; rm -rf ~; echo "', "$(touch /tmp/pwned)",
                     "two\nlines\r\n", "{from_num}{{x}}", "'", "\\", ""):
@@ -3992,6 +4582,7 @@ def test_exec_hook_splits_once_and_fills_each_argument():
                         "{literal}", ""]
     every = ctinotify.ExecHook.parse("ALL=logger {event}")
     assert every.kind == "all" and every.wants("queue") and not every.wants("status")
+    assert not every.wants("missed")  # a missed call's hangup runs it already
     assert hook.argv({"from_name": "nul\0byte"})[2] == "Call from nul\ufffdbyte"
     for bad, message in [("incoming", "expected KIND=COMMAND"), ("ringing=x", "KIND one of"),
                          ("incoming=", "no command"), ('incoming=a "b', "does not split"),
@@ -3999,6 +4590,214 @@ def test_exec_hook_splits_once_and_fills_each_argument():
                          ("incoming=/usr/bin/{x}", "a placeholder in the program name")]:
         with pytest.raises(ValueError, match=message):
             ctinotify.ExecHook.parse(bad)
+
+
+def watched(name, user):
+    """What watch's core makes of a golden trace's events for ``user``."""
+    session = ctinotify.WatchSession(user, "s")
+    for line in ("CTINOTIFY/1 hi", "OK format=json", "OK logged in", "OK history=0",
+                 "OK calls=0"):
+        session.receive_line(line)
+    out = []
+    for event in load_golden(name):
+        if event.pop("client") == user:
+            out += session.receive_line(ctinotify.encode_json_line(event))
+    return session, out
+
+
+def test_the_web_page_and_watch_call_the_same_calls_missed():
+    match = re.search(r"var MISSED = (\[[^\]]*\]);", ctinotify.WEB_PAGE_JS)
+    assert tuple(json.loads(match.group(1))) == ctinotify.MISSED_REASONS
+    assert "answered_elsewhere" not in ctinotify.MISSED_REASONS
+
+
+def test_watch_says_who_answered_in_a_persons_words():
+    """Issue 14.4: the user's own answer is "answered", a colleague's
+    pickup "picked up by Bob", a forward to the mobile "answered ... on"."""
+    def said(name, user, kind="pickup"):
+        (event,) = [e for e in watched(name, user)[1] if e.kind == kind]
+        return event.answer, ctinotify.render_event(event)[10:]
+    assert said("l_directed_pickup", "alice") == (
+        "other", "pickup    John Customer <+15551230001> -> 100 (Alice Smith)  picked up by "
+                 "Bob Jones <101> (directed pickup)")
+    assert said("l_directed_pickup", "bob") == (
+        "here", "answered  John Customer <+15551230001> -> 101 (Bob Jones)  by directed pickup")
+    assert said("g_ringgroup", "alice")[1].endswith("  picked up by Bob Jones <101>")
+    assert said("i_forward_to_mobile", "alice") == (
+        "outside", "answered  John Customer <+15551230001> -> 100  on +15559870003")
+    assert said("h_forward_to_ext", "alice")[0] == "other"  # forwarded to a colleague
+    assert said("f_outbound_answered", "alice") == (
+        "here", "answered  Alice Smith <100> -> +15559870002")
+    assert said("a_inbound_answered", "alice") == (
+        "here", "answered  John Customer <+15551230001> -> 100 (Alice Smith)")
+
+
+@pytest.mark.parametrize("name, user, missed", [
+    ("b_inbound_noanswer", "alice", "not answered after 0 s"),
+    ("c_inbound_busy", "alice", "busy after 0 s"),
+    ("d_inbound_cancel", "alice", "caller hung up after 0 s"),
+    ("g_ringgroup", "alice", None),          # Bob answered: somebody took it
+    ("l_directed_pickup", "alice", None),
+    ("h_forward_to_ext", "alice", None),
+    ("i_forward_to_mobile", "alice", None),  # answered on her mobile
+    ("a_inbound_answered", "alice", None),
+    ("f_outbound_answered", "alice", None),
+])
+def test_watch_tells_a_missed_call_once_as_it_ends(name, user, missed):
+    session, events = watched(name, user)
+    said = [e for e in events if e.kind == "missed"]
+    hangups = [e for e in events if e.kind == "hangup"]
+    assert [e.missed for e in hangups] == [missed is not None]
+    if missed is None:
+        assert said == []
+        return
+    (event,) = said
+    assert events[-2:] == [hangups[0], event] and event.raw == ""
+    assert ctinotify.render_event(event) == "%s  missed    %s  %s" % (
+        local_hms(hangups[0].fields["time"]),
+        "John Customer <+15551230001> -> 100 (Alice Smith)", missed)
+    # The same hangup again (a server's retry, say): said once.
+    again = session.receive_line(hangups[0].raw or ctinotify.encode_json_line(
+        {k: v for k, v in hangups[0].fields.items()}))
+    assert [e.kind for e in again] == ["hangup"] and not again[0].missed
+
+
+def test_watch_remembers_the_popup_url_for_the_answer_and_forgets_old_calls():
+    session = ctinotify.WatchSession("alice", "s")
+    for line in ("CTINOTIFY/1 hi", "OK format=json", "OK logged in"):
+        session.receive_line(line)
+
+    def event(kind, call, **fields):
+        (out,) = session.receive_line(ctinotify.encode_json_line(dict(
+            {"event": kind, "call": call, "role": "callee", "device": "PJSIP/100"}, **fields)))
+        return out
+    assert event("incoming", "1", url="https://crm/1").url == "https://crm/1"
+    mine = event("pickup", "1", answered_by={"device": "PJSIP/100"})
+    assert (mine.answer, mine.url) == ("here", "https://crm/1")
+    for n in range(2, 2 + ctinotify.WATCH_CALL_MEMORY):
+        event("incoming", str(n), url="https://crm/%d" % n)
+    assert event("pickup", "1", answered_by={"device": "PJSIP/100"}).url == ""
+    last = str(1 + ctinotify.WATCH_CALL_MEMORY)
+    assert event("pickup", last, answered_by={"device": "PJSIP/100"}).url == \
+        "https://crm/" + last
+
+
+def test_every_field_an_event_can_carry_is_a_hook_placeholder():
+    fields = set()
+    for name in CALL_TRACES:
+        for event in load_golden(name):
+            event.pop("client")
+            fields.update(k for k, _ in ctinotify.flatten_fields(event))
+    for note in conference_scenario().told:
+        fields.update(k for k, _ in ctinotify.flatten_fields(note.fields))
+    fields.update(k for k, _ in ctinotify.flatten_fields(history_record("2026-11-26T12:00:00Z")))
+    fields.update(("pbx", "name", "reason", "server", "session", "url", "state", "answered"))
+    assert fields <= ctinotify.HOOK_FIELDS, fields - ctinotify.HOOK_FIELDS
+
+
+@pytest.mark.parametrize("spec, kind", [
+    ("answered=logger {text}", "pickup"), ("Missed=logger {from_num}", "missed"),
+    ("status=logger {server} {pbx} {reason}", "status"), ("hangup=logger {cause_txt}", "hangup"),
+])
+def test_exec_hook_takes_the_words_answered_missed_and_status(spec, kind):
+    hook = ctinotify.ExecHook.parse(spec)
+    assert hook.kind == kind and hook.wants(kind)
+    assert not ctinotify.ExecHook.parse("missed=x").wants("hangup")
+
+
+@pytest.mark.parametrize("spec", ["incoming=notify-send {from_number}", "all=x {} {event}",
+                                  "hangup=x --why={Reason}", "missed=x a{nope}b {from_num}"])
+def test_exec_hook_refuses_an_unknown_placeholder_at_start(spec):
+    with pytest.raises(ValueError, match=r"unknown placeholder .* any of: .*\{from_num\}"):
+        ctinotify.ExecHook.parse(spec)
+    result = run_cli("watch", "127.0.0.1:9", "--user", "alice", "--exec", spec)
+    assert result.returncode == 2 and "unknown placeholder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def desktop_exec_argv(line):
+    """The Exec key of a .desktop file as the Desktop Entry spec splits it:
+    string escapes first, then words, double quotes with \\ escapes."""
+    line = line.replace("\\\\", "\\")
+    words, word, quoted, i, started = [], "", False, 0, False
+    while i < len(line):
+        c = line[i]
+        if quoted and c == "\\" and i + 1 < len(line) and line[i + 1] in '"`$\\':
+            word, i = word + line[i + 1], i + 2
+            continue
+        if c == '"':
+            quoted, started = not quoted, True
+        elif c == " " and not quoted:
+            if word or started:
+                words.append(word)
+            word, started = "", False
+        else:
+            word += c
+        i += 1
+    assert not quoted, line
+    return words + ([word] if word or started else [])
+
+
+def watch_args(argv):
+    """A watch command line as ctinotify's own parser reads it."""
+    index = argv.index("watch")
+    assert argv[index - 1].endswith("ctinotify.py")
+    return ctinotify._argument_parser().parse_args(argv[index:])
+
+
+@pytest.mark.parametrize("name", ["ctinotify-watch.service", "ctinotify-watch.desktop",
+                                  "org.ctinotify.watch.plist"])
+def test_the_autostart_files_start_a_valid_watch(name):
+    """Issue 14.11: watch at login on Linux (systemd user unit, XDG
+    autostart) and macOS (LaunchAgent); the README covers Windows."""
+    path = os.path.join(CONTRIB, name)
+    if name.endswith(".plist"):
+        import plistlib
+        with open(path, "rb") as f:
+            plist = plistlib.load(f)
+        argv = plist["ProgramArguments"]
+        assert plist["Label"] == "org.ctinotify.watch" and plist["RunAtLoad"] is True
+        assert plist["KeepAlive"] == {"Crashed": True}  # not after a refused login
+    else:
+        import configparser
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str
+        parser.read(path, encoding="utf-8")
+        if name.endswith(".service"):
+            argv = shlex.split(parser["Service"]["ExecStart"].replace("%h", "/home/alice"))
+            assert parser["Service"]["Restart"] == "on-abnormal"
+            assert parser["Install"]["WantedBy"] == "graphical-session.target"
+        else:
+            entry = parser["Desktop Entry"]
+            assert (entry["Type"], entry["Terminal"]) == ("Application", "false")
+            argv = desktop_exec_argv(entry["Exec"])
+            assert "%" not in entry["Exec"]  # field codes: none meant
+    args = watch_args(argv)
+    assert args.secret_file and args.open_on == "answer"
+    assert sorted(hook.kind for hook in args.hooks) == ["incoming", "missed", "status"]
+    assert all(os.path.isabs(a) for a in (argv[0], argv[1], args.secret_file)) or \
+        name.endswith(".desktop") and argv[0] == "python3"
+
+
+def test_hooks_open_no_console_window_on_windows(monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: calls.append((argv, kw)))
+    client = ctinotify.WatchClient("pbx", 5039, "alice", "s", out=io.StringIO(),
+                                   hooks=[ctinotify.ExecHook.parse("status=logger {text}")])
+    client._reap = lambda: None
+    client._run_hooks(ctinotify.WatchEvent("status", {"event": "status", "pbx": "up"}, ""))
+    assert calls == [(["logger", "PBX connected"], {"stdin": subprocess.DEVNULL,
+                                                    "creationflags": 0x08000000})]
+
+
+def test_watch_writes_nowhere_without_a_console(monkeypatch):
+    """pythonw (Windows, at login) has no sys.stdout: lines go nowhere."""
+    monkeypatch.setattr(sys, "stdout", None)
+    client = ctinotify.WatchClient("pbx", 5039, "alice", "s")
+    client._show(ctinotify.WatchEvent("status", {"event": "status", "pbx": "up"}, ""))
+    assert client.out.name == os.devnull
+    client.out.close()
 
 
 @pytest.mark.parametrize("url, ok", [
@@ -4129,8 +4928,7 @@ def test_e2e_watch_prints_the_calls_and_reconnects_when_the_server_restarts(
     end, _ = watch.wait("out", CALL_LINE % "hangup")
     assert [line[10:] for line in watch.out[start:end]] == [
         "incoming  John Customer <+15551230001> -> 100 (Alice Smith)  dialed +15557000100",
-        "pickup    John Customer <+15551230001> -> 100 (Alice Smith)  answered by "
-        "Alice Smith <100>"]
+        "answered  John Customer <+15551230001> -> 100 (Alice Smith)"]
     assert re.match(r"hangup    John Customer <\+15551230001> -> 100 \(Alice Smith\)  "
                     r"ended after \d+ s", watch.out[end][10:])
 
@@ -4186,7 +4984,7 @@ def test_e2e_watch_runs_hooks_with_a_hostile_caller_id_as_one_argument(
         tmp_path, daemon.port,
         "--exec", "incoming=%s -c %s %s {from_name}" % (
             python, shlex.quote(ARGV_RECORDER), shlex.quote(str(incoming_args))),
-        "--exec", "all=%s -c %s %s {from_name} {url} {to_num} {nope}" % (
+        "--exec", "all=%s -c %s %s {from_name} {url} {to_num} {queue}" % (
             python, shlex.quote(ARGV_RECORDER), shlex.quote(str(every_args) % "{event}")),
         cwd=str(workdir))
     watch.wait("out", CALL_LINE % "status    PBX connected")
@@ -4231,6 +5029,86 @@ def test_e2e_watch_open_hands_the_popup_url_to_the_browser(fake, daemon_factory,
     fake.send_trace(hostile_trace(tmp_path))
     assert json.loads(wait_for_hook_output(str(opened))) == [expected_url()]
     watch.wait("out", CALL_LINE % "hangup")
+
+
+APPEND_RECORDER = ('import sys, json; open(sys.argv[1], "a").write(json.dumps(sys.argv[2:]) '
+                   '+ "\\n")')
+
+
+def recorded_lines(path):
+    try:
+        with open(str(path)) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+    except OSError:
+        return []
+
+
+def wait_recorded(path, count, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while len(recorded_lines(path)) < count:
+        assert time.monotonic() < deadline, "%s: %r" % (path, recorded_lines(path))
+        time.sleep(0.05)
+    return recorded_lines(path)
+
+
+def test_e2e_watch_missed_and_status_hooks_and_open_on_answer(fake, daemon_factory, watches,
+                                                              tmp_path):
+    """Issue 14.4, 14.7, 14.8: a missed call reaches the missed hook once;
+    the PBX link and the server stopping reach the status hook; with
+    --open-on answer the page opens for Alice's own answer only."""
+    port = free_port()
+    daemon = daemon_factory(users=popup_users(), general="port = %d" % port)
+    opened, missed, status = (tmp_path / n for n in ("opened", "missed", "status"))
+    browser = tmp_path / "browser"
+    browser.write_text("#!%s\nimport sys, json\nopen(%r, 'a').write(json.dumps(sys.argv[1:]) + "
+                       "'\\n')\n" % (sys.executable, str(opened)))
+    os.chmod(str(browser), 0o755)
+    recorder = "%s -c %s" % (shlex.quote(sys.executable), shlex.quote(APPEND_RECORDER))
+    watch = watches(tmp_path, port, "--open-on", "answer", env={"BROWSER": str(browser)},
+                    *["--exec", "missed=%s %s {call} {reason} {text}" % (recorder, missed),
+                      "--exec", "status=%s %s {server}{pbx} {text}" % (recorder, status)])
+    watch.wait("out", CALL_LINE % "status    PBX connected")
+    assert wait_recorded(status, 1) == [["up", "PBX connected"]]
+    for name in ("b_inbound_noanswer", "c_inbound_busy", "d_inbound_cancel", "g_ringgroup",
+                 "l_directed_pickup"):
+        fake.send_trace(trace_path(name))
+        watch.wait("out", CALL_LINE % "(hangup|missed)    John Customer .*" + {
+            "g_ringgroup": "answered elsewhere", "l_directed_pickup": "answered elsewhere"}.get(
+                name, ""))
+    fake.send_trace(hostile_trace(tmp_path))
+    watch.wait("out", CALL_LINE % "hangup    .*  ended after")
+    assert wait_recorded(opened, 1) == [[expected_url()]]
+    # Hooks run side by side: their lines may land in any order.
+    said = sorted((call, reason) for call, reason, _ in wait_recorded(missed, 3))
+    assert said == sorted((e["call"], e["reason"]) for name in ("b_inbound_noanswer",
+                          "c_inbound_busy", "d_inbound_cancel") for e in load_golden(name)
+                          if e["client"] == "alice" and e["event"] == "hangup")
+    assert sorted(reason for _, reason in said) == ["busy", "cancelled", "noanswer"]
+    assert ["cancelled", "John Customer <+15551230001> -> 100 (Alice Smith)  caller hung up "
+            "after 0 s"] in [line[1:] for line in recorded_lines(missed)]
+    assert len([l for l in watch.out if "  missed  " in l]) == 3
+    assert not [l for l in watch.out if re.match(CALL_LINE % "hangup    .* (not answered|"
+                                                               "busy|caller hung up)", l)]
+    daemon.stop()
+    assert wait_recorded(status, 2)[1] == ["stopping", "the ctinotify server is stopping"]
+    daemon_factory(users=popup_users(), general="port = %d" % port)
+    assert wait_recorded(status, 3)[2] == ["up", "PBX connected"]
+    assert len(recorded_lines(status)) == 3 and len(recorded_lines(opened)) == 1
+
+
+def test_e2e_watch_says_once_that_the_server_is_out_of_reach(watches, tmp_path):
+    status = tmp_path / "status"
+    port = free_port()
+    watch = watches(tmp_path, port, "--exec", "status=%s -c %s %s {server} {reason}" % (
+        shlex.quote(sys.executable), shlex.quote(APPEND_RECORDER), status))
+    watch.wait("err", "reconnecting in 2 s")
+    assert wait_recorded(status, 1) == [
+        ["unreachable", "cannot connect to 127.0.0.1 port %d: Connection refused" % port]]
+    _, line = watch.wait("out", CALL_LINE % "status    no connection to the ctinotify server: "
+                                            "cannot connect to 127.0.0.1 port %d" % port)
+    assert [l for l in watch.out if "status" in l] == [line]
+    assert len(recorded_lines(status)) == 1
+    assert watch.stop() == 0
 
 
 class FakeCtiServer:
@@ -4331,8 +5209,6 @@ def test_e2e_watch_shows_the_calls_missed_since_it_was_last_connected(watches, t
         assert missed == [
             "2026-11-26 12:00  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
             "not answered after 7 s",
-            "2026-11-26 12:03  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
-            "answered by Bob Jones <101>",
             "2026-11-26 12:04  missed    Zo\u00eb \\u001b[31m <+15551230001> -> 100 "
             "(Alice Smith)  caller hung up after 7 s",
             "2026-11-26 12:05  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
@@ -4366,6 +5242,53 @@ def test_e2e_watch_skips_an_over_long_line_and_stays_connected(watches, tmp_path
         assert watch.stop() == 0
     finally:
         server.close()
+
+
+def test_e2e_watch_missed_prints_todays_missed_calls_and_exits(watches, tmp_path):
+    """Issue 14.9: the day's list, any time, from the server's HISTORY."""
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    yesterday = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    history = [history_record(yesterday + "T23:59:59Z"),
+               history_record(today + "T00:00:00Z", call="midnight"),
+               history_record(today + "T00:00:01Z", reason="completed"),
+               history_record(today + "T00:00:02Z", reason="answered_elsewhere"),
+               history_record(today + "T00:00:03Z", reason="cancelled", call="gave up")]
+    server = FakeCtiServer(history)
+    try:
+        watch = watches(tmp_path, server.port, "--missed")
+        assert watch.proc.wait(20) == 0
+        watch.wait("err", "2 missed calls today")
+        watch.wait("out", "caller hung up")
+        assert watch.out == [
+            today + " 00:00  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
+                    "not answered after 7 s",
+            today + " 00:00  missed    John Customer <+15551230001> -> 100 (Alice Smith)  "
+                    "caller hung up after 7 s"]
+        assert server.received[:3] == ["FORMAT json", "LOGIN alice alice-secret", "HISTORY 100"]
+        assert not watch.state.exists()
+    finally:
+        server.close()
+    old = FakeCtiServer(history=None)
+    try:
+        watch = watches(tmp_path, old.port, "--missed")
+        assert watch.proc.wait(20) == 1
+        watch.wait("err", "has no HISTORY command: it cannot list missed calls")
+    finally:
+        old.close()
+
+
+def test_watch_session_says_when_the_days_list_may_be_longer():
+    since = ctinotify.parse_iso_time("2026-11-26T00:00:00Z")
+    for ends, complete in ((["T08:00:00Z", "T09:00:00Z"], False),
+                           (["T08:00:00Z"], True), (["T-1", "T09:00:00Z"], True)):
+        session = ctinotify.WatchSession("alice", "s", since=since, history=2, since_calls=())
+        for line in ("CTINOTIFY/1 hi", "OK format=json", "OK logged in"):
+            session.receive_line(line)
+        for end in ends:
+            end = "2026-11-25T23:00:00Z" if end == "T-1" else "2026-11-26" + end
+            session.receive_line(ctinotify.encode_json_line(history_record(end)))
+        (missed,) = session.receive_line("OK history=%d" % len(ends))
+        assert missed.complete is complete
 
 
 def test_watch_lists_a_missed_call_that_ended_in_the_second_last_seen(tmp_path):
@@ -4506,7 +5429,13 @@ def test_readme_watch_section_commands_are_valid():
         readme = f.read()
     section = readme.split("## On the desktop: `ctinotify watch`", 1)[1].split("\n## ", 1)[0]
     usage = run_cli("watch", "--help").stdout
-    commands = re.findall(r"ctinotify\.py watch .*?(?:\n\n|```)", section, re.S)
+    commands = []
+    for match in re.finditer(r"ctinotify\.py watch .*?(?:\n\n|```)", section, re.S):
+        command = match.group(0)
+        line_start = section.rfind("\n", 0, match.start()) + 1
+        if section.startswith("$link.Arguments = '", line_start):
+            command = command.split("'\n", 1)[0]  # inside a PowerShell string
+        commands.append(command)
     assert len(commands) >= 5
     hooks = 0
     for command in commands:
@@ -4517,18 +5446,159 @@ def test_readme_watch_section_commands_are_valid():
             if word == "--exec":
                 hook = ctinotify.ExecHook.parse(words[index + 1])
                 hooks += 1
-                assert hook.kind == "incoming"
+                assert hook.kind in ("incoming", "missed", "status")
                 placeholders = re.findall(r"\{(\w+)\}", " ".join(hook.template))
-                assert set(placeholders) <= {"from_name", "from_num"}
+                assert set(placeholders) <= {"from_name", "from_num", "text"}
                 assert not {"sh", "bash", "cmd", "-Command"} & set(hook.template)
-    assert hooks == 4
+    assert hooks == 8
     for line in re.findall(r"^\d{4}-\d\d-\d\d \d\d:\d\d  missed .*$", section, re.M):
-        reason = "answered_elsewhere" if "answered by" in line else "noanswer"
-        record = history_record("2026-11-26T12:00:00Z", reason=reason,
-                                answered_by={"num": "101", "name": "Bob Jones"})
+        reason = "cancelled" if "caller hung up" in line else "noanswer"
+        record = history_record("2026-11-26T12:00:00Z", reason=reason)
         flat = dict(ctinotify.flatten_fields(record))
         rendered = ctinotify.render_event(ctinotify.WatchEvent("missed", flat, ""))
         assert rendered[16:] == line[16:]
+
+
+# The manager user's classes (issue 14.3)
+# ---------------------------------------------------------------------------
+
+def without_class(data, keep):
+    """A trace's events as a manager user with other read classes would
+    get them: ``keep(privilege)`` says which classes it has."""
+    return [e for e in trace_events(data)
+            if keep(re.search(rb"\r\nPrivilege: (\w+)", e).group(1).decode().lower())]
+
+
+def probe_trace(events):
+    probe, said = ctinotify.ManagerClassProbe(), []
+    for msg in AmiParser(expect_banner=False).feed(b"".join(events)):
+        if not probe.done:
+            said += probe.observe(msg.get("Event"), msg)
+    return probe, said
+
+
+@pytest.mark.parametrize("name", CALL_TRACES)
+def test_the_class_probe_finds_nothing_wrong_in_a_recording(name):
+    probe, said = probe_trace(trace_events(read_trace(name)))
+    if name.startswith("cacofonisk/"):
+        # Recorded without Newexten (their README says so): rightly told.
+        assert said in ([], [ctinotify.NO_DIALPLAN_CLASS])
+    else:
+        assert said == []
+
+
+def test_the_class_probe_sees_a_manager_user_without_dialplan_or_call():
+    traces = [read_trace(n) for n in ("a_inbound_answered", "b_inbound_noanswer",
+                                      "e_internal_answered", "g_ringgroup")]
+    no_dialplan = [e for t in traces for e in without_class(t, lambda c: c != "dialplan")]
+    probe, said = probe_trace(no_dialplan[:])
+    assert said == [ctinotify.NO_DIALPLAN_CLASS] and not probe.done
+    no_call = [e for t in traces for e in without_class(t, lambda c: c in ("dialplan",
+                                                                          "system"))]
+    assert probe_trace(no_call)[1] == [ctinotify.NO_CALL_CLASS]
+    one_call = without_class(traces[0], lambda c: c != "dialplan")
+    assert probe_trace(one_call)[1] == []  # one call is no evidence yet
+    probe = ctinotify.ManagerClassProbe()
+    assert probe.refused("Permission denied") == [ctinotify.NO_REPORTING_CLASS
+                                                  % "Permission denied"]
+    assert probe.refused("Permission denied") == []
+
+
+def test_e2e_a_manager_user_without_dialplan_is_warned_of_once(fake, daemon_factory, clients):
+    daemon = daemon_factory()
+    alice = clients(daemon.port, "alice alice-secret")
+    assert "warning" not in alice.status
+    for name in ("a_inbound_answered", "b_inbound_noanswer", "e_internal_answered",
+                 "c_inbound_busy"):
+        fake.send(b"".join(without_class(read_trace(name), lambda c: c != "dialplan")))
+    lines = alice.lines_until(lambda l: l.startswith("STATUS"))
+    assert lines[-1].startswith("STATUS pbx=up time=") and \
+        'warning="no Newexten events: the manager user lacks read class dialplan' in lines[-1]
+    daemon.wait_log(r"WARNING ami: no Newexten events: the manager user lacks read class "
+                    r"dialplan \(or an eventfilter drops Newexten\), so calls to a user's number")
+    later = clients(daemon.port, "bob bob-secret")
+    assert "warning=\"no Newexten events" in later.status
+    render = ctinotify.render_event(watch_event(later.status))
+    assert "PBX connected; the server warns: no Newexten events" in render
+    fake.send(b"".join(without_class(read_trace("g_ringgroup"), lambda c: c != "dialplan")))
+    later.lines_until(lambda l: l.startswith("EVENT hangup"))  # more dials: no second warning
+    alice.lines_until(lambda l: l.startswith("EVENT hangup"))
+    assert not any(l.startswith("STATUS") for l in later.events_until_pong())
+    assert len([l for l in daemon.log if "no Newexten events" in l]) == 1
+
+
+def test_e2e_coreshowchannels_refused_is_a_warning_of_the_reporting_class(tmp_path):
+    server = FakeAsterisk(refused_actions=("coreshowchannels",)).start()
+    daemon = DaemonProcess(tmp_path, server.port)
+    try:
+        daemon.wait_log(r"WARNING ami: CoreShowChannels refused \(Permission denied\): the "
+                        r"manager user lacks write class reporting")
+        client = Client(daemon.port, "alice alice-secret")
+        assert "warning=\"CoreShowChannels refused" in client.status
+        client.close()
+    finally:
+        daemon.stop()
+        server.stop()
+
+
+def live_check(tmp_path, ami_port, *args, secret="ctitest"):
+    conf = tmp_path / "live.conf"
+    conf.write_text("[ami]\nhost = 127.0.0.1\nport = %d\nusername = ctitest\nsecret = %s\n"
+                    "auth = md5\n[alice]\nsecret = alice-secret\ndevices = PJSIP/100\n"
+                    % (ami_port, secret))
+    os.chmod(str(conf), 0o600)
+    return subprocess.Popen([sys.executable, CTINOTIFY, "check", "-c", str(conf), "--live"] +
+                            list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+
+
+def test_check_live_logs_in_lists_channels_and_listens(fake, tmp_path):
+    quiet = live_check(tmp_path, fake.port, "--listen", "0.3")
+    out, err = quiet.communicate(timeout=60)
+    assert quiet.returncode == 0, err
+    assert "ami: logged in as ctitest (Asterisk Call Manager/11.0.0)" in err
+    assert "ami: CoreShowChannels: 0 channels in progress" in err
+    assert "ami: no call event in 0.3 s (system 1): make a call while check --live " \
+           "listens" in err
+    busy = live_check(tmp_path, fake.port, "--listen", "60")
+    fake.wait_for_action("coreshowchannels")
+    fake.wait_for_logins(2)
+    fake.send_trace(trace_path("a_inbound_answered"))
+    out, err = busy.communicate(timeout=60)  # over as soon as both classes were seen
+    assert busy.returncode == 0, err
+    assert re.search(r"ami: events of classes call and dialplan arrive \(.*call \d+, "
+                     r"dialplan \d+.*\)", err), err
+
+
+def test_check_live_says_what_the_manager_user_lacks(tmp_path):
+    refusing = FakeAsterisk(refused_actions=("coreshowchannels",)).start()
+    try:
+        result = live_check(tmp_path, refusing.port, "--listen", "0")
+        out, err = result.communicate(timeout=60)
+        assert result.returncode == 1
+        assert "WARNING ami: CoreShowChannels refused (Permission denied): the manager user " \
+               "lacks write class reporting" in err
+        wrong = live_check(tmp_path, refusing.port, secret="nope")
+        out, err = wrong.communicate(timeout=60)
+        assert wrong.returncode == 1 and "nope" not in err
+        assert "ERROR ami: login as ctitest refused by Asterisk: Authentication failed; " \
+               "check username and secret" in err
+    finally:
+        refusing.stop()
+    server = FakeAsterisk().start()
+    try:
+        no_dialplan = live_check(tmp_path, server.port, "--listen", "60")
+        server.wait_for_action("coreshowchannels")
+        for name in ("a_inbound_answered", "b_inbound_noanswer", "e_internal_answered"):
+            server.send(b"".join(without_class(read_trace(name), lambda c: c != "dialplan")))
+        out, err = no_dialplan.communicate(timeout=60)
+        assert no_dialplan.returncode == 1
+        assert "WARNING ami: no Newexten events: the manager user lacks read class dialplan" in err
+    finally:
+        server.stop()
+    nobody = live_check(tmp_path, free_port())
+    out, err = nobody.communicate(timeout=60)
+    assert nobody.returncode == 1 and "ami: cannot connect to 127.0.0.1 port" in err
 
 
 # Robustness (issue 4): output buffer limits
@@ -5383,7 +6453,7 @@ def test_e2e_a_peer_that_is_not_asterisk(tmp_path, clients):
 # Robustness: seeded fuzzing of parser and engine with mutated traces
 # ---------------------------------------------------------------------------
 
-FUZZ_TRACES = [n for n in all_trace_names() if not n.startswith("cacofonisk/") and
+FUZZ_TRACES = [n for n in all_trace_names() if not n.startswith(("cacofonisk/", "live/")) and
                n not in ("t_load", "v_login_wrong_secret", "w_login_challenge_md5")]
 
 
@@ -5733,6 +6803,152 @@ def test_config_tls_keys(tmp_path, certificates):
     assert ctinotify.load_config(str(conf)).tls_context is not None
     result = run_cli("check", "-c", str(conf))
     assert result.returncode == 0 and "tls_port = 0" in result.stdout
+
+
+# -- the TLS port's certificate: its dates (issue 16.4) ------------------------
+
+#: Two certificates made by openssl(1) for these tests, no key: a v3 one (RSA)
+#: valid for 100 years, so its notAfter is a GeneralizedTime, and a v1 one
+#: (EC, no version field) with UTCTimes.  Their dates, as ``openssl x509
+#: -noout -dates`` prints them.
+TLS_DATES_PEM = os.path.join(HERE, "tests", "tls", "dates.pem")
+TLS_DATES = [("Dec  4 17:49:41 2026", "Nov 10 17:49:41 2126"),
+             ("Dec  4 17:49:35 2026", "Dec  1 17:49:35 2036")]
+
+
+def openssl_epoch(text):
+    """``Dec  4 17:49:41 2026`` (GMT) as seconds since the epoch."""
+    return calendar.timegm(time.strptime(" ".join(text.split()), "%b %d %H:%M:%S %Y"))
+
+
+def pem_certificates(pem):
+    return [base64.b64decode(b"".join(block.split())) for block in
+            re.findall(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", pem, re.S)]
+
+
+def with_dates(pem, not_before, not_after):
+    """The PEM certificate with other validity dates (UTCTimes: 1950-2049),
+    by rewriting them in its DER.  Its signature no longer matches; neither
+    loading it as the server's certificate nor reading its dates checks it."""
+    der = pem_certificates(pem)[0]
+    for old, new in zip(ctinotify.certificate_validity(der), (not_before, not_after)):
+        stamp = lambda t: time.strftime("%y%m%d%H%M%SZ", time.gmtime(t)).encode()
+        assert der.count(b"\x17\x0d" + stamp(old)) == 1
+        der = der.replace(b"\x17\x0d" + stamp(old), b"\x17\x0d" + stamp(new))
+    return b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + \
+        b"-----END CERTIFICATE-----\n"
+
+
+def test_certificate_dates_are_read_from_each_certificate_of_a_pem_file(tmp_path):
+    """Without the ssl module's private decoder: the DER is read as RFC 5280
+    lays it out, a v3 or v1 certificate, UTCTime or GeneralizedTime."""
+    assert ctinotify.certificate_dates(TLS_DATES_PEM) == \
+        [(openssl_epoch(a), openssl_epoch(b)) for a, b in TLS_DATES]
+    with open(TLS_DATES_PEM, "rb") as f:
+        pem = f.read()
+    broken = tmp_path / "broken.pem"
+    for junk in (b"", b"no certificate here", pem.replace(b"MII", b"MIJ", 1),
+                 b"-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n",
+                 b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(
+                     pem_certificates(pem)[0][:60]) + b"-----END CERTIFICATE-----\n"):
+        broken.write_bytes(junk)
+        assert ctinotify.certificate_dates(str(broken)) == []
+    assert ctinotify.certificate_dates(str(tmp_path / "missing.pem")) == []
+    if shutil.which("openssl"):  # and openssl reads the same from a fresh one
+        cert, _ = make_certificate(tmp_path, "fresh")
+        dates = subprocess.run(["openssl", "x509", "-in", cert, "-noout", "-dates"],
+                               check=True, stdout=subprocess.PIPE, universal_newlines=True)
+        found = dict(line.split("=", 1) for line in dates.stdout.splitlines())
+        assert ctinotify.certificate_dates(cert) == [
+            (openssl_epoch(found["notBefore"][:-4]), openssl_epoch(found["notAfter"][:-4]))]
+
+
+def test_certificate_warnings_say_not_yet_valid_expired_and_expiring_with_the_dates(tmp_path):
+    path = tmp_path / "chain.pem"
+    with open(TLS_DATES_PEM, "rb") as f:
+        path.write_bytes(f.read())
+    config = parse_config("[general]\ntls_port = 0\ntls_cert = %s\n" % path, str(tmp_path / "c"),
+                          require_ami=False)
+    (start, end), (_, end_v1) = ctinotify.certificate_dates(str(path))
+    where = "%s:3: [general] tls_cert: " % (tmp_path / "c")
+    span = "(valid from 2026-12-04 17:49:41 UTC to 2126-11-10 17:49:41 UTC)"
+    assert ctinotify.certificate_warnings(config, start - 60) == [
+        where + "the certificate %s is not valid yet %s: TLS clients refuse it until then; "
+        "is the clock right?" % (path, span),
+        where + "certificate 2 of %s (its chain) is not valid yet (valid from 2026-12-04 "
+        "17:49:35 UTC to 2036-12-01 17:49:35 UTC): TLS clients refuse it until then; is the "
+        "clock right?" % path]
+    assert ctinotify.certificate_warnings(config, start) == []
+    assert ctinotify.certificate_warnings(config, end_v1 - 15 * 86400) == []
+    assert ctinotify.certificate_warnings(config, end_v1 - 14 * 86400 + 1) == [
+        where + "certificate 2 of %s (its chain) expires in 13 days (valid from 2026-12-04 "
+        "17:49:35 UTC to 2036-12-01 17:49:35 UTC): renew it" % path]
+    assert "expires in 1 day " in ctinotify.certificate_warnings(config, end_v1 - 86400)[0]
+    assert "expires in 5 hours " in ctinotify.certificate_warnings(config, end_v1 - 5.5 * 3600)[0]
+    assert ctinotify.certificate_warnings(config, end + 1) == [
+        where + "the certificate %s has expired %s: TLS clients refuse it; renew it"
+        % (path, span),
+        where + "certificate 2 of %s (its chain) has expired (valid from 2026-12-04 17:49:35 "
+        "UTC to 2036-12-01 17:49:35 UTC): TLS clients refuse it; renew it" % path]
+    plain = parse_config("[general]\nport = 0\n", "c", require_ami=False)
+    assert ctinotify.certificate_warnings(plain, end + 1) == []
+
+
+def test_check_run_and_reload_warn_of_an_expired_or_expiring_certificate(tmp_path, fake):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a key and certificate")
+    cert, key = make_certificate(tmp_path, "soon")  # valid for 2 days: expiring
+    with open(cert, "rb") as f:
+        expired = with_dates(f.read(), 1577836800, 1577923200)  # 2020-01-01 to 02
+    old = tmp_path / "expired.pem"
+    old.write_bytes(expired)
+    conf = tmp_path / "tls.conf"
+    base = "[ami]\nusername=u\nsecret=s\n"
+    conf.write_text(base + "[general]\ntls_port = 0\ntls_cert = %s\ntls_key = %s\n" % (old, key))
+    result = run_cli("check", "-c", str(conf))
+    assert result.returncode == 0
+    assert "WARNING %s:6: [general] tls_cert: the certificate %s has expired (valid from " \
+        "2020-01-01 00:00:00 UTC to 2020-01-02 00:00:00 UTC): TLS clients refuse it; renew " \
+        "it" % (conf, old) in result.stderr
+    conf.write_text(base + "[general]\ntls_port = 0\ntls_cert = %s\ntls_key = %s\n" % (cert, key))
+    result = run_cli("check", "-c", str(conf))
+    assert re.search(r"WARNING \S+:6: \[general\] tls_cert: the certificate \S+ expires in 1 day "
+                     r"\(valid from .* UTC to .* UTC\): renew it", result.stderr), result.stderr
+    daemon = DaemonProcess(tmp_path, fake.port,
+                           general="tls_port = 0\ntls_cert = %s\ntls_key = %s" % (old, key))
+    try:
+        daemon.wait_log(r"WARNING \S+: \[general\] tls_cert: the certificate \S+ has expired")
+        text = daemon.config.read_text().replace(str(old), cert)
+        daemon.config.write_text(text)
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"WARNING \S+: \[general\] tls_cert: the certificate \S+ expires in")
+    finally:
+        daemon.stop()
+
+
+def test_the_daemon_looks_at_its_certificate_again_once_a_day(tmp_path, caplog):
+    """A daemon runs for months: the dates are read again every day."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a key and certificate")
+    cert, key = make_certificate(tmp_path, "soon")
+    conf = tmp_path / "tls.conf"
+    conf.write_text("[ami]\nusername=u\nsecret=s\n[general]\nport = off\ntls_port = 0\n"
+                    "tls_cert = %s\ntls_key = %s\ncalllog =\n" % (cert, key))
+    daemon = ctinotify.Daemon(ctinotify.load_config(str(conf)))
+
+    def checks():
+        return sorted(when for when, _, timer in daemon.loop.timers._heap
+                      if timer.callback == daemon._check_certificate and not timer.cancelled)
+    try:
+        daemon.start()
+        start = daemon.loop.now
+        assert checks() == [start + 86400]
+        with caplog.at_level("WARNING", logger="ctinotify"):
+            daemon._check_certificate(start + 86400)
+        assert "tls_cert: the certificate %s expires in" % cert in caplog.text
+        assert checks() == [start + 86400, start + 86400 + 86400]
+    finally:
+        daemon._shutdown()
 
 
 # ---------------------------------------------------------------------------
@@ -8607,18 +9823,19 @@ def test_page_missed_calls_are_counted_until_looked_at(page, site):
     site.view.call_history.add(record("5", "transferred", path=[{"transfer": "blind",
                                                                  "to": "101"}]))
     page_login(page, site)
-    page.wait_for("document.getElementById('missed-count').textContent === '2'")
-    assert page.evaluate("document.title") == "(2) ctinotify"
+    # Answered by Bob is no missed call (issue 14.4): one of the five is.
+    page.wait_for("document.getElementById('missed-count').textContent === '1'")
+    assert page.evaluate("document.title") == "(1) ctinotify"
     words = page.evaluate("Array.from(document.querySelectorAll('#journal li')).map("
                           "function (li) { return [li.className, li.querySelector('.words')"
                           ".textContent]; })")
     assert words == [["entry", "transferred to 101"],
                      ["entry", "answered · forwarded to +15559870003"],
-                     ["entry missed", "answered by Bob Jones (101)"],
+                     ["entry", "answered by Bob Jones (101)"],
                      ["entry", "answered"],
                      ["entry missed", "missed: not answered"]]
     page.navigate(site.url + "/")  # a reload: still not looked at
-    page.wait_for("document.getElementById('missed-count').textContent === '2'")
+    page.wait_for("document.getElementById('missed-count').textContent === '1'")
     page.evaluate("document.getElementById('tab-journal').click()")
     page.wait_for("document.getElementById('missed-count').hidden")
     page.navigate(site.url + "/")

@@ -18,6 +18,7 @@ Asterisk's manager does on its ``tlsbindport``.
 """
 
 import argparse
+import errno
 import hashlib
 import os
 import random
@@ -90,7 +91,7 @@ class FakeAsterisk:
     """Serves AMI on 127.0.0.1:port; thread-safe control from the tests."""
 
     def __init__(self, username="ctitest", secret="ctitest", port=0, refuse_logins=False,
-                 answer_pings=True, tls_context=None):
+                 answer_pings=True, tls_context=None, refused_actions=()):
         self.tls_context = tls_context
         #: Why TLS handshakes failed, for the tests.
         self.tls_errors = []
@@ -98,6 +99,9 @@ class FakeAsterisk:
         self.secret = secret
         self.refuse_logins = refuse_logins
         self.answer_pings = answer_pings
+        #: Actions answered "Permission denied", as for a manager user
+        #: without their write class (lower case: "coreshowchannels").
+        self.refused_actions = frozenset(refused_actions)
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", port))
@@ -278,7 +282,10 @@ class FakeAsterisk:
         action = msg.get("Action", "").lower()
         action_id = msg.get("ActionID")
         head = "ActionID: %s\r\n" % action_id if action_id else ""
-        if action == "challenge":
+        if action in self.refused_actions:
+            # main/manager.c, process_message(): the action needs a class the user lacks.
+            self._reply(peer, "Response: Error\r\n%sMessage: Permission denied\r\n\r\n" % head)
+        elif action == "challenge":
             peer.challenge = "%09d" % random.randrange(10 ** 9)
             self._reply(peer, "Response: Success\r\n%sChallenge: %s\r\n\r\n" % (head, peer.challenge))
         elif action == "login":
@@ -419,7 +426,7 @@ class FakeAsterisk:
 
 
 # ---------------------------------------------------------------------------
-# make demo
+# make demo, and any recording played to the real daemon
 # ---------------------------------------------------------------------------
 
 DEMO_TRACES = ("a_inbound_answered", "e_internal_answered", "g_ringgroup", "b_inbound_noanswer",
@@ -428,76 +435,248 @@ DEMO_TRACES = ("a_inbound_answered", "e_internal_answered", "g_ringgroup", "b_in
                "p_park_retrieve", "r_hold_unhold", "h_forward_to_ext", "d_inbound_cancel")
 #: Events worth a pause in the demo, so a person can watch a call unfold.
 DEMO_PACED = (b"Event: DialBegin", b"Event: DialEnd", b"Event: Hangup", b"Event: BridgeEnter")
+#: The manager user the fake accepts (and the derived configuration logs in as).
+FAKE_USER = FAKE_SECRET = "ctitest"
 
 
-def run_demo(config, pace, ami_port=15038):
+class PortInUse(Exception):
+    """A port the player needs is taken: one line says which and what to do."""
+
+
+def check_port_free(port, option):
+    """Raise PortInUse if the daemon could not bind 127.0.0.1:port."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemon does
+        probe.bind(("127.0.0.1", port))
+    except OSError as e:
+        raise PortInUse("port %d on 127.0.0.1 is in use (%s): stop what listens there "
+                        "(make run, another demo?) or choose another port with %s"
+                        % (port, e.strerror or e, option))
+    finally:
+        probe.close()
+
+
+def _one_pbx(value, pbx):
+    """A devices or extensions value as PBX ``pbx`` sees it: ``NAME:X``
+    items of another PBX left out, those of ``pbx`` unqualified."""
+    items = []
+    for item in (i.strip() for i in value.split(",")):
+        head, colon, rest = item.partition(":")
+        if colon and "/" not in head:
+            if head == pbx:
+                items.append(rest)
+        elif item:
+            items.append(item)
+    return ", ".join(items)
+
+
+def derived_config(path, pbx, ami_port, port):
+    """The user's configuration pointed at the fake: [general] on
+    127.0.0.1:port, [ami] the fake on ami_port, no further PBXes (the
+    trace is PBX ``pbx``'s), each user as written but allowed in from this
+    machine only.  Returns (text, skipped users)."""
+    from ctinotify import parse_ini  # noqa: E402
+    with open(path, encoding="utf-8") as f:
+        sections, problems, _templates = parse_ini(f.read(), path)
+    if problems:
+        raise ValueError("; ".join(problems))
+    general = next((s for s in sections if s.name.lower() == "general"), None)
+    loglevel = general.get("loglevel") if general is not None else None
+    lines = ["[general]", "bind = 127.0.0.1", "port = %d" % port,
+             "loglevel = %s" % (loglevel.value if loglevel else "info"), "",
+             "[ami]", "host = 127.0.0.1", "port = %d" % ami_port, "username = " + FAKE_USER,
+             "secret = " + FAKE_SECRET, "ping_interval = 5", ""]
+    skipped = []
+    for section in sections:
+        name = section.name.lower()
+        if name in ("general", "ami") or name.startswith("ami:"):
+            continue
+        values = {}
+        for option in section.options:  # the last of a key wins, in first-seen order
+            values[option.key] = option.value
+        for key in ("devices", "extensions"):
+            if key in values:
+                values[key] = _one_pbx(values[key], pbx)
+        if not values.get("devices") and not values.get("extensions"):
+            skipped.append(section.name)
+            continue
+        values["host"] = "127.0.0.1, ::1"
+        lines.append("[%s]" % section.name)
+        lines += ["%s = %s" % (k, v.replace(";", "\\;")) for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines), skipped
+
+
+def play(config, traces, pace, ami_port, loop, banner, delay=3.0):
+    """Serve ``traces`` (lists of events) on 127.0.0.1:ami_port, at ``pace``
+    seconds per call step, to the real daemon run with ``config``: once,
+    or in a loop, starting ``delay`` s after the daemon logged in.  Until
+    Ctrl-C or SIGTERM (0), or the daemon's end (1)."""
     fake = FakeAsterisk(port=ami_port)
-    events = []
-    for name in DEMO_TRACES:
-        with open(os.path.join(HERE, "traces", name + ".ami"), "rb") as f:
-            events.append(trace_events(f.read()))
-    state = {"trace": 0, "event": 0, "due": time.monotonic() + 3.0}
+    state = {"trace": 0, "event": 0, "due": None, "daemon": None,
+             "died": False}
 
     def tick():
-        if fake.logins == 0 or time.monotonic() < state["due"]:
+        daemon = state["daemon"]
+        if daemon is not None and daemon.poll() is not None and not state["died"]:
+            print("fakeami: the daemon stopped (exit status %d); its log says why"
+                  % daemon.returncode, file=sys.stderr, flush=True)
+            state["died"] = True
+            fake._stop()
             return
-        current = events[state["trace"]]
+        if fake.logins == 0 or state["trace"] is None:
+            return
+        if state["due"] is None:
+            state["due"] = time.monotonic() + delay
+        if time.monotonic() < state["due"]:
+            return
+        current = traces[state["trace"]]
         while state["event"] < len(current):
             event = current[state["event"]]
             state["event"] += 1
             fake._broadcast(event)
-            if event.startswith(DEMO_PACED):
+            if event.startswith(DEMO_PACED) and pace > 0:
                 state["due"] = time.monotonic() + pace
                 return
-        state["trace"] = (state["trace"] + 1) % len(events)
         state["event"] = 0
+        state["trace"] = state["trace"] + 1
+        if state["trace"] == len(traces):
+            state["trace"] = 0 if loop else None
+            if not loop:
+                print("the recorded calls are over; Ctrl-C stops", flush=True)
         state["due"] = time.monotonic() + 3 * pace
 
     # A private copy: a fresh clone's demo.conf is readable by everyone, and
     # the daemon rightly warns about that for a file that holds secrets.
     private = tempfile.mkdtemp(prefix="ctinotify-demo-")
-    private_config = os.path.join(private, "demo.conf")
-    shutil.copyfile(config, private_config)
+    private_config = os.path.join(private, "ctinotify.conf")
+    with open(private_config, "w", encoding="utf-8") as f:
+        f.write(config)
     os.chmod(private_config, 0o600)
-    daemon = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(HERE), "ctinotify.py"),
-                               "run", "-c", private_config])
-    print("=" * 72)
-    print(" ctinotify DEMO - recorded Asterisk calls replayed by a fake PBX on")
-    print(" 127.0.0.1:15038; no real Asterisk is involved.  In another terminal:")
-    print()
-    print("     nc 127.0.0.1 5039          (or: telnet 127.0.0.1 5039)")
-    print("     LOGIN demo demo            sees every call")
-    print("     LOGIN alice alice          sees only extension 100's calls")
-    print("     FORMAT json                JSON lines instead of text")
-    print()
-    print(" Or open http://127.0.0.1:5041/ in a browser: user demo, secret demo.")
-    print()
-    print(" Calls repeat in a loop.  Ctrl-C stops the demo.")
-    print("=" * 72, flush=True)
+    state["daemon"] = subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(HERE), "ctinotify.py"), "run", "-c",
+         private_config])
+    print("\n".join(["=" * 72] + banner + ["=" * 72]), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: fake._stop())
     try:
         fake.serve_forever(tick=tick)
     except KeyboardInterrupt:
         pass
     finally:
+        daemon = state["daemon"]
         daemon.terminate()
         daemon.wait(10)
         shutil.rmtree(private, ignore_errors=True)
-    return 0
+    return 1 if state["died"] else 0
+
+
+DEMO_BANNER = [
+    " ctinotify DEMO - recorded Asterisk calls replayed by a fake PBX on",
+    " 127.0.0.1:15038; no real Asterisk is involved.  In another terminal:",
+    "",
+    "     nc 127.0.0.1 5039          (or: telnet 127.0.0.1 5039)",
+    "     LOGIN demo demo            sees every call",
+    "     LOGIN alice alice          sees only extension 100's calls",
+    "     FORMAT json                JSON lines instead of text",
+    "",
+    " Or open http://127.0.0.1:5041/ in a browser: user demo, secret demo.",
+    "",
+    " Calls repeat in a loop.  Ctrl-C stops the demo.",
+]
+
+
+def run_demo(config, pace, ami_port=15038):
+    from ctinotify import load_config  # noqa: E402
+    check_port_free(load_config(config).port, "a copy of tests/demo.conf (its port)")
+    with open(config, encoding="utf-8") as f:
+        text = f.read()
+    traces = []
+    for name in DEMO_TRACES:
+        with open(os.path.join(HERE, "traces", name + ".ami"), "rb") as f:
+            traces.append(trace_events(f.read()))
+    return play(text, traces, pace, ami_port, True, DEMO_BANNER)
+
+
+def run_traces(paths, config, pbx, pace, ami_port, port, loop, delay):
+    """Play the recordings ``paths`` to the daemon, with the users of the
+    configuration ``config`` (its [ami] replaced by this fake)."""
+    check_port_free(port, "--port")
+    text, skipped = derived_config(config, pbx, ami_port, port)
+    traces = []
+    for path in paths:
+        with open(path, "rb") as f:
+            events = trace_events(f.read())
+        if not events:
+            raise ValueError("%s holds no AMI event: is it a recording of ctinotify.py "
+                             "record?" % path)
+        traces.append(events)
+    banner = [" ctinotify with a fake PBX playing %d recording%s on 127.0.0.1:%d"
+              % (len(paths), "" if len(paths) == 1 else "s", ami_port),
+              " (%s)." % ", ".join(os.path.basename(p) for p in paths),
+              " Your users of %s log in from this machine, in another terminal:" % config,
+              "",
+              "     nc 127.0.0.1 %d               then LOGIN <user> <secret>" % port,
+              "     python3 ctinotify.py watch 127.0.0.1:%d --user <user>" % port,
+              "",
+              " The calls play %s, %g s after the daemon is connected."
+              % ("in a loop" if loop else "once", delay),
+              " Ctrl-C stops."]
+    if skipped:
+        banner.append(" Users with no phone or number on PBX %s left out: %s"
+                      % (pbx, ", ".join(skipped)))
+    return play(text, traces, pace, ami_port, loop, banner, delay)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description="A fake Asterisk playing recorded calls to the real ctinotify daemon: "
+                    "the demo (--demo), or your recordings (ctinotify.py record) with your "
+                    "configuration's users.")
+    parser.add_argument("traces", nargs="*", metavar="TRACE",
+                        help="recordings to play, in order (ctinotify.py record OUT.ami)")
     parser.add_argument("--demo", action="store_true", help="run the demo (see make demo)")
-    parser.add_argument("--config", default=os.path.join(HERE, "demo.conf"))
-    parser.add_argument("--pace", type=float, default=0.8, help="seconds between call steps")
+    parser.add_argument("-c", "--config",
+                        help="the configuration: for --demo, tests/demo.conf as it is; with "
+                             "TRACEs, yours (default ./ctinotify.conf): its users, allowed in "
+                             "from 127.0.0.1 only, and its [ami] replaced by this fake")
+    parser.add_argument("--pbx", default="default",
+                        help="the PBX the TRACEs were recorded on (its NAME:... devices count)")
+    parser.add_argument("--pace", type=float, default=0.8,
+                        help="seconds between call steps (0: as fast as they go)")
     parser.add_argument("--ami-port", type=int, default=15038,
-                        help="the fake PBX's port (the config's [ami] port)")
+                        help="the fake PBX's port on 127.0.0.1 (for --demo: the config's "
+                             "[ami] port)")
+    parser.add_argument("--port", type=int, default=5039,
+                        help="with TRACEs: the daemon's client port on 127.0.0.1")
+    parser.add_argument("--loop", action="store_true",
+                        help="with TRACEs: play them again and again")
+    parser.add_argument("--delay", type=float, default=10.0,
+                        help="with TRACEs: seconds to connect a client before the calls start")
     args = parser.parse_args(argv)
-    if args.demo:
-        return run_demo(args.config, args.pace, args.ami_port)
-    parser.print_help()
-    return 2
+    if not args.demo and not args.traces:
+        parser.print_help()
+        return 2
+    try:
+        if args.demo:
+            return run_demo(args.config or os.path.join(HERE, "demo.conf"), args.pace,
+                            args.ami_port)
+        return run_traces(args.traces, args.config or "ctinotify.conf", args.pbx, args.pace,
+                          args.ami_port, args.port, args.loop, args.delay)
+    except PortInUse as e:
+        print("fakeami: %s" % e, file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            print("fakeami: port %d on 127.0.0.1 is in use: stop what listens there or choose "
+                  "another with --ami-port" % args.ami_port, file=sys.stderr)
+        else:
+            print("fakeami: %s: %s" % (getattr(e, "filename", None) or "error",
+                                       e.strerror or e), file=sys.stderr)
+        return 1
+    except (ValueError, UnicodeDecodeError) as e:
+        print("fakeami: %s" % e, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -545,7 +545,7 @@ class Daemon:
         if grace_s is not None:
             ami += "\nresync_grace = %g\n" % grace_s
         with open(self.config, "w") as f:
-            f.write("[general]\nbind = 127.0.0.1\nport = 0\nloglevel = %s\n%s\n"
+            f.write("[general]\nbind = 127.0.0.1\nport = 0\nweb_port = 0\nloglevel = %s\n%s\n"
                     "[ami]\nhost = 127.0.0.1\nport = %d\nusername = ctitest\nsecret = ctitest\n"
                     "reconnect_max = 2\n%s\n%s"
                     % (loglevel, general, ami_port, ami, users if users is not None else office_users()))

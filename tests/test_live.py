@@ -55,7 +55,7 @@ NOT_PLAYED = {
     "s_connect_midcall": "played by the adoption test",
     # Recorded on Asterisk 20, whose AttendedTransfer sometimes lacks TransferTarget*: the
     # same call flow as k_attended_transfer, which the lab plays (and Asterisk 22 drops
-    # the block itself now and then: tests/live-traces/README.md).
+    # the block itself now and then: tests/traces/live/README.md).
     "k2_attended_transfer_no_target": "Asterisk 20's recording of k_attended_transfer",
 }
 PLAYED = sorted(n[:-6] for n in os.listdir(livelab.GOLDEN)
@@ -68,23 +68,11 @@ ORDER_FREE = {
 }
 
 
-#: Differences found live that are engine bugs, reported with a reproduction (see
-#: tests/live-traces/README.md). Not expected failures: the comparison stays strict, and
-#: when it fails, this says what is known.
-REPORTED_ENGINE_BUGS = {
-    "h_forward_to_ext": "Asterisk may report the DialBegin to a Local channel after the "
-                        "Local channel's other half has dialled the phone; the engine then "
-                        "misses the forward (tests/live-traces/h_forward_late_dialbegin.ami)",
-    "g_ringgroup": "the same late DialBegin to each Local channel of the ring group "
-                   "(tests/live-traces/g_ringgroup_late_dialbegin.ami)",
-    "k_attended_transfer": "Asterisk may send AttendedTransfer without its TransferTarget* "
-                           "headers; the engine then names the wrong target and Bob is not told "
-                           "(tests/live-traces/k_attended_transfer_no_target.ami)",
-    "l_directed_pickup": "Asterisk may send Pickup after the DialEnd ANSWER it caused; the "
-                         "pickup then lacks method=directed (tests/live-traces/l_directed_pickup_late.ami)",
-    "m_group_pickup": "the same late Pickup: method=group is lost "
-                      "(tests/live-traces/m_group_pickup_late.ami)",
-}
+#: Differences found live that are engine bugs not fixed yet, each with its reproduction
+#: (flow name -> what is known). Not expected failures: the comparison stays strict, and when
+#: it fails, this says what is known. None open now: those found so far are fixed, and their
+#: traces and golden files are in tests/traces/live/ (README.md there).
+REPORTED_ENGINE_BUGS: dict = {}
 
 
 def explain(lab, name, run, want, got):
@@ -282,7 +270,7 @@ def test_calls_end_unknown_when_the_link_stays_down_past_the_grace(lab, daemon, 
     """README: if the link stays down (60 s; here 2 s), every call ends with reason unknown,
     so nothing keeps ringing on a desktop; and a call ends once. Engine bug, reported: the
     call still up when the link is back is adopted again under the same id and ends a
-    second time (tests/live-traces/grace_readopt.*.ami)."""
+    second time (tests/traces/live/grace/)."""
     d = daemon(ami_port=ami_proxy.port, grace_s=GRACE_S)
     alice = client("alice", "json")
     lab.call_in(JOHN, "100")
