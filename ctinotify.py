@@ -7635,8 +7635,16 @@ def _route_login(ctx: WebRequestContext) -> WebReply:
 
 
 def _session_fields(session: WebSession) -> Dict[str, object]:
-    return {"user": session.user, "csrf": session.csrf,
-            "events": list(session.account.events), "actions": list(session.account.actions)}
+    return _account_fields(session.account, session.csrf)
+
+
+def _account_fields(account: UserConfig, csrf: str) -> Dict[str, object]:
+    """Who is logged in, as the page needs to know it: ``board`` says
+    whether the user has an office board at all (``board = none``: the
+    page shows no Board tab and never asks for ``/board``)."""
+    return {"user": account.name, "csrf": csrf, "events": list(account.events),
+            "actions": list(account.actions),
+            "board": account.board is None or bool(account.board)}
 
 
 def _route_logout(ctx: WebRequestContext) -> WebReply:
@@ -7662,9 +7670,7 @@ def _route_session(ctx: WebRequestContext) -> WebReply:
             return WebReply(json_response(200, {"user": None, "csrf": "", "events": []}))
         raise
     if session is None:
-        return WebReply(json_response(200, {"user": account.name, "csrf": "",
-                                            "events": list(account.events),
-                                            "actions": list(account.actions)}))
+        return WebReply(json_response(200, _account_fields(account, "")))
     return WebReply(json_response(200, _session_fields(session)))
 
 
@@ -7692,6 +7698,18 @@ def _route_events(ctx: WebRequestContext) -> WebReply:
 def _route_calls(ctx: WebRequestContext) -> WebReply:
     account, _session = _authenticate(ctx)
     return WebReply(json_list_response(ctx.view.calls(account.name)))
+
+
+def _route_board(ctx: WebRequestContext) -> WebReply:
+    """``GET /board``: the office board as BOARD shows it to this user in
+    JSON, one ``state`` object per colleague their ``board`` allows, with
+    whom only under ``board_details``: the view scopes it, as for BOARD and
+    the ``state`` events, so the page never holds what it may not show."""
+    account, _session = _authenticate(ctx)
+    items = ctx.view.board(account.name)
+    if items is None:
+        return WebReply(error_response(403, "no board for %s" % account.name))
+    return WebReply(json_list_response(items))
 
 
 def _route_history(ctx: WebRequestContext) -> WebReply:
@@ -7788,6 +7806,7 @@ WEB_ROUTES = {
     "/events": {"GET": _route_events},
     "/calls": {"GET": _route_calls},
     "/history": {"GET": _route_history},
+    "/board": {"GET": _route_board},
     "/action": {"POST": _route_action},
 }
 

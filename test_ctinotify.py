@@ -11953,3 +11953,105 @@ def test_e2e_watch_board_on_a_terminal_redraws_the_table(fake, daemon_factory, t
     finally:
         stop_process(proc, signal.SIGINT)
         os.close(master)
+
+
+# ---------------------------------------------------------------------------
+# The office board on the web page (issue 13): GET /board, the cards, click to
+# dial, drag to transfer
+# ---------------------------------------------------------------------------
+
+
+class BoardWebView(FakeWebView):
+    """The web routes over a board: the daemon's answer (view_board with
+    the hub's scopes), with a board the test moves."""
+
+    def __init__(self, config, board):
+        super().__init__(config.users)
+        self.board_now, self.scopes = board, ctinotify.board_scopes(config.users)
+
+    def board(self, user):
+        scope = self.scopes.get(user)
+        return ctinotify.view_board(self.board_now, scope) if scope is not None else None
+
+
+def board_lines_json(board, config, user):
+    """What BOARD answers ``user`` in JSON, as objects (without its OK line)."""
+    scope = ctinotify.board_scopes(config.users)[user]
+    return [json.loads(line) for line in ctinotify.board_reply(board, scope, "json")[:-1]]
+
+
+def test_web_board_is_the_board_command_in_json_for_each_viewer():
+    config = board_config()
+    board = Board(config.users.values(), 0.0)
+    board.on_notifications([call_note("alice", "incoming", frm=("+15551230001", "<b>x</b>"))],
+                           5.0)
+    view = BoardWebView(config, board)
+    alice, bob, carol = WebClient(view), WebClient(view), WebClient(view)
+    assert alice.send("GET", "/board").response.status == 403  # login first
+    for client, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
+        assert client.login(name, name + "-secret").response.status == 200
+    reply = alice.send("GET", "/board")
+    assert reply.response.status == 200
+    assert reply.response.header("Content-Type") == "application/json; charset=utf-8"
+    assert reply.response.header("Cache-Control") == "no-store"
+    items = body_json(reply)
+    assert items == board_lines_json(board, config, "alice")
+    assert items[0] == {"event": "state", "user": "alice", "name": "Alice Smith",
+                        "numbers": "100", "state": "ringing", "since": "1970-01-01T00:00:05Z",
+                        "with": {"num": "+15551230001", "name": "<b>x</b>"},
+                        "direction": "in", "call": "c1"}
+    assert [i["user"] for i in items] == ["alice", "bob", "carol", "dave"]
+    # Bob (board = alice, no details): Alice and himself, never with whom.
+    items = body_json(bob.send("GET", "/board"))
+    assert items == board_lines_json(board, config, "bob")
+    assert [(i["user"], i["state"]) for i in items] == [("alice", "ringing"), ("bob", "free")]
+    assert not any(key in item for item in items for key in BOARD_DETAIL_KEYS)
+    assert b"+1555" not in bob.send("GET", "/board").response.body
+    # Carol (board = none): refused, and the page is told so at login.
+    reply = carol.send("GET", "/board")
+    assert (reply.response.status, body_json(reply)) == \
+        (403, {"error": "no board for carol", "status": 403})
+    assert body_json(carol.send("GET", "/session"))["board"] is False
+    assert body_json(bob.send("GET", "/session"))["board"] is True
+    # Scripts: Basic auth; HEAD; nothing but GET.
+    curl = WebClient(view)
+    reply = curl.send("GET", "/board", [basic("dave", "dave-secret")])
+    assert body_json(reply) == board_lines_json(board, config, "dave")
+    assert curl.send("GET", "/board", [basic("dave", "wrong")]).response.status == 401
+    head = alice.send("HEAD", "/board")
+    assert head.response.status == 200 and head.stream is None
+    post = alice.send("POST", "/board", [FORM], b"x=1")
+    assert (post.response.status, post.response.header("Allow")) == (405, "GET, HEAD")
+    # A view without a board (ServerView's): nobody has one.
+    assert WebClient(FakeWebView(config.users)).send(
+        "GET", "/board", [basic("alice", "alice-secret")]).response.status == 403
+
+
+def test_e2e_web_board_is_what_board_says_on_the_line(fake, daemon_factory, webs, clients):
+    daemon = daemon_factory(users=BOARD_OFFICE)
+    port = daemon.web_port
+    ring, _rest = trace_parts("a_inbound_answered")
+    fake.send(ring)
+    for user in ("alice", "dave"):
+        line = clients(daemon.port, "%s %s-secret" % (user, user))
+        line.send("FORMAT json")
+        line.line()
+        line.send("EVENTS incoming")  # BOARD's items only: they look like state events
+        line.line()
+        deadline = time.monotonic() + 10
+        while True:  # the fake plays the ring from its own thread
+            line.send("BOARD")
+            expected = [json.loads(l) for l in line.lines_until(lambda l: l.startswith("OK "))
+                        [:-1]]
+            if expected[0]["state"] == "ringing" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        status, items = webs(port).json("GET", "/board", [basic(user, user + "-secret")])
+        assert (status, items) == (200, expected)
+        assert items[0]["state"] == "ringing"
+        assert ("with" in items[0]) == (user == "alice")
+    status, refused = webs(port).json("GET", "/board", [basic("carol", "carol-secret")])
+    assert (status, refused) == (403, {"error": "no board for carol", "status": 403})
+    cookie, _csrf = web_login(webs(port), "carol")
+    assert webs(port).json("GET", "/session", [cookie])[1]["board"] is False
+    assert webs(port).json("GET", "/board", [cookie])[0] == 403
