@@ -12008,11 +12008,50 @@ button.hangup { border-color: var(--bad); color: var(--bad); }
 .note { min-height: 1.4em; margin: 0 0 8px; font-weight: 600; }
 .note.bad { color: var(--bad); }
 a.tel { font-size: 14px; }
+main.wide { max-width: 1180px; }
+.panes.beside { display: grid; grid-template-columns: minmax(0, 1fr) minmax(300px, 440px);
+  gap: 16px; align-items: start; }
+.panes.beside > #now-view, .panes.beside > #journal-view { grid-column: 1; grid-row: 1; }
+.panes.beside > #board-view { grid-column: 2; grid-row: 1; }
+.pane-title { font-size: 15px; margin: 0 0 6px; color: var(--muted); font-weight: 600; }
+.hint { font-size: 14px; margin: 0 0 8px; }
+li.call.draggable { cursor: grab; }
+/* The board's states: a colour each (Okabe-Ito, told apart with every
+   kind of colour blindness), and never the colour alone: each has its
+   word and its own sign, and away a dashed edge. */
+li.card.st-free { --st: #007a5a; --st-bg: #dcf3ea; }
+li.card.st-ringing { --st: #9a5b00; --st-bg: #fcebc4; }
+li.card.st-talking { --st: #005f94; --st-bg: #d8eaf6; }
+li.card.st-on_hold { --st: #8e3b6f; --st-bg: #f5dcea; }
+li.card.st-busy { --st: #b04a00; --st-bg: #fadfcf; }
+li.card.st-away { --st: #5b6170; --st-bg: #e7e9ee; }
+ul.board { list-style: none; margin: 0; padding: 0; display: grid; gap: 8px;
+  grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); }
+li.card { --st: var(--muted); --st-bg: #eef0f4; background: var(--card); border: 1px solid var(--line);
+  border-left: 6px solid var(--st); border-radius: 10px; padding: 8px 10px; display: grid;
+  gap: 4px; min-width: 0; align-content: start; }
+li.card.st-away { border-left-style: dashed; }
+li.card.dials { cursor: pointer; }
+li.card.dials:hover { border-color: var(--st); }
+li.card:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+li.card.drop { outline: 3px dashed var(--accent); outline-offset: 2px; background: #eef3ff; }
+body.dragging li.card.takes { border-style: dashed; }
+li.card .who { font-size: 16px; }
+.you { font-size: 12px; color: var(--muted); }
+.st { display: inline-flex; gap: 4px; align-items: center; padding: 0 8px; border-radius: 999px;
+  background: var(--st-bg); color: var(--st); font-weight: 700; font-size: 14px; }
+.st .sign { font-size: 12px; }
+li.card .timer { font-size: 14px; }
+.with { font-size: 14px; overflow-wrap: anywhere; word-break: break-word; }
+form.transfer select { min-width: 0; max-width: 100%; flex-basis: 100%; padding: 6px 4px;
+  border: 1px solid var(--line); border-radius: 8px; background: var(--card); }
+form.transfer { flex-wrap: wrap; }
 @media (max-width: 480px) {
   body { font-size: 15px; }
   header h1 { flex-basis: 100%; }
   .who { font-size: 18px; }
   main { padding: 8px; }
+  ul.board { grid-template-columns: repeat(auto-fill, minmax(140px, 1fr)); }
 }
 """
 
@@ -12025,7 +12064,11 @@ WEB_PAGE_JS = r"""
     user: null, csrf: "", es: null, lastId: null, gen: 0, calls: new Map(),
     ended: new Set(), notes: new Map(), popped: new Set(), links: {}, stopping: false,
     conn: "idle", history: [], activity: [], view: "now", sessionNote: "", actions: [],
-    acts: 0, outcomeOf: 0
+    acts: 0, outcomeOf: 0,
+    // The office board: user -> their state item, in the server's order;
+    // their cards; the users a state event told while /board was asked.
+    hasBoard: false, board: new Map(), cards: new Map(), boardGen: 0, boardTold: null,
+    dragging: null
   };
   function $(id) { return document.getElementById(id); }
   function el(tag, cls, text) {
@@ -12105,6 +12148,7 @@ WEB_PAGE_JS = r"""
   function showLogin(note) {
     closeStream();
     state.user = null; state.csrf = ""; state.actions = [];
+    setBoard(false);
     $("app").hidden = true; $("logout").hidden = true; $("who").textContent = "";
     $("login").hidden = false;
     $("login-error").textContent = note || "";
@@ -12116,6 +12160,7 @@ WEB_PAGE_JS = r"""
     state.user = info.user; state.csrf = info.csrf || "";
     state.actions = Array.isArray(info.actions) ? info.actions : [];
     $("dial-form").hidden = !can("dial");
+    setBoard(info.board === true);
     note("");
     $("login").hidden = true; $("app").hidden = false; $("logout").hidden = !state.csrf;
     $("who").textContent = info.user;
@@ -12205,6 +12250,7 @@ WEB_PAGE_JS = r"""
       renderCalls();
     }).catch(function () {});
     loadHistory();
+    loadBoard();
   }
   function loadHistory() {
     api("GET", "/history?n=50").then(function (r) { return r.ok ? r.json() : null; }).then(function (list) {
@@ -12223,8 +12269,9 @@ WEB_PAGE_JS = r"""
   }
   function handle(f) {
     if (f.event === "status") { onStatus(f); return; }
-    // Events that belong to no call (the office board's, issue 13) are
-    // dispatched here by their "event", before the calls' steps.
+    // Events that belong to no call of the user's are dispatched here by
+    // their "event", before the calls' steps (a board item may name a call).
+    if (f.event === "state") { onState(f); return; }
     if (typeof f.call !== "string" && typeof f.call !== "number") { return; }
     var key = keyOf(f), call = state.calls.get(key);
     if (f.event === "queue" || (f.event === "unpark" && !call)) { onActivity(f); return; }
@@ -12311,6 +12358,7 @@ WEB_PAGE_JS = r"""
       state.sessionNote = "Your session was closed: " + (f.reason || "by the server") + ".";
     }
     if (f.replay === "incomplete") { refresh(); }
+    if (f.board === "changed") { reloadAccount(); }
     if (f.dial) {
       state.outcomeOf = state.acts;
       note(DIAL_SAID[f.dial] || DIAL_SAID.failed, f.dial !== "answered");
@@ -12390,9 +12438,10 @@ WEB_PAGE_JS = r"""
       });
     }, function () { note("Not done: cannot reach the server.", true); });
   }
-  function dial(number) {
-    act("dial", { number: number }, "Calling " + number + "…",
-        "Your phone is ringing: lift the handset to call " + number + ".");
+  function dial(number, who) {
+    var them = who ? who + " (" + number + ")" : number;
+    act("dial", { number: number }, "Calling " + them + "…",
+        "Your phone is ringing: lift the handset to call " + them + ".");
   }
   function onDialSubmit(event) {
     event.preventDefault();
@@ -12443,26 +12492,252 @@ WEB_PAGE_JS = r"""
   }
   function transferForm(c) {
     var form = el("form", "transfer");
+    var pick = colleagueChoice(c);
+    if (pick) { form.appendChild(pick); }
     var input = el("input");
     input.type = "tel"; input.setAttribute("inputmode", "tel"); input.maxLength = 64;
     input.placeholder = "Transfer to"; input.setAttribute("aria-label", "Transfer to");
     input.value = c.transferTo || "";
     // The list is drawn again on every event: what is typed stays.
-    input.addEventListener("input", function () { c.transferTo = input.value; });
+    input.addEventListener("input", function () { c.transferTo = input.value; c.transferWho = ""; });
+    if (pick) {
+      // Choosing a colleague fills the number in: Transfer sends it (a
+      // keyboard moving through the list must not transfer on the way).
+      pick.addEventListener("change", function () {
+        var f = state.board.get(pick.value);
+        input.value = c.transferTo = f ? firstNumber(f) : "";
+        c.transferWho = f ? String(f.name || f.user) : "";
+      });
+    }
     var go = el("button", "primary", "Transfer");
     go.type = "submit";
     form.appendChild(input); form.appendChild(go);
     form.addEventListener("submit", function (event) {
       event.preventDefault();
-      var to = input.value.trim();
+      var to = input.value.trim(), who = c.transferWho ? c.transferWho + " (" + to + ")" : to;
       if (!to) { input.focus(); return; }
-      c.transferring = false; c.transferTo = "";
-      act("transfer", { call: c.id, number: to }, "Transferring to " + to + "…",
-          "Transferred to " + to + ".");
+      c.transferring = false; c.transferTo = ""; c.transferWho = "";
+      act("transfer", { call: c.id, number: to }, "Transferring to " + who + "…",
+          "Transferred to " + who + ".");
       renderCalls();
     });
     setTimeout(function () { if (document.activeElement === document.body) { input.focus(); } }, 0);
     return form;
+  }
+
+  // -- the office board: a card per colleague, live (issue 13) ---------------------
+  // The server sends only what this user may see (their board, details
+  // only with board_details): the page shows all it gets and filters nothing.
+  var BOARD_WORDS = @BOARD_WORDS@;  // BOARD_STATE_WORDS
+  // A sign per state beside its word and colour: never the colour alone.
+  var BOARD_SIGNS = { free: "\u2713", ringing: "\u260e", talking: "\u25cf", on_hold: "\u275a\u275a",
+                      busy: "\u2298", away: "\u25cb" };
+  var DRAG_TYPE = "application/x-ctinotify-call";
+  var WIDE = window.matchMedia ? window.matchMedia("(min-width: 960px)") : null;
+  function boardBeside() { return !!(state.hasBoard && WIDE && WIDE.matches); }
+  function setBoard(on) {
+    state.hasBoard = on;
+    if (!on) {
+      state.board = new Map(); state.boardTold = null; state.boardGen += 1;
+      state.cards = new Map(); $("board").replaceChildren();
+    }
+    $("no-board").hidden = state.board.size > 0;
+    showView(state.view);
+  }
+  function boardHint(beside) {
+    var hint = [];
+    if (can("dial")) { hint.push("Click a colleague to call them."); }
+    if (can("transfer")) {
+      // The calls are beside the board on a wide screen only.
+      hint.push(beside ? "Drag a call onto a colleague to transfer it there." :
+                "To transfer a call to a colleague: Transfer\u2026 on the call.");
+    }
+    $("board-hint").textContent = hint.join(" ");
+    $("board-hint").hidden = !hint.length;
+  }
+  function reloadAccount() {
+    // A reload changed this user's board (or gave or took one): ask again.
+    api("GET", "/session").then(function (r) { return r.ok ? r.json() : null; }).then(function (j) {
+      if (!j || !state.user || j.user !== state.user) { return; }
+      state.actions = Array.isArray(j.actions) ? j.actions : [];
+      $("dial-form").hidden = !can("dial");
+      setBoard(j.board === true);
+      renderCalls();
+      loadBoard();
+    }).catch(function () {});
+  }
+  function loadBoard() {
+    if (!state.hasBoard) { return; }
+    var gen = ++state.boardGen;
+    state.boardTold = new Set();
+    api("GET", "/board").then(function (r) {
+      if (r.status === 403 && gen === state.boardGen) { setBoard(false); }
+      return r.ok ? r.json() : null;
+    }).then(function (list) {
+      if (!Array.isArray(list) || gen !== state.boardGen) { return; }
+      // A state event that came while the server answered is newer than
+      // its answer: it stays.
+      var told = state.boardTold || new Set(), next = new Map();
+      list.forEach(function (f) {
+        if (!f || typeof f.user !== "string") { return; }
+        next.set(f.user, told.has(f.user) && state.board.has(f.user) ? state.board.get(f.user) : f);
+      });
+      state.board = next; state.boardTold = null;
+      renderBoard();
+      if (Array.from(state.calls.values()).some(function (c) { return c.transferring; })) { renderCalls(); }
+    }).catch(function () {});
+  }
+  function onState(f) {
+    if (!state.hasBoard || typeof f.user !== "string") { return; }
+    if (state.boardTold) { state.boardTold.add(f.user); }
+    var known = state.board.has(f.user);
+    state.board.set(f.user, f);
+    drawCard(f.user);
+    if (!known) { renderBoard(); }
+  }
+  function renderBoard() {
+    var list = $("board");
+    state.cards.forEach(function (card, user) {
+      if (!state.board.has(user)) { card.remove(); state.cards.delete(user); }
+    });
+    var i = 0;
+    state.board.forEach(function (f, user) {
+      var card = drawCard(user);
+      // Moved only when out of place: a card moved loses the keyboard focus.
+      if (list.children[i] !== card) { list.insertBefore(card, list.children[i] || null); }
+      i += 1;
+    });
+    $("no-board").hidden = state.board.size > 0;
+    tick();
+  }
+  function firstNumber(f) { return dialable(String(f.numbers || "").split(",")[0]); }
+  function colleague(user) {
+    var f = state.board.get(user);
+    return f && user !== state.user && firstNumber(f) ? f : null;
+  }
+  function drawCard(user) {
+    var f = state.board.get(user), card = state.cards.get(user);
+    if (!card) {
+      card = el("li", "card");
+      card.dataset.user = user;
+      card.addEventListener("click", function () { cardDial(user); });
+      card.addEventListener("keydown", function (event) {
+        if (event.key === "Enter" || event.key === " ") { event.preventDefault(); cardDial(user); }
+      });
+      cardDropTarget(card, user);
+      state.cards.set(user, card);
+      $("board").appendChild(card);
+    }
+    var st = Object.prototype.hasOwnProperty.call(BOARD_SIGNS, f.state) ? f.state : "";
+    var name = String(f.name || f.user), numbers = String(f.numbers || "").split(",").join(", ");
+    var dials = can("dial") && !!colleague(user);
+    card.className = "card" + (st ? " st-" + st : "") + (dials ? " dials" : "") +
+      (can("transfer") && colleague(user) ? " takes" : "");
+    card.dataset.state = String(f.state);
+    if (dials) {
+      card.tabIndex = 0;
+      card.setAttribute("role", "button");
+      card.title = "Call " + name + " (" + firstNumber(f) + ")";
+    } else {
+      card.removeAttribute("tabindex"); card.removeAttribute("role"); card.removeAttribute("title");
+    }
+    var head = el("div", "row");
+    head.appendChild(el("bdi", "who", name));
+    if (numbers) { head.appendChild(el("bdi", "num", numbers)); }
+    if (user === state.user) { head.appendChild(el("span", "you", "(you)")); }
+    card.replaceChildren(head);
+    var line = el("div", "row");
+    var badge = el("span", "st");
+    var sign = el("span", "sign", BOARD_SIGNS[st] || "?");
+    sign.setAttribute("aria-hidden", "true");
+    badge.appendChild(sign);
+    badge.appendChild(el("span", "word", BOARD_WORDS[st] || String(f.state)));
+    line.appendChild(badge);
+    var since = secs(f.since);
+    if (since !== null) {
+      var timer = el("span", "timer", "");
+      timer.dataset.since = String(since);
+      timer.textContent = clock(Date.now() - since);
+      line.appendChild(timer);
+    }
+    card.appendChild(line);
+    if (f["with"] && typeof f["with"] === "object") {
+      var toward = { "in": "from ", out: "to " }[f.direction] || "with ";
+      var other = el("div", "with", toward);
+      other.appendChild(el("bdi", "", said(f["with"])));
+      card.appendChild(other);
+    }
+    return card;
+  }
+  function cardDial(user) {
+    var f = colleague(user);
+    if (!f || !can("dial")) { return; }
+    dial(firstNumber(f), String(f.name || f.user));
+  }
+  function colleagueChoice(c) {
+    var users = Array.from(state.board.keys()).filter(colleague);
+    if (!state.hasBoard || !users.length) { return null; }
+    var pick = el("select");
+    pick.setAttribute("aria-label", "Transfer to a colleague");
+    pick.appendChild(new Option("A colleague\u2026", ""));
+    users.forEach(function (user) {
+      var f = state.board.get(user);
+      pick.appendChild(new Option(String(f.name || f.user) + " (" + firstNumber(f) + "), " +
+                                  (BOARD_WORDS[f.state] || String(f.state)), user));
+    });
+    var chosen = Array.from(pick.options).filter(function (o) {
+      var f = state.board.get(o.value);
+      return f && c.transferWho && firstNumber(f) === c.transferTo;
+    })[0];
+    if (chosen) { pick.value = chosen.value; }
+    return pick;
+  }
+  function transferTo(c, f) {
+    var n = firstNumber(f), who = String(f.name || f.user) + " (" + n + ")";
+    c.transferring = false;
+    act("transfer", { call: c.id, number: n }, "Transferring to " + who + "…",
+        "Transferred to " + who + ".");
+    renderCalls();
+  }
+  // -- drag a call onto a colleague's card: a blind transfer there ----------------
+  function canDrag(c) { return can("transfer") && c.state === "talking" && state.hasBoard; }
+  function dragSource(item, c) {
+    item.draggable = true;
+    item.classList.add("draggable");
+    item.addEventListener("dragstart", function (event) {
+      event.dataTransfer.setData(DRAG_TYPE, c.key);
+      event.dataTransfer.effectAllowed = "move";
+      state.dragging = c.key;
+      document.body.classList.add("dragging");
+    });
+  }
+  function dragEnded() {
+    state.dragging = null;
+    document.body.classList.remove("dragging");
+    state.cards.forEach(function (card) { card.classList.remove("drop"); });
+  }
+  function carriesCall(event) {
+    var types = event.dataTransfer ? Array.from(event.dataTransfer.types || []) : [];
+    return state.dragging !== null || types.indexOf(DRAG_TYPE) >= 0;
+  }
+  function cardDropTarget(card, user) {
+    function takes(event) { return can("transfer") && !!colleague(user) && carriesCall(event); }
+    card.addEventListener("dragover", function (event) {
+      if (!takes(event)) { return; }
+      event.preventDefault();
+      event.dataTransfer.dropEffect = "move";
+      card.classList.add("drop");
+    });
+    card.addEventListener("dragleave", function () { card.classList.remove("drop"); });
+    card.addEventListener("drop", function (event) {
+      card.classList.remove("drop");
+      if (!takes(event)) { return; }
+      event.preventDefault();
+      var key = event.dataTransfer.getData(DRAG_TYPE) || state.dragging;
+      var c = state.calls.get(key), f = colleague(user);
+      dragEnded();
+      if (c && f && c.state === "talking") { transferTo(c, f); }
+    });
   }
 
   // -- drawing -------------------------------------------------------------------
@@ -12492,6 +12767,7 @@ WEB_PAGE_JS = r"""
       item.appendChild(el("div", "words", c.words ? c.words + " · " + other : other));
       var acts = callActions(c);
       if (acts) { item.appendChild(acts); }
+      if (canDrag(c)) { dragSource(item, c); }
       if (c.url) {
         var link = el("a", "pop", "Open the caller's page");
         link.setAttribute("href", c.url);
@@ -12577,11 +12853,19 @@ WEB_PAGE_JS = r"""
     document.title = (count ? "(" + count + ") " : "") + "ctinotify";
   }
   function showView(name) {
+    var beside = boardBeside();
+    if (name === "board" && (beside || !state.hasBoard)) { name = "now"; }
     state.view = name;
     $("now-view").hidden = name !== "now";
     $("journal-view").hidden = name !== "journal";
+    $("board-view").hidden = !(state.hasBoard && (beside || name === "board"));
+    $("tab-board").hidden = !state.hasBoard || beside;
+    $("panes").classList.toggle("beside", beside);
+    $("main").classList.toggle("wide", beside);
+    boardHint(beside);
     $("tab-now").classList.toggle("active", name === "now");
     $("tab-journal").classList.toggle("active", name === "journal");
+    $("tab-board").classList.toggle("active", name === "board");
     updateMissed();
   }
 
@@ -12590,6 +12874,13 @@ WEB_PAGE_JS = r"""
     $("logout").addEventListener("click", logout);
     $("tab-now").addEventListener("click", function () { showView("now"); });
     $("tab-journal").addEventListener("click", function () { showView("journal"); });
+    $("tab-board").addEventListener("click", function () { showView("board"); });
+    if (WIDE) {
+      var relayout = function () { showView(state.view); };
+      if (WIDE.addEventListener) { WIDE.addEventListener("change", relayout); }
+      else if (WIDE.addListener) { WIDE.addListener(relayout); }
+    }
+    document.addEventListener("dragend", dragEnded);
     $("dial-form").addEventListener("submit", onDialSubmit);
     document.addEventListener("visibilitychange", updateMissed);
     var mode = $("pop-mode");
@@ -12603,7 +12894,7 @@ WEB_PAGE_JS = r"""
     checkSession("");
   });
 })();
-"""
+""".replace("@BOARD_WORDS@", json.dumps(BOARD_STATE_WORDS, sort_keys=True))
 
 WEB_PAGE_HTML = """<!doctype html>
 <html lang="en">
@@ -12623,7 +12914,7 @@ WEB_PAGE_HTML = """<!doctype html>
   <span id="who"></span>
   <button id="logout" type="button" hidden>Log out</button>
 </header>
-<main>
+<main id="main">
   <section id="login" hidden>
     <form id="login-form" class="login" method="post" action="/login">
       <h2>Log in</h2>
@@ -12637,10 +12928,10 @@ WEB_PAGE_HTML = """<!doctype html>
     <nav class="tabs">
       <button id="tab-now" type="button" class="tab active">Calls now</button>
       <button id="tab-journal" type="button" class="tab">Journal<span id="missed-count" class="badge" hidden></span></button>
-      <!-- Further tabs go here (the office board, issue 13), each with its view
-           beside now-view and journal-view, shown by showView(name). -->
+      <button id="tab-board" type="button" class="tab" hidden>Board</button>
     </nav>
     <p id="action-note" class="note" role="status" hidden></p>
+    <div id="panes" class="panes">
     <div id="now-view">
       <form id="dial-form" class="dial" hidden>
         <input id="dial-number" type="tel" inputmode="tel" autocomplete="off" maxlength="64"
@@ -12654,6 +12945,13 @@ WEB_PAGE_HTML = """<!doctype html>
     <div id="journal-view" hidden>
       <ul id="journal" class="journal"></ul>
       <p id="no-journal" class="quiet">No calls yet.</p>
+    </div>
+    <section id="board-view" aria-labelledby="board-title" hidden>
+      <h2 id="board-title" class="pane-title">Office board</h2>
+      <p id="board-hint" class="quiet hint" hidden></p>
+      <ul id="board" class="board"></ul>
+      <p id="no-board" class="quiet">Nobody on the board.</p>
+    </section>
     </div>
     <details class="settings">
       <summary>Settings</summary>

@@ -12055,3 +12055,365 @@ def test_e2e_web_board_is_what_board_says_on_the_line(fake, daemon_factory, webs
     cookie, _csrf = web_login(webs(port), "carol")
     assert webs(port).json("GET", "/session", [cookie])[1]["board"] is False
     assert webs(port).json("GET", "/board", [cookie])[0] == 403
+
+
+# -- the board on the page, served by the daemon --------------------------------------
+
+#: The board's office with names: Alice the receptionist (everyone, with
+#: whom, every action), Bob sees Alice, Carol no board, Dave the staff (all)
+#: without details.
+PAGE_BOARD_OFFICE = BOARD_OFFICE.replace(
+    "board = all\nboard_details = yes\n",
+    "board = all\nboard_details = yes\nactions = dial, hangup, transfer\n"
+    "fullname = Alice Smith\n").replace(
+    "extensions = 101\n", "extensions = 101\nfullname = Bob Jones\n").replace(
+    "extensions = 102\n", "extensions = 102\nfullname = Carol White\n").replace(
+    "extensions = 103\n", "extensions = 103\nfullname = Dave Brown\n")
+
+
+@pytest.fixture
+def board_site(tmp_path):
+    site = DaemonSite(tmp_path, users=PAGE_BOARD_OFFICE)
+    yield site
+    site.close()
+
+
+def board_cards(page):
+    """The cards as a person reads them: name, numbers, state word and sign,
+    the timer, with whom; and the state the card is coloured for."""
+    return page.evaluate(
+        "Array.from(document.querySelectorAll('#board li.card')).map(function (li) {"
+        " function t(s) { var e = li.querySelector(s); return e ? e.textContent : null; }"
+        " return {user: li.dataset.user, state: li.dataset.state, cls: li.className,"
+        " who: t('.who'), num: t('.num'), word: t('.st .word'), sign: t('.st .sign'),"
+        " timer: t('.timer'), with: t('.with')}; })")
+
+
+def wait_card(page, user, state):
+    page.wait_for("(document.querySelector('#board li.card[data-user=%s]') || {dataset: {}})"
+                  ".dataset.state === %s" % (json.dumps(user), json.dumps(state)))
+
+
+def devstate_event(device, state):
+    return ("Event: DeviceStateChange\r\nPrivilege: call,all\r\nDevice: %s\r\nState: %s\r\n\r\n"
+            % (device, state)).encode()
+
+
+def test_page_board_shows_the_office_live_with_whom_for_a_receptionist(chromium, board_site,
+                                                                       tabs):
+    page = tabs(board_site, width=1200, height=800)
+    page_login(page, board_site, "alice")
+    page.wait_for("document.querySelectorAll('#board li.card').length === 4")
+    # A wide screen has the board beside the calls, no tab for it.
+    assert page.evaluate("[document.getElementById('board-view').hidden,"
+                         " document.getElementById('now-view').hidden,"
+                         " document.getElementById('tab-board').hidden,"
+                         " document.getElementById('panes').className]") == \
+        [False, False, True, "panes beside"]
+    cards = board_cards(page)
+    assert [(c["user"], c["who"], c["num"], c["state"], c["word"], c["sign"], c["with"])
+            for c in cards] == [
+        ("alice", "Alice Smith", "100", "free", "free", "\u2713", None),
+        ("bob", "Bob Jones", "101", "free", "free", "\u2713", None),
+        ("carol", "Carol White", "102", "free", "free", "\u2713", None),
+        ("dave", "Dave Brown", "103", "free", "free", "\u2713", None)]
+    assert all(re.fullmatch(r"\d+:\d\d", c["timer"]) for c in cards)
+    assert "(you)" in page.evaluate("document.querySelector('#board li.card').textContent")
+    ring, answer, end = trace_steps("a_inbound_answered", b"board")
+    board_site.play(ring)
+    wait_card(page, "alice", "ringing")
+    (card,) = [c for c in board_cards(page) if c["user"] == "alice"]
+    assert (card["word"], card["sign"], card["with"]) == \
+        ("ringing", "\u260e", "from John Customer (+15551230001)")
+    assert "st-ringing" in card["cls"].split()
+    board_site.play(answer)
+    wait_card(page, "alice", "talking")
+    (card,) = [c for c in board_cards(page) if c["user"] == "alice"]
+    assert (card["word"], card["sign"], card["with"]) == \
+        ("on the phone", "\u25cf", "from John Customer (+15551230001)")
+    # Phones Asterisk reports: do-not-disturb and unplugged.
+    board_site.play(devstate_event("PJSIP/102", "BUSY") + devstate_event("PJSIP/103",
+                                                                         "UNAVAILABLE"))
+    wait_card(page, "dave", "away")
+    board_site.play(end)
+    wait_card(page, "alice", "free")
+    cards = {c["user"]: c for c in board_cards(page)}
+    assert [(u, cards[u]["word"], cards[u]["sign"], cards[u]["with"]) for u in cards] == [
+        ("alice", "free", "\u2713", None), ("bob", "free", "\u2713", None),
+        ("carol", "busy", "\u2298", None), ("dave", "away", "\u25cb", None)]
+    # Each state its own colour and edge (away dashed): never the colour alone.
+    look = page.evaluate(
+        "Array.from(document.querySelectorAll('#board li.card')).map(function (li) {"
+        " var s = getComputedStyle(li); return [s.borderLeftColor, s.borderLeftStyle]; })")
+    assert len({color for color, _style in look}) == 3
+    assert [style for _color, style in look] == ["solid", "solid", "solid", "dashed"]
+    # The page asked for the board once, on connecting; the rest came live.
+    assert [r for r in board_site.requests if r[1] == "/board"] == [("GET", "/board", 200)]
+    assert [f["event"] for _i, f in stream_events(page)].count("state") >= 5
+    assert_page_clean(page)
+
+
+#: Runs in the page before its script: every text and attribute value the
+#: page ever puts into its document, kept where the test can search it.
+DOM_RECORDER = """
+window.__dom = [];
+new MutationObserver(function (records) {
+  records.forEach(function (r) {
+    if (r.type === "attributes") { window.__dom.push(String(r.target.getAttribute(r.attributeName))); }
+    else if (r.type === "characterData") { window.__dom.push(String(r.target.data)); }
+    r.addedNodes.forEach(function (n) {
+      window.__dom.push(String(n.textContent));
+      var all = n.querySelectorAll ? [n].concat(Array.from(n.querySelectorAll("*"))) : [];
+      all.forEach(function (e) {
+        Array.from(e.attributes).forEach(function (a) { window.__dom.push(a.value); });
+      });
+    });
+  });
+}).observe(document, {subtree: true, childList: true, attributes: true, characterData: true});
+"""
+
+
+def test_page_board_without_details_never_holds_a_caller_id(chromium, board_site, tabs):
+    """Dave (the staff, no board_details) watches every recorded call but his
+    own phone's: the states and timers change, and no caller's name or
+    number ever enters his page (text or attribute), while Alice's shows them."""
+    names = [n for n in ("a_inbound_answered", "i_forward_to_mobile", "k_attended_transfer",
+                         "n_queue", "p_park_retrieve", "r_hold_unhold", "g_ringgroup")]
+    callers = set()
+    for name in names:
+        for line in load_board_golden(name):
+            other = line.get("with", {})
+            if other and other["num"] not in ("100", "101", "102", "103"):
+                callers.update(x for x in (other["num"], other["name"]) if x)
+    assert "+15551230001" in callers and "John Customer" in callers
+    dave = tabs(board_site)
+    dave.add_init_script(DOM_RECORDER)
+    alice = tabs(board_site)
+    page_login(dave, board_site, "dave")
+    page_login(alice, board_site, "alice")
+    dave.wait_for("document.querySelectorAll('#board li.card').length === 4")
+    for name in names:
+        board_site.fake.send_trace(trace_path(name))
+    board_site.play(devstate_event("PJSIP/100", "BUSY"))  # after all of them: the end
+    wait_card(dave, "alice", "busy")
+    wait_card(alice, "alice", "busy")
+    seen = dave.evaluate("window.__dom.join('\\n')")
+    now = dave.evaluate("document.body.innerText + '\\n' + Array.from(document.querySelectorAll"
+                        "('*')).map(function (e) { return Array.from(e.attributes).map("
+                        "function (a) { return a.value; }).join('\\n'); }).join('\\n')")
+    states = [f["state"] for _i, f in stream_events(dave) if f["event"] == "state"]
+    assert len(states) > 20 and {"ringing", "talking", "on_hold", "free"} <= set(states)
+    assert "on hold" in seen and "Alice Smith" in now  # the recorder saw the board move
+    for caller in sorted(callers):
+        assert caller not in seen and caller not in now, caller
+    assert not any(k in f for _i, f in stream_events(dave) for k in BOARD_DETAIL_KEYS
+                   if f["event"] == "state")
+    # The same calls told Alice whom her colleagues talked with.
+    told = "\n".join(json.dumps(f) for _i, f in stream_events(alice))
+    assert "John Customer" in told and "+15551230001" in told
+    assert_page_clean(dave)
+    assert_page_clean(alice)
+
+
+def test_page_without_a_board_has_no_board_tab_and_board_is_403(chromium, board_site, tabs):
+    carol = tabs(board_site, width=400, height=800)  # narrow: a board would be a tab
+    page_login(carol, board_site, "carol")
+    board_site.play(trace_steps("a_inbound_answered", b"none")[0])
+    bob = tabs(board_site, width=400, height=800)
+    page_login(bob, board_site, "bob")
+    wait_card(bob, "alice", "ringing")
+    assert carol.evaluate("[document.getElementById('tab-board').hidden,"
+                          " document.getElementById('board-view').hidden,"
+                          " document.querySelectorAll('#board li').length]") == [True, True, 0]
+    assert carol.evaluate("fetch('/board').then(function (r) { return r.status; })",
+                          await_promise=True) == 403
+    assert [f["event"] for _i, f in stream_events(carol)] == ["status"]
+    # Bob's narrow page: the board is a tab of its own.
+    assert bob.evaluate("[document.getElementById('tab-board').hidden,"
+                        " document.getElementById('board-view').hidden]") == [False, True]
+    bob.click("#tab-board")
+    bob.wait_for("!document.getElementById('board-view').hidden")
+    assert bob.evaluate("document.getElementById('now-view').hidden") is True
+    assert [c["user"] for c in board_cards(bob)] == ["alice", "bob"]
+    # The page never asked for a board it does not have: only the test did.
+    assert [r for r in board_site.requests if r[1] == "/board"] == \
+        [("GET", "/board", 200), ("GET", "/board", 403)]
+    assert_page_clean(carol, ["403"])
+    assert_page_clean(bob)
+
+
+def test_page_board_shows_a_hostile_caller_id_in_with_as_text(chromium, board_site, tabs):
+    page = tabs(board_site)
+    page_login(page, board_site, "alice")
+    name = PAGE_HOSTILE_NAME[:200]
+    ring = trace_steps("a_inbound_answered", b"evil")[0]
+    board_site.play(ring.replace(b"John Customer", name.encode("utf-8")))
+    wait_card(page, "alice", "ringing")
+    (card,) = [c for c in board_cards(page) if c["user"] == "alice"]
+    assert card["with"] == "from %s (+15551230001)" % name
+    assert card["who"] == "Alice Smith"  # a caller's name is never taken for hers
+    assert page.evaluate("document.querySelectorAll('#board img, #board script, #board svg,"
+                         " #board b').length") == 0
+    assert_page_clean(page)
+
+
+def test_page_board_click_or_enter_on_a_card_dials_that_colleague(chromium, board_site, tabs):
+    page = tabs(board_site)
+    page_login(page, board_site, "alice")
+    wait_card(page, "bob", "free")
+    assert page.evaluate("document.getElementById('board-hint').textContent") == \
+        "Click a colleague to call them. Drag a call onto a colleague to transfer it there."
+    page.click("#board li.card[data-user=bob]")
+    wait_note(page, "You answered: calling now.")
+    (originate,) = sent_actions(board_site.fake, "Originate")
+    assert originate == {"Action": "Originate", "ActionID": originate["ActionID"],
+                         "Channel": "PJSIP/100", "Context": "from-internal", "Exten": "101",
+                         "Priority": "1", "CallerID": '"Alice Smith" <100>',
+                         "Timeout": "30000", "Async": "true"}
+    # The keyboard: Tab reaches the cards (her own is no button), Enter dials.
+    page.evaluate("document.activeElement.blur()")
+    page.evaluate("document.querySelector('#board li.card[data-user=bob]').focus()")
+    page.press("Tab")
+    assert page.evaluate("[document.activeElement.dataset.user,"
+                         " document.activeElement.getAttribute('role')]") == ["carol", "button"]
+    board_site.fake.answers["originate"] = "denied"
+    page.press("Enter")
+    wait_note(page, "Not done: Asterisk answered: Permission denied (the manager.conf user "
+                    "of ctinotify needs write = originate,call).")
+    assert [a["Exten"] for a in sent_actions(board_site.fake, "Originate")] == ["101", "102"]
+    board_site.fake.answers["originate"] = "ok"
+    page.press(" ")
+    wait_note(page, "You answered: calling now.")
+    assert page.evaluate("document.activeElement.dataset.user") == "carol"  # focus stays
+    page.click("#board li.card[data-user=alice]")  # herself: nothing to dial
+    time.sleep(0.3)
+    assert [a["Exten"] for a in sent_actions(board_site.fake, "Originate")] == \
+        ["101", "102", "102"]
+    assert page.evaluate("document.querySelector('#board li.card[data-user=alice]')"
+                         ".hasAttribute('tabindex')") is False
+    assert_page_clean(page, ["502"])
+
+
+def test_page_board_drag_a_call_onto_a_colleague_transfers_it(chromium, board_site, tabs):
+    page = tabs(board_site)
+    page_login(page, board_site, "alice")
+    ring, answer, _end = trace_steps("a_inbound_answered", b"drag")
+    channel = re.search(rb"Channel: (PJSIP/100-[0-9a-f]+)", ring).group(1).decode()
+    board_site.play(ring + answer)
+    page.wait_for("(document.querySelector('#calls li.call') || {dataset: {}})"
+                  ".dataset.state === 'talking'")
+    wait_card(page, "alice", "talking")
+    assert page.evaluate("document.querySelector('#calls li.call').draggable") is True
+    page.drag("#calls li.call", "#board li.card[data-user=bob]")
+    wait_note(page, "Transferred to Bob Jones (101).")
+    (transfer,) = sent_actions(board_site.fake, "BlindTransfer")
+    assert transfer == {"Action": "BlindTransfer", "ActionID": transfer["ActionID"],
+                        "Channel": channel, "Context": "from-internal", "Exten": "101"}
+    # Dropped on her own card: nothing.
+    page.drag("#calls li.call", "#board li.card[data-user=alice]")
+    time.sleep(0.3)
+    assert len(sent_actions(board_site.fake, "BlindTransfer")) == 1
+    # Without a mouse: Transfer… offers the colleagues of the board.
+    page.click("#calls .transfer-open")
+    page.wait_for("document.querySelector('#calls form.transfer select') !== null")
+    options = page.evaluate("Array.from(document.querySelectorAll('#calls form.transfer "
+                            "option')).map(function (o) { return [o.value, o.textContent]; })")
+    assert options == [["", "A colleague\u2026"], ["bob", "Bob Jones (101), free"],
+                       ["carol", "Carol White (102), free"], ["dave", "Dave Brown (103), free"]]
+    page.evaluate("(function () { var s = document.querySelector('#calls form.transfer select');"
+                  " s.value = 'carol'; s.dispatchEvent(new Event('change')); })()")
+    assert page.evaluate("document.querySelector('#calls form.transfer input').value") == "102"
+    assert len(sent_actions(board_site.fake, "BlindTransfer")) == 1  # not before Transfer
+    page.click("#calls form.transfer button")
+    wait_note(page, "Transferred to Carol White (102).")
+    assert [(a["Channel"], a["Exten"]) for a in sent_actions(board_site.fake, "BlindTransfer")] \
+        == [(channel, "101"), (channel, "102")]
+    assert_page_clean(page)
+
+
+def test_page_board_comes_back_after_a_restart_and_follows_a_reload(chromium, board_site,
+                                                                    tabs):
+    page = tabs(board_site)
+    page_login(page, board_site, "alice")
+    wait_card(page, "carol", "free")
+    board_site.restart()
+    # While the page asks its user to log in again, Carol's phone goes busy.
+    board_site.play(devstate_event("PJSIP/102", "BUSY"))
+    page.wait_for("document.getElementById('login-error').textContent.indexOf("
+                  "'Your session ended') === 0", timeout=20)
+    assert page.evaluate("document.querySelectorAll('#board li.card').length") == 0
+    submit_login(page, "alice", "alice-secret")
+    wait_card(page, "carol", "busy")  # from the new daemon's /board
+    board_site.play(devstate_event("PJSIP/101", "RINGING"))
+    wait_card(page, "bob", "ringing")  # and live again
+    assert [r for r in board_site.requests if r[1] == "/board"] == [("GET", "/board", 200)]
+    carol = tabs(board_site)
+    page_login(carol, board_site, "carol")
+    assert carol.evaluate("document.getElementById('board-view').hidden") is True
+    # A reload gives Alice only Bob, without details, and Carol everyone:
+    # their pages ask again.
+    edit_config(board_site.daemon, ("board = all\nboard_details = yes\n", "board = bob\n"),
+                ("extensions = 102\n", "extensions = 102\nboard = all\n"))
+    board_site.daemon.proc.send_signal(signal.SIGHUP)
+    page.wait_for("document.querySelectorAll('#board li.card').length === 2")
+    assert [c["user"] for c in board_cards(page)] == ["alice", "bob"]
+    carol.wait_for("document.querySelectorAll('#board li.card').length === 4")
+    assert carol.evaluate("document.getElementById('board-view').hidden") is False
+    board_site.play(devstate_event("PJSIP/101", "NOT_INUSE"))
+    wait_card(page, "bob", "free")
+    wait_card(carol, "bob", "free")
+    assert_page_clean(page, ["403", "ERR_CONNECTION_REFUSED"])
+    assert_page_clean(carol)
+
+
+def test_page_screenshot_of_the_board(chromium, board_site, tabs, tmp_path):
+    """The README's picture of the board (``make screenshot`` writes it to
+    tests/screenshots/): the receptionist's page on a wide screen, during
+    tests/traces/k_attended_transfer.ami: the caller on hold, Bob's phone
+    ringing with her call; Carol on do-not-disturb, Dave's phone unplugged."""
+    page = tabs(board_site, width=1200, height=520)
+    page_login(page, board_site, "alice")
+    board_site.play(devstate_event("PJSIP/102", "BUSY") + devstate_event("PJSIP/103",
+                                                                         "UNAVAILABLE"))
+    events = trace_events(uniquify(read_trace("k_attended_transfer"), b"shot"))
+    rings = [i for i, e in enumerate(events) if e.startswith(b"Event: DialState")]
+    board_site.play(b"".join(events[:rings[-1] + 1]))  # Bob's phone rings
+    wait_card(page, "bob", "ringing")
+    wait_card(page, "dave", "away")
+    page.wait_for("document.querySelectorAll('#calls li.call').length >= 1")
+    time.sleep(1.2)  # the timers tick
+    shots = os.environ.get("CTINOTIFY_SCREENSHOTS") or str(tmp_path)
+    png = page.screenshot(os.path.join(shots, "web-board.png"))
+    assert png.startswith(b"\x89PNG") and len(png) > 10000
+    assert [(c["user"], c["state"]) for c in board_cards(page)] == [
+        ("alice", "on_hold"), ("bob", "ringing"), ("carol", "busy"), ("dave", "away")]
+    assert_page_clean(page)
+
+
+def test_page_board_fits_a_phone_screen(chromium, board_site, tabs, tmp_path):
+    """On a phone the board is a tab: cards two abreast, nothing wider than
+    the screen, a tap dials (``make screenshot``: tests/screenshots/web-board-phone.png)."""
+    phone = tabs(board_site, width=390, height=700, mobile=True)
+    page_login(phone, board_site, "alice")
+    board_site.play(devstate_event("PJSIP/103", "UNAVAILABLE") + trace_steps(
+        "a_inbound_answered", b"phone")[0].replace(b"John Customer", b"Johannes Customer-"
+                                                   b"Longname-Of-Somewhere-Far-Away"))
+    phone.wait_for("document.querySelectorAll('#calls li.call').length === 1")
+    assert phone.evaluate("document.getElementById('board-view').hidden") is True
+    phone.click("#tab-board")
+    wait_card(phone, "alice", "ringing")
+    assert phone.evaluate("document.getElementById('board-hint').textContent") == \
+        "Click a colleague to call them. To transfer a call to a colleague: Transfer\u2026 on " \
+        "the call."
+    wait_card(phone, "dave", "away")
+    tops = phone.evaluate("Array.from(document.querySelectorAll('#board li.card')).map("
+                          "function (li) { return Math.round(li.getBoundingClientRect().top); })")
+    assert tops[0] == tops[1] and tops[2] == tops[3] and tops[2] > tops[0]
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    shots = os.environ.get("CTINOTIFY_SCREENSHOTS") or str(tmp_path)
+    png = phone.screenshot(os.path.join(shots, "web-board-phone.png"))
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    phone.click("#board li.card[data-user=carol]")
+    wait_note(phone, "You answered: calling now.")
+    assert [a["Exten"] for a in sent_actions(board_site.fake, "Originate")] == ["102"]
+    assert_page_clean(phone)

@@ -371,6 +371,73 @@ class Page:
                 f.write(data)
         return data
 
+    # -- input, as a person's mouse and keyboard give it --------------------------
+
+    def center(self, selector):
+        """The middle of the first element ``selector`` matches, scrolled
+        into view, in CSS pixels of the viewport; CdpError if there is none."""
+        point = self.evaluate(
+            "(function () { var e = document.querySelector(%s); if (!e) { return null; }"
+            " e.scrollIntoView({block: 'center', inline: 'center'});"
+            " var r = e.getBoundingClientRect();"
+            " return [r.left + r.width / 2, r.top + r.height / 2]; })()" % json.dumps(selector))
+        if not point:
+            raise CdpError("nothing on the page matches %s" % selector)
+        return point
+
+    def _mouse(self, kind, x, y, buttons=0, **extra):
+        self.send("Input.dispatchMouseEvent", dict({"type": kind, "x": x, "y": y,
+                                                    "buttons": buttons}, **extra))
+
+    def click(self, selector):
+        """A left click in the middle of the element, through the browser's
+        input pipeline (hit testing, focus, pointer and click events)."""
+        x, y = self.center(selector)
+        self._mouse("mouseMoved", x, y)
+        self._mouse("mousePressed", x, y, 1, button="left", clickCount=1)
+        self._mouse("mouseReleased", x, y, 0, button="left", clickCount=1)
+
+    #: Keys press() knows: (key, code, Windows key code, text).
+    KEYS = {"Enter": ("Enter", "Enter", 13, "\r"), "Tab": ("Tab", "Tab", 9, ""),
+            " ": (" ", "Space", 32, " ")}
+
+    def press(self, key):
+        """One key down and up on whatever has the focus."""
+        name, code, vk, text = self.KEYS[key]
+        down = {"type": "keyDown" if text else "rawKeyDown", "key": name, "code": code,
+                "windowsVirtualKeyCode": vk, "nativeVirtualKeyCode": vk}
+        if text:
+            down["text"] = text
+        self.send("Input.dispatchKeyEvent", down)
+        self.send("Input.dispatchKeyEvent", {"type": "keyUp", "key": name, "code": code,
+                                             "windowsVirtualKeyCode": vk,
+                                             "nativeVirtualKeyCode": vk})
+
+    def drag(self, source, target, steps=5):
+        """Drag the element ``source`` with the mouse and drop it on
+        ``target`` (HTML drag and drop).  A headless browser has no desktop
+        to carry a drag: the browser hands it over (Input.setInterceptDrags),
+        then the drop is given back with the data the page put on it, as
+        the desktop would."""
+        x0, y0 = self.center(source)
+        start = len(self.browser.events)
+        self.send("Input.setInterceptDrags", {"enabled": True})
+        try:
+            self._mouse("mouseMoved", x0, y0)
+            self._mouse("mousePressed", x0, y0, 1, button="left", clickCount=1)
+            x1, y1 = self.center(target)
+            for step in range(1, steps + 1):
+                self._mouse("mouseMoved", x0 + (x1 - x0) * step / steps,
+                            y0 + (y1 - y0) * step / steps, 1, button="left")
+            data = self.browser.wait_event("Input.dragIntercepted", self.session,
+                                           start=start)["data"]
+            for kind in ("dragEnter", "dragOver", "drop"):
+                self.send("Input.dispatchDragEvent", {"type": kind, "x": x1, "y": y1,
+                                                      "data": data})
+            self._mouse("mouseReleased", x1, y1, 0, button="left", clickCount=1)
+        finally:
+            self.send("Input.setInterceptDrags", {"enabled": False})
+
     def console_errors(self):
         """Console errors, uncaught exceptions and the browser's own error
         log entries (a failed load, a CSP report) as text."""
