@@ -64,7 +64,8 @@ bench:
 screenshot:
 	mkdir -p tests/screenshots
 	CI=1 CTINOTIFY_SCREENSHOTS="$(CURDIR)/tests/screenshots" $(PYTHON) -m pytest -q \
-		test_ctinotify.py -k "page_screenshot_of_a_recorded_call or page_fits_a_phone_screen"
+		test_ctinotify.py -k "page_screenshot_of_a_recorded_call or page_fits_a_phone_screen \
+		or page_screenshot_of_the_board or page_board_fits_a_phone_screen"
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__ bench-data

@@ -12371,7 +12371,7 @@ def test_page_screenshot_of_the_board(chromium, board_site, tabs, tmp_path):
     tests/screenshots/): the receptionist's page on a wide screen, during
     tests/traces/k_attended_transfer.ami: the caller on hold, Bob's phone
     ringing with her call; Carol on do-not-disturb, Dave's phone unplugged."""
-    page = tabs(board_site, width=1200, height=520)
+    page = tabs(board_site, width=1200, height=470)
     page_login(page, board_site, "alice")
     board_site.play(devstate_event("PJSIP/102", "BUSY") + devstate_event("PJSIP/103",
                                                                          "UNAVAILABLE"))
